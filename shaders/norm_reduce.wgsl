@@ -1,0 +1,111 @@
+// norm_reduce.wgsl: first pass of every norm, one partial accumulator per chunk.
+//
+// Bindings (group 0):
+//   0 grads     storage, read        one binding window of a gradient buffer, as 32-bit words
+//   1 chunks    storage, read        chunk table: (tensor, first element, element count, dtype),
+//                                    element indices relative to the window's start
+//   2 partials  storage, read_write  one Acc per chunk, indexed by first_chunk + workgroup
+//   3 step      uniform              StepParams (p for general norms)
+//   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
+//
+// One workgroup reduces one chunk (at most CHUNK_ELEMS elements of one tensor) in a fixed
+// order: each thread folds a strided run of words, then a shared-memory tree combines the
+// 256 thread accumulators. No atomics, so the result is the same bits on every run.
+// CPU twin: src/cpu/norm_reduce.rs.
+
+override NORM_KIND: u32 = 2u;
+const WG: u32 = 256u;
+
+@group(0) @binding(0) var<storage, read> grads: array<u32>;
+@group(0) @binding(1) var<storage, read> chunks: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read_write> partials: array<Acc>;
+@group(0) @binding(3) var<uniform> step: StepParams;
+@group(0) @binding(4) var<uniform> dispatch: DispatchParams;
+
+var<workgroup> sh_scale: array<f32, WG>;
+var<workgroup> sh_sum: array<f32, WG>;
+var<workgroup> sh_flags: array<u32, WG>;
+
+// Running state of one thread: the accumulator plus 1/scale, so the common
+// case (no new maximum) costs a multiply instead of a divide.
+struct Running {
+    acc: Acc,
+    inv: f32,
+}
+
+fn fold(st: ptr<function, Running>, x: f32) {
+    let nf = nonfinite_flag(bitcast<u32>(x));
+    if (nf != 0u) {
+        (*st).acc.flags = (*st).acc.flags | nf;
+        return;
+    }
+    let a = abs(x);
+    if (NORM_KIND == KIND_INF) {
+        (*st).acc.scale = max((*st).acc.scale, a);
+        return;
+    }
+    if (a > (*st).acc.scale) {
+        (*st).acc.sum = (*st).acc.sum * pow_ratio((*st).acc.scale / a, NORM_KIND, step.p) + 1.0;
+        (*st).acc.scale = a;
+        (*st).inv = 1.0 / a;
+    } else if (a > 0.0) {
+        (*st).acc.sum = (*st).acc.sum + pow_ratio(min(a * (*st).inv, 1.0), NORM_KIND, step.p);
+    }
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let local = linear_workgroup(wid, nwg);
+    // Uniform per workgroup, so the early return keeps barriers in uniform control flow.
+    if (local >= dispatch.n_chunks) {
+        return;
+    }
+    let chunk = chunks[dispatch.first_chunk + local];
+    let start = chunk.y;
+    let end = chunk.y + chunk.z;
+    let dtype = chunk.w;
+
+    var st = Running(acc_identity(), 0.0);
+    if (dtype == DTYPE_F32) {
+        for (var i = start + lid; i < end; i = i + WG) {
+            fold(&st, bitcast<f32>(grads[i]));
+        }
+    } else {
+        // Two 16-bit elements per word; halves outside the chunk are skipped.
+        let first_word = start >> 1u;
+        let end_word = (end + 1u) >> 1u;
+        for (var w = first_word + lid; w < end_word; w = w + WG) {
+            let bits = grads[w];
+            let e0 = w * 2u;
+            if (e0 >= start) {
+                fold(&st, half_to_f32(bits & 0xffffu, dtype));
+            }
+            if (e0 + 1u < end) {
+                fold(&st, half_to_f32(bits >> 16u, dtype));
+            }
+        }
+    }
+
+    sh_scale[lid] = st.acc.scale;
+    sh_sum[lid] = st.acc.sum;
+    sh_flags[lid] = st.acc.flags;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
+        if (lid < stride) {
+            let a = Acc(sh_scale[lid], sh_sum[lid], sh_flags[lid], 0u);
+            let b = Acc(sh_scale[lid + stride], sh_sum[lid + stride], sh_flags[lid + stride], 0u);
+            let c = acc_combine(a, b, NORM_KIND, step.p);
+            sh_scale[lid] = c.scale;
+            sh_sum[lid] = c.sum;
+            sh_flags[lid] = c.flags;
+        }
+        workgroupBarrier();
+    }
+    if (lid == 0u) {
+        partials[dispatch.first_chunk + local] = Acc(sh_scale[0], sh_sum[0], sh_flags[0], 0u);
+    }
+}

@@ -1,0 +1,61 @@
+//! CPU twin of `shaders/apply.wgsl`: scale by a coefficient, or clamp to bounds, in place.
+//! Arithmetic is in f32 and 16-bit results round to nearest even, as on the GPU.
+
+use crate::dtype::GradMut;
+use crate::ops::ValueClip;
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use super::norm_reduce::BLOCK;
+
+/// Runs `f32_op` / `f16_op` / `bf16_op` over every element, in parallel blocks.
+fn for_each_elem(
+    grads: &mut [GradMut<'_>],
+    f32_op: impl Fn(f32) -> f32 + Sync,
+    f16_op: impl Fn(f16) -> f16 + Sync,
+    bf16_op: impl Fn(bf16) -> bf16 + Sync,
+) {
+    grads.par_iter_mut().for_each(|g| match g {
+        GradMut::F32(x) => x
+            .par_chunks_mut(BLOCK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f32_op(*v))),
+        GradMut::F16(x) => x
+            .par_chunks_mut(BLOCK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f16_op(*v))),
+        GradMut::BF16(x) => x
+            .par_chunks_mut(BLOCK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = bf16_op(*v))),
+    });
+}
+
+/// Multiplies every element by `coef`.
+pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32) {
+    for_each_elem(
+        grads,
+        |x| x * coef,
+        |x| f16::from_f32(x.to_f32() * coef),
+        |x| bf16::from_f32(x.to_f32() * coef),
+    );
+}
+
+/// Clamps every element to `[lo, hi]`; NaN stays NaN.
+pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
+    let (lo, hi) = (clip.lo, clip.hi);
+    let (lo16, hi16) = (f16::from_f32(lo), f16::from_f32(hi));
+    let (lob, hib) = (bf16::from_f32(lo), bf16::from_f32(hi));
+    fn pick<T: Copy>(x: T, v: f32, lo: f32, hi: f32, lo_t: T, hi_t: T) -> T {
+        if v < lo {
+            lo_t
+        } else if v > hi {
+            hi_t
+        } else {
+            x
+        }
+    }
+    for_each_elem(
+        grads,
+        |x| pick(x, x, lo, hi, lo, hi),
+        |x| pick(x, x.to_f32(), lo, hi, lo16, hi16),
+        |x| pick(x, x.to_f32(), lo, hi, lob, hib),
+    );
+}

@@ -1,0 +1,32 @@
+//! CPU twin of the `total` entry of `shaders/norm_finish.wgsl`: from the batch's norm
+//! accumulator to the clip coefficient and the step's status bits.
+
+use crate::norm::{Norm, NormAcc};
+use crate::policy::NonFinitePolicy;
+use crate::report::{STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED};
+
+/// The coefficient and status bits of a global-norm clip step.
+pub(crate) fn finish(
+    acc: &NormAcc,
+    norm: Norm,
+    max_norm: f32,
+    policy: NonFinitePolicy,
+) -> (f32, u32) {
+    let coef = acc.clip_coef(norm, max_norm);
+    // NaN is not >= 1, so a NaN coefficient is applied: propagate poisons every element.
+    let mut apply = !(coef >= 1.0);
+    let mut status = 0;
+    if acc.flags != 0 {
+        status = STATUS_NONFINITE;
+        if policy != NonFinitePolicy::Propagate {
+            apply = false;
+            if policy == NonFinitePolicy::SkipStep {
+                status |= STATUS_SKIPPED;
+            }
+        }
+    }
+    if apply {
+        status |= STATUS_SCALED;
+    }
+    (coef, status)
+}

@@ -1,0 +1,172 @@
+//! CPU twin of `shaders/norm_reduce.wgsl` and of the per-tensor half of
+//! `shaders/norm_finish.wgsl`: the norm of every tensor, reduced block by block in a fixed
+//! order (so the result is the same bits on every run and every thread count).
+//!
+//! The host has f64, so the common norms take a faster exact route than the GPU's
+//! scaled accumulator: a square of any finite f32 (at most 1.2e77) and a sum of 2^16 of
+//! them fit f64 with room to spare, and the smallest f32 subnormal squared (2e-90) is
+//! still a normal f64. Only general p, where |x|^p can leave f64 range, uses the scaled
+//! accumulator element by element.
+
+use crate::dtype::GradRef;
+use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// Elements per parallel block; part of the fixed reduction order.
+pub(crate) const BLOCK: usize = 1 << 16;
+/// 16-bit elements are widened to f32 this many at a time, on the stack.
+const WIDEN: usize = 1024;
+/// Independent accumulators, so the compiler can vectorise the reductions.
+const LANES: usize = 8;
+
+/// Flag bits of one element.
+fn flags_of(x: f32) -> u32 {
+    if x.is_nan() {
+        FLAG_NAN
+    } else if x.is_infinite() {
+        FLAG_INF
+    } else {
+        0
+    }
+}
+
+/// Sum of `f(x)` over `x`, with LANES independent f64 accumulators.
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i] as f64);
+        }
+    }
+    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Largest |x| over `x`, and the OR of non-finite flags.
+fn max_abs(x: &[f32]) -> (f32, u32) {
+    let mut acc = [0.0f32; LANES];
+    let mut poison = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i].abs());
+            // 0 for finite x, NaN for inf or NaN: finds non-finite values without a branch.
+            poison[i] += c[i] * 0.0;
+        }
+    }
+    let mut m = acc.iter().fold(0.0f32, |a, &b| a.max(b));
+    let mut p: f32 = poison.iter().sum();
+    for &v in chunks.remainder() {
+        m = m.max(v.abs());
+        p += v * 0.0;
+    }
+    if p.is_nan() {
+        let flags = x.iter().fold(0, |f, &v| f | flags_of(v));
+        let m = x
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(0.0f32, |a, &v| a.max(v.abs()));
+        return (m, flags);
+    }
+    (m, 0)
+}
+
+/// The accumulator of one block of f32 values.
+fn reduce_f32(x: &[f32], norm: Norm) -> NormAcc {
+    let power_sum = |f: fn(f64) -> f64| {
+        let s = lane_sum(x, f);
+        if s.is_finite() {
+            return NormAcc::from_power_sum(norm, s, 0);
+        }
+        // Only a non-finite element makes the f64 sum non-finite: redo the block without them.
+        let flags = x.iter().fold(0, |fl, &v| fl | flags_of(v));
+        let s: f64 = x
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| f(v as f64))
+            .sum();
+        NormAcc::from_power_sum(norm, s, flags)
+    };
+    match norm {
+        Norm::L2 => power_sum(|v| v * v),
+        Norm::L1 => power_sum(f64::abs),
+        Norm::Inf => {
+            let (m, flags) = max_abs(x);
+            NormAcc::from_power_sum(norm, m as f64, flags)
+        }
+        Norm::P(_) => x.iter().fold(NormAcc::IDENTITY, |acc, &v| {
+            let elem = if v.is_finite() {
+                NormAcc {
+                    scale: v.abs() as f64,
+                    sum: if v == 0.0 { 0.0 } else { 1.0 },
+                    flags: 0,
+                }
+            } else {
+                NormAcc {
+                    flags: flags_of(v),
+                    ..NormAcc::IDENTITY
+                }
+            };
+            acc.combine(elem, norm)
+        }),
+    }
+}
+
+/// The accumulator of a block of 16-bit values, widened to f32 on the stack.
+fn reduce_half<T>(x: &[T], norm: Norm) -> NormAcc
+where
+    [T]: HalfFloatSliceExt,
+{
+    let mut buf = [0.0f32; WIDEN];
+    x.chunks(WIDEN).fold(NormAcc::IDENTITY, |acc, c| {
+        let b = &mut buf[..c.len()];
+        c.convert_to_f32_slice(b);
+        acc.combine(reduce_f32(b, norm), norm)
+    })
+}
+
+/// The accumulator of one block of any element type.
+fn reduce_block(g: GradRef<'_>, norm: Norm) -> NormAcc {
+    match g {
+        GradRef::F32(x) => reduce_f32(x, norm),
+        GradRef::F16(x) => reduce_half(x, norm),
+        GradRef::BF16(x) => reduce_half(x, norm),
+    }
+}
+
+/// Splits a tensor into its fixed blocks.
+fn blocks<'a>(g: &GradRef<'a>) -> Vec<GradRef<'a>> {
+    match *g {
+        GradRef::F32(x) => x.chunks(BLOCK).map(GradRef::F32).collect(),
+        GradRef::F16(x) => x.chunks(BLOCK).map(GradRef::F16).collect(),
+        GradRef::BF16(x) => x.chunks(BLOCK).map(GradRef::BF16).collect(),
+    }
+}
+
+/// One accumulator per tensor, in batch order; blocks run in parallel and combine in order.
+pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
+    let all: Vec<(usize, GradRef<'_>)> = grads
+        .iter()
+        .enumerate()
+        .flat_map(|(t, g)| blocks(g).into_iter().map(move |b| (t, b)))
+        .collect();
+    let partials: Vec<NormAcc> = all
+        .par_iter()
+        .with_min_len(1)
+        .map(|(_, b)| reduce_block(*b, norm))
+        .collect();
+    let mut accs = vec![NormAcc::IDENTITY; grads.len()];
+    for ((t, _), p) in all.iter().zip(partials) {
+        accs[*t] = accs[*t].combine(p, norm);
+    }
+    accs
+}
+
+/// The combined accumulator of a batch, from its per-tensor accumulators.
+pub(crate) fn total_acc(accs: &[NormAcc], norm: Norm) -> NormAcc {
+    accs.iter()
+        .fold(NormAcc::IDENTITY, |a, &b| a.combine(b, norm))
+}

@@ -1,0 +1,98 @@
+//! The crate's error type.
+
+use crate::dtype::DType;
+
+/// Everything that can go wrong. Every error is returned before any gradient is
+/// written, so the caller's data is left exactly as it was.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum ClipError {
+    /// `max_norm` was NaN, infinite, zero or negative.
+    #[error("max_norm must be finite and > 0, got {0}")]
+    InvalidMaxNorm(f32),
+    /// The norm order `p` was below 1 or NaN.
+    #[error("norm order p must be >= 1 (or infinity), got {0}")]
+    InvalidNormOrder(f32),
+    /// Value-clip bounds were NaN or `lo > hi`.
+    #[error("value-clip bounds must satisfy lo <= hi and not be NaN, got lo = {lo}, hi = {hi}")]
+    InvalidBounds {
+        /// Lower bound given.
+        lo: f32,
+        /// Upper bound given.
+        hi: f32,
+    },
+    /// A supplied total norm (split API) was negative or NaN.
+    #[error("a total norm must be >= 0 and not NaN, got {0}")]
+    InvalidTotalNorm(f64),
+    /// A partial norm of another norm order was merged or applied.
+    #[error("partial norms of different orders cannot be combined ({0} vs {1})")]
+    NormMismatch(String, String),
+    /// A gradient buffer lacks `BufferUsages::STORAGE`.
+    #[error("tensor {tensor:?}: its buffer was not created with BufferUsages::STORAGE")]
+    MissingStorageUsage {
+        /// Name (or index) of the tensor.
+        tensor: String,
+    },
+    /// A byte offset is not a multiple of the element size.
+    #[error("tensor {tensor:?}: byte offset {offset} is not a multiple of {align} (the {dtype} element size)")]
+    MisalignedOffset {
+        /// Name (or index) of the tensor.
+        tensor: String,
+        /// The offending offset.
+        offset: u64,
+        /// Required alignment in bytes.
+        align: u64,
+        /// The tensor's element type.
+        dtype: DType,
+    },
+    /// A tensor's byte range runs past the end of its buffer.
+    #[error("tensor {tensor:?}: bytes {start}..{end} run past the end of its {size}-byte buffer")]
+    OutOfBounds {
+        /// Name (or index) of the tensor.
+        tensor: String,
+        /// First byte of the tensor.
+        start: u64,
+        /// One past its last byte.
+        end: u64,
+        /// Size of the buffer.
+        size: u64,
+    },
+    /// Two tensors of one batch share bytes, so one step would clip them twice.
+    #[error("tensors {first:?} and {second:?} overlap in the same buffer")]
+    OverlappingTensors {
+        /// The earlier tensor.
+        first: String,
+        /// The tensor that overlaps it.
+        second: String,
+    },
+    /// Host data did not match the batch it was given to.
+    #[error("tensor {tensor:?}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Name (or index) of the tensor.
+        tensor: String,
+        /// What the batch was planned with.
+        expected: String,
+        /// What was passed.
+        got: String,
+    },
+    /// The batch has more elements than the GPU path addresses (2^32 - 1 per window).
+    #[error("tensor {tensor:?} has {len} elements, more than this backend supports")]
+    TooLarge {
+        /// Name (or index) of the tensor.
+        tensor: String,
+        /// Its length.
+        len: u64,
+    },
+    /// A buffer belongs to another device, or wgpu rejected the setup for another reason.
+    #[error("wgpu rejected the batch (is every buffer from this context's device?): {0}")]
+    Wgpu(String),
+    /// No adapter could be found (neither hardware nor software).
+    #[error("no wgpu adapter found: {0}")]
+    NoAdapter(String),
+    /// The GPU device was lost or a readback failed.
+    #[error("GPU readback failed: {0}")]
+    Readback(String),
+    /// The total norm was NaN or infinite and the policy is [`crate::NonFinitePolicy::Error`];
+    /// the gradients were not changed.
+    #[error("the total gradient norm is non-finite ({0}); gradients left unchanged")]
+    NonFiniteNorm(f64),
+}

@@ -1,0 +1,20 @@
+//! gradclip: gradient clipping on wgpu compute shaders, with an overflow-safe CPU path.
+//!
+//! See the README for the semantics table and examples.
+#![warn(missing_docs)]
+
+pub mod cpu;
+mod dtype;
+mod error;
+mod norm;
+mod ops;
+mod policy;
+mod report;
+
+pub use dtype::{DType, GradMut, GradRef};
+pub use error::ClipError;
+pub use half::{bf16, f16};
+pub use norm::{Norm, NormAcc, PartialNorm};
+pub use ops::{GlobalNormClip, ValueClip};
+pub use policy::NonFinitePolicy;
+pub use report::ClipReport;

@@ -1,0 +1,311 @@
+//! Norm orders and the overflow-safe norm accumulator (the host twin of `Acc` in
+//! `shaders/common.wgsl`).
+//!
+//! An accumulator `(scale, sum, flags)` stands for `scale^p * sum`: the p-th power of a
+//! norm held so that neither squaring huge values nor tiny ones leaves the float range.
+//! It is a monoid: [`NormAcc::IDENTITY`] and [`NormAcc::combine`], associative, so chunks
+//! reduce in any tree shape and shards merge. Non-finite elements never enter
+//! `scale`/`sum`; they set [`NormAcc::flags`].
+
+use crate::error::ClipError;
+
+/// Flag bit: an infinite element was seen.
+pub(crate) const FLAG_INF: u32 = 1;
+/// Flag bit: a NaN element was seen.
+pub(crate) const FLAG_NAN: u32 = 2;
+
+/// The order of a vector norm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Norm {
+    /// Sum of absolute values.
+    L1,
+    /// Euclidean norm (PyTorch's default `norm_type=2.0`).
+    L2,
+    /// Largest absolute value (`norm_type=inf`).
+    Inf,
+    /// `(sum |x|^p)^(1/p)` for a finite `p >= 1`; build it with [`Norm::p`].
+    P(f32),
+}
+
+impl Norm {
+    /// The norm of order `p`: `L1`, `L2` and `Inf` for 1, 2 and infinity, otherwise `P(p)`.
+    /// Errors when `p < 1` or `p` is NaN.
+    pub fn p(p: f32) -> Result<Norm, ClipError> {
+        let norm = if p == 1.0 {
+            Norm::L1
+        } else if p == 2.0 {
+            Norm::L2
+        } else if p == f32::INFINITY {
+            Norm::Inf
+        } else {
+            Norm::P(p)
+        };
+        norm.validate()?;
+        Ok(norm)
+    }
+
+    /// The order as a number (`f64::INFINITY` for [`Norm::Inf`]).
+    pub fn order(self) -> f64 {
+        match self {
+            Norm::L1 => 1.0,
+            Norm::L2 => 2.0,
+            Norm::Inf => f64::INFINITY,
+            Norm::P(p) => p as f64,
+        }
+    }
+
+    /// Checks that a [`Norm::P`] order is finite and at least 1.
+    pub fn validate(self) -> Result<(), ClipError> {
+        match self {
+            Norm::P(p) if !(p >= 1.0 && p.is_finite()) => Err(ClipError::InvalidNormOrder(p)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The shader's `NORM_KIND` code (`KIND_*` in `shaders/common.wgsl`).
+    pub(crate) fn kind_code(self) -> u32 {
+        match self {
+            Norm::Inf => 0,
+            Norm::L1 => 1,
+            Norm::L2 => 2,
+            Norm::P(_) => 3,
+        }
+    }
+
+    /// `r^p` for a ratio `r` in [0, 1].
+    fn pow_ratio(self, r: f64) -> f64 {
+        match self {
+            Norm::L1 => r,
+            Norm::L2 => r * r,
+            Norm::Inf => 0.0,
+            Norm::P(p) => r.powf(p as f64),
+        }
+    }
+
+    /// `sum^(1/p)`.
+    fn root(self, sum: f64) -> f64 {
+        match self {
+            Norm::L1 => sum,
+            Norm::L2 => sum.sqrt(),
+            Norm::Inf => 1.0,
+            Norm::P(p) => sum.powf(1.0 / p as f64),
+        }
+    }
+}
+
+/// Overflow-safe partial p-norm: `scale^p * sum`, plus non-finite flags.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormAcc {
+    /// Scale factor (for [`Norm::Inf`], the norm itself).
+    pub scale: f64,
+    /// Sum of `(|x| / scale)^p` (unused for [`Norm::Inf`]).
+    pub sum: f64,
+    /// Bit 0: an infinite element was seen; bit 1: a NaN was seen.
+    pub flags: u32,
+}
+
+impl NormAcc {
+    /// The accumulator of no elements.
+    pub const IDENTITY: NormAcc = NormAcc {
+        scale: 0.0,
+        sum: 0.0,
+        flags: 0,
+    };
+
+    /// An accumulator holding a plain sum of p-th powers (for inf, the maximum).
+    pub(crate) fn from_power_sum(norm: Norm, sum: f64, flags: u32) -> NormAcc {
+        match norm {
+            Norm::Inf => NormAcc {
+                scale: sum,
+                sum: 0.0,
+                flags,
+            },
+            _ if sum == 0.0 => NormAcc { flags, ..Self::IDENTITY },
+            _ => NormAcc {
+                scale: 1.0,
+                sum,
+                flags,
+            },
+        }
+    }
+
+    /// Merges two accumulators of the same norm; associative, with [`NormAcc::IDENTITY`]
+    /// as identity. Mirrors `acc_combine` in `shaders/common.wgsl`.
+    pub fn combine(self, other: NormAcc, norm: Norm) -> NormAcc {
+        let flags = self.flags | other.flags;
+        if norm == Norm::Inf {
+            return NormAcc {
+                scale: self.scale.max(other.scale),
+                sum: 0.0,
+                flags,
+            };
+        }
+        let (big, small) = if other.scale > self.scale {
+            (other, self)
+        } else {
+            (self, other)
+        };
+        if big.scale == 0.0 {
+            return NormAcc { flags, ..Self::IDENTITY };
+        }
+        NormAcc {
+            scale: big.scale,
+            sum: big.sum + small.sum * norm.pow_ratio(small.scale / big.scale),
+            flags,
+        }
+    }
+
+    /// The norm: NaN if a NaN was seen, infinity if an infinity was, else `scale * sum^(1/p)`.
+    pub fn total(&self, norm: Norm) -> f64 {
+        if self.flags & FLAG_NAN != 0 {
+            f64::NAN
+        } else if self.flags & FLAG_INF != 0 {
+            f64::INFINITY
+        } else if norm == Norm::Inf {
+            self.scale
+        } else {
+            self.scale * norm.root(self.sum)
+        }
+    }
+
+    /// PyTorch's clip coefficient `min(max_norm / (total + 1e-6), 1)`, computed without
+    /// overflow for norms beyond f32 range; NaN when a NaN was seen, 0 for an infinity.
+    /// Mirrors `clip_coef` in `shaders/norm_finish.wgsl`.
+    pub(crate) fn clip_coef(&self, norm: Norm, max_norm: f32) -> f32 {
+        if self.flags & FLAG_NAN != 0 {
+            return f32::NAN;
+        }
+        if self.flags & FLAG_INF != 0 {
+            return 0.0;
+        }
+        let coef = max_norm as f64 / (self.total(norm) + 1e-6);
+        coef.min(1.0) as f32
+    }
+}
+
+/// The norm of part of a batch (one shard, one device), in a form that merges with the
+/// parts of other shards without overflow. Read it from a report, combine the shards,
+/// then clip each shard with `clip_with_norm`.
+///
+/// For an all-reduce: reduce [`PartialNorm::scale`] with MAX, then
+/// [`PartialNorm::rescaled_sum`] at that scale with SUM, and rebuild with
+/// [`PartialNorm::from_scaled_sum`]; inf-norms need only the MAX. Non-finite flags
+/// ([`PartialNorm::flags`]) reduce with bitwise OR.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PartialNorm {
+    norm: Norm,
+    acc: NormAcc,
+}
+
+impl PartialNorm {
+    /// The empty partial norm (no elements) of order `norm`.
+    pub fn zero(norm: Norm) -> PartialNorm {
+        PartialNorm {
+            norm,
+            acc: NormAcc::IDENTITY,
+        }
+    }
+
+    pub(crate) fn from_acc(norm: Norm, acc: NormAcc) -> PartialNorm {
+        PartialNorm { norm, acc }
+    }
+
+    /// A partial norm standing for a known total norm (for example one all-reduced by the
+    /// caller as a plain number). Infinity is accepted and marks the norm non-finite.
+    pub fn from_total(norm: Norm, total: f64) -> Result<PartialNorm, ClipError> {
+        norm.validate()?;
+        if total.is_nan() || total < 0.0 {
+            return Err(ClipError::InvalidTotalNorm(total));
+        }
+        // scale = total, sum = 1 stands for total^p whatever p is.
+        let acc = if total.is_infinite() {
+            NormAcc {
+                flags: FLAG_INF,
+                ..NormAcc::IDENTITY
+            }
+        } else if total == 0.0 {
+            NormAcc::IDENTITY
+        } else {
+            NormAcc {
+                scale: total,
+                sum: if norm == Norm::Inf { 0.0 } else { 1.0 },
+                flags: 0,
+            }
+        };
+        Ok(PartialNorm { norm, acc })
+    }
+
+    /// Rebuilds a partial norm from an all-reduced MAX of scales and SUM of
+    /// [`PartialNorm::rescaled_sum`]s, and the OR of flags.
+    pub fn from_scaled_sum(
+        norm: Norm,
+        scale: f64,
+        sum: f64,
+        flags: u32,
+    ) -> Result<PartialNorm, ClipError> {
+        norm.validate()?;
+        if !(scale >= 0.0 && sum >= 0.0) || scale.is_infinite() || sum.is_infinite() {
+            return Err(ClipError::InvalidTotalNorm(scale));
+        }
+        Ok(PartialNorm {
+            norm,
+            acc: NormAcc {
+                scale,
+                sum,
+                flags: flags & (FLAG_INF | FLAG_NAN),
+            },
+        })
+    }
+
+    /// The norm order.
+    pub fn norm(&self) -> Norm {
+        self.norm
+    }
+
+    /// The largest scale of this part (for inf-norms, the norm itself).
+    pub fn scale(&self) -> f64 {
+        self.acc.scale
+    }
+
+    /// Non-finite flags: bit 0 an infinity, bit 1 a NaN.
+    pub fn flags(&self) -> u32 {
+        self.acc.flags
+    }
+
+    /// This part's sum of `(|x| / scale)^p` re-expressed at a larger common `scale`
+    /// (the all-reduced maximum), so the sums of all shards can simply be added.
+    pub fn rescaled_sum(&self, scale: f64) -> f64 {
+        if self.acc.scale == 0.0 || scale == 0.0 {
+            return 0.0;
+        }
+        self.acc.sum * self.norm.pow_ratio(self.acc.scale / scale)
+    }
+
+    /// Merges two parts of one batch; errors if their orders differ.
+    pub fn combine(&self, other: &PartialNorm) -> Result<PartialNorm, ClipError> {
+        if self.norm != other.norm {
+            return Err(ClipError::NormMismatch(
+                format!("{:?}", self.norm),
+                format!("{:?}", other.norm),
+            ));
+        }
+        Ok(PartialNorm {
+            norm: self.norm,
+            acc: self.acc.combine(other.acc, self.norm),
+        })
+    }
+
+    /// The norm this part stands for (f64, so it is finite even beyond f32::MAX).
+    pub fn total(&self) -> f64 {
+        self.acc.total(self.norm)
+    }
+
+    /// True when no infinite or NaN element was seen.
+    pub fn is_finite(&self) -> bool {
+        self.acc.flags == 0
+    }
+
+    pub(crate) fn acc(&self) -> NormAcc {
+        self.acc
+    }
+}

@@ -1,0 +1,28 @@
+//! What to do when gradients contain NaN or infinity.
+
+/// Policy for a step whose gradients hold NaN or infinite values (found by the norm pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// PyTorch's default (`error_if_nonfinite=False`): the total norm is NaN or inf and the
+    /// coefficient follows from it (0 for inf, NaN for NaN), so finite gradients become 0
+    /// (or NaN) and inf gradients become NaN. The report says `non_finite`.
+    #[default]
+    Propagate,
+    /// Leave every gradient untouched and return [`crate::ClipError::NonFiniteNorm`]
+    /// (PyTorch's `error_if_nonfinite=True`, without its device-to-host sync).
+    Error,
+    /// Leave every gradient untouched and report the step as skipped, so the training loop
+    /// can skip its optimizer update (as AMP's grad scaler does).
+    SkipStep,
+}
+
+impl NonFinitePolicy {
+    /// The shader's `policy` code in `StepParams`.
+    pub(crate) fn code(self) -> u32 {
+        match self {
+            NonFinitePolicy::Propagate => 0,
+            NonFinitePolicy::Error => 1,
+            NonFinitePolicy::SkipStep => 2,
+        }
+    }
+}
