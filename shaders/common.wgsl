@@ -46,19 +46,15 @@ struct StepParams {
     hi: f32,
     lo_half: u32,      // bounds rounded to f16 (low 16 bits) and bf16 (high 16 bits)
     hi_half: u32,
-    use_given: u32,    // 1: take the norm from `given` instead of reducing (split API)
-    count: u32,        // number of accumulators the finishing pass reduces
-    _pad0: u32,
-    _pad1: u32,
-    given: Acc,
+    given: Acc,        // norm supplied by the caller (split API)
 }
 
-// Per-dispatch parameters: which slice of the chunk table this dispatch owns.
+// Per-dispatch parameters, fixed when the batch is planned.
 struct DispatchParams {
-    first_chunk: u32,
-    n_chunks: u32,
-    _pad0: u32,
-    _pad1: u32,
+    first_chunk: u32,  // this dispatch's slice of the chunk table
+    n_chunks: u32,     // workgroups with work (or inputs to combine)
+    use_given: u32,    // 1: `total` takes step.given instead of reducing (split API)
+    _pad: u32,
 }
 
 fn acc_identity() -> Acc {

@@ -16,7 +16,7 @@
 // and the host never reads the coefficient.
 //   0 inputs       storage, read        accumulators to combine
 //   3 step         uniform              StepParams (max_norm, policy, given norm for the split API)
-//   4 dispatch     uniform              DispatchParams (n_chunks = input count)
+//   4 dispatch     uniform              DispatchParams (n_chunks = input count, use_given)
 //   5 report       storage, read_write  ReportHeader
 //   6 args_full    storage, read        scaling-pass workgroup counts, 3 words per dispatch
 //   7 args_out     storage, read_write  indirect arguments actually used
@@ -114,7 +114,7 @@ fn clip_coef(acc: Acc) -> f32 {
 @compute @workgroup_size(256)
 fn total(@builtin(local_invocation_index) lid: u32) {
     var acc = reduce_range(0u, dispatch.n_chunks, lid);
-    if (step.use_given == 1u) {
+    if (dispatch.use_given == 1u) {
         acc = step.given;
     }
     let coef = clip_coef(acc);

@@ -64,6 +64,14 @@ pub enum ClipError {
         /// The tensor that overlaps it.
         second: String,
     },
+    /// An f16 and a bf16 tensor share one 32-bit word, which one pass cannot rewrite safely.
+    #[error("tensors {first:?} and {second:?} have different 16-bit types but share a 32-bit word; start one at a 4-byte-aligned offset")]
+    SharedWord {
+        /// The earlier tensor.
+        first: String,
+        /// The later tensor.
+        second: String,
+    },
     /// Host data did not match the batch it was given to.
     #[error("tensor {tensor:?}: expected {expected}, got {got}")]
     ShapeMismatch {

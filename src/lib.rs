@@ -6,13 +6,16 @@
 pub mod cpu;
 mod dtype;
 mod error;
+mod gpu;
 mod norm;
 mod ops;
+mod plan;
 mod policy;
 mod report;
 
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
+pub use gpu::{GpuBatch, GpuContext, GpuTensor, PendingReport};
 pub use half::{bf16, f16};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};

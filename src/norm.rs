@@ -120,7 +120,10 @@ impl NormAcc {
                 sum: 0.0,
                 flags,
             },
-            _ if sum == 0.0 => NormAcc { flags, ..Self::IDENTITY },
+            _ if sum == 0.0 => NormAcc {
+                flags,
+                ..Self::IDENTITY
+            },
             _ => NormAcc {
                 scale: 1.0,
                 sum,
@@ -146,7 +149,10 @@ impl NormAcc {
             (self, other)
         };
         if big.scale == 0.0 {
-            return NormAcc { flags, ..Self::IDENTITY };
+            return NormAcc {
+                flags,
+                ..Self::IDENTITY
+            };
         }
         NormAcc {
             scale: big.scale,

@@ -77,7 +77,14 @@ fn apply_total(
     tensor_norms: Option<Vec<f64>>,
 ) -> Result<ClipReport, ClipError> {
     let (coef, status) = norm_finish::finish(&total.acc(), total.norm(), max_norm, policy);
-    let report = ClipReport::new(total.norm(), total.acc(), coef, status, policy, tensor_norms)?;
+    let report = ClipReport::new(
+        total.norm(),
+        total.acc(),
+        coef,
+        status,
+        policy,
+        tensor_norms,
+    )?;
     if status & STATUS_SCALED != 0 {
         apply::scale(grads, coef);
     }

@@ -1,0 +1,135 @@
+//! The device a batch runs on: adapter choice, device creation, the kernel cache.
+
+use std::sync::Arc;
+
+use super::kernels::Kernels;
+use crate::error::ClipError;
+
+/// A wgpu device and queue with gradclip's kernels; cheap to clone.
+#[derive(Clone)]
+pub struct GpuContext {
+    pub(crate) inner: Arc<ContextInner>,
+}
+
+pub(crate) struct ContextInner {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: Option<wgpu::AdapterInfo>,
+    pub kernels: Kernels,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuContext")
+            .field("adapter", &self.inner.info)
+            .finish()
+    }
+}
+
+/// Order of preference: real GPUs first, then software rasterisers such as lavapipe.
+fn rank(info: &wgpu::AdapterInfo) -> u8 {
+    match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl GpuContext {
+    /// Opens the best adapter: a hardware GPU if there is one, else a software one
+    /// (lavapipe, WARP, llvmpipe). Honours wgpu's environment variables: `WGPU_BACKEND`
+    /// (which backends to search), `WGPU_ADAPTER_NAME` (a substring of the adapter name
+    /// to require) and `WGPU_POWER_PREF` (`low`/`high`, between two hardware GPUs).
+    /// The device gets the adapter's own limits, so large buffers bind in few windows.
+    pub fn new() -> Result<GpuContext, ClipError> {
+        Self::with_limits(|adapter| adapter.clone())
+    }
+
+    /// Like [`GpuContext::new`], with device limits chosen from the adapter's limits.
+    /// Tests use it to request small binding sizes and workgroup counts.
+    pub fn with_limits(
+        choose: impl Fn(&wgpu::Limits) -> wgpu::Limits,
+    ) -> Result<GpuContext, ClipError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        if adapters.is_empty() {
+            return Err(ClipError::NoAdapter(
+                "wgpu found no adapter (install a GPU driver, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers)".into(),
+            ));
+        }
+        if let Ok(name) = std::env::var("WGPU_ADAPTER_NAME") {
+            let name = name.to_lowercase();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(&name));
+            if adapters.is_empty() {
+                return Err(ClipError::NoAdapter(format!(
+                    "no adapter name contains {name:?}"
+                )));
+            }
+        }
+        let high = wgpu::PowerPreference::from_env() != Some(wgpu::PowerPreference::LowPower);
+        adapters.sort_by_key(|a| {
+            let info = a.get_info();
+            let r = rank(&info);
+            // Between discrete and integrated, WGPU_POWER_PREF=low prefers integrated.
+            let r = if !high && r <= 1 { 1 - r } else { r };
+            (r, info.name)
+        });
+        let mut last_error = String::new();
+        for adapter in adapters {
+            let limits = choose(&adapter.limits());
+            let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
+            let request = adapter.request_device(&wgpu::DeviceDescriptor {
+                label: Some("gradclip"),
+                required_features: features,
+                required_limits: limits,
+                ..Default::default()
+            });
+            match pollster::block_on(request) {
+                Ok((device, queue)) => {
+                    return Ok(Self::build(device, queue, Some(adapter.get_info())));
+                }
+                Err(e) => last_error = format!("{}: {e}", adapter.get_info().name),
+            }
+        }
+        Err(ClipError::NoAdapter(last_error))
+    }
+
+    /// Uses the caller's device and queue (the usual case inside a training program).
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> GpuContext {
+        Self::build(device, queue, None)
+    }
+
+    fn build(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: Option<wgpu::AdapterInfo>,
+    ) -> GpuContext {
+        let kernels = Kernels::new(&device);
+        GpuContext {
+            inner: Arc::new(ContextInner {
+                device,
+                queue,
+                info,
+                kernels,
+            }),
+        }
+    }
+
+    /// The adapter chosen by [`GpuContext::new`]; `None` for [`GpuContext::from_device`].
+    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
+        self.inner.info.as_ref()
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.inner.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.inner.queue
+    }
+}

@@ -1,0 +1,11 @@
+//! The GPU path: a context per device, batches planned once, steps encoded without a
+//! host round trip, reports read back asynchronously.
+
+mod batch;
+mod context;
+mod kernels;
+mod readback;
+
+pub use batch::{GpuBatch, GpuTensor};
+pub use context::GpuContext;
+pub use readback::PendingReport;

@@ -1,0 +1,200 @@
+//! Reading step reports back without stalling: each step copies its report into a
+//! mappable buffer taken from a pool and maps it when the command buffer is submitted;
+//! the caller reads it whenever it likes. Buffers go back to the pool once read, so a
+//! loop that reads its reports allocates nothing after the first steps.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::error::ClipError;
+use crate::norm::{Norm, NormAcc};
+use crate::policy::NonFinitePolicy;
+use crate::report::ClipReport;
+
+const PENDING: u8 = 0;
+const MAPPED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// Bytes of the report header (`ReportHeader` in `shaders/common.wgsl`).
+pub(crate) const HEADER_BYTES: u64 = 32;
+/// Bytes of one accumulator (`Acc`).
+pub(crate) const ACC_BYTES: u64 = 16;
+
+/// Free readback buffers of one batch.
+pub(crate) struct ReportPool {
+    free: Mutex<Vec<wgpu::Buffer>>,
+    size: u64,
+}
+
+impl ReportPool {
+    pub(crate) fn new(size: u64) -> Arc<ReportPool> {
+        Arc::new(ReportPool {
+            free: Mutex::new(Vec::new()),
+            size,
+        })
+    }
+
+    pub(crate) fn take(&self, device: &wgpu::Device) -> wgpu::Buffer {
+        let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("gradclip report readback"),
+                size: self.size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    fn give_back(&self, buffer: wgpu::Buffer) {
+        self.free
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(buffer);
+    }
+}
+
+/// What a report means: a norm only, or a clipping step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReportKind {
+    pub norm: Norm,
+    pub clip: Option<NonFinitePolicy>,
+    pub tensor_norms: Option<usize>,
+}
+
+/// The report of an encoded step, available once the GPU has run it.
+/// Read it with [`PendingReport::wait`]; [`PendingReport::is_ready`] tells without blocking.
+pub struct PendingReport {
+    buffer: Option<wgpu::Buffer>,
+    state: Arc<AtomicU8>,
+    pool: Arc<ReportPool>,
+    device: wgpu::Device,
+    kind: ReportKind,
+}
+
+impl std::fmt::Debug for PendingReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingReport")
+            .field("state", &self.state.load(Ordering::Acquire))
+            .field("kind", &self.kind)
+            .finish()
+    }
+}
+
+impl PendingReport {
+    /// Schedules `buffer` to be mapped when `encoder` is submitted.
+    pub(crate) fn on_submit(
+        encoder: &wgpu::CommandEncoder,
+        buffer: wgpu::Buffer,
+        pool: Arc<ReportPool>,
+        device: wgpu::Device,
+        kind: ReportKind,
+    ) -> PendingReport {
+        let state = Arc::new(AtomicU8::new(PENDING));
+        let done = state.clone();
+        encoder.map_buffer_on_submit(&buffer, wgpu::MapMode::Read, .., move |r| {
+            done.store(if r.is_ok() { MAPPED } else { FAILED }, Ordering::Release);
+        });
+        PendingReport {
+            buffer: Some(buffer),
+            state,
+            pool,
+            device,
+            kind,
+        }
+    }
+
+    /// Marks the report as the one of a clipping step under `policy`.
+    pub(crate) fn set_clip(&mut self, policy: NonFinitePolicy) {
+        self.kind.clip = Some(policy);
+    }
+
+    /// True once the report can be read without waiting (polls the device, never blocks).
+    pub fn is_ready(&self) -> bool {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.state.load(Ordering::Acquire) != PENDING
+    }
+
+    /// Waits for the GPU to finish the step and returns its report. With
+    /// [`NonFinitePolicy::Error`], a non-finite norm is returned as
+    /// [`ClipError::NonFiniteNorm`] (the gradients were left unchanged).
+    pub fn wait(mut self) -> Result<ClipReport, ClipError> {
+        if self.state.load(Ordering::Acquire) == PENDING {
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| ClipError::Readback(e.to_string()))?;
+        }
+        match self.state.load(Ordering::Acquire) {
+            MAPPED => {}
+            FAILED => return Err(ClipError::Readback("mapping the report failed".into())),
+            _ => {
+                return Err(ClipError::Readback(
+                    "the command buffer holding this step was never submitted".into(),
+                ))
+            }
+        }
+        let buffer = self
+            .buffer
+            .take()
+            .expect("report buffer present until read");
+        let words: Vec<u32> = {
+            let view = buffer
+                .get_mapped_range(..)
+                .map_err(|e| ClipError::Readback(e.to_string()))?;
+            view.chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        };
+        buffer.unmap();
+        self.pool.give_back(buffer);
+        decode(&words, self.kind)
+    }
+}
+
+impl Drop for PendingReport {
+    fn drop(&mut self) {
+        if let Some(buffer) = self.buffer.take() {
+            if self.state.load(Ordering::Acquire) == MAPPED {
+                buffer.unmap();
+                self.pool.give_back(buffer);
+            }
+        }
+    }
+}
+
+fn acc_at(words: &[u32], i: usize) -> NormAcc {
+    NormAcc {
+        scale: f32::from_bits(words[i]) as f64,
+        sum: f32::from_bits(words[i + 1]) as f64,
+        flags: words[i + 2],
+    }
+}
+
+fn decode(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
+    let acc = acc_at(words, 0);
+    let tensor_norms = kind.tensor_norms.map(|n| {
+        let first = (HEADER_BYTES / 4) as usize;
+        (0..n)
+            .map(|t| acc_at(words, first + 4 * t).total(kind.norm))
+            .collect()
+    });
+    match kind.clip {
+        Some(policy) => ClipReport::new(
+            kind.norm,
+            acc,
+            f32::from_bits(words[4]),
+            words[5],
+            policy,
+            tensor_norms,
+        ),
+        // A norm-only step scales nothing, whatever the finishing pass computed.
+        None => ClipReport::new(
+            kind.norm,
+            acc,
+            1.0,
+            words[5] & crate::report::STATUS_NONFINITE,
+            NonFinitePolicy::Propagate,
+            tensor_norms,
+        ),
+    }
+}

@@ -1,0 +1,240 @@
+//! Planning a batch for the GPU, once: validation, binding windows, chunk tables and
+//! dispatch sizes. Pure host logic, independent of wgpu, so it is tested on its own.
+//!
+//! A buffer is bound through windows of at most the device's storage-binding size,
+//! starting at multiples of that size rounded down to the offset alignment. Each tensor
+//! is cut into chunks of at most [`CHUNK_ELEMS`] elements at element indices that are
+//! multiples of `CHUNK_ELEMS` and at window edges; one workgroup handles one chunk.
+//! The reduction uses per-tensor chunks; the elementwise pass uses chunks over *spans*,
+//! maximal runs of touching tensors, so a word shared by two 16-bit tensors is written
+//! by one workgroup only.
+
+use crate::dtype::DType;
+use crate::error::ClipError;
+
+/// Elements per chunk (per workgroup): 256 threads x 32.
+pub(crate) const CHUNK_ELEMS: u64 = 8192;
+
+/// One tensor as the planner sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct PlanTensor {
+    /// Index of its buffer in the batch's list of distinct buffers.
+    pub buffer: usize,
+    /// Size of that buffer in bytes.
+    pub buffer_size: u64,
+    /// Byte offset of the first element.
+    pub offset: u64,
+    /// Number of elements.
+    pub len: u64,
+    /// Element type.
+    pub dtype: DType,
+    /// Name for error messages.
+    pub name: String,
+}
+
+/// Device limits that shape a plan.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlanLimits {
+    pub max_binding: u64,
+    pub offset_alignment: u64,
+    pub max_workgroups_per_dim: u32,
+}
+
+/// A chunk table row, as the shaders read it: (tensor or span, first element relative to
+/// the window, element count, dtype code).
+pub(crate) type ChunkRow = [u32; 4];
+
+/// One binding window of one buffer and the chunks each pass runs in it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Window {
+    pub buffer: usize,
+    pub byte_offset: u64,
+    pub byte_size: u64,
+    pub reduce_first: u32,
+    pub reduce_count: u32,
+    pub apply_first: u32,
+    pub apply_count: u32,
+}
+
+/// The plan of a batch.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Plan {
+    pub windows: Vec<Window>,
+    pub reduce_chunks: Vec<ChunkRow>,
+    pub apply_chunks: Vec<ChunkRow>,
+    /// Per tensor in batch order: (first reduce chunk, chunk count).
+    pub tensor_ranges: Vec<[u32; 2]>,
+}
+
+/// Folds `n` workgroups into a 2-D grid that respects the per-dimension limit.
+pub(crate) fn fold_grid(n: u32, max_per_dim: u32) -> [u32; 3] {
+    if n == 0 {
+        return [0, 0, 0];
+    }
+    let x = n.min(max_per_dim);
+    [x, n.div_ceil(x), 1]
+}
+
+/// Cuts element range `[start, end)` of a buffer (element size `es`) into chunks at
+/// multiples of CHUNK_ELEMS and at window edges, calling `emit(window, first, count)`.
+fn cut(start: u64, end: u64, es: u64, window_bytes: u64, mut emit: impl FnMut(u64, u64, u64)) {
+    let mut e = start;
+    while e < end {
+        let window = e * es / window_bytes;
+        let window_end = (window + 1) * window_bytes / es;
+        let next = ((e / CHUNK_ELEMS + 1) * CHUNK_ELEMS)
+            .min(end)
+            .min(window_end);
+        emit(window, e, next - e);
+        e = next;
+    }
+}
+
+impl Plan {
+    /// Validates the tensors and builds the plan; errors leave nothing behind.
+    pub(crate) fn new(tensors: &[PlanTensor], limits: PlanLimits) -> Result<Plan, ClipError> {
+        for t in tensors {
+            let es = t.dtype.size();
+            if t.offset % es != 0 {
+                return Err(ClipError::MisalignedOffset {
+                    tensor: t.name.clone(),
+                    offset: t.offset,
+                    align: es,
+                    dtype: t.dtype,
+                });
+            }
+            let end = t.len.checked_mul(es).and_then(|b| b.checked_add(t.offset));
+            // Shaders read whole 32-bit words, so the usable size is rounded down to 4.
+            match end {
+                Some(end) if end <= t.buffer_size & !3 => {}
+                _ => {
+                    return Err(ClipError::OutOfBounds {
+                        tensor: t.name.clone(),
+                        start: t.offset,
+                        end: end.unwrap_or(u64::MAX),
+                        size: t.buffer_size,
+                    })
+                }
+            }
+        }
+        let window_bytes =
+            (limits.max_binding.min(1 << 31) / limits.offset_alignment) * limits.offset_alignment;
+        // Non-empty tensors in (buffer, offset) order: chunks and spans follow this order.
+        let mut order: Vec<usize> = (0..tensors.len()).filter(|&i| tensors[i].len > 0).collect();
+        order.sort_by_key(|&i| (tensors[i].buffer, tensors[i].offset));
+        for pair in order.windows(2) {
+            let (a, b) = (&tensors[pair[0]], &tensors[pair[1]]);
+            let a_end = a.offset + a.len * a.dtype.size();
+            if a.buffer == b.buffer && b.offset < a_end {
+                return Err(ClipError::OverlappingTensors {
+                    first: a.name.clone(),
+                    second: b.name.clone(),
+                });
+            }
+            // Two 16-bit tensors of different types in one 32-bit word cannot share a span.
+            if a.buffer == b.buffer
+                && a.dtype != b.dtype
+                && a.dtype != DType::F32
+                && b.dtype != DType::F32
+                && (a_end - 1) / 4 == b.offset / 4
+            {
+                return Err(ClipError::SharedWord {
+                    first: a.name.clone(),
+                    second: b.name.clone(),
+                });
+            }
+        }
+
+        let mut plan = Plan {
+            tensor_ranges: vec![[0, 0]; tensors.len()],
+            ..Plan::default()
+        };
+        let mut windows: Vec<Window> = Vec::new();
+        let mut window_of = |buffer: usize, window: u64, size: u64| -> usize {
+            let byte_offset = window * window_bytes;
+            if let Some(i) = windows
+                .iter()
+                .position(|w| w.buffer == buffer && w.byte_offset == byte_offset)
+            {
+                return i;
+            }
+            windows.push(Window {
+                buffer,
+                byte_offset,
+                byte_size: window_bytes.min((size & !3) - byte_offset),
+                reduce_first: 0,
+                reduce_count: 0,
+                apply_first: 0,
+                apply_count: 0,
+            });
+            windows.len() - 1
+        };
+        let mut reduce: Vec<(usize, ChunkRow)> = Vec::new();
+        for &i in &order {
+            let t = &tensors[i];
+            let es = t.dtype.size();
+            let first = reduce.len();
+            let start = t.offset / es;
+            cut(start, start + t.len, es, window_bytes, |w, e, n| {
+                let wi = window_of(t.buffer, w, t.buffer_size);
+                let rel = e - w * window_bytes / es;
+                reduce.push((wi, [i as u32, rel as u32, n as u32, t.dtype.shader_code()]));
+            });
+            plan.tensor_ranges[i] = [first as u32, (reduce.len() - first) as u32];
+        }
+        // Spans: runs of byte-contiguous tensors of one buffer and dtype.
+        let mut apply: Vec<(usize, ChunkRow)> = Vec::new();
+        let mut span: Option<(usize, u64, u64, DType)> = None; // buffer, first byte, end byte
+        let mut spans = Vec::new();
+        for &i in &order {
+            let t = &tensors[i];
+            let end = t.offset + t.len * t.dtype.size();
+            span = match span {
+                Some((b, s, e, d)) if b == t.buffer && e == t.offset && d == t.dtype => {
+                    Some((b, s, end, d))
+                }
+                other => {
+                    spans.extend(other);
+                    Some((t.buffer, t.offset, end, t.dtype))
+                }
+            };
+        }
+        spans.extend(span);
+        for (si, &(buffer, s, e, dtype)) in spans.iter().enumerate() {
+            let es = dtype.size();
+            let size = tensors
+                .iter()
+                .find(|t| t.buffer == buffer)
+                .map_or(0, |t| t.buffer_size);
+            cut(s / es, e / es, es, window_bytes, |w, el, n| {
+                let wi = window_of(buffer, w, size);
+                let rel = el - w * window_bytes / es;
+                apply.push((wi, [si as u32, rel as u32, n as u32, dtype.shader_code()]));
+            });
+        }
+
+        // Group the chunk tables by window, keeping their order inside each window. Chunks
+        // of one tensor stay contiguous because windows are visited in buffer/offset order.
+        for (wi, w) in windows.iter_mut().enumerate() {
+            w.reduce_first = plan.reduce_chunks.len() as u32;
+            plan.reduce_chunks
+                .extend(reduce.iter().filter(|(x, _)| *x == wi).map(|(_, r)| *r));
+            w.reduce_count = plan.reduce_chunks.len() as u32 - w.reduce_first;
+            w.apply_first = plan.apply_chunks.len() as u32;
+            plan.apply_chunks
+                .extend(apply.iter().filter(|(x, _)| *x == wi).map(|(_, r)| *r));
+            w.apply_count = plan.apply_chunks.len() as u32 - w.apply_first;
+        }
+        let max_groups = limits.max_workgroups_per_dim as u64;
+        for w in &windows {
+            if w.reduce_count.max(w.apply_count) as u64 > max_groups * max_groups {
+                return Err(ClipError::TooLarge {
+                    tensor: format!("window at byte {} of buffer {}", w.byte_offset, w.buffer),
+                    len: w.byte_size,
+                });
+            }
+        }
+        plan.windows = windows;
+        Ok(plan)
+    }
+}
