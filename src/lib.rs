@@ -3,6 +3,7 @@
 //! See the README for the semantics table and examples.
 #![warn(missing_docs)]
 
+mod clipper;
 pub mod cpu;
 mod dtype;
 mod error;
@@ -13,6 +14,7 @@ mod plan;
 mod policy;
 mod report;
 
+pub use clipper::{Backend, Clipper};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{GpuBatch, GpuContext, GpuTensor, PendingReport};

@@ -511,8 +511,8 @@ impl GpuBatch {
         }
         let readback = self.pool.take(device);
         encoder.copy_buffer_to_buffer(&self.report, 0, &readback, 0, HEADER_BYTES);
-        let tensor_norms = matches!(from, TotalFrom::Tensors) && self.n_tensors > 0;
-        if tensor_norms {
+        let tensor_norms = matches!(from, TotalFrom::Tensors);
+        if tensor_norms && self.n_tensors > 0 {
             encoder.copy_buffer_to_buffer(
                 &self.tensor_accs,
                 0,

@@ -119,10 +119,19 @@ impl PendingReport {
     /// [`NonFinitePolicy::Error`], a non-finite norm is returned as
     /// [`ClipError::NonFiniteNorm`] (the gradients were left unchanged).
     pub fn wait(mut self) -> Result<ClipReport, ClipError> {
-        if self.state.load(Ordering::Acquire) == PENDING {
-            self.device
+        // Another thread's poll may have taken this step's callback and not yet run it,
+        // so an idle queue with the report still pending is re-checked for a while before
+        // the step is declared never submitted.
+        let mut idle_checks = 0;
+        while self.state.load(Ordering::Acquire) == PENDING && idle_checks < 2000 {
+            let status = self
+                .device
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| ClipError::Readback(e.to_string()))?;
+            if status.is_queue_empty() && self.state.load(Ordering::Acquire) == PENDING {
+                idle_checks += 1;
+                std::thread::sleep(std::time::Duration::from_micros(500));
+            }
         }
         match self.state.load(Ordering::Acquire) {
             MAPPED => {}
