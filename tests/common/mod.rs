@@ -66,9 +66,14 @@ pub struct Arena {
 pub fn layout(h: &[Host], gap: u64) -> (Vec<u64>, u64) {
     let mut offsets = Vec::new();
     let mut at = 0u64;
+    let mut prev = None;
     for t in h {
         let r = t.as_ref();
-        at = at.next_multiple_of(r.dtype().size());
+        // Same-dtype neighbours pack tightly (two tensors may share a 32-bit word); a change
+        // of dtype starts a new word, which the library requires between f16 and bf16.
+        let align = if prev == Some(r.dtype()) { r.dtype().size() } else { 4 };
+        prev = Some(r.dtype());
+        at = at.next_multiple_of(align);
         offsets.push(at);
         at += r.len() as u64 * r.dtype().size() + gap;
     }
