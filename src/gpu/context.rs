@@ -1,6 +1,6 @@
 //! The device a batch runs on: adapter choice, device creation, the kernel cache.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::kernels::Kernels;
 use crate::error::ClipError;
@@ -52,8 +52,12 @@ impl GpuContext {
     pub fn with_limits(
         choose: impl Fn(&wgpu::Limits) -> wgpu::Limits,
     ) -> Result<GpuContext, ClipError> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        // One instance per process: devices of one instance detect each other's buffers
+        // as a validation error instead of wgpu-core failing an internal assertion.
+        static INSTANCE: OnceLock<wgpu::Instance> = OnceLock::new();
+        let instance = INSTANCE.get_or_init(|| {
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
+        });
         let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
         if adapters.is_empty() {
             return Err(ClipError::NoAdapter(

@@ -1,0 +1,95 @@
+//! Every bad input returns its typed error and leaves the gradients byte-identical.
+
+mod common;
+use common::*;
+use gradclip::*;
+
+fn arena_f32(ctx: &GpuContext, n: usize) -> (Vec<Host>, Arena) {
+    let h = vec![Host::F32((0..n).map(|i| i as f32 + 0.5).collect())];
+    let arena = upload(ctx, &h);
+    (h, arena)
+}
+
+fn unchanged(ctx: &GpuContext, arena: &Arena, h: &[Host]) {
+    assert_eq!(download(ctx, arena, h), h, "gradients were modified");
+}
+
+#[test]
+fn bad_parameters_are_rejected_on_both_paths() {
+    let ctx = gpu();
+    let (h, arena) = arena_f32(&ctx, 100);
+    let mut b = batch(&ctx, &arena, &h);
+    let mut cd = h.clone();
+    for max_norm in [f32::NAN, -1.0, 0.0, f32::INFINITY] {
+        let clip = GlobalNormClip::new(max_norm);
+        assert!(matches!(b.clip_by_global_norm(&clip), Err(ClipError::InvalidMaxNorm(_))));
+        assert!(matches!(cpu::clip_by_global_norm(&mut muts(&mut cd), &clip), Err(ClipError::InvalidMaxNorm(_))));
+        assert!(matches!(
+            b.clip_with_norm(max_norm, &PartialNorm::zero(Norm::L2), NonFinitePolicy::Propagate),
+            Err(ClipError::InvalidMaxNorm(_))
+        ));
+    }
+    for p in [0.5, 0.0, -2.0, f32::NAN] {
+        assert!(matches!(Norm::p(p), Err(ClipError::InvalidNormOrder(_))));
+        let clip = GlobalNormClip::new(1.0).norm(Norm::P(p));
+        assert!(matches!(b.clip_by_global_norm(&clip), Err(ClipError::InvalidNormOrder(_))));
+        assert!(matches!(cpu::clip_by_global_norm(&mut muts(&mut cd), &clip), Err(ClipError::InvalidNormOrder(_))));
+        assert!(matches!(b.total_norm(Norm::P(p), false), Err(ClipError::InvalidNormOrder(_))));
+    }
+    for (lo, hi) in [(1.0, -1.0), (f32::NAN, 1.0), (0.0, f32::NAN)] {
+        let clip = ValueClip::range(lo, hi);
+        assert!(matches!(b.clip_by_value(&clip), Err(ClipError::InvalidBounds { .. })));
+        assert!(matches!(cpu::clip_by_value(&mut muts(&mut cd), &clip), Err(ClipError::InvalidBounds { .. })));
+    }
+    for total in [-1.0, f64::NAN] {
+        assert!(matches!(PartialNorm::from_total(Norm::L2, total), Err(ClipError::InvalidTotalNorm(_))));
+    }
+    assert_eq!(cd, h);
+    unchanged(&ctx, &arena, &h);
+}
+
+#[test]
+fn bad_tensor_descriptions_are_rejected() {
+    let ctx = gpu();
+    let (h, arena) = arena_f32(&ctx, 100);
+    let buf = &arena.buffer;
+    let check = |tensors: &[GpuTensor<'_>], want: fn(&ClipError) -> bool| {
+        let err = GpuBatch::new(&ctx, tensors).expect_err(&format!("{tensors:?}"));
+        assert!(want(&err), "unexpected error: {err}");
+        assert!(!err.to_string().is_empty());
+    };
+    // Misaligned offsets.
+    check(&[GpuTensor::new(buf, 2, 10, DType::F32)], |e| matches!(e, ClipError::MisalignedOffset { .. }));
+    check(&[GpuTensor::new(buf, 1, 10, DType::BF16)], |e| matches!(e, ClipError::MisalignedOffset { .. }));
+    // Ranges past the end (and overflowing arithmetic).
+    check(&[GpuTensor::new(buf, 0, 101, DType::F32)], |e| matches!(e, ClipError::OutOfBounds { .. }));
+    check(&[GpuTensor::new(buf, 4, u64::MAX / 2, DType::F32)], |e| matches!(e, ClipError::OutOfBounds { .. }));
+    // Overlap.
+    check(
+        &[GpuTensor::new(buf, 0, 50, DType::F32).named("a"), GpuTensor::new(buf, 196, 10, DType::F32).named("b")],
+        |e| matches!(e, ClipError::OverlappingTensors { .. }),
+    );
+    // f16 and bf16 sharing a word.
+    check(
+        &[GpuTensor::new(buf, 0, 3, DType::F16), GpuTensor::new(buf, 6, 3, DType::BF16)],
+        |e| matches!(e, ClipError::SharedWord { .. }),
+    );
+    // Buffer without STORAGE usage.
+    let plain = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    check(&[GpuTensor::new(&plain, 0, 4, DType::F32)], |e| matches!(e, ClipError::MissingStorageUsage { .. }));
+    // A buffer of another device.
+    let other = GpuContext::new().unwrap();
+    let foreign = other.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 64,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    check(&[GpuTensor::new(&foreign, 0, 4, DType::F32)], |e| matches!(e, ClipError::Wgpu(_)));
+    unchanged(&ctx, &arena, &h);
+}
