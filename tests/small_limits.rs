@@ -1,0 +1,58 @@
+//! Tensors larger than the device's storage-binding size and dispatches wider than its
+//! per-dimension workgroup limit, exercised with a device that asks for small limits.
+
+mod common;
+use common::*;
+use gradclip::*;
+
+fn small_device() -> GpuContext {
+    GpuContext::with_limits(|adapter| wgpu::Limits {
+        max_storage_buffer_binding_size: 256 * 1024,
+        max_compute_workgroups_per_dimension: 5,
+        ..adapter.clone()
+    })
+    .expect("a device with small limits")
+}
+
+#[test]
+fn windows_and_folded_grids_match_the_oracle() {
+    let ctx = small_device();
+    assert_eq!(ctx.device().limits().max_storage_buffer_binding_size, 256 * 1024);
+    let f = |n: usize, k: f32| (0..n).map(|i| ((i as f32) * k).sin() * 2.0).collect::<Vec<f32>>();
+    // 300_001 f32 = 1.2 MB, several 256 KiB windows; 16-bit windows hold about 17 chunks: 5x4 grids.
+    let h = vec![
+        Host::F32(f(300_001, 0.1)),
+        Host::F32(vec![]),
+        Host::F32(f(1, 0.3)),
+        Host::BF16(f(200_003, 0.7).into_iter().map(bf16::from_f32).collect()),
+        Host::BF16(f(5, 0.9).into_iter().map(bf16::from_f32).collect()),
+        Host::F16(f(131_073, 0.2).into_iter().map(f16::from_f32).collect()),
+        Host::F32(f(65_537, 0.5)),
+    ];
+    let arena = upload(&ctx, &h);
+    let mut b = batch(&ctx, &arena, &h);
+    for norm in [Norm::L2, Norm::Inf, Norm::P(2.5)] {
+        let g = b.total_norm(norm, true).unwrap().wait().unwrap();
+        let c = cpu::tensor_norms(&refs(&h), norm).unwrap();
+        assert!(close(g.total_norm, cpu::partial_norm(&refs(&h), norm).unwrap().total(), 1e-5));
+        for (gt, ct) in g.tensor_norms.unwrap().iter().zip(&c) {
+            assert!(close(*gt, *ct, 1e-5), "{norm:?}: {gt} vs {ct}");
+        }
+    }
+    let clip = GlobalNormClip::new(10.0);
+    let mut cd = h.clone();
+    cpu::clip_by_global_norm(&mut muts(&mut cd), &clip).unwrap();
+    assert!(b.clip_by_global_norm(&clip).unwrap().wait().unwrap().clipped);
+    let gd = download(&ctx, &arena, &h);
+    for (g, c) in gd.iter().zip(&cd) {
+        for (gv, cv) in g.to_f64().iter().zip(c.to_f64()) {
+            assert!(close(*gv, cv, 8e-3), "{gv} vs {cv}");
+        }
+    }
+    let value = ValueClip::symmetric(0.01);
+    cpu::clip_by_value(&mut muts(&mut cd), &value).unwrap();
+    let mut gd2 = gd.clone();
+    cpu::clip_by_value(&mut muts(&mut gd2), &value).unwrap();
+    b.clip_by_value(&value).unwrap();
+    assert_eq!(download(&ctx, &arena, &h), gd2);
+}
