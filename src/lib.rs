@@ -1,6 +1,5 @@
-//! gradclip: gradient clipping on wgpu compute shaders, with an overflow-safe CPU path.
-//!
-//! See the README for the semantics table and examples.
+// The README is the crate documentation, so its examples are compiled and run as doctests.
+#![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
 mod clipper;

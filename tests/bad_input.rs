@@ -22,27 +22,55 @@ fn bad_parameters_are_rejected_on_both_paths() {
     let mut cd = h.clone();
     for max_norm in [f32::NAN, -1.0, 0.0, f32::INFINITY] {
         let clip = GlobalNormClip::new(max_norm);
-        assert!(matches!(b.clip_by_global_norm(&clip), Err(ClipError::InvalidMaxNorm(_))));
-        assert!(matches!(cpu::clip_by_global_norm(&mut muts(&mut cd), &clip), Err(ClipError::InvalidMaxNorm(_))));
         assert!(matches!(
-            b.clip_with_norm(max_norm, &PartialNorm::zero(Norm::L2), NonFinitePolicy::Propagate),
+            b.clip_by_global_norm(&clip),
+            Err(ClipError::InvalidMaxNorm(_))
+        ));
+        assert!(matches!(
+            cpu::clip_by_global_norm(&mut muts(&mut cd), &clip),
+            Err(ClipError::InvalidMaxNorm(_))
+        ));
+        assert!(matches!(
+            b.clip_with_norm(
+                max_norm,
+                &PartialNorm::zero(Norm::L2),
+                NonFinitePolicy::Propagate
+            ),
             Err(ClipError::InvalidMaxNorm(_))
         ));
     }
     for p in [0.5, 0.0, -2.0, f32::NAN] {
         assert!(matches!(Norm::p(p), Err(ClipError::InvalidNormOrder(_))));
         let clip = GlobalNormClip::new(1.0).norm(Norm::P(p));
-        assert!(matches!(b.clip_by_global_norm(&clip), Err(ClipError::InvalidNormOrder(_))));
-        assert!(matches!(cpu::clip_by_global_norm(&mut muts(&mut cd), &clip), Err(ClipError::InvalidNormOrder(_))));
-        assert!(matches!(b.total_norm(Norm::P(p), false), Err(ClipError::InvalidNormOrder(_))));
+        assert!(matches!(
+            b.clip_by_global_norm(&clip),
+            Err(ClipError::InvalidNormOrder(_))
+        ));
+        assert!(matches!(
+            cpu::clip_by_global_norm(&mut muts(&mut cd), &clip),
+            Err(ClipError::InvalidNormOrder(_))
+        ));
+        assert!(matches!(
+            b.total_norm(Norm::P(p), false),
+            Err(ClipError::InvalidNormOrder(_))
+        ));
     }
     for (lo, hi) in [(1.0, -1.0), (f32::NAN, 1.0), (0.0, f32::NAN)] {
         let clip = ValueClip::range(lo, hi);
-        assert!(matches!(b.clip_by_value(&clip), Err(ClipError::InvalidBounds { .. })));
-        assert!(matches!(cpu::clip_by_value(&mut muts(&mut cd), &clip), Err(ClipError::InvalidBounds { .. })));
+        assert!(matches!(
+            b.clip_by_value(&clip),
+            Err(ClipError::InvalidBounds { .. })
+        ));
+        assert!(matches!(
+            cpu::clip_by_value(&mut muts(&mut cd), &clip),
+            Err(ClipError::InvalidBounds { .. })
+        ));
     }
     for total in [-1.0, f64::NAN] {
-        assert!(matches!(PartialNorm::from_total(Norm::L2, total), Err(ClipError::InvalidTotalNorm(_))));
+        assert!(matches!(
+            PartialNorm::from_total(Norm::L2, total),
+            Err(ClipError::InvalidTotalNorm(_))
+        ));
     }
     assert_eq!(cd, h);
     unchanged(&ctx, &arena, &h);
@@ -59,19 +87,33 @@ fn bad_tensor_descriptions_are_rejected() {
         assert!(!err.to_string().is_empty());
     };
     // Misaligned offsets.
-    check(&[GpuTensor::new(buf, 2, 10, DType::F32)], |e| matches!(e, ClipError::MisalignedOffset { .. }));
-    check(&[GpuTensor::new(buf, 1, 10, DType::BF16)], |e| matches!(e, ClipError::MisalignedOffset { .. }));
+    check(&[GpuTensor::new(buf, 2, 10, DType::F32)], |e| {
+        matches!(e, ClipError::MisalignedOffset { .. })
+    });
+    check(&[GpuTensor::new(buf, 1, 10, DType::BF16)], |e| {
+        matches!(e, ClipError::MisalignedOffset { .. })
+    });
     // Ranges past the end (and overflowing arithmetic).
-    check(&[GpuTensor::new(buf, 0, 101, DType::F32)], |e| matches!(e, ClipError::OutOfBounds { .. }));
-    check(&[GpuTensor::new(buf, 4, u64::MAX / 2, DType::F32)], |e| matches!(e, ClipError::OutOfBounds { .. }));
+    check(&[GpuTensor::new(buf, 0, 101, DType::F32)], |e| {
+        matches!(e, ClipError::OutOfBounds { .. })
+    });
+    check(&[GpuTensor::new(buf, 4, u64::MAX / 2, DType::F32)], |e| {
+        matches!(e, ClipError::OutOfBounds { .. })
+    });
     // Overlap.
     check(
-        &[GpuTensor::new(buf, 0, 50, DType::F32).named("a"), GpuTensor::new(buf, 196, 10, DType::F32).named("b")],
+        &[
+            GpuTensor::new(buf, 0, 50, DType::F32).named("a"),
+            GpuTensor::new(buf, 196, 10, DType::F32).named("b"),
+        ],
         |e| matches!(e, ClipError::OverlappingTensors { .. }),
     );
     // f16 and bf16 sharing a word.
     check(
-        &[GpuTensor::new(buf, 0, 3, DType::F16), GpuTensor::new(buf, 6, 3, DType::BF16)],
+        &[
+            GpuTensor::new(buf, 0, 3, DType::F16),
+            GpuTensor::new(buf, 6, 3, DType::BF16),
+        ],
         |e| matches!(e, ClipError::SharedWord { .. }),
     );
     // Buffer without STORAGE usage.
@@ -81,7 +123,9 @@ fn bad_tensor_descriptions_are_rejected() {
         usage: wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    check(&[GpuTensor::new(&plain, 0, 4, DType::F32)], |e| matches!(e, ClipError::MissingStorageUsage { .. }));
+    check(&[GpuTensor::new(&plain, 0, 4, DType::F32)], |e| {
+        matches!(e, ClipError::MissingStorageUsage { .. })
+    });
     // A buffer of another device.
     let other = GpuContext::new().unwrap();
     let foreign = other.device().create_buffer(&wgpu::BufferDescriptor {
@@ -90,6 +134,8 @@ fn bad_tensor_descriptions_are_rejected() {
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    check(&[GpuTensor::new(&foreign, 0, 4, DType::F32)], |e| matches!(e, ClipError::Wgpu(_)));
+    check(&[GpuTensor::new(&foreign, 0, 4, DType::F32)], |e| {
+        matches!(e, ClipError::Wgpu(_))
+    });
     unchanged(&ctx, &arena, &h);
 }

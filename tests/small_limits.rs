@@ -17,8 +17,15 @@ fn small_device() -> GpuContext {
 #[test]
 fn windows_and_folded_grids_match_the_oracle() {
     let ctx = small_device();
-    assert_eq!(ctx.device().limits().max_storage_buffer_binding_size, 256 * 1024);
-    let f = |n: usize, k: f32| (0..n).map(|i| ((i as f32) * k).sin() * 2.0).collect::<Vec<f32>>();
+    assert_eq!(
+        ctx.device().limits().max_storage_buffer_binding_size,
+        256 * 1024
+    );
+    let f = |n: usize, k: f32| {
+        (0..n)
+            .map(|i| ((i as f32) * k).sin() * 2.0)
+            .collect::<Vec<f32>>()
+    };
     // 300_001 f32 = 1.2 MB, several 256 KiB windows; 16-bit windows hold about 17 chunks: 5x4 grids.
     let h = vec![
         Host::F32(f(300_001, 0.1)),
@@ -34,7 +41,11 @@ fn windows_and_folded_grids_match_the_oracle() {
     for norm in [Norm::L2, Norm::Inf, Norm::P(2.5)] {
         let g = b.total_norm(norm, true).unwrap().wait().unwrap();
         let c = cpu::tensor_norms(&refs(&h), norm).unwrap();
-        assert!(close(g.total_norm, cpu::partial_norm(&refs(&h), norm).unwrap().total(), 1e-5));
+        assert!(close(
+            g.total_norm,
+            cpu::partial_norm(&refs(&h), norm).unwrap().total(),
+            1e-5
+        ));
         for (gt, ct) in g.tensor_norms.unwrap().iter().zip(&c) {
             assert!(close(*gt, *ct, 1e-5), "{norm:?}: {gt} vs {ct}");
         }
@@ -42,7 +53,13 @@ fn windows_and_folded_grids_match_the_oracle() {
     let clip = GlobalNormClip::new(10.0);
     let mut cd = h.clone();
     cpu::clip_by_global_norm(&mut muts(&mut cd), &clip).unwrap();
-    assert!(b.clip_by_global_norm(&clip).unwrap().wait().unwrap().clipped);
+    assert!(
+        b.clip_by_global_norm(&clip)
+            .unwrap()
+            .wait()
+            .unwrap()
+            .clipped
+    );
     let gd = download(&ctx, &arena, &h);
     for (g, c) in gd.iter().zip(&cd) {
         for (gv, cv) in g.to_f64().iter().zip(c.to_f64()) {

@@ -14,7 +14,7 @@ pub(crate) fn finish(
 ) -> (f32, u32) {
     let coef = acc.clip_coef(norm, max_norm);
     // NaN is not >= 1, so a NaN coefficient is applied: propagate poisons every element.
-    let mut apply = !(coef >= 1.0);
+    let mut apply = coef < 1.0 || coef.is_nan();
     let mut status = 0;
     if acc.flags != 0 {
         status = STATUS_NONFINITE;

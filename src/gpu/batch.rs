@@ -196,7 +196,7 @@ impl GpuBatch {
         let plan = Plan::new(
             &plan_tensors,
             PlanLimits {
-                max_binding: limits.max_storage_buffer_binding_size as u64,
+                max_binding: limits.max_storage_buffer_binding_size,
                 offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
                 max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
             },

@@ -71,7 +71,11 @@ pub fn layout(h: &[Host], gap: u64) -> (Vec<u64>, u64) {
         let r = t.as_ref();
         // Same-dtype neighbours pack tightly (two tensors may share a 32-bit word); a change
         // of dtype starts a new word, which the library requires between f16 and bf16.
-        let align = if prev == Some(r.dtype()) { r.dtype().size() } else { 4 };
+        let align = if prev == Some(r.dtype()) {
+            r.dtype().size()
+        } else {
+            4
+        };
         prev = Some(r.dtype());
         at = at.next_multiple_of(align);
         offsets.push(at);
