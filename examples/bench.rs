@@ -1,442 +1,946 @@
-//! The main job: list adapters, check the GPU against the CPU oracle, and time total norm,
-//! global clip (clipping / not clipping) and value clip on the GPT-2 small shapes and on
-//! 2000 small tensors, f32 and bf16, next to memory-bandwidth floors measured in this run.
+//! The README's main command: check the GPU against the CPU oracle, then time gradient
+//! clipping next to memory-bandwidth floors measured in the same run.
 //!
-//! cargo run --release --example bench [-- --quick] [-- --cpu-only] [-- --shapes PATH]
+//! ```text
+//! cargo run --release --example bench [-- OPTIONS]
 //!
-//! GPU times come from timestamp queries when the adapter has them (kernel time), else
-//! from wall time around submit + wait. GB/s counts the bytes each operation must move:
-//! norm 1 read; clip 2 reads + 1 write; no-clip 1 read; value clip 1 read + 1 write.
+//!   --quick         GPT-2 tensors scaled down 16x, for software adapters
+//!                   (also GRADCLIP_BENCH_QUICK=1)
+//!   --cpu-only      no GPU, even when an adapter exists
+//!   --gpu-only      no CPU timings (the CPU oracle still checks the GPU)
+//!   --shapes PATH   the GPT-2 shapes file (also GRADCLIP_BENCH_SHAPES); default
+//!                   ../shared/bench/gpt2-small-shapes.txt beside this repository
+//!   --runs N        timed runs per figure, the median is reported (default 7)
+//! ```
+//!
+//! It lists the wgpu adapters and opens the one `GpuContext::new` picks (a hardware GPU,
+//! else a software adapter such as lavapipe; with none it runs on the CPU only). Then, for
+//! the GPT-2 small parameter shapes and for 2000 small tensors, in f32 and bf16, it checks
+//! the GPU against the CPU oracle (PASS/FAIL; exit status 1 on any FAIL) and times: total
+//! norm (L2), global clip that clips, global clip that does not clip, and value clip.
+//!
+//! Every figure is the median of N runs after one warm-up run; the gradients are reset
+//! from a pristine copy before every run (not timed), so each run clips exactly as its
+//! label says, which is checked. GPU "time" is kernel time from timestamp queries when the
+//! adapter has them, else wall time; GPU "wall" is the API call through `wait()`.
+//! GB/s counts the bytes an operation must move: a norm or an unclipped step reads the
+//! gradients once, a clipping step reads twice and writes once, a value clip reads and
+//! writes once. Floors: on the GPU a `copy_buffer_to_buffer` of the same bytes (one read
+//! and one write, 2 * bytes / time); on the CPU a rayon read pass and a read+write pass
+//! over a buffer of the same size. A clipping step's floor is the two-pass floor
+//! read + read/write.
 
+use std::error::Error;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Instant;
 
 use gradclip::{
-    bf16, cpu, DType, GlobalNormClip, GpuBatch, GpuContext, GpuTensor, GradMut, GradRef, Norm,
-    ValueClip,
+    bf16, cpu, ClipReport, DType, GlobalNormClip, GpuBatch, GpuContext, GpuTensor, GradMut,
+    GradRef, Norm, ValueClip,
 };
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
-const RUNS: usize = 7;
+type Res<T> = Result<T, Box<dyn Error>>;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+/// Elements per parallel block in the host-side helpers.
+const BLOCK: usize = 1 << 16;
+/// Standard deviation of the generated gradients.
+const SIGMA: f32 = 1e-3;
+/// Relative tolerance of GPU against CPU norms, coefficients and f32 clipped values.
+const REL_TOL: f64 = 1e-5;
+
+const USAGE: &str = "usage: cargo run --release --example bench [-- --quick] [--cpu-only] \
+                     [--gpu-only] [--shapes PATH] [--runs N]";
+
+struct Options {
+    quick: bool,
+    cpu_only: bool,
+    gpu_only: bool,
+    runs: usize,
+    shapes: PathBuf,
 }
 
-fn load_shapes(path: &str, quick: bool) -> Vec<usize> {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut lens: Vec<usize> = text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|l| {
-            l.split('\t')
-                .nth(1)
-                .expect("name<TAB>dims")
-                .split('x')
-                .map(|d| d.parse::<usize>().unwrap())
-                .product()
-        })
-        .collect();
-    if quick {
-        lens.iter_mut().for_each(|n| *n = (*n / 16).max(1));
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        quick: std::env::var("GRADCLIP_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0"),
+        cpu_only: false,
+        gpu_only: false,
+        runs: 7,
+        shapes: std::env::var_os("GRADCLIP_BENCH_SHAPES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../shared/bench/gpt2-small-shapes.txt"
+                ))
+            }),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => o.quick = true,
+            "--cpu-only" => o.cpu_only = true,
+            "--gpu-only" => o.gpu_only = true,
+            "--shapes" => o.shapes = args.next().ok_or(USAGE)?.into(),
+            "--runs" => {
+                o.runs = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or(USAGE)?
+            }
+            _ => return Err(USAGE.into()),
+        }
     }
-    lens
+    if o.cpu_only && o.gpu_only {
+        return Err("--cpu-only and --gpu-only exclude each other".into());
+    }
+    Ok(o)
 }
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2e-3
+/// Element counts of the tensors of a shapes file (`name<TAB>AxBxC`, `#` comments).
+fn load_shapes(path: &std::path::Path) -> Res<Vec<usize>> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lens = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = || format!("{}:{}: expected name<TAB>dims", path.display(), i + 1);
+        let dims = line.split('\t').nth(1).ok_or_else(bad)?;
+        let n: Result<usize, _> = dims.trim().split('x').map(str::parse::<usize>).product();
+        lens.push(n.map_err(|_| bad())?);
+    }
+    Ok(lens)
+}
+
+/// 2000 small tensors, as a model with many biases and norms has; 257 is odd so bf16
+/// tensors start at every 2-byte offset.
+fn small_lens() -> Vec<usize> {
+    const LENS: [usize; 6] = [64, 257, 768, 1000, 3072, 4096];
+    (0..2000).map(|i| LENS[i % LENS.len()]).collect()
+}
+
+/// Deterministic gradients, roughly N(0, SIGMA^2): the sum of four xorshift uniforms per
+/// element. Each block has its own seed, so the values do not depend on the thread count.
+fn gradients(n: usize) -> Vec<f32> {
+    let mut v = vec![0.0f32; n];
+    v.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
+        // splitmix64 of the block index: well-spread nonzero xorshift seeds.
+        let mut z = (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let mut s = (z ^ (z >> 31)) | 1;
+        let scale = 3f32.sqrt() * SIGMA;
+        for x in chunk {
+            let mut u = 0.0f32;
+            for _ in 0..4 {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                u += (s >> 40) as f32 / (1u64 << 24) as f32;
+            }
+            *x = (u - 2.0) * scale;
+        }
+    });
+    v
+}
+
+/// All tensors of one workload back to back in one allocation: the host copy of a
+/// gradient arena, whose bytes are exactly the GPU buffer's.
+#[derive(Clone)]
+enum Flat {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+}
+
+fn split<'a, T>(mut rest: &'a [T], lens: &[usize]) -> Vec<&'a [T]> {
+    lens.iter()
+        .map(|&n| {
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            head
         })
         .collect()
 }
 
-enum Data {
-    F32(Vec<Vec<f32>>),
-    BF16(Vec<Vec<bf16>>),
-}
-
-impl Data {
-    fn refs(&self) -> Vec<GradRef<'_>> {
-        match self {
-            Data::F32(v) => v.iter().map(|t| GradRef::F32(t)).collect(),
-            Data::BF16(v) => v.iter().map(|t| GradRef::BF16(t)).collect(),
-        }
-    }
-    fn muts(&mut self) -> Vec<GradMut<'_>> {
-        match self {
-            Data::F32(v) => v.iter_mut().map(|t| GradMut::F32(t)).collect(),
-            Data::BF16(v) => v.iter_mut().map(|t| GradMut::BF16(t)).collect(),
-        }
-    }
-    fn bytes(&self) -> f64 {
-        self.refs().iter().map(|r| r.as_bytes().len() as f64).sum()
-    }
-}
-
-fn row(what: &str, ms: f64, bytes: f64, floor_ms: f64) {
-    println!(
-        "  {what:<34} {ms:>9.3} ms {:>8.1} GB/s {:>6.0}% of floor ({floor_ms:.3} ms)",
-        bytes / ms / 1e6,
-        100.0 * floor_ms / ms
-    );
-}
-
-/// CPU floors: a parallel read pass and a parallel read+write pass over `bytes` bytes.
-fn cpu_floors(bytes: usize) -> (f64, f64) {
-    let mut buf = vec![1.0f32; bytes / 4];
-    let read = median(
-        (0..RUNS)
-            .map(|_| {
-                let t = Instant::now();
-                // Eight independent lanes so the floor is memory-bound, not latency-bound.
-                let s: f32 = buf
-                    .par_chunks(1 << 16)
-                    .map(|c| {
-                        let mut acc = [0.0f32; 8];
-                        c.chunks_exact(8)
-                            .for_each(|x| (0..8).for_each(|i| acc[i] += x[i]));
-                        acc.iter().sum::<f32>()
-                    })
-                    .sum();
-                std::hint::black_box(s);
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    );
-    let rw = median(
-        (0..RUNS)
-            .map(|_| {
-                let t = Instant::now();
-                buf.par_chunks_mut(1 << 16)
-                    .for_each(|c| c.iter_mut().for_each(|v| *v *= 1.0000001));
-                t.elapsed().as_secs_f64() * 1e3
-            })
-            .collect(),
-    );
-    (read, rw)
-}
-
-fn bench_cpu(name: &str, data: &mut Data) {
-    let bytes = data.bytes();
-    let (read, rw) = cpu_floors(bytes as usize);
-    println!(
-        "CPU {name}: {:.1} MB; floors: read {read:.3} ms ({:.1} GB/s), read+write {rw:.3} ms",
-        bytes / 1e6,
-        bytes / read / 1e6
-    );
-    let time = |data: &mut Data, f: &dyn Fn(&mut Data)| {
-        median(
-            (0..RUNS)
-                .map(|_| {
-                    let t = Instant::now();
-                    f(data);
-                    t.elapsed().as_secs_f64() * 1e3
-                })
-                .collect(),
-        )
-    };
-    let total = cpu::partial_norm(&data.refs(), Norm::L2).unwrap().total();
-    row(
-        "total norm (L2)",
-        time(data, &|d| {
-            std::hint::black_box(cpu::partial_norm(&d.refs(), Norm::L2).unwrap());
-        }),
-        bytes,
-        read,
-    );
-    let no_clip = GlobalNormClip::new((total * 10.0) as f32);
-    row(
-        "global clip, not clipping",
-        time(data, &|d| {
-            assert!(
-                !cpu::clip_by_global_norm(&mut d.muts(), &no_clip)
-                    .unwrap()
-                    .clipped
-            )
-        }),
-        bytes,
-        read,
-    );
-    // The norm shrinks each run, so clip to a tiny fraction: every run still clips.
-    let clipping = GlobalNormClip::new((total * 1e-30) as f32);
-    row(
-        "global clip, clipping",
-        time(data, &|d| {
-            assert!(
-                cpu::clip_by_global_norm(&mut d.muts(), &clipping)
-                    .unwrap()
-                    .clipped
-            )
-        }),
-        2.0 * bytes,
-        read + rw,
-    );
-    row(
-        "value clip",
-        time(data, &|d| {
-            cpu::clip_by_value(&mut d.muts(), &ValueClip::symmetric(1e-3)).unwrap()
-        }),
-        bytes,
-        rw,
-    );
-}
-
-fn bench_gpu(ctx: &GpuContext, name: &str, data: &Data) -> bool {
-    let dev = ctx.device();
-    let refs = data.refs();
-    let mut offsets = Vec::new();
-    let mut contents = Vec::new();
-    for r in &refs {
-        contents.resize(contents.len().next_multiple_of(4), 0);
-        offsets.push(contents.len() as u64);
-        contents.extend_from_slice(r.as_bytes());
-    }
-    contents.resize(contents.len().next_multiple_of(4), 0);
-    let buffer = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("bench grads"),
-        contents: &contents,
-        usage: wgpu::BufferUsages::STORAGE
-            | wgpu::BufferUsages::COPY_SRC
-            | wgpu::BufferUsages::COPY_DST,
-    });
-    let tensors: Vec<GpuTensor<'_>> = refs
-        .iter()
-        .zip(&offsets)
-        .map(|(r, &o)| GpuTensor::new(&buffer, o, r.len() as u64, r.dtype()))
-        .collect();
-    let mut batch = GpuBatch::new(ctx, &tensors).expect("batch");
-    let bytes = data.bytes();
-
-    // Oracle check first.
-    let want = cpu::partial_norm(&refs, Norm::L2).unwrap().total();
-    let got = batch
-        .total_norm(Norm::L2, false)
-        .unwrap()
-        .wait()
-        .unwrap()
-        .total_norm;
-    let rel = (got - want).abs() / want;
-    let ok = rel < 1e-5;
-    println!("GPU {name}: {:.1} MB; oracle check: norm {got:.6e} vs CPU {want:.6e}, rel err {rel:.1e} {}", bytes / 1e6, if ok { "PASS" } else { "FAIL" });
-
-    let timestamps = dev.features().contains(wgpu::Features::TIMESTAMP_QUERY);
-    let qs = timestamps.then(|| {
-        dev.create_query_set(&wgpu::QuerySetDescriptor {
-            label: None,
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
+fn split_mut<'a, T>(mut rest: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
+    lens.iter()
+        .map(|&n| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
+            head
         })
-    });
-    let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 16,
-        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-        mapped_at_creation: false,
-    });
-    let readback = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: 16,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let period = ctx.queue().get_timestamp_period() as f64;
-    if let Some(qs) = &qs {
-        batch.set_timestamp_writes(Some((qs.clone(), 0, 1)));
-    }
-    // Runs one encoded step and returns its time in ms (kernel time when timestamps exist).
-    let run = |batch: &mut GpuBatch, f: &dyn Fn(&mut GpuBatch, &mut wgpu::CommandEncoder)| {
-        let mut enc = dev.create_command_encoder(&Default::default());
-        f(batch, &mut enc);
-        if let Some(qs) = &qs {
-            enc.resolve_query_set(qs, 0..2, &resolve, 0);
-            enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, 16);
-        }
-        let t = Instant::now();
-        ctx.queue().submit([enc.finish()]);
-        dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let wall = t.elapsed().as_secs_f64() * 1e3;
-        if qs.is_none() {
-            return wall;
-        }
-        readback.map_async(wgpu::MapMode::Read, .., |_| {});
-        dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-        let ts: Vec<u64> = bytemuck::pod_collect_to_vec(&readback.get_mapped_range(..).unwrap());
-        readback.unmap();
-        (ts[1].saturating_sub(ts[0])) as f64 * period / 1e6
-    };
-    let time = |batch: &mut GpuBatch, f: &dyn Fn(&mut GpuBatch, &mut wgpu::CommandEncoder)| {
-        median((0..RUNS).map(|_| run(batch, f)).collect())
-    };
+        .collect()
+}
 
-    // Floor: a buffer-to-buffer copy of the same size (one read + one write), timed the same way.
-    let src = &buffer;
-    let dst = dev.create_buffer(&wgpu::BufferDescriptor {
-        label: None,
-        size: src.size(),
-        usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    });
-    let copy_ms = median(
-        (0..RUNS)
-            .map(|_| {
-                let mut enc = dev.create_command_encoder(&Default::default());
-                if let Some(qs) = &qs {
-                    // Timestamps around the copy through an empty pass pair keep the method identical.
-                    drop(enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: None,
-                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                            query_set: qs,
-                            beginning_of_pass_write_index: Some(0),
-                            end_of_pass_write_index: None,
-                        }),
-                    }));
-                    enc.copy_buffer_to_buffer(src, 0, &dst, 0, src.size());
-                    drop(enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                        label: None,
-                        timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
-                            query_set: qs,
-                            beginning_of_pass_write_index: None,
-                            end_of_pass_write_index: Some(1),
-                        }),
-                    }));
-                    enc.resolve_query_set(qs, 0..2, &resolve, 0);
-                    enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, 16);
+fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
+    dst.par_chunks_mut(BLOCK)
+        .zip(src.par_chunks(BLOCK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+impl Flat {
+    fn new(dtype: DType, values: &[f32]) -> Flat {
+        match dtype {
+            DType::F32 => Flat::F32(values.to_vec()),
+            DType::BF16 => Flat::BF16(values.par_iter().map(|&x| bf16::from_f32(x)).collect()),
+            DType::F16 => unimplemented!("the bench times f32 and bf16"),
+        }
+    }
+    fn dtype(&self) -> DType {
+        match self {
+            Flat::F32(_) => DType::F32,
+            Flat::BF16(_) => DType::BF16,
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Flat::F32(v) => bytemuck::cast_slice(v),
+            Flat::BF16(v) => bytemuck::cast_slice(v),
+        }
+    }
+    fn refs<'a>(&'a self, lens: &[usize]) -> Vec<GradRef<'a>> {
+        match self {
+            Flat::F32(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
+            Flat::BF16(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
+        }
+    }
+    fn muts<'a>(&'a mut self, lens: &[usize]) -> Vec<GradMut<'a>> {
+        match self {
+            Flat::F32(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
+            Flat::BF16(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
+        }
+    }
+    fn reset_from(&mut self, pristine: &Flat) {
+        match (self, pristine) {
+            (Flat::F32(d), Flat::F32(s)) => par_copy(d, s),
+            (Flat::BF16(d), Flat::BF16(s)) => par_copy(d, s),
+            _ => unreachable!("same dtype"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    Norm,
+    Clipping,
+    NotClipping,
+    Value,
+}
+
+impl Op {
+    const ALL: [Op; 4] = [Op::Norm, Op::Clipping, Op::NotClipping, Op::Value];
+
+    fn label(self) -> &'static str {
+        match self {
+            Op::Norm => "total norm (L2)",
+            Op::Clipping => "global clip, clipping",
+            Op::NotClipping => "global clip, not clipping",
+            Op::Value => "value clip",
+        }
+    }
+    /// Bytes moved per byte of gradients.
+    fn traffic(self) -> f64 {
+        match self {
+            Op::Norm | Op::NotClipping => 1.0,
+            Op::Clipping => 3.0,
+            Op::Value => 2.0,
+        }
+    }
+    fn mutates(self) -> bool {
+        matches!(self, Op::Clipping | Op::Value)
+    }
+    fn expect_clipped(self) -> Option<bool> {
+        match self {
+            Op::Clipping => Some(true),
+            Op::NotClipping => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// The clipping settings of one workload, derived from its norm.
+struct Params {
+    clipping: GlobalNormClip,
+    not_clipping: GlobalNormClip,
+    value: ValueClip,
+}
+
+impl Params {
+    fn new(norm: f64) -> Params {
+        Params {
+            // coef about 0.5: every element is rewritten, none becomes subnormal.
+            clipping: GlobalNormClip::new((norm * 0.5) as f32),
+            not_clipping: GlobalNormClip::new((norm * 10.0) as f32),
+            // One sigma: about a third of the elements clamp.
+            value: ValueClip::symmetric(SIGMA),
+        }
+    }
+}
+
+/// Read and read+write floor times in ms; a step's floor follows from the bytes it moves.
+struct Floors {
+    read: f64,
+    rw: f64,
+}
+
+impl Floors {
+    fn of(&self, op: Op) -> (&'static str, f64) {
+        match op {
+            Op::Norm | Op::NotClipping => ("read", self.read),
+            Op::Clipping => ("read + rw", self.read + self.rw),
+            Op::Value => ("rw", self.rw),
+        }
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Calls `sample` once to warm up, then `runs` times; medians of each of its figures.
+fn medians<const K: usize>(
+    runs: usize,
+    mut sample: impl FnMut() -> Res<[f64; K]>,
+) -> Res<[f64; K]> {
+    sample()?;
+    let samples = (0..runs).map(|_| sample()).collect::<Res<Vec<_>>>()?;
+    Ok(std::array::from_fn(|k| {
+        median(samples.iter().map(|s| s[k]).collect())
+    }))
+}
+
+/// Counts checks and prints each as PASS or FAIL.
+#[derive(Default)]
+struct Checks {
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn check(&mut self, what: &str, ok: bool, detail: impl std::fmt::Display) {
+        println!("  {} {what:<40} {detail}", if ok { "PASS" } else { "FAIL" });
+        if !ok {
+            self.failed.push(what.to_string());
+        }
+    }
+}
+
+fn rel_err(got: f64, want: f64) -> f64 {
+    if got == want {
+        0.0
+    } else {
+        (got - want).abs() / want.abs()
+    }
+}
+
+/// Largest relative difference between the GPU's and the CPU's elements, and how many
+/// are out of tolerance: REL_TOL for f32, one unit in the last place for bf16.
+fn compare(dtype: DType, gpu: &[u8], cpu: &[u8]) -> (f64, usize) {
+    let size = dtype.size() as usize;
+    gpu.par_chunks(size * BLOCK)
+        .zip(cpu.par_chunks(size * BLOCK))
+        .map(|(g, c)| {
+            let mut worst = 0.0f64;
+            let mut bad = 0;
+            for (g, c) in g.chunks_exact(size).zip(c.chunks_exact(size)) {
+                let (rel, ok) = if dtype == DType::BF16 {
+                    let (a, b) = (
+                        u16::from_le_bytes([g[0], g[1]]),
+                        u16::from_le_bytes([c[0], c[1]]),
+                    );
+                    let (x, y) = (bf16::from_bits(a).to_f64(), bf16::from_bits(b).to_f64());
+                    (rel_err(x, y), a.abs_diff(b) <= 1)
                 } else {
-                    enc.copy_buffer_to_buffer(src, 0, &dst, 0, src.size());
-                }
-                let t = Instant::now();
-                ctx.queue().submit([enc.finish()]);
-                dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-                if qs.is_none() {
-                    return t.elapsed().as_secs_f64() * 1e3;
-                }
-                readback.map_async(wgpu::MapMode::Read, .., |_| {});
-                dev.poll(wgpu::PollType::wait_indefinitely()).unwrap();
-                let ts: Vec<u64> =
-                    bytemuck::pod_collect_to_vec(&readback.get_mapped_range(..).unwrap());
-                readback.unmap();
-                (ts[1].saturating_sub(ts[0])) as f64 * period / 1e6
-            })
-            .collect(),
-    );
-    // A copy moves 2x bytes: half of it is the one-read floor, 1.5x the clip floor.
-    let read_floor = copy_ms / 2.0;
+                    let x = f32::from_le_bytes([g[0], g[1], g[2], g[3]]) as f64;
+                    let y = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
+                    let rel = rel_err(x, y);
+                    (rel, rel <= REL_TOL)
+                };
+                worst = worst.max(rel);
+                bad += usize::from(!ok);
+            }
+            (worst, bad)
+        })
+        .reduce(|| (0.0, 0), |a, b| (a.0.max(b.0), a.1 + b.1))
+}
+
+fn run_cpu(op: Op, work: &mut Flat, lens: &[usize], p: &Params) -> Res<Option<ClipReport>> {
+    Ok(match op {
+        Op::Norm => {
+            black_box(cpu::partial_norm(&work.refs(lens), Norm::L2)?);
+            None
+        }
+        Op::Clipping => Some(cpu::clip_by_global_norm(&mut work.muts(lens), &p.clipping)?),
+        Op::NotClipping => Some(cpu::clip_by_global_norm(
+            &mut work.muts(lens),
+            &p.not_clipping,
+        )?),
+        Op::Value => {
+            cpu::clip_by_value(&mut work.muts(lens), &p.value)?;
+            None
+        }
+    })
+}
+
+/// A parallel read pass and a read+write pass over a buffer of `bytes` bytes. Integer
+/// arithmetic, one cycle per vector, keeps both passes bound by memory even in cache.
+fn cpu_floors(bytes: usize, runs: usize) -> Res<Floors> {
+    let mut buf = vec![1u32; bytes.div_ceil(4)];
+    let [read] = medians(runs, || {
+        let t = Instant::now();
+        let s = buf
+            .par_chunks(BLOCK)
+            .map(|c| c.iter().fold(0u32, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u32::wrapping_add);
+        black_box(s);
+        Ok([ms_since(t)])
+    })?;
+    let step = black_box(1u32);
+    let [rw] = medians(runs, || {
+        let t = Instant::now();
+        buf.par_chunks_mut(BLOCK)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = v.wrapping_add(step)));
+        Ok([ms_since(t)])
+    })?;
+    Ok(Floors { read, rw })
+}
+
+/// One timed figure.
+struct Row {
+    workload: String,
+    dtype: DType,
+    path: &'static str,
+    op: Op,
+    moved: f64,
+    ms: f64,
+    wall: Option<f64>,
+    floor: (&'static str, f64),
+}
+
+impl Row {
+    fn gbps(&self) -> f64 {
+        self.moved / self.ms / 1e6
+    }
+    fn print(&self) {
+        let wall = self.wall.map_or("-".into(), |w| format!("{w:.3}"));
+        println!(
+            "  {:<4} {:<26} {:>9.1} MB {:>10.3} ms {:>10} ms {:>8.1} GB/s   floor {:<9} {:>9.3} ms {:>5.0}%  {:>5.2}x",
+            self.path,
+            self.op.label(),
+            self.moved / 1e6,
+            self.ms,
+            wall,
+            self.gbps(),
+            self.floor.0,
+            self.floor.1,
+            100.0 * self.floor.1 / self.ms,
+            self.ms / self.floor.1,
+        );
+    }
+}
+
+fn bench_cpu(
+    rows: &mut Vec<Row>,
+    checks: &mut Checks,
+    name: &str,
+    lens: &[usize],
+    pristine: &Flat,
+    p: &Params,
+    runs: usize,
+) -> Res<()> {
+    let bytes = pristine.bytes().len();
+    let floors = cpu_floors(bytes, runs)?;
     println!(
-        "  floor: copy of {:.1} MB in {copy_ms:.3} ms = {:.1} GB/s ({})",
-        bytes / 1e6,
-        2.0 * bytes / copy_ms / 1e6,
-        if timestamps {
+        "  CPU floors ({} threads): read {:.3} ms ({:.1} GB/s), read+write {:.3} ms ({:.1} GB/s)",
+        rayon::current_num_threads(),
+        floors.read,
+        bytes as f64 / floors.read / 1e6,
+        floors.rw,
+        2.0 * bytes as f64 / floors.rw / 1e6
+    );
+    let mut work = pristine.clone();
+    for op in Op::ALL {
+        let mut labelled = true;
+        let [ms] = medians(runs, || {
+            if op.mutates() {
+                work.reset_from(pristine);
+            }
+            let t = Instant::now();
+            let report = run_cpu(op, &mut work, lens, p)?;
+            let ms = ms_since(t);
+            if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
+                labelled &= r.clipped == want;
+            }
+            Ok([ms])
+        })?;
+        if !labelled {
+            checks.check(&format!("CPU {}: runs as labelled", op.label()), false, "");
+        }
+        let row = Row {
+            workload: name.into(),
+            dtype: pristine.dtype(),
+            path: "CPU",
+            op,
+            moved: op.traffic() * bytes as f64,
+            ms,
+            wall: None,
+            floor: floors.of(op),
+        };
+        row.print();
+        rows.push(row);
+    }
+    Ok(())
+}
+
+/// A timestamp query pair and the buffers to read it back.
+struct Timestamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    period_ns: f64,
+}
+
+impl Timestamps {
+    fn new(ctx: &GpuContext) -> Option<Timestamps> {
+        let dev = ctx.device();
+        if !dev.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return None;
+        }
+        let buffer = |usage| {
+            dev.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench timestamps"),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        Some(Timestamps {
+            set: dev.create_query_set(&wgpu::QuerySetDescriptor {
+                label: Some("bench timestamps"),
+                ty: wgpu::QueryType::Timestamp,
+                count: 2,
+            }),
+            resolve: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
+            readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
+            period_ns: ctx.queue().get_timestamp_period() as f64,
+        })
+    }
+
+    /// An empty compute pass that only writes a timestamp: brackets work that is not a
+    /// compute pass (a copy). Vulkan writes it once all earlier commands have finished.
+    fn mark(&self, enc: &mut wgpu::CommandEncoder, begin: bool) {
+        let index = if begin { 0 } else { 1 };
+        let _pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("bench timestamp"),
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: &self.set,
+                beginning_of_pass_write_index: begin.then_some(index),
+                end_of_pass_write_index: (!begin).then_some(index),
+            }),
+        });
+    }
+
+    /// Milliseconds between the two timestamps of the last finished work.
+    fn read_ms(&self, ctx: &GpuContext) -> Res<f64> {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        enc.resolve_query_set(&self.set, 0..2, &self.resolve, 0);
+        enc.copy_buffer_to_buffer(&self.resolve, 0, &self.readback, 0, 16);
+        ctx.queue().submit([enc.finish()]);
+        self.readback
+            .map_async(wgpu::MapMode::Read, .., |r| r.expect("map timestamps"));
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        let ticks: Vec<u64> = bytemuck::pod_collect_to_vec(&self.readback.get_mapped_range(..)?);
+        self.readback.unmap();
+        Ok(ticks[1].saturating_sub(ticks[0]) as f64 * self.period_ns / 1e6)
+    }
+}
+
+/// The gradients on the GPU: the buffer the batch clips and a pristine copy to reset it.
+struct GpuGrads {
+    pristine: wgpu::Buffer,
+    work: wgpu::Buffer,
+}
+
+impl GpuGrads {
+    fn upload(ctx: &GpuContext, flat: &Flat) -> Res<GpuGrads> {
+        let dev = ctx.device();
+        let pristine = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("bench pristine grads"),
+            contents: flat.bytes(),
+            usage: wgpu::BufferUsages::COPY_SRC,
+        });
+        let work = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench grads"),
+            size: pristine.size(),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let g = GpuGrads { pristine, work };
+        g.reset(ctx, None)?;
+        Ok(g)
+    }
+
+    /// Copies the pristine gradients over the working ones and waits; bracketed by
+    /// timestamps when given, as the GPU's bandwidth floor.
+    fn reset(&self, ctx: &GpuContext, ts: Option<&Timestamps>) -> Res<()> {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        if let Some(ts) = ts {
+            ts.mark(&mut enc, true);
+        }
+        enc.copy_buffer_to_buffer(&self.pristine, 0, &self.work, 0, self.work.size());
+        if let Some(ts) = ts {
+            ts.mark(&mut enc, false);
+        }
+        ctx.queue().submit([enc.finish()]);
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        Ok(())
+    }
+
+    fn download(&self, ctx: &GpuContext, len: usize) -> Res<Vec<u8>> {
+        let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench download"),
+            size: self.work.size(),
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        enc.copy_buffer_to_buffer(&self.work, 0, &staging, 0, self.work.size());
+        ctx.queue().submit([enc.finish()]);
+        staging.map_async(wgpu::MapMode::Read, .., |r| r.expect("map download"));
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        let bytes = staging.get_mapped_range(..len as u64)?.to_vec();
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    /// A batch over the working buffer, tensors packed back to back as in `Flat`.
+    fn batch(&self, ctx: &GpuContext, lens: &[usize], dtype: DType) -> Res<GpuBatch> {
+        let mut offset = 0;
+        let tensors: Vec<GpuTensor<'_>> = lens
+            .iter()
+            .map(|&n| {
+                let t = GpuTensor::new(&self.work, offset, n as u64, dtype);
+                offset += n as u64 * dtype.size();
+                t
+            })
+            .collect();
+        Ok(GpuBatch::new(ctx, &tensors)?)
+    }
+}
+
+fn run_gpu(op: Op, batch: &mut GpuBatch, ctx: &GpuContext, p: &Params) -> Res<Option<ClipReport>> {
+    Ok(match op {
+        Op::Norm => Some(batch.total_norm(Norm::L2, false)?.wait()?),
+        Op::Clipping => Some(batch.clip_by_global_norm(&p.clipping)?.wait()?),
+        Op::NotClipping => Some(batch.clip_by_global_norm(&p.not_clipping)?.wait()?),
+        Op::Value => {
+            batch.clip_by_value(&p.value)?;
+            ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+            None
+        }
+    })
+}
+
+/// Checks every GPU operation against the CPU oracle, from pristine gradients.
+#[allow(clippy::too_many_arguments)]
+fn check_gpu(
+    checks: &mut Checks,
+    ctx: &GpuContext,
+    g: &GpuGrads,
+    batch: &mut GpuBatch,
+    lens: &[usize],
+    pristine: &Flat,
+    norm: f64,
+    p: &Params,
+) -> Res<()> {
+    let dtype = pristine.dtype();
+    let len = pristine.bytes().len();
+    let mut work = pristine.clone();
+
+    let got = batch.total_norm(Norm::L2, false)?.wait()?.total_norm;
+    let rel = rel_err(got, norm);
+    checks.check(
+        "total norm",
+        rel < REL_TOL,
+        format!("GPU {got:.9e}, CPU {norm:.9e}, rel err {rel:.1e}"),
+    );
+
+    let cpu_r = cpu::clip_by_global_norm(&mut work.muts(lens), &p.clipping)?;
+    let gpu_r = batch.clip_by_global_norm(&p.clipping)?.wait()?;
+    let coef_rel = rel_err(gpu_r.coef as f64, cpu_r.coef as f64);
+    let (worst, bad) = compare(dtype, &g.download(ctx, len)?, work.bytes());
+    checks.check(
+        "global clip, clipping: coef and values",
+        cpu_r.clipped && gpu_r.clipped && coef_rel < REL_TOL && bad == 0,
+        format!(
+            "coef GPU {} CPU {}, values max rel diff {worst:.1e}, {bad} out of tolerance",
+            gpu_r.coef, cpu_r.coef
+        ),
+    );
+
+    g.reset(ctx, None)?;
+    work.reset_from(pristine);
+    let cpu_r = cpu::clip_by_global_norm(&mut work.muts(lens), &p.not_clipping)?;
+    let gpu_r = batch.clip_by_global_norm(&p.not_clipping)?.wait()?;
+    let same = g.download(ctx, len)? == pristine.bytes();
+    checks.check(
+        "global clip, not clipping: untouched",
+        !cpu_r.clipped && !gpu_r.clipped && same,
+        format!(
+            "clipped GPU {} CPU {}, values {}",
+            gpu_r.clipped,
+            cpu_r.clipped,
+            if same { "unchanged" } else { "CHANGED" }
+        ),
+    );
+
+    work.reset_from(pristine);
+    cpu::clip_by_value(&mut work.muts(lens), &p.value)?;
+    batch.clip_by_value(&p.value)?;
+    let got = g.download(ctx, len)?;
+    let (_, bad) = compare(dtype, &got, work.bytes());
+    let same = got == work.bytes();
+    checks.check(
+        "value clip: bit-identical",
+        same,
+        format!("{bad} elements out of tolerance"),
+    );
+    g.reset(ctx, None)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_gpu(
+    rows: &mut Vec<Row>,
+    checks: &mut Checks,
+    ctx: &GpuContext,
+    name: &str,
+    lens: &[usize],
+    pristine: &Flat,
+    norm: f64,
+    p: &Params,
+    runs: usize,
+) -> Res<()> {
+    let bytes = pristine.bytes().len();
+    let g = GpuGrads::upload(ctx, pristine)?;
+    let mut batch = g.batch(ctx, lens, pristine.dtype())?;
+    check_gpu(checks, ctx, &g, &mut batch, lens, pristine, norm, p)?;
+
+    let ts = Timestamps::new(ctx);
+    batch.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
+    let kernel_ms = |wall: f64| ts.as_ref().map_or(Ok(wall), |t| t.read_ms(ctx));
+
+    let [copy, copy_wall] = medians(runs, || {
+        let t = Instant::now();
+        g.reset(ctx, ts.as_ref())?;
+        let wall = ms_since(t);
+        Ok([kernel_ms(wall)?, wall])
+    })?;
+    println!(
+        "  GPU floor: copy of {:.1} MB in {copy:.3} ms = {:.1} GB/s ({}; wall {copy_wall:.3} ms)",
+        bytes as f64 / 1e6,
+        2.0 * bytes as f64 / copy / 1e6,
+        if ts.is_some() {
             "timestamps"
         } else {
             "wall clock"
         }
     );
-    let no_clip = GlobalNormClip::new((want * 10.0) as f32);
-    let clipping = GlobalNormClip::new((want * 1e-30) as f32);
-    row(
-        "total norm (L2)",
-        time(&mut batch, &|b, e| {
-            drop(b.encode_total_norm(e, Norm::L2, false).unwrap())
-        }),
-        bytes,
-        read_floor,
-    );
-    row(
-        "global clip, not clipping",
-        time(&mut batch, &|b, e| {
-            drop(b.encode_clip_by_global_norm(e, &no_clip).unwrap())
-        }),
-        bytes,
-        read_floor,
-    );
-    row(
-        "global clip, clipping",
-        time(&mut batch, &|b, e| {
-            drop(b.encode_clip_by_global_norm(e, &clipping).unwrap())
-        }),
-        3.0 * bytes,
-        3.0 * read_floor,
-    );
-    row(
-        "value clip",
-        time(&mut batch, &|b, e| {
-            b.encode_clip_by_value(e, &ValueClip::symmetric(1e-3))
-                .unwrap()
-        }),
-        2.0 * bytes,
-        copy_ms,
-    );
-    ok
+    // A copy reads and writes every byte once: half of it stands for one read pass.
+    let floors = Floors {
+        read: copy / 2.0,
+        rw: copy,
+    };
+    for op in Op::ALL {
+        let mut labelled = true;
+        let [ms, wall] = medians(runs, || {
+            if op.mutates() {
+                g.reset(ctx, None)?;
+            }
+            let t = Instant::now();
+            let report = run_gpu(op, &mut batch, ctx, p)?;
+            let wall = ms_since(t);
+            if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
+                labelled &= r.clipped == want;
+            }
+            Ok([kernel_ms(wall)?, wall])
+        })?;
+        if !labelled {
+            checks.check(&format!("GPU {}: runs as labelled", op.label()), false, "");
+        }
+        let row = Row {
+            workload: name.into(),
+            dtype: pristine.dtype(),
+            path: "GPU",
+            op,
+            moved: op.traffic() * bytes as f64,
+            ms,
+            wall: Some(wall),
+            floor: floors.of(op),
+        };
+        row.print();
+        rows.push(row);
+    }
+    Ok(())
 }
 
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick =
-        args.iter().any(|a| a == "--quick") || std::env::var("GRADCLIP_BENCH_QUICK").is_ok();
-    let cpu_only = args.iter().any(|a| a == "--cpu-only");
-    let path = args
-        .iter()
-        .position(|a| a == "--shapes")
-        .map(|i| args[i + 1].clone())
-        .unwrap_or_else(|| "../shared/bench/gpt2-small-shapes.txt".into());
-
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
-    for a in pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all())) {
-        let i = a.get_info();
+fn print_summary(rows: &[Row], gpu_name: &str) {
+    println!("\n## Summary (GPU: {gpu_name})\n");
+    println!(
+        "GPU time is kernel time (timestamps) where available; GPU wall is submit through wait.\n"
+    );
+    println!("| workload | dtype | path | operation | moved MB | time ms | wall ms | GB/s | floor | floor ms | % of floor | time / floor |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|");
+    for r in rows {
         println!(
-            "adapter: {} ({:?}, {:?}, driver {})",
-            i.name, i.device_type, i.backend, i.driver_info
+            "| {} | {} | {} | {} | {:.1} | {:.3} | {} | {:.1} | {} | {:.3} | {:.0}% | {:.2}x |",
+            r.workload,
+            r.dtype,
+            r.path,
+            r.op.label(),
+            r.moved / 1e6,
+            r.ms,
+            r.wall.map_or("-".into(), |w| format!("{w:.3}")),
+            r.gbps(),
+            r.floor.0,
+            r.floor.1,
+            100.0 * r.floor.1 / r.ms,
+            r.ms / r.floor.1
         );
     }
-    let ctx = if cpu_only {
+}
+
+fn run(o: &Options) -> Res<Vec<String>> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    println!("wgpu adapters: {}", adapters.len());
+    for a in &adapters {
+        let i = a.get_info();
+        println!(
+            "  {} ({:?}, {:?}, driver {} {})",
+            i.name, i.device_type, i.backend, i.driver, i.driver_info
+        );
+    }
+    drop(adapters);
+    let ctx = if o.cpu_only {
+        println!("GPU: skipped (--cpu-only)");
         None
     } else {
-        GpuContext::new()
-            .map_err(|e| println!("no GPU: {e}; CPU only"))
-            .ok()
-    };
-    if let Some(i) = ctx.as_ref().and_then(|c| c.adapter_info()) {
-        println!("using: {} ({:?})", i.name, i.backend);
-    }
-    println!("CPU threads: {}", rayon::current_num_threads());
-
-    let gpt2 = load_shapes(&path, quick);
-    let small: Vec<usize> = (0..2000)
-        .map(|i| [64, 257, 768, 1000, 3072, 4096][i % 6])
-        .collect();
-    let mut ok = true;
-    for (wname, lens) in [("gpt2-small", &gpt2), ("2000 small tensors", &small)] {
-        let n: usize = lens.iter().sum();
-        for dtype in [DType::F32, DType::BF16] {
-            let f32s: Vec<Vec<f32>> = lens
-                .iter()
-                .enumerate()
-                .map(|(i, &n)| values(n, i as u64 + 1))
-                .collect();
-            let mut data = match dtype {
-                DType::BF16 => Data::BF16(
-                    f32s.iter()
-                        .map(|t| t.iter().map(|&x| bf16::from_f32(x)).collect())
-                        .collect(),
-                ),
-                _ => Data::F32(f32s),
-            };
-            let name = format!("{wname} {dtype} ({} tensors, {n} elements)", lens.len());
-            if let Some(ctx) = &ctx {
-                ok &= bench_gpu(ctx, &name, &data);
+        match GpuContext::new() {
+            Ok(ctx) => Some(ctx),
+            Err(e) => {
+                println!("GPU: none ({e}); running on the CPU only");
+                None
             }
-            bench_cpu(&name, &mut data);
+        }
+    };
+    let gpu_name = match ctx.as_ref().and_then(|c| c.adapter_info()) {
+        Some(i) => format!("{} ({:?}, {:?})", i.name, i.device_type, i.backend),
+        None => "none".into(),
+    };
+    if let Some(ctx) = &ctx {
+        let ts = ctx
+            .device()
+            .features()
+            .contains(wgpu::Features::TIMESTAMP_QUERY);
+        println!(
+            "GPU: using {gpu_name}; timestamp queries: {}",
+            if ts { "yes" } else { "no" }
+        );
+    }
+    println!(
+        "CPU: {} rayon threads; {} timed runs per figure",
+        rayon::current_num_threads(),
+        o.runs
+    );
+
+    let mut gpt2 = load_shapes(&o.shapes)?;
+    if o.quick {
+        gpt2.iter_mut().for_each(|n| *n = n.div_ceil(16));
+    }
+    let workloads = [
+        (
+            if o.quick {
+                "GPT-2 small / 16"
+            } else {
+                "GPT-2 small"
+            },
+            gpt2,
+        ),
+        ("2000 small tensors", small_lens()),
+    ];
+
+    let mut rows = Vec::new();
+    let mut checks = Checks::default();
+    for (name, lens) in &workloads {
+        let n: usize = lens.iter().sum();
+        let values = gradients(n);
+        for dtype in [DType::F32, DType::BF16] {
+            let pristine = Flat::new(dtype, &values);
+            println!(
+                "\n== {name}, {dtype}: {} tensors, {n} elements, {:.1} MB ==",
+                lens.len(),
+                pristine.bytes().len() as f64 / 1e6
+            );
+            let norm = cpu::partial_norm(&pristine.refs(lens), Norm::L2)?.total();
+            let p = Params::new(norm);
+            if let Some(ctx) = &ctx {
+                bench_gpu(
+                    &mut rows,
+                    &mut checks,
+                    ctx,
+                    name,
+                    lens,
+                    &pristine,
+                    norm,
+                    &p,
+                    o.runs,
+                )?;
+            }
+            if !o.gpu_only {
+                bench_cpu(&mut rows, &mut checks, name, lens, &pristine, &p, o.runs)?;
+            }
         }
     }
-    if !ok {
-        eprintln!("oracle check FAILED");
-        std::process::exit(1);
+    print_summary(&rows, &gpu_name);
+    Ok(checks.failed)
+}
+
+fn main() -> ExitCode {
+    let o = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&o) {
+        Ok(failed) if failed.is_empty() => ExitCode::SUCCESS,
+        Ok(failed) => {
+            eprintln!("\nFAILED checks: {}", failed.join("; "));
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
     }
 }
