@@ -8,6 +8,24 @@ use rayon::prelude::*;
 
 use super::norm_reduce::BLOCK;
 
+/// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
+#[inline(always)]
+fn bf16_to_f32(x: bf16) -> f32 {
+    f32::from_bits((x.to_bits() as u32) << 16)
+}
+
+/// f32 -> bf16, round to nearest even, NaN kept (quieted): `f32_to_bf16` of the shader.
+#[inline(always)]
+fn f32_to_bf16(x: f32) -> bf16 {
+    let b = x.to_bits();
+    let bits = if b & 0x7fff_ffff > 0x7f80_0000 {
+        (b >> 16) | 0x40
+    } else {
+        (b + 0x7fff + ((b >> 16) & 1)) >> 16
+    };
+    bf16::from_bits(bits as u16)
+}
+
 /// Runs `f32_op` / `f16_op` / `bf16_op` over every element, in parallel blocks.
 fn for_each_elem(
     grads: &mut [GradMut<'_>],
@@ -34,7 +52,7 @@ pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32) {
         grads,
         |x| x * coef,
         |x| f16::from_f32(x.to_f32() * coef),
-        |x| bf16::from_f32(x.to_f32() * coef),
+        |x| f32_to_bf16(bf16_to_f32(x) * coef),
     );
 }
 
@@ -56,6 +74,6 @@ pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
         grads,
         |x| pick(x, x, lo, hi, lo, hi),
         |x| pick(x, x.to_f32(), lo, hi, lo16, hi16),
-        |x| pick(x, x.to_f32(), lo, hi, lob, hib),
+        |x| pick(x, bf16_to_f32(x), lo, hi, lob, hib),
     );
 }
