@@ -18,168 +18,17 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gradclip::{
-    bf16, cpu, ClipReport, DType, GlobalNormClip, GpuBatch, GpuContext, GpuTensor, GradMut,
-    GradRef, Norm, ValueClip,
-};
-use rayon::prelude::*;
+use gradclip::{cpu, ClipReport, DType, GpuBatch, GpuContext, GpuTensor, Norm};
 use wgpu::util::DeviceExt;
 
-const BLOCK: usize = 1 << 16;
-const SIGMA: f32 = 1e-3;
+mod common;
+use common::{gradients, small_lens, Flat, Op, Params};
 
 fn workloads() -> [(&'static str, Vec<usize>); 2] {
-    const SMALL: [usize; 6] = [64, 257, 768, 1000, 3072, 4096];
     [
         ("16M", (0..100).map(|i| 167_000 + 331 * (i % 7)).collect()),
-        (
-            "2000-small",
-            (0..2000).map(|i| SMALL[i % SMALL.len()]).collect(),
-        ),
+        ("2000-small", small_lens()),
     ]
-}
-
-/// Deterministic gradients, roughly N(0, SIGMA^2), independent of the thread count.
-fn gradients(n: usize) -> Vec<f32> {
-    let mut v = vec![0.0f32; n];
-    v.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
-        let mut s = (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        for x in chunk {
-            let mut u = 0.0f32;
-            for _ in 0..4 {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                u += (s >> 40) as f32 / (1u64 << 24) as f32;
-            }
-            *x = (u - 2.0) * 3f32.sqrt() * SIGMA;
-        }
-    });
-    v
-}
-
-/// One workload's tensors back to back in one allocation (bytes as in the GPU buffer).
-#[derive(Clone)]
-enum Flat {
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
-}
-
-fn split<'a, T>(mut rest: &'a [T], lens: &[usize]) -> Vec<&'a [T]> {
-    lens.iter()
-        .map(|&n| {
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            head
-        })
-        .collect()
-}
-
-fn split_mut<'a, T>(mut rest: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
-    lens.iter()
-        .map(|&n| {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            rest = tail;
-            head
-        })
-        .collect()
-}
-
-impl Flat {
-    fn new(dtype: DType, values: &[f32]) -> Flat {
-        match dtype {
-            DType::BF16 => Flat::BF16(values.par_iter().map(|&x| bf16::from_f32(x)).collect()),
-            _ => Flat::F32(values.to_vec()),
-        }
-    }
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Flat::F32(v) => bytemuck::cast_slice(v),
-            Flat::BF16(v) => bytemuck::cast_slice(v),
-        }
-    }
-    fn refs<'a>(&'a self, lens: &[usize]) -> Vec<GradRef<'a>> {
-        match self {
-            Flat::F32(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
-            Flat::BF16(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
-        }
-    }
-    fn muts<'a>(&'a mut self, lens: &[usize]) -> Vec<GradMut<'a>> {
-        match self {
-            Flat::F32(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
-            Flat::BF16(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
-        }
-    }
-    fn reset_from(&mut self, pristine: &Flat) {
-        fn copy<T: Copy + Send + Sync>(d: &mut [T], s: &[T]) {
-            d.par_chunks_mut(BLOCK)
-                .zip(s.par_chunks(BLOCK))
-                .for_each(|(d, s)| d.copy_from_slice(s));
-        }
-        match (self, pristine) {
-            (Flat::F32(d), Flat::F32(s)) => copy(d, s),
-            (Flat::BF16(d), Flat::BF16(s)) => copy(d, s),
-            _ => unreachable!("same dtype"),
-        }
-    }
-}
-
-#[derive(Clone, Copy)]
-enum Op {
-    Norm,
-    Clipping,
-    NotClipping,
-    Value,
-}
-
-impl Op {
-    const ALL: [Op; 4] = [Op::Norm, Op::Clipping, Op::NotClipping, Op::Value];
-
-    fn name(self) -> &'static str {
-        match self {
-            Op::Norm => "total_norm",
-            Op::Clipping => "global_clip_clipping",
-            Op::NotClipping => "global_clip_not_clipping",
-            Op::Value => "value_clip",
-        }
-    }
-    /// Bytes moved per byte of gradients.
-    fn traffic(self) -> u64 {
-        match self {
-            Op::Norm | Op::NotClipping => 1,
-            Op::Clipping => 3,
-            Op::Value => 2,
-        }
-    }
-    fn mutates(self) -> bool {
-        matches!(self, Op::Clipping | Op::Value)
-    }
-    /// Panics when a step did not clip as its name says: the figure would be mislabelled.
-    fn check(self, report: Option<ClipReport>) {
-        if let Some(r) = report {
-            match self {
-                Op::Clipping => assert!(r.clipped, "clipping step did not clip"),
-                Op::NotClipping => assert!(!r.clipped, "non-clipping step clipped"),
-                _ => {}
-            }
-        }
-    }
-}
-
-struct Params {
-    clipping: GlobalNormClip,
-    not_clipping: GlobalNormClip,
-    value: ValueClip,
-}
-
-impl Params {
-    fn new(norm: f64) -> Params {
-        Params {
-            clipping: GlobalNormClip::new((norm * 0.5) as f32),
-            not_clipping: GlobalNormClip::new((norm * 10.0) as f32),
-            value: ValueClip::symmetric(SIGMA),
-        }
-    }
 }
 
 /// Sums the time of `iters` runs of `op` on `state`, each after an untimed `reset` when the
@@ -199,7 +48,10 @@ fn timed<S>(
         let t = Instant::now();
         let report = run(state);
         total += t.elapsed();
-        op.check(report);
+        // A step that did not clip as its name says would mislabel the figure.
+        if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
+            assert_eq!(r.clipped, want, "{} clipped = {}", op.name(), r.clipped);
+        }
     }
     total
 }
@@ -217,7 +69,7 @@ fn bench_cpu(c: &mut Criterion) {
             let p = Params::new(norm);
             for op in Op::ALL {
                 g.throughput(Throughput::Bytes(
-                    op.traffic() * pristine.bytes().len() as u64,
+                    (op.traffic() * pristine.bytes().len() as f64) as u64,
                 ));
                 let id = BenchmarkId::new(op.name(), format!("{dtype}/{name}"));
                 g.bench_function(id, |b| {
@@ -307,7 +159,9 @@ fn bench_gpu(c: &mut Criterion) {
                 .collect();
             let mut batch = GpuBatch::new(&ctx, &tensors).unwrap();
             for op in Op::ALL {
-                g.throughput(Throughput::Bytes(op.traffic() * host.bytes().len() as u64));
+                g.throughput(Throughput::Bytes(
+                    (op.traffic() * host.bytes().len() as f64) as u64,
+                ));
                 let id = BenchmarkId::new(op.name(), format!("{dtype}/{name}"));
                 g.bench_function(id, |b| {
                     b.iter_custom(|iters| {

@@ -36,19 +36,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use gradclip::{
-    bf16, cpu, ClipReport, DType, GlobalNormClip, GpuBatch, GpuContext, GpuTensor, GradMut,
-    GradRef, Norm, ValueClip,
-};
+use gradclip::{bf16, cpu, ClipReport, DType, GpuBatch, GpuContext, GpuTensor, Norm};
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::{gradients, small_lens, Flat, Op, Params, BLOCK};
+
 type Res<T> = Result<T, Box<dyn Error>>;
 
-/// Elements per parallel block in the host-side helpers.
-const BLOCK: usize = 1 << 16;
-/// Standard deviation of the generated gradients.
-const SIGMA: f32 = 1e-3;
 /// Relative tolerance of GPU against CPU norms, coefficients and f32 clipped values.
 const REL_TOL: f64 = 1e-5;
 
@@ -116,171 +113,6 @@ fn load_shapes(path: &std::path::Path) -> Res<Vec<usize>> {
         lens.push(n.map_err(|_| bad())?);
     }
     Ok(lens)
-}
-
-/// 2000 small tensors, as a model with many biases and norms has; 257 is odd so bf16
-/// tensors start at every 2-byte offset.
-fn small_lens() -> Vec<usize> {
-    const LENS: [usize; 6] = [64, 257, 768, 1000, 3072, 4096];
-    (0..2000).map(|i| LENS[i % LENS.len()]).collect()
-}
-
-/// Deterministic gradients, roughly N(0, SIGMA^2): the sum of four xorshift uniforms per
-/// element. Each block has its own seed, so the values do not depend on the thread count.
-fn gradients(n: usize) -> Vec<f32> {
-    let mut v = vec![0.0f32; n];
-    v.par_chunks_mut(BLOCK).enumerate().for_each(|(b, chunk)| {
-        // splitmix64 of the block index: well-spread nonzero xorshift seeds.
-        let mut z = (b as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let mut s = (z ^ (z >> 31)) | 1;
-        let scale = 3f32.sqrt() * SIGMA;
-        for x in chunk {
-            let mut u = 0.0f32;
-            for _ in 0..4 {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                u += (s >> 40) as f32 / (1u64 << 24) as f32;
-            }
-            *x = (u - 2.0) * scale;
-        }
-    });
-    v
-}
-
-/// All tensors of one workload back to back in one allocation: the host copy of a
-/// gradient arena, whose bytes are exactly the GPU buffer's.
-#[derive(Clone)]
-enum Flat {
-    F32(Vec<f32>),
-    BF16(Vec<bf16>),
-}
-
-fn split<'a, T>(mut rest: &'a [T], lens: &[usize]) -> Vec<&'a [T]> {
-    lens.iter()
-        .map(|&n| {
-            let (head, tail) = rest.split_at(n);
-            rest = tail;
-            head
-        })
-        .collect()
-}
-
-fn split_mut<'a, T>(mut rest: &'a mut [T], lens: &[usize]) -> Vec<&'a mut [T]> {
-    lens.iter()
-        .map(|&n| {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n);
-            rest = tail;
-            head
-        })
-        .collect()
-}
-
-fn par_copy<T: Copy + Send + Sync>(dst: &mut [T], src: &[T]) {
-    dst.par_chunks_mut(BLOCK)
-        .zip(src.par_chunks(BLOCK))
-        .for_each(|(d, s)| d.copy_from_slice(s));
-}
-
-impl Flat {
-    fn new(dtype: DType, values: &[f32]) -> Flat {
-        match dtype {
-            DType::F32 => Flat::F32(values.to_vec()),
-            DType::BF16 => Flat::BF16(values.par_iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::F16 => unimplemented!("the bench times f32 and bf16"),
-        }
-    }
-    fn dtype(&self) -> DType {
-        match self {
-            Flat::F32(_) => DType::F32,
-            Flat::BF16(_) => DType::BF16,
-        }
-    }
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Flat::F32(v) => bytemuck::cast_slice(v),
-            Flat::BF16(v) => bytemuck::cast_slice(v),
-        }
-    }
-    fn refs<'a>(&'a self, lens: &[usize]) -> Vec<GradRef<'a>> {
-        match self {
-            Flat::F32(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
-            Flat::BF16(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
-        }
-    }
-    fn muts<'a>(&'a mut self, lens: &[usize]) -> Vec<GradMut<'a>> {
-        match self {
-            Flat::F32(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
-            Flat::BF16(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
-        }
-    }
-    fn reset_from(&mut self, pristine: &Flat) {
-        match (self, pristine) {
-            (Flat::F32(d), Flat::F32(s)) => par_copy(d, s),
-            (Flat::BF16(d), Flat::BF16(s)) => par_copy(d, s),
-            _ => unreachable!("same dtype"),
-        }
-    }
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Op {
-    Norm,
-    Clipping,
-    NotClipping,
-    Value,
-}
-
-impl Op {
-    const ALL: [Op; 4] = [Op::Norm, Op::Clipping, Op::NotClipping, Op::Value];
-
-    fn label(self) -> &'static str {
-        match self {
-            Op::Norm => "total norm (L2)",
-            Op::Clipping => "global clip, clipping",
-            Op::NotClipping => "global clip, not clipping",
-            Op::Value => "value clip",
-        }
-    }
-    /// Bytes moved per byte of gradients.
-    fn traffic(self) -> f64 {
-        match self {
-            Op::Norm | Op::NotClipping => 1.0,
-            Op::Clipping => 3.0,
-            Op::Value => 2.0,
-        }
-    }
-    fn mutates(self) -> bool {
-        matches!(self, Op::Clipping | Op::Value)
-    }
-    fn expect_clipped(self) -> Option<bool> {
-        match self {
-            Op::Clipping => Some(true),
-            Op::NotClipping => Some(false),
-            _ => None,
-        }
-    }
-}
-
-/// The clipping settings of one workload, derived from its norm.
-struct Params {
-    clipping: GlobalNormClip,
-    not_clipping: GlobalNormClip,
-    value: ValueClip,
-}
-
-impl Params {
-    fn new(norm: f64) -> Params {
-        Params {
-            // coef about 0.5: every element is rewritten, none becomes subnormal.
-            clipping: GlobalNormClip::new((norm * 0.5) as f32),
-            not_clipping: GlobalNormClip::new((norm * 10.0) as f32),
-            // One sigma: about a third of the elements clamp.
-            value: ValueClip::symmetric(SIGMA),
-        }
-    }
 }
 
 /// Read and read+write floor times in ms; a step's floor follows from the bytes it moves.
