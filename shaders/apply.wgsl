@@ -3,8 +3,8 @@
 //
 // Bindings (group 0):
 //   0 grads     storage, read_write  one binding window of a gradient buffer, as 32-bit words
-//   1 chunks    storage, read        chunk table over spans: (span, first element, element
-//                                    count, dtype), element indices relative to the window
+//   1 chunks    storage, read        chunk table (Chunk) over spans, element indices
+//                                    relative to the window
 //   2 report    storage, read        ReportHeader from norm_finish.wgsl (the coefficient)
 //   3 step      uniform              StepParams (clamp bounds)
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
@@ -20,7 +20,7 @@ const OP_SCALE: u32 = 0u;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read_write> grads: array<u32>;
-@group(0) @binding(1) var<storage, read> chunks: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
 @group(0) @binding(2) var<storage, read> report: ReportHeader;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
@@ -66,9 +66,9 @@ fn main(
         return;
     }
     let chunk = chunks[dispatch.first_chunk + local];
-    let start = chunk.y;
-    let end = chunk.y + chunk.z;
-    let dtype = chunk.w;
+    let start = chunk.start;
+    let end = chunk.start + chunk.len;
+    let dtype = chunk.dtype;
     var coef = 1.0;
     if (OP == OP_SCALE) {
         coef = report.coef;

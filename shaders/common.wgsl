@@ -57,6 +57,20 @@ struct DispatchParams {
     _pad: u32,
 }
 
+// One row of a chunk table (src/plan): one workgroup's share of a segment. Element k of
+// the chunk (k < len) is element `start + k * stride` of the binding window and element
+// `index + k * stride` of tensor `tensor`.
+struct Chunk {
+    seg: u32,
+    start: u32,
+    len: u32,
+    dtype: u32,
+    stride: u32,
+    tensor: u32,
+    index: u32,
+    _pad: u32,
+}
+
 fn acc_identity() -> Acc {
     return Acc(0.0, 0.0, 0u, 0u);
 }

@@ -2,13 +2,13 @@
 //
 // Bindings (group 0):
 //   0 grads     storage, read        one binding window of a gradient buffer, as 32-bit words
-//   1 chunks    storage, read        chunk table: (tensor, first element, element count, dtype),
-//                                    element indices relative to the window's start
+//   1 chunks    storage, read        chunk table (Chunk), element indices relative to the
+//                                    window's start
 //   2 partials  storage, read_write  one Acc per chunk, indexed by first_chunk + workgroup
 //   3 step      uniform              StepParams (p for general norms)
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
 //
-// One workgroup reduces one chunk (at most CHUNK_ELEMS elements of one tensor) in a fixed
+// One workgroup reduces one chunk (at most CHUNK_ELEMS elements of one segment) in a fixed
 // order: each thread folds a strided run of words, then a shared-memory tree combines the
 // 256 thread accumulators. No atomics, so the result is the same bits on every run.
 // CPU twin: src/cpu/norm_reduce.rs.
@@ -17,7 +17,7 @@ override NORM_KIND: u32 = 2u;
 const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> grads: array<u32>;
-@group(0) @binding(1) var<storage, read> chunks: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
 @group(0) @binding(2) var<storage, read_write> partials: array<Acc>;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
@@ -53,6 +53,14 @@ fn fold(st: ptr<function, Running>, x: f32) {
     }
 }
 
+// Element `e` of the window, of any dtype.
+fn element(e: u32, dtype: u32) -> f32 {
+    if (dtype == DTYPE_F32) {
+        return bitcast<f32>(grads[e]);
+    }
+    return half_to_f32((grads[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu, dtype);
+}
+
 @compute @workgroup_size(256)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -65,12 +73,17 @@ fn main(
         return;
     }
     let chunk = chunks[dispatch.first_chunk + local];
-    let start = chunk.y;
-    let end = chunk.y + chunk.z;
-    let dtype = chunk.w;
+    let start = chunk.start;
+    let end = chunk.start + chunk.len;
+    let dtype = chunk.dtype;
 
     var st = Running(acc_identity(), 0.0);
-    if (dtype == DTYPE_F32) {
+    if (chunk.stride != 1u) {
+        // A strided unit (an AGC column): one element per load.
+        for (var k = lid; k < chunk.len; k = k + WG) {
+            fold(&st, element(start + k * chunk.stride, dtype));
+        }
+    } else if (dtype == DTYPE_F32) {
         for (var i = start + lid; i < end; i = i + WG) {
             fold(&st, bitcast<f32>(grads[i]));
         }

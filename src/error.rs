@@ -82,7 +82,8 @@ pub enum ClipError {
         /// What was passed.
         got: String,
     },
-    /// The batch has more elements than the GPU path addresses (2^32 - 1 per window).
+    /// A tensor is longer than the GPU path addresses (2^32 - 1 elements), or a strided
+    /// unit (an AGC column) spans more than one storage binding.
     #[error("tensor {tensor:?} has {len} elements, more than this backend supports")]
     TooLarge {
         /// Name (or index) of the tensor.

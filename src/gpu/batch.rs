@@ -5,21 +5,24 @@
 //! writes the small parameter block when it changed, and takes a readback buffer from
 //! the pool.
 
-use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use bytemuck::{Pod, Zeroable};
 use half::{bf16, f16};
-use wgpu::util::DeviceExt;
 
 use super::context::GpuContext;
 use super::kernels::{Kernel, OP_CLAMP, OP_SCALE};
 use super::readback::{PendingReport, ReportKind, ReportPool, ACC_BYTES, HEADER_BYTES};
+use super::reduction::SegmentReduction;
+use super::resources::{
+    bind, storage_init, storage_zeroed, uniform_buffer, whole, window, DispatchParams,
+    DispatchSlots,
+};
 use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
-use crate::plan::{fold_grid, Plan, PlanLimits, PlanTensor};
+use crate::plan::{fold_grid, Plan, PlanLimits, PlanSegment, PlanTensor};
 use crate::policy::NonFinitePolicy;
 
 /// One gradient tensor inside a caller-owned `wgpu::Buffer`.
@@ -71,20 +74,8 @@ struct StepParams {
     given: [u32; 4],
 }
 
-/// `DispatchParams` of `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable)]
-struct DispatchParams {
-    first_chunk: u32,
-    n_chunks: u32,
-    use_given: u32,
-    _pad: u32,
-}
-
-/// The bind groups and grid of one binding window.
+/// The elementwise bind group and grid of one binding window.
 struct WindowBinding {
-    reduce: wgpu::BindGroup,
-    reduce_grid: [u32; 3],
     apply: wgpu::BindGroup,
     apply_grid: [u32; 3],
 }
@@ -101,15 +92,13 @@ pub struct GpuBatch {
     ctx: GpuContext,
     n_tensors: usize,
     windows: Vec<WindowBinding>,
-    tensor_norms: wgpu::BindGroup,
-    tensor_grid: [u32; 3],
+    reduction: SegmentReduction,
     total_from_partials: wgpu::BindGroup,
     total_from_tensors: wgpu::BindGroup,
     total_given: wgpu::BindGroup,
     step: wgpu::Buffer,
     last_step: Option<StepParams>,
     report: wgpu::Buffer,
-    tensor_accs: wgpu::Buffer,
     args_out: wgpu::Buffer,
     pool: Arc<ReportPool>,
     timestamps: Option<(wgpu::QuerySet, u32, u32)>,
@@ -122,45 +111,6 @@ impl std::fmt::Debug for GpuBatch {
             .field("windows", &self.windows.len())
             .finish()
     }
-}
-
-fn storage_init(
-    device: &wgpu::Device,
-    label: &str,
-    data: &[u8],
-    usage: wgpu::BufferUsages,
-) -> wgpu::Buffer {
-    // Bindings cannot be empty: pad to one 16-byte row.
-    let mut contents = data.to_vec();
-    contents.resize(data.len().max(16), 0);
-    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(label),
-        contents: &contents,
-        usage: wgpu::BufferUsages::STORAGE | usage,
-    })
-}
-
-fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
-    buffer.as_entire_binding()
-}
-
-fn bind(
-    device: &wgpu::Device,
-    layout: &wgpu::BindGroupLayout,
-    entries: &[(u32, wgpu::BindingResource<'_>)],
-) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
-        .iter()
-        .map(|(binding, resource)| wgpu::BindGroupEntry {
-            binding: *binding,
-            resource: resource.clone(),
-        })
-        .collect();
-    device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("gradclip"),
-        layout,
-        entries: &entries,
-    })
 }
 
 impl GpuBatch {
@@ -195,6 +145,7 @@ impl GpuBatch {
         }
         let plan = Plan::new(
             &plan_tensors,
+            &PlanSegment::whole(&plan_tensors),
             PlanLimits {
                 max_binding: limits.max_storage_buffer_binding_size,
                 offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
@@ -218,50 +169,24 @@ impl GpuBatch {
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let n_reduce = plan.reduce_chunks.len();
-
-        let reduce_chunks = storage_init(
+        let step = uniform_buffer(
             device,
-            "gradclip reduce chunks",
-            bytemuck::cast_slice(&plan.reduce_chunks),
-            wgpu::BufferUsages::empty(),
+            "gradclip step params",
+            std::mem::size_of::<StepParams>() as u64,
         );
+        let reduction = SegmentReduction::new(device, kernels, plan, buffers, &step);
         let apply_chunks = storage_init(
             device,
             "gradclip apply chunks",
             bytemuck::cast_slice(&plan.apply_chunks),
             wgpu::BufferUsages::empty(),
         );
-        let ranges = storage_init(
+        let report = storage_zeroed(
             device,
-            "gradclip tensor ranges",
-            bytemuck::cast_slice(&plan.tensor_ranges),
-            wgpu::BufferUsages::empty(),
-        );
-        let zeroed = |label: &str, size: u64, usage: wgpu::BufferUsages| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(label),
-                size: size.max(16),
-                usage: wgpu::BufferUsages::STORAGE | usage,
-                mapped_at_creation: false,
-            })
-        };
-        let partials = zeroed(
-            "gradclip partials",
-            n_reduce as u64 * ACC_BYTES,
-            wgpu::BufferUsages::empty(),
-        );
-        let tensor_accs = zeroed(
-            "gradclip tensor norms",
-            n_tensors as u64 * ACC_BYTES,
-            wgpu::BufferUsages::COPY_SRC,
-        );
-        let report = zeroed(
             "gradclip report",
             HEADER_BYTES,
             wgpu::BufferUsages::COPY_SRC,
         );
-
         let apply_grids: Vec<[u32; 3]> = plan
             .windows
             .iter()
@@ -273,105 +198,47 @@ impl GpuBatch {
             bytemuck::cast_slice(&apply_grids),
             wgpu::BufferUsages::empty(),
         );
-        let args_out = zeroed(
+        let args_out = storage_zeroed(
+            device,
             "gradclip scale indirect",
             apply_grids.len() as u64 * 12,
             wgpu::BufferUsages::INDIRECT,
         );
-        let step = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("gradclip step params"),
-            size: std::mem::size_of::<StepParams>() as u64,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
 
-        // Dispatch parameters: two per window, then tensor norms and the three totals,
-        // each at its own aligned offset.
-        let align = device.limits().min_uniform_buffer_offset_alignment as usize;
-        let mut params: Vec<DispatchParams> = Vec::new();
-        for w in &plan.windows {
-            params.push(DispatchParams {
-                first_chunk: w.reduce_first,
-                n_chunks: w.reduce_count,
-                use_given: 0,
-                _pad: 0,
-            });
-            params.push(DispatchParams {
-                first_chunk: w.apply_first,
-                n_chunks: w.apply_count,
-                use_given: 0,
-                _pad: 0,
-            });
-        }
-        let n = |x: usize| DispatchParams {
-            first_chunk: 0,
-            n_chunks: x as u32,
-            use_given: 0,
-            _pad: 0,
-        };
-        let tensor_slot = params.len();
+        // Dispatch parameters: one per window for the elementwise pass, then the three
+        // totals (from partials, from tensor norms, from a given norm).
+        let mut params: Vec<DispatchParams> = plan
+            .windows
+            .iter()
+            .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
+            .collect();
+        let totals = params.len();
         params.extend([
-            n(n_tensors),
-            n(n_reduce),
-            n(n_tensors),
+            DispatchParams::range(0, reduction.n_chunks as u32),
+            DispatchParams::range(0, n_tensors as u32),
             DispatchParams {
                 use_given: 1,
-                ..n(0)
+                ..DispatchParams::default()
             },
         ]);
-        let mut bytes = vec![0u8; params.len() * align];
-        for (i, p) in params.iter().enumerate() {
-            bytes[i * align..i * align + 16].copy_from_slice(bytemuck::bytes_of(p));
-        }
-        let dispatch = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("gradclip dispatch params"),
-            contents: &bytes,
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let slot = |i: usize| {
-            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                buffer: &dispatch,
-                offset: (i * align) as u64,
-                size: NonZeroU64::new(16),
-            })
-        };
-
+        let slots = DispatchSlots::new(device, &params);
         let windows = plan
             .windows
             .iter()
             .enumerate()
-            .map(|(wi, w)| {
-                let grads = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                    buffer: buffers[w.buffer],
-                    offset: w.byte_offset,
-                    size: NonZeroU64::new(w.byte_size),
-                });
-                WindowBinding {
-                    reduce: bind(
-                        device,
-                        &kernels.reduce_layout,
-                        &[
-                            (0, grads.clone()),
-                            (1, whole(&reduce_chunks)),
-                            (2, whole(&partials)),
-                            (3, whole(&step)),
-                            (4, slot(2 * wi)),
-                        ],
-                    ),
-                    reduce_grid: fold_grid(w.reduce_count, max_dim),
-                    apply: bind(
-                        device,
-                        &kernels.apply_layout,
-                        &[
-                            (0, grads),
-                            (1, whole(&apply_chunks)),
-                            (2, whole(&report)),
-                            (3, whole(&step)),
-                            (4, slot(2 * wi + 1)),
-                        ],
-                    ),
-                    apply_grid: apply_grids[wi],
-                }
+            .map(|(wi, w)| WindowBinding {
+                apply: bind(
+                    device,
+                    &kernels.apply_layout,
+                    &[
+                        (0, window(buffers[w.buffer], w)),
+                        (1, whole(&apply_chunks)),
+                        (2, whole(&report)),
+                        (3, whole(&step)),
+                        (4, slots.slot(wi)),
+                    ],
+                ),
+                apply_grid: apply_grids[wi],
             })
             .collect();
         let total = |input: &wgpu::Buffer, s: usize| {
@@ -381,7 +248,7 @@ impl GpuBatch {
                 &[
                     (0, whole(input)),
                     (3, whole(&step)),
-                    (4, slot(s)),
+                    (4, slots.slot(totals + s)),
                     (5, whole(&report)),
                     (6, whole(&args_full)),
                     (7, whole(&args_out)),
@@ -390,26 +257,14 @@ impl GpuBatch {
         };
         GpuBatch {
             n_tensors,
-            tensor_norms: bind(
-                device,
-                &kernels.reduce_layout,
-                &[
-                    (0, whole(&partials)),
-                    (1, whole(&ranges)),
-                    (2, whole(&tensor_accs)),
-                    (3, whole(&step)),
-                    (4, slot(tensor_slot)),
-                ],
-            ),
-            tensor_grid: fold_grid(n_tensors as u32, max_dim),
-            total_from_partials: total(&partials, tensor_slot + 1),
-            total_from_tensors: total(&tensor_accs, tensor_slot + 2),
-            total_given: total(&partials, tensor_slot + 3),
+            total_from_partials: total(&reduction.partials, 0),
+            total_from_tensors: total(&reduction.segment_accs, 1),
+            total_given: total(&reduction.partials, 2),
             windows,
+            reduction,
             step,
             last_step: None,
             report,
-            tensor_accs,
             args_out,
             pool: ReportPool::new(HEADER_BYTES + n_tensors as u64 * ACC_BYTES),
             timestamps: None,
@@ -482,16 +337,12 @@ impl GpuBatch {
         {
             let mut pass = self.begin_pass(encoder);
             if !matches!(from, TotalFrom::Given) {
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
-                for w in self.windows.iter().filter(|w| w.reduce_grid[0] > 0) {
-                    pass.set_bind_group(0, &w.reduce, &[]);
-                    pass.dispatch_workgroups(w.reduce_grid[0], w.reduce_grid[1], 1);
-                }
+                self.reduction
+                    .encode_partials(&mut pass, device, kernels, kind);
             }
-            if matches!(from, TotalFrom::Tensors) && self.tensor_grid[0] > 0 {
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::TensorNorms(kind)));
-                pass.set_bind_group(0, &self.tensor_norms, &[]);
-                pass.dispatch_workgroups(self.tensor_grid[0], self.tensor_grid[1], 1);
+            if matches!(from, TotalFrom::Tensors) {
+                self.reduction
+                    .encode_segments(&mut pass, device, kernels, kind);
             }
             pass.set_pipeline(&kernels.pipeline(device, Kernel::Total(kind)));
             let total = match from {
@@ -514,7 +365,7 @@ impl GpuBatch {
         let tensor_norms = matches!(from, TotalFrom::Tensors);
         if tensor_norms && self.n_tensors > 0 {
             encoder.copy_buffer_to_buffer(
-                &self.tensor_accs,
+                &self.reduction.segment_accs,
                 0,
                 &readback,
                 HEADER_BYTES,

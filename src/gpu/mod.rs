@@ -5,6 +5,8 @@ mod batch;
 mod context;
 mod kernels;
 mod readback;
+mod reduction;
+mod resources;
 
 pub use batch::{GpuBatch, GpuTensor};
 pub use context::GpuContext;

@@ -3,11 +3,13 @@
 //!
 //! A buffer is bound through windows of at most the device's storage-binding size,
 //! starting at multiples of that size rounded down to the offset alignment. Each tensor
-//! is cut into chunks of at most [`CHUNK_ELEMS`] elements at element indices that are
-//! multiples of `CHUNK_ELEMS` and at window edges; one workgroup handles one chunk.
-//! The reduction uses per-tensor chunks; the elementwise pass uses chunks over *spans*,
-//! maximal runs of touching tensors, so a word shared by two 16-bit tensors is written
-//! by one workgroup only.
+//! is cut into *segments* (whole tensors, AGC units, examples), and each segment into
+//! chunks of at most [`CHUNK_ELEMS`] elements, cut at multiples of `CHUNK_ELEMS` and at
+//! window edges; one workgroup handles one chunk. A strided segment (a column of a
+//! row-major matrix) must lie inside one window. The global elementwise passes use
+//! chunks over *spans*, maximal runs of touching tensors, so a word shared by two 16-bit
+//! tensors is written by one workgroup only; the segment-wise pass writes such shared
+//! words with atomics instead.
 
 use crate::dtype::DType;
 use crate::error::ClipError;
@@ -40,9 +42,38 @@ pub(crate) struct PlanLimits {
     pub max_workgroups_per_dim: u32,
 }
 
-/// A chunk table row, as the shaders read it: (tensor or span, first element relative to
-/// the window, element count, dtype code).
-pub(crate) type ChunkRow = [u32; 4];
+/// A chunk table row, as the shaders read it (`Chunk` in `shaders/common.wgsl`):
+/// segment (or span), first element relative to the window, element count, dtype code,
+/// element stride, tensor, index of the first element inside its tensor, unused.
+pub(crate) type ChunkRow = [u32; 8];
+
+/// A run of elements of one tensor that gets its own norm: a whole tensor, an AGC unit
+/// (a row, or a strided column), one example of a per-example gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PlanSegment {
+    /// Index of the tensor.
+    pub tensor: usize,
+    /// Index of the first element inside the tensor.
+    pub first: u64,
+    /// Number of elements.
+    pub len: u64,
+    /// Distance between consecutive elements, in elements (1: contiguous).
+    pub stride: u64,
+}
+
+impl PlanSegment {
+    /// Every tensor as one segment, in batch order.
+    pub(crate) fn whole(tensors: &[PlanTensor]) -> Vec<PlanSegment> {
+        (0..tensors.len())
+            .map(|tensor| PlanSegment {
+                tensor,
+                first: 0,
+                len: tensors[tensor].len,
+                stride: 1,
+            })
+            .collect()
+    }
+}
 
 /// One binding window of one buffer and the chunks each pass runs in it.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,10 +91,13 @@ pub(crate) struct Window {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Plan {
     pub windows: Vec<Window>,
+    /// Chunks of the segments: reduced one partial each, and rewritten with the segment's
+    /// own coefficient by the segment-wise elementwise pass.
     pub reduce_chunks: Vec<ChunkRow>,
+    /// Chunks over spans, for the elementwise passes that use one coefficient.
     pub apply_chunks: Vec<ChunkRow>,
-    /// Per tensor in batch order: (first reduce chunk, chunk count).
-    pub tensor_ranges: Vec<[u32; 2]>,
+    /// Per segment, in the order given: (first reduce chunk, chunk count).
+    pub segment_ranges: Vec<[u32; 2]>,
 }
 
 /// Folds `n` workgroups into a 2-D grid that respects the per-dimension limit.
@@ -91,8 +125,13 @@ fn cut(start: u64, end: u64, es: u64, window_bytes: u64, mut emit: impl FnMut(u6
 }
 
 impl Plan {
-    /// Validates the tensors and builds the plan; errors leave nothing behind.
-    pub(crate) fn new(tensors: &[PlanTensor], limits: PlanLimits) -> Result<Plan, ClipError> {
+    /// Validates the tensors and builds the plan over `segments` (which must lie inside
+    /// their tensors); errors leave nothing behind.
+    pub(crate) fn new(
+        tensors: &[PlanTensor],
+        segments: &[PlanSegment],
+        limits: PlanLimits,
+    ) -> Result<Plan, ClipError> {
         for t in tensors {
             let es = t.dtype.size();
             if t.offset % es != 0 {
@@ -116,6 +155,13 @@ impl Plan {
                     })
                 }
             }
+        }
+        // Chunk rows hold element indices as u32.
+        if let Some(t) = tensors.iter().find(|t| t.len > u32::MAX as u64) {
+            return Err(ClipError::TooLarge {
+                tensor: t.name.clone(),
+                len: t.len,
+            });
         }
         let window_bytes =
             (limits.max_binding.min(1 << 31) / limits.offset_alignment) * limits.offset_alignment;
@@ -146,7 +192,7 @@ impl Plan {
         }
 
         let mut plan = Plan {
-            tensor_ranges: vec![[0, 0]; tensors.len()],
+            segment_ranges: vec![[0, 0]; segments.len()],
             ..Plan::default()
         };
         let mut windows: Vec<Window> = Vec::new();
@@ -169,18 +215,60 @@ impl Plan {
             });
             windows.len() - 1
         };
+        // Segments in (buffer, first byte) order, so a contiguous segment that crosses a
+        // window is the last of one window and the first of the next: its chunks stay
+        // contiguous once grouped by window. Strided segments never cross a window.
+        let mut seg_order: Vec<usize> = (0..segments.len())
+            .filter(|&s| segments[s].len > 0)
+            .collect();
+        let byte_start = |s: &PlanSegment| {
+            let t = &tensors[s.tensor];
+            t.offset + s.first * t.dtype.size()
+        };
+        seg_order.sort_by_key(|&s| (tensors[segments[s].tensor].buffer, byte_start(&segments[s])));
         let mut reduce: Vec<(usize, ChunkRow)> = Vec::new();
-        for &i in &order {
-            let t = &tensors[i];
+        for &si in &seg_order {
+            let seg = &segments[si];
+            let t = &tensors[seg.tensor];
             let es = t.dtype.size();
-            let first = reduce.len();
-            let start = t.offset / es;
-            cut(start, start + t.len, es, window_bytes, |w, e, n| {
+            let row = |rel: u64, n: u64, index: u64| {
+                [
+                    si as u32,
+                    rel as u32,
+                    n as u32,
+                    t.dtype.shader_code(),
+                    seg.stride as u32,
+                    seg.tensor as u32,
+                    index as u32,
+                    0,
+                ]
+            };
+            let start = t.offset / es + seg.first;
+            if seg.stride == 1 {
+                cut(start, start + seg.len, es, window_bytes, |w, e, n| {
+                    let wi = window_of(t.buffer, w, t.buffer_size);
+                    let rel = e - w * window_bytes / es;
+                    reduce.push((wi, row(rel, n, e - t.offset / es)));
+                });
+            } else {
+                let last = start + (seg.len - 1) * seg.stride;
+                let w = start * es / window_bytes;
+                if last * es / window_bytes != w {
+                    return Err(ClipError::TooLarge {
+                        tensor: t.name.clone(),
+                        len: t.len,
+                    });
+                }
                 let wi = window_of(t.buffer, w, t.buffer_size);
-                let rel = e - w * window_bytes / es;
-                reduce.push((wi, [i as u32, rel as u32, n as u32, t.dtype.shader_code()]));
-            });
-            plan.tensor_ranges[i] = [first as u32, (reduce.len() - first) as u32];
+                let base = w * window_bytes / es;
+                let mut k = 0;
+                while k < seg.len {
+                    let n = CHUNK_ELEMS.min(seg.len - k);
+                    let e = start + k * seg.stride;
+                    reduce.push((wi, row(e - base, n, e - t.offset / es)));
+                    k += n;
+                }
+            }
         }
         // Spans: runs of byte-contiguous tensors of one buffer and dtype.
         let mut apply: Vec<(usize, ChunkRow)> = Vec::new();
@@ -209,12 +297,23 @@ impl Plan {
             cut(s / es, e / es, es, window_bytes, |w, el, n| {
                 let wi = window_of(buffer, w, size);
                 let rel = el - w * window_bytes / es;
-                apply.push((wi, [si as u32, rel as u32, n as u32, dtype.shader_code()]));
+                apply.push((
+                    wi,
+                    [
+                        si as u32,
+                        rel as u32,
+                        n as u32,
+                        dtype.shader_code(),
+                        1,
+                        0,
+                        0,
+                        0,
+                    ],
+                ));
             });
         }
 
-        // Group the chunk tables by window, keeping their order inside each window. Chunks
-        // of one tensor stay contiguous because windows are visited in buffer/offset order.
+        // Group the chunk tables by window, keeping their order inside each window.
         for (wi, w) in windows.iter_mut().enumerate() {
             w.reduce_first = plan.reduce_chunks.len() as u32;
             plan.reduce_chunks
@@ -224,6 +323,13 @@ impl Plan {
             plan.apply_chunks
                 .extend(apply.iter().filter(|(x, _)| *x == wi).map(|(_, r)| *r));
             w.apply_count = plan.apply_chunks.len() as u32 - w.apply_first;
+        }
+        for (i, row) in plan.reduce_chunks.iter().enumerate() {
+            let range = &mut plan.segment_ranges[row[0] as usize];
+            if range[1] == 0 {
+                range[0] = i as u32;
+            }
+            range[1] += 1;
         }
         let max_groups = limits.max_workgroups_per_dim as u64;
         for w in &windows {

@@ -1,0 +1,144 @@
+//! The shared reduction core on the GPU: the norm of every segment of a planned batch
+//! (`norm_reduce` over chunks, then `tensor_norms` over each segment's partials), and
+//! optionally the norm of groups of consecutive segments.
+
+use super::kernels::{Kernel, Kernels};
+use super::readback::ACC_BYTES;
+use super::resources::{
+    bind, storage_init, storage_zeroed, whole, window, DispatchParams, DispatchSlots,
+};
+use crate::plan::{fold_grid, Plan};
+
+/// Segment norms of one plan, with every resource created up front.
+pub(crate) struct SegmentReduction {
+    reduce: Vec<(wgpu::BindGroup, [u32; 3])>,
+    combine: wgpu::BindGroup,
+    combine_grid: [u32; 3],
+    /// The chunk table (`Chunk` rows), also read by the segment-wise elementwise pass.
+    pub chunks: wgpu::Buffer,
+    /// One accumulator per chunk.
+    pub partials: wgpu::Buffer,
+    /// One accumulator per segment, in segment order.
+    pub segment_accs: wgpu::Buffer,
+    /// Dispatch slots: one per window (its slice of the chunk table), then the combine.
+    pub slots: DispatchSlots,
+    pub n_segments: usize,
+    pub n_chunks: usize,
+}
+
+impl SegmentReduction {
+    /// Resources for `plan` over `buffers`; `step` is the batch's `StepParams` uniform.
+    pub(crate) fn new(
+        device: &wgpu::Device,
+        kernels: &Kernels,
+        plan: &Plan,
+        buffers: &[&wgpu::Buffer],
+        step: &wgpu::Buffer,
+    ) -> SegmentReduction {
+        let max_dim = device.limits().max_compute_workgroups_per_dimension;
+        let n_segments = plan.segment_ranges.len();
+        let n_chunks = plan.reduce_chunks.len();
+        let chunks = storage_init(
+            device,
+            "gradclip chunks",
+            bytemuck::cast_slice(&plan.reduce_chunks),
+            wgpu::BufferUsages::empty(),
+        );
+        let ranges = storage_init(
+            device,
+            "gradclip segment ranges",
+            bytemuck::cast_slice(&plan.segment_ranges),
+            wgpu::BufferUsages::empty(),
+        );
+        let partials = storage_zeroed(
+            device,
+            "gradclip partials",
+            n_chunks as u64 * ACC_BYTES,
+            wgpu::BufferUsages::empty(),
+        );
+        let segment_accs = storage_zeroed(
+            device,
+            "gradclip segment norms",
+            n_segments as u64 * ACC_BYTES,
+            wgpu::BufferUsages::COPY_SRC,
+        );
+        let mut params: Vec<DispatchParams> = plan
+            .windows
+            .iter()
+            .map(|w| DispatchParams::range(w.reduce_first, w.reduce_count))
+            .collect();
+        params.push(DispatchParams::range(0, n_segments as u32));
+        let slots = DispatchSlots::new(device, &params);
+        let reduce = plan
+            .windows
+            .iter()
+            .enumerate()
+            .map(|(wi, w)| {
+                let group = bind(
+                    device,
+                    &kernels.reduce_layout,
+                    &[
+                        (0, window(buffers[w.buffer], w)),
+                        (1, whole(&chunks)),
+                        (2, whole(&partials)),
+                        (3, whole(step)),
+                        (4, slots.slot(wi)),
+                    ],
+                );
+                (group, fold_grid(w.reduce_count, max_dim))
+            })
+            .collect();
+        let combine = bind(
+            device,
+            &kernels.reduce_layout,
+            &[
+                (0, whole(&partials)),
+                (1, whole(&ranges)),
+                (2, whole(&segment_accs)),
+                (3, whole(step)),
+                (4, slots.slot(plan.windows.len())),
+            ],
+        );
+        SegmentReduction {
+            reduce,
+            combine,
+            combine_grid: fold_grid(n_segments as u32, max_dim),
+            chunks,
+            partials,
+            segment_accs,
+            slots,
+            n_segments,
+            n_chunks,
+        }
+    }
+
+    /// Records the chunk partials of norm kind `kind`.
+    pub(crate) fn encode_partials(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        device: &wgpu::Device,
+        kernels: &Kernels,
+        kind: u32,
+    ) {
+        pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
+        for (group, grid) in self.reduce.iter().filter(|(_, g)| g[0] > 0) {
+            pass.set_bind_group(0, group, &[]);
+            pass.dispatch_workgroups(grid[0], grid[1], 1);
+        }
+    }
+
+    /// Records the per-segment combine of the partials (after `encode_partials`).
+    pub(crate) fn encode_segments(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        device: &wgpu::Device,
+        kernels: &Kernels,
+        kind: u32,
+    ) {
+        if self.combine_grid[0] > 0 {
+            pass.set_pipeline(&kernels.pipeline(device, Kernel::TensorNorms(kind)));
+            pass.set_bind_group(0, &self.combine, &[]);
+            pass.dispatch_workgroups(self.combine_grid[0], self.combine_grid[1], 1);
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Small helpers to create the buffers and bind groups of a planned batch.
+
+use std::num::NonZeroU64;
+
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+/// `DispatchParams` of `shaders/common.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+pub(crate) struct DispatchParams {
+    pub first_chunk: u32,
+    pub n_chunks: u32,
+    pub use_given: u32,
+    pub _pad: u32,
+}
+
+impl DispatchParams {
+    /// `n` items starting at `first`.
+    pub(crate) fn range(first: u32, n: u32) -> Self {
+        DispatchParams {
+            first_chunk: first,
+            n_chunks: n,
+            ..Self::default()
+        }
+    }
+}
+
+/// Read-only uniform blocks of `DispatchParams`, each at its own aligned offset, so one
+/// buffer serves every dispatch of a batch.
+pub(crate) struct DispatchSlots {
+    buffer: wgpu::Buffer,
+    align: u64,
+}
+
+impl DispatchSlots {
+    pub(crate) fn new(device: &wgpu::Device, params: &[DispatchParams]) -> Self {
+        let align = device.limits().min_uniform_buffer_offset_alignment as usize;
+        let mut bytes = vec![0u8; params.len().max(1) * align];
+        for (i, p) in params.iter().enumerate() {
+            bytes[i * align..i * align + 16].copy_from_slice(bytemuck::bytes_of(p));
+        }
+        let buffer = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("gradclip dispatch params"),
+            contents: &bytes,
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        DispatchSlots {
+            buffer,
+            align: align as u64,
+        }
+    }
+
+    /// The binding of slot `i`.
+    pub(crate) fn slot(&self, i: usize) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: i as u64 * self.align,
+            size: NonZeroU64::new(16),
+        })
+    }
+}
+
+/// A storage buffer holding `data` (at least 16 bytes: bindings cannot be empty).
+pub(crate) fn storage_init(
+    device: &wgpu::Device,
+    label: &str,
+    data: &[u8],
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    let mut contents = data.to_vec();
+    contents.resize(data.len().max(16), 0);
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(label),
+        contents: &contents,
+        usage: wgpu::BufferUsages::STORAGE | usage,
+    })
+}
+
+/// A zeroed storage buffer of `size` bytes (at least 16).
+pub(crate) fn storage_zeroed(
+    device: &wgpu::Device,
+    label: &str,
+    size: u64,
+    usage: wgpu::BufferUsages,
+) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.max(16),
+        usage: wgpu::BufferUsages::STORAGE | usage,
+        mapped_at_creation: false,
+    })
+}
+
+/// A uniform buffer of `size` bytes the host rewrites.
+pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
+    device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The whole of `buffer` as a binding.
+pub(crate) fn whole(buffer: &wgpu::Buffer) -> wgpu::BindingResource<'_> {
+    buffer.as_entire_binding()
+}
+
+/// A bind group of `layout` from `(binding, resource)` pairs.
+pub(crate) fn bind(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    entries: &[(u32, wgpu::BindingResource<'_>)],
+) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry<'_>> = entries
+        .iter()
+        .map(|(binding, resource)| wgpu::BindGroupEntry {
+            binding: *binding,
+            resource: resource.clone(),
+        })
+        .collect();
+    device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("gradclip"),
+        layout,
+        entries: &entries,
+    })
+}
+
+/// A window of a gradient buffer as a binding.
+pub(crate) fn window<'a>(
+    buffer: &'a wgpu::Buffer,
+    w: &crate::plan::Window,
+) -> wgpu::BindingResource<'a> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer,
+        offset: w.byte_offset,
+        size: NonZeroU64::new(w.byte_size),
+    })
+}
