@@ -27,6 +27,10 @@ const WG: u32 = 256u;
 
 fn apply_f32(x: f32, coef: f32) -> f32 {
     if (OP == OP_SCALE) {
+        // NonFinitePolicy::ZeroNans (policy 3) zeroes NaNs as it scales.
+        if (step.policy == 3u && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+            return 0.0;
+        }
         return x * coef;
     }
     // NaN compares false both ways and stays NaN, as in PyTorch and TensorFlow.
@@ -44,7 +48,7 @@ fn apply_half(h: u32, dtype: u32, coef: f32) -> u32 {
     let x = half_to_f32(h, dtype);
     let shift = select(16u, 0u, dtype == DTYPE_F16);
     if (OP == OP_SCALE) {
-        return f32_to_half(x * coef, dtype);
+        return f32_to_half(apply_f32(x, coef), dtype);
     }
     if (x < step.lo) {
         return (step.lo_half >> shift) & 0xffffu;

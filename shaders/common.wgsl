@@ -71,6 +71,41 @@ struct Chunk {
     _pad: u32,
 }
 
+// Configuration of a clipping policy (src/policies) for one step, written by the host
+// only when it changes.
+struct PolicyParams {
+    multiplier: f32,   // schedule factor of this step
+    lambda: f32,       // AGC
+    eps: f32,          // AGC
+    percentile: f32,   // AutoClip, in [0, 100]
+    capacity: u32,     // AutoClip history size, ZClip warmup
+    alpha: f32,        // ZClip
+    z_thresh: f32,     // ZClip
+    z_eps: f32,        // ZClip
+    cap: f32,          // optional max_norm cap of the adaptive rules (0: none)
+    sigma: f32,        // Gaussian noise std (0: none)
+    seed_lo: u32,
+    seed_hi: u32,
+    step_lo: u32,
+    step_hi: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+// What the policy passes leave for the host (word 6, status, is also read by the
+// elementwise pass).
+struct PolicyHeader {
+    norm: Acc,
+    threshold: f32,
+    coef: f32,
+    status: u32,
+    clipped: atomic<u32>,
+    skips: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
 fn acc_identity() -> Acc {
     return Acc(0.0, 0.0, 0u, 0u);
 }

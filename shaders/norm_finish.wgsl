@@ -30,6 +30,8 @@ const STATUS_SKIPPED: u32 = 2u;
 const STATUS_NONFINITE: u32 = 4u;
 const POLICY_PROPAGATE: u32 = 0u;
 const POLICY_SKIP: u32 = 2u;
+const POLICY_ZERO_NANS: u32 = 3u;
+const STATUS_NANS_ZEROED: u32 = 16u;
 
 @group(0) @binding(0) var<storage, read> inputs: array<Acc>;
 @group(0) @binding(1) var<storage, read> ranges: array<vec2<u32>>;
@@ -117,16 +119,25 @@ fn total(@builtin(local_invocation_index) lid: u32) {
     if (dispatch.use_given == 1u) {
         acc = step.given;
     }
-    let coef = clip_coef(acc);
+    // ZeroNans: the NaNs are zeroed by the scaling pass, so they do not count here.
+    var live = acc;
+    if (step.policy == POLICY_ZERO_NANS) {
+        live.flags = acc.flags & ~FLAG_NAN;
+    }
+    let coef = clip_coef(live);
     var status = 0u;
     var apply = !(coef >= 1.0); // true for NaN: propagate poisons every element, as PyTorch does
     if (acc.flags != 0u) {
         status = STATUS_NONFINITE;
-        if (step.policy != POLICY_PROPAGATE) {
-            apply = false;
-            if (step.policy == POLICY_SKIP) {
-                status = status | STATUS_SKIPPED;
-            }
+    }
+    if (step.policy == POLICY_ZERO_NANS && (acc.flags & FLAG_NAN) != 0u) {
+        status = status | STATUS_NANS_ZEROED;
+        apply = true;
+    }
+    if (live.flags != 0u && step.policy != POLICY_PROPAGATE && step.policy != POLICY_ZERO_NANS) {
+        apply = false;
+        if (step.policy == POLICY_SKIP) {
+            status = status | STATUS_SKIPPED;
         }
     }
     if (apply) {

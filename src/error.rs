@@ -91,6 +91,12 @@ pub enum ClipError {
         /// Its length.
         len: u64,
     },
+    /// A policy or rule was configured with an invalid value.
+    #[error("invalid clipping configuration: {0}")]
+    InvalidConfig(String),
+    /// A saved policy state could not be read or does not fit the policy.
+    #[error("invalid policy state: {0}")]
+    InvalidState(String),
     /// A buffer belongs to another device, or wgpu rejected the setup for another reason.
     #[error("wgpu rejected the batch (is every buffer from this context's device?): {0}")]
     Wgpu(String),

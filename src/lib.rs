@@ -10,15 +10,27 @@ mod gpu;
 mod norm;
 mod ops;
 mod plan;
+mod policies;
 mod policy;
 mod report;
 
 pub use clipper::{Backend, Clipper};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
-pub use gpu::{GpuBatch, GpuContext, GpuTensor, PendingReport};
+pub use cpu::CpuPolicy;
+pub use gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor, PendingReport};
 pub use half::{bf16, f16};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
+pub use policies::{
+    Agc, AutoClip, BlockRmsClip, ClipPolicy, GaussianNoise, Group, GroupClip, PerTensorClip,
+    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ZClip,
+};
 pub use policy::NonFinitePolicy;
-pub use report::ClipReport;
+pub use report::{ClipReport, GroupReport, PolicyReport};
+
+/// The counter-based generator behind [`GaussianNoise`], for checking or reproducing
+/// the noise a step added.
+pub mod noise {
+    pub use crate::cpu::philox::{gaussian_block, gaussian_noise, philox4x32_10};
+}

@@ -14,6 +14,9 @@ pub enum NonFinitePolicy {
     /// Leave every gradient untouched and report the step as skipped, so the training loop
     /// can skip its optimizer update (as AMP's grad scaler does).
     SkipStep,
+    /// optax `zero_nans`: NaN elements are replaced by 0 before the norm and the clip
+    /// (infinities still propagate); the report says `nans_zeroed`.
+    ZeroNans,
 }
 
 impl NonFinitePolicy {
@@ -23,6 +26,7 @@ impl NonFinitePolicy {
             NonFinitePolicy::Propagate => 0,
             NonFinitePolicy::Error => 1,
             NonFinitePolicy::SkipStep => 2,
+            NonFinitePolicy::ZeroNans => 3,
         }
     }
 }

@@ -10,13 +10,13 @@ use super::norm_reduce::BLOCK;
 
 /// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
 #[inline(always)]
-fn bf16_to_f32(x: bf16) -> f32 {
+pub(crate) fn bf16_to_f32(x: bf16) -> f32 {
     f32::from_bits((x.to_bits() as u32) << 16)
 }
 
 /// f32 -> bf16, round to nearest even, NaN kept (quieted): `f32_to_bf16` of the shader.
 #[inline(always)]
-fn f32_to_bf16(x: f32) -> bf16 {
+pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
     let b = x.to_bits();
     let bits = if b & 0x7fff_ffff > 0x7f80_0000 {
         (b >> 16) | 0x40
@@ -46,13 +46,20 @@ fn for_each_elem(
     });
 }
 
-/// Multiplies every element by `coef`.
-pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32) {
+/// Multiplies every element by `coef`, first replacing NaNs by 0 when `zero_nans`.
+pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
+    let f = |x: f32| {
+        if zero_nans && x.is_nan() {
+            0.0
+        } else {
+            x * coef
+        }
+    };
     for_each_elem(
         grads,
-        |x| x * coef,
-        |x| f16::from_f32(x.to_f32() * coef),
-        |x| f32_to_bf16(bf16_to_f32(x) * coef),
+        f,
+        |x| f16::from_f32(f(x.to_f32())),
+        |x| f32_to_bf16(f(bf16_to_f32(x))),
     );
 }
 

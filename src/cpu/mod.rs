@@ -5,6 +5,11 @@
 mod apply;
 mod norm_finish;
 mod norm_reduce;
+pub(crate) mod philox;
+mod policy;
+
+pub use policy::CpuPolicy;
+pub(crate) use policy::live_total;
 
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
@@ -86,7 +91,7 @@ fn apply_total(
         tensor_norms,
     )?;
     if status & STATUS_SCALED != 0 {
-        apply::scale(grads, coef);
+        apply::scale(grads, coef, policy == NonFinitePolicy::ZeroNans);
     }
     Ok(report)
 }

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 use half::{bf16, f16};
 
 use super::context::GpuContext;
@@ -16,13 +16,14 @@ use super::readback::{PendingReport, ReportKind, ReportPool, ACC_BYTES, HEADER_B
 use super::reduction::SegmentReduction;
 use super::resources::{
     bind, storage_init, storage_zeroed, uniform_buffer, whole, window, DispatchParams,
-    DispatchSlots,
+    DispatchSlots, StepParams,
 };
 use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
 use crate::plan::{fold_grid, Plan, PlanLimits, PlanSegment, PlanTensor};
+use crate::policies::TensorInfo;
 use crate::policy::NonFinitePolicy;
 
 /// One gradient tensor inside a caller-owned `wgpu::Buffer`.
@@ -36,8 +37,10 @@ pub struct GpuTensor<'a> {
     pub len: u64,
     /// Element type.
     pub dtype: DType,
-    /// Optional name, used in error messages.
+    /// Optional name, used in error messages and matched by policy name patterns.
     pub name: Option<String>,
+    /// Optional shape (its product must be `len`), needed by AGC for weights of rank >= 2.
+    pub shape: Option<Vec<u64>>,
 }
 
 impl<'a> GpuTensor<'a> {
@@ -49,6 +52,21 @@ impl<'a> GpuTensor<'a> {
             len,
             dtype,
             name: None,
+            shape: None,
+        }
+    }
+
+    /// Gives the tensor a shape (for AGC units).
+    pub fn shaped(mut self, shape: &[u64]) -> Self {
+        self.shape = Some(shape.to_vec());
+        self
+    }
+
+    /// Name and shape as policies see them (`#i` and `[len]` when not given).
+    pub(crate) fn info(&self, i: usize) -> TensorInfo {
+        TensorInfo {
+            name: self.name.clone().unwrap_or_else(|| format!("#{i}")),
+            shape: self.shape.clone().unwrap_or_else(|| vec![self.len]),
         }
     }
 
@@ -57,21 +75,6 @@ impl<'a> GpuTensor<'a> {
         self.name = Some(name.into());
         self
     }
-}
-
-/// `StepParams` of `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-struct StepParams {
-    max_norm: f32,
-    p: f32,
-    inv_p: f32,
-    policy: u32,
-    lo: f32,
-    hi: f32,
-    lo_half: u32,
-    hi_half: u32,
-    given: [u32; 4],
 }
 
 /// The elementwise bind group and grid of one binding window.
@@ -113,46 +116,57 @@ impl std::fmt::Debug for GpuBatch {
     }
 }
 
+/// Checks `tensors` and plans them over the segments `segments` makes of them; returns
+/// the plan and the distinct buffers its windows index.
+pub(crate) fn plan_tensors<'a>(
+    ctx: &GpuContext,
+    tensors: &[GpuTensor<'a>],
+    segments: impl FnOnce(&[PlanTensor]) -> Vec<PlanSegment>,
+) -> Result<(Plan, Vec<&'a wgpu::Buffer>), ClipError> {
+    let limits = ctx.inner.device.limits();
+    let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
+    let mut plan_tensors = Vec::with_capacity(tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        let name = t.name.clone().unwrap_or_else(|| format!("#{i}"));
+        if !t.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(ClipError::MissingStorageUsage { tensor: name });
+        }
+        let buffer = match buffers.iter().position(|b| *b == t.buffer) {
+            Some(b) => b,
+            None => {
+                buffers.push(t.buffer);
+                buffers.len() - 1
+            }
+        };
+        plan_tensors.push(PlanTensor {
+            buffer,
+            buffer_size: t.buffer.size(),
+            offset: t.offset,
+            len: t.len,
+            dtype: t.dtype,
+            name,
+        });
+    }
+    let segments = segments(&plan_tensors);
+    let plan = Plan::new(
+        &plan_tensors,
+        &segments,
+        PlanLimits {
+            max_binding: limits.max_storage_buffer_binding_size,
+            offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
+            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+        },
+    )?;
+    Ok((plan, buffers))
+}
+
 impl GpuBatch {
     /// Plans a batch over tensors living in caller-owned buffers. Checks every tensor
     /// (STORAGE usage, alignment, bounds, overlap, device) and creates all per-batch
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
-        let device = &ctx.inner.device;
-        let limits = device.limits();
-        let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
-        let mut plan_tensors = Vec::with_capacity(tensors.len());
-        for (i, t) in tensors.iter().enumerate() {
-            let name = t.name.clone().unwrap_or_else(|| format!("#{i}"));
-            if !t.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-                return Err(ClipError::MissingStorageUsage { tensor: name });
-            }
-            let buffer = match buffers.iter().position(|b| *b == t.buffer) {
-                Some(b) => b,
-                None => {
-                    buffers.push(t.buffer);
-                    buffers.len() - 1
-                }
-            };
-            plan_tensors.push(PlanTensor {
-                buffer,
-                buffer_size: t.buffer.size(),
-                offset: t.offset,
-                len: t.len,
-                dtype: t.dtype,
-                name,
-            });
-        }
-        let plan = Plan::new(
-            &plan_tensors,
-            &PlanSegment::whole(&plan_tensors),
-            PlanLimits {
-                max_binding: limits.max_storage_buffer_binding_size,
-                offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
-                max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-            },
-        )?;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let (plan, buffers) = plan_tensors(ctx, tensors, |t| PlanSegment::whole(t))?;
+        let scope = ctx.inner.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let batch = Self::build(ctx, &plan, &buffers, tensors.len());
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(ClipError::Wgpu(error.to_string()));
@@ -329,7 +343,7 @@ impl GpuBatch {
         encoder: &mut wgpu::CommandEncoder,
         norm: Norm,
         from: TotalFrom,
-        scale: bool,
+        clip: Option<NonFinitePolicy>,
     ) -> PendingReport {
         let ctx = self.ctx.clone();
         let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
@@ -352,7 +366,7 @@ impl GpuBatch {
             };
             pass.set_bind_group(0, total, &[]);
             pass.dispatch_workgroups(1, 1, 1);
-            if scale {
+            if clip.is_some() {
                 pass.set_pipeline(&kernels.pipeline(device, Kernel::Apply(OP_SCALE)));
                 for (i, w) in self.windows.iter().enumerate() {
                     pass.set_bind_group(0, &w.apply, &[]);
@@ -372,14 +386,14 @@ impl GpuBatch {
                 self.n_tensors as u64 * ACC_BYTES,
             );
         }
-        PendingReport::on_submit(
+        PendingReport::clip_report(
             encoder,
             readback,
             self.pool.clone(),
             ctx.inner.device.clone(),
             ReportKind {
                 norm,
-                clip: None,
+                clip,
                 tensor_norms: tensor_norms.then_some(self.n_tensors),
             },
         )
@@ -401,7 +415,7 @@ impl GpuBatch {
         } else {
             TotalFrom::Partials
         };
-        Ok(self.encode_step(encoder, norm, from, false))
+        Ok(self.encode_step(encoder, norm, from, None))
     }
 
     /// Records a global-norm clip: norm, coefficient and scaling, all on the GPU in one
@@ -421,7 +435,7 @@ impl GpuBatch {
         } else {
             TotalFrom::Partials
         };
-        Ok(self.clip_report(encoder, clip.norm, from, clip.non_finite))
+        Ok(self.encode_step(encoder, clip.norm, from, Some(clip.non_finite)))
     }
 
     /// Records a clip with a norm computed elsewhere (PyTorch `clip_grads_with_norm_`),
@@ -440,19 +454,7 @@ impl GpuBatch {
         params.policy = policy.code();
         params.given = given_acc(total);
         self.set_step(params);
-        Ok(self.clip_report(encoder, norm, TotalFrom::Given, policy))
-    }
-
-    fn clip_report(
-        &mut self,
-        encoder: &mut wgpu::CommandEncoder,
-        norm: Norm,
-        from: TotalFrom,
-        policy: NonFinitePolicy,
-    ) -> PendingReport {
-        let mut pending = self.encode_step(encoder, norm, from, true);
-        pending.set_clip(policy);
-        pending
+        Ok(self.encode_step(encoder, norm, TotalFrom::Given, Some(policy)))
     }
 
     /// Records a value clip: every element clamped to `[lo, hi]`.

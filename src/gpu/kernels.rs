@@ -7,14 +7,21 @@ const COMMON: &str = include_str!("../../shaders/common.wgsl");
 const NORM_REDUCE: &str = include_str!("../../shaders/norm_reduce.wgsl");
 const NORM_FINISH: &str = include_str!("../../shaders/norm_finish.wgsl");
 const APPLY: &str = include_str!("../../shaders/apply.wgsl");
+const PHILOX: &str = include_str!("../../shaders/philox.wgsl");
+const POLICY: &str = include_str!("../../shaders/policy.wgsl");
+const SEGMENT_APPLY: &str = include_str!("../../shaders/segment_apply.wgsl");
 
-/// A compute pipeline the library uses; the `u32` is the `NORM_KIND` or `OP` override.
+/// A compute pipeline the library uses, with its override constants (`NORM_KIND`, `OP`,
+/// `ADAPTIVE`, `FORMULA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kernel {
     Reduce(u32),
     TensorNorms(u32),
     Total(u32),
     Apply(u32),
+    PolicyFinish { kind: u32, adaptive: u32 },
+    PolicyCoefs { kind: u32, adaptive: u32, formula: u32 },
+    SegmentApply,
 }
 
 /// `OP` of `shaders/apply.wgsl`.
@@ -26,10 +33,14 @@ pub(crate) struct Kernels {
     norm_reduce: wgpu::ShaderModule,
     norm_finish: wgpu::ShaderModule,
     apply: wgpu::ShaderModule,
+    policy: wgpu::ShaderModule,
+    segment_apply: wgpu::ShaderModule,
     /// Layout of `norm_reduce` and of `tensor_norms` (same binding shapes).
     pub reduce_layout: wgpu::BindGroupLayout,
     pub total_layout: wgpu::BindGroupLayout,
     pub apply_layout: wgpu::BindGroupLayout,
+    pub policy_layout: wgpu::BindGroupLayout,
+    pub segment_apply_layout: wgpu::BindGroupLayout,
     pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
 }
 
@@ -72,6 +83,11 @@ impl Kernels {
             norm_reduce: module("gradclip norm_reduce", NORM_REDUCE),
             norm_finish: module("gradclip norm_finish", NORM_FINISH),
             apply: module("gradclip apply", APPLY),
+            policy: module("gradclip policy", POLICY),
+            segment_apply: module(
+                "gradclip segment_apply",
+                &format!("{PHILOX}\n{SEGMENT_APPLY}"),
+            ),
             reduce_layout: layout(
                 "gradclip reduce",
                 &[
@@ -103,6 +119,33 @@ impl Kernels {
                     uniform(4),
                 ],
             ),
+            policy_layout: layout(
+                "gradclip policy",
+                &[
+                    storage(0, true),
+                    storage(1, false),
+                    storage(2, false),
+                    uniform(3),
+                    uniform(4),
+                    uniform(5),
+                    storage(6, true),
+                    storage(7, false),
+                    storage(8, true),
+                    storage(9, true),
+                ],
+            ),
+            segment_apply_layout: layout(
+                "gradclip segment_apply",
+                &[
+                    storage(0, false),
+                    storage(1, true),
+                    storage(2, true),
+                    uniform(3),
+                    uniform(4),
+                    uniform(5),
+                    storage(6, true),
+                ],
+            ),
             pipelines: Mutex::new(HashMap::new()),
         }
     }
@@ -113,29 +156,48 @@ impl Kernels {
         cache
             .entry(kernel)
             .or_insert_with(|| {
-                let (module, entry, layout, constant, value) = match kernel {
-                    Kernel::Reduce(k) => (
-                        &self.norm_reduce,
-                        "main",
-                        &self.reduce_layout,
-                        "NORM_KIND",
-                        k,
-                    ),
+                let kind = |k: u32| vec![("NORM_KIND", k as f64)];
+                let (module, entry, layout, constants) = match kernel {
+                    Kernel::Reduce(k) => (&self.norm_reduce, "main", &self.reduce_layout, kind(k)),
                     Kernel::TensorNorms(k) => (
                         &self.norm_finish,
                         "tensor_norms",
                         &self.reduce_layout,
-                        "NORM_KIND",
-                        k,
+                        kind(k),
                     ),
-                    Kernel::Total(k) => (
-                        &self.norm_finish,
-                        "total",
-                        &self.total_layout,
-                        "NORM_KIND",
-                        k,
+                    Kernel::Total(k) => (&self.norm_finish, "total", &self.total_layout, kind(k)),
+                    Kernel::Apply(op) => (
+                        &self.apply,
+                        "main",
+                        &self.apply_layout,
+                        vec![("OP", op as f64)],
                     ),
-                    Kernel::Apply(op) => (&self.apply, "main", &self.apply_layout, "OP", op),
+                    Kernel::PolicyFinish { kind: k, adaptive } => (
+                        &self.policy,
+                        "finish",
+                        &self.policy_layout,
+                        vec![("NORM_KIND", k as f64), ("ADAPTIVE", adaptive as f64)],
+                    ),
+                    Kernel::PolicyCoefs {
+                        kind: k,
+                        adaptive,
+                        formula,
+                    } => (
+                        &self.policy,
+                        "coefs",
+                        &self.policy_layout,
+                        vec![
+                            ("NORM_KIND", k as f64),
+                            ("ADAPTIVE", adaptive as f64),
+                            ("FORMULA", formula as f64),
+                        ],
+                    ),
+                    Kernel::SegmentApply => (
+                        &self.segment_apply,
+                        "main",
+                        &self.segment_apply_layout,
+                        vec![],
+                    ),
                 };
                 let pipeline_layout =
                     device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
@@ -149,7 +211,7 @@ impl Kernels {
                     module,
                     entry_point: Some(entry),
                     compilation_options: wgpu::PipelineCompilationOptions {
-                        constants: &[(constant, value as f64)],
+                        constants: &constants,
                         zero_initialize_workgroup_memory: false,
                     },
                     cache: None,

@@ -4,10 +4,12 @@
 mod batch;
 mod context;
 mod kernels;
+mod policy;
 mod readback;
 mod reduction;
 mod resources;
 
 pub use batch::{GpuBatch, GpuTensor};
 pub use context::GpuContext;
+pub use policy::GpuPolicy;
 pub use readback::PendingReport;

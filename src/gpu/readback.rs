@@ -62,34 +62,56 @@ pub(crate) struct ReportKind {
     pub tensor_norms: Option<usize>,
 }
 
-/// The report of an encoded step, available once the GPU has run it.
-/// Read it with [`PendingReport::wait`]; [`PendingReport::is_ready`] tells without blocking.
-pub struct PendingReport {
+/// Turns the words read back into a report.
+type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
+
+/// The report of an encoded step ([`ClipReport`], or [`crate::PolicyReport`] for
+/// policies), available once the GPU has run it. Read it with [`PendingReport::wait`];
+/// [`PendingReport::is_ready`] tells without blocking.
+pub struct PendingReport<R = ClipReport> {
     buffer: Option<wgpu::Buffer>,
     state: Arc<AtomicU8>,
     pool: Arc<ReportPool>,
     device: wgpu::Device,
-    kind: ReportKind,
+    decode: Option<Decoder<R>>,
 }
 
-impl std::fmt::Debug for PendingReport {
+impl<R> std::fmt::Debug for PendingReport<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingReport")
             .field("state", &self.state.load(Ordering::Acquire))
-            .field("kind", &self.kind)
             .finish()
     }
 }
 
-impl PendingReport {
+impl PendingReport<ClipReport> {
+    /// A global-norm step's report, decoded as `kind` says.
+    pub(crate) fn clip_report(
+        encoder: &wgpu::CommandEncoder,
+        buffer: wgpu::Buffer,
+        pool: Arc<ReportPool>,
+        device: wgpu::Device,
+        kind: ReportKind,
+    ) -> PendingReport<ClipReport> {
+        PendingReport::on_submit(
+            encoder,
+            buffer,
+            pool,
+            device,
+            Box::new(move |words| decode(words, kind)),
+        )
+    }
+}
+
+impl<R> PendingReport<R> {
     /// Schedules `buffer` to be mapped when `encoder` is submitted.
     pub(crate) fn on_submit(
         encoder: &wgpu::CommandEncoder,
         buffer: wgpu::Buffer,
         pool: Arc<ReportPool>,
         device: wgpu::Device,
-        kind: ReportKind,
-    ) -> PendingReport {
+        decode: Decoder<R>,
+    ) -> PendingReport<R> {
         let state = Arc::new(AtomicU8::new(PENDING));
         let done = state.clone();
         encoder.map_buffer_on_submit(&buffer, wgpu::MapMode::Read, .., move |r| {
@@ -100,13 +122,8 @@ impl PendingReport {
             state,
             pool,
             device,
-            kind,
+            decode: Some(decode),
         }
-    }
-
-    /// Marks the report as the one of a clipping step under `policy`.
-    pub(crate) fn set_clip(&mut self, policy: NonFinitePolicy) {
-        self.kind.clip = Some(policy);
     }
 
     /// True once the report can be read without waiting (polls the device, never blocks).
@@ -118,7 +135,7 @@ impl PendingReport {
     /// Waits for the GPU to finish the step and returns its report. With
     /// [`NonFinitePolicy::Error`], a non-finite norm is returned as
     /// [`ClipError::NonFiniteNorm`] (the gradients were left unchanged).
-    pub fn wait(mut self) -> Result<ClipReport, ClipError> {
+    pub fn wait(mut self) -> Result<R, ClipError> {
         // Another thread's poll may have taken this step's callback and not yet run it,
         // so an idle queue with the report still pending is re-checked for a while before
         // the step is declared never submitted.
@@ -156,11 +173,12 @@ impl PendingReport {
         };
         buffer.unmap();
         self.pool.give_back(buffer);
-        decode(&words, self.kind)
+        let decode = self.decode.take().expect("decoder present until read");
+        decode(&words)
     }
 }
 
-impl Drop for PendingReport {
+impl<R> Drop for PendingReport<R> {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
             if self.state.load(Ordering::Acquire) == MAPPED {
@@ -171,7 +189,8 @@ impl Drop for PendingReport {
     }
 }
 
-fn acc_at(words: &[u32], i: usize) -> NormAcc {
+/// The accumulator stored at word `i`.
+pub(crate) fn acc_at(words: &[u32], i: usize) -> NormAcc {
     NormAcc {
         scale: f32::from_bits(words[i]) as f64,
         sum: f32::from_bits(words[i + 1]) as f64,

@@ -22,7 +22,6 @@ pub(crate) struct SegmentReduction {
     pub segment_accs: wgpu::Buffer,
     /// Dispatch slots: one per window (its slice of the chunk table), then the combine.
     pub slots: DispatchSlots,
-    pub n_segments: usize,
     pub n_chunks: usize,
 }
 
@@ -107,7 +106,6 @@ impl SegmentReduction {
             partials,
             segment_accs,
             slots,
-            n_segments,
             n_chunks,
         }
     }

@@ -5,6 +5,21 @@ use std::num::NonZeroU64;
 use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
+/// `StepParams` of `shaders/common.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
+pub(crate) struct StepParams {
+    pub max_norm: f32,
+    pub p: f32,
+    pub inv_p: f32,
+    pub policy: u32,
+    pub lo: f32,
+    pub hi: f32,
+    pub lo_half: u32,
+    pub hi_half: u32,
+    pub given: [u32; 4],
+}
+
 /// `DispatchParams` of `shaders/common.wgsl`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]

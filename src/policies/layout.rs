@@ -1,0 +1,173 @@
+//! From a policy and the batch's tensors to the segments that get a norm, the groups
+//! whose norms set a threshold, and the formula that turns them into coefficients.
+
+use super::rules::{Rule, UnitAxis};
+use super::{ClipPolicy, TensorInfo};
+use crate::error::ClipError;
+use crate::plan::PlanSegment;
+
+/// How a norm and a threshold give a coefficient (`FORMULA` of `shaders/policy.wgsl`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Formula {
+    /// `min(c / (n + 1e-6), 1)`.
+    PyTorch = 0,
+    /// `c / max(n, c)`.
+    Tf = 1,
+    /// AGC against the parameters' unit norms.
+    Agc = 2,
+}
+
+/// The resolved shape of a policy over one batch.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    /// Segments, numbered in group order.
+    pub segments: Vec<PlanSegment>,
+    /// Group of each segment.
+    pub group_of: Vec<u32>,
+    /// Per group: (first segment, segment count).
+    pub group_ranges: Vec<[u32; 2]>,
+    /// Base threshold per group (before the schedule).
+    pub thresholds: Vec<f32>,
+    /// Group names for reports.
+    pub group_names: Vec<String>,
+    pub formula: Formula,
+    /// `ADAPTIVE` of the shader: 0 none, 1 AutoClip, 2 ZClip.
+    pub adaptive: u32,
+    /// History slots of the state.
+    pub history: usize,
+}
+
+impl Layout {
+    /// Resolves `policy` over tensors described by `infos`.
+    pub(crate) fn new(policy: &ClipPolicy, infos: &[TensorInfo]) -> Result<Layout, ClipError> {
+        policy.validate()?;
+        let whole: Vec<PlanSegment> = infos
+            .iter()
+            .enumerate()
+            .map(|(tensor, t)| PlanSegment {
+                tensor,
+                first: 0,
+                len: t.len(),
+                stride: 1,
+            })
+            .collect();
+        let n = infos.len();
+        let names = || infos.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let one_group = |thr: f32, adaptive: u32, history: usize| Layout {
+            group_of: vec![0; n],
+            group_ranges: vec![[0, n as u32]],
+            segments: whole.clone(),
+            thresholds: vec![thr],
+            group_names: vec!["all".into()],
+            formula: Formula::PyTorch,
+            adaptive,
+            history,
+        };
+        let per_segment = |segments: Vec<PlanSegment>, thresholds: Vec<f32>, formula, names| {
+            let count = segments.len();
+            Layout {
+                group_of: (0..count as u32).collect(),
+                group_ranges: (0..count as u32).map(|s| [s, 1]).collect(),
+                segments,
+                thresholds,
+                group_names: names,
+                formula,
+                adaptive: 0,
+                history: 0,
+            }
+        };
+        Ok(match &policy.rule {
+            Rule::GlobalNorm(c) => one_group(*c, 0, 0),
+            Rule::AutoClip(a) => one_group(0.0, 1, a.history as usize),
+            Rule::ZClip(z) => one_group(0.0, 2, z.warmup as usize),
+            Rule::PerTensor(r) => per_segment(whole, vec![r.max_norm; n], Formula::Tf, names()),
+            Rule::BlockRms(r) => {
+                // rms / t = norm / (t * sqrt(len)): clip_by_norm with that threshold.
+                let thr = infos
+                    .iter()
+                    .map(|t| r.threshold * (t.len() as f32).sqrt())
+                    .collect();
+                per_segment(whole, thr, Formula::Tf, names())
+            }
+            Rule::Groups(g) => {
+                let count = g.groups.len() + 1;
+                let of: Vec<usize> = infos.iter().map(|t| g.group_of(&t.name)).collect();
+                let mut segments = Vec::with_capacity(n);
+                let mut group_of = Vec::with_capacity(n);
+                let mut group_ranges = Vec::with_capacity(count);
+                for group in 0..count {
+                    let first = segments.len() as u32;
+                    for (t, _) in of.iter().enumerate().filter(|(_, &x)| x == group) {
+                        segments.push(whole[t]);
+                        group_of.push(group as u32);
+                    }
+                    group_ranges.push([first, segments.len() as u32 - first]);
+                }
+                let mut thresholds: Vec<f32> = g.groups.iter().map(|x| x.max_norm).collect();
+                thresholds.push(g.default_max_norm);
+                let mut group_names: Vec<String> = g.groups.iter().map(|x| x.name.clone()).collect();
+                group_names.push("default".into());
+                Layout {
+                    segments,
+                    group_of,
+                    group_ranges,
+                    thresholds,
+                    group_names,
+                    formula: Formula::PyTorch,
+                    adaptive: 0,
+                    history: 0,
+                }
+            }
+            Rule::Agc(agc) => {
+                let mut segments = Vec::new();
+                let mut unit_names = Vec::new();
+                for (tensor, t) in infos.iter().enumerate() {
+                    if agc.excludes(&t.name) || t.is_empty() {
+                        continue;
+                    }
+                    let len = t.len();
+                    let (units, unit_len, stride, step) = match (t.shape.len(), agc.axis) {
+                        (0 | 1, _) => (1, len, 1, len),
+                        (_, UnitAxis::First) => (t.shape[0], len / t.shape[0], 1, len / t.shape[0]),
+                        (_, UnitAxis::Last) => {
+                            let cols = t.shape[t.shape.len() - 1];
+                            (cols, len / cols, cols, 1)
+                        }
+                    };
+                    for u in 0..units {
+                        segments.push(PlanSegment {
+                            tensor,
+                            first: u * step,
+                            len: unit_len,
+                            stride,
+                        });
+                        unit_names.push(format!("{}[{u}]", t.name));
+                    }
+                }
+                let count = segments.len();
+                per_segment(segments, vec![0.0; count], Formula::Agc, unit_names)
+            }
+        })
+    }
+}
+
+/// Checks that each info's shape matches the tensor length `lens[i]`.
+pub(crate) fn check_shapes(infos: &[TensorInfo], lens: &[u64]) -> Result<(), ClipError> {
+    if infos.len() != lens.len() {
+        return Err(ClipError::ShapeMismatch {
+            tensor: "batch".into(),
+            expected: format!("{} tensors", infos.len()),
+            got: format!("{} tensors", lens.len()),
+        });
+    }
+    for (info, &len) in infos.iter().zip(lens) {
+        if info.len() != len {
+            return Err(ClipError::ShapeMismatch {
+                tensor: info.name.clone(),
+                expected: format!("{} elements (shape {:?})", info.len(), info.shape),
+                got: format!("{len} elements"),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Clipping policies: a [`Rule`] (what gets a norm and how norms become coefficients)
+//! composed with a threshold [`Schedule`], optional [`GaussianNoise`] and a
+//! [`NonFinitePolicy`]. The same description runs on the GPU ([`crate::GpuPolicy`]) and
+//! on the CPU ([`crate::CpuPolicy`]), over the shared segment reduction.
+
+mod layout;
+mod rules;
+mod schedule;
+mod state;
+
+pub(crate) use layout::{check_shapes, Formula, Layout};
+pub use rules::{
+    Agc, AutoClip, BlockRmsClip, Group, GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
+};
+pub use schedule::Schedule;
+pub use state::PolicyState;
+pub(crate) use state::{HEADER_WORDS, ST_MEAN, ST_SEEN, ST_SKIPS, ST_VAR};
+
+use crate::error::ClipError;
+use crate::norm::Norm;
+use crate::policy::NonFinitePolicy;
+
+/// Gaussian noise added to every element after clipping: `N(0, sigma^2)` from
+/// Philox4x32-10 keyed by `(seed, step)` with counter `(index / 4, tensor, step)`, so the
+/// noise of an element depends only on (seed, step, tensor, index): not on the GPU, the
+/// launch geometry or the backend ([`crate::noise`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GaussianNoise {
+    /// Standard deviation, finite and >= 0.
+    pub sigma: f32,
+    /// Generator seed.
+    pub seed: u64,
+}
+
+/// Name and shape of one tensor, for rules that need them (groups by name, AGC units).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Name matched by group and exclusion patterns.
+    pub name: String,
+    /// Shape; its product must be the tensor's length.
+    pub shape: Vec<u64>,
+}
+
+impl TensorInfo {
+    /// A tensor `name` of shape `shape`.
+    pub fn new(name: impl Into<String>, shape: &[u64]) -> Self {
+        TensorInfo {
+            name: name.into(),
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> u64 {
+        self.shape.iter().product()
+    }
+
+    /// True for a tensor with no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A clipping policy: a rule plus the transforms around it.
+///
+/// ```
+/// use gradclip::{ClipPolicy, GaussianNoise, NonFinitePolicy, PerTensorClip, Rule, Schedule};
+/// let policy = ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 }))
+///     .schedule(Schedule::step_decay(0.5, 1000))
+///     .noise(GaussianNoise { sigma: 1e-3, seed: 7 })
+///     .non_finite(NonFinitePolicy::ZeroNans);
+/// assert!(policy.validate().is_ok());
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClipPolicy {
+    /// What to clip by.
+    pub rule: Rule,
+    /// Norm order of the norm-threshold rules (AGC and block RMS are L2 by definition).
+    pub norm: Norm,
+    /// Threshold multiplier over steps.
+    pub schedule: Schedule,
+    /// Noise added after clipping.
+    pub noise: Option<GaussianNoise>,
+    /// NaN and infinity handling.
+    pub non_finite: NonFinitePolicy,
+    /// Also report every group's (or unit's) norm and coefficient.
+    pub report_groups: bool,
+}
+
+impl ClipPolicy {
+    /// `rule` with an L2 norm, a constant schedule, no noise, non-finite values propagated.
+    pub fn new(rule: Rule) -> Self {
+        ClipPolicy {
+            rule,
+            norm: Norm::L2,
+            schedule: Schedule::Constant,
+            noise: None,
+            non_finite: NonFinitePolicy::Propagate,
+            report_groups: false,
+        }
+    }
+
+    /// Uses norm order `norm`.
+    pub fn norm(mut self, norm: Norm) -> Self {
+        self.norm = norm;
+        self
+    }
+
+    /// Uses threshold schedule `schedule`.
+    pub fn schedule(mut self, schedule: Schedule) -> Self {
+        self.schedule = schedule;
+        self
+    }
+
+    /// Adds Gaussian noise after clipping.
+    pub fn noise(mut self, noise: GaussianNoise) -> Self {
+        self.noise = Some(noise);
+        self
+    }
+
+    /// Uses non-finite policy `policy`.
+    pub fn non_finite(mut self, policy: NonFinitePolicy) -> Self {
+        self.non_finite = policy;
+        self
+    }
+
+    /// Reports every group's norm and coefficient.
+    pub fn with_group_report(mut self) -> Self {
+        self.report_groups = true;
+        self
+    }
+
+    /// Checks the whole configuration.
+    pub fn validate(&self) -> Result<(), ClipError> {
+        self.rule.validate()?;
+        self.norm.validate()?;
+        if matches!(self.rule, Rule::Agc(_) | Rule::BlockRms(_)) && self.norm != Norm::L2 {
+            return Err(ClipError::InvalidConfig(
+                "AGC and block RMS are defined with the L2 norm".into(),
+            ));
+        }
+        if let Some(n) = self.noise {
+            if !(n.sigma.is_finite() && n.sigma >= 0.0) {
+                return Err(ClipError::InvalidConfig(format!(
+                    "noise sigma must be finite and >= 0, got {}",
+                    n.sigma
+                )));
+            }
+        }
+        Ok(())
+    }
+}

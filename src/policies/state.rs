@@ -1,0 +1,114 @@
+//! The state a policy carries between steps, in the exact word layout the GPU keeps
+//! (`state` binding of `shaders/policy.wgsl`), so a state saved from either backend
+//! restores on either and a resumed run clips as the uninterrupted one would.
+
+use crate::error::ClipError;
+
+/// Header words before the history.
+pub(crate) const HEADER_WORDS: usize = 8;
+pub(crate) const ST_SEEN: usize = 0;
+pub(crate) const ST_SKIPS: usize = 1;
+pub(crate) const ST_MEAN: usize = 2;
+pub(crate) const ST_VAR: usize = 3;
+
+const MAGIC: &[u8; 4] = b"GCPS";
+const VERSION: u32 = 1;
+
+/// Everything a policy remembers: the step counter (noise and schedules), the count of
+/// consecutive skipped steps, and for the adaptive rules the norm history (AutoClip's
+/// ring buffer, ZClip's warmup norms) and ZClip's running mean and variance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyState {
+    pub(crate) step: u64,
+    /// Header words then history (f32 bits).
+    pub(crate) words: Vec<u32>,
+}
+
+impl PolicyState {
+    /// A fresh state with room for `history` norms.
+    pub(crate) fn new(history: usize) -> Self {
+        PolicyState {
+            step: 0,
+            words: vec![0; HEADER_WORDS + history],
+        }
+    }
+
+    /// Steps taken so far (the next step's number).
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Consecutive steps skipped by [`crate::NonFinitePolicy::SkipStep`], up to the last.
+    pub fn consecutive_skips(&self) -> u32 {
+        self.words[ST_SKIPS]
+    }
+
+    /// Finite norms recorded by an adaptive rule so far.
+    pub fn norms_seen(&self) -> u32 {
+        self.words[ST_SEEN]
+    }
+
+    /// The stored norms (AutoClip: the ring buffer in slot order; ZClip: the warmup norms).
+    pub fn history(&self) -> Vec<f32> {
+        let cap = self.words.len() - HEADER_WORDS;
+        let n = (self.words[ST_SEEN] as usize).min(cap);
+        self.words[HEADER_WORDS..HEADER_WORDS + n]
+            .iter()
+            .map(|&w| f32::from_bits(w))
+            .collect()
+    }
+
+    /// ZClip's running mean and variance (meaningful after warmup).
+    pub fn ema(&self) -> (f32, f32) {
+        (
+            f32::from_bits(self.words[ST_MEAN]),
+            f32::from_bits(self.words[ST_VAR]),
+        )
+    }
+
+    /// Serializes the state (little-endian, versioned).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(20 + 4 * self.words.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&self.step.to_le_bytes());
+        out.extend_from_slice(&(self.words.len() as u32).to_le_bytes());
+        for w in &self.words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out
+    }
+
+    /// Reads a state written by [`PolicyState::to_bytes`].
+    pub fn from_bytes(bytes: &[u8]) -> Result<PolicyState, ClipError> {
+        let bad = |why: &str| ClipError::InvalidState(why.into());
+        if bytes.len() < 20 || &bytes[..4] != MAGIC {
+            return Err(bad("not a gradclip policy state"));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        if u32_at(4) != VERSION {
+            return Err(bad("unsupported state version"));
+        }
+        let step = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
+        let n = u32_at(16) as usize;
+        if n < HEADER_WORDS || bytes.len() != 20 + 4 * n {
+            return Err(bad("truncated or oversized state"));
+        }
+        Ok(PolicyState {
+            step,
+            words: (0..n).map(|i| u32_at(20 + 4 * i)).collect(),
+        })
+    }
+
+    /// Checks that this state fits a policy keeping `history` norms.
+    pub(crate) fn check_fits(&self, history: usize) -> Result<(), ClipError> {
+        if self.words.len() == HEADER_WORDS + history {
+            Ok(())
+        } else {
+            Err(ClipError::InvalidState(format!(
+                "state holds {} history slots, the policy needs {history}",
+                self.words.len() - HEADER_WORDS
+            )))
+        }
+    }
+}
