@@ -49,7 +49,7 @@ const ST_HEADER: u32 = 8u;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
 @group(0) @binding(5) var<uniform> config: PolicyParams;
 @group(0) @binding(6) var<storage, read> thresholds: array<f32>;
-@group(0) @binding(7) var<storage, read_write> coefs: array<f32>;
+@group(0) @binding(7) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(8) var<storage, read> group_of: array<u32>;
 @group(0) @binding(9) var<storage, read> params: array<Acc>;
 
@@ -325,7 +325,7 @@ fn coefs(
             coef = norm_coef(inputs[g], thresholds[g] * config.multiplier);
         }
     }
-    coefs[s] = coef;
+    coef_out[s] = coef;
     if (!(coef >= 1.0)) {
         atomicAdd(&report.clipped, 1u);
     }

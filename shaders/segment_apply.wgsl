@@ -54,8 +54,8 @@ fn update_half(e: u32, dtype: u32, coef: f32, tensor: u32, index: u32) {
     let w = e >> 1u;
     let shift = (e & 1u) * 16u;
     let old = (atomicLoad(&grads[w]) >> shift) & 0xffffu;
-    let new = half_transform(old, dtype, coef, tensor, index);
-    atomicXor(&grads[w], (old ^ new) << shift);
+    let updated = half_transform(old, dtype, coef, tensor, index);
+    atomicXor(&grads[w], (old ^ updated) << shift);
 }
 
 @compute @workgroup_size(256)
@@ -89,7 +89,8 @@ fn main(
     }
     let start = chunk.start;
     let end = start + chunk.len;
-    for (var w = (start >> 1u) + lid; w < (end + 1u) >> 1u; w = w + WG) {
+    let end_word = (end + 1u) >> 1u;
+    for (var w = (start >> 1u) + lid; w < end_word; w = w + WG) {
         let e0 = w * 2u;
         let i0 = chunk.index + e0 - start; // tensor index of the low half (wraps if outside)
         if (e0 >= start && e0 + 1u < end) {

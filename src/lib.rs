@@ -15,9 +15,9 @@ mod policy;
 mod report;
 
 pub use clipper::{Backend, Clipper};
+pub use cpu::CpuPolicy;
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
-pub use cpu::CpuPolicy;
 pub use gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor, PendingReport};
 pub use half::{bf16, f16};
 pub use norm::{Norm, NormAcc, PartialNorm};

@@ -8,8 +8,8 @@ mod norm_reduce;
 pub(crate) mod philox;
 mod policy;
 
-pub use policy::CpuPolicy;
 pub(crate) use policy::live_total;
+pub use policy::CpuPolicy;
 
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;

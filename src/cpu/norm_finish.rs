@@ -15,7 +15,11 @@ pub(crate) fn finish(
     // ZeroNans: the NaNs are zeroed by the scaling pass, so they do not count here.
     let zero_nans = policy == NonFinitePolicy::ZeroNans;
     let live = NormAcc {
-        flags: if zero_nans { acc.flags & !FLAG_NAN } else { acc.flags },
+        flags: if zero_nans {
+            acc.flags & !FLAG_NAN
+        } else {
+            acc.flags
+        },
         ..*acc
     };
     let coef = live.clip_coef(norm, max_norm);
@@ -30,7 +34,10 @@ pub(crate) fn finish(
         apply = true;
     }
     if live.flags != 0 {
-        if !matches!(policy, NonFinitePolicy::Propagate | NonFinitePolicy::ZeroNans) {
+        if !matches!(
+            policy,
+            NonFinitePolicy::Propagate | NonFinitePolicy::ZeroNans
+        ) {
             apply = false;
             if policy == NonFinitePolicy::SkipStep {
                 status |= STATUS_SKIPPED;

@@ -164,7 +164,9 @@ fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_
                 .map(|i| word(state, HEADER_WORDS + i))
                 .collect();
             let mean = hist.iter().fold(0.0f32, |s, &x| s + x) / warmup as f32;
-            let sq = hist.iter().fold(0.0f32, |s, &x| s + (x - mean) * (x - mean));
+            let sq = hist
+                .iter()
+                .fold(0.0f32, |s, &x| s + (x - mean) * (x - mean));
             state.words[ST_MEAN] = mean.to_bits();
             state.words[ST_VAR] = (sq / warmup as f32).to_bits();
         }
@@ -188,11 +190,8 @@ fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_
 
 /// Rewrites the elements of `seg` in `g` with `f(x, index in tensor)`.
 fn rewrite(g: &mut GradMut<'_>, seg: &PlanSegment, f: impl Fn(f32, u32) -> f32 + Sync) {
-    fn run<T: Send>(
-        x: &mut [T],
-        seg: &PlanSegment,
-        f: impl Fn(T, u32) -> T + Sync,
-    ) where
+    fn run<T: Send>(x: &mut [T], seg: &PlanSegment, f: impl Fn(T, u32) -> T + Sync)
+    where
         T: Copy,
     {
         let (a, n, stride) = (seg.first as usize, seg.len as usize, seg.stride as usize);
@@ -282,7 +281,11 @@ impl CpuPolicy {
         // finish
         let mut state = self.state.clone();
         let flags = live(total.flags, nf);
-        let mut status = if total.flags != 0 { STATUS_NONFINITE } else { 0 };
+        let mut status = if total.flags != 0 {
+            STATUS_NONFINITE
+        } else {
+            0
+        };
         if total.flags & FLAG_NAN != 0 && nf == NonFinitePolicy::ZeroNans {
             status |= STATUS_NANS_ZEROED;
         }
@@ -332,7 +335,13 @@ impl CpuPolicy {
                 } else if layout.adaptive != 0 {
                     coef
                 } else {
-                    norm_coef(&groups[g], norm, layout.thresholds[g] * mult, layout.formula, nf)
+                    norm_coef(
+                        &groups[g],
+                        norm,
+                        layout.thresholds[g] * mult,
+                        layout.formula,
+                        nf,
+                    )
                 }
             })
             .collect();

@@ -166,7 +166,10 @@ impl GpuBatch {
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
         let (plan, buffers) = plan_tensors(ctx, tensors, |t| PlanSegment::whole(t))?;
-        let scope = ctx.inner.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let scope = ctx
+            .inner
+            .device
+            .push_error_scope(wgpu::ErrorFilter::Validation);
         let batch = Self::build(ctx, &plan, &buffers, tensors.len());
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(ClipError::Wgpu(error.to_string()));

@@ -19,8 +19,15 @@ pub(crate) enum Kernel {
     TensorNorms(u32),
     Total(u32),
     Apply(u32),
-    PolicyFinish { kind: u32, adaptive: u32 },
-    PolicyCoefs { kind: u32, adaptive: u32, formula: u32 },
+    PolicyFinish {
+        kind: u32,
+        adaptive: u32,
+    },
+    PolicyCoefs {
+        kind: u32,
+        adaptive: u32,
+        formula: u32,
+    },
     SegmentApply,
 }
 

@@ -124,13 +124,19 @@ impl GpuPolicy {
             "gradclip policy params",
             std::mem::size_of::<PolicyParams>() as u64,
         );
-        let grads_red = SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &step_buf);
+        let grads_red =
+            SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &step_buf);
         let params_red = param_plan
             .as_ref()
             .map(|(plan, bufs)| SegmentReduction::new(device, kernels, plan, bufs, &step_buf));
         let n_seg = layout.segments.len();
         let n_groups = layout.group_ranges.len();
-        let identity = n_groups == n_seg && layout.group_of.iter().enumerate().all(|(s, &g)| g as usize == s);
+        let identity = n_groups == n_seg
+            && layout
+                .group_of
+                .iter()
+                .enumerate()
+                .all(|(s, &g)| g as usize == s);
         let slots = DispatchSlots::new(
             device,
             &[
@@ -472,13 +478,13 @@ impl GpuPolicy {
 
     /// [`GpuPolicy::encode`], submitted now.
     pub fn run(&mut self) -> Result<PendingReport<PolicyReport>, ClipError> {
-        let mut encoder = self
-            .ctx
-            .inner
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("gradclip policy"),
-            });
+        let mut encoder =
+            self.ctx
+                .inner
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("gradclip policy"),
+                });
         let pending = self.encode(&mut encoder)?;
         self.ctx.inner.queue.submit([encoder.finish()]);
         Ok(pending)
@@ -523,4 +529,3 @@ impl GpuPolicy {
         Ok(())
     }
 }
-

@@ -105,7 +105,8 @@ impl Layout {
                 }
                 let mut thresholds: Vec<f32> = g.groups.iter().map(|x| x.max_norm).collect();
                 thresholds.push(g.default_max_norm);
-                let mut group_names: Vec<String> = g.groups.iter().map(|x| x.name.clone()).collect();
+                let mut group_names: Vec<String> =
+                    g.groups.iter().map(|x| x.name.clone()).collect();
                 group_names.push("default".into());
                 Layout {
                     segments,

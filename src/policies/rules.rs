@@ -12,7 +12,11 @@ fn check(ok: bool, what: &str, value: f64) -> Result<(), ClipError> {
 }
 
 fn positive(what: &str, v: f32) -> Result<(), ClipError> {
-    check(v.is_finite() && v > 0.0, &format!("{what} must be finite and > 0, got"), v as f64)
+    check(
+        v.is_finite() && v > 0.0,
+        &format!("{what} must be finite and > 0, got"),
+        v as f64,
+    )
 }
 
 /// Clip each tensor by its own norm (Keras `clipnorm`, TF `clip_by_norm`):
@@ -315,7 +319,10 @@ impl Rule {
 
     /// Rules whose threshold is one global number (reported as such).
     pub(crate) fn is_global(&self) -> bool {
-        matches!(self, Rule::GlobalNorm(_) | Rule::AutoClip(_) | Rule::ZClip(_))
+        matches!(
+            self,
+            Rule::GlobalNorm(_) | Rule::AutoClip(_) | Rule::ZClip(_)
+        )
     }
 }
 

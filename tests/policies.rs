@@ -1,0 +1,591 @@
+//! Clipping policies: known answers of REFERENCE.md on both backends, GPU against the CPU
+//! oracle for every rule (mixed dtypes, odd lengths that end inside 32-bit words),
+//! noise, state save/restore and bad configurations.
+
+mod common;
+
+use common::{close, download, gpu, upload, Arena, Host};
+use gradclip::{
+    bf16, f16, noise, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, CpuPolicy, GaussianNoise,
+    GpuContext, GpuPolicy, GpuTensor, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
+    PolicyReport, PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ZClip,
+};
+use proptest::prelude::*;
+
+fn gpu_tensors<'a>(arena: &'a Arena, h: &[Host], infos: &[TensorInfo]) -> Vec<GpuTensor<'a>> {
+    h.iter()
+        .zip(&arena.offsets)
+        .zip(infos)
+        .map(|((t, &o), info)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+            .named(info.name.clone())
+            .shaped(&info.shape)
+        })
+        .collect()
+}
+
+fn infos_of(h: &[Host]) -> Vec<TensorInfo> {
+    h.iter()
+        .enumerate()
+        .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
+        .collect()
+}
+
+/// Runs `steps` steps of `policy` on the GPU; returns the gradients after each step and
+/// the reports.
+fn run_gpu(
+    ctx: &GpuContext,
+    policy: &ClipPolicy,
+    steps: &[Vec<Host>],
+    params: Option<&[Host]>,
+    infos: &[TensorInfo],
+) -> Vec<(Vec<Host>, PolicyReport)> {
+    let first = upload(ctx, &steps[0]);
+    let p_arena = params.map(|p| upload(ctx, p));
+    let grads = gpu_tensors(&first, &steps[0], infos);
+    let p_tensors = p_arena
+        .as_ref()
+        .map(|a| gpu_tensors(a, params.unwrap(), infos));
+    let mut run =
+        GpuPolicy::new(ctx, &grads, p_tensors.as_deref(), policy.clone()).expect("valid policy");
+    steps
+        .iter()
+        .map(|h| {
+            let (offsets, size) = common::layout(h, 0);
+            let mut bytes = vec![0u8; size as usize];
+            for (t, o) in h.iter().zip(offsets) {
+                let b = t.as_ref();
+                let b = b.as_bytes();
+                bytes[o as usize..o as usize + b.len()].copy_from_slice(b);
+            }
+            ctx.queue().write_buffer(&first.buffer, 0, &bytes);
+            let report = run.run().unwrap().wait().unwrap();
+            (download(ctx, &first, h), report)
+        })
+        .collect()
+}
+
+fn run_cpu(
+    policy: &ClipPolicy,
+    steps: &[Vec<Host>],
+    params: Option<&[Host]>,
+    infos: &[TensorInfo],
+) -> Vec<(Vec<Host>, PolicyReport)> {
+    let mut run = CpuPolicy::new(policy.clone(), infos).expect("valid policy");
+    let p_refs: Option<Vec<GradRef<'_>>> = params.map(common::refs);
+    steps
+        .iter()
+        .map(|h| {
+            let mut h = h.clone();
+            let report = run
+                .step(&mut common::muts(&mut h), p_refs.as_deref())
+                .unwrap();
+            (h, report)
+        })
+        .collect()
+}
+
+/// Element tolerance: a few units in the last place of the element type.
+fn tol(t: &Host) -> f64 {
+    match t {
+        Host::F32(_) => 2e-6,
+        Host::F16(_) => 2e-3,
+        Host::BF16(_) => 1.6e-2,
+    }
+}
+
+fn assert_same(a: &[Host], b: &[Host], abs: f64, what: &str) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let (xs, ys) = (x.to_f64(), y.to_f64());
+        for (j, (u, v)) in xs.iter().zip(&ys).enumerate() {
+            assert!(
+                close(*u, *v, tol(x)) || (u - v).abs() <= abs,
+                "{what}: tensor {i} element {j}: {u} vs {v}"
+            );
+        }
+    }
+}
+
+fn assert_reports(g: &PolicyReport, c: &PolicyReport) {
+    assert!(close(g.total_norm, c.total_norm, 1e-5), "{g:?} vs {c:?}");
+    assert_eq!(g.threshold.is_some(), c.threshold.is_some());
+    if let (Some(a), Some(b)) = (g.threshold, c.threshold) {
+        assert!(close(a as f64, b as f64, 1e-5), "threshold {a} vs {b}");
+    }
+    if let (Some(a), Some(b)) = (g.coef, c.coef) {
+        assert!(close(a as f64, b as f64, 1e-5), "coef {a} vs {b}");
+    }
+    assert_eq!(g.units, c.units);
+    assert_eq!(
+        (
+            g.non_finite,
+            g.nans_zeroed,
+            g.skipped,
+            g.consecutive_skips,
+            g.step
+        ),
+        (
+            c.non_finite,
+            c.nans_zeroed,
+            c.skipped,
+            c.consecutive_skips,
+            c.step
+        )
+    );
+}
+
+fn both(
+    policy: &ClipPolicy,
+    steps: &[Vec<Host>],
+    params: Option<&[Host]>,
+    infos: &[TensorInfo],
+) -> Vec<(Vec<Host>, PolicyReport)> {
+    let g = run_gpu(&gpu(), policy, steps, params, infos);
+    let c = run_cpu(policy, steps, params, infos);
+    // The noise goes through ln/cos/sin, whose last bits differ between GPU and host.
+    let abs = policy.noise.map_or(1e-30, |n| n.sigma as f64 * 1e-5);
+    for (i, ((gh, gr), (ch, cr))) in g.iter().zip(&c).enumerate() {
+        assert_same(gh, ch, abs, &format!("{:?} step {i}", policy.rule));
+        assert_reports(gr, cr);
+        // A global coefficient within an f32 ulp of 1 may round either way.
+        let at_one = cr.coef.is_some_and(|c| (c - 1.0).abs() < 1e-6);
+        assert!(
+            at_one || gr.clipped_units.abs_diff(cr.clipped_units) <= 1,
+            "{gr:?} vs {cr:?}"
+        );
+    }
+    c
+}
+
+fn f32s(v: &[f32]) -> Host {
+    Host::F32(v.to_vec())
+}
+
+#[test]
+fn agc_known_answers_both_layouts() {
+    // REFERENCE: W row [3, 4], G row [0.3, 0.4], lambda 0.01 -> [0.03, 0.04]; a zero W row
+    // gives the limit 0.01 * 1e-3 = 1e-5.
+    let policy = ClipPolicy::new(Rule::Agc(Agc::new(0.01)));
+    let infos = [TensorInfo::new("w", &[2, 2]), TensorInfo::new("b", &[2])];
+    let w = [f32s(&[3.0, 4.0, 0.0, 0.0]), f32s(&[0.0, 0.0])];
+    let g = vec![f32s(&[0.3, 0.4, 1.0, 0.0]), f32s(&[0.5, 0.0])];
+    let out = both(&policy, &[g], Some(&w), &infos);
+    let want = [0.03, 0.04, 1e-5, 0.0];
+    for (a, b) in out[0].0[0].to_f64().iter().zip(want) {
+        assert!(close(*a, b, 1e-5), "{a} vs {b}");
+    }
+    // The bias is one unit with a zero parameter norm: limit 1e-5.
+    assert!(close(out[0].0[1].to_f64()[0], 1e-5, 1e-5));
+    assert_eq!(out[0].1.clipped_units, 3);
+
+    // JAX layout (in, out): the same units are columns of the transposes.
+    let policy = ClipPolicy::new(Rule::Agc(Agc::new(0.01).axis(UnitAxis::Last)));
+    let wt = [f32s(&[3.0, 0.0, 4.0, 0.0]), f32s(&[0.0, 0.0])];
+    let gt = vec![f32s(&[0.3, 1.0, 0.4, 0.0]), f32s(&[0.5, 0.0])];
+    let out = both(&policy, &[gt], Some(&wt), &infos);
+    let want = [0.03, 1e-5, 0.04, 0.0];
+    for (a, b) in out[0].0[0].to_f64().iter().zip(want) {
+        assert!(close(*a, b, 1e-5), "{a} vs {b}");
+    }
+
+    // Excluded tensors are untouched.
+    let policy = ClipPolicy::new(Rule::Agc(Agc::new(0.01).exclude("b")));
+    let out = both(
+        &policy,
+        &[vec![f32s(&[0.3, 0.4, 1.0, 0.0]), f32s(&[0.5, 0.0])]],
+        Some(&w),
+        &infos,
+    );
+    assert_eq!(out[0].0[1], f32s(&[0.5, 0.0]));
+    assert_eq!(out[0].1.units, 2);
+}
+
+#[test]
+fn autoclip_known_answers() {
+    // REFERENCE (p = 10): norms [1, 3, 2, 10] -> thresholds [1, 1.2, 1.2, 1.3],
+    // coefficients [0.999999, 0.3999999, 0.5999997, 0.13].
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(10.0, 100)));
+    let steps: Vec<Vec<Host>> = [1.0f32, 3.0, 2.0, 10.0]
+        .iter()
+        .map(|&n| vec![f32s(&[n])])
+        .collect();
+    let out = both(&policy, &steps, None, &[TensorInfo::new("g", &[1])]);
+    let thresholds = [1.0, 1.2, 1.2, 1.3];
+    let coefs = [0.999999, 0.3999999, 0.5999997, 0.13];
+    for (i, (_, r)) in out.iter().enumerate() {
+        assert!(
+            close(r.threshold.unwrap() as f64, thresholds[i], 1e-6),
+            "{r:?}"
+        );
+        assert!(close(r.coef.unwrap() as f64, coefs[i], 1e-6), "{r:?}");
+    }
+}
+
+#[test]
+fn autoclip_ring_buffer_keeps_the_last_norms() {
+    // History 3, median: after norms 1, 2, 3, 100, 5 the ring holds [100, 5, 3] -> 5.
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 3)));
+    let steps: Vec<Vec<Host>> = [1.0f32, 2.0, 3.0, 100.0, 5.0]
+        .iter()
+        .map(|&n| vec![f32s(&[n])])
+        .collect();
+    let out = both(&policy, &steps, None, &[TensorInfo::new("g", &[1])]);
+    assert_eq!(out[4].1.threshold, Some(5.0));
+    assert_eq!(out[3].1.threshold, Some(3.0));
+}
+
+#[test]
+fn zclip_known_answers() {
+    // REFERENCE (warmup 3): 1.0, 1.2, 0.8 -> mean 1, var 0.0266666667; then 2.0 ->
+    // threshold 1.16666769, coef 0.58333355; then 1.05 -> no clip.
+    let z = ZClip {
+        warmup: 3,
+        ..ZClip::default()
+    };
+    let policy = ClipPolicy::new(Rule::ZClip(z));
+    let steps: Vec<Vec<Host>> = [1.0f32, 1.2, 0.8, 2.0, 1.05]
+        .iter()
+        .map(|&n| vec![f32s(&[n])])
+        .collect();
+    let infos = [TensorInfo::new("g", &[1])];
+    let out = both(&policy, &steps, None, &infos);
+    for (_, r) in &out[..3] {
+        assert_eq!(r.coef, Some(1.0));
+        assert_eq!(r.clipped_units, 0);
+    }
+    let r = &out[3].1;
+    assert!(
+        close(r.threshold.unwrap() as f64, 1.16666769, 1e-6),
+        "{r:?}"
+    );
+    assert!(close(r.coef.unwrap() as f64, 0.58333355, 1e-6), "{r:?}");
+    assert!(close(out[3].0[0].to_f64()[0], 1.16666769, 1e-6));
+    assert_eq!(out[4].1.coef, Some(1.0));
+
+    // The EMA after each step, on the CPU and read back from the GPU.
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let expect = [
+        (1.0, 0.0266666667),
+        (1.00500003, 0.0266507596),
+        (1.00635003, 0.0259083964),
+    ];
+    for (i, s) in steps.iter().enumerate() {
+        let mut h = s.clone();
+        cpu.step(&mut common::muts(&mut h), None).unwrap();
+        if i >= 2 {
+            let (m, v) = cpu.state().ema();
+            let (em, ev) = expect[i - 2];
+            assert!(
+                close(m as f64, em, 1e-6) && close(v as f64, ev, 1e-5),
+                "{m} {v}"
+            );
+        }
+    }
+}
+
+#[test]
+fn per_tensor_groups_and_block_rms() {
+    // Keras clipnorm: [3, 4] with c = 1 -> [0.6, 0.8]; a zero tensor stays zero.
+    let infos = [
+        TensorInfo::new("embedding.weight", &[2]),
+        TensorInfo::new("lstm.weight", &[2]),
+        TensorInfo::new("fc.bias", &[3]),
+    ];
+    let g = vec![f32s(&[3.0, 4.0]), f32s(&[0.0, 0.0]), f32s(&[0.1, 0.2, 0.2])];
+    let out = both(
+        &ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 })).with_group_report(),
+        &[g.clone()],
+        None,
+        &infos,
+    );
+    assert_eq!(out[0].0[0], f32s(&[0.6, 0.8]));
+    assert_eq!(out[0].0[1], f32s(&[0.0, 0.0]));
+    assert_eq!(out[0].0[2], g[2]);
+    let groups = out[0].1.groups.as_ref().unwrap();
+    assert_eq!(groups[0].norm, 5.0);
+    assert!(close(groups[0].coef as f64, 0.2, 1e-7));
+
+    // Layer-wise (the seeds' example): embedding 0.5, lstm 1.0, default 0.8.
+    let rule = GroupClip::new(0.8)
+        .group("embedding", "embedding*", 0.5)
+        .group("lstm", "lstm*", 1.0);
+    let out = both(
+        &ClipPolicy::new(Rule::Groups(rule)),
+        &[g.clone()],
+        None,
+        &infos,
+    );
+    let e = out[0].0[0].to_f64();
+    assert!(close(e[0], 3.0 * 0.5 / (5.0 + 1e-6), 1e-6));
+    assert_eq!(out[0].0[2], g[2]); // norm 0.3 < 0.8
+
+    // Block RMS: rms([3, 4]) = 3.5355; t = 1 -> divided by 3.5355.
+    let out = both(
+        &ClipPolicy::new(Rule::BlockRms(BlockRmsClip { threshold: 1.0 })),
+        &[g],
+        None,
+        &infos,
+    );
+    let e = out[0].0[0].to_f64();
+    let rms = (12.5f64).sqrt();
+    assert!(
+        close(e[0], 3.0 / rms, 1e-6) && close(e[1], 4.0 / rms, 1e-6),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn schedules_scale_every_threshold() {
+    // Step decay 0.5 every 2 steps on a global threshold of 1: 1, 1, 0.5, 0.5, 0.25.
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).schedule(Schedule::step_decay(0.5, 2));
+    let steps: Vec<Vec<Host>> = (0..5).map(|_| vec![f32s(&[30.0, 40.0])]).collect();
+    let out = both(&policy, &steps, None, &[TensorInfo::new("g", &[2])]);
+    for (i, want) in [1.0f32, 1.0, 0.5, 0.5, 0.25].iter().enumerate() {
+        assert_eq!(out[i].1.threshold, Some(*want));
+        assert!(close(out[i].0[0].to_f64()[0], 0.6 * *want as f64, 1e-6));
+    }
+    assert_eq!(policy.schedule.lr(0.1, 4), 0.025);
+    let custom = Schedule::custom(|s| 1.0 / (1.0 + s as f64));
+    assert_eq!(custom.multiplier(3), 0.25);
+}
+
+#[test]
+fn noise_is_reproducible_and_backend_independent() {
+    let sigma = 0.5;
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1e30)).noise(GaussianNoise { sigma, seed: 99 });
+    let h = vec![Host::F32(vec![0.0; 1001]), Host::F32(vec![0.0; 37])];
+    let steps = vec![h.clone(), h.clone()];
+    let out = both(&policy, &steps, None, &infos_of(&h));
+    for (step, (g, _)) in out.iter().enumerate() {
+        for (t, x) in g.iter().enumerate() {
+            for (i, v) in x.to_f64().iter().enumerate() {
+                let want = sigma * noise::gaussian_noise(99, step as u64, t as u32, i as u32);
+                assert!(
+                    (*v - want as f64).abs() < 1e-5 * sigma as f64,
+                    "{v} vs {want}"
+                );
+            }
+        }
+    }
+    assert_ne!(out[0].0, out[1].0, "each step draws fresh noise");
+    let again = run_gpu(&gpu(), &policy, &steps, None, &infos_of(&h));
+    assert_eq!(
+        again[0].0,
+        run_gpu(&gpu(), &policy, &steps, None, &infos_of(&h))[0].0
+    );
+}
+
+#[test]
+fn non_finite_options() {
+    let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
+    let g = vec![f32s(&[f32::NAN, 3.0, 4.0]), f32s(&[0.0, 0.0])];
+    // ZeroNans: NaN -> 0, then the clip sees norm 5.
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::ZeroNans);
+    let out = both(&policy, &[g.clone()], None, &infos);
+    let r = &out[0].1;
+    assert!(r.nans_zeroed && r.non_finite && !r.skipped, "{r:?}");
+    assert!(close(r.total_norm, 5.0, 1e-7));
+    let a = out[0].0[0].to_f64();
+    assert_eq!(a[0], 0.0);
+    assert!(close(a[1], 0.6, 1e-6));
+    // SkipStep counts consecutive skips and leaves the gradients alone.
+    let policy = ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 }))
+        .non_finite(NonFinitePolicy::SkipStep)
+        .noise(GaussianNoise {
+            sigma: 1.0,
+            seed: 1,
+        });
+    let fine = vec![f32s(&[0.0, 3.0, 4.0]), f32s(&[0.0, 0.0])];
+    let out = both(
+        &policy,
+        &[g.clone(), g.clone(), fine, g.clone()],
+        None,
+        &infos,
+    );
+    let skips: Vec<u32> = out.iter().map(|(_, r)| r.consecutive_skips).collect();
+    assert_eq!(skips, [1, 2, 0, 1]);
+    assert_eq!(out[0].0[1], g[1]);
+    // Error: typed error, gradients untouched.
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::Error);
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut h = g.clone();
+    let err = cpu.step(&mut common::muts(&mut h), None).unwrap_err();
+    assert!(matches!(err, ClipError::NonFiniteNorm(_)));
+    assert_eq!(h[1], g[1]);
+    let ctx = gpu();
+    let arena = upload(&ctx, &g);
+    let mut run = GpuPolicy::new(&ctx, &gpu_tensors(&arena, &g, &infos), None, policy).unwrap();
+    assert!(matches!(
+        run.run().unwrap().wait(),
+        Err(ClipError::NonFiniteNorm(_))
+    ));
+    assert_eq!(download(&ctx, &arena, &g)[1], g[1]);
+}
+
+#[test]
+fn state_round_trips_between_runs_and_backends() {
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4))).noise(GaussianNoise {
+        sigma: 0.01,
+        seed: 5,
+    });
+    let infos = [TensorInfo::new("g", &[3])];
+    let steps: Vec<Vec<Host>> = (0..8)
+        .map(|i| vec![f32s(&[i as f32, 1.0 + (i * i) as f32, 2.0])])
+        .collect();
+    let straight = run_gpu(&gpu(), &policy, &steps, None, &infos);
+    // Five steps on the CPU, saved to bytes, resumed on the GPU for three.
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    for s in &steps[..5] {
+        let mut h = s.clone();
+        cpu.step(&mut common::muts(&mut h), None).unwrap();
+    }
+    let bytes = cpu.state().to_bytes();
+    let restored = PolicyState::from_bytes(&bytes).unwrap();
+    assert_eq!(restored.step(), 5);
+    let ctx = gpu();
+    let arena = upload(&ctx, &steps[5]);
+    let mut run = GpuPolicy::new(
+        &ctx,
+        &gpu_tensors(&arena, &steps[5], &infos),
+        None,
+        policy.clone(),
+    )
+    .unwrap();
+    run.set_state(&restored).unwrap();
+    for (i, s) in steps[5..].iter().enumerate() {
+        ctx.queue()
+            .write_buffer(&arena.buffer, 0, s[0].as_ref().as_bytes());
+        let r = run.run().unwrap().wait().unwrap();
+        let (want_h, want_r) = &straight[5 + i];
+        assert_reports(&r, want_r);
+        assert_same(&download(&ctx, &arena, s), want_h, 1e-30, "resumed");
+    }
+    // And the GPU state reads back into a CPU run.
+    let back = run.state().unwrap();
+    assert_eq!(back.step(), 8);
+    assert_eq!(back.history().len(), 4);
+    cpu.set_state(back).unwrap();
+    assert!(PolicyState::from_bytes(&bytes[..10]).is_err());
+}
+
+#[test]
+fn bad_configurations_are_typed_errors() {
+    let infos = [TensorInfo::new("w", &[2, 3])];
+    let bad = [
+        Rule::Agc(Agc::new(-0.01)),
+        Rule::AutoClip(AutoClip::new(150.0, 10)),
+        Rule::AutoClip(AutoClip::new(50.0, 0)),
+        Rule::ZClip(ZClip {
+            alpha: 1.5,
+            ..ZClip::default()
+        }),
+        Rule::PerTensor(PerTensorClip { max_norm: 0.0 }),
+        Rule::GlobalNorm(f32::NAN),
+    ];
+    for rule in bad {
+        let err = CpuPolicy::new(ClipPolicy::new(rule.clone()), &infos).unwrap_err();
+        assert!(
+            matches!(err, ClipError::InvalidConfig(_)),
+            "{rule:?}: {err}"
+        );
+    }
+    // Shapes that do not match the data, AGC without parameters.
+    let mut cpu = CpuPolicy::new(ClipPolicy::new(Rule::Agc(Agc::default())), &infos).unwrap();
+    let mut h = vec![f32s(&[1.0; 5])];
+    assert!(matches!(
+        cpu.step(&mut common::muts(&mut h), None),
+        Err(ClipError::ShapeMismatch { .. })
+    ));
+    let mut h = vec![f32s(&[1.0; 6])];
+    assert!(matches!(
+        cpu.step(&mut common::muts(&mut h), None),
+        Err(ClipError::InvalidConfig(_))
+    ));
+    let p = vec![f32s(&[1.0; 4])];
+    assert!(matches!(
+        cpu.step(&mut common::muts(&mut h), Some(&common::refs(&p))),
+        Err(ClipError::ShapeMismatch { .. })
+    ));
+    assert_eq!(h[0], f32s(&[1.0; 6]));
+    let ctx = gpu();
+    let arena = upload(&ctx, &h);
+    let t = gpu_tensors(&arena, &h, &infos);
+    assert!(matches!(
+        GpuPolicy::new(&ctx, &t, None, ClipPolicy::new(Rule::Agc(Agc::default()))),
+        Err(ClipError::InvalidConfig(_))
+    ));
+    let wrong = [t[0].clone().shaped(&[4, 2])];
+    assert!(matches!(
+        GpuPolicy::new(&ctx, &wrong, None, ClipPolicy::new(Rule::GlobalNorm(1.0))),
+        Err(ClipError::ShapeMismatch { .. })
+    ));
+}
+
+fn host(dtype: u8, v: Vec<f32>) -> Host {
+    match dtype % 3 {
+        0 => Host::F32(v),
+        1 => Host::F16(v.into_iter().map(f16::from_f32).collect()),
+        _ => Host::BF16(v.into_iter().map(bf16::from_f32).collect()),
+    }
+}
+
+fn rules() -> Vec<Rule> {
+    vec![
+        Rule::GlobalNorm(1.0),
+        Rule::PerTensor(PerTensorClip { max_norm: 0.5 }),
+        Rule::Groups(GroupClip::new(0.3).group("odd", "t*1", 0.7)),
+        Rule::BlockRms(BlockRmsClip { threshold: 0.05 }),
+        Rule::Agc(Agc::new(0.05)),
+        Rule::Agc(Agc::new(0.05).axis(UnitAxis::Last)),
+        Rule::AutoClip(AutoClip::new(50.0, 4)),
+        Rule::ZClip(ZClip {
+            warmup: 2,
+            ..ZClip::default()
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Every rule, GPU against CPU: mixed dtypes packed tightly (16-bit units end inside
+    /// words), 2-D shapes with odd sides, magnitudes from 1e-3 to 1e3, noise on and off.
+    #[test]
+    fn gpu_matches_cpu_for_every_rule(
+        shapes in prop::collection::vec((1u64..9, 1u64..40, 0u8..3), 1..6),
+        scale in -3i32..4,
+        seed in any::<u64>(),
+        noisy in any::<bool>(),
+    ) {
+        let mut rng = seed;
+        let mut next = move || {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((rng >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 10f32.powi(scale)
+        };
+        let infos: Vec<TensorInfo> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, b, _))| TensorInfo::new(format!("t{i}"), &[a, b]))
+            .collect();
+        let make = |next: &mut dyn FnMut() -> f32| -> Vec<Host> {
+            shapes
+                .iter()
+                .map(|&(a, b, d)| host(d, (0..a * b).map(|_| next()).collect()))
+                .collect()
+        };
+        let steps: Vec<Vec<Host>> = (0..3).map(|_| make(&mut next)).collect();
+        let params = make(&mut next);
+        for rule in rules() {
+            let mut policy = ClipPolicy::new(rule);
+            if noisy {
+                policy = policy.noise(GaussianNoise { sigma: 1e-3, seed });
+            }
+            both(&policy, &steps, Some(&params), &infos);
+        }
+    }
+}
