@@ -33,15 +33,11 @@ pub(crate) fn finish(
         status |= STATUS_NANS_ZEROED;
         apply = true;
     }
-    if live.flags != 0 {
-        if !matches!(
-            policy,
-            NonFinitePolicy::Propagate | NonFinitePolicy::ZeroNans
-        ) {
-            apply = false;
-            if policy == NonFinitePolicy::SkipStep {
-                status |= STATUS_SKIPPED;
-            }
+    let holds = matches!(policy, NonFinitePolicy::Error | NonFinitePolicy::SkipStep);
+    if live.flags != 0 && holds {
+        apply = false;
+        if policy == NonFinitePolicy::SkipStep {
+            status |= STATUS_SKIPPED;
         }
     }
     if apply {

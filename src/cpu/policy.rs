@@ -190,10 +190,7 @@ fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_
 
 /// Rewrites the elements of `seg` in `g` with `f(x, index in tensor)`.
 fn rewrite(g: &mut GradMut<'_>, seg: &PlanSegment, f: impl Fn(f32, u32) -> f32 + Sync) {
-    fn run<T: Send>(x: &mut [T], seg: &PlanSegment, f: impl Fn(T, u32) -> T + Sync)
-    where
-        T: Copy,
-    {
+    fn run<T: Send + Copy>(x: &mut [T], seg: &PlanSegment, f: impl Fn(T, u32) -> T + Sync) {
         let (a, n, stride) = (seg.first as usize, seg.len as usize, seg.stride as usize);
         if stride == 1 {
             x[a..a + n]
@@ -345,7 +342,8 @@ impl CpuPolicy {
                 }
             })
             .collect();
-        let clipped = coefs.iter().filter(|c| !(**c >= 1.0)).count() as u32;
+        // NaN coefficients count as clipping.
+        let clipped = coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32;
 
         // apply
         if status & STATUS_HELD == 0 {

@@ -165,7 +165,7 @@ impl GpuBatch {
     /// (STORAGE usage, alignment, bounds, overlap, device) and creates all per-batch
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
-        let (plan, buffers) = plan_tensors(ctx, tensors, |t| PlanSegment::whole(t))?;
+        let (plan, buffers) = plan_tensors(ctx, tensors, PlanSegment::whole)?;
         let scope = ctx
             .inner
             .device
