@@ -299,7 +299,7 @@ fn per_tensor_groups_and_block_rms() {
     let g = vec![f32s(&[3.0, 4.0]), f32s(&[0.0, 0.0]), f32s(&[0.1, 0.2, 0.2])];
     let out = both(
         &ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 })).with_group_report(),
-        &[g.clone()],
+        std::slice::from_ref(&g),
         None,
         &infos,
     );
@@ -316,7 +316,7 @@ fn per_tensor_groups_and_block_rms() {
         .group("lstm", "lstm*", 1.0);
     let out = both(
         &ClipPolicy::new(Rule::Groups(rule)),
-        &[g.clone()],
+        std::slice::from_ref(&g),
         None,
         &infos,
     );
@@ -386,7 +386,7 @@ fn non_finite_options() {
     let g = vec![f32s(&[f32::NAN, 3.0, 4.0]), f32s(&[0.0, 0.0])];
     // ZeroNans: NaN -> 0, then the clip sees norm 5.
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::ZeroNans);
-    let out = both(&policy, &[g.clone()], None, &infos);
+    let out = both(&policy, std::slice::from_ref(&g), None, &infos);
     let r = &out[0].1;
     assert!(r.nans_zeroed && r.non_finite && !r.skipped, "{r:?}");
     assert!(close(r.total_norm, 5.0, 1e-7));
