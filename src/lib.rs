@@ -18,13 +18,14 @@ pub use clipper::{Backend, Clipper};
 pub use cpu::CpuPolicy;
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
-pub use gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor, PendingReport};
+pub use gpu::{GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport};
 pub use half::{bf16, f16};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
 pub use policies::{
-    Agc, AutoClip, BlockRmsClip, ClipPolicy, GaussianNoise, Group, GroupClip, PerTensorClip,
-    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ZClip,
+    Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
+    PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule, TensorInfo,
+    UnitAxis, ZClip,
 };
 pub use policy::NonFinitePolicy;
 pub use report::{ClipReport, GroupReport, PolicyReport};

@@ -589,3 +589,112 @@ proptest! {
         }
     }
 }
+
+/// Runs per-example clipping on both backends; returns (gpu, cpu) outputs and reports.
+fn per_example_both(
+    inputs: &[Host],
+    clip: &gradclip::PerExampleClip,
+    steps: u64,
+) -> Vec<(Vec<f32>, Vec<f32>, gradclip::PerExampleReport)> {
+    let ctx = gpu();
+    let arena = upload(&ctx, inputs);
+    let outs: Vec<Host> = inputs
+        .iter()
+        .map(|t| Host::F32(vec![0.0; t.as_ref().len() / clip.batch as usize]))
+        .collect();
+    let out_arena = upload(&ctx, &outs);
+    let infos = infos_of(inputs);
+    let in_t = gpu_tensors(&arena, inputs, &infos);
+    let out_t = gpu_tensors(&out_arena, &outs, &infos_of(&outs));
+    let mut run = gradclip::GpuPerExample::new(&ctx, &in_t, &out_t, clip.clone()).unwrap();
+    (0..steps)
+        .map(|step| {
+            let gr = run.run().unwrap().wait().unwrap();
+            let g: Vec<f32> = download(&ctx, &out_arena, &outs)
+                .iter()
+                .flat_map(|h| h.to_f64().into_iter().map(|x| x as f32))
+                .collect();
+            let mut c_out: Vec<Vec<f32>> =
+                outs.iter().map(|h| vec![0.0; h.as_ref().len()]).collect();
+            let mut views: Vec<&mut [f32]> = c_out.iter_mut().map(|v| v.as_mut_slice()).collect();
+            let cr = gradclip::cpu::clip_per_example(&common::refs(inputs), &mut views, clip, step)
+                .unwrap();
+            assert_eq!(
+                (gr.clipped, gr.units, gr.step),
+                (cr.clipped, cr.units, cr.step)
+            );
+            assert!(close(gr.total_norm, cr.total_norm, 1e-5));
+            (g, c_out.concat(), cr)
+        })
+        .collect()
+}
+
+#[test]
+fn per_example_known_answer() {
+    // REFERENCE (Opacus): examples [3, 4] and [0.3, 0.4], C = 1 -> factors 0.2 and 1.
+    let clip = gradclip::PerExampleClip::new(2, 1.0);
+    let out = per_example_both(&[f32s(&[3.0, 4.0, 0.3, 0.4])], &clip, 1);
+    let (g, c, r) = &out[0];
+    for v in [g, c] {
+        assert!(close(v[0] as f64, 0.6 / (1.0 + 2e-7) + 0.3, 1e-6), "{v:?}");
+        assert!(close(v[1] as f64, 0.8 / (1.0 + 2e-7) + 0.4, 1e-6), "{v:?}");
+    }
+    assert_eq!((r.clipped, r.units), (1, 2));
+    // Divided by the expected batch size.
+    let out = per_example_both(
+        &[f32s(&[3.0, 4.0, 0.3, 0.4])],
+        &clip.clone().mean_over(2.0),
+        1,
+    );
+    assert!(close(out[0].0[0] as f64, 0.45, 1e-6));
+}
+
+#[test]
+fn per_example_gpu_matches_cpu_with_noise_and_layers() {
+    let batch = 5u32;
+    let mut x = 0.37f32;
+    let mut next = || {
+        x = (x * 3.9 * (1.0 - x)).clamp(0.01, 0.99);
+        x - 0.5
+    };
+    let inputs: Vec<Host> = [(7usize, 0u8), (3, 1), (11, 2), (1, 0)]
+        .iter()
+        .map(|&(p, d)| host(d, (0..p * batch as usize).map(|_| next()).collect()))
+        .collect();
+    let flat = gradclip::PerExampleClip::new(batch, 0.4)
+        .noise(1.1, 77)
+        .mean_over(4.0);
+    let layered = gradclip::PerExampleClip {
+        threshold: gradclip::ExampleThreshold::PerLayer(vec![0.2, 0.1, 0.3, 0.05]),
+        ..flat.clone()
+    };
+    for clip in [flat, layered] {
+        let out = per_example_both(&inputs, &clip, 2);
+        for (g, c, r) in &out {
+            assert!(r.noise_std > 0.0);
+            for (a, b) in g.iter().zip(c) {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+        assert_ne!(out[0].0, out[1].0, "fresh noise each step");
+    }
+}
+
+#[test]
+fn per_example_bad_configuration() {
+    let h = [f32s(&[1.0; 6])];
+    let mut out = vec![0.0f32; 2];
+    let mut views = [out.as_mut_slice()];
+    // Batch 4 does not divide 6 elements.
+    let clip = gradclip::PerExampleClip::new(4, 1.0);
+    assert!(matches!(
+        gradclip::cpu::clip_per_example(&common::refs(&h), &mut views, &clip, 0),
+        Err(ClipError::InvalidConfig(_))
+    ));
+    let clip = gradclip::PerExampleClip::new(3, -1.0);
+    assert!(matches!(
+        gradclip::cpu::clip_per_example(&common::refs(&h), &mut views, &clip, 0),
+        Err(ClipError::InvalidConfig(_))
+    ));
+    assert_eq!(out, [0.0, 0.0]);
+}

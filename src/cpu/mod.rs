@@ -5,9 +5,11 @@
 mod apply;
 mod norm_finish;
 mod norm_reduce;
+mod per_example;
 pub(crate) mod philox;
 mod policy;
 
+pub use per_example::clip_per_example;
 pub(crate) use policy::live_total;
 pub use policy::CpuPolicy;
 

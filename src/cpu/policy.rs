@@ -42,18 +42,26 @@ fn segment_values<'a>(g: &GradRef<'a>, seg: &PlanSegment) -> Result<GradRef<'a>,
             GradRef::BF16(x) => GradRef::BF16(&x[a..a + n]),
         });
     }
-    let at = |k: usize| a + k * seg.stride as usize;
     Err((0..n)
-        .map(|k| match g {
-            GradRef::F32(x) => x[at(k)],
-            GradRef::F16(x) => x[at(k)].to_f32(),
-            GradRef::BF16(x) => bf16_to_f32(x[at(k)]),
-        })
+        .map(|k| to_f32(g, a + k * seg.stride as usize))
         .collect())
 }
 
+/// Element `i` of `g` as f32.
+pub(crate) fn to_f32(g: &GradRef<'_>, i: usize) -> f32 {
+    match g {
+        GradRef::F32(x) => x[i],
+        GradRef::F16(x) => x[i].to_f32(),
+        GradRef::BF16(x) => bf16_to_f32(x[i]),
+    }
+}
+
 /// The norm accumulator of every segment.
-fn segment_accs(grads: &[GradRef<'_>], segments: &[PlanSegment], norm: Norm) -> Vec<NormAcc> {
+pub(crate) fn segment_accs(
+    grads: &[GradRef<'_>],
+    segments: &[PlanSegment],
+    norm: Norm,
+) -> Vec<NormAcc> {
     let values: Vec<Result<GradRef<'_>, Vec<f32>>> = segments
         .iter()
         .map(|s| segment_values(&grads[s.tensor], s))
@@ -78,7 +86,13 @@ fn live(flags: u32, policy: NonFinitePolicy) -> u32 {
 }
 
 /// `norm_coef` of the shader, in f64.
-fn norm_coef(acc: &NormAcc, norm: Norm, c: f32, formula: Formula, policy: NonFinitePolicy) -> f32 {
+pub(crate) fn norm_coef(
+    acc: &NormAcc,
+    norm: Norm,
+    c: f32,
+    formula: Formula,
+    policy: NonFinitePolicy,
+) -> f32 {
     let flags = live(acc.flags, policy);
     if flags & FLAG_NAN != 0 {
         return f32::NAN;

@@ -10,6 +10,7 @@ const APPLY: &str = include_str!("../../shaders/apply.wgsl");
 const PHILOX: &str = include_str!("../../shaders/philox.wgsl");
 const POLICY: &str = include_str!("../../shaders/policy.wgsl");
 const SEGMENT_APPLY: &str = include_str!("../../shaders/segment_apply.wgsl");
+const PER_EXAMPLE: &str = include_str!("../../shaders/per_example.wgsl");
 
 /// A compute pipeline the library uses, with its override constants (`NORM_KIND`, `OP`,
 /// `ADAPTIVE`, `FORMULA`).
@@ -29,6 +30,7 @@ pub(crate) enum Kernel {
         formula: u32,
     },
     SegmentApply,
+    PerExample,
 }
 
 /// `OP` of `shaders/apply.wgsl`.
@@ -42,12 +44,14 @@ pub(crate) struct Kernels {
     apply: wgpu::ShaderModule,
     policy: wgpu::ShaderModule,
     segment_apply: wgpu::ShaderModule,
+    per_example: wgpu::ShaderModule,
     /// Layout of `norm_reduce` and of `tensor_norms` (same binding shapes).
     pub reduce_layout: wgpu::BindGroupLayout,
     pub total_layout: wgpu::BindGroupLayout,
     pub apply_layout: wgpu::BindGroupLayout,
     pub policy_layout: wgpu::BindGroupLayout,
     pub segment_apply_layout: wgpu::BindGroupLayout,
+    pub per_example_layout: wgpu::BindGroupLayout,
     pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
 }
 
@@ -95,6 +99,7 @@ impl Kernels {
                 "gradclip segment_apply",
                 &format!("{PHILOX}\n{SEGMENT_APPLY}"),
             ),
+            per_example: module("gradclip per_example", &format!("{PHILOX}\n{PER_EXAMPLE}")),
             reduce_layout: layout(
                 "gradclip reduce",
                 &[
@@ -153,6 +158,17 @@ impl Kernels {
                     storage(6, true),
                 ],
             ),
+            per_example_layout: layout(
+                "gradclip per_example",
+                &[
+                    storage(0, true),
+                    storage(1, false),
+                    storage(2, true),
+                    uniform(3),
+                    uniform(4),
+                    storage(5, true),
+                ],
+            ),
             pipelines: Mutex::new(HashMap::new()),
         }
     }
@@ -205,6 +221,9 @@ impl Kernels {
                         &self.segment_apply_layout,
                         vec![],
                     ),
+                    Kernel::PerExample => {
+                        (&self.per_example, "main", &self.per_example_layout, vec![])
+                    }
                 };
                 let pipeline_layout =
                     device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {

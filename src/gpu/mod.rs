@@ -4,6 +4,7 @@
 mod batch;
 mod context;
 mod kernels;
+mod per_example;
 mod policy;
 mod readback;
 mod reduction;
@@ -11,5 +12,6 @@ mod resources;
 
 pub use batch::{GpuBatch, GpuTensor};
 pub use context::GpuContext;
+pub use per_example::GpuPerExample;
 pub use policy::GpuPolicy;
 pub use readback::PendingReport;

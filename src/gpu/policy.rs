@@ -19,7 +19,9 @@ use super::resources::{
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::fold_grid;
-use crate::policies::{check_shapes, ClipPolicy, Layout, PolicyState, Rule, TensorInfo};
+use crate::policies::{
+    check_shapes, ClipPolicy, GaussianNoise, Layout, PolicyState, Rule, TensorInfo,
+};
 use crate::report::{GroupReport, PolicyOutcome, PolicyReport};
 
 /// `PolicyParams` of `shaders/common.wgsl`.
@@ -95,14 +97,27 @@ impl GpuPolicy {
         let lens: Vec<u64> = grads.iter().map(|t| t.len).collect();
         check_shapes(&infos, &lens)?;
         let layout = Layout::new(&policy, &infos)?;
+        if let (Rule::Agc(_), Some(p)) = (&policy.rule, params) {
+            let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
+            check_shapes(&infos, &plens)?;
+        }
+        Self::build(ctx, grads, params, policy, layout, true)
+    }
+
+    /// Plans `layout` (already resolved from `policy`) over `grads`; `in_place` adds the
+    /// segment-wise rewrite of the gradients.
+    pub(crate) fn build(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        policy: ClipPolicy,
+        layout: Layout,
+        in_place: bool,
+    ) -> Result<GpuPolicy, ClipError> {
         let segments = |_: &[crate::plan::PlanTensor]| layout.segments.clone();
         let (grad_plan, grad_buffers) = plan_tensors(ctx, grads, segments)?;
         let param_plan = match (&policy.rule, params) {
-            (Rule::Agc(_), Some(p)) => {
-                let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
-                check_shapes(&infos, &plens)?;
-                Some(plan_tensors(ctx, p, |_| layout.segments.clone())?)
-            }
+            (Rule::Agc(_), Some(p)) => Some(plan_tensors(ctx, p, |_| layout.segments.clone())?),
             (Rule::Agc(_), None) => {
                 return Err(ClipError::InvalidConfig(
                     "AGC needs the parameters alongside the gradients".into(),
@@ -230,6 +245,7 @@ impl GpuPolicy {
         let applies = grad_plan
             .windows
             .iter()
+            .filter(|_| in_place)
             .enumerate()
             .map(|(wi, w)| {
                 let group = bind(
@@ -306,7 +322,7 @@ impl GpuPolicy {
             policy: policy.non_finite.code(),
             ..StepParams::zeroed()
         };
-        let noise = policy.noise.unwrap_or(crate::GaussianNoise {
+        let noise = policy.noise.unwrap_or(GaussianNoise {
             sigma: 0.0,
             seed: 0,
         });
@@ -340,33 +356,47 @@ impl GpuPolicy {
         Ok((step, config))
     }
 
-    /// Records one step: norms, coefficients and the in-place rewrite, with no host
-    /// round trip. The report is readable once the encoder is submitted and run.
-    pub fn encode(
-        &mut self,
-        encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
-        let params = self.params_for_step()?;
-        let ctx = self.ctx.clone();
-        let (device, queue, kernels) = (&ctx.inner.device, &ctx.inner.queue, &ctx.inner.kernels);
+    /// Writes this step's parameters (when they changed); `noise` overrides the policy's.
+    pub(crate) fn prepare(&mut self, noise: Option<GaussianNoise>) -> Result<(), ClipError> {
+        let mut params = self.params_for_step()?;
+        if let Some(n) = noise {
+            params.1.sigma = n.sigma;
+            params.1.seed_lo = n.seed as u32;
+            params.1.seed_hi = (n.seed >> 32) as u32;
+        }
         if self.last != Some(params) {
+            let queue = &self.ctx.inner.queue;
             queue.write_buffer(&self.step_buf, 0, bytemuck::bytes_of(&params.0));
             queue.write_buffer(&self.config_buf, 0, bytemuck::bytes_of(&params.1));
             self.last = Some(params);
         }
+        Ok(())
+    }
+
+    /// The pool of report readback buffers.
+    pub(crate) fn pool(&self) -> Arc<ReportPool> {
+        self.pool.clone()
+    }
+
+    /// The per-segment coefficients, the report and the policy parameters, for passes
+    /// that consume them.
+    pub(crate) fn outputs(&self) -> (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer) {
+        (&self.coef_buf, &self.report, &self.config_buf)
+    }
+
+    /// Records norms, coefficients and (in place) the rewrite into `pass`.
+    pub(crate) fn encode_pass(&self, pass: &mut wgpu::ComputePass<'_>) {
+        let ctx = &self.ctx;
+        let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
         let kind = self.policy.norm.kind_code();
         let adaptive = self.layout.adaptive;
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("gradclip policy"),
-                timestamp_writes: None,
-            });
-            self.grads.encode_partials(&mut pass, device, kernels, kind);
-            self.grads.encode_segments(&mut pass, device, kernels, kind);
+            self.grads.encode_partials(pass, device, kernels, kind);
+            self.grads.encode_segments(pass, device, kernels, kind);
             if let Some(p) = &self.params {
                 let l2 = Norm::L2.kind_code();
-                p.encode_partials(&mut pass, device, kernels, l2);
-                p.encode_segments(&mut pass, device, kernels, l2);
+                p.encode_partials(pass, device, kernels, l2);
+                p.encode_segments(pass, device, kernels, l2);
             }
             if let Some((group, grid)) = &self.groups {
                 pass.set_pipeline(&kernels.pipeline(device, Kernel::TensorNorms(kind)));
@@ -389,12 +419,23 @@ impl GpuPolicy {
                 pass.set_bind_group(0, &self.coefs, &[]);
                 pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
             }
-            pass.set_pipeline(&kernels.pipeline(device, Kernel::SegmentApply));
+            if !self.applies.is_empty() {
+                pass.set_pipeline(&kernels.pipeline(device, Kernel::SegmentApply));
+            }
             for (group, grid) in self.applies.iter().filter(|(_, g)| g[0] > 0) {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(grid[0], grid[1], 1);
             }
         }
+    }
+
+    /// Copies the report into a pooled readback buffer; returns it with the step number,
+    /// and advances the step.
+    pub(crate) fn finish_step(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> (wgpu::Buffer, u64) {
+        let device = &self.ctx.inner.device;
         let readback = self.pool.take(device);
         encoder.copy_buffer_to_buffer(&self.report, 0, &readback, 0, POLICY_HEADER_BYTES);
         let n_groups = self.layout.group_ranges.len() as u64;
@@ -421,6 +462,25 @@ impl GpuPolicy {
         }
         let step = self.step;
         self.step += 1;
+        (readback, step)
+    }
+
+    /// Records one step: norms, coefficients and the in-place rewrite, with no host
+    /// round trip. The report is readable once the encoder is submitted and run.
+    pub fn encode(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        self.prepare(None)?;
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("gradclip policy"),
+                timestamp_writes: None,
+            });
+            self.encode_pass(&mut pass);
+        }
+        let (readback, step) = self.finish_step(encoder);
+        let n_seg = self.layout.segments.len() as u64;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let global = self.policy.rule.is_global();
@@ -435,7 +495,7 @@ impl GpuPolicy {
             encoder,
             readback,
             self.pool.clone(),
-            device.clone(),
+            self.ctx.inner.device.clone(),
             Box::new(move |w: &[u32]| {
                 let groups = groups.map(|(names, ranges)| {
                     let coef0 = (POLICY_HEADER_BYTES / 4 + ranges.len() as u64 * 4) as usize;

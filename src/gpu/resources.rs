@@ -41,19 +41,22 @@ impl DispatchParams {
     }
 }
 
-/// Read-only uniform blocks of `DispatchParams`, each at its own aligned offset, so one
-/// buffer serves every dispatch of a batch.
+/// Read-only uniform blocks (`DispatchParams` and the like), each at its own aligned
+/// offset, so one buffer serves every dispatch of a batch.
 pub(crate) struct DispatchSlots {
     buffer: wgpu::Buffer,
     align: u64,
+    size: u64,
 }
 
 impl DispatchSlots {
-    pub(crate) fn new(device: &wgpu::Device, params: &[DispatchParams]) -> Self {
-        let align = device.limits().min_uniform_buffer_offset_alignment as usize;
+    pub(crate) fn new<T: Pod>(device: &wgpu::Device, params: &[T]) -> Self {
+        let size = std::mem::size_of::<T>();
+        let min = device.limits().min_uniform_buffer_offset_alignment as usize;
+        let align = size.next_multiple_of(min);
         let mut bytes = vec![0u8; params.len().max(1) * align];
         for (i, p) in params.iter().enumerate() {
-            bytes[i * align..i * align + 16].copy_from_slice(bytemuck::bytes_of(p));
+            bytes[i * align..i * align + size].copy_from_slice(bytemuck::bytes_of(p));
         }
         let buffer = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("gradclip dispatch params"),
@@ -63,6 +66,7 @@ impl DispatchSlots {
         DispatchSlots {
             buffer,
             align: align as u64,
+            size: size as u64,
         }
     }
 
@@ -71,7 +75,7 @@ impl DispatchSlots {
         wgpu::BindingResource::Buffer(wgpu::BufferBinding {
             buffer: &self.buffer,
             offset: i as u64 * self.align,
-            size: NonZeroU64::new(16),
+            size: NonZeroU64::new(self.size),
         })
     }
 }

@@ -172,3 +172,57 @@ pub(crate) fn check_shapes(infos: &[TensorInfo], lens: &[u64]) -> Result<(), Cli
     }
     Ok(())
 }
+
+impl Layout {
+    /// Per-example clipping of `batch` examples over tensors of `lens[t] = batch * P_t`
+    /// elements laid out `[batch, P_t]`: one segment per (example, tensor), example-major.
+    /// `per_layer`: each segment is clipped by its tensor's threshold; otherwise an
+    /// example's segments form one group with threshold `thresholds[0]`.
+    pub(crate) fn per_example(
+        lens: &[u64],
+        batch: u64,
+        thresholds: &[f32],
+        per_layer: bool,
+    ) -> Layout {
+        let n = lens.len();
+        let mut segments = Vec::with_capacity(batch as usize * n);
+        for i in 0..batch {
+            for (tensor, &len) in lens.iter().enumerate() {
+                let p = len / batch;
+                segments.push(PlanSegment {
+                    tensor,
+                    first: i * p,
+                    len: p,
+                    stride: 1,
+                });
+            }
+        }
+        let count = segments.len() as u32;
+        let (group_of, group_ranges, group_thresholds): (Vec<u32>, Vec<[u32; 2]>, Vec<f32>) =
+            if per_layer {
+                (
+                    (0..count).collect(),
+                    (0..count).map(|s| [s, 1]).collect(),
+                    (0..count).map(|s| thresholds[s as usize % n]).collect(),
+                )
+            } else {
+                (
+                    (0..count).map(|s| s / n.max(1) as u32).collect(),
+                    (0..batch as u32)
+                        .map(|i| [i * n as u32, n as u32])
+                        .collect(),
+                    vec![thresholds[0]; batch as usize],
+                )
+            };
+        Layout {
+            group_names: (0..group_ranges.len()).map(|g| format!("{g}")).collect(),
+            segments,
+            group_of,
+            group_ranges,
+            thresholds: group_thresholds,
+            formula: Formula::PyTorch,
+            adaptive: 0,
+            history: 0,
+        }
+    }
+}

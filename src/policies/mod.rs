@@ -4,11 +4,13 @@
 //! on the CPU ([`crate::CpuPolicy`]), over the shared segment reduction.
 
 mod layout;
+mod per_example;
 mod rules;
 mod schedule;
 mod state;
 
 pub(crate) use layout::{check_shapes, Formula, Layout};
+pub use per_example::{ExampleThreshold, PerExampleClip, PerExampleReport};
 pub use rules::{
     Agc, AutoClip, BlockRmsClip, Group, GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
 };

@@ -1,0 +1,73 @@
+// per_example.wgsl: the DP-SGD sum: out[j] = (sum_i f_i * g[i, j] + std * N(0, 1)) / divisor
+// for one tensor laid out [batch, P]; philox.wgsl is prepended after common.wgsl.
+//
+// Bindings (group 0):
+//   0 inputs    storage, read        window of the per-example gradients (32-bit words)
+//   1 outputs   storage, read_write  window of the f32 output
+//   2 coefs     storage, read        f_i per (example, tensor) segment (policy.wgsl `coefs`)
+//   3 tensor    uniform              ExampleParams of this tensor
+//   4 config    uniform              PolicyParams (noise std in `sigma`, seed, step)
+//   5 report    storage, read        PolicyHeader as words (word 6: status)
+//
+// One thread owns one output element and walks the batch in order, so the sum has a
+// fixed order; reads of consecutive threads are consecutive. When the step is held
+// (non-finite gradients under SkipStep or Error) the output is left untouched.
+// CPU twin: src/cpu/per_example.rs.
+
+const STATUS_HELD: u32 = 8u;
+const POLICY_ZERO_NANS: u32 = 3u;
+
+struct ExampleParams {
+    in_offset: u32,   // element index of g[0, 0] in the input window
+    out_offset: u32,  // element index of out[0] in the output window
+    len: u32,         // P
+    batch: u32,
+    tensor: u32,
+    seg_base: u32,    // segment of (example 0, this tensor)
+    seg_stride: u32,  // segments between consecutive examples
+    dtype: u32,
+    inv_divisor: f32,
+    policy: u32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+@group(0) @binding(0) var<storage, read> inputs: array<u32>;
+@group(0) @binding(1) var<storage, read_write> outputs: array<f32>;
+@group(0) @binding(2) var<storage, read> coefs: array<f32>;
+@group(0) @binding(3) var<uniform> tensor: ExampleParams;
+@group(0) @binding(4) var<uniform> config: PolicyParams;
+@group(0) @binding(5) var<storage, read> report: array<u32>;
+
+fn element(e: u32, dtype: u32) -> f32 {
+    if (dtype == DTYPE_F32) {
+        return bitcast<f32>(inputs[e]);
+    }
+    return half_to_f32((inputs[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu, dtype);
+}
+
+@compute @workgroup_size(256)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let j = linear_workgroup(wid, nwg) * 256u + lid;
+    if (j >= tensor.len || (report[6] & STATUS_HELD) != 0u) {
+        return;
+    }
+    var sum = 0.0;
+    for (var i = 0u; i < tensor.batch; i = i + 1u) {
+        var x = element(tensor.in_offset + i * tensor.len + j, tensor.dtype);
+        if (tensor.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+            x = 0.0;
+        }
+        sum = sum + coefs[tensor.seg_base + i * tensor.seg_stride] * x;
+    }
+    if (config.sigma > 0.0) {
+        let seed = vec2<u32>(config.seed_lo, config.seed_hi);
+        let at = vec2<u32>(config.step_lo, config.step_hi);
+        sum = sum + config.sigma * gaussian_noise(seed, at, tensor.tensor, j);
+    }
+    outputs[tensor.out_offset + j] = sum * tensor.inv_divisor;
+}

@@ -1,0 +1,89 @@
+//! CPU twin of per-example clipping (`shaders/per_example.wgsl` after the policy
+//! coefficients): the factors from exact f64 norms, then the sum over the batch in f32
+//! in the shader's order, the noise and the division.
+
+use rayon::prelude::*;
+
+use super::norm_reduce;
+use super::philox::gaussian_noise;
+use super::policy::{norm_coef, segment_accs, to_f32};
+use crate::dtype::GradRef;
+use crate::error::ClipError;
+use crate::norm::Norm;
+use crate::policies::{Formula, Layout, PerExampleClip, PerExampleReport};
+use crate::policy::NonFinitePolicy;
+
+/// Clips each example of `inputs` (`[batch, P_t]` per tensor), sums them into `outputs`
+/// (`P_t` f32 each), adds the noise of step `step` and divides by the expected batch size
+/// when one is set. Errors leave the outputs untouched.
+pub fn clip_per_example(
+    inputs: &[GradRef<'_>],
+    outputs: &mut [&mut [f32]],
+    clip: &PerExampleClip,
+    step: u64,
+) -> Result<PerExampleReport, ClipError> {
+    let lens: Vec<u64> = inputs.iter().map(|g| g.len() as u64).collect();
+    clip.validate(&lens)?;
+    let batch = clip.batch as usize;
+    if outputs.len() != inputs.len()
+        || outputs
+            .iter()
+            .zip(&lens)
+            .any(|(o, &l)| o.len() as u64 != l / batch as u64)
+    {
+        return Err(ClipError::ShapeMismatch {
+            tensor: "outputs".into(),
+            expected: format!(
+                "{:?} f32 elements",
+                lens.iter().map(|l| l / batch as u64).collect::<Vec<_>>()
+            ),
+            got: format!("{:?}", outputs.iter().map(|o| o.len()).collect::<Vec<_>>()),
+        });
+    }
+    let (thresholds, per_layer) = clip.thresholds();
+    let layout = Layout::per_example(&lens, batch as u64, thresholds, per_layer);
+    let seg = segment_accs(inputs, &layout.segments, Norm::L2);
+    let groups: Vec<_> = layout
+        .group_ranges
+        .iter()
+        .map(|&[a, n]| norm_reduce::total_acc(&seg[a as usize..(a + n) as usize], Norm::L2))
+        .collect();
+    let total = norm_reduce::total_acc(&groups, Norm::L2);
+    let coefs: Vec<f32> = (0..layout.segments.len())
+        .map(|s| {
+            let g = layout.group_of[s] as usize;
+            norm_coef(
+                &groups[g],
+                Norm::L2,
+                layout.thresholds[g],
+                Formula::PyTorch,
+                NonFinitePolicy::Propagate,
+            )
+        })
+        .collect();
+    let n = inputs.len();
+    let std = clip.noise_std();
+    let inv = clip.inv_divisor();
+    for (t, (input, out)) in inputs.iter().zip(outputs.iter_mut()).enumerate() {
+        let p = out.len();
+        out.par_iter_mut().enumerate().for_each(|(j, o)| {
+            let mut sum = 0.0f32;
+            for i in 0..batch {
+                sum += coefs[i * n + t] * to_f32(input, i * p + j);
+            }
+            if std > 0.0 {
+                sum += std * gaussian_noise(clip.seed, step, t as u32, j as u32);
+            }
+            *o = sum * inv;
+        });
+    }
+    let clipped = coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32;
+    let per_unit = if per_layer { 1 } else { n.max(1) as u32 };
+    Ok(PerExampleReport {
+        step,
+        clipped: clipped / per_unit,
+        units: clip.batch * if per_layer { n as u32 } else { 1 },
+        total_norm: total.total(Norm::L2),
+        noise_std: std,
+    })
+}

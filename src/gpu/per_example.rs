@@ -1,0 +1,275 @@
+//! Per-example (DP-SGD) clipping on the GPU: the policy engine computes every example's
+//! factor from its norm, then `shaders/per_example.wgsl` sums the clipped examples and
+//! adds the noise, one dispatch per tensor, all in one compute pass.
+
+use std::num::NonZeroU64;
+
+use bytemuck::{Pod, Zeroable};
+
+use super::batch::GpuTensor;
+use super::context::GpuContext;
+use super::kernels::Kernel;
+use super::policy::GpuPolicy;
+use super::readback::{acc_at, PendingReport};
+use super::resources::{bind, whole, DispatchSlots};
+use crate::dtype::DType;
+use crate::error::ClipError;
+use crate::norm::Norm;
+use crate::plan::fold_grid;
+use crate::policies::{ClipPolicy, GaussianNoise, Layout, PerExampleClip, PerExampleReport, Rule};
+
+/// `ExampleParams` of `shaders/per_example.wgsl`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct ExampleParams {
+    in_offset: u32,
+    out_offset: u32,
+    len: u32,
+    batch: u32,
+    tensor: u32,
+    seg_base: u32,
+    seg_stride: u32,
+    dtype: u32,
+    inv_divisor: f32,
+    policy: u32,
+    _pad: [u32; 2],
+}
+
+/// Per-example clipping of `[batch, P_t]` gradients into `P_t`-element f32 outputs.
+pub struct GpuPerExample {
+    ctx: GpuContext,
+    clip: PerExampleClip,
+    engine: GpuPolicy,
+    dispatches: Vec<(wgpu::BindGroup, [u32; 3])>,
+    n_tensors: u32,
+}
+
+impl std::fmt::Debug for GpuPerExample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuPerExample")
+            .field("clip", &self.clip)
+            .field("tensors", &self.n_tensors)
+            .finish()
+    }
+}
+
+/// The binding of bytes `[start, end)` of `buffer`, from the aligned offset at or below
+/// `start`; returns it with the element index of `start` inside it.
+fn sub_window<'a>(
+    ctx: &GpuContext,
+    t: &GpuTensor<'a>,
+    name: &str,
+) -> Result<(wgpu::BindingResource<'a>, u32), ClipError> {
+    let limits = ctx.inner.device.limits();
+    let es = t.dtype.size();
+    let end = t.offset + t.len * es;
+    if t.offset % es != 0 {
+        return Err(ClipError::MisalignedOffset {
+            tensor: name.into(),
+            offset: t.offset,
+            align: es,
+            dtype: t.dtype,
+        });
+    }
+    if end > t.buffer.size() & !3 {
+        return Err(ClipError::OutOfBounds {
+            tensor: name.into(),
+            start: t.offset,
+            end,
+            size: t.buffer.size(),
+        });
+    }
+    let start = t.offset - t.offset % limits.min_storage_buffer_offset_alignment as u64;
+    let size = (end - start).next_multiple_of(4).max(4);
+    if size > limits.max_storage_buffer_binding_size {
+        return Err(ClipError::TooLarge {
+            tensor: name.into(),
+            len: t.len,
+        });
+    }
+    let binding = wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: t.buffer,
+        offset: start,
+        size: NonZeroU64::new(size),
+    });
+    Ok((binding, ((t.offset - start) / es) as u32))
+}
+
+impl GpuPerExample {
+    /// Plans per-example clipping of `inputs` (`[batch, P_t]`, any dtype) into `outputs`
+    /// (`P_t` f32 elements each, not overlapping the inputs or each other).
+    pub fn new(
+        ctx: &GpuContext,
+        inputs: &[GpuTensor<'_>],
+        outputs: &[GpuTensor<'_>],
+        clip: PerExampleClip,
+    ) -> Result<GpuPerExample, ClipError> {
+        let lens: Vec<u64> = inputs.iter().map(|t| t.len).collect();
+        clip.validate(&lens)?;
+        let batch = clip.batch as u64;
+        if outputs.len() != inputs.len() {
+            return Err(ClipError::ShapeMismatch {
+                tensor: "outputs".into(),
+                expected: format!("{} tensors", inputs.len()),
+                got: format!("{} tensors", outputs.len()),
+            });
+        }
+        for (i, (o, &len)) in outputs.iter().zip(&lens).enumerate() {
+            if o.dtype != DType::F32 || o.len != len / batch {
+                return Err(ClipError::ShapeMismatch {
+                    tensor: format!("output #{i}"),
+                    expected: format!("{} f32 elements", len / batch),
+                    got: format!("{} {} elements", o.len, o.dtype),
+                });
+            }
+            if !o.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+                return Err(ClipError::MissingStorageUsage {
+                    tensor: format!("output #{i}"),
+                });
+            }
+        }
+        // Outputs must not overlap each other or any input.
+        let all: Vec<&GpuTensor<'_>> = inputs.iter().chain(outputs).collect();
+        for (a, x) in all.iter().enumerate() {
+            for y in &all[a + 1..] {
+                let (xe, ye) = (
+                    x.offset + x.len * x.dtype.size(),
+                    y.offset + y.len * y.dtype.size(),
+                );
+                if x.buffer == y.buffer && x.offset < ye && y.offset < xe && x.len > 0 && y.len > 0
+                {
+                    let name = |t: &GpuTensor<'_>| t.name.clone().unwrap_or_else(|| "?".into());
+                    return Err(ClipError::OverlappingTensors {
+                        first: name(x),
+                        second: name(y),
+                    });
+                }
+            }
+        }
+        let (thresholds, per_layer) = clip.thresholds();
+        let layout = Layout::per_example(&lens, batch, thresholds, per_layer);
+        let policy = ClipPolicy::new(Rule::GlobalNorm(thresholds[0]));
+        let engine = GpuPolicy::build(ctx, inputs, None, policy, layout, false)?;
+        let device = &ctx.inner.device;
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let max_dim = device.limits().max_compute_workgroups_per_dimension;
+        let n = inputs.len() as u32;
+        let mut params = Vec::with_capacity(inputs.len());
+        let mut windows = Vec::with_capacity(inputs.len());
+        for (t, (i, o)) in inputs.iter().zip(outputs).enumerate() {
+            let (iw, in_offset) = sub_window(ctx, i, &format!("input #{t}"))?;
+            let (ow, out_offset) = sub_window(ctx, o, &format!("output #{t}"))?;
+            params.push(ExampleParams {
+                in_offset,
+                out_offset,
+                len: o.len as u32,
+                batch: clip.batch,
+                tensor: t as u32,
+                seg_base: t as u32,
+                seg_stride: n,
+                dtype: i.dtype.shader_code(),
+                inv_divisor: clip.inv_divisor(),
+                policy: 0,
+                _pad: [0; 2],
+            });
+            windows.push((iw, ow, fold_grid((o.len as u32).div_ceil(256), max_dim)));
+        }
+        let slots = DispatchSlots::new(device, &params);
+        let (coefs, report, config) = engine.outputs();
+        let kernels = &ctx.inner.kernels;
+        let dispatches = windows
+            .into_iter()
+            .enumerate()
+            .map(|(t, (iw, ow, grid))| {
+                let group = bind(
+                    device,
+                    &kernels.per_example_layout,
+                    &[
+                        (0, iw),
+                        (1, ow),
+                        (2, whole(coefs)),
+                        (3, slots.slot(t)),
+                        (4, whole(config)),
+                        (5, whole(report)),
+                    ],
+                );
+                (group, grid)
+            })
+            .collect();
+        if let Some(error) = pollster::block_on(scope.pop()) {
+            return Err(ClipError::Wgpu(error.to_string()));
+        }
+        Ok(GpuPerExample {
+            ctx: ctx.clone(),
+            clip,
+            engine,
+            dispatches,
+            n_tensors: n,
+        })
+    }
+
+    /// The next step's number (it keys the noise).
+    pub fn step(&self) -> u64 {
+        self.engine.step()
+    }
+
+    /// Records one step: per-example norms and factors, the clipped sum and the noise.
+    pub fn encode(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingReport<PerExampleReport>, ClipError> {
+        let noise_std = self.clip.noise_std();
+        self.engine.prepare(Some(GaussianNoise {
+            sigma: noise_std,
+            seed: self.clip.seed,
+        }))?;
+        {
+            let ctx = &self.ctx;
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("gradclip per-example"),
+                timestamp_writes: None,
+            });
+            self.engine.encode_pass(&mut pass);
+            pass.set_pipeline(
+                &ctx.inner
+                    .kernels
+                    .pipeline(&ctx.inner.device, Kernel::PerExample),
+            );
+            for (group, grid) in self.dispatches.iter().filter(|(_, g)| g[0] > 0) {
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(grid[0], grid[1], 1);
+            }
+        }
+        let (readback, step) = self.engine.finish_step(encoder);
+        let (_, per_layer) = self.clip.thresholds();
+        let per_unit = if per_layer { 1 } else { self.n_tensors.max(1) };
+        let units = self.clip.batch * if per_layer { self.n_tensors } else { 1 };
+        Ok(PendingReport::on_submit(
+            encoder,
+            readback,
+            self.engine.pool(),
+            self.ctx.inner.device.clone(),
+            Box::new(move |w: &[u32]| {
+                Ok(PerExampleReport {
+                    step,
+                    clipped: w[7] / per_unit,
+                    units,
+                    total_norm: acc_at(w, 0).total(Norm::L2),
+                    noise_std,
+                })
+            }),
+        ))
+    }
+
+    /// [`GpuPerExample::encode`], submitted now.
+    pub fn run(&mut self) -> Result<PendingReport<PerExampleReport>, ClipError> {
+        let mut encoder = self
+            .ctx
+            .inner
+            .device
+            .create_command_encoder(&Default::default());
+        let pending = self.encode(&mut encoder)?;
+        self.ctx.inner.queue.submit([encoder.finish()]);
+        Ok(pending)
+    }
+}
