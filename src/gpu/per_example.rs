@@ -63,7 +63,7 @@ fn sub_window<'a>(
     let limits = ctx.inner.device.limits();
     let es = t.dtype.size();
     let end = t.offset + t.len * es;
-    if t.offset % es != 0 {
+    if !t.offset.is_multiple_of(es) {
         return Err(ClipError::MisalignedOffset {
             tensor: name.into(),
             offset: t.offset,
