@@ -314,3 +314,31 @@ fn gpu_norm_is_bitwise_deterministic() {
         assert_eq!(again.tensor_norms, first.tensor_norms);
     }
 }
+
+#[test]
+fn zero_nans_policy_zeroes_then_clips() {
+    // optax zero_nans then clip_by_global_norm(1): [NaN, 3, 4] -> [0, 0.6, 0.8], on both
+    // backends, with f16 too; below the threshold the NaN is still zeroed.
+    let h = vec![
+        Host::F32(vec![f32::NAN, 3.0, 4.0]),
+        Host::F16(vec![f16::NAN, f16::from_f32(0.5)]),
+    ];
+    let clip = GlobalNormClip::new(1.0).non_finite(NonFinitePolicy::ZeroNans);
+    let (cr, cd, gr, gd) = both(&h, &clip);
+    for (r, d) in [(&cr, &cd), (&gr, &gd)] {
+        assert!(
+            r.nans_zeroed && r.non_finite && r.clipped && !r.skipped,
+            "{r:?}"
+        );
+        assert!(close(r.total_norm, (25.25f64).sqrt(), 1e-6), "{r:?}");
+        let a = d[0].to_f64();
+        assert_eq!(a[0], 0.0);
+        assert!(close(a[1], 3.0 / 25.25f64.sqrt(), 1e-6));
+        assert_eq!(d[1].to_f64()[0], 0.0);
+    }
+    let small = GlobalNormClip::new(100.0).non_finite(NonFinitePolicy::ZeroNans);
+    let (_, cd, gr, gd) = both(&h, &small);
+    assert!(gr.nans_zeroed && gr.coef == 1.0);
+    assert_eq!(cd, gd);
+    assert_eq!(gd[0], Host::F32(vec![0.0, 3.0, 4.0]));
+}
