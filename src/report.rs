@@ -1,7 +1,10 @@
 //! What a norm or clipping step reports back.
 
+use std::sync::Arc;
+
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc, PartialNorm};
+use crate::policies::{Layout, TensorInfo};
 use crate::policy::NonFinitePolicy;
 
 /// Status bits shared with `shaders/norm_finish.wgsl`.
@@ -75,8 +78,22 @@ pub struct GroupReport {
     pub name: String,
     /// Norm before clipping.
     pub norm: f64,
+    /// Norm after clipping: each unit's norm times its coefficient (Gaussian noise, added
+    /// after scaling, is not included).
+    pub norm_after: f64,
     /// Coefficient applied (1 when untouched).
     pub coef: f32,
+}
+
+/// Norms of one tensor before and after a policy step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorReport {
+    /// Tensor name ([`crate::GpuTensor::named`], [`TensorInfo::new`]).
+    pub name: String,
+    /// Norm before clipping.
+    pub norm: f64,
+    /// Norm after clipping (noise not included, as for [`GroupReport::norm_after`]).
+    pub norm_after: f64,
 }
 
 /// The outcome of one step of a [`crate::ClipPolicy`].
@@ -87,6 +104,9 @@ pub struct PolicyReport {
     /// Total norm of all gradients before clipping (NaN/inf when non-finite values were
     /// found; NaNs excluded under [`NonFinitePolicy::ZeroNans`]).
     pub total_norm: f64,
+    /// Total norm after clipping (noise not included): for global rules always, for the
+    /// others when the policy reports groups ([`crate::ClipPolicy::with_group_report`]).
+    pub total_norm_after: Option<f64>,
     /// For global rules, the threshold in force this step, schedule included (infinity
     /// when ZClip found no spike or an AutoClip history is empty); `None` for per-tensor,
     /// group, block RMS and AGC rules.
@@ -107,6 +127,51 @@ pub struct PolicyReport {
     pub consecutive_skips: u32,
     /// Per group norms and coefficients, when asked for.
     pub groups: Option<Vec<GroupReport>>,
+    /// Per tensor norms before and after, in batch order, when groups are asked for
+    /// (tensors that AGC leaves out have no entry).
+    pub tensors: Option<Vec<TensorReport>>,
+}
+
+/// What turns the per-unit numbers of a step into group and tensor reports: fixed when a
+/// policy is planned, shared by the reports of every step.
+#[derive(Debug)]
+pub(crate) struct ReportShape {
+    group_names: Vec<String>,
+    group_ranges: Vec<[u32; 2]>,
+    /// Per tensor that has units: its name and units.
+    tensors: Vec<(String, Vec<usize>)>,
+}
+
+impl ReportShape {
+    pub(crate) fn new(layout: &Layout, infos: &[TensorInfo]) -> Arc<ReportShape> {
+        Arc::new(ReportShape {
+            group_names: layout.group_names.clone(),
+            group_ranges: layout.group_ranges.clone(),
+            tensors: infos
+                .iter()
+                .enumerate()
+                .map(|(t, info)| {
+                    let units = (layout.segments.iter().enumerate())
+                        .filter(|(_, s)| s.tensor == t)
+                        .map(|(u, _)| u)
+                        .collect();
+                    (info.name.clone(), units)
+                })
+                .filter(|(_, units): &(String, Vec<usize>)| !units.is_empty())
+                .collect(),
+        })
+    }
+}
+
+/// The per-unit numbers of a step, for reports that ask for groups.
+pub(crate) struct UnitNorms {
+    pub shape: Arc<ReportShape>,
+    /// Norm accumulator per group, as the coefficients were computed from.
+    pub groups: Vec<NormAcc>,
+    /// Norm accumulator per unit (segment).
+    pub units: Vec<NormAcc>,
+    /// Coefficient per unit.
+    pub coefs: Vec<f32>,
 }
 
 /// The raw fields of a policy step, as both backends produce them.
@@ -122,7 +187,15 @@ pub(crate) struct PolicyOutcome {
     pub skips: u32,
     pub global: bool,
     pub policy: NonFinitePolicy,
-    pub groups: Option<Vec<GroupReport>>,
+    pub detail: Option<UnitNorms>,
+}
+
+/// The accumulator of `acc` scaled by `coef` (a norm is absolutely homogeneous).
+fn scaled(acc: &NormAcc, coef: f32) -> NormAcc {
+    NormAcc {
+        scale: acc.scale * (coef as f64).abs(),
+        ..*acc
+    }
 }
 
 impl PolicyOutcome {
@@ -133,12 +206,56 @@ impl PolicyOutcome {
             total.flags &= !crate::norm::FLAG_NAN;
         }
         let total_norm = total.total(self.norm);
-        if self.status & STATUS_HELD != 0 && self.policy == NonFinitePolicy::Error {
+        let held = self.status & STATUS_HELD != 0;
+        if held && self.policy == NonFinitePolicy::Error {
             return Err(ClipError::NonFiniteNorm(total_norm));
+        }
+        let (norm, nf) = (self.norm, self.policy);
+        let live = |acc: &NormAcc| crate::cpu::live_total(acc, norm, nf);
+        // A held step leaves the gradients as they were.
+        let coef_of = |c: f32| if held { 1.0 } else { c };
+        let mut total_norm_after = self
+            .global
+            .then(|| live(&scaled(&total, coef_of(self.coef))));
+        let mut groups = None;
+        let mut tensors = None;
+        if let Some(d) = &self.detail {
+            let after: Vec<NormAcc> = (d.units.iter().zip(&d.coefs))
+                .map(|(acc, &c)| scaled(acc, coef_of(c)))
+                .collect();
+            let fold = |units: &mut dyn Iterator<Item = usize>, accs: &[NormAcc]| {
+                units.fold(NormAcc::IDENTITY, |a, u| a.combine(accs[u], norm))
+            };
+            let list = |units: &[usize], accs: &[NormAcc]| fold(&mut units.iter().copied(), accs);
+            let s = &d.shape;
+            groups = Some(
+                s.group_ranges
+                    .iter()
+                    .enumerate()
+                    .map(|(g, &[a, n])| GroupReport {
+                        name: s.group_names[g].clone(),
+                        norm: live(&d.groups[g]),
+                        norm_after: live(&fold(&mut (a..a + n).map(|u| u as usize), &after)),
+                        coef: if n == 0 { 1.0 } else { d.coefs[a as usize] },
+                    })
+                    .collect(),
+            );
+            tensors = Some(
+                s.tensors
+                    .iter()
+                    .map(|(name, units)| TensorReport {
+                        name: name.clone(),
+                        norm: live(&list(units, &d.units)),
+                        norm_after: live(&list(units, &after)),
+                    })
+                    .collect(),
+            );
+            total_norm_after = Some(live(&fold(&mut (0..after.len()), &after)));
         }
         Ok(PolicyReport {
             step: self.step,
             total_norm,
+            total_norm_after,
             threshold: self.global.then_some(self.threshold),
             coef: self.global.then_some(self.coef),
             clipped_units: self.clipped,
@@ -147,7 +264,8 @@ impl PolicyOutcome {
             nans_zeroed: self.status & STATUS_NANS_ZEROED != 0,
             skipped: self.status & STATUS_SKIPPED != 0,
             consecutive_skips: self.skips,
-            groups: self.groups,
+            groups,
+            tensors,
         })
     }
 }

@@ -139,6 +139,50 @@ fn assert_reports(g: &PolicyReport, c: &PolicyReport) {
     );
 }
 
+/// The norms after clipping agree between backends and, without noise, with the norms
+/// of the clipped gradients themselves.
+fn assert_after_norms(
+    policy: &ClipPolicy,
+    g: &PolicyReport,
+    c: &PolicyReport,
+    clipped: &[Host],
+    infos: &[TensorInfo],
+) {
+    let near = |a: f64, b: f64, rel: f64| close(a, b, rel) || (a - b).abs() < 1e-30;
+    if let (Some(a), Some(b)) = (g.total_norm_after, c.total_norm_after) {
+        assert!(near(a, b, 1e-5), "total after {a} vs {b}");
+    }
+    assert_eq!(g.total_norm_after.is_some(), c.total_norm_after.is_some());
+    let (Some(gt), Some(ct)) = (&g.tensors, &c.tensors) else {
+        assert_eq!(g.tensors, c.tensors);
+        return;
+    };
+    assert_eq!(gt.len(), ct.len());
+    let order = policy.norm.order();
+    for (a, b) in gt.iter().zip(ct) {
+        assert_eq!(a.name, b.name);
+        assert!(near(a.norm, b.norm, 1e-5), "{a:?} vs {b:?}");
+        assert!(near(a.norm_after, b.norm_after, 1e-5), "{a:?} vs {b:?}");
+        if policy.noise.is_none() && !c.skipped {
+            let i = infos.iter().position(|t| t.name == b.name).unwrap();
+            let x = clipped[i].to_f64();
+            let actual = if order.is_infinite() {
+                x.iter().fold(0.0f64, |m, v| m.max(v.abs()))
+            } else {
+                x.iter()
+                    .map(|v| v.abs().powf(order))
+                    .sum::<f64>()
+                    .powf(1.0 / order)
+            };
+            // 16-bit results are rounded after scaling.
+            assert!(near(actual, b.norm_after, 1e-2), "{b:?}: measured {actual}");
+        }
+    }
+    for (a, b) in g.groups.iter().flatten().zip(c.groups.iter().flatten()) {
+        assert!(near(a.norm_after, b.norm_after, 1e-5), "{a:?} vs {b:?}");
+    }
+}
+
 fn both(
     policy: &ClipPolicy,
     steps: &[Vec<Host>],
@@ -152,6 +196,7 @@ fn both(
     for (i, ((gh, gr), (ch, cr))) in g.iter().zip(&c).enumerate() {
         assert_same(gh, ch, abs, &format!("{:?} step {i}", policy.rule));
         assert_reports(gr, cr);
+        assert_after_norms(policy, gr, cr, ch, infos);
         // A global coefficient within an f32 ulp of 1 may round either way.
         let at_one = cr.coef.is_some_and(|c| (c - 1.0).abs() < 1e-6);
         assert!(
@@ -309,6 +354,16 @@ fn per_tensor_groups_and_block_rms() {
     let groups = out[0].1.groups.as_ref().unwrap();
     assert_eq!(groups[0].norm, 5.0);
     assert!(close(groups[0].coef as f64, 0.2, 1e-7));
+    assert!(close(groups[0].norm_after, 1.0, 1e-6));
+    let tensors = out[0].1.tensors.as_ref().unwrap();
+    assert_eq!(tensors[1].norm_after, 0.0);
+    assert!(close(tensors[2].norm_after, 0.3, 1e-6));
+    // sqrt(1 + 0.09)
+    assert!(close(
+        out[0].1.total_norm_after.unwrap(),
+        1.09f64.sqrt(),
+        1e-6
+    ));
 
     // Layer-wise (the seeds' example): embedding 0.5, lstm 1.0, default 0.8.
     let rule = GroupClip::new(0.8)
@@ -581,7 +636,7 @@ proptest! {
         let steps: Vec<Vec<Host>> = (0..3).map(|_| make(&mut next)).collect();
         let params = make(&mut next);
         for rule in rules() {
-            let mut policy = ClipPolicy::new(rule);
+            let mut policy = ClipPolicy::new(rule).with_group_report();
             if noisy {
                 policy = policy.noise(GaussianNoise { sigma: 1e-3, seed });
             }

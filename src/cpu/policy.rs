@@ -3,6 +3,8 @@
 //! accumulators); the adaptive state is updated with the shader's f32 arithmetic, in the
 //! same order, so a state moves between backends.
 
+use std::sync::Arc;
+
 use half::f16;
 use rayon::prelude::*;
 
@@ -19,8 +21,8 @@ use crate::policies::{
 };
 use crate::policy::NonFinitePolicy;
 use crate::report::{
-    GroupReport, PolicyOutcome, PolicyReport, STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE,
-    STATUS_SKIPPED,
+    PolicyOutcome, PolicyReport, ReportShape, UnitNorms, STATUS_HELD, STATUS_NANS_ZEROED,
+    STATUS_NONFINITE, STATUS_SKIPPED,
 };
 
 /// Runs a [`ClipPolicy`] on host slices, step after step, keeping its state.
@@ -29,6 +31,7 @@ pub struct CpuPolicy {
     policy: ClipPolicy,
     infos: Vec<TensorInfo>,
     layout: Layout,
+    shape: Arc<ReportShape>,
     state: PolicyState,
 }
 
@@ -235,6 +238,7 @@ impl CpuPolicy {
         let layout = Layout::new(&policy, infos)?;
         Ok(CpuPolicy {
             state: PolicyState::new(layout.history),
+            shape: ReportShape::new(&layout, infos),
             policy,
             infos: infos.to_vec(),
             layout,
@@ -381,17 +385,11 @@ impl CpuPolicy {
         }
         state.step += 1;
         self.state = state;
-        let group_reports = policy.report_groups.then(|| {
-            layout
-                .group_ranges
-                .iter()
-                .enumerate()
-                .map(|(g, &[a, n])| GroupReport {
-                    name: layout.group_names[g].clone(),
-                    norm: live_total(&groups[g], norm, nf),
-                    coef: if n == 0 { 1.0 } else { coefs[a as usize] },
-                })
-                .collect()
+        let detail = policy.report_groups.then(|| UnitNorms {
+            shape: self.shape.clone(),
+            groups,
+            units: seg,
+            coefs,
         });
         PolicyOutcome {
             step,
@@ -405,7 +403,7 @@ impl CpuPolicy {
             skips,
             global: policy.rule.is_global(),
             policy: nf,
-            groups: group_reports,
+            detail,
         }
         .report()
     }

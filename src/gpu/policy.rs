@@ -17,12 +17,12 @@ use super::resources::{
     DispatchSlots, StepParams,
 };
 use crate::error::ClipError;
-use crate::norm::Norm;
+use crate::norm::{Norm, NormAcc};
 use crate::plan::fold_grid;
 use crate::policies::{
     check_shapes, ClipPolicy, GaussianNoise, Layout, PolicyState, Rule, TensorInfo,
 };
-use crate::report::{GroupReport, PolicyOutcome, PolicyReport};
+use crate::report::{PolicyOutcome, PolicyReport, ReportShape, UnitNorms};
 
 /// `PolicyParams` of `shaders/common.wgsl`.
 #[repr(C)]
@@ -69,6 +69,7 @@ pub struct GpuPolicy {
     report: wgpu::Buffer,
     coef_buf: wgpu::Buffer,
     pool: Arc<ReportPool>,
+    shape: Arc<ReportShape>,
     step: u64,
 }
 
@@ -266,7 +267,7 @@ impl GpuPolicy {
             .collect();
         let readback = POLICY_HEADER_BYTES
             + if policy.report_groups {
-                n_groups as u64 * ACC_BYTES + n_seg as u64 * 4
+                (n_groups + n_seg) as u64 * ACC_BYTES + n_seg as u64 * 4
             } else {
                 0
             };
@@ -288,6 +289,14 @@ impl GpuPolicy {
             report,
             coef_buf,
             pool: ReportPool::new(readback),
+            shape: ReportShape::new(
+                &layout,
+                &grads
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| t.info(i))
+                    .collect::<Vec<_>>(),
+            ),
             step: 0,
             policy,
             layout,
@@ -451,13 +460,11 @@ impl GpuPolicy {
                 );
             }
             if n_seg > 0 {
-                encoder.copy_buffer_to_buffer(
-                    &self.coef_buf,
-                    0,
-                    &readback,
-                    POLICY_HEADER_BYTES + n_groups * ACC_BYTES,
-                    n_seg * 4,
-                );
+                let units = POLICY_HEADER_BYTES + n_groups * ACC_BYTES;
+                let accs = &self.grads.segment_accs;
+                encoder.copy_buffer_to_buffer(accs, 0, &readback, units, n_seg * ACC_BYTES);
+                let coefs = units + n_seg * ACC_BYTES;
+                encoder.copy_buffer_to_buffer(&self.coef_buf, 0, &readback, coefs, n_seg * 4);
             }
         }
         let step = self.step;
@@ -484,12 +491,8 @@ impl GpuPolicy {
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let global = self.policy.rule.is_global();
-        let groups = self.policy.report_groups.then(|| {
-            (
-                self.layout.group_names.clone(),
-                self.layout.group_ranges.clone(),
-            )
-        });
+        let shape = self.policy.report_groups.then(|| self.shape.clone());
+        let n_groups = self.layout.group_ranges.len();
         let units = n_seg as u32;
         Ok(PendingReport::on_submit(
             encoder,
@@ -497,25 +500,20 @@ impl GpuPolicy {
             self.pool.clone(),
             self.ctx.inner.device.clone(),
             Box::new(move |w: &[u32]| {
-                let groups = groups.map(|(names, ranges)| {
-                    let coef0 = (POLICY_HEADER_BYTES / 4 + ranges.len() as u64 * 4) as usize;
-                    ranges
-                        .iter()
-                        .enumerate()
-                        .map(|(g, &[a, n])| GroupReport {
-                            name: names[g].clone(),
-                            norm: crate::cpu::live_total(
-                                &acc_at(w, (POLICY_HEADER_BYTES / 4) as usize + 4 * g),
-                                norm,
-                                nf,
-                            ),
-                            coef: if n == 0 {
-                                1.0
-                            } else {
-                                f32::from_bits(w[coef0 + a as usize])
-                            },
-                        })
-                        .collect()
+                let detail = shape.map(|shape| {
+                    let n = n_seg as usize;
+                    let header = (POLICY_HEADER_BYTES / 4) as usize;
+                    let accs = |first: usize, count: usize| -> Vec<NormAcc> {
+                        (0..count).map(|i| acc_at(w, first + 4 * i)).collect()
+                    };
+                    let units0 = header + 4 * n_groups;
+                    let coefs0 = units0 + 4 * n;
+                    UnitNorms {
+                        shape,
+                        groups: accs(header, n_groups),
+                        units: accs(units0, n),
+                        coefs: bytemuck::cast_slice(&w[coefs0..coefs0 + n]).to_vec(),
+                    }
                 });
                 PolicyOutcome {
                     step,
@@ -529,7 +527,7 @@ impl GpuPolicy {
                     skips: w[8],
                     global,
                     policy: nf,
-                    groups,
+                    detail,
                 }
                 .report()
             }),
