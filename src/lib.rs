@@ -15,10 +15,12 @@ mod policy;
 mod report;
 
 pub use clipper::{Backend, Clipper};
-pub use cpu::CpuPolicy;
+pub use cpu::{CpuAccumulator, CpuPolicy};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
-pub use gpu::{GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport};
+pub use gpu::{
+    GpuAccumulator, GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport,
+};
 pub use half::{bf16, f16};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
@@ -28,7 +30,7 @@ pub use policies::{
     UnitAxis, ZClip,
 };
 pub use policy::NonFinitePolicy;
-pub use report::{ClipReport, GroupReport, PolicyReport};
+pub use report::{ClipReport, GroupReport, PolicyReport, TensorReport};
 
 /// The counter-based generator behind [`GaussianNoise`], for checking or reproducing
 /// the noise a step added.

@@ -4,30 +4,13 @@
 
 mod common;
 
-use common::{close, download, gpu, upload, Arena, Host};
+use common::{close, download, gpu, gpu_tensors, host, rules, upload, write, Host};
 use gradclip::{
-    bf16, f16, noise, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, CpuPolicy, GaussianNoise,
-    GpuContext, GpuPolicy, GpuTensor, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
-    PolicyReport, PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ZClip,
+    noise, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, CpuPolicy, GaussianNoise,
+    GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, PerTensorClip, PolicyReport,
+    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ZClip,
 };
 use proptest::prelude::*;
-
-fn gpu_tensors<'a>(arena: &'a Arena, h: &[Host], infos: &[TensorInfo]) -> Vec<GpuTensor<'a>> {
-    h.iter()
-        .zip(&arena.offsets)
-        .zip(infos)
-        .map(|((t, &o), info)| {
-            GpuTensor::new(
-                &arena.buffer,
-                o,
-                t.as_ref().len() as u64,
-                t.as_ref().dtype(),
-            )
-            .named(info.name.clone())
-            .shaped(&info.shape)
-        })
-        .collect()
-}
 
 fn infos_of(h: &[Host]) -> Vec<TensorInfo> {
     h.iter()
@@ -56,14 +39,7 @@ fn run_gpu(
     steps
         .iter()
         .map(|h| {
-            let (offsets, size) = common::layout(h, 0);
-            let mut bytes = vec![0u8; size as usize];
-            for (t, o) in h.iter().zip(offsets) {
-                let b = t.as_ref();
-                let b = b.as_bytes();
-                bytes[o as usize..o as usize + b.len()].copy_from_slice(b);
-            }
-            ctx.queue().write_buffer(&first.buffer, 0, &bytes);
+            write(ctx, &first, h);
             let report = run.run().unwrap().wait().unwrap();
             (download(ctx, &first, h), report)
         })
@@ -579,30 +555,6 @@ fn bad_configurations_are_typed_errors() {
         GpuPolicy::new(&ctx, &wrong, None, ClipPolicy::new(Rule::GlobalNorm(1.0))),
         Err(ClipError::ShapeMismatch { .. })
     ));
-}
-
-fn host(dtype: u8, v: Vec<f32>) -> Host {
-    match dtype % 3 {
-        0 => Host::F32(v),
-        1 => Host::F16(v.into_iter().map(f16::from_f32).collect()),
-        _ => Host::BF16(v.into_iter().map(bf16::from_f32).collect()),
-    }
-}
-
-fn rules() -> Vec<Rule> {
-    vec![
-        Rule::GlobalNorm(1.0),
-        Rule::PerTensor(PerTensorClip { max_norm: 0.5 }),
-        Rule::Groups(GroupClip::new(0.3).group("odd", "t*1", 0.7)),
-        Rule::BlockRms(BlockRmsClip { threshold: 0.05 }),
-        Rule::Agc(Agc::new(0.05)),
-        Rule::Agc(Agc::new(0.05).axis(UnitAxis::Last)),
-        Rule::AutoClip(AutoClip::new(50.0, 4)),
-        Rule::ZClip(ZClip {
-            warmup: 2,
-            ..ZClip::default()
-        }),
-    ]
 }
 
 proptest! {

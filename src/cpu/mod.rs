@@ -2,6 +2,7 @@
 //! path, and the fallback when no adapter exists. Each file twins a shader of the same
 //! name in `shaders/`.
 
+mod accumulate;
 mod apply;
 mod norm_finish;
 mod norm_reduce;
@@ -9,6 +10,8 @@ mod per_example;
 pub(crate) mod philox;
 mod policy;
 
+pub(crate) use accumulate::check_micro_steps;
+pub use accumulate::CpuAccumulator;
 pub use per_example::clip_per_example;
 pub(crate) use policy::live_total;
 pub use policy::CpuPolicy;

@@ -257,6 +257,29 @@ impl CpuPolicy {
         Ok(())
     }
 
+    /// Checks the inputs of the next step; returns its schedule multiplier.
+    pub(crate) fn check(
+        &self,
+        grads: &[GradMut<'_>],
+        params: Option<&[GradRef<'_>]>,
+    ) -> Result<f32, ClipError> {
+        let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
+        check_shapes(&self.infos, &lens)?;
+        match (&self.policy.rule, params) {
+            (Rule::Agc(_), Some(p)) => {
+                let plens: Vec<u64> = p.iter().map(|g| g.len() as u64).collect();
+                check_shapes(&self.infos, &plens)?;
+            }
+            (Rule::Agc(_), None) => {
+                return Err(ClipError::InvalidConfig(
+                    "AGC needs the parameters alongside the gradients".into(),
+                ))
+            }
+            _ => {}
+        }
+        self.policy.schedule.checked(self.state.step)
+    }
+
     /// Runs one step on `grads` in place; AGC also needs the parameters (same shapes).
     /// Errors leave the gradients and the state untouched.
     pub fn step(
@@ -264,26 +287,14 @@ impl CpuPolicy {
         grads: &mut [GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<PolicyReport, ClipError> {
-        let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
-        check_shapes(&self.infos, &lens)?;
+        let mult = self.check(grads, params)?;
         let (policy, layout) = (&self.policy, &self.layout);
         let norm = policy.norm;
         let nf = policy.non_finite;
         let step = self.state.step;
-        let mult = policy.schedule.checked(step)?;
-        let w_accs = match (&policy.rule, params) {
-            (Rule::Agc(_), Some(p)) => {
-                let plens: Vec<u64> = p.iter().map(|g| g.len() as u64).collect();
-                check_shapes(&self.infos, &plens)?;
-                Some(segment_accs(p, &layout.segments, Norm::L2))
-            }
-            (Rule::Agc(_), None) => {
-                return Err(ClipError::InvalidConfig(
-                    "AGC needs the parameters alongside the gradients".into(),
-                ))
-            }
-            _ => None,
-        };
+        let w_accs = params
+            .filter(|_| matches!(policy.rule, Rule::Agc(_)))
+            .map(|p| segment_accs(p, &layout.segments, Norm::L2));
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
         let seg = segment_accs(&refs, &layout.segments, norm);
         let groups: Vec<NormAcc> = layout

@@ -11,6 +11,7 @@ const PHILOX: &str = include_str!("../../shaders/philox.wgsl");
 const POLICY: &str = include_str!("../../shaders/policy.wgsl");
 const SEGMENT_APPLY: &str = include_str!("../../shaders/segment_apply.wgsl");
 const PER_EXAMPLE: &str = include_str!("../../shaders/per_example.wgsl");
+const ACCUMULATE: &str = include_str!("../../shaders/accumulate.wgsl");
 
 /// A compute pipeline the library uses, with its override constants (`NORM_KIND`, `OP`,
 /// `ADAPTIVE`, `FORMULA`).
@@ -31,6 +32,7 @@ pub(crate) enum Kernel {
     },
     SegmentApply,
     PerExample,
+    Accumulate,
 }
 
 /// `OP` of `shaders/apply.wgsl`.
@@ -45,6 +47,7 @@ pub(crate) struct Kernels {
     policy: wgpu::ShaderModule,
     segment_apply: wgpu::ShaderModule,
     per_example: wgpu::ShaderModule,
+    accumulate: wgpu::ShaderModule,
     /// Layout of `norm_reduce` and of `tensor_norms` (same binding shapes).
     pub reduce_layout: wgpu::BindGroupLayout,
     pub total_layout: wgpu::BindGroupLayout,
@@ -52,6 +55,7 @@ pub(crate) struct Kernels {
     pub policy_layout: wgpu::BindGroupLayout,
     pub segment_apply_layout: wgpu::BindGroupLayout,
     pub per_example_layout: wgpu::BindGroupLayout,
+    pub accumulate_layout: wgpu::BindGroupLayout,
     pipelines: Mutex<HashMap<Kernel, wgpu::ComputePipeline>>,
 }
 
@@ -100,6 +104,7 @@ impl Kernels {
                 &format!("{PHILOX}\n{SEGMENT_APPLY}"),
             ),
             per_example: module("gradclip per_example", &format!("{PHILOX}\n{PER_EXAMPLE}")),
+            accumulate: module("gradclip accumulate", ACCUMULATE),
             reduce_layout: layout(
                 "gradclip reduce",
                 &[
@@ -169,6 +174,15 @@ impl Kernels {
                     storage(5, true),
                 ],
             ),
+            accumulate_layout: layout(
+                "gradclip accumulate",
+                &[
+                    storage(0, false),
+                    storage(1, true),
+                    storage(2, true),
+                    uniform(3),
+                ],
+            ),
             pipelines: Mutex::new(HashMap::new()),
         }
     }
@@ -223,6 +237,9 @@ impl Kernels {
                     ),
                     Kernel::PerExample => {
                         (&self.per_example, "main", &self.per_example_layout, vec![])
+                    }
+                    Kernel::Accumulate => {
+                        (&self.accumulate, "main", &self.accumulate_layout, vec![])
                     }
                 };
                 let pipeline_layout =

@@ -1,6 +1,7 @@
 //! The GPU path: a context per device, batches planned once, steps encoded without a
 //! host round trip, reports read back asynchronously.
 
+mod accumulate;
 mod batch;
 mod context;
 mod kernels;
@@ -10,6 +11,7 @@ mod readback;
 mod reduction;
 mod resources;
 
+pub use accumulate::GpuAccumulator;
 pub use batch::{GpuBatch, GpuTensor};
 pub use context::GpuContext;
 pub use per_example::GpuPerExample;

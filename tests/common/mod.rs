@@ -2,7 +2,10 @@
 //! no adapter exists) and upload/download of host tensors into one arena buffer.
 #![allow(dead_code)]
 
-use gradclip::{bf16, f16, GpuBatch, GpuContext, GpuTensor, GradMut, GradRef};
+use gradclip::{
+    bf16, f16, Agc, AutoClip, BlockRmsClip, GpuBatch, GpuContext, GpuTensor, GradMut, GradRef,
+    GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
+};
 use std::sync::OnceLock;
 
 /// The test GPU. Panics when no adapter exists: in CI the GPU tests must run (lavapipe).
@@ -84,7 +87,8 @@ pub fn layout(h: &[Host], gap: u64) -> (Vec<u64>, u64) {
     (offsets, at.next_multiple_of(4).max(4))
 }
 
-pub fn upload(ctx: &GpuContext, h: &[Host]) -> Arena {
+/// The bytes of the arena that holds `h`.
+fn packed(h: &[Host]) -> (Vec<u64>, Vec<u8>) {
     let (offsets, size) = layout(h, 0);
     let mut bytes = vec![0u8; size as usize];
     for (t, &o) in h.iter().zip(&offsets) {
@@ -92,6 +96,39 @@ pub fn upload(ctx: &GpuContext, h: &[Host]) -> Arena {
         let b = b.as_bytes();
         bytes[o as usize..o as usize + b.len()].copy_from_slice(b);
     }
+    (offsets, bytes)
+}
+
+/// Overwrites an arena made by [`upload`] with new values of the same tensors.
+pub fn write(ctx: &GpuContext, arena: &Arena, h: &[Host]) {
+    ctx.queue().write_buffer(&arena.buffer, 0, &packed(h).1);
+}
+
+/// The arena's tensors as `GpuTensor`s, named and shaped after `infos`.
+pub fn gpu_tensors<'a>(
+    arena: &'a Arena,
+    h: &[Host],
+    infos: &[gradclip::TensorInfo],
+) -> Vec<GpuTensor<'a>> {
+    h.iter()
+        .zip(&arena.offsets)
+        .zip(infos)
+        .map(|((t, &o), info)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+            .named(info.name.clone())
+            .shaped(&info.shape)
+        })
+        .collect()
+}
+
+pub fn upload(ctx: &GpuContext, h: &[Host]) -> Arena {
+    let (offsets, bytes) = packed(h);
+    let size = bytes.len() as u64;
     use wgpu::util::DeviceExt;
     let buffer = ctx
         .device()
@@ -170,4 +207,30 @@ pub fn close(a: f64, b: f64, rel: f64) -> bool {
         return a == b;
     }
     (a - b).abs() <= rel * a.abs().max(b.abs()) + 1e-37
+}
+
+/// A host tensor of dtype code `dtype % 3` (f32, f16, bf16) holding `v`.
+pub fn host(dtype: u8, v: Vec<f32>) -> Host {
+    match dtype % 3 {
+        0 => Host::F32(v),
+        1 => Host::F16(v.into_iter().map(f16::from_f32).collect()),
+        _ => Host::BF16(v.into_iter().map(bf16::from_f32).collect()),
+    }
+}
+
+/// One rule of each kind, for tensors named `t0`, `t1`, ...
+pub fn rules() -> Vec<Rule> {
+    vec![
+        Rule::GlobalNorm(1.0),
+        Rule::PerTensor(PerTensorClip { max_norm: 0.5 }),
+        Rule::Groups(GroupClip::new(0.3).group("odd", "t*1", 0.7)),
+        Rule::BlockRms(BlockRmsClip { threshold: 0.05 }),
+        Rule::Agc(Agc::new(0.05)),
+        Rule::Agc(Agc::new(0.05).axis(UnitAxis::Last)),
+        Rule::AutoClip(AutoClip::new(50.0, 4)),
+        Rule::ZClip(ZClip {
+            warmup: 2,
+            ..ZClip::default()
+        }),
+    ]
 }
