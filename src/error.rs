@@ -97,6 +97,15 @@ pub enum ClipError {
     /// A saved policy state could not be read or does not fit the policy.
     #[error("invalid policy state: {0}")]
     InvalidState(String),
+    /// A monitor export or plot could not be written (missing folder, no permission,
+    /// unsupported file extension).
+    #[error("cannot write {path}: {reason}")]
+    Output {
+        /// The file asked for.
+        path: String,
+        /// Why it failed.
+        reason: String,
+    },
     /// A buffer belongs to another device, or wgpu rejected the setup for another reason.
     #[error("wgpu rejected the batch (is every buffer from this context's device?): {0}")]
     Wgpu(String),

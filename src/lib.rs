@@ -7,6 +7,7 @@ pub mod cpu;
 mod dtype;
 mod error;
 mod gpu;
+mod monitor;
 mod norm;
 mod ops;
 mod plan;
@@ -22,6 +23,7 @@ pub use gpu::{
     GpuAccumulator, GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport,
 };
 pub use half::{bf16, f16};
+pub use monitor::{plot, GradMonitor};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
 pub use policies::{

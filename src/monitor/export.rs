@@ -1,0 +1,166 @@
+//! CSV and JSON-lines writers of the monitor's records.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::ClipError;
+use crate::report::PolicyReport;
+
+/// Creates `path` and fills it with what `body` writes.
+pub(super) fn write(
+    path: &Path,
+    body: impl FnOnce(&mut String) -> std::fmt::Result,
+) -> Result<(), ClipError> {
+    let fail = |reason: String| ClipError::Output {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut text = String::new();
+    body(&mut text).map_err(|e| fail(e.to_string()))?;
+    let mut file = std::fs::File::create(path).map_err(|e| fail(e.to_string()))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// An optional CSV cell.
+fn cell<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or(String::new(), |v| v.to_string())
+}
+
+pub(super) fn steps_csv(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
+    writeln!(
+        out,
+        "step,total_norm,total_norm_after,threshold,coef,clipped,clipped_units,units,skipped,non_finite,nans_zeroed"
+    )?;
+    for r in records {
+        writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{}",
+            r.step,
+            r.total_norm,
+            cell(r.total_norm_after),
+            cell(r.threshold),
+            cell(r.coef),
+            clipped(r),
+            r.clipped_units,
+            r.units,
+            r.skipped,
+            r.non_finite,
+            r.nans_zeroed
+        )?;
+    }
+    Ok(())
+}
+
+pub(super) fn tensors_csv(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
+    writeln!(out, "step,tensor,norm,norm_after")?;
+    for r in records {
+        for t in r.tensors.iter().flatten() {
+            writeln!(
+                out,
+                "{},{},{},{}",
+                r.step,
+                csv_text(&t.name),
+                t.norm,
+                t.norm_after
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether clipping fired: some unit scaled down, and the step was not skipped.
+fn clipped(r: &PolicyReport) -> bool {
+    r.clipped_units > 0 && !r.skipped
+}
+
+/// A CSV field, quoted when it holds a comma, quote or line break.
+fn csv_text(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// A JSON number; JSON has no NaN or infinity, so those are `null`.
+fn num(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:?}")
+    } else {
+        "null".into()
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or("null".into(), num)
+}
+
+/// A JSON string literal.
+fn string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+pub(super) fn jsonl(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
+    for r in records {
+        write!(
+            out,
+            "{{\"step\":{},\"total_norm\":{},\"total_norm_after\":{},\"threshold\":{},\"coef\":{},\"clipped\":{},\"clipped_units\":{},\"units\":{},\"skipped\":{},\"non_finite\":{},\"nans_zeroed\":{}",
+            r.step,
+            num(r.total_norm),
+            opt(r.total_norm_after),
+            opt(r.threshold.map(f64::from)),
+            opt(r.coef.map(f64::from)),
+            clipped(r),
+            r.clipped_units,
+            r.units,
+            r.skipped,
+            r.non_finite,
+            r.nans_zeroed
+        )?;
+        if let Some(tensors) = &r.tensors {
+            let items: Vec<String> = (tensors.iter())
+                .map(|t| {
+                    format!(
+                        "{{\"name\":{},\"norm\":{},\"norm_after\":{}}}",
+                        string(&t.name),
+                        num(t.norm),
+                        num(t.norm_after)
+                    )
+                })
+                .collect();
+            write!(out, ",\"tensors\":[{}]", items.join(","))?;
+        }
+        if let Some(groups) = &r.groups {
+            let items: Vec<String> = (groups.iter())
+                .map(|g| {
+                    format!(
+                        "{{\"name\":{},\"norm\":{},\"norm_after\":{},\"coef\":{}}}",
+                        string(&g.name),
+                        num(g.norm),
+                        num(g.norm_after),
+                        num(g.coef as f64)
+                    )
+                })
+                .collect();
+            write!(out, ",\"groups\":[{}]", items.join(","))?;
+        }
+        writeln!(out, "}}")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,213 @@
+//! The gradient monitor: asynchronous collection in step order, norms before and after,
+//! CSV / JSON lines / PNG / SVG outputs, and unwritable paths as typed errors.
+
+mod common;
+
+use common::{close, gpu, gpu_tensors, upload, write, Host};
+use gradclip::{
+    ClipError, ClipPolicy, CpuPolicy, GpuPolicy, GradMonitor, PolicyReport, Rule, TensorInfo,
+};
+
+fn out_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("gradclip-monitor-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Steps whose total norms are 0.5, 2, 4, 8, 16, 32 (tensors [3k, 4k] and [0, 0]).
+fn steps() -> Vec<Vec<Host>> {
+    [0.1f32, 0.4, 0.8, 1.6, 3.2, 6.4]
+        .iter()
+        .map(|&k| vec![Host::F32(vec![3.0 * k, 4.0 * k]), Host::F32(vec![0.0; 3])])
+        .collect()
+}
+
+fn infos() -> Vec<TensorInfo> {
+    vec![
+        TensorInfo::new("rnn.w_hh", &[2]),
+        TensorInfo::new("head, \"bias\"", &[3]),
+    ]
+}
+
+/// The GPU run, tracked asynchronously with at most 2 reports in flight.
+fn monitored_gpu_run() -> GradMonitor {
+    let ctx = gpu();
+    let steps = steps();
+    let arena = upload(&ctx, &steps[0]);
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).with_group_report();
+    let mut run = GpuPolicy::new(
+        &ctx,
+        &gpu_tensors(&arena, &steps[0], &infos()),
+        None,
+        policy,
+    )
+    .unwrap();
+    let mut monitor = GradMonitor::new().max_in_flight(2);
+    for g in &steps {
+        write(&ctx, &arena, g);
+        monitor.track(run.run().unwrap()).unwrap();
+        assert!(monitor.in_flight() <= 2);
+    }
+    monitor.flush().unwrap();
+    assert_eq!(monitor.in_flight(), 0);
+    monitor
+}
+
+fn check_records(records: &[PolicyReport]) {
+    let norms = [0.5, 2.0, 4.0, 8.0, 16.0, 32.0];
+    assert_eq!(records.len(), norms.len());
+    for (i, (r, n)) in records.iter().zip(norms).enumerate() {
+        assert_eq!(r.step, i as u64, "step order");
+        assert!(close(r.total_norm, n, 1e-6), "{r:?}");
+        // PyTorch: coef = min(1 / (n + 1e-6), 1).
+        let after = if n > 1.0 { n / (n + 1e-6) } else { n };
+        assert!(close(r.total_norm_after.unwrap(), after, 1e-6), "{r:?}");
+        assert_eq!(r.threshold, Some(1.0));
+        assert_eq!(r.clipped_units > 0, n > 1.0);
+        let t = r.tensors.as_ref().unwrap();
+        assert_eq!(t.len(), 2);
+        assert!(close(t[0].norm, n, 1e-6) && close(t[0].norm_after, after, 1e-6));
+        assert_eq!((t[1].norm, t[1].norm_after), (0.0, 0.0));
+    }
+}
+
+#[test]
+fn gpu_reports_are_collected_in_order_and_match_the_cpu() {
+    let monitor = monitored_gpu_run();
+    check_records(monitor.records());
+    let mut cpu = CpuPolicy::new(
+        ClipPolicy::new(Rule::GlobalNorm(1.0)).with_group_report(),
+        &infos(),
+    )
+    .unwrap();
+    let mut cpu_monitor = GradMonitor::new();
+    for mut g in steps() {
+        cpu_monitor.record(cpu.step(&mut common::muts(&mut g), None).unwrap());
+    }
+    check_records(cpu_monitor.records());
+}
+
+#[test]
+fn csv_and_jsonl_hold_every_step() {
+    let monitor = monitored_gpu_run();
+    let dir = out_dir("formats");
+    monitor.write_csv(dir.join("steps.csv")).unwrap();
+    let csv = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(
+        lines[0],
+        "step,total_norm,total_norm_after,threshold,coef,clipped,clipped_units,units,skipped,non_finite,nans_zeroed"
+    );
+    assert_eq!(lines.len(), 7);
+    let row: Vec<&str> = lines[4].split(',').collect();
+    assert_eq!(row[0], "3");
+    assert!(close(row[1].parse().unwrap(), 8.0, 1e-6));
+    assert!(close(row[2].parse().unwrap(), 1.0, 1e-6));
+    assert_eq!((row[3], row[5], row[8]), ("1", "true", "false"));
+    assert!(close(row[4].parse().unwrap(), 0.125, 1e-6));
+    assert_eq!(
+        lines[1].split(',').nth(5),
+        Some("false"),
+        "step 0 is not clipped"
+    );
+
+    monitor.write_tensor_csv(dir.join("tensors.csv")).unwrap();
+    let t = std::fs::read_to_string(dir.join("tensors.csv")).unwrap();
+    let t: Vec<&str> = t.lines().collect();
+    assert_eq!(t[0], "step,tensor,norm,norm_after");
+    assert_eq!(t.len(), 1 + 2 * 6);
+    assert!(t[1].starts_with("0,rnn.w_hh,0.5"), "{}", t[1]);
+    assert!(t[2].starts_with("0,\"head, \"\"bias\"\"\",0,0"), "{}", t[2]);
+
+    monitor.write_jsonl(dir.join("steps.jsonl")).unwrap();
+    let text = std::fs::read_to_string(dir.join("steps.jsonl")).unwrap();
+    let objects: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(objects.len(), 6);
+    let last = &objects[5];
+    assert_eq!(last["step"], 5);
+    assert!(close(last["total_norm"].as_f64().unwrap(), 32.0, 1e-6));
+    assert_eq!(last["clipped"], true);
+    assert_eq!(last["tensors"][1]["name"], "head, \"bias\"");
+    assert!(close(
+        last["tensors"][0]["norm_after"].as_f64().unwrap(),
+        1.0,
+        1e-6
+    ));
+    assert_eq!(last["groups"][0]["name"], "all");
+    assert!(close(
+        last["groups"][0]["coef"].as_f64().unwrap(),
+        1.0 / 32.0,
+        1e-6
+    ));
+}
+
+#[test]
+fn plots_are_written_as_png_and_svg() {
+    let monitor = monitored_gpu_run();
+    let dir = out_dir("plots");
+    for log in [false, true] {
+        let png = dir.join(format!("norms-{log}.png"));
+        monitor.plot_norms(&png, log).unwrap();
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+        let reader = decoder.read_info().unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (800, 450));
+        let svg = dir.join(format!("layers-{log}.svg"));
+        monitor.plot_layers(&svg, log).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("rnn.w_hh"),
+            "{text:.200}"
+        );
+        assert!(text.contains("Per-layer gradient norm, step 5"));
+    }
+    let svg = dir.join("norms.svg");
+    monitor.plot_norms(&svg, true).unwrap();
+    let text = std::fs::read_to_string(&svg).unwrap();
+    for label in ["before clipping", "after clipping", "threshold"] {
+        assert!(text.contains(label), "legend {label}");
+    }
+    monitor.plot_layers(dir.join("layers.png"), false).unwrap();
+}
+
+#[test]
+fn unwritable_paths_are_typed_errors() {
+    let monitor = monitored_gpu_run();
+    let missing = std::env::temp_dir()
+        .join("gradclip-no-such-dir-7f3a")
+        .join("x");
+    let checks: [(&str, Result<(), ClipError>); 5] = [
+        ("csv", monitor.write_csv(missing.with_extension("csv"))),
+        (
+            "tensor csv",
+            monitor.write_tensor_csv(missing.with_extension("csv")),
+        ),
+        (
+            "jsonl",
+            monitor.write_jsonl(missing.with_extension("jsonl")),
+        ),
+        (
+            "png",
+            monitor.plot_norms(missing.with_extension("png"), false),
+        ),
+        (
+            "svg",
+            monitor.plot_layers(missing.with_extension("svg"), false),
+        ),
+    ];
+    for (what, r) in checks {
+        match r {
+            Err(ClipError::Output { path, .. }) => assert!(path.contains("gradclip-no-such-dir")),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let dir = out_dir("ext");
+    let e = monitor
+        .plot_norms(dir.join("norms.jpg"), false)
+        .unwrap_err();
+    assert!(e.to_string().contains(".png or .svg"), "{e}");
+    assert!(!dir.join("norms.jpg").exists());
+}
