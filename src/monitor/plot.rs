@@ -125,12 +125,16 @@ impl LineChart {
         chart
             .configure_mesh()
             .x_desc(&self.x_label)
+            .x_label_formatter(&|v| short(*v))
             .y_desc(&self.y_label)
             .y_label_formatter(&|v| short(*v))
             .draw()
             .map_err(text)?;
         for (i, (s, pts)) in self.series.iter().zip(points).enumerate() {
-            let style = COLORS[i % COLORS.len()].stroke_width(2);
+            // Wide lines are drawn with miter joins, which spike at the sharp turns of
+            // noisy series: dense series get a 1-pixel line.
+            let width = if pts.len() > 100 { 1 } else { 2 };
+            let style = COLORS[i % COLORS.len()].stroke_width(width);
             let pts = pts.iter().copied();
             let drawn = if s.dashed {
                 chart.draw_series(DashedLineSeries::new(pts, 8, 5, style))
