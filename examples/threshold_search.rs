@@ -28,7 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "relu-sgd RNN, {} steps, {} seed(s), clipping on {}",
         preset.steps,
         seeds,
-        ctx.adapter_info().map_or("a wgpu device".into(), |i| i.name.clone())
+        ctx.adapter_info()
+            .map_or("a wgpu device".into(), |i| i.name.clone())
     );
     println!("\n max_norm | train loss (last 50) | validation loss | steps clipped");
     let mut best: Option<(f32, f64)> = None;
@@ -60,7 +61,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 train(&preset, seed, |_| {}, |_, _, _| {})
             };
             let n = history.losses.len().min(50);
-            train_loss += history.losses[history.losses.len() - n..].iter().sum::<f64>() / n as f64;
+            train_loss += history.losses[history.losses.len() - n..]
+                .iter()
+                .sum::<f64>()
+                / n as f64;
             validation += history.validation;
         }
         let (train_loss, validation) = (train_loss / seeds as f64, validation / seeds as f64);
@@ -75,7 +79,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "-".into()
         };
         println!(" {name:>8} | {train_loss:>20.4} | {validation:>15.4} | {clipped:>13}");
-        if max_norm.is_finite() && validation.is_finite() && best.is_none_or(|(_, v)| validation < v) {
+        if max_norm.is_finite()
+            && validation.is_finite()
+            && best.is_none_or(|(_, v)| validation < v)
+        {
             best = Some((max_norm, validation));
         }
     }
