@@ -206,7 +206,10 @@ fn bench_gpu(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     // Small samples and short windows: the whole run takes a few minutes on two cores.
+    // No HTML plots: gradclip's plotters build draws only with a registered font, and
+    // the figures are what matters here.
     config = Criterion::default()
+        .without_plots()
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_millis(1500));

@@ -10,14 +10,18 @@
 //! tensors cut 16-fold. Every iteration starts from pristine gradients (the reset is not
 //! timed), so each rule does its real work. GPU figures are wall time from the call
 //! through `wait()`.
+//!
+//! `*/accumulate/add` times adding one micro-batch into the sums (no boundary: reads both,
+//! writes the sums, so 3 x 16.8 MB of traffic), next to a same-run baseline: a plain
+//! `s += m * scale` loop on the CPU, a buffer-to-buffer copy (2 x 16.8 MB) on the GPU.
 
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gradclip::{
-    cpu, Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuPolicy, GaussianNoise, GpuContext,
-    GpuPerExample, GpuPolicy, GpuTensor, GradMut, GradRef, GroupClip, PerExampleClip,
-    PerTensorClip, Rule, TensorInfo, ZClip,
+    cpu, Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuAccumulator, CpuPolicy, GaussianNoise,
+    GpuAccumulator, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, GradMut, GradRef, GroupClip,
+    PerExampleClip, PerTensorClip, Rule, TensorInfo, ZClip,
 };
 use wgpu::util::DeviceExt;
 
@@ -195,9 +199,78 @@ fn bench_gpu(c: &mut Criterion) {
     g.finish();
 }
 
+/// Micro-batches per accumulation, large enough that the benches never reach a boundary.
+const NO_BOUNDARY: u32 = u32::MAX;
+
+fn bench_accumulate(c: &mut Criterion) {
+    let micro = data(1);
+    let mut sums = data(2);
+    let bytes = TENSORS as u64 * ROWS * COLS * 4;
+    let mut g = c.benchmark_group("cpu/accumulate");
+    g.throughput(Throughput::Bytes(3 * bytes));
+    g.sample_size(10);
+    let policy = CpuPolicy::new(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos()).unwrap();
+    let mut acc = CpuAccumulator::new(policy, NO_BOUNDARY).unwrap();
+    let m_refs: Vec<GradRef<'_>> = micro.iter().map(|p| GradRef::F32(p)).collect();
+    g.bench_function("add", |b| {
+        b.iter(|| {
+            let mut views: Vec<GradMut<'_>> = sums.iter_mut().map(|x| GradMut::F32(x)).collect();
+            acc.add(&mut views, &m_refs, None).unwrap()
+        })
+    });
+    g.bench_function("baseline_loop", |b| {
+        b.iter(|| {
+            for (s, m) in sums.iter_mut().zip(&micro) {
+                s.iter_mut().zip(m).for_each(|(s, m)| *s += m * 0.25);
+            }
+        })
+    });
+    g.finish();
+
+    let Ok(ctx) = GpuContext::new() else {
+        return;
+    };
+    let device = ctx.device();
+    let buffer = |v: &[Vec<f32>]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: None,
+            contents: bytemuck::cast_slice(&v.concat()),
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+        })
+    };
+    let (micro_buf, sums_buf) = (buffer(&micro), buffer(&sums));
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let (mt, st) = (tensors(&micro_buf), tensors(&sums_buf));
+    let mut acc = GpuAccumulator::new(&ctx, &mt, &st, None, NO_BOUNDARY, policy).unwrap();
+    let wait = || device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
+    let mut g = c.benchmark_group("gpu/accumulate");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(3 * bytes));
+    g.bench_function("add", |b| {
+        b.iter(|| {
+            acc.run().unwrap();
+            wait();
+        })
+    });
+    g.throughput(Throughput::Bytes(2 * bytes));
+    g.bench_function("baseline_copy", |b| {
+        b.iter(|| {
+            let mut e = device.create_command_encoder(&Default::default());
+            e.copy_buffer_to_buffer(&micro_buf, 0, &sums_buf, 0, bytes);
+            ctx.queue().submit([e.finish()]);
+            wait();
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
-    config = Criterion::default().measurement_time(Duration::from_secs(3));
-    targets = bench_cpu, bench_gpu
+    // No HTML plots: gradclip's plotters build draws only with a registered font, and
+    // the figures are what matters here.
+    config = Criterion::default().without_plots().measurement_time(Duration::from_secs(3));
+    targets = bench_cpu, bench_gpu, bench_accumulate
 }
 criterion_main!(benches);

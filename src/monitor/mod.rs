@@ -22,19 +22,26 @@ const DEFAULT_IN_FLIGHT: usize = 4;
 ///
 /// GPU reports are handed over still pending ([`GradMonitor::track`]) and collected once
 /// the GPU has produced them, a few steps late, so training never waits on a readback.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct GradMonitor {
     records: Vec<PolicyReport>,
     pending: VecDeque<PendingReport<PolicyReport>>,
     max_in_flight: usize,
 }
 
+impl Default for GradMonitor {
+    fn default() -> Self {
+        GradMonitor::new()
+    }
+}
+
 impl GradMonitor {
     /// An empty monitor that keeps up to 4 GPU reports in flight.
     pub fn new() -> GradMonitor {
         GradMonitor {
+            records: Vec::new(),
+            pending: VecDeque::new(),
             max_in_flight: DEFAULT_IN_FLIGHT,
-            ..GradMonitor::default()
         }
     }
 
