@@ -47,6 +47,18 @@ fn uniform_open(x: u32) -> f32 {
     return f32((x >> 8u) + 1u) * 5.9604645e-8;
 }
 
+// -ln(uniform_open(x)), accurate in relative terms: near u = 1, where `log` is only
+// bounded in absolute error, the series of -ln(1 - d) in the exact d = 1 - u.
+// CPU twin: neg_log_uniform_open in src/cpu/philox.rs.
+fn neg_log_uniform_open(x: u32) -> f32 {
+    let m = (~x) >> 8u;
+    if (m < 65536u) {
+        let d = f32(m) * 5.9604645e-8;
+        return d * (1.0 + d * (0.5 + d * (1.0 / 3.0)));
+    }
+    return -log(uniform_open(x));
+}
+
 // Standard normal of element `index` of tensor `tensor` at step `step` (lo, hi) under
 // `seed` (lo, hi): lane index % 4 of the block with counter (index / 4, tensor, step),
 // Box-Muller on words (0, 1) for lanes 0-1 and (2, 3) for lanes 2-3.
@@ -59,7 +71,7 @@ fn gaussian_noise(seed: vec2<u32>, step: vec2<u32>, tensor: u32, index: u32) -> 
         a = r.z;
         b = r.w;
     }
-    let radius = sqrt(-2.0 * log(uniform_open(a)));
+    let radius = sqrt(2.0 * neg_log_uniform_open(a));
     let theta = 6.2831855 * uniform_open(b);
     if ((lane & 1u) == 0u) {
         return radius * cos(theta);
