@@ -474,6 +474,11 @@ impl GpuPolicy {
 
     /// Records one step: norms, coefficients and the in-place rewrite, with no host
     /// round trip. The report is readable once the encoder is submitted and run.
+    ///
+    /// Submit each step's encoder before encoding the next step: the step's parameters
+    /// (step number for the noise, schedule multiplier) are written with
+    /// `Queue::write_buffer`, which takes effect at the next submission, so two steps in
+    /// one encoder would both run with the later step's parameters.
     pub fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
