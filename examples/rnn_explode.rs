@@ -55,23 +55,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("clipping on {} ({:?})", info.name, info.backend);
     }
     let seed = 42;
-    let plain = train(&preset, seed, |_| {}, |_, _, _| {});
+    let plain = train(&preset, seed, |_| {});
     let mut clipper = GpuClipper::new(&ctx, 1.0)?;
-    let mut failure = None;
-    let clipped = train(
-        &preset,
-        seed,
-        |g| {
-            if let Err(e) = clipper.clip(g) {
-                failure.get_or_insert(e);
-            }
-        },
-        |_, _, _| {},
-    );
-    if let Some(e) = failure {
-        return Err(e.into());
-    }
-    clipper.monitor.flush()?;
+    let clipped = clipper.train(&preset, seed)?;
 
     println!("\n step | unclipped loss  grad norm | clipped loss  grad norm (before clip)");
     for s in (0..preset.steps).step_by(10).chain([preset.steps - 1]) {

@@ -38,27 +38,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for seed in 0..seeds {
             let history = if max_norm.is_finite() {
                 let mut clipper = GpuClipper::new(&ctx, max_norm)?;
-                let mut failure = None;
-                let h = train(
-                    &preset,
-                    seed,
-                    |g| {
-                        if let Err(e) = clipper.clip(g) {
-                            failure.get_or_insert(e);
-                        }
-                    },
-                    |_, _, _| {},
-                );
-                if let Some(e) = failure {
-                    return Err(e.into());
-                }
-                clipper.monitor.flush()?;
+                let h = clipper.train(&preset, seed)?;
                 let records = clipper.monitor.records();
                 fired += records.iter().filter(|r| r.clipped_units > 0).count();
                 total += records.len();
                 h
             } else {
-                train(&preset, seed, |_| {}, |_, _, _| {})
+                train(&preset, seed, |_| {})
             };
             let n = history.losses.len().min(50);
             train_loss += history.losses[history.losses.len() - n..]

@@ -26,10 +26,9 @@ fn clipping_on_the_gpu_lets_the_relu_rnn_train() {
         ..Preset::relu_sgd()
     };
     let seed = 42;
-    let plain = train(&preset, seed, |_| {}, |_, _, _| {});
+    let plain = train(&preset, seed, |_| {});
     let mut clipper = GpuClipper::new(&common::gpu(), 1.0).unwrap();
-    let clipped = train(&preset, seed, |g| clipper.clip(g).unwrap(), |_, _, _| {});
-    clipper.monitor.flush().unwrap();
+    let clipped = clipper.train(&preset, seed).unwrap();
 
     let tail = |h: &[f64]| h[h.len() - 50..].iter().sum::<f64>() / 50.0;
     let (p, c) = (tail(&plain.losses), tail(&clipped.losses));

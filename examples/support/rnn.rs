@@ -371,6 +371,21 @@ impl GpuClipper {
         })
     }
 
+    /// Trains one copy (see [`train`]) with its gradients clipped here; the first
+    /// clipping error is returned, and the monitor holds every step's report.
+    pub fn train(&mut self, preset: &Preset, seed: u64) -> Result<History, gradclip::ClipError> {
+        let mut failure = None;
+        let history = train(preset, seed, |g| {
+            if failure.is_none() {
+                failure = self.clip(g).err();
+            }
+        });
+        match failure {
+            Some(e) => Err(e),
+            None => self.monitor.flush().map(|()| history),
+        }
+    }
+
     /// Clips `grads` (in [`TENSORS`] order) in place on the GPU.
     pub fn clip(&mut self, grads: &mut [Vec<f64>; 5]) -> Result<(), gradclip::ClipError> {
         let queue = self.ctx.queue();
@@ -424,23 +439,17 @@ pub struct History {
 /// Trains one copy from `seed` (the same data stream for every copy); `clip` rewrites the
 /// gradients (or leaves them) before the optimizer step. Stops early once the loss is
 /// not finite.
-pub fn train(
-    preset: &Preset,
-    seed: u64,
-    mut clip: impl FnMut(&mut [Vec<f64>; 5]),
-    mut on_step: impl FnMut(usize, f64, f64),
-) -> History {
+pub fn train(preset: &Preset, seed: u64, mut clip: impl FnMut(&mut [Vec<f64>; 5])) -> History {
     let mut model = Rnn::new(preset, seed);
     let mut trainer = Trainer::new(preset.optimizer, &model);
     let mut data = Rng::new(seed ^ 0x5eed);
     let mut history = History::default();
-    for step in 0..preset.steps {
+    for _ in 0..preset.steps {
         let batch = make_batch(&mut data, BATCH, preset.seq_len);
         let (loss, mut grads) = model.loss_and_grads(&batch);
         let norm = grads.iter().flatten().map(|g| g * g).sum::<f64>().sqrt();
         history.losses.push(loss);
         history.norms.push(norm);
-        on_step(step, loss, norm);
         if !loss.is_finite() {
             break;
         }

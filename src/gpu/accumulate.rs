@@ -9,7 +9,7 @@ use super::context::GpuContext;
 use super::kernels::Kernel;
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
-use super::resources::{bind, whole, window, DispatchSlots};
+use super::resources::{bind, storage_init, whole, window, DispatchSlots};
 use crate::cpu::check_micro_steps;
 use crate::error::ClipError;
 use crate::plan::{fold_grid, PlanSegment};
@@ -87,7 +87,7 @@ impl GpuAccumulator {
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let chunks = super::resources::storage_init(
+        let chunks = storage_init(
             device,
             "gradclip accumulate chunks",
             bytemuck::cast_slice(&plan.apply_chunks),

@@ -23,32 +23,74 @@ pub(super) fn write(
         .map_err(|e| fail(e.to_string()))
 }
 
-/// An optional CSV cell.
-fn cell<T: std::fmt::Display>(v: Option<T>) -> String {
-    v.map_or(String::new(), |v| v.to_string())
+/// One value of a step's record.
+enum Field {
+    Int(u64),
+    Num(f64),
+    Opt(Option<f64>),
+    Bool(bool),
+}
+
+/// The per-step columns shared by the CSV and JSON-lines outputs, in order.
+const COLUMNS: [&str; 11] = [
+    "step",
+    "total_norm",
+    "total_norm_after",
+    "threshold",
+    "coef",
+    "clipped",
+    "clipped_units",
+    "units",
+    "skipped",
+    "non_finite",
+    "nans_zeroed",
+];
+
+/// A step's values of [`COLUMNS`].
+fn values(r: &PolicyReport) -> [Field; 11] {
+    [
+        Field::Int(r.step),
+        Field::Num(r.total_norm),
+        Field::Opt(r.total_norm_after),
+        Field::Opt(r.threshold.map(f64::from)),
+        Field::Opt(r.coef.map(f64::from)),
+        // Clipping fired: some unit scaled down, and the step was not skipped.
+        Field::Bool(r.clipped_units > 0 && !r.skipped),
+        Field::Int(r.clipped_units.into()),
+        Field::Int(r.units.into()),
+        Field::Bool(r.skipped),
+        Field::Bool(r.non_finite),
+        Field::Bool(r.nans_zeroed),
+    ]
+}
+
+impl Field {
+    /// As a CSV cell: empty where the value does not apply.
+    fn csv(&self) -> String {
+        match self {
+            Field::Int(v) => v.to_string(),
+            Field::Num(v) => v.to_string(),
+            Field::Opt(v) => v.map_or(String::new(), |v| v.to_string()),
+            Field::Bool(v) => v.to_string(),
+        }
+    }
+
+    /// As a JSON value: `null` where it does not apply or is not finite.
+    fn json(&self) -> String {
+        match self {
+            Field::Int(v) => v.to_string(),
+            Field::Num(v) => num(*v),
+            Field::Opt(v) => v.map_or("null".into(), num),
+            Field::Bool(v) => v.to_string(),
+        }
+    }
 }
 
 pub(super) fn steps_csv(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
-    writeln!(
-        out,
-        "step,total_norm,total_norm_after,threshold,coef,clipped,clipped_units,units,skipped,non_finite,nans_zeroed"
-    )?;
+    writeln!(out, "{}", COLUMNS.join(","))?;
     for r in records {
-        writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},{},{},{}",
-            r.step,
-            r.total_norm,
-            cell(r.total_norm_after),
-            cell(r.threshold),
-            cell(r.coef),
-            clipped(r),
-            r.clipped_units,
-            r.units,
-            r.skipped,
-            r.non_finite,
-            r.nans_zeroed
-        )?;
+        let cells: Vec<String> = values(r).iter().map(Field::csv).collect();
+        writeln!(out, "{}", cells.join(","))?;
     }
     Ok(())
 }
@@ -70,11 +112,6 @@ pub(super) fn tensors_csv(records: &[PolicyReport], out: &mut String) -> std::fm
     Ok(())
 }
 
-/// Whether clipping fired: some unit scaled down, and the step was not skipped.
-fn clipped(r: &PolicyReport) -> bool {
-    r.clipped_units > 0 && !r.skipped
-}
-
 /// A CSV field, quoted when it holds a comma, quote or line break.
 fn csv_text(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
@@ -91,10 +128,6 @@ fn num(v: f64) -> String {
     } else {
         "null".into()
     }
-}
-
-fn opt(v: Option<f64>) -> String {
-    v.map_or("null".into(), num)
 }
 
 /// A JSON string literal.
@@ -118,21 +151,10 @@ fn string(s: &str) -> String {
 
 pub(super) fn jsonl(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
     for r in records {
-        write!(
-            out,
-            "{{\"step\":{},\"total_norm\":{},\"total_norm_after\":{},\"threshold\":{},\"coef\":{},\"clipped\":{},\"clipped_units\":{},\"units\":{},\"skipped\":{},\"non_finite\":{},\"nans_zeroed\":{}",
-            r.step,
-            num(r.total_norm),
-            opt(r.total_norm_after),
-            opt(r.threshold.map(f64::from)),
-            opt(r.coef.map(f64::from)),
-            clipped(r),
-            r.clipped_units,
-            r.units,
-            r.skipped,
-            r.non_finite,
-            r.nans_zeroed
-        )?;
+        let items: Vec<String> = (COLUMNS.iter().zip(values(r)))
+            .map(|(name, f)| format!("\"{name}\":{}", f.json()))
+            .collect();
+        write!(out, "{{{}", items.join(","))?;
         if let Some(tensors) = &r.tensors {
             let items: Vec<String> = (tensors.iter())
                 .map(|t| {

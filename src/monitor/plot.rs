@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Once;
 
 use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -115,13 +116,7 @@ impl LineChart {
         Y: AsRangedCoord<Value = f64>,
         Y::CoordDescType: ValueFormatter<f64>,
     {
-        let mut chart = ChartBuilder::on(root)
-            .caption(&self.title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(40)
-            .y_label_area_size(78)
-            .build_cartesian_2d(x, y)
-            .map_err(text)?;
+        let mut chart = frame(root, &self.title, x, y)?;
         chart
             .configure_mesh()
             .x_desc(&self.x_label)
@@ -146,14 +141,7 @@ impl LineChart {
                 .label(&s.label)
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], style));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(text)
+        legend(&mut chart)
     }
 }
 
@@ -174,13 +162,7 @@ impl BarChart {
         Y: AsRangedCoord<Value = f64>,
         Y::CoordDescType: ValueFormatter<f64>,
     {
-        let mut chart = ChartBuilder::on(root)
-            .caption(&self.title, ("sans-serif", 22))
-            .margin(14)
-            .x_label_area_size(40)
-            .y_label_area_size(78)
-            .build_cartesian_2d(x, y)
-            .map_err(text)?;
+        let mut chart = frame(root, &self.title, x, y)?;
         let names = &self.categories;
         chart
             .configure_mesh()
@@ -214,15 +196,38 @@ impl BarChart {
                     Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .draw()
-            .map_err(text)
+        legend(&mut chart)
     }
+}
+
+/// The chart area every chart uses: caption, margins, axis label areas, coordinates.
+fn frame<'a, DB: DrawingBackend, Y: AsRangedCoord<Value = f64>>(
+    root: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: Y,
+) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y::CoordDescType>>, String> {
+    ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 22))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(78)
+        .build_cartesian_2d(x, y)
+        .map_err(text)
+}
+
+/// The legend box of every chart, top right.
+fn legend<'a, DB: DrawingBackend + 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y>>,
+) -> Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()
+        .map_err(text)
 }
 
 /// Axis numbers: plain when moderate, scientific otherwise.
