@@ -16,14 +16,8 @@
 // is formed in f32 and rounded once to the element type.
 // CPU twin: src/cpu/accumulate.rs.
 
-const WG: u32 = 256u;
-
-struct AccumulateParams {
-    first_chunk: u32,
-    n_chunks: u32,
-    scale: f32,
-    first: u32,        // 1: the first micro-batch of an accumulation
-}
+#import convert
+#import grid
 
 @group(0) @binding(0) var<storage, read_write> sums: array<u32>;
 @group(0) @binding(1) var<storage, read> micro: array<u32>;
@@ -41,7 +35,7 @@ fn add_half(sum: u32, x: u32, dtype: u32) -> u32 {
     return f32_to_half(add(half_to_f32(sum, dtype), half_to_f32(x, dtype)), dtype);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -15,9 +15,11 @@
 // the counts norm_finish wrote, so it runs zero workgroups when nothing is clipped.
 // CPU twins: src/cpu/apply.rs.
 
+#import acc
+#import convert
+#import grid
+
 override OP: u32 = 0u;
-const OP_SCALE: u32 = 0u;
-const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read_write> grads: array<u32>;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
@@ -27,8 +29,8 @@ const WG: u32 = 256u;
 
 fn apply_f32(x: f32, coef: f32) -> f32 {
     if (OP == OP_SCALE) {
-        // NonFinitePolicy::ZeroNans (policy 3) zeroes NaNs as it scales.
-        if (step.policy == 3u && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+        // NonFinitePolicy::ZeroNans zeroes NaNs as it scales.
+        if (step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
             return 0.0;
         }
         return x * coef;
@@ -59,7 +61,7 @@ fn apply_half(h: u32, dtype: u32, coef: f32) -> u32 {
     return h;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,

@@ -22,16 +22,10 @@
 //   7 args_out     storage, read_write  indirect arguments actually used
 // CPU twin: src/cpu/norm_finish.rs.
 
-override NORM_KIND: u32 = 2u;
-const WG: u32 = 256u;
+#import grid
+#import workgroup_reduce
 
-const STATUS_SCALED: u32 = 1u;
-const STATUS_SKIPPED: u32 = 2u;
-const STATUS_NONFINITE: u32 = 4u;
-const POLICY_PROPAGATE: u32 = 0u;
-const POLICY_SKIP: u32 = 2u;
-const POLICY_ZERO_NANS: u32 = 3u;
-const STATUS_NANS_ZEROED: u32 = 16u;
+override NORM_KIND: u32 = 2u;
 
 @group(0) @binding(0) var<storage, read> inputs: array<Acc>;
 @group(0) @binding(1) var<storage, read> ranges: array<vec2<u32>>;
@@ -42,10 +36,6 @@ const STATUS_NANS_ZEROED: u32 = 16u;
 @group(0) @binding(6) var<storage, read> args_full: array<u32>;
 @group(0) @binding(7) var<storage, read_write> args_out: array<u32>;
 
-var<workgroup> sh_scale: array<f32, WG>;
-var<workgroup> sh_sum: array<f32, WG>;
-var<workgroup> sh_flags: array<u32, WG>;
-
 // Each thread folds inputs[first + lid], inputs[first + lid + WG], ... in order, then a
 // tree combines the threads; returns the result to every thread.
 fn reduce_range(first: u32, count: u32, lid: u32) -> Acc {
@@ -53,25 +43,10 @@ fn reduce_range(first: u32, count: u32, lid: u32) -> Acc {
     for (var i = lid; i < count; i = i + WG) {
         acc = acc_combine(acc, inputs[first + i], NORM_KIND, step.p);
     }
-    sh_scale[lid] = acc.scale;
-    sh_sum[lid] = acc.sum;
-    sh_flags[lid] = acc.flags;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
-        if (lid < stride) {
-            let a = Acc(sh_scale[lid], sh_sum[lid], sh_flags[lid], 0u);
-            let b = Acc(sh_scale[lid + stride], sh_sum[lid + stride], sh_flags[lid + stride], 0u);
-            let c = acc_combine(a, b, NORM_KIND, step.p);
-            sh_scale[lid] = c.scale;
-            sh_sum[lid] = c.sum;
-            sh_flags[lid] = c.flags;
-        }
-        workgroupBarrier();
-    }
-    return Acc(sh_scale[0], sh_sum[0], sh_flags[0], 0u);
+    return workgroup_combine(acc, lid, NORM_KIND, step.p);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn tensor_norms(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -113,7 +88,7 @@ fn clip_coef(acc: Acc) -> f32 {
     return min((step.max_norm / acc.scale) / root, 1.0);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn total(@builtin(local_invocation_index) lid: u32) {
     var acc = reduce_range(0u, dispatch.n_chunks, lid);
     if (dispatch.use_given == 1u) {
@@ -121,9 +96,7 @@ fn total(@builtin(local_invocation_index) lid: u32) {
     }
     // ZeroNans: the NaNs are zeroed by the scaling pass, so they do not count here.
     var live = acc;
-    if (step.policy == POLICY_ZERO_NANS) {
-        live.flags = acc.flags & ~FLAG_NAN;
-    }
+    live.flags = live_flags(acc.flags, step.policy);
     let coef = clip_coef(live);
     var status = 0u;
     var apply = !(coef >= 1.0); // true for NaN: propagate poisons every element, as PyTorch does

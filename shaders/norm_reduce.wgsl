@@ -9,22 +9,21 @@
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
 //
 // One workgroup reduces one chunk (at most CHUNK_ELEMS elements of one segment) in a fixed
-// order: each thread folds a strided run of words, then a shared-memory tree combines the
-// 256 thread accumulators. No atomics, so the result is the same bits on every run.
+// order: each thread folds a strided run of words, then a shared-memory tree
+// (workgroup_reduce.wgsl) combines the 256 thread accumulators. No atomics, so the result is the same bits on every run.
 // CPU twin: src/cpu/norm_reduce.rs.
 
+#import convert
+#import grid
+#import workgroup_reduce
+
 override NORM_KIND: u32 = 2u;
-const WG: u32 = 256u;
 
 @group(0) @binding(0) var<storage, read> grads: array<u32>;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
 @group(0) @binding(2) var<storage, read_write> partials: array<Acc>;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
-
-var<workgroup> sh_scale: array<f32, WG>;
-var<workgroup> sh_sum: array<f32, WG>;
-var<workgroup> sh_flags: array<u32, WG>;
 
 // Running state of one thread: the accumulator plus 1/scale, so the common
 // case (no new maximum) costs a multiply instead of a divide.
@@ -61,7 +60,7 @@ fn element(e: u32, dtype: u32) -> f32 {
     return half_to_f32((grads[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu, dtype);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
@@ -103,22 +102,8 @@ fn main(
         }
     }
 
-    sh_scale[lid] = st.acc.scale;
-    sh_sum[lid] = st.acc.sum;
-    sh_flags[lid] = st.acc.flags;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
-        if (lid < stride) {
-            let a = Acc(sh_scale[lid], sh_sum[lid], sh_flags[lid], 0u);
-            let b = Acc(sh_scale[lid + stride], sh_sum[lid + stride], sh_flags[lid + stride], 0u);
-            let c = acc_combine(a, b, NORM_KIND, step.p);
-            sh_scale[lid] = c.scale;
-            sh_sum[lid] = c.sum;
-            sh_flags[lid] = c.flags;
-        }
-        workgroupBarrier();
-    }
+    let acc = workgroup_combine(st.acc, lid, NORM_KIND, step.p);
     if (lid == 0u) {
-        partials[dispatch.first_chunk + local] = Acc(sh_scale[0], sh_sum[0], sh_flags[0], 0u);
+        partials[dispatch.first_chunk + local] = acc;
     }
 }

@@ -1,5 +1,5 @@
 // per_example.wgsl: the DP-SGD sum: out[j] = (sum_i f_i * g[i, j] + std * N(0, 1)) / divisor
-// for one tensor laid out [batch, P]; philox.wgsl is prepended after common.wgsl.
+// for one tensor laid out [batch, P].
 //
 // Bindings (group 0):
 //   0 inputs    storage, read        window of the per-example gradients (32-bit words)
@@ -7,30 +7,17 @@
 //   2 coefs     storage, read        f_i per (example, tensor) segment (policy.wgsl `coefs`)
 //   3 tensor    uniform              ExampleParams of this tensor
 //   4 config    uniform              PolicyParams (noise std in `sigma`, seed, step)
-//   5 report    storage, read        PolicyHeader as words (word 6: status)
+//   5 report    storage, read        PolicyHeader as words (read-only: its counter is atomic)
 //
 // One thread owns one output element and walks the batch in order, so the sum has a
 // fixed order; reads of consecutive threads are consecutive. When the step is held
 // (non-finite gradients under SkipStep or Error) the output is left untouched.
 // CPU twin: src/cpu/per_example.rs.
 
-const STATUS_HELD: u32 = 8u;
-const POLICY_ZERO_NANS: u32 = 3u;
-
-struct ExampleParams {
-    in_offset: u32,   // element index of g[0, 0] in the input window
-    out_offset: u32,  // element index of out[0] in the output window
-    len: u32,         // P
-    batch: u32,
-    tensor: u32,
-    seg_base: u32,    // segment of (example 0, this tensor)
-    seg_stride: u32,  // segments between consecutive examples
-    dtype: u32,
-    inv_divisor: f32,
-    policy: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
+#import acc
+#import convert
+#import grid
+#import philox
 
 @group(0) @binding(0) var<storage, read> inputs: array<u32>;
 @group(0) @binding(1) var<storage, read_write> outputs: array<f32>;
@@ -46,14 +33,14 @@ fn element(e: u32, dtype: u32) -> f32 {
     return half_to_f32((inputs[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu, dtype);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
     let j = linear_workgroup(wid, nwg) * 256u + lid;
-    if (j >= tensor.len || (report[6] & STATUS_HELD) != 0u) {
+    if (j >= tensor.len || (report[POLICY_STATUS_WORD] & STATUS_HELD) != 0u) {
         return;
     }
     var sum = 0.0;

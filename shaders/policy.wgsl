@@ -21,26 +21,12 @@
 // min(c / (n + 1e-6), 1) as PyTorch, 1 c / max(n, c) as TF clip_by_norm, 2 AGC).
 // CPU twin: src/cpu/policy.rs.
 
+#import grid
+#import workgroup_reduce
+
 override NORM_KIND: u32 = 2u;
 override ADAPTIVE: u32 = 0u;
 override FORMULA: u32 = 0u;
-const WG: u32 = 256u;
-
-const STATUS_SCALED: u32 = 1u;
-const STATUS_SKIPPED: u32 = 2u;
-const STATUS_NONFINITE: u32 = 4u;
-const STATUS_HELD: u32 = 8u;
-const STATUS_NANS_ZEROED: u32 = 16u;
-const POLICY_PROPAGATE: u32 = 0u;
-const POLICY_SKIP: u32 = 2u;
-const POLICY_ZERO_NANS: u32 = 3u;
-
-// State header words.
-const ST_SEEN: u32 = 0u;
-const ST_SKIPS: u32 = 1u;
-const ST_MEAN: u32 = 2u;
-const ST_VAR: u32 = 3u;
-const ST_HEADER: u32 = 8u;
 
 @group(0) @binding(0) var<storage, read> inputs: array<Acc>;
 @group(0) @binding(1) var<storage, read_write> state: array<u32>;
@@ -53,9 +39,6 @@ const ST_HEADER: u32 = 8u;
 @group(0) @binding(8) var<storage, read> group_of: array<u32>;
 @group(0) @binding(9) var<storage, read> params: array<Acc>;
 
-var<workgroup> sh_scale: array<f32, WG>;
-var<workgroup> sh_sum: array<f32, WG>;
-var<workgroup> sh_flags: array<u32, WG>;
 var<workgroup> sh_lo: f32;
 var<workgroup> sh_hi: f32;
 var<workgroup> sh_count: u32;
@@ -91,17 +74,9 @@ fn ratio(c: f32, acc: Acc, eps: f32) -> f32 {
     return (c / acc.scale) / root_of(acc);
 }
 
-// Flags that count for this policy: ZeroNans removes NaNs before the norm.
-fn live_flags(flags: u32) -> u32 {
-    if (step.policy == POLICY_ZERO_NANS) {
-        return flags & ~FLAG_NAN;
-    }
-    return flags;
-}
-
 // The coefficient of a norm against threshold `c` under FORMULA 0 or 1.
 fn norm_coef(acc: Acc, c: f32) -> f32 {
-    let flags = live_flags(acc.flags);
+    let flags = live_flags(acc.flags, step.policy);
     if ((flags & FLAG_NAN) != 0u) {
         return nan_f32();
     }
@@ -172,14 +147,14 @@ fn autoclip(n: f32, record: bool, lid: u32) -> f32 {
     storageBarrier();
     let m = workgroupUniformLoad(&sh_count);
     if (m == 0u) {
-        return bitcast<f32>(0x7f800000u);
+        return inf_f32();
     }
     return percentile(m, config.percentile, lid);
 }
 
 // ZClip, one thread: returns the threshold (inf when no spike) and updates the state.
 fn zclip(n: f32, record: bool) -> f32 {
-    let inf = bitcast<f32>(0x7f800000u);
+    let inf = inf_f32();
     if (!record) {
         return inf;
     }
@@ -223,29 +198,14 @@ fn zclip(n: f32, record: bool) -> f32 {
     return thr;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn finish(@builtin(local_invocation_index) lid: u32) {
     var acc = acc_identity();
     for (var i = lid; i < dispatch.n_chunks; i = i + WG) {
         acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
     }
-    sh_scale[lid] = acc.scale;
-    sh_sum[lid] = acc.sum;
-    sh_flags[lid] = acc.flags;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
-        if (lid < stride) {
-            let a = Acc(sh_scale[lid], sh_sum[lid], sh_flags[lid], 0u);
-            let b = Acc(sh_scale[lid + stride], sh_sum[lid + stride], sh_flags[lid + stride], 0u);
-            let c = acc_combine(a, b, NORM_KIND, step.p);
-            sh_scale[lid] = c.scale;
-            sh_sum[lid] = c.sum;
-            sh_flags[lid] = c.flags;
-        }
-        workgroupBarrier();
-    }
-    let total = Acc(sh_scale[0], sh_sum[0], sh_flags[0], 0u);
-    let flags = live_flags(total.flags);
+    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
+    let flags = live_flags(total.flags, step.policy);
     var status = 0u;
     if (total.flags != 0u) {
         status = STATUS_NONFINITE;
@@ -285,7 +245,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         report.skips = skips;
         atomicStore(&report.clipped, 0u);
         var coef = 1.0;
-        if (ADAPTIVE != 2u || thr < bitcast<f32>(0x7f800000u)) {
+        if (ADAPTIVE != 2u || thr < inf_f32()) {
             coef = norm_coef(total, thr);
         }
         report.coef = coef;
@@ -293,8 +253,8 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
 }
 
 fn agc_coef(g: Acc, w: Acc) -> f32 {
-    if (live_flags(g.flags | w.flags) != 0u) {
-        return select(0.0, nan_f32(), (live_flags(g.flags | w.flags) & FLAG_NAN) != 0u);
+    if (live_flags(g.flags | w.flags, step.policy) != 0u) {
+        return select(0.0, nan_f32(), (live_flags(g.flags | w.flags, step.policy) & FLAG_NAN) != 0u);
     }
     let limit = config.lambda * config.multiplier * max(norm_value(w), config.eps);
     let n = norm_value(g);

@@ -1,6 +1,6 @@
 // segment_apply.wgsl: the in-place elementwise pass of the clipping policies: every
 // segment scaled by its own coefficient, NaNs zeroed (NonFinitePolicy::ZeroNans), and
-// Gaussian noise added (philox.wgsl is prepended after common.wgsl).
+// Gaussian noise added.
 //
 // Bindings (group 0):
 //   0 grads     storage, read_write  one binding window of a gradient buffer, as atomic words
@@ -9,7 +9,7 @@
 //   3 step      uniform              StepParams (non-finite policy)
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
 //   5 config    uniform              PolicyParams (noise std, seed, step)
-//   6 report    storage, read        PolicyHeader as words (word 6: status)
+//   6 report    storage, read        PolicyHeader as words (read-only: its counter is atomic)
 //
 // One workgroup rewrites one chunk, or returns at once when its coefficient is 1 and
 // there is no noise or NaN to remove. Segments may end inside a 32-bit word (odd-length
@@ -18,9 +18,10 @@
 // other half's bits are never read for writing. Words wholly inside the chunk are plain
 // (atomic) stores. CPU twin: the elementwise part of src/cpu/policy.rs.
 
-const WG: u32 = 256u;
-const POLICY_ZERO_NANS: u32 = 3u;
-const STATUS_HELD: u32 = 8u;
+#import acc
+#import convert
+#import grid
+#import philox
 
 @group(0) @binding(0) var<storage, read_write> grads: array<atomic<u32>>;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
@@ -58,14 +59,14 @@ fn update_half(e: u32, dtype: u32, coef: f32, tensor: u32, index: u32) {
     atomicXor(&grads[w], (old ^ updated) << shift);
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
     let local = linear_workgroup(wid, nwg);
-    if (local >= dispatch.n_chunks || (report[6] & STATUS_HELD) != 0u) {
+    if (local >= dispatch.n_chunks || (report[POLICY_STATUS_WORD] & STATUS_HELD) != 0u) {
         return;
     }
     let chunk = chunks[dispatch.first_chunk + local];

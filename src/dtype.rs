@@ -25,10 +25,11 @@ impl DType {
 
     /// The code the shaders use (`DTYPE_*` in `shaders/common.wgsl`).
     pub(crate) fn shader_code(self) -> u32 {
+        use crate::shaders::abi::{DTYPE_BF16, DTYPE_F16, DTYPE_F32};
         match self {
-            DType::F32 => 0,
-            DType::F16 => 1,
-            DType::BF16 => 2,
+            DType::F32 => DTYPE_F32,
+            DType::F16 => DTYPE_F16,
+            DType::BF16 => DTYPE_BF16,
         }
     }
 }

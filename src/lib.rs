@@ -14,6 +14,7 @@ mod plan;
 mod policies;
 mod policy;
 mod report;
+mod shaders;
 
 pub use clipper::{Backend, Clipper};
 pub use cpu::{CpuAccumulator, CpuPolicy};

@@ -9,10 +9,7 @@
 
 use crate::error::ClipError;
 
-/// Flag bit: an infinite element was seen.
-pub(crate) const FLAG_INF: u32 = 1;
-/// Flag bit: a NaN element was seen.
-pub(crate) const FLAG_NAN: u32 = 2;
+pub(crate) use crate::shaders::abi::{FLAG_INF, FLAG_NAN};
 
 /// The order of a vector norm.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -62,13 +59,14 @@ impl Norm {
         }
     }
 
-    /// The shader's `NORM_KIND` code (`KIND_*` in `shaders/common.wgsl`).
+    /// The shader's `NORM_KIND` code.
     pub(crate) fn kind_code(self) -> u32 {
+        use crate::shaders::abi::{KIND_INF, KIND_L1, KIND_L2, KIND_P};
         match self {
-            Norm::Inf => 0,
-            Norm::L1 => 1,
-            Norm::L2 => 2,
-            Norm::P(_) => 3,
+            Norm::Inf => KIND_INF,
+            Norm::L1 => KIND_L1,
+            Norm::L2 => KIND_L2,
+            Norm::P(_) => KIND_P,
         }
     }
 
@@ -102,6 +100,16 @@ pub struct NormAcc {
     pub sum: f64,
     /// Bit 0: an infinite element was seen; bit 1: a NaN was seen.
     pub flags: u32,
+}
+
+impl From<crate::shaders::abi::Acc> for NormAcc {
+    fn from(a: crate::shaders::abi::Acc) -> NormAcc {
+        NormAcc {
+            scale: a.scale as f64,
+            sum: a.sum as f64,
+            flags: a.flags,
+        }
+    }
 }
 
 impl NormAcc {

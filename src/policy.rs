@@ -22,11 +22,12 @@ pub enum NonFinitePolicy {
 impl NonFinitePolicy {
     /// The shader's `policy` code in `StepParams`.
     pub(crate) fn code(self) -> u32 {
+        use crate::shaders::abi::*;
         match self {
-            NonFinitePolicy::Propagate => 0,
-            NonFinitePolicy::Error => 1,
-            NonFinitePolicy::SkipStep => 2,
-            NonFinitePolicy::ZeroNans => 3,
+            NonFinitePolicy::Propagate => POLICY_PROPAGATE,
+            NonFinitePolicy::Error => POLICY_ERROR,
+            NonFinitePolicy::SkipStep => POLICY_SKIP,
+            NonFinitePolicy::ZeroNans => POLICY_ZERO_NANS,
         }
     }
 }

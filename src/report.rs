@@ -7,11 +7,9 @@ use crate::norm::{Norm, NormAcc, PartialNorm};
 use crate::policies::{Layout, TensorInfo};
 use crate::policy::NonFinitePolicy;
 
-/// Status bits shared with `shaders/norm_finish.wgsl`.
-pub(crate) const STATUS_SCALED: u32 = 1;
-pub(crate) const STATUS_SKIPPED: u32 = 2;
-pub(crate) const STATUS_NONFINITE: u32 = 4;
-pub(crate) const STATUS_NANS_ZEROED: u32 = 16;
+pub(crate) use crate::shaders::abi::{
+    STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
+};
 
 /// The outcome of one norm or clipping step.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,9 +65,6 @@ impl ClipReport {
         })
     }
 }
-
-/// Policy status bits beyond the global ones (`STATUS_*` of `shaders/policy.wgsl`).
-pub(crate) const STATUS_HELD: u32 = 8;
 
 /// Norm and coefficient of one group (or AGC unit, or tensor for per-tensor rules).
 #[derive(Debug, Clone, PartialEq)]

@@ -2,11 +2,8 @@
 //! are added into accumulation buffers with the 1/k scaling folded in, and a
 //! [`GpuPolicy`] clips the sums once per accumulation, in the same command encoder.
 
-use bytemuck::{Pod, Zeroable};
-
 use super::batch::{plan_tensors, GpuTensor};
 use super::context::GpuContext;
-use super::kernels::Kernel;
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
 use super::resources::{bind, storage_init, whole, window, DispatchSlots};
@@ -15,16 +12,8 @@ use crate::error::ClipError;
 use crate::plan::{fold_grid, PlanSegment};
 use crate::policies::ClipPolicy;
 use crate::report::PolicyReport;
-
-/// `AccumulateParams` of `shaders/accumulate.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable)]
-struct AccumulateParams {
-    first_chunk: u32,
-    n_chunks: u32,
-    scale: f32,
-    first: u32,
-}
+use crate::shaders::abi::AccumulateParams;
+use crate::shaders::{BindLayout, Kernel};
 
 /// Gradient accumulation with clipping at the accumulation boundary, on the GPU.
 ///
@@ -114,7 +103,7 @@ impl GpuAccumulator {
                 let group = |slot: usize| {
                     bind(
                         device,
-                        &kernels.accumulate_layout,
+                        kernels.layout(BindLayout::Accumulate),
                         &[
                             (0, window(buffers[w.buffer], w)),
                             (1, window(micro_buffers[mw.buffer], mw)),

@@ -11,8 +11,7 @@ use bytemuck::Zeroable;
 use half::{bf16, f16};
 
 use super::context::GpuContext;
-use super::kernels::{Kernel, OP_CLAMP, OP_SCALE};
-use super::readback::{PendingReport, ReportKind, ReportPool, ACC_BYTES, HEADER_BYTES};
+use super::readback::{PendingReport, ReportKind, ReportPool, HEADER_BYTES};
 use super::reduction::SegmentReduction;
 use super::resources::{
     bind, storage_init, storage_zeroed, uniform_buffer, whole, window, DispatchParams,
@@ -25,6 +24,9 @@ use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
 use crate::plan::{fold_grid, Plan, PlanLimits, PlanSegment, PlanTensor};
 use crate::policies::TensorInfo;
 use crate::policy::NonFinitePolicy;
+use crate::shaders::abi::{Acc, ACC_BYTES};
+use crate::shaders::abi::{OP_CLAMP, OP_SCALE};
+use crate::shaders::{BindLayout, Kernel};
 
 /// One gradient tensor inside a caller-owned `wgpu::Buffer`.
 #[derive(Debug, Clone)]
@@ -246,7 +248,7 @@ impl GpuBatch {
             .map(|(wi, w)| WindowBinding {
                 apply: bind(
                     device,
-                    &kernels.apply_layout,
+                    kernels.layout(BindLayout::Apply),
                     &[
                         (0, window(buffers[w.buffer], w)),
                         (1, whole(&apply_chunks)),
@@ -261,7 +263,7 @@ impl GpuBatch {
         let total = |input: &wgpu::Buffer, s: usize| {
             bind(
                 device,
-                &kernels.total_layout,
+                kernels.layout(BindLayout::Total),
                 &[
                     (0, whole(input)),
                     (3, whole(&step)),
@@ -541,17 +543,17 @@ impl GpuBatch {
 
 /// A host partial norm as the shader's f32 `Acc`; a scale beyond f32 range is moved to
 /// f32::MAX with its sum rescaled.
-fn given_acc(total: &PartialNorm) -> [u32; 4] {
+fn given_acc(total: &PartialNorm) -> Acc {
     let max = f32::MAX as f64;
     let (scale, sum) = if total.scale() > max {
         (max, total.rescaled_sum(max))
     } else {
         (total.scale(), total.rescaled_sum(total.scale()))
     };
-    [
-        (scale as f32).to_bits(),
-        (sum as f32).to_bits(),
-        total.flags(),
-        0,
-    ]
+    Acc {
+        scale: scale as f32,
+        sum: sum as f32,
+        flags: total.flags(),
+        _pad: 0,
+    }
 }

@@ -4,36 +4,18 @@
 
 use std::num::NonZeroU64;
 
-use bytemuck::{Pod, Zeroable};
-
 use super::batch::GpuTensor;
 use super::context::GpuContext;
-use super::kernels::Kernel;
 use super::policy::GpuPolicy;
-use super::readback::{acc_at, PendingReport};
+use super::readback::PendingReport;
 use super::resources::{bind, whole, DispatchSlots};
 use crate::dtype::DType;
 use crate::error::ClipError;
-use crate::norm::Norm;
+use crate::norm::{Norm, NormAcc};
 use crate::plan::fold_grid;
 use crate::policies::{ClipPolicy, GaussianNoise, Layout, PerExampleClip, PerExampleReport, Rule};
-
-/// `ExampleParams` of `shaders/per_example.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Pod, Zeroable)]
-struct ExampleParams {
-    in_offset: u32,
-    out_offset: u32,
-    len: u32,
-    batch: u32,
-    tensor: u32,
-    seg_base: u32,
-    seg_stride: u32,
-    dtype: u32,
-    inv_divisor: f32,
-    policy: u32,
-    _pad: [u32; 2],
-}
+use crate::shaders::abi::{self, ExampleParams, PolicyHeader};
+use crate::shaders::{BindLayout, Kernel};
 
 /// Per-example clipping of `[batch, P_t]` gradients into `P_t`-element f32 outputs.
 pub struct GpuPerExample {
@@ -170,7 +152,7 @@ impl GpuPerExample {
                 dtype: i.dtype.shader_code(),
                 inv_divisor: clip.inv_divisor(),
                 policy: 0,
-                _pad: [0; 2],
+                ..ExampleParams::default()
             });
             windows.push((iw, ow, fold_grid((o.len as u32).div_ceil(256), max_dim)));
         }
@@ -183,7 +165,7 @@ impl GpuPerExample {
             .map(|(t, (iw, ow, grid))| {
                 let group = bind(
                     device,
-                    &kernels.per_example_layout,
+                    kernels.layout(BindLayout::PerExample),
                     &[
                         (0, iw),
                         (1, ow),
@@ -250,11 +232,12 @@ impl GpuPerExample {
             self.engine.pool(),
             self.ctx.inner.device.clone(),
             Box::new(move |w: &[u32]| {
+                let header: PolicyHeader = abi::read(w);
                 Ok(PerExampleReport {
                     step,
-                    clipped: w[7] / per_unit,
+                    clipped: header.clipped / per_unit,
                     units,
-                    total_norm: acc_at(w, 0).total(Norm::L2),
+                    total_norm: NormAcc::from(header.norm).total(Norm::L2),
                     noise_std,
                 })
             }),

@@ -5,48 +5,28 @@
 
 use std::sync::Arc;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Zeroable;
 
 use super::batch::{plan_tensors, GpuTensor};
 use super::context::GpuContext;
-use super::kernels::Kernel;
-use super::readback::{acc_at, PendingReport, ReportPool, ACC_BYTES};
+use super::readback::{accs_at, PendingReport, ReportPool};
 use super::reduction::SegmentReduction;
 use super::resources::{
     bind, storage_init, storage_zeroed, uniform_buffer, whole, window, DispatchParams,
     DispatchSlots, StepParams,
 };
 use crate::error::ClipError;
-use crate::norm::{Norm, NormAcc};
+use crate::norm::Norm;
 use crate::plan::fold_grid;
 use crate::policies::{
     check_shapes, ClipPolicy, GaussianNoise, Layout, PolicyState, Rule, TensorInfo,
 };
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape, UnitNorms};
+use crate::shaders::abi::{self, Acc, PolicyHeader, PolicyParams, ACC_BYTES};
+use crate::shaders::{BindLayout, Kernel};
 
-/// `PolicyParams` of `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-struct PolicyParams {
-    multiplier: f32,
-    lambda: f32,
-    eps: f32,
-    percentile: f32,
-    capacity: u32,
-    alpha: f32,
-    z_thresh: f32,
-    z_eps: f32,
-    cap: f32,
-    sigma: f32,
-    seed_lo: u32,
-    seed_hi: u32,
-    step_lo: u32,
-    step_hi: u32,
-    _pad: [u32; 2],
-}
-
-/// Bytes of `PolicyHeader`.
-const POLICY_HEADER_BYTES: u64 = 48;
+/// Bytes of the policy report header.
+const POLICY_HEADER_BYTES: u64 = std::mem::size_of::<PolicyHeader>() as u64;
 
 /// Runs a [`ClipPolicy`] over gradients in caller-owned buffers, step after step.
 pub struct GpuPolicy {
@@ -179,7 +159,7 @@ impl GpuPolicy {
             );
             let group = bind(
                 device,
-                &kernels.reduce_layout,
+                kernels.layout(BindLayout::Reduce),
                 &[
                     (0, whole(&grads_red.segment_accs)),
                     (1, whole(&ranges)),
@@ -226,7 +206,7 @@ impl GpuPolicy {
         let policy_bind = |slot: usize| {
             bind(
                 device,
-                &kernels.policy_layout,
+                kernels.layout(BindLayout::Policy),
                 &[
                     (0, whole(&group_accs)),
                     (1, whole(&state_buf)),
@@ -251,7 +231,7 @@ impl GpuPolicy {
             .map(|(wi, w)| {
                 let group = bind(
                     device,
-                    &kernels.segment_apply_layout,
+                    kernels.layout(BindLayout::SegmentApply),
                     &[
                         (0, window(grad_buffers[w.buffer], w)),
                         (1, whole(&grads_red.chunks)),
@@ -507,29 +487,27 @@ impl GpuPolicy {
             Box::new(move |w: &[u32]| {
                 let detail = shape.map(|shape| {
                     let n = n_seg as usize;
-                    let header = (POLICY_HEADER_BYTES / 4) as usize;
-                    let accs = |first: usize, count: usize| -> Vec<NormAcc> {
-                        (0..count).map(|i| acc_at(w, first + 4 * i)).collect()
-                    };
-                    let units0 = header + 4 * n_groups;
-                    let coefs0 = units0 + 4 * n;
+                    let header = abi::words_of::<PolicyHeader>();
+                    let units0 = header + abi::words_of::<Acc>() * n_groups;
+                    let coefs0 = units0 + abi::words_of::<Acc>() * n;
                     UnitNorms {
                         shape,
-                        groups: accs(header, n_groups),
-                        units: accs(units0, n),
+                        groups: accs_at(w, header, n_groups),
+                        units: accs_at(w, units0, n),
                         coefs: bytemuck::cast_slice(&w[coefs0..coefs0 + n]).to_vec(),
                     }
                 });
+                let h: PolicyHeader = abi::read(w);
                 PolicyOutcome {
                     step,
                     norm,
-                    total: acc_at(w, 0),
-                    threshold: f32::from_bits(w[4]),
-                    coef: f32::from_bits(w[5]),
-                    status: w[6],
-                    clipped: w[7],
+                    total: h.norm.into(),
+                    threshold: h.threshold,
+                    coef: h.coef,
+                    status: h.status,
+                    clipped: h.clipped,
                     units,
-                    skips: w[8],
+                    skips: h.skips,
                     global,
                     policy: nf,
                     detail,

@@ -10,15 +10,14 @@ use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
 use crate::policy::NonFinitePolicy;
 use crate::report::ClipReport;
+use crate::shaders::abi::{self, Acc, ReportHeader};
 
 const PENDING: u8 = 0;
 const MAPPED: u8 = 1;
 const FAILED: u8 = 2;
 
-/// Bytes of the report header (`ReportHeader` in `shaders/common.wgsl`).
-pub(crate) const HEADER_BYTES: u64 = 32;
-/// Bytes of one accumulator (`Acc`).
-pub(crate) const ACC_BYTES: u64 = 16;
+/// Bytes of the global report header.
+pub(crate) const HEADER_BYTES: u64 = std::mem::size_of::<ReportHeader>() as u64;
 
 /// Free readback buffers of one batch.
 pub(crate) struct ReportPool {
@@ -189,29 +188,29 @@ impl<R> Drop for PendingReport<R> {
     }
 }
 
-/// The accumulator stored at word `i`.
-pub(crate) fn acc_at(words: &[u32], i: usize) -> NormAcc {
-    NormAcc {
-        scale: f32::from_bits(words[i]) as f64,
-        sum: f32::from_bits(words[i + 1]) as f64,
-        flags: words[i + 2],
-    }
+/// `count` accumulators stored from word `first` on.
+pub(crate) fn accs_at(words: &[u32], first: usize, count: usize) -> Vec<NormAcc> {
+    let n = abi::words_of::<Acc>();
+    (0..count)
+        .map(|i| abi::read::<Acc>(&words[first + n * i..]).into())
+        .collect()
 }
 
 fn decode(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
-    let acc = acc_at(words, 0);
+    let header: ReportHeader = abi::read(words);
+    let acc = header.norm.into();
     let tensor_norms = kind.tensor_norms.map(|n| {
-        let first = (HEADER_BYTES / 4) as usize;
-        (0..n)
-            .map(|t| acc_at(words, first + 4 * t).total(kind.norm))
+        accs_at(words, abi::words_of::<ReportHeader>(), n)
+            .iter()
+            .map(|a| a.total(kind.norm))
             .collect()
     });
     match kind.clip {
         Some(policy) => ClipReport::new(
             kind.norm,
             acc,
-            f32::from_bits(words[4]),
-            words[5],
+            header.coef,
+            header.status,
             policy,
             tensor_norms,
         ),
@@ -220,7 +219,7 @@ fn decode(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
             kind.norm,
             acc,
             1.0,
-            words[5] & crate::report::STATUS_NONFINITE,
+            header.status & abi::STATUS_NONFINITE,
             NonFinitePolicy::Propagate,
             tensor_norms,
         ),

@@ -2,12 +2,13 @@
 //! (`norm_reduce` over chunks, then `tensor_norms` over each segment's partials), and
 //! optionally the norm of groups of consecutive segments.
 
-use super::kernels::{Kernel, Kernels};
-use super::readback::ACC_BYTES;
+use super::kernels::Kernels;
 use super::resources::{
     bind, storage_init, storage_zeroed, whole, window, DispatchParams, DispatchSlots,
 };
 use crate::plan::{fold_grid, Plan};
+use crate::shaders::abi::ACC_BYTES;
+use crate::shaders::{BindLayout, Kernel};
 
 /// Segment norms of one plan, with every resource created up front.
 pub(crate) struct SegmentReduction {
@@ -75,7 +76,7 @@ impl SegmentReduction {
             .map(|(wi, w)| {
                 let group = bind(
                     device,
-                    &kernels.reduce_layout,
+                    kernels.layout(BindLayout::Reduce),
                     &[
                         (0, window(buffers[w.buffer], w)),
                         (1, whole(&chunks)),
@@ -89,7 +90,7 @@ impl SegmentReduction {
             .collect();
         let combine = bind(
             device,
-            &kernels.reduce_layout,
+            kernels.layout(BindLayout::Reduce),
             &[
                 (0, whole(&partials)),
                 (1, whole(&ranges)),

@@ -2,33 +2,10 @@
 
 use std::num::NonZeroU64;
 
-use bytemuck::{Pod, Zeroable};
+use bytemuck::Pod;
+
+pub(crate) use crate::shaders::abi::{DispatchParams, StepParams};
 use wgpu::util::DeviceExt;
-
-/// `StepParams` of `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Pod, Zeroable)]
-pub(crate) struct StepParams {
-    pub max_norm: f32,
-    pub p: f32,
-    pub inv_p: f32,
-    pub policy: u32,
-    pub lo: f32,
-    pub hi: f32,
-    pub lo_half: u32,
-    pub hi_half: u32,
-    pub given: [u32; 4],
-}
-
-/// `DispatchParams` of `shaders/common.wgsl`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
-pub(crate) struct DispatchParams {
-    pub first_chunk: u32,
-    pub n_chunks: u32,
-    pub use_given: u32,
-    pub _pad: u32,
-}
 
 impl DispatchParams {
     /// `n` items starting at `first`.

@@ -5,16 +5,17 @@ use super::rules::{Rule, UnitAxis};
 use super::{ClipPolicy, TensorInfo};
 use crate::error::ClipError;
 use crate::plan::PlanSegment;
+use crate::shaders::abi;
 
 /// How a norm and a threshold give a coefficient (`FORMULA` of `shaders/policy.wgsl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Formula {
     /// `min(c / (n + 1e-6), 1)`.
-    PyTorch = 0,
+    PyTorch = abi::FORMULA_PYTORCH as isize,
     /// `c / max(n, c)`.
-    Tf = 1,
+    Tf = abi::FORMULA_TF as isize,
     /// AGC against the parameters' unit norms.
-    Agc = 2,
+    Agc = abi::FORMULA_AGC as isize,
 }
 
 /// The resolved shape of a policy over one batch.

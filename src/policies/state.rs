@@ -4,12 +4,14 @@
 
 use crate::error::ClipError;
 
+use crate::shaders::abi;
+
 /// Header words before the history.
-pub(crate) const HEADER_WORDS: usize = 8;
-pub(crate) const ST_SEEN: usize = 0;
-pub(crate) const ST_SKIPS: usize = 1;
-pub(crate) const ST_MEAN: usize = 2;
-pub(crate) const ST_VAR: usize = 3;
+pub(crate) const HEADER_WORDS: usize = abi::ST_HEADER as usize;
+pub(crate) const ST_SEEN: usize = abi::ST_SEEN as usize;
+pub(crate) const ST_SKIPS: usize = abi::ST_SKIPS as usize;
+pub(crate) const ST_MEAN: usize = abi::ST_MEAN as usize;
+pub(crate) const ST_VAR: usize = abi::ST_VAR as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
 const VERSION: u32 = 1;

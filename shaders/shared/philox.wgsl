@@ -1,5 +1,5 @@
-// philox.wgsl: Philox4x32-10 and Gaussian noise, a library prepended (after common.wgsl)
-// to the kernels that add noise. No bindings, no entry points.
+// philox.wgsl: Philox4x32-10 and Gaussian noise, imported by the kernels that add noise.
+// No bindings, no entry points.
 //
 // The generator is counter-based: the noise of an element is a pure function of
 // (seed, step, tensor, index), so it does not depend on the launch geometry or the

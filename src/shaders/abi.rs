@@ -1,0 +1,312 @@
+//! The shader ABI: every constant, code and `#[repr(C)]` struct that Rust and WGSL share,
+//! defined once here. The WGSL side is generated from these definitions (the virtual
+//! import `abi`, see [`wgsl`]), and a test without a GPU checks with naga that every
+//! struct has the same size and field offsets on both sides.
+
+use bytemuck::{Pod, Zeroable};
+
+/// Declares `#[repr(C)]` structs shared with WGSL and records, for each, its WGSL
+/// declaration and its Rust field offsets. A field may give its WGSL type explicitly
+/// (`=> "atomic<u32>"`) when it differs from the Rust one.
+macro_rules! abi_structs {
+    ($(
+        $(#[$meta:meta])*
+        pub(crate) struct $name:ident {
+            $( $(#[$fmeta:meta])* pub $field:ident : $ty:ty $(=> $wgsl:literal)? ),* $(,)?
+        }
+    )*) => {
+        $(
+            $(#[$meta])*
+            #[repr(C)]
+            #[derive(Debug, Clone, Copy, PartialEq, Default, Pod, Zeroable)]
+            pub(crate) struct $name {
+                $( $(#[$fmeta])* pub $field: $ty ),*
+            }
+        )*
+
+        /// Every shared struct: name, WGSL fields (name, type) and Rust (size, offsets).
+        pub(crate) const STRUCTS: &[AbiStruct] = &[$(
+            AbiStruct {
+                name: stringify!($name),
+                fields: &[$( (stringify!($field), abi_structs!(@ty $ty $(, $wgsl)?)) ),*],
+                size: std::mem::size_of::<$name>(),
+                offsets: &[$( std::mem::offset_of!($name, $field) ),*],
+            }
+        ),*];
+    };
+    (@ty $ty:ty, $wgsl:literal) => { $wgsl };
+    (@ty $ty:ty) => { stringify!($ty) };
+}
+
+/// One struct shared with WGSL.
+#[derive(Debug)]
+pub(crate) struct AbiStruct {
+    pub name: &'static str,
+    /// WGSL member names and types, in order.
+    pub fields: &'static [(&'static str, &'static str)],
+    /// Rust `size_of` (checked by the shader tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub size: usize,
+    /// Rust `offset_of` of each member (checked by the shader tests).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub offsets: &'static [usize],
+}
+
+abi_structs! {
+    /// The norm monoid `(scale, sum, flags)` meaning `scale^p * sum`, as f32 words
+    /// (the host twin in f64 is [`crate::NormAcc`]).
+    pub(crate) struct Acc {
+        pub scale: f32,
+        pub sum: f32,
+        pub flags: u32,
+        pub _pad: u32,
+    }
+
+    /// One row of a chunk table (`src/plan`): one workgroup's share of a segment. Element
+    /// `k < len` of the chunk is element `start + k * stride` of the binding window and
+    /// element `index + k * stride` of tensor `tensor`.
+    pub(crate) struct Chunk {
+        pub seg: u32,
+        pub start: u32,
+        pub len: u32,
+        pub dtype: u32,
+        pub stride: u32,
+        pub tensor: u32,
+        pub index: u32,
+        pub _pad: u32,
+    }
+
+    /// Per-step parameters of the norm and elementwise passes.
+    pub(crate) struct StepParams {
+        pub max_norm: f32,
+        pub p: f32,
+        pub inv_p: f32,
+        /// `POLICY_*`: the non-finite policy.
+        pub policy: u32,
+        /// Value clip bounds in f32.
+        pub lo: f32,
+        pub hi: f32,
+        /// The bounds rounded to f16 (low 16 bits) and bf16 (high 16 bits).
+        pub lo_half: u32,
+        pub hi_half: u32,
+        /// A norm supplied by the caller (split API).
+        pub given: Acc,
+    }
+
+    /// Per-dispatch parameters, fixed when a batch is planned.
+    pub(crate) struct DispatchParams {
+        /// This dispatch's slice of the chunk table.
+        pub first_chunk: u32,
+        /// Workgroups with work (or inputs to combine).
+        pub n_chunks: u32,
+        /// 1: the total takes `StepParams::given` instead of reducing (split API).
+        pub use_given: u32,
+        pub _pad: u32,
+    }
+
+    /// What a global-norm step leaves for the host and for the scaling pass.
+    pub(crate) struct ReportHeader {
+        pub norm: Acc,
+        pub coef: f32,
+        /// `STATUS_*` bits.
+        pub status: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+
+    /// Per-step configuration of a clipping policy.
+    pub(crate) struct PolicyParams {
+        /// Schedule factor of this step.
+        pub multiplier: f32,
+        /// AGC.
+        pub lambda: f32,
+        pub eps: f32,
+        /// AutoClip, in [0, 100].
+        pub percentile: f32,
+        /// AutoClip history size, ZClip warmup.
+        pub capacity: u32,
+        /// ZClip.
+        pub alpha: f32,
+        pub z_thresh: f32,
+        pub z_eps: f32,
+        /// Optional max_norm cap of the adaptive rules (0: none).
+        pub cap: f32,
+        /// Gaussian noise std (0: none).
+        pub sigma: f32,
+        pub seed_lo: u32,
+        pub seed_hi: u32,
+        pub step_lo: u32,
+        pub step_hi: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+
+    /// What the policy passes leave for the host and for the elementwise passes.
+    pub(crate) struct PolicyHeader {
+        pub norm: Acc,
+        pub threshold: f32,
+        pub coef: f32,
+        /// `STATUS_*` bits.
+        pub status: u32,
+        /// Units whose coefficient is below 1.
+        pub clipped: u32 => "atomic<u32>",
+        /// Consecutive skipped steps.
+        pub skips: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+        pub _pad2: u32,
+    }
+
+    /// One tensor of a per-example (DP-SGD) sum.
+    pub(crate) struct ExampleParams {
+        /// Element index of `g[0, 0]` in the input window.
+        pub in_offset: u32,
+        /// Element index of `out[0]` in the output window.
+        pub out_offset: u32,
+        /// `P`, elements per example.
+        pub len: u32,
+        pub batch: u32,
+        pub tensor: u32,
+        /// Segment of (example 0, this tensor).
+        pub seg_base: u32,
+        /// Segments between consecutive examples.
+        pub seg_stride: u32,
+        pub dtype: u32,
+        pub inv_divisor: f32,
+        pub policy: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+
+    /// One window of a gradient accumulation.
+    pub(crate) struct AccumulateParams {
+        pub first_chunk: u32,
+        pub n_chunks: u32,
+        pub scale: f32,
+        /// 1: the first micro-batch of an accumulation.
+        pub first: u32,
+    }
+}
+
+/// Bytes of one [`Acc`].
+pub(crate) const ACC_BYTES: u64 = std::mem::size_of::<Acc>() as u64;
+
+/// Non-finite flag bits of [`Acc::flags`].
+pub(crate) const FLAG_INF: u32 = 1;
+pub(crate) const FLAG_NAN: u32 = 2;
+
+/// Element type codes of [`Chunk::dtype`].
+pub(crate) const DTYPE_F32: u32 = 0;
+pub(crate) const DTYPE_F16: u32 = 1;
+pub(crate) const DTYPE_BF16: u32 = 2;
+
+/// Norm kinds, the `NORM_KIND` override.
+pub(crate) const KIND_INF: u32 = 0;
+pub(crate) const KIND_L1: u32 = 1;
+pub(crate) const KIND_L2: u32 = 2;
+pub(crate) const KIND_P: u32 = 3;
+
+/// Non-finite policy codes of [`StepParams::policy`].
+pub(crate) const POLICY_PROPAGATE: u32 = 0;
+pub(crate) const POLICY_ERROR: u32 = 1;
+pub(crate) const POLICY_SKIP: u32 = 2;
+pub(crate) const POLICY_ZERO_NANS: u32 = 3;
+
+/// Status bits of the report headers.
+pub(crate) const STATUS_SCALED: u32 = 1;
+pub(crate) const STATUS_SKIPPED: u32 = 2;
+pub(crate) const STATUS_NONFINITE: u32 = 4;
+/// Gradients must stay untouched (non-finite under `Error` or `SkipStep`).
+pub(crate) const STATUS_HELD: u32 = 8;
+pub(crate) const STATUS_NANS_ZEROED: u32 = 16;
+
+/// Words of the policy state header, then the history.
+pub(crate) const ST_SEEN: u32 = 0;
+pub(crate) const ST_SKIPS: u32 = 1;
+pub(crate) const ST_MEAN: u32 = 2;
+pub(crate) const ST_VAR: u32 = 3;
+pub(crate) const ST_HEADER: u32 = 8;
+
+/// The `OP` override of the global elementwise pass.
+pub(crate) const OP_SCALE: u32 = 0;
+pub(crate) const OP_CLAMP: u32 = 1;
+
+/// The `ADAPTIVE` override: how a global threshold is found.
+pub(crate) const ADAPTIVE_NONE: u32 = 0;
+pub(crate) const ADAPTIVE_AUTOCLIP: u32 = 1;
+pub(crate) const ADAPTIVE_ZCLIP: u32 = 2;
+
+/// The `FORMULA` override: how a norm and a threshold give a coefficient.
+pub(crate) const FORMULA_PYTORCH: u32 = 0;
+pub(crate) const FORMULA_TF: u32 = 1;
+pub(crate) const FORMULA_AGC: u32 = 2;
+
+/// Word of [`PolicyHeader::status`], for kernels that bind the header read-only (its
+/// atomic counter makes the struct itself read-write only).
+pub(crate) const POLICY_STATUS_WORD: u32 = (std::mem::offset_of!(PolicyHeader, status) / 4) as u32;
+
+/// Threads per workgroup of the chunk kernels, and elements one workgroup handles.
+pub(crate) const WG: u32 = 256;
+
+/// Every shared constant, as it appears in WGSL.
+const CONSTS: &[(&str, u32)] = &[
+    ("FLAG_INF", FLAG_INF),
+    ("FLAG_NAN", FLAG_NAN),
+    ("DTYPE_F32", DTYPE_F32),
+    ("DTYPE_F16", DTYPE_F16),
+    ("DTYPE_BF16", DTYPE_BF16),
+    ("KIND_INF", KIND_INF),
+    ("KIND_L1", KIND_L1),
+    ("KIND_L2", KIND_L2),
+    ("KIND_P", KIND_P),
+    ("POLICY_PROPAGATE", POLICY_PROPAGATE),
+    ("POLICY_ERROR", POLICY_ERROR),
+    ("POLICY_SKIP", POLICY_SKIP),
+    ("POLICY_ZERO_NANS", POLICY_ZERO_NANS),
+    ("STATUS_SCALED", STATUS_SCALED),
+    ("STATUS_SKIPPED", STATUS_SKIPPED),
+    ("STATUS_NONFINITE", STATUS_NONFINITE),
+    ("STATUS_HELD", STATUS_HELD),
+    ("STATUS_NANS_ZEROED", STATUS_NANS_ZEROED),
+    ("ST_SEEN", ST_SEEN),
+    ("ST_SKIPS", ST_SKIPS),
+    ("ST_MEAN", ST_MEAN),
+    ("ST_VAR", ST_VAR),
+    ("ST_HEADER", ST_HEADER),
+    ("OP_SCALE", OP_SCALE),
+    ("OP_CLAMP", OP_CLAMP),
+    ("ADAPTIVE_NONE", ADAPTIVE_NONE),
+    ("ADAPTIVE_AUTOCLIP", ADAPTIVE_AUTOCLIP),
+    ("ADAPTIVE_ZCLIP", ADAPTIVE_ZCLIP),
+    ("FORMULA_PYTORCH", FORMULA_PYTORCH),
+    ("FORMULA_TF", FORMULA_TF),
+    ("FORMULA_AGC", FORMULA_AGC),
+    ("WG", WG),
+    ("POLICY_STATUS_WORD", POLICY_STATUS_WORD),
+];
+
+/// The WGSL text of the `abi` import: every constant and struct above.
+pub(crate) fn wgsl() -> String {
+    let mut out = String::from("// abi: generated from src/shaders/abi.rs; do not edit.\n");
+    for (name, value) in CONSTS {
+        out.push_str(&format!("const {name}: u32 = {value}u;\n"));
+    }
+    for s in STRUCTS {
+        out.push_str(&format!("struct {} {{\n", s.name));
+        for (field, ty) in s.fields {
+            out.push_str(&format!("    {field}: {ty},\n"));
+        }
+        out.push_str("}\n");
+    }
+    out
+}
+
+/// Reads a `T` from the front of a readback's words.
+pub(crate) fn read<T: Pod>(words: &[u32]) -> T {
+    bytemuck::pod_read_unaligned(&bytemuck::cast_slice(words)[..std::mem::size_of::<T>()])
+}
+
+/// Words of a `T`.
+pub(crate) const fn words_of<T>() -> usize {
+    std::mem::size_of::<T>() / 4
+}

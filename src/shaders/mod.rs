@@ -1,0 +1,306 @@
+//! The WGSL side of the library as data, independent of wgpu: the kernel families (one
+//! `.wgsl` file each in `shaders/`), the shared files they import, the bind group layout
+//! of every entry point, and every pipeline variant (entry point plus override constants)
+//! the engine can ask for. `src/gpu/kernels.rs` compiles them for a device; the tests
+//! here parse and validate each one with naga, without a GPU.
+//!
+//! Imports: a line `#import name` pulls in `shaders/shared/name.wgsl` (or the generated
+//! [`abi`]) once per module, before the line, with its own imports first.
+
+pub(crate) mod abi;
+
+#[cfg(test)]
+mod tests;
+
+/// One `.wgsl` file with entry points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Family {
+    NormReduce,
+    NormFinish,
+    Apply,
+    Policy,
+    SegmentApply,
+    PerExample,
+    Accumulate,
+}
+
+impl Family {
+    pub(crate) const ALL: [Family; 7] = [
+        Family::NormReduce,
+        Family::NormFinish,
+        Family::Apply,
+        Family::Policy,
+        Family::SegmentApply,
+        Family::PerExample,
+        Family::Accumulate,
+    ];
+
+    /// The file name without `.wgsl`.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Family::NormReduce => "norm_reduce",
+            Family::NormFinish => "norm_finish",
+            Family::Apply => "apply",
+            Family::Policy => "policy",
+            Family::SegmentApply => "segment_apply",
+            Family::PerExample => "per_example",
+            Family::Accumulate => "accumulate",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Family::NormReduce => include_str!("../../shaders/norm_reduce.wgsl"),
+            Family::NormFinish => include_str!("../../shaders/norm_finish.wgsl"),
+            Family::Apply => include_str!("../../shaders/apply.wgsl"),
+            Family::Policy => include_str!("../../shaders/policy.wgsl"),
+            Family::SegmentApply => include_str!("../../shaders/segment_apply.wgsl"),
+            Family::PerExample => include_str!("../../shaders/per_example.wgsl"),
+            Family::Accumulate => include_str!("../../shaders/accumulate.wgsl"),
+        }
+    }
+
+    /// The module's WGSL with every import resolved.
+    pub(crate) fn source(self) -> String {
+        let mut out = String::new();
+        let mut seen = Vec::new();
+        resolve(self.text(), &mut seen, &mut out);
+        out
+    }
+}
+
+/// The shared files, by import name.
+fn shared(name: &str) -> Option<String> {
+    let text = match name {
+        "abi" => return Some(abi::wgsl()),
+        "acc" => include_str!("../../shaders/shared/acc.wgsl"),
+        "convert" => include_str!("../../shaders/shared/convert.wgsl"),
+        "grid" => include_str!("../../shaders/shared/grid.wgsl"),
+        "philox" => include_str!("../../shaders/shared/philox.wgsl"),
+        "workgroup_reduce" => include_str!("../../shaders/shared/workgroup_reduce.wgsl"),
+        _ => return None,
+    };
+    Some(text.to_string())
+}
+
+fn resolve(text: &str, seen: &mut Vec<String>, out: &mut String) {
+    for line in text.lines() {
+        match line.strip_prefix("#import ") {
+            Some(name) => {
+                let name = name.trim();
+                if seen.iter().any(|s| s == name) {
+                    continue;
+                }
+                seen.push(name.to_string());
+                // Every name is a literal of this crate's shaders: a typo fails the
+                // shader tests, so it cannot reach a user.
+                let text = shared(name).unwrap_or_else(|| panic!("unknown WGSL import {name}"));
+                resolve(&text, seen, out);
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+}
+
+/// How an entry point sees one binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Binding {
+    Storage { read_only: bool },
+    Uniform,
+}
+
+const RO: Binding = Binding::Storage { read_only: true };
+const RW: Binding = Binding::Storage { read_only: false };
+const UNIFORM: Binding = Binding::Uniform;
+
+/// A bind group layout (group 0) shared by the entry points that use it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum BindLayout {
+    Reduce,
+    Total,
+    Apply,
+    Policy,
+    SegmentApply,
+    PerExample,
+    Accumulate,
+}
+
+impl BindLayout {
+    pub(crate) const ALL: [BindLayout; 7] = [
+        BindLayout::Reduce,
+        BindLayout::Total,
+        BindLayout::Apply,
+        BindLayout::Policy,
+        BindLayout::SegmentApply,
+        BindLayout::PerExample,
+        BindLayout::Accumulate,
+    ];
+
+    /// `(binding, kind)` of every entry.
+    pub(crate) fn entries(self) -> &'static [(u32, Binding)] {
+        match self {
+            BindLayout::Reduce => &[(0, RO), (1, RO), (2, RW), (3, UNIFORM), (4, UNIFORM)],
+            BindLayout::Total => &[
+                (0, RO),
+                (3, UNIFORM),
+                (4, UNIFORM),
+                (5, RW),
+                (6, RO),
+                (7, RW),
+            ],
+            BindLayout::Apply => &[(0, RW), (1, RO), (2, RO), (3, UNIFORM), (4, UNIFORM)],
+            BindLayout::Policy => &[
+                (0, RO),
+                (1, RW),
+                (2, RW),
+                (3, UNIFORM),
+                (4, UNIFORM),
+                (5, UNIFORM),
+                (6, RO),
+                (7, RW),
+                (8, RO),
+                (9, RO),
+            ],
+            BindLayout::SegmentApply => &[
+                (0, RW),
+                (1, RO),
+                (2, RO),
+                (3, UNIFORM),
+                (4, UNIFORM),
+                (5, UNIFORM),
+                (6, RO),
+            ],
+            BindLayout::PerExample => &[
+                (0, RO),
+                (1, RW),
+                (2, RO),
+                (3, UNIFORM),
+                (4, UNIFORM),
+                (5, RO),
+            ],
+            BindLayout::Accumulate => &[(0, RW), (1, RO), (2, RO), (3, UNIFORM)],
+        }
+    }
+}
+
+/// A compute pipeline the library uses, with its override constants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    Reduce(u32),
+    TensorNorms(u32),
+    Total(u32),
+    Apply(u32),
+    PolicyFinish {
+        kind: u32,
+        adaptive: u32,
+    },
+    PolicyCoefs {
+        kind: u32,
+        adaptive: u32,
+        formula: u32,
+    },
+    SegmentApply,
+    PerExample,
+    Accumulate,
+}
+
+/// Where a [`Kernel`] lives and how it is specialised.
+#[derive(Debug, Clone)]
+pub(crate) struct KernelSpec {
+    pub family: Family,
+    pub entry: &'static str,
+    pub layout: BindLayout,
+    pub constants: Vec<(&'static str, f64)>,
+}
+
+impl Kernel {
+    /// Every variant the engine can ask for (validated by the shader tests).
+    #[cfg(test)]
+    pub(crate) fn all() -> Vec<Kernel> {
+        use abi::*;
+        let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
+        let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
+        let mut all = vec![
+            Kernel::Apply(OP_SCALE),
+            Kernel::Apply(OP_CLAMP),
+            Kernel::SegmentApply,
+            Kernel::PerExample,
+            Kernel::Accumulate,
+        ];
+        for kind in kinds {
+            all.extend([
+                Kernel::Reduce(kind),
+                Kernel::TensorNorms(kind),
+                Kernel::Total(kind),
+            ]);
+            for adaptive in adaptives {
+                all.push(Kernel::PolicyFinish { kind, adaptive });
+                for formula in [FORMULA_PYTORCH, FORMULA_TF, FORMULA_AGC] {
+                    all.push(Kernel::PolicyCoefs {
+                        kind,
+                        adaptive,
+                        formula,
+                    });
+                }
+            }
+        }
+        all
+    }
+
+    pub(crate) fn spec(self) -> KernelSpec {
+        let kind = |k: u32| vec![("NORM_KIND", k as f64)];
+        let (family, entry, layout, constants) = match self {
+            Kernel::Reduce(k) => (Family::NormReduce, "main", BindLayout::Reduce, kind(k)),
+            Kernel::TensorNorms(k) => (
+                Family::NormFinish,
+                "tensor_norms",
+                BindLayout::Reduce,
+                kind(k),
+            ),
+            Kernel::Total(k) => (Family::NormFinish, "total", BindLayout::Total, kind(k)),
+            Kernel::Apply(op) => (
+                Family::Apply,
+                "main",
+                BindLayout::Apply,
+                vec![("OP", op as f64)],
+            ),
+            Kernel::PolicyFinish { kind: k, adaptive } => (
+                Family::Policy,
+                "finish",
+                BindLayout::Policy,
+                vec![("NORM_KIND", k as f64), ("ADAPTIVE", adaptive as f64)],
+            ),
+            Kernel::PolicyCoefs {
+                kind: k,
+                adaptive,
+                formula,
+            } => (
+                Family::Policy,
+                "coefs",
+                BindLayout::Policy,
+                vec![
+                    ("NORM_KIND", k as f64),
+                    ("ADAPTIVE", adaptive as f64),
+                    ("FORMULA", formula as f64),
+                ],
+            ),
+            Kernel::SegmentApply => (
+                Family::SegmentApply,
+                "main",
+                BindLayout::SegmentApply,
+                vec![],
+            ),
+            Kernel::PerExample => (Family::PerExample, "main", BindLayout::PerExample, vec![]),
+            Kernel::Accumulate => (Family::Accumulate, "main", BindLayout::Accumulate, vec![]),
+        };
+        KernelSpec {
+            family,
+            entry,
+            layout,
+            constants,
+        }
+    }
+}
