@@ -5,12 +5,14 @@
 //   1 chunks    storage, read        chunk table (Chunk), element indices relative to the
 //                                    window's start
 //   2 partials  storage, read_write  one Acc per chunk, indexed by first_chunk + workgroup
-//   3 step      uniform              StepParams (p for general norms)
+//   3 step      uniform              StepParams of this step (p for general norms), at a
+//                                    dynamic offset
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
 //
 // One workgroup reduces one chunk (at most CHUNK_ELEMS elements of one segment) in a fixed
 // order: each thread folds a strided run of words, then a shared-memory tree
-// (workgroup_reduce.wgsl) combines the 256 thread accumulators. No atomics, so the result is the same bits on every run.
+// (workgroup_reduce.wgsl) combines the 256 thread accumulators. No atomics, so the result
+// is the same bits on every run. This is the engine's `reduce` stage.
 // CPU twin: src/cpu/norm_reduce.rs.
 
 #import convert

@@ -4,10 +4,11 @@
 // Bindings (group 0):
 //   0 inputs    storage, read        window of the per-example gradients (32-bit words)
 //   1 outputs   storage, read_write  window of the f32 output
-//   2 coefs     storage, read        f_i per (example, tensor) segment (policy.wgsl `coefs`)
+//   2 coefs     storage, read        f_i per (example, tensor) segment (coef.wgsl `coefs`)
 //   3 tensor    uniform              ExampleParams of this tensor
-//   4 config    uniform              PolicyParams (noise std in `sigma`, seed, step)
-//   5 report    storage, read        PolicyHeader as words (read-only: its counter is atomic)
+//   4 step      uniform              StepParams of this step (noise std, seed, step), at a
+//                                    dynamic offset
+//   5 report    storage, read        StepReport as words (read-only: its counter is atomic)
 //
 // One thread owns one output element and walks the batch in order, so the sum has a
 // fixed order; reads of consecutive threads are consecutive. When the step is held
@@ -23,7 +24,7 @@
 @group(0) @binding(1) var<storage, read_write> outputs: array<f32>;
 @group(0) @binding(2) var<storage, read> coefs: array<f32>;
 @group(0) @binding(3) var<uniform> tensor: ExampleParams;
-@group(0) @binding(4) var<uniform> config: PolicyParams;
+@group(0) @binding(4) var<uniform> step: StepParams;
 @group(0) @binding(5) var<storage, read> report: array<u32>;
 
 fn element(e: u32, dtype: u32) -> f32 {
@@ -40,7 +41,7 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let j = linear_workgroup(wid, nwg) * 256u + lid;
-    if (j >= tensor.len || (report[POLICY_STATUS_WORD] & STATUS_HELD) != 0u) {
+    if (j >= tensor.len || (report[STATUS_WORD] & STATUS_HELD) != 0u) {
         return;
     }
     var sum = 0.0;
@@ -51,10 +52,10 @@ fn main(
         }
         sum = sum + coefs[tensor.seg_base + i * tensor.seg_stride] * x;
     }
-    if (config.sigma > 0.0) {
-        let seed = vec2<u32>(config.seed_lo, config.seed_hi);
-        let at = vec2<u32>(config.step_lo, config.step_hi);
-        sum = sum + config.sigma * gaussian_noise(seed, at, tensor.tensor, j);
+    if (step.sigma > 0.0) {
+        let seed = vec2<u32>(step.seed_lo, step.seed_hi);
+        let at = vec2<u32>(step.step_lo, step.step_hi);
+        sum = sum + step.sigma * gaussian_noise(seed, at, tensor.tensor, j);
     }
     outputs[tensor.out_offset + j] = sum * tensor.inv_divisor;
 }

@@ -119,4 +119,9 @@ pub enum ClipError {
     /// the gradients were not changed.
     #[error("the total gradient norm is non-finite ({0}); gradients left unchanged")]
     NonFiniteNorm(f64),
+    /// More steps of one clipper were encoded before a submission than it has parameter
+    /// slots (64), so a later step overwrote this step's parameters; this step changed
+    /// nothing (gradients and state untouched). Submit more often.
+    #[error("step {0}: its parameters were overwritten by a later step encoded before the same submission (at most 64 steps per submission); gradients left unchanged")]
+    StepOverwritten(u64),
 }

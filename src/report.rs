@@ -8,7 +8,7 @@ use crate::policies::{Layout, TensorInfo};
 use crate::policy::NonFinitePolicy;
 
 pub(crate) use crate::shaders::abi::{
-    STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
+    STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED, STATUS_STALE,
 };
 
 /// The outcome of one norm or clipping step.
@@ -138,6 +138,11 @@ pub(crate) struct ReportShape {
 }
 
 impl ReportShape {
+    /// Number of groups.
+    pub(crate) fn groups(&self) -> usize {
+        self.group_ranges.len()
+    }
+
     pub(crate) fn new(layout: &Layout, infos: &[TensorInfo]) -> Arc<ReportShape> {
         Arc::new(ReportShape {
             group_names: layout.group_names.clone(),
@@ -199,6 +204,9 @@ impl PolicyOutcome {
         let mut total = self.total;
         if self.policy == NonFinitePolicy::ZeroNans {
             total.flags &= !crate::norm::FLAG_NAN;
+        }
+        if self.status & STATUS_STALE != 0 {
+            return Err(ClipError::StepOverwritten(self.step));
         }
         let total_norm = total.total(self.norm);
         let held = self.status & STATUS_HELD != 0;

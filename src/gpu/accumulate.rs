@@ -142,7 +142,7 @@ impl GpuAccumulator {
         let boundary = self.added + 1 == self.micro_steps;
         if boundary {
             // A policy error (a schedule out of range) must come before anything is recorded.
-            self.policy.prepare(None)?;
+            self.policy.check()?;
         }
         {
             let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);

@@ -1,32 +1,18 @@
-//! A planned batch of gradient tensors on the GPU and the encoding of each operation.
-//!
-//! Everything a step needs (chunk tables, partials, report, indirect arguments, bind
-//! groups) is created when the batch is built; encoding a step only records dispatches,
-//! writes the small parameter block when it changed, and takes a readback buffer from
-//! the pool.
-
-use std::sync::Arc;
-
-use bytemuck::Zeroable;
-use half::{bf16, f16};
+//! Gradient tensors in caller-owned buffers, and the global-norm operations over them
+//! (total norm, global clip, split API, value clip) as configurations of the engine.
 
 use super::context::GpuContext;
-use super::readback::{PendingReport, ReportKind, ReportPool, HEADER_BYTES};
-use super::reduction::SegmentReduction;
-use super::resources::{
-    bind, storage_init, storage_zeroed, uniform_buffer, whole, window, DispatchParams,
-    DispatchSlots, StepParams,
-};
+use super::engine::{Engine, Step};
+use super::readback::{decode_clip, PendingReport, ReportKind};
+use super::resources::StepParams;
 use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
-use crate::plan::{fold_grid, Plan, PlanLimits, PlanSegment, PlanTensor};
-use crate::policies::TensorInfo;
+use crate::plan::{Plan, PlanLimits, PlanSegment, PlanTensor};
+use crate::policies::{ClipPolicy, Layout, Rule, TensorInfo, HEADER_WORDS};
 use crate::policy::NonFinitePolicy;
-use crate::shaders::abi::{Acc, ACC_BYTES};
-use crate::shaders::abi::{OP_CLAMP, OP_SCALE};
-use crate::shaders::{BindLayout, Kernel};
+use crate::shaders::abi::Acc;
 
 /// One gradient tensor inside a caller-owned `wgpu::Buffer`.
 #[derive(Debug, Clone)]
@@ -79,41 +65,17 @@ impl<'a> GpuTensor<'a> {
     }
 }
 
-/// The elementwise bind group and grid of one binding window.
-struct WindowBinding {
-    apply: wgpu::BindGroup,
-    apply_grid: [u32; 3],
-}
-
-/// Which accumulators the `total` pass combines.
-enum TotalFrom {
-    Partials,
-    Tensors,
-    Given,
-}
-
-/// A batch of gradient tensors on one device, planned once and clipped every step.
+/// A batch of gradient tensors on one device, planned once and clipped every step: the
+/// engine's global-norm program over whole tensors (PyTorch's `clip_grad_norm_` family).
 pub struct GpuBatch {
-    ctx: GpuContext,
+    engine: Engine,
     n_tensors: usize,
-    windows: Vec<WindowBinding>,
-    reduction: SegmentReduction,
-    total_from_partials: wgpu::BindGroup,
-    total_from_tensors: wgpu::BindGroup,
-    total_given: wgpu::BindGroup,
-    step: wgpu::Buffer,
-    last_step: Option<StepParams>,
-    report: wgpu::Buffer,
-    args_out: wgpu::Buffer,
-    pool: Arc<ReportPool>,
-    timestamps: Option<(wgpu::QuerySet, u32, u32)>,
 }
 
 impl std::fmt::Debug for GpuBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuBatch")
             .field("tensors", &self.n_tensors)
-            .field("windows", &self.windows.len())
             .finish()
     }
 }
@@ -167,128 +129,16 @@ impl GpuBatch {
     /// (STORAGE usage, alignment, bounds, overlap, device) and creates all per-batch
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
-        let (plan, buffers) = plan_tensors(ctx, tensors, PlanSegment::whole)?;
-        let scope = ctx
-            .inner
-            .device
-            .push_error_scope(wgpu::ErrorFilter::Validation);
-        let batch = Self::build(ctx, &plan, &buffers, tensors.len());
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(ClipError::Wgpu(error.to_string()));
-        }
-        Ok(batch)
-    }
-
-    fn build(
-        ctx: &GpuContext,
-        plan: &Plan,
-        buffers: &[&wgpu::Buffer],
-        n_tensors: usize,
-    ) -> GpuBatch {
-        let device = &ctx.inner.device;
-        let kernels = &ctx.inner.kernels;
-        let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let step = uniform_buffer(
-            device,
-            "gradclip step params",
-            std::mem::size_of::<StepParams>() as u64,
-        );
-        let reduction = SegmentReduction::new(device, kernels, plan, buffers, &step);
-        let apply_chunks = storage_init(
-            device,
-            "gradclip apply chunks",
-            bytemuck::cast_slice(&plan.apply_chunks),
-            wgpu::BufferUsages::empty(),
-        );
-        let report = storage_zeroed(
-            device,
-            "gradclip report",
-            HEADER_BYTES,
-            wgpu::BufferUsages::COPY_SRC,
-        );
-        let apply_grids: Vec<[u32; 3]> = plan
-            .windows
-            .iter()
-            .map(|w| fold_grid(w.apply_count, max_dim))
+        // Base threshold 1: each step's multiplier is its max_norm.
+        let infos: Vec<TensorInfo> = (tensors.iter().enumerate())
+            .map(|(i, t)| TensorInfo::new(t.info(i).name, &[t.len]))
             .collect();
-        let args_full = storage_init(
-            device,
-            "gradclip scale grid",
-            bytemuck::cast_slice(&apply_grids),
-            wgpu::BufferUsages::empty(),
-        );
-        let args_out = storage_zeroed(
-            device,
-            "gradclip scale indirect",
-            apply_grids.len() as u64 * 12,
-            wgpu::BufferUsages::INDIRECT,
-        );
-
-        // Dispatch parameters: one per window for the elementwise pass, then the three
-        // totals (from partials, from tensor norms, from a given norm).
-        let mut params: Vec<DispatchParams> = plan
-            .windows
-            .iter()
-            .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
-            .collect();
-        let totals = params.len();
-        params.extend([
-            DispatchParams::range(0, reduction.n_chunks as u32),
-            DispatchParams::range(0, n_tensors as u32),
-            DispatchParams {
-                use_given: 1,
-                ..DispatchParams::default()
-            },
-        ]);
-        let slots = DispatchSlots::new(device, &params);
-        let windows = plan
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(wi, w)| WindowBinding {
-                apply: bind(
-                    device,
-                    kernels.layout(BindLayout::Apply),
-                    &[
-                        (0, window(buffers[w.buffer], w)),
-                        (1, whole(&apply_chunks)),
-                        (2, whole(&report)),
-                        (3, whole(&step)),
-                        (4, slots.slot(wi)),
-                    ],
-                ),
-                apply_grid: apply_grids[wi],
-            })
-            .collect();
-        let total = |input: &wgpu::Buffer, s: usize| {
-            bind(
-                device,
-                kernels.layout(BindLayout::Total),
-                &[
-                    (0, whole(input)),
-                    (3, whole(&step)),
-                    (4, slots.slot(totals + s)),
-                    (5, whole(&report)),
-                    (6, whole(&args_full)),
-                    (7, whole(&args_out)),
-                ],
-            )
-        };
-        GpuBatch {
-            n_tensors,
-            total_from_partials: total(&reduction.partials, 0),
-            total_from_tensors: total(&reduction.segment_accs, 1),
-            total_given: total(&reduction.partials, 2),
-            windows,
-            reduction,
-            step,
-            last_step: None,
-            report,
-            args_out,
-            pool: ReportPool::new(HEADER_BYTES + n_tensors as u64 * ACC_BYTES),
-            timestamps: None,
-            ctx: ctx.clone(),
-        }
+        let layout = Layout::new(&ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos)?;
+        let engine = Engine::new(ctx, tensors, None, layout, HEADER_WORDS)?;
+        Ok(GpuBatch {
+            engine,
+            n_tensors: tensors.len(),
+        })
     }
 
     /// Number of tensors in the batch.
@@ -305,102 +155,30 @@ impl GpuBatch {
     /// pass (indices `begin` and `end` of `query_set`); `None` stops it. Needs
     /// `Features::TIMESTAMP_QUERY`, which [`GpuContext::new`] enables where available.
     pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
-        self.timestamps = timestamps;
+        self.engine.set_timestamp_writes(timestamps);
     }
 
-    /// Writes the step parameters if they changed since the last step.
-    fn set_step(&mut self, params: StepParams) {
-        if self.last_step != Some(params) {
-            self.ctx
-                .inner
-                .queue
-                .write_buffer(&self.step, 0, bytemuck::bytes_of(&params));
-            self.last_step = Some(params);
-        }
-    }
-
-    /// Step parameters for a norm of order `norm`, keeping the other fields.
-    fn params_for(&self, norm: Norm) -> StepParams {
-        let mut p = self.last_step.unwrap_or_else(StepParams::zeroed);
-        let order = norm.order() as f32;
-        p.p = order;
-        p.inv_p = 1.0 / order;
-        p
-    }
-
-    fn begin_pass<'e>(&self, encoder: &'e mut wgpu::CommandEncoder) -> wgpu::ComputePass<'e> {
-        let timestamp_writes = self.timestamps.as_ref().map(|(query_set, begin, end)| {
-            wgpu::ComputePassTimestampWrites {
-                query_set,
-                beginning_of_pass_write_index: Some(*begin),
-                end_of_pass_write_index: Some(*end),
-            }
-        });
-        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("gradclip"),
-            timestamp_writes,
-        })
-    }
-
-    /// Records the norm passes and the coefficient, then (for a clip) the indirect scaling.
+    /// Records `step` and returns its report, decoded as a global-norm report.
     fn encode_step(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-        norm: Norm,
-        from: TotalFrom,
+        step: Step,
         clip: Option<NonFinitePolicy>,
     ) -> PendingReport {
-        let ctx = self.ctx.clone();
-        let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
-        let kind = norm.kind_code();
-        {
-            let mut pass = self.begin_pass(encoder);
-            if !matches!(from, TotalFrom::Given) {
-                self.reduction
-                    .encode_partials(&mut pass, device, kernels, kind);
-            }
-            if matches!(from, TotalFrom::Tensors) {
-                self.reduction
-                    .encode_segments(&mut pass, device, kernels, kind);
-            }
-            pass.set_pipeline(&kernels.pipeline(device, Kernel::Total(kind)));
-            let total = match from {
-                TotalFrom::Partials => &self.total_from_partials,
-                TotalFrom::Tensors => &self.total_from_tensors,
-                TotalFrom::Given => &self.total_given,
-            };
-            pass.set_bind_group(0, total, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
-            if clip.is_some() {
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Apply(OP_SCALE)));
-                for (i, w) in self.windows.iter().enumerate() {
-                    pass.set_bind_group(0, &w.apply, &[]);
-                    pass.dispatch_workgroups_indirect(&self.args_out, i as u64 * 12);
-                }
-            }
-        }
-        let readback = self.pool.take(device);
-        encoder.copy_buffer_to_buffer(&self.report, 0, &readback, 0, HEADER_BYTES);
-        let tensor_norms = matches!(from, TotalFrom::Tensors);
-        if tensor_norms && self.n_tensors > 0 {
-            encoder.copy_buffer_to_buffer(
-                &self.reduction.segment_accs,
-                0,
-                &readback,
-                HEADER_BYTES,
-                self.n_tensors as u64 * ACC_BYTES,
-            );
-        }
-        PendingReport::clip_report(
+        let readback = (self.engine.encode(encoder, step, |_, _| {}))
+            .expect("global-norm steps read their report back");
+        let kind = ReportKind {
+            norm: step.norm,
+            clip,
+            tensor_norms: step.units.then_some(self.n_tensors),
+            seq: self.engine.seq() as u64,
+        };
+        PendingReport::on_submit(
             encoder,
             readback,
-            self.pool.clone(),
-            ctx.inner.device.clone(),
-            ReportKind {
-                norm,
-                clip,
-                tensor_norms: tensor_norms.then_some(self.n_tensors),
-            },
+            self.engine.pool(),
+            self.engine.ctx().inner.device.clone(),
+            Box::new(move |words| decode_clip(words, kind)),
         )
     }
 
@@ -413,34 +191,37 @@ impl GpuBatch {
         tensor_norms: bool,
     ) -> Result<PendingReport, ClipError> {
         norm.validate()?;
-        let params = self.params_for(norm);
-        self.set_step(params);
-        let from = if tensor_norms {
-            TotalFrom::Tensors
-        } else {
-            TotalFrom::Partials
+        let step = Step {
+            // An infinite threshold: the coefficient is 1 and nothing is rewritten.
+            params: norm_params(norm, f32::INFINITY, NonFinitePolicy::Propagate),
+            reduce: true,
+            coefs: false,
+            rewrite: false,
+            units: tensor_norms,
+            readback: true,
+            norm,
         };
-        Ok(self.encode_step(encoder, norm, from, None))
+        Ok(self.encode_step(encoder, step, None))
     }
 
     /// Records a global-norm clip: norm, coefficient and scaling, all on the GPU in one
-    /// pass sequence; the scaling runs zero workgroups when the coefficient is 1.
+    /// compute pass; the scaling runs zero workgroups when the coefficient is 1.
     pub fn encode_clip_by_global_norm(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         clip: &GlobalNormClip,
     ) -> Result<PendingReport, ClipError> {
         clip.validate()?;
-        let mut params = self.params_for(clip.norm);
-        params.max_norm = clip.max_norm;
-        params.policy = clip.non_finite.code();
-        self.set_step(params);
-        let from = if clip.tensor_norms {
-            TotalFrom::Tensors
-        } else {
-            TotalFrom::Partials
+        let step = Step {
+            params: norm_params(clip.norm, clip.max_norm, clip.non_finite),
+            reduce: true,
+            coefs: true,
+            rewrite: true,
+            units: clip.tensor_norms,
+            readback: true,
+            norm: clip.norm,
         };
-        Ok(self.encode_step(encoder, clip.norm, from, Some(clip.non_finite)))
+        Ok(self.encode_step(encoder, step, Some(clip.non_finite)))
     }
 
     /// Records a clip with a norm computed elsewhere (PyTorch `clip_grads_with_norm_`),
@@ -454,40 +235,46 @@ impl GpuBatch {
     ) -> Result<PendingReport, ClipError> {
         validate_max_norm(max_norm)?;
         let norm = total.norm();
-        let mut params = self.params_for(norm);
-        params.max_norm = max_norm;
-        params.policy = policy.code();
-        params.given = given_acc(total);
-        self.set_step(params);
-        Ok(self.encode_step(encoder, norm, TotalFrom::Given, Some(policy)))
+        let step = Step {
+            params: StepParams {
+                given: given_acc(total),
+                use_given: 1,
+                ..norm_params(norm, max_norm, policy)
+            },
+            reduce: false,
+            coefs: true,
+            rewrite: true,
+            units: false,
+            readback: true,
+            norm,
+        };
+        Ok(self.encode_step(encoder, step, Some(policy)))
     }
 
-    /// Records a value clip: every element clamped to `[lo, hi]`.
+    /// Records a value clip: every element clamped to `[lo, hi]` (for 16-bit tensors, the
+    /// bounds rounded to the type), NaN kept.
     pub fn encode_clip_by_value(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         clip: &ValueClip,
     ) -> Result<(), ClipError> {
         clip.validate()?;
-        let mut params = self.last_step.unwrap_or_else(StepParams::zeroed);
-        params.lo = clip.lo;
-        params.hi = clip.hi;
-        let halves =
-            |v: f32| f16::from_f32(v).to_bits() as u32 | (bf16::from_f32(v).to_bits() as u32) << 16;
-        params.lo_half = halves(clip.lo);
-        params.hi_half = halves(clip.hi);
-        self.set_step(params);
-        let ctx = self.ctx.clone();
-        let mut pass = self.begin_pass(encoder);
-        pass.set_pipeline(
-            &ctx.inner
-                .kernels
-                .pipeline(&ctx.inner.device, Kernel::Apply(OP_CLAMP)),
-        );
-        for w in self.windows.iter().filter(|w| w.apply_grid[0] > 0) {
-            pass.set_bind_group(0, &w.apply, &[]);
-            pass.dispatch_workgroups(w.apply_grid[0], w.apply_grid[1], 1);
-        }
+        let step = Step {
+            params: StepParams {
+                rule: 0,
+                clamp: 1,
+                lo: clip.lo,
+                hi: clip.hi,
+                ..StepParams::default()
+            },
+            reduce: false,
+            coefs: false,
+            rewrite: true,
+            units: false,
+            readback: false,
+            norm: Norm::L2,
+        };
+        self.engine.encode(encoder, step, |_, _| {});
         Ok(())
     }
 
@@ -496,18 +283,17 @@ impl GpuBatch {
         &mut self,
         f: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
+        let ctx = self.engine.ctx().clone();
         let mut encoder =
-            self.ctx
-                .inner
+            ctx.inner
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("gradclip"),
                 });
         let out = f(self, &mut encoder)?;
-        self.ctx.inner.queue.submit([encoder.finish()]);
+        ctx.inner.queue.submit([encoder.finish()]);
         Ok(out)
     }
-
     /// [`GpuBatch::encode_total_norm`], submitted now.
     pub fn total_norm(
         &mut self,
@@ -538,6 +324,19 @@ impl GpuBatch {
     /// [`GpuBatch::encode_clip_by_value`], submitted now.
     pub fn clip_by_value(&mut self, clip: &ValueClip) -> Result<(), ClipError> {
         self.submit(|b, e| b.encode_clip_by_value(e, clip))
+    }
+}
+
+/// Step parameters of a global-norm step of order `norm` against `max_norm`.
+fn norm_params(norm: Norm, max_norm: f32, policy: NonFinitePolicy) -> StepParams {
+    let order = norm.order() as f32;
+    StepParams {
+        policy: policy.code(),
+        p: order,
+        inv_p: 1.0 / order,
+        rule: 1,
+        multiplier: max_norm,
+        ..StepParams::default()
     }
 }
 

@@ -16,14 +16,14 @@ pub(crate) struct Kernels {
 fn layout_entry(binding: u32, kind: Binding) -> wgpu::BindGroupLayoutEntry {
     let ty = match kind {
         Binding::Storage { read_only } => wgpu::BufferBindingType::Storage { read_only },
-        Binding::Uniform => wgpu::BufferBindingType::Uniform,
+        Binding::Uniform | Binding::Step => wgpu::BufferBindingType::Uniform,
     };
     wgpu::BindGroupLayoutEntry {
         binding,
         visibility: wgpu::ShaderStages::COMPUTE,
         ty: wgpu::BindingType::Buffer {
             ty,
-            has_dynamic_offset: false,
+            has_dynamic_offset: kind == Binding::Step,
             min_binding_size: None,
         },
         count: None,

@@ -1,9 +1,10 @@
-//! The GPU path: a context per device, batches planned once, steps encoded without a
-//! host round trip, reports read back asynchronously.
+//! The GPU path: a context per device, one engine (`engine.rs`) planned once per program
+//! and encoded step by step without a host round trip, reports read back asynchronously.
 
 mod accumulate;
 mod batch;
 mod context;
+mod engine;
 mod kernels;
 mod per_example;
 mod policy;

@@ -14,7 +14,7 @@ use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
 use crate::plan::fold_grid;
 use crate::policies::{ClipPolicy, GaussianNoise, Layout, PerExampleClip, PerExampleReport, Rule};
-use crate::shaders::abi::{self, ExampleParams, PolicyHeader};
+use crate::shaders::abi::{self, ExampleParams, StepReport};
 use crate::shaders::{BindLayout, Kernel};
 
 /// Per-example clipping of `[batch, P_t]` gradients into `P_t`-element f32 outputs.
@@ -131,7 +131,7 @@ impl GpuPerExample {
         let (thresholds, per_layer) = clip.thresholds();
         let layout = Layout::per_example(&lens, batch, thresholds, per_layer);
         let policy = ClipPolicy::new(Rule::GlobalNorm(thresholds[0]));
-        let engine = GpuPolicy::build(ctx, inputs, None, policy, layout, false)?;
+        let engine = GpuPolicy::build(ctx, inputs, None, policy, layout)?;
         let device = &ctx.inner.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
@@ -157,7 +157,7 @@ impl GpuPerExample {
             windows.push((iw, ow, fold_grid((o.len as u32).div_ceil(256), max_dim)));
         }
         let slots = DispatchSlots::new(device, &params);
-        let (coefs, report, config) = engine.outputs();
+        let (coefs, report, step_slots) = engine.engine().outputs();
         let kernels = &ctx.inner.kernels;
         let dispatches = windows
             .into_iter()
@@ -171,7 +171,7 @@ impl GpuPerExample {
                         (1, ow),
                         (2, whole(coefs)),
                         (3, slots.slot(t)),
-                        (4, whole(config)),
+                        (4, step_slots.binding()),
                         (5, whole(report)),
                     ],
                 );
@@ -201,38 +201,38 @@ impl GpuPerExample {
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingReport<PerExampleReport>, ClipError> {
         let noise_std = self.clip.noise_std();
-        self.engine.prepare(Some(GaussianNoise {
+        let params = self.engine.params(Some(GaussianNoise {
             sigma: noise_std,
             seed: self.clip.seed,
         }))?;
-        {
-            let ctx = &self.ctx;
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("gradclip per-example"),
-                timestamp_writes: None,
+        let ctx = self.ctx.clone();
+        let dispatches = &self.dispatches;
+        let (readback, step) = self
+            .engine
+            .encode_step(encoder, params, false, |pass, slot| {
+                pass.set_pipeline(
+                    &ctx.inner
+                        .kernels
+                        .pipeline(&ctx.inner.device, Kernel::PerExample),
+                );
+                for (group, grid) in dispatches.iter().filter(|(_, g)| g[0] > 0) {
+                    pass.set_bind_group(0, group, &[slot]);
+                    pass.dispatch_workgroups(grid[0], grid[1], 1);
+                }
             });
-            self.engine.encode_pass(&mut pass);
-            pass.set_pipeline(
-                &ctx.inner
-                    .kernels
-                    .pipeline(&ctx.inner.device, Kernel::PerExample),
-            );
-            for (group, grid) in self.dispatches.iter().filter(|(_, g)| g[0] > 0) {
-                pass.set_bind_group(0, group, &[]);
-                pass.dispatch_workgroups(grid[0], grid[1], 1);
-            }
-        }
-        let (readback, step) = self.engine.finish_step(encoder);
         let (_, per_layer) = self.clip.thresholds();
         let per_unit = if per_layer { 1 } else { self.n_tensors.max(1) };
         let units = self.clip.batch * if per_layer { self.n_tensors } else { 1 };
         Ok(PendingReport::on_submit(
             encoder,
             readback,
-            self.engine.pool(),
+            self.engine.engine().pool(),
             self.ctx.inner.device.clone(),
             Box::new(move |w: &[u32]| {
-                let header: PolicyHeader = abi::read(w);
+                let header: StepReport = abi::read(w);
+                if header.status & abi::STATUS_STALE != 0 {
+                    return Err(ClipError::StepOverwritten(step));
+                }
                 Ok(PerExampleReport {
                     step,
                     clipped: header.clipped / per_unit,

@@ -9,15 +9,12 @@ use std::sync::{Arc, Mutex};
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
 use crate::policy::NonFinitePolicy;
-use crate::report::ClipReport;
-use crate::shaders::abi::{self, Acc, ReportHeader};
+use crate::report::{ClipReport, ReportShape, UnitNorms};
+use crate::shaders::abi::{self, Acc, StepReport};
 
 const PENDING: u8 = 0;
 const MAPPED: u8 = 1;
 const FAILED: u8 = 2;
-
-/// Bytes of the global report header.
-pub(crate) const HEADER_BYTES: u64 = std::mem::size_of::<ReportHeader>() as u64;
 
 /// Free readback buffers of one batch.
 pub(crate) struct ReportPool {
@@ -53,12 +50,14 @@ impl ReportPool {
     }
 }
 
-/// What a report means: a norm only, or a clipping step.
+/// What a global-norm report means: a norm only, or a clipping step.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReportKind {
     pub norm: Norm,
     pub clip: Option<NonFinitePolicy>,
     pub tensor_norms: Option<usize>,
+    /// The engine's sequence number of the step, for [`ClipError::StepOverwritten`].
+    pub seq: u64,
 }
 
 /// Turns the words read back into a report.
@@ -80,25 +79,6 @@ impl<R> std::fmt::Debug for PendingReport<R> {
         f.debug_struct("PendingReport")
             .field("state", &self.state.load(Ordering::Acquire))
             .finish()
-    }
-}
-
-impl PendingReport<ClipReport> {
-    /// A global-norm step's report, decoded as `kind` says.
-    pub(crate) fn clip_report(
-        encoder: &wgpu::CommandEncoder,
-        buffer: wgpu::Buffer,
-        pool: Arc<ReportPool>,
-        device: wgpu::Device,
-        kind: ReportKind,
-    ) -> PendingReport<ClipReport> {
-        PendingReport::on_submit(
-            encoder,
-            buffer,
-            pool,
-            device,
-            Box::new(move |words| decode(words, kind)),
-        )
     }
 }
 
@@ -189,18 +169,39 @@ impl<R> Drop for PendingReport<R> {
 }
 
 /// `count` accumulators stored from word `first` on.
-pub(crate) fn accs_at(words: &[u32], first: usize, count: usize) -> Vec<NormAcc> {
+fn accs_at(words: &[u32], first: usize, count: usize) -> Vec<NormAcc> {
     let n = abi::words_of::<Acc>();
     (0..count)
         .map(|i| abi::read::<Acc>(&words[first + n * i..]).into())
         .collect()
 }
 
-fn decode(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
-    let header: ReportHeader = abi::read(words);
+/// The group norms, unit norms and coefficients the engine copies after the header
+/// (`Step::units`).
+pub(crate) fn decode_units(words: &[u32], shape: Arc<ReportShape>, units: usize) -> UnitNorms {
+    let n_groups = shape.groups();
+    let header = abi::words_of::<StepReport>();
+    let units0 = header + abi::words_of::<Acc>() * n_groups;
+    let coefs0 = units0 + abi::words_of::<Acc>() * units;
+    UnitNorms {
+        groups: accs_at(words, header, n_groups),
+        units: accs_at(words, units0, units),
+        coefs: bytemuck::cast_slice(&words[coefs0..coefs0 + units]).to_vec(),
+        shape,
+    }
+}
+
+/// A global-norm step's report from the engine's header and, when asked, unit norms.
+pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
+    let header: StepReport = abi::read(words);
+    if header.status & abi::STATUS_STALE != 0 {
+        return Err(ClipError::StepOverwritten(kind.seq));
+    }
     let acc = header.norm.into();
+    // One group: the units follow the header and that group's norm.
+    let first = abi::words_of::<StepReport>() + abi::words_of::<Acc>();
     let tensor_norms = kind.tensor_norms.map(|n| {
-        accs_at(words, abi::words_of::<ReportHeader>(), n)
+        accs_at(words, first, n)
             .iter()
             .map(|a| a.total(kind.norm))
             .collect()

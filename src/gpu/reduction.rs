@@ -1,10 +1,10 @@
-//! The shared reduction core on the GPU: the norm of every segment of a planned batch
-//! (`norm_reduce` over chunks, then `tensor_norms` over each segment's partials), and
-//! optionally the norm of groups of consecutive segments.
+//! The engine's `reduce` and first `combine` on the GPU: the norm of every unit of a
+//! planned batch (`norm_reduce` over chunks, then `norm_combine` over each unit's
+//! partials).
 
 use super::kernels::Kernels;
 use super::resources::{
-    bind, storage_init, storage_zeroed, whole, window, DispatchParams, DispatchSlots,
+    bind, storage_init, storage_zeroed, whole, window, DispatchParams, DispatchSlots, StepSlots,
 };
 use crate::plan::{fold_grid, Plan};
 use crate::shaders::abi::ACC_BYTES;
@@ -27,13 +27,13 @@ pub(crate) struct SegmentReduction {
 }
 
 impl SegmentReduction {
-    /// Resources for `plan` over `buffers`; `step` is the batch's `StepParams` uniform.
+    /// Resources for `plan` over `buffers`; `step` holds the engine's parameter slots.
     pub(crate) fn new(
         device: &wgpu::Device,
         kernels: &Kernels,
         plan: &Plan,
         buffers: &[&wgpu::Buffer],
-        step: &wgpu::Buffer,
+        step: &StepSlots,
     ) -> SegmentReduction {
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let n_segments = plan.segment_ranges.len();
@@ -81,7 +81,7 @@ impl SegmentReduction {
                         (0, window(buffers[w.buffer], w)),
                         (1, whole(&chunks)),
                         (2, whole(&partials)),
-                        (3, whole(step)),
+                        (3, step.binding()),
                         (4, slots.slot(wi)),
                     ],
                 );
@@ -95,7 +95,7 @@ impl SegmentReduction {
                 (0, whole(&partials)),
                 (1, whole(&ranges)),
                 (2, whole(&segment_accs)),
-                (3, whole(step)),
+                (3, step.binding()),
                 (4, slots.slot(plan.windows.len())),
             ],
         );
@@ -111,32 +111,34 @@ impl SegmentReduction {
         }
     }
 
-    /// Records the chunk partials of norm kind `kind`.
+    /// Records the chunk partials of norm kind `kind` with the step slot at `slot`.
     pub(crate) fn encode_partials(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         device: &wgpu::Device,
         kernels: &Kernels,
         kind: u32,
+        slot: u32,
     ) {
         pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
         for (group, grid) in self.reduce.iter().filter(|(_, g)| g[0] > 0) {
-            pass.set_bind_group(0, group, &[]);
+            pass.set_bind_group(0, group, &[slot]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
         }
     }
 
-    /// Records the per-segment combine of the partials (after `encode_partials`).
-    pub(crate) fn encode_segments(
+    /// Records the per-unit combine of the partials (after `encode_partials`).
+    pub(crate) fn encode_units(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         device: &wgpu::Device,
         kernels: &Kernels,
         kind: u32,
+        slot: u32,
     ) {
         if self.combine_grid[0] > 0 {
-            pass.set_pipeline(&kernels.pipeline(device, Kernel::TensorNorms(kind)));
-            pass.set_bind_group(0, &self.combine, &[]);
+            pass.set_pipeline(&kernels.pipeline(device, Kernel::Combine(kind)));
+            pass.set_bind_group(0, &self.combine, &[slot]);
             pass.dispatch_workgroups(self.combine_grid[0], self.combine_grid[1], 1);
         }
     }

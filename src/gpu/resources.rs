@@ -5,6 +5,7 @@ use std::num::NonZeroU64;
 use bytemuck::Pod;
 
 pub(crate) use crate::shaders::abi::{DispatchParams, StepParams};
+use crate::shaders::abi::{STEP_SLOTS, ST_TAG, TAG_RING};
 use wgpu::util::DeviceExt;
 
 impl DispatchParams {
@@ -57,6 +58,65 @@ impl DispatchSlots {
     }
 }
 
+/// The ring of per-step parameter slots of one engine: step `seq` writes slot
+/// `seq % STEP_SLOTS` and binds it at that slot's dynamic offset, so every step encoded
+/// before a submission reads its own parameters.
+pub(crate) struct StepSlots {
+    buffer: wgpu::Buffer,
+    /// The tags `0..TAG_RING`, copied into the state by each step's encoder.
+    tags: wgpu::Buffer,
+    stride: u64,
+}
+
+impl StepSlots {
+    pub(crate) fn new(device: &wgpu::Device) -> Self {
+        let min = device.limits().min_uniform_buffer_offset_alignment as u64;
+        let stride = (std::mem::size_of::<StepParams>() as u64).next_multiple_of(min);
+        let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("gradclip step slots"),
+            size: stride * STEP_SLOTS as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let tags: Vec<u32> = (0..TAG_RING).collect();
+        let tags = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("gradclip step tags"),
+            contents: bytemuck::cast_slice(&tags),
+            usage: wgpu::BufferUsages::COPY_SRC,
+        });
+        StepSlots {
+            buffer,
+            tags,
+            stride,
+        }
+    }
+
+    /// The binding of one slot; bind groups pass the slot's offset ([`StepSlots::write`]).
+    pub(crate) fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: 0,
+            size: NonZeroU64::new(std::mem::size_of::<StepParams>() as u64),
+        })
+    }
+
+    /// Writes `params` (with sequence number `params.seq`) into its slot and records the
+    /// copy of its tag into word `ST_TAG` of `state`; returns the slot's dynamic offset.
+    pub(crate) fn write(
+        &self,
+        queue: &wgpu::Queue,
+        encoder: &mut wgpu::CommandEncoder,
+        params: &StepParams,
+        state: &wgpu::Buffer,
+    ) -> u32 {
+        let offset = (params.seq % STEP_SLOTS) as u64 * self.stride;
+        queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(params));
+        let tag = (params.seq % TAG_RING) as u64 * 4;
+        encoder.copy_buffer_to_buffer(&self.tags, tag, state, ST_TAG as u64 * 4, 4);
+        offset as u32
+    }
+}
+
 /// A storage buffer holding `data` (at least 16 bytes: bindings cannot be empty).
 pub(crate) fn storage_init(
     device: &wgpu::Device,
@@ -84,16 +144,6 @@ pub(crate) fn storage_zeroed(
         label: Some(label),
         size: size.max(16),
         usage: wgpu::BufferUsages::STORAGE | usage,
-        mapped_at_creation: false,
-    })
-}
-
-/// A uniform buffer of `size` bytes the host rewrites.
-pub(crate) fn uniform_buffer(device: &wgpu::Device, label: &str, size: u64) -> wgpu::Buffer {
-    device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     })
 }

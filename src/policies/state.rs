@@ -35,6 +35,12 @@ impl PolicyState {
         }
     }
 
+    /// A state read from the device: the engine's per-step tag word is not part of it.
+    pub(crate) fn from_device(step: u64, mut words: Vec<u32>) -> Self {
+        words[abi::ST_TAG as usize] = 0;
+        PolicyState { step, words }
+    }
+
     /// Steps taken so far (the next step's number).
     pub fn step(&self) -> u64 {
         self.step

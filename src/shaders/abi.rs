@@ -76,48 +76,30 @@ abi_structs! {
         pub _pad: u32,
     }
 
-    /// Per-step parameters of the norm and elementwise passes.
+    /// Everything one step needs from the host, written into the step's own slot of a
+    /// ring ([`STEP_SLOTS`]) and bound at that slot's dynamic offset, so steps encoded
+    /// before one submission each keep their own values.
     pub(crate) struct StepParams {
-        pub max_norm: f32,
-        pub p: f32,
-        pub inv_p: f32,
+        /// Sequence number of the encoded step; `seq % TAG_RING` must equal the tag the
+        /// encoder copied into the state, or the slot was overwritten.
+        pub seq: u32,
         /// `POLICY_*`: the non-finite policy.
         pub policy: u32,
-        /// Value clip bounds in f32.
+        /// Norm order and its inverse.
+        pub p: f32,
+        pub inv_p: f32,
+        /// A total norm supplied by the caller (split API), used when `use_given` is 1.
+        pub given: Acc,
+        pub use_given: u32,
+        /// 1: a norm rule sets the coefficients; 0: they are 1 and nothing is reduced.
+        pub rule: u32,
+        /// 1: clamp to `[lo, hi]` after scaling and noise (value clipping).
+        pub clamp: u32,
+        /// Factor of every threshold this step (the schedule; `max_norm` for a plain
+        /// global clip, whose base threshold is 1).
+        pub multiplier: f32,
         pub lo: f32,
         pub hi: f32,
-        /// The bounds rounded to f16 (low 16 bits) and bf16 (high 16 bits).
-        pub lo_half: u32,
-        pub hi_half: u32,
-        /// A norm supplied by the caller (split API).
-        pub given: Acc,
-    }
-
-    /// Per-dispatch parameters, fixed when a batch is planned.
-    pub(crate) struct DispatchParams {
-        /// This dispatch's slice of the chunk table.
-        pub first_chunk: u32,
-        /// Workgroups with work (or inputs to combine).
-        pub n_chunks: u32,
-        /// 1: the total takes `StepParams::given` instead of reducing (split API).
-        pub use_given: u32,
-        pub _pad: u32,
-    }
-
-    /// What a global-norm step leaves for the host and for the scaling pass.
-    pub(crate) struct ReportHeader {
-        pub norm: Acc,
-        pub coef: f32,
-        /// `STATUS_*` bits.
-        pub status: u32,
-        pub _pad0: u32,
-        pub _pad1: u32,
-    }
-
-    /// Per-step configuration of a clipping policy.
-    pub(crate) struct PolicyParams {
-        /// Schedule factor of this step.
-        pub multiplier: f32,
         /// AGC.
         pub lambda: f32,
         pub eps: f32,
@@ -131,20 +113,34 @@ abi_structs! {
         pub z_eps: f32,
         /// Optional max_norm cap of the adaptive rules (0: none).
         pub cap: f32,
-        /// Gaussian noise std (0: none).
+        /// Gaussian noise std (0: none), generator seed and step (the noise key).
         pub sigma: f32,
         pub seed_lo: u32,
         pub seed_hi: u32,
         pub step_lo: u32,
         pub step_hi: u32,
         pub _pad0: u32,
-        pub _pad1: u32,
     }
 
-    /// What the policy passes leave for the host and for the elementwise passes.
-    pub(crate) struct PolicyHeader {
+    /// Per-dispatch parameters, fixed when a batch is planned.
+    pub(crate) struct DispatchParams {
+        /// This dispatch's slice of the chunk table.
+        pub first_chunk: u32,
+        /// Workgroups with work (or inputs to combine).
+        pub n_chunks: u32,
+        /// `coefs`: 1 when the program has one coefficient for every unit (the one
+        /// `finish` computed from the total).
+        pub global: u32,
+        pub _pad0: u32,
+    }
+
+    /// What a step leaves for the host and for the elementwise passes.
+    pub(crate) struct StepReport {
+        /// Total norm before clipping.
         pub norm: Acc,
+        /// Threshold in force (global rules).
         pub threshold: f32,
+        /// Coefficient of the first group (the global one for global rules).
         pub coef: f32,
         /// `STATUS_*` bits.
         pub status: u32,
@@ -220,16 +216,23 @@ pub(crate) const STATUS_NONFINITE: u32 = 4;
 pub(crate) const STATUS_HELD: u32 = 8;
 pub(crate) const STATUS_NANS_ZEROED: u32 = 16;
 
-/// Words of the policy state header, then the history.
+/// The step's parameter slot was overwritten before submission: nothing was changed.
+pub(crate) const STATUS_STALE: u32 = 32;
+
+/// Words of the device state header, then the history.
 pub(crate) const ST_SEEN: u32 = 0;
 pub(crate) const ST_SKIPS: u32 = 1;
 pub(crate) const ST_MEAN: u32 = 2;
 pub(crate) const ST_VAR: u32 = 3;
+/// The tag of the step being run, copied in by the encoder (not part of a saved state).
+pub(crate) const ST_TAG: u32 = 4;
 pub(crate) const ST_HEADER: u32 = 8;
 
-/// The `OP` override of the global elementwise pass.
-pub(crate) const OP_SCALE: u32 = 0;
-pub(crate) const OP_CLAMP: u32 = 1;
+/// Parameter slots per engine: up to this many steps may be encoded before a submission.
+pub(crate) const STEP_SLOTS: u32 = 64;
+/// Tags of the slot check; coprime with [`STEP_SLOTS`], so a slot overwritten by a later
+/// step (before 61 x 64 steps in one submission) carries another tag.
+pub(crate) const TAG_RING: u32 = 61;
 
 /// The `ADAPTIVE` override: how a global threshold is found.
 pub(crate) const ADAPTIVE_NONE: u32 = 0;
@@ -241,9 +244,9 @@ pub(crate) const FORMULA_PYTORCH: u32 = 0;
 pub(crate) const FORMULA_TF: u32 = 1;
 pub(crate) const FORMULA_AGC: u32 = 2;
 
-/// Word of [`PolicyHeader::status`], for kernels that bind the header read-only (its
+/// Word of [`StepReport::status`], for kernels that bind the report read-only (its
 /// atomic counter makes the struct itself read-write only).
-pub(crate) const POLICY_STATUS_WORD: u32 = (std::mem::offset_of!(PolicyHeader, status) / 4) as u32;
+pub(crate) const STATUS_WORD: u32 = (std::mem::offset_of!(StepReport, status) / 4) as u32;
 
 /// Threads per workgroup of the chunk kernels, and elements one workgroup handles.
 pub(crate) const WG: u32 = 256;
@@ -273,8 +276,6 @@ const CONSTS: &[(&str, u32)] = &[
     ("ST_MEAN", ST_MEAN),
     ("ST_VAR", ST_VAR),
     ("ST_HEADER", ST_HEADER),
-    ("OP_SCALE", OP_SCALE),
-    ("OP_CLAMP", OP_CLAMP),
     ("ADAPTIVE_NONE", ADAPTIVE_NONE),
     ("ADAPTIVE_AUTOCLIP", ADAPTIVE_AUTOCLIP),
     ("ADAPTIVE_ZCLIP", ADAPTIVE_ZCLIP),
@@ -282,7 +283,10 @@ const CONSTS: &[(&str, u32)] = &[
     ("FORMULA_TF", FORMULA_TF),
     ("FORMULA_AGC", FORMULA_AGC),
     ("WG", WG),
-    ("POLICY_STATUS_WORD", POLICY_STATUS_WORD),
+    ("STATUS_WORD", STATUS_WORD),
+    ("STATUS_STALE", STATUS_STALE),
+    ("ST_TAG", ST_TAG),
+    ("TAG_RING", TAG_RING),
 ];
 
 /// The WGSL text of the `abi` import: every constant and struct above.

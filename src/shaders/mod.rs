@@ -12,25 +12,23 @@ pub(crate) mod abi;
 #[cfg(test)]
 mod tests;
 
-/// One `.wgsl` file with entry points.
+/// One `.wgsl` file with entry points: one stage of the engine each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Family {
     NormReduce,
-    NormFinish,
-    Apply,
-    Policy,
-    SegmentApply,
+    NormCombine,
+    Coef,
+    Rewrite,
     PerExample,
     Accumulate,
 }
 
 impl Family {
-    pub(crate) const ALL: [Family; 7] = [
+    pub(crate) const ALL: [Family; 6] = [
         Family::NormReduce,
-        Family::NormFinish,
-        Family::Apply,
-        Family::Policy,
-        Family::SegmentApply,
+        Family::NormCombine,
+        Family::Coef,
+        Family::Rewrite,
         Family::PerExample,
         Family::Accumulate,
     ];
@@ -39,10 +37,9 @@ impl Family {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Family::NormReduce => "norm_reduce",
-            Family::NormFinish => "norm_finish",
-            Family::Apply => "apply",
-            Family::Policy => "policy",
-            Family::SegmentApply => "segment_apply",
+            Family::NormCombine => "norm_combine",
+            Family::Coef => "coef",
+            Family::Rewrite => "rewrite",
             Family::PerExample => "per_example",
             Family::Accumulate => "accumulate",
         }
@@ -51,10 +48,9 @@ impl Family {
     fn text(self) -> &'static str {
         match self {
             Family::NormReduce => include_str!("../../shaders/norm_reduce.wgsl"),
-            Family::NormFinish => include_str!("../../shaders/norm_finish.wgsl"),
-            Family::Apply => include_str!("../../shaders/apply.wgsl"),
-            Family::Policy => include_str!("../../shaders/policy.wgsl"),
-            Family::SegmentApply => include_str!("../../shaders/segment_apply.wgsl"),
+            Family::NormCombine => include_str!("../../shaders/norm_combine.wgsl"),
+            Family::Coef => include_str!("../../shaders/coef.wgsl"),
+            Family::Rewrite => include_str!("../../shaders/rewrite.wgsl"),
             Family::PerExample => include_str!("../../shaders/per_example.wgsl"),
             Family::Accumulate => include_str!("../../shaders/accumulate.wgsl"),
         }
@@ -108,33 +104,35 @@ fn resolve(text: &str, seen: &mut Vec<String>, out: &mut String) {
 /// How an entry point sees one binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Binding {
-    Storage { read_only: bool },
+    Storage {
+        read_only: bool,
+    },
     Uniform,
+    /// The step's [`abi::StepParams`]: a uniform bound at the step's dynamic offset.
+    Step,
 }
 
 const RO: Binding = Binding::Storage { read_only: true };
 const RW: Binding = Binding::Storage { read_only: false };
 const UNIFORM: Binding = Binding::Uniform;
+const STEP: Binding = Binding::Step;
 
 /// A bind group layout (group 0) shared by the entry points that use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum BindLayout {
+    /// `norm_reduce` and `norm_combine`.
     Reduce,
-    Total,
-    Apply,
-    Policy,
-    SegmentApply,
+    Coef,
+    Rewrite,
     PerExample,
     Accumulate,
 }
 
 impl BindLayout {
-    pub(crate) const ALL: [BindLayout; 7] = [
+    pub(crate) const ALL: [BindLayout; 5] = [
         BindLayout::Reduce,
-        BindLayout::Total,
-        BindLayout::Apply,
-        BindLayout::Policy,
-        BindLayout::SegmentApply,
+        BindLayout::Coef,
+        BindLayout::Rewrite,
         BindLayout::PerExample,
         BindLayout::Accumulate,
     ];
@@ -142,45 +140,24 @@ impl BindLayout {
     /// `(binding, kind)` of every entry.
     pub(crate) fn entries(self) -> &'static [(u32, Binding)] {
         match self {
-            BindLayout::Reduce => &[(0, RO), (1, RO), (2, RW), (3, UNIFORM), (4, UNIFORM)],
-            BindLayout::Total => &[
-                (0, RO),
-                (3, UNIFORM),
-                (4, UNIFORM),
-                (5, RW),
-                (6, RO),
-                (7, RW),
-            ],
-            BindLayout::Apply => &[(0, RW), (1, RO), (2, RO), (3, UNIFORM), (4, UNIFORM)],
-            BindLayout::Policy => &[
+            BindLayout::Reduce => &[(0, RO), (1, RO), (2, RW), (3, STEP), (4, UNIFORM)],
+            BindLayout::Coef => &[
                 (0, RO),
                 (1, RW),
                 (2, RW),
-                (3, UNIFORM),
+                (3, STEP),
                 (4, UNIFORM),
-                (5, UNIFORM),
                 (6, RO),
                 (7, RW),
                 (8, RO),
                 (9, RO),
+                (10, RO),
+                (11, RW),
             ],
-            BindLayout::SegmentApply => &[
-                (0, RW),
-                (1, RO),
-                (2, RO),
-                (3, UNIFORM),
-                (4, UNIFORM),
-                (5, UNIFORM),
-                (6, RO),
-            ],
-            BindLayout::PerExample => &[
-                (0, RO),
-                (1, RW),
-                (2, RO),
-                (3, UNIFORM),
-                (4, UNIFORM),
-                (5, RO),
-            ],
+            BindLayout::Rewrite => &[(0, RW), (1, RO), (2, RO), (3, STEP), (4, UNIFORM), (6, RO)],
+            BindLayout::PerExample => {
+                &[(0, RO), (1, RW), (2, RO), (3, UNIFORM), (4, STEP), (5, RO)]
+            }
             BindLayout::Accumulate => &[(0, RW), (1, RO), (2, RO), (3, UNIFORM)],
         }
     }
@@ -189,20 +166,22 @@ impl BindLayout {
 /// A compute pipeline the library uses, with its override constants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kernel {
+    /// `reduce`: chunk partials of norm kind `KIND_*`.
     Reduce(u32),
-    TensorNorms(u32),
-    Total(u32),
-    Apply(u32),
-    PolicyFinish {
+    /// `combine`: runs of accumulators into one.
+    Combine(u32),
+    /// `coef`, entry `finish`.
+    Finish {
         kind: u32,
         adaptive: u32,
     },
-    PolicyCoefs {
+    /// `coef`, entry `coefs`.
+    Coefs {
         kind: u32,
         adaptive: u32,
         formula: u32,
     },
-    SegmentApply,
+    Rewrite,
     PerExample,
     Accumulate,
 }
@@ -223,23 +202,13 @@ impl Kernel {
         use abi::*;
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
-        let mut all = vec![
-            Kernel::Apply(OP_SCALE),
-            Kernel::Apply(OP_CLAMP),
-            Kernel::SegmentApply,
-            Kernel::PerExample,
-            Kernel::Accumulate,
-        ];
+        let mut all = vec![Kernel::Rewrite, Kernel::PerExample, Kernel::Accumulate];
         for kind in kinds {
-            all.extend([
-                Kernel::Reduce(kind),
-                Kernel::TensorNorms(kind),
-                Kernel::Total(kind),
-            ]);
+            all.extend([Kernel::Reduce(kind), Kernel::Combine(kind)]);
             for adaptive in adaptives {
-                all.push(Kernel::PolicyFinish { kind, adaptive });
+                all.push(Kernel::Finish { kind, adaptive });
                 for formula in [FORMULA_PYTORCH, FORMULA_TF, FORMULA_AGC] {
-                    all.push(Kernel::PolicyCoefs {
+                    all.push(Kernel::Coefs {
                         kind,
                         adaptive,
                         formula,
@@ -254,45 +223,28 @@ impl Kernel {
         let kind = |k: u32| vec![("NORM_KIND", k as f64)];
         let (family, entry, layout, constants) = match self {
             Kernel::Reduce(k) => (Family::NormReduce, "main", BindLayout::Reduce, kind(k)),
-            Kernel::TensorNorms(k) => (
-                Family::NormFinish,
-                "tensor_norms",
-                BindLayout::Reduce,
-                kind(k),
-            ),
-            Kernel::Total(k) => (Family::NormFinish, "total", BindLayout::Total, kind(k)),
-            Kernel::Apply(op) => (
-                Family::Apply,
-                "main",
-                BindLayout::Apply,
-                vec![("OP", op as f64)],
-            ),
-            Kernel::PolicyFinish { kind: k, adaptive } => (
-                Family::Policy,
+            Kernel::Combine(k) => (Family::NormCombine, "main", BindLayout::Reduce, kind(k)),
+            Kernel::Finish { kind: k, adaptive } => (
+                Family::Coef,
                 "finish",
-                BindLayout::Policy,
+                BindLayout::Coef,
                 vec![("NORM_KIND", k as f64), ("ADAPTIVE", adaptive as f64)],
             ),
-            Kernel::PolicyCoefs {
+            Kernel::Coefs {
                 kind: k,
                 adaptive,
                 formula,
             } => (
-                Family::Policy,
+                Family::Coef,
                 "coefs",
-                BindLayout::Policy,
+                BindLayout::Coef,
                 vec![
                     ("NORM_KIND", k as f64),
                     ("ADAPTIVE", adaptive as f64),
                     ("FORMULA", formula as f64),
                 ],
             ),
-            Kernel::SegmentApply => (
-                Family::SegmentApply,
-                "main",
-                BindLayout::SegmentApply,
-                vec![],
-            ),
+            Kernel::Rewrite => (Family::Rewrite, "main", BindLayout::Rewrite, vec![]),
             Kernel::PerExample => (Family::PerExample, "main", BindLayout::PerExample, vec![]),
             Kernel::Accumulate => (Family::Accumulate, "main", BindLayout::Accumulate, vec![]),
         };

@@ -1,25 +1,31 @@
-// policy.wgsl: the coefficients of the clipping policies (src/policies), from the norms of
-// the reduction core to one coefficient per segment.
+// coef.wgsl: the engine's `coef` stage: from the group norms of `combine` to one
+// coefficient per unit, running the chain's norm rule (src/chain) with this step's
+// parameters.
 //
 // Bindings (group 0), shared by both entries:
 //   0 inputs      storage, read        group norms (Acc), one per group
-//   1 state       storage, read_write  PolicyState words: 8 header words, then history (f32)
-//   2 report      storage, read_write  PolicyHeader
-//   3 step        uniform              StepParams (p, 1/p, non-finite policy)
+//   1 state       storage, read_write  device state words: header (ST_*), then history (f32)
+//   2 report      storage, read_write  StepReport of this step
+//   3 step        uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch    uniform              DispatchParams (n_chunks = groups for `finish`,
-//                                      segments for `coefs`)
-//   5 config      uniform              PolicyParams
-//   6 thresholds  storage, read        base threshold per group (before the schedule)
-//   7 coefs       storage, read_write  coefficient per segment
-//   8 group_of    storage, read        group of each segment
-//   9 params      storage, read        AGC: norm of each segment of the parameters
+//                                      units for `coefs`)
+//   6 thresholds  storage, read        base threshold per group (before the multiplier)
+//   7 coefs       storage, read_write  coefficient per unit
+//   8 group_of    storage, read        group of each unit
+//   9 params      storage, read        AGC: norm of each unit of the parameters
+//  10 args_full   storage, read        rewrite workgroup counts, 3 words per window
+//  11 args_out    storage, read_write  the rewrite's indirect dispatch arguments
 //
-// Entry `finish`: one workgroup. Combines the group norms into the total norm, applies
-// the non-finite policy, and for the adaptive rules (ADAPTIVE = 1 percentile of history,
-// 2 z-score) records the norm in the device state and derives this step's threshold.
-// Entry `coefs`: one thread per segment computes its coefficient (FORMULA = 0
-// min(c / (n + 1e-6), 1) as PyTorch, 1 c / max(n, c) as TF clip_by_norm, 2 AGC).
-// CPU twin: src/cpu/policy.rs.
+// Entry `finish`: one workgroup. Checks that this step's parameter slot is its own (the
+// tag the encoder copied into the state), combines the group norms into the total norm
+// (or takes the caller's, split API), applies the non-finite policy, and for the adaptive
+// rules (ADAPTIVE) records the norm in the device state and derives this step's
+// threshold. It writes the rewrite's indirect arguments: the planned counts when every
+// unit must be rewritten (noise, clamp, NaNs to zero, a global coefficient below 1),
+// zeros otherwise, so an unclipped step rewrites nothing.
+// Entry `coefs`: one thread per unit computes its coefficient (FORMULA: PyTorch
+// min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC) and turns the rewrite on when it is
+// not 1. CPU twin: src/cpu/engine.rs (`finish`, `coefs`).
 
 #import grid
 #import workgroup_reduce
@@ -30,14 +36,15 @@ override FORMULA: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> inputs: array<Acc>;
 @group(0) @binding(1) var<storage, read_write> state: array<u32>;
-@group(0) @binding(2) var<storage, read_write> report: PolicyHeader;
+@group(0) @binding(2) var<storage, read_write> report: StepReport;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
-@group(0) @binding(5) var<uniform> config: PolicyParams;
 @group(0) @binding(6) var<storage, read> thresholds: array<f32>;
 @group(0) @binding(7) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(8) var<storage, read> group_of: array<u32>;
 @group(0) @binding(9) var<storage, read> params: array<Acc>;
+@group(0) @binding(10) var<storage, read> args_full: array<u32>;
+@group(0) @binding(11) var<storage, read_write> args_out: array<atomic<u32>>;
 
 var<workgroup> sh_lo: f32;
 var<workgroup> sh_hi: f32;
@@ -83,7 +90,7 @@ fn norm_coef(acc: Acc, c: f32) -> f32 {
     if ((flags & FLAG_INF) != 0u) {
         return 0.0;
     }
-    if (FORMULA == 1u) {
+    if (FORMULA == FORMULA_TF) {
         // c / max(n, c): a zero (or empty) tensor stays as it is.
         let n = norm_value(acc);
         if (n <= c) {
@@ -138,18 +145,18 @@ fn autoclip(n: f32, record: bool, lid: u32) -> f32 {
     if (lid == 0u) {
         var seen = state[ST_SEEN];
         if (record) {
-            state[ST_HEADER + seen % config.capacity] = bitcast<u32>(n);
+            state[ST_HEADER + seen % step.capacity] = bitcast<u32>(n);
             seen = seen + 1u;
             state[ST_SEEN] = seen;
         }
-        sh_count = min(seen, config.capacity);
+        sh_count = min(seen, step.capacity);
     }
     storageBarrier();
     let m = workgroupUniformLoad(&sh_count);
     if (m == 0u) {
         return inf_f32();
     }
-    return percentile(m, config.percentile, lid);
+    return percentile(m, step.percentile, lid);
 }
 
 // ZClip, one thread: returns the threshold (inf when no spike) and updates the state.
@@ -159,7 +166,7 @@ fn zclip(n: f32, record: bool) -> f32 {
         return inf;
     }
     let seen = state[ST_SEEN];
-    let warmup = config.capacity;
+    let warmup = step.capacity;
     if (seen < warmup) {
         state[ST_HEADER + seen] = bitcast<u32>(n);
         state[ST_SEEN] = seen + 1u;
@@ -182,14 +189,14 @@ fn zclip(n: f32, record: bool) -> f32 {
     let mean = state_f32(ST_MEAN);
     let var_ = state_f32(ST_VAR);
     let sigma = sqrt(var_);
-    let z = (n - mean) / (sigma + config.z_eps);
+    let z = (n - mean) / (sigma + step.z_eps);
     var thr = inf;
     var x = n;
-    if (z > config.z_thresh) {
-        thr = mean + config.z_thresh * config.z_thresh * sigma / z;
+    if (z > step.z_thresh) {
+        thr = mean + step.z_thresh * step.z_thresh * sigma / z;
         x = thr;
     }
-    let a = config.alpha;
+    let a = step.alpha;
     let new_mean = a * mean + (1.0 - a) * x;
     let d = x - new_mean;
     state[ST_MEAN] = bitcast<u32>(new_mean);
@@ -198,13 +205,29 @@ fn zclip(n: f32, record: bool) -> f32 {
     return thr;
 }
 
+// Turns the rewrite on (`run`) or off for every window.
+fn set_rewrite(run: bool, lid: u32, stride: u32) {
+    for (var i = lid; i < arrayLength(&args_full); i = i + stride) {
+        atomicStore(&args_out[i], select(0u, args_full[i], run));
+    }
+}
+
 @compute @workgroup_size(WG)
 fn finish(@builtin(local_invocation_index) lid: u32) {
     var acc = acc_identity();
     for (var i = lid; i < dispatch.n_chunks; i = i + WG) {
         acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
     }
-    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
+    var total = workgroup_combine(acc, lid, NORM_KIND, step.p);
+    if (step.use_given == 1u) {
+        total = step.given;
+    }
+    if (step.rule == 0u) {
+        total = acc_identity();
+    }
+    // Another step overwrote this step's parameter slot before it was submitted: change
+    // nothing and say so.
+    let fresh = step.seq % TAG_RING == state[ST_TAG];
     let flags = live_flags(total.flags, step.policy);
     var status = 0u;
     if (total.flags != 0u) {
@@ -213,41 +236,52 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if ((total.flags & FLAG_NAN) != 0u && step.policy == POLICY_ZERO_NANS) {
         status = status | STATUS_NANS_ZEROED;
     }
-    let held = flags != 0u && step.policy != POLICY_PROPAGATE && step.policy != POLICY_ZERO_NANS;
-    if (held) {
+    if (flags != 0u && (step.policy == POLICY_ERROR || step.policy == POLICY_SKIP)) {
         status = status | STATUS_HELD;
         if (step.policy == POLICY_SKIP) {
             status = status | STATUS_SKIPPED;
         }
     }
+    if (!fresh) {
+        status = STATUS_STALE | STATUS_HELD;
+    }
     // Non-finite norms are never recorded: one bad step must not poison the history.
     let n = norm_value(total);
-    let record = flags == 0u;
-    var thr = thresholds[0] * config.multiplier;
-    if (ADAPTIVE == 1u) {
-        thr = autoclip(n, record, lid) * config.multiplier;
+    let record = flags == 0u && fresh;
+    var thr = thresholds[0] * step.multiplier;
+    if (ADAPTIVE == ADAPTIVE_AUTOCLIP) {
+        thr = autoclip(n, record, lid) * step.multiplier;
     }
-    if (ADAPTIVE == 2u && lid == 0u) {
-        thr = zclip(n, record) * config.multiplier;
+    if (ADAPTIVE == ADAPTIVE_ZCLIP && lid == 0u) {
+        thr = zclip(n, record) * step.multiplier;
     }
-    if (ADAPTIVE != 0u && config.cap > 0.0) {
-        thr = min(thr, config.cap * config.multiplier);
+    if (ADAPTIVE != ADAPTIVE_NONE && step.cap > 0.0) {
+        thr = min(thr, step.cap * step.multiplier);
     }
+    var coef = 1.0;
+    if (step.rule == 1u && (ADAPTIVE != ADAPTIVE_ZCLIP || thr < inf_f32())) {
+        coef = norm_coef(total, thr);
+    }
+    let held = (status & STATUS_HELD) != 0u;
+    let every_unit = step.sigma > 0.0 || step.clamp == 1u
+        || (status & STATUS_NANS_ZEROED) != 0u;
+    if (!held && (every_unit || !(coef >= 1.0))) {
+        status = status | STATUS_SCALED;
+    }
+    set_rewrite(!held && every_unit, lid, WG);
     if (lid == 0u) {
-        var skips = 0u;
-        if ((status & STATUS_SKIPPED) != 0u) {
-            skips = state[ST_SKIPS] + 1u;
+        if (fresh) {
+            var skips = 0u;
+            if ((status & STATUS_SKIPPED) != 0u) {
+                skips = state[ST_SKIPS] + 1u;
+            }
+            state[ST_SKIPS] = skips;
         }
-        state[ST_SKIPS] = skips;
         report.norm = total;
         report.threshold = thr;
         report.status = status;
-        report.skips = skips;
+        report.skips = state[ST_SKIPS];
         atomicStore(&report.clipped, 0u);
-        var coef = 1.0;
-        if (ADAPTIVE != 2u || thr < inf_f32()) {
-            coef = norm_coef(total, thr);
-        }
         report.coef = coef;
     }
 }
@@ -256,7 +290,7 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
     if (live_flags(g.flags | w.flags, step.policy) != 0u) {
         return select(0.0, nan_f32(), (live_flags(g.flags | w.flags, step.policy) & FLAG_NAN) != 0u);
     }
-    let limit = config.lambda * config.multiplier * max(norm_value(w), config.eps);
+    let limit = step.lambda * step.multiplier * max(norm_value(w), step.eps);
     let n = norm_value(g);
     if (n < limit) {
         return 1.0;
@@ -276,17 +310,21 @@ fn coefs(
     }
     let g = group_of[s];
     var coef = 1.0;
-    if ((report.status & STATUS_HELD) == 0u) {
-        if (FORMULA == 2u) {
+    if ((report.status & STATUS_HELD) == 0u && step.rule == 1u) {
+        if (FORMULA == FORMULA_AGC) {
             coef = agc_coef(inputs[g], params[s]);
-        } else if (ADAPTIVE != 0u) {
+        } else if (ADAPTIVE != ADAPTIVE_NONE || dispatch.global == 1u) {
             coef = report.coef;
         } else {
-            coef = norm_coef(inputs[g], thresholds[g] * config.multiplier);
+            coef = norm_coef(inputs[g], thresholds[g] * step.multiplier);
         }
     }
     coef_out[s] = coef;
     if (!(coef >= 1.0)) {
         atomicAdd(&report.clipped, 1u);
+    }
+    if (bitcast<u32>(coef) != bitcast<u32>(1.0)) {
+        // Every thread that needs the rewrite stores the same counts.
+        set_rewrite(true, 0u, 1u);
     }
 }

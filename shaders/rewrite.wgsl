@@ -1,22 +1,23 @@
-// segment_apply.wgsl: the in-place elementwise pass of the clipping policies: every
-// segment scaled by its own coefficient, NaNs zeroed (NonFinitePolicy::ZeroNans), and
-// Gaussian noise added.
+// rewrite.wgsl: the engine's `rewrite` stage, the one in-place elementwise pass of a step
+// with all its elementwise work fused: NaNs to zero (NonFinitePolicy::ZeroNans), times the
+// unit's coefficient, plus Gaussian noise, clamped to [lo, hi] (value clipping).
 //
 // Bindings (group 0):
 //   0 grads     storage, read_write  one binding window of a gradient buffer, as atomic words
-//   1 chunks    storage, read        the reduction's chunk table (Chunk), per segment
-//   2 coefs     storage, read        coefficient per segment (policy.wgsl `coefs`)
-//   3 step      uniform              StepParams (non-finite policy)
+//   1 chunks    storage, read        the unit chunk table (Chunk) of `reduce`
+//   2 coefs     storage, read        coefficient per unit (coef.wgsl `coefs`)
+//   3 step      uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
-//   5 config    uniform              PolicyParams (noise std, seed, step)
-//   6 report    storage, read        PolicyHeader as words (read-only: its counter is atomic)
+//   6 report    storage, read        StepReport as words (read-only: its counter is atomic)
 //
-// One workgroup rewrites one chunk, or returns at once when its coefficient is 1 and
-// there is no noise or NaN to remove. Segments may end inside a 32-bit word (odd-length
-// 16-bit units, strided AGC columns), so a word whose other half belongs to another
-// chunk is updated with an atomic XOR of this half's bits only: no lost updates, and the
-// other half's bits are never read for writing. Words wholly inside the chunk are plain
-// (atomic) stores. CPU twin: the elementwise part of src/cpu/policy.rs.
+// One workgroup rewrites one chunk, or returns at once when the step is held or its unit
+// needs nothing (coefficient 1, no noise, clamp or NaN to remove). It is dispatched
+// indirectly with the counts `coef` wrote, so a step that changes nothing runs zero
+// workgroups; a value clip alone is dispatched directly. Units may end inside a 32-bit
+// word (odd-length 16-bit units, strided AGC columns), so a word whose other half belongs
+// to another chunk is updated with an atomic XOR of this half's bits only: no lost
+// updates, and the other half is never written. An element whose value does not change
+// keeps its exact bits. CPU twin: src/cpu/engine.rs (`rewrite`).
 
 #import acc
 #import convert
@@ -28,7 +29,6 @@
 @group(0) @binding(2) var<storage, read> coefs: array<f32>;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
-@group(0) @binding(5) var<uniform> config: PolicyParams;
 @group(0) @binding(6) var<storage, read> report: array<u32>;
 
 // The new value of element `index` of tensor `tensor`.
@@ -37,17 +37,36 @@ fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
     if (step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
         y = 0.0;
     }
-    y = y * coef;
-    if (config.sigma > 0.0) {
-        let seed = vec2<u32>(config.seed_lo, config.seed_hi);
-        let at = vec2<u32>(config.step_lo, config.step_hi);
-        y = y + config.sigma * gaussian_noise(seed, at, tensor, index);
+    if (bitcast<u32>(coef) != bitcast<u32>(1.0)) {
+        y = y * coef;
+    }
+    if (step.sigma > 0.0) {
+        let seed = vec2<u32>(step.seed_lo, step.seed_hi);
+        let at = vec2<u32>(step.step_lo, step.step_hi);
+        y = y + step.sigma * gaussian_noise(seed, at, tensor, index);
+    }
+    // NaN compares false both ways and stays NaN, as in PyTorch and TensorFlow.
+    if (step.clamp == 1u) {
+        if (y < step.lo) {
+            y = step.lo;
+        } else if (y > step.hi) {
+            y = step.hi;
+        }
     }
     return y;
 }
 
+fn f32_transform(bits: u32, coef: f32, tensor: u32, index: u32) -> u32 {
+    return bitcast<u32>(transform(bitcast<f32>(bits), coef, tensor, index));
+}
+
 fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32 {
-    return f32_to_half(transform(half_to_f32(h, dtype), coef, tensor, index), dtype);
+    let x = half_to_f32(h, dtype);
+    let y = transform(x, coef, tensor, index);
+    if (bitcast<u32>(y) == bitcast<u32>(x)) {
+        return h;
+    }
+    return f32_to_half(y, dtype);
 }
 
 // Rewrites the 16-bit element `e` of the window alone, with an atomic XOR.
@@ -66,12 +85,15 @@ fn main(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let local = linear_workgroup(wid, nwg);
-    if (local >= dispatch.n_chunks || (report[POLICY_STATUS_WORD] & STATUS_HELD) != 0u) {
+    if (local >= dispatch.n_chunks || (report[STATUS_WORD] & STATUS_HELD) != 0u) {
         return;
     }
     let chunk = chunks[dispatch.first_chunk + local];
-    let coef = coefs[chunk.seg];
-    if (coef == 1.0 && config.sigma == 0.0 && step.policy != POLICY_ZERO_NANS) {
+    var coef = 1.0;
+    if (step.rule == 1u) {
+        coef = coefs[chunk.seg];
+    }
+    if (coef == 1.0 && step.sigma == 0.0 && step.policy != POLICY_ZERO_NANS && step.clamp == 0u) {
         return;
     }
     let dtype = chunk.dtype;
@@ -80,8 +102,8 @@ fn main(
             let e = chunk.start + k * chunk.stride;
             let index = chunk.index + k * chunk.stride;
             if (dtype == DTYPE_F32) {
-                let x = bitcast<f32>(atomicLoad(&grads[e]));
-                atomicStore(&grads[e], bitcast<u32>(transform(x, coef, chunk.tensor, index)));
+                let x = atomicLoad(&grads[e]);
+                atomicStore(&grads[e], f32_transform(x, coef, chunk.tensor, index));
             } else {
                 update_half(e, dtype, coef, chunk.tensor, index);
             }
