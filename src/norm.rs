@@ -181,20 +181,6 @@ impl NormAcc {
             self.scale * norm.root(self.sum)
         }
     }
-
-    /// PyTorch's clip coefficient `min(max_norm / (total + 1e-6), 1)`, computed without
-    /// overflow for norms beyond f32 range; NaN when a NaN was seen, 0 for an infinity.
-    /// Mirrors `clip_coef` in `shaders/norm_finish.wgsl`.
-    pub(crate) fn clip_coef(&self, norm: Norm, max_norm: f32) -> f32 {
-        if self.flags & FLAG_NAN != 0 {
-            return f32::NAN;
-        }
-        if self.flags & FLAG_INF != 0 {
-            return 0.0;
-        }
-        let coef = max_norm as f64 / (self.total(norm) + 1e-6);
-        coef.min(1.0) as f32
-    }
 }
 
 /// The norm of part of a batch (one shard, one device), in a form that merges with the

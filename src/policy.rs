@@ -20,6 +20,15 @@ pub enum NonFinitePolicy {
 }
 
 impl NonFinitePolicy {
+    /// The flags that count under this policy: ZeroNans removes NaNs before the norm.
+    pub(crate) fn live_flags(self, flags: u32) -> u32 {
+        if self == NonFinitePolicy::ZeroNans {
+            flags & !crate::norm::FLAG_NAN
+        } else {
+            flags
+        }
+    }
+
     /// The shader's `policy` code in `StepParams`.
     pub(crate) fn code(self) -> u32 {
         use crate::shaders::abi::*;

@@ -214,7 +214,14 @@ impl PolicyOutcome {
             return Err(ClipError::NonFiniteNorm(total_norm));
         }
         let (norm, nf) = (self.norm, self.policy);
-        let live = |acc: &NormAcc| crate::cpu::live_total(acc, norm, nf);
+        // A norm as reported: NaNs excluded under ZeroNans.
+        let live = |acc: &NormAcc| {
+            NormAcc {
+                flags: nf.live_flags(acc.flags),
+                ..*acc
+            }
+            .total(norm)
+        };
         // A held step leaves the gradients as they were.
         let coef_of = |c: f32| if held { 1.0 } else { c };
         let mut total_norm_after = self

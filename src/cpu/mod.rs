@@ -1,10 +1,10 @@
 //! The CPU path: multi-threaded (rayon), exact enough to be the test oracle of the GPU
-//! path, and the fallback when no adapter exists. Each file twins a shader of the same
-//! name in `shaders/`.
+//! path, and the fallback when no adapter exists. `engine.rs` twins the GPU engine stage
+//! for stage; every operation here is a configuration of it.
 
 mod accumulate;
 mod apply;
-mod norm_finish;
+pub(crate) mod engine;
 mod norm_reduce;
 mod per_example;
 pub(crate) mod philox;
@@ -13,19 +13,16 @@ mod policy;
 pub(crate) use accumulate::check_micro_steps;
 pub use accumulate::CpuAccumulator;
 pub use per_example::clip_per_example;
-pub(crate) use policy::live_total;
 pub use policy::CpuPolicy;
 
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
+use crate::policies::{Layout, PolicyState};
 use crate::policy::NonFinitePolicy;
-use crate::report::{ClipReport, STATUS_SCALED};
-
-fn as_refs<'a>(grads: &'a [GradMut<'_>]) -> Vec<GradRef<'a>> {
-    grads.iter().map(|g| g.as_ref()).collect()
-}
+use crate::report::ClipReport;
+use engine::{CpuStep, Threshold};
 
 /// The total norm of a batch in mergeable form (PyTorch `get_total_norm`, split API).
 pub fn partial_norm(grads: &[GradRef<'_>], norm: Norm) -> Result<PartialNorm, ClipError> {
@@ -46,6 +43,44 @@ pub fn tensor_norms(grads: &[GradRef<'_>], norm: Norm) -> Result<Vec<f64>, ClipE
         .collect())
 }
 
+/// One global-norm step of the CPU engine over whole tensors: `given` replaces the
+/// reduced norm (split API). Errors come before anything is written.
+fn global_step(
+    grads: &mut [GradMut<'_>],
+    norm: Norm,
+    max_norm: f32,
+    policy: NonFinitePolicy,
+    given: Option<&PartialNorm>,
+    tensor_norms: bool,
+) -> Result<ClipReport, ClipError> {
+    let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
+    let layout = Layout::global(&lens);
+    let step = CpuStep {
+        norm,
+        policy,
+        multiplier: max_norm,
+        given: given.map(|g| g.acc()),
+        threshold: Threshold::Fixed,
+        agc: (0.0, 0.0),
+        noise: None,
+        step: 0,
+        clamp: None,
+    };
+    // Under NonFinitePolicy::Error a non-finite step is held, so nothing is written before
+    // the report turns into the error.
+    let mut state = PolicyState::new(0);
+    let out = engine::run(grads, None, &layout, &step, &mut state, given.is_none());
+    let f = out.finish;
+    ClipReport::new(
+        norm,
+        f.total,
+        f.coef,
+        f.status,
+        policy,
+        tensor_norms.then(|| out.units.iter().map(|a| a.total(norm)).collect()),
+    )
+}
+
 /// Clips a batch by its global norm, in place (PyTorch `clip_grad_norm_`).
 /// Returns the report, or an error without touching the data.
 pub fn clip_by_global_norm(
@@ -53,17 +88,13 @@ pub fn clip_by_global_norm(
     clip: &GlobalNormClip,
 ) -> Result<ClipReport, ClipError> {
     clip.validate()?;
-    let accs = norm_reduce::tensor_accs(&as_refs(grads), clip.norm);
-    let total = norm_reduce::total_acc(&accs, clip.norm);
-    let tensor_norms = clip
-        .tensor_norms
-        .then(|| accs.iter().map(|a| a.total(clip.norm)).collect());
-    apply_total(
+    global_step(
         grads,
-        PartialNorm::from_acc(clip.norm, total),
+        clip.norm,
         clip.max_norm,
         clip.non_finite,
-        tensor_norms,
+        None,
+        clip.tensor_norms,
     )
 }
 
@@ -76,34 +107,13 @@ pub fn clip_with_norm(
     policy: NonFinitePolicy,
 ) -> Result<ClipReport, ClipError> {
     validate_max_norm(max_norm)?;
-    apply_total(grads, *total, max_norm, policy, None)
-}
-
-fn apply_total(
-    grads: &mut [GradMut<'_>],
-    total: PartialNorm,
-    max_norm: f32,
-    policy: NonFinitePolicy,
-    tensor_norms: Option<Vec<f64>>,
-) -> Result<ClipReport, ClipError> {
-    let (coef, status) = norm_finish::finish(&total.acc(), total.norm(), max_norm, policy);
-    let report = ClipReport::new(
-        total.norm(),
-        total.acc(),
-        coef,
-        status,
-        policy,
-        tensor_norms,
-    )?;
-    if status & STATUS_SCALED != 0 {
-        apply::scale(grads, coef, policy == NonFinitePolicy::ZeroNans);
-    }
-    Ok(report)
+    global_step(grads, total.norm(), max_norm, policy, Some(total), false)
 }
 
 /// Clamps every element to the bounds, in place (PyTorch `clip_grad_value_`).
 pub fn clip_by_value(grads: &mut [GradMut<'_>], clip: &ValueClip) -> Result<(), ClipError> {
     clip.validate()?;
+    // The rewrite stage alone, with one coefficient of 1 over whole tensors.
     apply::clamp(grads, clip);
     Ok(())
 }

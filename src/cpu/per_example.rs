@@ -4,9 +4,9 @@
 
 use rayon::prelude::*;
 
+use super::engine::{norm_coef, reduce, to_f32};
 use super::norm_reduce;
 use super::philox::gaussian_noise;
-use super::policy::{norm_coef, segment_accs, to_f32};
 use crate::dtype::GradRef;
 use crate::error::ClipError;
 use crate::norm::Norm;
@@ -42,7 +42,7 @@ pub fn clip_per_example(
     }
     let (thresholds, per_layer) = clip.thresholds();
     let layout = Layout::per_example(&lens, batch as u64, thresholds, per_layer);
-    let seg = segment_accs(inputs, &layout.segments, Norm::L2);
+    let seg = reduce(inputs, &layout.segments, Norm::L2);
     let groups: Vec<_> = layout
         .group_ranges
         .iter()

@@ -10,7 +10,7 @@ use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
 use crate::plan::{Plan, PlanLimits, PlanSegment, PlanTensor};
-use crate::policies::{ClipPolicy, Layout, Rule, TensorInfo, HEADER_WORDS};
+use crate::policies::{Layout, TensorInfo, HEADER_WORDS};
 use crate::policy::NonFinitePolicy;
 use crate::shaders::abi::Acc;
 
@@ -129,12 +129,8 @@ impl GpuBatch {
     /// (STORAGE usage, alignment, bounds, overlap, device) and creates all per-batch
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
-        // Base threshold 1: each step's multiplier is its max_norm.
-        let infos: Vec<TensorInfo> = (tensors.iter().enumerate())
-            .map(|(i, t)| TensorInfo::new(t.info(i).name, &[t.len]))
-            .collect();
-        let layout = Layout::new(&ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos)?;
-        let engine = Engine::new(ctx, tensors, None, layout, HEADER_WORDS)?;
+        let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
+        let engine = Engine::new(ctx, tensors, None, Layout::global(&lens), HEADER_WORDS)?;
         Ok(GpuBatch {
             engine,
             n_tensors: tensors.len(),

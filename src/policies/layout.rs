@@ -39,6 +39,29 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
+    /// The global-norm program over whole tensors of lengths `lens`, base threshold 1 (each
+    /// step's multiplier is its max_norm): PyTorch's `clip_grad_norm_` and the split API.
+    pub(crate) fn global(lens: &[u64]) -> Layout {
+        let n = lens.len();
+        Layout {
+            segments: (lens.iter().enumerate())
+                .map(|(tensor, &len)| PlanSegment {
+                    tensor,
+                    first: 0,
+                    len,
+                    stride: 1,
+                })
+                .collect(),
+            group_of: vec![0; n],
+            group_ranges: vec![[0, n as u32]],
+            thresholds: vec![1.0],
+            group_names: vec!["all".into()],
+            formula: Formula::PyTorch,
+            adaptive: abi::ADAPTIVE_NONE,
+            history: 0,
+        }
+    }
+
     /// Resolves `policy` over tensors described by `infos`.
     pub(crate) fn new(policy: &ClipPolicy, infos: &[TensorInfo]) -> Result<Layout, ClipError> {
         policy.validate()?;

@@ -1,0 +1,493 @@
+//! CPU twin of the GPU engine (`src/gpu/engine.rs`): the same program ([`Layout`]) run as
+//! the same stages in the same order, with the names of the shader entry points:
+//! `reduce` (unit norms, exact in f64), `combine` (groups), `finish` (total, non-finite
+//! policy, adaptive state, global coefficient), `coefs` (one per unit) and `rewrite` (the
+//! fused elementwise pass). The adaptive state is updated with the shader's f32 arithmetic
+//! in the same order, so a state moves between backends. Tests can compare any stage.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::apply::{self, bf16_to_f32, f32_to_bf16};
+use super::norm_reduce::{self, BLOCK};
+use super::philox::gaussian_noise;
+use crate::dtype::{GradMut, GradRef};
+use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
+use crate::ops::ValueClip;
+use crate::plan::PlanSegment;
+use crate::policies::{
+    Formula, GaussianNoise, Layout, PolicyState, HEADER_WORDS, ST_MEAN, ST_SEEN, ST_SKIPS, ST_VAR,
+};
+use crate::policy::NonFinitePolicy;
+use crate::report::{
+    STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
+};
+
+/// How a global threshold is found (`ADAPTIVE` of the shader), with its parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Threshold {
+    /// The program's thresholds times the multiplier.
+    Fixed,
+    /// AutoClip: a percentile of the norm history, optionally capped.
+    AutoClip { percentile: f32, cap: Option<f32> },
+    /// ZClip: z-score against an EMA, optionally capped.
+    ZClip {
+        alpha: f32,
+        z_thresh: f32,
+        eps: f32,
+        cap: Option<f32>,
+    },
+}
+
+/// The host values of one step (the CPU side of `StepParams`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuStep {
+    pub norm: Norm,
+    pub policy: NonFinitePolicy,
+    /// Factor of every threshold (the schedule; `max_norm` for a plain global clip).
+    pub multiplier: f32,
+    /// A total norm supplied by the caller (split API) instead of the reduced one.
+    pub given: Option<NormAcc>,
+    pub threshold: Threshold,
+    /// AGC's lambda and eps, when the program's formula is AGC.
+    pub agc: (f32, f32),
+    pub noise: Option<GaussianNoise>,
+    /// The step number (noise key).
+    pub step: u64,
+    pub clamp: Option<ValueClip>,
+}
+
+/// What `finish` leaves for the later stages and the report.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Finish {
+    pub total: NormAcc,
+    pub status: u32,
+    pub threshold: f32,
+    pub coef: f32,
+    pub skips: u32,
+}
+
+/// The values of one unit: a view, or a gathered copy of a strided unit.
+fn unit_values<'a>(g: &GradRef<'a>, seg: &PlanSegment) -> Result<GradRef<'a>, Vec<f32>> {
+    let (a, n) = (seg.first as usize, seg.len as usize);
+    if seg.stride == 1 {
+        return Ok(match *g {
+            GradRef::F32(x) => GradRef::F32(&x[a..a + n]),
+            GradRef::F16(x) => GradRef::F16(&x[a..a + n]),
+            GradRef::BF16(x) => GradRef::BF16(&x[a..a + n]),
+        });
+    }
+    Err((0..n)
+        .map(|k| to_f32(g, a + k * seg.stride as usize))
+        .collect())
+}
+
+/// Element `i` of `g` as f32.
+pub(crate) fn to_f32(g: &GradRef<'_>, i: usize) -> f32 {
+    match g {
+        GradRef::F32(x) => x[i],
+        GradRef::F16(x) => x[i].to_f32(),
+        GradRef::BF16(x) => bf16_to_f32(x[i]),
+    }
+}
+
+/// `reduce`: the norm accumulator of every unit.
+pub(crate) fn reduce(grads: &[GradRef<'_>], units: &[PlanSegment], norm: Norm) -> Vec<NormAcc> {
+    let whole = units.len() == grads.len()
+        && units
+            .iter()
+            .enumerate()
+            .all(|(t, u)| u.tensor == t && u.first == 0 && u.stride == 1);
+    if whole {
+        return norm_reduce::tensor_accs(grads, norm);
+    }
+    let values: Vec<Result<GradRef<'_>, Vec<f32>>> = units
+        .iter()
+        .map(|s| unit_values(&grads[s.tensor], s))
+        .collect();
+    let refs: Vec<GradRef<'_>> = values
+        .iter()
+        .map(|v| match v {
+            Ok(r) => *r,
+            Err(owned) => GradRef::F32(owned),
+        })
+        .collect();
+    norm_reduce::tensor_accs(&refs, norm)
+}
+
+/// `combine`: the norm of each group of consecutive units.
+pub(crate) fn combine(units: &[NormAcc], layout: &Layout, norm: Norm) -> Vec<NormAcc> {
+    layout
+        .group_ranges
+        .iter()
+        .map(|&[a, n]| norm_reduce::total_acc(&units[a as usize..(a + n) as usize], norm))
+        .collect()
+}
+
+/// The coefficient of a norm against threshold `c` (`norm_coef` of the shader, in f64):
+/// PyTorch's `min(c / (n + 1e-6), 1)` or TF's `c / max(n, c)`; NaN when a NaN counts, 0
+/// for an infinity. Finite for norms beyond f32 range.
+pub(crate) fn norm_coef(
+    acc: &NormAcc,
+    norm: Norm,
+    c: f32,
+    formula: Formula,
+    policy: NonFinitePolicy,
+) -> f32 {
+    let flags = policy.live_flags(acc.flags);
+    if flags & FLAG_NAN != 0 {
+        return f32::NAN;
+    }
+    if flags & FLAG_INF != 0 {
+        return 0.0;
+    }
+    let n = NormAcc { flags: 0, ..*acc }.total(norm);
+    let c = c as f64;
+    match formula {
+        Formula::Tf if n <= c => 1.0,
+        Formula::Tf => (c / n) as f32,
+        _ => (c / (n + 1e-6)).min(1.0) as f32,
+    }
+}
+
+/// AGC coefficient of a unit with gradient norm `g` and parameter norm `w`.
+fn agc_coef(g: &NormAcc, w: &NormAcc, lambda: f32, eps: f32, policy: NonFinitePolicy) -> f32 {
+    let flags = policy.live_flags(g.flags | w.flags);
+    if flags != 0 {
+        return if flags & FLAG_NAN != 0 { f32::NAN } else { 0.0 };
+    }
+    let wn = NormAcc { flags: 0, ..*w }.total(Norm::L2);
+    let gn = NormAcc { flags: 0, ..*g }.total(Norm::L2);
+    let limit = lambda as f64 * wn.max(eps as f64);
+    if gn < limit {
+        1.0
+    } else {
+        (limit / gn.max(1e-6)) as f32
+    }
+}
+
+/// numpy's default percentile of `v` (0..100), in the shader's f32 arithmetic.
+pub(crate) fn percentile(v: &[f32], q: f32) -> f32 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len();
+    let pos = q / 100.0 * (m - 1) as f32;
+    let lo = pos.floor() as usize;
+    let hi = (lo + 1).min(m - 1);
+    let t = pos - lo as f32;
+    let (a, b) = (s[lo], s[hi]);
+    if t >= 0.5 {
+        b - (b - a) * (1.0 - t)
+    } else {
+        a + (b - a) * t
+    }
+}
+
+fn word(state: &PolicyState, i: usize) -> f32 {
+    f32::from_bits(state.words[i])
+}
+
+/// AutoClip: record `n` (when finite) and return the percentile threshold.
+fn autoclip(state: &mut PolicyState, n: f32, record: bool, q: f32) -> f32 {
+    let cap = state.words.len() - HEADER_WORDS;
+    let mut seen = state.words[ST_SEEN];
+    if record {
+        state.words[HEADER_WORDS + seen as usize % cap] = n.to_bits();
+        seen += 1;
+        state.words[ST_SEEN] = seen;
+    }
+    let m = (seen as usize).min(cap);
+    if m == 0 {
+        return f32::INFINITY;
+    }
+    let hist: Vec<f32> = (0..m).map(|i| word(state, HEADER_WORDS + i)).collect();
+    percentile(&hist, q)
+}
+
+/// ZClip: returns the threshold (infinity without a spike) and updates the state.
+fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_eps: f32) -> f32 {
+    if !record {
+        return f32::INFINITY;
+    }
+    let warmup = (state.words.len() - HEADER_WORDS) as u32;
+    let seen = state.words[ST_SEEN];
+    if seen < warmup {
+        state.words[HEADER_WORDS + seen as usize] = n.to_bits();
+        state.words[ST_SEEN] = seen + 1;
+        if seen + 1 == warmup {
+            let hist: Vec<f32> = (0..warmup as usize)
+                .map(|i| word(state, HEADER_WORDS + i))
+                .collect();
+            let mean = hist.iter().fold(0.0f32, |s, &x| s + x) / warmup as f32;
+            let sq = hist
+                .iter()
+                .fold(0.0f32, |s, &x| s + (x - mean) * (x - mean));
+            state.words[ST_MEAN] = mean.to_bits();
+            state.words[ST_VAR] = (sq / warmup as f32).to_bits();
+        }
+        return f32::INFINITY;
+    }
+    let (mean, var) = (word(state, ST_MEAN), word(state, ST_VAR));
+    let sigma = var.sqrt();
+    let z = (n - mean) / (sigma + z_eps);
+    let (mut thr, mut x) = (f32::INFINITY, n);
+    if z > z_t {
+        thr = mean + z_t * z_t * sigma / z;
+        x = thr;
+    }
+    let new_mean = alpha * mean + (1.0 - alpha) * x;
+    let d = x - new_mean;
+    state.words[ST_MEAN] = new_mean.to_bits();
+    state.words[ST_VAR] = (alpha * var + (1.0 - alpha) * d * d).to_bits();
+    state.words[ST_SEEN] = seen + 1;
+    thr
+}
+
+/// `finish`: the total norm (combined groups, or the caller's), the non-finite policy,
+/// the adaptive threshold and the coefficient of the first group; updates `state`.
+pub(crate) fn finish(
+    groups: &[NormAcc],
+    layout: &Layout,
+    step: &CpuStep,
+    state: &mut PolicyState,
+) -> Finish {
+    let norm = step.norm;
+    let total = step
+        .given
+        .unwrap_or_else(|| norm_reduce::total_acc(groups, norm));
+    let flags = step.policy.live_flags(total.flags);
+    let mut status = if total.flags != 0 {
+        STATUS_NONFINITE
+    } else {
+        0
+    };
+    if total.flags & FLAG_NAN != 0 && step.policy == NonFinitePolicy::ZeroNans {
+        status |= STATUS_NANS_ZEROED;
+    }
+    if flags != 0
+        && matches!(
+            step.policy,
+            NonFinitePolicy::Error | NonFinitePolicy::SkipStep
+        )
+    {
+        status |= STATUS_HELD;
+        if step.policy == NonFinitePolicy::SkipStep {
+            status |= STATUS_SKIPPED;
+        }
+    }
+    // Non-finite norms are never recorded: one bad step must not poison the history.
+    let n = NormAcc { flags: 0, ..total }.total(norm) as f32;
+    let record = flags == 0;
+    let mult = step.multiplier;
+    let mut threshold = layout.thresholds.first().copied().unwrap_or(0.0) * mult;
+    let cap = match step.threshold {
+        Threshold::Fixed => None,
+        Threshold::AutoClip { percentile, cap } => {
+            threshold = autoclip(state, n, record, percentile) * mult;
+            cap
+        }
+        Threshold::ZClip {
+            alpha,
+            z_thresh,
+            eps,
+            cap,
+        } => {
+            threshold = zclip(state, n, record, alpha, z_thresh, eps) * mult;
+            cap
+        }
+    };
+    if let Some(c) = cap {
+        threshold = threshold.min(c * mult);
+    }
+    let skips = if status & STATUS_SKIPPED != 0 {
+        state.words[ST_SKIPS] + 1
+    } else {
+        0
+    };
+    state.words[ST_SKIPS] = skips;
+    let no_spike = matches!(step.threshold, Threshold::ZClip { .. }) && threshold == f32::INFINITY;
+    let coef = if no_spike {
+        1.0
+    } else {
+        norm_coef(&total, norm, threshold, Formula::PyTorch, step.policy)
+    };
+    let held = status & STATUS_HELD != 0;
+    let every_unit = step.noise.is_some_and(|n| n.sigma > 0.0)
+        || step.clamp.is_some()
+        || status & STATUS_NANS_ZEROED != 0;
+    if !held && (every_unit || !(coef >= 1.0)) {
+        status |= STATUS_SCALED;
+    }
+    Finish {
+        total,
+        status,
+        threshold,
+        coef,
+        skips,
+    }
+}
+
+/// `coefs`: the coefficient of every unit (1 for all when the step is held).
+pub(crate) fn coefs(
+    layout: &Layout,
+    groups: &[NormAcc],
+    units: &[NormAcc],
+    params: Option<&[NormAcc]>,
+    finish: &Finish,
+    step: &CpuStep,
+) -> Vec<f32> {
+    let global = layout.group_ranges.len() == 1 && layout.formula == Formula::PyTorch;
+    let adaptive = !matches!(step.threshold, Threshold::Fixed);
+    (0..layout.segments.len())
+        .map(|s| {
+            let g = layout.group_of[s] as usize;
+            if finish.status & STATUS_HELD != 0 {
+                1.0
+            } else if let (Formula::Agc, Some(w)) = (layout.formula, params) {
+                let (lambda, eps) = step.agc;
+                agc_coef(&units[s], &w[s], lambda * step.multiplier, eps, step.policy)
+            } else if adaptive || global {
+                finish.coef
+            } else {
+                norm_coef(
+                    &groups[g],
+                    step.norm,
+                    layout.thresholds[g] * step.multiplier,
+                    layout.formula,
+                    step.policy,
+                )
+            }
+        })
+        .collect()
+}
+
+/// Rewrites the elements of `seg` in `g` with `f(x, index in tensor)`.
+fn rewrite_unit(g: &mut GradMut<'_>, seg: &PlanSegment, f: impl Fn(f32, u32) -> f32 + Sync) {
+    fn run<T: Send + Copy>(x: &mut [T], seg: &PlanSegment, f: impl Fn(T, u32) -> T + Sync) {
+        let (a, n, stride) = (seg.first as usize, seg.len as usize, seg.stride as usize);
+        if stride == 1 {
+            x[a..a + n]
+                .par_chunks_mut(BLOCK)
+                .enumerate()
+                .for_each(|(b, c)| {
+                    for (j, v) in c.iter_mut().enumerate() {
+                        *v = f(*v, (a + b * BLOCK + j) as u32);
+                    }
+                });
+        } else {
+            for k in 0..n {
+                let i = a + k * stride;
+                x[i] = f(x[i], i as u32);
+            }
+        }
+    }
+    // An element whose value does not change keeps its exact bits.
+    match g {
+        GradMut::F32(x) => run(x, seg, &f),
+        GradMut::F16(x) => run(x, seg, |v: f16, i| {
+            let (a, b) = (v.to_f32(), f(v.to_f32(), i));
+            if a.to_bits() == b.to_bits() {
+                v
+            } else {
+                f16::from_f32(b)
+            }
+        }),
+        GradMut::BF16(x) => run(x, seg, |v, i| {
+            let (a, b) = (bf16_to_f32(v), f(bf16_to_f32(v), i));
+            if a.to_bits() == b.to_bits() {
+                v
+            } else {
+                f32_to_bf16(b)
+            }
+        }),
+    }
+}
+
+/// `rewrite`: NaNs to zero, times each unit's coefficient, plus noise, clamped, over every
+/// unit that needs it; nothing when the step is held.
+pub(crate) fn rewrite(
+    grads: &mut [GradMut<'_>],
+    layout: &Layout,
+    coefs: &[f32],
+    finish: &Finish,
+    step: &CpuStep,
+) {
+    if finish.status & STATUS_HELD != 0 {
+        return;
+    }
+    let zero_nans = step.policy == NonFinitePolicy::ZeroNans;
+    let noise = step.noise.filter(|n| n.sigma > 0.0);
+    let global = layout.group_ranges.len() == 1 && layout.formula == Formula::PyTorch;
+    let whole = layout.segments.len() == grads.len()
+        && (layout.segments.iter().enumerate()).all(|(t, s)| s.tensor == t && s.first == 0);
+    if noise.is_none() && global && whole {
+        // One coefficient over whole tensors: the tuned elementwise loops.
+        if finish.status & STATUS_SCALED != 0 && (finish.coef != 1.0 || zero_nans) {
+            apply::scale(grads, finish.coef, zero_nans);
+        }
+        if let Some(clip) = &step.clamp {
+            apply::clamp(grads, clip);
+        }
+        return;
+    }
+    for (s, unit) in layout.segments.iter().enumerate() {
+        let c = coefs[s];
+        if c == 1.0 && noise.is_none() && !zero_nans && step.clamp.is_none() {
+            continue;
+        }
+        let tensor = unit.tensor as u32;
+        rewrite_unit(&mut grads[unit.tensor], unit, |x, i| {
+            let mut y = if zero_nans && x.is_nan() { 0.0 } else { x };
+            if c.to_bits() != 1.0f32.to_bits() {
+                y *= c;
+            }
+            if let Some(n) = noise {
+                y += n.sigma * gaussian_noise(n.seed, step.step, tensor, i);
+            }
+            match step.clamp {
+                Some(v) if y < v.lo => v.lo,
+                Some(v) if y > v.hi => v.hi,
+                _ => y,
+            }
+        });
+    }
+}
+
+/// Every stage's output of one step, for reports and tests.
+#[derive(Debug, Clone)]
+pub(crate) struct Outcome {
+    pub units: Vec<NormAcc>,
+    pub groups: Vec<NormAcc>,
+    pub finish: Finish,
+    pub coefs: Vec<f32>,
+}
+
+/// Runs one step of `layout`: reduce -> combine -> finish -> coefs -> rewrite. `reduce`
+/// false skips the norms (a given norm, or a step without a norm rule).
+pub(crate) fn run(
+    grads: &mut [GradMut<'_>],
+    params: Option<&[GradRef<'_>]>,
+    layout: &Layout,
+    step: &CpuStep,
+    state: &mut PolicyState,
+    reduce_norms: bool,
+) -> Outcome {
+    let (units, groups, w_units) = if reduce_norms {
+        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+        let units = reduce(&refs, &layout.segments, step.norm);
+        let groups = combine(&units, layout, step.norm);
+        let w = params.map(|p| reduce(p, &layout.segments, Norm::L2));
+        (units, groups, w)
+    } else {
+        (vec![], vec![], None)
+    };
+    let finish = finish(&groups, layout, step, state);
+    let coefs = coefs(layout, &groups, &units, w_units.as_deref(), &finish, step);
+    rewrite(grads, layout, &coefs, &finish, step);
+    Outcome {
+        units,
+        groups,
+        finish,
+        coefs,
+    }
+}
