@@ -315,7 +315,7 @@ pub(crate) fn finish(
     let every_unit = step.noise.is_some_and(|n| n.sigma > 0.0)
         || step.clamp.is_some()
         || status & STATUS_NANS_ZEROED != 0;
-    if !held && (every_unit || !(coef >= 1.0)) {
+    if !held && (every_unit || coef < 1.0 || coef.is_nan()) {
         status |= STATUS_SCALED;
     }
     Finish {

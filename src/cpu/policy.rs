@@ -112,7 +112,7 @@ impl CpuPolicy {
             coefs: out.coefs.clone(),
         });
         // NaN coefficients count as clipping.
-        let clipped = out.coefs.iter().filter(|c| !(**c >= 1.0)).count() as u32;
+        let clipped = out.coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32;
         let f = out.finish;
         PolicyOutcome {
             step: step.step,
