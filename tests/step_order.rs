@@ -1,0 +1,124 @@
+//! Parameters recorded in the step: several steps encoded into one command encoder (one
+//! submission) each run with their own parameters and noise keys, and a step whose
+//! parameter slot was overwritten before submission changes nothing and says so.
+
+mod common;
+
+use common::{batch, close, download, gpu, gpu_tensors, upload, Host};
+use gradclip::{
+    AutoClip, ClipError, ClipPolicy, CpuPolicy, GaussianNoise, GlobalNormClip, GpuPolicy, Norm,
+    PolicyReport, Rule, Schedule, TensorInfo,
+};
+
+fn grads() -> Vec<Host> {
+    vec![
+        Host::F32((0..257).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect()),
+        Host::F32((0..64).map(|i| (i as f32 - 31.5) * 0.02).collect()),
+    ]
+}
+
+fn infos(h: &[Host]) -> Vec<TensorInfo> {
+    (h.iter().enumerate())
+        .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
+        .collect()
+}
+
+#[test]
+fn global_norm_steps_in_one_encoder_keep_their_norm_order() {
+    let ctx = gpu();
+    let h = grads();
+    let arena = upload(&ctx, &h);
+    let mut b = batch(&ctx, &arena, &h);
+    let cpu3 = gradclip::cpu::partial_norm(&common::refs(&h), Norm::p(3.0).unwrap()).unwrap();
+    let cpu4 = gradclip::cpu::partial_norm(&common::refs(&h), Norm::p(4.0).unwrap()).unwrap();
+    // norm(P(3)), then a clip by the P(4) norm at half of it, then norm(P(3)) again: one
+    // submission.
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let n3 = b
+        .encode_total_norm(&mut encoder, Norm::p(3.0).unwrap(), false)
+        .unwrap();
+    let max_norm = (cpu4.total() / 2.0) as f32;
+    let clip = GlobalNormClip::new(max_norm).norm(Norm::p(4.0).unwrap());
+    let c4 = b.encode_clip_by_global_norm(&mut encoder, &clip).unwrap();
+    let after = b
+        .encode_total_norm(&mut encoder, Norm::p(3.0).unwrap(), false)
+        .unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    let (n3, c4, after) = (n3.wait().unwrap(), c4.wait().unwrap(), after.wait().unwrap());
+    assert!(close(n3.total_norm, cpu3.total(), 1e-6), "{} vs {}", n3.total_norm, cpu3.total());
+    assert!(close(c4.total_norm, cpu4.total(), 1e-6), "{} vs {}", c4.total_norm, cpu4.total());
+    assert!(c4.clipped && close(c4.coef as f64, 0.5, 1e-5), "coef {}", c4.coef);
+    // The last norm saw the clipped gradients: half the first.
+    assert!(close(after.total_norm, cpu3.total() * c4.coef as f64, 1e-5));
+}
+
+/// Runs `steps` steps of `policy` on the CPU from `h`.
+fn cpu_steps(policy: &ClipPolicy, h: &[Host], steps: usize) -> (Vec<Host>, Vec<PolicyReport>) {
+    let mut run = CpuPolicy::new(policy.clone(), &infos(h)).unwrap();
+    let mut h = h.to_vec();
+    let reports = (0..steps)
+        .map(|_| run.step(&mut common::muts(&mut h), None).unwrap())
+        .collect();
+    (h, reports)
+}
+
+#[test]
+fn scheduled_noisy_steps_in_one_encoder_match_the_cpu_step_by_step() {
+    let ctx = gpu();
+    let h = grads();
+    let policy = ClipPolicy::new(Rule::GlobalNorm(0.5))
+        .schedule(Schedule::step_decay(0.5, 1))
+        .noise(GaussianNoise {
+            sigma: 1e-3,
+            seed: 9,
+        });
+    let arena = upload(&ctx, &h);
+    let tensors = gpu_tensors(&arena, &h, &infos(&h));
+    let mut run = GpuPolicy::new(&ctx, &tensors, None, policy.clone()).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let pending: Vec<_> = (0..3).map(|_| run.encode(&mut encoder).unwrap()).collect();
+    ctx.queue().submit([encoder.finish()]);
+    let reports: Vec<PolicyReport> = pending.into_iter().map(|p| p.wait().unwrap()).collect();
+    let (want, cpu_reports) = cpu_steps(&policy, &h, 3);
+    for (step, (g, c)) in reports.iter().zip(&cpu_reports).enumerate() {
+        assert_eq!(g.step, step as u64);
+        // Each step's own schedule factor: 0.5, 0.25, 0.125.
+        assert_eq!(g.threshold, Some(0.5 * 0.5f32.powi(step as i32)));
+        assert_eq!(g.threshold, c.threshold);
+        assert!(close(g.total_norm, c.total_norm, 1e-5), "step {step}");
+    }
+    // Noise keyed by each step: the same gradients as three separate CPU steps (a step
+    // that reused another's key would differ by a whole noise draw, ~1e-3).
+    let got = download(&ctx, &arena, &h);
+    for (a, b) in got.iter().zip(&want) {
+        for (x, y) in a.to_f64().iter().zip(b.to_f64()) {
+            assert!((x - y).abs() < 2e-6, "{x} vs {y}");
+        }
+    }
+}
+
+#[test]
+fn an_overwritten_step_changes_nothing_and_says_so() {
+    let ctx = gpu();
+    let h = grads();
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)));
+    let arena = upload(&ctx, &h);
+    let tensors = gpu_tensors(&arena, &h, &infos(&h));
+    let mut run = GpuPolicy::new(&ctx, &tensors, None, policy).unwrap();
+    // 65 steps before one submission: the 65th reuses the first step's slot.
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let pending: Vec<_> = (0..65).map(|_| run.encode(&mut encoder).unwrap()).collect();
+    ctx.queue().submit([encoder.finish()]);
+    let results: Vec<_> = pending.into_iter().map(|p| p.wait()).collect();
+    assert!(
+        matches!(results[0], Err(ClipError::StepOverwritten(0))),
+        "{:?}",
+        results[0]
+    );
+    assert!(results[1..].iter().all(|r| r.is_ok()));
+    // The overwritten step recorded no norm in the history.
+    assert_eq!(run.state().unwrap().norms_seen(), 64);
+    // The next submission is fine again.
+    assert!(run.run().unwrap().wait().is_ok());
+    assert_eq!(run.state().unwrap().norms_seen(), 65);
+}
