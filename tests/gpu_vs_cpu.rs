@@ -72,7 +72,12 @@ fn elem_close(t: &Host, a: f64, b: f64) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    // A fixed seed: the suite passes or fails the same way on every run.
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x6772_6164),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn norms_match_oracle(h in batch_strategy(), norm in norm_strategy()) {

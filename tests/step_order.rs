@@ -12,7 +12,11 @@ use gradclip::{
 
 fn grads() -> Vec<Host> {
     vec![
-        Host::F32((0..257).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect()),
+        Host::F32(
+            (0..257)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01)
+                .collect(),
+        ),
         Host::F32((0..64).map(|i| (i as f32 - 31.5) * 0.02).collect()),
     ]
 }
@@ -44,10 +48,28 @@ fn global_norm_steps_in_one_encoder_keep_their_norm_order() {
         .encode_total_norm(&mut encoder, Norm::p(3.0).unwrap(), false)
         .unwrap();
     ctx.queue().submit([encoder.finish()]);
-    let (n3, c4, after) = (n3.wait().unwrap(), c4.wait().unwrap(), after.wait().unwrap());
-    assert!(close(n3.total_norm, cpu3.total(), 1e-6), "{} vs {}", n3.total_norm, cpu3.total());
-    assert!(close(c4.total_norm, cpu4.total(), 1e-6), "{} vs {}", c4.total_norm, cpu4.total());
-    assert!(c4.clipped && close(c4.coef as f64, 0.5, 1e-5), "coef {}", c4.coef);
+    let (n3, c4, after) = (
+        n3.wait().unwrap(),
+        c4.wait().unwrap(),
+        after.wait().unwrap(),
+    );
+    assert!(
+        close(n3.total_norm, cpu3.total(), 1e-6),
+        "{} vs {}",
+        n3.total_norm,
+        cpu3.total()
+    );
+    assert!(
+        close(c4.total_norm, cpu4.total(), 1e-6),
+        "{} vs {}",
+        c4.total_norm,
+        cpu4.total()
+    );
+    assert!(
+        c4.clipped && close(c4.coef as f64, 0.5, 1e-5),
+        "coef {}",
+        c4.coef
+    );
     // The last norm saw the clipped gradients: half the first.
     assert!(close(after.total_norm, cpu3.total() * c4.coef as f64, 1e-5));
 }

@@ -88,7 +88,7 @@ impl CpuPolicy {
             agc,
             noise: policy.noise,
             step: self.state.step,
-            clamp: None,
+            clamp: policy.value,
         })
     }
 

@@ -130,6 +130,9 @@ impl GpuPolicy {
             seed_hi: (noise.seed >> 32) as u32,
             step_lo: self.step as u32,
             step_hi: (self.step >> 32) as u32,
+            clamp: policy.value.is_some() as u32,
+            lo: policy.value.map_or(0.0, |v| v.lo),
+            hi: policy.value.map_or(0.0, |v| v.hi),
             ..StepParams::default()
         };
         match &policy.rule {

@@ -20,6 +20,7 @@ pub(crate) use state::{HEADER_WORDS, ST_MEAN, ST_SEEN, ST_SKIPS, ST_VAR};
 
 use crate::error::ClipError;
 use crate::norm::Norm;
+use crate::ops::ValueClip;
 use crate::policy::NonFinitePolicy;
 
 /// Gaussian noise added to every element after clipping: `N(0, sigma^2)` from
@@ -83,6 +84,8 @@ pub struct ClipPolicy {
     pub schedule: Schedule,
     /// Noise added after clipping.
     pub noise: Option<GaussianNoise>,
+    /// Value clipping after the noise (Keras' `clipnorm` + `clipvalue` in one step).
+    pub value: Option<ValueClip>,
     /// NaN and infinity handling.
     pub non_finite: NonFinitePolicy,
     /// Also report every group's (or unit's) norm and coefficient.
@@ -97,6 +100,7 @@ impl ClipPolicy {
             norm: Norm::L2,
             schedule: Schedule::Constant,
             noise: None,
+            value: None,
             non_finite: NonFinitePolicy::Propagate,
             report_groups: false,
         }
@@ -120,6 +124,13 @@ impl ClipPolicy {
         self
     }
 
+    /// Clamps every element to `clip`'s bounds last, after scaling and noise, in the same
+    /// elementwise pass.
+    pub fn value(mut self, clip: ValueClip) -> Self {
+        self.value = Some(clip);
+        self
+    }
+
     /// Uses non-finite policy `policy`.
     pub fn non_finite(mut self, policy: NonFinitePolicy) -> Self {
         self.non_finite = policy;
@@ -140,6 +151,9 @@ impl ClipPolicy {
             return Err(ClipError::InvalidConfig(
                 "AGC and block RMS are defined with the L2 norm".into(),
             ));
+        }
+        if let Some(v) = &self.value {
+            v.validate()?;
         }
         if let Some(n) = self.noise {
             if !(n.sigma.is_finite() && n.sigma >= 0.0) {
