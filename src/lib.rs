@@ -24,6 +24,9 @@ pub use gpu::{
     GpuAccumulator, GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport,
 };
 pub use half::{bf16, f16};
+/// The wgpu this crate is built against: use it for your buffers and devices so the
+/// versions match.
+pub use wgpu;
 pub use monitor::{plot, GradMonitor};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
