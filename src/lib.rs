@@ -24,9 +24,6 @@ pub use gpu::{
     GpuAccumulator, GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport,
 };
 pub use half::{bf16, f16};
-/// The wgpu this crate is built against: use it for your buffers and devices so the
-/// versions match.
-pub use wgpu;
 pub use monitor::{plot, GradMonitor};
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
@@ -37,6 +34,9 @@ pub use policies::{
 };
 pub use policy::NonFinitePolicy;
 pub use report::{ClipReport, GroupReport, PolicyReport, TensorReport};
+/// The wgpu this crate is built against: use it for your buffers and devices so the
+/// versions match.
+pub use wgpu;
 
 /// The counter-based generator behind [`GaussianNoise`], for checking or reproducing
 /// the noise a step added.

@@ -65,6 +65,13 @@ impl Layout {
     /// Resolves `policy` over tensors described by `infos`.
     pub(crate) fn new(policy: &ClipPolicy, infos: &[TensorInfo]) -> Result<Layout, ClipError> {
         policy.validate()?;
+        if let Some(t) = infos.iter().find(|t| t.checked_len().is_none()) {
+            return Err(ClipError::ShapeMismatch {
+                tensor: t.name.clone(),
+                expected: "a shape whose element count fits in 64 bits".into(),
+                got: format!("{:?}", t.shape),
+            });
+        }
         let whole: Vec<PlanSegment> = infos
             .iter()
             .enumerate()
@@ -150,15 +157,7 @@ impl Layout {
                     if agc.excludes(&t.name) || t.is_empty() {
                         continue;
                     }
-                    let len = t.len();
-                    let (units, unit_len, stride, step) = match (t.shape.len(), agc.axis) {
-                        (0 | 1, _) => (1, len, 1, len),
-                        (_, UnitAxis::First) => (t.shape[0], len / t.shape[0], 1, len / t.shape[0]),
-                        (_, UnitAxis::Last) => {
-                            let cols = t.shape[t.shape.len() - 1];
-                            (cols, len / cols, cols, 1)
-                        }
-                    };
+                    let (units, unit_len, stride, step) = agc_units(t, agc.axis)?;
                     for u in 0..units {
                         segments.push(PlanSegment {
                             tensor,
@@ -174,6 +173,39 @@ impl Layout {
             }
         })
     }
+}
+
+/// The AGC units of a non-empty tensor: (count, elements per unit, element stride inside
+/// a unit, distance between the first elements of consecutive units).
+///
+/// `First` follows timm (`(out, in, ...)`): a whole tensor of rank <= 1, else one unit per
+/// slice `W[i, ...]`. `Last` follows optax (`(in, out)`): a whole tensor when the shape
+/// without its size-1 axes has rank <= 1; rank 2 and 3 reduce over axis 0 (every index of
+/// the other axes is a unit, `in` elements apart); rank 4 over axes 0-2 and rank 5 over axes
+/// 0-3 (a unit per output channel). Ranks above 5 are rejected, as optax does.
+fn agc_units(t: &TensorInfo, axis: UnitAxis) -> Result<(u64, u64, u64, u64), ClipError> {
+    let shape = &t.shape;
+    let len = t.len();
+    if shape.len() > 5 {
+        return Err(ClipError::ShapeMismatch {
+            tensor: t.name.clone(),
+            expected: "a tensor of rank 5 or less for AGC".into(),
+            got: format!("rank {} {:?}", shape.len(), shape),
+        });
+    }
+    let squeezed = shape.iter().filter(|&&d| d != 1).count();
+    Ok(match axis {
+        _ if shape.len() <= 1 => (1, len, 1, len),
+        UnitAxis::First => (shape[0], len / shape[0], 1, len / shape[0]),
+        UnitAxis::Last if squeezed <= 1 => (1, len, 1, len),
+        UnitAxis::Last => {
+            // Axes reduced: 0 for ranks 2 and 3, all but the last for ranks 4 and 5.
+            let reduced = if shape.len() <= 3 { 1 } else { shape.len() - 1 };
+            let per_unit: u64 = shape[..reduced].iter().product();
+            let units = len / per_unit;
+            (units, per_unit, units, 1)
+        }
+    })
 }
 
 /// Checks that each info's shape matches the tensor length `lens[i]`.
@@ -248,5 +280,45 @@ impl Layout {
             adaptive: 0,
             history: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn units(shape: &[u64], axis: UnitAxis) -> (u64, u64, u64, u64) {
+        agc_units(&TensorInfo::new("w", shape), axis).unwrap()
+    }
+
+    #[test]
+    fn agc_units_follow_timm_and_optax_at_every_rank() {
+        use UnitAxis::{First, Last};
+        // timm, output first.
+        assert_eq!(units(&[7], First), (1, 7, 1, 7));
+        assert_eq!(units(&[4, 3], First), (4, 3, 1, 3));
+        assert_eq!(units(&[8, 3, 2, 2], First), (8, 12, 1, 12));
+        assert_eq!(units(&[2, 3, 2, 2, 2], First), (2, 24, 1, 24));
+        // optax, output last: squeezed rank <= 1 is one unit.
+        assert_eq!(units(&[1, 5], Last), (1, 5, 1, 5));
+        assert_eq!(units(&[5, 1], Last), (1, 5, 1, 5));
+        assert_eq!(units(&[3, 4], Last), (4, 3, 4, 1));
+        // Rank 3 reduces over axis 0 only: (4, 2, 3) has 6 units of 4 elements.
+        assert_eq!(units(&[4, 2, 3], Last), (6, 4, 6, 1));
+        // Conv HWIO and DHWIO: one unit per output channel.
+        assert_eq!(units(&[3, 3, 2, 5], Last), (5, 18, 5, 1));
+        assert_eq!(units(&[2, 3, 3, 2, 5], Last), (5, 36, 5, 1));
+        assert!(agc_units(&TensorInfo::new("w", &[1; 6]), Last).is_err());
+        assert!(agc_units(&TensorInfo::new("w", &[2; 6]), First).is_err());
+    }
+
+    #[test]
+    fn wrapping_shapes_are_rejected() {
+        let policy = ClipPolicy::new(Rule::Agc(crate::Agc::new(0.01)));
+        let infos = [TensorInfo::new("w", &[(1 << 63) + 2, 2])];
+        assert!(matches!(
+            Layout::new(&policy, &infos),
+            Err(ClipError::ShapeMismatch { .. })
+        ));
     }
 }

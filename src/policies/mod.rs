@@ -53,9 +53,15 @@ impl TensorInfo {
         }
     }
 
-    /// Number of elements.
+    /// Number of elements (`u64::MAX` for a shape whose product does not fit, which every
+    /// clipper rejects).
     pub fn len(&self) -> u64 {
-        self.shape.iter().product()
+        self.checked_len().unwrap_or(u64::MAX)
+    }
+
+    /// The product of the shape, unless it overflows.
+    pub(crate) fn checked_len(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d))
     }
 
     /// True for a tensor with no elements.
