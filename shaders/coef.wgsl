@@ -4,14 +4,17 @@
 //
 // Bindings (group 0), shared by both entries:
 //   0 inputs      storage, read        group norms (Acc), one per group
-//   1 state       storage, read_write  device state words: header (ST_*), then history (f32)
-//   2 report      storage, read_write  StepReport of this step
+//   1 state       storage, read_write  device state: per stage a block (from
+//                                      dispatch.state_base) of header words (ST_*), then
+//                                      history (f32)
+//   2 reports     storage, read_write  StepReport of each norm stage (dispatch.stage)
 //   3 step        uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch    uniform              DispatchParams (n_chunks = groups for `finish`,
-//                                      units for `coefs`)
-//   6 thresholds  storage, read        base threshold per group (before the multiplier)
-//   7 coefs       storage, read_write  coefficient per unit
-//   8 group_of    storage, read        group of each unit
+//                                      units for `coefs`; the stage)
+//   5 stages      storage, read        StageParams of each norm stage
+//   6 thresholds  storage, read        this stage's base threshold per group
+//   7 coefs       storage, read_write  coefficient per unit so far (the chain's product)
+//   8 group_of    storage, read        this stage's group of each unit, or NO_GROUP
 //   9 params      storage, read        AGC: norm of each unit of the parameters
 //  10 args_full   storage, read        rewrite workgroup counts, 3 words per window
 //  11 args_out    storage, read_write  the rewrite's indirect dispatch arguments
@@ -23,9 +26,12 @@
 // threshold. It writes the rewrite's indirect arguments: the planned counts when every
 // unit must be rewritten (noise, clamp, NaNs to zero, a global coefficient below 1),
 // zeros otherwise, so an unclipped step rewrites nothing.
-// Entry `coefs`: one thread per unit computes its coefficient (FORMULA: PyTorch
-// min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC) and turns the rewrite on when it is
-// not 1. CPU twin: src/cpu/engine.rs (`finish`, `coefs`).
+// Entry `coefs`: one thread per unit computes this stage's factor (FORMULA: PyTorch
+// min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC), multiplies it into the unit's
+// coefficient (the first stage starts it) and turns the rewrite on when it is not 1.
+// A chain runs finish + coefs once per norm stage, each on the group norms `combine`
+// formed from the unit norms times the coefficients so far.
+// CPU twin: src/cpu/engine.rs (`finish`, `coefs`).
 
 #import grid
 #import workgroup_reduce
@@ -36,9 +42,10 @@ override FORMULA: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> inputs: array<Acc>;
 @group(0) @binding(1) var<storage, read_write> state: array<u32>;
-@group(0) @binding(2) var<storage, read_write> report: StepReport;
+@group(0) @binding(2) var<storage, read_write> reports: array<StepReport>;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
+@group(0) @binding(5) var<storage, read> stages: array<StageParams>;
 @group(0) @binding(6) var<storage, read> thresholds: array<f32>;
 @group(0) @binding(7) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(8) var<storage, read> group_of: array<u32>;
@@ -102,7 +109,7 @@ fn norm_coef(acc: Acc, c: f32) -> f32 {
 }
 
 fn state_f32(i: u32) -> f32 {
-    return bitcast<f32>(state[i]);
+    return bitcast<f32>(state[dispatch.state_base + i]);
 }
 
 // Percentile `q` (0..100) of the first m history entries, linear interpolation between
@@ -143,20 +150,20 @@ fn percentile(m: u32, q: f32, lid: u32) -> f32 {
 // thread 0 touches the state, then every thread helps with the percentile.
 fn autoclip(n: f32, record: bool, lid: u32) -> f32 {
     if (lid == 0u) {
-        var seen = state[ST_SEEN];
+        var seen = state[dispatch.state_base + ST_SEEN];
         if (record) {
-            state[ST_HEADER + seen % step.capacity] = bitcast<u32>(n);
+            state[dispatch.state_base + ST_HEADER + seen % stages[dispatch.stage].capacity] = bitcast<u32>(n);
             seen = seen + 1u;
-            state[ST_SEEN] = seen;
+            state[dispatch.state_base + ST_SEEN] = seen;
         }
-        sh_count = min(seen, step.capacity);
+        sh_count = min(seen, stages[dispatch.stage].capacity);
     }
     storageBarrier();
     let m = workgroupUniformLoad(&sh_count);
     if (m == 0u) {
         return inf_f32();
     }
-    return percentile(m, step.percentile, lid);
+    return percentile(m, stages[dispatch.stage].percentile, lid);
 }
 
 // ZClip, one thread: returns the threshold (inf when no spike) and updates the state.
@@ -165,11 +172,11 @@ fn zclip(n: f32, record: bool) -> f32 {
     if (!record) {
         return inf;
     }
-    let seen = state[ST_SEEN];
-    let warmup = step.capacity;
+    let seen = state[dispatch.state_base + ST_SEEN];
+    let warmup = stages[dispatch.stage].capacity;
     if (seen < warmup) {
-        state[ST_HEADER + seen] = bitcast<u32>(n);
-        state[ST_SEEN] = seen + 1u;
+        state[dispatch.state_base + ST_HEADER + seen] = bitcast<u32>(n);
+        state[dispatch.state_base + ST_SEEN] = seen + 1u;
         if (seen + 1u == warmup) {
             var sum = 0.0;
             for (var i = 0u; i < warmup; i = i + 1u) {
@@ -181,27 +188,27 @@ fn zclip(n: f32, record: bool) -> f32 {
                 let d = state_f32(ST_HEADER + i) - mean;
                 sq = sq + d * d;
             }
-            state[ST_MEAN] = bitcast<u32>(mean);
-            state[ST_VAR] = bitcast<u32>(sq / f32(warmup));
+            state[dispatch.state_base + ST_MEAN] = bitcast<u32>(mean);
+            state[dispatch.state_base + ST_VAR] = bitcast<u32>(sq / f32(warmup));
         }
         return inf;
     }
     let mean = state_f32(ST_MEAN);
     let var_ = state_f32(ST_VAR);
     let sigma = sqrt(var_);
-    let z = (n - mean) / (sigma + step.z_eps);
+    let z = (n - mean) / (sigma + stages[dispatch.stage].z_eps);
     var thr = inf;
     var x = n;
-    if (z > step.z_thresh) {
-        thr = mean + step.z_thresh * step.z_thresh * sigma / z;
+    if (z > stages[dispatch.stage].z_thresh) {
+        thr = mean + stages[dispatch.stage].z_thresh * stages[dispatch.stage].z_thresh * sigma / z;
         x = thr;
     }
-    let a = step.alpha;
+    let a = stages[dispatch.stage].alpha;
     let new_mean = a * mean + (1.0 - a) * x;
     let d = x - new_mean;
-    state[ST_MEAN] = bitcast<u32>(new_mean);
-    state[ST_VAR] = bitcast<u32>(a * var_ + (1.0 - a) * d * d);
-    state[ST_SEEN] = seen + 1u;
+    state[dispatch.state_base + ST_MEAN] = bitcast<u32>(new_mean);
+    state[dispatch.state_base + ST_VAR] = bitcast<u32>(a * var_ + (1.0 - a) * d * d);
+    state[dispatch.state_base + ST_SEEN] = seen + 1u;
     return thr;
 }
 
@@ -227,7 +234,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     }
     // Another step overwrote this step's parameter slot before it was submitted: change
     // nothing and say so.
-    let fresh = step.seq % TAG_RING == state[ST_TAG];
+    let fresh = step.seq % TAG_RING == state[dispatch.state_base + ST_TAG];
     let flags = live_flags(total.flags, step.policy);
     var status = 0u;
     if (total.flags != 0u) {
@@ -255,8 +262,8 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (ADAPTIVE == ADAPTIVE_ZCLIP && lid == 0u) {
         thr = zclip(n, record) * step.multiplier;
     }
-    if (ADAPTIVE != ADAPTIVE_NONE && step.cap > 0.0) {
-        thr = min(thr, step.cap * step.multiplier);
+    if (ADAPTIVE != ADAPTIVE_NONE && stages[dispatch.stage].cap > 0.0) {
+        thr = min(thr, stages[dispatch.stage].cap * step.multiplier);
     }
     var coef = 1.0;
     if (step.rule == 1u && (ADAPTIVE != ADAPTIVE_ZCLIP || thr < inf_f32())) {
@@ -268,21 +275,25 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (!held && (every_unit || !(coef >= 1.0))) {
         status = status | STATUS_SCALED;
     }
-    set_rewrite(!held && every_unit, lid, WG);
+    // The first stage sets the rewrite on or off; later ones only turn it on.
+    let run = !held && every_unit;
+    if (dispatch.first == 1u || run) {
+        set_rewrite(run, lid, WG);
+    }
     if (lid == 0u) {
         if (fresh) {
             var skips = 0u;
             if ((status & STATUS_SKIPPED) != 0u) {
-                skips = state[ST_SKIPS] + 1u;
+                skips = state[dispatch.state_base + ST_SKIPS] + 1u;
             }
-            state[ST_SKIPS] = skips;
+            state[dispatch.state_base + ST_SKIPS] = skips;
         }
-        report.norm = total;
-        report.threshold = thr;
-        report.status = status;
-        report.skips = state[ST_SKIPS];
-        atomicStore(&report.clipped, 0u);
-        report.coef = coef;
+        reports[dispatch.stage].norm = total;
+        reports[dispatch.stage].threshold = thr;
+        reports[dispatch.stage].status = status;
+        reports[dispatch.stage].skips = state[dispatch.state_base + ST_SKIPS];
+        atomicStore(&reports[dispatch.stage].clipped, 0u);
+        reports[dispatch.stage].coef = coef;
     }
 }
 
@@ -290,7 +301,7 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
     if (live_flags(g.flags | w.flags, step.policy) != 0u) {
         return select(0.0, nan_f32(), (live_flags(g.flags | w.flags, step.policy) & FLAG_NAN) != 0u);
     }
-    let limit = step.lambda * step.multiplier * max(norm_value(w), step.eps);
+    let limit = stages[dispatch.stage].lambda * step.multiplier * max(norm_value(w), stages[dispatch.stage].eps);
     let n = norm_value(g);
     if (n < limit) {
         return 1.0;
@@ -309,21 +320,25 @@ fn coefs(
         return;
     }
     let g = group_of[s];
-    var coef = 1.0;
-    if ((report.status & STATUS_HELD) == 0u && step.rule == 1u) {
+    var factor = 1.0;
+    if ((reports[dispatch.stage].status & STATUS_HELD) == 0u && step.rule == 1u && g != NO_GROUP) {
         if (FORMULA == FORMULA_AGC) {
-            coef = agc_coef(inputs[g], params[s]);
+            factor = agc_coef(inputs[g], params[s]);
         } else if (ADAPTIVE != ADAPTIVE_NONE || dispatch.global == 1u) {
-            coef = report.coef;
+            factor = reports[dispatch.stage].coef;
         } else {
-            coef = norm_coef(inputs[g], thresholds[g] * step.multiplier);
+            factor = norm_coef(inputs[g], thresholds[g] * step.multiplier);
         }
+    }
+    var coef = factor;
+    if (dispatch.first == 0u) {
+        coef = coef_out[s] * factor;
     }
     coef_out[s] = coef;
     if (!(coef >= 1.0)) {
-        atomicAdd(&report.clipped, 1u);
+        atomicAdd(&reports[dispatch.stage].clipped, 1u);
     }
-    if (bitcast<u32>(coef) != bitcast<u32>(1.0)) {
+    if (bitcast<u32>(factor) != bitcast<u32>(1.0)) {
         // Every thread that needs the rewrite stores the same counts.
         set_rewrite(true, 0u, 1u);
     }

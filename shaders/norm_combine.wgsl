@@ -1,16 +1,21 @@
-// norm_combine.wgsl: the engine's `combine` stage: runs of accumulators into one each
-// (chunk partials into unit norms, unit norms into group norms).
+// norm_combine.wgsl: the engine's `combine` stage: runs of accumulators into one each.
+// Entry `main` combines contiguous runs (chunk partials into unit norms); entry `groups`
+// forms a norm stage's group norms from the unit norms of its members, each unit's norm
+// times its coefficient so far (a norm scales linearly: no re-read of the gradients).
 //
 // Bindings (group 0):
 //   0 inputs    storage, read        accumulators (Acc)
-//   1 ranges    storage, read        per output: (first input, input count)
+//   1 ranges    storage, read        per output: (first input or member, count)
 //   2 outputs   storage, read_write  one Acc per range
 //   3 step      uniform              StepParams of this step (p), at a dynamic offset
-//   4 dispatch  uniform              DispatchParams (n_chunks = number of ranges)
+//   4 dispatch  uniform              DispatchParams (n_chunks = number of ranges; `first`:
+//                                    the chain's first stage, nothing to scale by yet)
+//   5 members   storage, read        `groups`: the units of every group, group by group
+//   6 coefs     storage, read        `groups`: each unit's coefficient so far
 //
-// One workgroup combines one range: each thread folds inputs[first + lid],
-// inputs[first + lid + WG], ... in order, then the shared tree combines the threads, so
-// the result does not depend on timing. CPU twin: src/cpu/norm_reduce.rs (`total_acc`).
+// One workgroup combines one range: each thread folds its inputs in order, then the
+// shared tree combines the threads, so the result does not depend on timing.
+// CPU twin: src/cpu/engine.rs (`combine`).
 
 #import grid
 #import workgroup_reduce
@@ -37,6 +42,43 @@ fn main(
     var acc = acc_identity();
     for (var i = lid; i < range.y; i = i + WG) {
         acc = acc_combine(acc, inputs[range.x + i], NORM_KIND, step.p);
+    }
+    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
+    if (lid == 0u) {
+        outputs[r] = total;
+    }
+}
+
+@group(0) @binding(5) var<storage, read> members: array<u32>;
+@group(0) @binding(6) var<storage, read> coefs: array<f32>;
+
+// `a` times coefficient `c` (in [0, 1], or NaN, which poisons the norm).
+fn acc_scaled(a: Acc, c: f32) -> Acc {
+    if (nonfinite_flag(bitcast<u32>(c)) == FLAG_NAN) {
+        return Acc(a.scale, a.sum, a.flags | FLAG_NAN, 0u);
+    }
+    return Acc(a.scale * abs(c), a.sum, a.flags, 0u);
+}
+
+@compute @workgroup_size(WG)
+fn groups(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = linear_workgroup(wid, nwg);
+    if (r >= dispatch.n_chunks) {
+        return;
+    }
+    let range = ranges[r];
+    var acc = acc_identity();
+    for (var i = lid; i < range.y; i = i + WG) {
+        let u = members[range.x + i];
+        var a = inputs[u];
+        if (dispatch.first == 0u) {
+            a = acc_scaled(a, coefs[u]);
+        }
+        acc = acc_combine(acc, a, NORM_KIND, step.p);
     }
     let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
     if (lid == 0u) {

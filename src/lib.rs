@@ -33,7 +33,7 @@ pub use policies::{
     UnitAxis, ZClip,
 };
 pub use policy::NonFinitePolicy;
-pub use report::{ClipReport, GroupReport, PolicyReport, TensorReport};
+pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};
 /// The wgpu this crate is built against: use it for your buffers and devices so the
 /// versions match.
 pub use wgpu;

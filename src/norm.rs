@@ -113,6 +113,21 @@ impl From<crate::shaders::abi::Acc> for NormAcc {
 }
 
 impl NormAcc {
+    /// The accumulator of the same elements times `coef` (a norm is absolutely
+    /// homogeneous); a NaN coefficient makes it NaN. `acc_scaled` of the shaders.
+    pub(crate) fn scaled(&self, coef: f32) -> NormAcc {
+        if coef.is_nan() {
+            return NormAcc {
+                flags: self.flags | FLAG_NAN,
+                ..*self
+            };
+        }
+        NormAcc {
+            scale: self.scale * (coef as f64).abs(),
+            ..*self
+        }
+    }
+
     /// The accumulator of no elements.
     pub const IDENTITY: NormAcc = NormAcc {
         scale: 0.0,

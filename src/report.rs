@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc, PartialNorm};
-use crate::policies::{Layout, TensorInfo};
+use crate::policies::{Program, TensorInfo};
 use crate::policy::NonFinitePolicy;
 
 pub(crate) use crate::shaders::abi::{
@@ -102,15 +102,16 @@ pub struct PolicyReport {
     /// Total norm after clipping (noise not included): for global rules always, for the
     /// others when the policy reports groups ([`crate::ClipPolicy::with_group_report`]).
     pub total_norm_after: Option<f64>,
-    /// For global rules, the threshold in force this step, schedule included (infinity
-    /// when ZClip found no spike or an AutoClip history is empty); `None` for per-tensor,
-    /// group, block RMS and AGC rules.
+    /// The threshold in force this step of the chain's last global stage (global norm,
+    /// AutoClip, ZClip), schedule included (infinity when ZClip found no spike or an
+    /// AutoClip history is empty); `None` when no stage is global.
     pub threshold: Option<f32>,
-    /// For global rules, the coefficient every gradient was multiplied by.
+    /// That stage's coefficient, the one every gradient was multiplied by there.
     pub coef: Option<f32>,
-    /// Units (tensors, groups' tensors, AGC units) whose coefficient was below 1.
+    /// Units (tensors, AGC units) whose final coefficient was below 1.
     pub clipped_units: u32,
-    /// Units in the policy.
+    /// Units of the chain: AGC units where it has AGC (tensors AGC leaves out are one
+    /// unit each), else tensors.
     pub units: u32,
     /// NaN or infinite gradients were found.
     pub non_finite: bool,
@@ -120,38 +121,64 @@ pub struct PolicyReport {
     pub skipped: bool,
     /// Consecutive skipped steps up to and including this one.
     pub consecutive_skips: u32,
-    /// Per group norms and coefficients, when asked for.
+    /// Every norm stage in chain order (one entry for a single rule).
+    pub stages: Vec<StageReport>,
+    /// Per group norms and coefficients of the chain's last norm stage, when asked for.
     pub groups: Option<Vec<GroupReport>>,
-    /// Per tensor norms before and after, in batch order, when groups are asked for
-    /// (tensors that AGC leaves out have no entry).
+    /// Per tensor norms before and after, in batch order, when groups are asked for.
     pub tensors: Option<Vec<TensorReport>>,
+}
+
+/// What one norm stage of a chain saw and did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageReport {
+    /// The total norm this stage saw: of the gradients as the earlier stages scaled them
+    /// (for an AGC stage, of its units only).
+    pub total_norm: f64,
+    /// For global stages, the threshold in force (schedule included).
+    pub threshold: Option<f32>,
+    /// For global stages, the coefficient this stage applied.
+    pub coef: Option<f32>,
+    /// Units whose coefficient was below 1 after this stage.
+    pub clipped_units: u32,
 }
 
 /// What turns the per-unit numbers of a step into group and tensor reports: fixed when a
 /// policy is planned, shared by the reports of every step.
 #[derive(Debug)]
 pub(crate) struct ReportShape {
+    /// The last norm stage: its group names and members.
     group_names: Vec<String>,
     group_ranges: Vec<[u32; 2]>,
+    members: Vec<u32>,
     /// Per tensor that has units: its name and units.
     tensors: Vec<(String, Vec<usize>)>,
+    /// Per stage: one coefficient for every unit.
+    global: Vec<bool>,
 }
 
 impl ReportShape {
-    /// Number of groups.
+    /// Groups of the reported (last) stage.
     pub(crate) fn groups(&self) -> usize {
         self.group_ranges.len()
     }
 
-    pub(crate) fn new(layout: &Layout, infos: &[TensorInfo]) -> Arc<ReportShape> {
+    /// Norm stages.
+    pub(crate) fn stages(&self) -> usize {
+        self.global.len()
+    }
+
+    pub(crate) fn new(program: &Program, infos: &[TensorInfo]) -> Arc<ReportShape> {
+        let last = program.stages.last().expect("a chain has a norm stage");
         Arc::new(ReportShape {
-            group_names: layout.group_names.clone(),
-            group_ranges: layout.group_ranges.clone(),
+            group_names: last.group_names.clone(),
+            group_ranges: last.group_ranges.clone(),
+            members: last.members.clone(),
             tensors: infos
                 .iter()
                 .enumerate()
                 .map(|(t, info)| {
-                    let units = (layout.segments.iter().enumerate())
+                    let units = (program.units.iter().enumerate())
                         .filter(|(_, s)| s.tensor == t)
                         .map(|(u, _)| u)
                         .collect();
@@ -159,60 +186,46 @@ impl ReportShape {
                 })
                 .filter(|(_, units): &(String, Vec<usize>)| !units.is_empty())
                 .collect(),
+            global: program.stages.iter().map(|s| s.is_global()).collect(),
         })
     }
 }
 
 /// The per-unit numbers of a step, for reports that ask for groups.
 pub(crate) struct UnitNorms {
-    pub shape: Arc<ReportShape>,
-    /// Norm accumulator per group, as the coefficients were computed from.
+    /// Norm accumulator per group of the last stage, as its coefficients were computed from.
     pub groups: Vec<NormAcc>,
-    /// Norm accumulator per unit (segment).
+    /// Norm accumulator per unit, before clipping.
     pub units: Vec<NormAcc>,
-    /// Coefficient per unit.
+    /// Final coefficient per unit.
     pub coefs: Vec<f32>,
+}
+
+/// The raw fields of one norm stage, as both backends produce them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StageOutcome {
+    pub total: NormAcc,
+    pub threshold: f32,
+    pub coef: f32,
+    pub status: u32,
+    pub clipped: u32,
+    pub skips: u32,
 }
 
 /// The raw fields of a policy step, as both backends produce them.
 pub(crate) struct PolicyOutcome {
     pub step: u64,
     pub norm: Norm,
-    pub total: NormAcc,
-    pub threshold: f32,
-    pub coef: f32,
-    pub status: u32,
-    pub clipped: u32,
+    pub stages: Vec<StageOutcome>,
     pub units: u32,
-    pub skips: u32,
-    pub global: bool,
     pub policy: NonFinitePolicy,
+    pub shape: Arc<ReportShape>,
     pub detail: Option<UnitNorms>,
 }
 
-/// The accumulator of `acc` scaled by `coef` (a norm is absolutely homogeneous).
-fn scaled(acc: &NormAcc, coef: f32) -> NormAcc {
-    NormAcc {
-        scale: acc.scale * (coef as f64).abs(),
-        ..*acc
-    }
-}
-
 impl PolicyOutcome {
-    /// The report, or the error of [`NonFinitePolicy::Error`].
+    /// The report, or the error of [`NonFinitePolicy::Error`] (or of an overwritten step).
     pub(crate) fn report(self) -> Result<PolicyReport, ClipError> {
-        let mut total = self.total;
-        if self.policy == NonFinitePolicy::ZeroNans {
-            total.flags &= !crate::norm::FLAG_NAN;
-        }
-        if self.status & STATUS_STALE != 0 {
-            return Err(ClipError::StepOverwritten(self.step));
-        }
-        let total_norm = total.total(self.norm);
-        let held = self.status & STATUS_HELD != 0;
-        if held && self.policy == NonFinitePolicy::Error {
-            return Err(ClipError::NonFiniteNorm(total_norm));
-        }
         let (norm, nf) = (self.norm, self.policy);
         // A norm as reported: NaNs excluded under ZeroNans.
         let live = |acc: &NormAcc| {
@@ -222,31 +235,60 @@ impl PolicyOutcome {
             }
             .total(norm)
         };
+        let first = self.stages[0];
+        if first.status & STATUS_STALE != 0 {
+            return Err(ClipError::StepOverwritten(self.step));
+        }
+        let total_norm = live(&first.total);
+        let held = first.status & STATUS_HELD != 0;
+        if held && nf == NonFinitePolicy::Error {
+            return Err(ClipError::NonFiniteNorm(total_norm));
+        }
         // A held step leaves the gradients as they were.
         let coef_of = |c: f32| if held { 1.0 } else { c };
-        let mut total_norm_after = self
-            .global
-            .then(|| live(&scaled(&total, coef_of(self.coef))));
+        let global = &self.shape.global;
+        let stages: Vec<StageReport> = (self.stages.iter().zip(global))
+            .map(|(s, &g)| StageReport {
+                total_norm: live(&s.total),
+                threshold: g.then_some(s.threshold),
+                coef: g.then_some(s.coef),
+                clipped_units: s.clipped,
+            })
+            .collect();
+        let last = self.stages.len() - 1;
+        let last_global = (0..self.stages.len()).rev().find(|&k| global[k]);
+        // Without unit norms the norm after is known when the last stage is global.
+        let mut total_norm_after = global[last].then(|| {
+            live(
+                &self.stages[last]
+                    .total
+                    .scaled(coef_of(self.stages[last].coef)),
+            )
+        });
         let mut groups = None;
         let mut tensors = None;
         if let Some(d) = &self.detail {
             let after: Vec<NormAcc> = (d.units.iter().zip(&d.coefs))
-                .map(|(acc, &c)| scaled(acc, coef_of(c)))
+                .map(|(acc, &c)| acc.scaled(coef_of(c)))
                 .collect();
             let fold = |units: &mut dyn Iterator<Item = usize>, accs: &[NormAcc]| {
                 units.fold(NormAcc::IDENTITY, |a, u| a.combine(accs[u], norm))
             };
             let list = |units: &[usize], accs: &[NormAcc]| fold(&mut units.iter().copied(), accs);
-            let s = &d.shape;
+            let s = &self.shape;
             groups = Some(
                 s.group_ranges
                     .iter()
                     .enumerate()
-                    .map(|(g, &[a, n])| GroupReport {
-                        name: s.group_names[g].clone(),
-                        norm: live(&d.groups[g]),
-                        norm_after: live(&fold(&mut (a..a + n).map(|u| u as usize), &after)),
-                        coef: if n == 0 { 1.0 } else { d.coefs[a as usize] },
+                    .map(|(g, &[a, n])| {
+                        let members = &s.members[a as usize..(a + n) as usize];
+                        let mut units = members.iter().map(|&u| u as usize);
+                        GroupReport {
+                            name: s.group_names[g].clone(),
+                            norm: live(&d.groups[g]),
+                            norm_after: live(&fold(&mut units, &after)),
+                            coef: members.first().map_or(1.0, |&u| d.coefs[u as usize]),
+                        }
                     })
                     .collect(),
             );
@@ -266,14 +308,15 @@ impl PolicyOutcome {
             step: self.step,
             total_norm,
             total_norm_after,
-            threshold: self.global.then_some(self.threshold),
-            coef: self.global.then_some(self.coef),
-            clipped_units: self.clipped,
+            threshold: last_global.map(|k| self.stages[k].threshold),
+            coef: last_global.map(|k| self.stages[k].coef),
+            clipped_units: self.stages[last].clipped,
             units: self.units,
-            non_finite: self.status & STATUS_NONFINITE != 0,
-            nans_zeroed: self.status & STATUS_NANS_ZEROED != 0,
-            skipped: self.status & STATUS_SKIPPED != 0,
-            consecutive_skips: self.skips,
+            non_finite: first.status & STATUS_NONFINITE != 0,
+            nans_zeroed: first.status & STATUS_NANS_ZEROED != 0,
+            skipped: first.status & STATUS_SKIPPED != 0,
+            consecutive_skips: first.skips,
+            stages,
             groups,
             tensors,
         })

@@ -227,7 +227,9 @@ fn agc_known_answers_both_layouts() {
         &infos,
     );
     assert_eq!(out[0].0[1], f32s(&[0.5, 0.0]));
-    assert_eq!(out[0].1.units, 2);
+    // Two AGC rows, and the excluded bias as one unit that AGC leaves alone.
+    assert_eq!(out[0].1.units, 3);
+    assert_eq!(out[0].1.clipped_units, 2);
 }
 
 #[test]

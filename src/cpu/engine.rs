@@ -1,8 +1,9 @@
-//! CPU twin of the GPU engine (`src/gpu/engine.rs`): the same program ([`Layout`]) run as
-//! the same stages in the same order, with the names of the shader entry points:
-//! `reduce` (unit norms, exact in f64), `combine` (groups), `finish` (total, non-finite
-//! policy, adaptive state, global coefficient), `coefs` (one per unit) and `rewrite` (the
-//! fused elementwise pass). The adaptive state is updated with the shader's f32 arithmetic
+//! CPU twin of the GPU engine (`src/gpu/engine.rs`): the same program ([`Program`]) run
+//! as the same stages in the same order, with the names of the shader entry points:
+//! `reduce` (unit norms, exact in f64), then per norm stage `combine` (its groups, from the
+//! unit norms times the coefficients so far), `finish` (total, non-finite policy,
+//! adaptive state, global coefficient) and `coefs` (the unit coefficients), then `rewrite`
+//! (the fused elementwise pass). The adaptive state is updated with the shader's f32 arithmetic
 //! in the same order, so a state moves between backends. Tests can compare any stage.
 
 use half::f16;
@@ -16,28 +17,14 @@ use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
 use crate::ops::ValueClip;
 use crate::plan::PlanSegment;
 use crate::policies::{
-    Formula, GaussianNoise, Layout, PolicyState, HEADER_WORDS, ST_MEAN, ST_SEEN, ST_SKIPS, ST_VAR,
+    Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP, ST_MEAN,
+    ST_SEEN, ST_SKIPS, ST_VAR,
 };
 use crate::policy::NonFinitePolicy;
 use crate::report::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
 };
-
-/// How a global threshold is found (`ADAPTIVE` of the shader), with its parameters.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Threshold {
-    /// The program's thresholds times the multiplier.
-    Fixed,
-    /// AutoClip: a percentile of the norm history, optionally capped.
-    AutoClip { percentile: f32, cap: Option<f32> },
-    /// ZClip: z-score against an EMA, optionally capped.
-    ZClip {
-        alpha: f32,
-        z_thresh: f32,
-        eps: f32,
-        cap: Option<f32>,
-    },
-}
+use crate::shaders::abi;
 
 /// The host values of one step (the CPU side of `StepParams`).
 #[derive(Debug, Clone, Copy)]
@@ -48,9 +35,6 @@ pub(crate) struct CpuStep {
     pub multiplier: f32,
     /// A total norm supplied by the caller (split API) instead of the reduced one.
     pub given: Option<NormAcc>,
-    pub threshold: Threshold,
-    /// AGC's lambda and eps, when the program's formula is AGC.
-    pub agc: (f32, f32),
     pub noise: Option<GaussianNoise>,
     /// The step number (noise key).
     pub step: u64,
@@ -115,12 +99,28 @@ pub(crate) fn reduce(grads: &[GradRef<'_>], units: &[PlanSegment], norm: Norm) -
     norm_reduce::tensor_accs(&refs, norm)
 }
 
-/// `combine`: the norm of each group of consecutive units.
-pub(crate) fn combine(units: &[NormAcc], layout: &Layout, norm: Norm) -> Vec<NormAcc> {
-    layout
+/// `combine`: the norm of each group of `stage`, from the unit norms times `coefs` (the
+/// coefficients of the earlier stages; `None` for the first).
+pub(crate) fn combine(
+    units: &[NormAcc],
+    coefs: Option<&[f32]>,
+    stage: &StagePlan,
+    norm: Norm,
+) -> Vec<NormAcc> {
+    stage
         .group_ranges
         .iter()
-        .map(|&[a, n]| norm_reduce::total_acc(&units[a as usize..(a + n) as usize], norm))
+        .map(|&[a, n]| {
+            let members = &stage.members[a as usize..(a + n) as usize];
+            let accs: Vec<NormAcc> = members
+                .iter()
+                .map(|&u| match coefs {
+                    Some(c) => units[u as usize].scaled(c[u as usize]),
+                    None => units[u as usize],
+                })
+                .collect();
+            norm_reduce::total_acc(&accs, norm)
+        })
         .collect()
 }
 
@@ -183,18 +183,19 @@ pub(crate) fn percentile(v: &[f32], q: f32) -> f32 {
     }
 }
 
-fn word(state: &PolicyState, i: usize) -> f32 {
-    f32::from_bits(state.words[i])
+fn word(block: &[u32], i: usize) -> f32 {
+    f32::from_bits(block[i])
 }
 
-/// AutoClip: record `n` (when finite) and return the percentile threshold.
-fn autoclip(state: &mut PolicyState, n: f32, record: bool, q: f32) -> f32 {
-    let cap = state.words.len() - HEADER_WORDS;
-    let mut seen = state.words[ST_SEEN];
+/// AutoClip on its state block: record `n` (when finite) and return the percentile
+/// threshold.
+fn autoclip(state: &mut [u32], n: f32, record: bool, q: f32) -> f32 {
+    let cap = state.len() - HEADER_WORDS;
+    let mut seen = state[ST_SEEN];
     if record {
-        state.words[HEADER_WORDS + seen as usize % cap] = n.to_bits();
+        state[HEADER_WORDS + seen as usize % cap] = n.to_bits();
         seen += 1;
-        state.words[ST_SEEN] = seen;
+        state[ST_SEEN] = seen;
     }
     let m = (seen as usize).min(cap);
     if m == 0 {
@@ -204,16 +205,18 @@ fn autoclip(state: &mut PolicyState, n: f32, record: bool, q: f32) -> f32 {
     percentile(&hist, q)
 }
 
-/// ZClip: returns the threshold (infinity without a spike) and updates the state.
-fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_eps: f32) -> f32 {
+/// ZClip on its state block: returns the threshold (infinity without a spike) and
+/// updates the state.
+fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
+    let (alpha, z_t, z_eps) = (p.alpha, p.z_thresh, p.z_eps);
     if !record {
         return f32::INFINITY;
     }
-    let warmup = (state.words.len() - HEADER_WORDS) as u32;
-    let seen = state.words[ST_SEEN];
+    let warmup = (state.len() - HEADER_WORDS) as u32;
+    let seen = state[ST_SEEN];
     if seen < warmup {
-        state.words[HEADER_WORDS + seen as usize] = n.to_bits();
-        state.words[ST_SEEN] = seen + 1;
+        state[HEADER_WORDS + seen as usize] = n.to_bits();
+        state[ST_SEEN] = seen + 1;
         if seen + 1 == warmup {
             let hist: Vec<f32> = (0..warmup as usize)
                 .map(|i| word(state, HEADER_WORDS + i))
@@ -222,8 +225,8 @@ fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_
             let sq = hist
                 .iter()
                 .fold(0.0f32, |s, &x| s + (x - mean) * (x - mean));
-            state.words[ST_MEAN] = mean.to_bits();
-            state.words[ST_VAR] = (sq / warmup as f32).to_bits();
+            state[ST_MEAN] = mean.to_bits();
+            state[ST_VAR] = (sq / warmup as f32).to_bits();
         }
         return f32::INFINITY;
     }
@@ -237,17 +240,18 @@ fn zclip(state: &mut PolicyState, n: f32, record: bool, alpha: f32, z_t: f32, z_
     }
     let new_mean = alpha * mean + (1.0 - alpha) * x;
     let d = x - new_mean;
-    state.words[ST_MEAN] = new_mean.to_bits();
-    state.words[ST_VAR] = (alpha * var + (1.0 - alpha) * d * d).to_bits();
-    state.words[ST_SEEN] = seen + 1;
+    state[ST_MEAN] = new_mean.to_bits();
+    state[ST_VAR] = (alpha * var + (1.0 - alpha) * d * d).to_bits();
+    state[ST_SEEN] = seen + 1;
     thr
 }
 
-/// `finish`: the total norm (combined groups, or the caller's), the non-finite policy,
-/// the adaptive threshold and the coefficient of the first group; updates `state`.
+/// `finish` of one norm stage: its total norm (combined groups, or the caller's), the
+/// non-finite policy, the adaptive threshold and the coefficient of the first group;
+/// updates the stage's state block.
 pub(crate) fn finish(
     groups: &[NormAcc],
-    layout: &Layout,
+    stage: &StagePlan,
     step: &CpuStep,
     state: &mut PolicyState,
 ) -> Finish {
@@ -255,6 +259,7 @@ pub(crate) fn finish(
     let total = step
         .given
         .unwrap_or_else(|| norm_reduce::total_acc(groups, norm));
+    let block = &mut state.words[stage.state_base..stage.state_base + HEADER_WORDS + stage.history];
     let flags = step.policy.live_flags(total.flags);
     let mut status = if total.flags != 0 {
         STATUS_NONFINITE
@@ -279,33 +284,24 @@ pub(crate) fn finish(
     let n = NormAcc { flags: 0, ..total }.total(norm) as f32;
     let record = flags == 0;
     let mult = step.multiplier;
-    let mut threshold = layout.thresholds.first().copied().unwrap_or(0.0) * mult;
-    let cap = match step.threshold {
-        Threshold::Fixed => None,
-        Threshold::AutoClip { percentile, cap } => {
-            threshold = autoclip(state, n, record, percentile) * mult;
-            cap
-        }
-        Threshold::ZClip {
-            alpha,
-            z_thresh,
-            eps,
-            cap,
-        } => {
-            threshold = zclip(state, n, record, alpha, z_thresh, eps) * mult;
-            cap
-        }
+    let p = &stage.params;
+    let threshold = match stage.adaptive {
+        abi::ADAPTIVE_AUTOCLIP => autoclip(block, n, record, p.percentile) * mult,
+        abi::ADAPTIVE_ZCLIP => zclip(block, n, record, p) * mult,
+        _ => stage.thresholds.first().copied().unwrap_or(0.0) * mult,
     };
-    if let Some(c) = cap {
-        threshold = threshold.min(c * mult);
-    }
+    let threshold = if stage.adaptive != abi::ADAPTIVE_NONE && p.cap > 0.0 {
+        threshold.min(p.cap * mult)
+    } else {
+        threshold
+    };
     let skips = if status & STATUS_SKIPPED != 0 {
-        state.words[ST_SKIPS] + 1
+        block[ST_SKIPS] + 1
     } else {
         0
     };
-    state.words[ST_SKIPS] = skips;
-    let no_spike = matches!(step.threshold, Threshold::ZClip { .. }) && threshold == f32::INFINITY;
+    block[ST_SKIPS] = skips;
+    let no_spike = stage.adaptive == abi::ADAPTIVE_ZCLIP && threshold == f32::INFINITY;
     let coef = if no_spike {
         1.0
     } else {
@@ -327,38 +323,49 @@ pub(crate) fn finish(
     }
 }
 
-/// `coefs`: the coefficient of every unit (1 for all when the step is held).
+/// `coefs` of one norm stage: multiplies its factor into every unit's coefficient
+/// (`coefs` holds the earlier stages' product; `first` starts it). Returns the units whose
+/// coefficient is now below 1 (NaN counts).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn coefs(
-    layout: &Layout,
+    stage: &StagePlan,
     groups: &[NormAcc],
     units: &[NormAcc],
     params: Option<&[NormAcc]>,
     finish: &Finish,
     step: &CpuStep,
-) -> Vec<f32> {
-    let global = layout.group_ranges.len() == 1 && layout.formula == Formula::PyTorch;
-    let adaptive = !matches!(step.threshold, Threshold::Fixed);
-    (0..layout.segments.len())
-        .map(|s| {
-            let g = layout.group_of[s] as usize;
-            if finish.status & STATUS_HELD != 0 {
-                1.0
-            } else if let (Formula::Agc, Some(w)) = (layout.formula, params) {
-                let (lambda, eps) = step.agc;
-                agc_coef(&units[s], &w[s], lambda * step.multiplier, eps, step.policy)
-            } else if adaptive || global {
-                finish.coef
-            } else {
-                norm_coef(
-                    &groups[g],
-                    step.norm,
-                    layout.thresholds[g] * step.multiplier,
-                    layout.formula,
-                    step.policy,
-                )
-            }
-        })
-        .collect()
+    coefs: &mut [f32],
+    first: bool,
+) -> u32 {
+    let global = stage.is_global();
+    let adaptive = stage.adaptive != abi::ADAPTIVE_NONE;
+    for (u, c) in coefs.iter_mut().enumerate() {
+        let g = stage.group_of[u];
+        let factor = if finish.status & STATUS_HELD != 0 || g == NO_GROUP {
+            1.0
+        } else if let (Formula::Agc, Some(w)) = (stage.formula, params) {
+            let p = &stage.params;
+            agc_coef(
+                &units[u],
+                &w[u],
+                p.lambda * step.multiplier,
+                p.eps,
+                step.policy,
+            )
+        } else if adaptive || global {
+            finish.coef
+        } else {
+            norm_coef(
+                &groups[g as usize],
+                step.norm,
+                stage.thresholds[g as usize] * step.multiplier,
+                stage.formula,
+                step.policy,
+            )
+        };
+        *c = if first { factor } else { *c * factor };
+    }
+    coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32
 }
 
 /// Rewrites the elements of `seg` in `g` with `f(x, index in tensor)`.
@@ -407,7 +414,7 @@ fn rewrite_unit(g: &mut GradMut<'_>, seg: &PlanSegment, f: impl Fn(f32, u32) -> 
 /// unit that needs it; nothing when the step is held.
 pub(crate) fn rewrite(
     grads: &mut [GradMut<'_>],
-    layout: &Layout,
+    program: &Program,
     coefs: &[f32],
     finish: &Finish,
     step: &CpuStep,
@@ -417,9 +424,9 @@ pub(crate) fn rewrite(
     }
     let zero_nans = step.policy == NonFinitePolicy::ZeroNans;
     let noise = step.noise.filter(|n| n.sigma > 0.0);
-    let global = layout.group_ranges.len() == 1 && layout.formula == Formula::PyTorch;
-    let whole = layout.segments.len() == grads.len()
-        && (layout.segments.iter().enumerate()).all(|(t, s)| s.tensor == t && s.first == 0);
+    let global = program.stages.len() == 1 && program.stages[0].is_global();
+    let whole = program.units.len() == grads.len()
+        && (program.units.iter().enumerate()).all(|(t, s)| s.tensor == t && s.first == 0);
     if noise.is_none() && global && whole {
         // One coefficient over whole tensors: the tuned elementwise loops.
         if finish.status & STATUS_SCALED != 0 && (finish.coef != 1.0 || zero_nans) {
@@ -430,7 +437,7 @@ pub(crate) fn rewrite(
         }
         return;
     }
-    for (s, unit) in layout.segments.iter().enumerate() {
+    for (s, unit) in program.units.iter().enumerate() {
         let c = coefs[s];
         if c == 1.0 && noise.is_none() && !zero_nans && step.clamp.is_none() {
             continue;
@@ -453,41 +460,82 @@ pub(crate) fn rewrite(
     }
 }
 
+/// What one norm stage produced.
+#[derive(Debug, Clone)]
+pub(crate) struct StageOutcome {
+    pub groups: Vec<NormAcc>,
+    pub finish: Finish,
+    /// Units whose coefficient was below 1 after this stage.
+    pub clipped: u32,
+}
+
 /// Every stage's output of one step, for reports and tests.
 #[derive(Debug, Clone)]
 pub(crate) struct Outcome {
     pub units: Vec<NormAcc>,
-    pub groups: Vec<NormAcc>,
-    pub finish: Finish,
+    pub stages: Vec<StageOutcome>,
+    /// The coefficient of every unit (the product over the stages).
     pub coefs: Vec<f32>,
 }
 
-/// Runs one step of `layout`: reduce -> combine -> finish -> coefs -> rewrite. `reduce`
-/// false skips the norms (a given norm, or a step without a norm rule).
+/// Runs one step of `program`: reduce, then per norm stage combine -> finish -> coefs,
+/// then rewrite. `reduce_norms` false skips the norms (the split API's given norm).
 pub(crate) fn run(
     grads: &mut [GradMut<'_>],
     params: Option<&[GradRef<'_>]>,
-    layout: &Layout,
+    program: &Program,
     step: &CpuStep,
     state: &mut PolicyState,
     reduce_norms: bool,
 ) -> Outcome {
-    let (units, groups, w_units) = if reduce_norms {
+    let (units, w_units) = if reduce_norms {
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        let units = reduce(&refs, &layout.segments, step.norm);
-        let groups = combine(&units, layout, step.norm);
-        let w = params.map(|p| reduce(p, &layout.segments, Norm::L2));
-        (units, groups, w)
+        let units = reduce(&refs, &program.units, step.norm);
+        let w = params.map(|p| reduce(p, &program.units, Norm::L2));
+        (units, w)
     } else {
-        (vec![], vec![], None)
+        (vec![], None)
     };
-    let finish = finish(&groups, layout, step, state);
-    let coefs = coefs(layout, &groups, &units, w_units.as_deref(), &finish, step);
-    rewrite(grads, layout, &coefs, &finish, step);
+    let mut unit_coefs = vec![1.0f32; program.units.len()];
+    let mut stages = Vec::with_capacity(program.stages.len());
+    for (k, stage) in program.stages.iter().enumerate() {
+        let first = k == 0;
+        let groups = if reduce_norms {
+            combine(
+                &units,
+                (!first).then_some(&unit_coefs[..]),
+                stage,
+                step.norm,
+            )
+        } else {
+            vec![]
+        };
+        let finish = finish(&groups, stage, step, state);
+        let clipped = if reduce_norms || stage.is_global() {
+            let w = w_units.as_deref();
+            coefs(
+                stage,
+                &groups,
+                &units,
+                w,
+                &finish,
+                step,
+                &mut unit_coefs,
+                first,
+            )
+        } else {
+            0
+        };
+        stages.push(StageOutcome {
+            groups,
+            finish,
+            clipped,
+        });
+    }
+    rewrite(grads, program, &unit_coefs, &stages[0].finish, step);
     Outcome {
         units,
-        groups,
-        finish,
-        coefs,
+        stages,
+        coefs: unit_coefs,
     }
 }

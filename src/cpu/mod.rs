@@ -19,10 +19,10 @@ use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
-use crate::policies::{Layout, PolicyState};
+use crate::policies::Program;
 use crate::policy::NonFinitePolicy;
 use crate::report::ClipReport;
-use engine::{CpuStep, Threshold};
+use engine::CpuStep;
 
 /// The total norm of a batch in mergeable form (PyTorch `get_total_norm`, split API).
 pub fn partial_norm(grads: &[GradRef<'_>], norm: Norm) -> Result<PartialNorm, ClipError> {
@@ -54,23 +54,21 @@ fn global_step(
     tensor_norms: bool,
 ) -> Result<ClipReport, ClipError> {
     let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
-    let layout = Layout::global(&lens);
+    let program = Program::global(&lens);
     let step = CpuStep {
         norm,
         policy,
         multiplier: max_norm,
         given: given.map(|g| g.acc()),
-        threshold: Threshold::Fixed,
-        agc: (0.0, 0.0),
         noise: None,
         step: 0,
         clamp: None,
     };
     // Under NonFinitePolicy::Error a non-finite step is held, so nothing is written before
     // the report turns into the error.
-    let mut state = PolicyState::new(0);
-    let out = engine::run(grads, None, &layout, &step, &mut state, given.is_none());
-    let f = out.finish;
+    let mut state = program.fresh_state();
+    let out = engine::run(grads, None, &program, &step, &mut state, given.is_none());
+    let f = out.stages[0].finish;
     ClipReport::new(
         norm,
         f.total,

@@ -4,13 +4,12 @@
 
 use rayon::prelude::*;
 
-use super::engine::{norm_coef, reduce, to_f32};
-use super::norm_reduce;
+use super::engine::{coefs, combine, finish, reduce, to_f32, CpuStep};
 use super::philox::gaussian_noise;
 use crate::dtype::GradRef;
 use crate::error::ClipError;
 use crate::norm::Norm;
-use crate::policies::{Formula, Layout, PerExampleClip, PerExampleReport};
+use crate::policies::{PerExampleClip, PerExampleReport, Program};
 use crate::policy::NonFinitePolicy;
 
 /// Clips each example of `inputs` (`[batch, P_t]` per tensor), sums them into `outputs`
@@ -41,26 +40,33 @@ pub fn clip_per_example(
         });
     }
     let (thresholds, per_layer) = clip.thresholds();
-    let layout = Layout::per_example(&lens, batch as u64, thresholds, per_layer);
-    let seg = reduce(inputs, &layout.segments, Norm::L2);
-    let groups: Vec<_> = layout
-        .group_ranges
-        .iter()
-        .map(|&[a, n]| norm_reduce::total_acc(&seg[a as usize..(a + n) as usize], Norm::L2))
-        .collect();
-    let total = norm_reduce::total_acc(&groups, Norm::L2);
-    let coefs: Vec<f32> = (0..layout.segments.len())
-        .map(|s| {
-            let g = layout.group_of[s] as usize;
-            norm_coef(
-                &groups[g],
-                Norm::L2,
-                layout.thresholds[g],
-                Formula::PyTorch,
-                NonFinitePolicy::Propagate,
-            )
-        })
-        .collect();
+    let program = Program::per_example(&lens, batch as u64, thresholds, per_layer);
+    let stage = &program.stages[0];
+    let units = reduce(inputs, &program.units, Norm::L2);
+    let groups = combine(&units, None, stage, Norm::L2);
+    let cpu_step = CpuStep {
+        norm: Norm::L2,
+        policy: NonFinitePolicy::Propagate,
+        multiplier: 1.0,
+        given: None,
+        noise: None,
+        step,
+        clamp: None,
+    };
+    let fin = finish(&groups, stage, &cpu_step, &mut program.fresh_state());
+    let mut unit_coefs = vec![1.0f32; units.len()];
+    let clipped = coefs(
+        stage,
+        &groups,
+        &units,
+        None,
+        &fin,
+        &cpu_step,
+        &mut unit_coefs,
+        true,
+    );
+    let coefs = unit_coefs;
+    let total = fin.total;
     let n = inputs.len();
     let std = clip.noise_std();
     let inv = clip.inv_divisor();
@@ -77,7 +83,6 @@ pub fn clip_per_example(
             *o = sum * inv;
         });
     }
-    let clipped = coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32;
     let per_unit = if per_layer { 1 } else { n.max(1) as u32 };
     Ok(PerExampleReport {
         step,

@@ -4,18 +4,18 @@
 
 use std::sync::Arc;
 
-use super::engine::{self, CpuStep, Threshold};
+use super::engine::{self, CpuStep};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
-use crate::policies::{check_shapes, ClipPolicy, Layout, PolicyState, Rule, TensorInfo};
-use crate::report::{PolicyOutcome, PolicyReport, ReportShape, UnitNorms};
+use crate::policies::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo};
+use crate::report::{PolicyOutcome, PolicyReport, ReportShape, StageOutcome, UnitNorms};
 
 /// Runs a [`ClipPolicy`] on host slices, step after step, keeping its state.
 #[derive(Debug, Clone)]
 pub struct CpuPolicy {
     policy: ClipPolicy,
     infos: Vec<TensorInfo>,
-    layout: Layout,
+    program: Program,
     shape: Arc<ReportShape>,
     state: PolicyState,
 }
@@ -23,13 +23,13 @@ pub struct CpuPolicy {
 impl CpuPolicy {
     /// A policy over tensors described by `infos` (names and shapes, in batch order).
     pub fn new(policy: ClipPolicy, infos: &[TensorInfo]) -> Result<CpuPolicy, ClipError> {
-        let layout = Layout::new(&policy, infos)?;
+        let program = Program::new(&policy, infos)?;
         Ok(CpuPolicy {
-            state: PolicyState::new(layout.history),
-            shape: ReportShape::new(&layout, infos),
+            state: program.fresh_state(),
+            shape: ReportShape::new(&program, infos),
             policy,
             infos: infos.to_vec(),
-            layout,
+            program,
         })
     }
 
@@ -40,7 +40,7 @@ impl CpuPolicy {
 
     /// Restores a saved state (from either backend).
     pub fn set_state(&mut self, state: PolicyState) -> Result<(), ClipError> {
-        state.check_fits(self.layout.history)?;
+        state.check_fits(&self.program.fresh_state())?;
         self.state = state;
         Ok(())
     }
@@ -54,38 +54,20 @@ impl CpuPolicy {
         let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
         check_shapes(&self.infos, &lens)?;
         let policy = &self.policy;
-        let mut agc = (0.0, 0.0);
-        let threshold = match &policy.rule {
-            Rule::Agc(a) => {
-                let Some(p) = params else {
-                    return Err(ClipError::InvalidConfig(
-                        "AGC needs the parameters alongside the gradients".into(),
-                    ));
-                };
-                let plens: Vec<u64> = p.iter().map(|g| g.len() as u64).collect();
-                check_shapes(&self.infos, &plens)?;
-                agc = (a.lambda, a.eps);
-                Threshold::Fixed
-            }
-            Rule::AutoClip(a) => Threshold::AutoClip {
-                percentile: a.percentile,
-                cap: a.max_norm,
-            },
-            Rule::ZClip(z) => Threshold::ZClip {
-                alpha: z.alpha,
-                z_thresh: z.z_thresh,
-                eps: z.eps,
-                cap: z.max_norm,
-            },
-            _ => Threshold::Fixed,
-        };
+        if self.program.needs_params() {
+            let Some(p) = params else {
+                return Err(ClipError::InvalidConfig(
+                    "AGC needs the parameters alongside the gradients".into(),
+                ));
+            };
+            let plens: Vec<u64> = p.iter().map(|g| g.len() as u64).collect();
+            check_shapes(&self.infos, &plens)?;
+        }
         Ok(CpuStep {
             norm: policy.norm,
             policy: policy.non_finite,
             multiplier: policy.schedule.checked(self.state.step)?,
             given: None,
-            threshold,
-            agc,
             noise: policy.noise,
             step: self.state.step,
             clamp: policy.value,
@@ -100,32 +82,36 @@ impl CpuPolicy {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<PolicyReport, ClipError> {
         let step = self.check(grads, params)?;
-        let params = params.filter(|_| matches!(self.policy.rule, Rule::Agc(_)));
+        let params = params.filter(|_| self.program.needs_params());
         let mut state = self.state.clone();
-        let out = engine::run(grads, params, &self.layout, &step, &mut state, true);
+        let out = engine::run(grads, params, &self.program, &step, &mut state, true);
         state.step += 1;
         self.state = state;
         let detail = self.policy.report_groups.then(|| UnitNorms {
-            shape: self.shape.clone(),
-            groups: out.groups,
+            groups: out
+                .stages
+                .last()
+                .map(|s| s.groups.clone())
+                .unwrap_or_default(),
             units: out.units,
-            coefs: out.coefs.clone(),
+            coefs: out.coefs,
         });
-        // NaN coefficients count as clipping.
-        let clipped = out.coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32;
-        let f = out.finish;
         PolicyOutcome {
             step: step.step,
             norm: step.norm,
-            total: f.total,
-            threshold: f.threshold,
-            coef: f.coef,
-            status: f.status,
-            clipped,
-            units: self.layout.segments.len() as u32,
-            skips: f.skips,
-            global: self.policy.rule.is_global(),
+            stages: (out.stages.iter())
+                .map(|s| StageOutcome {
+                    total: s.finish.total,
+                    threshold: s.finish.threshold,
+                    coef: s.finish.coef,
+                    status: s.finish.status,
+                    clipped: s.clipped,
+                    skips: s.finish.skips,
+                })
+                .collect(),
+            units: self.program.units.len() as u32,
             policy: step.policy,
+            shape: self.shape.clone(),
             detail,
         }
         .report()

@@ -10,7 +10,7 @@ use crate::error::ClipError;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
 use crate::plan::{Plan, PlanLimits, PlanSegment, PlanTensor};
-use crate::policies::{Layout, TensorInfo, HEADER_WORDS};
+use crate::policies::{Program, TensorInfo};
 use crate::policy::NonFinitePolicy;
 use crate::shaders::abi::Acc;
 
@@ -130,7 +130,7 @@ impl GpuBatch {
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
         let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
-        let engine = Engine::new(ctx, tensors, None, Layout::global(&lens), HEADER_WORDS)?;
+        let engine = Engine::new(ctx, tensors, None, Program::global(&lens))?;
         Ok(GpuBatch {
             engine,
             n_tensors: tensors.len(),

@@ -1,21 +1,24 @@
-//! The one GPU engine. A program (units, groups, thresholds and formula: [`Layout`]) is
+//! The one GPU engine. A program (the units and every norm stage's groups: [`Program`]) is
 //! planned once over caller-owned buffers; each step is then encoded as the same fixed
 //! stages in one compute pass, with no host round trip:
 //!
-//! 1. `reduce`  (`norm_reduce.wgsl`): one partial norm per chunk of every unit, from one
-//!    read of the gradients (and of the parameters for AGC);
-//! 2. `combine` (`norm_combine.wgsl`): partials into unit norms, units into groups;
-//! 3. `coef`    (`coef.wgsl`): the total norm, the non-finite policy, the adaptive state,
-//!    one coefficient per unit, and the rewrite's indirect arguments;
-//! 4. `rewrite` (`rewrite.wgsl`): the fused elementwise pass, zero workgroups when nothing
+//! 1. `reduce`  (`norm_reduce.wgsl`, then `norm_combine.wgsl` `main`): one partial norm
+//!    per chunk of every unit, from one read of the gradients (and of the parameters for
+//!    AGC), then the unit norms;
+//! 2. per norm stage of the chain, `combine` (`norm_combine.wgsl` `groups`: its group
+//!    norms from the unit norms times the coefficients so far, so a later stage needs no
+//!    re-read) and `coef` (`coef.wgsl`: the total, the non-finite policy, the adaptive
+//!    state, each unit's coefficient times this stage's factor, and the rewrite's
+//!    indirect arguments);
+//! 3. `rewrite` (`rewrite.wgsl`): the fused elementwise pass, zero workgroups when nothing
 //!    must change;
-//! 5. the report copy into a pooled readback buffer.
+//! 4. the report copy into a pooled readback buffer.
 //!
-//! Every configuration (a global-norm clip, the split API, a value clip, each rule,
-//! accumulation, per-example clipping) is a program plus a [`Step`] saying which stages
-//! run. Each step's host values go into its own parameter slot ([`StepSlots`]), so steps
-//! encoded before one submission keep their own parameters. The CPU twin is
-//! `src/cpu/engine.rs`.
+//! Every configuration (a global-norm clip, the split API, a value clip, each rule and
+//! chain of rules, accumulation, per-example clipping) is a program plus a [`Step`]
+//! saying which stages run. Each step's host values go into its own parameter slot
+//! ([`StepSlots`]), so steps encoded before one submission keep their own parameters.
+//! The CPU twin is `src/cpu/engine.rs`.
 
 use std::sync::Arc;
 
@@ -30,11 +33,11 @@ use super::resources::{
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::fold_grid;
-use crate::policies::{Formula, Layout};
-use crate::shaders::abi::{StepReport, ACC_BYTES};
+use crate::policies::Program;
+use crate::shaders::abi::{StageParams, StepReport, ACC_BYTES};
 use crate::shaders::{BindLayout, Kernel};
 
-/// Bytes of the report header.
+/// Bytes of one stage's report header.
 pub(crate) const REPORT_BYTES: u64 = std::mem::size_of::<StepReport>() as u64;
 
 /// Which stages one step runs, with its parameters.
@@ -44,58 +47,111 @@ pub(crate) struct Step {
     pub norm: Norm,
     /// Host values of the step (`seq` is filled in by the engine).
     pub params: StepParams,
-    /// Run `reduce` and `combine` (not for a given norm or a step without a norm rule).
+    /// Run `reduce` and the stages' `combine` (not for a given norm or a value clip).
     pub reduce: bool,
     /// Run `coef`'s per-unit entry.
     pub coefs: bool,
     /// Run `rewrite`.
     pub rewrite: bool,
-    /// Read back group norms, unit norms and coefficients after the header.
+    /// Read back the last stage's group norms, unit norms and coefficients.
     pub units: bool,
-    /// Copy the report into a readback buffer at all.
+    /// Copy the reports into a readback buffer at all.
     pub readback: bool,
+}
+
+/// The resources of one norm stage.
+struct GpuStage {
+    /// Its group norms from the unit norms (times the coefficients so far), unless its
+    /// groups are the units of the first stage.
+    groups: Option<(wgpu::BindGroup, [u32; 3])>,
+    group_accs: wgpu::Buffer,
+    finish: wgpu::BindGroup,
+    coefs: wgpu::BindGroup,
+    adaptive: u32,
+    formula: u32,
 }
 
 /// A program planned on one device, encoded step after step.
 pub(crate) struct Engine {
     ctx: GpuContext,
-    layout: Layout,
+    program: Program,
     grads: SegmentReduction,
     params: Option<SegmentReduction>,
-    /// Units into groups, unless every unit is its own group.
-    groups: Option<(wgpu::BindGroup, [u32; 3])>,
-    group_accs: wgpu::Buffer,
-    finish_groups: wgpu::BindGroup,
-    /// Global programs whose unit norms nobody reads: the total straight from the chunk
-    /// partials, without the per-unit combine.
+    stages: Vec<GpuStage>,
+    /// A single global stage whose unit norms nobody reads: the total straight from the
+    /// chunk partials, without the per-unit combine.
     finish_partials: Option<wgpu::BindGroup>,
-    coefs: wgpu::BindGroup,
     coefs_grid: [u32; 3],
     /// Per binding window of the gradients: bind group and offset of its indirect args.
     rewrites: Vec<(wgpu::BindGroup, u64)>,
     args_out: wgpu::Buffer,
     slots: StepSlots,
     state: wgpu::Buffer,
-    report: wgpu::Buffer,
+    /// First word of every stage's state block (each gets the step's tag).
+    blocks: Vec<usize>,
+    reports: wgpu::Buffer,
     coef_buf: wgpu::Buffer,
     pool: Arc<ReportPool>,
     seq: u32,
     timestamps: Option<(wgpu::QuerySet, u32, u32)>,
 }
 
+/// The `Coef` bind group of one stage and dispatch slot.
+struct CoefBinding<'a> {
+    state: &'a wgpu::Buffer,
+    reports: &'a wgpu::Buffer,
+    slots: &'a StepSlots,
+    dispatch: &'a DispatchSlots,
+    stage_params: &'a wgpu::Buffer,
+    coefs: &'a wgpu::Buffer,
+    w_accs: &'a wgpu::Buffer,
+    args_full: &'a wgpu::Buffer,
+    args_out: &'a wgpu::Buffer,
+}
+
+impl CoefBinding<'_> {
+    fn bind(
+        &self,
+        device: &wgpu::Device,
+        layout: &wgpu::BindGroupLayout,
+        inputs: &wgpu::Buffer,
+        thresholds: &wgpu::Buffer,
+        group_of: &wgpu::Buffer,
+        slot: usize,
+    ) -> wgpu::BindGroup {
+        bind(
+            device,
+            layout,
+            &[
+                (0, whole(inputs)),
+                (1, whole(self.state)),
+                (2, whole(self.reports)),
+                (3, self.slots.binding()),
+                (4, self.dispatch.slot(slot)),
+                (5, whole(self.stage_params)),
+                (6, whole(thresholds)),
+                (7, whole(self.coefs)),
+                (8, whole(group_of)),
+                (9, whole(self.w_accs)),
+                (10, whole(self.args_full)),
+                (11, whole(self.args_out)),
+            ],
+        )
+    }
+}
+
 impl Engine {
-    /// Plans `layout` over `grads` (and, for AGC, `params`, tensor for tensor); `state_words`
-    /// is the size of the device state. Errors create nothing and touch no buffer.
+    /// Plans `program` over `grads` (and, for AGC, `params`, tensor for tensor). Errors
+    /// create nothing and touch no buffer.
     pub(crate) fn new(
         ctx: &GpuContext,
         grads: &[GpuTensor<'_>],
         params: Option<&[GpuTensor<'_>]>,
-        layout: Layout,
-        state_words: usize,
+        program: Program,
     ) -> Result<Engine, ClipError> {
-        let (grad_plan, grad_buffers) = plan_tensors(ctx, grads, |_| layout.segments.clone())?;
+        let (grad_plan, grad_buffers) = plan_tensors(ctx, grads, |_| program.units.clone())?;
         let param_plan = params
-            .map(|p| plan_tensors(ctx, p, |_| layout.segments.clone()))
+            .map(|p| plan_tensors(ctx, p, |_| program.units.clone()))
             .transpose()?;
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
@@ -106,66 +162,18 @@ impl Engine {
         let params_red = param_plan
             .as_ref()
             .map(|(plan, bufs)| SegmentReduction::new(device, kernels, plan, bufs, &slots));
-        let n_units = layout.segments.len();
-        let n_groups = layout.group_ranges.len();
-        let identity = n_groups == n_units
-            && layout
-                .group_of
-                .iter()
-                .enumerate()
-                .all(|(s, &g)| g as usize == s);
-        let global = n_groups == 1 && layout.formula == Formula::PyTorch;
-        let dispatch = DispatchSlots::new(
-            device,
-            &[
-                DispatchParams::range(0, n_groups as u32),
-                DispatchParams {
-                    global: global as u32,
-                    ..DispatchParams::range(0, n_units as u32)
-                },
-                DispatchParams::range(0, grads_red.n_chunks as u32),
-            ],
-        );
-        let group_accs = if identity {
-            grads_red.segment_accs.clone()
-        } else {
-            storage_zeroed(
-                device,
-                "gradclip group norms",
-                n_groups as u64 * ACC_BYTES,
-                wgpu::BufferUsages::COPY_SRC,
-            )
-        };
-        let groups = (!identity).then(|| {
-            let ranges = storage_init(
-                device,
-                "gradclip group ranges",
-                bytemuck::cast_slice(&layout.group_ranges),
-                wgpu::BufferUsages::empty(),
-            );
-            let group = bind(
-                device,
-                kernels.layout(BindLayout::Reduce),
-                &[
-                    (0, whole(&grads_red.segment_accs)),
-                    (1, whole(&ranges)),
-                    (2, whole(&group_accs)),
-                    (3, slots.binding()),
-                    (4, dispatch.slot(0)),
-                ],
-            );
-            (group, fold_grid(n_groups as u32, max_dim))
-        });
-        let state = storage_zeroed(
+        let n_units = program.units.len();
+        let n_stages = program.stages.len();
+        let state = storage_init(
             device,
             "gradclip state",
-            state_words as u64 * 4,
+            bytemuck::cast_slice(&program.fresh_state().words),
             wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         );
-        let report = storage_zeroed(
+        let reports = storage_zeroed(
             device,
-            "gradclip report",
-            REPORT_BYTES,
+            "gradclip reports",
+            n_stages as u64 * REPORT_BYTES,
             wgpu::BufferUsages::COPY_SRC,
         );
         let coef_buf = storage_zeroed(
@@ -174,16 +182,11 @@ impl Engine {
             n_units as u64 * 4,
             wgpu::BufferUsages::COPY_SRC,
         );
-        let thresholds = storage_init(
+        let stage_params: Vec<StageParams> = program.stages.iter().map(|s| s.params).collect();
+        let stage_params = storage_init(
             device,
-            "gradclip thresholds",
-            bytemuck::cast_slice(&layout.thresholds),
-            wgpu::BufferUsages::empty(),
-        );
-        let group_of = storage_init(
-            device,
-            "gradclip group of unit",
-            bytemuck::cast_slice(&layout.group_of),
+            "gradclip stage params",
+            bytemuck::cast_slice(&stage_params),
             wgpu::BufferUsages::empty(),
         );
         let rewrite_grids: Vec<[u32; 3]> = grad_plan
@@ -203,31 +206,119 @@ impl Engine {
             rewrite_grids.len() as u64 * 12,
             wgpu::BufferUsages::INDIRECT,
         );
-        let w_accs = params_red
-            .as_ref()
-            .map_or(&grads_red.segment_accs, |p| &p.segment_accs);
-        let coef_bind = |inputs: &wgpu::Buffer, slot: usize| {
-            bind(
-                device,
-                kernels.layout(BindLayout::Coef),
-                &[
-                    (0, whole(inputs)),
-                    (1, whole(&state)),
-                    (2, whole(&report)),
-                    (3, slots.binding()),
-                    (4, dispatch.slot(slot)),
-                    (6, whole(&thresholds)),
-                    (7, whole(&coef_buf)),
-                    (8, whole(&group_of)),
-                    (9, whole(w_accs)),
-                    (10, whole(&args_full)),
-                    (11, whole(&args_out)),
-                ],
-            )
+        // Dispatch parameters: per stage its groups/finish and its coefs; then the
+        // finish of a single global stage straight from the chunk partials.
+        let mut dispatch = Vec::new();
+        for (k, st) in program.stages.iter().enumerate() {
+            let stage = DispatchParams {
+                global: st.is_global() as u32,
+                first: (k == 0) as u32,
+                stage: k as u32,
+                state_base: st.state_base as u32,
+                ..DispatchParams::default()
+            };
+            dispatch.push(DispatchParams {
+                n_chunks: st.group_ranges.len() as u32,
+                ..stage
+            });
+            dispatch.push(DispatchParams {
+                n_chunks: n_units as u32,
+                ..stage
+            });
+        }
+        let single_global = n_stages == 1 && program.stages[0].is_global();
+        dispatch.push(DispatchParams {
+            n_chunks: grads_red.n_chunks as u32,
+            global: 1,
+            first: 1,
+            state_base: program.stages[0].state_base as u32,
+            ..DispatchParams::default()
+        });
+        let dispatch = DispatchSlots::new(device, &dispatch);
+        let coef_binding = CoefBinding {
+            state: &state,
+            reports: &reports,
+            slots: &slots,
+            dispatch: &dispatch,
+            stage_params: &stage_params,
+            coefs: &coef_buf,
+            w_accs: params_red
+                .as_ref()
+                .map_or(&grads_red.segment_accs, |p| &p.segment_accs),
+            args_full: &args_full,
+            args_out: &args_out,
         };
-        let finish_groups = coef_bind(&group_accs, 0);
-        let coefs = coef_bind(&group_accs, 1);
-        let finish_partials = global.then(|| coef_bind(&grads_red.partials, 2));
+        let coef_layout = kernels.layout(BindLayout::Coef);
+        let mut finish_partials = None;
+        let mut stages = Vec::with_capacity(n_stages);
+        for (k, st) in program.stages.iter().enumerate() {
+            let n_groups = st.group_ranges.len();
+            let shared = k == 0 && st.is_identity();
+            let group_accs = if shared {
+                grads_red.segment_accs.clone()
+            } else {
+                storage_zeroed(
+                    device,
+                    "gradclip group norms",
+                    n_groups as u64 * ACC_BYTES,
+                    wgpu::BufferUsages::COPY_SRC,
+                )
+            };
+            let groups = (!shared).then(|| {
+                let ranges = storage_init(
+                    device,
+                    "gradclip group ranges",
+                    bytemuck::cast_slice(&st.group_ranges),
+                    wgpu::BufferUsages::empty(),
+                );
+                let members = storage_init(
+                    device,
+                    "gradclip group members",
+                    bytemuck::cast_slice(&st.members),
+                    wgpu::BufferUsages::empty(),
+                );
+                let group = bind(
+                    device,
+                    kernels.layout(BindLayout::Groups),
+                    &[
+                        (0, whole(&grads_red.segment_accs)),
+                        (1, whole(&ranges)),
+                        (2, whole(&group_accs)),
+                        (3, slots.binding()),
+                        (4, dispatch.slot(2 * k)),
+                        (5, whole(&members)),
+                        (6, whole(&coef_buf)),
+                    ],
+                );
+                (group, fold_grid(n_groups as u32, max_dim))
+            });
+            let thresholds = storage_init(
+                device,
+                "gradclip thresholds",
+                bytemuck::cast_slice(&st.thresholds),
+                wgpu::BufferUsages::empty(),
+            );
+            let group_of = storage_init(
+                device,
+                "gradclip group of unit",
+                bytemuck::cast_slice(&st.group_of),
+                wgpu::BufferUsages::empty(),
+            );
+            let binding = |inputs: &wgpu::Buffer, slot| {
+                coef_binding.bind(device, coef_layout, inputs, &thresholds, &group_of, slot)
+            };
+            if single_global {
+                finish_partials = Some(binding(&grads_red.partials, 2 * n_stages));
+            }
+            stages.push(GpuStage {
+                finish: binding(&group_accs, 2 * k),
+                coefs: binding(&group_accs, 2 * k + 1),
+                groups,
+                group_accs,
+                adaptive: st.adaptive,
+                formula: st.formula as u32,
+            });
+        }
         let rewrites = grad_plan
             .windows
             .iter()
@@ -242,33 +333,34 @@ impl Engine {
                         (2, whole(&coef_buf)),
                         (3, slots.binding()),
                         (4, grads_red.slots.slot(wi)),
-                        (6, whole(&report)),
+                        (6, whole(&reports)),
                     ],
                 );
                 (group, wi as u64 * 12)
             })
             .collect();
-        let readback = REPORT_BYTES + (n_groups + n_units) as u64 * ACC_BYTES + n_units as u64 * 4;
+        let last_groups = program.stages[n_stages - 1].group_ranges.len();
+        let readback = n_stages as u64 * REPORT_BYTES
+            + (last_groups + n_units) as u64 * ACC_BYTES
+            + n_units as u64 * 4;
         let engine = Engine {
             ctx: ctx.clone(),
             grads: grads_red,
             params: params_red,
-            groups,
-            group_accs,
-            finish_groups,
+            stages,
             finish_partials,
-            coefs,
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
             rewrites,
             args_out,
             slots,
             state,
-            report,
+            blocks: program.stages.iter().map(|s| s.state_base).collect(),
+            reports,
             coef_buf,
             pool: ReportPool::new(readback),
             seq: 0,
             timestamps: None,
-            layout,
+            program,
         };
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(ClipError::Wgpu(error.to_string()));
@@ -277,8 +369,8 @@ impl Engine {
     }
 
     /// The program.
-    pub(crate) fn layout(&self) -> &Layout {
-        &self.layout
+    pub(crate) fn program(&self) -> &Program {
+        &self.program
     }
 
     /// The context it runs on.
@@ -291,10 +383,10 @@ impl Engine {
         self.pool.clone()
     }
 
-    /// The per-unit coefficients, the report and the parameter slots, for passes that
+    /// The per-unit coefficients, the reports and the parameter slots, for passes that
     /// consume them.
     pub(crate) fn outputs(&self) -> (&wgpu::Buffer, &wgpu::Buffer, &StepSlots) {
-        (&self.coef_buf, &self.report, &self.slots)
+        (&self.coef_buf, &self.reports, &self.slots)
     }
 
     /// Makes every following step write GPU timestamps at the start and end of its
@@ -305,7 +397,7 @@ impl Engine {
 
     /// Records one step; `extra` records further dispatches in the same pass after the
     /// stages (given the step's slot offset). Returns the readback buffer that holds the
-    /// report once the encoder has run (when the step asks for one).
+    /// reports once the encoder has run (when the step asks for one).
     pub(crate) fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
@@ -319,11 +411,9 @@ impl Engine {
             seq: self.seq,
             ..step.params
         };
-        let slot = self
-            .slots
-            .write(&ctx.inner.queue, encoder, &params, &self.state);
+        let queue = &ctx.inner.queue;
+        let slot = (self.slots).write(queue, encoder, &params, &self.state, &self.blocks);
         let kind = step.norm.kind_code();
-        let adaptive = self.layout.adaptive;
         let direct = step.reduce && !step.units && self.finish_partials.is_some();
         {
             let timestamp_writes = self.timestamps.as_ref().map(|(query_set, begin, end)| {
@@ -338,42 +428,43 @@ impl Engine {
                 timestamp_writes,
             });
             if step.reduce {
-                self.grads
-                    .encode_partials(&mut pass, device, kernels, kind, slot);
+                (self.grads).encode_partials(&mut pass, device, kernels, kind, slot);
                 if !direct {
-                    self.grads
-                        .encode_units(&mut pass, device, kernels, kind, slot);
+                    (self.grads).encode_units(&mut pass, device, kernels, kind, slot);
                 }
                 if let Some(p) = &self.params {
                     let l2 = Norm::L2.kind_code();
                     p.encode_partials(&mut pass, device, kernels, l2, slot);
                     p.encode_units(&mut pass, device, kernels, l2, slot);
                 }
-                if let (Some((group, grid)), false) = (&self.groups, direct) {
-                    pass.set_pipeline(&kernels.pipeline(device, Kernel::Combine(kind)));
+            }
+            for (k, stage) in self.stages.iter().enumerate() {
+                if let (Some((group, grid)), true, false) = (&stage.groups, step.reduce, direct) {
+                    pass.set_pipeline(&kernels.pipeline(device, Kernel::Groups(kind)));
                     pass.set_bind_group(0, group, &[slot]);
                     pass.dispatch_workgroups(grid[0], grid[1], 1);
                 }
-            }
-            pass.set_pipeline(&kernels.pipeline(device, Kernel::Finish { kind, adaptive }));
-            let finish = match (&self.finish_partials, direct) {
-                (Some(partials), true) => partials,
-                _ => &self.finish_groups,
-            };
-            pass.set_bind_group(0, finish, &[slot]);
-            pass.dispatch_workgroups(1, 1, 1);
-            if step.coefs && self.coefs_grid[0] > 0 {
-                let formula = self.layout.formula as u32;
-                pass.set_pipeline(&kernels.pipeline(
-                    device,
-                    Kernel::Coefs {
-                        kind,
-                        adaptive,
-                        formula,
-                    },
-                ));
-                pass.set_bind_group(0, &self.coefs, &[slot]);
-                pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
+                let adaptive = stage.adaptive;
+                pass.set_pipeline(&kernels.pipeline(device, Kernel::Finish { kind, adaptive }));
+                let finish = match (&self.finish_partials, direct && k == 0) {
+                    (Some(partials), true) => partials,
+                    _ => &stage.finish,
+                };
+                pass.set_bind_group(0, finish, &[slot]);
+                pass.dispatch_workgroups(1, 1, 1);
+                if step.coefs && self.coefs_grid[0] > 0 {
+                    let formula = stage.formula;
+                    pass.set_pipeline(&kernels.pipeline(
+                        device,
+                        Kernel::Coefs {
+                            kind,
+                            adaptive,
+                            formula,
+                        },
+                    ));
+                    pass.set_bind_group(0, &stage.coefs, &[slot]);
+                    pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
+                }
             }
             if step.rewrite {
                 pass.set_pipeline(&kernels.pipeline(device, Kernel::Rewrite));
@@ -388,18 +479,19 @@ impl Engine {
             return None;
         }
         let readback = self.pool.take(device);
-        encoder.copy_buffer_to_buffer(&self.report, 0, &readback, 0, REPORT_BYTES);
-        let n_groups = self.layout.group_ranges.len() as u64;
-        let n_units = self.layout.segments.len() as u64;
+        let headers = self.stages.len() as u64 * REPORT_BYTES;
+        encoder.copy_buffer_to_buffer(&self.reports, 0, &readback, 0, headers);
+        let n_units = self.program.units.len() as u64;
         if step.units && n_units > 0 {
-            let units = REPORT_BYTES + n_groups * ACC_BYTES;
-            encoder.copy_buffer_to_buffer(
-                &self.group_accs,
-                0,
-                &readback,
-                REPORT_BYTES,
-                n_groups * ACC_BYTES,
-            );
+            let last = &self.stages[self.stages.len() - 1];
+            let n_groups = self.program.stages[self.stages.len() - 1]
+                .group_ranges
+                .len() as u64;
+            if n_groups > 0 {
+                let size = n_groups * ACC_BYTES;
+                encoder.copy_buffer_to_buffer(&last.group_accs, 0, &readback, headers, size);
+            }
+            let units = headers + n_groups * ACC_BYTES;
             let accs = &self.grads.segment_accs;
             encoder.copy_buffer_to_buffer(accs, 0, &readback, units, n_units * ACC_BYTES);
             let coefs = units + n_units * ACC_BYTES;

@@ -13,7 +13,7 @@ use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
 use crate::plan::fold_grid;
-use crate::policies::{ClipPolicy, GaussianNoise, Layout, PerExampleClip, PerExampleReport, Rule};
+use crate::policies::{ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule};
 use crate::shaders::abi::{self, ExampleParams, StepReport};
 use crate::shaders::{BindLayout, Kernel};
 
@@ -129,9 +129,9 @@ impl GpuPerExample {
             }
         }
         let (thresholds, per_layer) = clip.thresholds();
-        let layout = Layout::per_example(&lens, batch, thresholds, per_layer);
+        let program = Program::per_example(&lens, batch, thresholds, per_layer);
         let policy = ClipPolicy::new(Rule::GlobalNorm(thresholds[0]));
-        let engine = GpuPolicy::build(ctx, inputs, None, policy, layout)?;
+        let engine = GpuPolicy::build(ctx, inputs, None, policy, program)?;
         let device = &ctx.inner.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;

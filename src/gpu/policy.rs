@@ -7,14 +7,11 @@ use std::sync::Arc;
 use super::batch::GpuTensor;
 use super::context::GpuContext;
 use super::engine::{Engine, Step};
-use super::readback::{decode_units, PendingReport};
+use super::readback::{decode_stages, decode_units, PendingReport};
 use super::resources::StepParams;
 use crate::error::ClipError;
-use crate::policies::{
-    check_shapes, ClipPolicy, GaussianNoise, Layout, PolicyState, Rule, TensorInfo,
-};
+use crate::policies::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape};
-use crate::shaders::abi::{self, StepReport};
 
 /// Runs a [`ClipPolicy`] over gradients in caller-owned buffers, step after step.
 pub struct GpuPolicy {
@@ -49,35 +46,33 @@ impl GpuPolicy {
         let infos: Vec<TensorInfo> = grads.iter().enumerate().map(|(i, t)| t.info(i)).collect();
         let lens: Vec<u64> = grads.iter().map(|t| t.len).collect();
         check_shapes(&infos, &lens)?;
-        let layout = Layout::new(&policy, &infos)?;
-        let params = match (&policy.rule, params) {
-            (Rule::Agc(_), Some(p)) => {
-                let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
-                check_shapes(&infos, &plens)?;
-                Some(p)
-            }
-            (Rule::Agc(_), None) => {
+        let program = Program::new(&policy, &infos)?;
+        let params = if program.needs_params() {
+            let Some(p) = params else {
                 return Err(ClipError::InvalidConfig(
                     "AGC needs the parameters alongside the gradients".into(),
-                ))
-            }
-            _ => None,
+                ));
+            };
+            let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
+            check_shapes(&infos, &plens)?;
+            Some(p)
+        } else {
+            None
         };
-        Self::build(ctx, grads, params, policy, layout)
+        Self::build(ctx, grads, params, policy, program)
     }
 
-    /// Plans `layout` (already resolved from `policy`) over `grads`.
+    /// Plans `program` (already resolved from `policy`) over `grads`.
     pub(crate) fn build(
         ctx: &GpuContext,
         grads: &[GpuTensor<'_>],
         params: Option<&[GpuTensor<'_>]>,
         policy: ClipPolicy,
-        layout: Layout,
+        program: Program,
     ) -> Result<GpuPolicy, ClipError> {
         let infos: Vec<TensorInfo> = grads.iter().enumerate().map(|(i, t)| t.info(i)).collect();
-        let shape = ReportShape::new(&layout, &infos);
-        let words = PolicyState::new(layout.history).words.len();
-        let engine = Engine::new(ctx, grads, params, layout, words)?;
+        let shape = ReportShape::new(&program, &infos);
+        let engine = Engine::new(ctx, grads, params, program)?;
         Ok(GpuPolicy {
             engine,
             policy,
@@ -94,7 +89,7 @@ impl GpuPolicy {
 
     /// Number of units (tensors, AGC units) that get their own coefficient.
     pub fn units(&self) -> usize {
-        self.engine.layout().segments.len()
+        self.engine.program().units.len()
     }
 
     /// The next step's number.
@@ -118,13 +113,12 @@ impl GpuPolicy {
             sigma: 0.0,
             seed: 0,
         });
-        let mut params = StepParams {
+        let params = StepParams {
             policy: policy.non_finite.code(),
             p: order,
             inv_p: 1.0 / order,
             rule: 1,
             multiplier: policy.schedule.checked(self.step)?,
-            capacity: self.engine.layout().history as u32,
             sigma: noise.sigma,
             seed_lo: noise.seed as u32,
             seed_hi: (noise.seed >> 32) as u32,
@@ -135,23 +129,6 @@ impl GpuPolicy {
             hi: policy.value.map_or(0.0, |v| v.hi),
             ..StepParams::default()
         };
-        match &policy.rule {
-            Rule::Agc(a) => {
-                params.lambda = a.lambda;
-                params.eps = a.eps;
-            }
-            Rule::AutoClip(a) => {
-                params.percentile = a.percentile;
-                params.cap = a.max_norm.unwrap_or(0.0);
-            }
-            Rule::ZClip(z) => {
-                params.alpha = z.alpha;
-                params.z_thresh = z.z_thresh;
-                params.z_eps = z.eps;
-                params.cap = z.max_norm.unwrap_or(0.0);
-            }
-            _ => {}
-        }
         Ok(params)
     }
 
@@ -207,8 +184,8 @@ impl GpuPolicy {
         let (readback, step) = self.encode_step(encoder, params, true, |_, _| {});
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
-        let global = self.policy.rule.is_global();
-        let shape = self.policy.report_groups.then(|| self.shape.clone());
+        let shape = self.shape.clone();
+        let detail = self.policy.report_groups;
         let units = self.units();
         let ctx = self.engine.ctx();
         Ok(PendingReport::on_submit(
@@ -217,20 +194,14 @@ impl GpuPolicy {
             self.engine.pool(),
             ctx.inner.device.clone(),
             Box::new(move |w: &[u32]| {
-                let h: StepReport = abi::read(w);
                 PolicyOutcome {
                     step,
                     norm,
-                    total: h.norm.into(),
-                    threshold: h.threshold,
-                    coef: h.coef,
-                    status: h.status,
-                    clipped: h.clipped,
+                    stages: decode_stages(w, shape.stages()),
                     units: units as u32,
-                    skips: h.skips,
-                    global,
                     policy: nf,
-                    detail: shape.map(|shape| decode_units(w, shape, units)),
+                    detail: detail.then(|| decode_units(w, &shape, units)),
+                    shape,
                 }
                 .report()
             }),
@@ -254,14 +225,17 @@ impl GpuPolicy {
     /// Reads the state back (waits for the GPU), to save it with [`PolicyState::to_bytes`].
     pub fn state(&self) -> Result<PolicyState, ClipError> {
         let mut words = self.engine.read_state()?;
-        let history = self.engine.layout().history;
-        words.truncate(PolicyState::new(history).words.len());
-        Ok(PolicyState::from_device(self.step, words))
+        words.truncate(self.engine.program().state_words);
+        Ok(PolicyState::from_device(
+            self.step,
+            words,
+            self.engine.program(),
+        ))
     }
 
     /// Restores a saved state (from either backend); the next step continues from it.
     pub fn set_state(&mut self, state: &PolicyState) -> Result<(), ClipError> {
-        state.check_fits(self.engine.layout().history)?;
+        state.check_fits(&self.engine.program().fresh_state())?;
         self.engine.write_state(&state.words);
         self.step = state.step;
         Ok(())

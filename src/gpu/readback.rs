@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
 use crate::policy::NonFinitePolicy;
-use crate::report::{ClipReport, ReportShape, UnitNorms};
+use crate::report::{ClipReport, ReportShape, StageOutcome, UnitNorms};
 use crate::shaders::abi::{self, Acc, StepReport};
 
 const PENDING: u8 = 0;
@@ -178,17 +178,34 @@ fn accs_at(words: &[u32], first: usize, count: usize) -> Vec<NormAcc> {
 
 /// The group norms, unit norms and coefficients the engine copies after the header
 /// (`Step::units`).
-pub(crate) fn decode_units(words: &[u32], shape: Arc<ReportShape>, units: usize) -> UnitNorms {
+pub(crate) fn decode_units(words: &[u32], shape: &ReportShape, units: usize) -> UnitNorms {
     let n_groups = shape.groups();
-    let header = abi::words_of::<StepReport>();
+    let header = abi::words_of::<StepReport>() * shape.stages();
     let units0 = header + abi::words_of::<Acc>() * n_groups;
     let coefs0 = units0 + abi::words_of::<Acc>() * units;
     UnitNorms {
         groups: accs_at(words, header, n_groups),
         units: accs_at(words, units0, units),
         coefs: bytemuck::cast_slice(&words[coefs0..coefs0 + units]).to_vec(),
-        shape,
     }
+}
+
+/// The report header of every norm stage, from the front of a readback.
+pub(crate) fn decode_stages(words: &[u32], stages: usize) -> Vec<StageOutcome> {
+    let n = abi::words_of::<StepReport>();
+    (0..stages)
+        .map(|k| {
+            let h: StepReport = abi::read(&words[k * n..]);
+            StageOutcome {
+                total: h.norm.into(),
+                threshold: h.threshold,
+                coef: h.coef,
+                status: h.status,
+                clipped: h.clipped,
+                skips: h.skips,
+            }
+        })
+        .collect()
 }
 
 /// A global-norm step's report from the engine's header and, when asked, unit norms.

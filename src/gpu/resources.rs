@@ -101,18 +101,23 @@ impl StepSlots {
     }
 
     /// Writes `params` (with sequence number `params.seq`) into its slot and records the
-    /// copy of its tag into word `ST_TAG` of `state`; returns the slot's dynamic offset.
+    /// copy of its tag into word `ST_TAG` of every state block (`blocks`: their first
+    /// words) of `state`; returns the slot's dynamic offset.
     pub(crate) fn write(
         &self,
         queue: &wgpu::Queue,
         encoder: &mut wgpu::CommandEncoder,
         params: &StepParams,
         state: &wgpu::Buffer,
+        blocks: &[usize],
     ) -> u32 {
         let offset = (params.seq % STEP_SLOTS) as u64 * self.stride;
         queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(params));
         let tag = (params.seq % TAG_RING) as u64 * 4;
-        encoder.copy_buffer_to_buffer(&self.tags, tag, state, ST_TAG as u64 * 4, 4);
+        for &base in blocks {
+            let at = (base as u64 + ST_TAG as u64) * 4;
+            encoder.copy_buffer_to_buffer(&self.tags, tag, state, at, 4);
+        }
         offset as u32
     }
 }

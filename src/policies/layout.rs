@@ -1,8 +1,10 @@
-//! From a policy and the batch's tensors to the segments that get a norm, the groups
-//! whose norms set a threshold, and the formula that turns them into coefficients.
+//! From a chain and the batch's tensors to the program both engines run: the units that
+//! get a norm, and for every norm stage the groups whose norms set a threshold and the
+//! formula that turns them into coefficients.
 
 use super::rules::{Rule, UnitAxis};
-use super::{ClipPolicy, TensorInfo};
+use super::state::{HEADER_WORDS, ST_CAP};
+use super::{ClipPolicy, PolicyState, TensorInfo};
 use crate::error::ClipError;
 use crate::plan::PlanSegment;
 use crate::shaders::abi;
@@ -18,52 +20,146 @@ pub(crate) enum Formula {
     Agc = abi::FORMULA_AGC as isize,
 }
 
-/// The resolved shape of a policy over one batch.
+/// Group index of a unit that a stage leaves alone (an AGC-excluded tensor).
+pub(crate) use abi::NO_GROUP;
+
+/// One norm stage of a program: how it groups the units and how group norms become
+/// coefficients.
 #[derive(Debug, Clone)]
-pub(crate) struct Layout {
-    /// Segments, numbered in group order.
-    pub segments: Vec<PlanSegment>,
-    /// Group of each segment.
+pub(crate) struct StagePlan {
+    /// Group of each unit, or [`NO_GROUP`].
     pub group_of: Vec<u32>,
-    /// Per group: (first segment, segment count).
+    /// The units of every group, group after group.
+    pub members: Vec<u32>,
+    /// Per group: (first member, member count).
     pub group_ranges: Vec<[u32; 2]>,
-    /// Base threshold per group (before the schedule).
+    /// Base threshold per group (before the step's multiplier).
     pub thresholds: Vec<f32>,
     /// Group names for reports.
     pub group_names: Vec<String>,
     pub formula: Formula,
-    /// `ADAPTIVE` of the shader: 0 none, 1 AutoClip, 2 ZClip.
+    /// `ADAPTIVE_*`: how a global threshold is found.
     pub adaptive: u32,
-    /// History slots of the state.
+    /// The rule's numbers (AGC, AutoClip, ZClip).
+    pub params: abi::StageParams,
+    /// First word of its block of the device state, and the block's history slots.
+    pub state_base: usize,
     pub history: usize,
 }
 
-impl Layout {
-    /// The global-norm program over whole tensors of lengths `lens`, base threshold 1 (each
-    /// step's multiplier is its max_norm): PyTorch's `clip_grad_norm_` and the split API.
-    pub(crate) fn global(lens: &[u64]) -> Layout {
-        let n = lens.len();
-        Layout {
-            segments: (lens.iter().enumerate())
-                .map(|(tensor, &len)| PlanSegment {
-                    tensor,
-                    first: 0,
-                    len,
-                    stride: 1,
-                })
-                .collect(),
-            group_of: vec![0; n],
-            group_ranges: vec![[0, n as u32]],
-            thresholds: vec![1.0],
-            group_names: vec!["all".into()],
-            formula: Formula::PyTorch,
-            adaptive: abi::ADAPTIVE_NONE,
-            history: 0,
+impl StagePlan {
+    /// One coefficient for every unit (the one `finish` computes from the total).
+    pub(crate) fn is_global(&self) -> bool {
+        self.group_ranges.len() == 1 && self.formula == Formula::PyTorch
+    }
+
+    /// True when group `g` is unit `g` for every unit.
+    pub(crate) fn is_identity(&self) -> bool {
+        self.group_ranges.len() == self.group_of.len()
+            && self
+                .group_of
+                .iter()
+                .enumerate()
+                .all(|(u, &g)| g as usize == u)
+    }
+
+    /// Groups given as the group of each unit (in unit order inside each group).
+    fn grouped(group_of: Vec<u32>, n_groups: usize) -> (Vec<u32>, Vec<[u32; 2]>) {
+        let mut members = Vec::with_capacity(group_of.len());
+        let mut ranges = Vec::with_capacity(n_groups);
+        for g in 0..n_groups as u32 {
+            let first = members.len() as u32;
+            members.extend((0..group_of.len() as u32).filter(|&u| group_of[u as usize] == g));
+            ranges.push([first, members.len() as u32 - first]);
+        }
+        (members, ranges)
+    }
+}
+
+/// A chain resolved over one batch: the units that get a norm (the finest partition every
+/// stage needs: AGC units where the chain has AGC, else whole tensors) and each norm
+/// stage's groups. Both engines run exactly this.
+#[derive(Debug, Clone)]
+pub(crate) struct Program {
+    pub units: Vec<PlanSegment>,
+    pub stages: Vec<StagePlan>,
+    /// Words of the device state: one block per stage, adaptive stages first.
+    pub state_words: usize,
+}
+
+/// A stage without rule numbers or state.
+fn plain_stage(
+    group_of: Vec<u32>,
+    n_groups: usize,
+    thresholds: Vec<f32>,
+    group_names: Vec<String>,
+    formula: Formula,
+) -> StagePlan {
+    let (members, group_ranges) = StagePlan::grouped(group_of.clone(), n_groups);
+    StagePlan {
+        group_of,
+        members,
+        group_ranges,
+        thresholds,
+        group_names,
+        formula,
+        adaptive: abi::ADAPTIVE_NONE,
+        params: abi::StageParams::default(),
+        state_base: 0,
+        history: 0,
+    }
+}
+
+impl Program {
+    /// Lays the stages' state blocks out (adaptive stages first, so the saved state's
+    /// first block is the adaptive one) and returns the program.
+    fn with_state(units: Vec<PlanSegment>, mut stages: Vec<StagePlan>) -> Program {
+        let mut order: Vec<usize> = (0..stages.len()).collect();
+        order.sort_by_key(|&s| stages[s].adaptive == abi::ADAPTIVE_NONE);
+        let mut next = 0;
+        for s in order {
+            stages[s].state_base = next;
+            next += HEADER_WORDS + stages[s].history;
+        }
+        Program {
+            units,
+            stages,
+            state_words: next.max(HEADER_WORDS),
         }
     }
 
-    /// Resolves `policy` over tensors described by `infos`.
-    pub(crate) fn new(policy: &ClipPolicy, infos: &[TensorInfo]) -> Result<Layout, ClipError> {
+    /// A fresh device state: zeros, with each block's history capacity in its header.
+    pub(crate) fn fresh_state(&self) -> PolicyState {
+        let mut state = PolicyState::new(self.state_words);
+        for stage in &self.stages {
+            state.words[stage.state_base + ST_CAP] = stage.history as u32;
+        }
+        state
+    }
+
+    /// The global-norm program over whole tensors of lengths `lens`, base threshold 1 (each
+    /// step's multiplier is its max_norm): PyTorch's `clip_grad_norm_` and the split API.
+    pub(crate) fn global(lens: &[u64]) -> Program {
+        let units = (lens.iter().enumerate())
+            .map(|(tensor, &len)| PlanSegment {
+                tensor,
+                first: 0,
+                len,
+                stride: 1,
+            })
+            .collect::<Vec<_>>();
+        let stage = plain_stage(
+            vec![0; lens.len()],
+            1,
+            vec![1.0],
+            vec!["all".into()],
+            Formula::PyTorch,
+        );
+        Program::with_state(units, vec![stage])
+    }
+
+    /// Resolves `policy` (its chain of norm stages) over tensors described by `infos`.
+    pub(crate) fn new(policy: &ClipPolicy, infos: &[TensorInfo]) -> Result<Program, ClipError> {
         policy.validate()?;
         if let Some(t) = infos.iter().find(|t| t.checked_len().is_none()) {
             return Err(ClipError::ShapeMismatch {
@@ -72,106 +168,188 @@ impl Layout {
                 got: format!("{:?}", t.shape),
             });
         }
-        let whole: Vec<PlanSegment> = infos
-            .iter()
-            .enumerate()
-            .map(|(tensor, t)| PlanSegment {
-                tensor,
-                first: 0,
-                len: t.len(),
-                stride: 1,
+        // Units: AGC's where the chain has AGC (its excluded tensors whole), else tensors.
+        let agc = policy.rules().find_map(|r| match r {
+            Rule::Agc(a) => Some(a),
+            _ => None,
+        });
+        let mut units = Vec::new();
+        let mut unit_names = Vec::new();
+        let mut agc_unit = Vec::new();
+        for (tensor, t) in infos.iter().enumerate() {
+            let len = t.len();
+            let (count, unit_len, stride, step) = match agc {
+                Some(a) if !a.excludes(&t.name) && len > 0 => agc_units(t, a.axis)?,
+                _ => (1, len, 1, len),
+            };
+            let is_agc = agc.is_some_and(|a| !a.excludes(&t.name) && len > 0);
+            for u in 0..count {
+                units.push(PlanSegment {
+                    tensor,
+                    first: u * step,
+                    len: unit_len,
+                    stride,
+                });
+                unit_names.push(format!("{}[{u}]", t.name));
+                agc_unit.push(is_agc);
+            }
+        }
+        let n = units.len();
+        let tensor_of: Vec<u32> = units.iter().map(|u| u.tensor as u32).collect();
+        let names = || infos.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let global = |thr: f32| {
+            plain_stage(
+                vec![0; n],
+                1,
+                vec![thr],
+                vec!["all".into()],
+                Formula::PyTorch,
+            )
+        };
+        let stages = policy
+            .rules()
+            .map(|rule| match rule {
+                Rule::GlobalNorm(c) => global(*c),
+                Rule::AutoClip(a) => StagePlan {
+                    adaptive: abi::ADAPTIVE_AUTOCLIP,
+                    params: abi::StageParams {
+                        percentile: a.percentile,
+                        capacity: a.history,
+                        cap: a.max_norm.unwrap_or(0.0),
+                        ..Default::default()
+                    },
+                    history: a.history as usize,
+                    ..global(0.0)
+                },
+                Rule::ZClip(z) => StagePlan {
+                    adaptive: abi::ADAPTIVE_ZCLIP,
+                    params: abi::StageParams {
+                        capacity: z.warmup,
+                        alpha: z.alpha,
+                        z_thresh: z.z_thresh,
+                        z_eps: z.eps,
+                        cap: z.max_norm.unwrap_or(0.0),
+                        ..Default::default()
+                    },
+                    history: z.warmup as usize,
+                    ..global(0.0)
+                },
+                Rule::PerTensor(r) => plain_stage(
+                    tensor_of.clone(),
+                    infos.len(),
+                    vec![r.max_norm; infos.len()],
+                    names(),
+                    Formula::Tf,
+                ),
+                // rms / t = norm / (t * sqrt(len)): clip_by_norm with that threshold.
+                Rule::BlockRms(r) => plain_stage(
+                    tensor_of.clone(),
+                    infos.len(),
+                    infos
+                        .iter()
+                        .map(|t| r.threshold * (t.len() as f32).sqrt())
+                        .collect(),
+                    names(),
+                    Formula::Tf,
+                ),
+                Rule::Groups(g) => {
+                    let of: Vec<u32> = infos.iter().map(|t| g.group_of(&t.name) as u32).collect();
+                    let mut thresholds: Vec<f32> = g.groups.iter().map(|x| x.max_norm).collect();
+                    thresholds.push(g.default_max_norm);
+                    let mut group_names: Vec<String> =
+                        g.groups.iter().map(|x| x.name.clone()).collect();
+                    group_names.push("default".into());
+                    plain_stage(
+                        tensor_of.iter().map(|&t| of[t as usize]).collect(),
+                        g.groups.len() + 1,
+                        thresholds,
+                        group_names,
+                        Formula::PyTorch,
+                    )
+                }
+                Rule::Agc(a) => {
+                    // One group per AGC unit; excluded tensors are left alone.
+                    let mut next = 0;
+                    let group_of: Vec<u32> = agc_unit
+                        .iter()
+                        .map(|&is| {
+                            if is {
+                                next += 1;
+                                next - 1
+                            } else {
+                                NO_GROUP
+                            }
+                        })
+                        .collect();
+                    let group_names = (0..n).filter(|&u| agc_unit[u]);
+                    let group_names = group_names.map(|u| unit_names[u].clone()).collect();
+                    StagePlan {
+                        params: abi::StageParams {
+                            lambda: a.lambda,
+                            eps: a.eps,
+                            ..Default::default()
+                        },
+                        ..plain_stage(
+                            group_of,
+                            next as usize,
+                            vec![0.0; next as usize],
+                            group_names,
+                            Formula::Agc,
+                        )
+                    }
+                }
             })
             .collect();
-        let n = infos.len();
-        let names = || infos.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
-        let one_group = |thr: f32, adaptive: u32, history: usize| Layout {
-            group_of: vec![0; n],
-            group_ranges: vec![[0, n as u32]],
-            segments: whole.clone(),
-            thresholds: vec![thr],
-            group_names: vec!["all".into()],
-            formula: Formula::PyTorch,
-            adaptive,
-            history,
+        Ok(Program::with_state(units, stages))
+    }
+
+    /// True when the chain has an AGC stage (it reads the parameters).
+    pub(crate) fn needs_params(&self) -> bool {
+        self.stages.iter().any(|s| s.formula == Formula::Agc)
+    }
+
+    /// Per-example clipping of `batch` examples over tensors of `lens[t] = batch * P_t`
+    /// elements laid out `[batch, P_t]`: one unit per (example, tensor), example-major.
+    /// `per_layer`: each unit is clipped by its tensor's threshold; otherwise an example's
+    /// units form one group with threshold `thresholds[0]`.
+    pub(crate) fn per_example(
+        lens: &[u64],
+        batch: u64,
+        thresholds: &[f32],
+        per_layer: bool,
+    ) -> Program {
+        let n = lens.len();
+        let mut units = Vec::with_capacity(batch as usize * n);
+        for i in 0..batch {
+            for (tensor, &len) in lens.iter().enumerate() {
+                let p = len / batch;
+                units.push(PlanSegment {
+                    tensor,
+                    first: i * p,
+                    len: p,
+                    stride: 1,
+                });
+            }
+        }
+        let count = units.len() as u32;
+        let stage = if per_layer {
+            plain_stage(
+                (0..count).collect(),
+                count as usize,
+                (0..count).map(|s| thresholds[s as usize % n]).collect(),
+                (0..count).map(|g| format!("{g}")).collect(),
+                Formula::PyTorch,
+            )
+        } else {
+            plain_stage(
+                (0..count).map(|s| s / n.max(1) as u32).collect(),
+                batch as usize,
+                vec![thresholds[0]; batch as usize],
+                (0..batch).map(|g| format!("{g}")).collect(),
+                Formula::PyTorch,
+            )
         };
-        let per_segment = |segments: Vec<PlanSegment>, thresholds: Vec<f32>, formula, names| {
-            let count = segments.len();
-            Layout {
-                group_of: (0..count as u32).collect(),
-                group_ranges: (0..count as u32).map(|s| [s, 1]).collect(),
-                segments,
-                thresholds,
-                group_names: names,
-                formula,
-                adaptive: 0,
-                history: 0,
-            }
-        };
-        Ok(match &policy.rule {
-            Rule::GlobalNorm(c) => one_group(*c, 0, 0),
-            Rule::AutoClip(a) => one_group(0.0, 1, a.history as usize),
-            Rule::ZClip(z) => one_group(0.0, 2, z.warmup as usize),
-            Rule::PerTensor(r) => per_segment(whole, vec![r.max_norm; n], Formula::Tf, names()),
-            Rule::BlockRms(r) => {
-                // rms / t = norm / (t * sqrt(len)): clip_by_norm with that threshold.
-                let thr = infos
-                    .iter()
-                    .map(|t| r.threshold * (t.len() as f32).sqrt())
-                    .collect();
-                per_segment(whole, thr, Formula::Tf, names())
-            }
-            Rule::Groups(g) => {
-                let count = g.groups.len() + 1;
-                let of: Vec<usize> = infos.iter().map(|t| g.group_of(&t.name)).collect();
-                let mut segments = Vec::with_capacity(n);
-                let mut group_of = Vec::with_capacity(n);
-                let mut group_ranges = Vec::with_capacity(count);
-                for group in 0..count {
-                    let first = segments.len() as u32;
-                    for (t, _) in of.iter().enumerate().filter(|(_, &x)| x == group) {
-                        segments.push(whole[t]);
-                        group_of.push(group as u32);
-                    }
-                    group_ranges.push([first, segments.len() as u32 - first]);
-                }
-                let mut thresholds: Vec<f32> = g.groups.iter().map(|x| x.max_norm).collect();
-                thresholds.push(g.default_max_norm);
-                let mut group_names: Vec<String> =
-                    g.groups.iter().map(|x| x.name.clone()).collect();
-                group_names.push("default".into());
-                Layout {
-                    segments,
-                    group_of,
-                    group_ranges,
-                    thresholds,
-                    group_names,
-                    formula: Formula::PyTorch,
-                    adaptive: 0,
-                    history: 0,
-                }
-            }
-            Rule::Agc(agc) => {
-                let mut segments = Vec::new();
-                let mut unit_names = Vec::new();
-                for (tensor, t) in infos.iter().enumerate() {
-                    if agc.excludes(&t.name) || t.is_empty() {
-                        continue;
-                    }
-                    let (units, unit_len, stride, step) = agc_units(t, agc.axis)?;
-                    for u in 0..units {
-                        segments.push(PlanSegment {
-                            tensor,
-                            first: u * step,
-                            len: unit_len,
-                            stride,
-                        });
-                        unit_names.push(format!("{}[{u}]", t.name));
-                    }
-                }
-                let count = segments.len();
-                per_segment(segments, vec![0.0; count], Formula::Agc, unit_names)
-            }
-        })
+        Program::with_state(units, vec![stage])
     }
 }
 
@@ -229,60 +407,6 @@ pub(crate) fn check_shapes(infos: &[TensorInfo], lens: &[u64]) -> Result<(), Cli
     Ok(())
 }
 
-impl Layout {
-    /// Per-example clipping of `batch` examples over tensors of `lens[t] = batch * P_t`
-    /// elements laid out `[batch, P_t]`: one segment per (example, tensor), example-major.
-    /// `per_layer`: each segment is clipped by its tensor's threshold; otherwise an
-    /// example's segments form one group with threshold `thresholds[0]`.
-    pub(crate) fn per_example(
-        lens: &[u64],
-        batch: u64,
-        thresholds: &[f32],
-        per_layer: bool,
-    ) -> Layout {
-        let n = lens.len();
-        let mut segments = Vec::with_capacity(batch as usize * n);
-        for i in 0..batch {
-            for (tensor, &len) in lens.iter().enumerate() {
-                let p = len / batch;
-                segments.push(PlanSegment {
-                    tensor,
-                    first: i * p,
-                    len: p,
-                    stride: 1,
-                });
-            }
-        }
-        let count = segments.len() as u32;
-        let (group_of, group_ranges, group_thresholds): (Vec<u32>, Vec<[u32; 2]>, Vec<f32>) =
-            if per_layer {
-                (
-                    (0..count).collect(),
-                    (0..count).map(|s| [s, 1]).collect(),
-                    (0..count).map(|s| thresholds[s as usize % n]).collect(),
-                )
-            } else {
-                (
-                    (0..count).map(|s| s / n.max(1) as u32).collect(),
-                    (0..batch as u32)
-                        .map(|i| [i * n as u32, n as u32])
-                        .collect(),
-                    vec![thresholds[0]; batch as usize],
-                )
-            };
-        Layout {
-            group_names: (0..group_ranges.len()).map(|g| format!("{g}")).collect(),
-            segments,
-            group_of,
-            group_ranges,
-            thresholds: group_thresholds,
-            formula: Formula::PyTorch,
-            adaptive: 0,
-            history: 0,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,7 +441,7 @@ mod tests {
         let policy = ClipPolicy::new(Rule::Agc(crate::Agc::new(0.01)));
         let infos = [TensorInfo::new("w", &[(1 << 63) + 2, 2])];
         assert!(matches!(
-            Layout::new(&policy, &infos),
+            Program::new(&policy, &infos),
             Err(ClipError::ShapeMismatch { .. })
         ));
     }

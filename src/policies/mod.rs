@@ -9,7 +9,7 @@ mod rules;
 mod schedule;
 mod state;
 
-pub(crate) use layout::{check_shapes, Formula, Layout};
+pub(crate) use layout::{check_shapes, Formula, Program, StagePlan, NO_GROUP};
 pub use per_example::{ExampleThreshold, PerExampleClip, PerExampleReport};
 pub use rules::{
     Agc, AutoClip, BlockRmsClip, Group, GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
@@ -82,8 +82,10 @@ impl TensorInfo {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClipPolicy {
-    /// What to clip by.
+    /// The first norm stage.
     pub rule: Rule,
+    /// Further norm stages, in order ([`ClipPolicy::then`]).
+    pub then: Vec<Rule>,
     /// Norm order of the norm-threshold rules (AGC and block RMS are L2 by definition).
     pub norm: Norm,
     /// Threshold multiplier over steps.
@@ -103,6 +105,7 @@ impl ClipPolicy {
     pub fn new(rule: Rule) -> Self {
         ClipPolicy {
             rule,
+            then: Vec::new(),
             norm: Norm::L2,
             schedule: Schedule::Constant,
             noise: None,
@@ -110,6 +113,20 @@ impl ClipPolicy {
             non_finite: NonFinitePolicy::Propagate,
             report_groups: false,
         }
+    }
+
+    /// Adds a norm stage after the previous ones: it sees the gradients as the earlier
+    /// stages scaled them (AGC then a global norm, say). The stages share one read of the
+    /// gradients: a norm scales linearly, so each stage's norms are the unit norms times
+    /// the coefficients so far, and one elementwise pass applies the product.
+    pub fn then(mut self, rule: Rule) -> Self {
+        self.then.push(rule);
+        self
+    }
+
+    /// The norm stages in order.
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        std::iter::once(&self.rule).chain(&self.then)
     }
 
     /// Uses norm order `norm`.
@@ -151,11 +168,21 @@ impl ClipPolicy {
 
     /// Checks the whole configuration.
     pub fn validate(&self) -> Result<(), ClipError> {
-        self.rule.validate()?;
+        for rule in self.rules() {
+            rule.validate()?;
+        }
         self.norm.validate()?;
-        if matches!(self.rule, Rule::Agc(_) | Rule::BlockRms(_)) && self.norm != Norm::L2 {
+        let l2_only = self
+            .rules()
+            .any(|r| matches!(r, Rule::Agc(_) | Rule::BlockRms(_)));
+        if l2_only && self.norm != Norm::L2 {
             return Err(ClipError::InvalidConfig(
                 "AGC and block RMS are defined with the L2 norm".into(),
+            ));
+        }
+        if self.rules().filter(|r| matches!(r, Rule::Agc(_))).count() > 1 {
+            return Err(ClipError::InvalidConfig(
+                "a chain holds at most one AGC stage (its units are the chain's units)".into(),
             ));
         }
         if let Some(v) = &self.value {

@@ -316,14 +316,6 @@ impl Rule {
             Rule::ZClip(r) => r.validate(),
         }
     }
-
-    /// Rules whose threshold is one global number (reported as such).
-    pub(crate) fn is_global(&self) -> bool {
-        matches!(
-            self,
-            Rule::GlobalNorm(_) | Rule::AutoClip(_) | Rule::ZClip(_)
-        )
-    }
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 
 use crate::error::ClipError;
 
+use super::Program;
 use crate::shaders::abi;
 
 /// Header words before the history.
@@ -12,6 +13,7 @@ pub(crate) const ST_SEEN: usize = abi::ST_SEEN as usize;
 pub(crate) const ST_SKIPS: usize = abi::ST_SKIPS as usize;
 pub(crate) const ST_MEAN: usize = abi::ST_MEAN as usize;
 pub(crate) const ST_VAR: usize = abi::ST_VAR as usize;
+pub(crate) const ST_CAP: usize = abi::ST_CAP as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
 const VERSION: u32 = 1;
@@ -27,17 +29,19 @@ pub struct PolicyState {
 }
 
 impl PolicyState {
-    /// A fresh state with room for `history` norms.
-    pub(crate) fn new(history: usize) -> Self {
+    /// A zeroed state of `words` words (see `Program::fresh_state`).
+    pub(crate) fn new(words: usize) -> Self {
         PolicyState {
             step: 0,
-            words: vec![0; HEADER_WORDS + history],
+            words: vec![0; words],
         }
     }
 
-    /// A state read from the device: the engine's per-step tag word is not part of it.
-    pub(crate) fn from_device(step: u64, mut words: Vec<u32>) -> Self {
-        words[abi::ST_TAG as usize] = 0;
+    /// A state read from the device: the engine's per-step tag words are not part of it.
+    pub(crate) fn from_device(step: u64, mut words: Vec<u32>, program: &Program) -> Self {
+        for stage in &program.stages {
+            words[stage.state_base + abi::ST_TAG as usize] = 0;
+        }
         PolicyState { step, words }
     }
 
@@ -58,7 +62,7 @@ impl PolicyState {
 
     /// The stored norms (AutoClip: the ring buffer in slot order; ZClip: the warmup norms).
     pub fn history(&self) -> Vec<f32> {
-        let cap = self.words.len() - HEADER_WORDS;
+        let cap = (self.words[ST_CAP] as usize).min(self.words.len() - HEADER_WORDS);
         let n = (self.words[ST_SEEN] as usize).min(cap);
         self.words[HEADER_WORDS..HEADER_WORDS + n]
             .iter()
@@ -108,15 +112,25 @@ impl PolicyState {
         })
     }
 
-    /// Checks that this state fits a policy keeping `history` norms.
-    pub(crate) fn check_fits(&self, history: usize) -> Result<(), ClipError> {
-        if self.words.len() == HEADER_WORDS + history {
-            Ok(())
-        } else {
-            Err(ClipError::InvalidState(format!(
-                "state holds {} history slots, the policy needs {history}",
-                self.words.len() - HEADER_WORDS
-            )))
+    /// Checks that this state has the layout of `fresh` (a program's fresh state): the
+    /// same size and the same history capacity in every block.
+    pub(crate) fn check_fits(&self, fresh: &PolicyState) -> Result<(), ClipError> {
+        if self.words.len() != fresh.words.len() {
+            return Err(ClipError::InvalidState(format!(
+                "state holds {} words, the policy needs {}",
+                self.words.len(),
+                fresh.words.len()
+            )));
         }
+        // A fresh state is zero but for each block's capacity word.
+        for (i, &w) in fresh.words.iter().enumerate() {
+            if w != 0 && self.words[i] != w {
+                return Err(ClipError::InvalidState(format!(
+                    "state word {i} is {}, the policy keeps {w} history slots there",
+                    self.words[i]
+                )));
+            }
+        }
+        Ok(())
     }
 }

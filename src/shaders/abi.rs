@@ -100,19 +100,6 @@ abi_structs! {
         pub multiplier: f32,
         pub lo: f32,
         pub hi: f32,
-        /// AGC.
-        pub lambda: f32,
-        pub eps: f32,
-        /// AutoClip, in [0, 100].
-        pub percentile: f32,
-        /// AutoClip history size, ZClip warmup.
-        pub capacity: u32,
-        /// ZClip.
-        pub alpha: f32,
-        pub z_thresh: f32,
-        pub z_eps: f32,
-        /// Optional max_norm cap of the adaptive rules (0: none).
-        pub cap: f32,
         /// Gaussian noise std (0: none), generator seed and step (the noise key).
         pub sigma: f32,
         pub seed_lo: u32,
@@ -128,10 +115,34 @@ abi_structs! {
         pub first_chunk: u32,
         /// Workgroups with work (or inputs to combine).
         pub n_chunks: u32,
-        /// `coefs`: 1 when the program has one coefficient for every unit (the one
-        /// `finish` computed from the total).
+        /// `coefs`: 1 when the stage has one coefficient for every unit (the one `finish`
+        /// computed from the total).
         pub global: u32,
+        /// 1 for the chain's first norm stage: it starts the coefficients (and, in
+        /// `combine`, its inputs are not scaled by earlier ones).
+        pub first: u32,
+        /// The norm stage (its report) and the first word of its state block.
+        pub stage: u32,
+        pub state_base: u32,
         pub _pad0: u32,
+        pub _pad1: u32,
+    }
+
+    /// The numbers of one norm stage's rule, fixed when a chain is planned.
+    pub(crate) struct StageParams {
+        /// AGC.
+        pub lambda: f32,
+        pub eps: f32,
+        /// AutoClip, in [0, 100].
+        pub percentile: f32,
+        /// AutoClip history size, ZClip warmup.
+        pub capacity: u32,
+        /// ZClip.
+        pub alpha: f32,
+        pub z_thresh: f32,
+        pub z_eps: f32,
+        /// Optional max_norm cap of the adaptive rules (0: none).
+        pub cap: f32,
     }
 
     /// What a step leaves for the host and for the elementwise passes.
@@ -226,6 +237,8 @@ pub(crate) const ST_MEAN: u32 = 2;
 pub(crate) const ST_VAR: u32 = 3;
 /// The tag of the step being run, copied in by the encoder (not part of a saved state).
 pub(crate) const ST_TAG: u32 = 4;
+/// History slots of the block (fixed by the program).
+pub(crate) const ST_CAP: u32 = 5;
 pub(crate) const ST_HEADER: u32 = 8;
 
 /// Parameter slots per engine: up to this many steps may be encoded before a submission.
@@ -247,6 +260,9 @@ pub(crate) const FORMULA_AGC: u32 = 2;
 /// Word of [`StepReport::status`], for kernels that bind the report read-only (its
 /// atomic counter makes the struct itself read-write only).
 pub(crate) const STATUS_WORD: u32 = (std::mem::offset_of!(StepReport, status) / 4) as u32;
+
+/// Group of a unit that a stage leaves alone.
+pub(crate) const NO_GROUP: u32 = u32::MAX;
 
 /// Threads per workgroup of the chunk kernels, and elements one workgroup handles.
 pub(crate) const WG: u32 = 256;
@@ -283,9 +299,11 @@ const CONSTS: &[(&str, u32)] = &[
     ("FORMULA_TF", FORMULA_TF),
     ("FORMULA_AGC", FORMULA_AGC),
     ("WG", WG),
+    ("NO_GROUP", NO_GROUP),
     ("STATUS_WORD", STATUS_WORD),
     ("STATUS_STALE", STATUS_STALE),
     ("ST_TAG", ST_TAG),
+    ("ST_CAP", ST_CAP),
     ("TAG_RING", TAG_RING),
 ];
 

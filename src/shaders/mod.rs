@@ -120,8 +120,10 @@ const STEP: Binding = Binding::Step;
 /// A bind group layout (group 0) shared by the entry points that use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum BindLayout {
-    /// `norm_reduce` and `norm_combine`.
+    /// `norm_reduce` and `norm_combine`'s `main`.
     Reduce,
+    /// `norm_combine`'s `groups`.
+    Groups,
     Coef,
     Rewrite,
     PerExample,
@@ -129,8 +131,9 @@ pub(crate) enum BindLayout {
 }
 
 impl BindLayout {
-    pub(crate) const ALL: [BindLayout; 5] = [
+    pub(crate) const ALL: [BindLayout; 6] = [
         BindLayout::Reduce,
+        BindLayout::Groups,
         BindLayout::Coef,
         BindLayout::Rewrite,
         BindLayout::PerExample,
@@ -141,12 +144,22 @@ impl BindLayout {
     pub(crate) fn entries(self) -> &'static [(u32, Binding)] {
         match self {
             BindLayout::Reduce => &[(0, RO), (1, RO), (2, RW), (3, STEP), (4, UNIFORM)],
+            BindLayout::Groups => &[
+                (0, RO),
+                (1, RO),
+                (2, RW),
+                (3, STEP),
+                (4, UNIFORM),
+                (5, RO),
+                (6, RO),
+            ],
             BindLayout::Coef => &[
                 (0, RO),
                 (1, RW),
                 (2, RW),
                 (3, STEP),
                 (4, UNIFORM),
+                (5, RO),
                 (6, RO),
                 (7, RW),
                 (8, RO),
@@ -170,6 +183,8 @@ pub(crate) enum Kernel {
     Reduce(u32),
     /// `combine`: runs of accumulators into one.
     Combine(u32),
+    /// `combine`: a norm stage's group norms from scaled unit norms.
+    Groups(u32),
     /// `coef`, entry `finish`.
     Finish {
         kind: u32,
@@ -204,7 +219,11 @@ impl Kernel {
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
         let mut all = vec![Kernel::Rewrite, Kernel::PerExample, Kernel::Accumulate];
         for kind in kinds {
-            all.extend([Kernel::Reduce(kind), Kernel::Combine(kind)]);
+            all.extend([
+                Kernel::Reduce(kind),
+                Kernel::Combine(kind),
+                Kernel::Groups(kind),
+            ]);
             for adaptive in adaptives {
                 all.push(Kernel::Finish { kind, adaptive });
                 for formula in [FORMULA_PYTORCH, FORMULA_TF, FORMULA_AGC] {
@@ -224,6 +243,7 @@ impl Kernel {
         let (family, entry, layout, constants) = match self {
             Kernel::Reduce(k) => (Family::NormReduce, "main", BindLayout::Reduce, kind(k)),
             Kernel::Combine(k) => (Family::NormCombine, "main", BindLayout::Reduce, kind(k)),
+            Kernel::Groups(k) => (Family::NormCombine, "groups", BindLayout::Groups, kind(k)),
             Kernel::Finish { kind: k, adaptive } => (
                 Family::Coef,
                 "finish",
