@@ -330,7 +330,6 @@ pub(crate) fn finish(
 pub(crate) fn coefs(
     stage: &StagePlan,
     groups: &[NormAcc],
-    units: &[NormAcc],
     params: Option<&[NormAcc]>,
     finish: &Finish,
     step: &CpuStep,
@@ -345,8 +344,9 @@ pub(crate) fn coefs(
             1.0
         } else if let (Formula::Agc, Some(w)) = (stage.formula, params) {
             let p = &stage.params;
+            // The unit's norm as the earlier stages left it: its group of one.
             agc_coef(
-                &units[u],
+                &groups[g as usize],
                 &w[u],
                 p.lambda * step.multiplier,
                 p.eps,
@@ -513,16 +513,7 @@ pub(crate) fn run(
         let finish = finish(&groups, stage, step, state);
         let clipped = if reduce_norms || stage.is_global() {
             let w = w_units.as_deref();
-            coefs(
-                stage,
-                &groups,
-                &units,
-                w,
-                &finish,
-                step,
-                &mut unit_coefs,
-                first,
-            )
+            coefs(stage, &groups, w, &finish, step, &mut unit_coefs, first)
         } else {
             0
         };
