@@ -3,7 +3,7 @@
 // unit's coefficient, plus Gaussian noise, clamped to [lo, hi] (value clipping).
 //
 // Bindings (group 0):
-//   0 grads     storage, read_write  one binding window of a gradient buffer, as atomic words
+//   0 grads     storage, read_write  one binding window of a gradient buffer, as words
 //   1 chunks    storage, read        the unit chunk table (Chunk) of `reduce`
 //   2 coefs     storage, read        coefficient per unit (coef.wgsl `coefs`)
 //   3 step      uniform              StepParams of this step, at a dynamic offset
@@ -13,10 +13,10 @@
 // One workgroup rewrites one chunk, or returns at once when the step is held or its unit
 // needs nothing (coefficient 1, no noise, clamp or NaN to remove). It is dispatched
 // indirectly with the counts `coef` wrote, so a step that changes nothing runs zero
-// workgroups; a value clip alone is dispatched directly. Units may end inside a 32-bit
-// word (odd-length 16-bit units, strided AGC columns), so a word whose other half belongs
-// to another chunk is updated with an atomic XOR of this half's bits only: no lost
-// updates, and the other half is never written. An element whose value does not change
+// workgroups. Entry `main` serves programs whose units own whole 32-bit words. Where units
+// may end inside a word (odd-length 16-bit units, strided 16-bit AGC columns), entry
+// `shared_words` updates a word whose other half belongs to another chunk with an atomic
+// XOR of this half's bits only: no lost updates, and the other half is never written. An element whose value does not change
 // keeps its exact bits. CPU twin: src/cpu/engine.rs (`rewrite`).
 
 #import acc
@@ -24,6 +24,8 @@
 #import grid
 #import philox
 
+// The same binding seen two ways: plain words by `main`, atomic words by `shared_words`.
+@group(0) @binding(0) var<storage, read_write> words: array<u32>;
 @group(0) @binding(0) var<storage, read_write> grads: array<atomic<u32>>;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
 @group(0) @binding(2) var<storage, read> coefs: array<f32>;
@@ -78,24 +80,71 @@ fn update_half(e: u32, dtype: u32, coef: f32, tensor: u32, index: u32) {
     atomicXor(&grads[w], (old ^ updated) << shift);
 }
 
-@compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
+// This workgroup's chunk and coefficient, and whether it has anything to do.
+struct Work {
+    chunk: Chunk,
+    coef: f32,
+    run: bool,
+}
+
+fn work_of(wid: vec3<u32>, nwg: vec3<u32>) -> Work {
     let local = linear_workgroup(wid, nwg);
     if (local >= dispatch.n_chunks || (report[STATUS_WORD] & STATUS_HELD) != 0u) {
-        return;
+        return Work(chunks[0], 1.0, false);
     }
     let chunk = chunks[dispatch.first_chunk + local];
     var coef = 1.0;
     if (step.rule == 1u) {
         coef = coefs[chunk.seg];
     }
-    if (coef == 1.0 && step.sigma == 0.0 && step.policy != POLICY_ZERO_NANS && step.clamp == 0u) {
+    let idle = coef == 1.0 && step.sigma == 0.0 && step.policy != POLICY_ZERO_NANS
+        && step.clamp == 0u;
+    return Work(chunk, coef, !idle);
+}
+
+// Entry `main`, for programs whose units own whole words (f32, or 16-bit units that start
+// and end on word boundaries): plain loads and stores.
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let job = work_of(wid, nwg);
+    if (!job.run) {
         return;
     }
+    let c = job.chunk;
+    if (c.dtype == DTYPE_F32) {
+        for (var k = lid; k < c.len; k = k + WG) {
+            let e = c.start + k * c.stride;
+            words[e] = f32_transform(words[e], job.coef, c.tensor, c.index + k * c.stride);
+        }
+        return;
+    }
+    for (var k = lid; k < c.len / 2u; k = k + WG) {
+        let w = (c.start >> 1u) + k;
+        let bits = words[w];
+        let i0 = c.index + 2u * k;
+        let lo = half_transform(bits & 0xffffu, c.dtype, job.coef, c.tensor, i0);
+        let hi = half_transform(bits >> 16u, c.dtype, job.coef, c.tensor, i0 + 1u);
+        words[w] = lo | (hi << 16u);
+    }
+}
+
+// Entry `shared_words`, for programs where a word may hold elements of two units.
+@compute @workgroup_size(WG)
+fn shared_words(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let job = work_of(wid, nwg);
+    if (!job.run) {
+        return;
+    }
+    let chunk = job.chunk;
+    let coef = job.coef;
     let dtype = chunk.dtype;
     if (chunk.stride != 1u || dtype == DTYPE_F32) {
         for (var k = lid; k < chunk.len; k = k + WG) {

@@ -23,7 +23,7 @@ impl DType {
         }
     }
 
-    /// The code the shaders use (`DTYPE_*` in `shaders/common.wgsl`).
+    /// The code the shaders use (`DTYPE_*` of `src/shaders/abi.rs`).
     pub(crate) fn shader_code(self) -> u32 {
         use crate::shaders::abi::{DTYPE_BF16, DTYPE_F16, DTYPE_F32};
         match self {

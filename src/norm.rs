@@ -1,5 +1,5 @@
 //! Norm orders and the overflow-safe norm accumulator (the host twin of `Acc` in
-//! `shaders/common.wgsl`).
+//! `shaders/shared/acc.wgsl`).
 //!
 //! An accumulator `(scale, sum, flags)` stands for `scale^p * sum`: the p-th power of a
 //! norm held so that neither squaring huge values nor tiny ones leaves the float range.
@@ -156,7 +156,7 @@ impl NormAcc {
     }
 
     /// Merges two accumulators of the same norm; associative, with [`NormAcc::IDENTITY`]
-    /// as identity. Mirrors `acc_combine` in `shaders/common.wgsl`.
+    /// as identity. Mirrors `acc_combine` in `shaders/shared/acc.wgsl`.
     pub fn combine(self, other: NormAcc, norm: Norm) -> NormAcc {
         let flags = self.flags | other.flags;
         if norm == Norm::Inf {

@@ -1,6 +1,6 @@
-//! CPU twin of `shaders/norm_reduce.wgsl` and of the per-tensor half of
-//! `shaders/norm_finish.wgsl`: the norm of every tensor, reduced block by block in a fixed
-//! order (so the result is the same bits on every run and every thread count).
+//! The exact reduction under the CPU engine's `reduce` and `combine` (twins of
+//! `shaders/norm_reduce.wgsl` and `shaders/norm_combine.wgsl`): the norm of every tensor or
+//! unit, reduced block by block in f64 in a fixed order (so the result is the same bits on every run and every thread count).
 //!
 //! The host has f64, so the common norms take a faster exact route than the GPU's
 //! scaled accumulator: a square of any finite f32 (at most 1.2e77) and a sum of 2^16 of

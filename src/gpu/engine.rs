@@ -85,6 +85,8 @@ pub(crate) struct Engine {
     /// Per binding window of the gradients: bind group and offset of its indirect args.
     rewrites: Vec<(wgpu::BindGroup, u64)>,
     args_out: wgpu::Buffer,
+    /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
+    shared_words: bool,
     slots: StepSlots,
     state: wgpu::Buffer,
     /// First word of every stage's state block (each gets the step's tag).
@@ -339,6 +341,11 @@ impl Engine {
                 (group, wi as u64 * 12)
             })
             .collect();
+        // A 16-bit chunk that is strided or starts or ends mid-word shares a word.
+        let shared_words = grad_plan.reduce_chunks.iter().any(|c| {
+            let half = c[3] != crate::shaders::abi::DTYPE_F32;
+            half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
+        });
         let last_groups = program.stages[n_stages - 1].group_ranges.len();
         let readback = n_stages as u64 * REPORT_BYTES
             + (last_groups + n_units) as u64 * ACC_BYTES
@@ -352,6 +359,7 @@ impl Engine {
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
             rewrites,
             args_out,
+            shared_words,
             slots,
             state,
             blocks: program.stages.iter().map(|s| s.state_base).collect(),
@@ -467,7 +475,8 @@ impl Engine {
                 }
             }
             if step.rewrite {
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Rewrite));
+                let shared_words = self.shared_words;
+                pass.set_pipeline(&kernels.pipeline(device, Kernel::Rewrite { shared_words }));
                 for (group, args) in &self.rewrites {
                     pass.set_bind_group(0, group, &[slot]);
                     pass.dispatch_workgroups_indirect(&self.args_out, *args);

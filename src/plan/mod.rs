@@ -42,7 +42,7 @@ pub(crate) struct PlanLimits {
     pub max_workgroups_per_dim: u32,
 }
 
-/// A chunk table row, as the shaders read it (`Chunk` in `shaders/common.wgsl`):
+/// A chunk table row, as the shaders read it (`Chunk` of `src/shaders/abi.rs`):
 /// segment (or span), first element relative to the window, element count, dtype code,
 /// element stride, tensor, index of the first element inside its tensor, unused.
 pub(crate) type ChunkRow = [u32; 8];

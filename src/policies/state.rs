@@ -1,5 +1,5 @@
 //! The state a policy carries between steps, in the exact word layout the GPU keeps
-//! (`state` binding of `shaders/policy.wgsl`), so a state saved from either backend
+//! (`state` binding of `shaders/coef.wgsl`), so a state saved from either backend
 //! restores on either and a resumed run clips as the uninterrupted one would.
 
 use crate::error::ClipError;

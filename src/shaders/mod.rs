@@ -196,7 +196,8 @@ pub(crate) enum Kernel {
         adaptive: u32,
         formula: u32,
     },
-    Rewrite,
+    /// `rewrite`; `shared_words`: units may share 32-bit words (the atomic entry).
+    Rewrite { shared_words: bool },
     PerExample,
     Accumulate,
 }
@@ -217,7 +218,14 @@ impl Kernel {
         use abi::*;
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
-        let mut all = vec![Kernel::Rewrite, Kernel::PerExample, Kernel::Accumulate];
+        let mut all = vec![
+            Kernel::Rewrite {
+                shared_words: false,
+            },
+            Kernel::Rewrite { shared_words: true },
+            Kernel::PerExample,
+            Kernel::Accumulate,
+        ];
         for kind in kinds {
             all.extend([
                 Kernel::Reduce(kind),
@@ -264,7 +272,10 @@ impl Kernel {
                     ("FORMULA", formula as f64),
                 ],
             ),
-            Kernel::Rewrite => (Family::Rewrite, "main", BindLayout::Rewrite, vec![]),
+            Kernel::Rewrite { shared_words } => {
+                let entry = if shared_words { "shared_words" } else { "main" };
+                (Family::Rewrite, entry, BindLayout::Rewrite, vec![])
+            }
             Kernel::PerExample => (Family::PerExample, "main", BindLayout::PerExample, vec![]),
             Kernel::Accumulate => (Family::Accumulate, "main", BindLayout::Accumulate, vec![]),
         };
