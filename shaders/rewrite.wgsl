@@ -4,7 +4,8 @@
 //
 // Bindings (group 0):
 //   0 grads     storage, read_write  one binding window of a gradient buffer, as words
-//   1 chunks    storage, read        the unit chunk table (Chunk) of `reduce`
+//   1 chunks    storage, read        the unit chunk table (Chunk) of `reduce`, or for one
+//                                    coefficient without noise the chunks over spans
 //   2 coefs     storage, read        coefficient per unit (coef.wgsl `coefs`)
 //   3 step      uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
@@ -24,6 +25,10 @@
 #import grid
 #import philox
 
+// Pipeline variants: noise and clamping compiled in only where a step asks for them.
+override NOISE: bool = true;
+override CLAMP: bool = true;
+
 // The same binding seen two ways: plain words by `main`, atomic words by `shared_words`.
 @group(0) @binding(0) var<storage, read_write> words: array<u32>;
 @group(0) @binding(0) var<storage, read_write> grads: array<atomic<u32>>;
@@ -42,13 +47,13 @@ fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
     if (bitcast<u32>(coef) != bitcast<u32>(1.0)) {
         y = y * coef;
     }
-    if (step.sigma > 0.0) {
+    if (NOISE && step.sigma > 0.0) {
         let seed = vec2<u32>(step.seed_lo, step.seed_hi);
         let at = vec2<u32>(step.step_lo, step.step_hi);
         y = y + step.sigma * gaussian_noise(seed, at, tensor, index);
     }
     // NaN compares false both ways and stays NaN, as in PyTorch and TensorFlow.
-    if (step.clamp == 1u) {
+    if (CLAMP && step.clamp == 1u) {
         if (y < step.lo) {
             y = step.lo;
         } else if (y > step.hi) {
@@ -62,8 +67,24 @@ fn f32_transform(bits: u32, coef: f32, tensor: u32, index: u32) -> u32 {
     return bitcast<u32>(transform(bitcast<f32>(bits), coef, tensor, index));
 }
 
+// A clamp and nothing else: compare with the bounds, write the pre-rounded bound bits.
+fn clamp_only(coef: f32) -> bool {
+    return CLAMP && !NOISE && step.clamp == 1u && step.policy != POLICY_ZERO_NANS
+        && bitcast<u32>(coef) == bitcast<u32>(1.0);
+}
+
 fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32 {
     let x = half_to_f32(h, dtype);
+    if (clamp_only(coef)) {
+        let shift = select(16u, 0u, dtype == DTYPE_F16);
+        if (x < step.lo) {
+            return (step.lo_half >> shift) & 0xffffu;
+        }
+        if (x > step.hi) {
+            return (step.hi_half >> shift) & 0xffffu;
+        }
+        return h;
+    }
     let y = transform(x, coef, tensor, index);
     if (bitcast<u32>(y) == bitcast<u32>(x)) {
         return h;
@@ -102,8 +123,8 @@ fn work_of(wid: vec3<u32>, nwg: vec3<u32>) -> Work {
     return Work(chunk, coef, !idle);
 }
 
-// Entry `main`, for programs whose units own whole words (f32, or 16-bit units that start
-// and end on word boundaries): plain loads and stores.
+// Entry `main`, for chunk tables where no word has two writers (f32 units, 16-bit units on
+// word boundaries, or spans): plain loads and stores.
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -122,12 +143,21 @@ fn main(
         }
         return;
     }
-    for (var k = lid; k < c.len / 2u; k = k + WG) {
-        let w = (c.start >> 1u) + k;
+    // A half outside the chunk (at the edge of a span) keeps its bits: it has no writer.
+    let end = c.start + c.len;
+    let end_word = (end + 1u) >> 1u;
+    for (var w = (c.start >> 1u) + lid; w < end_word; w = w + WG) {
         let bits = words[w];
-        let i0 = c.index + 2u * k;
-        let lo = half_transform(bits & 0xffffu, c.dtype, job.coef, c.tensor, i0);
-        let hi = half_transform(bits >> 16u, c.dtype, job.coef, c.tensor, i0 + 1u);
+        var lo = bits & 0xffffu;
+        var hi = bits >> 16u;
+        let e0 = w * 2u;
+        let i0 = c.index + e0 - c.start; // wraps for a low half before the chunk: unused
+        if (e0 >= c.start) {
+            lo = half_transform(lo, c.dtype, job.coef, c.tensor, i0);
+        }
+        if (e0 + 1u < end) {
+            hi = half_transform(hi, c.dtype, job.coef, c.tensor, i0 + 1u);
+        }
         words[w] = lo | (hi << 16u);
     }
 }

@@ -76,6 +76,16 @@ pub struct ValueClip {
 }
 
 impl ValueClip {
+    /// The bounds rounded to f16 (low 16 bits) and bf16 (high 16 bits), as the shaders
+    /// take them.
+    pub(crate) fn half_bounds(&self) -> (u32, u32) {
+        let halves = |v: f32| {
+            half::f16::from_f32(v).to_bits() as u32
+                | (half::bf16::from_f32(v).to_bits() as u32) << 16
+        };
+        (halves(self.lo), halves(self.hi))
+    }
+
     /// `[-v, v]`, PyTorch's `clip_grad_value_(params, v)`.
     pub fn symmetric(v: f32) -> Self {
         ValueClip { lo: -v, hi: v }

@@ -130,7 +130,7 @@ impl GpuBatch {
     /// resources; on error nothing is kept and no buffer is touched.
     pub fn new(ctx: &GpuContext, tensors: &[GpuTensor<'_>]) -> Result<GpuBatch, ClipError> {
         let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
-        let engine = Engine::new(ctx, tensors, None, Program::global(&lens))?;
+        let engine = Engine::new(ctx, tensors, None, Program::global(&lens), false)?;
         Ok(GpuBatch {
             engine,
             n_tensors: tensors.len(),
@@ -261,6 +261,8 @@ impl GpuBatch {
                 clamp: 1,
                 lo: clip.lo,
                 hi: clip.hi,
+                lo_half: clip.half_bounds().0,
+                hi_half: clip.half_bounds().1,
                 ..StepParams::default()
             },
             reduce: false,

@@ -143,13 +143,14 @@ impl CoefBinding<'_> {
 }
 
 impl Engine {
-    /// Plans `program` over `grads` (and, for AGC, `params`, tensor for tensor). Errors
-    /// create nothing and touch no buffer.
+    /// Plans `program` over `grads` (and, for AGC, `params`, tensor for tensor); `noise`:
+    /// its steps may add noise. Errors create nothing and touch no buffer.
     pub(crate) fn new(
         ctx: &GpuContext,
         grads: &[GpuTensor<'_>],
         params: Option<&[GpuTensor<'_>]>,
         program: Program,
+        noise: bool,
     ) -> Result<Engine, ClipError> {
         let (grad_plan, grad_buffers) = plan_tensors(ctx, grads, |_| program.units.clone())?;
         let param_plan = params
@@ -191,10 +192,15 @@ impl Engine {
             bytemuck::cast_slice(&stage_params),
             wgpu::BufferUsages::empty(),
         );
+        // One coefficient for everything and no noise (which needs each element's tensor and
+        // index): the rewrite runs over spans, maximal runs of touching tensors, so small
+        // tensors share workgroups and no word has two writers.
+        let single_global = n_stages == 1 && program.stages[0].is_global();
+        let spans = single_global && !noise;
         let rewrite_grids: Vec<[u32; 3]> = grad_plan
             .windows
             .iter()
-            .map(|w| fold_grid(w.reduce_count, max_dim))
+            .map(|w| fold_grid(if spans { w.apply_count } else { w.reduce_count }, max_dim))
             .collect();
         let args_full = storage_init(
             device,
@@ -228,7 +234,6 @@ impl Engine {
                 ..stage
             });
         }
-        let single_global = n_stages == 1 && program.stages[0].is_global();
         dispatch.push(DispatchParams {
             n_chunks: grads_red.n_chunks as u32,
             global: 1,
@@ -321,6 +326,22 @@ impl Engine {
                 formula: st.formula as u32,
             });
         }
+        let span_chunks = spans.then(|| {
+            let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
+                .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
+                .collect();
+            let chunks = storage_init(
+                device,
+                "gradclip span chunks",
+                bytemuck::cast_slice(&grad_plan.apply_chunks),
+                wgpu::BufferUsages::empty(),
+            );
+            (chunks, DispatchSlots::new(device, &ranges))
+        });
+        let (rewrite_chunks, rewrite_slots) = match &span_chunks {
+            Some((chunks, slots)) => (chunks, slots),
+            None => (&grads_red.chunks, &grads_red.slots),
+        };
         let rewrites = grad_plan
             .windows
             .iter()
@@ -331,21 +352,23 @@ impl Engine {
                     kernels.layout(BindLayout::Rewrite),
                     &[
                         (0, window(grad_buffers[w.buffer], w)),
-                        (1, whole(&grads_red.chunks)),
+                        (1, whole(rewrite_chunks)),
                         (2, whole(&coef_buf)),
                         (3, slots.binding()),
-                        (4, grads_red.slots.slot(wi)),
+                        (4, rewrite_slots.slot(wi)),
                         (6, whole(&reports)),
                     ],
                 );
                 (group, wi as u64 * 12)
             })
             .collect();
-        // A 16-bit chunk that is strided or starts or ends mid-word shares a word.
-        let shared_words = grad_plan.reduce_chunks.iter().any(|c| {
-            let half = c[3] != crate::shaders::abi::DTYPE_F32;
-            half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
-        });
+        // A 16-bit unit chunk that is strided or starts or ends mid-word shares a word
+        // (spans never do: a half outside a span has no writer).
+        let shared_words = !spans
+            && grad_plan.reduce_chunks.iter().any(|c| {
+                let half = c[3] != crate::shaders::abi::DTYPE_F32;
+                half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
+            });
         let last_groups = program.stages[n_stages - 1].group_ranges.len();
         let readback = n_stages as u64 * REPORT_BYTES
             + (last_groups + n_units) as u64 * ACC_BYTES
@@ -475,8 +498,12 @@ impl Engine {
                 }
             }
             if step.rewrite {
-                let shared_words = self.shared_words;
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Rewrite { shared_words }));
+                let rewrite = Kernel::Rewrite {
+                    shared_words: self.shared_words,
+                    noise: params.sigma > 0.0,
+                    clamp: params.clamp == 1,
+                };
+                pass.set_pipeline(&kernels.pipeline(device, rewrite));
                 for (group, args) in &self.rewrites {
                     pass.set_bind_group(0, group, &[slot]);
                     pass.dispatch_workgroups_indirect(&self.args_out, *args);

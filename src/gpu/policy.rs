@@ -72,7 +72,7 @@ impl GpuPolicy {
     ) -> Result<GpuPolicy, ClipError> {
         let infos: Vec<TensorInfo> = grads.iter().enumerate().map(|(i, t)| t.info(i)).collect();
         let shape = ReportShape::new(&program, &infos);
-        let engine = Engine::new(ctx, grads, params, program)?;
+        let engine = Engine::new(ctx, grads, params, program, policy.noise.is_some())?;
         Ok(GpuPolicy {
             engine,
             policy,
@@ -127,6 +127,8 @@ impl GpuPolicy {
             clamp: policy.value.is_some() as u32,
             lo: policy.value.map_or(0.0, |v| v.lo),
             hi: policy.value.map_or(0.0, |v| v.hi),
+            lo_half: policy.value.map_or(0, |v| v.half_bounds().0),
+            hi_half: policy.value.map_or(0, |v| v.half_bounds().1),
             ..StepParams::default()
         };
         Ok(params)

@@ -100,6 +100,10 @@ abi_structs! {
         pub multiplier: f32,
         pub lo: f32,
         pub hi: f32,
+        /// The bounds rounded to f16 (low 16 bits) and bf16 (high 16 bits), for a clamp
+        /// alone on 16-bit words.
+        pub lo_half: u32,
+        pub hi_half: u32,
         /// Gaussian noise std (0: none), generator seed and step (the noise key).
         pub sigma: f32,
         pub seed_lo: u32,
@@ -107,6 +111,8 @@ abi_structs! {
         pub step_lo: u32,
         pub step_hi: u32,
         pub _pad0: u32,
+        pub _pad1: u32,
+        pub _pad2: u32,
     }
 
     /// Per-dispatch parameters, fixed when a batch is planned.

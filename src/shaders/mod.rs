@@ -196,8 +196,13 @@ pub(crate) enum Kernel {
         adaptive: u32,
         formula: u32,
     },
-    /// `rewrite`; `shared_words`: units may share 32-bit words (the atomic entry).
-    Rewrite { shared_words: bool },
+    /// `rewrite`; `shared_words`: units may share 32-bit words (the atomic entry); `noise`
+    /// and `clamp`: the step adds noise, clamps.
+    Rewrite {
+        shared_words: bool,
+        noise: bool,
+        clamp: bool,
+    },
     PerExample,
     Accumulate,
 }
@@ -218,14 +223,14 @@ impl Kernel {
         use abi::*;
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
-        let mut all = vec![
-            Kernel::Rewrite {
-                shared_words: false,
-            },
-            Kernel::Rewrite { shared_words: true },
-            Kernel::PerExample,
-            Kernel::Accumulate,
-        ];
+        let mut all = vec![Kernel::PerExample, Kernel::Accumulate];
+        for bits in 0..8 {
+            all.push(Kernel::Rewrite {
+                shared_words: bits & 1 != 0,
+                noise: bits & 2 != 0,
+                clamp: bits & 4 != 0,
+            });
+        }
         for kind in kinds {
             all.extend([
                 Kernel::Reduce(kind),
@@ -272,9 +277,14 @@ impl Kernel {
                     ("FORMULA", formula as f64),
                 ],
             ),
-            Kernel::Rewrite { shared_words } => {
+            Kernel::Rewrite {
+                shared_words,
+                noise,
+                clamp,
+            } => {
                 let entry = if shared_words { "shared_words" } else { "main" };
-                (Family::Rewrite, entry, BindLayout::Rewrite, vec![])
+                let flags = vec![("NOISE", noise as u8 as f64), ("CLAMP", clamp as u8 as f64)];
+                (Family::Rewrite, entry, BindLayout::Rewrite, flags)
             }
             Kernel::PerExample => (Family::PerExample, "main", BindLayout::PerExample, vec![]),
             Kernel::Accumulate => (Family::Accumulate, "main", BindLayout::Accumulate, vec![]),
