@@ -275,23 +275,38 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (!held && (every_unit || !(coef >= 1.0))) {
         status = status | STATUS_SCALED;
     }
-    // The first stage sets the rewrite on or off; later ones only turn it on.
+    // The first stage sets the rewrite on or off; later ones turn it on, or off for good
+    // when they hold the step.
     let run = !held && every_unit;
-    if (dispatch.first == 1u || run) {
+    if (dispatch.first == 1u || run || held) {
         set_rewrite(run, lid, WG);
     }
     if (lid == 0u) {
-        if (fresh) {
-            var skips = 0u;
-            if ((status & STATUS_SKIPPED) != 0u) {
-                skips = state[dispatch.state_base + ST_SKIPS] + 1u;
+        // One chain-wide verdict in the first stage's report (the one the rewrite and
+        // the host read): any stage that finds non-finite values holds or skips the step.
+        // One skip counter, in the state's first block.
+        let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
+        if (dispatch.first == 1u) {
+            reports[0].skips_before = state[ST_SKIPS];
+            if (fresh) {
+                state[ST_SKIPS] = select(0u, state[ST_SKIPS] + 1u, (status & STATUS_SKIPPED) != 0u);
             }
-            state[dispatch.state_base + ST_SKIPS] = skips;
+        } else if (fresh) {
+            let before = reports[0].status;
+            reports[0].status = before | (status & verdict);
+            if ((status & STATUS_SKIPPED) != 0u && (before & STATUS_SKIPPED) == 0u) {
+                state[ST_SKIPS] = reports[0].skips_before + 1u;
+            }
+            reports[0].skips = state[ST_SKIPS];
         }
         reports[dispatch.stage].norm = total;
         reports[dispatch.stage].threshold = thr;
-        reports[dispatch.stage].status = status;
-        reports[dispatch.stage].skips = state[dispatch.state_base + ST_SKIPS];
+        if (dispatch.first == 1u) {
+            reports[0].status = status;
+        } else {
+            reports[dispatch.stage].status = status | (reports[0].status & STATUS_HELD);
+        }
+        reports[dispatch.stage].skips = state[ST_SKIPS];
         atomicStore(&reports[dispatch.stage].clipped, 0u);
         reports[dispatch.stage].coef = coef;
     }

@@ -698,6 +698,50 @@ fn four_stage_chain_matches_an_f64_model() {
     ));
 }
 
+/// A non-finite value that only a later stage sees (AGC leaves the bias out, the global
+/// norm does not) still holds the whole step: skipped, counted, nothing written.
+#[test]
+fn a_later_stage_can_hold_the_step() {
+    let infos = [TensorInfo::new("w", &[2, 2]), TensorInfo::new("b", &[2])];
+    let g = vec![f32s(&[3.0, 4.0, 1.0, 0.0]), f32s(&[f32::INFINITY, 1.0])];
+    let w = [f32s(&[0.1, 0.1, 0.1, 0.1]), f32s(&[1.0, 1.0])];
+    for nf in [NonFinitePolicy::SkipStep, NonFinitePolicy::Error] {
+        let policy = ClipPolicy::new(Rule::Agc(Agc::new(0.01).exclude("b")))
+            .then(Rule::GlobalNorm(1.0))
+            .non_finite(nf);
+        let cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+        let ctx = gpu();
+        let arena = upload(&ctx, &g);
+        let p_arena = upload(&ctx, &w);
+        let tensors = gpu_tensors(&arena, &g, &infos);
+        let params = gpu_tensors(&p_arena, &w, &infos);
+        let mut gpu_run = GpuPolicy::new(&ctx, &tensors, Some(&params), policy).unwrap();
+        let mut cpu_run = cpu;
+        let mut h = g.clone();
+        let c = cpu_run.step(&mut common::muts(&mut h), Some(&common::refs(&w)));
+        let r = gpu_run.run().unwrap().wait();
+        assert_eq!(h, g, "{nf:?}: CPU gradients untouched");
+        assert_eq!(
+            download(&ctx, &arena, &g),
+            g,
+            "{nf:?}: GPU gradients untouched"
+        );
+        match nf {
+            NonFinitePolicy::Error => {
+                assert!(matches!(c, Err(ClipError::NonFiniteNorm(_))), "{c:?}");
+                assert!(matches!(r, Err(ClipError::NonFiniteNorm(_))), "{r:?}");
+            }
+            _ => {
+                let (c, r) = (c.unwrap(), r.unwrap());
+                assert!(c.skipped && r.skipped && c.non_finite && r.non_finite);
+                assert_eq!((c.consecutive_skips, r.consecutive_skips), (1, 1));
+                assert_eq!(cpu_run.state().consecutive_skips(), 1);
+                assert_eq!(gpu_run.state().unwrap().consecutive_skips(), 1);
+            }
+        }
+    }
+}
+
 proptest! {
     // A fixed seed: the suite passes or fails the same way on every run.
     #![proptest_config(ProptestConfig {

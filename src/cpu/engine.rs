@@ -295,12 +295,6 @@ pub(crate) fn finish(
     } else {
         threshold
     };
-    let skips = if status & STATUS_SKIPPED != 0 {
-        block[ST_SKIPS] + 1
-    } else {
-        0
-    };
-    block[ST_SKIPS] = skips;
     let no_spike = stage.adaptive == abi::ADAPTIVE_ZCLIP && threshold == f32::INFINITY;
     let coef = if no_spike {
         1.0
@@ -319,7 +313,7 @@ pub(crate) fn finish(
         status,
         threshold,
         coef,
-        skips,
+        skips: 0,
     }
 }
 
@@ -437,6 +431,13 @@ pub(crate) fn rewrite(
         }
         return;
     }
+    // As on the GPU: the pass runs when every unit needs it (noise, clamp, NaNs found) or
+    // some coefficient is not 1; then each unit with work is rewritten.
+    let every_unit =
+        noise.is_some() || step.clamp.is_some() || finish.status & STATUS_NANS_ZEROED != 0;
+    if !every_unit && coefs.iter().all(|c| c.to_bits() == 1.0f32.to_bits()) {
+        return;
+    }
     for (s, unit) in program.units.iter().enumerate() {
         let c = coefs[s];
         if c == 1.0 && noise.is_none() && !zero_nans && step.clamp.is_none() {
@@ -522,6 +523,24 @@ pub(crate) fn run(
             finish,
             clipped,
         });
+    }
+    // One chain-wide verdict in the first stage: any stage that finds non-finite values
+    // holds or skips the step; one skip counter, in the state's first block.
+    let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
+    let merged = (stages.iter()).fold(0, |m, s| m | (s.finish.status & verdict));
+    let skipped = merged & STATUS_SKIPPED != 0;
+    state.words[ST_SKIPS] = if skipped {
+        state.words[ST_SKIPS] + 1
+    } else {
+        0
+    };
+    for (k, s) in stages.iter_mut().enumerate() {
+        s.finish.skips = state.words[ST_SKIPS];
+        if k == 0 {
+            s.finish.status |= merged;
+        } else {
+            s.finish.status |= merged & STATUS_HELD;
+        }
     }
     rewrite(grads, program, &unit_coefs, &stages[0].finish, step);
     Outcome {

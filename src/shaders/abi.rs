@@ -165,7 +165,9 @@ abi_structs! {
         pub clipped: u32 => "atomic<u32>",
         /// Consecutive skipped steps.
         pub skips: u32,
-        pub _pad0: u32,
+        /// The first stage's copy of the skip counter before this step (later stages
+        /// that skip the step count from it).
+        pub skips_before: u32,
         pub _pad1: u32,
         pub _pad2: u32,
     }
