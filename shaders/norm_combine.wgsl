@@ -28,6 +28,14 @@ override NORM_KIND: u32 = 2u;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
 
+// Combines the threads' accumulators and writes output `r`.
+fn store(r: u32, acc: Acc, lid: u32) {
+    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
+    if (lid == 0u) {
+        outputs[r] = total;
+    }
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -43,10 +51,7 @@ fn main(
     for (var i = lid; i < range.y; i = i + WG) {
         acc = acc_combine(acc, inputs[range.x + i], NORM_KIND, step.p);
     }
-    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
-    if (lid == 0u) {
-        outputs[r] = total;
-    }
+    store(r, acc, lid);
 }
 
 @group(0) @binding(5) var<storage, read> members: array<u32>;
@@ -80,8 +85,5 @@ fn groups(
         }
         acc = acc_combine(acc, a, NORM_KIND, step.p);
     }
-    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
-    if (lid == 0u) {
-        outputs[r] = total;
-    }
+    store(r, acc, lid);
 }

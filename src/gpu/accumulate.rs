@@ -6,7 +6,7 @@ use super::batch::{plan_tensors, GpuTensor};
 use super::context::GpuContext;
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
-use super::resources::{bind, storage_init, whole, window, DispatchSlots};
+use super::resources::{bind, table, whole, window, DispatchSlots};
 use crate::cpu::check_micro_steps;
 use crate::error::ClipError;
 use crate::plan::{fold_grid, PlanSegment};
@@ -76,12 +76,7 @@ impl GpuAccumulator {
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let chunks = storage_init(
-            device,
-            "gradclip accumulate chunks",
-            bytemuck::cast_slice(&plan.apply_chunks),
-            wgpu::BufferUsages::empty(),
-        );
+        let chunks = table(device, "gradclip accumulate chunks", &plan.apply_chunks);
         let scale = 1.0 / micro_steps as f32;
         let slots = DispatchSlots::new(
             device,

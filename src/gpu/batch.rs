@@ -255,14 +255,15 @@ impl GpuBatch {
         clip: &ValueClip,
     ) -> Result<(), ClipError> {
         clip.validate()?;
+        let (lo_half, hi_half) = clip.half_bounds();
         let step = Step {
             params: StepParams {
                 rule: 0,
                 clamp: 1,
                 lo: clip.lo,
                 hi: clip.hi,
-                lo_half: clip.half_bounds().0,
-                hi_half: clip.half_bounds().1,
+                lo_half,
+                hi_half,
                 ..StepParams::default()
             },
             reduce: false,

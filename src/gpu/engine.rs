@@ -27,8 +27,8 @@ use super::context::GpuContext;
 use super::readback::ReportPool;
 use super::reduction::SegmentReduction;
 use super::resources::{
-    bind, storage_init, storage_zeroed, whole, window, DispatchParams, DispatchSlots, StepParams,
-    StepSlots,
+    bind, storage_init, storage_zeroed, table, whole, window, DispatchParams, DispatchSlots,
+    StepParams, StepSlots,
 };
 use crate::error::ClipError;
 use crate::norm::Norm;
@@ -186,12 +186,7 @@ impl Engine {
             wgpu::BufferUsages::COPY_SRC,
         );
         let stage_params: Vec<StageParams> = program.stages.iter().map(|s| s.params).collect();
-        let stage_params = storage_init(
-            device,
-            "gradclip stage params",
-            bytemuck::cast_slice(&stage_params),
-            wgpu::BufferUsages::empty(),
-        );
+        let stage_params = table(device, "gradclip stage params", &stage_params);
         // One coefficient for everything and no noise (which needs each element's tensor and
         // index): the rewrite runs over spans, maximal runs of touching tensors, so small
         // tensors share workgroups and no word has two writers.
@@ -202,12 +197,7 @@ impl Engine {
             .iter()
             .map(|w| fold_grid(if spans { w.apply_count } else { w.reduce_count }, max_dim))
             .collect();
-        let args_full = storage_init(
-            device,
-            "gradclip rewrite grid",
-            bytemuck::cast_slice(&rewrite_grids),
-            wgpu::BufferUsages::empty(),
-        );
+        let args_full = table(device, "gradclip rewrite grid", &rewrite_grids);
         let args_out = storage_zeroed(
             device,
             "gradclip rewrite indirect",
@@ -272,18 +262,8 @@ impl Engine {
                 )
             };
             let groups = (!shared).then(|| {
-                let ranges = storage_init(
-                    device,
-                    "gradclip group ranges",
-                    bytemuck::cast_slice(&st.group_ranges),
-                    wgpu::BufferUsages::empty(),
-                );
-                let members = storage_init(
-                    device,
-                    "gradclip group members",
-                    bytemuck::cast_slice(&st.members),
-                    wgpu::BufferUsages::empty(),
-                );
+                let ranges = table(device, "gradclip group ranges", &st.group_ranges);
+                let members = table(device, "gradclip group members", &st.members);
                 let group = bind(
                     device,
                     kernels.layout(BindLayout::Groups),
@@ -299,18 +279,8 @@ impl Engine {
                 );
                 (group, fold_grid(n_groups as u32, max_dim))
             });
-            let thresholds = storage_init(
-                device,
-                "gradclip thresholds",
-                bytemuck::cast_slice(&st.thresholds),
-                wgpu::BufferUsages::empty(),
-            );
-            let group_of = storage_init(
-                device,
-                "gradclip group of unit",
-                bytemuck::cast_slice(&st.group_of),
-                wgpu::BufferUsages::empty(),
-            );
+            let thresholds = table(device, "gradclip thresholds", &st.thresholds);
+            let group_of = table(device, "gradclip group of unit", &st.group_of);
             let binding = |inputs: &wgpu::Buffer, slot| {
                 coef_binding.bind(device, coef_layout, inputs, &thresholds, &group_of, slot)
             };
@@ -330,12 +300,7 @@ impl Engine {
             let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
                 .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
                 .collect();
-            let chunks = storage_init(
-                device,
-                "gradclip span chunks",
-                bytemuck::cast_slice(&grad_plan.apply_chunks),
-                wgpu::BufferUsages::empty(),
-            );
+            let chunks = table(device, "gradclip span chunks", &grad_plan.apply_chunks);
             (chunks, DispatchSlots::new(device, &ranges))
         });
         let (rewrite_chunks, rewrite_slots) = match &span_chunks {

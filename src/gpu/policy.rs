@@ -113,6 +113,7 @@ impl GpuPolicy {
             sigma: 0.0,
             seed: 0,
         });
+        let (lo_half, hi_half) = policy.value.map_or((0, 0), |v| v.half_bounds());
         let params = StepParams {
             policy: policy.non_finite.code(),
             p: order,
@@ -127,8 +128,8 @@ impl GpuPolicy {
             clamp: policy.value.is_some() as u32,
             lo: policy.value.map_or(0.0, |v| v.lo),
             hi: policy.value.map_or(0.0, |v| v.hi),
-            lo_half: policy.value.map_or(0, |v| v.half_bounds().0),
-            hi_half: policy.value.map_or(0, |v| v.half_bounds().1),
+            lo_half,
+            hi_half,
             ..StepParams::default()
         };
         Ok(params)

@@ -4,7 +4,7 @@
 
 use super::kernels::Kernels;
 use super::resources::{
-    bind, storage_init, storage_zeroed, whole, window, DispatchParams, DispatchSlots, StepSlots,
+    bind, storage_zeroed, table, whole, window, DispatchParams, DispatchSlots, StepSlots,
 };
 use crate::plan::{fold_grid, Plan};
 use crate::shaders::abi::ACC_BYTES;
@@ -38,18 +38,8 @@ impl SegmentReduction {
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let n_segments = plan.segment_ranges.len();
         let n_chunks = plan.reduce_chunks.len();
-        let chunks = storage_init(
-            device,
-            "gradclip chunks",
-            bytemuck::cast_slice(&plan.reduce_chunks),
-            wgpu::BufferUsages::empty(),
-        );
-        let ranges = storage_init(
-            device,
-            "gradclip segment ranges",
-            bytemuck::cast_slice(&plan.segment_ranges),
-            wgpu::BufferUsages::empty(),
-        );
+        let chunks = table(device, "gradclip chunks", &plan.reduce_chunks);
+        let ranges = table(device, "gradclip segment ranges", &plan.segment_ranges);
         let partials = storage_zeroed(
             device,
             "gradclip partials",

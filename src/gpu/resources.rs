@@ -138,6 +138,16 @@ pub(crate) fn storage_init(
     })
 }
 
+/// A read-only storage table holding `data` (chunk rows, ranges, thresholds, ...).
+pub(crate) fn table<T: Pod>(device: &wgpu::Device, label: &str, data: &[T]) -> wgpu::Buffer {
+    storage_init(
+        device,
+        label,
+        bytemuck::cast_slice(data),
+        wgpu::BufferUsages::empty(),
+    )
+}
+
 /// A zeroed storage buffer of `size` bytes (at least 16).
 pub(crate) fn storage_zeroed(
     device: &wgpu::Device,
