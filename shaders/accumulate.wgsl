@@ -36,37 +36,30 @@ fn add_half(sum: u32, x: u32, dtype: u32) -> u32 {
 }
 
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let local = linear_workgroup(wid, nwg);
+fn main(inv: Invocation) {
+    let local = workgroup_index(inv);
     if (local >= params.n_chunks) {
         return;
     }
-    let chunk = chunks[params.first_chunk + local];
-    let start = chunk.start;
-    let end = chunk.start + chunk.len;
-    let dtype = chunk.dtype;
-    if (dtype == DTYPE_F32) {
-        for (var i = start + lid; i < end; i = i + WG) {
+    let c = chunks[params.first_chunk + local];
+    if (c.dtype == DTYPE_F32) {
+        for (var i = c.start + inv.lid; i < c.start + c.len; i = i + WG) {
             sums[i] = bitcast<u32>(add(bitcast<f32>(sums[i]), bitcast<f32>(micro[i])));
         }
         return;
     }
-    let end_word = (end + 1u) >> 1u;
-    for (var w = (start >> 1u) + lid; w < end_word; w = w + WG) {
+    // A half outside the chunk keeps its bits.
+    for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
         let s = sums[w];
         let x = micro[w];
         var lo = s & 0xffffu;
         var hi = s >> 16u;
         let e0 = w * 2u;
-        if (e0 >= start) {
-            lo = add_half(lo, x & 0xffffu, dtype);
+        if (e0 >= c.start) {
+            lo = add_half(lo, x & 0xffffu, c.dtype);
         }
-        if (e0 + 1u < end) {
-            hi = add_half(hi, x >> 16u, dtype);
+        if (e0 + 1u < c.start + c.len) {
+            hi = add_half(hi, x >> 16u, c.dtype);
         }
         sums[w] = lo | (hi << 16u);
     }

@@ -325,12 +325,8 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
 }
 
 @compute @workgroup_size(64)
-fn coefs(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let s = linear_workgroup(wid, nwg) * 64u + lid;
+fn coefs(inv: Invocation) {
+    let s = workgroup_index(inv) * 64u + inv.lid;
     if (s >= dispatch.n_chunks) {
         return;
     }

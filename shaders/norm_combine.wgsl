@@ -28,32 +28,6 @@ override NORM_KIND: u32 = 2u;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
 
-// Combines the threads' accumulators and writes output `r`.
-fn store(r: u32, acc: Acc, lid: u32) {
-    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
-    if (lid == 0u) {
-        outputs[r] = total;
-    }
-}
-
-@compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let r = linear_workgroup(wid, nwg);
-    if (r >= dispatch.n_chunks) {
-        return;
-    }
-    let range = ranges[r];
-    var acc = acc_identity();
-    for (var i = lid; i < range.y; i = i + WG) {
-        acc = acc_combine(acc, inputs[range.x + i], NORM_KIND, step.p);
-    }
-    store(r, acc, lid);
-}
-
 @group(0) @binding(5) var<storage, read> members: array<u32>;
 @group(0) @binding(6) var<storage, read> coefs: array<f32>;
 
@@ -65,17 +39,34 @@ fn acc_scaled(a: Acc, c: f32) -> Acc {
     return Acc(a.scale * abs(c), a.sum, a.flags, 0u);
 }
 
-@compute @workgroup_size(WG)
-fn groups(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let r = linear_workgroup(wid, nwg);
+// The range of this workgroup's output; empty past the last one (no early return, so
+// every thread reaches the tree's barriers).
+fn range_of(r: u32) -> vec2<u32> {
     if (r >= dispatch.n_chunks) {
-        return;
+        return vec2<u32>(0u, 0u);
     }
-    let range = ranges[r];
+    return ranges[r];
+}
+
+// Combines the threads' accumulators and writes output `r`.
+fn store(r: u32, acc: Acc, lid: u32) {
+    let total = workgroup_combine(acc, lid, NORM_KIND, step.p);
+    if (lid == 0u && r < dispatch.n_chunks) {
+        outputs[r] = total;
+    }
+}
+
+// A contiguous run of the inputs.
+fn fold_run(range: vec2<u32>, lid: u32) -> Acc {
+    var acc = acc_identity();
+    for (var i = lid; i < range.y; i = i + WG) {
+        acc = acc_combine(acc, inputs[range.x + i], NORM_KIND, step.p);
+    }
+    return acc;
+}
+
+// A group's members, each times its coefficient so far.
+fn fold_members(range: vec2<u32>, lid: u32) -> Acc {
     var acc = acc_identity();
     for (var i = lid; i < range.y; i = i + WG) {
         let u = members[range.x + i];
@@ -85,5 +76,17 @@ fn groups(
         }
         acc = acc_combine(acc, a, NORM_KIND, step.p);
     }
-    store(r, acc, lid);
+    return acc;
+}
+
+@compute @workgroup_size(WG)
+fn main(inv: Invocation) {
+    let r = workgroup_index(inv);
+    store(r, fold_run(range_of(r), inv.lid), inv.lid);
+}
+
+@compute @workgroup_size(WG)
+fn groups(inv: Invocation) {
+    let r = workgroup_index(inv);
+    store(r, fold_members(range_of(r), inv.lid), inv.lid);
 }

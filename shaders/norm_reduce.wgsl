@@ -59,53 +59,42 @@ fn element(e: u32, dtype: u32) -> f32 {
     if (dtype == DTYPE_F32) {
         return bitcast<f32>(grads[e]);
     }
-    return half_to_f32((grads[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu, dtype);
+    return half_to_f32(half_of(grads[e >> 1u], e), dtype);
 }
 
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let local = linear_workgroup(wid, nwg);
+fn main(inv: Invocation) {
+    let local = workgroup_index(inv);
     // Uniform per workgroup, so the early return keeps barriers in uniform control flow.
     if (local >= dispatch.n_chunks) {
         return;
     }
-    let chunk = chunks[dispatch.first_chunk + local];
-    let start = chunk.start;
-    let end = chunk.start + chunk.len;
-    let dtype = chunk.dtype;
-
+    let c = chunks[dispatch.first_chunk + local];
     var st = Running(acc_identity(), 0.0);
-    if (chunk.stride != 1u) {
+    if (c.stride != 1u) {
         // A strided unit (an AGC column): one element per load.
-        for (var k = lid; k < chunk.len; k = k + WG) {
-            fold(&st, element(start + k * chunk.stride, dtype));
+        for (var k = inv.lid; k < c.len; k = k + WG) {
+            fold(&st, element(c.start + k * c.stride, c.dtype));
         }
-    } else if (dtype == DTYPE_F32) {
-        for (var i = start + lid; i < end; i = i + WG) {
+    } else if (c.dtype == DTYPE_F32) {
+        for (var i = c.start + inv.lid; i < c.start + c.len; i = i + WG) {
             fold(&st, bitcast<f32>(grads[i]));
         }
     } else {
         // Two 16-bit elements per word; halves outside the chunk are skipped.
-        let first_word = start >> 1u;
-        let end_word = (end + 1u) >> 1u;
-        for (var w = first_word + lid; w < end_word; w = w + WG) {
+        for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
             let bits = grads[w];
             let e0 = w * 2u;
-            if (e0 >= start) {
-                fold(&st, half_to_f32(bits & 0xffffu, dtype));
+            if (e0 >= c.start) {
+                fold(&st, half_to_f32(bits & 0xffffu, c.dtype));
             }
-            if (e0 + 1u < end) {
-                fold(&st, half_to_f32(bits >> 16u, dtype));
+            if (e0 + 1u < c.start + c.len) {
+                fold(&st, half_to_f32(bits >> 16u, c.dtype));
             }
         }
     }
-
-    let acc = workgroup_combine(st.acc, lid, NORM_KIND, step.p);
-    if (lid == 0u) {
+    let acc = workgroup_combine(st.acc, inv.lid, NORM_KIND, step.p);
+    if (inv.lid == 0u) {
         partials[dispatch.first_chunk + local] = acc;
     }
 }

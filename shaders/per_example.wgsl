@@ -31,16 +31,12 @@ fn element(e: u32, dtype: u32) -> f32 {
     if (dtype == DTYPE_F32) {
         return bitcast<f32>(inputs[e]);
     }
-    return half_to_f32((inputs[e >> 1u] >> ((e & 1u) * 16u)) & 0xffffu, dtype);
+    return half_to_f32(half_of(inputs[e >> 1u], e), dtype);
 }
 
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let j = linear_workgroup(wid, nwg) * 256u + lid;
+fn main(inv: Invocation) {
+    let j = workgroup_index(inv) * WG + inv.lid;
     if (j >= tensor.len || (report[STATUS_WORD] & STATUS_HELD) != 0u) {
         return;
     }
@@ -53,9 +49,7 @@ fn main(
         sum = sum + coefs[tensor.seg_base + i * tensor.seg_stride] * x;
     }
     if (step.sigma > 0.0) {
-        let seed = vec2<u32>(step.seed_lo, step.seed_hi);
-        let at = vec2<u32>(step.step_lo, step.step_hi);
-        sum = sum + step.sigma * gaussian_noise(seed, at, tensor.tensor, j);
+        sum = sum + step_noise(step, tensor.tensor, j);
     }
     outputs[tensor.out_offset + j] = sum * tensor.inv_divisor;
 }

@@ -48,9 +48,7 @@ fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
         y = y * coef;
     }
     if (NOISE && step.sigma > 0.0) {
-        let seed = vec2<u32>(step.seed_lo, step.seed_hi);
-        let at = vec2<u32>(step.step_lo, step.step_hi);
-        y = y + step.sigma * gaussian_noise(seed, at, tensor, index);
+        y = y + step_noise(step, tensor, index);
     }
     // NaN compares false both ways and stays NaN, as in PyTorch and TensorFlow.
     if (CLAMP && step.clamp == 1u) {
@@ -108,8 +106,8 @@ struct Work {
     run: bool,
 }
 
-fn work_of(wid: vec3<u32>, nwg: vec3<u32>) -> Work {
-    let local = linear_workgroup(wid, nwg);
+fn work_of(inv: Invocation) -> Work {
+    let local = workgroup_index(inv);
     if (local >= dispatch.n_chunks || (report[STATUS_WORD] & STATUS_HELD) != 0u) {
         return Work(chunks[0], 1.0, false);
     }
@@ -123,87 +121,67 @@ fn work_of(wid: vec3<u32>, nwg: vec3<u32>) -> Work {
     return Work(chunk, coef, !idle);
 }
 
+// Word `w` of a contiguous 16-bit chunk rewritten; a half outside the chunk keeps its bits.
+fn rewrite_word(bits: u32, job: Work, w: u32) -> u32 {
+    let c = job.chunk;
+    var lo = bits & 0xffffu;
+    var hi = bits >> 16u;
+    let e0 = w * 2u;
+    let i0 = c.index + e0 - c.start; // wraps for a low half before the chunk: unused
+    if (e0 >= c.start) {
+        lo = half_transform(lo, c.dtype, job.coef, c.tensor, i0);
+    }
+    if (e0 + 1u < c.start + c.len) {
+        hi = half_transform(hi, c.dtype, job.coef, c.tensor, i0 + 1u);
+    }
+    return lo | (hi << 16u);
+}
+
 // Entry `main`, for chunk tables where no word has two writers (f32 units, 16-bit units on
 // word boundaries, or spans): plain loads and stores.
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let job = work_of(wid, nwg);
+fn main(inv: Invocation) {
+    let job = work_of(inv);
     if (!job.run) {
         return;
     }
     let c = job.chunk;
     if (c.dtype == DTYPE_F32) {
-        for (var k = lid; k < c.len; k = k + WG) {
+        for (var k = inv.lid; k < c.len; k = k + WG) {
             let e = c.start + k * c.stride;
             words[e] = f32_transform(words[e], job.coef, c.tensor, c.index + k * c.stride);
         }
         return;
     }
-    // A half outside the chunk (at the edge of a span) keeps its bits: it has no writer.
-    let end = c.start + c.len;
-    let end_word = (end + 1u) >> 1u;
-    for (var w = (c.start >> 1u) + lid; w < end_word; w = w + WG) {
-        let bits = words[w];
-        var lo = bits & 0xffffu;
-        var hi = bits >> 16u;
-        let e0 = w * 2u;
-        let i0 = c.index + e0 - c.start; // wraps for a low half before the chunk: unused
-        if (e0 >= c.start) {
-            lo = half_transform(lo, c.dtype, job.coef, c.tensor, i0);
-        }
-        if (e0 + 1u < end) {
-            hi = half_transform(hi, c.dtype, job.coef, c.tensor, i0 + 1u);
-        }
-        words[w] = lo | (hi << 16u);
+    for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
+        words[w] = rewrite_word(words[w], job, w);
     }
 }
 
-// Entry `shared_words`, for programs where a word may hold elements of two units.
+// Entry `shared_words`, for programs where a word may hold elements of two units: every
+// store is an atomic XOR of the changed bits, so the other unit's half is never written.
 @compute @workgroup_size(WG)
-fn shared_words(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let job = work_of(wid, nwg);
+fn shared_words(inv: Invocation) {
+    let job = work_of(inv);
     if (!job.run) {
         return;
     }
-    let chunk = job.chunk;
-    let coef = job.coef;
-    let dtype = chunk.dtype;
-    if (chunk.stride != 1u || dtype == DTYPE_F32) {
-        for (var k = lid; k < chunk.len; k = k + WG) {
-            let e = chunk.start + k * chunk.stride;
-            let index = chunk.index + k * chunk.stride;
-            if (dtype == DTYPE_F32) {
+    let c = job.chunk;
+    if (c.stride != 1u || c.dtype == DTYPE_F32) {
+        for (var k = inv.lid; k < c.len; k = k + WG) {
+            let e = c.start + k * c.stride;
+            let index = c.index + k * c.stride;
+            if (c.dtype == DTYPE_F32) {
                 let x = atomicLoad(&grads[e]);
-                atomicStore(&grads[e], f32_transform(x, coef, chunk.tensor, index));
+                atomicStore(&grads[e], f32_transform(x, job.coef, c.tensor, index));
             } else {
-                update_half(e, dtype, coef, chunk.tensor, index);
+                update_half(e, c.dtype, job.coef, c.tensor, index);
             }
         }
         return;
     }
-    let start = chunk.start;
-    let end = start + chunk.len;
-    let end_word = (end + 1u) >> 1u;
-    for (var w = (start >> 1u) + lid; w < end_word; w = w + WG) {
-        let e0 = w * 2u;
-        let i0 = chunk.index + e0 - start; // tensor index of the low half (wraps if outside)
-        if (e0 >= start && e0 + 1u < end) {
-            let bits = atomicLoad(&grads[w]);
-            let lo = half_transform(bits & 0xffffu, dtype, coef, chunk.tensor, i0);
-            let hi = half_transform(bits >> 16u, dtype, coef, chunk.tensor, i0 + 1u);
-            atomicStore(&grads[w], lo | (hi << 16u));
-        } else if (e0 >= start) {
-            update_half(e0, dtype, coef, chunk.tensor, i0);
-        } else {
-            update_half(e0 + 1u, dtype, coef, chunk.tensor, i0 + 1u);
-        }
+    for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
+        let bits = atomicLoad(&grads[w]);
+        atomicXor(&grads[w], bits ^ rewrite_word(bits, job, w));
     }
 }

@@ -82,3 +82,18 @@ fn f32_to_half(x: f32, dtype: u32) -> u32 {
     return f32_to_bf16(x);
 }
 
+
+// The bits of 16-bit element `e` in its word `word` (element 2w is the low half of word w).
+fn half_of(word: u32, e: u32) -> u32 {
+    return (word >> ((e & 1u) * 16u)) & 0xffffu;
+}
+
+// The words a contiguous 16-bit chunk touches: [first_word, end_word). A half of an edge
+// word may lie outside the chunk.
+fn first_word(c: Chunk) -> u32 {
+    return c.start >> 1u;
+}
+
+fn end_word(c: Chunk) -> u32 {
+    return (c.start + c.len + 1u) >> 1u;
+}

@@ -5,6 +5,8 @@
 // (seed, step, tensor, index), so it does not depend on the launch geometry or the
 // device, and the CPU twin (src/cpu/philox.rs) produces the same integer stream.
 
+#import abi
+
 const PHILOX_M0: u32 = 0xD2511F53u;
 const PHILOX_M1: u32 = 0xCD9E8D57u;
 const PHILOX_W0: u32 = 0x9E3779B9u;
@@ -77,4 +79,11 @@ fn gaussian_noise(seed: vec2<u32>, step: vec2<u32>, tensor: u32, index: u32) -> 
         return radius * cos(theta);
     }
     return radius * sin(theta);
+}
+
+// The noise a step adds to element `index` of tensor `tensor`: sigma times the standard
+// normal keyed by the step's seed and counter.
+fn step_noise(p: StepParams, tensor: u32, index: u32) -> f32 {
+    let seed = vec2<u32>(p.seed_lo, p.seed_hi);
+    return p.sigma * gaussian_noise(seed, vec2<u32>(p.step_lo, p.step_hi), tensor, index);
 }

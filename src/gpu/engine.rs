@@ -27,7 +27,7 @@ use super::context::GpuContext;
 use super::readback::ReportPool;
 use super::reduction::SegmentReduction;
 use super::resources::{
-    bind, storage_init, storage_zeroed, table, whole, window, DispatchParams, DispatchSlots,
+    bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
     StepParams, StepSlots,
 };
 use crate::error::ClipError;
@@ -307,26 +307,20 @@ impl Engine {
             Some((chunks, slots)) => (chunks, slots),
             None => (&grads_red.chunks, &grads_red.slots),
         };
-        let rewrites = grad_plan
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(wi, w)| {
-                let group = bind(
-                    device,
-                    kernels.layout(BindLayout::Rewrite),
-                    &[
-                        (0, window(grad_buffers[w.buffer], w)),
-                        (1, whole(rewrite_chunks)),
-                        (2, whole(&coef_buf)),
-                        (3, slots.binding()),
-                        (4, rewrite_slots.slot(wi)),
-                        (6, whole(&reports)),
-                    ],
-                );
-                (group, wi as u64 * 12)
-            })
-            .collect();
+        let rewrite_layout = kernels.layout(BindLayout::Rewrite);
+        let rewrites = window_groups(device, rewrite_layout, &grad_plan, &grad_buffers, |wi| {
+            vec![
+                (1, whole(rewrite_chunks)),
+                (2, whole(&coef_buf)),
+                (3, slots.binding()),
+                (4, rewrite_slots.slot(wi)),
+                (6, whole(&reports)),
+            ]
+        })
+        .into_iter()
+        .enumerate()
+        .map(|(wi, group)| (group, wi as u64 * 12))
+        .collect();
         // A 16-bit unit chunk that is strided or starts or ends mid-word shares a word
         // (spans never do: a half outside a span has no writer).
         let shared_words = !spans
@@ -424,14 +418,10 @@ impl Engine {
                 timestamp_writes,
             });
             if step.reduce {
-                (self.grads).encode_partials(&mut pass, device, kernels, kind, slot);
-                if !direct {
-                    (self.grads).encode_units(&mut pass, device, kernels, kind, slot);
-                }
+                (self.grads).encode(&mut pass, device, kernels, (kind, slot), !direct);
                 if let Some(p) = &self.params {
                     let l2 = Norm::L2.kind_code();
-                    p.encode_partials(&mut pass, device, kernels, l2, slot);
-                    p.encode_units(&mut pass, device, kernels, l2, slot);
+                    p.encode(&mut pass, device, kernels, (l2, slot), true);
                 }
             }
             for (k, stage) in self.stages.iter().enumerate() {

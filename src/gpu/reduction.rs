@@ -4,7 +4,7 @@
 
 use super::kernels::Kernels;
 use super::resources::{
-    bind, storage_zeroed, table, whole, window, DispatchParams, DispatchSlots, StepSlots,
+    bind, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots, StepSlots,
 };
 use crate::plan::{fold_grid, Plan};
 use crate::shaders::abi::ACC_BYTES;
@@ -59,28 +59,21 @@ impl SegmentReduction {
             .collect();
         params.push(DispatchParams::range(0, n_segments as u32));
         let slots = DispatchSlots::new(device, &params);
-        let reduce = plan
-            .windows
-            .iter()
-            .enumerate()
-            .map(|(wi, w)| {
-                let group = bind(
-                    device,
-                    kernels.layout(BindLayout::Reduce),
-                    &[
-                        (0, window(buffers[w.buffer], w)),
-                        (1, whole(&chunks)),
-                        (2, whole(&partials)),
-                        (3, step.binding()),
-                        (4, slots.slot(wi)),
-                    ],
-                );
-                (group, fold_grid(w.reduce_count, max_dim))
-            })
+        let layout = kernels.layout(BindLayout::Reduce);
+        let groups = window_groups(device, layout, plan, buffers, |wi| {
+            vec![
+                (1, whole(&chunks)),
+                (2, whole(&partials)),
+                (3, step.binding()),
+                (4, slots.slot(wi)),
+            ]
+        });
+        let reduce = (groups.into_iter().zip(&plan.windows))
+            .map(|(group, w)| (group, fold_grid(w.reduce_count, max_dim)))
             .collect();
         let combine = bind(
             device,
-            kernels.layout(BindLayout::Reduce),
+            layout,
             &[
                 (0, whole(&partials)),
                 (1, whole(&ranges)),
@@ -101,32 +94,22 @@ impl SegmentReduction {
         }
     }
 
-    /// Records the chunk partials of norm kind `kind` with the step slot at `slot`.
-    pub(crate) fn encode_partials(
+    /// Records the chunk partials of norm kind `kind` with the step slot at `slot`, then,
+    /// when `units`, their combine into one accumulator per unit.
+    pub(crate) fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
         device: &wgpu::Device,
         kernels: &Kernels,
-        kind: u32,
-        slot: u32,
+        (kind, slot): (u32, u32),
+        units: bool,
     ) {
         pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
         for (group, grid) in self.reduce.iter().filter(|(_, g)| g[0] > 0) {
             pass.set_bind_group(0, group, &[slot]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
         }
-    }
-
-    /// Records the per-unit combine of the partials (after `encode_partials`).
-    pub(crate) fn encode_units(
-        &self,
-        pass: &mut wgpu::ComputePass<'_>,
-        device: &wgpu::Device,
-        kernels: &Kernels,
-        kind: u32,
-        slot: u32,
-    ) {
-        if self.combine_grid[0] > 0 {
+        if units && self.combine_grid[0] > 0 {
             pass.set_pipeline(&kernels.pipeline(device, Kernel::Combine(kind)));
             pass.set_bind_group(0, &self.combine, &[slot]);
             pass.dispatch_workgroups(self.combine_grid[0], self.combine_grid[1], 1);

@@ -199,3 +199,21 @@ pub(crate) fn window<'a>(
         size: NonZeroU64::new(w.byte_size),
     })
 }
+
+/// One bind group of `layout` per binding window of `plan`: window `i` of its gradient
+/// buffer at binding 0, then the entries `rest(i)`.
+pub(crate) fn window_groups<'a>(
+    device: &wgpu::Device,
+    layout: &wgpu::BindGroupLayout,
+    plan: &crate::plan::Plan,
+    buffers: &[&'a wgpu::Buffer],
+    rest: impl Fn(usize) -> Vec<(u32, wgpu::BindingResource<'a>)>,
+) -> Vec<wgpu::BindGroup> {
+    (plan.windows.iter().enumerate())
+        .map(|(i, w)| {
+            let mut entries = vec![(0, window(buffers[w.buffer], w))];
+            entries.extend(rest(i));
+            bind(device, layout, &entries)
+        })
+        .collect()
+}
