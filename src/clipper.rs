@@ -5,9 +5,9 @@ use crate::cpu;
 use crate::dtype::{DType, GradMut, GradRef};
 use crate::error::ClipError;
 use crate::gpu::{GpuBatch, GpuContext, GpuTensor};
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{GlobalNormClip, ValueClip};
-use crate::policy::NonFinitePolicy;
 use crate::report::ClipReport;
 
 /// Where a [`Clipper`] runs.

@@ -2,20 +2,25 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+mod chain;
 mod clipper;
 pub mod cpu;
 mod dtype;
 mod error;
 mod gpu;
 mod monitor;
+mod non_finite;
 mod norm;
 mod ops;
 mod plan;
-mod policies;
-mod policy;
 mod report;
 mod shaders;
 
+pub use chain::{
+    Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
+    PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule, TensorInfo,
+    UnitAxis, ZClip,
+};
 pub use clipper::{Backend, Clipper};
 pub use cpu::{CpuAccumulator, CpuPolicy};
 pub use dtype::{DType, GradMut, GradRef};
@@ -25,14 +30,9 @@ pub use gpu::{
 };
 pub use half::{bf16, f16};
 pub use monitor::{plot, GradMonitor};
+pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
-pub use policies::{
-    Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
-    PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule, TensorInfo,
-    UnitAxis, ZClip,
-};
-pub use policy::NonFinitePolicy;
 pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};
 /// The wgpu this crate is built against: use it for your buffers and devices so the
 /// versions match.

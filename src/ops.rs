@@ -2,8 +2,8 @@
 //! path both execute over the shared norm reduction.
 
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::Norm;
-use crate::policy::NonFinitePolicy;
 
 /// Clip by the norm of all tensors together (PyTorch `clip_grad_norm_`):
 /// every element is multiplied by `min(max_norm / (total + 1e-6), 1)`.

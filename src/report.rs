@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use crate::chain::{Program, TensorInfo};
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc, PartialNorm};
-use crate::policies::{Program, TensorInfo};
-use crate::policy::NonFinitePolicy;
 
 pub(crate) use crate::shaders::abi::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED, STATUS_STALE,

@@ -12,15 +12,15 @@ use rayon::prelude::*;
 use super::apply::{self, bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::{self, BLOCK};
 use super::philox::gaussian_noise;
-use crate::dtype::{GradMut, GradRef};
-use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
-use crate::ops::ValueClip;
-use crate::plan::PlanSegment;
-use crate::policies::{
+use crate::chain::{
     Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP, ST_MEAN,
     ST_SEEN, ST_SKIPS, ST_VAR,
 };
-use crate::policy::NonFinitePolicy;
+use crate::dtype::{GradMut, GradRef};
+use crate::non_finite::NonFinitePolicy;
+use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
+use crate::ops::ValueClip;
+use crate::plan::PlanSegment;
 use crate::report::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
 };

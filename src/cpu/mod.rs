@@ -15,12 +15,12 @@ pub use accumulate::CpuAccumulator;
 pub use per_example::clip_per_example;
 pub use policy::CpuPolicy;
 
+use crate::chain::Program;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
-use crate::policies::Program;
-use crate::policy::NonFinitePolicy;
 use crate::report::ClipReport;
 use engine::CpuStep;
 

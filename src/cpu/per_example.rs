@@ -6,11 +6,11 @@ use rayon::prelude::*;
 
 use super::engine::{coefs, combine, finish, reduce, to_f32, CpuStep};
 use super::philox::gaussian_noise;
+use crate::chain::{PerExampleClip, PerExampleReport, Program};
 use crate::dtype::GradRef;
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::Norm;
-use crate::policies::{PerExampleClip, PerExampleReport, Program};
-use crate::policy::NonFinitePolicy;
 
 /// Clips each example of `inputs` (`[batch, P_t]` per tensor), sums them into `outputs`
 /// (`P_t` f32 each), adds the noise of step `step` and divides by the expected batch size

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 
 use super::engine::{self, CpuStep};
+use crate::chain::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
-use crate::policies::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo};
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape, StageOutcome, UnitNorms};
 
 /// Runs a [`ClipPolicy`] on host slices, step after step, keeping its state.

@@ -5,13 +5,13 @@ use super::context::GpuContext;
 use super::engine::{Engine, Step};
 use super::readback::{decode_clip, PendingReport, ReportKind};
 use super::resources::StepParams;
+use crate::chain::{Program, TensorInfo};
 use crate::dtype::DType;
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
 use crate::plan::{Plan, PlanLimits, PlanSegment, PlanTensor};
-use crate::policies::{Program, TensorInfo};
-use crate::policy::NonFinitePolicy;
 use crate::shaders::abi::Acc;
 
 /// One gradient tensor inside a caller-owned `wgpu::Buffer`.

@@ -30,10 +30,10 @@ use super::resources::{
     bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
     StepParams, StepSlots,
 };
+use crate::chain::Program;
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::fold_grid;
-use crate::policies::Program;
 use crate::shaders::abi::{StageParams, StepReport, ACC_BYTES};
 use crate::shaders::{BindLayout, Kernel};
 

@@ -9,11 +9,11 @@ use super::context::GpuContext;
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
 use super::resources::{bind, whole, DispatchSlots};
+use crate::chain::{ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule};
 use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
 use crate::plan::fold_grid;
-use crate::policies::{ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule};
 use crate::shaders::abi::{self, ExampleParams, StepReport};
 use crate::shaders::{BindLayout, Kernel};
 

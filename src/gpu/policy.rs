@@ -9,8 +9,8 @@ use super::context::GpuContext;
 use super::engine::{Engine, Step};
 use super::readback::{decode_stages, decode_units, PendingReport};
 use super::resources::StepParams;
+use crate::chain::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
-use crate::policies::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape};
 
 /// Runs a [`ClipPolicy`] over gradients in caller-owned buffers, step after step.

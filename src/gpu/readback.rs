@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc};
-use crate::policy::NonFinitePolicy;
 use crate::report::{ClipReport, ReportShape, StageOutcome, UnitNorms};
 use crate::shaders::abi::{self, Acc, StepReport};
 

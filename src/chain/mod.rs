@@ -19,9 +19,9 @@ pub use state::PolicyState;
 pub(crate) use state::{HEADER_WORDS, ST_MEAN, ST_SEEN, ST_SKIPS, ST_VAR};
 
 use crate::error::ClipError;
+use crate::non_finite::NonFinitePolicy;
 use crate::norm::Norm;
 use crate::ops::ValueClip;
-use crate::policy::NonFinitePolicy;
 
 /// Gaussian noise added to every element after clipping: `N(0, sigma^2)` from
 /// Philox4x32-10 keyed by `(seed, step)` with counter `(index / 4, tensor, step)`, so the
