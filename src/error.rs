@@ -83,7 +83,8 @@ pub enum ClipError {
         got: String,
     },
     /// A tensor is longer than the GPU path addresses (2^32 - 1 elements), or a strided
-    /// unit (an AGC column) spans more than one storage binding.
+    /// unit (an AGC column) spans more than one storage binding, or host tensors
+    /// together exceed one device buffer ([`crate::Clipper`] on a GPU).
     #[error("tensor {tensor:?} has {len} elements, more than this backend supports")]
     TooLarge {
         /// Name (or index) of the tensor.

@@ -31,6 +31,8 @@ pub struct ClipReport {
     pub nans_zeroed: bool,
     /// Per-tensor norms before clipping, in batch order, when asked for.
     pub tensor_norms: Option<Vec<f64>>,
+    /// The threshold of a clip; `None` for a norm alone.
+    pub max_norm: Option<f32>,
 }
 
 impl ClipReport {
@@ -42,6 +44,7 @@ impl ClipReport {
         status: u32,
         policy: NonFinitePolicy,
         tensor_norms: Option<Vec<f64>>,
+        max_norm: Option<f32>,
     ) -> Result<ClipReport, ClipError> {
         let mut acc = acc;
         if policy == NonFinitePolicy::ZeroNans {
@@ -62,7 +65,46 @@ impl ClipReport {
             skipped: status & STATUS_SKIPPED != 0,
             nans_zeroed: status & STATUS_NANS_ZEROED != 0,
             tensor_norms,
+            max_norm,
         })
+    }
+
+    /// This report as step `step` of a one-stage global chain, for a [`crate::GradMonitor`]:
+    /// per-tensor norms (when asked for) become tensors `#0`, `#1`, ...
+    pub fn to_policy_report(&self, step: u64) -> PolicyReport {
+        let coef = if self.clipped { self.coef } else { 1.0 };
+        let after = |n: f64| n * coef as f64;
+        let units = self.tensor_norms.as_ref().map_or(0, |t| t.len() as u32);
+        let clipped_units = if self.clipped { units } else { 0 };
+        PolicyReport {
+            step,
+            total_norm: self.total_norm,
+            total_norm_after: Some(after(self.total_norm)),
+            threshold: self.max_norm,
+            coef: Some(self.coef),
+            clipped_units,
+            units,
+            non_finite: self.non_finite,
+            nans_zeroed: self.nans_zeroed,
+            skipped: self.skipped,
+            consecutive_skips: self.skipped as u32,
+            stages: vec![StageReport {
+                total_norm: self.total_norm,
+                threshold: self.max_norm,
+                coef: Some(self.coef),
+                clipped_units,
+            }],
+            groups: None,
+            tensors: self.tensor_norms.as_ref().map(|norms| {
+                (norms.iter().enumerate())
+                    .map(|(i, &norm)| TensorReport {
+                        name: format!("#{i}"),
+                        norm,
+                        norm_after: after(norm),
+                    })
+                    .collect()
+            }),
+        }
     }
 }
 

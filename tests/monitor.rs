@@ -5,7 +5,8 @@ mod common;
 
 use common::{close, gpu, gpu_tensors, upload, write, Host};
 use gradclip::{
-    ClipError, ClipPolicy, CpuPolicy, GpuPolicy, GradMonitor, PolicyReport, Rule, TensorInfo,
+    ClipError, ClipPolicy, CpuPolicy, GlobalNormClip, GpuPolicy, GradMonitor, PolicyReport, Rule,
+    TensorInfo,
 };
 
 fn out_dir(name: &str) -> std::path::PathBuf {
@@ -85,6 +86,31 @@ fn gpu_reports_are_collected_in_order_and_match_the_cpu() {
         cpu_monitor.record(cpu.step(&mut common::muts(&mut g), None).unwrap());
     }
     check_records(cpu_monitor.records());
+}
+
+#[test]
+fn global_clip_reports_are_monitored_on_both_backends() {
+    let ctx = gpu();
+    let steps = steps();
+    let arena = upload(&ctx, &steps[0]);
+    let mut batch = common::batch(&ctx, &arena, &steps[0]);
+    let clip = GlobalNormClip::new(1.0).with_tensor_norms();
+    let mut on_gpu = GradMonitor::new().max_in_flight(2);
+    let mut on_cpu = GradMonitor::new();
+    for g in &steps {
+        write(&ctx, &arena, g);
+        on_gpu
+            .track_clip(batch.clip_by_global_norm(&clip).unwrap())
+            .unwrap();
+        let mut h = g.clone();
+        let report = gradclip::cpu::clip_by_global_norm(&mut common::muts(&mut h), &clip);
+        on_cpu.record_clip(&report.unwrap());
+    }
+    on_gpu.flush().unwrap();
+    check_records(on_gpu.records());
+    check_records(on_cpu.records());
+    let stage = &on_gpu.records()[3].stages[0];
+    assert_eq!((stage.threshold, stage.clipped_units), (Some(1.0), 2));
 }
 
 #[test]

@@ -144,3 +144,92 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     assert!(run.run().unwrap().wait().is_ok());
     assert_eq!(run.state().unwrap().norms_seen(), 65);
 }
+
+/// Every configuration writes GPU timestamps around its compute pass when asked.
+#[test]
+fn every_configuration_writes_timestamps() {
+    let ctx = gpu();
+    if !ctx
+        .device()
+        .features()
+        .contains(wgpu::Features::TIMESTAMP_QUERY)
+    {
+        // The adapter cannot time passes; lavapipe (CI) can, so this branch is not CI's.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI's adapter must support timestamps"
+        );
+        return;
+    }
+    let h = grads();
+    let arena = upload(&ctx, &h);
+    let sums = upload(&ctx, &h);
+    let t = gpu_tensors(&arena, &h, &infos(&h));
+    let s = gpu_tensors(&sums, &h, &infos(&h));
+    let examples = vec![Host::F32(vec![0.5; 64])];
+    let ex_in = upload(&ctx, &examples);
+    let ex_out = upload(&ctx, &[Host::F32(vec![0.0; 16])]);
+    let ex_in_t = gpu_tensors(&ex_in, &examples, &infos(&examples));
+    let ex_out_t = gpu_tensors(&ex_out, &[Host::F32(vec![0.0; 16])], &infos(&examples));
+    let policy = ClipPolicy::new(Rule::GlobalNorm(0.5));
+    let mut global = batch(&ctx, &arena, &h);
+    let mut chain = GpuPolicy::new(&ctx, &t, None, policy.clone()).unwrap();
+    let mut acc = gradclip::GpuAccumulator::new(&ctx, &t, &s, None, 2, policy).unwrap();
+    let per_example = gradclip::PerExampleClip::new(4, 1.0);
+    let mut dp = gradclip::GpuPerExample::new(&ctx, &ex_in_t, &ex_out_t, per_example).unwrap();
+    let query_set = || {
+        ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
+            label: None,
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        })
+    };
+    type Encode<'a> = Box<dyn FnMut(wgpu::QuerySet, &mut wgpu::CommandEncoder) + 'a>;
+    let configurations: Vec<(&str, Encode<'_>)> = vec![
+        (
+            "GpuBatch",
+            Box::new(|q, e| {
+                global.set_timestamp_writes(Some((q, 0, 1)));
+                let clip = GlobalNormClip::new(0.5);
+                drop(global.encode_clip_by_global_norm(e, &clip).unwrap());
+            }),
+        ),
+        (
+            "GpuPolicy",
+            Box::new(|q, e| {
+                chain.set_timestamp_writes(Some((q, 0, 1)));
+                drop(chain.encode(e).unwrap());
+            }),
+        ),
+        (
+            "GpuAccumulator",
+            Box::new(|q, e| {
+                acc.set_timestamp_writes(Some((q, 0, 1)));
+                assert!(acc.encode(e).unwrap().is_none());
+            }),
+        ),
+        (
+            "GpuPerExample",
+            Box::new(|q, e| {
+                dp.set_timestamp_writes(Some((q, 0, 1)));
+                drop(dp.encode(e).unwrap());
+            }),
+        ),
+    ];
+    for (name, mut encode) in configurations {
+        let q = query_set();
+        let resolved = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        encode(q.clone(), &mut encoder);
+        encoder.resolve_query_set(&q, 0..2, &resolved, 0);
+        ctx.queue().submit([encoder.finish()]);
+        let words: Vec<u64> =
+            bytemuck::pod_collect_to_vec(&common::read_bytes(&ctx, &resolved, 16));
+        assert!(words[0] > 0 && words[1] >= words[0], "{name}: {words:?}");
+    }
+}

@@ -5,7 +5,7 @@
 // Each user of this module takes part of it; the math indexes parallel arrays.
 #![allow(dead_code, clippy::needless_range_loop)]
 
-use gradclip::{ClipPolicy, DType, GpuContext, GpuPolicy, GpuTensor, GradMonitor, Rule};
+use gradclip::{Backend, ClipPolicy, Clipper, GpuContext, GradMonitor, GradMut, Rule, TensorInfo};
 
 pub const INPUT: usize = 5;
 pub const HIDDEN: usize = 30;
@@ -314,59 +314,22 @@ impl Trainer {
     }
 }
 
-/// Clips the model's gradients on the GPU: they are uploaded into one f32 buffer,
-/// clipped in place by a [`GpuPolicy`], and read back for the host optimizer. The
-/// reports go to a [`GradMonitor`].
+/// Clips the model's gradients on the GPU with a [`Clipper`]: it copies them into a
+/// device buffer it planned once, runs the policy there and copies them back for the
+/// host optimizer. The reports go to a [`GradMonitor`].
 pub struct GpuClipper {
-    ctx: GpuContext,
-    buffer: wgpu::Buffer,
-    readback: wgpu::Buffer,
-    policy: GpuPolicy,
-    offsets: Vec<u64>,
+    clipper: Clipper,
     pub monitor: GradMonitor,
 }
 
 impl GpuClipper {
     pub fn new(ctx: &GpuContext, max_norm: f32) -> Result<GpuClipper, gradclip::ClipError> {
-        let lens: Vec<u64> = TENSORS.iter().map(|(_, s)| s.iter().product()).collect();
-        let offsets: Vec<u64> = lens
-            .iter()
-            .scan(0, |at, n| {
-                let o = *at;
-                *at += n * 4;
-                Some(o)
-            })
-            .collect();
-        let size = lens.iter().sum::<u64>() * 4;
-        let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("rnn gradients"),
-            size,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_DST
-                | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let readback = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-            label: Some("rnn gradients readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let tensors: Vec<GpuTensor<'_>> = (TENSORS.iter().zip(&offsets).zip(&lens))
-            .map(|(((name, shape), &o), &n)| {
-                GpuTensor::new(&buffer, o, n, DType::F32)
-                    .named(*name)
-                    .shaped(shape)
-            })
+        let infos: Vec<TensorInfo> = (TENSORS.iter())
+            .map(|(name, shape)| TensorInfo::new(*name, shape))
             .collect();
         let policy = ClipPolicy::new(Rule::GlobalNorm(max_norm)).with_group_report();
-        let policy = GpuPolicy::new(ctx, &tensors, None, policy)?;
         Ok(GpuClipper {
-            ctx: ctx.clone(),
-            buffer,
-            readback,
-            policy,
-            offsets,
+            clipper: Clipper::on(Backend::Gpu(ctx.clone())).with_policy(policy, &infos)?,
             monitor: GradMonitor::new(),
         })
     }
@@ -382,45 +345,24 @@ impl GpuClipper {
         });
         match failure {
             Some(e) => Err(e),
-            None => self.monitor.flush().map(|()| history),
+            None => Ok(history),
         }
     }
 
     /// Clips `grads` (in [`TENSORS`] order) in place on the GPU.
     pub fn clip(&mut self, grads: &mut [Vec<f64>; 5]) -> Result<(), gradclip::ClipError> {
-        let queue = self.ctx.queue();
-        for (g, &o) in grads.iter().zip(&self.offsets) {
-            let f: Vec<f32> = g.iter().map(|&v| v as f32).collect();
-            queue.write_buffer(&self.buffer, o, bytemuck::cast_slice(&f));
-        }
-        let mut encoder = self
-            .ctx
-            .device()
-            .create_command_encoder(&Default::default());
-        let report = self.policy.encode(&mut encoder)?;
-        encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.readback, 0, self.buffer.size());
-        queue.submit([encoder.finish()]);
-        self.monitor.track(report)?;
-        let slice = self.readback.slice(..);
-        slice.map_async(wgpu::MapMode::Read, |_| {});
-        self.ctx
-            .device()
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| gradclip::ClipError::Wgpu(e.to_string()))?;
-        {
-            let bytes = slice
-                .get_mapped_range()
-                .map_err(|e| gradclip::ClipError::Wgpu(e.to_string()))?;
-            let all: &[f32] = bytemuck::cast_slice(&bytes);
-            let mut at = 0;
-            for g in grads.iter_mut() {
-                for v in g.iter_mut() {
-                    *v = all[at] as f64;
-                    at += 1;
-                }
+        let mut f32s: Vec<Vec<f32>> = (grads.iter())
+            .map(|g| g.iter().map(|&v| v as f32).collect())
+            .collect();
+        let mut views: Vec<GradMut<'_>> =
+            f32s.iter_mut().map(|g| GradMut::from(&mut g[..])).collect();
+        let report = self.clipper.step(&mut views, None)?;
+        self.monitor.record(report);
+        for (g, f) in grads.iter_mut().zip(&f32s) {
+            for (v, &x) in g.iter_mut().zip(f) {
+                *v = x as f64;
             }
         }
-        self.readback.unmap();
         Ok(())
     }
 }

@@ -76,6 +76,7 @@ fn global_step(
         f.status,
         policy,
         tensor_norms.then(|| out.units.iter().map(|a| a.total(norm)).collect()),
+        Some(max_norm),
     )
 }
 

@@ -6,7 +6,7 @@ use super::batch::{plan_tensors, GpuTensor};
 use super::context::GpuContext;
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
-use super::resources::{bind, table, whole, window, DispatchSlots};
+use super::resources::{bind, table, timestamp_writes, whole, window, DispatchSlots, Timestamps};
 use crate::chain::ClipPolicy;
 use crate::cpu::check_micro_steps;
 use crate::error::ClipError;
@@ -30,6 +30,7 @@ pub struct GpuAccumulator {
     policy: GpuPolicy,
     micro_steps: u32,
     added: u32,
+    timestamps: Option<Timestamps>,
 }
 
 impl std::fmt::Debug for GpuAccumulator {
@@ -123,6 +124,7 @@ impl GpuAccumulator {
             policy,
             micro_steps,
             added: 0,
+            timestamps: None,
         })
     }
 
@@ -141,9 +143,10 @@ impl GpuAccumulator {
         }
         {
             let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+            let timestamp_writes = timestamp_writes(&self.timestamps);
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("gradclip accumulate"),
-                timestamp_writes: None,
+                timestamp_writes,
             });
             pass.set_pipeline(&kernels.pipeline(device, Kernel::Accumulate));
             for (first, rest, grid) in self.passes.iter().filter(|p| p.2[0] > 0) {
@@ -158,6 +161,13 @@ impl GpuAccumulator {
         };
         self.added = if boundary { 0 } else { self.added + 1 };
         Ok(report)
+    }
+
+    /// Makes every following accumulation pass write GPU timestamps at its start and end;
+    /// the clipping pass at a boundary is timed through
+    /// [`GpuAccumulator::policy_mut`]`().set_timestamp_writes(..)`. `None` stops it.
+    pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
+        self.timestamps = timestamps;
     }
 
     /// [`GpuAccumulator::encode`], submitted now.

@@ -159,13 +159,14 @@ impl GpuBatch {
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
-        clip: Option<NonFinitePolicy>,
+        clip: Option<(NonFinitePolicy, f32)>,
     ) -> PendingReport {
         let readback = (self.engine.encode(encoder, step, |_, _| {}))
             .expect("global-norm steps read their report back");
         let kind = ReportKind {
             norm: step.norm,
-            clip,
+            clip: clip.map(|c| c.0),
+            max_norm: clip.map(|c| c.1),
             tensor_norms: step.units.then_some(self.n_tensors),
             seq: self.engine.seq() as u64,
         };
@@ -217,7 +218,7 @@ impl GpuBatch {
             readback: true,
             norm: clip.norm,
         };
-        Ok(self.encode_step(encoder, step, Some(clip.non_finite)))
+        Ok(self.encode_step(encoder, step, Some((clip.non_finite, clip.max_norm))))
     }
 
     /// Records a clip with a norm computed elsewhere (PyTorch `clip_grads_with_norm_`),
@@ -244,7 +245,7 @@ impl GpuBatch {
             readback: true,
             norm,
         };
-        Ok(self.encode_step(encoder, step, Some(policy)))
+        Ok(self.encode_step(encoder, step, Some((policy, max_norm))))
     }
 
     /// Records a value clip: every element clamped to `[lo, hi]` (for 16-bit tensors, the

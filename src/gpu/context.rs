@@ -44,13 +44,27 @@ impl GpuContext {
     /// to require) and `WGPU_POWER_PREF` (`low`/`high`, between two hardware GPUs).
     /// The device gets the adapter's own limits, so large buffers bind in few windows.
     pub fn new() -> Result<GpuContext, ClipError> {
-        Self::with_limits(|adapter| adapter.clone())
+        Self::open(|adapter| adapter.clone(), false)
+    }
+
+    /// Like [`GpuContext::new`], but only a hardware GPU: a software adapter (one that
+    /// reports itself as a CPU device) is a [`ClipError::NoAdapter`]. [`crate::Clipper::new`]
+    /// uses it, because the CPU path beats a software adapter on host data.
+    pub fn hardware() -> Result<GpuContext, ClipError> {
+        Self::open(|adapter| adapter.clone(), true)
     }
 
     /// Like [`GpuContext::new`], with device limits chosen from the adapter's limits.
     /// Tests use it to request small binding sizes and workgroup counts.
     pub fn with_limits(
         choose: impl Fn(&wgpu::Limits) -> wgpu::Limits,
+    ) -> Result<GpuContext, ClipError> {
+        Self::open(choose, false)
+    }
+
+    fn open(
+        choose: impl Fn(&wgpu::Limits) -> wgpu::Limits,
+        hardware_only: bool,
     ) -> Result<GpuContext, ClipError> {
         // One instance per process: devices of one instance detect each other's buffers
         // as a validation error instead of wgpu-core failing an internal assertion.
@@ -71,6 +85,14 @@ impl GpuContext {
                 return Err(ClipError::NoAdapter(format!(
                     "no adapter name contains {name:?}"
                 )));
+            }
+        }
+        if hardware_only {
+            adapters.retain(|a| a.get_info().device_type != wgpu::DeviceType::Cpu);
+            if adapters.is_empty() {
+                return Err(ClipError::NoAdapter(
+                    "no hardware GPU (only software adapters)".into(),
+                ));
             }
         }
         let high = wgpu::PowerPreference::from_env() != Some(wgpu::PowerPreference::LowPower);

@@ -27,8 +27,8 @@ use super::context::GpuContext;
 use super::readback::ReportPool;
 use super::reduction::SegmentReduction;
 use super::resources::{
-    bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
-    StepParams, StepSlots,
+    bind, storage_init, storage_zeroed, table, timestamp_writes, whole, window_groups,
+    DispatchParams, DispatchSlots, StepParams, StepSlots, Timestamps,
 };
 use crate::chain::Program;
 use crate::error::ClipError;
@@ -95,7 +95,7 @@ pub(crate) struct Engine {
     coef_buf: wgpu::Buffer,
     pool: Arc<ReportPool>,
     seq: u32,
-    timestamps: Option<(wgpu::QuerySet, u32, u32)>,
+    timestamps: Option<Timestamps>,
 }
 
 /// The `Coef` bind group of one stage and dispatch slot.
@@ -381,7 +381,7 @@ impl Engine {
 
     /// Makes every following step write GPU timestamps at the start and end of its
     /// compute pass; `None` stops it.
-    pub(crate) fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
+    pub(crate) fn set_timestamp_writes(&mut self, timestamps: Option<Timestamps>) {
         self.timestamps = timestamps;
     }
 
@@ -406,13 +406,7 @@ impl Engine {
         let kind = step.norm.kind_code();
         let direct = step.reduce && !step.units && self.finish_partials.is_some();
         {
-            let timestamp_writes = self.timestamps.as_ref().map(|(query_set, begin, end)| {
-                wgpu::ComputePassTimestampWrites {
-                    query_set,
-                    beginning_of_pass_write_index: Some(*begin),
-                    end_of_pass_write_index: Some(*end),
-                }
-            });
+            let timestamp_writes = timestamp_writes(&self.timestamps);
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("gradclip step"),
                 timestamp_writes,

@@ -195,6 +195,13 @@ impl GpuPerExample {
         self.engine.step()
     }
 
+    /// Makes every following step write GPU timestamps at the start and end of its compute
+    /// pass (norms, factors and the clipped sum all run in it); `None` stops it. See
+    /// [`GpuPolicy::set_timestamp_writes`].
+    pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
+        self.engine.set_timestamp_writes(timestamps);
+    }
+
     /// Records one step: per-example norms and factors, the clipped sum and the noise.
     pub fn encode(
         &mut self,

@@ -55,6 +55,7 @@ impl ReportPool {
 pub(crate) struct ReportKind {
     pub norm: Norm,
     pub clip: Option<NonFinitePolicy>,
+    pub max_norm: Option<f32>,
     pub tensor_norms: Option<usize>,
     /// The engine's sequence number of the step, for [`ClipError::StepOverwritten`].
     pub seq: u64,
@@ -102,6 +103,24 @@ impl<R> PendingReport<R> {
             pool,
             device,
             decode: Some(decode),
+        }
+    }
+
+    /// The same pending report, turned into `S` by `f` when it is read.
+    pub(crate) fn map<S: 'static>(
+        mut self,
+        f: impl FnOnce(R) -> S + Send + Sync + 'static,
+    ) -> PendingReport<S>
+    where
+        R: 'static,
+    {
+        let decode = self.decode.take().expect("a pending report decodes once");
+        PendingReport {
+            buffer: self.buffer.take(),
+            state: self.state.clone(),
+            pool: self.pool.clone(),
+            device: self.device.clone(),
+            decode: Some(Box::new(move |words| decode(words).map(f))),
         }
     }
 
@@ -231,6 +250,7 @@ pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport,
             header.status,
             policy,
             tensor_norms,
+            kind.max_norm,
         ),
         // A norm-only step scales nothing, whatever the finishing pass computed.
         None => ClipReport::new(
@@ -240,6 +260,7 @@ pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport,
             header.status & abi::STATUS_NONFINITE,
             NonFinitePolicy::Propagate,
             tensor_norms,
+            None,
         ),
     }
 }

@@ -217,3 +217,19 @@ pub(crate) fn window_groups<'a>(
         })
         .collect()
 }
+
+/// Where a step's compute pass writes its timestamps: a query set and the indices of
+/// its first and last write.
+pub(crate) type Timestamps = (wgpu::QuerySet, u32, u32);
+
+/// The pass descriptor's timestamp writes for `t`.
+pub(crate) fn timestamp_writes(
+    t: &Option<Timestamps>,
+) -> Option<wgpu::ComputePassTimestampWrites<'_>> {
+    t.as_ref()
+        .map(|(query_set, begin, end)| wgpu::ComputePassTimestampWrites {
+            query_set,
+            beginning_of_pass_write_index: Some(*begin),
+            end_of_pass_write_index: Some(*end),
+        })
+}

@@ -1,5 +1,6 @@
-//! The gradient monitor: policy reports collected step after step without stalling the
-//! GPU, exported as CSV and JSON lines, and drawn as PNG or SVG charts.
+//! The gradient monitor: step reports (of a chain, or of a global clip) collected step
+//! after step without stalling the GPU, exported as CSV and JSON lines, and drawn as PNG
+//! or SVG charts.
 
 mod export;
 pub mod plot;
@@ -9,7 +10,7 @@ use std::path::Path;
 
 use crate::error::ClipError;
 use crate::gpu::PendingReport;
-use crate::report::PolicyReport;
+use crate::report::{ClipReport, PolicyReport};
 use plot::{BarChart, LineChart};
 
 /// Reports still in flight before [`GradMonitor::track`] waits for the oldest.
@@ -54,6 +55,24 @@ impl GradMonitor {
     /// Records a report that is already at hand (the CPU path, or one waited for).
     pub fn record(&mut self, report: PolicyReport) {
         self.records.push(report);
+    }
+
+    /// Records the report of a global clip ([`crate::GpuBatch`], [`crate::Clipper`],
+    /// [`crate::cpu`]) as the next step, a one-stage global chain.
+    pub fn record_clip(&mut self, report: &ClipReport) {
+        let step = self.next_step();
+        self.records.push(report.to_policy_report(step));
+    }
+
+    /// [`GradMonitor::track`] for the report of a global clip, numbered as the next step.
+    pub fn track_clip(&mut self, pending: PendingReport<ClipReport>) -> Result<(), ClipError> {
+        let step = self.next_step();
+        self.track(pending.map(move |r| r.to_policy_report(step)))
+    }
+
+    /// The number of the next step: one past the last one recorded or in flight.
+    fn next_step(&self) -> u64 {
+        (self.records.len() + self.pending.len()) as u64
     }
 
     /// Takes a GPU report still in flight; collects, in step order, those that are ready.
