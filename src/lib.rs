@@ -18,8 +18,8 @@ mod shaders;
 
 pub use chain::{
     Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
-    PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule, TensorInfo,
-    UnitAxis, ZClip,
+    Masked, PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule,
+    TensorInfo, UnitAxis, ZClip,
 };
 pub use clipper::{Backend, Clipper};
 pub use cpu::{CpuAccumulator, CpuPolicy};

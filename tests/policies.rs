@@ -206,6 +206,61 @@ fn f32s(v: &[f32]) -> Host {
     Host::F32(v.to_vec())
 }
 
+/// A masked stage leaves the tensors it excludes out of its norms and its coefficients;
+/// a later stage still sees them. Both backends against the numbers by hand.
+#[test]
+fn a_mask_leaves_its_tensors_alone() {
+    let infos = [
+        TensorInfo::new("fc.weight", &[2]),
+        TensorInfo::new("fc.bias", &[1]),
+        TensorInfo::new("out.weight", &[3]),
+    ];
+    let steps = vec![vec![
+        f32s(&[3.0, 4.0]),
+        f32s(&[100.0]),
+        f32s(&[0.0, 0.0, 12.0]),
+    ]];
+    // The global norm of the weights: 13, so they scale by 1 / (13 + 1e-6); the bias stays.
+    let masked = ClipPolicy::new(Rule::GlobalNorm(1.0).except(["*.bias"])).with_group_report();
+    let (out, report) = &both(&masked, &steps, None, &infos)[0];
+    let c = 1.0 / (13.0 + 1e-6);
+    let want = [
+        [3.0 * c, 4.0 * c].to_vec(),
+        vec![100.0],
+        vec![0.0, 0.0, 12.0 * c],
+    ];
+    for (t, w) in out.iter().zip(&want) {
+        for (x, y) in t.to_f64().iter().zip(w) {
+            assert!(close(*x, *y, 1e-6), "{x} vs {y}");
+        }
+    }
+    assert!(close(report.total_norm, 13.0, 1e-6));
+    assert_eq!(report.threshold, Some(1.0));
+    // Then a per-tensor stage over everything: the bias, untouched so far, is clipped now.
+    let chain = ClipPolicy::new(Rule::GlobalNorm(1.0).except(["*.bias"]))
+        .then(Rule::PerTensor(PerTensorClip { max_norm: 2.0 }))
+        .with_group_report();
+    let (out, report) = &both(&chain, &steps, None, &infos)[0];
+    assert!(close(out[1].to_f64()[0], 2.0, 1e-6));
+    assert!(close(out[0].to_f64()[1], 4.0 * c, 1e-6));
+    assert_eq!(report.stages.len(), 2);
+    assert!(close(
+        report.stages[1].total_norm,
+        (1.0f64 + 100.0 * 100.0).sqrt(),
+        1e-5
+    ));
+    // Masks add up, and a mask that matches nothing changes nothing.
+    let twice = Rule::GlobalNorm(1.0).except(["fc.*"]).except(["out.*"]);
+    let (out, _) = &both(&ClipPolicy::new(twice), &steps, None, &infos)[0];
+    assert_eq!(out, &steps[0]);
+    let none = ClipPolicy::new(Rule::GlobalNorm(1.0).except(["nothing"]));
+    let plain = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    assert_eq!(
+        both(&none, &steps, None, &infos)[0].0,
+        both(&plain, &steps, None, &infos)[0].0
+    );
+}
+
 #[test]
 fn agc_known_answers_both_layouts() {
     // REFERENCE: W row [3, 4], G row [0.3, 0.4], lambda 0.01 -> [0.03, 0.04]; a zero W row

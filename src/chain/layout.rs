@@ -48,9 +48,15 @@ pub(crate) struct StagePlan {
 }
 
 impl StagePlan {
-    /// One coefficient for every unit (the one `finish` computes from the total).
+    /// One group, whose coefficient `finish` computes from the total (units masked out
+    /// keep coefficient 1).
     pub(crate) fn is_global(&self) -> bool {
         self.group_ranges.len() == 1 && self.formula == Formula::PyTorch
+    }
+
+    /// One coefficient for every unit: global, and no unit masked out.
+    pub(crate) fn is_uniform(&self) -> bool {
+        self.is_global() && !self.group_of.contains(&NO_GROUP)
     }
 
     /// True when group `g` is unit `g` for every unit.
@@ -169,7 +175,7 @@ impl Program {
             });
         }
         // Units: AGC's where the chain has AGC (its excluded tensors whole), else tensors.
-        let agc = policy.rules().find_map(|r| match r {
+        let agc = policy.rules().find_map(|r| match r.inner() {
             Rule::Agc(a) => Some(a),
             _ => None,
         });
@@ -206,98 +212,113 @@ impl Program {
                 Formula::PyTorch,
             )
         };
-        let stages = policy
-            .rules()
-            .map(|rule| match rule {
-                Rule::GlobalNorm(c) => global(*c),
-                Rule::AutoClip(a) => StagePlan {
-                    adaptive: abi::ADAPTIVE_AUTOCLIP,
+        let stage_of = |rule: &Rule| match rule {
+            Rule::GlobalNorm(c) => global(*c),
+            Rule::AutoClip(a) => StagePlan {
+                adaptive: abi::ADAPTIVE_AUTOCLIP,
+                params: abi::StageParams {
+                    percentile: a.percentile,
+                    capacity: a.history,
+                    cap: a.max_norm.unwrap_or(0.0),
+                    ..Default::default()
+                },
+                history: a.history as usize,
+                ..global(0.0)
+            },
+            Rule::ZClip(z) => StagePlan {
+                adaptive: abi::ADAPTIVE_ZCLIP,
+                params: abi::StageParams {
+                    capacity: z.warmup,
+                    alpha: z.alpha,
+                    z_thresh: z.z_thresh,
+                    z_eps: z.eps,
+                    cap: z.max_norm.unwrap_or(0.0),
+                    ..Default::default()
+                },
+                history: z.warmup as usize,
+                ..global(0.0)
+            },
+            Rule::PerTensor(r) => plain_stage(
+                tensor_of.clone(),
+                infos.len(),
+                vec![r.max_norm; infos.len()],
+                names(),
+                Formula::Tf,
+            ),
+            // rms / t = norm / (t * sqrt(len)): clip_by_norm with that threshold.
+            Rule::BlockRms(r) => plain_stage(
+                tensor_of.clone(),
+                infos.len(),
+                infos
+                    .iter()
+                    .map(|t| r.threshold * (t.len() as f32).sqrt())
+                    .collect(),
+                names(),
+                Formula::Tf,
+            ),
+            Rule::Groups(g) => {
+                let of: Vec<u32> = infos.iter().map(|t| g.group_of(&t.name) as u32).collect();
+                let mut thresholds: Vec<f32> = g.groups.iter().map(|x| x.max_norm).collect();
+                thresholds.push(g.default_max_norm);
+                let mut group_names: Vec<String> =
+                    g.groups.iter().map(|x| x.name.clone()).collect();
+                group_names.push("default".into());
+                plain_stage(
+                    tensor_of.iter().map(|&t| of[t as usize]).collect(),
+                    g.groups.len() + 1,
+                    thresholds,
+                    group_names,
+                    Formula::PyTorch,
+                )
+            }
+            Rule::Agc(a) => {
+                // One group per AGC unit; excluded tensors are left alone.
+                let mut next = 0;
+                let group_of: Vec<u32> = agc_unit
+                    .iter()
+                    .map(|&is| {
+                        if is {
+                            next += 1;
+                            next - 1
+                        } else {
+                            NO_GROUP
+                        }
+                    })
+                    .collect();
+                let group_names = (0..n).filter(|&u| agc_unit[u]);
+                let group_names = group_names.map(|u| unit_names[u].clone()).collect();
+                StagePlan {
                     params: abi::StageParams {
-                        percentile: a.percentile,
-                        capacity: a.history,
-                        cap: a.max_norm.unwrap_or(0.0),
+                        lambda: a.lambda,
+                        eps: a.eps,
                         ..Default::default()
                     },
-                    history: a.history as usize,
-                    ..global(0.0)
-                },
-                Rule::ZClip(z) => StagePlan {
-                    adaptive: abi::ADAPTIVE_ZCLIP,
-                    params: abi::StageParams {
-                        capacity: z.warmup,
-                        alpha: z.alpha,
-                        z_thresh: z.z_thresh,
-                        z_eps: z.eps,
-                        cap: z.max_norm.unwrap_or(0.0),
-                        ..Default::default()
-                    },
-                    history: z.warmup as usize,
-                    ..global(0.0)
-                },
-                Rule::PerTensor(r) => plain_stage(
-                    tensor_of.clone(),
-                    infos.len(),
-                    vec![r.max_norm; infos.len()],
-                    names(),
-                    Formula::Tf,
-                ),
-                // rms / t = norm / (t * sqrt(len)): clip_by_norm with that threshold.
-                Rule::BlockRms(r) => plain_stage(
-                    tensor_of.clone(),
-                    infos.len(),
-                    infos
-                        .iter()
-                        .map(|t| r.threshold * (t.len() as f32).sqrt())
-                        .collect(),
-                    names(),
-                    Formula::Tf,
-                ),
-                Rule::Groups(g) => {
-                    let of: Vec<u32> = infos.iter().map(|t| g.group_of(&t.name) as u32).collect();
-                    let mut thresholds: Vec<f32> = g.groups.iter().map(|x| x.max_norm).collect();
-                    thresholds.push(g.default_max_norm);
-                    let mut group_names: Vec<String> =
-                        g.groups.iter().map(|x| x.name.clone()).collect();
-                    group_names.push("default".into());
-                    plain_stage(
-                        tensor_of.iter().map(|&t| of[t as usize]).collect(),
-                        g.groups.len() + 1,
-                        thresholds,
+                    ..plain_stage(
+                        group_of,
+                        next as usize,
+                        vec![0.0; next as usize],
                         group_names,
-                        Formula::PyTorch,
+                        Formula::Agc,
                     )
                 }
-                Rule::Agc(a) => {
-                    // One group per AGC unit; excluded tensors are left alone.
-                    let mut next = 0;
-                    let group_of: Vec<u32> = agc_unit
-                        .iter()
-                        .map(|&is| {
-                            if is {
-                                next += 1;
-                                next - 1
-                            } else {
-                                NO_GROUP
-                            }
-                        })
-                        .collect();
-                    let group_names = (0..n).filter(|&u| agc_unit[u]);
-                    let group_names = group_names.map(|u| unit_names[u].clone()).collect();
-                    StagePlan {
-                        params: abi::StageParams {
-                            lambda: a.lambda,
-                            eps: a.eps,
-                            ..Default::default()
-                        },
-                        ..plain_stage(
-                            group_of,
-                            next as usize,
-                            vec![0.0; next as usize],
-                            group_names,
-                            Formula::Agc,
-                        )
+            }
+            Rule::Masked(_) => unreachable!("stage_of takes the rule under its masks"),
+        };
+        let stages = (policy.rules())
+            .map(|rule| {
+                let mut stage = stage_of(rule.inner());
+                let masked = |u: &PlanSegment| rule.masks(&infos[u.tensor].name);
+                if units.iter().any(masked) {
+                    for (g, u) in stage.group_of.iter_mut().zip(&units) {
+                        if masked(u) {
+                            *g = NO_GROUP;
+                        }
                     }
+                    let n_groups = stage.group_ranges.len();
+                    (stage.members, stage.group_ranges) =
+                        StagePlan::grouped(stage.group_of.clone(), n_groups);
                 }
+                stage
             })
             .collect();
         Ok(Program::with_state(units, stages))

@@ -12,7 +12,7 @@ mod state;
 pub(crate) use layout::{check_shapes, Formula, Program, StagePlan, NO_GROUP};
 pub use per_example::{ExampleThreshold, PerExampleClip, PerExampleReport};
 pub use rules::{
-    Agc, AutoClip, BlockRmsClip, Group, GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
+    Agc, AutoClip, BlockRmsClip, Group, GroupClip, Masked, PerTensorClip, Rule, UnitAxis, ZClip,
 };
 pub use schedule::Schedule;
 pub use state::PolicyState;
@@ -174,13 +174,18 @@ impl ClipPolicy {
         self.norm.validate()?;
         let l2_only = self
             .rules()
-            .any(|r| matches!(r, Rule::Agc(_) | Rule::BlockRms(_)));
+            .any(|r| matches!(r.inner(), Rule::Agc(_) | Rule::BlockRms(_)));
         if l2_only && self.norm != Norm::L2 {
             return Err(ClipError::InvalidConfig(
                 "AGC and block RMS are defined with the L2 norm".into(),
             ));
         }
-        if self.rules().filter(|r| matches!(r, Rule::Agc(_))).count() > 1 {
+        if self
+            .rules()
+            .filter(|r| matches!(r.inner(), Rule::Agc(_)))
+            .count()
+            > 1
+        {
             return Err(ClipError::InvalidConfig(
                 "a chain holds at most one AGC stage (its units are the chain's units)".into(),
             ));

@@ -302,11 +302,58 @@ pub enum Rule {
     AutoClip(AutoClip),
     /// Global, z-score spike detection.
     ZClip(ZClip),
+    /// Another rule over every tensor but some ([`Rule::except`]).
+    Masked(Masked),
+}
+
+/// A rule applied to every tensor except those whose names match one of the patterns
+/// (`*` matches any run of characters), as optax's `masked` wraps a transform: the
+/// excluded tensors neither count in the rule's norms nor get its coefficients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Masked {
+    /// The rule.
+    pub rule: Box<Rule>,
+    /// Name patterns of the tensors it leaves alone.
+    pub exclude: Vec<String>,
 }
 
 impl Rule {
+    /// This rule over every tensor except those matching `patterns` (a norm stage that
+    /// leaves biases and norm layers alone, say: `Rule::GlobalNorm(1.0).except(["*.bias"])`).
+    /// Masks of masks add up.
+    pub fn except<S: Into<String>>(self, patterns: impl IntoIterator<Item = S>) -> Rule {
+        let more = patterns.into_iter().map(Into::into);
+        match self {
+            Rule::Masked(mut m) => {
+                m.exclude.extend(more);
+                Rule::Masked(m)
+            }
+            rule => Rule::Masked(Masked {
+                rule: Box::new(rule),
+                exclude: more.collect(),
+            }),
+        }
+    }
+
+    /// The rule under any masks.
+    pub(crate) fn inner(&self) -> &Rule {
+        match self {
+            Rule::Masked(m) => m.rule.inner(),
+            rule => rule,
+        }
+    }
+
+    /// True when a mask of this rule excludes tensor `name`.
+    pub(crate) fn masks(&self, name: &str) -> bool {
+        match self {
+            Rule::Masked(m) => m.exclude.iter().any(|p| glob_match(p, name)) || m.rule.masks(name),
+            _ => false,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ClipError> {
         match self {
+            Rule::Masked(m) => m.rule.validate(),
             Rule::GlobalNorm(c) => positive("max_norm", *c),
             Rule::PerTensor(r) => positive("max_norm", r.max_norm),
             Rule::Groups(r) => r.validate(),

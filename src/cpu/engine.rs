@@ -418,7 +418,7 @@ pub(crate) fn rewrite(
     }
     let zero_nans = step.policy == NonFinitePolicy::ZeroNans;
     let noise = step.noise.filter(|n| n.sigma > 0.0);
-    let global = program.stages.len() == 1 && program.stages[0].is_global();
+    let global = program.stages.len() == 1 && program.stages[0].is_uniform();
     let whole = program.units.len() == grads.len()
         && (program.units.iter().enumerate()).all(|(t, s)| s.tensor == t && s.first == 0);
     if noise.is_none() && global && whole {

@@ -190,7 +190,7 @@ impl Engine {
         // One coefficient for everything and no noise (which needs each element's tensor and
         // index): the rewrite runs over spans, maximal runs of touching tensors, so small
         // tensors share workgroups and no word has two writers.
-        let single_global = n_stages == 1 && program.stages[0].is_global();
+        let single_global = n_stages == 1 && program.stages[0].is_uniform();
         let spans = single_global && !noise;
         let rewrite_grids: Vec<[u32; 3]> = grad_plan
             .windows

@@ -222,7 +222,9 @@ pub fn host(dtype: u8, v: Vec<f32>) -> Host {
 pub fn rules() -> Vec<Rule> {
     vec![
         Rule::GlobalNorm(1.0),
+        Rule::GlobalNorm(0.7).except(["t1"]),
         Rule::PerTensor(PerTensorClip { max_norm: 0.5 }),
+        Rule::PerTensor(PerTensorClip { max_norm: 0.2 }).except(["*0", "t2"]),
         Rule::Groups(GroupClip::new(0.3).group("odd", "t*1", 0.7)),
         Rule::BlockRms(BlockRmsClip { threshold: 0.05 }),
         Rule::Agc(Agc::new(0.05)),
