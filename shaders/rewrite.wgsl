@@ -25,7 +25,9 @@
 #import grid
 #import philox
 
-// Pipeline variants: noise and clamping compiled in only where a step asks for them.
+// Pipeline variants: scaling (a coefficient per unit, NaN zeroing), noise and clamping
+// compiled in only where a step asks for them; a value clip alone is `CLAMP` only.
+override SCALE: bool = true;
 override NOISE: bool = true;
 override CLAMP: bool = true;
 
@@ -41,10 +43,10 @@ override CLAMP: bool = true;
 // The new value of element `index` of tensor `tensor`.
 fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
     var y = x;
-    if (step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+    if (SCALE && step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
         y = 0.0;
     }
-    if (bitcast<u32>(coef) != bitcast<u32>(1.0)) {
+    if (SCALE && bitcast<u32>(coef) != bitcast<u32>(1.0)) {
         y = y * coef;
     }
     if (NOISE && step.sigma > 0.0) {
@@ -67,8 +69,9 @@ fn f32_transform(bits: u32, coef: f32, tensor: u32, index: u32) -> u32 {
 
 // A clamp and nothing else: compare with the bounds, write the pre-rounded bound bits.
 fn clamp_only(coef: f32) -> bool {
-    return CLAMP && !NOISE && step.clamp == 1u && step.policy != POLICY_ZERO_NANS
-        && bitcast<u32>(coef) == bitcast<u32>(1.0);
+    let unscaled = !SCALE
+        || (step.policy != POLICY_ZERO_NANS && bitcast<u32>(coef) == bitcast<u32>(1.0));
+    return CLAMP && !NOISE && step.clamp == 1u && unscaled;
 }
 
 fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32 {
@@ -108,12 +111,16 @@ struct Work {
 
 fn work_of(inv: Invocation) -> Work {
     let local = workgroup_index(inv);
-    if (local >= dispatch.n_chunks || (report[STATUS_WORD] & STATUS_HELD) != 0u) {
+    // A step that norms (rule 1) is held by its `finish`; a value clip alone (rule 0)
+    // checks that its parameter slot is still its own.
+    let held = step.rule == 1u && (report[STATUS_WORD] & STATUS_HELD) != 0u;
+    let stale = report[TAG_WORD] != step.seq % TAG_RING;
+    if (local >= dispatch.n_chunks || held || stale) {
         return Work(chunks[0], 1.0, false);
     }
     let chunk = chunks[dispatch.first_chunk + local];
     var coef = 1.0;
-    if (step.rule == 1u) {
+    if (SCALE && step.rule == 1u) {
         coef = coefs[chunk.seg];
     }
     let idle = coef == 1.0 && step.sigma == 0.0 && step.policy != POLICY_ZERO_NANS
@@ -182,6 +189,9 @@ fn shared_words(inv: Invocation) {
     }
     for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
         let bits = atomicLoad(&grads[w]);
-        atomicXor(&grads[w], bits ^ rewrite_word(bits, job, w));
+        let changed = bits ^ rewrite_word(bits, job, w);
+        if (changed != 0u) {
+            atomicXor(&grads[w], changed);
+        }
     }
 }

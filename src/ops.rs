@@ -108,3 +108,13 @@ impl ValueClip {
         }
     }
 }
+
+/// Checks a micro-batch count.
+pub(crate) fn check_micro_steps(micro_steps: u32) -> Result<(), ClipError> {
+    if micro_steps == 0 {
+        return Err(ClipError::InvalidConfig(
+            "gradient accumulation needs at least one micro-batch (micro_steps = 0)".into(),
+        ));
+    }
+    Ok(())
+}

@@ -7,7 +7,7 @@ mod common;
 use common::{batch, close, download, gpu, gpu_tensors, upload, Host};
 use gradclip::{
     AutoClip, ClipError, ClipPolicy, CpuPolicy, GaussianNoise, GlobalNormClip, GpuPolicy, Norm,
-    PolicyReport, Rule, Schedule, TensorInfo,
+    PolicyReport, Rule, Schedule, TensorInfo, ValueClip,
 };
 
 fn grads() -> Vec<Host> {
@@ -143,6 +143,37 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     // The next submission is fine again.
     assert!(run.run().unwrap().wait().is_ok());
     assert_eq!(run.state().unwrap().norms_seen(), 65);
+}
+
+/// A value clip alone has no report: when its slot is overwritten before submission it
+/// changes nothing (it never runs with another step's parameters).
+#[test]
+fn an_overwritten_value_clip_changes_nothing() {
+    let ctx = gpu();
+    let h = vec![Host::F32(vec![10.0; 300]), Host::F32(vec![-10.0; 7])];
+    let arena = upload(&ctx, &h);
+    let mut b = batch(&ctx, &arena, &h);
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    // Step 0 clamps to 1; steps 1..=63 only norm; step 64 (step 0's slot) clamps to 2.
+    b.encode_clip_by_value(&mut encoder, &ValueClip::symmetric(1.0))
+        .unwrap();
+    let norms: Vec<_> = (1..64)
+        .map(|_| b.encode_total_norm(&mut encoder, Norm::L2, false).unwrap())
+        .collect();
+    b.encode_clip_by_value(&mut encoder, &ValueClip::symmetric(2.0))
+        .unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    // Had step 0 run with step 64's bounds, the norms would be of 2s, not 10s.
+    let want = 10.0 * 307f64.sqrt();
+    for (i, p) in norms.into_iter().enumerate() {
+        let n = p.wait().unwrap().total_norm;
+        assert!(close(n, want, 1e-6), "step {}: {n} vs {want}", i + 1);
+    }
+    let out = download(&ctx, &arena, &h);
+    assert_eq!(
+        out,
+        vec![Host::F32(vec![2.0; 300]), Host::F32(vec![-2.0; 7])]
+    );
 }
 
 /// Every configuration writes GPU timestamps around its compute pass when asked.

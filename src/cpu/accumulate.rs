@@ -9,6 +9,7 @@ use super::norm_reduce::BLOCK;
 use super::CpuPolicy;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
+use crate::ops::check_micro_steps;
 use crate::report::PolicyReport;
 
 /// `sums = (first ? 0 : sums) + scale * micro`, element by element in f32, rounded once.
@@ -49,16 +50,6 @@ fn check_pairs(sums: &[GradMut<'_>], micro: &[GradRef<'_>]) -> Result<(), ClipEr
                 got: format!("{} {:?} elements", m.len(), m.dtype()),
             });
         }
-    }
-    Ok(())
-}
-
-/// Checks a micro-batch count.
-pub(crate) fn check_micro_steps(micro_steps: u32) -> Result<(), ClipError> {
-    if micro_steps == 0 {
-        return Err(ClipError::InvalidConfig(
-            "gradient accumulation needs at least one micro-batch (micro_steps = 0)".into(),
-        ));
     }
     Ok(())
 }

@@ -10,7 +10,6 @@ mod per_example;
 pub(crate) mod philox;
 mod policy;
 
-pub(crate) use accumulate::check_micro_steps;
 pub use accumulate::CpuAccumulator;
 pub use per_example::clip_per_example;
 pub use policy::CpuPolicy;

@@ -34,7 +34,7 @@ use crate::chain::Program;
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::fold_grid;
-use crate::shaders::abi::{StageParams, StepReport, ACC_BYTES};
+use crate::shaders::abi::{self, StageParams, StepReport, ACC_BYTES};
 use crate::shaders::{BindLayout, Kernel};
 
 /// Bytes of one stage's report header.
@@ -83,7 +83,9 @@ pub(crate) struct Engine {
     finish_partials: Option<wgpu::BindGroup>,
     coefs_grid: [u32; 3],
     /// Per binding window of the gradients: bind group and offset of its indirect args.
-    rewrites: Vec<(wgpu::BindGroup, u64)>,
+    /// Per window: the rewrite's bind group, the offset of its indirect counts and its
+    /// full grid (dispatched directly by a value clip alone, which always rewrites).
+    rewrites: Vec<(wgpu::BindGroup, u64, [u32; 3])>,
     args_out: wgpu::Buffer,
     /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
     shared_words: bool,
@@ -177,7 +179,7 @@ impl Engine {
             device,
             "gradclip reports",
             n_stages as u64 * REPORT_BYTES,
-            wgpu::BufferUsages::COPY_SRC,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         );
         let coef_buf = storage_zeroed(
             device,
@@ -318,8 +320,9 @@ impl Engine {
             ]
         })
         .into_iter()
+        .zip(&rewrite_grids)
         .enumerate()
-        .map(|(wi, group)| (group, wi as u64 * 12))
+        .map(|(wi, (group, &grid))| (group, wi as u64 * 12, grid))
         .collect();
         // A 16-bit unit chunk that is strided or starts or ends mid-word shares a word
         // (spans never do: a half outside a span has no writer).
@@ -402,7 +405,8 @@ impl Engine {
             ..step.params
         };
         let queue = &ctx.inner.queue;
-        let slot = (self.slots).write(queue, encoder, &params, &self.state, &self.blocks);
+        let state = (&self.state, &self.blocks[..]);
+        let slot = (self.slots).write(queue, encoder, &params, state, &self.reports);
         let kind = step.norm.kind_code();
         let direct = step.reduce && !step.units && self.finish_partials.is_some();
         {
@@ -418,7 +422,15 @@ impl Engine {
                     p.encode(&mut pass, device, kernels, (l2, slot), true);
                 }
             }
-            for (k, stage) in self.stages.iter().enumerate() {
+            // A value clip alone has no norm to finish and always rewrites: its rewrite is
+            // dispatched directly and checks its parameter slot itself.
+            let value_only = !step.reduce && !step.coefs;
+            let stages = if value_only {
+                &[][..]
+            } else {
+                &self.stages[..]
+            };
+            for (k, stage) in stages.iter().enumerate() {
                 if let (Some((group, grid)), true, false) = (&stage.groups, step.reduce, direct) {
                     pass.set_pipeline(&kernels.pipeline(device, Kernel::Groups(kind)));
                     pass.set_bind_group(0, group, &[slot]);
@@ -449,13 +461,18 @@ impl Engine {
             if step.rewrite {
                 let rewrite = Kernel::Rewrite {
                     shared_words: self.shared_words,
+                    scale: params.rule == 1 || params.policy == abi::POLICY_ZERO_NANS,
                     noise: params.sigma > 0.0,
                     clamp: params.clamp == 1,
                 };
                 pass.set_pipeline(&kernels.pipeline(device, rewrite));
-                for (group, args) in &self.rewrites {
+                for (group, args, grid) in &self.rewrites {
                     pass.set_bind_group(0, group, &[slot]);
-                    pass.dispatch_workgroups_indirect(&self.args_out, *args);
+                    if value_only {
+                        pass.dispatch_workgroups(grid[0], grid[1], 1);
+                    } else {
+                        pass.dispatch_workgroups_indirect(&self.args_out, *args);
+                    }
                 }
             }
             extra(&mut pass, slot);

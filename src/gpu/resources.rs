@@ -5,7 +5,7 @@ use std::num::NonZeroU64;
 use bytemuck::Pod;
 
 pub(crate) use crate::shaders::abi::{DispatchParams, StepParams};
-use crate::shaders::abi::{STEP_SLOTS, ST_TAG, TAG_RING};
+use crate::shaders::abi::{STEP_SLOTS, ST_TAG, TAG_RING, TAG_WORD};
 use wgpu::util::DeviceExt;
 
 impl DispatchParams {
@@ -102,14 +102,15 @@ impl StepSlots {
 
     /// Writes `params` (with sequence number `params.seq`) into its slot and records the
     /// copy of its tag into word `ST_TAG` of every state block (`blocks`: their first
-    /// words) of `state`; returns the slot's dynamic offset.
+    /// words) of `state` and into the first report's `tag`; returns the slot's dynamic
+    /// offset.
     pub(crate) fn write(
         &self,
         queue: &wgpu::Queue,
         encoder: &mut wgpu::CommandEncoder,
         params: &StepParams,
-        state: &wgpu::Buffer,
-        blocks: &[usize],
+        (state, blocks): (&wgpu::Buffer, &[usize]),
+        reports: &wgpu::Buffer,
     ) -> u32 {
         let offset = (params.seq % STEP_SLOTS) as u64 * self.stride;
         queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(params));
@@ -118,6 +119,7 @@ impl StepSlots {
             let at = (base as u64 + ST_TAG as u64) * 4;
             encoder.copy_buffer_to_buffer(&self.tags, tag, state, at, 4);
         }
+        encoder.copy_buffer_to_buffer(&self.tags, tag, reports, TAG_WORD as u64 * 4, 4);
         offset as u32
     }
 }

@@ -168,7 +168,9 @@ abi_structs! {
         /// The first stage's copy of the skip counter before this step (later stages
         /// that skip the step count from it).
         pub skips_before: u32,
-        pub _pad1: u32,
+        /// The step's tag, copied in by its encoder (stage 0's report): a value clip
+        /// alone, which has no `finish`, checks its parameter slot with it.
+        pub tag: u32,
         pub _pad2: u32,
     }
 
@@ -269,6 +271,9 @@ pub(crate) const FORMULA_AGC: u32 = 2;
 /// atomic counter makes the struct itself read-write only).
 pub(crate) const STATUS_WORD: u32 = (std::mem::offset_of!(StepReport, status) / 4) as u32;
 
+/// Word of [`StepReport::tag`].
+pub(crate) const TAG_WORD: u32 = (std::mem::offset_of!(StepReport, tag) / 4) as u32;
+
 /// Group of a unit that a stage leaves alone.
 pub(crate) const NO_GROUP: u32 = u32::MAX;
 
@@ -309,6 +314,7 @@ const CONSTS: &[(&str, u32)] = &[
     ("WG", WG),
     ("NO_GROUP", NO_GROUP),
     ("STATUS_WORD", STATUS_WORD),
+    ("TAG_WORD", TAG_WORD),
     ("STATUS_STALE", STATUS_STALE),
     ("ST_TAG", ST_TAG),
     ("ST_CAP", ST_CAP),

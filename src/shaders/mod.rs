@@ -196,10 +196,12 @@ pub(crate) enum Kernel {
         adaptive: u32,
         formula: u32,
     },
-    /// `rewrite`; `shared_words`: units may share 32-bit words (the atomic entry); `noise`
-    /// and `clamp`: the step adds noise, clamps.
+    /// `rewrite`; `shared_words`: units may share 32-bit words (the atomic entry);
+    /// `scale`: the step has coefficients or zeroes NaNs; `noise`, `clamp`: it adds noise,
+    /// clamps.
     Rewrite {
         shared_words: bool,
+        scale: bool,
         noise: bool,
         clamp: bool,
     },
@@ -224,11 +226,12 @@ impl Kernel {
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
         let mut all = vec![Kernel::PerExample, Kernel::Accumulate];
-        for bits in 0..8 {
+        for bits in 0..16 {
             all.push(Kernel::Rewrite {
                 shared_words: bits & 1 != 0,
                 noise: bits & 2 != 0,
                 clamp: bits & 4 != 0,
+                scale: bits & 8 != 0,
             });
         }
         for kind in kinds {
@@ -279,11 +282,17 @@ impl Kernel {
             ),
             Kernel::Rewrite {
                 shared_words,
+                scale,
                 noise,
                 clamp,
             } => {
                 let entry = if shared_words { "shared_words" } else { "main" };
-                let flags = vec![("NOISE", noise as u8 as f64), ("CLAMP", clamp as u8 as f64)];
+                let flag = |on: bool| on as u8 as f64;
+                let flags = vec![
+                    ("SCALE", flag(scale)),
+                    ("NOISE", flag(noise)),
+                    ("CLAMP", flag(clamp)),
+                ];
                 (Family::Rewrite, entry, BindLayout::Rewrite, flags)
             }
             Kernel::PerExample => (Family::PerExample, "main", BindLayout::PerExample, vec![]),
