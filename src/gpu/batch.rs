@@ -249,7 +249,9 @@ impl GpuBatch {
     }
 
     /// Records a value clip: every element clamped to `[lo, hi]` (for 16-bit tensors, the
-    /// bounds rounded to the type), NaN kept.
+    /// bounds rounded to the type), NaN kept. It has no report; like every step it reads
+    /// its own parameter slot, and one whose slot was overwritten before submission (more
+    /// than 64 steps of this batch in one submission) changes nothing.
     pub fn encode_clip_by_value(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
