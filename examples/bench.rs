@@ -9,7 +9,7 @@
 //!   --cpu-only      no GPU, even when an adapter exists
 //!   --gpu-only      no CPU timings (the CPU oracle still checks the GPU)
 //!   --shapes PATH   the GPT-2 shapes file (also GRADCLIP_BENCH_SHAPES); default
-//!                   ../shared/bench/gpt2-small-shapes.txt beside this repository
+//!                   bench/gpt2-small-shapes.txt in this repository
 //!   --runs N        timed runs per figure, the median is reported (default 7)
 //! ```
 //!
@@ -71,7 +71,7 @@ fn options() -> Result<Options, String> {
             .unwrap_or_else(|| {
                 PathBuf::from(concat!(
                     env!("CARGO_MANIFEST_DIR"),
-                    "/../shared/bench/gpt2-small-shapes.txt"
+                    "/bench/gpt2-small-shapes.txt"
                 ))
             }),
     };

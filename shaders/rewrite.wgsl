@@ -52,8 +52,9 @@ fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
     if (NOISE && step.sigma > 0.0) {
         y = y + step_noise(step, tensor, index);
     }
-    // NaN compares false both ways and stays NaN, as in PyTorch and TensorFlow.
-    if (CLAMP && step.clamp == 1u) {
+    // NaN stays NaN, as in PyTorch and TensorFlow. It is tested on its bits: a driver
+    // may fold the comparisons below into a clamp that returns a bound for NaN (GL does).
+    if (CLAMP && step.clamp == 1u && nonfinite_flag(bitcast<u32>(y)) != FLAG_NAN) {
         if (y < step.lo) {
             y = step.lo;
         } else if (y > step.hi) {
@@ -77,6 +78,9 @@ fn clamp_only(coef: f32) -> bool {
 fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32 {
     let x = half_to_f32(h, dtype);
     if (clamp_only(coef)) {
+        if (nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+            return h;
+        }
         let shift = select(16u, 0u, dtype == DTYPE_F16);
         if (x < step.lo) {
             return (step.lo_half >> shift) & 0xffffu;

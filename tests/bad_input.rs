@@ -127,7 +127,7 @@ fn bad_tensor_descriptions_are_rejected() {
         matches!(e, ClipError::MissingStorageUsage { .. })
     });
     // A buffer of another device.
-    let other = GpuContext::new().unwrap();
+    let other = GpuContext::with_backends(common::backends()).unwrap();
     let foreign = other.device().create_buffer(&wgpu::BufferDescriptor {
         label: None,
         size: 64,

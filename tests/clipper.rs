@@ -67,7 +67,8 @@ fn assert_close(a: &[Host], b: &[Host], what: &str) {
 
 #[test]
 fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
-    let mut on_gpu = Clipper::on(Backend::Gpu(gpu()))
+    let gpu = gpu();
+    let mut on_gpu = Clipper::on(Backend::Gpu(gpu.clone()))
         .with_policy(chain(), &infos())
         .unwrap();
     let mut on_cpu = Clipper::on(Backend::Cpu)
@@ -106,9 +107,10 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
 
 #[test]
 fn new_element_types_rebuild_the_gpu_plan_and_keep_the_state() {
+    let gpu = gpu();
     let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 8)));
     let infos = infos();
-    let mut clipper = Clipper::on(Backend::Gpu(gpu()))
+    let mut clipper = Clipper::on(Backend::Gpu(gpu.clone()))
         .with_policy(policy.clone(), &infos)
         .unwrap();
     let mut oracle = Clipper::on(Backend::Cpu)
@@ -133,7 +135,8 @@ fn new_element_types_rebuild_the_gpu_plan_and_keep_the_state() {
 
 #[test]
 fn bad_steps_leave_the_host_data_and_the_state_untouched() {
-    for backend in [Backend::Gpu(gpu()), Backend::Cpu] {
+    let gpu = gpu();
+    for backend in [Backend::Gpu(gpu.clone()), Backend::Cpu] {
         let name = format!("{backend:?}");
         // No policy set.
         let mut bare = Clipper::on(backend.clone());

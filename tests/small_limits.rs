@@ -5,18 +5,21 @@ mod common;
 use common::*;
 use gradclip::*;
 
-fn small_device() -> GpuContext {
-    GpuContext::with_limits(|adapter| wgpu::Limits {
+/// A device of the test backends with small limits, held like [`gpu`]'s.
+fn small_device() -> (Gpu, GpuContext) {
+    let turn = gpu();
+    let ctx = GpuContext::with_limits(backends(), |adapter| wgpu::Limits {
         max_storage_buffer_binding_size: 256 * 1024,
         max_compute_workgroups_per_dimension: 5,
         ..adapter.clone()
     })
-    .expect("a device with small limits")
+    .expect("a device with small limits");
+    (turn, ctx)
 }
 
 #[test]
 fn windows_and_folded_grids_match_the_oracle() {
-    let ctx = small_device();
+    let (_turn, ctx) = small_device();
     assert_eq!(
         ctx.device().limits().max_storage_buffer_binding_size,
         256 * 1024

@@ -43,27 +43,46 @@ impl GpuContext {
     /// (which backends to search), `WGPU_ADAPTER_NAME` (a substring of the adapter name
     /// to require) and `WGPU_POWER_PREF` (`low`/`high`, between two hardware GPUs).
     /// The device gets the adapter's own limits, so large buffers bind in few windows.
+    ///
+    /// GL adapters are taken only when asked for (`WGPU_BACKEND=gl`, or
+    /// [`GpuContext::with_backends`]): wgpu's GL backend shares one EGL context between
+    /// threads and panics when two threads use it at once, so a GL device must be used
+    /// from one thread at a time.
     pub fn new() -> Result<GpuContext, ClipError> {
-        Self::open(|adapter| adapter.clone(), false)
+        Self::open(|adapter| adapter.clone(), Self::default_backends(), false)
+    }
+
+    /// The backends [`GpuContext::new`] searches: `WGPU_BACKEND`'s when set, else every
+    /// backend but GL.
+    pub fn default_backends() -> wgpu::Backends {
+        wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all() - wgpu::Backends::GL)
+    }
+
+    /// Like [`GpuContext::new`], among adapters of `backends` only (GL included when
+    /// named: use a GL device from one thread at a time).
+    pub fn with_backends(backends: wgpu::Backends) -> Result<GpuContext, ClipError> {
+        Self::open(|adapter| adapter.clone(), backends, false)
     }
 
     /// Like [`GpuContext::new`], but only a hardware GPU: a software adapter (one that
     /// reports itself as a CPU device) is a [`ClipError::NoAdapter`]. [`crate::Clipper::new`]
     /// uses it, because the CPU path beats a software adapter on host data.
     pub fn hardware() -> Result<GpuContext, ClipError> {
-        Self::open(|adapter| adapter.clone(), true)
+        Self::open(|adapter| adapter.clone(), Self::default_backends(), true)
     }
 
-    /// Like [`GpuContext::new`], with device limits chosen from the adapter's limits.
-    /// Tests use it to request small binding sizes and workgroup counts.
+    /// Like [`GpuContext::with_backends`], with device limits chosen from the adapter's
+    /// limits. Tests use it to request small binding sizes and workgroup counts.
     pub fn with_limits(
+        backends: wgpu::Backends,
         choose: impl Fn(&wgpu::Limits) -> wgpu::Limits,
     ) -> Result<GpuContext, ClipError> {
-        Self::open(choose, false)
+        Self::open(choose, backends, false)
     }
 
     fn open(
         choose: impl Fn(&wgpu::Limits) -> wgpu::Limits,
+        backends: wgpu::Backends,
         hardware_only: bool,
     ) -> Result<GpuContext, ClipError> {
         // One instance per process: devices of one instance detect each other's buffers
@@ -72,7 +91,7 @@ impl GpuContext {
         let instance = INSTANCE.get_or_init(|| {
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env())
         });
-        let mut adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let mut adapters = pollster::block_on(instance.enumerate_adapters(backends));
         if adapters.is_empty() {
             return Err(ClipError::NoAdapter(
                 "wgpu found no adapter (install a GPU driver, or Mesa's lavapipe: apt-get install mesa-vulkan-drivers)".into(),

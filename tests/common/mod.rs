@@ -6,17 +6,71 @@ use gradclip::{
     bf16, f16, Agc, AutoClip, BlockRmsClip, GpuBatch, GpuContext, GpuTensor, GradMut, GradRef,
     GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
 };
-use std::sync::OnceLock;
+use std::cell::Cell;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
-/// The test GPU. Panics when no adapter exists: in CI the GPU tests must run (lavapipe).
-pub fn gpu() -> GpuContext {
-    static CTX: OnceLock<GpuContext> = OnceLock::new();
-    CTX.get_or_init(|| {
-        GpuContext::new().unwrap_or_else(|e| {
-            panic!("GPU tests need a wgpu adapter (apt-get install mesa-vulkan-drivers): {e}")
-        })
+/// The backends the test GPU comes from: `GpuContext::new`'s, else GL (a fresh machine
+/// with Mesa's GL and no Vulkan driver), which tests then use one at a time.
+pub fn backends() -> wgpu::Backends {
+    static BACKENDS: OnceLock<wgpu::Backends> = OnceLock::new();
+    *BACKENDS.get_or_init(|| match GpuContext::new() {
+        Ok(_) => GpuContext::default_backends(),
+        Err(_) => wgpu::Backends::GL,
     })
-    .clone()
+}
+
+/// The test GPU, held for the caller's scope. Panics when no adapter exists: in CI the GPU
+/// tests must run (lavapipe). On a GL device the holders take turns, across threads,
+/// because wgpu's GL backend panics when two threads use its context at once.
+pub fn gpu() -> Gpu {
+    static CTX: OnceLock<GpuContext> = OnceLock::new();
+    let ctx = CTX
+        .get_or_init(|| {
+            let ctx = GpuContext::with_backends(backends()).unwrap_or_else(|e| {
+                panic!("GPU tests need a wgpu adapter (apt-get install mesa-vulkan-drivers): {e}")
+            });
+            if let Some(i) = ctx.adapter_info() {
+                eprintln!("GPU tests on {} ({:?})", i.name, i.backend);
+            }
+            ctx
+        })
+        .clone();
+    let gl = ctx
+        .adapter_info()
+        .is_some_and(|i| i.backend == wgpu::Backend::Gl);
+    Gpu::hold(ctx, gl)
+}
+
+/// A test's hold on the GPU (see [`gpu`]): derefs to the context; re-entrant per thread.
+pub struct Gpu {
+    ctx: GpuContext,
+    _turn: Option<MutexGuard<'static, ()>>,
+}
+
+thread_local! {
+    static HOLDS: Cell<usize> = const { Cell::new(0) };
+}
+
+impl Gpu {
+    fn hold(ctx: GpuContext, take_turns: bool) -> Gpu {
+        static TURN: Mutex<()> = Mutex::new(());
+        let first = HOLDS.with(|h| h.replace(h.get() + 1)) == 0;
+        let turn = (take_turns && first).then(|| TURN.lock().unwrap_or_else(|e| e.into_inner()));
+        Gpu { ctx, _turn: turn }
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        HOLDS.with(|h| h.set(h.get() - 1));
+    }
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = GpuContext;
+    fn deref(&self) -> &GpuContext {
+        &self.ctx
+    }
 }
 
 /// Host tensors of mixed dtypes.
