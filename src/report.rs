@@ -216,18 +216,16 @@ impl ReportShape {
             group_names: last.group_names.clone(),
             group_ranges: last.group_ranges.clone(),
             members: last.members.clone(),
-            tensors: infos
-                .iter()
-                .enumerate()
-                .map(|(t, info)| {
-                    let units = (program.units.iter().enumerate())
-                        .filter(|(_, s)| s.tensor == t)
-                        .map(|(u, _)| u)
-                        .collect();
-                    (info.name.clone(), units)
-                })
-                .filter(|(_, units): &(String, Vec<usize>)| !units.is_empty())
-                .collect(),
+            tensors: {
+                let mut units: Vec<Vec<usize>> = vec![Vec::new(); infos.len()];
+                for (u, s) in program.units.iter().enumerate() {
+                    units[s.tensor].push(u);
+                }
+                (infos.iter().zip(units))
+                    .filter(|(_, units)| !units.is_empty())
+                    .map(|(info, units)| (info.name.clone(), units))
+                    .collect()
+            },
             global: program.stages.iter().map(|s| s.is_global()).collect(),
         })
     }

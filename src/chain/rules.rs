@@ -93,13 +93,12 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
         return pattern == name;
     }
     let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() {
+    // Both ends matched first, so the cuts below fall on character boundaries.
+    let fits = name.len() >= first.len() + last.len();
+    if !fits || !name.starts_with(first) || !name.ends_with(last) {
         return false;
     }
     let mut rest = &name[first.len()..name.len() - last.len()];
-    if !name.ends_with(last) {
-        return false;
-    }
     for part in &parts[1..parts.len() - 1] {
         match rest.find(part) {
             Some(i) => rest = &rest[i + part.len()..],
@@ -375,6 +374,13 @@ mod tests {
         assert!(glob_match("*weight*", "fc.weight.0"));
         assert!(glob_match("fc.bias", "fc.bias"));
         assert!(glob_match("*", ""));
+        // Names and patterns of any script: no cut inside a character.
+        assert!(!glob_match("*b", "层.权重"));
+        assert!(!glob_match("a*b", "aé"));
+        assert!(glob_match("层*", "层.权重"));
+        assert!(glob_match("*权重", "层.权重"));
+        assert!(glob_match("*.*", "层.权重"));
+        assert!(!glob_match("层*层", "层"));
         assert!(glob_match("a*b*c", "abc"));
         assert!(!glob_match("a*b*c", "acb"));
         assert!(!glob_match("ab*ba", "aba"));
