@@ -237,3 +237,46 @@ fn unwritable_paths_are_typed_errors() {
     assert!(e.to_string().contains(".png or .svg"), "{e}");
     assert!(!dir.join("norms.jpg").exists());
 }
+
+/// Values an axis cannot lay out (beyond f64's range when padded, subnormal on a log axis)
+/// are drawn at the edge: every chart finishes. A hang fails the test after a minute.
+#[test]
+fn charts_of_extreme_values_finish() {
+    use gradclip::plot::{BarChart, LineChart};
+    let dir = out_dir("extreme");
+    let (done, wait) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let extremes = [
+            vec![(0.0, 1e308), (1.0, 1.0)],
+            vec![(0.0, 1e-320), (1.0, 2.0)],
+            vec![(-1e308, 1.0), (1e308, 2.0)],
+            vec![(0.0, f64::MAX), (1.0, f64::MIN_POSITIVE), (2.0, -f64::MAX)],
+            vec![(5.0, 1e-300), (5.0, 1e-300)],
+            vec![
+                (0.0, f64::NAN),
+                (f64::INFINITY, 1.0),
+                (1.0, f64::NEG_INFINITY),
+            ],
+        ];
+        for (i, points) in extremes.into_iter().enumerate() {
+            for log in [false, true] {
+                let ys: Vec<f64> = points.iter().map(|p| p.1).collect();
+                let line = LineChart::new("extreme", "x", "y")
+                    .log_y(log)
+                    .line("a", points.clone());
+                line.save(dir.join(format!("line-{i}-{log}.png"))).unwrap();
+                let bars = BarChart {
+                    title: "extreme".into(),
+                    y_label: "y".into(),
+                    log_y: log,
+                    categories: (0..ys.len()).map(|k| format!("c{k}")).collect(),
+                    bars: vec![("v".into(), ys)],
+                };
+                bars.save(dir.join(format!("bars-{i}-{log}.svg"))).unwrap();
+            }
+        }
+        done.send(()).unwrap();
+    });
+    wait.recv_timeout(std::time::Duration::from_secs(60))
+        .expect("every chart finishes");
+}

@@ -186,7 +186,8 @@ impl BarChart {
             let rects = (values.iter().enumerate())
                 .filter(|(_, v)| v.is_finite() && *v > &base)
                 .map(|(i, &v)| {
-                    Rectangle::new([(left(i), base), (left(i) + width, v)], color.filled())
+                    let top = drawable(v, base > 0.0);
+                    Rectangle::new([(left(i), base), (left(i) + width, top)], color.filled())
                 });
             chart
                 .draw_series(rects)
@@ -243,6 +244,24 @@ fn text<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
+/// The largest magnitude an axis draws, and the smallest a log axis draws: plotters
+/// cannot lay out ticks over ranges that overflow or underflow f64 (it never returns), so
+/// values beyond are drawn at the edge.
+const DRAWABLE: f64 = 1e300;
+
+/// Decades a log axis spans at the most.
+const LOG_DECADES: i32 = 30;
+
+/// `v` moved into the drawable range of a linear or log axis (finite values only).
+fn drawable(v: f64, log: bool) -> f64 {
+    let v = v.clamp(-DRAWABLE, DRAWABLE);
+    if log {
+        v.max(1.0 / DRAWABLE)
+    } else {
+        v
+    }
+}
+
 /// A padded range around `values`; a default when there are none.
 fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
@@ -251,7 +270,9 @@ fn bounds(values: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
     match (lo.is_finite(), log) {
         (false, true) => (1e-3, 1.0),
         (false, false) => (0.0, 1.0),
-        (true, true) => (lo / 2.0, hi * 2.0),
+        // Plotters lays a log axis out decade by decade: at most LOG_DECADES of them, the
+        // highest (smaller values sit below the axis).
+        (true, true) => ((lo / 2.0).max(hi * 2.0 / 10f64.powi(LOG_DECADES)), hi * 2.0),
         (true, false) if hi > lo => (lo.min(0.0), hi + 0.05 * (hi - lo.min(0.0))),
         (true, false) => (lo.min(0.0), hi.abs().max(1e-12) * 1.05),
     }
@@ -265,7 +286,11 @@ impl Render for LineChart {
         let keep =
             |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite() && !(self.log_y && y <= 0.0);
         let points: Vec<Vec<(f64, f64)>> = (self.series.iter())
-            .map(|s| s.points.iter().copied().filter(keep).collect())
+            .map(|s| {
+                (s.points.iter().copied().filter(keep))
+                    .map(|(x, y)| (drawable(x, false), drawable(y, self.log_y)))
+                    .collect()
+            })
             .collect();
         let all = points.iter().flatten();
         let (x0, x1) = bounds(all.clone().map(|p| p.0), false);
@@ -282,7 +307,7 @@ impl Render for BarChart {
     fn render<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
         let values = self.bars.iter().flat_map(|(_, v)| v.iter().copied());
         let values = values.filter(|v| v.is_finite() && !(self.log_y && *v <= 0.0));
-        let (y0, y1) = bounds(values, self.log_y);
+        let (y0, y1) = bounds(values.map(|v| drawable(v, self.log_y)), self.log_y);
         let n = self.categories.len().max(1) as f64;
         if self.log_y {
             self.draw(root, -0.5..n - 0.5, (y0..y1).log_scale(), y0)
