@@ -44,14 +44,17 @@ pub enum ClipError {
         /// The tensor's element type.
         dtype: DType,
     },
-    /// A tensor's byte range runs past the end of its buffer.
-    #[error("tensor {tensor:?}: bytes {start}..{end} run past the end of its {size}-byte buffer")]
+    /// A tensor's byte range, in the whole 32-bit words the shaders read, runs past the
+    /// end of its buffer.
+    #[error(
+        "tensor {tensor:?}: bytes {start}..{end} (whole 32-bit words) run past the end of its {size}-byte buffer"
+    )]
     OutOfBounds {
         /// Name (or index) of the tensor.
         tensor: String,
         /// First byte of the tensor.
         start: u64,
-        /// One past its last byte.
+        /// One past its last byte, rounded up to a whole 32-bit word.
         end: u64,
         /// Size of the buffer.
         size: u64,

@@ -100,6 +100,16 @@ fn bad_tensor_descriptions_are_rejected() {
     check(&[GpuTensor::new(buf, 4, u64::MAX / 2, DType::F32)], |e| {
         matches!(e, ClipError::OutOfBounds { .. })
     });
+    // Three f16 in a 6-byte buffer: their second word runs past the end.
+    let six = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 6,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    check(&[GpuTensor::new(&six, 0, 3, DType::F16)], |e| {
+        matches!(e, ClipError::OutOfBounds { start: 0, end: 8, size: 6, .. })
+    });
     // Overlap.
     check(
         &[

@@ -143,9 +143,10 @@ impl Plan {
                 });
             }
             let end = t.len.checked_mul(es).and_then(|b| b.checked_add(t.offset));
-            // Shaders read whole 32-bit words, so the usable size is rounded down to 4.
+            // Shaders read whole 32-bit words: the tensor's words must lie in the buffer.
+            let end = end.and_then(|e| e.checked_next_multiple_of(4));
             match end {
-                Some(end) if end <= t.buffer_size & !3 => {}
+                Some(end) if end <= t.buffer_size => {}
                 _ => {
                     return Err(ClipError::OutOfBounds {
                         tensor: t.name.clone(),
