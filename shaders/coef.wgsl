@@ -252,8 +252,9 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (!fresh) {
         status = STATUS_STALE | STATUS_HELD;
     }
-    // Non-finite norms are never recorded: one bad step must not poison the history.
-    let n = norm_value(total);
+    // Non-finite norms are never recorded: one bad step must not poison the history. A
+    // norm beyond f32 range enters the history as f32::MAX.
+    let n = min(norm_value(total), f32_max());
     let record = flags == 0u && fresh;
     var thr = thresholds[0] * step.multiplier;
     if (ADAPTIVE == ADAPTIVE_AUTOCLIP) {

@@ -70,7 +70,7 @@ impl Norm {
         }
     }
 
-    /// `r^p` for a ratio `r` in [0, 1].
+    /// `r^p` (for a ratio `r` in [0, 1] in the accumulators; above 1 for `on_device`).
     fn pow_ratio(self, r: f64) -> f64 {
         match self {
             Norm::L1 => r,
@@ -184,6 +184,60 @@ impl NormAcc {
         }
     }
 
+    /// This accumulator as the device holds it: f32 scale and sum, a scale beyond f32
+    /// range moved into the sum. Both backends finish a step from these numbers.
+    pub(crate) fn on_device(&self, norm: Norm) -> NormAcc {
+        let total = NormAcc { flags: 0, ..*self }.total(norm);
+        if norm == Norm::Inf || total == 0.0 {
+            return NormAcc {
+                scale: self.scale as f32 as f64,
+                sum: self.sum as f32 as f64,
+                flags: self.flags,
+            };
+        }
+        // The norm itself as the scale (sum 1), or f32::MAX and the rest in the sum.
+        let scale = total.min(f32::MAX as f64) as f32 as f64;
+        NormAcc {
+            scale,
+            sum: norm.pow_ratio(total / scale) as f32 as f64,
+            flags: self.flags,
+        }
+    }
+
+    /// The norm in f32 as the shaders compute it (`norm_value` of coef.wgsl: `scale *
+    /// root(sum)` in f32, infinity beyond f32 range), ignoring the flags, and the root.
+    pub(crate) fn value_f32(&self, norm: Norm) -> (f32, f32) {
+        let d = self.on_device(norm);
+        let (scale, sum) = (d.scale as f32, d.sum as f32);
+        let root = match norm {
+            Norm::L1 => sum,
+            Norm::L2 => sum.sqrt(),
+            Norm::Inf => 1.0,
+            Norm::P(p) => sum.powf(1.0 / p),
+        };
+        let n = if norm == Norm::Inf {
+            scale
+        } else {
+            scale * root
+        };
+        (n, root)
+    }
+
+    /// `c / (n + eps)` in f32 as the shaders compute it (`ratio` of coef.wgsl): finite for
+    /// norms beyond f32 range, where `eps` no longer matters.
+    pub(crate) fn ratio_f32(&self, norm: Norm, c: f32, eps: f32) -> f32 {
+        let (n, root) = self.value_f32(norm);
+        if n.is_finite() {
+            return c / (n + eps);
+        }
+        let scale = self.on_device(norm).scale as f32;
+        if norm == Norm::Inf {
+            c / scale
+        } else {
+            (c / scale) / root
+        }
+    }
+
     /// The norm: NaN if a NaN was seen, infinity if an infinity was, else `scale * sum^(1/p)`.
     pub fn total(&self, norm: Norm) -> f64 {
         if self.flags & FLAG_NAN != 0 {
@@ -232,6 +286,10 @@ impl PartialNorm {
         if total.is_nan() || total < 0.0 {
             return Err(ClipError::InvalidTotalNorm(total));
         }
+        if norm == Norm::Inf && total > f32::MAX as f64 && total.is_finite() {
+            // The largest |element| of f32 or 16-bit gradients is at most f32::MAX.
+            return Err(ClipError::InvalidTotalNorm(total));
+        }
         // scale = total, sum = 1 stands for total^p whatever p is.
         let acc = if total.is_infinite() {
             NormAcc {
@@ -260,6 +318,10 @@ impl PartialNorm {
     ) -> Result<PartialNorm, ClipError> {
         norm.validate()?;
         if !(scale >= 0.0 && sum >= 0.0) || scale.is_infinite() || sum.is_infinite() {
+            return Err(ClipError::InvalidTotalNorm(scale));
+        }
+        if norm == Norm::Inf && scale > f32::MAX as f64 {
+            // The largest |element| of f32 or 16-bit gradients is at most f32::MAX.
             return Err(ClipError::InvalidTotalNorm(scale));
         }
         Ok(PartialNorm {

@@ -108,7 +108,15 @@ fn bad_tensor_descriptions_are_rejected() {
         mapped_at_creation: false,
     });
     check(&[GpuTensor::new(&six, 0, 3, DType::F16)], |e| {
-        matches!(e, ClipError::OutOfBounds { start: 0, end: 8, size: 6, .. })
+        matches!(
+            e,
+            ClipError::OutOfBounds {
+                start: 0,
+                end: 8,
+                size: 6,
+                ..
+            }
+        )
     });
     // Overlap.
     check(

@@ -93,7 +93,14 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
     let saved = on_gpu.policy_state().unwrap();
     assert_eq!(saved.step(), 4);
     assert_eq!(saved.norms_seen(), 4);
-    assert_eq!(saved.history(), on_cpu.policy_state().unwrap().history());
+    let (gh, ch) = (saved.history(), on_cpu.policy_state().unwrap().history());
+    assert_eq!(gh.len(), ch.len());
+    for (g, c) in gh.iter().zip(&ch) {
+        assert!(
+            common::close(*g as f64, *c as f64, 1e-6),
+            "history {gh:?} vs {ch:?}"
+        );
+    }
     let mut fresh = Clipper::on(Backend::Cpu)
         .with_policy(chain(), &infos())
         .unwrap();

@@ -973,3 +973,96 @@ fn per_example_bad_configuration() {
     ));
     assert_eq!(out, [0.0, 0.0]);
 }
+
+/// Adaptive rules at their edges (percentile 0 and 100, history 1, ties at the threshold,
+/// repeated exact norms, ZClip warmup 1): the GPU and the CPU take the same decisions,
+/// step for step, because both finish in the same f32 arithmetic.
+#[test]
+fn adaptive_edges_agree_between_backends() {
+    let infos = [TensorInfo::new("w", &[2]), TensorInfo::new("b", &[3])];
+    // Norms 5, 5, 10, 5, 2.5, 10, 10, ... (exact: 3-4-5 triangles), some steps repeated.
+    let ks = [
+        1.0f32, 1.0, 2.0, 1.0, 0.5, 2.0, 2.0, 4.0, 0.25, 1.0, 1.0, 8.0,
+    ];
+    let steps: Vec<Vec<Host>> = ks
+        .iter()
+        .map(|&k| vec![f32s(&[3.0 * k, 4.0 * k]), f32s(&[0.0; 3])])
+        .collect();
+    let mut rules = Vec::new();
+    for percentile in [0.0, 50.0, 100.0] {
+        for history in [1, 2, 5] {
+            rules.push(Rule::AutoClip(AutoClip::new(percentile, history)));
+        }
+    }
+    for warmup in [1, 2] {
+        rules.push(Rule::ZClip(ZClip {
+            warmup,
+            ..ZClip::default()
+        }));
+    }
+    for rule in rules {
+        let policy = ClipPolicy::new(rule.clone());
+        let g = run_gpu(&gpu(), &policy, &steps, None, &infos);
+        let c = run_cpu(&policy, &steps, None, &infos);
+        for (i, ((gh, gr), (ch, cr))) in g.iter().zip(&c).enumerate() {
+            let what = format!("{rule:?} step {i}");
+            assert_eq!(
+                gr.clipped_units, cr.clipped_units,
+                "{what}: {gr:?} vs {cr:?}"
+            );
+            assert_eq!(gr.threshold, cr.threshold, "{what}");
+            assert_eq!(gr.coef, cr.coef, "{what}");
+            assert_eq!(gh, ch, "{what}");
+        }
+    }
+}
+
+/// A norm beyond f32 range (finite in the overflow-safe accumulator) enters the adaptive
+/// history as f32::MAX: the threshold stays finite, the spike is clipped, and the steps
+/// after it clip as before, on both backends.
+#[test]
+fn norms_beyond_f32_keep_adaptive_state_finite() {
+    let infos = [TensorInfo::new("w", &[64])];
+    let step = |v: f32| vec![f32s(&[v; 64])];
+    // Norms 8, 8, 8 * 3e38 (beyond f32::MAX), 8, 8.
+    let steps = vec![step(1.0), step(1.0), step(3e38), step(1.0), step(1.0)];
+    for rule in [
+        Rule::AutoClip(AutoClip::new(50.0, 3)),
+        Rule::ZClip(ZClip {
+            warmup: 2,
+            ..ZClip::default()
+        }),
+    ] {
+        let policy = ClipPolicy::new(rule.clone());
+        let g = run_gpu(&gpu(), &policy, &steps, None, &infos);
+        let c = run_cpu(&policy, &steps, None, &infos);
+        for (k, ((gh, gr), (ch, cr))) in g.iter().zip(&c).enumerate() {
+            let what = format!("{rule:?} step {k}");
+            assert!(gr.total_norm.is_finite() && gr.total_norm > f32::MAX as f64 || k != 2);
+            assert!(gr.threshold.is_some_and(|t| !t.is_nan()), "{what}: {gr:?}");
+            assert_eq!(gr.threshold, cr.threshold, "{what}");
+            assert_eq!(gr.clipped_units, cr.clipped_units, "{what}");
+            let (gv, cv) = (gh[0].to_f64(), ch[0].to_f64());
+            for (a, b) in gv.iter().zip(&cv) {
+                assert!(close(*a, *b, 1e-6), "{what}: {a} vs {b}");
+            }
+            if k == 2 {
+                // The spike is clipped to a finite value.
+                assert!(gr.coef.is_some_and(|c| c < 1e-30), "{what}: {gr:?}");
+                assert!(gv.iter().all(|x| x.is_finite() && *x < 1e10), "{what}");
+            }
+        }
+        let state = CpuPolicy::new(policy.clone(), &infos).map(|mut p| {
+            for s in &steps {
+                p.step(&mut common::muts(&mut s.clone()), None).unwrap();
+            }
+            p.state().history()
+        });
+        assert!(state.unwrap().iter().all(|h| h.is_finite()), "{rule:?}");
+    }
+    // An inf-norm above f32::MAX cannot come from f32 or 16-bit gradients.
+    assert!(matches!(
+        gradclip::PartialNorm::from_total(gradclip::Norm::Inf, 1e39),
+        Err(ClipError::InvalidTotalNorm(_))
+    ));
+}

@@ -64,6 +64,10 @@ fn inf_f32() -> f32 {
     return bitcast<f32>(0x7f800000u);
 }
 
+fn f32_max() -> f32 {
+    return bitcast<f32>(0x7f7fffffu);
+}
+
 // Flags that count under non-finite policy `policy`: ZeroNans removes NaNs before the norm.
 fn live_flags(flags: u32, policy: u32) -> u32 {
     if (policy == POLICY_ZERO_NANS) {

@@ -124,9 +124,10 @@ pub(crate) fn combine(
         .collect()
 }
 
-/// The coefficient of a norm against threshold `c` (`norm_coef` of the shader, in f64):
-/// PyTorch's `min(c / (n + 1e-6), 1)` or TF's `c / max(n, c)`; NaN when a NaN counts, 0
-/// for an infinity. Finite for norms beyond f32 range.
+/// The coefficient of a norm against threshold `c`: `norm_coef` of the shader, in its f32
+/// arithmetic, so both backends agree at ties: PyTorch's `min(c / (n + 1e-6), 1)` or TF's
+/// `c / max(n, c)`; NaN when a NaN counts, 0 for an infinity. Finite for norms beyond f32
+/// range.
 pub(crate) fn norm_coef(
     acc: &NormAcc,
     norm: Norm,
@@ -141,12 +142,10 @@ pub(crate) fn norm_coef(
     if flags & FLAG_INF != 0 {
         return 0.0;
     }
-    let n = NormAcc { flags: 0, ..*acc }.total(norm);
-    let c = c as f64;
     match formula {
-        Formula::Tf if n <= c => 1.0,
-        Formula::Tf => (c / n) as f32,
-        _ => (c / (n + 1e-6)).min(1.0) as f32,
+        Formula::Tf if acc.value_f32(norm).0 <= c => 1.0,
+        Formula::Tf => acc.ratio_f32(norm, c, 0.0),
+        _ => acc.ratio_f32(norm, c, 1e-6).min(1.0),
     }
 }
 
@@ -280,8 +279,9 @@ pub(crate) fn finish(
             status |= STATUS_SKIPPED;
         }
     }
-    // Non-finite norms are never recorded: one bad step must not poison the history.
-    let n = NormAcc { flags: 0, ..total }.total(norm) as f32;
+    // Non-finite norms are never recorded: one bad step must not poison the history. A
+    // norm beyond f32 range enters the history as f32::MAX.
+    let n = total.value_f32(norm).0.min(f32::MAX);
     let record = flags == 0;
     let mult = step.multiplier;
     let p = &stage.params;

@@ -345,16 +345,11 @@ fn norm_params(norm: Norm, max_norm: f32, policy: NonFinitePolicy) -> StepParams
 /// A host partial norm as the shader's f32 `Acc`; a scale beyond f32 range is moved to
 /// f32::MAX with its sum rescaled.
 fn given_acc(total: &PartialNorm) -> Acc {
-    let max = f32::MAX as f64;
-    let (scale, sum) = if total.scale() > max {
-        (max, total.rescaled_sum(max))
-    } else {
-        (total.scale(), total.rescaled_sum(total.scale()))
-    };
+    let d = total.acc().on_device(total.norm());
     Acc {
-        scale: scale as f32,
-        sum: sum as f32,
-        flags: total.flags(),
+        scale: d.scale as f32,
+        sum: d.sum as f32,
+        flags: d.flags,
         _pad: 0,
     }
 }
