@@ -3,7 +3,7 @@
 //! formula that turns them into coefficients.
 
 use super::rules::{Rule, UnitAxis};
-use super::state::{HEADER_WORDS, ST_CAP};
+use super::state::{HEADER_WORDS, STAGE_PARAMS_WORDS, ST_CAP};
 use super::{ClipPolicy, PolicyState, TensorInfo};
 use crate::error::ClipError;
 use crate::plan::PlanSegment;
@@ -146,7 +146,19 @@ impl Program {
 
     /// A fresh device state: zeros, with each block's history capacity in its header.
     pub(crate) fn fresh_state(&self) -> PolicyState {
-        let mut state = PolicyState::new(self.state_words);
+        let layout = (self.stages.iter())
+            .flat_map(|s| {
+                let head = [
+                    s.adaptive,
+                    s.history as u32,
+                    s.formula as u32,
+                    s.state_base as u32,
+                ];
+                let params: [u32; STAGE_PARAMS_WORDS] = bytemuck::cast(s.params);
+                head.into_iter().chain(params)
+            })
+            .collect();
+        let mut state = PolicyState::new(self.state_words, layout);
         for stage in &self.stages {
             state.words[stage.state_base + ST_CAP] = stage.history as u32;
         }

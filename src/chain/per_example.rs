@@ -77,6 +77,8 @@ impl PerExampleClip {
 
     /// Checks the configuration against tensors of lengths `lens`.
     pub(crate) fn validate(&self, lens: &[u64]) -> Result<(), ClipError> {
+        /// Units allowed even where the tensors hold fewer elements (empty tensors).
+        const MAX_UNITS: u64 = 1 << 24;
         let bad = |m: String| Err(ClipError::InvalidConfig(m));
         if self.batch == 0 {
             return bad("batch must be >= 1".into());
@@ -113,6 +115,18 @@ impl PerExampleClip {
             return bad(format!(
                 "tensor #{t} has {len} elements, not a multiple of batch {}",
                 self.batch
+            ));
+        }
+        // One unit per (example, tensor), each with its norm and coefficient: a batch far
+        // beyond the data would allocate without bound.
+        let units = self.batch as u64 * lens.len() as u64;
+        let elements: u64 = lens.iter().sum();
+        if units > MAX_UNITS.max(elements) {
+            return bad(format!(
+                "batch {} over {} tensors is {units} per-example units, more than the {} elements (or 2^24)",
+                self.batch,
+                lens.len(),
+                elements
             ));
         }
         Ok(())

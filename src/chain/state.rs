@@ -16,23 +16,35 @@ pub(crate) const ST_VAR: usize = abi::ST_VAR as usize;
 pub(crate) const ST_CAP: usize = abi::ST_CAP as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
+
+/// Words of one stage's record in a state's layout: adaptive kind, history slots, formula,
+/// first state word, then the rule's numbers (`StageParams`).
+pub(crate) const STAGE_RECORD: usize = 4 + STAGE_PARAMS_WORDS;
+pub(crate) const STAGE_PARAMS_WORDS: usize = std::mem::size_of::<abi::StageParams>() / 4;
 
 /// Everything a policy remembers: the step counter (noise and schedules), the count of
 /// consecutive skipped steps, and for the adaptive rules the norm history (AutoClip's
 /// ring buffer, ZClip's warmup norms) and ZClip's running mean and variance.
+///
+/// A state records the stages it belongs to (their rules and numbers): restoring it into
+/// another configuration, or restoring values outside their domain, is an error.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyState {
     pub(crate) step: u64,
+    /// Per stage, a [`STAGE_RECORD`]-word record of the program it was made for.
+    pub(crate) layout: Vec<u32>,
     /// Header words then history (f32 bits).
     pub(crate) words: Vec<u32>,
 }
 
 impl PolicyState {
-    /// A zeroed state of `words` words (see `Program::fresh_state`).
-    pub(crate) fn new(words: usize) -> Self {
+    /// A zeroed state of `words` words for stages described by `layout` (see
+    /// `Program::fresh_state`).
+    pub(crate) fn new(words: usize, layout: Vec<u32>) -> Self {
         PolicyState {
             step: 0,
+            layout,
             words: vec![0; words],
         }
     }
@@ -42,7 +54,11 @@ impl PolicyState {
         for stage in &program.stages {
             words[stage.state_base + abi::ST_TAG as usize] = 0;
         }
-        PolicyState { step, words }
+        PolicyState {
+            step,
+            layout: program.fresh_state().layout,
+            words,
+        }
     }
 
     /// Steps taken so far (the next step's number).
@@ -78,57 +94,102 @@ impl PolicyState {
         )
     }
 
-    /// Serializes the state (little-endian, versioned).
+    /// Serializes the state (little-endian, versioned, with its layout).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(20 + 4 * self.words.len());
+        let mut out = Vec::with_capacity(24 + 4 * (self.layout.len() + self.words.len()));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.step.to_le_bytes());
-        out.extend_from_slice(&(self.words.len() as u32).to_le_bytes());
-        for w in &self.words {
-            out.extend_from_slice(&w.to_le_bytes());
+        for part in [&self.layout, &self.words] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            for w in part {
+                out.extend_from_slice(&w.to_le_bytes());
+            }
         }
         out
     }
 
-    /// Reads a state written by [`PolicyState::to_bytes`].
+    /// Reads a state written by [`PolicyState::to_bytes`]. Any other input (truncated,
+    /// oversized, another format or version) is [`ClipError::InvalidState`].
     pub fn from_bytes(bytes: &[u8]) -> Result<PolicyState, ClipError> {
         let bad = |why: &str| ClipError::InvalidState(why.into());
-        if bytes.len() < 20 || &bytes[..4] != MAGIC {
+        let word = |i: usize| -> Result<u32, ClipError> {
+            let b = bytes.get(i..i + 4).ok_or_else(|| bad("truncated state"))?;
+            Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        };
+        if bytes.get(..4) != Some(&MAGIC[..]) {
             return Err(bad("not a gradclip policy state"));
         }
-        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
-        if u32_at(4) != VERSION {
+        if word(4)? != VERSION {
             return Err(bad("unsupported state version"));
         }
-        let step = u64::from_le_bytes(bytes[8..16].try_into().unwrap());
-        let n = u32_at(16) as usize;
-        if n < HEADER_WORDS || bytes.len() != 20 + 4 * n {
-            return Err(bad("truncated or oversized state"));
+        let step = word(8)? as u64 | (word(12)? as u64) << 32;
+        let mut at = 16;
+        let mut part = || -> Result<Vec<u32>, ClipError> {
+            let n = word(at)? as usize;
+            if n > (bytes.len() - at) / 4 {
+                return Err(bad("truncated state"));
+            }
+            let words = (0..n).map(|i| word(at + 4 + 4 * i)).collect();
+            at += 4 + 4 * n;
+            words
+        };
+        let layout = part()?;
+        let words = part()?;
+        if at != bytes.len() {
+            return Err(bad("oversized state"));
+        }
+        if words.len() < HEADER_WORDS || layout.len() % STAGE_RECORD != 0 {
+            return Err(bad("malformed state"));
         }
         Ok(PolicyState {
             step,
-            words: (0..n).map(|i| u32_at(20 + 4 * i)).collect(),
+            layout,
+            words,
         })
     }
 
-    /// Checks that this state has the layout of `fresh` (a program's fresh state): the
-    /// same size and the same history capacity in every block.
+    /// Checks that this state belongs to the program whose fresh state is `fresh`: the
+    /// same stages with the same rules and numbers, the same size, and values in their
+    /// domain (norms finite and >= 0, a variance >= 0).
     pub(crate) fn check_fits(&self, fresh: &PolicyState) -> Result<(), ClipError> {
+        let bad = |why: String| Err(ClipError::InvalidState(why));
+        if self.layout != fresh.layout {
+            return bad(
+                "the state was saved from another policy (its stages, rules or numbers differ)"
+                    .into(),
+            );
+        }
         if self.words.len() != fresh.words.len() {
-            return Err(ClipError::InvalidState(format!(
+            return bad(format!(
                 "state holds {} words, the policy needs {}",
                 self.words.len(),
                 fresh.words.len()
-            )));
+            ));
         }
-        // A fresh state is zero but for each block's capacity word.
-        for (i, &w) in fresh.words.iter().enumerate() {
-            if w != 0 && self.words[i] != w {
-                return Err(ClipError::InvalidState(format!(
-                    "state word {i} is {}, the policy keeps {w} history slots there",
-                    self.words[i]
-                )));
+        for record in self.layout.chunks(STAGE_RECORD) {
+            let (adaptive, history, base) = (record[0], record[1] as usize, record[3] as usize);
+            if self.words[base + ST_CAP] as usize != history {
+                return bad(format!(
+                    "state block at word {base} does not keep {history} history slots"
+                ));
+            }
+            if adaptive == abi::ADAPTIVE_NONE {
+                continue;
+            }
+            let norm = |i: usize| f32::from_bits(self.words[base + i]);
+            let seen = (self.words[base + ST_SEEN] as usize).min(history);
+            for i in 0..seen {
+                let v = norm(HEADER_WORDS + i);
+                if !(v.is_finite() && v >= 0.0) {
+                    return bad(format!("history slot {i} holds {v}, not a norm"));
+                }
+            }
+            let (mean, var) = (norm(ST_MEAN), norm(ST_VAR));
+            if !(mean.is_finite() && mean >= 0.0 && var.is_finite() && var >= 0.0) {
+                return bad(format!(
+                    "ZClip mean {mean} and variance {var} must be finite and >= 0"
+                ));
             }
         }
         Ok(())

@@ -1,0 +1,287 @@
+//! Fault injection: inputs that once panicked, hung, allocated without bound or diverged
+//! between the backends. Each gets a typed error (with the data and state byte-identical
+//! afterwards) or a documented result, on the CPU and on the GPU.
+
+mod common;
+
+use common::{backends, download, gpu, gpu_tensors, host, muts, refs, upload, Host};
+use gradclip::{
+    Agc, AutoClip, Backend, ClipError, ClipPolicy, Clipper, CpuPolicy, GlobalNormClip, GpuContext,
+    GpuPolicy, GroupClip, PerExampleClip, PolicyState, Rule, TensorInfo, ZClip,
+};
+use proptest::prelude::*;
+
+/// A CPU and a GPU run of `policy` over `h`, one step each; the outputs and reports.
+fn both_once(policy: &ClipPolicy, h: &[Host], infos: &[TensorInfo]) -> [Vec<Host>; 2] {
+    let mut c = h.to_vec();
+    let mut cpu = CpuPolicy::new(policy.clone(), infos).unwrap();
+    cpu.step(&mut muts(&mut c), None).unwrap();
+    let ctx = gpu();
+    let arena = upload(&ctx, h);
+    let mut run = GpuPolicy::new(&ctx, &gpu_tensors(&arena, h, infos), None, policy.clone());
+    run.as_mut().unwrap().run().unwrap().wait().unwrap();
+    [c, download(&ctx, &arena, h)]
+}
+
+#[test]
+fn names_of_any_script_match_globs_without_panicking() {
+    let infos = [
+        TensorInfo::new("层.权重", &[2]),
+        TensorInfo::new("aé", &[2]),
+        TensorInfo::new("ab", &[2]),
+    ];
+    let h = vec![
+        host(0, vec![3.0, 4.0]),
+        host(0, vec![3.0, 4.0]),
+        host(0, vec![3.0, 4.0]),
+    ];
+    // "*b" matches "ab" only; "a*b" matches "ab" only; "层*" matches the first.
+    let groups = GroupClip::new(100.0)
+        .group("b", "*b", 1.0)
+        .group("ab", "a*b", 1.0)
+        .group("层", "层*", 0.5);
+    let policy = ClipPolicy::new(Rule::Groups(groups)).with_group_report();
+    for out in both_once(&policy, &h, &infos) {
+        let n = |t: &Host| t.to_f64().iter().map(|x| x * x).sum::<f64>().sqrt();
+        assert!((n(&out[0]) - 0.5).abs() < 1e-5, "{out:?}");
+        assert_eq!(out[1], h[1], "aé is in the default group (100)");
+        assert!((n(&out[2]) - 1.0).abs() < 1e-5);
+    }
+    let agc = ClipPolicy::new(Rule::Agc(Agc::new(0.01).exclude("*权重").exclude("a*b")));
+    let infos2 = [
+        TensorInfo::new("层.权重", &[1, 2]),
+        TensorInfo::new("aé", &[1, 2]),
+    ];
+    assert!(CpuPolicy::new(agc, &infos2).is_ok());
+}
+
+#[test]
+fn shapes_and_batches_beyond_reason_are_typed_errors() {
+    // A shape whose element count wraps u64.
+    let wrap = [TensorInfo::new("w", &[(1 << 63) + 2, 2])];
+    let agc = ClipPolicy::new(Rule::Agc(Agc::new(0.01)));
+    let e = CpuPolicy::new(agc, &wrap).unwrap_err();
+    assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
+    // Per-example clipping of u32::MAX examples over an empty tensor: no 128 GiB plan.
+    let clip = PerExampleClip::new(u32::MAX, 1.0);
+    let empty: Vec<f32> = Vec::new();
+    let mut out: Vec<f32> = Vec::new();
+    let e = gradclip::cpu::clip_per_example(
+        &[gradclip::GradRef::from(&empty[..])],
+        &mut [&mut out[..]],
+        &clip,
+        0,
+    )
+    .unwrap_err();
+    assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
+    let ctx = gpu();
+    let h = vec![Host::F32(vec![])];
+    let arena = upload(&ctx, &h);
+    let infos = [TensorInfo::new("e", &[0])];
+    let t = gpu_tensors(&arena, &h, &infos);
+    let e = gradclip::GpuPerExample::new(&ctx, &t, &t, clip).unwrap_err();
+    assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
+}
+
+#[test]
+fn host_data_larger_than_a_device_buffer_is_a_typed_error() {
+    let _turn = gpu();
+    let small = GpuContext::with_limits(backends(), |a| wgpu::Limits {
+        max_buffer_size: 1 << 20,
+        max_storage_buffer_binding_size: 1 << 20,
+        ..a.clone()
+    })
+    .unwrap();
+    let mut clipper = Clipper::on(Backend::Gpu(small));
+    let mut h = vec![Host::F32(vec![2.0; 300_000])]; // 1.2 MB
+    let before = h.clone();
+    let e =
+        (clipper.clip_by_global_norm(&mut muts(&mut h), &GlobalNormClip::new(1.0))).unwrap_err();
+    assert!(matches!(e, ClipError::TooLarge { .. }), "{e}");
+    assert_eq!(h, before);
+    // Within the limit it clips.
+    let mut h = vec![Host::F32(vec![2.0; 1000])];
+    let r = (clipper.clip_by_global_norm(&mut muts(&mut h), &GlobalNormClip::new(1.0))).unwrap();
+    assert!(r.clipped);
+}
+
+fn adaptive_chain() -> ClipPolicy {
+    ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4))).then(Rule::ZClip(ZClip {
+        warmup: 2,
+        ..ZClip::default()
+    }))
+}
+
+fn state_infos() -> Vec<TensorInfo> {
+    vec![TensorInfo::new("w", &[3])]
+}
+
+fn state_grads(k: usize) -> Vec<Host> {
+    vec![host(0, vec![1.0 + k as f32, -2.0, 0.5 * k as f32])]
+}
+
+/// A state after `steps` steps of the adaptive chain on the CPU.
+fn saved_state(steps: usize) -> PolicyState {
+    let mut cpu = CpuPolicy::new(adaptive_chain(), &state_infos()).unwrap();
+    for k in 0..steps {
+        cpu.step(&mut muts(&mut state_grads(k)), None).unwrap();
+    }
+    cpu.state().clone()
+}
+
+/// Restores `bytes` into a CPU and a GPU run of the adaptive chain. A refused state leaves
+/// both as they were; an accepted one steps to finite, non-negative coefficients.
+fn restore_anywhere(bytes: &[u8]) -> Result<(), ClipError> {
+    let state = PolicyState::from_bytes(bytes)?;
+    let mut cpu = CpuPolicy::new(adaptive_chain(), &state_infos()).unwrap();
+    let before = cpu.state().clone();
+    if let Err(e) = cpu.set_state(state.clone()) {
+        assert_eq!(cpu.state(), &before, "a refused state changed nothing");
+        return Err(e);
+    }
+    let mut g = state_grads(7);
+    let report = cpu.step(&mut muts(&mut g), None).unwrap();
+    for stage in &report.stages {
+        let c = stage.coef.unwrap();
+        assert!((0.0..=1.0).contains(&c), "coefficient {c} from {state:?}");
+    }
+    assert!(g[0].to_f64().iter().all(|x| x.is_finite()));
+    Ok(())
+}
+
+#[test]
+fn states_of_other_policies_or_out_of_domain_are_refused() {
+    let good = saved_state(5);
+    assert!(restore_anywhere(&good.to_bytes()).is_ok());
+    let invalid = |r: Result<(), ClipError>| assert!(matches!(r, Err(ClipError::InvalidState(_))));
+    // Another rule's state: AutoClip alone into the AutoClip -> ZClip chain.
+    let mut other = CpuPolicy::new(
+        ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4))),
+        &state_infos(),
+    )
+    .unwrap();
+    other.step(&mut muts(&mut state_grads(1)), None).unwrap();
+    invalid(restore_anywhere(&other.state().to_bytes()));
+    // The same rules with other numbers (percentile 90).
+    let mut numbers = CpuPolicy::new(
+        ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4))).then(Rule::ZClip(ZClip {
+            warmup: 2,
+            ..ZClip::default()
+        })),
+        &state_infos(),
+    )
+    .unwrap();
+    numbers.step(&mut muts(&mut state_grads(1)), None).unwrap();
+    invalid(restore_anywhere(&numbers.state().to_bytes()));
+    // Truncated, oversized, empty, another format.
+    let bytes = good.to_bytes();
+    for cut in [0, 3, 4, 16, 20, bytes.len() - 1] {
+        invalid(restore_anywhere(&bytes[..cut]));
+    }
+    let mut longer = bytes.clone();
+    longer.push(0);
+    invalid(restore_anywhere(&longer));
+    // Values outside their domain: a NaN or negative norm in the history, a negative
+    // variance (word offsets: 16 bytes of header, the layout, then the words).
+    let layout_words = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    let word_at = |i: usize| 24 + 4 * layout_words + 4 * i;
+    for (word, value) in [(8, f32::NAN), (9, -1.0), (8, f32::INFINITY)] {
+        let mut b = bytes.clone();
+        b[word_at(word)..word_at(word) + 4].copy_from_slice(&value.to_le_bytes());
+        invalid(restore_anywhere(&b));
+    }
+    // ZClip's block comes after AutoClip's (8 header words + 4 slots): its variance.
+    let mut b = bytes.clone();
+    let var = word_at(12 + 3);
+    b[var..var + 4].copy_from_slice(&(-0.5f32).to_le_bytes());
+    invalid(restore_anywhere(&b));
+    // The GPU refuses the same states and keeps its own.
+    let ctx = gpu();
+    let h = state_grads(0);
+    let arena = upload(&ctx, &h);
+    let t = gpu_tensors(&arena, &h, &state_infos());
+    let mut run = GpuPolicy::new(&ctx, &t, None, adaptive_chain()).unwrap();
+    run.run().unwrap().wait().unwrap();
+    let kept = run.state().unwrap();
+    let e = run.set_state(other.state()).unwrap_err();
+    assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
+    let nan = PolicyState::from_bytes(&{
+        let mut b = bytes.clone();
+        b[word_at(8)..word_at(8) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        b
+    })
+    .unwrap();
+    assert!(matches!(
+        run.set_state(&nan),
+        Err(ClipError::InvalidState(_))
+    ));
+    assert_eq!(run.state().unwrap(), kept);
+    assert!(run.set_state(&good).is_ok());
+    assert_eq!(run.state().unwrap(), good);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 2000,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x7374_6174),
+        ..ProptestConfig::default()
+    })]
+
+    /// Bit flips and random bytes: never a panic; whatever is accepted steps to finite,
+    /// non-negative coefficients.
+    #[test]
+    fn restoring_corrupted_states_never_panics(
+        flips in prop::collection::vec((any::<usize>(), 0u8..8), 1..8),
+        garbage in prop::collection::vec(any::<u8>(), 0..200),
+        use_garbage in any::<bool>(),
+    ) {
+        let bytes = if use_garbage {
+            let mut g = b"GCPS\x02\0\0\0".to_vec();
+            g.extend(garbage);
+            g
+        } else {
+            let mut b = saved_state(6).to_bytes();
+            for (at, bit) in flips {
+                let i = at % b.len();
+                b[i] ^= 1 << bit;
+            }
+            b
+        };
+        let _ = restore_anywhere(&bytes);
+    }
+}
+
+/// 10,000 steps whose reports are dropped unread: the process does not grow.
+#[test]
+fn dropped_reports_keep_memory_flat() {
+    let ctx = gpu();
+    let h = vec![host(0, vec![1.0; 1000])];
+    let infos = [TensorInfo::new("w", &[1000])];
+    let arena = upload(&ctx, &h);
+    let t = gpu_tensors(&arena, &h, &infos);
+    let mut run = GpuPolicy::new(&ctx, &t, None, ClipPolicy::new(Rule::GlobalNorm(1.0))).unwrap();
+    let rss = || -> u64 {
+        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+        let pages: u64 = statm
+            .split(' ')
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    };
+    let mut step = |n: usize| {
+        for _ in 0..n {
+            drop(run.run().unwrap());
+        }
+        ctx.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .unwrap();
+    };
+    step(1000);
+    let warm = rss();
+    step(9000);
+    let grown = rss().saturating_sub(warm);
+    assert!(grown < 32 << 20, "grew {grown} bytes over 9000 steps");
+    assert_eq!(run.step(), 10_000);
+    let _ = refs(&h);
+}
