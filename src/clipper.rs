@@ -105,7 +105,7 @@ impl Mirror {
     fn read(&self, ctx: &GpuContext, grads: &mut [GradMut<'_>]) -> Result<(), ClipError> {
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.staging, 0, self.staging.size());
-        ctx.queue().submit([encoder.finish()]);
+        ctx.submit(encoder)?;
         self.staging.map_async(wgpu::MapMode::Read, .., |_| {});
         ctx.device()
             .poll(wgpu::PollType::wait_indefinitely())

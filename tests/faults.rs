@@ -285,3 +285,37 @@ fn dropped_reports_keep_memory_flat() {
     assert_eq!(run.step(), 10_000);
     let _ = refs(&h);
 }
+
+/// A caller's buffer destroyed after planning: every step is a typed error (wgpu rejects
+/// the submission, nothing runs), counters stay where they were, and the device lives on.
+#[test]
+fn buffers_destroyed_after_planning_are_typed_errors() {
+    let ctx = gpu();
+    let h = vec![host(0, vec![3.0; 64]), host(2, vec![4.0; 33])];
+    let infos = [TensorInfo::new("a", &[64]), TensorInfo::new("b", &[33])];
+    let wgpu_error = |r: Result<(), ClipError>, what: &str| {
+        assert!(matches!(r, Err(ClipError::Wgpu(_))), "{what}: {r:?}");
+    };
+    let arena = upload(&ctx, &h);
+    let mut batch = common::batch(&ctx, &arena, &h);
+    let t = gpu_tensors(&arena, &h, &infos);
+    let mut chain = GpuPolicy::new(&ctx, &t, None, adaptive_chain()).unwrap();
+    let sums = upload(&ctx, &h);
+    let s = gpu_tensors(&sums, &h, &infos);
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let mut acc = gradclip::GpuAccumulator::new(&ctx, &t, &s, None, 3, policy).unwrap();
+    arena.buffer.destroy();
+    let clip = GlobalNormClip::new(1.0);
+    wgpu_error(batch.clip_by_global_norm(&clip).map(drop), "global clip");
+    wgpu_error(batch.total_norm(gradclip::Norm::L2, true).map(drop), "total norm");
+    let value = gradclip::ValueClip::symmetric(1.0);
+    wgpu_error(batch.clip_by_value(&value), "value clip");
+    wgpu_error(chain.run().map(drop), "policy step");
+    assert_eq!(chain.step(), 0);
+    wgpu_error(acc.run().map(drop), "accumulation");
+    assert_eq!((acc.pending(), acc.policy().step()), (0, 0));
+    // The device still works for buffers that live.
+    let fresh = upload(&ctx, &h);
+    let r = common::batch(&ctx, &fresh, &h).clip_by_global_norm(&clip);
+    assert!(r.unwrap().wait().unwrap().clipped);
+}

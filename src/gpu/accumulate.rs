@@ -176,8 +176,14 @@ impl GpuAccumulator {
         let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("gradclip accumulate"),
         });
+        let (added, step) = (self.added, self.policy.step());
         let report = self.encode(&mut encoder)?;
-        self.ctx.inner.queue.submit([encoder.finish()]);
+        if let Err(e) = self.ctx.submit(encoder) {
+            // Nothing ran: the micro-batch count and the policy's step stay as they were.
+            self.added = added;
+            self.policy.rewind(step);
+            return Err(e);
+        }
         Ok(report)
     }
 

@@ -293,7 +293,7 @@ impl GpuBatch {
                     label: Some("gradclip"),
                 });
         let out = f(self, &mut encoder)?;
-        ctx.inner.queue.submit([encoder.finish()]);
+        ctx.submit(encoder)?;
         Ok(out)
     }
     /// [`GpuBatch::encode_total_norm`], submitted now.

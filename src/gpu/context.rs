@@ -163,6 +163,22 @@ impl GpuContext {
         }
     }
 
+    /// Finishes and submits `encoder` inside validation and out-of-memory error scopes: a
+    /// rejected submission (a caller's buffer destroyed since planning, say) is an error
+    /// instead of wgpu's panic, and none of its work ran.
+    pub(crate) fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<(), ClipError> {
+        let device = &self.inner.device;
+        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        self.inner.queue.submit([encoder.finish()]);
+        let invalid = pollster::block_on(validation.pop());
+        let out_of_memory = pollster::block_on(oom.pop());
+        match invalid.or(out_of_memory) {
+            Some(e) => Err(ClipError::Wgpu(format!("wgpu rejected the step (nothing ran): {e}"))),
+            None => Ok(()),
+        }
+    }
+
     /// The adapter chosen by [`GpuContext::new`]; `None` for [`GpuContext::from_device`].
     pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
         self.inner.info.as_ref()

@@ -522,7 +522,7 @@ impl Engine {
             device.clone(),
             Box::new(|w: &[u32]| Ok(w.to_vec())),
         );
-        self.ctx.inner.queue.submit([encoder.finish()]);
+        self.ctx.submit(encoder)?;
         pending.wait()
     }
 

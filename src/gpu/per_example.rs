@@ -258,8 +258,12 @@ impl GpuPerExample {
             .inner
             .device
             .create_command_encoder(&Default::default());
+        let step = self.engine.step();
         let pending = self.encode(&mut encoder)?;
-        self.ctx.inner.queue.submit([encoder.finish()]);
+        if let Err(e) = self.ctx.submit(encoder) {
+            self.engine.rewind(step);
+            return Err(e);
+        }
         Ok(pending)
     }
 }

@@ -220,9 +220,19 @@ impl GpuPolicy {
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("gradclip policy"),
                 });
+        let step = self.step;
         let pending = self.encode(&mut encoder)?;
-        ctx.inner.queue.submit([encoder.finish()]);
+        if let Err(e) = ctx.submit(encoder) {
+            // Nothing ran: the step counter stays where it was.
+            self.rewind(step);
+            return Err(e);
+        }
         Ok(pending)
+    }
+
+    /// Sets the next step's number back to `step`, after a submission that did not run.
+    pub(crate) fn rewind(&mut self, step: u64) {
+        self.step = step;
     }
 
     /// Reads the state back (waits for the GPU), to save it with [`PolicyState::to_bytes`].
