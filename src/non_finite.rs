@@ -8,8 +8,10 @@ pub enum NonFinitePolicy {
     /// (or NaN) and inf gradients become NaN. The report says `non_finite`.
     #[default]
     Propagate,
-    /// Leave every gradient untouched and return [`crate::ClipError::NonFiniteNorm`]
-    /// (PyTorch's `error_if_nonfinite=True`, without its device-to-host sync).
+    /// Leave every gradient and the adaptive state untouched and return
+    /// [`crate::ClipError::NonFiniteNorm`] (PyTorch's `error_if_nonfinite=True`, without its
+    /// device-to-host sync). The step still counts: on the GPU the verdict is known only
+    /// when its report is read, so both backends number every step run.
     Error,
     /// Leave every gradient untouched and report the step as skipped, so the training loop
     /// can skip its optimizer update (as AMP's grad scaler does).

@@ -78,7 +78,11 @@ impl CpuAccumulator {
     /// Adds one micro-batch's gradients into `sums` (same dtypes and lengths; the first
     /// micro-batch of an accumulation overwrites them). At the accumulation boundary it
     /// also clips `sums` in place and returns the policy's report; otherwise `None`.
-    /// AGC takes the parameters. Errors leave `sums` and the count untouched.
+    /// AGC takes the parameters. Bad input (lengths, types, a missing parameter) is an
+    /// error that leaves `sums` and the count untouched. A non-finite norm under
+    /// [`crate::NonFinitePolicy::Error`] is the step's verdict, as on the GPU (which finds
+    /// it on the device): the micro-batch was added, the sums stay unclipped and the next
+    /// micro-batch starts a new accumulation.
     pub fn add(
         &mut self,
         sums: &mut [GradMut<'_>],

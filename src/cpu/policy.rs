@@ -75,7 +75,10 @@ impl CpuPolicy {
     }
 
     /// Runs one step on `grads` in place; AGC also needs the parameters (same shapes).
-    /// Errors leave the gradients and the state untouched.
+    /// Bad input is an error that leaves the gradients and the state untouched. A
+    /// non-finite norm under [`crate::NonFinitePolicy::Error`] leaves the gradients and
+    /// the adaptive state untouched but counts as a step, as on the GPU, where the verdict
+    /// is known only once the report is read: the step counter numbers every step run.
     pub fn step(
         &mut self,
         grads: &mut [GradMut<'_>],
