@@ -178,6 +178,8 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
 
 #[test]
 fn the_default_backend_is_a_hardware_gpu_or_the_cpu() {
+    // Opening adapters touches a GL context too: take the GPU turn.
+    let _turn = gpu();
     let clipper = Clipper::new();
     match GpuContext::hardware() {
         Ok(_) => assert!(matches!(clipper.backend(), Backend::Gpu(_))),

@@ -307,7 +307,10 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
     arena.buffer.destroy();
     let clip = GlobalNormClip::new(1.0);
     wgpu_error(batch.clip_by_global_norm(&clip).map(drop), "global clip");
-    wgpu_error(batch.total_norm(gradclip::Norm::L2, true).map(drop), "total norm");
+    wgpu_error(
+        batch.total_norm(gradclip::Norm::L2, true).map(drop),
+        "total norm",
+    );
     let value = gradclip::ValueClip::symmetric(1.0);
     wgpu_error(batch.clip_by_value(&value), "value clip");
     wgpu_error(chain.run().map(drop), "policy step");

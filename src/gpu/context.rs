@@ -174,7 +174,9 @@ impl GpuContext {
         let invalid = pollster::block_on(validation.pop());
         let out_of_memory = pollster::block_on(oom.pop());
         match invalid.or(out_of_memory) {
-            Some(e) => Err(ClipError::Wgpu(format!("wgpu rejected the step (nothing ran): {e}"))),
+            Some(e) => Err(ClipError::Wgpu(format!(
+                "wgpu rejected the step (nothing ran): {e}"
+            ))),
             None => Ok(()),
         }
     }
