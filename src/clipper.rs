@@ -62,7 +62,10 @@ impl Mirror {
             })
         };
         use wgpu::BufferUsages as U;
-        Ok(Mirror {
+        let oom = ctx
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mirror = Mirror {
             shapes,
             offsets,
             buffer: buffer(
@@ -70,7 +73,13 @@ impl Mirror {
                 U::STORAGE | U::COPY_DST | U::COPY_SRC,
             ),
             staging: buffer("gradclip host readback", U::MAP_READ | U::COPY_DST),
-        })
+        };
+        match pollster::block_on(oom.pop()) {
+            Some(e) => Err(ClipError::Wgpu(format!(
+                "no device memory for {size} bytes: {e}"
+            ))),
+            None => Ok(mirror),
+        }
     }
 
     /// The mirrored tensors, named and shaped by `infos` where given.
@@ -86,10 +95,9 @@ impl Mirror {
             .collect()
     }
 
-    /// Copies host tensors in.
-    fn write(&self, ctx: &GpuContext, grads: &[GradRef<'_>]) {
-        for (g, &o) in grads.iter().zip(&self.offsets) {
-            let bytes = g.as_bytes();
+    /// Copies host tensors (as bytes, one slice per mirrored tensor) in.
+    fn write(&self, ctx: &GpuContext, tensors: &[&[u8]]) {
+        for (bytes, &o) in tensors.iter().zip(&self.offsets) {
             // write_buffer needs 4-byte multiples: an odd 16-bit tensor is padded with a zero.
             if bytes.len() % 4 == 0 {
                 ctx.queue().write_buffer(&self.buffer, o, bytes);
@@ -101,8 +109,8 @@ impl Mirror {
         }
     }
 
-    /// Copies the device's tensors back into `grads`.
-    fn read(&self, ctx: &GpuContext, grads: &mut [GradMut<'_>]) -> Result<(), ClipError> {
+    /// Copies the device's tensors back into `tensors` (bytes, one slice per tensor).
+    fn read(&self, ctx: &GpuContext, tensors: &mut [&mut [u8]]) -> Result<(), ClipError> {
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.staging, 0, self.staging.size());
         ctx.submit(encoder)?;
@@ -113,8 +121,7 @@ impl Mirror {
         {
             let view = (self.staging.get_mapped_range(..))
                 .map_err(|e| ClipError::Readback(e.to_string()))?;
-            for (g, &o) in grads.iter_mut().zip(&self.offsets) {
-                let dst = g.as_bytes_mut();
+            for (dst, &o) in tensors.iter_mut().zip(&self.offsets) {
                 let n = dst.len();
                 dst.copy_from_slice(&view[o as usize..o as usize + n]);
             }
@@ -122,6 +129,97 @@ impl Mirror {
         self.staging.unmap();
         Ok(())
     }
+}
+
+fn bytes_of<'a>(grads: &'a [GradRef<'_>]) -> Vec<&'a [u8]> {
+    grads.iter().map(|g| g.as_bytes()).collect()
+}
+
+fn bytes_of_mut<'a>(grads: &'a mut [GradMut<'_>]) -> Vec<&'a mut [u8]> {
+    grads.iter_mut().map(|g| g.as_bytes_mut()).collect()
+}
+
+/// Part of a host tensor: (tensor, first element, elements).
+type Piece = (usize, usize, usize);
+
+/// The host tensors of the global operations in pieces that fit device buffers of `cap`
+/// bytes, group by group (a tensor larger than a buffer is cut; a group holds at most one
+/// piece of each tensor), each group mirrored with its own batch.
+struct Streamed {
+    shapes: Vec<(DType, usize)>,
+    groups: Vec<(Vec<Piece>, Mirror, GpuBatch)>,
+}
+
+impl Streamed {
+    fn new(ctx: &GpuContext, shapes: Vec<(DType, usize)>) -> Result<Streamed, ClipError> {
+        let cap = ctx.device().limits().max_buffer_size & !3;
+        let mut groups: Vec<Vec<Piece>> = vec![Vec::new()];
+        let mut used = 0u64;
+        for (t, &(dtype, len)) in shapes.iter().enumerate() {
+            let es = dtype.size();
+            let mut first = 0;
+            loop {
+                let start = used.next_multiple_of(4);
+                // An even count: a cut 16-bit tensor keeps whole words on both sides.
+                let room = (cap.saturating_sub(start) / es) & !1;
+                let rest = (len - first) as u64;
+                if rest <= room {
+                    groups
+                        .last_mut()
+                        .expect("a group")
+                        .push((t, first, rest as usize));
+                    used = start + rest * es;
+                    break;
+                }
+                // Cut only what no buffer holds whole.
+                if used > 0 && (rest <= (cap / es) || room == 0) {
+                    groups.push(Vec::new());
+                    used = 0;
+                    continue;
+                }
+                groups
+                    .last_mut()
+                    .expect("a group")
+                    .push((t, first, room as usize));
+                first += room as usize;
+                groups.push(Vec::new());
+                used = 0;
+            }
+        }
+        let groups = (groups.into_iter())
+            .map(|pieces| {
+                let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
+                let mirror = Mirror::new(ctx, piece_shapes)?;
+                let batch = GpuBatch::new(ctx, &mirror.tensors(None))?;
+                Ok((pieces, mirror, batch))
+            })
+            .collect::<Result<_, ClipError>>()?;
+        Ok(Streamed { shapes, groups })
+    }
+}
+
+/// The bytes of `pieces` of `grads`, writable (a group holds one piece per tensor at most).
+fn piece_bytes_mut<'a>(grads: &'a mut [GradMut<'_>], pieces: &[Piece]) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::with_capacity(pieces.len());
+    let mut next = pieces.iter().peekable();
+    for (t, g) in grads.iter_mut().enumerate() {
+        if let Some(&&(_, first, n)) = next.peek().filter(|p| p.0 == t) {
+            let es = g.as_ref().dtype().size() as usize;
+            out.push(&mut g.as_bytes_mut()[first * es..(first + n) * es]);
+            next.next();
+        }
+    }
+    out
+}
+
+/// The bytes of `pieces` of `grads`.
+fn piece_bytes<'a>(grads: &[&'a [u8]], sizes: &[u64], pieces: &[Piece]) -> Vec<&'a [u8]> {
+    (pieces.iter())
+        .map(|&(t, first, n)| {
+            let es = sizes[t] as usize;
+            &grads[t][first * es..(first + n) * es]
+        })
+        .collect()
 }
 
 /// A chain on the GPU over mirrored host tensors (and their parameters, for AGC).
@@ -175,7 +273,7 @@ enum Chain {
 /// [`Clipper::step`]; the one-shot global operations need no setup.
 pub struct Clipper {
     backend: Backend,
-    batch: Option<(Mirror, GpuBatch)>,
+    global: Option<Streamed>,
     chain: Option<Chain>,
 }
 
@@ -209,7 +307,7 @@ impl Clipper {
     pub fn on(backend: Backend) -> Clipper {
         Clipper {
             backend,
-            batch: None,
+            global: None,
             chain: None,
         }
     }
@@ -294,12 +392,12 @@ impl Clipper {
             )?));
         }
         let run = run.as_mut().expect("built above");
-        run.grads.write(ctx, &refs);
+        run.grads.write(ctx, &bytes_of(&refs));
         if let (Some(m), Some(p)) = (&run.params, params) {
-            m.write(ctx, p);
+            m.write(ctx, &bytes_of(p));
         }
         let report = run.runner.run()?.wait()?;
-        run.grads.read(ctx, grads)?;
+        run.grads.read(ctx, &mut bytes_of_mut(grads))?;
         Ok(report)
     }
 
@@ -334,25 +432,54 @@ impl Clipper {
         grads: &[GradRef<'_>],
         norm: Norm,
     ) -> Result<PartialNorm, ClipError> {
-        match self.backend {
-            Backend::Cpu => cpu::partial_norm(grads, norm),
-            Backend::Gpu(_) => {
-                let batch = self.upload(grads)?;
-                Ok(batch.total_norm(norm, false)?.wait()?.partial)
-            }
+        if let Backend::Cpu = self.backend {
+            return cpu::partial_norm(grads, norm);
         }
+        norm.validate()?;
+        let streamed = self.upload(grads)?;
+        let mut total = PartialNorm::zero(norm);
+        for (_, _, batch) in &mut streamed.groups {
+            total = total.combine(&batch.total_norm(norm, false)?.wait()?.partial)?;
+        }
+        Ok(total)
     }
 
-    /// Global-norm clipping of host tensors, in place (PyTorch `clip_grad_norm_`).
+    /// Global-norm clipping of host tensors, in place (PyTorch `clip_grad_norm_`). Host
+    /// data larger than one device buffer streams through several: their norms are
+    /// combined, then each part is clipped with the total.
     pub fn clip_by_global_norm(
         &mut self,
         grads: &mut [GradMut<'_>],
         clip: &GlobalNormClip,
     ) -> Result<ClipReport, ClipError> {
-        match self.backend {
-            Backend::Cpu => cpu::clip_by_global_norm(grads, clip),
-            Backend::Gpu(_) => self.round_trip(grads, |b| b.clip_by_global_norm(clip)?.wait()),
+        if let Backend::Cpu = self.backend {
+            return cpu::clip_by_global_norm(grads, clip);
         }
+        clip.validate()?;
+        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+        if self.prepare(&refs)?.groups.len() == 1 {
+            return self.round_trip(grads, true, |b| b.clip_by_global_norm(clip)?.wait());
+        }
+        // Parts: the total (and per-part norms), then the clip of every part with it.
+        let streamed = self.upload(&refs)?;
+        let mut total = PartialNorm::zero(clip.norm);
+        let mut per_tensor = vec![PartialNorm::zero(clip.norm); refs.len()];
+        for (pieces, _, batch) in &mut streamed.groups {
+            let r = batch.total_norm(clip.norm, clip.tensor_norms)?.wait()?;
+            total = total.combine(&r.partial)?;
+            for (&(t, _, _), n) in pieces.iter().zip(r.tensor_norms.unwrap_or_default()) {
+                let part = PartialNorm::from_total(clip.norm, n)?;
+                per_tensor[t] = per_tensor[t].combine(&part)?;
+            }
+        }
+        let mut report = self.round_trip(grads, false, |b| {
+            b.clip_with_norm(clip.max_norm, &total, clip.non_finite)?
+                .wait()
+        })?;
+        if clip.tensor_norms {
+            report.tensor_norms = Some(per_tensor.iter().map(|p| p.total()).collect());
+        }
+        Ok(report)
     }
 
     /// Clipping host tensors with a norm computed elsewhere (the split API).
@@ -365,9 +492,9 @@ impl Clipper {
     ) -> Result<ClipReport, ClipError> {
         match self.backend {
             Backend::Cpu => cpu::clip_with_norm(grads, max_norm, total, policy),
-            Backend::Gpu(_) => {
-                self.round_trip(grads, |b| b.clip_with_norm(max_norm, total, policy)?.wait())
-            }
+            Backend::Gpu(_) => self.round_trip(grads, true, |b| {
+                b.clip_with_norm(max_norm, total, policy)?.wait()
+            }),
         }
     }
 
@@ -379,40 +506,64 @@ impl Clipper {
     ) -> Result<(), ClipError> {
         match self.backend {
             Backend::Cpu => cpu::clip_by_value(grads, clip),
-            Backend::Gpu(_) => self.round_trip(grads, |b| b.clip_by_value(clip)),
+            Backend::Gpu(_) => self.round_trip(grads, true, |b| b.clip_by_value(clip)),
         }
     }
 
-    /// Uploads, runs `op` on the GPU batch, and copies the result back when `op` succeeded.
+    /// Uploads (unless the device holds the data already), runs `op` on the batch of every
+    /// part, and when every part succeeded copies them all back (so an error leaves the
+    /// host data as it was); returns the first part's result.
     fn round_trip<T>(
         &mut self,
         grads: &mut [GradMut<'_>],
-        op: impl FnOnce(&mut GpuBatch) -> Result<T, ClipError>,
+        upload: bool,
+        mut op: impl FnMut(&mut GpuBatch) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        let out = op(self.upload(&refs)?)?;
-        let (Backend::Gpu(ctx), Some((mirror, _))) = (&self.backend, &self.batch) else {
+        let streamed = if upload {
+            self.upload(&refs)?
+        } else {
+            self.prepare(&refs)?
+        };
+        let mut first = None;
+        for (_, _, batch) in &mut streamed.groups {
+            let out = op(batch)?;
+            first.get_or_insert(out);
+        }
+        let (Backend::Gpu(ctx), Some(streamed)) = (&self.backend, &self.global) else {
             unreachable!("round_trip runs on the GPU backend, after an upload")
         };
-        mirror.read(ctx, grads)?;
-        Ok(out)
+        for (pieces, mirror, _) in &streamed.groups {
+            mirror.read(ctx, &mut piece_bytes_mut(grads, pieces))?;
+        }
+        Ok(first.expect("at least one part"))
     }
 
-    /// Copies host tensors into the mirror of the global operations, building it (and
-    /// its batch) when the types or lengths changed.
-    fn upload(&mut self, grads: &[GradRef<'_>]) -> Result<&mut GpuBatch, ClipError> {
+    /// The mirrors of the global operations for tensors like `grads`, built (with their
+    /// batches) when the types or lengths changed.
+    fn prepare(&mut self, grads: &[GradRef<'_>]) -> Result<&mut Streamed, ClipError> {
         let Backend::Gpu(ctx) = &self.backend else {
-            unreachable!("upload runs on the GPU backend")
+            unreachable!("the mirrors live on the GPU backend")
         };
         let shapes = shapes_of(grads);
-        if self.batch.as_ref().map(|(m, _)| &m.shapes) != Some(&shapes) {
-            self.batch = None;
-            let mirror = Mirror::new(ctx, shapes)?;
-            let batch = GpuBatch::new(ctx, &mirror.tensors(None))?;
-            self.batch = Some((mirror, batch));
+        if self.global.as_ref().map(|s| &s.shapes) != Some(&shapes) {
+            self.global = None;
+            self.global = Some(Streamed::new(ctx, shapes)?);
         }
-        let (mirror, batch) = self.batch.as_mut().expect("built above");
-        mirror.write(ctx, grads);
-        Ok(batch)
+        Ok(self.global.as_mut().expect("built above"))
+    }
+
+    /// Copies host tensors into the mirrors of the global operations.
+    fn upload(&mut self, grads: &[GradRef<'_>]) -> Result<&mut Streamed, ClipError> {
+        self.prepare(grads)?;
+        let (Backend::Gpu(ctx), Some(streamed)) = (&self.backend, &mut self.global) else {
+            unreachable!("prepared above")
+        };
+        let bytes = bytes_of(grads);
+        let sizes: Vec<u64> = grads.iter().map(|g| g.dtype().size()).collect();
+        for (pieces, mirror, _) in &streamed.groups {
+            mirror.write(ctx, &piece_bytes(&bytes, &sizes, pieces));
+        }
+        Ok(streamed)
     }
 }

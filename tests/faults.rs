@@ -83,26 +83,106 @@ fn shapes_and_batches_beyond_reason_are_typed_errors() {
     assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
 }
 
+/// Host data larger than one device buffer streams through several (a tensor larger than
+/// a buffer is cut): the global operations equal the CPU's; a chain over such data is a
+/// typed error.
 #[test]
-fn host_data_larger_than_a_device_buffer_is_a_typed_error() {
+fn host_data_larger_than_a_device_buffer_streams() {
     let _turn = gpu();
     let small = GpuContext::with_limits(backends(), |a| wgpu::Limits {
         max_buffer_size: 1 << 20,
-        max_storage_buffer_binding_size: 1 << 20,
+        max_storage_buffer_binding_size: 1 << 18,
         ..a.clone()
     })
     .unwrap();
-    let mut clipper = Clipper::on(Backend::Gpu(small));
-    let mut h = vec![Host::F32(vec![2.0; 300_000])]; // 1.2 MB
-    let before = h.clone();
-    let e =
-        (clipper.clip_by_global_norm(&mut muts(&mut h), &GlobalNormClip::new(1.0))).unwrap_err();
+    let wave = |n: usize, k: f32| (0..n).map(|i| ((i as f32) * k).sin()).collect::<Vec<f32>>();
+    // 1.2 MB of f32 (cut in two), an odd bf16 tensor, small ones on both sides.
+    let h = vec![
+        host(1, wave(3, 0.7)),
+        host(0, wave(300_001, 0.01)),
+        host(2, wave(70_001, 0.03)),
+        host(0, wave(5, 1.1)),
+        host(1, wave(262_145, 0.002)),
+    ];
+    let mut on_gpu = Clipper::on(Backend::Gpu(small));
+    let mut on_cpu = Clipper::on(Backend::Cpu);
+    let same = |a: &[Host], b: &[Host]| {
+        for (x, y) in a.iter().zip(b) {
+            for (p, q) in x.to_f64().iter().zip(y.to_f64()) {
+                assert!(
+                    common::close(*p, q, 1e-2) || (p - q).abs() < 1e-6,
+                    "{p} vs {q}"
+                );
+            }
+        }
+    };
+    for norm in [
+        gradclip::Norm::L2,
+        gradclip::Norm::Inf,
+        gradclip::Norm::P(3.0),
+    ] {
+        let g = on_gpu.total_norm(&refs(&h), norm).unwrap();
+        let c = on_cpu.total_norm(&refs(&h), norm).unwrap();
+        assert!(common::close(g.total(), c.total(), 1e-5), "{norm:?}");
+        let clip = GlobalNormClip::new(1.0).norm(norm).with_tensor_norms();
+        let (mut a, mut b) = (h.clone(), h.clone());
+        let ra = on_gpu
+            .clip_by_global_norm(&mut muts(&mut a), &clip)
+            .unwrap();
+        let rb = on_cpu
+            .clip_by_global_norm(&mut muts(&mut b), &clip)
+            .unwrap();
+        assert!(ra.clipped && common::close(ra.coef as f64, rb.coef as f64, 1e-5));
+        assert!(common::close(ra.total_norm, rb.total_norm, 1e-5));
+        let (ta, tb) = (ra.tensor_norms.unwrap(), rb.tensor_norms.unwrap());
+        for (x, y) in ta.iter().zip(&tb) {
+            assert!(common::close(*x, *y, 1e-5), "{norm:?}: {ta:?} vs {tb:?}");
+        }
+        same(&a, &b);
+    }
+    let (mut a, mut b) = (h.clone(), h.clone());
+    let value = gradclip::ValueClip::range(-0.3, 0.5);
+    on_gpu.clip_by_value(&mut muts(&mut a), &value).unwrap();
+    on_cpu.clip_by_value(&mut muts(&mut b), &value).unwrap();
+    assert_eq!(a, b);
+    // A NaN in the second part under Error: an error, and nothing written anywhere.
+    let mut bad = h.clone();
+    bad[4] = host(1, {
+        let mut v = wave(262_145, 0.002);
+        v[100_000] = f32::NAN;
+        v
+    });
+    let before = bad.clone();
+    let clip = GlobalNormClip::new(1.0).non_finite(gradclip::NonFinitePolicy::Error);
+    let e = on_gpu
+        .clip_by_global_norm(&mut muts(&mut bad), &clip)
+        .unwrap_err();
+    assert!(matches!(e, ClipError::NonFiniteNorm(_)), "{e}");
+    let bytes =
+        |h: &[Host]| -> Vec<u8> { refs(h).iter().flat_map(|g| g.as_bytes().to_vec()).collect() };
+    assert!(bytes(&bad) == bytes(&before), "the error wrote data");
+    // ZeroNans: the NaN becomes 0 and the rest clips by the NaN-free norm.
+    let zero = GlobalNormClip::new(1.0).non_finite(gradclip::NonFinitePolicy::ZeroNans);
+    let mut c = bad.clone();
+    let rg = on_gpu
+        .clip_by_global_norm(&mut muts(&mut bad), &zero)
+        .unwrap();
+    let rc = on_cpu
+        .clip_by_global_norm(&mut muts(&mut c), &zero)
+        .unwrap();
+    assert!(rg.nans_zeroed && common::close(rg.total_norm, rc.total_norm, 1e-5));
+    same(&bad, &c);
+    // A chain plans one buffer: beyond it, a typed error and nothing touched.
+    let infos: Vec<TensorInfo> = (h.iter().enumerate())
+        .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
+        .collect();
+    let mut chain = on_gpu
+        .with_policy(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos)
+        .unwrap();
+    let mut d = h.clone();
+    let e = chain.step(&mut muts(&mut d), None).unwrap_err();
     assert!(matches!(e, ClipError::TooLarge { .. }), "{e}");
-    assert_eq!(h, before);
-    // Within the limit it clips.
-    let mut h = vec![Host::F32(vec![2.0; 1000])];
-    let r = (clipper.clip_by_global_norm(&mut muts(&mut h), &GlobalNormClip::new(1.0))).unwrap();
-    assert!(r.clipped);
+    assert_eq!(d, h);
 }
 
 fn adaptive_chain() -> ClipPolicy {
@@ -283,7 +363,6 @@ fn dropped_reports_keep_memory_flat() {
     let grown = rss().saturating_sub(warm);
     assert!(grown < 32 << 20, "grew {grown} bytes over 9000 steps");
     assert_eq!(run.step(), 10_000);
-    let _ = refs(&h);
 }
 
 /// A caller's buffer destroyed after planning: every step is a typed error (wgpu rejects
