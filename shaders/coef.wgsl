@@ -225,6 +225,15 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     for (var i = lid; i < dispatch.n_chunks; i = i + WG) {
         acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
     }
+    // AGC reads the parameters: their NaN or infinity counts as the step's. (`finish` is
+    // not specialised by formula; an AGC stage is the one with a lambda, which is > 0.)
+    if (stages[dispatch.stage].lambda > 0.0) {
+        for (var u = lid; u < arrayLength(&group_of); u = u + WG) {
+            if (group_of[u] != NO_GROUP) {
+                acc.flags = acc.flags | params[u].flags;
+            }
+        }
+    }
     var total = workgroup_combine(acc, lid, NORM_KIND, step.p);
     if (step.use_given == 1u) {
         total = step.given;
@@ -314,8 +323,17 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
 }
 
 fn agc_coef(g: Acc, w: Acc) -> f32 {
-    if (live_flags(g.flags | w.flags, step.policy) != 0u) {
-        return select(0.0, nan_f32(), (live_flags(g.flags | w.flags, step.policy) & FLAG_NAN) != 0u);
+    let flags = live_flags(g.flags | w.flags, step.policy);
+    if ((flags & FLAG_NAN) != 0u) {
+        return nan_f32();
+    }
+    // An infinite gradient norm scales to 0; an infinite parameter norm makes the limit
+    // infinite, which leaves the unit as it is (timm).
+    if ((flags & g.flags & FLAG_INF) != 0u) {
+        return 0.0;
+    }
+    if (flags != 0u) {
+        return 1.0;
     }
     let limit = stages[dispatch.stage].lambda * step.multiplier * max(norm_value(w), stages[dispatch.stage].eps);
     let n = norm_value(g);

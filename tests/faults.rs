@@ -401,3 +401,60 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
     let r = common::batch(&ctx, &fresh, &h).clip_by_global_norm(&clip);
     assert!(r.unwrap().wait().unwrap().clipped);
 }
+
+/// AGC with a NaN or an infinity in the parameters: the step reports it as non-finite,
+/// SkipStep and Error hold it (gradients untouched), Propagate follows timm (a NaN
+/// parameter makes its unit NaN, an infinite one leaves it as it is), on both backends.
+#[test]
+fn agc_with_non_finite_parameters_follows_the_policy() {
+    use gradclip::NonFinitePolicy as P;
+    let infos = [TensorInfo::new("w", &[2, 2])];
+    let grads = vec![host(0, vec![3.0, 4.0, 0.3, 0.4])];
+    let ctx = gpu();
+    for (bad, name) in [(f32::NAN, "NaN"), (f32::INFINITY, "inf")] {
+        let params = vec![host(0, vec![bad, 1.0, 0.1, 0.1])];
+        for policy in [P::Propagate, P::SkipStep, P::Error] {
+            let chain = ClipPolicy::new(Rule::Agc(Agc::new(0.01))).non_finite(policy);
+            let what = format!("{name} parameter, {policy:?}");
+            let mut c = grads.clone();
+            let mut cpu = CpuPolicy::new(chain.clone(), &infos).unwrap();
+            let cr = cpu.step(&mut muts(&mut c), Some(&refs(&params)));
+            let arena = upload(&ctx, &grads);
+            let p_arena = upload(&ctx, &params);
+            let t = gpu_tensors(&arena, &grads, &infos);
+            let pt = gpu_tensors(&p_arena, &params, &infos);
+            let mut gpu_run = GpuPolicy::new(&ctx, &t, Some(&pt), chain).unwrap();
+            let gr = gpu_run.run().unwrap().wait();
+            let g = download(&ctx, &arena, &grads);
+            let bits = |h: &[Host]| -> Vec<u8> {
+                refs(h).iter().flat_map(|x| x.as_bytes().to_vec()).collect()
+            };
+            assert_eq!(bits(&g), bits(&c), "{what}: GPU and CPU gradients");
+            match policy {
+                P::Error => {
+                    assert!(matches!(cr, Err(ClipError::NonFiniteNorm(_))), "{what}");
+                    assert!(matches!(gr, Err(ClipError::NonFiniteNorm(_))), "{what}");
+                    assert_eq!(c, grads, "{what}");
+                }
+                P::SkipStep => {
+                    let (cr, gr) = (cr.unwrap(), gr.unwrap());
+                    assert!(cr.skipped && gr.skipped && cr.non_finite, "{what}");
+                    assert_eq!(c, grads, "{what}");
+                }
+                _ => {
+                    let (cr, gr) = (cr.unwrap(), gr.unwrap());
+                    assert!(cr.non_finite && gr.non_finite, "{what}");
+                    let row0 = &c[0].to_f64()[..2];
+                    if bad.is_nan() {
+                        assert!(row0.iter().all(|x| x.is_nan()), "{what}: {row0:?}");
+                    } else {
+                        assert_eq!(row0, &[3.0, 4.0], "{what}");
+                    }
+                    // The finite row is clipped by AGC as usual: 0.01 * 0.1414 / 0.5.
+                    let row1 = &c[0].to_f64()[2..];
+                    assert!((row1[0] - 0.3 * 0.01 * 0.02f64.sqrt() / 0.5).abs() < 1e-6);
+                }
+            }
+        }
+    }
+}

@@ -152,8 +152,16 @@ pub(crate) fn norm_coef(
 /// AGC coefficient of a unit with gradient norm `g` and parameter norm `w`.
 fn agc_coef(g: &NormAcc, w: &NormAcc, lambda: f32, eps: f32, policy: NonFinitePolicy) -> f32 {
     let flags = policy.live_flags(g.flags | w.flags);
+    if flags & FLAG_NAN != 0 {
+        return f32::NAN;
+    }
+    // An infinite gradient norm scales to 0; an infinite parameter norm makes the limit
+    // infinite, which leaves the unit as it is (timm).
+    if flags & g.flags & FLAG_INF != 0 {
+        return 0.0;
+    }
     if flags != 0 {
-        return if flags & FLAG_NAN != 0 { f32::NAN } else { 0.0 };
+        return 1.0;
     }
     let wn = NormAcc { flags: 0, ..*w }.total(Norm::L2);
     let gn = NormAcc { flags: 0, ..*g }.total(Norm::L2);
@@ -250,14 +258,16 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
 /// updates the stage's state block.
 pub(crate) fn finish(
     groups: &[NormAcc],
+    param_flags: u32,
     stage: &StagePlan,
     step: &CpuStep,
     state: &mut PolicyState,
 ) -> Finish {
     let norm = step.norm;
-    let total = step
+    let mut total = step
         .given
         .unwrap_or_else(|| norm_reduce::total_acc(groups, norm));
+    total.flags |= param_flags;
     let block = &mut state.words[stage.state_base..stage.state_base + HEADER_WORDS + stage.history];
     let flags = step.policy.live_flags(total.flags);
     let mut status = if total.flags != 0 {
@@ -511,7 +521,14 @@ pub(crate) fn run(
         } else {
             vec![]
         };
-        let finish = finish(&groups, stage, step, state);
+        // AGC reads the parameters: their NaN or infinity counts as the step's.
+        let param_flags = match (&w_units, stage.formula) {
+            (Some(w), Formula::Agc) => (stage.group_of.iter().zip(w))
+                .filter(|(&g, _)| g != NO_GROUP)
+                .fold(0, |f, (_, a)| f | a.flags),
+            _ => 0,
+        };
+        let finish = finish(&groups, param_flags, stage, step, state);
         let clipped = if reduce_norms || stage.is_global() {
             let w = w_units.as_deref();
             coefs(stage, &groups, w, &finish, step, &mut unit_coefs, first)
