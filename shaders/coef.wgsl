@@ -53,9 +53,12 @@ override FORMULA: u32 = 0u;
 @group(0) @binding(10) var<storage, read> args_full: array<u32>;
 @group(0) @binding(11) var<storage, read_write> args_out: array<atomic<u32>>;
 
-var<workgroup> sh_lo: f32;
-var<workgroup> sh_hi: f32;
 var<workgroup> sh_count: u32;
+// Radix selection of an order statistic: a histogram of one 8-bit digit, the digits chosen
+// so far and the rank still sought among the values that share them.
+var<workgroup> sel_hist: array<atomic<u32>, 256>;
+var<workgroup> sel_prefix: u32;
+var<workgroup> sel_rank: u32;
 
 fn root_of(acc: Acc) -> f32 {
     if (NORM_KIND == KIND_L2) {
@@ -112,33 +115,56 @@ fn state_f32(i: u32) -> f32 {
     return bitcast<f32>(state[dispatch.state_base + i]);
 }
 
+// The order statistic `k` (0-based) of the first m history entries: a radix selection,
+// 8 bits a pass from the top, over their bits (norms are >= 0, so the bits order as the
+// values do). O(m) work in all and no scratch copy; the same value as sorting, whatever
+// the thread timing. Call from uniform control flow.
+fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
+    if (lid == 0u) {
+        sel_prefix = 0u;
+        sel_rank = k;
+    }
+    for (var round = 0u; round < 4u; round = round + 1u) {
+        let shift = 24u - 8u * round;
+        // The digits above this one, as a mask (none in the first pass).
+        let above = (0xffffffffu << (31u - 8u * round)) << 1u;
+        atomicStore(&sel_hist[lid], 0u);
+        workgroupBarrier();
+        let prefix = sel_prefix;
+        for (var i = lid; i < m; i = i + WG) {
+            let bits = state[dispatch.state_base + ST_HEADER + i];
+            if ((bits & above) == prefix) {
+                atomicAdd(&sel_hist[(bits >> shift) & 0xffu], 1u);
+            }
+        }
+        workgroupBarrier();
+        if (lid == 0u) {
+            var rank = sel_rank;
+            var digit = 0u;
+            for (; digit < 255u; digit = digit + 1u) {
+                let count = atomicLoad(&sel_hist[digit]);
+                if (rank < count) {
+                    break;
+                }
+                rank = rank - count;
+            }
+            sel_rank = rank;
+            sel_prefix = prefix | (digit << shift);
+        }
+        workgroupBarrier();
+    }
+    return bitcast<f32>(workgroupUniformLoad(&sel_prefix));
+}
+
 // Percentile `q` (0..100) of the first m history entries, linear interpolation between
-// order statistics as numpy's default. Ranks are counted (ties broken by position), so
-// the result does not depend on thread timing.
+// order statistics as numpy's default.
 fn percentile(m: u32, q: f32, lid: u32) -> f32 {
     let pos = q / 100.0 * f32(m - 1u);
     let lo = u32(floor(pos));
     let hi = min(lo + 1u, m - 1u);
     let t = pos - f32(lo);
-    for (var i = lid; i < m; i = i + WG) {
-        let v = state_f32(ST_HEADER + i);
-        var rank = 0u;
-        for (var j = 0u; j < m; j = j + 1u) {
-            let u = state_f32(ST_HEADER + j);
-            if (u < v || (u == v && j < i)) {
-                rank = rank + 1u;
-            }
-        }
-        if (rank == lo) {
-            sh_lo = v;
-        }
-        if (rank == hi) {
-            sh_hi = v;
-        }
-    }
-    workgroupBarrier();
-    let a = sh_lo;
-    let b = sh_hi;
+    let a = order_statistic(m, lo, lid);
+    let b = order_statistic(m, hi, lid);
     // numpy's lerp: from the nearer end, so the result is monotone in t.
     if (t >= 0.5) {
         return b - (b - a) * (1.0 - t);

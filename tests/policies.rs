@@ -1066,3 +1066,52 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
         Err(ClipError::InvalidTotalNorm(_))
     ));
 }
+
+/// A full AutoClip history of 100,000 norms (restored, with ties and a spread of
+/// magnitudes): the GPU's radix selection and the CPU's sort give the same percentiles.
+#[test]
+fn autoclip_percentiles_of_a_long_history_agree() {
+    let infos = [TensorInfo::new("w", &[2])];
+    let h = 100_000u32;
+    for percentile in [0.0, 10.0, 50.0, 90.0, 99.9, 100.0] {
+        let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(percentile, h)));
+        let fresh = CpuPolicy::new(policy.clone(), &infos)
+            .unwrap()
+            .state()
+            .to_bytes();
+        // Words: 16 bytes, the layout (a length and its words), then the state's length.
+        let layout = u32::from_le_bytes(fresh[16..20].try_into().unwrap()) as usize;
+        let words_at = 24 + 4 * layout;
+        let mut bytes = fresh.clone();
+        let mut x = 0x9e37_79b9u32;
+        for i in 0..h as usize {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            // Norms from 1e-20 to 1e20, every 7th a repeat of 3.0.
+            let v = if i % 7 == 0 {
+                3.0
+            } else {
+                10f32.powf((x % 4000) as f32 / 100.0 - 20.0)
+            };
+            let at = words_at + 4 * (8 + i);
+            bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        bytes[words_at..words_at + 4].copy_from_slice(&(h - 1).to_le_bytes()); // seen
+        let state = PolicyState::from_bytes(&bytes).unwrap();
+        let steps = vec![vec![f32s(&[3.0, 4.0])]];
+        let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+        cpu.set_state(state.clone()).unwrap();
+        let mut c = steps[0].clone();
+        let cr = cpu.step(&mut common::muts(&mut c), None).unwrap();
+        let ctx = gpu();
+        let arena = upload(&ctx, &steps[0]);
+        let t = gpu_tensors(&arena, &steps[0], &infos);
+        let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+        run.set_state(&state).unwrap();
+        let gr = run.run().unwrap().wait().unwrap();
+        assert_eq!(gr.threshold, cr.threshold, "percentile {percentile}");
+        assert_eq!(gr.coef, cr.coef, "percentile {percentile}");
+        assert_eq!(download(&ctx, &arena, &steps[0]), c);
+    }
+}
