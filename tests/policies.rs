@@ -1099,7 +1099,7 @@ fn autoclip_percentiles_of_a_long_history_agree() {
         }
         bytes[words_at..words_at + 4].copy_from_slice(&(h - 1).to_le_bytes()); // seen
         let state = PolicyState::from_bytes(&bytes).unwrap();
-        let steps = vec![vec![f32s(&[3.0, 4.0])]];
+        let steps = [vec![f32s(&[3.0, 4.0])]];
         let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
         cpu.set_state(state.clone()).unwrap();
         let mut c = steps[0].clone();
