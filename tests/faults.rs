@@ -458,3 +458,37 @@ fn agc_with_non_finite_parameters_follows_the_policy() {
         }
     }
 }
+
+/// A device that cannot run gradclip's kernels (workgroups of 256 threads beyond its
+/// limits): every step is a typed error before anything is recorded, never a panic.
+#[test]
+fn devices_that_cannot_build_the_kernels_are_typed_errors() {
+    let _turn = gpu();
+    let tiny = GpuContext::with_limits(backends(), |a| wgpu::Limits {
+        max_compute_workgroup_size_x: 64,
+        max_compute_invocations_per_workgroup: 64,
+        ..a.clone()
+    })
+    .unwrap();
+    let h = vec![host(0, vec![3.0, 4.0])];
+    let infos = [TensorInfo::new("w", &[2])];
+    let arena = upload(&tiny, &h);
+    let mut batch = common::batch(&tiny, &arena, &h);
+    let wgpu_error = |r: Result<(), ClipError>, what: &str| {
+        assert!(matches!(r, Err(ClipError::Wgpu(_))), "{what}: {r:?}");
+    };
+    let clip = GlobalNormClip::new(1.0);
+    wgpu_error(batch.clip_by_global_norm(&clip).map(drop), "global clip");
+    let value = gradclip::ValueClip::symmetric(1.0);
+    wgpu_error(batch.clip_by_value(&value), "value clip");
+    let t = gpu_tensors(&arena, &h, &infos);
+    let mut chain = GpuPolicy::new(&tiny, &t, None, adaptive_chain()).unwrap();
+    let mut encoder = tiny.device().create_command_encoder(&Default::default());
+    wgpu_error(chain.encode(&mut encoder).map(drop), "policy step");
+    assert_eq!(chain.step(), 0);
+    let mut clipper = Clipper::on(Backend::Gpu(tiny.clone()));
+    let mut g = h.clone();
+    let r = clipper.clip_by_global_norm(&mut muts(&mut g), &clip);
+    wgpu_error(r.map(drop), "host clip");
+    assert_eq!(g, h);
+}

@@ -137,8 +137,11 @@ impl GpuAccumulator {
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<Option<PendingReport<PolicyReport>>, ClipError> {
         let boundary = self.added + 1 == self.micro_steps;
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        kernels.prepare(device, &[Kernel::Accumulate])?;
         if boundary {
-            // A policy error (a schedule out of range) must come before anything is recorded.
+            // A policy error (a schedule out of range, a pipeline this device cannot build)
+            // must come before anything is recorded.
             self.policy.check()?;
         }
         {

@@ -160,8 +160,8 @@ impl GpuBatch {
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
         clip: Option<(NonFinitePolicy, f32)>,
-    ) -> PendingReport {
-        let readback = (self.engine.encode(encoder, step, |_, _| {}))
+    ) -> Result<PendingReport, ClipError> {
+        let readback = (self.engine.encode(encoder, step, |_, _| {})?)
             .expect("global-norm steps read their report back");
         let kind = ReportKind {
             norm: step.norm,
@@ -170,13 +170,13 @@ impl GpuBatch {
             tensor_norms: step.units.then_some(self.n_tensors),
             seq: self.engine.seq() as u64,
         };
-        PendingReport::on_submit(
+        Ok(PendingReport::on_submit(
             encoder,
             readback,
             self.engine.pool(),
             self.engine.ctx().inner.device.clone(),
             Box::new(move |words| decode_clip(words, kind)),
-        )
+        ))
     }
 
     /// Records the total norm of the batch (PyTorch `get_total_norm`), and per-tensor
@@ -198,7 +198,7 @@ impl GpuBatch {
             readback: true,
             norm,
         };
-        Ok(self.encode_step(encoder, step, None))
+        self.encode_step(encoder, step, None)
     }
 
     /// Records a global-norm clip: norm, coefficient and scaling, all on the GPU in one
@@ -218,7 +218,7 @@ impl GpuBatch {
             readback: true,
             norm: clip.norm,
         };
-        Ok(self.encode_step(encoder, step, Some((clip.non_finite, clip.max_norm))))
+        self.encode_step(encoder, step, Some((clip.non_finite, clip.max_norm)))
     }
 
     /// Records a clip with a norm computed elsewhere (PyTorch `clip_grads_with_norm_`),
@@ -245,7 +245,7 @@ impl GpuBatch {
             readback: true,
             norm,
         };
-        Ok(self.encode_step(encoder, step, Some((policy, max_norm))))
+        self.encode_step(encoder, step, Some((policy, max_norm)))
     }
 
     /// Records a value clip: every element clamped to `[lo, hi]` (for 16-bit tensors, the
@@ -276,7 +276,7 @@ impl GpuBatch {
             readback: false,
             norm: Norm::L2,
         };
-        self.engine.encode(encoder, step, |_, _| {});
+        self.engine.encode(encoder, step, |_, _| {})?;
         Ok(())
     }
 

@@ -134,7 +134,7 @@ impl GpuContext {
             });
             match pollster::block_on(request) {
                 Ok((device, queue)) => {
-                    return Ok(Self::build(device, queue, Some(adapter.get_info())));
+                    return Self::build(device, queue, Some(adapter.get_info()));
                 }
                 Err(e) => last_error = format!("{}: {e}", adapter.get_info().name),
             }
@@ -143,7 +143,8 @@ impl GpuContext {
     }
 
     /// Uses the caller's device and queue (the usual case inside a training program).
-    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> GpuContext {
+    /// Fails ([`ClipError::Wgpu`]) when the device cannot compile gradclip's shaders.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Result<GpuContext, ClipError> {
         Self::build(device, queue, None)
     }
 
@@ -151,16 +152,16 @@ impl GpuContext {
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: Option<wgpu::AdapterInfo>,
-    ) -> GpuContext {
-        let kernels = Kernels::new(&device);
-        GpuContext {
+    ) -> Result<GpuContext, ClipError> {
+        let kernels = Kernels::new(&device)?;
+        Ok(GpuContext {
             inner: Arc::new(ContextInner {
                 device,
                 queue,
                 info,
                 kernels,
             }),
-        }
+        })
     }
 
     /// Finishes and submits `encoder` inside validation and out-of-memory error scopes: a

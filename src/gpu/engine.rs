@@ -388,15 +388,71 @@ impl Engine {
         self.timestamps = timestamps;
     }
 
+    /// The pipelines `step` dispatches.
+    fn kernels_of(&self, step: &Step, params: &StepParams) -> Vec<Kernel> {
+        let kind = step.norm.kind_code();
+        let direct = step.reduce && !step.units && self.finish_partials.is_some();
+        let mut all = Vec::new();
+        if step.reduce {
+            all.push(Kernel::Reduce(kind));
+            if !direct {
+                all.push(Kernel::Combine(kind));
+            }
+            if self.params.is_some() {
+                let l2 = Norm::L2.kind_code();
+                all.extend([Kernel::Reduce(l2), Kernel::Combine(l2)]);
+            }
+        }
+        if step.reduce || step.coefs {
+            for stage in &self.stages {
+                let adaptive = stage.adaptive;
+                if stage.groups.is_some() && step.reduce && !direct {
+                    all.push(Kernel::Groups(kind));
+                }
+                all.push(Kernel::Finish { kind, adaptive });
+                if step.coefs {
+                    let formula = stage.formula;
+                    all.push(Kernel::Coefs {
+                        kind,
+                        adaptive,
+                        formula,
+                    });
+                }
+            }
+        }
+        if step.rewrite {
+            all.push(self.rewrite_kernel(params));
+        }
+        all
+    }
+
+    /// Builds the pipelines `step` needs (see `Kernels::prepare`).
+    pub(crate) fn prepare(&self, step: &Step) -> Result<(), ClipError> {
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        kernels.prepare(device, &self.kernels_of(step, &step.params))
+    }
+
+    /// The rewrite variant of a step with `params`.
+    fn rewrite_kernel(&self, params: &StepParams) -> Kernel {
+        Kernel::Rewrite {
+            shared_words: self.shared_words,
+            scale: params.rule == 1 || params.policy == abi::POLICY_ZERO_NANS,
+            noise: params.sigma > 0.0,
+            clamp: params.clamp == 1,
+        }
+    }
+
     /// Records one step; `extra` records further dispatches in the same pass after the
     /// stages (given the step's slot offset). Returns the readback buffer that holds the
-    /// reports once the encoder has run (when the step asks for one).
+    /// reports once the encoder has run (when the step asks for one). A device that cannot
+    /// build one of the step's pipelines is an error before anything is recorded.
     pub(crate) fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
-    ) -> Option<wgpu::Buffer> {
+    ) -> Result<Option<wgpu::Buffer>, ClipError> {
+        self.prepare(&step)?;
         let ctx = self.ctx.clone();
         let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
         self.seq = self.seq.wrapping_add(1);
@@ -459,13 +515,7 @@ impl Engine {
                 }
             }
             if step.rewrite {
-                let rewrite = Kernel::Rewrite {
-                    shared_words: self.shared_words,
-                    scale: params.rule == 1 || params.policy == abi::POLICY_ZERO_NANS,
-                    noise: params.sigma > 0.0,
-                    clamp: params.clamp == 1,
-                };
-                pass.set_pipeline(&kernels.pipeline(device, rewrite));
+                pass.set_pipeline(&kernels.pipeline(device, self.rewrite_kernel(&params)));
                 for (group, args, grid) in &self.rewrites {
                     pass.set_bind_group(0, group, &[slot]);
                     if value_only {
@@ -478,7 +528,7 @@ impl Engine {
             extra(&mut pass, slot);
         }
         if !step.readback {
-            return None;
+            return Ok(None);
         }
         let readback = self.pool.take(device);
         let headers = self.stages.len() as u64 * REPORT_BYTES;
@@ -499,7 +549,7 @@ impl Engine {
             let coefs = units + n_units * ACC_BYTES;
             encoder.copy_buffer_to_buffer(&self.coef_buf, 0, &readback, coefs, n_units * 4);
         }
-        Some(readback)
+        Ok(Some(readback))
     }
 
     /// Sequence number of the last encoded step.

@@ -213,6 +213,7 @@ impl GpuPerExample {
             seed: self.clip.seed,
         }))?;
         let ctx = self.ctx.clone();
+        (ctx.inner.kernels).prepare(&ctx.inner.device, &[Kernel::PerExample])?;
         let dispatches = &self.dispatches;
         let (readback, step) = self
             .engine
@@ -226,7 +227,7 @@ impl GpuPerExample {
                     pass.set_bind_group(0, group, &[slot]);
                     pass.dispatch_workgroups(grid[0], grid[1], 1);
                 }
-            });
+            })?;
         let (_, per_layer) = self.clip.thresholds();
         let per_unit = if per_layer { 1 } else { self.n_tensors.max(1) };
         let units = self.clip.batch * if per_layer { self.n_tensors } else { 1 };

@@ -135,11 +135,6 @@ impl GpuPolicy {
         Ok(params)
     }
 
-    /// Checks that the next step can be encoded (its schedule factor is valid).
-    pub(crate) fn check(&self) -> Result<(), ClipError> {
-        self.params(None).map(|_| ())
-    }
-
     /// The engine, for configurations that add their own dispatches.
     pub(crate) fn engine(&self) -> &Engine {
         &self.engine
@@ -154,21 +149,13 @@ impl GpuPolicy {
         params: StepParams,
         rewrite: bool,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
-    ) -> (wgpu::Buffer, u64) {
-        let step = Step {
-            norm: self.policy.norm,
-            params,
-            reduce: true,
-            coefs: true,
-            rewrite,
-            units: self.policy.report_groups,
-            readback: true,
-        };
-        let readback = (self.engine.encode(encoder, step, extra))
+    ) -> Result<(wgpu::Buffer, u64), ClipError> {
+        let step = self.step_of(params, rewrite);
+        let readback = (self.engine.encode(encoder, step, extra)?)
             .expect("policy steps read their report back");
         let n = self.step;
         self.step += 1;
-        (readback, n)
+        Ok((readback, n))
     }
 
     /// Records one step: norms, coefficients and the in-place rewrite, with no host
@@ -184,7 +171,7 @@ impl GpuPolicy {
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingReport<PolicyReport>, ClipError> {
         let params = self.params(None)?;
-        let (readback, step) = self.encode_step(encoder, params, true, |_, _| {});
+        let (readback, step) = self.encode_step(encoder, params, true, |_, _| {})?;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
@@ -228,6 +215,25 @@ impl GpuPolicy {
             return Err(e);
         }
         Ok(pending)
+    }
+
+    /// The engine step of a policy step with `params`.
+    fn step_of(&self, params: StepParams, rewrite: bool) -> Step {
+        Step {
+            norm: self.policy.norm,
+            params,
+            reduce: true,
+            coefs: true,
+            rewrite,
+            units: self.policy.report_groups,
+            readback: true,
+        }
+    }
+
+    /// Checks that the next step can be recorded (its schedule, its pipelines on this
+    /// device), so a caller can fail before it records work of its own.
+    pub(crate) fn check(&self) -> Result<(), ClipError> {
+        self.engine.prepare(&self.step_of(self.params(None)?, true))
     }
 
     /// Sets the next step's number back to `step`, after a submission that did not run.
