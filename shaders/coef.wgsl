@@ -203,20 +203,8 @@ fn zclip(n: f32, record: bool) -> f32 {
     if (seen < warmup) {
         state[dispatch.state_base + ST_HEADER + seen] = bitcast<u32>(n);
         state[dispatch.state_base + ST_SEEN] = seen + 1u;
-        if (seen + 1u == warmup) {
-            var sum = 0.0;
-            for (var i = 0u; i < warmup; i = i + 1u) {
-                sum = sum + state_f32(ST_HEADER + i);
-            }
-            let mean = sum / f32(warmup);
-            var sq = 0.0;
-            for (var i = 0u; i < warmup; i = i + 1u) {
-                let d = state_f32(ST_HEADER + i) - mean;
-                sq = sq + d * d;
-            }
-            state[dispatch.state_base + ST_MEAN] = bitcast<u32>(mean);
-            state[dispatch.state_base + ST_VAR] = bitcast<u32>(sq / f32(warmup));
-        }
+        // The last warmup norm: the workgroup sums the moments next (`warmup_moments`).
+        sh_count = select(0u, 1u, seen + 1u == warmup);
         return inf;
     }
     let mean = state_f32(ST_MEAN);
@@ -236,6 +224,28 @@ fn zclip(n: f32, record: bool) -> f32 {
     state[dispatch.state_base + ST_VAR] = bitcast<u32>(a * var_ + (1.0 - a) * d * d);
     state[dispatch.state_base + ST_SEEN] = seen + 1u;
     return thr;
+}
+
+// ZClip's warmup mean and variance over its `count` norms, summed by the whole workgroup
+// in a fixed order (thread t takes norms t, t + WG, ...; then the shared tree), as the CPU
+// twin sums them; no thread loops more than count / WG times. Call from uniform control
+// flow.
+fn warmup_moments(count: u32, lid: u32) {
+    var s = 0.0;
+    for (var i = lid; i < count; i = i + WG) {
+        s = s + state_f32(ST_HEADER + i);
+    }
+    let mean = workgroup_sum(s, lid) / f32(count);
+    var q = 0.0;
+    for (var i = lid; i < count; i = i + WG) {
+        let d = state_f32(ST_HEADER + i) - mean;
+        q = q + d * d;
+    }
+    let var_ = workgroup_sum(q, lid) / f32(count);
+    if (lid == 0u) {
+        state[dispatch.state_base + ST_MEAN] = bitcast<u32>(mean);
+        state[dispatch.state_base + ST_VAR] = bitcast<u32>(var_);
+    }
 }
 
 // Turns the rewrite on (`run`) or off for every window.
@@ -295,8 +305,15 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (ADAPTIVE == ADAPTIVE_AUTOCLIP) {
         thr = autoclip(n, record, lid) * step.multiplier;
     }
-    if (ADAPTIVE == ADAPTIVE_ZCLIP && lid == 0u) {
-        thr = zclip(n, record) * step.multiplier;
+    if (ADAPTIVE == ADAPTIVE_ZCLIP) {
+        if (lid == 0u) {
+            sh_count = 0u;
+            thr = zclip(n, record) * step.multiplier;
+        }
+        storageBarrier();
+        if (workgroupUniformLoad(&sh_count) == 1u) {
+            warmup_moments(stages[dispatch.stage].capacity, lid);
+        }
     }
     if (ADAPTIVE != ADAPTIVE_NONE && stages[dispatch.stage].cap > 0.0) {
         thr = min(thr, stages[dispatch.stage].cap * step.multiplier);

@@ -1115,3 +1115,59 @@ fn autoclip_percentiles_of_a_long_history_agree() {
         assert_eq!(download(&ctx, &arena, &steps[0]), c);
     }
 }
+
+/// ZClip with a warmup of 100,000 norms (restored one short of full): the warmup ends on
+/// both backends with the same mean and variance, and the next step takes the same
+/// decision.
+#[test]
+fn zclip_long_warmup_agrees() {
+    let infos = [TensorInfo::new("w", &[2])];
+    let warmup = 100_000u32;
+    let policy = ClipPolicy::new(Rule::ZClip(ZClip {
+        warmup,
+        ..ZClip::default()
+    }));
+    let fresh = CpuPolicy::new(policy.clone(), &infos)
+        .unwrap()
+        .state()
+        .to_bytes();
+    let layout = u32::from_le_bytes(fresh[16..20].try_into().unwrap()) as usize;
+    let words_at = 24 + 4 * layout;
+    let mut bytes = fresh.clone();
+    for i in 0..(warmup - 1) as usize {
+        let v = 4.0 + ((i * 37) % 101) as f32 / 100.0;
+        let at = words_at + 4 * (8 + i);
+        bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    bytes[words_at..words_at + 4].copy_from_slice(&(warmup - 1).to_le_bytes());
+    let state = PolicyState::from_bytes(&bytes).unwrap();
+    // The last warmup norm (5), then a spike (50).
+    let steps = vec![vec![f32s(&[3.0, 4.0])], vec![f32s(&[30.0, 40.0])]];
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    cpu.set_state(state.clone()).unwrap();
+    let ctx = gpu();
+    let arena = upload(&ctx, &steps[0]);
+    let t = gpu_tensors(&arena, &steps[0], &infos);
+    let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+    run.set_state(&state).unwrap();
+    assert_eq!(run.state().unwrap(), state);
+    let mut reports = Vec::new();
+    for s in &steps {
+        let mut c = s.clone();
+        let cr = cpu.step(&mut common::muts(&mut c), None).unwrap();
+        write(&ctx, &arena, s);
+        let gr = run.run().unwrap().wait().unwrap();
+        reports.push((gr, cr));
+        if reports.len() == 1 {
+            let (gm, gv) = run.state().unwrap().ema();
+            let (cm, cv) = cpu.state().ema();
+            assert!(close(gm as f64, cm as f64, 1e-6), "mean {gm} vs {cm}");
+            assert!(close(gv as f64, cv as f64, 1e-4), "variance {gv} vs {cv}");
+        }
+    }
+    let (gr, cr) = &reports[1];
+    assert_eq!(gr.clipped_units, cr.clipped_units);
+    assert!(gr.clipped_units == 1, "the spike is clipped: {gr:?}");
+    let (gt, ct) = (gr.threshold.unwrap() as f64, cr.threshold.unwrap() as f64);
+    assert!(close(gt, ct, 1e-5), "threshold {gt} vs {ct}");
+}

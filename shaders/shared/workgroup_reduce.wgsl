@@ -27,3 +27,19 @@ fn workgroup_combine(acc: Acc, lid: u32, kind: u32, p: f32) -> Acc {
     }
     return Acc(wg_scale[0], wg_sum[0], wg_flags[0], 0u);
 }
+
+// The sum of every thread's `x` by the same tree, returned to every thread.
+fn workgroup_sum(x: f32, lid: u32) -> f32 {
+    wg_sum[lid] = x;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
+        if (lid < stride) {
+            wg_sum[lid] = wg_sum[lid] + wg_sum[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    let total = wg_sum[0];
+    // A following call reuses the array.
+    workgroupBarrier();
+    return total;
+}

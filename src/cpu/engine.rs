@@ -214,6 +214,23 @@ fn autoclip(state: &mut [u32], n: f32, record: bool, q: f32) -> f32 {
 
 /// ZClip on its state block: returns the threshold (infinity without a spike) and
 /// updates the state.
+/// The sum of `f` over `values` in the order of the shader's `warmup_moments`: lane `t`
+/// of a workgroup adds values `t, t + WG, ...`, then the lanes meet in the shared tree.
+fn workgroup_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; abi::WG as usize];
+    for (i, &v) in values.iter().enumerate() {
+        lanes[i % lanes.len()] += f(v);
+    }
+    let mut stride = lanes.len() / 2;
+    while stride > 0 {
+        for i in 0..stride {
+            lanes[i] += lanes[i + stride];
+        }
+        stride /= 2;
+    }
+    lanes[0]
+}
+
 fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
     let (alpha, z_t, z_eps) = (p.alpha, p.z_thresh, p.z_eps);
     if !record {
@@ -228,12 +245,10 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
             let hist: Vec<f32> = (0..warmup as usize)
                 .map(|i| word(state, HEADER_WORDS + i))
                 .collect();
-            let mean = hist.iter().fold(0.0f32, |s, &x| s + x) / warmup as f32;
-            let sq = hist
-                .iter()
-                .fold(0.0f32, |s, &x| s + (x - mean) * (x - mean));
+            let mean = workgroup_sum(&hist, |x| x) / warmup as f32;
+            let var = workgroup_sum(&hist, |x| (x - mean) * (x - mean)) / warmup as f32;
             state[ST_MEAN] = mean.to_bits();
-            state[ST_VAR] = (sq / warmup as f32).to_bits();
+            state[ST_VAR] = var.to_bits();
         }
         return f32::INFINITY;
     }
