@@ -83,11 +83,13 @@ impl Mirror {
     }
 
     /// The mirrored tensors, named and shaped by `infos` where given.
-    fn tensors(&self, infos: Option<&[TensorInfo]>) -> Vec<GpuTensor<'_>> {
-        (self.shapes.iter().zip(&self.offsets).enumerate())
-            .map(|(i, (&(dtype, len), &o))| {
+    /// The mirrored tensors; those holding whole host tensors `pieces` are named and
+    /// shaped by `infos`.
+    fn tensors(&self, pieces: &[Piece], infos: Option<&[TensorInfo]>) -> Vec<GpuTensor<'_>> {
+        (self.shapes.iter().zip(&self.offsets).zip(pieces))
+            .map(|((&(dtype, len), &o), &(host, _, _))| {
                 let t = GpuTensor::new(&self.buffer, o, len as u64, dtype);
-                match infos.and_then(|infos| infos.get(i)) {
+                match infos.and_then(|infos| infos.get(host)) {
                     Some(info) => t.named(info.name.clone()).shaped(&info.shape),
                     None => t,
                 }
@@ -135,10 +137,6 @@ fn bytes_of<'a>(grads: &'a [GradRef<'_>]) -> Vec<&'a [u8]> {
     grads.iter().map(|g| g.as_bytes()).collect()
 }
 
-fn bytes_of_mut<'a>(grads: &'a mut [GradMut<'_>]) -> Vec<&'a mut [u8]> {
-    grads.iter_mut().map(|g| g.as_bytes_mut()).collect()
-}
-
 /// Part of a host tensor: (tensor, first element, elements).
 type Piece = (usize, usize, usize);
 
@@ -152,50 +150,114 @@ struct Streamed {
 
 impl Streamed {
     fn new(ctx: &GpuContext, shapes: Vec<(DType, usize)>) -> Result<Streamed, ClipError> {
-        let cap = ctx.device().limits().max_buffer_size & !3;
-        let mut groups: Vec<Vec<Piece>> = vec![Vec::new()];
-        let mut used = 0u64;
-        for (t, &(dtype, len)) in shapes.iter().enumerate() {
-            let es = dtype.size();
-            let mut first = 0;
-            loop {
-                let start = used.next_multiple_of(4);
-                // An even count: a cut 16-bit tensor keeps whole words on both sides.
-                let room = (cap.saturating_sub(start) / es) & !1;
-                let rest = (len - first) as u64;
-                if rest <= room {
-                    groups
-                        .last_mut()
-                        .expect("a group")
-                        .push((t, first, rest as usize));
-                    used = start + rest * es;
-                    break;
-                }
-                // Cut only what no buffer holds whole.
-                if used > 0 && (rest <= (cap / es) || room == 0) {
-                    groups.push(Vec::new());
-                    used = 0;
-                    continue;
-                }
-                groups
-                    .last_mut()
-                    .expect("a group")
-                    .push((t, first, room as usize));
-                first += room as usize;
-                groups.push(Vec::new());
-                used = 0;
-            }
-        }
+        let groups = split(&shapes, ctx.device().limits().max_buffer_size & !3, true)?;
         let groups = (groups.into_iter())
             .map(|pieces| {
                 let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
                 let mirror = Mirror::new(ctx, piece_shapes)?;
-                let batch = GpuBatch::new(ctx, &mirror.tensors(None))?;
+                let batch = GpuBatch::new(ctx, &mirror.tensors(&pieces, None))?;
                 Ok((pieces, mirror, batch))
             })
             .collect::<Result<_, ClipError>>()?;
         Ok(Streamed { shapes, groups })
     }
+}
+
+/// Host tensors of `shapes` in groups that fit buffers of `cap` bytes, in tensor order.
+/// With `cut`, a tensor larger than a buffer is cut into pieces (at word boundaries);
+/// without, it is [`ClipError::TooLarge`].
+fn split(shapes: &[(DType, usize)], cap: u64, cut: bool) -> Result<Vec<Vec<Piece>>, ClipError> {
+    let mut groups: Vec<Vec<Piece>> = vec![Vec::new()];
+    let mut used = 0u64;
+    for (t, &(dtype, len)) in shapes.iter().enumerate() {
+        let es = dtype.size();
+        if !cut && len as u64 * es > cap {
+            return Err(ClipError::TooLarge {
+                tensor: format!(
+                    "#{t} ({} bytes; a device buffer holds {cap})",
+                    len as u64 * es
+                ),
+                len: len as u64,
+            });
+        }
+        let mut first = 0;
+        loop {
+            let start = used.next_multiple_of(4);
+            // An even count: a cut 16-bit tensor keeps whole words on both sides.
+            let room = (cap.saturating_sub(start) / es) & !1;
+            let rest = (len - first) as u64;
+            if rest <= room {
+                groups
+                    .last_mut()
+                    .expect("a group")
+                    .push((t, first, rest as usize));
+                used = start + rest * es;
+                break;
+            }
+            // Cut only what no buffer holds whole.
+            if used > 0 && (rest <= (cap / es) || room == 0) {
+                groups.push(Vec::new());
+                used = 0;
+                continue;
+            }
+            groups
+                .last_mut()
+                .expect("a group")
+                .push((t, first, room as usize));
+            first += room as usize;
+            groups.push(Vec::new());
+            used = 0;
+        }
+    }
+    Ok(groups)
+}
+
+/// Whole host tensors in as many device buffers as they need, in tensor order.
+struct Mirrors {
+    groups: Vec<(Vec<Piece>, Mirror)>,
+}
+
+impl Mirrors {
+    fn new(ctx: &GpuContext, shapes: Vec<(DType, usize)>) -> Result<Mirrors, ClipError> {
+        let cap = ctx.device().limits().max_buffer_size & !3;
+        let groups = (split(&shapes, cap, false)?.into_iter())
+            .map(|pieces| {
+                let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
+                Ok((pieces, Mirror::new(ctx, piece_shapes)?))
+            })
+            .collect::<Result<_, ClipError>>()?;
+        Ok(Mirrors { groups })
+    }
+
+    fn shapes(&self) -> Vec<(DType, usize)> {
+        (self.groups.iter())
+            .flat_map(|(_, m)| m.shapes.iter().copied())
+            .collect()
+    }
+
+    fn tensors(&self, infos: &[TensorInfo]) -> Vec<GpuTensor<'_>> {
+        (self.groups.iter())
+            .flat_map(|(pieces, m)| m.tensors(pieces, Some(infos)))
+            .collect()
+    }
+
+    fn write(&self, ctx: &GpuContext, grads: &[GradRef<'_>]) {
+        let (bytes, sizes) = (bytes_of(grads), sizes_of(grads));
+        for (pieces, mirror) in &self.groups {
+            mirror.write(ctx, &piece_bytes(&bytes, &sizes, pieces));
+        }
+    }
+
+    fn read(&self, ctx: &GpuContext, grads: &mut [GradMut<'_>]) -> Result<(), ClipError> {
+        for (pieces, mirror) in &self.groups {
+            mirror.read(ctx, &mut piece_bytes_mut(grads, pieces))?;
+        }
+        Ok(())
+    }
+}
+
+fn sizes_of(grads: &[GradRef<'_>]) -> Vec<u64> {
+    grads.iter().map(|g| g.dtype().size()).collect()
 }
 
 /// The bytes of `pieces` of `grads`, writable (a group holds one piece per tensor at most).
@@ -224,8 +286,8 @@ fn piece_bytes<'a>(grads: &[&'a [u8]], sizes: &[u64], pieces: &[Piece]) -> Vec<&
 
 /// A chain on the GPU over mirrored host tensors (and their parameters, for AGC).
 struct GpuChain {
-    grads: Mirror,
-    params: Option<Mirror>,
+    grads: Mirrors,
+    params: Option<Mirrors>,
     runner: GpuPolicy,
 }
 
@@ -240,10 +302,12 @@ impl GpuChain {
         grads: &[GradRef<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<GpuChain, ClipError> {
-        let grads = Mirror::new(ctx, shapes_of(grads))?;
-        let params = params.map(|p| Mirror::new(ctx, shapes_of(p))).transpose()?;
-        let tensors = grads.tensors(Some(infos));
-        let param_tensors = params.as_ref().map(|m| m.tensors(Some(infos)));
+        let grads = Mirrors::new(ctx, shapes_of(grads))?;
+        let params = params
+            .map(|p| Mirrors::new(ctx, shapes_of(p)))
+            .transpose()?;
+        let tensors = grads.tensors(infos);
+        let param_tensors = params.as_ref().map(|m| m.tensors(infos));
         let mut runner = GpuPolicy::new(ctx, &tensors, param_tensors.as_deref(), policy.clone())?;
         runner.set_state(state)?;
         Ok(GpuChain {
@@ -380,8 +444,8 @@ impl Clipper {
         let lens: Vec<u64> = refs.iter().map(|g| g.len() as u64).collect();
         crate::chain::check_shapes(infos, &lens)?;
         let fits = run.as_ref().is_some_and(|r| {
-            r.grads.shapes == shapes_of(&refs)
-                && r.params.as_ref().map(|m| &m.shapes) == params.map(shapes_of).as_ref()
+            r.grads.shapes() == shapes_of(&refs)
+                && r.params.as_ref().map(|m| m.shapes()) == params.map(shapes_of)
         });
         if !fits {
             if let Some(old) = run.take() {
@@ -392,12 +456,12 @@ impl Clipper {
             )?));
         }
         let run = run.as_mut().expect("built above");
-        run.grads.write(ctx, &bytes_of(&refs));
+        run.grads.write(ctx, &refs);
         if let (Some(m), Some(p)) = (&run.params, params) {
-            m.write(ctx, &bytes_of(p));
+            m.write(ctx, p);
         }
         let report = run.runner.run()?.wait()?;
-        run.grads.read(ctx, &mut bytes_of_mut(grads))?;
+        run.grads.read(ctx, grads)?;
         Ok(report)
     }
 
@@ -560,7 +624,7 @@ impl Clipper {
             unreachable!("prepared above")
         };
         let bytes = bytes_of(grads);
-        let sizes: Vec<u64> = grads.iter().map(|g| g.dtype().size()).collect();
+        let sizes = sizes_of(grads);
         for (pieces, mirror, _) in &streamed.groups {
             mirror.write(ctx, &piece_bytes(&bytes, &sizes, pieces));
         }

@@ -172,15 +172,43 @@ fn host_data_larger_than_a_device_buffer_streams() {
         .unwrap();
     assert!(rg.nans_zeroed && common::close(rg.total_norm, rc.total_norm, 1e-5));
     same(&bad, &c);
-    // A chain plans one buffer: beyond it, a typed error and nothing touched.
-    let infos: Vec<TensorInfo> = (h.iter().enumerate())
-        .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
-        .collect();
-    let mut chain = on_gpu
-        .with_policy(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos)
+    // A chain keeps tensors whole: spread over several buffers it equals the CPU; one
+    // tensor larger than a buffer is a typed error, nothing touched.
+    let infos_of = |h: &[Host]| -> Vec<TensorInfo> {
+        (h.iter().enumerate())
+            .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
+            .collect()
+    };
+    let spread = vec![
+        h[0].clone(),
+        host(0, wave(200_000, 0.02)),
+        h[2].clone(),
+        h[4].clone(),
+    ];
+    let chain = ClipPolicy::new(Rule::PerTensor(gradclip::PerTensorClip { max_norm: 2.0 }))
+        .then(Rule::AutoClip(AutoClip::new(50.0, 8)));
+    let small = match on_gpu.backend() {
+        Backend::Gpu(ctx) => ctx.clone(),
+        Backend::Cpu => unreachable!(),
+    };
+    let mut gpu_chain = Clipper::on(Backend::Gpu(small.clone()))
+        .with_policy(chain.clone(), &infos_of(&spread))
+        .unwrap();
+    let mut cpu_chain = Clipper::on(Backend::Cpu)
+        .with_policy(chain, &infos_of(&spread))
+        .unwrap();
+    for _ in 0..2 {
+        let (mut a, mut b) = (spread.clone(), spread.clone());
+        let ra = gpu_chain.step(&mut muts(&mut a), None).unwrap();
+        let rb = cpu_chain.step(&mut muts(&mut b), None).unwrap();
+        assert_eq!(ra.clipped_units, rb.clipped_units);
+        same(&a, &b);
+    }
+    let mut whole = Clipper::on(Backend::Gpu(small))
+        .with_policy(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos_of(&h))
         .unwrap();
     let mut d = h.clone();
-    let e = chain.step(&mut muts(&mut d), None).unwrap_err();
+    let e = whole.step(&mut muts(&mut d), None).unwrap_err();
     assert!(matches!(e, ClipError::TooLarge { .. }), "{e}");
     assert_eq!(d, h);
 }
