@@ -1067,6 +1067,23 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
     ));
 }
 
+/// The fresh state of `policy` with `norms` in its first block's history and `seen` norms
+/// counted, through the saved form (16 bytes of header, the layout, then the words).
+fn restored(policy: &ClipPolicy, infos: &[TensorInfo], norms: &[f32], seen: u32) -> PolicyState {
+    let mut bytes = CpuPolicy::new(policy.clone(), infos)
+        .unwrap()
+        .state()
+        .to_bytes();
+    let layout = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    let words_at = 24 + 4 * layout;
+    for (i, v) in norms.iter().enumerate() {
+        let at = words_at + 4 * (8 + i);
+        bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    bytes[words_at..words_at + 4].copy_from_slice(&seen.to_le_bytes());
+    PolicyState::from_bytes(&bytes).unwrap()
+}
+
 /// A full AutoClip history of 100,000 norms (restored, with ties and a spread of
 /// magnitudes): the GPU's radix selection and the CPU's sort give the same percentiles.
 #[test]
@@ -1075,30 +1092,21 @@ fn autoclip_percentiles_of_a_long_history_agree() {
     let h = 100_000u32;
     for percentile in [0.0, 10.0, 50.0, 90.0, 99.9, 100.0] {
         let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(percentile, h)));
-        let fresh = CpuPolicy::new(policy.clone(), &infos)
-            .unwrap()
-            .state()
-            .to_bytes();
-        // Words: 16 bytes, the layout (a length and its words), then the state's length.
-        let layout = u32::from_le_bytes(fresh[16..20].try_into().unwrap()) as usize;
-        let words_at = 24 + 4 * layout;
-        let mut bytes = fresh.clone();
         let mut x = 0x9e37_79b9u32;
-        for i in 0..h as usize {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            // Norms from 1e-20 to 1e20, every 7th a repeat of 3.0.
-            let v = if i % 7 == 0 {
-                3.0
-            } else {
-                10f32.powf((x % 4000) as f32 / 100.0 - 20.0)
-            };
-            let at = words_at + 4 * (8 + i);
-            bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
-        }
-        bytes[words_at..words_at + 4].copy_from_slice(&(h - 1).to_le_bytes()); // seen
-        let state = PolicyState::from_bytes(&bytes).unwrap();
+        let norms: Vec<f32> = (0..h as usize)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                // Norms from 1e-20 to 1e20, every 7th a repeat of 3.0.
+                if i % 7 == 0 {
+                    3.0
+                } else {
+                    10f32.powf((x % 4000) as f32 / 100.0 - 20.0)
+                }
+            })
+            .collect();
+        let state = restored(&policy, &infos, &norms, h - 1);
         let steps = [vec![f32s(&[3.0, 4.0])]];
         let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
         cpu.set_state(state.clone()).unwrap();
@@ -1127,20 +1135,10 @@ fn zclip_long_warmup_agrees() {
         warmup,
         ..ZClip::default()
     }));
-    let fresh = CpuPolicy::new(policy.clone(), &infos)
-        .unwrap()
-        .state()
-        .to_bytes();
-    let layout = u32::from_le_bytes(fresh[16..20].try_into().unwrap()) as usize;
-    let words_at = 24 + 4 * layout;
-    let mut bytes = fresh.clone();
-    for i in 0..(warmup - 1) as usize {
-        let v = 4.0 + ((i * 37) % 101) as f32 / 100.0;
-        let at = words_at + 4 * (8 + i);
-        bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    }
-    bytes[words_at..words_at + 4].copy_from_slice(&(warmup - 1).to_le_bytes());
-    let state = PolicyState::from_bytes(&bytes).unwrap();
+    let norms: Vec<f32> = (0..(warmup - 1) as usize)
+        .map(|i| 4.0 + ((i * 37) % 101) as f32 / 100.0)
+        .collect();
+    let state = restored(&policy, &infos, &norms, warmup - 1);
     // The last warmup norm (5), then a spike (50).
     let steps = vec![vec![f32s(&[3.0, 4.0])], vec![f32s(&[30.0, 40.0])]];
     let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
