@@ -520,3 +520,14 @@ fn devices_that_cannot_build_the_kernels_are_typed_errors() {
     wgpu_error(r.map(drop), "host clip");
     assert_eq!(g, h);
 }
+
+/// wgpu's GL backend panics when two threads use its context at once (a limit of
+/// wgpu-hal's EGL), so `GpuContext::new` takes GL only when asked for.
+#[test]
+fn gl_is_taken_only_when_asked_for() {
+    let defaults = GpuContext::default_backends();
+    match std::env::var("WGPU_BACKEND") {
+        Ok(_) => assert_eq!(Some(defaults), wgpu::Backends::from_env()),
+        Err(_) => assert!(!defaults.contains(wgpu::Backends::GL), "{defaults:?}"),
+    }
+}
