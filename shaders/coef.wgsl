@@ -120,6 +120,8 @@ fn state_f32(i: u32) -> f32 {
 // values do). O(m) work in all and no scratch copy; the same value as sorting, whatever
 // the thread timing. Call from uniform control flow.
 fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
+    // A previous call's threads may still read the shared prefix.
+    workgroupBarrier();
     if (lid == 0u) {
         sel_prefix = 0u;
         sel_rank = k;
@@ -160,7 +162,8 @@ fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
 // order statistics as numpy's default.
 fn percentile(m: u32, q: f32, lid: u32) -> f32 {
     let pos = q / 100.0 * f32(m - 1u);
-    let lo = u32(floor(pos));
+    // f32(m - 1) may round up for long histories.
+    let lo = min(u32(floor(pos)), m - 1u);
     let hi = min(lo + 1u, m - 1u);
     let t = pos - f32(lo);
     let a = order_statistic(m, lo, lid);

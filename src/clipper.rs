@@ -163,6 +163,25 @@ impl Streamed {
     }
 }
 
+/// The norm of a tensor from the norms of two of its parts (NaN and infinity propagate).
+fn combine_norms(norm: Norm, a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        return f64::NAN;
+    }
+    match norm {
+        Norm::Inf => a.max(b),
+        _ => {
+            let p = norm.order();
+            let m = a.max(b);
+            if m == 0.0 || m.is_infinite() {
+                return m;
+            }
+            // Scaled by the larger part, so the powers stay in range.
+            m * ((a / m).powf(p) + (b / m).powf(p)).powf(1.0 / p)
+        }
+    }
+}
+
 /// Host tensors of `shapes` in groups that fit buffers of `cap` bytes, in tensor order.
 /// With `cut`, a tensor larger than a buffer is cut into pieces (at word boundaries);
 /// without, it is [`ClipError::TooLarge`].
@@ -183,8 +202,7 @@ fn split(shapes: &[(DType, usize)], cap: u64, cut: bool) -> Result<Vec<Vec<Piece
         let mut first = 0;
         loop {
             let start = used.next_multiple_of(4);
-            // An even count: a cut 16-bit tensor keeps whole words on both sides.
-            let room = (cap.saturating_sub(start) / es) & !1;
+            let room = cap.saturating_sub(start) / es;
             let rest = (len - first) as u64;
             if rest <= room {
                 groups
@@ -194,11 +212,19 @@ fn split(shapes: &[(DType, usize)], cap: u64, cut: bool) -> Result<Vec<Vec<Piece
                 used = start + rest * es;
                 break;
             }
-            // Cut only what no buffer holds whole.
-            if used > 0 && (rest <= (cap / es) || room == 0) {
+            // Cut only what no buffer holds whole; an even count keeps the words of a cut
+            // 16-bit tensor whole on both sides.
+            let room = if es == 2 { room & !1 } else { room };
+            if used > 0 && (!cut || rest <= (cap / es) || room == 0) {
                 groups.push(Vec::new());
                 used = 0;
                 continue;
+            }
+            if room == 0 {
+                return Err(ClipError::TooLarge {
+                    tensor: format!("#{t} (device buffers of {cap} bytes)"),
+                    len: len as u64,
+                });
             }
             groups
                 .last_mut()
@@ -527,13 +553,12 @@ impl Clipper {
         // Parts: the total (and per-part norms), then the clip of every part with it.
         let streamed = self.upload(&refs)?;
         let mut total = PartialNorm::zero(clip.norm);
-        let mut per_tensor = vec![PartialNorm::zero(clip.norm); refs.len()];
+        let mut per_tensor = vec![0.0f64; refs.len()];
         for (pieces, _, batch) in &mut streamed.groups {
             let r = batch.total_norm(clip.norm, clip.tensor_norms)?.wait()?;
             total = total.combine(&r.partial)?;
             for (&(t, _, _), n) in pieces.iter().zip(r.tensor_norms.unwrap_or_default()) {
-                let part = PartialNorm::from_total(clip.norm, n)?;
-                per_tensor[t] = per_tensor[t].combine(&part)?;
+                per_tensor[t] = combine_norms(clip.norm, per_tensor[t], n);
             }
         }
         let mut report = self.round_trip(grads, false, |b| {
@@ -541,7 +566,7 @@ impl Clipper {
                 .wait()
         })?;
         if clip.tensor_norms {
-            report.tensor_norms = Some(per_tensor.iter().map(|p| p.total()).collect());
+            report.tensor_norms = Some(per_tensor);
         }
         Ok(report)
     }
@@ -629,5 +654,47 @@ impl Clipper {
             mirror.write(ctx, &piece_bytes(&bytes, &sizes, pieces));
         }
         Ok(streamed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lens(groups: &[Vec<Piece>]) -> Vec<Vec<(usize, usize)>> {
+        (groups.iter())
+            .map(|g| g.iter().map(|&(t, _, n)| (t, n)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn whole_tensors_fill_buffers_exactly_and_cut_ones_keep_whole_words() {
+        // An odd number of f32 that fills a buffer exactly stays whole.
+        let cap = 4 * 7;
+        let g = split(&[(DType::F32, 7), (DType::F32, 3)], cap, false).unwrap();
+        assert_eq!(lens(&g), vec![vec![(0, 7)], vec![(1, 3)]]);
+        // Without cutting, a tensor larger than a buffer is an error.
+        let e = split(&[(DType::F32, 8)], cap, false).unwrap_err();
+        assert!(matches!(e, ClipError::TooLarge { .. }));
+        // Cutting: 16-bit pieces hold an even count, f32 pieces fill the buffer.
+        let g = split(&[(DType::F16, 11), (DType::F32, 9)], 12, true).unwrap();
+        assert!(g
+            .iter()
+            .flatten()
+            .all(|&(t, first, n)| t == 1 || (first % 2 == 0 && n <= 6)));
+        let total: usize = g.iter().flatten().map(|p| p.2).sum();
+        assert_eq!(total, 20);
+        for group in &g {
+            let bytes: u64 = (group.iter())
+                .map(|&(t, _, n)| (n as u64 * if t == 0 { 2 } else { 4 }).next_multiple_of(4))
+                .sum();
+            assert!(bytes <= 12, "{g:?}");
+        }
+        // A buffer smaller than one element never loops.
+        let e = split(&[(DType::F32, 3)], 2, true).unwrap_err();
+        assert!(matches!(e, ClipError::TooLarge { .. }));
+        // Empty tensors take no room.
+        let g = split(&[(DType::BF16, 0), (DType::F32, 1)], 4, true).unwrap();
+        assert_eq!(lens(&g), vec![vec![(0, 0), (1, 1)]]);
     }
 }

@@ -188,6 +188,13 @@ impl NormAcc {
     /// range moved into the sum. Both backends finish a step from these numbers.
     pub(crate) fn on_device(&self, norm: Norm) -> NormAcc {
         let total = NormAcc { flags: 0, ..*self }.total(norm);
+        // Below f32's smallest subnormal the norm is 0 on the device too.
+        if total as f32 == 0.0 && norm != Norm::Inf {
+            return NormAcc {
+                flags: self.flags,
+                ..NormAcc::IDENTITY
+            };
+        }
         if norm == Norm::Inf || total == 0.0 {
             return NormAcc {
                 scale: self.scale as f32 as f64,

@@ -974,6 +974,18 @@ fn per_example_bad_configuration() {
     assert_eq!(out, [0.0, 0.0]);
 }
 
+/// Distance in f32 ulps between two optional values (both absent: 0; one absent: max).
+fn ulps(a: Option<f32>, b: Option<f32>) -> u32 {
+    match (a, b) {
+        (None, None) => 0,
+        (Some(a), Some(b)) if a == b || (a.is_nan() && b.is_nan()) => 0,
+        (Some(a), Some(b)) if a.is_finite() && b.is_finite() && a.signum() == b.signum() => {
+            a.to_bits().abs_diff(b.to_bits())
+        }
+        _ => u32::MAX,
+    }
+}
+
 /// Adaptive rules at their edges (percentile 0 and 100, history 1, ties at the threshold,
 /// repeated exact norms, ZClip warmup 1): the GPU and the CPU take the same decisions,
 /// step for step, because both finish in the same f32 arithmetic.
@@ -1010,9 +1022,14 @@ fn adaptive_edges_agree_between_backends() {
                 gr.clipped_units, cr.clipped_units,
                 "{what}: {gr:?} vs {cr:?}"
             );
-            assert_eq!(gr.threshold, cr.threshold, "{what}");
-            assert_eq!(gr.coef, cr.coef, "{what}");
-            assert_eq!(gh, ch, "{what}");
+            // The same decisions; the numbers within the ulps WGSL allows a division
+            // (exactly equal on lavapipe).
+            assert!(
+                ulps(gr.threshold, cr.threshold) <= 2,
+                "{what}: {gr:?} vs {cr:?}"
+            );
+            assert!(ulps(gr.coef, cr.coef) <= 2, "{what}: {gr:?} vs {cr:?}");
+            assert_same(gh, ch, 1e-30, 1, &what);
         }
     }
 }
@@ -1040,7 +1057,10 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
             let what = format!("{rule:?} step {k}");
             assert!(gr.total_norm.is_finite() && gr.total_norm > f32::MAX as f64 || k != 2);
             assert!(gr.threshold.is_some_and(|t| !t.is_nan()), "{what}: {gr:?}");
-            assert_eq!(gr.threshold, cr.threshold, "{what}");
+            assert!(
+                ulps(gr.threshold, cr.threshold) <= 2,
+                "{what}: {gr:?} vs {cr:?}"
+            );
             assert_eq!(gr.clipped_units, cr.clipped_units, "{what}");
             let (gv, cv) = (gh[0].to_f64(), ch[0].to_f64());
             for (a, b) in gv.iter().zip(&cv) {
@@ -1118,9 +1138,14 @@ fn autoclip_percentiles_of_a_long_history_agree() {
         let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
         run.set_state(&state).unwrap();
         let gr = run.run().unwrap().wait().unwrap();
-        assert_eq!(gr.threshold, cr.threshold, "percentile {percentile}");
-        assert_eq!(gr.coef, cr.coef, "percentile {percentile}");
-        assert_eq!(download(&ctx, &arena, &steps[0]), c);
+        // The same order statistics (exact: a selection, no arithmetic), then one lerp.
+        let what = format!("percentile {percentile}");
+        assert!(
+            ulps(gr.threshold, cr.threshold) <= 2,
+            "{what}: {gr:?} vs {cr:?}"
+        );
+        assert!(ulps(gr.coef, cr.coef) <= 2, "{what}: {gr:?} vs {cr:?}");
+        assert_same(&download(&ctx, &arena, &steps[0]), &c, 1e-30, 1, &what);
     }
 }
 

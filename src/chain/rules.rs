@@ -226,6 +226,12 @@ impl AutoClip {
             self.percentile as f64,
         )?;
         check(self.history >= 1, "AutoClip history must be >= 1, got", 0.0)?;
+        // The history lives in the device state (4 bytes a norm).
+        check(
+            self.history <= 1 << 24,
+            "AutoClip history must be at most 2^24, got",
+            self.history as f64,
+        )?;
         if let Some(c) = self.max_norm {
             positive("AutoClip max_norm", c)?;
         }

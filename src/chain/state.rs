@@ -181,12 +181,13 @@ impl PolicyState {
             let seen = (self.words[base + ST_SEEN] as usize).min(history);
             for i in 0..seen {
                 let v = norm(HEADER_WORDS + i);
-                if !(v.is_finite() && v >= 0.0) {
+                if !(v.is_finite() && v.is_sign_positive()) {
                     return bad(format!("history slot {i} holds {v}, not a norm"));
                 }
             }
             let (mean, var) = (norm(ST_MEAN), norm(ST_VAR));
-            if !(mean.is_finite() && mean >= 0.0 && var.is_finite() && var >= 0.0) {
+            let domain = |x: f32| x.is_finite() && x.is_sign_positive();
+            if !(domain(mean) && domain(var)) {
                 return bad(format!(
                     "ZClip mean {mean} and variance {var} must be finite and >= 0"
                 ));

@@ -179,7 +179,8 @@ pub(crate) fn percentile(v: &[f32], q: f32) -> f32 {
     s.sort_by(|a, b| a.total_cmp(b));
     let m = s.len();
     let pos = q / 100.0 * (m - 1) as f32;
-    let lo = pos.floor() as usize;
+    // f32(m - 1) may round up for long histories.
+    let lo = (pos.floor() as usize).min(m - 1);
     let hi = (lo + 1).min(m - 1);
     let t = pos - lo as f32;
     let (a, b) = (s[lo], s[hi]);
@@ -201,7 +202,7 @@ fn autoclip(state: &mut [u32], n: f32, record: bool, q: f32) -> f32 {
     let mut seen = state[ST_SEEN];
     if record {
         state[HEADER_WORDS + seen as usize % cap] = n.to_bits();
-        seen += 1;
+        seen = seen.wrapping_add(1);
         state[ST_SEEN] = seen;
     }
     let m = (seen as usize).min(cap);
@@ -264,7 +265,7 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
     let d = x - new_mean;
     state[ST_MEAN] = new_mean.to_bits();
     state[ST_VAR] = (alpha * var + (1.0 - alpha) * d * d).to_bits();
-    state[ST_SEEN] = seen + 1;
+    state[ST_SEEN] = seen.wrapping_add(1);
     thr
 }
 
@@ -562,7 +563,7 @@ pub(crate) fn run(
     let merged = (stages.iter()).fold(0, |m, s| m | (s.finish.status & verdict));
     let skipped = merged & STATUS_SKIPPED != 0;
     state.words[ST_SKIPS] = if skipped {
-        state.words[ST_SKIPS] + 1
+        state.words[ST_SKIPS].wrapping_add(1)
     } else {
         0
     };

@@ -88,7 +88,7 @@ impl CpuPolicy {
         let params = params.filter(|_| self.program.needs_params());
         let mut state = self.state.clone();
         let out = engine::run(grads, params, &self.program, &step, &mut state, true);
-        state.step += 1;
+        state.step = state.step.wrapping_add(1);
         self.state = state;
         let detail = self.policy.report_groups.then(|| UnitNorms {
             groups: out

@@ -30,7 +30,7 @@ use super::resources::{
     bind, storage_init, storage_zeroed, table, timestamp_writes, whole, window_groups,
     DispatchParams, DispatchSlots, StepParams, StepSlots, Timestamps,
 };
-use crate::chain::Program;
+use crate::chain::{Program, NO_GROUP};
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::fold_grid;
@@ -282,7 +282,10 @@ impl Engine {
                 (group, fold_grid(n_groups as u32, max_dim))
             });
             let thresholds = table(device, "gradclip thresholds", &st.thresholds);
-            let group_of = table(device, "gradclip group of unit", &st.group_of);
+            // Padded with NO_GROUP (tables are at least 16 bytes): `finish` scans it whole.
+            let mut padded = st.group_of.clone();
+            padded.resize(padded.len().max(4), NO_GROUP);
+            let group_of = table(device, "gradclip group of unit", &padded);
             let binding = |inputs: &wgpu::Buffer, slot| {
                 coef_binding.bind(device, coef_layout, inputs, &thresholds, &group_of, slot)
             };

@@ -154,7 +154,7 @@ impl GpuPolicy {
         let readback = (self.engine.encode(encoder, step, extra)?)
             .expect("policy steps read their report back");
         let n = self.step;
-        self.step += 1;
+        self.step = self.step.wrapping_add(1);
         Ok((readback, n))
     }
 
