@@ -133,9 +133,11 @@ impl GpuContext {
                 ..Default::default()
             });
             match pollster::block_on(request) {
-                Ok((device, queue)) => {
-                    return Self::build(device, queue, Some(adapter.get_info()));
-                }
+                Ok((device, queue)) => match Self::build(device, queue, Some(adapter.get_info())) {
+                    Ok(ctx) => return Ok(ctx),
+                    // This adapter cannot compile the shaders: try the next.
+                    Err(e) => last_error = format!("{}: {e}", adapter.get_info().name),
+                },
                 Err(e) => last_error = format!("{}: {e}", adapter.get_info().name),
             }
         }
