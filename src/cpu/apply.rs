@@ -64,24 +64,167 @@ pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
     );
 }
 
-/// Clamps every element to `[lo, hi]`; NaN stays NaN.
+/// Clamps every element to `[lo, hi]`; NaN stays NaN. 16-bit elements are compared as
+/// integers against thresholds found once (the same decisions as comparing in f32), so the
+/// loop vectorises over 16-bit lanes; a clamped element gets the bound rounded to its type.
 pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
     let (lo, hi) = (clip.lo, clip.hi);
-    let (lo16, hi16) = (f16::from_f32(lo), f16::from_f32(hi));
-    let (lob, hib) = (bf16::from_f32(lo), bf16::from_f32(hi));
-    fn pick<T: Copy>(x: T, v: f32, lo: f32, hi: f32, lo_t: T, hi_t: T) -> T {
-        if v < lo {
-            lo_t
-        } else if v > hi {
-            hi_t
+    let f16s = Halves::new(
+        lo,
+        hi,
+        0x7c00,
+        |b| f16::from_bits(b).to_f32(),
+        |v| f16::from_f32(v).to_bits(),
+    );
+    let bf16s = Halves::new(
+        lo,
+        hi,
+        0x7f80,
+        |b| bf16_to_f32(bf16::from_bits(b)),
+        |v| f32_to_bf16(v).to_bits(),
+    );
+    grads.par_iter_mut().for_each(|g| match g {
+        GradMut::F32(x) => x.par_chunks_mut(BLOCK).for_each(|c| clamp_f32(c, lo, hi)),
+        GradMut::F16(x) => f16s.apply(bytemuck::cast_slice_mut(x)),
+        GradMut::BF16(x) => bf16s.apply(bytemuck::cast_slice_mut(x)),
+    });
+}
+
+/// NaN compares false both ways and stays NaN. Selects, not branches: values on both
+/// sides of a bound would mispredict.
+#[inline(never)]
+fn clamp_f32(c: &mut [f32], lo: f32, hi: f32) {
+    c.iter_mut().for_each(|v| {
+        let x = *v;
+        let y = if x < lo { lo } else { x };
+        *v = if x > hi { hi } else { y };
+    });
+}
+
+/// A value clip of one 16-bit format, in the integer domain. Bits map to keys that order
+/// as the values do; an element below the bound `lo` is one whose key is below that of the
+/// smallest value >= lo (found once by a binary search over the keys).
+struct Halves {
+    /// Bits of the largest finite magnitude + 1: at or above it, inf or NaN.
+    nan_above: u16,
+    /// Keys: below `lo_key` clamps to `lo_bits`, above `hi_key` to `hi_bits`.
+    lo_key: u16,
+    hi_key: u16,
+    lo_bits: u16,
+    hi_bits: u16,
+}
+
+impl Halves {
+    /// Sign-magnitude bits to an unsigned order: negative values flip every bit, the
+    /// others flip the sign (so -0 and +0 are neighbours, both equal to 0 in the search).
+    #[inline(always)]
+    fn key(bits: u16) -> u16 {
+        bits ^ (((bits as i16 >> 15) as u16) | 0x8000)
+    }
+
+    fn bits_of(key: u16) -> u16 {
+        key ^ if key & 0x8000 != 0 { 0x8000 } else { 0xffff }
+    }
+
+    fn new(
+        lo: f32,
+        hi: f32,
+        inf: u16,
+        to_f32: impl Fn(u16) -> f32,
+        round: impl Fn(f32) -> u16,
+    ) -> Self {
+        // The non-NaN keys, from -inf to +inf, order as their values.
+        let (first, last) = (Self::key(0x8000 | inf), Self::key(inf));
+        let value = |k: u16| to_f32(Self::bits_of(k));
+        let keys: Vec<u16> = (first..=last).collect();
+        let lo_key = first + keys.partition_point(|&k| value(k) < lo) as u16;
+        let above = keys.partition_point(|&k| value(k) <= hi);
+        // No value <= hi (hi below -inf cannot happen): everything clamps down.
+        let hi_key = if above == 0 {
+            0
         } else {
-            x
+            first + above as u16 - 1
+        };
+        Halves {
+            nan_above: inf,
+            lo_key,
+            hi_key,
+            lo_bits: round(lo),
+            hi_bits: round(hi),
         }
     }
-    for_each_elem(
-        grads,
-        |x| pick(x, x, lo, hi, lo, hi),
-        |x| pick(x, x.to_f32(), lo, hi, lo16, hi16),
-        |x| pick(x, bf16_to_f32(x), lo, hi, lob, hib),
-    );
+
+    fn apply(&self, x: &mut [u16]) {
+        x.par_chunks_mut(BLOCK).for_each(|c| self.clamp(c));
+    }
+
+    #[inline(never)]
+    fn clamp(&self, c: &mut [u16]) {
+        let (lo_key, hi_key, lo, hi, nan) = (
+            self.lo_key,
+            self.hi_key,
+            self.lo_bits,
+            self.hi_bits,
+            self.nan_above,
+        );
+        c.iter_mut().for_each(|v| {
+            let bits = *v;
+            let k = Self::key(bits);
+            let y = if k < lo_key { lo } else { bits };
+            let y = if k > hi_key { hi } else { y };
+            *v = if bits & 0x7fff > nan { bits } else { y };
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 16-bit value against bounds of every kind: the integer clamp takes the
+    /// decision a comparison in f32 takes.
+    #[test]
+    fn integer_clamp_matches_the_f32_comparison() {
+        let bounds = [
+            (-1.0f32, 1.0f32),
+            (0.1, 0.1),
+            (-0.0, 0.0),
+            (0.0, 5e-8),
+            (-f32::INFINITY, -3.3e38),
+            (1e-40, 7e4),
+            (-65504.0, f32::INFINITY),
+            (-1e-7, 1e-7),
+        ];
+        for (lo, hi) in bounds {
+            let mut f: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+            let mut b: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+            let clip = ValueClip::range(lo, hi);
+            clamp(&mut [GradMut::F16(&mut f), GradMut::BF16(&mut b)], &clip);
+            for bits in 0..=u16::MAX {
+                let pick = |v: f32, lo_t: u16, hi_t: u16| {
+                    if v < lo {
+                        lo_t
+                    } else if v > hi {
+                        hi_t
+                    } else {
+                        bits
+                    }
+                };
+                let x = f16::from_bits(bits).to_f32();
+                let want = pick(x, f16::from_f32(lo).to_bits(), f16::from_f32(hi).to_bits());
+                assert_eq!(
+                    f[bits as usize].to_bits(),
+                    want,
+                    "f16 {bits:#x} in [{lo}, {hi}]"
+                );
+                let x = bf16_to_f32(bf16::from_bits(bits));
+                let want = pick(x, f32_to_bf16(lo).to_bits(), f32_to_bf16(hi).to_bits());
+                assert_eq!(
+                    b[bits as usize].to_bits(),
+                    want,
+                    "bf16 {bits:#x} in [{lo}, {hi}]"
+                );
+            }
+        }
+    }
 }
