@@ -11,6 +11,8 @@
 //!   --shapes PATH   the GPT-2 shapes file (also GRADCLIP_BENCH_SHAPES); default
 //!                   bench/gpt2-small-shapes.txt in this repository
 //!   --runs N        timed runs per figure, the median is reported (default 7)
+//!   --json PATH     also write every figure as JSON records {workload, dtype, path, op,
+//!                   ms, floor_ms, plain_ms, adapter, ...} (plain_ms: null for now)
 //! ```
 //!
 //! It lists the wgpu adapters and opens the one `GpuContext::new` picks (a hardware GPU,
@@ -50,7 +52,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 const REL_TOL: f64 = 1e-5;
 
 const USAGE: &str = "usage: cargo run --release --example bench [-- --quick] [--cpu-only] \
-                     [--gpu-only] [--shapes PATH] [--runs N]";
+                     [--gpu-only] [--shapes PATH] [--runs N] [--json PATH]";
 
 struct Options {
     quick: bool,
@@ -58,6 +60,7 @@ struct Options {
     gpu_only: bool,
     runs: usize,
     shapes: PathBuf,
+    json: Option<PathBuf>,
 }
 
 fn options() -> Result<Options, String> {
@@ -74,6 +77,7 @@ fn options() -> Result<Options, String> {
                     "/bench/gpt2-small-shapes.txt"
                 ))
             }),
+        json: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -82,6 +86,7 @@ fn options() -> Result<Options, String> {
             "--cpu-only" => o.cpu_only = true,
             "--gpu-only" => o.gpu_only = true,
             "--shapes" => o.shapes = args.next().ok_or(USAGE)?.into(),
+            "--json" => o.json = Some(args.next().ok_or(USAGE)?.into()),
             "--runs" => {
                 o.runs = args
                     .next()
@@ -659,6 +664,33 @@ fn print_summary(rows: &[Row], gpu_name: &str) {
     }
 }
 
+/// Every figure as a JSON record: workload, dtype, path (`cpu` or `gpu`), op, ms, floor_ms,
+/// plain_ms (null: no plain-kernel baseline yet), adapter, and the bytes moved and wall time.
+fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
+    let cpu_name = format!("CPU, {} rayon threads", rayon::current_num_threads());
+    let records: Vec<serde_json::Value> = (rows.iter())
+        .map(|r| {
+            let gpu = r.path == "GPU";
+            serde_json::json!({
+                "workload": r.workload,
+                "dtype": r.dtype.to_string(),
+                "path": if gpu { "gpu" } else { "cpu" },
+                "op": r.op.label(),
+                "ms": r.ms,
+                "floor_ms": r.floor.1,
+                "floor": r.floor.0,
+                "plain_ms": serde_json::Value::Null,
+                "adapter": if gpu { gpu_name } else { cpu_name.as_str() },
+                "moved_mb": r.moved / 1e6,
+                "wall_ms": r.wall,
+            })
+        })
+        .collect();
+    let text = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(())
+}
+
 fn run(o: &Options) -> Res<Vec<String>> {
     let instance =
         wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -753,6 +785,10 @@ fn run(o: &Options) -> Res<Vec<String>> {
         }
     }
     print_summary(&rows, &gpu_name);
+    if let Some(path) = &o.json {
+        write_json(path, &rows, &gpu_name)?;
+        println!("\nwrote {} records to {}", rows.len(), path.display());
+    }
     Ok(checks.failed)
 }
 
