@@ -12,7 +12,7 @@
 //!                   bench/gpt2-small-shapes.txt in this repository
 //!   --runs N        timed runs per figure, the median is reported (default 7)
 //!   --json PATH     also write every figure as JSON records {workload, dtype, path, op,
-//!                   ms, floor_ms, plain_ms, adapter, ...} (plain_ms: null for now)
+//!                   ms, floor_ms, plain_ms, adapter, ...}
 //! ```
 //!
 //! It lists the wgpu adapters and opens the one `GpuContext::new` picks (a hardware GPU,
@@ -267,6 +267,8 @@ struct Row {
     ms: f64,
     wall: Option<f64>,
     floor: (&'static str, f64),
+    /// The plain kernels of the same traffic (GPU rows with timestamps).
+    plain: Option<f64>,
 }
 
 impl Row {
@@ -288,6 +290,12 @@ impl Row {
             100.0 * self.floor.1 / self.ms,
             self.ms / self.floor.1,
         );
+        if let Some(plain) = self.plain {
+            println!(
+                "       plain kernels of the same traffic {plain:.3} ms: gradclip {:.2}x",
+                self.ms / plain
+            );
+        }
     }
 }
 
@@ -337,6 +345,7 @@ fn bench_cpu(
             ms,
             wall: None,
             floor: floors.of(op),
+            plain: None,
         };
         row.print();
         rows.push(row);
@@ -482,6 +491,197 @@ impl GpuGrads {
     }
 }
 
+/// The simplest WGSL kernels of the same traffic, the baseline of gradclip's kernels:
+/// a grid-stride sum of squares with one partial per workgroup, a scale, a clamp. No
+/// overflow safety, no chunk table, no determinism across launch shapes.
+const PLAIN_WGSL: &str = r#"
+override HALF: bool = false;
+override FACTOR: f32 = 1.0;
+override LO: f32 = 0.0;
+override HI: f32 = 0.0;
+@group(0) @binding(0) var<storage, read_write> x: array<u32>;
+@group(0) @binding(1) var<storage, read_write> partials: array<f32>;
+var<workgroup> tree: array<f32, 256>;
+
+fn lo_half(w: u32) -> f32 { return bitcast<f32>(w << 16u); }
+fn hi_half(w: u32) -> f32 { return bitcast<f32>(w & 0xffff0000u); }
+fn clamp_nan(v: f32) -> f32 { return select(select(v, LO, v < LO), HI, v > HI); }
+
+@compute @workgroup_size(256)
+fn sumsq(@builtin(global_invocation_id) g: vec3<u32>, @builtin(local_invocation_index) l: u32,
+         @builtin(workgroup_id) w: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    var s = 0.0;
+    for (var i = g.x; i < arrayLength(&x); i = i + n.x * 256u) {
+        let b = x[i];
+        if (HALF) {
+            s = s + lo_half(b) * lo_half(b) + hi_half(b) * hi_half(b);
+        } else {
+            s = s + bitcast<f32>(b) * bitcast<f32>(b);
+        }
+    }
+    tree[l] = s;
+    workgroupBarrier();
+    for (var k = 128u; k > 0u; k = k >> 1u) {
+        if (l < k) {
+            tree[l] = tree[l] + tree[l + k];
+        }
+        workgroupBarrier();
+    }
+    if (l == 0u) {
+        partials[w.x] = partials[w.x] + tree[0];
+    }
+}
+
+@compute @workgroup_size(256)
+fn scale(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    for (var i = g.x; i < arrayLength(&x); i = i + n.x * 256u) {
+        let b = x[i];
+        if (HALF) {
+            let a = bitcast<u32>(lo_half(b) * FACTOR) >> 16u;
+            x[i] = a | (bitcast<u32>(hi_half(b) * FACTOR) & 0xffff0000u);
+        } else {
+            x[i] = bitcast<u32>(bitcast<f32>(b) * FACTOR);
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn clamp(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    for (var i = g.x; i < arrayLength(&x); i = i + n.x * 256u) {
+        let b = x[i];
+        if (HALF) {
+            let a = bitcast<u32>(clamp_nan(lo_half(b))) >> 16u;
+            x[i] = a | (bitcast<u32>(clamp_nan(hi_half(b))) & 0xffff0000u);
+        } else {
+            x[i] = bitcast<u32>(clamp_nan(bitcast<f32>(b)));
+        }
+    }
+}
+"#;
+
+/// Workgroups of a plain dispatch (grid-stride loops cover any length).
+const PLAIN_GROUPS: u32 = 1024;
+
+/// The plain kernels over one working buffer, in binding windows.
+struct Plain {
+    sumsq: wgpu::ComputePipeline,
+    scale: wgpu::ComputePipeline,
+    clamp: wgpu::ComputePipeline,
+    /// Per window: the groups of the sum (with the partials) and of the rewrites.
+    windows: Vec<(wgpu::BindGroup, wgpu::BindGroup, wgpu::BindGroup)>,
+}
+
+impl Plain {
+    fn new(ctx: &GpuContext, work: &wgpu::Buffer, dtype: DType, p: &Params) -> Plain {
+        let dev = ctx.device();
+        let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("bench plain kernels"),
+            source: wgpu::ShaderSource::Wgsl(PLAIN_WGSL.into()),
+        });
+        let half = if dtype == DType::F32 { 0.0 } else { 1.0 };
+        let pipeline = |entry: &str| {
+            let constants = [
+                ("HALF", half),
+                ("FACTOR", 0.5),
+                ("LO", p.value.lo as f64),
+                ("HI", p.value.hi as f64),
+            ];
+            dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: None,
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            })
+        };
+        let (sumsq, scale, clamp) = (pipeline("sumsq"), pipeline("scale"), pipeline("clamp"));
+        let partials = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench plain partials"),
+            size: PLAIN_GROUPS as u64 * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        let limits = dev.limits();
+        let align = limits.min_storage_buffer_offset_alignment as u64;
+        let window = (limits.max_storage_buffer_binding_size / align) * align;
+        let size = work.size() & !3;
+        let mut windows = Vec::new();
+        let mut offset = 0;
+        while offset < size {
+            let len = (size - offset).min(window);
+            let range = wgpu::BufferBinding {
+                buffer: work,
+                offset,
+                size: std::num::NonZeroU64::new(len),
+            };
+            let group = |pipe: &wgpu::ComputePipeline, with_partials: bool| {
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(range.clone()),
+                }];
+                if with_partials {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: 1,
+                        resource: partials.as_entire_binding(),
+                    });
+                }
+                dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &pipe.get_bind_group_layout(0),
+                    entries: &entries,
+                })
+            };
+            windows.push((
+                group(&sumsq, true),
+                group(&scale, false),
+                group(&clamp, false),
+            ));
+            offset += len;
+        }
+        Plain {
+            sumsq,
+            scale,
+            clamp,
+            windows,
+        }
+    }
+
+    /// Runs the plain kernels of `op` in one timed pass and waits.
+    fn run(&self, ctx: &GpuContext, op: Op, ts: &Timestamps) -> Res<()> {
+        let mut enc = ctx.device().create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("bench plain"),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &ts.set,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
+            });
+            let steps: &[(&wgpu::ComputePipeline, usize)] = match op {
+                Op::Norm | Op::NotClipping => &[(&self.sumsq, 0)],
+                Op::Clipping => &[(&self.sumsq, 0), (&self.scale, 1)],
+                Op::Value => &[(&self.clamp, 2)],
+            };
+            for &(pipe, which) in steps {
+                pass.set_pipeline(pipe);
+                for w in &self.windows {
+                    let group = [&w.0, &w.1, &w.2][which];
+                    pass.set_bind_group(0, group, &[]);
+                    pass.dispatch_workgroups(PLAIN_GROUPS, 1, 1);
+                }
+            }
+        }
+        ctx.queue().submit([enc.finish()]);
+        ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+        Ok(())
+    }
+}
+
 fn run_gpu(op: Op, batch: &mut GpuBatch, ctx: &GpuContext, p: &Params) -> Res<Option<ClipReport>> {
     Ok(match op {
         Op::Norm => Some(batch.total_norm(Norm::L2, false)?.wait()?),
@@ -605,7 +805,22 @@ fn bench_gpu(
         read: copy / 2.0,
         rw: copy,
     };
+    let plain = ts
+        .as_ref()
+        .map(|_| Plain::new(ctx, &g.work, pristine.dtype(), p));
     for op in Op::ALL {
+        let plain_ms = match (&plain, &ts) {
+            (Some(plain), Some(t)) => Some(
+                medians(runs, || {
+                    if op.mutates() {
+                        g.reset(ctx, None)?;
+                    }
+                    plain.run(ctx, op, t)?;
+                    Ok([t.read_ms(ctx)?])
+                })?[0],
+            ),
+            _ => None,
+        };
         let mut labelled = true;
         let [ms, wall] = medians(runs, || {
             if op.mutates() {
@@ -631,6 +846,7 @@ fn bench_gpu(
             ms,
             wall: Some(wall),
             floor: floors.of(op),
+            plain: plain_ms,
         };
         row.print();
         rows.push(row);
@@ -643,11 +859,15 @@ fn print_summary(rows: &[Row], gpu_name: &str) {
     println!(
         "GPU time is kernel time (timestamps) where available; GPU wall is submit through wait.\n"
     );
-    println!("| workload | dtype | path | operation | moved MB | time ms | wall ms | GB/s | floor | floor ms | % of floor | time / floor |");
-    println!("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|");
+    println!("| workload | dtype | path | operation | moved MB | time ms | wall ms | GB/s | floor | floor ms | % of floor | time / floor | plain ms | time / plain |");
+    println!("|---|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|");
     for r in rows {
+        let (plain, vs_plain) = match r.plain {
+            Some(p) => (format!("{p:.3}"), format!("{:.2}x", r.ms / p)),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.3} | {} | {:.1} | {} | {:.3} | {:.0}% | {:.2}x |",
+            "| {} | {} | {} | {} | {:.1} | {:.3} | {} | {:.1} | {} | {:.3} | {:.0}% | {:.2}x | {plain} | {vs_plain} |",
             r.workload,
             r.dtype,
             r.path,
@@ -665,7 +885,8 @@ fn print_summary(rows: &[Row], gpu_name: &str) {
 }
 
 /// Every figure as a JSON record: workload, dtype, path (`cpu` or `gpu`), op, ms, floor_ms,
-/// plain_ms (null: no plain-kernel baseline yet), adapter, and the bytes moved and wall time.
+/// plain_ms (GPU rows with timestamps: the plain kernels of the same traffic; else null),
+/// adapter, and the bytes moved and wall time.
 fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
     let cpu_name = format!("CPU, {} rayon threads", rayon::current_num_threads());
     let records: Vec<serde_json::Value> = (rows.iter())
@@ -679,7 +900,7 @@ fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
                 "ms": r.ms,
                 "floor_ms": r.floor.1,
                 "floor": r.floor.0,
-                "plain_ms": serde_json::Value::Null,
+                "plain_ms": r.plain,
                 "adapter": if gpu { gpu_name } else { cpu_name.as_str() },
                 "moved_mb": r.moved / 1e6,
                 "wall_ms": r.wall,
