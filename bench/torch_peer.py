@@ -1,0 +1,109 @@
+"""PyTorch on the bench's GPT-2 shapes, as the peer column of gradclip's bench.
+
+Times torch.nn.utils.get_total_norm, clip_grad_norm_ (foreach) and clip_grad_value_ on
+gradients of the shapes in bench/gpt2-small-shapes.txt, in f32 and bf16, on CUDA when it
+is there (else the CPU), and one fused AdamW step after the clip. Medians of N runs,
+gradients reset before each (untimed). Writes JSON records like the bench's
+({workload, dtype, path, op, ms, floor_ms, plain_ms, adapter}). Without torch it says so
+and exits 0: the peer column is optional.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def load_shapes(path):
+    shapes = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        _, dims = line.split("\t")
+        shapes.append([int(d) for d in dims.split("x")])
+    return shapes
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default=str(Path(__file__).with_name("gpt2-small-shapes.txt")))
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--json", required=True)
+    args = ap.parse_args()
+    try:
+        import torch
+    except ImportError:
+        print("torch_peer: no torch in this Python; no peer column")
+        return 0
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    adapter = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    path = "torch-cuda" if cuda else "torch-cpu"
+    shapes = load_shapes(args.shapes)
+    n = sum(torch.Size(s).numel() for s in shapes)
+
+    def timed(fn, reset):
+        times = []
+        for _ in range(args.runs + 1):
+            reset()
+            if cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times[1:])
+
+    records = []
+    for dtype, name in [(torch.float32, "f32"), (torch.bfloat16, "bf16")]:
+        gen = torch.Generator(device=device).manual_seed(7)
+        params = [torch.zeros(s, dtype=dtype, device=device, requires_grad=True) for s in shapes]
+        pristine = [torch.randn(s, generator=gen, dtype=dtype, device=device) * 1e-3 for s in shapes]
+
+        def reset():
+            for p, g in zip(params, pristine):
+                p.grad = g.clone()
+
+        reset()
+        total = float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        ops = {
+            "total norm (L2)": lambda: torch.nn.utils.get_total_norm([p.grad for p in params]),
+            "global clip, clipping": lambda: torch.nn.utils.clip_grad_norm_(params, total * 0.5, foreach=True),
+            "global clip, not clipping": lambda: torch.nn.utils.clip_grad_norm_(params, total * 10, foreach=True),
+            "value clip": lambda: torch.nn.utils.clip_grad_value_(params, total / n**0.5, foreach=True),
+        }
+        # A floor measured the same way: one copy of the gradients.
+        flat = torch.cat([g.flatten() for g in pristine])
+        copy = torch.empty_like(flat)
+        floor = timed(lambda: copy.copy_(flat), lambda: None)
+        for op, fn in ops.items():
+            ms = timed(fn, reset)
+            records.append(dict(workload="GPT-2 small", dtype=name, path=path, op=op, ms=ms,
+                                floor_ms=floor, plain_ms=None, adapter=adapter))
+        opt = torch.optim.AdamW(params, lr=1e-3, fused=True) if dtype == torch.float32 else None
+        if opt is not None:
+            def clip_and_step():
+                torch.nn.utils.clip_grad_norm_(params, total * 0.5, foreach=True)
+                opt.step()
+            ms = timed(clip_and_step, reset)
+            records.append(dict(workload="GPT-2 small", dtype=name, path=path,
+                                op="clip + AdamW(fused) step", ms=ms, floor_ms=floor,
+                                plain_ms=None, adapter=adapter))
+        for r in records[-5:]:
+            print(f"  {r['path']:<10} {r['dtype']:<5} {r['op']:<28} {r['ms']:9.3f} ms  (copy floor {floor:.3f} ms)")
+    Path(args.json).write_text(json.dumps(records, indent=2) + "\n")
+    print(f"torch_peer: wrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
