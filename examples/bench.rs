@@ -6,6 +6,8 @@
 //!
 //!   --quick         GPT-2 tensors scaled down 16x, for software adapters
 //!                   (also GRADCLIP_BENCH_QUICK=1)
+//!   --full          the whole GPT-2 set on a software adapter too (by default a
+//!                   software adapter checks and times GPT-2 / 16; the CPU the whole set)
 //!   --cpu-only      no GPU, even when an adapter exists
 //!   --gpu-only      no CPU timings (the CPU oracle still checks the GPU)
 //!   --shapes PATH   the GPT-2 shapes file (also GRADCLIP_BENCH_SHAPES); default
@@ -52,7 +54,7 @@ type Res<T> = Result<T, Box<dyn Error>>;
 const REL_TOL: f64 = 1e-5;
 
 const USAGE: &str = "usage: cargo run --release --example bench [-- --quick] [--cpu-only] \
-                     [--gpu-only] [--shapes PATH] [--runs N] [--json PATH]";
+                     [--gpu-only] [--full] [--shapes PATH] [--runs N] [--json PATH]";
 
 struct Options {
     quick: bool,
@@ -61,6 +63,7 @@ struct Options {
     runs: usize,
     shapes: PathBuf,
     json: Option<PathBuf>,
+    full: bool,
 }
 
 fn options() -> Result<Options, String> {
@@ -78,11 +81,13 @@ fn options() -> Result<Options, String> {
                 ))
             }),
         json: None,
+        full: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => o.quick = true,
+            "--full" => o.full = true,
             "--cpu-only" => o.cpu_only = true,
             "--gpu-only" => o.gpu_only = true,
             "--shapes" => o.shapes = args.next().ok_or(USAGE)?.into(),
@@ -957,25 +962,36 @@ fn run(o: &Options) -> Res<Vec<String>> {
         o.runs
     );
 
-    let mut gpt2 = load_shapes(&o.shapes)?;
-    if o.quick {
-        gpt2.iter_mut().for_each(|n| *n = n.div_ceil(16));
+    let gpt2 = load_shapes(&o.shapes)?;
+    let scaled: Vec<usize> = gpt2.iter().map(|n| n.div_ceil(16)).collect();
+    // A software adapter times the GPU on the scaled-down set (the CPU keeps the full one),
+    // so the main command stays quick; --full asks for everything.
+    let software = ctx
+        .as_ref()
+        .and_then(|c| c.adapter_info())
+        .is_some_and(|i| i.device_type == wgpu::DeviceType::Cpu);
+    let split = software && !o.quick && !o.full;
+    if split {
+        println!(
+            "GPU: a software adapter: its oracle checks and timings use GPT-2 small / 16 \
+             (--full for the whole set)"
+        );
     }
-    let workloads = [
-        (
-            if o.quick {
-                "GPT-2 small / 16"
-            } else {
-                "GPT-2 small"
-            },
-            gpt2,
-        ),
-        ("2000 small tensors", small_lens()),
-    ];
+    // (name, tensors, on the GPU, on the CPU)
+    let mut workloads = Vec::new();
+    if o.quick {
+        workloads.push(("GPT-2 small / 16", scaled, true, true));
+    } else {
+        workloads.push(("GPT-2 small", gpt2, !split, true));
+        if split {
+            workloads.push(("GPT-2 small / 16", scaled, true, false));
+        }
+    }
+    workloads.push(("2000 small tensors", small_lens(), true, true));
 
     let mut rows = Vec::new();
     let mut checks = Checks::default();
-    for (name, lens) in &workloads {
+    for (name, lens, on_gpu, on_cpu) in &workloads {
         let n: usize = lens.iter().sum();
         let values = gradients(n);
         for dtype in [DType::F32, DType::BF16] {
@@ -987,7 +1003,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
             );
             let norm = cpu::partial_norm(&pristine.refs(lens), Norm::L2)?.total();
             let p = Params::new(norm);
-            if let Some(ctx) = &ctx {
+            if let (Some(ctx), true) = (&ctx, *on_gpu) {
                 bench_gpu(
                     &mut rows,
                     &mut checks,
@@ -1000,7 +1016,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
                     o.runs,
                 )?;
             }
-            if !o.gpu_only {
+            if !o.gpu_only && *on_cpu {
                 bench_cpu(&mut rows, &mut checks, name, lens, &pristine, &p, o.runs)?;
             }
         }
