@@ -81,6 +81,9 @@ pub(crate) struct Engine {
     /// A single global stage whose unit norms nobody reads: the total straight from the
     /// chunk partials, without the per-unit combine.
     finish_partials: Option<wgpu::BindGroup>,
+    /// With one coefficient and no noise: the reduce over spans (bind group and grid per
+    /// window) that such a direct step runs instead of the per-unit one.
+    span_reduce: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
     coefs_grid: [u32; 3],
     /// Per binding window of the gradients: bind group and offset of its indirect args.
     /// Per window: the rewrite's bind group, the offset of its indirect counts and its
@@ -226,8 +229,15 @@ impl Engine {
                 ..stage
             });
         }
+        // The finish of a single global stage straight from the chunk partials: of the spans
+        // when there are spans, else of the unit chunks.
+        let direct_chunks = if spans {
+            grad_plan.apply_chunks.len()
+        } else {
+            grads_red.n_chunks
+        };
         dispatch.push(DispatchParams {
-            n_chunks: grads_red.n_chunks as u32,
+            n_chunks: direct_chunks as u32,
             global: 1,
             first: 1,
             state_base: program.stages[0].state_base as u32,
@@ -248,6 +258,33 @@ impl Engine {
             args_out: &args_out,
         };
         let coef_layout = kernels.layout(BindLayout::Coef);
+        let span_chunks = spans.then(|| {
+            let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
+                .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
+                .collect();
+            let chunks = table(device, "gradclip span chunks", &grad_plan.apply_chunks);
+            (chunks, DispatchSlots::new(device, &ranges))
+        });
+        // A step that needs no unit norms reduces the spans: small tensors share chunks.
+        let span_reduce = span_chunks.as_ref().map(|(chunks, span_slots)| {
+            let partials = storage_zeroed(
+                device,
+                "gradclip span partials",
+                grad_plan.apply_chunks.len() as u64 * ACC_BYTES,
+                wgpu::BufferUsages::empty(),
+            );
+            let layout = kernels.layout(BindLayout::Reduce);
+            let groups = window_groups(device, layout, &grad_plan, &grad_buffers, |wi| {
+                vec![
+                    (1, whole(chunks)),
+                    (2, whole(&partials)),
+                    (3, slots.binding()),
+                    (4, span_slots.slot(wi)),
+                ]
+            });
+            let grids = (grad_plan.windows.iter()).map(|w| fold_grid(w.apply_count, max_dim));
+            (groups.into_iter().zip(grids).collect::<Vec<_>>(), partials)
+        });
         let mut finish_partials = None;
         let mut stages = Vec::with_capacity(n_stages);
         for (k, st) in program.stages.iter().enumerate() {
@@ -290,7 +327,8 @@ impl Engine {
                 coef_binding.bind(device, coef_layout, inputs, &thresholds, &group_of, slot)
             };
             if single_global {
-                finish_partials = Some(binding(&grads_red.partials, 2 * n_stages));
+                let partials = span_reduce.as_ref().map_or(&grads_red.partials, |s| &s.1);
+                finish_partials = Some(binding(partials, 2 * n_stages));
             }
             stages.push(GpuStage {
                 finish: binding(&group_accs, 2 * k),
@@ -301,13 +339,6 @@ impl Engine {
                 formula: st.formula as u32,
             });
         }
-        let span_chunks = spans.then(|| {
-            let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
-                .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
-                .collect();
-            let chunks = table(device, "gradclip span chunks", &grad_plan.apply_chunks);
-            (chunks, DispatchSlots::new(device, &ranges))
-        });
         let (rewrite_chunks, rewrite_slots) = match &span_chunks {
             Some((chunks, slots)) => (chunks, slots),
             None => (&grads_red.chunks, &grads_red.slots),
@@ -344,6 +375,7 @@ impl Engine {
             params: params_red,
             stages,
             finish_partials,
+            span_reduce: span_reduce.map(|s| s.0),
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
             rewrites,
             args_out,
@@ -474,7 +506,13 @@ impl Engine {
                 label: Some("gradclip step"),
                 timestamp_writes,
             });
-            if step.reduce {
+            if let (true, true, Some(spans)) = (step.reduce, direct, &self.span_reduce) {
+                pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
+                for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
+                    pass.set_bind_group(0, group, &[slot]);
+                    pass.dispatch_workgroups(grid[0], grid[1], 1);
+                }
+            } else if step.reduce {
                 (self.grads).encode(&mut pass, device, kernels, (kind, slot), !direct);
                 if let Some(p) = &self.params {
                     let l2 = Norm::L2.kind_code();
