@@ -7,7 +7,7 @@ use gradclip::*;
 use proptest::prelude::*;
 
 const LENGTHS: &[usize] = &[
-    0, 1, 2, 3, 7, 13, 31, 257, 1021, 8191, 8192, 8193, 65_537, 199_999,
+    0, 1, 2, 3, 7, 13, 31, 257, 1021, 8191, 8192, 8193, 65_535, 65_536, 65_537, 131_073, 199_999,
 ];
 
 fn fill(len: usize, seed: u64, exp: i32, dtype: u8) -> Host {

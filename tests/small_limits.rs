@@ -9,7 +9,7 @@ use gradclip::*;
 fn small_device() -> (Gpu, GpuContext) {
     let turn = gpu();
     let ctx = GpuContext::with_limits(backends(), |adapter| wgpu::Limits {
-        max_storage_buffer_binding_size: 256 * 1024,
+        max_storage_buffer_binding_size: 2 << 20,
         max_compute_workgroups_per_dimension: 5,
         ..adapter.clone()
     })
@@ -22,22 +22,23 @@ fn windows_and_folded_grids_match_the_oracle() {
     let (_turn, ctx) = small_device();
     assert_eq!(
         ctx.device().limits().max_storage_buffer_binding_size,
-        256 * 1024
+        2 << 20
     );
     let f = |n: usize, k: f32| {
         (0..n)
             .map(|i| ((i as f32) * k).sin() * 2.0)
             .collect::<Vec<f32>>()
     };
-    // 300_001 f32 = 1.2 MB, several 256 KiB windows; 16-bit windows hold about 17 chunks: 5x4 grids.
+    // 1_200_001 f32 = 4.8 MB, three 2 MiB windows of 8 chunks; a 16-bit window holds 16
+    // chunks: grids of more than 5 workgroups fold into 2-D.
     let h = vec![
-        Host::F32(f(300_001, 0.1)),
+        Host::F32(f(1_200_001, 0.1)),
         Host::F32(vec![]),
         Host::F32(f(1, 0.3)),
-        Host::BF16(f(200_003, 0.7).into_iter().map(bf16::from_f32).collect()),
+        Host::BF16(f(800_003, 0.7).into_iter().map(bf16::from_f32).collect()),
         Host::BF16(f(5, 0.9).into_iter().map(bf16::from_f32).collect()),
-        Host::F16(f(131_073, 0.2).into_iter().map(f16::from_f32).collect()),
-        Host::F32(f(65_537, 0.5)),
+        Host::F16(f(524_289, 0.2).into_iter().map(f16::from_f32).collect()),
+        Host::F32(f(262_145, 0.5)),
     ];
     let arena = upload(&ctx, &h);
     let mut b = batch(&ctx, &arena, &h);

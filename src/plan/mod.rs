@@ -15,7 +15,7 @@ use crate::dtype::DType;
 use crate::error::ClipError;
 
 /// Elements per chunk (per workgroup): 256 threads x 32.
-pub(crate) const CHUNK_ELEMS: u64 = 8192;
+pub(crate) const CHUNK_ELEMS: u64 = 65536;
 
 /// One tensor as the planner sees it.
 #[derive(Debug, Clone)]
