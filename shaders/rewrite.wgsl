@@ -75,21 +75,32 @@ fn clamp_only(coef: f32) -> bool {
     return CLAMP && !NOISE && step.clamp == 1u && unscaled;
 }
 
+// A 16-bit value's bits in an unsigned order (negative values flip every bit, the others
+// the sign), as the host's `HalfClamp::key`.
+fn half_key(h: u32) -> u32 {
+    return h ^ select(0x8000u, 0xffffu, (h & 0x8000u) != 0u);
+}
+
 fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32 {
-    let x = half_to_f32(h, dtype);
     if (clamp_only(coef)) {
-        if (nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+        // Integer compares against thresholds the host found (the decisions of comparing
+        // in f32); NaN keeps its bits.
+        let is_f16 = dtype == DTYPE_F16;
+        let shift = select(16u, 0u, is_f16);
+        let keys = select(step.keys_bf16, step.keys_f16, is_f16);
+        if ((h & 0x7fffu) > select(0x7f80u, 0x7c00u, is_f16)) {
             return h;
         }
-        let shift = select(16u, 0u, dtype == DTYPE_F16);
-        if (x < step.lo) {
+        let k = half_key(h);
+        if (k < (keys & 0xffffu)) {
             return (step.lo_half >> shift) & 0xffffu;
         }
-        if (x > step.hi) {
+        if (k > (keys >> 16u)) {
             return (step.hi_half >> shift) & 0xffffu;
         }
         return h;
     }
+    let x = half_to_f32(h, dtype);
     let y = transform(x, coef, tensor, index);
     if (bitcast<u32>(y) == bitcast<u32>(x)) {
         return h;

@@ -3,7 +3,7 @@
 //! Arithmetic is in f32 and 16-bit results round to nearest even, as on the GPU.
 
 use crate::dtype::GradMut;
-use crate::ops::ValueClip;
+use crate::ops::{HalfClamp, ValueClip};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -69,24 +69,14 @@ pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
 /// loop vectorises over 16-bit lanes; a clamped element gets the bound rounded to its type.
 pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
     let (lo, hi) = (clip.lo, clip.hi);
-    let f16s = Halves::new(
-        lo,
-        hi,
-        0x7c00,
-        |b| f16::from_bits(b).to_f32(),
-        |v| f16::from_f32(v).to_bits(),
-    );
-    let bf16s = Halves::new(
-        lo,
-        hi,
-        0x7f80,
-        |b| bf16_to_f32(bf16::from_bits(b)),
-        |v| f32_to_bf16(v).to_bits(),
-    );
+    let (f16s, bf16s) = clip.half_clamps();
     grads.par_iter_mut().for_each(|g| match g {
         GradMut::F32(x) => x.par_chunks_mut(BLOCK).for_each(|c| clamp_f32(c, lo, hi)),
-        GradMut::F16(x) => f16s.apply(bytemuck::cast_slice_mut(x)),
-        GradMut::BF16(x) => bf16s.apply(bytemuck::cast_slice_mut(x)),
+        GradMut::F16(x) => {
+            (x.par_chunks_mut(BLOCK)).for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s))
+        }
+        GradMut::BF16(x) => (x.par_chunks_mut(BLOCK))
+            .for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
     });
 }
 
@@ -101,80 +91,17 @@ fn clamp_f32(c: &mut [f32], lo: f32, hi: f32) {
     });
 }
 
-/// A value clip of one 16-bit format, in the integer domain. Bits map to keys that order
-/// as the values do; an element below the bound `lo` is one whose key is below that of the
-/// smallest value >= lo (found once by a binary search over the keys).
-struct Halves {
-    /// Bits of the largest finite magnitude + 1: at or above it, inf or NaN.
-    nan_above: u16,
-    /// Keys: below `lo_key` clamps to `lo_bits`, above `hi_key` to `hi_bits`.
-    lo_key: u16,
-    hi_key: u16,
-    lo_bits: u16,
-    hi_bits: u16,
-}
-
-impl Halves {
-    /// Sign-magnitude bits to an unsigned order: negative values flip every bit, the
-    /// others flip the sign (so -0 and +0 are neighbours, both equal to 0 in the search).
-    #[inline(always)]
-    fn key(bits: u16) -> u16 {
-        bits ^ (((bits as i16 >> 15) as u16) | 0x8000)
-    }
-
-    fn bits_of(key: u16) -> u16 {
-        key ^ if key & 0x8000 != 0 { 0x8000 } else { 0xffff }
-    }
-
-    fn new(
-        lo: f32,
-        hi: f32,
-        inf: u16,
-        to_f32: impl Fn(u16) -> f32,
-        round: impl Fn(f32) -> u16,
-    ) -> Self {
-        // The non-NaN keys, from -inf to +inf, order as their values.
-        let (first, last) = (Self::key(0x8000 | inf), Self::key(inf));
-        let value = |k: u16| to_f32(Self::bits_of(k));
-        let keys: Vec<u16> = (first..=last).collect();
-        let lo_key = first + keys.partition_point(|&k| value(k) < lo) as u16;
-        let above = keys.partition_point(|&k| value(k) <= hi);
-        // No value <= hi (hi below -inf cannot happen): everything clamps down.
-        let hi_key = if above == 0 {
-            0
-        } else {
-            first + above as u16 - 1
-        };
-        Halves {
-            nan_above: inf,
-            lo_key,
-            hi_key,
-            lo_bits: round(lo),
-            hi_bits: round(hi),
-        }
-    }
-
-    fn apply(&self, x: &mut [u16]) {
-        x.par_chunks_mut(BLOCK).for_each(|c| self.clamp(c));
-    }
-
-    #[inline(never)]
-    fn clamp(&self, c: &mut [u16]) {
-        let (lo_key, hi_key, lo, hi, nan) = (
-            self.lo_key,
-            self.hi_key,
-            self.lo_bits,
-            self.hi_bits,
-            self.nan_above,
-        );
-        c.iter_mut().for_each(|v| {
-            let bits = *v;
-            let k = Self::key(bits);
-            let y = if k < lo_key { lo } else { bits };
-            let y = if k > hi_key { hi } else { y };
-            *v = if bits & 0x7fff > nan { bits } else { y };
-        });
-    }
+/// The value clip of a block of 16-bit values in the integer domain (see [`HalfClamp`]).
+#[inline(never)]
+fn clamp_halves(c: &mut [u16], h: &HalfClamp) {
+    let (lo_key, hi_key, lo, hi, nan) = (h.lo_key, h.hi_key, h.lo_bits, h.hi_bits, h.nan_above);
+    c.iter_mut().for_each(|v| {
+        let bits = *v;
+        let k = HalfClamp::key(bits);
+        let y = if k < lo_key { lo } else { bits };
+        let y = if k > hi_key { hi } else { y };
+        *v = if bits & 0x7fff > nan { bits } else { y };
+    });
 }
 
 #[cfg(test)]

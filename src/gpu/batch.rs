@@ -259,6 +259,7 @@ impl GpuBatch {
     ) -> Result<(), ClipError> {
         clip.validate()?;
         let (lo_half, hi_half) = clip.half_bounds();
+        let (f16s, bf16s) = clip.half_clamps();
         let step = Step {
             params: StepParams {
                 rule: 0,
@@ -267,6 +268,8 @@ impl GpuBatch {
                 hi: clip.hi,
                 lo_half,
                 hi_half,
+                keys_f16: f16s.keys(),
+                keys_bf16: bf16s.keys(),
                 ..StepParams::default()
             },
             reduce: false,

@@ -114,6 +114,8 @@ impl GpuPolicy {
             seed: 0,
         });
         let (lo_half, hi_half) = policy.value.map_or((0, 0), |v| v.half_bounds());
+        let keys = policy.value.map(|v| v.half_clamps());
+        let (keys_f16, keys_bf16) = keys.map_or((0, 0), |(f, b)| (f.keys(), b.keys()));
         let params = StepParams {
             policy: policy.non_finite.code(),
             p: order,
@@ -130,6 +132,8 @@ impl GpuPolicy {
             hi: policy.value.map_or(0.0, |v| v.hi),
             lo_half,
             hi_half,
+            keys_f16,
+            keys_bf16,
             ..StepParams::default()
         };
         Ok(params)

@@ -110,8 +110,10 @@ abi_structs! {
         pub seed_hi: u32,
         pub step_lo: u32,
         pub step_hi: u32,
-        pub _pad0: u32,
-        pub _pad1: u32,
+        /// For a clamp alone on 16-bit words, the integer thresholds (`HalfClamp::keys`)
+        /// of f16 and of bf16.
+        pub keys_f16: u32,
+        pub keys_bf16: u32,
         pub _pad2: u32,
     }
 
