@@ -140,26 +140,26 @@ fn bytes_of<'a>(grads: &'a [GradRef<'_>]) -> Vec<&'a [u8]> {
 /// Part of a host tensor: (tensor, first element, elements).
 type Piece = (usize, usize, usize);
 
-/// The host tensors of the global operations in pieces that fit device buffers of `cap`
-/// bytes, group by group (a tensor larger than a buffer is cut; a group holds at most one
-/// piece of each tensor), each group mirrored with its own batch.
+/// The host tensors of the global operations in pieces that fit device buffers (a tensor
+/// larger than a buffer is cut), each buffer with its own batch.
 struct Streamed {
     shapes: Vec<(DType, usize)>,
-    groups: Vec<(Vec<Piece>, Mirror, GpuBatch)>,
+    mirrors: Mirrors,
+    /// One per buffer of `mirrors`.
+    batches: Vec<GpuBatch>,
 }
 
 impl Streamed {
     fn new(ctx: &GpuContext, shapes: Vec<(DType, usize)>) -> Result<Streamed, ClipError> {
-        let groups = split(&shapes, ctx.device().limits().max_buffer_size & !3, true)?;
-        let groups = (groups.into_iter())
-            .map(|pieces| {
-                let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
-                let mirror = Mirror::new(ctx, piece_shapes)?;
-                let batch = GpuBatch::new(ctx, &mirror.tensors(&pieces, None))?;
-                Ok((pieces, mirror, batch))
-            })
+        let mirrors = Mirrors::new(ctx, &shapes, true)?;
+        let batches = (mirrors.groups.iter())
+            .map(|(pieces, mirror)| GpuBatch::new(ctx, &mirror.tensors(pieces, None)))
             .collect::<Result<_, ClipError>>()?;
-        Ok(Streamed { shapes, groups })
+        Ok(Streamed {
+            shapes,
+            mirrors,
+            batches,
+        })
     }
 }
 
@@ -238,15 +238,16 @@ fn split(shapes: &[(DType, usize)], cap: u64, cut: bool) -> Result<Vec<Vec<Piece
     Ok(groups)
 }
 
-/// Whole host tensors in as many device buffers as they need, in tensor order.
+/// Host tensors in as many device buffers as they need, in tensor order: whole, or with
+/// `cut` in pieces where a tensor is larger than a buffer (see [`split`]).
 struct Mirrors {
     groups: Vec<(Vec<Piece>, Mirror)>,
 }
 
 impl Mirrors {
-    fn new(ctx: &GpuContext, shapes: Vec<(DType, usize)>) -> Result<Mirrors, ClipError> {
+    fn new(ctx: &GpuContext, shapes: &[(DType, usize)], cut: bool) -> Result<Mirrors, ClipError> {
         let cap = ctx.device().limits().max_buffer_size & !3;
-        let groups = (split(&shapes, cap, false)?.into_iter())
+        let groups = (split(shapes, cap, cut)?.into_iter())
             .map(|pieces| {
                 let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
                 Ok((pieces, Mirror::new(ctx, piece_shapes)?))
@@ -328,9 +329,9 @@ impl GpuChain {
         grads: &[GradRef<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<GpuChain, ClipError> {
-        let grads = Mirrors::new(ctx, shapes_of(grads))?;
+        let grads = Mirrors::new(ctx, &shapes_of(grads), false)?;
         let params = params
-            .map(|p| Mirrors::new(ctx, shapes_of(p)))
+            .map(|p| Mirrors::new(ctx, &shapes_of(p), false))
             .transpose()?;
         let tensors = grads.tensors(infos);
         let param_tensors = params.as_ref().map(|m| m.tensors(infos));
@@ -528,7 +529,7 @@ impl Clipper {
         norm.validate()?;
         let streamed = self.upload(grads)?;
         let mut total = PartialNorm::zero(norm);
-        for (_, _, batch) in &mut streamed.groups {
+        for batch in &mut streamed.batches {
             total = total.combine(&batch.total_norm(norm, false)?.wait()?.partial)?;
         }
         Ok(total)
@@ -547,14 +548,15 @@ impl Clipper {
         }
         clip.validate()?;
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        if self.prepare(&refs)?.groups.len() == 1 {
+        if self.prepare(&refs)?.batches.len() == 1 {
             return self.round_trip(grads, true, |b| b.clip_by_global_norm(clip)?.wait());
         }
         // Parts: the total (and per-part norms), then the clip of every part with it.
         let streamed = self.upload(&refs)?;
         let mut total = PartialNorm::zero(clip.norm);
         let mut per_tensor = vec![0.0f64; refs.len()];
-        for (pieces, _, batch) in &mut streamed.groups {
+        let parts = streamed.mirrors.groups.iter().zip(&mut streamed.batches);
+        for ((pieces, _), batch) in parts {
             let r = batch.total_norm(clip.norm, clip.tensor_norms)?.wait()?;
             total = total.combine(&r.partial)?;
             for (&(t, _, _), n) in pieces.iter().zip(r.tensor_norms.unwrap_or_default()) {
@@ -615,16 +617,14 @@ impl Clipper {
             self.prepare(&refs)?
         };
         let mut first = None;
-        for (_, _, batch) in &mut streamed.groups {
+        for batch in &mut streamed.batches {
             let out = op(batch)?;
             first.get_or_insert(out);
         }
         let (Backend::Gpu(ctx), Some(streamed)) = (&self.backend, &self.global) else {
             unreachable!("round_trip runs on the GPU backend, after an upload")
         };
-        for (pieces, mirror, _) in &streamed.groups {
-            mirror.read(ctx, &mut piece_bytes_mut(grads, pieces))?;
-        }
+        streamed.mirrors.read(ctx, grads)?;
         Ok(first.expect("at least one part"))
     }
 
@@ -648,11 +648,7 @@ impl Clipper {
         let (Backend::Gpu(ctx), Some(streamed)) = (&self.backend, &mut self.global) else {
             unreachable!("prepared above")
         };
-        let bytes = bytes_of(grads);
-        let sizes = sizes_of(grads);
-        for (pieces, mirror, _) in &streamed.groups {
-            mirror.write(ctx, &piece_bytes(&bytes, &sizes, pieces));
-        }
+        streamed.mirrors.write(ctx, grads);
         Ok(streamed)
     }
 }

@@ -101,6 +101,8 @@ pub(crate) struct Engine {
     pool: Arc<ReportPool>,
     seq: u32,
     timestamps: Option<Timestamps>,
+    /// Scratch for the pipelines of a step (`prepare`).
+    kernel_list: std::sync::Mutex<Vec<Kernel>>,
 }
 
 /// The `Coef` bind group of one stage and dispatch slot.
@@ -388,6 +390,7 @@ impl Engine {
             pool: ReportPool::new(readback),
             seq: 0,
             timestamps: None,
+            kernel_list: Default::default(),
             program,
         };
         if let Some(error) = pollster::block_on(scope.pop()) {
@@ -423,11 +426,11 @@ impl Engine {
         self.timestamps = timestamps;
     }
 
-    /// The pipelines `step` dispatches.
-    fn kernels_of(&self, step: &Step, params: &StepParams) -> Vec<Kernel> {
+    /// The pipelines `step` dispatches, into `all` (cleared first).
+    fn kernels_of(&self, step: &Step, params: &StepParams, all: &mut Vec<Kernel>) {
         let kind = step.norm.kind_code();
         let direct = step.reduce && !step.units && self.finish_partials.is_some();
-        let mut all = Vec::new();
+        all.clear();
         if step.reduce {
             all.push(Kernel::Reduce(kind));
             if !direct {
@@ -458,13 +461,15 @@ impl Engine {
         if step.rewrite {
             all.push(self.rewrite_kernel(params));
         }
-        all
     }
 
     /// Builds the pipelines `step` needs (see `Kernels::prepare`).
     pub(crate) fn prepare(&self, step: &Step) -> Result<(), ClipError> {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
-        kernels.prepare(device, &self.kernels_of(step, &step.params))
+        // A list kept between steps, so a warm step allocates nothing.
+        let mut list = self.kernel_list.lock().unwrap_or_else(|e| e.into_inner());
+        self.kernels_of(step, &step.params, &mut list);
+        kernels.prepare(device, &list)
     }
 
     /// The rewrite variant of a step with `params`.
