@@ -123,6 +123,11 @@ pub enum ClipError {
     /// the gradients were not changed.
     #[error("the total gradient norm is non-finite ({0}); gradients left unchanged")]
     NonFiniteNorm(f64),
+    /// A collective operation across ranks failed (a rank left, timed out, or the ranks
+    /// disagree on the tensors, the shards or the policy); this rank's gradients and
+    /// state were left unchanged.
+    #[error("collective across ranks failed: {0}")]
+    Collective(String),
     /// More steps of one clipper were encoded before a submission than it has parameter
     /// slots (64), so a later step overwrote this step's parameters; this step changed
     /// nothing (gradients and state untouched). Submit more often.

@@ -15,6 +15,7 @@ mod ops;
 mod plan;
 mod report;
 mod shaders;
+mod shard;
 
 pub use chain::{
     Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
@@ -22,11 +23,12 @@ pub use chain::{
     TensorInfo, UnitAxis, ZClip,
 };
 pub use clipper::{Backend, Clipper};
-pub use cpu::{CpuAccumulator, CpuPolicy};
+pub use cpu::{CpuAccumulator, CpuPolicy, ShardedCpuPolicy};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
     GpuAccumulator, GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport,
+    ShardedGpuPolicy,
 };
 pub use half::{bf16, f16};
 pub use monitor::{plot, GradMonitor};
@@ -34,6 +36,9 @@ pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
 pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};
+#[cfg(feature = "mpi")]
+pub use shard::mpi::MpiCollective;
+pub use shard::{Collective, Shard, SingleRank, ThreadCollective};
 /// The wgpu this crate is built against: use it for your buffers and devices so the
 /// versions match.
 pub use wgpu;

@@ -113,6 +113,17 @@ impl From<crate::shaders::abi::Acc> for NormAcc {
 }
 
 impl NormAcc {
+    /// The device's f32 form (of an accumulator whose scale came from the device, so it
+    /// is an f32 value; its sum is at most the element count).
+    pub(crate) fn to_acc(self) -> crate::shaders::abi::Acc {
+        crate::shaders::abi::Acc {
+            scale: self.scale as f32,
+            sum: self.sum as f32,
+            flags: self.flags,
+            _pad: 0,
+        }
+    }
+
     /// The accumulator of the same elements times `coef` (a norm is absolutely
     /// homogeneous); a NaN coefficient makes it NaN. `acc_scaled` of the shaders.
     pub(crate) fn scaled(&self, coef: f32) -> NormAcc {
@@ -126,6 +137,15 @@ impl NormAcc {
             scale: self.scale * (coef as f64).abs(),
             ..*self
         }
+    }
+
+    /// `sum` re-expressed at a common `scale` at least this one's (an all-reduced
+    /// maximum), so the sums of several parts simply add.
+    pub(crate) fn rescaled_sum(&self, norm: Norm, scale: f64) -> f64 {
+        if self.scale == 0.0 || scale == 0.0 || norm == Norm::Inf {
+            return 0.0;
+        }
+        self.sum * norm.pow_ratio(self.scale / scale)
     }
 
     /// The accumulator of no elements.
@@ -359,10 +379,7 @@ impl PartialNorm {
     /// This part's sum of `(|x| / scale)^p` re-expressed at a larger common `scale`
     /// (the all-reduced maximum), so the sums of all shards can simply be added.
     pub fn rescaled_sum(&self, scale: f64) -> f64 {
-        if self.acc.scale == 0.0 || scale == 0.0 {
-            return 0.0;
-        }
-        self.acc.sum * self.norm.pow_ratio(self.acc.scale / scale)
+        self.acc.rescaled_sum(self.norm, scale)
     }
 
     /// Merges two parts of one batch; errors if their orders differ.

@@ -101,6 +101,9 @@ pub(crate) struct Program {
     pub stages: Vec<StagePlan>,
     /// Words of the device state: one block per stage, adaptive stages first.
     pub state_words: usize,
+    /// Where each tensor starts in its logical tensor (a shard's first element; empty:
+    /// every tensor is whole). Noise is keyed by the logical index.
+    pub bases: Vec<u64>,
 }
 
 /// A stage without rule numbers or state.
@@ -141,6 +144,7 @@ impl Program {
             units,
             stages,
             state_words: next.max(HEADER_WORDS),
+            bases: Vec::new(),
         }
     }
 
@@ -344,6 +348,11 @@ impl Program {
             })
             .collect();
         Ok(Program::with_state(units, stages))
+    }
+
+    /// Index in its logical tensor of element 0 of tensor `t`.
+    pub(crate) fn base(&self, t: usize) -> u64 {
+        self.bases.get(t).copied().unwrap_or(0)
     }
 
     /// True when the chain has an AGC stage (it reads the parameters).

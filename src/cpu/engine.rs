@@ -470,13 +470,14 @@ pub(crate) fn rewrite(
             continue;
         }
         let tensor = unit.tensor as u32;
+        let base = program.base(unit.tensor);
         rewrite_unit(&mut grads[unit.tensor], unit, |x, i| {
             let mut y = if zero_nans && x.is_nan() { 0.0 } else { x };
             if c.to_bits() != 1.0f32.to_bits() {
                 y *= c;
             }
             if let Some(n) = noise {
-                y += n.sigma * gaussian_noise(n.seed, step.step, tensor, i);
+                y += n.sigma * gaussian_noise(n.seed, step.step, tensor, (base + i as u64) as u32);
             }
             match step.clamp {
                 Some(v) if y < v.lo => v.lo,
@@ -515,14 +516,37 @@ pub(crate) fn run(
     state: &mut PolicyState,
     reduce_norms: bool,
 ) -> Outcome {
-    let (units, w_units) = if reduce_norms {
-        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        let units = reduce(&refs, &program.units, step.norm);
-        let w = params.map(|p| reduce(p, &program.units, Norm::L2));
-        (units, w)
+    let norms = if reduce_norms {
+        reduce_units(grads, params, program, step.norm)
     } else {
         (vec![], None)
     };
+    run_from_units(grads, program, step, state, norms, reduce_norms)
+}
+
+/// The unit norms of a step: of the gradients and, for AGC, of the parameters (L2).
+pub(crate) fn reduce_units(
+    grads: &[GradMut<'_>],
+    params: Option<&[GradRef<'_>]>,
+    program: &Program,
+    norm: Norm,
+) -> (Vec<NormAcc>, Option<Vec<NormAcc>>) {
+    let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+    let units = reduce(&refs, &program.units, norm);
+    let w = params.map(|p| reduce(p, &program.units, Norm::L2));
+    (units, w)
+}
+
+/// [`run`] from the unit norms on: the stages and the rewrite (a sharded step merges the
+/// unit norms of every rank first).
+pub(crate) fn run_from_units(
+    grads: &mut [GradMut<'_>],
+    program: &Program,
+    step: &CpuStep,
+    state: &mut PolicyState,
+    (units, w_units): (Vec<NormAcc>, Option<Vec<NormAcc>>),
+    reduce_norms: bool,
+) -> Outcome {
     let mut unit_coefs = vec![1.0f32; program.units.len()];
     let mut stages = Vec::with_capacity(program.stages.len());
     for (k, stage) in program.stages.iter().enumerate() {

@@ -9,10 +9,12 @@ mod norm_reduce;
 mod per_example;
 pub(crate) mod philox;
 mod policy;
+mod sharded;
 
 pub use accumulate::CpuAccumulator;
 pub use per_example::clip_per_example;
 pub use policy::CpuPolicy;
+pub use sharded::ShardedCpuPolicy;
 
 use crate::chain::Program;
 use crate::dtype::{GradMut, GradRef};

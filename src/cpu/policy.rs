@@ -38,6 +38,21 @@ impl CpuPolicy {
         &self.state
     }
 
+    /// The policy it runs.
+    pub fn policy(&self) -> &ClipPolicy {
+        &self.policy
+    }
+
+    /// The program it runs.
+    pub(crate) fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Runs `program` instead (the same chain cut to a shard: same units and state).
+    pub(crate) fn set_program(&mut self, program: Program) {
+        self.program = program;
+    }
+
     /// Restores a saved state (from either backend).
     pub fn set_state(&mut self, state: PolicyState) -> Result<(), ClipError> {
         state.check_fits(&self.program.fresh_state())?;
@@ -51,8 +66,19 @@ impl CpuPolicy {
         grads: &[GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<CpuStep, ClipError> {
+        self.check_with(grads, params, |lens| check_shapes(&self.infos, lens))
+    }
+
+    /// [`CpuPolicy::check`] with `check_lens` judging the gradients' (and parameters')
+    /// lengths.
+    pub(crate) fn check_with(
+        &self,
+        grads: &[GradMut<'_>],
+        params: Option<&[GradRef<'_>]>,
+        check_lens: impl Fn(&[u64]) -> Result<(), ClipError>,
+    ) -> Result<CpuStep, ClipError> {
         let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
-        check_shapes(&self.infos, &lens)?;
+        check_lens(&lens)?;
         let policy = &self.policy;
         if self.program.needs_params() {
             let Some(p) = params else {
@@ -61,7 +87,7 @@ impl CpuPolicy {
                 ));
             };
             let plens: Vec<u64> = p.iter().map(|g| g.len() as u64).collect();
-            check_shapes(&self.infos, &plens)?;
+            check_lens(&plens)?;
         }
         Ok(CpuStep {
             norm: policy.norm,
@@ -88,6 +114,16 @@ impl CpuPolicy {
         let params = params.filter(|_| self.program.needs_params());
         let mut state = self.state.clone();
         let out = engine::run(grads, params, &self.program, &step, &mut state, true);
+        self.commit(step, state, out)
+    }
+
+    /// Keeps the state a step left and reports the step.
+    pub(crate) fn commit(
+        &mut self,
+        step: CpuStep,
+        mut state: PolicyState,
+        out: engine::Outcome,
+    ) -> Result<PolicyReport, ClipError> {
         state.step = state.step.wrapping_add(1);
         self.state = state;
         let detail = self.policy.report_groups.then(|| UnitNorms {

@@ -61,8 +61,8 @@ impl GpuAccumulator {
     ) -> Result<GpuAccumulator, ClipError> {
         check_micro_steps(micro_steps)?;
         check_mirrored(micro, accumulated)?;
-        let (micro_plan, micro_buffers) = plan_tensors(ctx, micro, PlanSegment::whole)?;
-        let (plan, buffers) = plan_tensors(ctx, accumulated, PlanSegment::whole)?;
+        let (micro_plan, micro_buffers) = plan_tensors(ctx, micro, &[], PlanSegment::whole)?;
+        let (plan, buffers) = plan_tensors(ctx, accumulated, &[], PlanSegment::whole)?;
         let same_windows = micro_plan.windows.len() == plan.windows.len()
             && (micro_plan.windows.iter().zip(&plan.windows)).all(|(a, b)| {
                 (a.buffer, a.byte_offset, a.apply_first, a.apply_count)

@@ -2,7 +2,7 @@
 //! (total norm, global clip, split API, value clip) as configurations of the engine.
 
 use super::context::GpuContext;
-use super::engine::{Engine, Step};
+use super::engine::{Engine, Norms, Step};
 use super::readback::{decode_clip, PendingReport, ReportKind};
 use super::resources::StepParams;
 use crate::chain::{Program, TensorInfo};
@@ -65,6 +65,11 @@ impl<'a> GpuTensor<'a> {
     }
 }
 
+/// The names and shapes of `tensors` (unnamed ones are `#index`).
+pub(crate) fn infos_of(tensors: &[GpuTensor<'_>]) -> Vec<TensorInfo> {
+    tensors.iter().enumerate().map(|(i, t)| t.info(i)).collect()
+}
+
 /// A batch of gradient tensors on one device, planned once and clipped every step: the
 /// engine's global-norm program over whole tensors (PyTorch's `clip_grad_norm_` family).
 pub struct GpuBatch {
@@ -85,6 +90,7 @@ impl std::fmt::Debug for GpuBatch {
 pub(crate) fn plan_tensors<'a>(
     ctx: &GpuContext,
     tensors: &[GpuTensor<'a>],
+    bases: &[u64],
     segments: impl FnOnce(&[PlanTensor]) -> Vec<PlanSegment>,
 ) -> Result<(Plan, Vec<&'a wgpu::Buffer>), ClipError> {
     let limits = ctx.inner.device.limits();
@@ -109,6 +115,7 @@ pub(crate) fn plan_tensors<'a>(
             len: t.len,
             dtype: t.dtype,
             name,
+            base: bases.get(i).copied().unwrap_or(0),
         });
     }
     let segments = segments(&plan_tensors);
@@ -191,7 +198,7 @@ impl GpuBatch {
         let step = Step {
             // An infinite threshold: the coefficient is 1 and nothing is rewritten.
             params: norm_params(norm, f32::INFINITY, NonFinitePolicy::Propagate),
-            reduce: true,
+            norms: Norms::Reduce,
             coefs: false,
             rewrite: false,
             units: tensor_norms,
@@ -211,7 +218,7 @@ impl GpuBatch {
         clip.validate()?;
         let step = Step {
             params: norm_params(clip.norm, clip.max_norm, clip.non_finite),
-            reduce: true,
+            norms: Norms::Reduce,
             coefs: true,
             rewrite: true,
             units: clip.tensor_norms,
@@ -238,7 +245,7 @@ impl GpuBatch {
                 use_given: 1,
                 ..norm_params(norm, max_norm, policy)
             },
-            reduce: false,
+            norms: Norms::Skip,
             coefs: true,
             rewrite: true,
             units: false,
@@ -272,7 +279,7 @@ impl GpuBatch {
                 keys_bf16: bf16s.keys(),
                 ..StepParams::default()
             },
-            reduce: false,
+            norms: Norms::Skip,
             coefs: false,
             rewrite: true,
             units: false,

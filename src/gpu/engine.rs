@@ -40,6 +40,33 @@ use crate::shaders::{BindLayout, Kernel};
 /// Bytes of one stage's report header.
 pub(crate) const REPORT_BYTES: u64 = std::mem::size_of::<StepReport>() as u64;
 
+/// Where the norms of a step come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Norms {
+    /// Reduced from the gradients in this step: `reduce`, then the stages' `combine`.
+    Reduce,
+    /// None: a given total norm (split API) or a value clip alone.
+    Skip,
+    /// The unit norms and nothing else (the first half of a sharded step); its readback
+    /// holds the unit norms of the gradients, then of the parameters.
+    UnitsOnly,
+    /// The unit norms already in place ([`Engine::write_units`], after the ranks merged
+    /// them): the stages from their `combine` on.
+    FromUnits,
+}
+
+impl Norms {
+    /// Runs `reduce` over the gradients.
+    fn reduces(self) -> bool {
+        matches!(self, Norms::Reduce | Norms::UnitsOnly)
+    }
+
+    /// Runs the stages' `combine` of group norms.
+    fn groups(self) -> bool {
+        matches!(self, Norms::Reduce | Norms::FromUnits)
+    }
+}
+
 /// Which stages one step runs, with its parameters.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Step {
@@ -47,8 +74,8 @@ pub(crate) struct Step {
     pub norm: Norm,
     /// Host values of the step (`seq` is filled in by the engine).
     pub params: StepParams,
-    /// Run `reduce` and the stages' `combine` (not for a given norm or a value clip).
-    pub reduce: bool,
+    /// Where its norms come from.
+    pub norms: Norms,
     /// Run `coef`'s per-unit entry.
     pub coefs: bool,
     /// Run `rewrite`.
@@ -159,9 +186,10 @@ impl Engine {
         program: Program,
         noise: bool,
     ) -> Result<Engine, ClipError> {
-        let (grad_plan, grad_buffers) = plan_tensors(ctx, grads, |_| program.units.clone())?;
+        let (grad_plan, grad_buffers) =
+            plan_tensors(ctx, grads, &program.bases, |_| program.units.clone())?;
         let param_plan = params
-            .map(|p| plan_tensors(ctx, p, |_| program.units.clone()))
+            .map(|p| plan_tensors(ctx, p, &program.bases, |_| program.units.clone()))
             .transpose()?;
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
@@ -371,6 +399,8 @@ impl Engine {
         let readback = n_stages as u64 * REPORT_BYTES
             + (last_groups + n_units) as u64 * ACC_BYTES
             + n_units as u64 * 4;
+        // The unit norms of a sharded step's first half, of gradients and parameters.
+        let readback = readback.max(2 * n_units as u64 * ACC_BYTES);
         let engine = Engine {
             ctx: ctx.clone(),
             grads: grads_red,
@@ -429,9 +459,9 @@ impl Engine {
     /// The pipelines `step` dispatches, into `all` (cleared first).
     fn kernels_of(&self, step: &Step, params: &StepParams, all: &mut Vec<Kernel>) {
         let kind = step.norm.kind_code();
-        let direct = step.reduce && !step.units && self.finish_partials.is_some();
+        let direct = self.direct(step);
         all.clear();
-        if step.reduce {
+        if step.norms.reduces() {
             all.push(Kernel::Reduce(kind));
             if !direct {
                 all.push(Kernel::Combine(kind));
@@ -441,10 +471,10 @@ impl Engine {
                 all.extend([Kernel::Reduce(l2), Kernel::Combine(l2)]);
             }
         }
-        if step.reduce || step.coefs {
+        if (step.norms.groups() || step.coefs) && step.norms != Norms::UnitsOnly {
             for stage in &self.stages {
                 let adaptive = stage.adaptive;
-                if stage.groups.is_some() && step.reduce && !direct {
+                if stage.groups.is_some() && step.norms.groups() && !direct {
                     all.push(Kernel::Groups(kind));
                 }
                 all.push(Kernel::Finish { kind, adaptive });
@@ -461,6 +491,12 @@ impl Engine {
         if step.rewrite {
             all.push(self.rewrite_kernel(params));
         }
+    }
+
+    /// A step whose single global stage finishes straight from the chunk partials,
+    /// without unit norms.
+    fn direct(&self, step: &Step) -> bool {
+        step.norms == Norms::Reduce && !step.units && self.finish_partials.is_some()
     }
 
     /// Builds the pipelines `step` needs (see `Kernels::prepare`).
@@ -504,20 +540,20 @@ impl Engine {
         let state = (&self.state, &self.blocks[..]);
         let slot = (self.slots).write(queue, encoder, &params, state, &self.reports);
         let kind = step.norm.kind_code();
-        let direct = step.reduce && !step.units && self.finish_partials.is_some();
+        let direct = self.direct(&step);
         {
             let timestamp_writes = timestamp_writes(&self.timestamps);
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("gradclip step"),
                 timestamp_writes,
             });
-            if let (true, true, Some(spans)) = (step.reduce, direct, &self.span_reduce) {
+            if let (true, Some(spans)) = (direct, &self.span_reduce) {
                 pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
                 for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
                     pass.set_bind_group(0, group, &[slot]);
                     pass.dispatch_workgroups(grid[0], grid[1], 1);
                 }
-            } else if step.reduce {
+            } else if step.norms.reduces() {
                 (self.grads).encode(&mut pass, device, kernels, (kind, slot), !direct);
                 if let Some(p) = &self.params {
                     let l2 = Norm::L2.kind_code();
@@ -526,14 +562,16 @@ impl Engine {
             }
             // A value clip alone has no norm to finish and always rewrites: its rewrite is
             // dispatched directly and checks its parameter slot itself.
-            let value_only = !step.reduce && !step.coefs;
-            let stages = if value_only {
+            let value_only = step.norms == Norms::Skip && !step.coefs;
+            let stages = if value_only || step.norms == Norms::UnitsOnly {
                 &[][..]
             } else {
                 &self.stages[..]
             };
             for (k, stage) in stages.iter().enumerate() {
-                if let (Some((group, grid)), true, false) = (&stage.groups, step.reduce, direct) {
+                if let (Some((group, grid)), true, false) =
+                    (&stage.groups, step.norms.groups(), direct)
+                {
                     pass.set_pipeline(&kernels.pipeline(device, Kernel::Groups(kind)));
                     pass.set_bind_group(0, group, &[slot]);
                     pass.dispatch_workgroups(grid[0], grid[1], 1);
@@ -577,6 +615,15 @@ impl Engine {
             return Ok(None);
         }
         let readback = self.pool.take(device);
+        if step.norms == Norms::UnitsOnly {
+            let size = self.program.units.len() as u64 * ACC_BYTES;
+            let tables = std::iter::once(&self.grads).chain(&self.params);
+            for (k, red) in tables.enumerate().filter(|_| size > 0) {
+                let at = k as u64 * size;
+                encoder.copy_buffer_to_buffer(&red.segment_accs, 0, &readback, at, size);
+            }
+            return Ok(Some(readback));
+        }
         let headers = self.stages.len() as u64 * REPORT_BYTES;
         encoder.copy_buffer_to_buffer(&self.reports, 0, &readback, 0, headers);
         let n_units = self.program.units.len() as u64;
@@ -596,6 +643,25 @@ impl Engine {
             encoder.copy_buffer_to_buffer(&self.coef_buf, 0, &readback, coefs, n_units * 4);
         }
         Ok(Some(readback))
+    }
+
+    /// Overwrites the unit norms of the gradients (and of the parameters) with merged
+    /// ones, for a [`Norms::FromUnits`] step submitted after this call.
+    pub(crate) fn write_units(
+        &self,
+        grads: &[abi::Acc],
+        params: Option<&[abi::Acc]>,
+    ) -> Result<(), ClipError> {
+        let (device, queue) = (&self.ctx.inner.device, &self.ctx.inner.queue);
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let tables = std::iter::once((&self.grads, grads)).chain(self.params.iter().zip(params));
+        for (red, accs) in tables.filter(|(_, a)| !a.is_empty()) {
+            queue.write_buffer(&red.segment_accs, 0, bytemuck::cast_slice(accs));
+        }
+        match pollster::block_on(scope.pop()) {
+            Some(error) => Err(ClipError::Wgpu(error.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// Sequence number of the last encoded step.

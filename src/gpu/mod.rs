@@ -11,6 +11,7 @@ mod policy;
 mod readback;
 mod reduction;
 mod resources;
+mod sharded;
 
 pub use accumulate::GpuAccumulator;
 pub use batch::{GpuBatch, GpuTensor};
@@ -18,3 +19,4 @@ pub use context::GpuContext;
 pub use per_example::GpuPerExample;
 pub use policy::GpuPolicy;
 pub use readback::PendingReport;
+pub use sharded::ShardedGpuPolicy;

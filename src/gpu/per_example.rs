@@ -4,7 +4,7 @@
 
 use std::num::NonZeroU64;
 
-use super::batch::GpuTensor;
+use super::batch::{infos_of, GpuTensor};
 use super::context::GpuContext;
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
@@ -131,7 +131,7 @@ impl GpuPerExample {
         let (thresholds, per_layer) = clip.thresholds();
         let program = Program::per_example(&lens, batch, thresholds, per_layer);
         let policy = ClipPolicy::new(Rule::GlobalNorm(thresholds[0]));
-        let engine = GpuPolicy::build(ctx, inputs, None, policy, program)?;
+        let engine = GpuPolicy::build(ctx, inputs, None, policy, program, &infos_of(inputs))?;
         let device = &ctx.inner.device;
         let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
@@ -215,19 +215,18 @@ impl GpuPerExample {
         let ctx = self.ctx.clone();
         (ctx.inner.kernels).prepare(&ctx.inner.device, &[Kernel::PerExample])?;
         let dispatches = &self.dispatches;
-        let (readback, step) = self
-            .engine
-            .encode_step(encoder, params, false, |pass, slot| {
-                pass.set_pipeline(
-                    &ctx.inner
-                        .kernels
-                        .pipeline(&ctx.inner.device, Kernel::PerExample),
-                );
-                for (group, grid) in dispatches.iter().filter(|(_, g)| g[0] > 0) {
-                    pass.set_bind_group(0, group, &[slot]);
-                    pass.dispatch_workgroups(grid[0], grid[1], 1);
-                }
-            })?;
+        let step = self.engine.step_of(params, false);
+        let (readback, step) = self.engine.encode_step(encoder, step, |pass, slot| {
+            pass.set_pipeline(
+                &ctx.inner
+                    .kernels
+                    .pipeline(&ctx.inner.device, Kernel::PerExample),
+            );
+            for (group, grid) in dispatches.iter().filter(|(_, g)| g[0] > 0) {
+                pass.set_bind_group(0, group, &[slot]);
+                pass.dispatch_workgroups(grid[0], grid[1], 1);
+            }
+        })?;
         let (_, per_layer) = self.clip.thresholds();
         let per_unit = if per_layer { 1 } else { self.n_tensors.max(1) };
         let units = self.clip.batch * if per_layer { self.n_tensors } else { 1 };

@@ -4,14 +4,18 @@
 
 use std::sync::Arc;
 
-use super::batch::GpuTensor;
+use super::batch::{infos_of, GpuTensor};
 use super::context::GpuContext;
-use super::engine::{Engine, Step};
+use super::engine::{Engine, Norms, Step};
 use super::readback::{decode_stages, decode_units, PendingReport};
 use super::resources::StepParams;
 use crate::chain::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape};
+use crate::shaders::abi::Acc;
+
+/// The unit norms of a step's gradients, then of its parameters (empty without AGC).
+pub(crate) type UnitNorms = (Vec<Acc>, Vec<Acc>);
 
 /// Runs a [`ClipPolicy`] over gradients in caller-owned buffers, step after step.
 pub struct GpuPolicy {
@@ -43,7 +47,7 @@ impl GpuPolicy {
         params: Option<&[GpuTensor<'_>]>,
         policy: ClipPolicy,
     ) -> Result<GpuPolicy, ClipError> {
-        let infos: Vec<TensorInfo> = grads.iter().enumerate().map(|(i, t)| t.info(i)).collect();
+        let infos = infos_of(grads);
         let lens: Vec<u64> = grads.iter().map(|t| t.len).collect();
         check_shapes(&infos, &lens)?;
         let program = Program::new(&policy, &infos)?;
@@ -59,19 +63,20 @@ impl GpuPolicy {
         } else {
             None
         };
-        Self::build(ctx, grads, params, policy, program)
+        Self::build(ctx, grads, params, policy, program, &infos)
     }
 
-    /// Plans `program` (already resolved from `policy`) over `grads`.
+    /// Plans `program` (already resolved from `policy` over the tensors `infos`) over
+    /// `grads`.
     pub(crate) fn build(
         ctx: &GpuContext,
         grads: &[GpuTensor<'_>],
         params: Option<&[GpuTensor<'_>]>,
         policy: ClipPolicy,
         program: Program,
+        infos: &[TensorInfo],
     ) -> Result<GpuPolicy, ClipError> {
-        let infos: Vec<TensorInfo> = grads.iter().enumerate().map(|(i, t)| t.info(i)).collect();
-        let shape = ReportShape::new(&program, &infos);
+        let shape = ReportShape::new(&program, infos);
         let engine = Engine::new(ctx, grads, params, program, policy.noise.is_some())?;
         Ok(GpuPolicy {
             engine,
@@ -150,11 +155,9 @@ impl GpuPolicy {
     pub(crate) fn encode_step(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-        params: StepParams,
-        rewrite: bool,
+        step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<(wgpu::Buffer, u64), ClipError> {
-        let step = self.step_of(params, rewrite);
         let readback = (self.engine.encode(encoder, step, extra)?)
             .expect("policy steps read their report back");
         let n = self.step;
@@ -174,8 +177,21 @@ impl GpuPolicy {
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        self.encode_with(encoder, Norms::Reduce)
+    }
+
+    /// [`GpuPolicy::encode`] with the norms from `norms`.
+    pub(crate) fn encode_with(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        norms: Norms,
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
         let params = self.params(None)?;
-        let (readback, step) = self.encode_step(encoder, params, true, |_, _| {})?;
+        let step = Step {
+            norms,
+            ..self.step_of(params, true)
+        };
+        let (readback, step) = self.encode_step(encoder, step, |_, _| {})?;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
@@ -202,8 +218,54 @@ impl GpuPolicy {
         ))
     }
 
+    /// Records the unit norms of the next step and nothing else (the first half of a
+    /// sharded step); the step counter stays. The pending value holds the unit norms of
+    /// the gradients, then of the parameters.
+    pub(crate) fn encode_units(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingReport<UnitNorms>, ClipError> {
+        let params = self.params(None)?;
+        let step = Step {
+            norms: Norms::UnitsOnly,
+            rewrite: false,
+            units: false,
+            ..self.step_of(params, false)
+        };
+        let readback = (self.engine.encode(encoder, step, |_, _| {})?)
+            .expect("a units-only step reads its norms back");
+        let n = self.units();
+        let has_params = self.engine.program().needs_params();
+        let ctx = self.engine.ctx();
+        Ok(PendingReport::on_submit(
+            encoder,
+            readback,
+            self.engine.pool(),
+            ctx.inner.device.clone(),
+            Box::new(move |w: &[u32]| {
+                let accs: &[Acc] = bytemuck::cast_slice(&w[..w.len() / 4 * 4]);
+                let grads = accs[..n].to_vec();
+                let params = if has_params {
+                    accs[n..2 * n].to_vec()
+                } else {
+                    vec![]
+                };
+                Ok((grads, params))
+            }),
+        ))
+    }
+
     /// [`GpuPolicy::encode`], submitted now.
     pub fn run(&mut self) -> Result<PendingReport<PolicyReport>, ClipError> {
+        self.submit_with(|policy, encoder| policy.encode(encoder))
+    }
+
+    /// Records with `record` into a new encoder and submits it; a submission that fails
+    /// leaves the step counter where it was.
+    pub(crate) fn submit_with<T>(
+        &mut self,
+        record: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
+    ) -> Result<T, ClipError> {
         let ctx = self.engine.ctx().clone();
         let mut encoder =
             ctx.inner
@@ -212,7 +274,7 @@ impl GpuPolicy {
                     label: Some("gradclip policy"),
                 });
         let step = self.step;
-        let pending = self.encode(&mut encoder)?;
+        let pending = record(self, &mut encoder)?;
         if let Err(e) = ctx.submit(encoder) {
             // Nothing ran: the step counter stays where it was.
             self.rewind(step);
@@ -222,11 +284,11 @@ impl GpuPolicy {
     }
 
     /// The engine step of a policy step with `params`.
-    fn step_of(&self, params: StepParams, rewrite: bool) -> Step {
+    pub(crate) fn step_of(&self, params: StepParams, rewrite: bool) -> Step {
         Step {
             norm: self.policy.norm,
             params,
-            reduce: true,
+            norms: Norms::Reduce,
             coefs: true,
             rewrite,
             units: self.policy.report_groups,

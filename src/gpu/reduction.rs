@@ -50,7 +50,8 @@ impl SegmentReduction {
             device,
             "gradclip segment norms",
             n_segments as u64 * ACC_BYTES,
-            wgpu::BufferUsages::COPY_SRC,
+            // Read back and written by a sharded step's exchange.
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
         );
         let mut params: Vec<DispatchParams> = plan
             .windows

@@ -32,6 +32,8 @@ pub(crate) struct PlanTensor {
     pub dtype: DType,
     /// Name for error messages.
     pub name: String,
+    /// Index of its first element in its logical tensor (a shard's start; else 0).
+    pub base: u64,
 }
 
 /// Device limits that shape a plan.
@@ -240,7 +242,7 @@ impl Plan {
                     t.dtype.shader_code(),
                     seg.stride as u32,
                     seg.tensor as u32,
-                    index as u32,
+                    (t.base + index) as u32,
                     0,
                 ]
             };

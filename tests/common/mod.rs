@@ -6,6 +6,8 @@ use gradclip::{
     bf16, f16, Agc, AutoClip, BlockRmsClip, GpuBatch, GpuContext, GpuTensor, GradMut, GradRef,
     GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
 };
+pub mod sharded;
+
 use std::cell::Cell;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 

@@ -1,0 +1,130 @@
+//! A clipping policy over one rank's shard of the gradients, on host slices: the CPU
+//! engine's stages with the unit norms merged over the ranks between `reduce` and the
+//! first `combine` (`src/shard`). The GPU twin is `src/gpu/sharded.rs`.
+
+use super::engine;
+use super::policy::CpuPolicy;
+use crate::chain::{ClipPolicy, PolicyState, TensorInfo};
+use crate::dtype::{GradMut, GradRef};
+use crate::error::ClipError;
+use crate::norm::{Norm, NormAcc};
+use crate::report::PolicyReport;
+use crate::shard::{localize, table, Collective, Shard};
+
+/// Runs a [`ClipPolicy`] on this rank's shard of the gradients, so that every rank's
+/// step equals the step one process would take on all of them.
+///
+/// The chain is resolved over the *logical* tensors (`infos`, the same on every rank);
+/// [`ShardedCpuPolicy::step`] takes this rank's part of each tensor, the range
+/// [`Shard::range`] says (an empty slice for a tensor it holds nothing of). A step makes
+/// one exchange through the [`Collective`]: the partial norm of every unit (MAX, SUM, OR),
+/// after which every rank computes the same thresholds, coefficients and adaptive state.
+/// Build and step it on every rank together: both talk to the other ranks.
+pub struct ShardedCpuPolicy<C: Collective> {
+    inner: CpuPolicy,
+    shard: Shard,
+    comm: C,
+}
+
+impl<C: Collective> std::fmt::Debug for ShardedCpuPolicy<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedCpuPolicy")
+            .field("rank", &self.comm.rank())
+            .field("ranks", &self.comm.size())
+            .field("policy", &self.inner)
+            .finish()
+    }
+}
+
+impl<C: Collective> ShardedCpuPolicy<C> {
+    /// Plans `policy` over the logical tensors `infos`, of which this rank holds `shard`.
+    /// Checks with every rank (two small collectives) that the shards tile every tensor
+    /// and that all ranks planned the same tensors and chain.
+    pub fn new(
+        policy: ClipPolicy,
+        infos: &[TensorInfo],
+        shard: Shard,
+        comm: C,
+    ) -> Result<ShardedCpuPolicy<C>, ClipError> {
+        let planned =
+            Shard::new(infos, shard.ranges().to_vec()).and_then(|_| CpuPolicy::new(policy, infos));
+        let checked = planned.as_ref().map(|p| (p.program(), &shard));
+        let checked = checked.map_err(Clone::clone);
+        Shard::verify(infos, checked, &comm)?;
+        let mut inner = planned?;
+        let local = localize(inner.program(), &shard);
+        inner.set_program(local);
+        Ok(ShardedCpuPolicy { inner, shard, comm })
+    }
+
+    /// This rank's shard.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// The collective it exchanges through.
+    pub fn collective(&self) -> &C {
+        &self.comm
+    }
+
+    /// The state (the same on every rank).
+    pub fn state(&self) -> &PolicyState {
+        self.inner.state()
+    }
+
+    /// Restores a saved state; restore the same one on every rank.
+    pub fn set_state(&mut self, state: PolicyState) -> Result<(), ClipError> {
+        self.inner.set_state(state)
+    }
+
+    /// Clips this rank's gradients in place: `grads[t]` holds [`Shard::range`]`(t)` of
+    /// tensor `t`; AGC also takes the parameters' same ranges. The report is the whole
+    /// step's (norms over every rank) and the same on every rank. Bad input on any rank
+    /// is an error on every rank, and no rank changes its gradients or state.
+    pub fn step(
+        &mut self,
+        grads: &mut [GradMut<'_>],
+        params: Option<&[GradRef<'_>]>,
+    ) -> Result<PolicyReport, ClipError> {
+        let shard = &self.shard;
+        let checked = self.inner.check_with(grads, params, |lens| {
+            if lens.len() != shard.ranges().len() {
+                return Err(ClipError::ShapeMismatch {
+                    tensor: "batch".into(),
+                    expected: format!("{} tensors", shard.ranges().len()),
+                    got: format!("{} tensors", lens.len()),
+                });
+            }
+            match (0..lens.len()).find(|&t| lens[t] != shard.local_len(t)) {
+                Some(t) => Err(ClipError::ShapeMismatch {
+                    tensor: format!("#{t}"),
+                    expected: format!("this rank's shard {:?}", shard.range(t)),
+                    got: format!("{} elements", lens[t]),
+                }),
+                None => Ok(()),
+            }
+        });
+        let program = self.inner.program();
+        let n = program.units.len();
+        let needs_params = program.needs_params();
+        let params = params.filter(|_| needs_params);
+        let norm = self.inner.policy().norm;
+        let (mut units, mut w_units) = match &checked {
+            Ok(_) => engine::reduce_units(grads, params, program, norm),
+            Err(_) => (vec![NormAcc::IDENTITY; n], None),
+        };
+        if needs_params && w_units.is_none() {
+            w_units = Some(vec![NormAcc::IDENTITY; n]);
+        }
+        let mut parts = vec![(&mut units[..], norm)];
+        if let Some(w) = w_units.as_mut() {
+            parts.push((&mut w[..], Norm::L2));
+        }
+        let local = checked.as_ref().map(|_| ()).map_err(Clone::clone);
+        table::all_reduce(&self.comm, &mut parts, local)?;
+        let step = checked?;
+        let mut state = self.inner.state().clone();
+        let out = engine::run_from_units(grads, program, &step, &mut state, (units, w_units), true);
+        self.inner.commit(step, state, out)
+    }
+}

@@ -1,0 +1,175 @@
+//! A clipping policy over one rank's shard of the gradients, on the GPU: the engine's
+//! `reduce` in one submission, the unit norms read back and merged over the ranks
+//! (`src/shard`), then the stages and the rewrite from the merged norms in a second one.
+//! The CPU twin is `src/cpu/sharded.rs`.
+
+use super::batch::GpuTensor;
+use super::context::GpuContext;
+use super::engine::Norms;
+use super::policy::GpuPolicy;
+use crate::chain::{ClipPolicy, PolicyState, Program, TensorInfo};
+use crate::error::ClipError;
+use crate::norm::{Norm, NormAcc};
+use crate::report::PolicyReport;
+use crate::shard::{localize, table, Collective, Shard};
+
+/// Runs a [`ClipPolicy`] over this rank's shard of the gradients in caller-owned buffers,
+/// so that every rank's step equals the step one process would take on all of them.
+///
+/// As [`crate::ShardedCpuPolicy`]: the chain is resolved over the logical tensors
+/// (`infos`, the same on every rank), and `grads[t]` holds this rank's range of tensor
+/// `t` ([`Shard::range`]; a zero-length tensor where it holds nothing). wgpu has no
+/// device-side collective, so a sharded step makes one host round trip: the unit norms
+/// (one accumulator per unit, 16 bytes each) are read back after `reduce`, merged over
+/// the ranks, written back, and the rest of the step runs from them. Build and step it on
+/// every rank together.
+pub struct ShardedGpuPolicy<C: Collective> {
+    inner: GpuPolicy,
+    shard: Shard,
+    comm: C,
+}
+
+impl<C: Collective> std::fmt::Debug for ShardedGpuPolicy<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedGpuPolicy")
+            .field("rank", &self.comm.rank())
+            .field("ranks", &self.comm.size())
+            .field("policy", &self.inner)
+            .finish()
+    }
+}
+
+/// Checks that `tensors[t]` holds `shard.local_len(t)` elements.
+fn check_local(tensors: &[GpuTensor<'_>], shard: &Shard) -> Result<(), ClipError> {
+    if tensors.len() != shard.ranges().len() {
+        return Err(ClipError::ShapeMismatch {
+            tensor: "batch".into(),
+            expected: format!("{} tensors", shard.ranges().len()),
+            got: format!("{} tensors", tensors.len()),
+        });
+    }
+    for (t, x) in tensors.iter().enumerate() {
+        if x.len != shard.local_len(t) {
+            return Err(ClipError::ShapeMismatch {
+                tensor: x.name.clone().unwrap_or_else(|| format!("#{t}")),
+                expected: format!("this rank's shard {:?}", shard.range(t)),
+                got: format!("{} elements", x.len),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl<C: Collective> ShardedGpuPolicy<C> {
+    /// Plans `policy` over the logical tensors `infos`, of which this rank holds `shard`,
+    /// in `grads` (and, for AGC, the parameters' same ranges in `params`). Checks with
+    /// every rank that the shards tile every tensor and that all ranks planned the same
+    /// tensors and chain; an error on one rank is an error on all of them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        policy: ClipPolicy,
+        infos: &[TensorInfo],
+        shard: Shard,
+        comm: C,
+    ) -> Result<ShardedGpuPolicy<C>, ClipError> {
+        let planned = (|| {
+            Shard::new(infos, shard.ranges().to_vec())?;
+            let program = Program::new(&policy, infos)?;
+            check_local(grads, &shard)?;
+            let params = match (program.needs_params(), params) {
+                (false, _) => None,
+                (true, Some(p)) => {
+                    check_local(p, &shard)?;
+                    Some(p)
+                }
+                (true, None) => {
+                    return Err(ClipError::InvalidConfig(
+                        "AGC needs the parameters alongside the gradients".into(),
+                    ))
+                }
+            };
+            // The logical tensor index must fit the chunk table's u32 (noise keys).
+            if let Some(t) = infos.iter().find(|t| t.len() > u32::MAX as u64) {
+                return Err(ClipError::TooLarge {
+                    tensor: t.name.clone(),
+                    len: t.len(),
+                });
+            }
+            let local = localize(&program, &shard);
+            let inner = GpuPolicy::build(ctx, grads, params, policy, local, infos)?;
+            Ok((program, inner))
+        })();
+        let checked = planned.as_ref().map(|(p, _)| (p, &shard));
+        Shard::verify(infos, checked.map_err(Clone::clone), &comm)?;
+        let (_, inner) = planned?;
+        Ok(ShardedGpuPolicy { inner, shard, comm })
+    }
+
+    /// This rank's shard.
+    pub fn shard(&self) -> &Shard {
+        &self.shard
+    }
+
+    /// The collective it exchanges through.
+    pub fn collective(&self) -> &C {
+        &self.comm
+    }
+
+    /// The next step's number.
+    pub fn step_number(&self) -> u64 {
+        self.inner.step()
+    }
+
+    /// Reads the state back (the same on every rank).
+    pub fn state(&self) -> Result<PolicyState, ClipError> {
+        self.inner.state()
+    }
+
+    /// Restores a saved state; restore the same one on every rank.
+    pub fn set_state(&mut self, state: &PolicyState) -> Result<(), ClipError> {
+        self.inner.set_state(state)
+    }
+
+    /// Makes every following step write GPU timestamps (see
+    /// [`GpuPolicy::set_timestamp_writes`]; the second half of each step writes them).
+    pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
+        self.inner.set_timestamp_writes(timestamps);
+    }
+
+    /// Clips this rank's gradients in place and returns the whole step's report (the
+    /// same on every rank). Blocks for the one host round trip: the unit norms are read
+    /// back, merged over the ranks, and the rest of the step is submitted and awaited.
+    /// A failure on any rank before the merge (a device error, a schedule out of range)
+    /// is an error on every rank, and no rank changes its gradients or state.
+    pub fn step(&mut self) -> Result<PolicyReport, ClipError> {
+        let norm = self.inner.policy().norm;
+        let n = self.inner.units();
+        let needs_params = self.inner.engine().program().needs_params();
+        let read = (self.inner)
+            .submit_with(|p, encoder| p.encode_units(encoder))
+            .and_then(|pending| pending.wait());
+        let (mut units, mut w_units) = match &read {
+            Ok((g, w)) => (
+                g.iter().map(|&a| NormAcc::from(a)).collect(),
+                w.iter().map(|&a| NormAcc::from(a)).collect(),
+            ),
+            Err(_) => (vec![NormAcc::IDENTITY; n], vec![]),
+        };
+        if needs_params {
+            w_units.resize(n, NormAcc::IDENTITY);
+        }
+        let mut parts = vec![(&mut units[..], norm)];
+        if needs_params {
+            parts.push((&mut w_units[..], Norm::L2));
+        }
+        table::all_reduce(&self.comm, &mut parts, read.map(|_| ()))?;
+        let to_acc = |t: &[NormAcc]| t.iter().map(|a| a.to_acc()).collect::<Vec<_>>();
+        let merged_params = needs_params.then(|| to_acc(&w_units));
+        (self.inner.engine()).write_units(&to_acc(&units), merged_params.as_deref())?;
+        let pending = (self.inner).submit_with(|p, e| p.encode_with(e, Norms::FromUnits))?;
+        pending.wait()
+    }
+}

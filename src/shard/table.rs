@@ -1,0 +1,66 @@
+//! The one all-reduce of a sharded step: the partial norm of every unit (and, for AGC, of
+//! the parameters' units), merged over the ranks as the monoid [`NormAcc`] merges: MAX of
+//! the scales, SUM of the sums rescaled to that maximum, OR of the flags. Three
+//! collectives on vectors of one entry per unit, whatever the chain.
+
+use super::collective::Collective;
+use crate::error::ClipError;
+use crate::norm::{Norm, NormAcc};
+
+/// Replaces every accumulator of `parts` (each a table with its norm order) by its merge
+/// over the ranks. Every rank ends with the same numbers. `local` is this rank's verdict
+/// on its own step so far: a rank that failed (bad input, a device error) still takes part
+/// with empty tables, so no rank waits for it, and then every rank returns an error and
+/// changes nothing: the failing rank its own error, the others [`ClipError::Collective`].
+pub(crate) fn all_reduce(
+    comm: &dyn Collective,
+    parts: &mut [(&mut [NormAcc], Norm)],
+    local: Result<(), ClipError>,
+) -> Result<(), ClipError> {
+    if local.is_err() {
+        for (table, _) in parts.iter_mut() {
+            table.fill(NormAcc::IDENTITY);
+        }
+    }
+    let accs = || {
+        parts
+            .iter()
+            .flat_map(|(t, norm)| t.iter().map(move |a| (a, *norm)))
+    };
+    let mut scales: Vec<f64> = accs().map(|(a, _)| a.scale).collect();
+    comm.all_reduce_max(&mut scales)?;
+    let mut sums: Vec<f64> = (accs().zip(&scales))
+        .map(|((a, norm), &max)| a.rescaled_sum(norm, max))
+        .collect();
+    comm.all_reduce_sum(&mut sums)?;
+    // The flags, then one word that is 1 where a rank failed.
+    let mut flags: Vec<u32> = accs().map(|(a, _)| a.flags).collect();
+    flags.push(local.is_err() as u32);
+    comm.all_reduce_or(&mut flags)?;
+    local?;
+    if flags.pop() != Some(0) {
+        return Err(ClipError::Collective(
+            "another rank could not run this step (bad input or a device error); \
+             no rank changed its gradients"
+                .into(),
+        ));
+    }
+    let mut merged = scales.iter().zip(&sums).zip(&flags);
+    for (table, norm) in parts.iter_mut() {
+        for (acc, ((&scale, &sum), &flags)) in table.iter_mut().zip(&mut merged) {
+            *acc = if scale == 0.0 {
+                NormAcc {
+                    flags,
+                    ..NormAcc::IDENTITY
+                }
+            } else {
+                NormAcc {
+                    scale,
+                    sum: if *norm == Norm::Inf { 0.0 } else { sum },
+                    flags,
+                }
+            };
+        }
+    }
+    Ok(())
+}
