@@ -133,7 +133,13 @@ fn main() -> Result<(), ClipError> {
     let local_infos: Vec<TensorInfo> = (held.iter())
         .map(|&t| TensorInfo::new(infos[t].name.clone(), &[shard.local_len(t)]))
         .collect();
-    let (mut step_ms, mut exchange_ms, mut local_ms) = (vec![], vec![], vec![]);
+    // Per timed step (after two warm-up steps): sharded step, its collectives, alone.
+    let mut times: [Vec<f64>; 3] = Default::default();
+    let mut record = |k: u64, t: [Duration; 3]| {
+        if k >= 2 {
+            (times.iter_mut().zip(t)).for_each(|(v, d)| v.push(d.as_secs_f64() * 1e3));
+        }
+    };
     let mut report: Option<PolicyReport> = None;
     if gpu {
         let ctx = GpuContext::new()?;
@@ -181,12 +187,7 @@ fn main() -> Result<(), ClipError> {
             ctx.queue().write_buffer(&buffer, 0, &bytes);
             let start = Instant::now();
             alone.run()?.wait()?;
-            let l = start.elapsed();
-            if k >= 2 {
-                step_ms.push(s.as_secs_f64() * 1e3);
-                exchange_ms.push(e.as_secs_f64() * 1e3);
-                local_ms.push(l.as_secs_f64() * 1e3);
-            }
+            record(k, [s, e, start.elapsed()]);
             report = Some(r);
         }
     } else {
@@ -203,12 +204,7 @@ fn main() -> Result<(), ClipError> {
             let mut grads: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
             let start = Instant::now();
             alone.step(&mut grads, None)?;
-            let l = start.elapsed();
-            if k >= 2 {
-                step_ms.push(s.as_secs_f64() * 1e3);
-                exchange_ms.push(e.as_secs_f64() * 1e3);
-                local_ms.push(l.as_secs_f64() * 1e3);
-            }
+            record(k, [s, e, start.elapsed()]);
             report = Some(r);
         }
     }
@@ -226,7 +222,7 @@ fn main() -> Result<(), ClipError> {
             start.elapsed().as_secs_f64() * 1e3
         })
         .collect();
-    let (step, exchange, local) = (median(step_ms), median(exchange_ms), median(local_ms));
+    let [step, exchange, local] = times.map(median);
     let (step, exchange, local, bare) = (
         slowest(&world, step),
         slowest(&world, exchange),

@@ -87,22 +87,8 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<PolicyReport, ClipError> {
         let shard = &self.shard;
-        let checked = self.inner.check_with(grads, params, |lens| {
-            if lens.len() != shard.ranges().len() {
-                return Err(ClipError::ShapeMismatch {
-                    tensor: "batch".into(),
-                    expected: format!("{} tensors", shard.ranges().len()),
-                    got: format!("{} tensors", lens.len()),
-                });
-            }
-            match (0..lens.len()).find(|&t| lens[t] != shard.local_len(t)) {
-                Some(t) => Err(ClipError::ShapeMismatch {
-                    tensor: format!("#{t}"),
-                    expected: format!("this rank's shard {:?}", shard.range(t)),
-                    got: format!("{} elements", lens[t]),
-                }),
-                None => Ok(()),
-            }
+        let checked = (self.inner).check_with(grads, params, |lens| {
+            shard.check_local(lens, |t| format!("#{t}"))
         });
         let program = self.inner.program();
         let n = program.units.len();

@@ -197,25 +197,35 @@ impl GpuPolicy {
         let shape = self.shape.clone();
         let detail = self.policy.report_groups;
         let units = self.units();
-        let ctx = self.engine.ctx();
-        Ok(PendingReport::on_submit(
+        Ok(self.pending(encoder, readback, move |w: &[u32]| {
+            PolicyOutcome {
+                step,
+                norm,
+                stages: decode_stages(w, shape.stages()),
+                units: units as u32,
+                policy: nf,
+                detail: detail.then(|| decode_units(w, &shape, units)),
+                shape,
+            }
+            .report()
+        }))
+    }
+
+    /// The pending value `decode` reads from `readback` once `encoder` has run.
+    fn pending<T>(
+        &self,
+        encoder: &wgpu::CommandEncoder,
+        readback: wgpu::Buffer,
+        decode: impl FnOnce(&[u32]) -> Result<T, ClipError> + Send + Sync + 'static,
+    ) -> PendingReport<T> {
+        let device = self.engine.ctx().inner.device.clone();
+        PendingReport::on_submit(
             encoder,
             readback,
             self.engine.pool(),
-            ctx.inner.device.clone(),
-            Box::new(move |w: &[u32]| {
-                PolicyOutcome {
-                    step,
-                    norm,
-                    stages: decode_stages(w, shape.stages()),
-                    units: units as u32,
-                    policy: nf,
-                    detail: detail.then(|| decode_units(w, &shape, units)),
-                    shape,
-                }
-                .report()
-            }),
-        ))
+            device,
+            Box::new(decode),
+        )
     }
 
     /// Records the unit norms of the next step and nothing else (the first half of a
@@ -236,23 +246,16 @@ impl GpuPolicy {
             .expect("a units-only step reads its norms back");
         let n = self.units();
         let has_params = self.engine.program().needs_params();
-        let ctx = self.engine.ctx();
-        Ok(PendingReport::on_submit(
-            encoder,
-            readback,
-            self.engine.pool(),
-            ctx.inner.device.clone(),
-            Box::new(move |w: &[u32]| {
-                let accs: &[Acc] = bytemuck::cast_slice(&w[..w.len() / 4 * 4]);
-                let grads = accs[..n].to_vec();
-                let params = if has_params {
-                    accs[n..2 * n].to_vec()
-                } else {
-                    vec![]
-                };
-                Ok((grads, params))
-            }),
-        ))
+        Ok(self.pending(encoder, readback, move |w: &[u32]| {
+            let accs: &[Acc] = bytemuck::cast_slice(&w[..w.len() / 4 * 4]);
+            let grads = accs[..n].to_vec();
+            let params = if has_params {
+                accs[n..2 * n].to_vec()
+            } else {
+                vec![]
+            };
+            Ok((grads, params))
+        }))
     }
 
     /// [`GpuPolicy::encode`], submitted now.

@@ -41,23 +41,10 @@ impl<C: Collective> std::fmt::Debug for ShardedGpuPolicy<C> {
 
 /// Checks that `tensors[t]` holds `shard.local_len(t)` elements.
 fn check_local(tensors: &[GpuTensor<'_>], shard: &Shard) -> Result<(), ClipError> {
-    if tensors.len() != shard.ranges().len() {
-        return Err(ClipError::ShapeMismatch {
-            tensor: "batch".into(),
-            expected: format!("{} tensors", shard.ranges().len()),
-            got: format!("{} tensors", tensors.len()),
-        });
-    }
-    for (t, x) in tensors.iter().enumerate() {
-        if x.len != shard.local_len(t) {
-            return Err(ClipError::ShapeMismatch {
-                tensor: x.name.clone().unwrap_or_else(|| format!("#{t}")),
-                expected: format!("this rank's shard {:?}", shard.range(t)),
-                got: format!("{} elements", x.len),
-            });
-        }
-    }
-    Ok(())
+    let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
+    shard.check_local(&lens, |t| {
+        (tensors[t].name.clone()).unwrap_or_else(|| format!("#{t}"))
+    })
 }
 
 impl<C: Collective> ShardedGpuPolicy<C> {

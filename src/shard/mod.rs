@@ -145,6 +145,30 @@ impl Shard {
         self.ranges[t].end - self.ranges[t].start
     }
 
+    /// Checks that a rank's local tensors have the lengths of its ranges (`name(t)` names
+    /// tensor `t` in the error).
+    pub(crate) fn check_local(
+        &self,
+        lens: &[u64],
+        name: impl Fn(usize) -> String,
+    ) -> Result<(), ClipError> {
+        if lens.len() != self.ranges.len() {
+            return Err(ClipError::ShapeMismatch {
+                tensor: "batch".into(),
+                expected: format!("{} tensors", self.ranges.len()),
+                got: format!("{} tensors", lens.len()),
+            });
+        }
+        match (0..lens.len()).find(|&t| lens[t] != self.local_len(t)) {
+            Some(t) => Err(ClipError::ShapeMismatch {
+                tensor: name(t),
+                expected: format!("this rank's shard {:?}", self.range(t)),
+                got: format!("{} elements", lens[t]),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks with every rank that the shards tile each tensor exactly once and that all
     /// ranks planned the same tensors and chain; two collectives, at planning time.
     /// `planned` is this rank's own planning (its program, or why it failed): a rank
