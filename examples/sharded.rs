@@ -92,8 +92,15 @@ fn slowest(comm: &dyn Collective, x: f64) -> f64 {
     v[0]
 }
 
-fn main() -> Result<(), ClipError> {
+fn main() {
+    // Any failure ends the whole job: a rank that returned would leave the others waiting.
     MpiCollective::abort_on_panic();
+    if let Err(e) = run() {
+        panic!("{e}");
+    }
+}
+
+fn run() -> Result<(), ClipError> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: u64| {
         (args.iter().position(|a| a == name))

@@ -184,3 +184,35 @@ fn tensor_parallel_whole_tensors_clip_as_one_process() {
         }
     }
 }
+
+#[test]
+fn ranks_at_different_steps_all_fail_and_change_nothing() {
+    let infos = gpt2_tiny();
+    let out = on_ranks(2, |c| {
+        let shard = Shard::even(&infos, c.rank(), 2).unwrap();
+        let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3));
+        let mut p = ShardedCpuPolicy::new(policy.clone(), &infos, shard.clone(), &c).unwrap();
+        let mut parts: Vec<Vec<f32>> = (values(&infos, 0, 0).iter().enumerate())
+            .map(|(t, v)| v[shard.range(t).start as usize..shard.range(t).end as usize].to_vec())
+            .collect();
+        if c.rank() == 1 {
+            // As if this rank's previous step had been lost: a state one step ahead.
+            let mut other = CpuPolicy::new(policy, &infos).unwrap();
+            let mut full = values(&infos, 0, 0);
+            let mut g: Vec<GradMut<'_>> = full.iter_mut().map(|v| GradMut::F32(v)).collect();
+            other.step(&mut g, None).unwrap();
+            p.set_state(other.state().clone()).unwrap();
+        }
+        let before = parts.clone();
+        let mut g: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
+        let r = p.step(&mut g, None);
+        assert_eq!(parts, before, "rank {}: gradients untouched", c.rank());
+        r.map(|_| ())
+    });
+    for r in &out {
+        assert!(
+            matches!(r, Err(ClipError::Collective(m)) if m.contains("different steps")),
+            "{r:?}"
+        );
+    }
+}

@@ -48,7 +48,7 @@ impl<C: Collective> ShardedCpuPolicy<C> {
     ) -> Result<ShardedCpuPolicy<C>, ClipError> {
         let planned =
             Shard::new(infos, shard.ranges().to_vec()).and_then(|_| CpuPolicy::new(policy, infos));
-        let checked = planned.as_ref().map(|p| (p.program(), &shard));
+        let checked = planned.as_ref().map(|p| (p.policy(), p.program(), &shard));
         let checked = checked.map_err(Clone::clone);
         Shard::verify(infos, checked, &comm)?;
         let mut inner = planned?;
@@ -107,7 +107,8 @@ impl<C: Collective> ShardedCpuPolicy<C> {
             parts.push((&mut w[..], Norm::L2));
         }
         let local = checked.as_ref().map(|_| ()).map_err(Clone::clone);
-        table::all_reduce(&self.comm, &mut parts, local)?;
+        let step_number = self.inner.state().step;
+        table::all_reduce(&self.comm, &mut parts, step_number, local)?;
         let step = checked?;
         let mut state = self.inner.state().clone();
         let out = engine::run_from_units(grads, program, &step, &mut state, (units, w_units), true);

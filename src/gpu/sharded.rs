@@ -89,7 +89,7 @@ impl<C: Collective> ShardedGpuPolicy<C> {
             let inner = GpuPolicy::build(ctx, grads, params, policy, local, infos)?;
             Ok((program, inner))
         })();
-        let checked = planned.as_ref().map(|(p, _)| (p, &shard));
+        let checked = planned.as_ref().map(|(p, g)| (g.policy(), p, &shard));
         Shard::verify(infos, checked.map_err(Clone::clone), &comm)?;
         let (_, inner) = planned?;
         Ok(ShardedGpuPolicy { inner, shard, comm })
@@ -152,7 +152,7 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         if needs_params {
             parts.push((&mut w_units[..], Norm::L2));
         }
-        table::all_reduce(&self.comm, &mut parts, read.map(|_| ()))?;
+        table::all_reduce(&self.comm, &mut parts, self.inner.step(), read.map(|_| ()))?;
         let to_acc = |t: &[NormAcc]| t.iter().map(|a| a.to_acc()).collect::<Vec<_>>();
         let merged_params = needs_params.then(|| to_acc(&w_units));
         (self.inner.engine()).write_units(&to_acc(&units), merged_params.as_deref())?;

@@ -2,8 +2,8 @@
 //! in-process implementation over threads (the MPI one is `mpi.rs`, behind the `mpi`
 //! feature). Nothing here knows about MPI.
 
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::error::ClipError;
 
@@ -77,6 +77,8 @@ struct Round {
     arrived: usize,
     /// Per rank: its operation's name and its values (f64 or u32 bits).
     inputs: Vec<Option<(&'static str, Vec<u64>)>>,
+    /// Why the group no longer works (a rank timed out).
+    broken: Option<String>,
     /// The result of the last complete round, or why it failed.
     result: Option<Result<Vec<u64>, String>>,
     /// Ranks that have read `result` (the next round waits for all of them).
@@ -93,9 +95,9 @@ struct Shared {
 /// Ranks that are threads of one process: for tests and for data-parallel work on
 /// several devices of one machine. Reductions combine the ranks' values in rank order,
 /// so results are bitwise the same on every rank and in every run. A rank that does not
-/// arrive within the timeout (it panicked, or called another operation) makes the
-/// operation an error on the ranks that wait, rather than a hang.
-#[derive(Clone)]
+/// arrive within the timeout (it panicked, or stopped calling) makes the operation an error
+/// on the ranks that wait, rather than a hang, and breaks the group: every later call on
+/// every rank is an error too, so no rank goes on with a step the others left.
 pub struct ThreadCollective {
     rank: usize,
     shared: Arc<Shared>,
@@ -135,6 +137,32 @@ impl ThreadCollective {
             .collect()
     }
 
+    /// Waits until `done`; reaching `deadline` first breaks the group for good (as MPI
+    /// aborts), so no later call can pair one rank's step with another's.
+    fn wait<'g>(
+        &self,
+        mut round: MutexGuard<'g, Round>,
+        deadline: Instant,
+        done: impl Fn(&Round) -> bool,
+        what: &str,
+    ) -> MutexGuard<'g, Round> {
+        let s = &*self.shared;
+        while !done(&round) && round.broken.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            round = (s.ready.wait_timeout(round, left))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            if !done(&round) && round.broken.is_none() && Instant::now() >= deadline {
+                round.broken = Some(format!(
+                    "rank {} waited {:?} for {what}; the group is broken",
+                    self.rank, s.timeout
+                ));
+                s.ready.notify_all();
+            }
+        }
+        round
+    }
+
     /// Contributes `words` to the operation `op`; returns every rank's words combined with
     /// `fold` in rank order.
     fn reduce(
@@ -144,29 +172,31 @@ impl ThreadCollective {
         fold: fn(u64, u64) -> u64,
     ) -> Result<Vec<u64>, ClipError> {
         let s = &*self.shared;
-        let timeout = |what: &str| {
+        let deadline = Instant::now() + s.timeout;
+        let broken = |round: &Round| {
             ClipError::Collective(format!(
-                "rank {}: {what} within {:?} ({op})",
-                self.rank, s.timeout
+                "rank {}: {op}: {}",
+                self.rank,
+                round.broken.as_deref().unwrap_or("")
             ))
         };
         let mut round = s.round.lock().unwrap_or_else(|e| e.into_inner());
         // The previous round's result must have been read by every rank.
-        while round.result.is_some() {
-            let (r, t) = (s.ready)
-                .wait_timeout(round, s.timeout)
-                .unwrap_or_else(|e| e.into_inner());
-            round = r;
-            if t.timed_out() && round.result.is_some() {
-                return Err(timeout("the other ranks did not read the last result"));
-            }
+        round = self.wait(
+            round,
+            deadline,
+            |r| r.result.is_none(),
+            "the others to read a result",
+        );
+        if round.broken.is_some() {
+            return Err(broken(&round));
         }
         round.inputs[self.rank] = Some((op, words));
         round.arrived += 1;
         let generation = round.generation;
         if round.arrived == s.size {
             let inputs: Vec<(&str, Vec<u64>)> =
-                round.inputs.iter_mut().map(|i| i.take().unwrap()).collect();
+                round.inputs.iter_mut().flat_map(Option::take).collect();
             let (op0, first) = &inputs[0];
             let agree = inputs
                 .iter()
@@ -190,17 +220,14 @@ impl ThreadCollective {
             round.generation += 1;
             s.ready.notify_all();
         }
-        while round.generation == generation {
-            let (r, t) = (s.ready)
-                .wait_timeout(round, s.timeout)
-                .unwrap_or_else(|e| e.into_inner());
-            round = r;
-            if t.timed_out() && round.generation == generation {
-                // Leave the round as if this rank never came.
-                round.inputs[self.rank] = None;
-                round.arrived -= 1;
-                return Err(timeout("some ranks did not arrive"));
-            }
+        round = self.wait(
+            round,
+            deadline,
+            |r| r.generation != generation,
+            "the other ranks",
+        );
+        if round.generation == generation {
+            return Err(broken(&round));
         }
         let result = round.result.clone().expect("a finished round has a result");
         round.read += 1;
@@ -308,5 +335,11 @@ mod tests {
             Err(ClipError::Collective(_))
         ));
         assert_eq!(v, [1.0]);
+        // The late rank cannot pair its call with the abandoned one: the group is broken.
+        let e = lonely[1].all_reduce_sum(&mut v);
+        assert!(
+            matches!(&e, Err(ClipError::Collective(m)) if m.contains("broken")),
+            "{e:?}"
+        );
     }
 }

@@ -19,7 +19,7 @@ pub(crate) mod table;
 use std::hash::{Hash, Hasher};
 use std::ops::Range;
 
-use crate::chain::{Program, TensorInfo};
+use crate::chain::{ClipPolicy, Program, TensorInfo};
 use crate::error::ClipError;
 use crate::plan::PlanSegment;
 pub use collective::{Collective, SingleRank, ThreadCollective};
@@ -175,38 +175,40 @@ impl Shard {
     /// that failed still takes part, so every rank gets an error and none waits.
     pub(crate) fn verify(
         infos: &[TensorInfo],
-        planned: Result<(&Program, &Shard), ClipError>,
+        planned: Result<(&ClipPolicy, &Program, &Shard), ClipError>,
         comm: &dyn Collective,
     ) -> Result<(), ClipError> {
         let (rank, world) = (comm.rank(), comm.size());
         let fingerprint = match &planned {
-            Ok((program, _)) => (fingerprint(infos, program) & ((1 << 52) - 1)) as f64,
+            Ok((policy, program, _)) => {
+                (fingerprint(policy, infos, program) & ((1 << 52) - 1)) as f64
+            }
             Err(_) => 0.0,
         };
         let failed = planned.is_err() as u32 as f64;
-        let mut same = [fingerprint, -fingerprint, failed];
-        comm.all_reduce_max(&mut same)?;
-        // An all-gather of every rank's ranges through a SUM (exact: integers below 2^53).
         let n = infos.len();
-        let mut all = vec![0.0; 2 * n * world];
-        if let Ok((_, shard)) = &planned {
-            for (t, r) in shard.ranges.iter().enumerate() {
-                all[2 * (rank * n + t)] = r.start as f64;
-                all[2 * (rank * n + t) + 1] = r.end as f64;
-            }
-        }
-        comm.all_reduce_sum(&mut all)?;
-        planned?;
+        let mut same = [fingerprint, -fingerprint, failed, n as f64, -(n as f64)];
+        comm.all_reduce_max(&mut same)?;
+        // Every rank sees the same `same`, so all of them stop here together, before a
+        // reduction whose length depends on what they planned.
+        let (_, _, shard) = planned?;
         if same[2] != 0.0 {
             return Err(ClipError::Collective(
                 "another rank could not plan its shard (bad tensors, shard or chain)".into(),
             ));
         }
-        if same[0] != -same[1] {
+        if same[0] != -same[1] || same[3] != -same[4] {
             return Err(ClipError::Collective(
                 "the ranks planned different tensors or chains".into(),
             ));
         }
+        // An all-gather of every rank's ranges through a SUM (exact: integers below 2^53).
+        let mut all = vec![0.0; 2 * n * world];
+        for (t, r) in shard.ranges.iter().enumerate() {
+            all[2 * (rank * n + t)] = r.start as f64;
+            all[2 * (rank * n + t) + 1] = r.end as f64;
+        }
+        comm.all_reduce_sum(&mut all)?;
         for (t, info) in infos.iter().enumerate() {
             let mut parts: Vec<(u64, u64)> = (0..world)
                 .map(|r| (all[2 * (r * n + t)] as u64, all[2 * (r * n + t) + 1] as u64))
@@ -237,9 +239,11 @@ impl Shard {
     }
 }
 
-/// A hash of what every rank must agree on: the tensors and the resolved program.
-fn fingerprint(infos: &[TensorInfo], program: &Program) -> u64 {
+/// A hash of what every rank must agree on: the policy (norm, noise, schedule, clamp,
+/// non-finite policy), the tensors and the resolved program.
+fn fingerprint(policy: &ClipPolicy, infos: &[TensorInfo], program: &Program) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{policy:?}").hash(&mut h);
     for info in infos {
         (&info.name, &info.shape).hash(&mut h);
     }

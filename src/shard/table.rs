@@ -12,9 +12,11 @@ use crate::norm::{Norm, NormAcc};
 /// on its own step so far: a rank that failed (bad input, a device error) still takes part
 /// with empty tables, so no rank waits for it, and then every rank returns an error and
 /// changes nothing: the failing rank its own error, the others [`ClipError::Collective`].
+/// `step` is this rank's step number: ranks at different steps all fail.
 pub(crate) fn all_reduce(
     comm: &dyn Collective,
     parts: &mut [(&mut [NormAcc], Norm)],
+    step: u64,
     local: Result<(), ClipError>,
 ) -> Result<(), ClipError> {
     if local.is_err() {
@@ -28,7 +30,16 @@ pub(crate) fn all_reduce(
             .flat_map(|(t, norm)| t.iter().map(move |a| (a, *norm)))
     };
     let mut scales: Vec<f64> = accs().map(|(a, _)| a.scale).collect();
+    // Then the step number and its negation: a rank whose last step failed after the
+    // merge (a lost device) is a step behind, and every rank stops here together.
+    scales.extend([step as f64, -(step as f64)]);
     comm.all_reduce_max(&mut scales)?;
+    let behind = scales.pop().map(|m| -m) != scales.pop();
+    if behind {
+        return Err(ClipError::Collective(format!(
+            "the ranks are at different steps (this one at {step}); a step failed on some rank"
+        )));
+    }
     let mut sums: Vec<f64> = (accs().zip(&scales))
         .map(|((a, norm), &max)| a.rescaled_sum(norm, max))
         .collect();

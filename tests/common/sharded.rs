@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use gradclip::{
     Agc, AutoClip, ClipError, ClipPolicy, Collective, CpuPolicy, GaussianNoise, GpuContext,
     GpuTensor, GradMut, GradRef, GroupClip, NonFinitePolicy, PerTensorClip, PolicyReport, Rule,
-    Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo, ZClip,
+    Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo, UnitAxis, ZClip,
 };
 
 use super::{close, download, upload, Host};
@@ -114,6 +114,12 @@ pub fn cases(world: usize) -> Vec<Case> {
         case(
             "agc cut mid-row",
             ClipPolicy::new(Rule::Agc(Agc::new(0.02))),
+            false,
+            2,
+        ),
+        case(
+            "agc columns cut (optax axis)",
+            ClipPolicy::new(Rule::Agc(Agc::new(0.02).axis(UnitAxis::Last))),
             false,
             2,
         ),
