@@ -7,7 +7,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::sharded::{check_all, gpt2_tiny, values, On};
+use common::sharded::{check_all, gpt2_tiny, local, values, On};
 use gradclip::{
     ClipError, ClipPolicy, Collective, CpuPolicy, GradMut, Rule, Shard, ShardedCpuPolicy,
     SingleRank, TensorInfo, ThreadCollective,
@@ -49,11 +49,7 @@ fn norm_bits(world: usize) -> Vec<Vec<u64>> {
         let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
         (0..3)
             .map(|step| {
-                let mut parts: Vec<Vec<f32>> = (values(&infos, step, 0).iter().enumerate())
-                    .map(|(t, v)| {
-                        v[shard.range(t).start as usize..shard.range(t).end as usize].to_vec()
-                    })
-                    .collect();
+                let mut parts: Vec<Vec<f32>> = local(&values(&infos, step, 0), &shard);
                 let mut g: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
                 p.step(&mut g, None).unwrap().total_norm.to_bits()
             })
@@ -75,9 +71,7 @@ fn bad_input_on_one_rank_is_an_error_on_every_rank_and_changes_nothing() {
         let shard = Shard::even(&infos, c.rank(), 3).unwrap();
         let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3));
         let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
-        let mut parts: Vec<Vec<f32>> = (values(&infos, 0, 0).iter().enumerate())
-            .map(|(t, v)| v[shard.range(t).start as usize..shard.range(t).end as usize].to_vec())
-            .collect();
+        let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);
         if c.rank() == 1 {
             // One element short.
             let t = (0..parts.len()).find(|&t| !parts[t].is_empty()).unwrap();
@@ -192,9 +186,7 @@ fn ranks_at_different_steps_all_fail_and_change_nothing() {
         let shard = Shard::even(&infos, c.rank(), 2).unwrap();
         let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3));
         let mut p = ShardedCpuPolicy::new(policy.clone(), &infos, shard.clone(), &c).unwrap();
-        let mut parts: Vec<Vec<f32>> = (values(&infos, 0, 0).iter().enumerate())
-            .map(|(t, v)| v[shard.range(t).start as usize..shard.range(t).end as usize].to_vec())
-            .collect();
+        let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);
         if c.rank() == 1 {
             // As if this rank's previous step had been lost: a state one step ahead.
             let mut other = CpuPolicy::new(policy, &infos).unwrap();

@@ -219,7 +219,7 @@ impl<C: Collective> Collective for Turns<'_, C> {
 }
 
 /// This rank's part of every tensor.
-fn local(full: &[Vec<f32>], shard: &Shard) -> Vec<Vec<f32>> {
+pub fn local(full: &[Vec<f32>], shard: &Shard) -> Vec<Vec<f32>> {
     (full.iter().enumerate())
         .map(|(t, v)| {
             let r = shard.range(t);
