@@ -166,6 +166,11 @@ impl ClipPolicy {
         self
     }
 
+    /// True when a stage (AGC) needs the parameters as well as the gradients.
+    pub fn needs_params(&self) -> bool {
+        self.rules().any(|r| matches!(r.inner(), Rule::Agc(_)))
+    }
+
     /// Checks the whole configuration.
     pub fn validate(&self) -> Result<(), ClipError> {
         for rule in self.rules() {

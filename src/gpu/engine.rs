@@ -688,6 +688,16 @@ impl Engine {
         pending.wait()
     }
 
+    /// Copies `other`'s device state (same program) into this engine's, on the device.
+    pub(crate) fn copy_state_from(&self, other: &Engine) -> Result<(), ClipError> {
+        let device = &self.ctx.inner.device;
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("gradclip state move"),
+        });
+        encoder.copy_buffer_to_buffer(&other.state, 0, &self.state, 0, self.state.size());
+        self.ctx.submit(encoder)
+    }
+
     /// Overwrites the device state with `words`.
     pub(crate) fn write_state(&self, words: &[u32]) {
         self.ctx

@@ -23,6 +23,8 @@ pub struct GpuPolicy {
     policy: ClipPolicy,
     n_tensors: usize,
     shape: Arc<ReportShape>,
+    /// Name, shape and length of every gradient tensor planned, which a rebind must match.
+    tensors: Vec<(TensorInfo, u64)>,
     step: u64,
 }
 
@@ -78,13 +80,65 @@ impl GpuPolicy {
     ) -> Result<GpuPolicy, ClipError> {
         let shape = ReportShape::new(&program, infos);
         let engine = Engine::new(ctx, grads, params, program, policy.noise.is_some())?;
+        let tensors = infos.iter().cloned().zip(grads.iter().map(|t| t.len)).collect();
         Ok(GpuPolicy {
             engine,
             policy,
             n_tensors: grads.len(),
             shape,
+            tensors,
             step: 0,
         })
+    }
+
+    /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
+    /// lengths and order; dtypes may change), keeping its adaptive state and step count:
+    /// for gradients a memory pool relocates between steps. The state is copied on the
+    /// device; the new plan allocates its tables once, as [`GpuPolicy::new`] does. Steps
+    /// encoded earlier must have been submitted. Errors leave the policy as it was.
+    pub fn rebind(
+        &mut self,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+    ) -> Result<(), ClipError> {
+        let infos = infos_of(grads);
+        let found = infos.iter().cloned().zip(grads.iter().map(|t| t.len));
+        if grads.len() != self.tensors.len() {
+            return Err(ClipError::ShapeMismatch {
+                tensor: "the batch".into(),
+                expected: format!("{} tensors", self.tensors.len()),
+                got: format!("{}", grads.len()),
+            });
+        }
+        for ((info, len), (want, want_len)) in found.zip(&self.tensors) {
+            if info != *want || len != *want_len {
+                return Err(ClipError::ShapeMismatch {
+                    tensor: want.name.clone(),
+                    expected: format!("{} {:?} of {want_len} elements", want.name, want.shape),
+                    got: format!("{} {:?} of {len} elements", info.name, info.shape),
+                });
+            }
+        }
+        let program = self.engine.program();
+        let params = match (program.needs_params(), params) {
+            (true, None) => {
+                return Err(ClipError::InvalidConfig(
+                    "AGC needs the parameters alongside the gradients".into(),
+                ))
+            }
+            (true, Some(p)) => {
+                let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
+                check_shapes(&infos, &plens)?;
+                Some(p)
+            }
+            (false, _) => None,
+        };
+        let ctx = self.engine.ctx().clone();
+        let noise = self.policy.noise.is_some();
+        let engine = Engine::new(&ctx, grads, params, program.clone(), noise)?;
+        engine.copy_state_from(&self.engine)?;
+        self.engine = engine;
+        Ok(())
     }
 
     /// The policy this runs.

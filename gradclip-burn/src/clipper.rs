@@ -1,0 +1,178 @@
+//! Clipping a Burn module's gradients in place with any gradclip chain.
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use gradclip::{ClipPolicy, GpuPolicy, GpuTensor, PendingReport, PolicyReport, PolicyState};
+
+use crate::device::SharedDevice;
+use crate::error::BurnClipError;
+use crate::gradients::{collect, Found, Range};
+
+/// What identifies one step's buffer ranges (gradients, then parameters).
+type Key = Vec<(wgpu::Buffer, u64, u64, gradclip::DType)>;
+
+/// Clips a Burn module's gradients on Burn's own wgpu device and queue, after the
+/// backward pass and before the optimizer step: any [`ClipPolicy`] (global norm, groups
+/// by parameter path, AGC, adaptive rules, chains), one fused pass, no copy of the
+/// gradients and no host read-back inside the step.
+///
+/// Tensor names are module paths (`encoder.layers.0.weight`), so group and exclusion
+/// patterns such as `encoder.*` or `*.bias` work. The policy is planned on the first
+/// step; when Burn's memory pool hands the gradients other buffer ranges, the plan moves
+/// to them and keeps its state ([`BurnClipper::moves`] counts how often).
+pub struct BurnClipper {
+    shared: SharedDevice,
+    policy: ClipPolicy,
+    planned: Option<(GpuPolicy, Key)>,
+    restore: Option<PolicyState>,
+    moves: u64,
+}
+
+impl std::fmt::Debug for BurnClipper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BurnClipper")
+            .field("policy", &self.policy)
+            .field("planned", &self.planned.as_ref().map(|(p, _)| p))
+            .field("moves", &self.moves)
+            .finish()
+    }
+}
+
+impl BurnClipper {
+    /// A clipper running `policy` on `shared`'s device. Fails on an invalid policy.
+    pub fn new(shared: &SharedDevice, policy: ClipPolicy) -> Result<BurnClipper, BurnClipError> {
+        policy.validate()?;
+        Ok(BurnClipper {
+            shared: shared.clone(),
+            policy,
+            planned: None,
+            restore: None,
+            moves: 0,
+        })
+    }
+
+    /// The policy this runs.
+    pub fn policy(&self) -> &ClipPolicy {
+        &self.policy
+    }
+
+    /// The device it clips on.
+    pub fn shared(&self) -> &SharedDevice {
+        &self.shared
+    }
+
+    /// How many steps found the gradients in other buffer ranges than the step before
+    /// (Burn's pool moved them) and moved the plan, which allocates its tables anew.
+    pub fn moves(&self) -> u64 {
+        self.moves
+    }
+
+    /// Clips `grads`, the gradients of `module` (`GradientsParams::from_grads`), in place:
+    /// every parameter that requires a gradient must have one. Encodes the chain on
+    /// Burn's queue after Burn's pending work and submits it; the report is read back
+    /// only when asked for ([`PendingReport::wait`], or a [`gradclip::GradMonitor`]).
+    ///
+    /// Tied parameters (one `ParamId` at several paths) are clipped once, under their
+    /// first path. Two gradients that share one buffer range (Burn handed the same
+    /// tensor to both) are separated first: the later one is replaced in `grads` by a
+    /// copy, so each is clipped once. On error nothing was written.
+    pub fn clip<M: Module>(
+        &mut self,
+        module: &M,
+        grads: &mut GradientsParams,
+    ) -> Result<PendingReport<PolicyReport>, BurnClipError> {
+        let device = self.shared.device();
+        let with_params = self.policy.needs_params();
+        let mut found = collect(module, grads, device, with_params)?;
+        let mut ranges = lookup(&found)?;
+        let shared = shared_ranges(&ranges.0);
+        if !shared.is_empty() {
+            drop(ranges);
+            for &i in &shared {
+                (found[i].separate)(grads, found[i].id);
+            }
+            found = collect(module, grads, device, with_params)?;
+            ranges = lookup(&found)?;
+        }
+        // Burn's backward (and the copies) must be submitted before gradclip's pass.
+        device
+            .flush()
+            .map_err(|e| BurnClipError::Runtime(format!("flushing Burn's work: {e}")))?;
+        let grad_tensors = views(&ranges.0, &found);
+        let param_tensors = with_params.then(|| views(&ranges.1, &found));
+        let key: Key = ranges.0.iter().chain(&ranges.1).map(Range::key).collect();
+        let params = param_tensors.as_deref();
+        match &mut self.planned {
+            Some((gpu, planned)) if *planned == key => {}
+            Some((gpu, planned)) => {
+                gpu.rebind(&grad_tensors, params)?;
+                *planned = key;
+                self.moves += 1;
+            }
+            None => {
+                let mut gpu =
+                    GpuPolicy::new(self.shared.gpu(), &grad_tensors, params, self.policy.clone())?;
+                if let Some(state) = &self.restore {
+                    gpu.set_state(state)?;
+                }
+                self.restore = None;
+                self.planned = Some((gpu, key));
+            }
+        }
+        let (gpu, _) = self.planned.as_mut().expect("planned above");
+        let pending = gpu.run()?;
+        // The ranges stay pinned until gradclip's pass is submitted.
+        drop(grad_tensors);
+        drop(ranges);
+        Ok(pending)
+    }
+
+    /// The policy's state (adaptive history, step count), read back from the device, to
+    /// save with [`PolicyState::to_bytes`]; `None` before the first step.
+    pub fn state(&self) -> Result<Option<PolicyState>, BurnClipError> {
+        match &self.planned {
+            Some((gpu, _)) => Ok(Some(gpu.state()?)),
+            None => Ok(self.restore.clone()),
+        }
+    }
+
+    /// Restores a saved state (from either gradclip backend): now, or at the first step.
+    pub fn set_state(&mut self, state: PolicyState) -> Result<(), BurnClipError> {
+        match &mut self.planned {
+            Some((gpu, _)) => gpu.set_state(&state)?,
+            None => self.restore = Some(state),
+        }
+        Ok(())
+    }
+}
+
+/// The buffer ranges of the gradients and, where present, of the parameters.
+fn lookup(found: &[Found]) -> Result<(Vec<Range>, Vec<Range>), BurnClipError> {
+    let grads = found
+        .iter()
+        .map(|f| Range::of(&f.path, &f.grad))
+        .collect::<Result<Vec<_>, _>>()?;
+    let params = found
+        .iter()
+        .filter_map(|f| f.param.as_ref().map(|p| Range::of(&f.path, p)))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((grads, params))
+}
+
+/// The ranges as gradclip tensors named and shaped as their parameters.
+fn views<'a>(ranges: &'a [Range], found: &[Found]) -> Vec<GpuTensor<'a>> {
+    (ranges.iter().zip(found))
+        .map(|(r, f)| r.tensor(&f.path, &f.shape))
+        .collect()
+}
+
+/// Indices of gradients whose range is exactly an earlier gradient's.
+fn shared_ranges(grads: &[Range]) -> Vec<usize> {
+    let keys: Vec<_> = grads.iter().map(Range::key).collect();
+    (0..keys.len())
+        .filter(|&i| {
+            let (buffer, offset, _, _) = &keys[i];
+            keys[..i].iter().any(|(b, o, _, _)| b == buffer && o == offset)
+        })
+        .collect()
+}

@@ -1,0 +1,219 @@
+//! Finding a module's gradients (and parameters) and the wgpu buffer ranges behind them.
+//!
+//! A Burn gradient is a fusion handle; resolving it (a clone, since resolving the only
+//! owner consumes it) gives the cubecl tensor, whose handle names a range of one pooled
+//! buffer. The range is looked up every step: the pool may move memory between steps.
+
+use burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor, Wgpu, WgpuResource};
+use burn::cubecl::wgpu::WgpuServer;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::{DType, Device, Tensor};
+use gradclip::GpuTensor;
+
+use crate::error::BurnClipError;
+
+/// One parameter of the module that has a gradient: its path, shape and resolved tensors.
+pub(crate) struct Found {
+    /// Module path (`encoder.layers.0.weight`), the tensor's name in policies and reports.
+    pub path: String,
+    pub id: ParamId,
+    pub shape: Vec<u64>,
+    pub grad: CubeTensor,
+    /// The parameter's value, when the policy needs it (AGC).
+    pub param: Option<CubeTensor>,
+    /// Replaces the gradient in `GradientsParams` by a copy of itself in memory of its own.
+    pub separate: fn(&mut GradientsParams, ParamId),
+}
+
+/// Every parameter of `module` that requires a gradient, in visiting order, with its
+/// gradient from `grads` (and its value when `with_params`). Nothing is changed.
+pub(crate) fn collect<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    device: &Device,
+    with_params: bool,
+) -> Result<Vec<Found>, BurnClipError> {
+    let mut visitor = Collect {
+        grads,
+        device,
+        with_params,
+        path: Vec::new(),
+        found: Vec::new(),
+        error: None,
+    };
+    module.visit(&mut visitor);
+    match visitor.error {
+        Some(error) => Err(error),
+        None => Ok(visitor.found),
+    }
+}
+
+struct Collect<'a> {
+    grads: &'a GradientsParams,
+    device: &'a Device,
+    with_params: bool,
+    path: Vec<String>,
+    found: Vec<Found>,
+    error: Option<BurnClipError>,
+}
+
+impl ModuleVisitor for Collect<'_> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // Tied parameters (one id at several paths) are clipped once, under their first path.
+        if self.error.is_some() || self.found.iter().any(|f| f.id == param.id) {
+            return;
+        }
+        match self.take(param) {
+            Ok(Some(found)) => self.found.push(found),
+            Ok(None) => {}
+            Err(error) => self.error = Some(error),
+        }
+    }
+}
+
+impl Collect<'_> {
+    fn take<const D: usize>(
+        &self,
+        param: &Param<Tensor<D>>,
+    ) -> Result<Option<Found>, BurnClipError> {
+        let path = self.path.join(".");
+        let value = param.val();
+        let Some(grad) = self.grads.get::<D>(param.id) else {
+            if value.is_require_grad() {
+                return Err(BurnClipError::MissingGradient { path });
+            }
+            // A frozen parameter: nothing to clip.
+            return Ok(None);
+        };
+        let shape = grad.shape().iter().map(|&d| d as u64).collect();
+        let grad = self.resolve(&path, grad)?;
+        let value = match self.with_params {
+            true => Some(self.resolve(&path, value.inner())?),
+            false => None,
+        };
+        Ok(Some(Found {
+            path,
+            id: param.id,
+            shape,
+            grad,
+            param: value,
+            separate: separate::<D>,
+        }))
+    }
+
+    /// The cubecl tensor behind `tensor`, checked to be a plain range gradclip can clip.
+    fn resolve<const D: usize>(
+        &self,
+        path: &str,
+        tensor: Tensor<D>,
+    ) -> Result<CubeTensor, BurnClipError> {
+        let device = tensor.device();
+        if device != *self.device {
+            return Err(BurnClipError::ForeignDevice {
+                path: path.into(),
+                found: format!("{device:?}"),
+                expected: format!("{:?}", self.device),
+            });
+        }
+        let dtype = tensor.dtype();
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(BurnClipError::UnsupportedDType {
+                path: path.into(),
+                dtype,
+            });
+        }
+        let layout = |reason: String| BurnClipError::Layout {
+            path: path.into(),
+            reason,
+        };
+        let fusion = tensor
+            .try_into_primitive::<Wgpu>()
+            .map_err(|e| layout(format!("not a tensor of Burn's wgpu backend ({e:?})")))?;
+        let client = fusion.client.clone();
+        let cube = client.resolve_tensor_float::<CubeBackend>(fusion);
+        if !cube.is_contiguous() || cube.meta.is_tiled() {
+            return Err(layout(format!(
+                "strided or tiled layout (shape {:?}, strides {:?}); make it contiguous first",
+                cube.meta.shape(),
+                cube.meta.strides()
+            )));
+        }
+        Ok(cube)
+    }
+}
+
+/// `separate` for a rank-`D` gradient: a multiply by one writes a new tensor (its input
+/// is shared, so it cannot be done in place) with the same values, NaN and -0 included.
+fn separate<const D: usize>(grads: &mut GradientsParams, id: ParamId) {
+    if let Some(grad) = grads.remove::<D>(id) {
+        grads.register(id, grad.mul_scalar(1.0));
+    }
+}
+
+/// A tensor's buffer range, held in place (the pool neither frees nor moves it) until
+/// this is dropped, after the step that uses it was submitted.
+pub(crate) struct Range {
+    /// cubecl's pin on the allocation (its type is not exported).
+    _pinned: Box<dyn std::any::Any + Send>,
+    buffer: wgpu::Buffer,
+    offset: u64,
+    len: u64,
+    dtype: gradclip::DType,
+}
+
+impl Range {
+    /// Looks up the range behind `tensor`; it must hold exactly its elements.
+    pub(crate) fn of(path: &str, tensor: &CubeTensor) -> Result<Range, BurnClipError> {
+        let resource = tensor
+            .client
+            .get_resource::<WgpuServer<AutoCompiler>>(tensor.handle.clone())
+            .map_err(|e| BurnClipError::Runtime(format!("{path:?}: {e}")))?;
+        let len = tensor.meta.shape().num_elements() as u64;
+        let dtype = match tensor.dtype {
+            DType::F16 => gradclip::DType::F16,
+            DType::BF16 => gradclip::DType::BF16,
+            _ => gradclip::DType::F32,
+        };
+        let bytes = len * dtype.size();
+        let WgpuResource {
+            buffer,
+            offset,
+            size,
+            ..
+        } = resource.resource().clone();
+        if size < bytes {
+            return Err(BurnClipError::Layout {
+                path: path.into(),
+                reason: format!("its buffer range holds {size} bytes, its {len} elements need {bytes}"),
+            });
+        }
+        Ok(Range {
+            _pinned: Box::new(resource),
+            buffer,
+            offset,
+            len,
+            dtype,
+        })
+    }
+
+    /// The range as a gradclip tensor named `path` of shape `shape`.
+    pub(crate) fn tensor(&self, path: &str, shape: &[u64]) -> GpuTensor<'_> {
+        GpuTensor::new(&self.buffer, self.offset, self.len, self.dtype)
+            .named(path)
+            .shaped(shape)
+    }
+
+    /// What identifies the range: buffer, first byte, element count and type.
+    pub(crate) fn key(&self) -> (wgpu::Buffer, u64, u64, gradclip::DType) {
+        (self.buffer.clone(), self.offset, self.len, self.dtype)
+    }
+}

@@ -1,0 +1,32 @@
+//! gradclip inside Burn training code: clip a Burn module's gradients in place, on
+//! Burn's own wgpu device and queue, with any gradclip chain.
+//!
+//! ```no_run
+//! use burn::optim::{GradientsParams, SgdConfig};
+//! use gradclip::{ClipPolicy, Rule};
+//! use gradclip_burn::{BurnClipper, SharedDevice};
+//! # fn demo<M: burn::module::Module>(model: M, loss: burn::tensor::Tensor<1>) -> Result<(), Box<dyn std::error::Error>> {
+//! let shared = SharedDevice::init()?; // before any tensor touches the device
+//! let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1.0)))?;
+//! let mut optim = SgdConfig::new().init();
+//! let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+//! let report = clipper.clip(&model, &mut grads)?; // on the device, before the step
+//! let model = optim.step(0.1, model, grads);
+//! println!("norm before clipping: {}", report.wait()?.total_norm);
+//! # Ok(()) }
+//! ```
+//!
+//! See the README section "Using gradclip with Burn".
+
+#![warn(missing_docs)]
+
+mod clipper;
+mod device;
+mod error;
+mod gradients;
+mod optimizer;
+
+pub use clipper::BurnClipper;
+pub use device::SharedDevice;
+pub use error::BurnClipError;
+pub use optimizer::ClippedOptimizer;

@@ -1,0 +1,405 @@
+//! gradclip on Burn's gradients, on Burn's own wgpu device (lavapipe in CI): every clip is
+//! checked against gradclip's CPU oracle run on the gradients read back to the host, and
+//! training with the clip on the device against training with the clip on the host.
+
+use std::sync::OnceLock;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::{Linear, LinearConfig};
+use burn::optim::{GradientsParams, SgdConfig};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use gradclip::{
+    Agc, ClipPolicy, CpuPolicy, GradMut, GradRef, GroupClip, PerTensorClip, PolicyReport, Rule,
+    TensorInfo, UnitAxis,
+};
+use gradclip_burn::{BurnClipError, BurnClipper, ClippedOptimizer, SharedDevice};
+
+/// The shared device; `None` (the test is skipped, saying so) only outside CI when this
+/// machine has no adapter Burn can use. In CI the tests must run.
+fn shared() -> Option<SharedDevice> {
+    static SHARED: OnceLock<Result<SharedDevice, String>> = OnceLock::new();
+    match SHARED.get_or_init(|| SharedDevice::init().map_err(|e| e.to_string())) {
+        Ok(shared) => Some(shared.clone()),
+        Err(e) if std::env::var_os("CI").is_some() => {
+            panic!("Burn's wgpu runtime must start in CI (apt-get install mesa-vulkan-drivers): {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: Burn's wgpu runtime did not start on this machine: {e}");
+            None
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(device: &Device) -> Mlp {
+        Mlp {
+            fc1: LinearConfig::new(5, 7).init(device),
+            fc2: LinearConfig::new(7, 3).init(device),
+        }
+    }
+
+    fn loss(&self, x: Tensor<2>, y: Tensor<2>) -> Tensor<1> {
+        let h = burn::tensor::activation::relu(self.fc1.forward(x));
+        (self.fc2.forward(h) - y).powi_scalar(2).mean()
+    }
+}
+
+/// A vanilla RNN whose recurrent weights are large enough for its gradients to explode.
+#[derive(Module, Debug)]
+struct Rnn {
+    w_xh: Param<Tensor<2>>,
+    w_hh: Param<Tensor<2>>,
+    b_h: Param<Tensor<1>>,
+    out: Linear,
+}
+
+impl Rnn {
+    fn new(device: &Device) -> Rnn {
+        let normal = |shape: [usize; 2], std: f64| {
+            Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, std), device))
+        };
+        Rnn {
+            w_xh: normal([3, 6], 0.5),
+            w_hh: normal([6, 6], 1.2),
+            b_h: Param::from_tensor(Tensor::zeros([6], device)),
+            out: LinearConfig::new(6, 1).init(device),
+        }
+    }
+
+    /// `xs` is `[time, batch, 3]`; the loss is the MSE of the last output against `y`.
+    fn loss(&self, xs: Tensor<3>, y: Tensor<2>) -> Tensor<1> {
+        let [time, batch, _] = xs.dims();
+        let mut h = Tensor::<2>::zeros([batch, 6], &xs.device());
+        for t in 0..time {
+            let x = xs.clone().slice([t..t + 1]).reshape([batch, 3]);
+            h = (x.matmul(self.w_xh.val()) + h.matmul(self.w_hh.val())
+                + self.b_h.val().unsqueeze())
+            .tanh();
+        }
+        (self.out.forward(h) - y).powi_scalar(2).mean()
+    }
+}
+
+/// Deterministic inputs in [-2, 2).
+fn data<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
+    let n = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+/// One host tensor: module path, shape, values.
+#[derive(Debug, Clone)]
+struct HostTensor {
+    path: String,
+    shape: Vec<u64>,
+    values: Vec<f32>,
+}
+
+/// Reads the gradients (or, with `grads` = None, the parameter values) back, in the
+/// module's visiting order, one entry per parameter id.
+struct Reader<'a> {
+    grads: Option<&'a GradientsParams>,
+    path: Vec<String>,
+    seen: Vec<ParamId>,
+    out: Vec<HostTensor>,
+}
+
+impl ModuleVisitor for Reader<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.seen.contains(&param.id) {
+            return;
+        }
+        let tensor = match self.grads {
+            Some(g) => g.get::<D>(param.id),
+            None => Some(param.val().inner()),
+        };
+        if let Some(t) = tensor {
+            self.seen.push(param.id);
+            self.out.push(HostTensor {
+                path: self.path.join("."),
+                shape: t.shape().iter().map(|&d| d as u64).collect(),
+                values: t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
+            });
+        }
+    }
+}
+
+fn read<M: Module>(model: &M, grads: Option<&GradientsParams>) -> Vec<HostTensor> {
+    let mut reader = Reader {
+        grads,
+        path: vec![],
+        seen: vec![],
+        out: vec![],
+    };
+    model.visit(&mut reader);
+    reader.out
+}
+
+/// Replaces every gradient of `model` in `grads` by `host` (same order as [`read`]).
+struct Writer<'a> {
+    grads: &'a mut GradientsParams,
+    host: std::vec::IntoIter<HostTensor>,
+    seen: Vec<ParamId>,
+    device: Device,
+}
+
+impl ModuleVisitor for Writer<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.seen.contains(&param.id) || self.grads.get::<D>(param.id).is_none() {
+            return;
+        }
+        self.seen.push(param.id);
+        let h = self.host.next().unwrap();
+        let shape: Vec<usize> = h.shape.iter().map(|&d| d as usize).collect();
+        let t = Tensor::<D>::from_data(TensorData::new(h.values, shape), &self.device);
+        self.grads.register(param.id, t);
+    }
+}
+
+fn write<M: Module>(model: &M, grads: &mut GradientsParams, host: Vec<HostTensor>, device: &Device) {
+    let mut writer = Writer {
+        grads,
+        host: host.into_iter(),
+        seen: vec![],
+        device: device.clone(),
+    };
+    model.visit(&mut writer);
+}
+
+/// gradclip's CPU oracle: `policy` over the host gradients (and parameters for AGC).
+fn oracle(policy: &ClipPolicy, grads: &mut [HostTensor], params: Option<&[HostTensor]>) -> PolicyReport {
+    let infos: Vec<TensorInfo> = grads.iter().map(|g| TensorInfo::new(&g.path, &g.shape)).collect();
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let params: Option<Vec<GradRef>> =
+        params.map(|p| p.iter().map(|t| GradRef::F32(&t.values)).collect());
+    let mut views: Vec<GradMut> = grads.iter_mut().map(|g| GradMut::F32(&mut g.values)).collect();
+    cpu.step(&mut views, params.as_deref()).unwrap()
+}
+
+/// Every element of `got` within `rel` of `want`, relative to the tensor's largest value.
+fn assert_close(got: &[HostTensor], want: &[HostTensor], rel: f32) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.path, w.path);
+        let scale = w.values.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in g.values.iter().zip(&w.values).enumerate() {
+            assert!(
+                (a - b).abs() <= rel * scale,
+                "{} [{i}]: {a} vs {b} (scale {scale})",
+                g.path
+            );
+        }
+    }
+}
+
+fn mlp_step(shared: &SharedDevice, seed: u64) -> (Mlp, GradientsParams) {
+    let device = shared.autodiff();
+    device.seed(seed);
+    let model = Mlp::new(&device);
+    let x = data([9, 5], seed, &device);
+    let y = data([9, 3], seed + 1, &device).mul_scalar(50.0);
+    let grads = model.loss(x, y).backward();
+    let grads = GradientsParams::from_grads(grads, &model);
+    (model, grads)
+}
+
+/// Clips `grads` on the device with `policy` and checks it against the oracle.
+fn check_against_oracle<M: Module>(shared: &SharedDevice, model: &M, mut grads: GradientsParams, policy: ClipPolicy) -> Vec<HostTensor> {
+    let mut host = read(model, Some(&grads));
+    let params = policy.needs_params().then(|| read(model, None));
+    let want = oracle(&policy, &mut host, params.as_deref());
+    let mut clipper = BurnClipper::new(shared, policy).unwrap();
+    let report = clipper.clip(model, &mut grads).unwrap().wait().unwrap();
+    let got = read(model, Some(&grads));
+    assert_close(&got, &host, 1e-6);
+    let rel = (report.total_norm - want.total_norm).abs() / want.total_norm;
+    assert!(rel < 1e-6, "norm {} vs {}", report.total_norm, want.total_norm);
+    assert_eq!(report.clipped_units, want.clipped_units);
+    got
+}
+
+#[test]
+fn global_norm_clip_of_an_mlp_matches_the_host_clip() {
+    let Some(shared) = shared() else { return };
+    let (model, grads) = mlp_step(&shared, 1);
+    let before = read(&model, Some(&grads));
+    let total: f64 = before.iter().flat_map(|t| &t.values).map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    assert!(total > 2.0, "the test needs a clipping step, norm {total}");
+    let got = check_against_oracle(&shared, &model, grads, ClipPolicy::new(Rule::GlobalNorm(1.0)));
+    let after: f64 = got.iter().flat_map(|t| &t.values).map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    assert!((after - 1.0).abs() < 1e-5, "clipped norm {after}");
+}
+
+#[test]
+fn groups_by_parameter_path_agc_and_a_chain_match_the_oracle() {
+    let Some(shared) = shared() else { return };
+    let groups = GroupClip::new(10.0).group("first", "fc1.*", 0.5).group("biases", "*.bias", 0.1);
+    let agc = Agc {
+        lambda: 0.02,
+        axis: UnitAxis::First,
+        ..Agc::default()
+    };
+    for policy in [
+        ClipPolicy::new(Rule::Groups(groups)).with_group_report(),
+        ClipPolicy::new(Rule::Agc(agc.clone())),
+        ClipPolicy::new(Rule::Agc(agc)).then(Rule::GlobalNorm(0.5)),
+        ClipPolicy::new(Rule::GlobalNorm(1.0).except(["fc2.*"])),
+    ] {
+        let (model, grads) = mlp_step(&shared, 2);
+        check_against_oracle(&shared, &model, grads, policy);
+    }
+}
+
+#[test]
+fn group_reports_carry_the_parameter_paths() {
+    let Some(shared) = shared() else { return };
+    let (model, mut grads) = mlp_step(&shared, 3);
+    let policy = ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.1 })).with_group_report();
+    let mut clipper = BurnClipper::new(&shared, policy).unwrap();
+    let report = clipper.clip(&model, &mut grads).unwrap().wait().unwrap();
+    let names: Vec<&str> = report.groups.as_ref().unwrap().iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+}
+
+/// Burn's own `GradientClippingConfig::Norm` clips each parameter by its own norm: that is
+/// gradclip's per-tensor rule, not a global norm, which keeps the gradient's direction.
+#[test]
+fn burns_per_parameter_norm_clip_is_the_per_tensor_rule_not_the_global_norm() {
+    let Some(shared) = shared() else { return };
+    let (model, grads) = mlp_step(&shared, 4);
+    let host = read(&model, Some(&grads));
+    let clipping = burn::grad_clipping::GradientClippingConfig::Norm(1.0).init();
+    let burn_clipped: Vec<HostTensor> = host
+        .iter()
+        .map(|t| {
+            let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
+            let g = Tensor::<1>::from_data(TensorData::new(t.values.clone(), [t.values.len()]), shared.device());
+            let _ = shape;
+            HostTensor {
+                values: clipping.clip_gradient(g).into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
+                ..t.clone()
+            }
+        })
+        .collect();
+    let per_tensor = check_against_oracle(&shared, &model, grads, ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 })));
+    // Burn divides by norm + f32::MIN_POSITIVE, gradclip (and PyTorch) by norm + 1e-6.
+    assert_close(&per_tensor, &burn_clipped, 2e-6);
+    let (model, grads) = mlp_step(&shared, 4);
+    let global = check_against_oracle(&shared, &model, grads, ClipPolicy::new(Rule::GlobalNorm(1.0)));
+    let differs = global.iter().zip(&burn_clipped).any(|(g, b)| {
+        g.values.iter().zip(&b.values).any(|(x, y)| (x - y).abs() > 1e-3 * y.abs().max(1e-3))
+    });
+    assert!(differs, "a global norm clip must differ from the per-parameter one here");
+}
+
+/// Trains `steps` SGD steps from `init`, clipping with gradclip on the device
+/// (`on_device`) or with the CPU oracle on gradients read back to the host.
+fn train_rnn(shared: &SharedDevice, init: &Rnn, steps: usize, on_device: bool) -> (Rnn, Vec<f64>) {
+    let device = shared.autodiff();
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let mut model = init.clone();
+    let mut norms = vec![];
+    let mut optim = ClippedOptimizer::new(SgdConfig::new().init(), BurnClipper::new(shared, policy.clone()).unwrap()).unwrap();
+    let mut host_optim = SgdConfig::new().init();
+    for step in 0..steps {
+        let xs = data([8, 4, 3], 100 + step as u64, &device);
+        let y = data([4, 1], 200 + step as u64, &device);
+        let grads = GradientsParams::from_grads(model.loss(xs, y).backward(), &model);
+        if on_device {
+            let (next, report) = optim.step(0.05, model, grads);
+            model = next;
+            norms.push(report.unwrap().total_norm);
+        } else {
+            let mut grads = grads;
+            let mut host = read(&model, Some(&grads));
+            norms.push(oracle(&policy, &mut host, None).total_norm);
+            write(&model, &mut grads, host, shared.device());
+            model = host_optim.step(0.05, model, grads);
+        }
+    }
+    (model, norms)
+}
+
+#[test]
+fn rnn_trained_with_the_device_clip_matches_the_host_clipped_run() {
+    let Some(shared) = shared() else { return };
+    let device = shared.autodiff();
+    device.seed(5);
+    let init = Rnn::new(&device);
+    let (on_device, norms) = train_rnn(&shared, &init, 6, true);
+    let (on_host, host_norms) = train_rnn(&shared, &init, 6, false);
+    assert!(norms[0] > 2.0, "the RNN must explode for the test to clip: {norms:?}");
+    for (a, b) in norms.iter().zip(&host_norms) {
+        assert!((a - b).abs() <= 1e-5 * b, "norms {norms:?} vs {host_norms:?}");
+    }
+    assert_close(&read(&on_device, None), &read(&on_host, None), 1e-5);
+}
+
+#[test]
+fn a_missing_gradient_is_a_typed_error_and_touches_nothing() {
+    let Some(shared) = shared() else { return };
+    let (model, mut grads) = mlp_step(&shared, 6);
+    let id = model.fc2.bias.as_ref().unwrap().id;
+    let _ = grads.remove::<1>(id);
+    let before = read(&model, Some(&grads));
+    let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1e-3))).unwrap();
+    let err = clipper.clip(&model, &mut grads).unwrap_err();
+    assert!(matches!(&err, BurnClipError::MissingGradient { path } if path == "fc2.bias"), "{err}");
+    assert_close(&read(&model, Some(&grads)), &before, 0.0);
+}
+
+#[test]
+fn a_strided_gradient_is_a_typed_error_and_touches_nothing() {
+    let Some(shared) = shared() else { return };
+    let (model, mut grads) = mlp_step(&shared, 7);
+    let id = model.fc1.weight.id;
+    let g: Tensor<2> = grads.remove(id).unwrap();
+    // The same values as a transposed view of a [7, 5] tensor.
+    let t = Tensor::<2>::from_data(g.transpose().into_data(), shared.device());
+    grads.register(id, t.transpose());
+    let before = read(&model, Some(&grads));
+    let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1e-3))).unwrap();
+    let err = clipper.clip(&model, &mut grads).unwrap_err();
+    assert!(matches!(&err, BurnClipError::Layout { path, .. } if path == "fc1.weight"), "{err}");
+    assert_close(&read(&model, Some(&grads)), &before, 0.0);
+}
+
+#[derive(Module, Debug)]
+struct Twin {
+    a: Param<Tensor<1>>,
+    b: Param<Tensor<1>>,
+}
+
+#[test]
+fn gradients_sharing_one_buffer_range_are_each_clipped_once() {
+    let Some(shared) = shared() else { return };
+    let device = shared.autodiff();
+    let twin = Twin {
+        a: Param::from_tensor(Tensor::zeros([5], &device)),
+        b: Param::from_tensor(Tensor::zeros([5], &device)),
+    };
+    let g = Tensor::<1>::from_floats([3.0, -4.0, 12.0, 0.5, 1e-3], shared.device());
+    let mut grads = GradientsParams::new();
+    grads.register(twin.a.id, g.clone());
+    grads.register(twin.b.id, g);
+    let got = check_against_oracle(&shared, &twin, grads, ClipPolicy::new(Rule::GlobalNorm(2.0)));
+    assert_eq!(got[0].values, got[1].values);
+}
