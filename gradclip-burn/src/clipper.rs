@@ -6,7 +6,7 @@ use gradclip::{ClipPolicy, GpuPolicy, GpuTensor, PendingReport, PolicyReport, Po
 
 use crate::device::SharedDevice;
 use crate::error::BurnClipError;
-use crate::gradients::{collect, Found, Range};
+use crate::gradients::{Found, Range, collect};
 
 /// What identifies one step's buffer ranges (gradients, then parameters).
 type Key = Vec<(wgpu::Buffer, u64, u64, gradclip::DType)>;
@@ -110,8 +110,12 @@ impl BurnClipper {
                 self.moves += 1;
             }
             None => {
-                let mut gpu =
-                    GpuPolicy::new(self.shared.gpu(), &grad_tensors, params, self.policy.clone())?;
+                let mut gpu = GpuPolicy::new(
+                    self.shared.gpu(),
+                    &grad_tensors,
+                    params,
+                    self.policy.clone(),
+                )?;
                 if let Some(state) = &self.restore {
                     gpu.set_state(state)?;
                 }
@@ -172,7 +176,9 @@ fn shared_ranges(grads: &[Range]) -> Vec<usize> {
     (0..keys.len())
         .filter(|&i| {
             let (buffer, offset, _, _) = &keys[i];
-            keys[..i].iter().any(|(b, o, _, _)| b == buffer && o == offset)
+            keys[..i]
+                .iter()
+                .any(|(b, o, _, _)| b == buffer && o == offset)
         })
         .collect()
 }

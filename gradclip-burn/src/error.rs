@@ -12,7 +12,9 @@ pub enum BurnClipError {
     #[error(transparent)]
     Clip(#[from] ClipError),
     /// A parameter that requires a gradient has none in the `GradientsParams`.
-    #[error("parameter {path:?} has no gradient: was it used in the loss, and were the gradients taken from this module (GradientsParams::from_grads)?")]
+    #[error(
+        "parameter {path:?} has no gradient: was it used in the loss, and were the gradients taken from this module (GradientsParams::from_grads)?"
+    )]
     MissingGradient {
         /// Module path of the parameter.
         path: String,
@@ -28,7 +30,7 @@ pub enum BurnClipError {
         expected: String,
     },
     /// A gradient of an element type gradclip does not clip.
-    #[error("{path:?} has element type {dtype:?}; gradclip clips f32, f16 and bf16")]
+    #[error("{path:?} has element type {dtype:?}; gradclip clips f32 (and flex32), f16 and bf16")]
     UnsupportedDType {
         /// Module path of the parameter.
         path: String,
@@ -48,6 +50,8 @@ pub enum BurnClipError {
     #[error("Burn's wgpu runtime: {0}")]
     Runtime(String),
     /// The wrapped optimizer clips too (Burn's `grad_clipping` is set).
-    #[error("the optimizer already clips gradients (its gradient_clipping is set); leave it unset so nothing is clipped twice")]
+    #[error(
+        "the optimizer already clips gradients (its gradient_clipping is set); leave it unset so nothing is clipped twice"
+    )]
     ClipsTwice,
 }

@@ -125,7 +125,7 @@ impl Collect<'_> {
             });
         }
         let dtype = tensor.dtype();
-        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !matches!(dtype, DType::F32 | DType::Flex32 | DType::F16 | DType::BF16) {
             return Err(BurnClipError::UnsupportedDType {
                 path: path.into(),
                 dtype,
@@ -181,6 +181,7 @@ impl Range {
         let dtype = match tensor.dtype {
             DType::F16 => gradclip::DType::F16,
             DType::BF16 => gradclip::DType::BF16,
+            // Flex32 is stored as f32.
             _ => gradclip::DType::F32,
         };
         let bytes = len * dtype.size();
@@ -193,7 +194,9 @@ impl Range {
         if size < bytes {
             return Err(BurnClipError::Layout {
                 path: path.into(),
-                reason: format!("its buffer range holds {size} bytes, its {len} elements need {bytes}"),
+                reason: format!(
+                    "its buffer range holds {size} bytes, its {len} elements need {bytes}"
+                ),
             });
         }
         Ok(Range {

@@ -21,7 +21,9 @@ fn shared() -> Option<SharedDevice> {
     match SHARED.get_or_init(|| SharedDevice::init().map_err(|e| e.to_string())) {
         Ok(shared) => Some(shared.clone()),
         Err(e) if std::env::var_os("CI").is_some() => {
-            panic!("Burn's wgpu runtime must start in CI (apt-get install mesa-vulkan-drivers): {e}")
+            panic!(
+                "Burn's wgpu runtime must start in CI (apt-get install mesa-vulkan-drivers): {e}"
+            )
         }
         Err(e) => {
             eprintln!("skipped: Burn's wgpu runtime did not start on this machine: {e}");
@@ -62,7 +64,11 @@ struct Rnn {
 impl Rnn {
     fn new(device: &Device) -> Rnn {
         let normal = |shape: [usize; 2], std: f64| {
-            Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, std), device))
+            Param::from_tensor(Tensor::random(
+                shape,
+                Distribution::Normal(0.0, std),
+                device,
+            ))
         };
         Rnn {
             w_xh: normal([3, 6], 0.5),
@@ -77,8 +83,9 @@ impl Rnn {
         let [time, batch, _] = xs.dims();
         let mut h = Tensor::<2>::zeros([batch, 6], &xs.device());
         for t in 0..time {
-            let x = xs.clone().slice([t..t + 1]).reshape([batch, 3]);
-            h = (x.matmul(self.w_xh.val()) + h.matmul(self.w_hh.val())
+            let x = xs.clone().narrow(0, t, 1).reshape([batch, 3]);
+            h = (x.matmul(self.w_xh.val())
+                + h.matmul(self.w_hh.val())
                 + self.b_h.val().unsqueeze())
             .tanh();
         }
@@ -89,10 +96,14 @@ impl Rnn {
 /// Deterministic inputs in [-2, 2).
 fn data<const D: usize>(shape: [usize; D], seed: u64, device: &Device) -> Tensor<D> {
     let n = shape.iter().product();
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     let values: Vec<f32> = (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
         })
         .collect();
@@ -174,7 +185,12 @@ impl ModuleVisitor for Writer<'_> {
     }
 }
 
-fn write<M: Module>(model: &M, grads: &mut GradientsParams, host: Vec<HostTensor>, device: &Device) {
+fn write<M: Module>(
+    model: &M,
+    grads: &mut GradientsParams,
+    host: Vec<HostTensor>,
+    device: &Device,
+) {
     let mut writer = Writer {
         grads,
         host: host.into_iter(),
@@ -185,12 +201,22 @@ fn write<M: Module>(model: &M, grads: &mut GradientsParams, host: Vec<HostTensor
 }
 
 /// gradclip's CPU oracle: `policy` over the host gradients (and parameters for AGC).
-fn oracle(policy: &ClipPolicy, grads: &mut [HostTensor], params: Option<&[HostTensor]>) -> PolicyReport {
-    let infos: Vec<TensorInfo> = grads.iter().map(|g| TensorInfo::new(&g.path, &g.shape)).collect();
+fn oracle(
+    policy: &ClipPolicy,
+    grads: &mut [HostTensor],
+    params: Option<&[HostTensor]>,
+) -> PolicyReport {
+    let infos: Vec<TensorInfo> = grads
+        .iter()
+        .map(|g| TensorInfo::new(&g.path, &g.shape))
+        .collect();
     let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
     let params: Option<Vec<GradRef>> =
         params.map(|p| p.iter().map(|t| GradRef::F32(&t.values)).collect());
-    let mut views: Vec<GradMut> = grads.iter_mut().map(|g| GradMut::F32(&mut g.values)).collect();
+    let mut views: Vec<GradMut> = grads
+        .iter_mut()
+        .map(|g| GradMut::F32(&mut g.values))
+        .collect();
     cpu.step(&mut views, params.as_deref()).unwrap()
 }
 
@@ -199,7 +225,10 @@ fn assert_close(got: &[HostTensor], want: &[HostTensor], rel: f32) {
     assert_eq!(got.len(), want.len());
     for (g, w) in got.iter().zip(want) {
         assert_eq!(g.path, w.path);
-        let scale = w.values.iter().fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
+        let scale = w
+            .values
+            .iter()
+            .fold(f32::MIN_POSITIVE, |m, v| m.max(v.abs()));
         for (i, (a, b)) in g.values.iter().zip(&w.values).enumerate() {
             assert!(
                 (a - b).abs() <= rel * scale,
@@ -214,15 +243,24 @@ fn mlp_step(shared: &SharedDevice, seed: u64) -> (Mlp, GradientsParams) {
     let device = shared.autodiff();
     device.seed(seed);
     let model = Mlp::new(&device);
-    let x = data([9, 5], seed, &device);
-    let y = data([9, 3], seed + 1, &device).mul_scalar(50.0);
-    let grads = model.loss(x, y).backward();
-    let grads = GradientsParams::from_grads(grads, &model);
+    let grads = mlp_grads(&model, seed, &device);
     (model, grads)
 }
 
+/// The gradients of `model` on a batch drawn from `seed`.
+fn mlp_grads(model: &Mlp, seed: u64, device: &Device) -> GradientsParams {
+    let x = data([9, 5], seed, device);
+    let y = data([9, 3], seed + 1, device).mul_scalar(50.0);
+    GradientsParams::from_grads(model.loss(x, y).backward(), model)
+}
+
 /// Clips `grads` on the device with `policy` and checks it against the oracle.
-fn check_against_oracle<M: Module>(shared: &SharedDevice, model: &M, mut grads: GradientsParams, policy: ClipPolicy) -> Vec<HostTensor> {
+fn check_against_oracle<M: Module>(
+    shared: &SharedDevice,
+    model: &M,
+    mut grads: GradientsParams,
+    policy: ClipPolicy,
+) -> Vec<HostTensor> {
     let mut host = read(model, Some(&grads));
     let params = policy.needs_params().then(|| read(model, None));
     let want = oracle(&policy, &mut host, params.as_deref());
@@ -231,7 +269,12 @@ fn check_against_oracle<M: Module>(shared: &SharedDevice, model: &M, mut grads: 
     let got = read(model, Some(&grads));
     assert_close(&got, &host, 1e-6);
     let rel = (report.total_norm - want.total_norm).abs() / want.total_norm;
-    assert!(rel < 1e-6, "norm {} vs {}", report.total_norm, want.total_norm);
+    assert!(
+        rel < 1e-6,
+        "norm {} vs {}",
+        report.total_norm,
+        want.total_norm
+    );
     assert_eq!(report.clipped_units, want.clipped_units);
     got
 }
@@ -241,17 +284,34 @@ fn global_norm_clip_of_an_mlp_matches_the_host_clip() {
     let Some(shared) = shared() else { return };
     let (model, grads) = mlp_step(&shared, 1);
     let before = read(&model, Some(&grads));
-    let total: f64 = before.iter().flat_map(|t| &t.values).map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    let total: f64 = before
+        .iter()
+        .flat_map(|t| &t.values)
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     assert!(total > 2.0, "the test needs a clipping step, norm {total}");
-    let got = check_against_oracle(&shared, &model, grads, ClipPolicy::new(Rule::GlobalNorm(1.0)));
-    let after: f64 = got.iter().flat_map(|t| &t.values).map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+    let got = check_against_oracle(
+        &shared,
+        &model,
+        grads,
+        ClipPolicy::new(Rule::GlobalNorm(1.0)),
+    );
+    let after: f64 = got
+        .iter()
+        .flat_map(|t| &t.values)
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     assert!((after - 1.0).abs() < 1e-5, "clipped norm {after}");
 }
 
 #[test]
 fn groups_by_parameter_path_agc_and_a_chain_match_the_oracle() {
     let Some(shared) = shared() else { return };
-    let groups = GroupClip::new(10.0).group("first", "fc1.*", 0.5).group("biases", "*.bias", 0.1);
+    let groups = GroupClip::new(10.0)
+        .group("first", "fc1.*", 0.5)
+        .group("biases", "*.bias", 0.1);
     let agc = Agc {
         lambda: 0.02,
         axis: UnitAxis::First,
@@ -272,10 +332,17 @@ fn groups_by_parameter_path_agc_and_a_chain_match_the_oracle() {
 fn group_reports_carry_the_parameter_paths() {
     let Some(shared) = shared() else { return };
     let (model, mut grads) = mlp_step(&shared, 3);
-    let policy = ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.1 })).with_group_report();
+    let policy =
+        ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.1 })).with_group_report();
     let mut clipper = BurnClipper::new(&shared, policy).unwrap();
     let report = clipper.clip(&model, &mut grads).unwrap().wait().unwrap();
-    let names: Vec<&str> = report.groups.as_ref().unwrap().iter().map(|g| g.name.as_str()).collect();
+    let names: Vec<&str> = report
+        .groups
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|g| g.name.as_str())
+        .collect();
     assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
 }
 
@@ -291,33 +358,68 @@ fn burns_per_parameter_norm_clip_is_the_per_tensor_rule_not_the_global_norm() {
         .iter()
         .map(|t| {
             let shape: Vec<usize> = t.shape.iter().map(|&d| d as usize).collect();
-            let g = Tensor::<1>::from_data(TensorData::new(t.values.clone(), [t.values.len()]), shared.device());
+            let g = Tensor::<1>::from_data(
+                TensorData::new(t.values.clone(), [t.values.len()]),
+                shared.device(),
+            );
             let _ = shape;
             HostTensor {
-                values: clipping.clip_gradient(g).into_data().convert::<f32>().try_to_vec::<f32>().unwrap(),
+                values: clipping
+                    .clip_gradient(g)
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .unwrap(),
                 ..t.clone()
             }
         })
         .collect();
-    let per_tensor = check_against_oracle(&shared, &model, grads, ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 })));
+    let per_tensor = check_against_oracle(
+        &shared,
+        &model,
+        grads,
+        ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 })),
+    );
     // Burn divides by norm + f32::MIN_POSITIVE, gradclip (and PyTorch) by norm + 1e-6.
     assert_close(&per_tensor, &burn_clipped, 2e-6);
     let (model, grads) = mlp_step(&shared, 4);
-    let global = check_against_oracle(&shared, &model, grads, ClipPolicy::new(Rule::GlobalNorm(1.0)));
+    let global = check_against_oracle(
+        &shared,
+        &model,
+        grads,
+        ClipPolicy::new(Rule::GlobalNorm(1.0)),
+    );
     let differs = global.iter().zip(&burn_clipped).any(|(g, b)| {
-        g.values.iter().zip(&b.values).any(|(x, y)| (x - y).abs() > 1e-3 * y.abs().max(1e-3))
+        g.values
+            .iter()
+            .zip(&b.values)
+            .any(|(x, y)| (x - y).abs() > 1e-3 * y.abs().max(1e-3))
     });
-    assert!(differs, "a global norm clip must differ from the per-parameter one here");
+    assert!(
+        differs,
+        "a global norm clip must differ from the per-parameter one here"
+    );
 }
 
 /// Trains `steps` SGD steps from `init`, clipping with gradclip on the device
 /// (`on_device`) or with the CPU oracle on gradients read back to the host.
-fn train_rnn(shared: &SharedDevice, init: &Rnn, steps: usize, on_device: bool) -> (Rnn, Vec<f64>) {
+fn train_rnn(
+    shared: &SharedDevice,
+    init: &Rnn,
+    steps: usize,
+    policy: &ClipPolicy,
+    on_device: bool,
+) -> (Rnn, Vec<PolicyReport>, u64) {
     let device = shared.autodiff();
-    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
     let mut model = init.clone();
-    let mut norms = vec![];
-    let mut optim = ClippedOptimizer::new(SgdConfig::new().init(), BurnClipper::new(shared, policy.clone()).unwrap()).unwrap();
+    let mut reports = vec![];
+    let clipper = BurnClipper::new(shared, policy.clone()).unwrap();
+    let mut optim = ClippedOptimizer::new(SgdConfig::new().init(), clipper).unwrap();
+    let infos: Vec<TensorInfo> = read(init, None)
+        .iter()
+        .map(|t| TensorInfo::new(&t.path, &t.shape))
+        .collect();
+    let mut host_clip = CpuPolicy::new(policy.clone(), &infos).unwrap();
     let mut host_optim = SgdConfig::new().init();
     for step in 0..steps {
         let xs = data([8, 4, 3], 100 + step as u64, &device);
@@ -326,31 +428,76 @@ fn train_rnn(shared: &SharedDevice, init: &Rnn, steps: usize, on_device: bool) -
         if on_device {
             let (next, report) = optim.step(0.05, model, grads);
             model = next;
-            norms.push(report.unwrap().total_norm);
+            reports.push(report.unwrap());
         } else {
             let mut grads = grads;
             let mut host = read(&model, Some(&grads));
-            norms.push(oracle(&policy, &mut host, None).total_norm);
+            let mut views: Vec<GradMut> = host
+                .iter_mut()
+                .map(|g| GradMut::F32(&mut g.values))
+                .collect();
+            reports.push(host_clip.step(&mut views, None).unwrap());
             write(&model, &mut grads, host, shared.device());
             model = host_optim.step(0.05, model, grads);
         }
     }
-    (model, norms)
+    (model, reports, optim.clipper().moves())
+}
+
+/// The device run and the host run of `policy` agree on every report and on the weights.
+fn check_training(
+    shared: &SharedDevice,
+    policy: ClipPolicy,
+    steps: usize,
+) -> (Vec<PolicyReport>, u64) {
+    let device = shared.autodiff();
+    device.seed(5);
+    let init = Rnn::new(&device);
+    let (on_device, reports, moves) = train_rnn(shared, &init, steps, &policy, true);
+    let (on_host, host_reports, _) = train_rnn(shared, &init, steps, &policy, false);
+    for (a, b) in reports.iter().zip(&host_reports) {
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs().max(1e-30);
+        assert!(
+            close(a.total_norm, b.total_norm),
+            "step {}: {} vs {}",
+            a.step,
+            a.total_norm,
+            b.total_norm
+        );
+        let (ta, tb) = (
+            a.threshold.unwrap_or(0.0) as f64,
+            b.threshold.unwrap_or(0.0) as f64,
+        );
+        assert!(close(ta, tb), "step {}: threshold {ta} vs {tb}", a.step);
+        assert_eq!(
+            (a.step, a.clipped_units, a.skipped),
+            (b.step, b.clipped_units, b.skipped)
+        );
+    }
+    assert_close(&read(&on_device, None), &read(&on_host, None), 1e-5);
+    (reports, moves)
 }
 
 #[test]
 fn rnn_trained_with_the_device_clip_matches_the_host_clipped_run() {
     let Some(shared) = shared() else { return };
-    let device = shared.autodiff();
-    device.seed(5);
-    let init = Rnn::new(&device);
-    let (on_device, norms) = train_rnn(&shared, &init, 6, true);
-    let (on_host, host_norms) = train_rnn(&shared, &init, 6, false);
-    assert!(norms[0] > 2.0, "the RNN must explode for the test to clip: {norms:?}");
-    for (a, b) in norms.iter().zip(&host_norms) {
-        assert!((a - b).abs() <= 1e-5 * b, "norms {norms:?} vs {host_norms:?}");
-    }
-    assert_close(&read(&on_device, None), &read(&on_host, None), 1e-5);
+    let (reports, _) = check_training(&shared, ClipPolicy::new(Rule::GlobalNorm(1.0)), 6);
+    assert!(
+        reports[0].total_norm > 2.0,
+        "the RNN must explode for the test to clip"
+    );
+    assert!(reports.iter().all(|r| r.clipped_units > 0));
+}
+
+/// AutoClip's history lives on the device across steps, also when Burn's pool hands the
+/// gradients other buffer ranges (the plan moves, keeping its state).
+#[test]
+fn adaptive_state_carries_across_steps_as_on_the_host() {
+    let Some(shared) = shared() else { return };
+    let policy = ClipPolicy::new(Rule::AutoClip(gradclip::AutoClip::new(50.0, 8)));
+    let (reports, moves) = check_training(&shared, policy, 12);
+    eprintln!("the gradients moved {moves} times in 12 steps");
+    assert!(reports.iter().any(|r| r.clipped_units > 0));
 }
 
 #[test]
@@ -362,7 +509,10 @@ fn a_missing_gradient_is_a_typed_error_and_touches_nothing() {
     let before = read(&model, Some(&grads));
     let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1e-3))).unwrap();
     let err = clipper.clip(&model, &mut grads).unwrap_err();
-    assert!(matches!(&err, BurnClipError::MissingGradient { path } if path == "fc2.bias"), "{err}");
+    assert!(
+        matches!(&err, BurnClipError::MissingGradient { path } if path == "fc2.bias"),
+        "{err}"
+    );
     assert_close(&read(&model, Some(&grads)), &before, 0.0);
 }
 
@@ -378,7 +528,10 @@ fn a_strided_gradient_is_a_typed_error_and_touches_nothing() {
     let before = read(&model, Some(&grads));
     let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1e-3))).unwrap();
     let err = clipper.clip(&model, &mut grads).unwrap_err();
-    assert!(matches!(&err, BurnClipError::Layout { path, .. } if path == "fc1.weight"), "{err}");
+    assert!(
+        matches!(&err, BurnClipError::Layout { path, .. } if path == "fc1.weight"),
+        "{err}"
+    );
     assert_close(&read(&model, Some(&grads)), &before, 0.0);
 }
 
@@ -400,6 +553,83 @@ fn gradients_sharing_one_buffer_range_are_each_clipped_once() {
     let mut grads = GradientsParams::new();
     grads.register(twin.a.id, g.clone());
     grads.register(twin.b.id, g);
-    let got = check_against_oracle(&shared, &twin, grads, ClipPolicy::new(Rule::GlobalNorm(2.0)));
+    let got = check_against_oracle(
+        &shared,
+        &twin,
+        grads,
+        ClipPolicy::new(Rule::GlobalNorm(2.0)),
+    );
     assert_eq!(got[0].values, got[1].values);
+}
+
+#[test]
+fn an_optimizer_that_clips_already_is_refused() {
+    let Some(shared) = shared() else { return };
+    let clips = SgdConfig::new()
+        .with_gradient_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
+        .init();
+    let clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1.0))).unwrap();
+    let err = ClippedOptimizer::new(clips, clipper).err().unwrap();
+    assert!(matches!(err, BurnClipError::ClipsTwice), "{err}");
+}
+
+/// A skipped step (NaN gradients under SkipStep) leaves the module and the gradients as
+/// they were; the next finite step trains.
+#[test]
+fn a_skipped_step_leaves_the_module_unchanged() {
+    let Some(shared) = shared() else { return };
+    let (model, mut grads) = mlp_step(&shared, 9);
+    let id = model.fc2.bias.as_ref().unwrap().id;
+    let g: Tensor<1> = grads.remove(id).unwrap();
+    grads.register(id, g.mul_scalar(f32::NAN));
+    let policy =
+        ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(gradclip::NonFinitePolicy::SkipStep);
+    let clipper = BurnClipper::new(&shared, policy).unwrap();
+    let mut optim = ClippedOptimizer::new(SgdConfig::new().init(), clipper).unwrap();
+    let before = read(&model, None);
+    let (model, report) = optim.step(0.1, model, grads);
+    let report = report.unwrap();
+    assert!(report.skipped && report.non_finite);
+    assert_close(&read(&model, None), &before, 0.0);
+    let grads = mlp_grads(&model, 9, &shared.autodiff());
+    let (model, report) = optim.step(0.1, model, grads);
+    assert!(!report.unwrap().skipped);
+    let after = read(&model, None);
+    assert!(after.iter().zip(&before).any(|(a, b)| a.values != b.values));
+}
+
+/// A gradient of an element type gradclip does not clip (f64 here, where the device has
+/// it; else a quantized one) is a typed error, and nothing is written.
+#[test]
+fn an_unsupported_element_type_is_a_typed_error() {
+    let Some(shared) = shared() else { return };
+    let (model, mut grads) = mlp_step(&shared, 10);
+    let id = model.fc2.weight.id;
+    let g: Tensor<2> = grads.remove(id).unwrap();
+    let device = shared.device();
+    let scheme = burn::tensor::quantization::QuantScheme::default();
+    let odd = if device.supports_dtype(burn::tensor::DType::F64) {
+        g.cast(burn::tensor::DType::F64)
+    } else if shared.setup().backend != wgpu::Backend::Gl {
+        // Burn's quantization fails on GL ("Can't store in u32") though it says it has it.
+        g.quantize_dynamic(&scheme)
+    } else {
+        // Mesa's GL: no f64; CI runs this on lavapipe.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "no unsupported float type to try"
+        );
+        eprintln!("skipped: this device has neither f64 nor quantized tensors");
+        return;
+    };
+    let dtype = odd.dtype();
+    grads.register(id, odd);
+    let before = read(&model, Some(&grads));
+    let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1e-3))).unwrap();
+    let err = clipper.clip(&model, &mut grads).unwrap_err();
+    assert!(
+        matches!(&err, BurnClipError::UnsupportedDType { path, dtype: d } if path == "fc2.weight" && *d == dtype),
+        "{err}"
+    );
+    assert_close(&read(&model, Some(&grads)), &before, 0.0);
 }

@@ -80,7 +80,11 @@ impl GpuPolicy {
     ) -> Result<GpuPolicy, ClipError> {
         let shape = ReportShape::new(&program, infos);
         let engine = Engine::new(ctx, grads, params, program, policy.noise.is_some())?;
-        let tensors = infos.iter().cloned().zip(grads.iter().map(|t| t.len)).collect();
+        let tensors = infos
+            .iter()
+            .cloned()
+            .zip(grads.iter().map(|t| t.len))
+            .collect();
         Ok(GpuPolicy {
             engine,
             policy,

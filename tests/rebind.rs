@@ -1,0 +1,148 @@
+//! `GpuPolicy::rebind`: the plan moves to new buffer ranges of the same tensors (a memory
+//! pool relocated them) and the adaptive state and step count carry over, step for step
+//! as on the CPU.
+
+mod common;
+use common::*;
+use gradclip::*;
+
+fn tensors<'a>(
+    buffer: &'a wgpu::Buffer,
+    offsets: &[u64],
+    h: &[Host],
+    infos: &[TensorInfo],
+) -> Vec<GpuTensor<'a>> {
+    h.iter()
+        .zip(offsets)
+        .zip(infos)
+        .map(|((t, &o), info)| {
+            GpuTensor::new(buffer, o, t.as_ref().len() as u64, t.as_ref().dtype())
+                .named(info.name.clone())
+                .shaped(&info.shape)
+        })
+        .collect()
+}
+
+#[test]
+fn a_rebound_policy_keeps_its_state_as_the_cpu_does() {
+    let ctx = gpu();
+    let base = vec![
+        host(0, (0..37).map(|i| (i as f32 * 0.37).sin()).collect()),
+        host(2, (0..11).map(|i| (i as f32 - 5.0) * 0.25).collect()),
+        host(0, vec![3.0, -4.0, 0.5]),
+    ];
+    let infos: Vec<TensorInfo> = ["enc.weight", "enc.bias", "head.weight"]
+        .iter()
+        .zip(&base)
+        .map(|(n, t)| TensorInfo::new(*n, &[t.as_ref().len() as u64]))
+        .collect();
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4)));
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    // Two places for the same tensors: packed, and after a 3-element pad.
+    let pad = host(0, vec![0.0; 3]);
+    let padded: Vec<Host> = std::iter::once(pad).chain(base.clone()).collect();
+    let (a, b) = (upload(&ctx, &base), upload(&ctx, &padded));
+    let mut gpu = GpuPolicy::new(
+        &ctx,
+        &tensors(&a.buffer, &a.offsets, &base, &infos),
+        None,
+        policy,
+    )
+    .unwrap();
+    for step in 0..8usize {
+        let k = [1.0f32, 5.0, 0.2, 9.0, 1.0, 30.0, 0.5, 2.0][step];
+        let mut h: Vec<Host> = base
+            .iter()
+            .map(|t| {
+                host(
+                    if matches!(t, Host::F32(_)) { 0 } else { 2 },
+                    t.to_f64().iter().map(|&v| v as f32 * k).collect(),
+                )
+            })
+            .collect();
+        let (arena, skip) = if step % 2 == 0 { (&a, 0) } else { (&b, 1) };
+        let mut placed: Vec<Host> = if skip == 1 {
+            std::iter::once(host(0, vec![0.0; 3]))
+                .chain(h.clone())
+                .collect()
+        } else {
+            h.clone()
+        };
+        write(&ctx, arena, &placed);
+        if step > 0 {
+            gpu.rebind(
+                &tensors(&arena.buffer, &arena.offsets[skip..], &h, &infos),
+                None,
+            )
+            .unwrap();
+        }
+        let got = gpu.run().unwrap().wait().unwrap();
+        let want = cpu.step(&mut muts(&mut h), None).unwrap();
+        assert_eq!(
+            (got.step, got.clipped_units),
+            (want.step, want.clipped_units)
+        );
+        assert!(
+            close(got.total_norm, want.total_norm, 1e-6),
+            "{} vs {}",
+            got.total_norm,
+            want.total_norm
+        );
+        let (tg, tw) = (
+            got.threshold.unwrap() as f64,
+            want.threshold.unwrap() as f64,
+        );
+        assert!(close(tg, tw, 1e-6), "step {step}: threshold {tg} vs {tw}");
+        placed = download(&ctx, arena, &placed);
+        for (g, w) in placed[skip..].iter().zip(&h) {
+            for (x, y) in g.to_f64().iter().zip(w.to_f64()) {
+                assert!(close(*x, y, 1e-6), "step {step}: {x} vs {y}");
+            }
+        }
+    }
+    assert_eq!(gpu.step(), 8);
+}
+
+#[test]
+fn rebinding_other_tensors_is_refused_and_changes_nothing() {
+    let ctx = gpu();
+    let h = vec![host(0, vec![3.0, 4.0]), host(0, vec![1.0; 5])];
+    let infos = [TensorInfo::new("a", &[2]), TensorInfo::new("b", &[5])];
+    let arena = upload(&ctx, &h);
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let mut gpu = GpuPolicy::new(
+        &ctx,
+        &tensors(&arena.buffer, &arena.offsets, &h, &infos),
+        None,
+        policy,
+    )
+    .unwrap();
+    let shorter = vec![host(0, vec![3.0, 4.0]), host(0, vec![1.0; 4])];
+    let err = gpu
+        .rebind(
+            &tensors(&arena.buffer, &arena.offsets, &shorter, &infos),
+            None,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, ClipError::ShapeMismatch { tensor, .. } if tensor == "b"),
+        "{err}"
+    );
+    let renamed = [TensorInfo::new("a", &[2]), TensorInfo::new("c", &[5])];
+    let err = gpu
+        .rebind(&tensors(&arena.buffer, &arena.offsets, &h, &renamed), None)
+        .unwrap_err();
+    assert!(matches!(err, ClipError::ShapeMismatch { .. }), "{err}");
+    let err = gpu
+        .rebind(
+            &tensors(&arena.buffer, &arena.offsets[..1], &h[..1], &infos),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ClipError::ShapeMismatch { .. }), "{err}");
+    assert_eq!(gpu.step(), 0);
+    let report = gpu.run().unwrap().wait().unwrap();
+    assert!(close(report.total_norm, 30f64.sqrt(), 1e-6));
+    let out = download(&ctx, &arena, &h);
+    assert!(close(out[0].to_f64()[0], 3.0 / 30f64.sqrt(), 1e-6));
+}
