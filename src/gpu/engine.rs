@@ -186,6 +186,31 @@ impl Engine {
         program: Program,
         noise: bool,
     ) -> Result<Engine, ClipError> {
+        Self::build(ctx, grads, params, program, noise, None)
+    }
+
+    /// This engine's program planned over new buffer ranges of the same tensors; the
+    /// device state and the readback pool are shared, not copied, so steps go on from
+    /// where this one's left off.
+    pub(crate) fn rebound(
+        &self,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        noise: bool,
+    ) -> Result<Engine, ClipError> {
+        let kept = (self.state.clone(), self.pool.clone());
+        let program = self.program.clone();
+        Self::build(&self.ctx, grads, params, program, noise, Some(kept))
+    }
+
+    fn build(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        program: Program,
+        noise: bool,
+        kept: Option<(wgpu::Buffer, Arc<ReportPool>)>,
+    ) -> Result<Engine, ClipError> {
         let (grad_plan, grad_buffers) =
             plan_tensors(ctx, grads, &program.bases, |_| program.units.clone())?;
         let param_plan = params
@@ -202,12 +227,15 @@ impl Engine {
             .map(|(plan, bufs)| SegmentReduction::new(device, kernels, plan, bufs, &slots));
         let n_units = program.units.len();
         let n_stages = program.stages.len();
-        let state = storage_init(
-            device,
-            "gradclip state",
-            bytemuck::cast_slice(&program.fresh_state().words),
-            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        );
+        let (state, pool) = kept.unzip();
+        let state = state.unwrap_or_else(|| {
+            storage_init(
+                device,
+                "gradclip state",
+                bytemuck::cast_slice(&program.fresh_state().words),
+                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            )
+        });
         let reports = storage_zeroed(
             device,
             "gradclip reports",
@@ -417,7 +445,7 @@ impl Engine {
             blocks: program.stages.iter().map(|s| s.state_base).collect(),
             reports,
             coef_buf,
-            pool: ReportPool::new(readback),
+            pool: pool.unwrap_or_else(|| ReportPool::new(readback)),
             seq: 0,
             timestamps: None,
             kernel_list: Default::default(),
@@ -686,16 +714,6 @@ impl Engine {
         );
         self.ctx.submit(encoder)?;
         pending.wait()
-    }
-
-    /// Copies `other`'s device state (same program) into this engine's, on the device.
-    pub(crate) fn copy_state_from(&self, other: &Engine) -> Result<(), ClipError> {
-        let device = &self.ctx.inner.device;
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("gradclip state move"),
-        });
-        encoder.copy_buffer_to_buffer(&other.state, 0, &self.state, 0, self.state.size());
-        self.ctx.submit(encoder)
     }
 
     /// Overwrites the device state with `words`.

@@ -97,9 +97,9 @@ impl GpuPolicy {
 
     /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
     /// lengths and order; dtypes may change), keeping its adaptive state and step count:
-    /// for gradients a memory pool relocates between steps. The state is copied on the
-    /// device; the new plan allocates its tables once, as [`GpuPolicy::new`] does. Steps
-    /// encoded earlier must have been submitted. Errors leave the policy as it was.
+    /// for gradients a memory pool relocates between steps. The device state and the
+    /// readback buffers stay where they are; the tables that depend on where the tensors
+    /// lie are built anew. Errors leave the policy as it was.
     pub fn rebind(
         &mut self,
         grads: &[GpuTensor<'_>],
@@ -137,11 +137,8 @@ impl GpuPolicy {
             }
             (false, _) => None,
         };
-        let ctx = self.engine.ctx().clone();
         let noise = self.policy.noise.is_some();
-        let engine = Engine::new(&ctx, grads, params, program.clone(), noise)?;
-        engine.copy_state_from(&self.engine)?;
-        self.engine = engine;
+        self.engine = self.engine.rebound(grads, params, noise)?;
         Ok(())
     }
 
