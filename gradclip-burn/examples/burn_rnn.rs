@@ -98,6 +98,8 @@ enum Clip {
 
 struct Run {
     name: &'static str,
+    clip: Clip,
+    model: Option<Rnn>,
     losses: Vec<f64>,
     norms: Vec<f64>,
     step_ms: Vec<f64>,
@@ -117,24 +119,23 @@ fn burn_norm(model: &Rnn, grads: &GradientsParams) -> f64 {
     .sqrt()
 }
 
-fn train(
-    name: &'static str,
-    mut clip: Clip,
-    init: &Rnn,
-    steps: usize,
-    seed: u64,
-    device: &Device,
-) -> Run {
-    let mut model = init.clone();
-    let mut run = Run {
-        name,
-        losses: vec![],
-        norms: vec![],
-        step_ms: vec![],
-        clip_ms: vec![],
-        monitor: GradMonitor::new(),
-    };
-    for step in 0..steps {
+impl Run {
+    fn new(name: &'static str, clip: Clip, init: &Rnn) -> Run {
+        Run {
+            name,
+            clip,
+            model: Some(init.clone()),
+            losses: vec![],
+            norms: vec![],
+            step_ms: vec![],
+            clip_ms: vec![],
+            monitor: GradMonitor::new(),
+        }
+    }
+
+    /// One training step on batch `step`, ended on the device.
+    fn step(&mut self, step: usize, seed: u64, device: &Device) {
+        let model = self.model.take().expect("a model between steps");
         let (xs, y) = batch(step, seed, device);
         let start = Instant::now();
         let loss = model.loss(xs, y);
@@ -142,10 +143,10 @@ fn train(
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         // The backward pass ends on the device in every run, so the clip is timed alone.
         device.sync().expect("device");
-        model = match &mut clip {
+        let model = match &mut self.clip {
             Clip::None(optim) | Clip::Burn(optim) => {
-                if step % 10 == 0 {
-                    run.norms.push(burn_norm(&model, &grads));
+                if step.is_multiple_of(10) {
+                    self.norms.push(burn_norm(&model, &grads));
                 }
                 optim.step(LR, model, grads)
             }
@@ -153,20 +154,20 @@ fn train(
                 let clip_start = Instant::now();
                 let report = clipper.clip(&model, &mut grads).expect("gradclip step");
                 let report = report.wait().expect("gradclip report");
-                run.clip_ms.push(clip_start.elapsed().as_secs_f64() * 1e3);
-                if step % 10 == 0 {
-                    run.norms.push(report.total_norm);
+                self.clip_ms.push(clip_start.elapsed().as_secs_f64() * 1e3);
+                if step.is_multiple_of(10) {
+                    self.norms.push(report.total_norm);
                 }
-                run.monitor.record(report);
+                self.monitor.record(report);
                 optim.step(LR, model, grads)
             }
         };
         // End the step on the device, so step times are comparable.
         device.sync().expect("device");
-        run.step_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        run.losses.push(loss_value);
+        self.step_ms.push(start.elapsed().as_secs_f64() * 1e3);
+        self.losses.push(loss_value);
+        self.model = Some(model);
     }
-    run
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -193,35 +194,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).with_group_report();
     let burn_clip =
         SgdConfig::new().with_gradient_clipping(Some(GradientClippingConfig::Norm(1.0)));
-    let runs = [
-        train(
-            "no clipping",
-            Clip::None(SgdConfig::new().init()),
-            &init,
-            steps,
-            seed,
-            &device,
-        ),
-        train(
+    let mut runs = [
+        Run::new("no clipping", Clip::None(SgdConfig::new().init()), &init),
+        Run::new(
             "Burn per-parameter norm 1.0",
             Clip::Burn(burn_clip.init()),
             &init,
-            steps,
-            seed,
-            &device,
         ),
-        train(
+        Run::new(
             "gradclip global norm 1.0",
             Clip::Gradclip(
                 Box::new(BurnClipper::new(&shared, policy)?),
                 SgdConfig::new().init(),
             ),
             &init,
-            steps,
-            seed,
-            &device,
         ),
     ];
+    // The runs take turns step by step, so the machine's drift reaches all three alike.
+    for step in 0..steps {
+        for run in &mut runs {
+            run.step(step, seed, &device);
+        }
+    }
     // About ten rows; the norms were recorded every 10 steps.
     let every = 10 * steps.div_ceil(100).max(1);
     println!("\nloss and global gradient norm before clipping, every {every} steps:");
