@@ -45,7 +45,8 @@ run() {
     local bench=.bench/bench
     [ -x "$bench" ] || bench=target/release/examples/bench
     set +e
-    timeout 360 "$bench" --runs 7 --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+    # torch's clip on the same GPU and shapes, timed right after each gradclip figure.
+    GRADCLIP_TORCH_PYTHON=python3 timeout 360 "$bench" --runs 7 --json "$out/bench.json" 2>&1 | tee "$out/bench.log"
     local status=${PIPESTATUS[0]}
     timeout 100 python3 bench/torch_peer.py --runs 7 --json "$out/torch.json" 2>&1 | tee "$out/torch.log"
     set -e

@@ -6,6 +6,13 @@ is there (else the CPU), and one fused AdamW step after the clip. Medians of N r
 gradients reset before each (untimed). Writes JSON records like the bench's
 ({workload, dtype, path, op, ms, floor_ms, plain_ms, adapter}). Without torch it says so
 and exits 0: the peer column is optional.
+
+With --serve it is the bench's same-run peer instead (GRADCLIP_TORCH_PYTHON): it reads one
+JSON request per line on stdin, {"workload", "lens", "dtype", "op", "runs", "sigma"}, times
+that operation on gradients of those lengths (normal, std sigma; thresholds as the bench's:
+half and ten times their norm, and +-sigma), the better of foreach and the per-tensor loop,
+and answers one JSON line {"ms", "variant", "adapter"} (or {"error"}); {"probe": true}
+answers {"adapter", "cuda"}.
 """
 
 import argparse
@@ -27,17 +34,81 @@ def load_shapes(path):
     return shapes
 
 
+def serve(torch):
+    """The bench's peer: one request per line on stdin, one answer per line on stdout."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    adapter = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    cache = {}
+
+    def timed(fn, reset, runs):
+        times = []
+        for _ in range(runs + 1):
+            reset()
+            if cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times[1:])
+
+    for line in sys.stdin:
+        try:
+            req = json.loads(line)
+            if req.get("probe"):
+                print(json.dumps({"adapter": adapter, "cuda": cuda}), flush=True)
+                continue
+            dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[req["dtype"]]
+            key = (req["workload"], req["dtype"])
+            if key not in cache:
+                cache.clear()  # one workload in memory at a time
+                gen = torch.Generator(device=device).manual_seed(7)
+                params = [torch.zeros(n, dtype=dtype, device=device, requires_grad=True) for n in req["lens"]]
+                pristine = [torch.randn(n, generator=gen, dtype=dtype, device=device) * req["sigma"]
+                            for n in req["lens"]]
+                total = float(torch.nn.utils.get_total_norm(pristine))
+                cache[key] = (params, pristine, total)
+            params, pristine, total = cache[key]
+
+            def reset():
+                for p, g in zip(params, pristine):
+                    p.grad = g.clone()
+
+            sigma, n = req["sigma"], len(params)
+            ops = {
+                "total norm (L2)": lambda f: torch.nn.utils.get_total_norm([p.grad for p in params], foreach=f),
+                "global clip, clipping": lambda f: torch.nn.utils.clip_grad_norm_(params, total * 0.5, foreach=f),
+                "global clip, not clipping": lambda f: torch.nn.utils.clip_grad_norm_(params, total * 10, foreach=f),
+                "value clip": lambda f: torch.nn.utils.clip_grad_value_(params, sigma, foreach=f),
+            }
+            op = ops[req["op"]]
+            best = min((timed(lambda: op(f), reset, req["runs"]), "foreach" if f else "loop")
+                       for f in (True, False))
+            answer = {"ms": best[0], "variant": best[1], "adapter": adapter, "tensors": n}
+        except Exception as e:  # the bench reports it and goes on without the peer figure
+            answer = {"error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=str(Path(__file__).with_name("gpt2-small-shapes.txt")))
     ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json")
+    ap.add_argument("--serve", action="store_true", help="answer the bench's requests on stdin")
     args = ap.parse_args()
     try:
         import torch
     except ImportError:
-        print("torch_peer: no torch in this Python; no peer column")
+        print("torch_peer: no torch in this Python; no peer column", file=sys.stderr)
         return 0
+    if args.serve:
+        return serve(torch)
+    if not args.json:
+        ap.error("--json is required without --serve")
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     adapter = torch.cuda.get_device_name(0) if cuda else f"CPU, {torch.get_num_threads()} threads"

@@ -15,6 +15,11 @@
 //!   --runs N        timed runs per figure, the median is reported (default 7)
 //!   --json PATH     also write every figure as JSON records {workload, dtype, path, op,
 //!                   ms, floor_ms, plain_ms, adapter, ...}
+//!
+//!   GRADCLIP_TORCH_PYTHON=/path/to/python   a Python with torch (optional): PyTorch's
+//!                   get_total_norm / clip_grad_norm_ / clip_grad_value_ on the same shapes,
+//!                   timed right after each gradclip figure (path `torch-cpu`, or
+//!                   `torch-cuda` next to the GPU rows when torch has CUDA)
 //! ```
 //!
 //! It lists the wgpu adapters and opens the one `GpuContext::new` picks (a hardware GPU,
@@ -46,7 +51,7 @@ use wgpu::util::DeviceExt;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{gradients, small_lens, Flat, Op, Params, BLOCK};
+use common::{gradients, small_lens, Flat, Op, Params, BLOCK, SIGMA};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -274,6 +279,8 @@ struct Row {
     floor: (&'static str, f64),
     /// The plain kernels of the same traffic (GPU rows with timestamps).
     plain: Option<f64>,
+    /// A peer's adapter and variant (PyTorch rows).
+    peer: Option<(String, String)>,
 }
 
 impl Row {
@@ -301,12 +308,17 @@ impl Row {
                 self.ms / plain
             );
         }
+        if let Some((adapter, variant)) = &self.peer {
+            println!("       (PyTorch, {variant}, on {adapter})");
+        }
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bench_cpu(
     rows: &mut Vec<Row>,
     checks: &mut Checks,
+    peer: &mut Option<TorchPeer>,
     name: &str,
     lens: &[usize],
     pristine: &Flat,
@@ -351,11 +363,128 @@ fn bench_cpu(
             wall: None,
             floor: floors.of(op),
             plain: None,
+            peer: None,
         };
         row.print();
+        let peer_row = (peer.as_mut().filter(|p| !p.cuda)).and_then(|p| p.row(&row, lens, runs));
         rows.push(row);
+        if let Some(r) = peer_row {
+            r.print();
+            rows.push(r);
+        }
     }
     Ok(())
+}
+
+/// PyTorch on the same shapes as a peer column (`GRADCLIP_TORCH_PYTHON`): a long-lived
+/// `bench/torch_peer.py --serve`, asked for each operation right after gradclip's, so
+/// both are timed in the same state of the machine.
+struct TorchPeer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    adapter: String,
+    cuda: bool,
+}
+
+impl TorchPeer {
+    /// The peer, when `GRADCLIP_TORCH_PYTHON` names a Python with torch (else `None`,
+    /// saying why).
+    fn start() -> Option<TorchPeer> {
+        use std::process::{Command, Stdio};
+        let python = std::env::var_os("GRADCLIP_TORCH_PYTHON")?;
+        // The working tree's copy first: a binary built elsewhere runs from its tree.
+        let here = std::path::Path::new("bench/torch_peer.py");
+        let script = if here.exists() {
+            here
+        } else {
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/torch_peer.py"))
+        };
+        let threads = rayon::current_num_threads().to_string();
+        let spawned = Command::new(&python)
+            .arg(script)
+            .arg("--serve")
+            .env("OMP_NUM_THREADS", &threads)
+            .env("MKL_NUM_THREADS", &threads)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                println!(
+                    "PyTorch peer: cannot start {}: {e}",
+                    python.to_string_lossy()
+                );
+                return None;
+            }
+        };
+        let stdin = child.stdin.take()?;
+        let stdout = std::io::BufReader::new(child.stdout.take()?);
+        let mut peer = TorchPeer {
+            child,
+            stdin,
+            stdout,
+            adapter: String::new(),
+            cuda: false,
+        };
+        match peer.ask(&serde_json::json!({ "probe": true })) {
+            Some(a) if a.get("adapter").is_some() => {
+                peer.adapter = a["adapter"].as_str().unwrap_or("?").to_string();
+                peer.cuda = a["cuda"].as_bool().unwrap_or(false);
+                println!("PyTorch peer: torch on {}", peer.adapter);
+                Some(peer)
+            }
+            _ => {
+                println!("PyTorch peer: that Python has no torch; no peer column");
+                None
+            }
+        }
+    }
+
+    /// One request and its answer.
+    fn ask(&mut self, request: &serde_json::Value) -> Option<serde_json::Value> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{request}").ok()?;
+        self.stdin.flush().ok()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
+    /// PyTorch's figure for the operation of `row`, over tensors of `lens`.
+    fn row(&mut self, row: &Row, lens: &[usize], runs: usize) -> Option<Row> {
+        let answer = self.ask(&serde_json::json!({
+            "workload": row.workload,
+            "lens": lens,
+            "dtype": row.dtype.to_string(),
+            "op": row.op.label(),
+            "runs": runs,
+            "sigma": SIGMA,
+        }))?;
+        let Some(ms) = answer["ms"].as_f64() else {
+            println!("  PyTorch peer: {}", answer["error"]);
+            return None;
+        };
+        let variant = answer["variant"].as_str().unwrap_or("?").to_string();
+        Some(Row {
+            path: "torch",
+            ms,
+            wall: None,
+            plain: None,
+            peer: Some((self.adapter.clone(), variant)),
+            workload: row.workload.clone(),
+            ..*row
+        })
+    }
+}
+
+impl Drop for TorchPeer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A timestamp query pair and the buffers to read it back.
@@ -772,6 +901,7 @@ fn check_gpu(
 fn bench_gpu(
     rows: &mut Vec<Row>,
     checks: &mut Checks,
+    peer: &mut Option<TorchPeer>,
     ctx: &GpuContext,
     name: &str,
     lens: &[usize],
@@ -852,9 +982,15 @@ fn bench_gpu(
             wall: Some(wall),
             floor: floors.of(op),
             plain: plain_ms,
+            peer: None,
         };
         row.print();
+        let peer_row = (peer.as_mut().filter(|p| p.cuda)).and_then(|p| p.row(&row, lens, runs));
         rows.push(row);
+        if let Some(r) = peer_row {
+            r.print();
+            rows.push(r);
+        }
     }
     Ok(())
 }
@@ -897,16 +1033,28 @@ fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
     let records: Vec<serde_json::Value> = (rows.iter())
         .map(|r| {
             let gpu = r.path == "GPU";
+            let path = match &r.peer {
+                Some((adapter, _)) if adapter.starts_with("CPU") => "torch-cpu",
+                Some(_) => "torch-cuda",
+                None if gpu => "gpu",
+                None => "cpu",
+            };
+            let adapter = match &r.peer {
+                Some((adapter, _)) => adapter.as_str(),
+                None if gpu => gpu_name,
+                None => cpu_name.as_str(),
+            };
             serde_json::json!({
                 "workload": r.workload,
                 "dtype": r.dtype.to_string(),
-                "path": if gpu { "gpu" } else { "cpu" },
+                "path": path,
                 "op": r.op.label(),
                 "ms": r.ms,
                 "floor_ms": r.floor.1,
                 "floor": r.floor.0,
                 "plain_ms": r.plain,
-                "adapter": if gpu { gpu_name } else { cpu_name.as_str() },
+                "adapter": adapter,
+                "variant": r.peer.as_ref().map(|p| p.1.as_str()),
                 "moved_mb": r.moved / 1e6,
                 "wall_ms": r.wall,
             })
@@ -989,6 +1137,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
     }
     workloads.push(("2000 small tensors", small_lens(), true, true));
 
+    let mut peer = TorchPeer::start();
     let mut rows = Vec::new();
     let mut checks = Checks::default();
     for (name, lens, on_gpu, on_cpu) in &workloads {
@@ -1007,6 +1156,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
                 bench_gpu(
                     &mut rows,
                     &mut checks,
+                    &mut peer,
                     ctx,
                     name,
                     lens,
@@ -1017,7 +1167,16 @@ fn run(o: &Options) -> Res<Vec<String>> {
                 )?;
             }
             if !o.gpu_only && *on_cpu {
-                bench_cpu(&mut rows, &mut checks, name, lens, &pristine, &p, o.runs)?;
+                bench_cpu(
+                    &mut rows,
+                    &mut checks,
+                    &mut peer,
+                    name,
+                    lens,
+                    &pristine,
+                    &p,
+                    o.runs,
+                )?;
             }
         }
     }

@@ -85,7 +85,7 @@ impl BurnClipper {
         let with_params = self.policy.needs_params();
         let mut found = collect(module, grads, device, with_params)?;
         let mut ranges = lookup(&found)?;
-        let shared = shared_ranges(&ranges.0);
+        let shared = overlapping(&ranges.0);
         if !shared.is_empty() {
             drop(ranges);
             for &i in &shared {
@@ -93,6 +93,12 @@ impl BurnClipper {
             }
             found = collect(module, grads, device, with_params)?;
             ranges = lookup(&found)?;
+            if let Some(&i) = overlapping(&ranges.0).first() {
+                return Err(BurnClipError::Layout {
+                    path: found[i].path.clone(),
+                    reason: "its gradient still shares memory with another one after a copy".into(),
+                });
+            }
         }
         // Burn's backward (and the copies) must be submitted before gradclip's pass.
         device
@@ -103,9 +109,26 @@ impl BurnClipper {
         let key: Key = ranges.0.iter().chain(&ranges.1).map(Range::key).collect();
         let params = param_tensors.as_deref();
         match &mut self.planned {
-            Some((gpu, planned)) if *planned == key => {}
+            Some((_, planned)) if *planned == key => {}
             Some((gpu, planned)) => {
-                gpu.rebind(&grad_tensors, params)?;
+                match gpu.rebind(&grad_tensors, params) {
+                    Ok(()) => {}
+                    // Another set of parameters has gradients now (a layer unfrozen, say):
+                    // plan it anew, keeping the state where it still fits.
+                    Err(gradclip::ClipError::ShapeMismatch { .. }) => {
+                        let state = gpu.state()?;
+                        let ctx = self.shared.gpu();
+                        let mut fresh =
+                            GpuPolicy::new(ctx, &grad_tensors, params, self.policy.clone())?;
+                        if fresh.set_state(&state).is_err() {
+                            // A state of another shape: fresh, but the step count goes on.
+                            let restarted = fresh.state()?.with_step(state.step());
+                            fresh.set_state(&restarted)?;
+                        }
+                        *gpu = fresh;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
                 *planned = key;
                 self.moves += 1;
             }
@@ -170,15 +193,10 @@ fn views<'a>(ranges: &'a [Range], found: &[Found]) -> Vec<GpuTensor<'a>> {
         .collect()
 }
 
-/// Indices of gradients whose range is exactly an earlier gradient's.
-fn shared_ranges(grads: &[Range]) -> Vec<usize> {
-    let keys: Vec<_> = grads.iter().map(Range::key).collect();
-    (0..keys.len())
-        .filter(|&i| {
-            let (buffer, offset, _, _) = &keys[i];
-            keys[..i]
-                .iter()
-                .any(|(b, o, _, _)| b == buffer && o == offset)
-        })
+/// Indices of gradients whose bytes overlap an earlier gradient's (the same tensor twice,
+/// or views of one tensor such as the pieces of a `cat` backward).
+fn overlapping(grads: &[Range]) -> Vec<usize> {
+    (0..grads.len())
+        .filter(|&i| grads[..i].iter().any(|g| g.overlaps(&grads[i])))
         .collect()
 }

@@ -3,9 +3,10 @@
 use burn::tensor::DType;
 use gradclip::ClipError;
 
-/// Everything that can go wrong between Burn and gradclip. Every error is returned before
-/// any gradient is written: the gradients, the clipper's state and its step counter are
-/// left as they were.
+/// Everything that can go wrong between Burn and gradclip. An error of
+/// [`crate::BurnClipper::clip`] is returned before any gradient is written: the gradients,
+/// the clipper's state and its step counter are left as they were. (A report that cannot
+/// be read back afterwards, [`ClipError::Readback`], comes after the clip ran.)
 #[derive(Debug, thiserror::Error)]
 pub enum BurnClipError {
     /// gradclip refused the policy or the tensors, or wgpu refused the step.

@@ -215,6 +215,12 @@ impl Range {
             .shaped(shape)
     }
 
+    /// True when the two ranges share a byte.
+    pub(crate) fn overlaps(&self, other: &Range) -> bool {
+        let end = |r: &Range| r.offset + r.len * r.dtype.size();
+        self.buffer == other.buffer && self.offset < end(other) && other.offset < end(self)
+    }
+
     /// What identifies the range: buffer, first byte, element count and type.
     pub(crate) fn key(&self) -> (wgpu::Buffer, u64, u64, gradclip::DType) {
         (self.buffer.clone(), self.offset, self.len, self.dtype)

@@ -2,7 +2,7 @@
 //! checked against gradclip's CPU oracle run on the gradients read back to the host, and
 //! training with the clip on the device against training with the clip on the host.
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
@@ -14,12 +14,18 @@ use gradclip::{
 };
 use gradclip_burn::{BurnClipError, BurnClipper, ClippedOptimizer, SharedDevice};
 
-/// The shared device; `None` (the test is skipped, saying so) only outside CI when this
-/// machine has no adapter Burn can use. In CI the tests must run.
-fn shared() -> Option<SharedDevice> {
+/// The shared device, held for the test (tests take turns on a GL device: wgpu's GL
+/// backend panics when two threads use its context at once); `None` (the test is skipped,
+/// saying so) only outside CI when Burn's wgpu runtime cannot start. In CI it must start.
+fn shared() -> Option<Held> {
     static SHARED: OnceLock<Result<SharedDevice, String>> = OnceLock::new();
+    static TURN: Mutex<()> = Mutex::new(());
     match SHARED.get_or_init(|| SharedDevice::init().map_err(|e| e.to_string())) {
-        Ok(shared) => Some(shared.clone()),
+        Ok(shared) => {
+            let gl = shared.setup().backend == wgpu::Backend::Gl;
+            let turn = gl.then(|| TURN.lock().unwrap_or_else(|e| e.into_inner()));
+            Some(Held(shared.clone(), turn))
+        }
         Err(e) if std::env::var_os("CI").is_some() => {
             panic!(
                 "Burn's wgpu runtime must start in CI (apt-get install mesa-vulkan-drivers): {e}"
@@ -29,6 +35,19 @@ fn shared() -> Option<SharedDevice> {
             eprintln!("skipped: Burn's wgpu runtime did not start on this machine: {e}");
             None
         }
+    }
+}
+
+/// A test's hold on the shared device (see [`shared`]); on GL its turn, released on drop.
+struct Held(
+    SharedDevice,
+    #[allow(dead_code)] Option<MutexGuard<'static, ()>>,
+);
+
+impl std::ops::Deref for Held {
+    type Target = SharedDevice;
+    fn deref(&self) -> &SharedDevice {
+        &self.0
     }
 }
 
@@ -432,11 +451,14 @@ fn train_rnn(
         } else {
             let mut grads = grads;
             let mut host = read(&model, Some(&grads));
+            let weights = policy.needs_params().then(|| read(&model, None));
+            let params: Option<Vec<GradRef>> =
+                (weights.as_ref()).map(|w| w.iter().map(|t| GradRef::F32(&t.values)).collect());
             let mut views: Vec<GradMut> = host
                 .iter_mut()
                 .map(|g| GradMut::F32(&mut g.values))
                 .collect();
-            reports.push(host_clip.step(&mut views, None).unwrap());
+            reports.push(host_clip.step(&mut views, params.as_deref()).unwrap());
             write(&model, &mut grads, host, shared.device());
             model = host_optim.step(0.05, model, grads);
         }
@@ -456,7 +478,11 @@ fn check_training(
     let (on_device, reports, moves) = train_rnn(shared, &init, steps, &policy, true);
     let (on_host, host_reports, _) = train_rnn(shared, &init, steps, &policy, false);
     for (a, b) in reports.iter().zip(&host_reports) {
-        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * y.abs().max(1e-30);
+        // The two runs drift apart by rounding: each clip agrees to 1e-7, but Burn's
+        // autotune may pick other matmul kernels for the second run (seen on GL: 1e-5 at
+        // step 11). A broken clip is off by far more.
+        let tol = 1e-4;
+        let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs().max(1e-30);
         assert!(
             close(a.total_norm, b.total_norm),
             "step {}: {} vs {}",
@@ -474,7 +500,7 @@ fn check_training(
             (b.step, b.clipped_units, b.skipped)
         );
     }
-    assert_close(&read(&on_device, None), &read(&on_host, None), 1e-5);
+    assert_close(&read(&on_device, None), &read(&on_host, None), 1e-4);
     (reports, moves)
 }
 
@@ -497,7 +523,25 @@ fn adaptive_state_carries_across_steps_as_on_the_host() {
     let policy = ClipPolicy::new(Rule::AutoClip(gradclip::AutoClip::new(50.0, 8)));
     let (reports, moves) = check_training(&shared, policy, 12);
     eprintln!("the gradients moved {moves} times in 12 steps");
+    assert!(
+        moves > 0,
+        "the test must see Burn's pool move the gradients"
+    );
     assert!(reports.iter().any(|r| r.clipped_units > 0));
+}
+
+/// AGC reads the parameters, which SGD writes anew every step: they move too.
+#[test]
+fn agc_then_global_norm_trains_as_on_the_host() {
+    let Some(shared) = shared() else { return };
+    let agc = Agc {
+        lambda: 0.05,
+        ..Agc::default()
+    };
+    let policy = ClipPolicy::new(Rule::Agc(agc)).then(Rule::GlobalNorm(1.0));
+    let (reports, moves) = check_training(&shared, policy, 6);
+    assert!(moves > 0);
+    assert!(reports.iter().all(|r| r.clipped_units > 0));
 }
 
 #[test]
@@ -632,4 +676,162 @@ fn an_unsupported_element_type_is_a_typed_error() {
         "{err}"
     );
     assert_close(&read(&model, Some(&grads)), &before, 0.0);
+}
+
+/// f16 and bf16 gradients (Burn's half-precision training) are clipped in their own type,
+/// as the oracle clips them.
+#[test]
+fn half_precision_gradients_match_the_oracle() {
+    let Some(shared) = shared() else { return };
+    let mut ran = 0;
+    for dtype in [burn::tensor::DType::F16, burn::tensor::DType::BF16] {
+        // Burn's wgpu backend has f16 on lavapipe, not bf16 (no WGSL type for it).
+        if !shared.device().supports_dtype(dtype) {
+            eprintln!("skipped {dtype:?}: Burn does not offer it on this device");
+            continue;
+        }
+        ran += 1;
+        let (model, mut grads) = mlp_step(&shared, 11);
+        for p in [model.fc1.weight.id, model.fc2.weight.id] {
+            let g: Tensor<2> = grads.remove(p).unwrap();
+            grads.register(p, g.cast(dtype));
+        }
+        for p in [
+            model.fc1.bias.as_ref().unwrap().id,
+            model.fc2.bias.as_ref().unwrap().id,
+        ] {
+            let g: Tensor<1> = grads.remove(p).unwrap();
+            grads.register(p, g.cast(dtype));
+        }
+        // The host copy in the same type (exact: f32 holds every f16 and bf16 value).
+        let halves = read(&model, Some(&grads));
+        let mut want: Vec<Half> = halves.iter().map(|t| Half::new(dtype, &t.values)).collect();
+        let infos: Vec<TensorInfo> = halves
+            .iter()
+            .map(|t| TensorInfo::new(&t.path, &t.shape))
+            .collect();
+        let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+        let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+        let mut views: Vec<GradMut> = want.iter_mut().map(|h| h.as_mut()).collect();
+        let want_report = cpu.step(&mut views, None).unwrap();
+        let mut clipper = BurnClipper::new(&shared, policy).unwrap();
+        let report = clipper.clip(&model, &mut grads).unwrap().wait().unwrap();
+        assert!(
+            (report.total_norm - want_report.total_norm).abs() <= 1e-6 * want_report.total_norm
+        );
+        // Each element rounds once to the type, as on the host: at most one unit apart.
+        let ulp = if dtype == burn::tensor::DType::F16 {
+            1e-3
+        } else {
+            8e-3
+        };
+        for (got, want) in read(&model, Some(&grads)).iter().zip(&want) {
+            for (a, b) in got.values.iter().zip(want.to_f32()) {
+                assert!(
+                    (a - b).abs() <= ulp * b.abs() + 1e-7,
+                    "{dtype:?} {}: {a} vs {b}",
+                    got.path
+                );
+            }
+        }
+    }
+    assert!(
+        ran > 0 || std::env::var_os("CI").is_none(),
+        "lavapipe offers f16"
+    );
+}
+
+/// Host values of one 16-bit type.
+enum Half {
+    F16(Vec<gradclip::f16>),
+    BF16(Vec<gradclip::bf16>),
+}
+
+impl Half {
+    fn new(dtype: burn::tensor::DType, v: &[f32]) -> Half {
+        match dtype {
+            burn::tensor::DType::F16 => {
+                Half::F16(v.iter().map(|&x| gradclip::f16::from_f32(x)).collect())
+            }
+            _ => Half::BF16(v.iter().map(|&x| gradclip::bf16::from_f32(x)).collect()),
+        }
+    }
+
+    fn as_mut(&mut self) -> GradMut<'_> {
+        match self {
+            Half::F16(v) => GradMut::F16(v),
+            Half::BF16(v) => GradMut::BF16(v),
+        }
+    }
+
+    fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Half::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Half::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
+    }
+}
+
+#[derive(Module, Debug)]
+struct Pair {
+    a: Param<Tensor<1>>,
+    b: Param<Tensor<1>>,
+}
+
+/// When another set of parameters gets gradients (one unfrozen), the clipper plans the
+/// new set and AutoClip's history carries over, as on the host.
+#[test]
+fn a_new_set_of_gradients_is_planned_anew_with_the_state() {
+    let Some(shared) = shared() else { return };
+    let device = shared.autodiff();
+    let frozen = Pair {
+        a: Param::from_tensor(Tensor::zeros([3], &device)),
+        b: Param::from_tensor(Tensor::zeros([2], &device)).set_require_grad(false),
+    };
+    let policy = ClipPolicy::new(Rule::AutoClip(gradclip::AutoClip::new(50.0, 4)));
+    let mut clipper = BurnClipper::new(&shared, policy.clone()).unwrap();
+    let mut grads = GradientsParams::new();
+    grads.register(
+        frozen.a.id,
+        Tensor::<1>::from_floats([3.0, 4.0, 12.0], shared.device()),
+    );
+    let first = clipper.clip(&frozen, &mut grads).unwrap().wait().unwrap();
+    let unfrozen = Pair {
+        a: frozen.a.clone(),
+        b: frozen.b.clone().set_require_grad(true),
+    };
+    let mut grads = GradientsParams::new();
+    grads.register(
+        unfrozen.a.id,
+        Tensor::<1>::from_floats([30.0, 40.0, 0.0], shared.device()),
+    );
+    grads.register(
+        unfrozen.b.id,
+        Tensor::<1>::from_floats([0.0, 1.0], shared.device()),
+    );
+    let second = clipper.clip(&unfrozen, &mut grads).unwrap().wait().unwrap();
+    // The host: the same two steps, the state handed from one set to the next.
+    let mut cpu = CpuPolicy::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
+    let mut a = [3.0f32, 4.0, 12.0];
+    let host_first = cpu.step(&mut [GradMut::F32(&mut a)], None).unwrap();
+    let state = cpu.state().clone();
+    let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
+    let mut cpu = CpuPolicy::new(policy, &infos).unwrap();
+    cpu.set_state(state).unwrap();
+    let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
+    let host_second = cpu
+        .step(&mut [GradMut::F32(&mut a), GradMut::F32(&mut b)], None)
+        .unwrap();
+    assert_eq!((first.step, second.step), (0, 1));
+    assert!(
+        (first.total_norm - host_first.total_norm).abs() < 1e-6 * host_first.total_norm,
+        "{} vs {}",
+        first.total_norm,
+        host_first.total_norm
+    );
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
+    assert!(close(second.total_norm, host_second.total_norm));
+    let (t, ht) = (second.threshold.unwrap(), host_second.threshold.unwrap());
+    assert!(close(t as f64, ht as f64), "threshold {t} vs {ht}");
+    assert_eq!(clipper.moves(), 1);
 }

@@ -66,6 +66,13 @@ impl PolicyState {
         self.step
     }
 
+    /// The same state, the next step numbered `step`: to carry a run's step count (the
+    /// noise key, the schedule) over to a fresh state.
+    pub fn with_step(mut self, step: u64) -> PolicyState {
+        self.step = step;
+        self
+    }
+
     /// Consecutive steps skipped by [`crate::NonFinitePolicy::SkipStep`], up to the last.
     pub fn consecutive_skips(&self) -> u32 {
         self.words[ST_SKIPS]

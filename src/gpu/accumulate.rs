@@ -3,7 +3,7 @@
 //! [`GpuPolicy`] clips the sums once per accumulation, in the same command encoder.
 
 use super::batch::{plan_tensors, GpuTensor};
-use super::context::GpuContext;
+use super::context::{guarded, GpuContext};
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
 use super::resources::{bind, table, timestamp_writes, whole, window, DispatchSlots, Timestamps};
@@ -76,48 +76,47 @@ impl GpuAccumulator {
         let policy = GpuPolicy::new(ctx, accumulated, params, policy)?;
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let chunks = table(device, "gradclip accumulate chunks", &plan.apply_chunks);
-        let scale = 1.0 / micro_steps as f32;
-        let slots = DispatchSlots::new(
-            device,
-            &(plan.windows.iter())
-                .flat_map(|w| {
-                    [1, 0].map(|first| AccumulateParams {
-                        first_chunk: w.apply_first,
-                        n_chunks: w.apply_count,
-                        scale,
-                        first,
+        let passes = guarded(device, || {
+            let chunks = table(device, "gradclip accumulate chunks", &plan.apply_chunks);
+            let scale = 1.0 / micro_steps as f32;
+            let slots = DispatchSlots::new(
+                device,
+                &(plan.windows.iter())
+                    .flat_map(|w| {
+                        [1, 0].map(|first| AccumulateParams {
+                            first_chunk: w.apply_first,
+                            n_chunks: w.apply_count,
+                            scale,
+                            first,
+                        })
                     })
-                })
-                .collect::<Vec<_>>(),
-        );
-        let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let passes = (plan.windows.iter().zip(&micro_plan.windows))
-            .enumerate()
-            .map(|(i, (w, mw))| {
-                let group = |slot: usize| {
-                    bind(
-                        device,
-                        kernels.layout(BindLayout::Accumulate),
-                        &[
-                            (0, window(buffers[w.buffer], w)),
-                            (1, window(micro_buffers[mw.buffer], mw)),
-                            (2, whole(&chunks)),
-                            (3, slots.slot(slot)),
-                        ],
+                    .collect::<Vec<_>>(),
+            );
+            let max_dim = device.limits().max_compute_workgroups_per_dimension;
+            let passes = (plan.windows.iter().zip(&micro_plan.windows))
+                .enumerate()
+                .map(|(i, (w, mw))| {
+                    let group = |slot: usize| {
+                        bind(
+                            device,
+                            kernels.layout(BindLayout::Accumulate),
+                            &[
+                                (0, window(buffers[w.buffer], w)),
+                                (1, window(micro_buffers[mw.buffer], mw)),
+                                (2, whole(&chunks)),
+                                (3, slots.slot(slot)),
+                            ],
+                        )
+                    };
+                    (
+                        group(2 * i),
+                        group(2 * i + 1),
+                        fold_grid(w.apply_count, max_dim),
                     )
-                };
-                (
-                    group(2 * i),
-                    group(2 * i + 1),
-                    fold_grid(w.apply_count, max_dim),
-                )
-            })
-            .collect();
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(ClipError::Wgpu(error.to_string()));
-        }
+                })
+                .collect();
+            Ok(passes)
+        })?;
         Ok(GpuAccumulator {
             ctx: ctx.clone(),
             passes,

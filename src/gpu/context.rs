@@ -170,18 +170,15 @@ impl GpuContext {
     /// rejected submission (a caller's buffer destroyed since planning, say) is an error
     /// instead of wgpu's panic, and none of its work ran.
     pub(crate) fn submit(&self, encoder: wgpu::CommandEncoder) -> Result<(), ClipError> {
-        let device = &self.inner.device;
-        let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        self.inner.queue.submit([encoder.finish()]);
-        let invalid = pollster::block_on(validation.pop());
-        let out_of_memory = pollster::block_on(oom.pop());
-        match invalid.or(out_of_memory) {
-            Some(e) => Err(ClipError::Wgpu(format!(
-                "wgpu rejected the step (nothing ran): {e}"
-            ))),
-            None => Ok(()),
-        }
+        let queue = &self.inner.queue;
+        guarded(&self.inner.device, || Ok(queue.submit([encoder.finish()])))
+            .map(|_| ())
+            .map_err(|e| match e {
+                ClipError::Wgpu(e) => {
+                    ClipError::Wgpu(format!("wgpu rejected the step (nothing ran): {e}"))
+                }
+                other => other,
+            })
     }
 
     /// The adapter chosen by [`GpuContext::new`]; `None` for [`GpuContext::from_device`].
@@ -197,5 +194,23 @@ impl GpuContext {
     /// The queue.
     pub fn queue(&self) -> &wgpu::Queue {
         &self.inner.queue
+    }
+}
+
+/// Runs `f` inside out-of-memory and validation error scopes, so that a wgpu error it
+/// causes comes back as [`ClipError::Wgpu`] and never reaches the device's
+/// uncaptured-error handler (which panics by default, and under Burn's cubecl).
+pub(crate) fn guarded<T>(
+    device: &wgpu::Device,
+    f: impl FnOnce() -> Result<T, ClipError>,
+) -> Result<T, ClipError> {
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let out = f();
+    let invalid = pollster::block_on(validation.pop());
+    let out_of_memory = pollster::block_on(oom.pop());
+    match invalid.or(out_of_memory) {
+        Some(e) => Err(ClipError::Wgpu(e.to_string())),
+        None => out,
     }
 }

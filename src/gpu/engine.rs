@@ -23,7 +23,7 @@
 use std::sync::Arc;
 
 use super::batch::{plan_tensors, GpuTensor};
-use super::context::GpuContext;
+use super::context::{guarded, GpuContext};
 use super::readback::ReportPool;
 use super::reduction::SegmentReduction;
 use super::resources::{
@@ -33,7 +33,7 @@ use super::resources::{
 use crate::chain::{Program, NO_GROUP};
 use crate::error::ClipError;
 use crate::norm::Norm;
-use crate::plan::fold_grid;
+use crate::plan::{fold_grid, Plan};
 use crate::shaders::abi::{self, StageParams, StepReport, ACC_BYTES};
 use crate::shaders::{BindLayout, Kernel};
 
@@ -190,8 +190,8 @@ impl Engine {
     }
 
     /// This engine's program planned over new buffer ranges of the same tensors; the
-    /// device state and the readback pool are shared, not copied, so steps go on from
-    /// where this one's left off.
+    /// device state, the readback pool and the timestamp writes are shared, not copied,
+    /// so steps go on from where this one's left off.
     pub(crate) fn rebound(
         &self,
         grads: &[GpuTensor<'_>],
@@ -200,7 +200,9 @@ impl Engine {
     ) -> Result<Engine, ClipError> {
         let kept = (self.state.clone(), self.pool.clone());
         let program = self.program.clone();
-        Self::build(&self.ctx, grads, params, program, noise, Some(kept))
+        let mut engine = Self::build(&self.ctx, grads, params, program, noise, Some(kept))?;
+        engine.timestamps = self.timestamps.clone();
+        Ok(engine)
     }
 
     fn build(
@@ -216,9 +218,29 @@ impl Engine {
         let param_plan = params
             .map(|p| plan_tensors(ctx, p, &program.bases, |_| program.units.clone()))
             .transpose()?;
+        guarded(&ctx.inner.device, || {
+            Self::allocate(
+                ctx,
+                (grad_plan, grad_buffers),
+                param_plan,
+                program,
+                noise,
+                kept,
+            )
+        })
+    }
+
+    /// The device resources of a planned engine (inside [`guarded`]).
+    fn allocate(
+        ctx: &GpuContext,
+        (grad_plan, grad_buffers): (Plan, Vec<&wgpu::Buffer>),
+        param_plan: Option<(Plan, Vec<&wgpu::Buffer>)>,
+        program: Program,
+        noise: bool,
+        kept: Option<(wgpu::Buffer, Arc<ReportPool>)>,
+    ) -> Result<Engine, ClipError> {
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let slots = StepSlots::new(device);
         let grads_red = SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &slots);
@@ -451,9 +473,6 @@ impl Engine {
             kernel_list: Default::default(),
             program,
         };
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(ClipError::Wgpu(error.to_string()));
-        }
         Ok(engine)
     }
 
@@ -642,7 +661,7 @@ impl Engine {
         if !step.readback {
             return Ok(None);
         }
-        let readback = self.pool.take(device);
+        let readback = self.pool.take(device)?;
         if step.norms == Norms::UnitsOnly {
             let size = self.program.units.len() as u64 * ACC_BYTES;
             let tables = std::iter::once(&self.grads).chain(&self.params);
@@ -681,15 +700,14 @@ impl Engine {
         params: Option<&[abi::Acc]>,
     ) -> Result<(), ClipError> {
         let (device, queue) = (&self.ctx.inner.device, &self.ctx.inner.queue);
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let tables = std::iter::once((&self.grads, grads)).chain(self.params.iter().zip(params));
-        for (red, accs) in tables.filter(|(_, a)| !a.is_empty()) {
-            queue.write_buffer(&red.segment_accs, 0, bytemuck::cast_slice(accs));
-        }
-        match pollster::block_on(scope.pop()) {
-            Some(error) => Err(ClipError::Wgpu(error.to_string())),
-            None => Ok(()),
-        }
+        guarded(device, || {
+            let tables =
+                std::iter::once((&self.grads, grads)).chain(self.params.iter().zip(params));
+            for (red, accs) in tables.filter(|(_, a)| !a.is_empty()) {
+                queue.write_buffer(&red.segment_accs, 0, bytemuck::cast_slice(accs));
+            }
+            Ok(())
+        })
     }
 
     /// Sequence number of the last encoded step.
@@ -700,27 +718,31 @@ impl Engine {
     /// Reads the device state back (waits for the GPU).
     pub(crate) fn read_state(&self) -> Result<Vec<u32>, ClipError> {
         let device = &self.ctx.inner.device;
-        let size = self.state.size();
-        let pool = ReportPool::new(size);
-        let staging = pool.take(device);
-        let mut encoder = device.create_command_encoder(&Default::default());
-        encoder.copy_buffer_to_buffer(&self.state, 0, &staging, 0, size);
-        let pending: super::PendingReport<Vec<u32>> = super::PendingReport::on_submit(
-            &encoder,
-            staging,
-            pool,
-            device.clone(),
-            Box::new(|w: &[u32]| Ok(w.to_vec())),
-        );
-        self.ctx.submit(encoder)?;
+        let pending = guarded(device, || {
+            let size = self.state.size();
+            let pool = ReportPool::new(size);
+            let staging = pool.take(device)?;
+            let mut encoder = device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(&self.state, 0, &staging, 0, size);
+            let pending: super::PendingReport<Vec<u32>> = super::PendingReport::on_submit(
+                &encoder,
+                staging,
+                pool,
+                device.clone(),
+                Box::new(|w: &[u32]| Ok(w.to_vec())),
+            );
+            self.ctx.submit(encoder)?;
+            Ok(pending)
+        })?;
         pending.wait()
     }
 
     /// Overwrites the device state with `words`.
-    pub(crate) fn write_state(&self, words: &[u32]) {
-        self.ctx
-            .inner
-            .queue
-            .write_buffer(&self.state, 0, bytemuck::cast_slice(words));
+    pub(crate) fn write_state(&self, words: &[u32]) -> Result<(), ClipError> {
+        let queue = &self.ctx.inner.queue;
+        guarded(&self.ctx.inner.device, || {
+            queue.write_buffer(&self.state, 0, bytemuck::cast_slice(words));
+            Ok(())
+        })
     }
 }

@@ -5,7 +5,7 @@
 use std::num::NonZeroU64;
 
 use super::batch::{infos_of, GpuTensor};
-use super::context::GpuContext;
+use super::context::{guarded, GpuContext};
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
 use super::resources::{bind, whole, DispatchSlots};
@@ -133,60 +133,59 @@ impl GpuPerExample {
         let policy = ClipPolicy::new(Rule::GlobalNorm(thresholds[0]));
         let engine = GpuPolicy::build(ctx, inputs, None, policy, program, &infos_of(inputs))?;
         let device = &ctx.inner.device;
-        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let n = inputs.len() as u32;
-        let mut params = Vec::with_capacity(inputs.len());
-        let mut windows = Vec::with_capacity(inputs.len());
-        for (t, (i, o)) in inputs.iter().zip(outputs).enumerate() {
-            let (iw, in_offset) = sub_window(ctx, i, &format!("input #{t}"))?;
-            let (ow, out_offset) = sub_window(ctx, o, &format!("output #{t}"))?;
-            params.push(ExampleParams {
-                in_offset,
-                out_offset,
-                len: o.len as u32,
-                batch: clip.batch,
-                tensor: t as u32,
-                seg_base: t as u32,
-                seg_stride: n,
-                dtype: i.dtype.shader_code(),
-                inv_divisor: clip.inv_divisor(),
-                policy: 0,
-                ..ExampleParams::default()
-            });
-            windows.push((iw, ow, fold_grid((o.len as u32).div_ceil(256), max_dim)));
-        }
-        let slots = DispatchSlots::new(device, &params);
-        let (coefs, report, step_slots) = engine.engine().outputs();
-        let kernels = &ctx.inner.kernels;
-        let dispatches = windows
-            .into_iter()
-            .enumerate()
-            .map(|(t, (iw, ow, grid))| {
-                let group = bind(
-                    device,
-                    kernels.layout(BindLayout::PerExample),
-                    &[
-                        (0, iw),
-                        (1, ow),
-                        (2, whole(coefs)),
-                        (3, slots.slot(t)),
-                        (4, step_slots.binding()),
-                        (5, whole(report)),
-                    ],
-                );
-                (group, grid)
-            })
-            .collect();
-        if let Some(error) = pollster::block_on(scope.pop()) {
-            return Err(ClipError::Wgpu(error.to_string()));
-        }
+        let dispatches = guarded(device, || {
+            let max_dim = device.limits().max_compute_workgroups_per_dimension;
+            let n = inputs.len() as u32;
+            let mut params = Vec::with_capacity(inputs.len());
+            let mut windows = Vec::with_capacity(inputs.len());
+            for (t, (i, o)) in inputs.iter().zip(outputs).enumerate() {
+                let (iw, in_offset) = sub_window(ctx, i, &format!("input #{t}"))?;
+                let (ow, out_offset) = sub_window(ctx, o, &format!("output #{t}"))?;
+                params.push(ExampleParams {
+                    in_offset,
+                    out_offset,
+                    len: o.len as u32,
+                    batch: clip.batch,
+                    tensor: t as u32,
+                    seg_base: t as u32,
+                    seg_stride: n,
+                    dtype: i.dtype.shader_code(),
+                    inv_divisor: clip.inv_divisor(),
+                    policy: 0,
+                    ..ExampleParams::default()
+                });
+                windows.push((iw, ow, fold_grid((o.len as u32).div_ceil(256), max_dim)));
+            }
+            let slots = DispatchSlots::new(device, &params);
+            let (coefs, report, step_slots) = engine.engine().outputs();
+            let kernels = &ctx.inner.kernels;
+            let dispatches = windows
+                .into_iter()
+                .enumerate()
+                .map(|(t, (iw, ow, grid))| {
+                    let group = bind(
+                        device,
+                        kernels.layout(BindLayout::PerExample),
+                        &[
+                            (0, iw),
+                            (1, ow),
+                            (2, whole(coefs)),
+                            (3, slots.slot(t)),
+                            (4, step_slots.binding()),
+                            (5, whole(report)),
+                        ],
+                    );
+                    (group, grid)
+                })
+                .collect();
+            Ok(dispatches)
+        })?;
         Ok(GpuPerExample {
             ctx: ctx.clone(),
             clip,
             engine,
             dispatches,
-            n_tensors: n,
+            n_tensors: inputs.len() as u32,
         })
     }
 

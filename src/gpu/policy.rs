@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::batch::{infos_of, GpuTensor};
-use super::context::GpuContext;
+use super::context::{guarded, GpuContext};
 use super::engine::{Engine, Norms, Step};
 use super::readback::{decode_stages, decode_units, PendingReport};
 use super::resources::StepParams;
@@ -325,20 +325,24 @@ impl GpuPolicy {
         record: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
         let ctx = self.engine.ctx().clone();
-        let mut encoder =
-            ctx.inner
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("gradclip policy"),
-                });
         let step = self.step;
-        let pending = record(self, &mut encoder)?;
-        if let Err(e) = ctx.submit(encoder) {
+        // Recording too runs inside error scopes (its readback buffer may be new).
+        let pending = guarded(&ctx.inner.device, || {
+            let mut encoder =
+                ctx.inner
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                        label: Some("gradclip policy"),
+                    });
+            let pending = record(self, &mut encoder)?;
+            ctx.submit(encoder)?;
+            Ok(pending)
+        });
+        if pending.is_err() {
             // Nothing ran: the step counter stays where it was.
             self.rewind(step);
-            return Err(e);
         }
-        Ok(pending)
+        pending
     }
 
     /// The engine step of a policy step with `params`.
@@ -379,7 +383,7 @@ impl GpuPolicy {
     /// Restores a saved state (from either backend); the next step continues from it.
     pub fn set_state(&mut self, state: &PolicyState) -> Result<(), ClipError> {
         state.check_fits(&self.engine.program().fresh_state())?;
-        self.engine.write_state(&state.words);
+        self.engine.write_state(&state.words)?;
         self.step = state.step;
         Ok(())
     }

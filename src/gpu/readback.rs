@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
+use super::context::guarded;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc};
@@ -30,16 +31,19 @@ impl ReportPool {
         })
     }
 
-    pub(crate) fn take(&self, device: &wgpu::Device) -> wgpu::Buffer {
+    pub(crate) fn take(&self, device: &wgpu::Device) -> Result<wgpu::Buffer, ClipError> {
         let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        reused.unwrap_or_else(|| {
-            device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("gradclip report readback"),
-                size: self.size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })
+        match reused {
+            Some(buffer) => Ok(buffer),
+            None => guarded(device, || {
+                Ok(device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("gradclip report readback"),
+                    size: self.size,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                }))
+            }),
+        }
     }
 
     fn give_back(&self, buffer: wgpu::Buffer) {
