@@ -45,7 +45,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use gradclip::{bf16, cpu, ClipReport, DType, GpuBatch, GpuContext, GpuTensor, Norm};
+use gradclip::{bf16, cpu, f16, ClipReport, DType, GpuBatch, GpuContext, GpuTensor, Norm};
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
@@ -137,11 +137,22 @@ struct Floors {
 }
 
 impl Floors {
+    /// The floor of `op` and its name.
     fn of(&self, op: Op) -> (&'static str, f64) {
+        let ms = match op {
+            Op::Norm | Op::NotClipping => self.read,
+            Op::Clipping => self.read + self.rw,
+            Op::Value => self.rw,
+        };
+        (Self::label(op), ms)
+    }
+
+    /// The name of `op`'s floor.
+    fn label(op: Op) -> &'static str {
         match op {
-            Op::Norm | Op::NotClipping => ("read", self.read),
-            Op::Clipping => ("read + rw", self.read + self.rw),
-            Op::Value => ("rw", self.rw),
+            Op::Norm | Op::NotClipping => "read",
+            Op::Clipping => "read + rw",
+            Op::Value => "rw",
         }
     }
 }
@@ -205,13 +216,17 @@ fn compare(dtype: DType, gpu: &[u8], cpu: &[u8]) -> (f64, usize) {
             let mut worst = 0.0f64;
             let mut bad = 0;
             for (g, c) in g.chunks_exact(size).zip(c.chunks_exact(size)) {
-                let (rel, ok) = if dtype == DType::BF16 {
+                let (rel, ok) = if dtype != DType::F32 {
+                    // 16-bit values: at most one unit in the last place apart.
                     let (a, b) = (
                         u16::from_le_bytes([g[0], g[1]]),
                         u16::from_le_bytes([c[0], c[1]]),
                     );
-                    let (x, y) = (bf16::from_bits(a).to_f64(), bf16::from_bits(b).to_f64());
-                    (rel_err(x, y), a.abs_diff(b) <= 1)
+                    let wide = |h: u16| match dtype {
+                        DType::F16 => f16::from_bits(h).to_f64(),
+                        _ => bf16::from_bits(h).to_f64(),
+                    };
+                    (rel_err(wide(a), wide(b)), a.abs_diff(b) <= 1)
                 } else {
                     let x = f32::from_le_bytes([g[0], g[1], g[2], g[3]]) as f64;
                     let y = f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64;
@@ -244,27 +259,126 @@ fn run_cpu(op: Op, work: &mut Flat, lens: &[usize], p: &Params) -> Res<Option<Cl
     })
 }
 
-/// A parallel read pass and a read+write pass over a buffer of `bytes` bytes. Integer
-/// arithmetic, one cycle per vector, keeps both passes bound by memory even in cache.
-fn cpu_floors(bytes: usize, runs: usize) -> Res<Floors> {
-    let mut buf = vec![1u32; bytes.div_ceil(4)];
-    let [read] = medians(runs, || {
+/// Sum of the words of `c`, as built and (where the CPU has it) with AVX2: the read floor
+/// is the faster of the two, so no operation compiled for the wider vectors beats it.
+fn read_words(c: &[u32], avx2: bool) -> u32 {
+    fn sum(c: &[u32]) -> u32 {
+        let mut acc = [0u32; 16];
+        let mut chunks = c.chunks_exact(16);
+        for w in &mut chunks {
+            for i in 0..16 {
+                acc[i] = acc[i].wrapping_add(w[i]);
+            }
+        }
+        let tail = chunks
+            .remainder()
+            .iter()
+            .fold(0u32, |a, &x| a.wrapping_add(x));
+        acc.iter().fold(tail, |a, &x| a.wrapping_add(x))
+    }
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && std::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn sum_avx2(c: &[u32]) -> u32 {
+            let mut acc = [0u32; 16];
+            let mut chunks = c.chunks_exact(16);
+            for w in &mut chunks {
+                for i in 0..16 {
+                    acc[i] = acc[i].wrapping_add(w[i]);
+                }
+            }
+            let tail = chunks
+                .remainder()
+                .iter()
+                .fold(0u32, |a, &x| a.wrapping_add(x));
+            acc.iter().fold(tail, |a, &x| a.wrapping_add(x))
+        }
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { sum_avx2(c) };
+    }
+    sum(c)
+}
+
+/// Adds `step` to every word of `c` in place, as built or with AVX2 (see [`read_words`]).
+fn bump_words(c: &mut [u32], step: u32, avx2: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 && std::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn bump_avx2(c: &mut [u32], step: u32) {
+            for v in c.iter_mut() {
+                *v = v.wrapping_add(step);
+            }
+        }
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { bump_avx2(c, step) };
+    }
+    c.iter_mut().for_each(|v| *v = v.wrapping_add(step));
+}
+
+/// Buffers for the CPU floors of one workload: the floors are timed in every run of every
+/// operation, right before it, so the machine's drift reaches both alike.
+struct FloorBuffers {
+    buf: Vec<u32>,
+    copy: Vec<u32>,
+}
+
+impl FloorBuffers {
+    fn new(bytes: usize) -> FloorBuffers {
+        let n = bytes.div_ceil(4);
+        FloorBuffers {
+            buf: vec![1u32; n],
+            copy: vec![0u32; n],
+        }
+    }
+
+    /// The read floor: the faster of a word sum as built and with AVX2.
+    fn read(&self) -> f64 {
+        let time = |avx2| {
+            let t = Instant::now();
+            let s = (self.buf.par_chunks(BLOCK))
+                .map(|c| read_words(c, avx2))
+                .reduce(|| 0, u32::wrapping_add);
+            black_box(s);
+            ms_since(t)
+        };
+        time(false).min(time(true))
+    }
+
+    /// The read+write floor: the fastest of an in-place add as built and with AVX2, and a
+    /// parallel memcpy of the same bytes into another buffer.
+    fn rw(&mut self) -> f64 {
+        let step = black_box(1u32);
+        let mut best = f64::INFINITY;
+        for avx2 in [false, true] {
+            let t = Instant::now();
+            (self.buf.par_chunks_mut(BLOCK)).for_each(|c| bump_words(c, step, avx2));
+            best = best.min(ms_since(t));
+        }
         let t = Instant::now();
-        let s = buf
-            .par_chunks(BLOCK)
-            .map(|c| c.iter().fold(0u32, |a, &x| a.wrapping_add(x)))
-            .reduce(|| 0, u32::wrapping_add);
-        black_box(s);
-        Ok([ms_since(t)])
-    })?;
-    let step = black_box(1u32);
-    let [rw] = medians(runs, || {
-        let t = Instant::now();
-        buf.par_chunks_mut(BLOCK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = v.wrapping_add(step)));
-        Ok([ms_since(t)])
-    })?;
-    Ok(Floors { read, rw })
+        (self.copy.par_chunks_mut(BLOCK))
+            .zip(self.buf.par_chunks(BLOCK))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+        black_box(&self.copy);
+        best.min(ms_since(t))
+    }
+
+    /// The floor of `op`, timed now.
+    fn of(&mut self, op: Op) -> Floors {
+        match op {
+            Op::Norm | Op::NotClipping => Floors {
+                read: self.read(),
+                rw: f64::NAN,
+            },
+            Op::Clipping => Floors {
+                read: self.read(),
+                rw: self.rw(),
+            },
+            Op::Value => Floors {
+                read: f64::NAN,
+                rw: self.rw(),
+            },
+        }
+    }
 }
 
 /// One timed figure.
@@ -326,19 +440,12 @@ fn bench_cpu(
     runs: usize,
 ) -> Res<()> {
     let bytes = pristine.bytes().len();
-    let floors = cpu_floors(bytes, runs)?;
-    println!(
-        "  CPU floors ({} threads): read {:.3} ms ({:.1} GB/s), read+write {:.3} ms ({:.1} GB/s)",
-        rayon::current_num_threads(),
-        floors.read,
-        bytes as f64 / floors.read / 1e6,
-        floors.rw,
-        2.0 * bytes as f64 / floors.rw / 1e6
-    );
+    let mut floor_buffers = FloorBuffers::new(bytes);
     let mut work = pristine.clone();
     for op in Op::ALL {
         let mut labelled = true;
-        let [ms] = medians(runs, || {
+        let [ms, floor] = medians(runs, || {
+            let floor = floor_buffers.of(op).of(op).1;
             if op.mutates() {
                 work.reset_from(pristine);
             }
@@ -348,7 +455,7 @@ fn bench_cpu(
             if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
                 labelled &= r.clipped == want;
             }
-            Ok([ms])
+            Ok([ms, floor])
         })?;
         if !labelled {
             checks.check(&format!("CPU {}: runs as labelled", op.label()), false, "");
@@ -361,7 +468,7 @@ fn bench_cpu(
             moved: op.traffic() * bytes as f64,
             ms,
             wall: None,
-            floor: floors.of(op),
+            floor: (Floors::label(op), floor),
             plain: None,
             peer: None,
         };
@@ -1143,7 +1250,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
     for (name, lens, on_gpu, on_cpu) in &workloads {
         let n: usize = lens.iter().sum();
         let values = gradients(n);
-        for dtype in [DType::F32, DType::BF16] {
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
             let pristine = Flat::new(dtype, &values);
             println!(
                 "\n== {name}, {dtype}: {} tensors, {n} elements, {:.1} MB ==",

@@ -2,7 +2,7 @@
 //! the host gradient arena, the timed operations and their clipping settings.
 #![allow(dead_code)] // each user takes a different subset
 
-use gradclip::{bf16, DType, GlobalNormClip, GradMut, GradRef, ValueClip};
+use gradclip::{bf16, f16, DType, GlobalNormClip, GradMut, GradRef, ValueClip};
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 1 << 16;
@@ -46,6 +46,7 @@ pub fn gradients(n: usize) -> Vec<f32> {
 #[derive(Clone)]
 pub enum Flat {
     F32(Vec<f32>),
+    F16(Vec<f16>),
     BF16(Vec<bf16>),
 }
 
@@ -80,36 +81,41 @@ impl Flat {
         match dtype {
             DType::F32 => Flat::F32(values.to_vec()),
             DType::BF16 => Flat::BF16(values.par_iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::F16 => unimplemented!("the bench times f32 and bf16"),
+            DType::F16 => Flat::F16(values.par_iter().map(|&x| f16::from_f32(x)).collect()),
         }
     }
     pub fn dtype(&self) -> DType {
         match self {
             Flat::F32(_) => DType::F32,
+            Flat::F16(_) => DType::F16,
             Flat::BF16(_) => DType::BF16,
         }
     }
     pub fn bytes(&self) -> &[u8] {
         match self {
             Flat::F32(v) => bytemuck::cast_slice(v),
+            Flat::F16(v) => bytemuck::cast_slice(v),
             Flat::BF16(v) => bytemuck::cast_slice(v),
         }
     }
     pub fn refs<'a>(&'a self, lens: &[usize]) -> Vec<GradRef<'a>> {
         match self {
             Flat::F32(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
+            Flat::F16(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
             Flat::BF16(v) => split(v, lens).into_iter().map(GradRef::from).collect(),
         }
     }
     pub fn muts<'a>(&'a mut self, lens: &[usize]) -> Vec<GradMut<'a>> {
         match self {
             Flat::F32(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
+            Flat::F16(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
             Flat::BF16(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
         }
     }
     pub fn reset_from(&mut self, pristine: &Flat) {
         match (self, pristine) {
             (Flat::F32(d), Flat::F32(s)) => par_copy(d, s),
+            (Flat::F16(d), Flat::F16(s)) => par_copy(d, s),
             (Flat::BF16(d), Flat::BF16(s)) => par_copy(d, s),
             _ => unreachable!("same dtype"),
         }

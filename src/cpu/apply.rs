@@ -27,41 +27,73 @@ pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
     bf16::from_bits(bits as u16)
 }
 
-/// Runs `f32_op` / `f16_op` / `bf16_op` over every element, in parallel blocks.
-fn for_each_elem(
-    grads: &mut [GradMut<'_>],
-    f32_op: impl Fn(f32) -> f32 + Sync,
-    f16_op: impl Fn(f16) -> f16 + Sync,
-    bf16_op: impl Fn(bf16) -> bf16 + Sync,
-) {
+/// Multiplies every element by `coef`, first replacing NaNs by 0 when `zero_nans`.
+pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
     grads.par_iter_mut().for_each(|g| match g {
-        GradMut::F32(x) => x
-            .par_chunks_mut(BLOCK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f32_op(*v))),
-        GradMut::F16(x) => x
-            .par_chunks_mut(BLOCK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f16_op(*v))),
-        GradMut::BF16(x) => x
-            .par_chunks_mut(BLOCK)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = bf16_op(*v))),
+        GradMut::F32(x) => (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f32(c, coef, zero_nans)),
+        GradMut::F16(x) => (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f16(c, coef, zero_nans)),
+        GradMut::BF16(x) => (x.par_chunks_mut(BLOCK)).for_each(|c| scale_bf16(c, coef, zero_nans)),
     });
 }
 
-/// Multiplies every element by `coef`, first replacing NaNs by 0 when `zero_nans`.
-pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
-    let f = |x: f32| {
-        if zero_nans && x.is_nan() {
-            0.0
-        } else {
-            x * coef
+/// One element of [`scale`], in f32.
+#[inline(always)]
+fn scaled(x: f32, coef: f32, zero_nans: bool) -> f32 {
+    if zero_nans && x.is_nan() {
+        0.0
+    } else {
+        x * coef
+    }
+}
+
+/// [`f32_to_bf16`] without a branch, so it vectorises.
+#[inline(always)]
+fn round_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let nan = (b >> 16) | 0x40;
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16;
+    (if b & 0x7fff_ffff > 0x7f80_0000 {
+        nan
+    } else {
+        rounded
+    }) as u16
+}
+
+wide_fn! {
+    /// [`scale`] of a block of f32 values.
+    fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
+        for v in c.iter_mut() {
+            *v = scaled(*v, coef, zero_nans);
         }
-    };
-    for_each_elem(
-        grads,
-        f,
-        |x| f16::from_f32(f(x.to_f32())),
-        |x| f32_to_bf16(f(bf16_to_f32(x))),
-    );
+    }
+}
+
+wide_fn! {
+    /// [`scale`] of a block of bf16 values: widen (a shift), scale, round to nearest even.
+    fn scale_bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
+        let c: &mut [u16] = bytemuck::cast_slice_mut(c);
+        for v in c.iter_mut() {
+            let x = f32::from_bits((*v as u32) << 16);
+            *v = round_bf16(scaled(x, coef, zero_nans));
+        }
+    }
+}
+
+wide_fn! {
+    /// [`scale`] of a block of f16 values, converted a stack buffer at a time (F16C where
+    /// the CPU has it).
+    fn scale_f16(c: &mut [f16], coef: f32, zero_nans: bool) {
+        use half::slice::HalfFloatSliceExt;
+        let mut buf = [0.0f32; 1024];
+        for part in c.chunks_mut(1024) {
+            let b = &mut buf[..part.len()];
+            part.convert_to_f32_slice(b);
+            for v in b.iter_mut() {
+                *v = scaled(*v, coef, zero_nans);
+            }
+            part.convert_from_f32_slice(b);
+        }
+    }
 }
 
 /// Clamps every element to `[lo, hi]`; NaN stays NaN. 16-bit elements are compared as
@@ -80,28 +112,31 @@ pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
     });
 }
 
-/// NaN compares false both ways and stays NaN. Selects, not branches: values on both
-/// sides of a bound would mispredict.
-#[inline(never)]
-fn clamp_f32(c: &mut [f32], lo: f32, hi: f32) {
-    c.iter_mut().for_each(|v| {
-        let x = *v;
-        let y = if x < lo { lo } else { x };
-        *v = if x > hi { hi } else { y };
-    });
+wide_fn! {
+    /// NaN compares false both ways and stays NaN. Selects, not branches: values on both
+    /// sides of a bound would mispredict.
+    fn clamp_f32(c: &mut [f32], lo: f32, hi: f32) {
+        for v in c.iter_mut() {
+            let x = *v;
+            let y = if x < lo { lo } else { x };
+            *v = if x > hi { hi } else { y };
+        }
+    }
 }
 
-/// The value clip of a block of 16-bit values in the integer domain (see [`HalfClamp`]).
-#[inline(never)]
-fn clamp_halves(c: &mut [u16], h: &HalfClamp) {
-    let (lo_key, hi_key, lo, hi, nan) = (h.lo_key, h.hi_key, h.lo_bits, h.hi_bits, h.nan_above);
-    c.iter_mut().for_each(|v| {
-        let bits = *v;
-        let k = HalfClamp::key(bits);
-        let y = if k < lo_key { lo } else { bits };
-        let y = if k > hi_key { hi } else { y };
-        *v = if bits & 0x7fff > nan { bits } else { y };
-    });
+wide_fn! {
+    /// The value clip of a block of 16-bit values in the integer domain (see
+    /// [`HalfClamp`]).
+    fn clamp_halves(c: &mut [u16], h: &HalfClamp) {
+        let (lo_key, hi_key, lo, hi, nan) = (h.lo_key, h.hi_key, h.lo_bits, h.hi_bits, h.nan_above);
+        for v in c.iter_mut() {
+            let bits = *v;
+            let k = HalfClamp::key(bits);
+            let y = if k < lo_key { lo } else { bits };
+            let y = if k > hi_key { hi } else { y };
+            *v = if bits & 0x7fff > nan { bits } else { y };
+        }
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ pub(crate) const BLOCK: usize = 1 << 16;
 /// 16-bit elements are widened to f32 this many at a time, on the stack.
 const WIDEN: usize = 1024;
 /// Independent accumulators, so the compiler can vectorise the reductions.
-const LANES: usize = 8;
+const LANES: usize = 32;
 
 /// Flag bits of one element.
 fn flags_of(x: f32) -> u32 {
@@ -46,6 +46,7 @@ fn lane_sum(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// Largest |x| over `x`, and the OR of non-finite flags.
+#[inline(always)]
 fn max_abs(x: &[f32]) -> (f32, u32) {
     let mut acc = [0.0f32; LANES];
     let mut poison = [0.0f32; LANES];
@@ -75,6 +76,7 @@ fn max_abs(x: &[f32]) -> (f32, u32) {
 }
 
 /// The accumulator of one block of f32 values.
+#[inline(always)]
 fn reduce_f32(x: &[f32], norm: Norm) -> NormAcc {
     let power_sum = |f: fn(f64) -> f64| {
         let s = lane_sum(x, f);
@@ -91,7 +93,13 @@ fn reduce_f32(x: &[f32], norm: Norm) -> NormAcc {
         NormAcc::from_power_sum(norm, s, flags)
     };
     match norm {
-        Norm::L2 => power_sum(|v| v * v),
+        Norm::L2 => {
+            let s = f32_sum_sq(x);
+            match s.is_finite() {
+                true => NormAcc::from_power_sum(norm, s, 0),
+                false => power_sum(|v| v * v),
+            }
+        }
         Norm::L1 => power_sum(f64::abs),
         Norm::Inf => {
             let (m, flags) = max_abs(x);
@@ -116,6 +124,7 @@ fn reduce_f32(x: &[f32], norm: Norm) -> NormAcc {
 }
 
 /// The accumulator of a block of 16-bit values, widened to f32 on the stack.
+#[inline(always)]
 fn reduce_half<T>(x: &[T], norm: Norm) -> NormAcc
 where
     [T]: HalfFloatSliceExt,
@@ -130,6 +139,7 @@ where
 
 /// The accumulator of a block of bf16 values: widening is a shift, written out so it
 /// vectorises with the reduction.
+#[inline(always)]
 fn reduce_bf16(x: &[half::bf16], norm: Norm) -> NormAcc {
     let mut buf = [0.0f32; WIDEN];
     x.chunks(WIDEN).fold(NormAcc::IDENTITY, |acc, c| {
@@ -141,11 +151,117 @@ fn reduce_bf16(x: &[half::bf16], norm: Norm) -> NormAcc {
     })
 }
 
+wide_fn! {
+    /// Sum of squares in f64 of f32 values (exact for any finite input: see the module
+    /// header), with LANES independent accumulators.
+    fn f32_sum_sq(x: &[f32]) -> f64 {
+        let mut acc = [0.0f64; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                let v = c[i] as f64;
+                acc[i] += v * v;
+            }
+        }
+        let mut sum = 0.0;
+        for v in chunks.remainder() {
+            sum += (*v as f64) * (*v as f64);
+        }
+        for a in acc {
+            sum += a;
+        }
+        sum
+    }
+}
+
+/// f16 bits to f32, exactly and without a branch (so it vectorises): a normal's exponent
+/// rebiased in the integer domain, a subnormal's mantissa converted and scaled by 2^-24
+/// (never a subnormal f32 operand, which costs a microcode assist per element on x86),
+/// infinity and NaN (payload kept, quieted) by a select.
+#[inline(always)]
+pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
+    let h = h as u32;
+    let sign = (h & 0x8000) << 16;
+    let em = h & 0x7fff;
+    let normal = (em << 13) + (112 << 23);
+    let subnormal = (em as f32 * f32::from_bits(0x3380_0000)).to_bits();
+    // NaN comes out quiet, as `half` and the hardware conversion give it.
+    let special = (em << 13) | 0x7f80_0000 | (((em > 0x7c00) as u32) << 22);
+    let bits = if em < 0x400 {
+        subnormal
+    } else if em >= 0x7c00 {
+        special
+    } else {
+        normal
+    };
+    f32::from_bits(bits | sign)
+}
+
+wide_fn! {
+    /// [`f32_sum_sq`] of f16 values, widened in the same loop.
+    fn f16_sum_sq(x: &[half::f16]) -> f64 {
+        let mut acc = [0.0f64; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                let v = f16_bits_to_f32(c[i].to_bits()) as f64;
+                acc[i] += v * v;
+            }
+        }
+        let mut sum = 0.0;
+        for v in chunks.remainder() {
+            let v = f16_bits_to_f32(v.to_bits()) as f64;
+            sum += v * v;
+        }
+        for a in acc {
+            sum += a;
+        }
+        sum
+    }
+}
+
+wide_fn! {
+    /// [`f32_sum_sq`] of bf16 values, widened in the same loop (a shift).
+    fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
+        let mut acc = [0.0f64; LANES];
+        let mut chunks = x.chunks_exact(LANES);
+        for c in &mut chunks {
+            for i in 0..LANES {
+                let v = f32::from_bits((c[i].to_bits() as u32) << 16) as f64;
+                acc[i] += v * v;
+            }
+        }
+        let mut sum = 0.0;
+        for v in chunks.remainder() {
+            let v = f32::from_bits((v.to_bits() as u32) << 16) as f64;
+            sum += v * v;
+        }
+        for a in acc {
+            sum += a;
+        }
+        sum
+    }
+}
+
 /// The accumulator of one block of any element type.
 fn reduce_block(g: GradRef<'_>, norm: Norm) -> NormAcc {
     match g {
         GradRef::F32(x) => reduce_f32(x, norm),
+        GradRef::F16(x) if norm == Norm::L2 => {
+            let s = f16_sum_sq(x);
+            match s.is_finite() {
+                true => NormAcc::from_power_sum(norm, s, 0),
+                false => reduce_half(x, norm),
+            }
+        }
         GradRef::F16(x) => reduce_half(x, norm),
+        GradRef::BF16(x) if norm == Norm::L2 => {
+            let s = bf16_sum_sq(x);
+            match s.is_finite() {
+                true => NormAcc::from_power_sum(norm, s, 0),
+                false => reduce_bf16(x, norm),
+            }
+        }
         GradRef::BF16(x) => reduce_bf16(x, norm),
     }
 }
@@ -182,4 +298,22 @@ pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
 pub(crate) fn total_acc(accs: &[NormAcc], norm: Norm) -> NormAcc {
     accs.iter()
         .fold(NormAcc::IDENTITY, |a, &b| a.combine(b, norm))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every f16 value widens to the bits `half` gives (NaN payloads included).
+    #[test]
+    fn branch_free_f16_widening_is_exact() {
+        for bits in 0..=u16::MAX {
+            let want = half::f16::from_bits(bits).to_f32();
+            let got = f16_bits_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#x}");
+            }
+            assert_eq!(got.to_bits(), want.to_bits(), "{bits:#x}");
+        }
+    }
 }
