@@ -7,7 +7,7 @@ use crate::ops::{HalfClamp, ValueClip};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::norm_reduce::BLOCK;
+use super::norm_reduce::{per_task, BLOCK};
 
 /// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
 #[inline(always)]
@@ -29,11 +29,27 @@ pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
 
 /// Multiplies every element by `coef`, first replacing NaNs by 0 when `zero_nans`.
 pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
-    grads.par_iter_mut().for_each(|g| match g {
-        GradMut::F32(x) => (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f32(c, coef, zero_nans)),
-        GradMut::F16(x) => (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f16(c, coef, zero_nans)),
-        GradMut::BF16(x) => (x.par_chunks_mut(BLOCK)).for_each(|c| scale_bf16(c, coef, zero_nans)),
-    });
+    let per_task = tensors_per_task(grads);
+    grads
+        .par_iter_mut()
+        .with_min_len(per_task)
+        .for_each(|g| match g {
+            GradMut::F32(x) => {
+                (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f32(c, coef, zero_nans))
+            }
+            GradMut::F16(x) => {
+                (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f16(c, coef, zero_nans))
+            }
+            GradMut::BF16(x) => {
+                (x.par_chunks_mut(BLOCK)).for_each(|c| scale_bf16(c, coef, zero_nans))
+            }
+        });
+}
+
+/// Small tensors share a task, about a block of elements each.
+fn tensors_per_task(grads: &[GradMut<'_>]) -> usize {
+    let elems = grads.iter().map(|g| g.as_ref().len()).sum();
+    per_task(grads.len(), elems)
 }
 
 /// One element of [`scale`], in f32.
@@ -102,14 +118,17 @@ wide_fn! {
 pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
     let (lo, hi) = (clip.lo, clip.hi);
     let (f16s, bf16s) = clip.half_clamps();
-    grads.par_iter_mut().for_each(|g| match g {
-        GradMut::F32(x) => x.par_chunks_mut(BLOCK).for_each(|c| clamp_f32(c, lo, hi)),
-        GradMut::F16(x) => {
-            (x.par_chunks_mut(BLOCK)).for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s))
-        }
-        GradMut::BF16(x) => (x.par_chunks_mut(BLOCK))
-            .for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
-    });
+    let per_task = tensors_per_task(grads);
+    grads
+        .par_iter_mut()
+        .with_min_len(per_task)
+        .for_each(|g| match g {
+            GradMut::F32(x) => x.par_chunks_mut(BLOCK).for_each(|c| clamp_f32(c, lo, hi)),
+            GradMut::F16(x) => (x.par_chunks_mut(BLOCK))
+                .for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s)),
+            GradMut::BF16(x) => (x.par_chunks_mut(BLOCK))
+                .for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
+        });
 }
 
 wide_fn! {

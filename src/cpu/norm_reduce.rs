@@ -266,25 +266,27 @@ fn reduce_block(g: GradRef<'_>, norm: Norm) -> NormAcc {
     }
 }
 
-/// Splits a tensor into its fixed blocks.
-fn blocks<'a>(g: &GradRef<'a>) -> Vec<GradRef<'a>> {
+/// Calls `emit` with each of a tensor's fixed blocks, in order.
+fn for_blocks<'a>(g: &GradRef<'a>, mut emit: impl FnMut(GradRef<'a>)) {
     match *g {
-        GradRef::F32(x) => x.chunks(BLOCK).map(GradRef::F32).collect(),
-        GradRef::F16(x) => x.chunks(BLOCK).map(GradRef::F16).collect(),
-        GradRef::BF16(x) => x.chunks(BLOCK).map(GradRef::BF16).collect(),
+        GradRef::F32(x) => x.chunks(BLOCK).for_each(|b| emit(GradRef::F32(b))),
+        GradRef::F16(x) => x.chunks(BLOCK).for_each(|b| emit(GradRef::F16(b))),
+        GradRef::BF16(x) => x.chunks(BLOCK).for_each(|b| emit(GradRef::BF16(b))),
     }
 }
 
 /// One accumulator per tensor, in batch order; blocks run in parallel and combine in order.
 pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
-    let all: Vec<(usize, GradRef<'_>)> = grads
-        .iter()
-        .enumerate()
-        .flat_map(|(t, g)| blocks(g).into_iter().map(move |b| (t, b)))
-        .collect();
+    let mut all: Vec<(usize, GradRef<'_>)> = Vec::with_capacity(grads.len());
+    for (t, g) in grads.iter().enumerate() {
+        for_blocks(g, |b| all.push((t, b)));
+    }
+    // Small tensors share a task (about a block of elements each): a task per tensor
+    // would cost more than the tensor. The partials and their order stay the same.
+    let elems: usize = grads.iter().map(|g| g.len()).sum();
     let partials: Vec<NormAcc> = all
         .par_iter()
-        .with_min_len(1)
+        .with_min_len(per_task(all.len(), elems))
         .map(|(_, b)| reduce_block(*b, norm))
         .collect();
     let mut accs = vec![NormAcc::IDENTITY; grads.len()];
@@ -292,6 +294,11 @@ pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
         accs[*t] = accs[*t].combine(p, norm);
     }
     accs
+}
+
+/// Items per parallel task so that a task holds about a block of elements (at least one).
+pub(crate) fn per_task(items: usize, elems: usize) -> usize {
+    (items * BLOCK).div_ceil(elems.max(1)).max(1)
 }
 
 /// The combined accumulator of a batch, from its per-tensor accumulators.
