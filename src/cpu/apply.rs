@@ -7,7 +7,7 @@ use crate::ops::{HalfClamp, ValueClip};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::norm_reduce::{per_task, BLOCK};
+use super::norm_reduce::{f16_bits_to_f32, per_task, BLOCK};
 
 /// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
 #[inline(always)]
@@ -75,6 +75,36 @@ fn round_bf16(x: f32) -> u16 {
     }) as u16
 }
 
+/// f32 to f16 bits, round to nearest even, without a branch (so it vectorises): the
+/// `f32_to_f16` of `shaders/shared/convert.wgsl` (NaN quieted with its payload's top bits,
+/// overflow to infinity, subnormals rounded by an add at the right scale).
+#[inline(always)]
+pub(crate) fn f32_to_f16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let sign = (b >> 16) & 0x8000;
+    let a = b & 0x7fff_ffff;
+    let nan = 0x7e00 | ((a & 0x7f_ffff) >> 13);
+    // Below 2^-14: adding 0.5 puts the f16 subnormal's bits at the bottom, rounded.
+    let sub = (f32::from_bits(a) + 0.5)
+        .to_bits()
+        .wrapping_sub(0x3f00_0000);
+    // Rebias the exponent by -112 and round the 13 dropped bits to nearest even.
+    let normal = a
+        .wrapping_sub(112 << 23)
+        .wrapping_add(0xfff + ((a >> 13) & 1))
+        >> 13;
+    let h = if a > 0x7f80_0000 {
+        nan
+    } else if a >= 0x4780_0000 {
+        0x7c00
+    } else if a < 0x3880_0000 {
+        sub
+    } else {
+        normal
+    };
+    (h | sign) as u16
+}
+
 wide_fn! {
     /// [`scale`] of a block of f32 values.
     fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
@@ -95,19 +125,48 @@ wide_fn! {
     }
 }
 
+/// [`scale`] of a block of f16 values: with the hardware conversions (F16C in AVX-512)
+/// where the CPU has them, else widened and rounded back in the loop; the same bits
+/// either way.
+fn scale_f16(c: &mut [f16], coef: f32, zero_nans: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F, checked just above.
+        return unsafe { scale_f16_avx512(c, coef, zero_nans) };
+    }
+    scale_f16_widened(c, coef, zero_nans)
+}
+
+/// [`scale_f16`] with `vcvtph2ps` and `vcvtps2ph` (round to nearest even), 16 at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn scale_f16_avx512(c: &mut [f16], coef: f32, zero_nans: bool) {
+    use std::arch::x86_64::*;
+    let k = _mm512_set1_ps(coef);
+    let mut chunks = c.chunks_exact_mut(16);
+    for part in &mut chunks {
+        let p = part.as_mut_ptr().cast::<__m256i>();
+        // SAFETY: `part` holds 16 halves: 32 readable and writable bytes at `p`.
+        let h = unsafe { _mm256_loadu_si256(p) };
+        let x = _mm512_cvtph_ps(h);
+        let x = match zero_nans {
+            // NaN is the one value unordered with itself: those lanes become 0.
+            true => _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x), x),
+            false => x,
+        };
+        let y = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm512_mul_ps(x, k));
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_si256(p, y) };
+    }
+    scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+}
+
 wide_fn! {
-    /// [`scale`] of a block of f16 values, converted a stack buffer at a time (F16C where
-    /// the CPU has it).
-    fn scale_f16(c: &mut [f16], coef: f32, zero_nans: bool) {
-        use half::slice::HalfFloatSliceExt;
-        let mut buf = [0.0f32; 1024];
-        for part in c.chunks_mut(1024) {
-            let b = &mut buf[..part.len()];
-            part.convert_to_f32_slice(b);
-            for v in b.iter_mut() {
-                *v = scaled(*v, coef, zero_nans);
-            }
-            part.convert_from_f32_slice(b);
+    /// [`scale_f16`] widened and rounded back in the loop.
+    fn scale_f16_widened(c: &mut [f16], coef: f32, zero_nans: bool) {
+        let c: &mut [u16] = bytemuck::cast_slice_mut(c);
+        for v in c.iter_mut() {
+            *v = f32_to_f16_bits(scaled(f16_bits_to_f32(*v), coef, zero_nans));
         }
     }
 }
@@ -161,6 +220,55 @@ wide_fn! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The branch-free f16 rounding gives `half`'s bits for every f32 whose bits step
+    /// through all exponents and roundings (NaN: quiet, with the payload's top bits).
+    #[test]
+    fn branch_free_f16_rounding_is_round_to_nearest_even() {
+        let mut bits = 0u32;
+        loop {
+            let x = f32::from_bits(bits);
+            let got = f32_to_f16_bits(x);
+            let want = f16::from_f32(x).to_bits();
+            if x.is_nan() {
+                assert_eq!(got & 0x7e00, 0x7e00, "{bits:#x}");
+            } else {
+                assert_eq!(got, want, "{x:e} ({bits:#x})");
+            }
+            match bits.checked_add(0x1f1) {
+                Some(b) => bits = b,
+                None => break,
+            }
+        }
+        for x in [
+            65504.0f32,
+            65519.99,
+            65520.0,
+            6.1035156e-5,
+            5.9604645e-8,
+            2.9802322e-8,
+            2.9802326e-8,
+        ] {
+            assert_eq!(f32_to_f16_bits(x), f16::from_f32(x).to_bits(), "{x:e}");
+            assert_eq!(f32_to_f16_bits(-x), f16::from_f32(-x).to_bits(), "{x:e}");
+        }
+    }
+
+    /// The hardware and the portable f16 scaling give the same bits on every f16 value.
+    #[test]
+    fn f16_scalings_agree_bit_for_bit() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        for coef in [0.5f32, 0.3, 1.0, 3.7e-5, 2e4] {
+            for zero_nans in [false, true] {
+                let (mut a, mut b) = (all.clone(), all.clone());
+                scale_f16(&mut a, coef, zero_nans);
+                scale_f16_widened(&mut b, coef, zero_nans);
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(x.to_bits(), y.to_bits(), "{i:#x} x {coef} ({zero_nans})");
+                }
+            }
+        }
+    }
 
     /// Every 16-bit value against bounds of every kind: the integer clamp takes the
     /// decision a comparison in f32 takes.

@@ -197,9 +197,59 @@ pub(crate) fn f16_bits_to_f32(h: u16) -> f32 {
     f32::from_bits(bits | sign)
 }
 
+/// [`f32_sum_sq`] of f16 values: with the hardware conversion (F16C in AVX-512) where the
+/// CPU has it, else widened in the loop. Both accumulate element `i` in lane `i % LANES`
+/// and add the lanes in the same order, so the result has the same bits either way.
+fn f16_sum_sq(x: &[half::f16]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F, checked just above.
+        return unsafe { f16_sum_sq_avx512(x) };
+    }
+    f16_sum_sq_widened(x)
+}
+
+/// [`f16_sum_sq`] with `vcvtph2ps`: four vectors of eight f64 are the 32 lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 32);
+    let mut acc = [_mm512_setzero_pd(); 4];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for half in 0..2 {
+            // SAFETY: `c` holds 32 halves, so 16 from `16 * half` are 32 readable bytes.
+            let h = unsafe { _mm256_loadu_si256(c.as_ptr().add(16 * half).cast()) };
+            let f = _mm512_cvtph_ps(h);
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(f),
+            )));
+            let (a, b) = (2 * half, 2 * half + 1);
+            acc[a] = _mm512_add_pd(acc[a], _mm512_mul_pd(lo, lo));
+            acc[b] = _mm512_add_pd(acc[b], _mm512_mul_pd(hi, hi));
+        }
+    }
+    let mut lanes = [0.0f64; LANES];
+    for (k, v) in acc.iter().enumerate() {
+        // SAFETY: 8 f64 written into lanes[8k..8k + 8], inside the array.
+        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr().add(8 * k), *v) };
+    }
+    let mut sum = 0.0;
+    for v in chunks.remainder() {
+        let v = f16_bits_to_f32(v.to_bits()) as f64;
+        sum += v * v;
+    }
+    for a in lanes {
+        sum += a;
+    }
+    sum
+}
+
 wide_fn! {
-    /// [`f32_sum_sq`] of f16 values, widened in the same loop.
-    fn f16_sum_sq(x: &[half::f16]) -> f64 {
+    /// [`f16_sum_sq`] widened in the loop ([`f16_bits_to_f32`]).
+    fn f16_sum_sq_widened(x: &[half::f16]) -> f64 {
         let mut acc = [0.0f64; LANES];
         let mut chunks = x.chunks_exact(LANES);
         for c in &mut chunks {
@@ -310,6 +360,21 @@ pub(crate) fn total_acc(accs: &[NormAcc], norm: Norm) -> NormAcc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hardware and the widened f16 sums have the same bits.
+    #[test]
+    fn f16_sums_agree_bit_for_bit() {
+        let x: Vec<half::f16> = (0..100_003u32)
+            .map(|i| half::f16::from_bits((i.wrapping_mul(2654435761) >> 16) as u16 & 0x7bff))
+            .collect();
+        for n in [0, 1, 31, 32, 33, 1000, 100_003] {
+            assert_eq!(
+                f16_sum_sq(&x[..n]).to_bits(),
+                f16_sum_sq_widened(&x[..n]).to_bits(),
+                "{n}"
+            );
+        }
+    }
 
     /// Every f16 value widens to the bits `half` gives (NaN payloads included).
     #[test]
