@@ -11,7 +11,8 @@ With --serve it is the bench's same-run peer instead (GRADCLIP_TORCH_PYTHON): it
 JSON request per line on stdin, {"workload", "lens", "dtype", "op", "runs", "sigma"}, times
 that operation on gradients of those lengths (normal, std sigma; thresholds as the bench's:
 half and ten times their norm, and +-sigma), the better of foreach and the per-tensor loop,
-and answers one JSON line {"ms", "variant", "adapter"} (or {"error"}); {"probe": true}
+and answers one JSON line {"ms", "variant", "adapter", "op", "dtype", "workload"} (or
+{"error"}); {"probe": true}
 answers {"adapter", "cuda"}.
 """
 
@@ -84,9 +85,17 @@ def serve(torch):
                 "value clip": lambda f: torch.nn.utils.clip_grad_value_(params, sigma, foreach=f),
             }
             op = ops[req["op"]]
-            best = min((timed(lambda: op(f), reset, req["runs"]), "foreach" if f else "loop")
-                       for f in (True, False))
-            answer = {"ms": best[0], "variant": best[1], "adapter": adapter, "tensors": n}
+            timings, failures = [], []
+            for f in (True, False):
+                try:
+                    timings.append((timed(lambda: op(f), reset, req["runs"]), "foreach" if f else "loop"))
+                except Exception as e:  # one variant failing leaves the other
+                    failures.append(f"{type(e).__name__}: {e}")
+            if not timings:
+                raise RuntimeError("; ".join(failures))
+            best = min(timings)
+            answer = {"ms": best[0], "variant": best[1], "adapter": adapter, "tensors": n,
+                      "op": req["op"], "dtype": req["dtype"], "workload": req["workload"]}
         except Exception as e:  # the bench reports it and goes on without the peer figure
             answer = {"error": f"{type(e).__name__}: {e}"}
         print(json.dumps(answer), flush=True)

@@ -24,7 +24,7 @@
 //!
 //! It lists the wgpu adapters and opens the one `GpuContext::new` picks (a hardware GPU,
 //! else a software adapter such as lavapipe; with none it runs on the CPU only). Then, for
-//! the GPT-2 small parameter shapes and for 2000 small tensors, in f32 and bf16, it checks
+//! the GPT-2 small parameter shapes and for 2000 small tensors, in f32, f16 and bf16, it checks
 //! the GPU against the CPU oracle (PASS/FAIL; exit status 1 on any FAIL) and times: total
 //! norm (L2), global clip that clips, global clip that does not clip, and value clip.
 //!
@@ -494,15 +494,22 @@ fn bench_cpu(
 struct TorchPeer {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
-    stdout: std::io::BufReader<std::process::ChildStdout>,
+    /// Its answers, one line each, read on a thread so that a stuck peer times out.
+    answers: std::sync::mpsc::Receiver<String>,
     adapter: String,
     cuda: bool,
+    /// Set once the peer failed to answer: no further questions.
+    lost: bool,
 }
 
 impl TorchPeer {
+    /// How long one answer may take (a GPT-2 set is built and timed in a few seconds).
+    const PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
     /// The peer, when `GRADCLIP_TORCH_PYTHON` names a Python with torch (else `None`,
     /// saying why).
     fn start() -> Option<TorchPeer> {
+        use std::io::BufRead;
         use std::process::{Command, Stdio};
         let python = std::env::var_os("GRADCLIP_TORCH_PYTHON")?;
         // The working tree's copy first: a binary built elsewhere runs from its tree.
@@ -518,6 +525,8 @@ impl TorchPeer {
             .arg("--serve")
             .env("OMP_NUM_THREADS", &threads)
             .env("MKL_NUM_THREADS", &threads)
+            // Idle OpenMP threads must not spin into gradclip's timings.
+            .env("OMP_WAIT_POLICY", "PASSIVE")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -534,12 +543,21 @@ impl TorchPeer {
         };
         let stdin = child.stdin.take()?;
         let stdout = std::io::BufReader::new(child.stdout.take()?);
+        let (send, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut peer = TorchPeer {
             child,
             stdin,
-            stdout,
+            answers,
             adapter: String::new(),
             cuda: false,
+            lost: false,
         };
         match peer.ask(&serde_json::json!({ "probe": true })) {
             Some(a) if a.get("adapter").is_some() => {
@@ -555,14 +573,24 @@ impl TorchPeer {
         }
     }
 
-    /// One request and its answer.
+    /// One request and its answer; `None` (saying why, once) when the peer is lost.
     fn ask(&mut self, request: &serde_json::Value) -> Option<serde_json::Value> {
-        use std::io::{BufRead, Write};
-        writeln!(self.stdin, "{request}").ok()?;
-        self.stdin.flush().ok()?;
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).ok()?;
-        serde_json::from_str(&line).ok()
+        use std::io::Write;
+        if self.lost {
+            return None;
+        }
+        let sent = writeln!(self.stdin, "{request}").and_then(|_| self.stdin.flush());
+        let answer = match sent {
+            Ok(()) => self.answers.recv_timeout(Self::PATIENCE).ok(),
+            Err(_) => None,
+        };
+        let parsed = answer.and_then(|line| serde_json::from_str(&line).ok());
+        if parsed.is_none() {
+            println!("  PyTorch peer: no answer; the run goes on without it");
+            self.lost = true;
+            let _ = self.child.kill();
+        }
+        parsed
     }
 
     /// PyTorch's figure for the operation of `row`, over tensors of `lens`.
@@ -579,6 +607,12 @@ impl TorchPeer {
             println!("  PyTorch peer: {}", answer["error"]);
             return None;
         };
+        // The answer names its question, so a stray line cannot shift every later figure.
+        if answer["op"] != row.op.label() || answer["dtype"] != row.dtype.to_string() {
+            println!("  PyTorch peer: answer out of step ({answer}); the run goes on without it");
+            self.lost = true;
+            return None;
+        }
         let variant = answer["variant"].as_str().unwrap_or("?").to_string();
         Some(Row {
             path: "torch",

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, SgdConfig};
-use burn::tensor::{Device, Distribution, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use gradclip::{
     Agc, ClipPolicy, CpuPolicy, GradMut, GradRef, GroupClip, PerTensorClip, PolicyReport, Rule,
     TensorInfo, UnitAxis,
@@ -81,19 +81,20 @@ struct Rnn {
 }
 
 impl Rnn {
+    /// Weights from a fixed stream, not Burn's generator: tests run in parallel and would
+    /// draw from it in between. `w_hh` uniform(-2, 2) x 0.6 makes the gradients explode.
     fn new(device: &Device) -> Rnn {
-        let normal = |shape: [usize; 2], std: f64| {
-            Param::from_tensor(Tensor::random(
-                shape,
-                Distribution::Normal(0.0, std),
-                device,
-            ))
+        let param = |shape: [usize; 2], seed, scale| {
+            Param::from_tensor(data(shape, seed, device).mul_scalar(scale))
         };
         Rnn {
-            w_xh: normal([3, 6], 0.5),
-            w_hh: normal([6, 6], 1.2),
+            w_xh: param([3, 6], 31, 0.4),
+            w_hh: param([6, 6], 32, 0.6),
             b_h: Param::from_tensor(Tensor::zeros([6], device)),
-            out: LinearConfig::new(6, 1).init(device),
+            out: Linear {
+                weight: param([6, 1], 33, 0.3),
+                bias: Some(Param::from_tensor(Tensor::zeros([1], device))),
+            },
         }
     }
 
@@ -445,6 +446,9 @@ fn train_rnn(
         let y = data([4, 1], 200 + step as u64, &device);
         let grads = GradientsParams::from_grads(model.loss(xs, y).backward(), &model);
         if on_device {
+            // The host run reads the gradients back here: so does this one, so that Burn
+            // syncs at the same points and fuses the same kernels in both runs.
+            let _ = read(&model, Some(&grads));
             let (next, report) = optim.step(0.05, model, grads);
             model = next;
             reports.push(report.unwrap());
@@ -473,14 +477,12 @@ fn check_training(
     steps: usize,
 ) -> (Vec<PolicyReport>, u64) {
     let device = shared.autodiff();
-    device.seed(5);
     let init = Rnn::new(&device);
     let (on_device, reports, moves) = train_rnn(shared, &init, steps, &policy, true);
     let (on_host, host_reports, _) = train_rnn(shared, &init, steps, &policy, false);
     for (a, b) in reports.iter().zip(&host_reports) {
-        // The two runs drift apart by rounding: each clip agrees to 1e-7, but Burn's
-        // autotune may pick other matmul kernels for the second run (seen on GL: 1e-5 at
-        // step 11). A broken clip is off by far more.
+        // The two runs drift apart by rounding: each clip agrees to 1e-7 and the exploding
+        // RNN amplifies it (seen on GL: 1e-5 at step 11). A broken clip is off by far more.
         let tol = 1e-4;
         let close = |x: f64, y: f64| (x - y).abs() <= tol * y.abs().max(1e-30);
         assert!(

@@ -197,19 +197,21 @@ impl GpuContext {
     }
 }
 
-/// Runs `f` inside out-of-memory and validation error scopes, so that a wgpu error it
+/// Runs `f` inside internal, out-of-memory and validation error scopes, so that a wgpu error it
 /// causes comes back as [`ClipError::Wgpu`] and never reaches the device's
 /// uncaptured-error handler (which panics by default, and under Burn's cubecl).
 pub(crate) fn guarded<T>(
     device: &wgpu::Device,
     f: impl FnOnce() -> Result<T, ClipError>,
 ) -> Result<T, ClipError> {
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let out = f();
     let invalid = pollster::block_on(validation.pop());
     let out_of_memory = pollster::block_on(oom.pop());
-    match invalid.or(out_of_memory) {
+    let internal = pollster::block_on(internal.pop());
+    match invalid.or(out_of_memory).or(internal) {
         Some(e) => Err(ClipError::Wgpu(e.to_string())),
         None => out,
     }

@@ -326,8 +326,9 @@ impl GpuPolicy {
     ) -> Result<T, ClipError> {
         let ctx = self.engine.ctx().clone();
         let step = self.step;
-        // Recording too runs inside error scopes (its readback buffer may be new).
-        let pending = guarded(&ctx.inner.device, || {
+        // Recording too runs inside error scopes (its readback buffer may be new); a
+        // recording that hit an error is never submitted.
+        let recorded = guarded(&ctx.inner.device, || {
             let mut encoder =
                 ctx.inner
                     .device
@@ -335,14 +336,17 @@ impl GpuPolicy {
                         label: Some("gradclip policy"),
                     });
             let pending = record(self, &mut encoder)?;
+            Ok((encoder, pending))
+        });
+        let submitted = recorded.and_then(|(encoder, pending)| {
             ctx.submit(encoder)?;
             Ok(pending)
         });
-        if pending.is_err() {
+        if submitted.is_err() {
             // Nothing ran: the step counter stays where it was.
             self.rewind(step);
         }
-        pending
+        submitted
     }
 
     /// The engine step of a policy step with `params`.
