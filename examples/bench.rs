@@ -264,6 +264,8 @@ fn run_cpu(op: Op, work: &mut Flat, lens: &[usize], p: &Params) -> Res<Option<Cl
 /// Sum of the words of `c`, as built and (where the CPU has it) with AVX2: the read floor
 /// is the faster of the two, so no operation compiled for the wider vectors beats it.
 fn read_words(c: &[u32], avx2: bool) -> u32 {
+    /// 16 independent wrapping sums, so the loop vectorises at any width.
+    #[inline(always)]
     fn sum(c: &[u32]) -> u32 {
         let mut acc = [0u32; 16];
         let mut chunks = c.chunks_exact(16);
@@ -282,18 +284,7 @@ fn read_words(c: &[u32], avx2: bool) -> u32 {
     if avx2 && std::is_x86_feature_detected!("avx2") {
         #[target_feature(enable = "avx2")]
         fn sum_avx2(c: &[u32]) -> u32 {
-            let mut acc = [0u32; 16];
-            let mut chunks = c.chunks_exact(16);
-            for w in &mut chunks {
-                for i in 0..16 {
-                    acc[i] = acc[i].wrapping_add(w[i]);
-                }
-            }
-            let tail = chunks
-                .remainder()
-                .iter()
-                .fold(0u32, |a, &x| a.wrapping_add(x));
-            acc.iter().fold(tail, |a, &x| a.wrapping_add(x))
+            sum(c)
         }
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { sum_avx2(c) };

@@ -151,26 +151,35 @@ fn reduce_bf16(x: &[half::bf16], norm: Norm) -> NormAcc {
     })
 }
 
+/// Sum of squares in f64 of `widen(x)` over `x`, element `i` in lane `i % LANES`, the tail
+/// first and then the lanes in order: the one summation order of every L2 block sum, at
+/// any vector width and for every element type.
+#[inline(always)]
+fn lane_sum_sq<T: Copy>(x: &[T], widen: impl Fn(T) -> f32) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            let v = widen(c[i]) as f64;
+            acc[i] += v * v;
+        }
+    }
+    let mut sum = 0.0;
+    for &v in chunks.remainder() {
+        let v = widen(v) as f64;
+        sum += v * v;
+    }
+    for a in acc {
+        sum += a;
+    }
+    sum
+}
+
 wide_fn! {
     /// Sum of squares in f64 of f32 values (finite for any finite input: see the module
-    /// header), with LANES independent accumulators.
+    /// header).
     fn f32_sum_sq(x: &[f32]) -> f64 {
-        let mut acc = [0.0f64; LANES];
-        let mut chunks = x.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                let v = c[i] as f64;
-                acc[i] += v * v;
-            }
-        }
-        let mut sum = 0.0;
-        for v in chunks.remainder() {
-            sum += (*v as f64) * (*v as f64);
-        }
-        for a in acc {
-            sum += a;
-        }
-        sum
+        lane_sum_sq(x, |v| v)
     }
 }
 
@@ -250,46 +259,14 @@ fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
 wide_fn! {
     /// [`f16_sum_sq`] widened in the loop ([`f16_bits_to_f32`]).
     fn f16_sum_sq_widened(x: &[half::f16]) -> f64 {
-        let mut acc = [0.0f64; LANES];
-        let mut chunks = x.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                let v = f16_bits_to_f32(c[i].to_bits()) as f64;
-                acc[i] += v * v;
-            }
-        }
-        let mut sum = 0.0;
-        for v in chunks.remainder() {
-            let v = f16_bits_to_f32(v.to_bits()) as f64;
-            sum += v * v;
-        }
-        for a in acc {
-            sum += a;
-        }
-        sum
+        lane_sum_sq(x, |v| f16_bits_to_f32(v.to_bits()))
     }
 }
 
 wide_fn! {
     /// [`f32_sum_sq`] of bf16 values, widened in the same loop (a shift).
     fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
-        let mut acc = [0.0f64; LANES];
-        let mut chunks = x.chunks_exact(LANES);
-        for c in &mut chunks {
-            for i in 0..LANES {
-                let v = f32::from_bits((c[i].to_bits() as u32) << 16) as f64;
-                acc[i] += v * v;
-            }
-        }
-        let mut sum = 0.0;
-        for v in chunks.remainder() {
-            let v = f32::from_bits((v.to_bits() as u32) << 16) as f64;
-            sum += v * v;
-        }
-        for a in acc {
-            sum += a;
-        }
-        sum
+        lane_sum_sq(x, |v| f32::from_bits((v.to_bits() as u32) << 16))
     }
 }
 
