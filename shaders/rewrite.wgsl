@@ -1,6 +1,6 @@
 // rewrite.wgsl: the engine's `rewrite` stage, the one in-place elementwise pass of a step
-// with all its elementwise work fused: NaNs to zero (NonFinitePolicy::ZeroNans), times the
-// unit's coefficient, plus Gaussian noise, clamped to [lo, hi] (value clipping).
+// with all its elementwise work fused (`transform`: NaNs to zero, times the unit's
+// coefficient, plus Gaussian noise, clamped to [lo, hi]).
 //
 // Bindings (group 0):
 //   0 grads     storage, read_write  one binding window of a gradient buffer, as words
@@ -20,16 +20,9 @@
 // XOR of this half's bits only: no lost updates, and the other half is never written. An element whose value does not change
 // keeps its exact bits. CPU twin: src/cpu/engine.rs (`rewrite`).
 
-#import acc
 #import convert
 #import grid
-#import philox
-
-// Pipeline variants: scaling (a coefficient per unit, NaN zeroing), noise and clamping
-// compiled in only where a step asks for them; a value clip alone is `CLAMP` only.
-override SCALE: bool = true;
-override NOISE: bool = true;
-override CLAMP: bool = true;
+#import transform
 
 // The same binding seen two ways: plain words by `main`, atomic words by `shared_words`.
 @group(0) @binding(0) var<storage, read_write> words: array<u32>;
@@ -39,30 +32,6 @@ override CLAMP: bool = true;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
 @group(0) @binding(6) var<storage, read> report: array<u32>;
-
-// The new value of element `index` of tensor `tensor`.
-fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
-    var y = x;
-    if (SCALE && step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
-        y = 0.0;
-    }
-    if (SCALE && bitcast<u32>(coef) != bitcast<u32>(1.0)) {
-        y = y * coef;
-    }
-    if (NOISE && step.sigma > 0.0) {
-        y = y + step_noise(step, tensor, index);
-    }
-    // NaN stays NaN, as in PyTorch and TensorFlow. It is tested on its bits: a driver
-    // may fold the comparisons below into a clamp that returns a bound for NaN (GL does).
-    if (CLAMP && step.clamp == 1u && nonfinite_flag(bitcast<u32>(y)) != FLAG_NAN) {
-        if (y < step.lo) {
-            y = step.lo;
-        } else if (y > step.hi) {
-            y = step.hi;
-        }
-    }
-    return y;
-}
 
 fn f32_transform(bits: u32, coef: f32, tensor: u32, index: u32) -> u32 {
     return bitcast<u32>(transform(bitcast<f32>(bits), coef, tensor, index));
@@ -126,11 +95,7 @@ struct Work {
 
 fn work_of(inv: Invocation) -> Work {
     let local = workgroup_index(inv);
-    // A step that norms (rule 1) is held by its `finish`; a value clip alone (rule 0)
-    // checks that its parameter slot is still its own.
-    let held = step.rule == 1u && (report[STATUS_WORD] & STATUS_HELD) != 0u;
-    let stale = report[TAG_WORD] != step.seq % TAG_RING;
-    if (local >= dispatch.n_chunks || held || stale) {
+    if (local >= dispatch.n_chunks || !step_runs(report[STATUS_WORD], report[TAG_WORD])) {
         return Work(chunks[0], 1.0, false);
     }
     let chunk = chunks[dispatch.first_chunk + local];

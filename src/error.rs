@@ -95,6 +95,23 @@ pub enum ClipError {
         /// Its length.
         len: u64,
     },
+    /// A fused optimizer step writes the parameters while it reads the gradients, which
+    /// wgpu allows only when they are in different buffers.
+    #[error("parameter {param:?} and gradient {grad:?} are in the same buffer; a fused optimizer step needs the parameters in buffers of their own")]
+    SharedBuffer {
+        /// The parameter tensor.
+        param: String,
+        /// The gradient tensor in its buffer.
+        grad: String,
+    },
+    /// A fused optimizer step keeps f32 master weights; this parameter tensor is not f32.
+    #[error("parameter {tensor:?} is {dtype}; a fused optimizer step updates f32 master weights")]
+    NotF32 {
+        /// The parameter tensor.
+        tensor: String,
+        /// Its element type.
+        dtype: crate::DType,
+    },
     /// A policy or rule was configured with an invalid value.
     #[error("invalid clipping configuration: {0}")]
     InvalidConfig(String),

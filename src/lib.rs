@@ -12,6 +12,7 @@ mod monitor;
 mod non_finite;
 mod norm;
 mod ops;
+mod optim;
 mod plan;
 mod report;
 mod shaders;
@@ -20,10 +21,10 @@ mod shard;
 pub use chain::{
     Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
     Masked, PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule,
-    TensorInfo, UnitAxis, ZClip,
+    TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
-pub use cpu::{CpuAccumulator, CpuPolicy, ShardedCpuPolicy};
+pub use cpu::{CpuAccumulator, CpuPolicy, DeferredStep, ShardedCpuPolicy};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
@@ -35,6 +36,8 @@ pub use monitor::{plot, GradMonitor};
 pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
+pub use optim::cpu::CpuOptimizer;
+pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};
 #[cfg(feature = "mpi")]
 pub use shard::mpi::MpiCollective;

@@ -106,6 +106,27 @@ pub(crate) struct Program {
     pub bases: Vec<u64>,
 }
 
+/// Where the units of one tensor lie: element `index` of the tensor has the coefficient of
+/// unit `first + (index / div) % count`. A tensor that is one unit has `count` 1, AGC rows
+/// `div` = the row length, AGC columns `div` 1 and `count` = the number of columns. The
+/// WGSL twin is `gradclip_unit` (in [`crate::DeferredClip::wgsl`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitLayout {
+    /// The tensor's first unit.
+    pub first: u32,
+    /// Elements per step of the unit index (at least 1).
+    pub div: u32,
+    /// The tensor's number of units (at least 1).
+    pub count: u32,
+}
+
+impl UnitLayout {
+    /// The unit of element `index` of the tensor.
+    pub fn unit_of(&self, index: u32) -> u32 {
+        self.first + (index / self.div) % self.count
+    }
+}
+
 /// A stage without rule numbers or state.
 fn plain_stage(
     group_of: Vec<u32>,
@@ -130,6 +151,38 @@ fn plain_stage(
 }
 
 impl Program {
+    /// The unit layout of every one of `n_tensors` tensors (each has at least one unit:
+    /// see [`Program::new`]); units of one tensor are consecutive.
+    pub(crate) fn unit_layouts(&self, n_tensors: usize) -> Vec<UnitLayout> {
+        let mut out = vec![
+            UnitLayout {
+                first: 0,
+                div: 1,
+                count: 1,
+            };
+            n_tensors
+        ];
+        let mut u = 0;
+        while u < self.units.len() {
+            let t = self.units[u].tensor;
+            let count = self.units[u..].iter().take_while(|s| s.tensor == t).count();
+            let unit = &self.units[u];
+            // Rows step by their length; columns (strided units) by one element.
+            let div = if count > 1 && unit.stride == 1 {
+                unit.len
+            } else {
+                1
+            };
+            out[t] = UnitLayout {
+                first: u as u32,
+                div: div.max(1) as u32,
+                count: count as u32,
+            };
+            u += count;
+        }
+        out
+    }
+
     /// Lays the stages' state blocks out (adaptive stages first, so the saved state's
     /// first block is the adaptive one) and returns the program.
     fn with_state(units: Vec<PlanSegment>, mut stages: Vec<StagePlan>) -> Program {

@@ -472,19 +472,27 @@ pub(crate) fn rewrite(
         let tensor = unit.tensor as u32;
         let base = program.base(unit.tensor);
         rewrite_unit(&mut grads[unit.tensor], unit, |x, i| {
-            let mut y = if zero_nans && x.is_nan() { 0.0 } else { x };
-            if c.to_bits() != 1.0f32.to_bits() {
-                y *= c;
-            }
-            if let Some(n) = noise {
-                y += n.sigma * gaussian_noise(n.seed, step.step, tensor, (base + i as u64) as u32);
-            }
-            match step.clamp {
-                Some(v) if y < v.lo => v.lo,
-                Some(v) if y > v.hi => v.hi,
-                _ => y,
-            }
+            transform(step, c, tensor, base + i as u64, x)
         });
+    }
+}
+
+/// The elementwise work of a step on one value `x` of tensor `tensor` at logical index
+/// `index`, whose unit has coefficient `coef` (`transform.wgsl`): NaN to zero (ZeroNans),
+/// times the coefficient, plus noise, clamped.
+pub(crate) fn transform(step: &CpuStep, coef: f32, tensor: u32, index: u64, x: f32) -> f32 {
+    let zero_nans = step.policy == NonFinitePolicy::ZeroNans;
+    let mut y = if zero_nans && x.is_nan() { 0.0 } else { x };
+    if coef.to_bits() != 1.0f32.to_bits() {
+        y *= coef;
+    }
+    if let Some(n) = step.noise.filter(|n| n.sigma > 0.0) {
+        y += n.sigma * gaussian_noise(n.seed, step.step, tensor, index as u32);
+    }
+    match step.clamp {
+        Some(v) if y < v.lo => v.lo,
+        Some(v) if y > v.hi => v.hi,
+        _ => y,
     }
 }
 
@@ -517,7 +525,8 @@ pub(crate) fn run(
     reduce_norms: bool,
 ) -> Outcome {
     let norms = if reduce_norms {
-        reduce_units(grads, params, program, step.norm)
+        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+        reduce_units(&refs, params, program, step.norm)
     } else {
         (vec![], None)
     };
@@ -526,13 +535,12 @@ pub(crate) fn run(
 
 /// The unit norms of a step: of the gradients and, for AGC, of the parameters (L2).
 pub(crate) fn reduce_units(
-    grads: &[GradMut<'_>],
+    grads: &[GradRef<'_>],
     params: Option<&[GradRef<'_>]>,
     program: &Program,
     norm: Norm,
 ) -> (Vec<NormAcc>, Option<Vec<NormAcc>>) {
-    let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-    let units = reduce(&refs, &program.units, norm);
+    let units = reduce(grads, &program.units, norm);
     let w = params.map(|p| reduce(p, &program.units, Norm::L2));
     (units, w)
 }
@@ -541,6 +549,20 @@ pub(crate) fn reduce_units(
 /// unit norms of every rank first).
 pub(crate) fn run_from_units(
     grads: &mut [GradMut<'_>],
+    program: &Program,
+    step: &CpuStep,
+    state: &mut PolicyState,
+    norms: (Vec<NormAcc>, Option<Vec<NormAcc>>),
+    reduce_norms: bool,
+) -> Outcome {
+    let out = stages(program, step, state, norms, reduce_norms);
+    rewrite(grads, program, &out.coefs, &out.stages[0].finish, step);
+    out
+}
+
+/// The norm stages of a step from its unit norms: per stage `combine`, `finish` and
+/// `coefs`, and the chain's verdict; everything but the `rewrite`.
+pub(crate) fn stages(
     program: &Program,
     step: &CpuStep,
     state: &mut PolicyState,
@@ -599,7 +621,6 @@ pub(crate) fn run_from_units(
             s.finish.status |= merged & STATUS_HELD;
         }
     }
-    rewrite(grads, program, &unit_coefs, &stages[0].finish, step);
     Outcome {
         units,
         stages,

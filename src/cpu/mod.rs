@@ -42,7 +42,8 @@ mod sharded;
 
 pub use accumulate::CpuAccumulator;
 pub use per_example::clip_per_example;
-pub use policy::CpuPolicy;
+pub use policy::{CpuPolicy, DeferredStep};
+pub(crate) use engine::to_f32;
 pub use sharded::ShardedCpuPolicy;
 
 use crate::chain::Program;

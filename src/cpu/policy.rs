@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use super::engine::{self, CpuStep};
-use crate::chain::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo};
+use crate::chain::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout};
+use crate::report::STATUS_HELD;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape, StageOutcome, UnitNorms};
@@ -66,19 +67,19 @@ impl CpuPolicy {
         grads: &[GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<CpuStep, ClipError> {
-        self.check_with(grads, params, |lens| check_shapes(&self.infos, lens))
+        let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
+        self.check_with(&lens, params, |lens| check_shapes(&self.infos, lens))
     }
 
-    /// [`CpuPolicy::check`] with `check_lens` judging the gradients' (and parameters')
-    /// lengths.
+    /// [`CpuPolicy::check`] of gradients of lengths `lens`, with `check_lens` judging
+    /// the gradients' (and parameters') lengths.
     pub(crate) fn check_with(
         &self,
-        grads: &[GradMut<'_>],
+        lens: &[u64],
         params: Option<&[GradRef<'_>]>,
         check_lens: impl Fn(&[u64]) -> Result<(), ClipError>,
     ) -> Result<CpuStep, ClipError> {
-        let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
-        check_lens(&lens)?;
+        check_lens(lens)?;
         let policy = &self.policy;
         if self.program.needs_params() {
             let Some(p) = params else {
@@ -115,6 +116,32 @@ impl CpuPolicy {
         let mut state = self.state.clone();
         let out = engine::run(grads, params, &self.program, &step, &mut state, true);
         self.commit(step, state, out)
+    }
+
+    /// Runs one step without touching the gradients: the norms, the state and the report
+    /// as [`CpuPolicy::step`] would leave them, and the coefficients for the caller to
+    /// apply (deferred scaling, the CPU twin of [`crate::GpuPolicy::encode_deferred`]).
+    pub fn step_deferred(
+        &mut self,
+        grads: &[GradRef<'_>],
+        params: Option<&[GradRef<'_>]>,
+    ) -> Result<DeferredStep, ClipError> {
+        let lens: Vec<u64> = grads.iter().map(|g| g.len() as u64).collect();
+        let step = self.check_with(&lens, params, |lens| check_shapes(&self.infos, lens))?;
+        let params = params.filter(|_| self.program.needs_params());
+        let mut state = self.state.clone();
+        let norms = engine::reduce_units(grads, params, &self.program, step.norm);
+        let out = engine::stages(&self.program, &step, &mut state, norms, true);
+        let finish = out.stages[0].finish;
+        let coefs = out.coefs.clone();
+        let report = self.commit(step, state, out)?;
+        Ok(DeferredStep {
+            report,
+            coefs,
+            held: finish.status & STATUS_HELD != 0,
+            step,
+            layouts: self.program.unit_layouts(lens.len()),
+        })
     }
 
     /// Keeps the state a step left and reports the step.
@@ -154,5 +181,36 @@ impl CpuPolicy {
             detail,
         }
         .report()
+    }
+}
+
+/// A step whose coefficients were computed but not applied ([`CpuPolicy::step_deferred`]).
+#[derive(Debug, Clone)]
+pub struct DeferredStep {
+    /// The step's report.
+    pub report: PolicyReport,
+    /// The coefficient of every unit.
+    pub coefs: Vec<f32>,
+    /// The step is held (non-finite under `Error` or `SkipStep`): apply nothing.
+    pub held: bool,
+    step: CpuStep,
+    layouts: Vec<UnitLayout>,
+}
+
+impl DeferredStep {
+    /// Where the units of each tensor lie.
+    pub fn layouts(&self) -> &[UnitLayout] {
+        &self.layouts
+    }
+
+    /// The clipped value of element `index` of tensor `tensor`, whose gradient is `x`:
+    /// what the in-place step would have written there (NaN zeroing, the unit's
+    /// coefficient, noise and value clamping; `x` itself when held).
+    pub fn clipped(&self, tensor: usize, index: u32, x: f32) -> f32 {
+        if self.held {
+            return x;
+        }
+        let coef = self.coefs[self.layouts[tensor].unit_of(index) as usize];
+        engine::transform(&self.step, coef, tensor as u32, index as u64, x)
     }
 }

@@ -87,7 +87,8 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<PolicyReport, ClipError> {
         let shard = &self.shard;
-        let checked = (self.inner).check_with(grads, params, |lens| {
+        let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
+        let checked = (self.inner).check_with(&lens, params, |lens| {
             shard.check_local(lens, |t| format!("#{t}"))
         });
         let program = self.inner.program();
@@ -96,7 +97,10 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         let params = params.filter(|_| needs_params);
         let norm = self.inner.policy().norm;
         let (mut units, mut w_units) = match &checked {
-            Ok(_) => engine::reduce_units(grads, params, program, norm),
+            Ok(_) => {
+                let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+                engine::reduce_units(&refs, params, program, norm)
+            }
             Err(_) => (vec![NormAcc::IDENTITY; n], None),
         };
         if needs_params && w_units.is_none() {

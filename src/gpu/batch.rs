@@ -85,15 +85,12 @@ impl std::fmt::Debug for GpuBatch {
     }
 }
 
-/// Checks `tensors` and plans them over the segments `segments` makes of them; returns
-/// the plan and the distinct buffers its windows index.
-pub(crate) fn plan_tensors<'a>(
-    ctx: &GpuContext,
+/// The planner's view of `tensors` (shard starts `bases`) and the distinct buffers it
+/// indexes; checks that every buffer can be bound as storage.
+pub(crate) fn plan_inputs<'a>(
     tensors: &[GpuTensor<'a>],
     bases: &[u64],
-    segments: impl FnOnce(&[PlanTensor]) -> Vec<PlanSegment>,
-) -> Result<(Plan, Vec<&'a wgpu::Buffer>), ClipError> {
-    let limits = ctx.inner.device.limits();
+) -> Result<(Vec<PlanTensor>, Vec<&'a wgpu::Buffer>), ClipError> {
     let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
     let mut plan_tensors = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
@@ -118,16 +115,30 @@ pub(crate) fn plan_tensors<'a>(
             base: bases.get(i).copied().unwrap_or(0),
         });
     }
+    Ok((plan_tensors, buffers))
+}
+
+/// The limits of `ctx`'s device that shape a plan.
+pub(crate) fn plan_limits(ctx: &GpuContext) -> PlanLimits {
+    let limits = ctx.inner.device.limits();
+    PlanLimits {
+        max_binding: limits.max_storage_buffer_binding_size,
+        offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
+        max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+    }
+}
+
+/// Checks `tensors` and plans them over the segments `segments` makes of them; returns
+/// the plan and the distinct buffers its windows index.
+pub(crate) fn plan_tensors<'a>(
+    ctx: &GpuContext,
+    tensors: &[GpuTensor<'a>],
+    bases: &[u64],
+    segments: impl FnOnce(&[PlanTensor]) -> Vec<PlanSegment>,
+) -> Result<(Plan, Vec<&'a wgpu::Buffer>), ClipError> {
+    let (plan_tensors, buffers) = plan_inputs(tensors, bases)?;
     let segments = segments(&plan_tensors);
-    let plan = Plan::new(
-        &plan_tensors,
-        &segments,
-        PlanLimits {
-            max_binding: limits.max_storage_buffer_binding_size,
-            offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
-            max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
-        },
-    )?;
+    let plan = Plan::new(&plan_tensors, &segments, plan_limits(ctx))?;
     Ok((plan, buffers))
 }
 

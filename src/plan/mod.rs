@@ -11,6 +11,8 @@
 //! tensors is written by one workgroup only; the segment-wise pass writes such shared
 //! words with atomics instead.
 
+pub(crate) mod step_table;
+
 use crate::dtype::DType;
 use crate::error::ClipError;
 
@@ -102,6 +104,11 @@ pub(crate) struct Plan {
     pub segment_ranges: Vec<[u32; 2]>,
 }
 
+/// Bytes of the windows a buffer is bound through (the largest binding, rounded down to the offset alignment).
+pub(crate) fn window_bytes(limits: &PlanLimits) -> u64 {
+    (limits.max_binding.min(1 << 31) / limits.offset_alignment) * limits.offset_alignment
+}
+
 /// Folds `n` workgroups into a 2-D grid that respects the per-dimension limit.
 pub(crate) fn fold_grid(n: u32, max_per_dim: u32) -> [u32; 3] {
     if n == 0 {
@@ -166,8 +173,7 @@ impl Plan {
                 len: t.len,
             });
         }
-        let window_bytes =
-            (limits.max_binding.min(1 << 31) / limits.offset_alignment) * limits.offset_alignment;
+        let window_bytes = window_bytes(&limits);
         // Non-empty tensors in (buffer, offset) order: chunks and spans follow this order.
         let mut order: Vec<usize> = (0..tensors.len()).filter(|&i| tensors[i].len > 0).collect();
         order.sort_by_key(|&i| (tensors[i].buffer, tensors[i].offset));

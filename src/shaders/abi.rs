@@ -114,6 +114,12 @@ abi_structs! {
         /// of f16 and of bf16.
         pub keys_f16: u32,
         pub keys_bf16: u32,
+        /// A fused optimizer step (`optimizer.wgsl`): its learning rate and AdamW's
+        /// decay factor `1 - lr * weight_decay` (rounded once, on the host).
+        pub lr: f32,
+        pub decay: f32,
+        pub _pad0: u32,
+        pub _pad1: u32,
         pub _pad2: u32,
     }
 
@@ -197,6 +203,67 @@ abi_structs! {
         pub _pad1: u32,
     }
 
+    /// One row of a fused optimizer step's table (`src/plan/step_table.rs`): one
+    /// workgroup's run of contiguous elements of one tensor, in the gradient window, the
+    /// parameter window and the state buffer of its dispatch. The element `index + k` of
+    /// tensor `tensor` belongs to unit `unit_first + ((index + k) / unit_div) % unit_count`.
+    pub(crate) struct StepChunk {
+        pub grad_start: u32,
+        pub param_start: u32,
+        pub state_start: u32,
+        pub len: u32,
+        pub dtype: u32,
+        pub tensor: u32,
+        pub index: u32,
+        pub unit_first: u32,
+        pub unit_div: u32,
+        pub unit_count: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
+    }
+
+    /// One dispatch of a fused optimizer step: its rows of the table and the length of
+    /// each state array in its state buffer (`m`, then `v`, then `vmax`).
+    pub(crate) struct StepRunParams {
+        pub first_chunk: u32,
+        pub n_chunks: u32,
+        pub state_len: u32,
+        pub _pad0: u32,
+    }
+
+    /// The fixed hyperparameters of a fused optimizer (the learning rate is per step, in
+    /// [`StepParams::lr`]).
+    pub(crate) struct OptimizerParams {
+        /// `OPT_SGD` or `OPT_ADAM`.
+        pub kind: u32,
+        pub weight_decay: f32,
+        /// SGD.
+        pub momentum: f32,
+        /// `1 - dampening`.
+        pub undamped: f32,
+        pub nesterov: u32,
+        /// Adam: `beta1`, `beta2` and their complements (rounded once, on the host).
+        pub beta1: f32,
+        pub beta2: f32,
+        pub one_minus_beta1: f32,
+        pub one_minus_beta2: f32,
+        pub eps: f32,
+        /// 1: AdamW (decay the parameters), 0: Adam (add the decay to the gradient).
+        pub decoupled: u32,
+        pub amsgrad: u32,
+    }
+
+    /// The optimizer's step counter on the device and what `tick` derived from it for
+    /// this step: `steps` counts the steps taken (a held step takes none).
+    pub(crate) struct OptimizerCounter {
+        pub steps: u32,
+        /// 1: this step updates; 0: it is held (or its slot was overwritten).
+        pub run: u32,
+        /// Adam: `lr / (1 - beta1^t)` and `sqrt(1 - beta2^t)`.
+        pub step_size: f32,
+        pub bias2_sqrt: f32,
+    }
+
     /// One window of a gradient accumulation.
     pub(crate) struct AccumulateParams {
         pub first_chunk: u32,
@@ -209,6 +276,10 @@ abi_structs! {
 
 /// Bytes of one [`Acc`].
 pub(crate) const ACC_BYTES: u64 = std::mem::size_of::<Acc>() as u64;
+
+/// Optimizer kinds of [`OptimizerParams::kind`].
+pub(crate) const OPT_SGD: u32 = 0;
+pub(crate) const OPT_ADAM: u32 = 1;
 
 /// Non-finite flag bits of [`Acc::flags`].
 pub(crate) const FLAG_INF: u32 = 1;
@@ -321,6 +392,8 @@ const CONSTS: &[(&str, u32)] = &[
     ("ST_TAG", ST_TAG),
     ("ST_CAP", ST_CAP),
     ("TAG_RING", TAG_RING),
+    ("OPT_SGD", OPT_SGD),
+    ("OPT_ADAM", OPT_ADAM),
 ];
 
 /// The WGSL text of the `abi` import: every constant and struct above.

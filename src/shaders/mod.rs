@@ -21,16 +21,18 @@ pub(crate) enum Family {
     Rewrite,
     PerExample,
     Accumulate,
+    Optimizer,
 }
 
 impl Family {
-    pub(crate) const ALL: [Family; 6] = [
+    pub(crate) const ALL: [Family; 7] = [
         Family::NormReduce,
         Family::NormCombine,
         Family::Coef,
         Family::Rewrite,
         Family::PerExample,
         Family::Accumulate,
+        Family::Optimizer,
     ];
 
     /// The file name without `.wgsl`.
@@ -42,6 +44,7 @@ impl Family {
             Family::Rewrite => "rewrite",
             Family::PerExample => "per_example",
             Family::Accumulate => "accumulate",
+            Family::Optimizer => "optimizer",
         }
     }
 
@@ -53,6 +56,7 @@ impl Family {
             Family::Rewrite => include_str!("../../shaders/rewrite.wgsl"),
             Family::PerExample => include_str!("../../shaders/per_example.wgsl"),
             Family::Accumulate => include_str!("../../shaders/accumulate.wgsl"),
+            Family::Optimizer => include_str!("../../shaders/optimizer.wgsl"),
         }
     }
 
@@ -73,6 +77,8 @@ fn shared(name: &str) -> Option<String> {
         "convert" => include_str!("../../shaders/shared/convert.wgsl"),
         "grid" => include_str!("../../shaders/shared/grid.wgsl"),
         "philox" => include_str!("../../shaders/shared/philox.wgsl"),
+        "transform" => include_str!("../../shaders/shared/transform.wgsl"),
+        "units" => include_str!("../../shaders/shared/units.wgsl"),
         "workgroup_reduce" => include_str!("../../shaders/shared/workgroup_reduce.wgsl"),
         _ => return None,
     };
@@ -128,16 +134,22 @@ pub(crate) enum BindLayout {
     Rewrite,
     PerExample,
     Accumulate,
+    /// `optimizer`'s `tick`.
+    OptimizerTick,
+    /// `optimizer`'s `update`.
+    OptimizerUpdate,
 }
 
 impl BindLayout {
-    pub(crate) const ALL: [BindLayout; 6] = [
+    pub(crate) const ALL: [BindLayout; 8] = [
         BindLayout::Reduce,
         BindLayout::Groups,
         BindLayout::Coef,
         BindLayout::Rewrite,
         BindLayout::PerExample,
         BindLayout::Accumulate,
+        BindLayout::OptimizerTick,
+        BindLayout::OptimizerUpdate,
     ];
 
     /// `(binding, kind)` of every entry.
@@ -172,6 +184,19 @@ impl BindLayout {
                 &[(0, RO), (1, RW), (2, RO), (3, UNIFORM), (4, STEP), (5, RO)]
             }
             BindLayout::Accumulate => &[(0, RW), (1, RO), (2, RO), (3, UNIFORM)],
+            BindLayout::OptimizerTick => &[(3, STEP), (6, RO), (8, RW), (9, UNIFORM)],
+            BindLayout::OptimizerUpdate => &[
+                (0, RO),
+                (1, RO),
+                (2, RO),
+                (3, STEP),
+                (4, UNIFORM),
+                (5, RW),
+                (6, RO),
+                (7, RW),
+                (8, RO),
+                (9, UNIFORM),
+            ],
         }
     }
 }
@@ -207,6 +232,25 @@ pub(crate) enum Kernel {
     },
     PerExample,
     Accumulate,
+    /// `optimizer`, entry `tick`.
+    OptimizerTick,
+    /// `optimizer`, entry `update`, with the `rewrite` flags of the clip it applies
+    /// (all off after an in-place clip).
+    OptimizerUpdate {
+        scale: bool,
+        noise: bool,
+        clamp: bool,
+    },
+}
+
+/// The override constants of `transform.wgsl`.
+fn transform_flags(scale: bool, noise: bool, clamp: bool) -> Vec<(&'static str, f64)> {
+    let flag = |on: bool| on as u8 as f64;
+    vec![
+        ("SCALE", flag(scale)),
+        ("NOISE", flag(noise)),
+        ("CLAMP", flag(clamp)),
+    ]
 }
 
 /// Where a [`Kernel`] lives and how it is specialised.
@@ -225,7 +269,14 @@ impl Kernel {
         use abi::*;
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
-        let mut all = vec![Kernel::PerExample, Kernel::Accumulate];
+        let mut all = vec![Kernel::PerExample, Kernel::Accumulate, Kernel::OptimizerTick];
+        for bits in 0..8 {
+            all.push(Kernel::OptimizerUpdate {
+                scale: bits & 1 != 0,
+                noise: bits & 2 != 0,
+                clamp: bits & 4 != 0,
+            });
+        }
         for bits in 0..16 {
             all.push(Kernel::Rewrite {
                 shared_words: bits & 1 != 0,
@@ -287,14 +338,20 @@ impl Kernel {
                 clamp,
             } => {
                 let entry = if shared_words { "shared_words" } else { "main" };
-                let flag = |on: bool| on as u8 as f64;
-                let flags = vec![
-                    ("SCALE", flag(scale)),
-                    ("NOISE", flag(noise)),
-                    ("CLAMP", flag(clamp)),
-                ];
+                let flags = transform_flags(scale, noise, clamp);
                 (Family::Rewrite, entry, BindLayout::Rewrite, flags)
             }
+            Kernel::OptimizerTick => (Family::Optimizer, "tick", BindLayout::OptimizerTick, vec![]),
+            Kernel::OptimizerUpdate {
+                scale,
+                noise,
+                clamp,
+            } => (
+                Family::Optimizer,
+                "update",
+                BindLayout::OptimizerUpdate,
+                transform_flags(scale, noise, clamp),
+            ),
             Kernel::PerExample => (Family::PerExample, "main", BindLayout::PerExample, vec![]),
             Kernel::Accumulate => (Family::Accumulate, "main", BindLayout::Accumulate, vec![]),
         };

@@ -1,0 +1,151 @@
+// optimizer.wgsl: fused optimizer steps that clip as they read. SGD (momentum, dampening,
+// Nesterov, weight decay) and Adam / AdamW (amsgrad) as torch.optim defines them, over
+// f32 master weights and f32 state, from f32, f16 or bf16 gradients. Each gradient is read
+// once and passed through the step's `transform` with its unit's coefficient, so a clipped
+// optimizer step costs the norm read plus this pass, and the gradients are never written.
+//
+// Bindings (group 0):
+//   0 grads     storage, read        one binding window of a gradient buffer, as words
+//   1 chunks    storage, read        the step table (StepChunk)
+//   2 coefs     storage, read        coefficient per unit (coef.wgsl `coefs`)
+//   3 step      uniform              StepParams of this step, at a dynamic offset (lr)
+//   4 run       uniform              StepRunParams: this dispatch's rows and state length
+//   5 params    storage, read_write  one binding window of the f32 parameters
+//   6 report    storage, read        StepReport as words
+//   7 state     storage, read_write  this dispatch's state: m (or the momentum), v, vmax
+//   8 counter   storage              OptimizerCounter: read_write in `tick`, read in `update`
+//   9 opt       uniform              OptimizerParams
+//
+// Entry `tick` (one invocation) decides once per step whether it runs (not held by the
+// clip, its parameter slot its own), counts it and derives Adam's bias corrections; a held
+// step leaves the counter, the parameters and the state untouched. Entry `update`: one
+// workgroup updates one row of the table, 256 threads striding over its elements.
+// CPU twin: src/optim/mod.rs (`sgd`, `adam`, `power`), run by src/optim/cpu.rs.
+
+#import convert
+#import grid
+#import transform
+#import units
+
+@group(0) @binding(0) var<storage, read> grads: array<u32>;
+@group(0) @binding(1) var<storage, read> chunks: array<StepChunk>;
+@group(0) @binding(2) var<storage, read> coefs: array<f32>;
+@group(0) @binding(3) var<uniform> step: StepParams;
+@group(0) @binding(4) var<uniform> run: StepRunParams;
+@group(0) @binding(5) var<storage, read_write> params: array<f32>;
+@group(0) @binding(6) var<storage, read> report: array<u32>;
+@group(0) @binding(7) var<storage, read_write> state: array<f32>;
+@group(0) @binding(8) var<storage, read_write> counter_rw: OptimizerCounter;
+@group(0) @binding(8) var<storage, read> counter: OptimizerCounter;
+@group(0) @binding(9) var<uniform> opt: OptimizerParams;
+
+// b^t by squaring, in f32: the same products, in the same order, as the host twin.
+fn power(b: f32, t: u32) -> f32 {
+    var result = 1.0;
+    var base = b;
+    var e = t;
+    loop {
+        if ((e & 1u) != 0u) {
+            result = result * base;
+        }
+        e = e >> 1u;
+        if (e == 0u) {
+            break;
+        }
+        base = base * base;
+    }
+    return result;
+}
+
+@compute @workgroup_size(1)
+fn tick() {
+    var c = counter_rw;
+    c.run = select(0u, 1u, step_runs(report[STATUS_WORD], report[TAG_WORD]));
+    if (c.run == 1u) {
+        c.steps = c.steps + 1u;
+        c.step_size = step.lr / (1.0 - power(opt.beta1, c.steps));
+        c.bias2_sqrt = sqrt(1.0 - power(opt.beta2, c.steps));
+    }
+    counter_rw = c;
+}
+
+// Element `k` of row `c` of the gradients, as f32.
+fn gradient(c: StepChunk, k: u32) -> f32 {
+    let e = c.grad_start + k;
+    if (c.dtype == DTYPE_F32) {
+        return bitcast<f32>(grads[e]);
+    }
+    return half_to_f32(half_of(grads[e >> 1u], e), c.dtype);
+}
+
+// torch.optim.SGD on one element; `s`: its momentum buffer.
+fn sgd(p: f32, g: f32, s: u32) -> f32 {
+    var d = g;
+    if (opt.weight_decay != 0.0) {
+        d = d + opt.weight_decay * p;
+    }
+    if (opt.momentum != 0.0) {
+        // The first step starts the buffer at the gradient, as torch does.
+        var buf = d;
+        if (counter.steps != 1u) {
+            buf = state[s] * opt.momentum + opt.undamped * d;
+        }
+        state[s] = buf;
+        if (opt.nesterov == 1u) {
+            d = d + opt.momentum * buf;
+        } else {
+            d = buf;
+        }
+    }
+    return p - step.lr * d;
+}
+
+// torch.optim.Adam / AdamW on one element; `s`: its first moment, `s + n` the second,
+// `s + 2n` the running maximum of the second (amsgrad).
+fn adam(p: f32, g: f32, s: u32, n: u32) -> f32 {
+    var x = p;
+    var d = g;
+    if (opt.weight_decay != 0.0) {
+        if (opt.decoupled == 1u) {
+            x = x * step.decay;
+        } else {
+            d = d + opt.weight_decay * x;
+        }
+    }
+    let m_old = state[s];
+    let m = m_old + opt.one_minus_beta1 * (d - m_old);
+    let v = state[s + n] * opt.beta2 + opt.one_minus_beta2 * d * d;
+    state[s] = m;
+    state[s + n] = v;
+    var vv = v;
+    if (opt.amsgrad == 1u) {
+        vv = max(state[s + 2u * n], v);
+        state[s + 2u * n] = vv;
+    }
+    let denom = sqrt(vv) / counter.bias2_sqrt + opt.eps;
+    return x - counter.step_size * m / denom;
+}
+
+@compute @workgroup_size(WG)
+fn update(inv: Invocation) {
+    let local = workgroup_index(inv);
+    if (local >= run.n_chunks || counter.run == 0u) {
+        return;
+    }
+    let c = chunks[run.first_chunk + local];
+    for (var k = inv.lid; k < c.len; k = k + WG) {
+        let index = c.index + k;
+        var coef = 1.0;
+        if (SCALE && step.rule == 1u) {
+            coef = coefs[gradclip_unit(c.unit_first, c.unit_div, c.unit_count, index)];
+        }
+        let g = transform(gradient(c, k), coef, c.tensor, index);
+        let at = c.param_start + k;
+        let s = c.state_start + k;
+        if (opt.kind == OPT_SGD) {
+            params[at] = sgd(params[at], g, s);
+        } else {
+            params[at] = adam(params[at], g, s, run.state_len);
+        }
+    }
+}

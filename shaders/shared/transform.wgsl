@@ -1,0 +1,46 @@
+// transform.wgsl: the elementwise work of a clipping step on one gradient value, shared by
+// the in-place `rewrite` and the fused optimizer steps (which clip as they read). The
+// importing module declares the step's parameters as `step: StepParams`.
+// CPU twin: src/cpu/engine.rs (`transform`).
+
+#import acc
+#import philox
+
+// Pipeline variants: scaling (a coefficient per unit, NaN zeroing), noise and clamping
+// compiled in only where a step asks for them.
+override SCALE: bool = true;
+override NOISE: bool = true;
+override CLAMP: bool = true;
+
+// Whether a step's elementwise work may run, from its first report's status and tag: a
+// step that norms (rule 1) is held by its `finish`; any step checks that its parameter
+// slot is still its own.
+fn step_runs(status: u32, tag: u32) -> bool {
+    let held = step.rule == 1u && (status & STATUS_HELD) != 0u;
+    return !held && tag == step.seq % TAG_RING;
+}
+
+// The new value of element `index` of tensor `tensor`, whose unit has coefficient `coef`:
+// NaN to zero (ZeroNans), times the coefficient, plus noise, clamped to [lo, hi].
+fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
+    var y = x;
+    if (SCALE && step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+        y = 0.0;
+    }
+    if (SCALE && bitcast<u32>(coef) != bitcast<u32>(1.0)) {
+        y = y * coef;
+    }
+    if (NOISE && step.sigma > 0.0) {
+        y = y + step_noise(step, tensor, index);
+    }
+    // NaN stays NaN, as in PyTorch and TensorFlow. It is tested on its bits: a driver
+    // may fold the comparisons below into a clamp that returns a bound for NaN (GL does).
+    if (CLAMP && step.clamp == 1u && nonfinite_flag(bitcast<u32>(y)) != FLAG_NAN) {
+        if (y < step.lo) {
+            y = step.lo;
+        } else if (y > step.hi) {
+            y = step.hi;
+        }
+    }
+    return y;
+}
