@@ -28,8 +28,8 @@ pub use cpu::{CpuAccumulator, CpuPolicy, DeferredStep, ShardedCpuPolicy};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
-    GpuAccumulator, GpuBatch, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, PendingReport,
-    ShardedGpuPolicy,
+    DeferredClip, GpuAccumulator, GpuBatch, GpuContext, GpuOptimizer, GpuPerExample, GpuPolicy,
+    GpuTensor, PendingReport, ShardedGpuPolicy,
 };
 pub use half::{bf16, f16};
 pub use monitor::{plot, GradMonitor};

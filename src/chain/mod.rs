@@ -9,8 +9,8 @@ mod rules;
 mod schedule;
 mod state;
 
-pub(crate) use layout::{check_shapes, Formula, Program, StagePlan, NO_GROUP};
 pub use layout::UnitLayout;
+pub(crate) use layout::{check_shapes, Formula, Program, StagePlan, NO_GROUP};
 pub use per_example::{ExampleThreshold, PerExampleClip, PerExampleReport};
 pub use rules::{
     Agc, AutoClip, BlockRmsClip, Group, GroupClip, Masked, PerTensorClip, Rule, UnitAxis, ZClip,

@@ -41,9 +41,9 @@ mod policy;
 mod sharded;
 
 pub use accumulate::CpuAccumulator;
+pub(crate) use engine::to_f32;
 pub use per_example::clip_per_example;
 pub use policy::{CpuPolicy, DeferredStep};
-pub(crate) use engine::to_f32;
 pub use sharded::ShardedCpuPolicy;
 
 use crate::chain::Program;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use super::engine::{self, CpuStep};
 use crate::chain::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout};
-use crate::report::STATUS_HELD;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
+use crate::report::STATUS_HELD;
 use crate::report::{PolicyOutcome, PolicyReport, ReportShape, StageOutcome, UnitNorms};
 
 /// Runs a [`ClipPolicy`] on host slices, step after step, keeping its state.

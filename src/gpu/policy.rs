@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::batch::{infos_of, GpuTensor};
 use super::context::{guarded, GpuContext};
+use super::deferred::DeferredClip;
 use super::engine::{Engine, Norms, Step};
 use super::readback::{decode_stages, decode_units, PendingReport};
 use super::resources::StepParams;
@@ -246,7 +247,18 @@ impl GpuPolicy {
             norms,
             ..self.step_of(params, true)
         };
-        let (readback, step) = self.encode_step(encoder, step, |_, _| {})?;
+        self.encode_policy(encoder, step, |_, _| {})
+    }
+
+    /// Records `step` (with `extra` dispatches after its stages) and returns its policy
+    /// report.
+    pub(crate) fn encode_policy(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        step: Step,
+        extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        let (readback, step) = self.encode_step(encoder, step, extra)?;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
@@ -264,6 +276,40 @@ impl GpuPolicy {
             }
             .report()
         }))
+    }
+
+    /// Records one step that computes the norms, the state and every unit's coefficient
+    /// but leaves the gradients as they are: deferred scaling. The coefficients stay on
+    /// the device ([`GpuPolicy::deferred`]) for a pass of the caller's own, recorded after
+    /// this one, that multiplies as it reads (`gradclip_scaled` of
+    /// [`DeferredClip::wgsl`]); clipping then costs one read of the gradients. Noise and
+    /// value clipping change each element and need the in-place step: a policy with
+    /// either is an error here.
+    pub fn encode_deferred(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        if self.policy.noise.is_some() || self.policy.value.is_some() {
+            return Err(ClipError::InvalidConfig(
+                "deferred scaling applies coefficients only; noise and value clipping need \
+                 the in-place step (encode)"
+                    .into(),
+            ));
+        }
+        let params = self.params(None)?;
+        let step = self.step_of(params, false);
+        self.encode_policy(encoder, step, |_, _| {})
+    }
+
+    /// What a caller's pass binds to apply the coefficients of [`GpuPolicy::encode_deferred`].
+    pub fn deferred(&self) -> DeferredClip<'_> {
+        let (coefs, report, _) = self.engine.outputs();
+        DeferredClip {
+            coefs,
+            report,
+            layouts: self.engine.program().unit_layouts(self.n_tensors),
+            zero_nans: self.policy.non_finite == crate::NonFinitePolicy::ZeroNans,
+        }
     }
 
     /// The pending value `decode` reads from `readback` once `encoder` has run.

@@ -195,10 +195,15 @@ pub(crate) fn window<'a>(
     buffer: &'a wgpu::Buffer,
     w: &crate::plan::Window,
 ) -> wgpu::BindingResource<'a> {
+    range(buffer, w.byte_offset, w.byte_size)
+}
+
+/// `size` bytes of `buffer` from `offset`, as a binding.
+pub(crate) fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
         buffer,
-        offset: w.byte_offset,
-        size: NonZeroU64::new(w.byte_size),
+        offset,
+        size: NonZeroU64::new(size),
     })
 }
 

@@ -411,11 +411,17 @@ mod tests {
     fn torch_rejects_what_we_reject() {
         assert!(Optimizer::from(Sgd::new(-1.0)).check().is_err());
         assert!(Optimizer::from(Sgd::new(0.1).nesterov()).check().is_err());
-        assert!(Optimizer::from(Sgd::new(0.1).momentum(0.9).dampening(0.1).nesterov())
+        assert!(
+            Optimizer::from(Sgd::new(0.1).momentum(0.9).dampening(0.1).nesterov())
+                .check()
+                .is_err()
+        );
+        assert!(Optimizer::from(Sgd::new(0.1).momentum(1.0))
             .check()
             .is_err());
-        assert!(Optimizer::from(Sgd::new(0.1).momentum(1.0)).check().is_err());
-        assert!(Optimizer::from(Adam::new(0.1).betas(1.0, 0.9)).check().is_err());
+        assert!(Optimizer::from(Adam::new(0.1).betas(1.0, 0.9))
+            .check()
+            .is_err());
         assert!(Optimizer::from(Adam::new(f32::NAN)).check().is_err());
         assert!(Optimizer::from(Adam::new(0.1).eps(-1.0)).check().is_err());
         assert!(Optimizer::from(Adam::adamw(1e-3).amsgrad()).check().is_ok());

@@ -4,8 +4,8 @@
 //! with a state buffer of their own. Pure host logic, tested without a GPU.
 
 use super::{window_bytes, PlanLimits, PlanTensor, CHUNK_ELEMS};
-use crate::dtype::DType;
 use crate::chain::UnitLayout;
+use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::shaders::abi::StepChunk;
 

@@ -69,6 +69,18 @@ impl Family {
     }
 }
 
+/// The include of deferred scaling (`shaders/deferred.wgsl`) with its imports resolved
+/// and its placeholders (`{group}`, ...) still in place.
+pub(crate) fn deferred_template() -> String {
+    let mut out = String::new();
+    resolve(
+        include_str!("../../shaders/deferred.wgsl"),
+        &mut Vec::new(),
+        &mut out,
+    );
+    out
+}
+
 /// The shared files, by import name.
 fn shared(name: &str) -> Option<String> {
     let text = match name {
@@ -269,7 +281,11 @@ impl Kernel {
         use abi::*;
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
         let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
-        let mut all = vec![Kernel::PerExample, Kernel::Accumulate, Kernel::OptimizerTick];
+        let mut all = vec![
+            Kernel::PerExample,
+            Kernel::Accumulate,
+            Kernel::OptimizerTick,
+        ];
         for bits in 0..8 {
             all.push(Kernel::OptimizerUpdate {
                 scale: bits & 1 != 0,

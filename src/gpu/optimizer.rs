@@ -1,0 +1,363 @@
+//! Fused optimizer steps on the GPU (`shaders/optimizer.wgsl`): a [`GpuPolicy`] computes the
+//! clip's coefficients without rewriting the gradients, and in the same compute pass
+//! `tick` counts the step and `update` clips each gradient as it reads it and updates the
+//! f32 parameters and their state. The CPU twin is [`crate::CpuOptimizer`].
+
+use super::batch::{infos_of, plan_inputs, plan_limits, GpuTensor};
+use super::context::{guarded, GpuContext};
+use super::policy::GpuPolicy;
+use super::readback::{PendingReport, ReportPool};
+use super::resources::{bind, range, storage_init, storage_zeroed, table, whole, DispatchSlots};
+use crate::chain::{check_shapes, ClipPolicy};
+use crate::error::ClipError;
+use crate::optim::{check_lr, Optimizer, OptimizerState};
+use crate::plan::fold_grid;
+use crate::plan::step_table::{plan_step, StepTable};
+use crate::report::PolicyReport;
+use crate::shaders::abi::{self, OptimizerCounter, StepRunParams};
+use crate::shaders::{BindLayout, Kernel};
+
+/// A clipping policy and an optimizer fused into one compute pass over caller-owned
+/// buffers: the gradients are read twice (the norm, then the update) and never written;
+/// the parameters are f32 master weights updated in place; the optimizer state stays on
+/// the device. A step the clip holds (non-finite gradients under
+/// [`crate::NonFinitePolicy::Error`] or `SkipStep`) changes no parameter and no state and
+/// is not counted as a step taken, decided on the device with no host round trip.
+pub struct GpuOptimizer {
+    ctx: GpuContext,
+    policy: GpuPolicy,
+    optimizer: Optimizer,
+    lr: f32,
+    lens: Vec<u64>,
+    table: StepTable,
+    tick: wgpu::BindGroup,
+    /// Per run: its bind group and grid.
+    runs: Vec<(wgpu::BindGroup, [u32; 3])>,
+    /// Per run: its state buffer (each state array of the run, one after the other).
+    states: Vec<wgpu::Buffer>,
+    counter: wgpu::Buffer,
+}
+
+impl std::fmt::Debug for GpuOptimizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuOptimizer")
+            .field("optimizer", &self.optimizer)
+            .field("lr", &self.lr)
+            .field("policy", &self.policy)
+            .field("dispatches", &self.runs.len())
+            .finish()
+    }
+}
+
+impl GpuOptimizer {
+    /// Plans `optimizer` after `policy` over gradients `grads` and f32 parameters `params`
+    /// (tensor for tensor the same lengths, in buffers other than the gradients'); AGC
+    /// measures these parameters. Errors (a bad policy, hyperparameter or tensor) create
+    /// nothing and touch no buffer.
+    pub fn new(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: &[GpuTensor<'_>],
+        policy: ClipPolicy,
+        optimizer: impl Into<Optimizer>,
+    ) -> Result<GpuOptimizer, ClipError> {
+        let optimizer = optimizer.into();
+        optimizer.check()?;
+        let name = |t: &GpuTensor<'_>, i: usize| t.name.clone().unwrap_or(format!("#{i}"));
+        for (pi, p) in params.iter().enumerate() {
+            if let Some(gi) = grads.iter().position(|g| g.buffer == p.buffer) {
+                return Err(ClipError::SharedBuffer {
+                    param: name(p, pi),
+                    grad: name(&grads[gi], gi),
+                });
+            }
+        }
+        let plens: Vec<u64> = params.iter().map(|t| t.len).collect();
+        check_shapes(&infos_of(grads), &plens)?;
+        let policy = GpuPolicy::new(ctx, grads, Some(params), policy)?;
+        let (grad_tensors, grad_buffers) = plan_inputs(grads, &[])?;
+        let (param_tensors, param_buffers) = plan_inputs(params, &[])?;
+        let program = policy.engine().program();
+        let layouts = program.unit_layouts(grads.len());
+        let arrays = optimizer.state_arrays();
+        let limits = plan_limits(ctx);
+        // The policy validated both tensor lists (bounds, alignment, lengths).
+        let steps = plan_step(&grad_tensors, &param_tensors, &layouts, arrays, &limits)?;
+        let device = &ctx.inner.device;
+        let kernels = &ctx.inner.kernels;
+        let (tick, runs, states, counter) = guarded(device, || {
+            let (coefs, reports, slots) = policy.engine().outputs();
+            let chunks = table(device, "gradclip optimizer table", &steps.chunks);
+            let opt = DispatchSlots::new(device, &[optimizer.params()]);
+            let counter = storage_init(
+                device,
+                "gradclip optimizer counter",
+                bytemuck::bytes_of(&OptimizerCounter::default()),
+                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            );
+            let run_params: Vec<StepRunParams> = (steps.runs.iter())
+                .map(|r| StepRunParams {
+                    first_chunk: r.first_chunk,
+                    n_chunks: r.n_chunks,
+                    state_len: r.state_len,
+                    _pad0: 0,
+                })
+                .collect();
+            let run_slots = DispatchSlots::new(device, &run_params);
+            let tick = bind(
+                device,
+                kernels.layout(BindLayout::OptimizerTick),
+                &[
+                    (3, slots.binding()),
+                    (6, whole(reports)),
+                    (8, whole(&counter)),
+                    (9, opt.slot(0)),
+                ],
+            );
+            let max_dim = device.limits().max_compute_workgroups_per_dimension;
+            let mut states = Vec::with_capacity(steps.runs.len());
+            let mut runs = Vec::with_capacity(steps.runs.len());
+            for (i, run) in steps.runs.iter().enumerate() {
+                let state = storage_zeroed(
+                    device,
+                    "gradclip optimizer state",
+                    run.state_len as u64 * 4 * arrays as u64,
+                    wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                );
+                let group = bind(
+                    device,
+                    kernels.layout(BindLayout::OptimizerUpdate),
+                    &[
+                        (
+                            0,
+                            range(grad_buffers[run.grads.0], run.grads.1, run.grads.2),
+                        ),
+                        (1, whole(&chunks)),
+                        (2, whole(coefs)),
+                        (3, slots.binding()),
+                        (4, run_slots.slot(i)),
+                        (
+                            5,
+                            range(param_buffers[run.params.0], run.params.1, run.params.2),
+                        ),
+                        (6, whole(reports)),
+                        (7, whole(&state)),
+                        (8, whole(&counter)),
+                        (9, opt.slot(0)),
+                    ],
+                );
+                runs.push((group, fold_grid(run.n_chunks, max_dim)));
+                states.push(state);
+            }
+            Ok((tick, runs, states, counter))
+        })?;
+        Ok(GpuOptimizer {
+            ctx: ctx.clone(),
+            policy,
+            lr: optimizer.lr(),
+            optimizer,
+            lens: grads.iter().map(|t| t.len).collect(),
+            table: steps,
+            tick,
+            runs,
+            states,
+            counter,
+        })
+    }
+
+    /// The optimizer it runs.
+    pub fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    /// The clipping policy, with its state and step count.
+    pub fn policy(&self) -> &GpuPolicy {
+        &self.policy
+    }
+
+    /// The clipping policy, to save or restore its state.
+    pub fn policy_mut(&mut self) -> &mut GpuPolicy {
+        &mut self.policy
+    }
+
+    /// The learning rate of the following steps.
+    pub fn lr(&self) -> f32 {
+        self.lr
+    }
+
+    /// Sets the learning rate of the following steps (a schedule); finite and >= 0. Each
+    /// step records its own, so steps encoded before one submission keep theirs.
+    pub fn set_lr(&mut self, lr: f32) -> Result<(), ClipError> {
+        check_lr(lr)?;
+        self.lr = lr;
+        Ok(())
+    }
+
+    /// Makes every following step write GPU timestamps at the start and end of its compute
+    /// pass; see [`GpuPolicy::set_timestamp_writes`].
+    pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
+        self.policy.set_timestamp_writes(timestamps);
+    }
+
+    /// Records one fused step: the clip's norms and coefficients, then the update, which
+    /// clips each gradient as it reads it; the gradients are not written. The report is
+    /// readable once the encoder is submitted and run.
+    pub fn encode(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        self.encode_as(encoder, false)
+    }
+
+    /// Records the unfused equivalent: the clip rewrites the gradients in place (they keep
+    /// the clipped values), then the update reads them. One more read and write of the
+    /// gradients than [`GpuOptimizer::encode`], for a caller that needs the clipped
+    /// gradients afterwards; the parameters come out the same.
+    pub fn encode_in_place(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        self.encode_as(encoder, true)
+    }
+
+    /// [`GpuOptimizer::encode`], submitted now.
+    pub fn run(&mut self) -> Result<PendingReport<PolicyReport>, ClipError> {
+        self.policy.check()?;
+        let ctx = self.ctx.clone();
+        let start = self.policy.step();
+        let recorded = guarded(&ctx.inner.device, || {
+            let mut encoder = ctx.inner.device.create_command_encoder(&Default::default());
+            let pending = self.encode(&mut encoder)?;
+            Ok((encoder, pending))
+        });
+        let submitted = recorded.and_then(|(encoder, pending)| {
+            ctx.submit(encoder)?;
+            Ok(pending)
+        });
+        if submitted.is_err() {
+            self.policy.rewind(start);
+        }
+        submitted
+    }
+
+    fn encode_as(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        in_place: bool,
+    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+        let mut params = self.policy.params(None)?;
+        params.lr = self.lr;
+        params.decay = self.optimizer.decay(self.lr);
+        let update = if in_place {
+            Kernel::OptimizerUpdate {
+                scale: false,
+                noise: false,
+                clamp: false,
+            }
+        } else {
+            Kernel::OptimizerUpdate {
+                scale: true,
+                noise: params.sigma > 0.0,
+                clamp: params.clamp == 1,
+            }
+        };
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        kernels.prepare(device, &[Kernel::OptimizerTick, update])?;
+        let step = self.policy.step_of(params, in_place);
+        let (tick, runs) = (&self.tick, &self.runs);
+        self.policy.encode_policy(encoder, step, |pass, slot| {
+            pass.set_pipeline(&kernels.pipeline(device, Kernel::OptimizerTick));
+            pass.set_bind_group(0, tick, &[slot]);
+            pass.dispatch_workgroups(1, 1, 1);
+            pass.set_pipeline(&kernels.pipeline(device, update));
+            for (group, grid) in runs.iter().filter(|(_, g)| g[0] > 0) {
+                pass.set_bind_group(0, group, &[slot]);
+                pass.dispatch_workgroups(grid[0], grid[1], 1);
+            }
+        })
+    }
+
+    /// Reads the optimizer state back (waits for the GPU).
+    pub fn state(&self) -> Result<OptimizerState, ClipError> {
+        let device = &self.ctx.inner.device;
+        let sizes: Vec<u64> = self.states.iter().map(wgpu::Buffer::size).collect();
+        let total = 16 + sizes.iter().sum::<u64>();
+        let pending = guarded(device, || {
+            let pool = ReportPool::new(total);
+            let staging = pool.take(device)?;
+            let mut encoder = device.create_command_encoder(&Default::default());
+            encoder.copy_buffer_to_buffer(&self.counter, 0, &staging, 0, 16);
+            let mut at = 16;
+            for (state, size) in self.states.iter().zip(&sizes) {
+                encoder.copy_buffer_to_buffer(state, 0, &staging, at, *size);
+                at += size;
+            }
+            let table = self.table.clone();
+            let fresh = OptimizerState::fresh(&self.optimizer, &self.lens);
+            let pending: PendingReport<OptimizerState> = PendingReport::on_submit(
+                &encoder,
+                staging,
+                pool,
+                device.clone(),
+                Box::new(move |w: &[u32]| Ok(decode_state(w, &table, &sizes, fresh))),
+            );
+            self.ctx.submit(encoder)?;
+            Ok(pending)
+        })?;
+        pending.wait()
+    }
+
+    /// Restores a saved optimizer state (from either backend); the next step continues
+    /// from it.
+    pub fn set_state(&mut self, state: &OptimizerState) -> Result<(), ClipError> {
+        state.check_fits(&OptimizerState::fresh(&self.optimizer, &self.lens))?;
+        let queue = &self.ctx.inner.queue;
+        guarded(&self.ctx.inner.device, || {
+            let counter = OptimizerCounter {
+                steps: state.steps,
+                ..OptimizerCounter::default()
+            };
+            queue.write_buffer(&self.counter, 0, bytemuck::bytes_of(&counter));
+            for (t, pieces) in self.table.pieces.iter().enumerate() {
+                for &(run, first, elem, count) in pieces {
+                    let len = self.table.runs[run].state_len as u64;
+                    for (k, array) in state.arrays.iter().enumerate() {
+                        let data = &array[t][elem as usize..(elem + count) as usize];
+                        let at = (k as u64 * len + first) * 4;
+                        queue.write_buffer(&self.states[run], at, bytemuck::cast_slice(data));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The optimizer state from a readback of the counter, then every run's state buffer
+/// (of `sizes` bytes each), into `state`'s arrays.
+fn decode_state(
+    words: &[u32],
+    table: &StepTable,
+    sizes: &[u64],
+    mut state: OptimizerState,
+) -> OptimizerState {
+    let counter: OptimizerCounter = abi::read(words);
+    state.steps = counter.steps;
+    let mut starts = Vec::with_capacity(sizes.len());
+    let mut at = 4usize;
+    for size in sizes {
+        starts.push(at);
+        at += (*size / 4) as usize;
+    }
+    for (t, pieces) in table.pieces.iter().enumerate() {
+        for &(run, first, elem, count) in pieces {
+            let len = table.runs[run].state_len as usize;
+            for (k, array) in state.arrays.iter_mut().enumerate() {
+                let from = starts[run] + k * len + first as usize;
+                let src: &[f32] = bytemuck::cast_slice(&words[from..from + count as usize]);
+                array[t][elem as usize..(elem + count) as usize].copy_from_slice(src);
+            }
+        }
+    }
+    state
+}

@@ -1,0 +1,569 @@
+//! Fused optimizer steps: the CPU twin against torch.optim's known answers
+//! (REFERENCE.md "Optimizer steps"), the GPU against the CPU twin after every kind of
+//! chain, held steps, state round trips, bad input, and deferred scaling in a caller's
+//! own shader.
+
+mod common;
+
+use common::{download, gpu, gpu_tensors, host, refs, upload, Host};
+use gradclip::{
+    Adam, Agc, ClipError, ClipPolicy, CpuOptimizer, CpuPolicy, GaussianNoise, GpuOptimizer,
+    GpuPolicy, GradRef, NonFinitePolicy, Optimizer, PerTensorClip, Rule, Sgd, TensorInfo, UnitAxis,
+    ValueClip,
+};
+
+/// Distance in f32 ulps (NaN to NaN: 0).
+fn ulps(a: f32, b: f32) -> u32 {
+    if a.is_nan() && b.is_nan() {
+        return 0;
+    }
+    let key = |x: f32| {
+        let b = x.to_bits() as i64;
+        if b < 0x8000_0000 {
+            b
+        } else {
+            0x8000_0000 - b
+        }
+    };
+    (key(a) - key(b)).unsigned_abs().min(u32::MAX as u64) as u32
+}
+
+const START: [f32; 4] = [1.0, -2.0, 3.0, 0.5];
+const GRADS: [[f32; 4]; 3] = [
+    [0.1, -0.2, 0.3, 0.0],
+    [1.0, 0.5, -0.25, 2.0],
+    [-0.3, 0.0, 0.7, -1.0],
+];
+
+/// REFERENCE.md: torch.optim 2.15, the parameters after each of three steps.
+fn known_answers() -> Vec<(&'static str, Optimizer, [[f32; 4]; 3])> {
+    vec![
+        (
+            "SGD(lr=0.1)",
+            Sgd::new(0.1).into(),
+            [
+                [0.99000001, -1.98000002, 2.97000003, 0.5],
+                [0.889999986, -2.02999997, 2.99500012, 0.300000012],
+                [0.920000017, -2.02999997, 2.92500019, 0.400000006],
+            ],
+        ),
+        (
+            "SGD(lr=0.1, momentum=0.9, weight_decay=0.01)",
+            Sgd::new(0.1).momentum(0.9).weight_decay(0.01).into(),
+            [
+                [0.989000022, -1.97800004, 2.96700001, 0.499500006],
+                [0.878111005, -2.00622201, 2.95933294, 0.298550487],
+                [0.80743283, -2.02961564, 2.87947321, 0.217397392],
+            ],
+        ),
+        (
+            "SGD(lr=0.1, momentum=0.9, nesterov=True)",
+            Sgd::new(0.1).momentum(0.9).nesterov().into(),
+            [
+                [0.981000006, -1.96200001, 2.94300008, 0.5],
+                [0.782900035, -2.04080009, 2.96620011, 0.119999997],
+                [0.751610041, -2.06672001, 2.83158016, 0.148000002],
+            ],
+        ),
+        (
+            "Adam(lr=0.01)",
+            Adam::new(0.01).into(),
+            [
+                [0.99000001, -1.99000001, 2.99000001, 0.5],
+                [0.981929123, -1.9944222, 2.98961878, 0.492558628],
+                [0.977779329, -1.99784052, 2.98389554, 0.490272224],
+            ],
+        ),
+        (
+            "Adam(lr=0.01, weight_decay=0.1)",
+            Adam::new(0.01).weight_decay(0.1).into(),
+            [
+                [0.99000001, -1.99000001, 2.99000001, 0.49000001],
+                [0.981479645, -1.98912275, 2.98271561, 0.482397467],
+                [0.976134956, -1.98613203, 2.97433805, 0.479759395],
+            ],
+        ),
+        (
+            "AdamW(lr=0.01, weight_decay=0.1)",
+            Adam::adamw(0.01).weight_decay(0.1).into(),
+            [
+                [0.989000022, -1.98800004, 2.98699999, 0.499500006],
+                [0.979940176, -1.99043429, 2.98363185, 0.491559148],
+                [0.974810481, -1.99186218, 2.97492504, 0.488781184],
+            ],
+        ),
+        (
+            "AdamW(lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, amsgrad=True)",
+            Adam::adamw(0.01)
+                .betas(0.9, 0.95)
+                .weight_decay(0.1)
+                .amsgrad()
+                .into(),
+            [
+                [0.989000022, -1.98800004, 2.98699999, 0.499500006],
+                [0.980037808, -1.99039459, 2.9836309, 0.491650909],
+                [0.974914014, -1.99174881, 2.9750123, 0.488883585],
+            ],
+        ),
+    ]
+}
+
+/// A clip that never clips (the known answers are torch.optim's alone).
+fn no_clip() -> ClipPolicy {
+    ClipPolicy::new(Rule::GlobalNorm(1e30))
+}
+
+fn infos(lens: &[usize]) -> Vec<TensorInfo> {
+    (lens.iter().enumerate())
+        .map(|(i, &n)| TensorInfo::new(format!("t{i}"), &[n as u64]))
+        .collect()
+}
+
+/// The four known-answer elements as tensors of lengths 1 and 3.
+fn split(v: &[f32; 4]) -> Vec<Vec<f32>> {
+    vec![v[..1].to_vec(), v[1..].to_vec()]
+}
+
+fn flat(h: &[Host]) -> Vec<f32> {
+    h.iter()
+        .flat_map(|t| t.to_f64().into_iter().map(|x| x as f32))
+        .collect()
+}
+
+/// The worst distance in ulps between the parameters and a known answer.
+fn worst(got: &[f32], want: &[f32; 4]) -> u32 {
+    got.iter()
+        .zip(want)
+        .map(|(&a, &b)| ulps(a, b))
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn cpu_twin_matches_torch_optim() {
+    for (name, opt, want) in known_answers() {
+        let mut cpu = CpuOptimizer::new(no_clip(), &infos(&[1, 3]), opt).unwrap();
+        let mut params = split(&START);
+        for (g, want) in GRADS.iter().zip(&want) {
+            let grads = split(g);
+            let grads: Vec<GradRef<'_>> = grads.iter().map(|g| GradRef::F32(g)).collect();
+            let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+            cpu.step(&grads, &mut p).unwrap();
+            let got: Vec<f32> = params.concat();
+            assert!(worst(&got, want) <= 4, "{name}: {got:?} vs {want:?}");
+        }
+        assert_eq!(cpu.state().steps, 3);
+    }
+}
+
+#[test]
+fn gpu_matches_torch_optim() {
+    let ctx = gpu();
+    for (name, opt, want) in known_answers() {
+        let params = split(&START).into_iter().map(Host::F32).collect::<Vec<_>>();
+        let grads0 = split(&GRADS[0])
+            .into_iter()
+            .map(Host::F32)
+            .collect::<Vec<_>>();
+        let p_arena = upload(&ctx, &params);
+        let g_arena = upload(&ctx, &grads0);
+        let info = infos(&[1, 3]);
+        let gt = gpu_tensors(&g_arena, &grads0, &info);
+        let pt = gpu_tensors(&p_arena, &params, &info);
+        let mut opt = GpuOptimizer::new(&ctx, &gt, &pt, no_clip(), opt).unwrap();
+        for (g, want) in GRADS.iter().zip(&want) {
+            let grads: Vec<Host> = split(g).into_iter().map(Host::F32).collect();
+            common::write(&ctx, &g_arena, &grads);
+            opt.run().unwrap().wait().unwrap();
+            let got = flat(&download(&ctx, &p_arena, &params));
+            assert!(worst(&got, want) <= 8, "{name}: {got:?} vs {want:?}");
+            // The gradients are read, never written.
+            assert_eq!(download(&ctx, &g_arena, &grads), grads);
+        }
+        assert_eq!(opt.state().unwrap().steps, 3);
+    }
+}
+
+/// A deterministic stream of values of mixed magnitudes.
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+/// Tensors of awkward lengths and every dtype; shapes for AGC.
+fn shapes() -> Vec<Vec<u64>> {
+    vec![
+        vec![1],
+        vec![7, 3],
+        vec![0],
+        vec![257],
+        vec![5, 13],
+        vec![3, 2, 2, 2],
+        vec![70_001],
+    ]
+}
+
+struct Case {
+    infos: Vec<TensorInfo>,
+    params: Vec<Host>,
+}
+
+fn case() -> Case {
+    let infos: Vec<TensorInfo> = (shapes().iter().enumerate())
+        .map(|(i, s)| TensorInfo::new(format!("t{i}"), s))
+        .collect();
+    let params = (infos.iter().enumerate())
+        .map(|(i, t)| Host::F32(values(100 + i as u64, t.len() as usize, 2.0)))
+        .collect();
+    Case { infos, params }
+}
+
+fn grads_of(case: &Case, step: u64) -> Vec<Host> {
+    (case.infos.iter().enumerate())
+        .map(|(i, t)| {
+            let v = values(step * 1000 + i as u64, t.len() as usize, 3.0);
+            host(i as u8, v)
+        })
+        .collect()
+}
+
+/// Runs `steps` steps on both backends (fused on the GPU, or the in-place clip then the
+/// update) and compares the parameters and the state.
+fn compare(policy: ClipPolicy, opt: Optimizer, in_place: bool, steps: u64) {
+    let ctx = gpu();
+    let case = case();
+    let grads0 = grads_of(&case, 0);
+    let g_arena = upload(&ctx, &grads0);
+    let p_arena = upload(&ctx, &case.params);
+    let gt = gpu_tensors(&g_arena, &grads0, &case.infos);
+    let pt = gpu_tensors(&p_arena, &case.params, &case.infos);
+    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    // In place, the update reads the clipped gradients rounded to their dtype: the oracle
+    // is the CPU's in-place clip, then the optimizer alone.
+    let cpu_policy = if in_place { no_clip() } else { policy.clone() };
+    let mut cpu_opt = CpuOptimizer::new(cpu_policy, &case.infos, opt).unwrap();
+    let mut cpu_clip = CpuPolicy::new(policy, &case.infos).unwrap();
+    let mut params: Vec<Vec<f32>> = (case.params.iter())
+        .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
+        .collect();
+    for step in 0..steps {
+        let grads = grads_of(&case, step);
+        common::write(&ctx, &g_arena, &grads);
+        let mut clipped = grads.clone();
+        let gpu_report = if in_place {
+            let mut enc = ctx.device().create_command_encoder(&Default::default());
+            let pending = gpu_opt.encode_in_place(&mut enc).unwrap();
+            ctx.queue().submit([enc.finish()]);
+            let host: Vec<GradRef<'_>> = params.iter().map(|p| GradRef::F32(p)).collect();
+            cpu_clip
+                .step(&mut common::muts(&mut clipped), Some(&host))
+                .unwrap();
+            pending.wait().unwrap()
+        } else {
+            gpu_opt.run().unwrap().wait().unwrap()
+        };
+        let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+        let cpu_report = cpu_opt.step(&refs(&clipped), &mut p).unwrap();
+        if !in_place {
+            assert_eq!(gpu_report.stages.len(), cpu_report.stages.len());
+        }
+        let got = download(&ctx, &p_arena, &case.params);
+        for (t, (g, c)) in got.iter().zip(&params).enumerate() {
+            for (i, (&a, &b)) in g.to_f64().iter().zip(c).enumerate() {
+                let a = a as f32;
+                assert!(
+                    ulps(a, b) <= 64 || (a - b).abs() <= 1e-6,
+                    "step {step}, tensor {t}[{i}]: gpu {a} cpu {b}"
+                );
+            }
+        }
+        let on_gpu = download(&ctx, &g_arena, &grads);
+        if in_place {
+            // The gradients hold the clipped values, as the in-place CPU step leaves them.
+            for (a, b) in flat(&on_gpu).iter().zip(flat(&clipped)) {
+                assert!(ulps(*a, b) <= 2 || (a - b).abs() < 1e-6, "{a} vs {b}");
+            }
+        } else {
+            assert_eq!(on_gpu, grads, "a fused step never writes the gradients");
+        }
+    }
+    let (gs, cs) = (gpu_opt.state().unwrap(), cpu_opt.state().clone());
+    assert_eq!(gs.steps, cs.steps);
+    for (ga, ca) in gs.arrays.iter().zip(&cs.arrays) {
+        for (g, c) in ga.iter().flatten().zip(ca.iter().flatten()) {
+            assert!(
+                ulps(*g, *c) <= 64 || (g - c).abs() <= 1e-6,
+                "state {g} vs {c}"
+            );
+        }
+    }
+}
+
+fn optimizers() -> Vec<Optimizer> {
+    vec![
+        Sgd::new(0.05).into(),
+        Sgd::new(0.05)
+            .momentum(0.9)
+            .nesterov()
+            .weight_decay(0.01)
+            .into(),
+        Sgd::new(0.05).momentum(0.8).dampening(0.3).into(),
+        Adam::new(1e-2).weight_decay(0.05).into(),
+        Adam::adamw(1e-2).betas(0.8, 0.95).amsgrad().into(),
+    ]
+}
+
+#[test]
+fn gpu_matches_cpu_after_a_global_clip() {
+    for opt in optimizers() {
+        compare(ClipPolicy::new(Rule::GlobalNorm(0.5)), opt, false, 3);
+    }
+}
+
+#[test]
+fn gpu_matches_cpu_after_chains() {
+    let agc = || Rule::Agc(Agc::new(0.05).axis(UnitAxis::First));
+    let agc_last = || Rule::Agc(Agc::new(0.05).axis(UnitAxis::Last));
+    let policies = [
+        ClipPolicy::new(agc()).then(Rule::GlobalNorm(1.0)),
+        ClipPolicy::new(agc_last()),
+        ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.3 })),
+        ClipPolicy::new(Rule::GlobalNorm(0.5))
+            .noise(GaussianNoise {
+                sigma: 0.01,
+                seed: 7,
+            })
+            .value(ValueClip {
+                lo: -0.02,
+                hi: 0.02,
+            }),
+    ];
+    let opt: Optimizer = Adam::adamw(1e-2).into();
+    for policy in policies {
+        compare(policy.clone(), opt, false, 2);
+        compare(policy, Sgd::new(0.1).momentum(0.9).into(), true, 2);
+    }
+}
+
+#[test]
+fn held_steps_change_nothing_and_are_not_counted() {
+    let ctx = gpu();
+    let info = infos(&[3, 5]);
+    let params = vec![Host::F32(vec![1.0, 2.0, 3.0]), Host::F32(values(3, 5, 1.0))];
+    let good = vec![Host::F32(vec![0.1, 0.2, 0.3]), Host::F32(values(4, 5, 1.0))];
+    let mut bad = good.clone();
+    if let Host::F32(v) = &mut bad[1] {
+        v[2] = f32::NAN;
+    }
+    let g_arena = upload(&ctx, &good);
+    let p_arena = upload(&ctx, &params);
+    let gt = gpu_tensors(&g_arena, &good, &info);
+    let pt = gpu_tensors(&p_arena, &params, &info);
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::SkipStep);
+    let opt: Optimizer = Adam::new(0.1).into();
+    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuOptimizer::new(policy, &info, opt).unwrap();
+    let mut host_params: Vec<Vec<f32>> = vec![vec![1.0, 2.0, 3.0], values(3, 5, 1.0)];
+    for (k, grads) in [&good, &bad, &good].into_iter().enumerate() {
+        common::write(&ctx, &g_arena, grads);
+        let before = download(&ctx, &p_arena, &params);
+        let state_before = gpu_opt.state().unwrap();
+        let report = gpu_opt.run().unwrap().wait().unwrap();
+        let mut p: Vec<&mut [f32]> = host_params.iter_mut().map(|p| &mut p[..]).collect();
+        let cpu_report = cpu_opt.step(&refs(grads), &mut p).unwrap();
+        assert_eq!(report.skipped, cpu_report.skipped);
+        if k == 1 {
+            assert!(report.skipped);
+            assert_eq!(download(&ctx, &p_arena, &params), before);
+            assert_eq!(gpu_opt.state().unwrap(), state_before);
+        }
+        let got = flat(&download(&ctx, &p_arena, &params));
+        for (a, b) in got.iter().zip(host_params.concat()) {
+            assert!(ulps(*a, b) <= 16, "step {k}: {a} vs {b}");
+        }
+    }
+    assert_eq!(gpu_opt.state().unwrap().steps, 2);
+    assert_eq!(cpu_opt.state().steps, 2);
+}
+
+#[test]
+fn state_moves_between_backends() {
+    let ctx = gpu();
+    let case = case();
+    let grads = grads_of(&case, 1);
+    let g_arena = upload(&ctx, &grads);
+    let p_arena = upload(&ctx, &case.params);
+    let gt = gpu_tensors(&g_arena, &grads, &case.infos);
+    let pt = gpu_tensors(&p_arena, &case.params, &case.infos);
+    let opt: Optimizer = Adam::adamw(1e-3).amsgrad().into();
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuOptimizer::new(policy, &case.infos, opt).unwrap();
+    let mut params: Vec<Vec<f32>> = (case.params.iter())
+        .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
+        .collect();
+    let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+    cpu_opt.step(&refs(&grads), &mut p).unwrap();
+    cpu_opt.step(&refs(&grads), &mut p).unwrap();
+    gpu_opt.set_state(cpu_opt.state()).unwrap();
+    assert_eq!(&gpu_opt.state().unwrap(), cpu_opt.state());
+    // A state for other tensors does not fit.
+    let other =
+        CpuOptimizer::new(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos(&[3]), opt).unwrap();
+    assert!(gpu_opt.set_state(other.state()).is_err());
+    assert!(cpu_opt.set_state(other.state().clone()).is_err());
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let ctx = gpu();
+    let info = infos(&[4]);
+    let grads = vec![Host::F32(vec![0.1; 4])];
+    let g_arena = upload(&ctx, &grads);
+    let gt = gpu_tensors(&g_arena, &grads, &info);
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    // Parameters in the gradients' buffer.
+    let e = GpuOptimizer::new(&ctx, &gt, &gt, policy.clone(), Sgd::new(0.1)).unwrap_err();
+    assert!(matches!(e, ClipError::SharedBuffer { .. }), "{e}");
+    // 16-bit parameters.
+    let half = vec![host(1, vec![1.0; 4])];
+    let h_arena = upload(&ctx, &half);
+    let ht = gpu_tensors(&h_arena, &half, &info);
+    let e = GpuOptimizer::new(&ctx, &gt, &ht, policy.clone(), Sgd::new(0.1)).unwrap_err();
+    assert!(matches!(e, ClipError::NotF32 { .. }), "{e}");
+    // Parameters of another length.
+    let short = vec![Host::F32(vec![1.0; 3])];
+    let s_arena = upload(&ctx, &short);
+    let st = gpu_tensors(&s_arena, &short, &infos(&[3]));
+    let e = GpuOptimizer::new(&ctx, &gt, &st, policy.clone(), Sgd::new(0.1)).unwrap_err();
+    assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
+    // Bad hyperparameters, and a bad learning rate for later steps.
+    let params = vec![Host::F32(vec![1.0; 4])];
+    let p_arena = upload(&ctx, &params);
+    let pt = gpu_tensors(&p_arena, &params, &info);
+    for bad in [
+        Optimizer::from(Sgd::new(f32::NAN)),
+        Sgd::new(0.1).nesterov().into(),
+        Adam::new(0.1).betas(0.9, 1.0).into(),
+    ] {
+        let e = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), bad).unwrap_err();
+        assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
+        assert!(CpuOptimizer::new(policy.clone(), &info, bad).is_err());
+    }
+    let mut opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), Sgd::new(0.1)).unwrap();
+    assert!(opt.set_lr(-1.0).is_err());
+    assert_eq!(opt.lr(), 0.1);
+    // On the CPU: parameters of another length change nothing.
+    let mut cpu = CpuOptimizer::new(policy, &info, Sgd::new(0.1)).unwrap();
+    let mut p = vec![1.0f32; 3];
+    let e = cpu.step(&refs(&grads), &mut [&mut p[..]]).unwrap_err();
+    assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
+    assert_eq!(p, vec![1.0; 3]);
+    assert_eq!(cpu.state().steps, 0);
+    assert_eq!(cpu.policy().state().step(), 0);
+}
+
+/// A caller's own SGD shader that applies a deferred clip as it reads the gradients.
+const USER_SGD: &str = r#"
+@group(0) @binding(0) var<storage, read> grads: array<f32>;
+@group(0) @binding(1) var<storage, read_write> params: array<f32>;
+
+@compute @workgroup_size(64)
+fn main(@builtin(global_invocation_id) id: vec3<u32>) {
+    let i = id.x;
+    if (i >= arrayLength(&params) || gradclip_held()) {
+        return;
+    }
+    // One tensor, one unit: unit 0.
+    params[i] = params[i] - 0.1 * gradclip_scaled(grads[i], gradclip_unit(0u, 1u, 1u, i));
+}
+"#;
+
+#[test]
+fn deferred_scaling_in_a_callers_shader() {
+    let ctx = gpu();
+    let info = infos(&[100]);
+    let grads = vec![Host::F32(values(9, 100, 4.0))];
+    let params = vec![Host::F32(values(10, 100, 1.0))];
+    let g_arena = upload(&ctx, &grads);
+    let p_arena = upload(&ctx, &params);
+    let gt = gpu_tensors(&g_arena, &grads, &info);
+    let policy = ClipPolicy::new(Rule::GlobalNorm(0.5)).non_finite(NonFinitePolicy::ZeroNans);
+    let mut clip = GpuPolicy::new(&ctx, &gt, None, policy.clone()).unwrap();
+    let deferred = clip.deferred();
+    let source = format!("{}\n{USER_SGD}", deferred.wgsl(0, 2));
+    let device = ctx.device();
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("user sgd"),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: None,
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: g_arena.buffer.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: p_arena.buffer.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 2,
+                resource: deferred.coefficients(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 3,
+                resource: deferred.report(),
+            },
+        ],
+    });
+    drop(deferred);
+    let mut enc = device.create_command_encoder(&Default::default());
+    let pending = clip.encode_deferred(&mut enc).unwrap();
+    {
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &group, &[]);
+        pass.dispatch_workgroups(2, 1, 1);
+    }
+    ctx.queue().submit([enc.finish()]);
+    let report = pending.wait().unwrap();
+    assert_eq!(report.clipped_units, 1);
+    // The CPU twin: the same coefficients, applied by hand.
+    let mut cpu = CpuPolicy::new(policy, &info).unwrap();
+    let step = cpu.step_deferred(&refs(&grads), None).unwrap();
+    let (g, p0) = (flat(&grads), flat(&params));
+    let got = flat(&download(&ctx, &p_arena, &params));
+    for i in 0..100 {
+        let want = p0[i] - 0.1 * step.clipped(0, i as u32, g[i]);
+        assert!(ulps(got[i], want) <= 4, "{i}: {} vs {want}", got[i]);
+    }
+    assert_eq!(download(&ctx, &g_arena, &grads), grads);
+    // Noise or value clipping cannot be deferred.
+    let noisy = ClipPolicy::new(Rule::GlobalNorm(0.5)).value(ValueClip { lo: -1.0, hi: 1.0 });
+    let mut noisy = GpuPolicy::new(&ctx, &gt, None, noisy).unwrap();
+    let mut enc = device.create_command_encoder(&Default::default());
+    assert!(matches!(
+        noisy.encode_deferred(&mut enc),
+        Err(ClipError::InvalidConfig(_))
+    ));
+}
