@@ -16,6 +16,10 @@ use gradclip::{
 };
 use wgpu::util::DeviceExt;
 
+#[path = "support/read_back.rs"]
+mod support;
+use support::read_back;
+
 /// The training program's own kernels (not gradclip's).
 const TRAINING_WGSL: &str = r#"
 @group(0) @binding(0) var<storage, read_write> w: array<f32>;
@@ -161,24 +165,4 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("largest difference between GPU and CPU weights: {diff:.2e}");
     Ok(())
-}
-
-/// Reads a buffer back (once, at the end: the training loop itself never does).
-fn read_back(
-    ctx: &GpuContext,
-    buffer: &wgpu::Buffer,
-) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
-    let staging = ctx.device().create_buffer(&wgpu::BufferDescriptor {
-        label: Some("staging"),
-        size: buffer.size(),
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
-    ctx.queue().submit([encoder.finish()]);
-    staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
-    ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-    let data = bytemuck::cast_slice(&staging.slice(..).get_mapped_range()?).to_vec();
-    Ok(data)
 }
