@@ -7,8 +7,8 @@ use rayon::prelude::*;
 
 use super::{adam, check_lr, sgd, Optimizer, OptimizerState, Tick};
 use crate::chain::{check_shapes, ClipPolicy, TensorInfo};
-use crate::cpu::{to_f32, CpuPolicy, DeferredStep};
-use crate::dtype::GradRef;
+use crate::cpu::{to_f32, CpuPolicy};
+use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::report::PolicyReport;
 use crate::shaders::abi::{OptimizerParams, OPT_SGD};
@@ -103,6 +103,40 @@ impl CpuOptimizer {
         if deferred.held {
             return Ok(deferred.report);
         }
+        self.update(grads, params, |t, i, x| deferred.clipped(t, i, x));
+        Ok(deferred.report)
+    }
+
+    /// The unfused equivalent, twin of [`crate::GpuOptimizer::encode_in_place`]: the
+    /// policy clips `grads` in place (they keep the clipped values), then the update reads
+    /// them. A held step leaves the gradients, the parameters and the state untouched.
+    pub fn step_in_place(
+        &mut self,
+        grads: &mut [GradMut<'_>],
+        params: &mut [&mut [f32]],
+    ) -> Result<PolicyReport, ClipError> {
+        let plens: Vec<u64> = params.iter().map(|p| p.len() as u64).collect();
+        check_shapes(&infos_of(&self.lens), &plens)?;
+        let report = {
+            let refs: Vec<GradRef<'_>> = params.iter().map(|p| GradRef::F32(p)).collect();
+            self.policy.step(grads, Some(&refs))?
+        };
+        if report.skipped {
+            return Ok(report);
+        }
+        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+        self.update(&refs, params, |_, _, x| x);
+        Ok(report)
+    }
+
+    /// Counts a step taken and updates every tensor, reading its gradients through `clip`
+    /// (tensor, index, value).
+    fn update(
+        &mut self,
+        grads: &[GradRef<'_>],
+        params: &mut [&mut [f32]],
+        clip: impl Fn(usize, u32, f32) -> f32 + Sync,
+    ) {
         self.state.steps = self.state.steps.wrapping_add(1);
         let tick = Tick::new(
             &self.params,
@@ -114,9 +148,8 @@ impl CpuOptimizer {
             self.state.arrays.iter_mut().map(|a| a.iter_mut()).collect();
         for (t, (g, p)) in grads.iter().zip(params.iter_mut()).enumerate() {
             let state: Vec<&mut Vec<f32>> = arrays.iter_mut().filter_map(Iterator::next).collect();
-            update_tensor(&self.params, &tick, &deferred, t, g, p, state);
+            update_tensor(&self.params, &tick, &|i, x| clip(t, i, x), g, p, state);
         }
-        Ok(deferred.report)
     }
 }
 
@@ -127,12 +160,12 @@ fn infos_of(lens: &[u64]) -> Vec<TensorInfo> {
         .collect()
 }
 
-/// Updates tensor `t` in parallel blocks: `state` holds its state arrays.
+/// Updates one tensor in parallel blocks, reading its gradients through `clip` (index,
+/// value); `state` holds its state arrays.
 fn update_tensor(
     opt: &OptimizerParams,
     tick: &Tick,
-    deferred: &DeferredStep,
-    t: usize,
+    clip: &(impl Fn(u32, f32) -> f32 + Sync),
     g: &GradRef<'_>,
     p: &mut [f32],
     state: Vec<&mut Vec<f32>>,
@@ -153,7 +186,7 @@ fn update_tensor(
         let mut unused = [0.0f32; 3];
         for (k, x) in pb.iter_mut().enumerate() {
             let i = start + k;
-            let grad = deferred.clipped(t, i as u32, to_f32(g, i));
+            let grad = clip(i as u32, to_f32(g, i));
             let [u0, u1, u2] = &mut unused;
             let mut arrays = sb.iter_mut().map(|s| &mut s[k]);
             let s0 = arrays.next().unwrap_or(u0);
