@@ -12,8 +12,8 @@ JSON request per line on stdin, {"workload", "lens", "dtype", "op", "runs", "sig
 that operation on gradients of those lengths (normal, std sigma; thresholds as the bench's:
 half and ten times their norm, and +-sigma), the better of foreach and the per-tensor loop,
 and answers one JSON line {"ms", "variant", "adapter", "op", "dtype", "workload"} (or
-{"error"}); {"probe": true}
-answers {"adapter", "cuda"}.
+{"error"}); {"probe": true} answers {"adapter", "cuda"}. The optimizer rows ("clip + AdamW
+step, unfused" / "fused") time clip_grad_norm_ then AdamW (foreach or loop / fused=True).
 """
 
 import argparse
@@ -84,11 +84,26 @@ def serve(torch):
                 "global clip, not clipping": lambda f: torch.nn.utils.clip_grad_norm_(params, total * 10, foreach=f),
                 "value clip": lambda f: torch.nn.utils.clip_grad_value_(params, sigma, foreach=f),
             }
-            op = ops[req["op"]]
+            # clip_grad_norm_ then an AdamW step (lr 1e-3, f32 parameters): the gradclip
+            # bench's unfused row against AdamW's foreach and loop implementations, its
+            # fused row against AdamW(fused=True).
+            def step(impl):
+                opt = torch.optim.AdamW(params, lr=1e-3, **impl)
+                return lambda f: (torch.nn.utils.clip_grad_norm_(params, total * 0.5, foreach=True),
+                                  opt.step())
+            variants = [(True, "foreach"), (False, "loop")]
+            if req["op"] == "clip + AdamW step, unfused":
+                op, variants = None, [(step({"foreach": True}), "AdamW(foreach)"),
+                                      (step({"foreach": False}), "AdamW(loop)")]
+            elif req["op"] == "clip + AdamW step, fused":
+                op, variants = None, [(step({"fused": True}), "AdamW(fused)")]
+            else:
+                op = ops[req["op"]]
             timings, failures = [], []
-            for f in (True, False):
+            for f, name in variants:
+                run = (lambda: op(f)) if op else (lambda: f(True))
                 try:
-                    timings.append((timed(lambda: op(f), reset, req["runs"]), "foreach" if f else "loop"))
+                    timings.append((timed(run, reset, req["runs"]), name))
                 except Exception as e:  # one variant failing leaves the other
                     failures.append(f"{type(e).__name__}: {e}")
             if not timings:

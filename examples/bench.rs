@@ -47,7 +47,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use gradclip::{bf16, cpu, f16, ClipReport, DType, GpuBatch, GpuContext, GpuTensor, Norm};
+use gradclip::{
+    bf16, cpu, f16, Adam, ClipPolicy, ClipReport, CpuOptimizer, DType, GpuBatch, GpuContext,
+    GpuOptimizer, GpuTensor, Norm, Rule, TensorInfo,
+};
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
@@ -379,7 +382,8 @@ struct Row {
     workload: String,
     dtype: DType,
     path: &'static str,
-    op: Op,
+    /// The operation's label.
+    op: &'static str,
     moved: f64,
     ms: f64,
     wall: Option<f64>,
@@ -399,7 +403,7 @@ impl Row {
         println!(
             "  {:<4} {:<26} {:>9.1} MB {:>10.3} ms {:>10} ms {:>8.1} GB/s   floor {:<9} {:>9.3} ms {:>5.0}%  {:>5.2}x",
             self.path,
-            self.op.label(),
+            self.op,
             self.moved / 1e6,
             self.ms,
             wall,
@@ -460,7 +464,7 @@ fn bench_cpu(
             workload: name.into(),
             dtype: pristine.dtype(),
             path: "CPU",
-            op,
+            op: op.label(),
             moved: op.traffic() * bytes as f64,
             ms,
             wall: None,
@@ -590,7 +594,7 @@ impl TorchPeer {
             "workload": row.workload,
             "lens": lens,
             "dtype": row.dtype.to_string(),
-            "op": row.op.label(),
+            "op": row.op,
             "runs": runs,
             "sigma": SIGMA,
         }))?;
@@ -599,7 +603,7 @@ impl TorchPeer {
             return None;
         };
         // The answer names its question, so a stray line cannot shift every later figure.
-        if answer["op"] != row.op.label() || answer["dtype"] != row.dtype.to_string() {
+        if answer["op"] != row.op || answer["dtype"] != row.dtype.to_string() {
             println!("  PyTorch peer: answer out of step ({answer}); the run goes on without it");
             self.lost = true;
             return None;
@@ -747,18 +751,21 @@ impl GpuGrads {
         Ok(bytes)
     }
 
-    /// A batch over the working buffer, tensors packed back to back as in `Flat`.
-    fn batch(&self, ctx: &GpuContext, lens: &[usize], dtype: DType) -> Res<GpuBatch> {
+    /// The working buffer's tensors, packed back to back as in `Flat`.
+    fn tensors(&self, lens: &[usize], dtype: DType) -> Vec<GpuTensor<'_>> {
         let mut offset = 0;
-        let tensors: Vec<GpuTensor<'_>> = lens
-            .iter()
+        (lens.iter())
             .map(|&n| {
                 let t = GpuTensor::new(&self.work, offset, n as u64, dtype);
                 offset += n as u64 * dtype.size();
                 t
             })
-            .collect();
-        Ok(GpuBatch::new(ctx, &tensors)?)
+            .collect()
+    }
+
+    /// A batch over the working buffer.
+    fn batch(&self, ctx: &GpuContext, lens: &[usize], dtype: DType) -> Res<GpuBatch> {
+        Ok(GpuBatch::new(ctx, &self.tensors(lens, dtype))?)
     }
 }
 
@@ -1113,7 +1120,7 @@ fn bench_gpu(
             workload: name.into(),
             dtype: pristine.dtype(),
             path: "GPU",
-            op,
+            op: op.label(),
             moved: op.traffic() * bytes as f64,
             ms,
             wall: Some(wall),
@@ -1128,6 +1135,166 @@ fn bench_gpu(
             r.print();
             rows.push(r);
         }
+    }
+    Ok(())
+}
+
+/// Clip-then-step against the fused step: a global clip that clips, then AdamW (f32
+/// parameters and moments), on the CPU and the GPU. Unfused, the clip rewrites the
+/// gradients and the step reads them again; fused, the step clips as it reads and the
+/// gradients are never written. Floors: the same bytes read and written at the floors'
+/// speeds of this run.
+#[allow(clippy::too_many_arguments)]
+fn bench_steps(
+    rows: &mut Vec<Row>,
+    checks: &mut Checks,
+    peer: &mut Option<TorchPeer>,
+    (ctx, on_cpu): (Option<&GpuContext>, bool),
+    name: &str,
+    lens: &[usize],
+    pristine: &Flat,
+    norm: f64,
+    runs: usize,
+) -> Res<()> {
+    let bytes = pristine.bytes().len() as f64;
+    let n: usize = lens.iter().sum();
+    let infos: Vec<TensorInfo> = (lens.iter().enumerate())
+        .map(|(i, &len)| TensorInfo::new(format!("t{i}"), &[len as u64]))
+        .collect();
+    let policy = ClipPolicy::new(Rule::GlobalNorm((norm * 0.5) as f32));
+    let adamw = Adam::adamw(1e-3);
+    let start: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
+    // (label, fused, bytes read, bytes written)
+    let state = 3.0 * 4.0 * n as f64; // parameters, m and v: each read and written
+    let variants = [
+        (
+            "clip + AdamW step, unfused",
+            false,
+            3.0 * bytes + state,
+            bytes + state,
+        ),
+        ("clip + AdamW step, fused", true, 2.0 * bytes + state, state),
+    ];
+    // A floor of `read` bytes read and `written` of them written back.
+    let floor_of = |read_ms: f64, rw_ms: f64, read: f64, written: f64| {
+        rw_ms * written / bytes + read_ms * (read - written) / bytes
+    };
+    let push = |rows: &mut Vec<Row>, row: Row, peer: &mut Option<TorchPeer>, cuda: bool| {
+        row.print();
+        let torch = (pristine.dtype() == DType::F32)
+            .then_some(())
+            .and_then(|_| peer.as_mut().filter(|p| p.cuda == cuda))
+            .and_then(|p| p.row(&row, lens, runs));
+        rows.push(row);
+        if let Some(r) = torch {
+            r.print();
+            rows.push(r);
+        }
+    };
+    if let Some(ctx) = ctx {
+        let g = GpuGrads::upload(ctx, pristine)?;
+        let ts = Timestamps::new(ctx);
+        let params = ctx
+            .device()
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("bench parameters"),
+                contents: bytemuck::cast_slice(&start),
+                usage: wgpu::BufferUsages::STORAGE,
+            });
+        let grads = g.tensors(lens, pristine.dtype());
+        let mut offset = 0;
+        let param_tensors: Vec<GpuTensor<'_>> = (lens.iter())
+            .map(|&len| {
+                let t = GpuTensor::new(&params, offset, len as u64, DType::F32);
+                offset += 4 * len as u64;
+                t
+            })
+            .collect();
+        let [copy] = medians(runs, || {
+            g.reset(ctx, ts.as_ref())?;
+            Ok([ts.as_ref().map_or(Ok(f64::NAN), |t| t.read_ms(ctx))?])
+        })?;
+        for (label, fused, read, written) in variants {
+            let mut opt = GpuOptimizer::new(ctx, &grads, &param_tensors, policy.clone(), adamw)?;
+            opt.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
+            let mut labelled = true;
+            let [ms, wall] = medians(runs, || {
+                if !fused {
+                    g.reset(ctx, None)?;
+                }
+                let t = Instant::now();
+                let mut enc = ctx.device().create_command_encoder(&Default::default());
+                let pending = if fused {
+                    opt.encode(&mut enc)?
+                } else {
+                    opt.encode_in_place(&mut enc)?
+                };
+                ctx.queue().submit([enc.finish()]);
+                labelled &= pending.wait()?.clipped_units > 0;
+                let wall = ms_since(t);
+                Ok([ts.as_ref().map_or(Ok(wall), |t| t.read_ms(ctx))?, wall])
+            })?;
+            if !labelled {
+                checks.check(&format!("GPU {label}: clips"), false, "");
+            }
+            let row = Row {
+                workload: name.into(),
+                dtype: pristine.dtype(),
+                path: "GPU",
+                op: label,
+                moved: read + written,
+                ms,
+                wall: Some(wall),
+                floor: ("copy", floor_of(copy / 2.0, copy, read, written)),
+                plain: None,
+                peer: None,
+            };
+            push(rows, row, peer, true);
+        }
+    }
+    if !on_cpu {
+        return Ok(());
+    }
+    let mut floor_buffers = FloorBuffers::new(pristine.bytes().len());
+    let mut work = pristine.clone();
+    for (label, fused, read, written) in variants {
+        let mut opt = CpuOptimizer::new(policy.clone(), &infos, adamw)?;
+        let mut params = start.clone();
+        let (mut read_floor, mut rw_floor) = (f64::INFINITY, f64::INFINITY);
+        let mut labelled = true;
+        let [ms] = medians(runs, || {
+            read_floor = read_floor.min(floor_buffers.read());
+            rw_floor = rw_floor.min(floor_buffers.rw());
+            if !fused {
+                work.reset_from(pristine);
+            }
+            let mut p = common::split_mut(&mut params, lens);
+            let t = Instant::now();
+            let report = if fused {
+                opt.step(&pristine.refs(lens), &mut p)?
+            } else {
+                opt.step_in_place(&mut work.muts(lens), &mut p)?
+            };
+            let ms = ms_since(t);
+            labelled &= report.clipped_units > 0;
+            Ok([ms])
+        })?;
+        if !labelled {
+            checks.check(&format!("CPU {label}: clips"), false, "");
+        }
+        let row = Row {
+            workload: name.into(),
+            dtype: pristine.dtype(),
+            path: "CPU",
+            op: label,
+            moved: read + written,
+            ms,
+            wall: None,
+            floor: ("read + rw", floor_of(read_floor, rw_floor, read, written)),
+            plain: None,
+            peer: None,
+        };
+        push(rows, row, peer, false);
     }
     Ok(())
 }
@@ -1149,7 +1316,7 @@ fn print_summary(rows: &[Row], gpu_name: &str) {
             r.workload,
             r.dtype,
             r.path,
-            r.op.label(),
+            r.op,
             r.moved / 1e6,
             r.ms,
             r.wall.map_or("-".into(), |w| format!("{w:.3}")),
@@ -1185,7 +1352,7 @@ fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
                 "workload": r.workload,
                 "dtype": r.dtype.to_string(),
                 "path": path,
-                "op": r.op.label(),
+                "op": r.op,
                 "ms": r.ms,
                 "floor_ms": r.floor.1,
                 "floor": r.floor.0,
@@ -1301,6 +1468,21 @@ fn run(o: &Options) -> Res<Vec<String>> {
                     norm,
                     &p,
                     o.runs,
+                )?;
+            }
+            // The optimizer steps on the GPT-2 set, f32 and bf16 gradients.
+            if name.starts_with("GPT-2") && dtype != DType::F16 {
+                let gpu = ctx.as_ref().filter(|_| *on_gpu);
+                bench_steps(
+                    &mut rows,
+                    &mut checks,
+                    &mut peer,
+                    (gpu, !o.gpu_only && *on_cpu),
+                    name,
+                    lens,
+                    &pristine,
+                    norm,
+                    o.runs.min(5),
                 )?;
             }
             if !o.gpu_only && *on_cpu {

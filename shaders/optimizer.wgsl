@@ -126,6 +126,17 @@ fn adam(p: f32, g: f32, s: u32, n: u32) -> f32 {
     return x - counter.step_size * m / denom;
 }
 
+// The clipped gradient of element `k` of row `c`; `coef`: the row's coefficient when its
+// tensor is one unit.
+fn clipped(c: StepChunk, k: u32, coef: f32) -> f32 {
+    let index = c.index + k;
+    var unit_coef = coef;
+    if (SCALE && step.rule == 1u && c.unit_count != 1u) {
+        unit_coef = coefs[gradclip_unit(c.unit_first, c.unit_div, c.unit_count, index)];
+    }
+    return transform(gradient(c, k), unit_coef, c.tensor, index);
+}
+
 @compute @workgroup_size(WG)
 fn update(inv: Invocation) {
     let local = workgroup_index(inv);
@@ -133,19 +144,20 @@ fn update(inv: Invocation) {
         return;
     }
     let c = chunks[run.first_chunk + local];
+    var coef = 1.0;
+    if (SCALE && step.rule == 1u) {
+        coef = coefs[c.unit_first];
+    }
+    // One loop per optimizer: the choice is made once per row, not per element.
+    if (opt.kind == OPT_SGD) {
+        for (var k = inv.lid; k < c.len; k = k + WG) {
+            let at = c.param_start + k;
+            params[at] = sgd(params[at], clipped(c, k, coef), c.state_start + k);
+        }
+        return;
+    }
     for (var k = inv.lid; k < c.len; k = k + WG) {
-        let index = c.index + k;
-        var coef = 1.0;
-        if (SCALE && step.rule == 1u) {
-            coef = coefs[gradclip_unit(c.unit_first, c.unit_div, c.unit_count, index)];
-        }
-        let g = transform(gradient(c, k), coef, c.tensor, index);
         let at = c.param_start + k;
-        let s = c.state_start + k;
-        if (opt.kind == OPT_SGD) {
-            params[at] = sgd(params[at], g, s);
-        } else {
-            params[at] = adam(params[at], g, s, run.state_len);
-        }
+        params[at] = adam(params[at], clipped(c, k, coef), c.state_start + k, run.state_len);
     }
 }

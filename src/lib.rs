@@ -24,7 +24,7 @@ pub use chain::{
     TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
-pub use cpu::{CpuAccumulator, CpuPolicy, DeferredStep, ShardedCpuPolicy};
+pub use cpu::{CpuAccumulator, CpuOptimizer, CpuPolicy, DeferredStep, ShardedCpuPolicy};
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
@@ -36,7 +36,6 @@ pub use monitor::{plot, GradMonitor};
 pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
-pub use optim::cpu::CpuOptimizer;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};
 #[cfg(feature = "mpi")]

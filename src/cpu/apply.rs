@@ -56,7 +56,7 @@ fn tensors_per_task(grads: &[GradMut<'_>]) -> usize {
 /// with a NaN coefficient too, which NaN a product returns is not fixed, and the vector
 /// paths must give the same bits.
 #[inline(always)]
-fn scaled(x: f32, coef: f32, zero_nans: bool) -> f32 {
+pub(crate) fn scaled(x: f32, coef: f32, zero_nans: bool) -> f32 {
     match (x.is_nan(), zero_nans) {
         (true, true) => 0.0,
         (true, false) => x,

@@ -35,13 +35,14 @@ mod accumulate;
 mod apply;
 pub(crate) mod engine;
 mod norm_reduce;
+mod optimizer;
 mod per_example;
 pub(crate) mod philox;
 mod policy;
 mod sharded;
 
 pub use accumulate::CpuAccumulator;
-pub(crate) use engine::to_f32;
+pub use optimizer::CpuOptimizer;
 pub use per_example::clip_per_example;
 pub use policy::{CpuPolicy, DeferredStep};
 pub use sharded::ShardedCpuPolicy;

@@ -203,6 +203,16 @@ impl DeferredStep {
         &self.layouts
     }
 
+    /// The coefficient of every element of tensor `tensor` and whether NaNs become 0, when
+    /// that is all its clip does (one unit, no noise, no clamp): the loops that read it
+    /// can then scale a block at once.
+    pub(crate) fn uniform(&self, tensor: usize) -> Option<(f32, bool)> {
+        let layout = self.layouts[tensor];
+        let plain = self.step.noise.is_none_or(|n| n.sigma == 0.0) && self.step.clamp.is_none();
+        let zero_nans = self.step.policy == crate::NonFinitePolicy::ZeroNans;
+        (layout.count == 1 && plain).then(|| (self.coefs[layout.first as usize], zero_nans))
+    }
+
     /// The clipped value of element `index` of tensor `tensor`, whose gradient is `x`:
     /// what the in-place step would have written there (NaN zeroing, the unit's
     /// coefficient, noise and value clamping; `x` itself when held).

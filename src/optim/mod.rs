@@ -1,9 +1,8 @@
 //! Fused optimizer steps: what SGD and Adam / AdamW compute on one element, as
 //! torch.optim defines them, with the arithmetic of `shaders/optimizer.wgsl` in the same
 //! order (the CPU twin is the GPU's oracle). The GPU step is `src/gpu/optimizer.rs`, the
-//! CPU step `cpu.rs`; both clip the gradients as they read them and never write them.
-
-pub(crate) mod cpu;
+//! CPU step `src/cpu/optimizer.rs`; both clip the gradients as they read them and never
+//! write them.
 
 use crate::error::ClipError;
 use crate::shaders::abi::{OptimizerParams, OPT_ADAM, OPT_SGD};
@@ -306,6 +305,7 @@ impl Tick {
 
 /// `sgd` of the shader: the new parameter; `buf` is the momentum buffer (unused without
 /// momentum).
+#[inline(always)]
 pub(crate) fn sgd(opt: &OptimizerParams, t: &Tick, p: f32, g: f32, buf: &mut f32) -> f32 {
     let mut d = g;
     if opt.weight_decay != 0.0 {
@@ -329,6 +329,7 @@ pub(crate) fn sgd(opt: &OptimizerParams, t: &Tick, p: f32, g: f32, buf: &mut f32
 
 /// `adam` of the shader: the new parameter; `m`, `v`, `vmax` are the element's state
 /// (`vmax` unused without amsgrad).
+#[inline(always)]
 pub(crate) fn adam(
     opt: &OptimizerParams,
     t: &Tick,

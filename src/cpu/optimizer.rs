@@ -5,16 +5,16 @@
 
 use rayon::prelude::*;
 
-use super::{adam, check_lr, sgd, Optimizer, OptimizerState, Tick};
+use super::apply::scaled;
+use super::engine::to_f32;
+use super::norm_reduce::f16_bits_to_f32;
+use super::policy::{CpuPolicy, DeferredStep};
 use crate::chain::{check_shapes, ClipPolicy, TensorInfo};
-use crate::cpu::{to_f32, CpuPolicy};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
+use crate::optim::{adam, check_lr, sgd, Optimizer, OptimizerState, Tick};
 use crate::report::PolicyReport;
 use crate::shaders::abi::{OptimizerParams, OPT_SGD};
-
-/// Elements per parallel task.
-const BLOCK: usize = 1 << 14;
 
 /// A clipping policy and an optimizer fused into one step over host slices: the gradients
 /// are read twice (the norm, then the update) and never written. The CPU twin of
@@ -103,7 +103,10 @@ impl CpuOptimizer {
         if deferred.held {
             return Ok(deferred.report);
         }
-        self.update(grads, params, |t, i, x| deferred.clipped(t, i, x));
+        self.update(grads, params, |t| match deferred.uniform(t) {
+            Some((coef, zero_nans)) => Read::Scaled(coef, zero_nans),
+            None => Read::Each(&deferred, t),
+        });
         Ok(deferred.report)
     }
 
@@ -125,17 +128,17 @@ impl CpuOptimizer {
             return Ok(report);
         }
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        self.update(&refs, params, |_, _, x| x);
+        self.update(&refs, params, |_| Read::Scaled(1.0, false));
         Ok(report)
     }
 
-    /// Counts a step taken and updates every tensor, reading its gradients through `clip`
-    /// (tensor, index, value).
-    fn update(
+    /// Counts a step taken and updates every tensor, reading its gradients as `read`
+    /// says.
+    fn update<'c>(
         &mut self,
         grads: &[GradRef<'_>],
         params: &mut [&mut [f32]],
-        clip: impl Fn(usize, u32, f32) -> f32 + Sync,
+        read: impl Fn(usize) -> Read<'c>,
     ) {
         self.state.steps = self.state.steps.wrapping_add(1);
         let tick = Tick::new(
@@ -148,7 +151,7 @@ impl CpuOptimizer {
             self.state.arrays.iter_mut().map(|a| a.iter_mut()).collect();
         for (t, (g, p)) in grads.iter().zip(params.iter_mut()).enumerate() {
             let state: Vec<&mut Vec<f32>> = arrays.iter_mut().filter_map(Iterator::next).collect();
-            update_tensor(&self.params, &tick, &|i, x| clip(t, i, x), g, p, state);
+            update_tensor(&self.params, &tick, &read(t), g, p, state);
         }
     }
 }
@@ -160,43 +163,151 @@ fn infos_of(lens: &[u64]) -> Vec<TensorInfo> {
         .collect()
 }
 
-/// Updates one tensor in parallel blocks, reading its gradients through `clip` (index,
-/// value); `state` holds its state arrays.
+/// How one tensor's gradients are read.
+enum Read<'a> {
+    /// Times one coefficient, NaNs to 0 or not (1 and false: as they are).
+    Scaled(f32, bool),
+    /// Each element through the deferred clip of tensor `.1`.
+    Each(&'a DeferredStep, usize),
+}
+
+/// Elements per parallel task, and per block of clipped gradients inside it.
+const TASK: usize = 1 << 16;
+const BLOCK: usize = 1 << 12;
+
+/// Updates one tensor in parallel tasks; `state` holds its state arrays.
 fn update_tensor(
     opt: &OptimizerParams,
     tick: &Tick,
-    clip: &(impl Fn(u32, f32) -> f32 + Sync),
+    read: &Read<'_>,
     g: &GradRef<'_>,
     p: &mut [f32],
     state: Vec<&mut Vec<f32>>,
 ) {
-    // Each block gets its parameters and the same range of each state array.
+    // Each task gets its parameters and the same range of each state array.
     let mut state: Vec<std::slice::ChunksMut<'_, f32>> =
-        state.into_iter().map(|a| a.chunks_mut(BLOCK)).collect();
-    let blocks: Vec<(usize, &mut [f32], Vec<&mut [f32]>)> = p
-        .chunks_mut(BLOCK)
+        state.into_iter().map(|a| a.chunks_mut(TASK)).collect();
+    let tasks: Vec<(usize, &mut [f32], Vec<&mut [f32]>)> = p
+        .chunks_mut(TASK)
         .enumerate()
         .map(|(b, pb)| {
             let sb = state.iter_mut().filter_map(Iterator::next).collect();
-            (b * BLOCK, pb, sb)
+            (b * TASK, pb, sb)
         })
         .collect();
-    blocks.into_par_iter().for_each(|(start, pb, mut sb)| {
-        // Arrays an optimizer does not keep are stand-ins, never read.
-        let mut unused = [0.0f32; 3];
-        for (k, x) in pb.iter_mut().enumerate() {
-            let i = start + k;
-            let grad = clip(i as u32, to_f32(g, i));
-            let [u0, u1, u2] = &mut unused;
-            let mut arrays = sb.iter_mut().map(|s| &mut s[k]);
-            let s0 = arrays.next().unwrap_or(u0);
-            *x = if opt.kind == OPT_SGD {
-                sgd(opt, tick, *x, grad, s0)
-            } else {
-                let s1 = arrays.next().unwrap_or(u1);
-                let s2 = arrays.next().unwrap_or(u2);
-                adam(opt, tick, *x, grad, (s0, s1, s2))
-            };
+    tasks.into_par_iter().for_each(|(start, pt, mut st)| {
+        let mut clipped = [0.0f32; BLOCK];
+        for (b, pb) in pt.chunks_mut(BLOCK).enumerate() {
+            let at = start + b * BLOCK;
+            let gb = &mut clipped[..pb.len()];
+            read_block(read, g, at, gb);
+            let mut sb = st
+                .iter_mut()
+                .map(|s| &mut s[b * BLOCK..b * BLOCK + pb.len()]);
+            match (opt.kind, sb.next(), sb.next(), sb.next()) {
+                (OPT_SGD, None, _, _) => sgd_plain(opt, tick, pb, gb),
+                (OPT_SGD, Some(buf), _, _) => sgd_momentum(opt, tick, pb, gb, buf),
+                (_, Some(m), Some(v), None) => adam_block(opt, tick, pb, gb, m, v),
+                (_, Some(m), Some(v), Some(vmax)) => amsgrad_block(opt, tick, pb, gb, m, v, vmax),
+                _ => unreachable!("Adam keeps two or three state arrays"),
+            }
         }
     });
+}
+
+/// The clipped gradients of elements `at..at + out.len()` of `g`, into `out`.
+fn read_block(read: &Read<'_>, g: &GradRef<'_>, at: usize, out: &mut [f32]) {
+    let n = out.len();
+    match (read, g) {
+        (&Read::Scaled(coef, zero_nans), GradRef::F32(x)) => {
+            scaled_f32(&x[at..at + n], coef, zero_nans, out)
+        }
+        (&Read::Scaled(coef, zero_nans), GradRef::BF16(x)) => {
+            scaled_bf16(bytemuck::cast_slice(&x[at..at + n]), coef, zero_nans, out)
+        }
+        (&Read::Scaled(coef, zero_nans), GradRef::F16(x)) => {
+            scaled_f16(bytemuck::cast_slice(&x[at..at + n]), coef, zero_nans, out)
+        }
+        (&Read::Each(clip, t), g) => {
+            for (k, o) in out.iter_mut().enumerate() {
+                *o = clip.clipped(t, (at + k) as u32, to_f32(g, at + k));
+            }
+        }
+    }
+}
+
+wide_fn! {
+    fn scaled_f32(x: &[f32], coef: f32, zero_nans: bool, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = scaled(v, coef, zero_nans);
+        }
+    }
+}
+
+wide_fn! {
+    fn scaled_bf16(x: &[u16], coef: f32, zero_nans: bool, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = scaled(f32::from_bits((v as u32) << 16), coef, zero_nans);
+        }
+    }
+}
+
+wide_fn! {
+    fn scaled_f16(x: &[u16], coef: f32, zero_nans: bool, out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = scaled(f16_bits_to_f32(v), coef, zero_nans);
+        }
+    }
+}
+
+// The optimizers over blocks: the shader's arithmetic (`sgd`, `adam`) in loops the
+// compiler vectorises, one per kind of state.
+
+wide_fn! {
+    fn sgd_plain(opt: &OptimizerParams, t: &Tick, p: &mut [f32], g: &[f32]) {
+        for (x, &d) in p.iter_mut().zip(g) {
+            let mut unused = 0.0;
+            *x = sgd(opt, t, *x, d, &mut unused);
+        }
+    }
+}
+
+wide_fn! {
+    fn sgd_momentum(opt: &OptimizerParams, t: &Tick, p: &mut [f32], g: &[f32], buf: &mut [f32]) {
+        for ((x, &d), b) in p.iter_mut().zip(g).zip(buf) {
+            *x = sgd(opt, t, *x, d, b);
+        }
+    }
+}
+
+wide_fn! {
+    fn adam_block(
+        opt: &OptimizerParams,
+        t: &Tick,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+    ) {
+        for (((x, &d), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
+            let mut unused = 0.0;
+            *x = adam(opt, t, *x, d, (m, v, &mut unused));
+        }
+    }
+}
+
+wide_fn! {
+    fn amsgrad_block(
+        opt: &OptimizerParams,
+        t: &Tick,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        vmax: &mut [f32],
+    ) {
+        for ((((x, &d), m), v), vm) in p.iter_mut().zip(g).zip(m).zip(v).zip(vmax) {
+            *x = adam(opt, t, *x, d, (m, v, vm));
+        }
+    }
 }
