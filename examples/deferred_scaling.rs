@@ -9,6 +9,7 @@
 //!    `GpuPolicy::encode_deferred`'s coefficients as it reads the gradients;
 //! 2. `GpuOptimizer` runs the clip and the SGD step fused, in one compute pass;
 //! 3. `CpuOptimizer`, the CPU twin, as the check.
+//!
 //! Then AdamW, fused on the GPU and on the CPU.
 
 use gradclip::{

@@ -175,6 +175,9 @@ enum Read<'a> {
 const TASK: usize = 1 << 16;
 const BLOCK: usize = 1 << 12;
 
+/// One parallel task: its first element, its parameters and its range of each state array.
+type Task<'a> = (usize, &'a mut [f32], Vec<&'a mut [f32]>);
+
 /// Updates one tensor in parallel tasks; `state` holds its state arrays.
 fn update_tensor(
     opt: &OptimizerParams,
@@ -187,7 +190,7 @@ fn update_tensor(
     // Each task gets its parameters and the same range of each state array.
     let mut state: Vec<std::slice::ChunksMut<'_, f32>> =
         state.into_iter().map(|a| a.chunks_mut(TASK)).collect();
-    let tasks: Vec<(usize, &mut [f32], Vec<&mut [f32]>)> = p
+    let tasks: Vec<Task<'_>> = p
         .chunks_mut(TASK)
         .enumerate()
         .map(|(b, pb)| {
