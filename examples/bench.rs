@@ -1215,6 +1215,8 @@ fn bench_steps(
             Ok([ts.as_ref().map_or(Ok(f64::NAN), |t| t.read_ms(ctx))?])
         })?;
         for (label, fused, read, written) in variants {
+            // The unfused runs leave the gradients clipped: every variant starts pristine.
+            g.reset(ctx, None)?;
             let mut opt = GpuOptimizer::new(ctx, &grads, &param_tensors, policy.clone(), adamw)?;
             opt.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
             let mut labelled = true;

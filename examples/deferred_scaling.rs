@@ -170,12 +170,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             dist(&w),
             diff(&gpu_w, &w)
         );
+        // The same arithmetic on both backends: differences are roundings.
+        assert!(diff(&gpu_w, &w) <= 1e-5, "{name}: GPU and CPU disagree");
         if name == "SGD" {
+            let d = diff(&deferred, &gpu_w);
             println!(
                 "SGD: deferred scaling in the program's shader and the fused step differ by \
-                 at most {:.2e}",
-                diff(&deferred, &gpu_w)
+                 at most {d:.2e}"
             );
+            assert!(d <= 1e-5, "deferred and fused SGD disagree");
         }
     }
     Ok(())

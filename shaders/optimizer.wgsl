@@ -20,7 +20,7 @@
 // clip, its parameter slot its own), counts it and derives Adam's bias corrections; a held
 // step leaves the counter, the parameters and the state untouched. Entry `update`: one
 // workgroup updates one row of the table, 256 threads striding over its elements.
-// CPU twin: src/optim/mod.rs (`sgd`, `adam`, `power`), run by src/optim/cpu.rs.
+// CPU twin: src/optim/mod.rs (`sgd`, `adam`, `power`), run by src/cpu/optimizer.rs.
 
 #import convert
 #import grid
@@ -113,7 +113,12 @@ fn adam(p: f32, g: f32, s: u32, n: u32) -> f32 {
         }
     }
     let m_old = state[s];
-    let m = m_old + opt.one_minus_beta1 * (d - m_old);
+    // torch's lerp(m, d, w): from the nearer end.
+    let w = opt.one_minus_beta1;
+    var m = d - (d - m_old) * (1.0 - w);
+    if (w < 0.5) {
+        m = m_old + w * (d - m_old);
+    }
     let v = state[s + n] * opt.beta2 + opt.one_minus_beta2 * d * d;
     state[s] = m;
     state[s + n] = v;

@@ -7,9 +7,9 @@ mod common;
 
 use common::{download, gpu, gpu_tensors, host, refs, upload, Host};
 use gradclip::{
-    Adam, Agc, ClipError, ClipPolicy, CpuOptimizer, CpuPolicy, GaussianNoise, GpuOptimizer,
-    GpuPolicy, GradRef, NonFinitePolicy, Optimizer, PerTensorClip, Rule, Sgd, TensorInfo, UnitAxis,
-    ValueClip,
+    Adam, Agc, ClipError, ClipPolicy, CpuOptimizer, CpuPolicy, DType, GaussianNoise, GpuOptimizer,
+    GpuPolicy, GpuTensor, GradRef, NonFinitePolicy, Optimizer, PerTensorClip, Rule, Sgd,
+    TensorInfo, UnitAxis, ValueClip,
 };
 
 /// Distance in f32 ulps (NaN to NaN: 0).
@@ -241,9 +241,28 @@ fn grads_of(case: &Case, step: u64) -> Vec<Host> {
 /// Runs `steps` steps on both backends (fused on the GPU, or the in-place clip then the
 /// update) and compares the parameters and the state.
 fn compare(policy: ClipPolicy, opt: Optimizer, in_place: bool, steps: u64) {
-    let ctx = gpu();
     let case = case();
-    let grads0 = grads_of(&case, 0);
+    compare_on(
+        &case,
+        &|step| grads_of(&case, step),
+        policy,
+        opt,
+        in_place,
+        steps,
+    );
+}
+
+/// [`compare`] on the tensors of `case` with the gradients `grads_of(step)`.
+fn compare_on(
+    case: &Case,
+    grads_of: &dyn Fn(u64) -> Vec<Host>,
+    policy: ClipPolicy,
+    opt: Optimizer,
+    in_place: bool,
+    steps: u64,
+) {
+    let ctx = gpu();
+    let grads0 = grads_of(0);
     let g_arena = upload(&ctx, &grads0);
     let p_arena = upload(&ctx, &case.params);
     let gt = gpu_tensors(&g_arena, &grads0, &case.infos);
@@ -254,7 +273,7 @@ fn compare(policy: ClipPolicy, opt: Optimizer, in_place: bool, steps: u64) {
         .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
         .collect();
     for step in 0..steps {
-        let grads = grads_of(&case, step);
+        let grads = grads_of(step);
         common::write(&ctx, &g_arena, &grads);
         let mut clipped = grads.clone();
         let gpu_report = if in_place {
@@ -392,6 +411,23 @@ fn held_steps_change_nothing_and_are_not_counted() {
     }
     assert_eq!(gpu_opt.state().unwrap().steps, 2);
     assert_eq!(cpu_opt.state().steps, 2);
+
+    // Under `Error` the held step is an error on both backends, and changes nothing.
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::Error);
+    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuOptimizer::new(policy, &info, opt).unwrap();
+    common::write(&ctx, &g_arena, &bad);
+    let before = download(&ctx, &p_arena, &params);
+    let e = gpu_opt.run().unwrap().wait().unwrap_err();
+    assert!(matches!(e, ClipError::NonFiniteNorm(_)), "{e}");
+    assert_eq!(download(&ctx, &p_arena, &params), before);
+    assert_eq!(gpu_opt.state().unwrap().steps, 0);
+    let mut p: Vec<&mut [f32]> = host_params.iter_mut().map(|p| &mut p[..]).collect();
+    let kept: Vec<Vec<f32>> = p.iter().map(|p| p.to_vec()).collect();
+    let e = cpu_opt.step(&refs(&bad), &mut p).unwrap_err();
+    assert!(matches!(e, ClipError::NonFiniteNorm(_)), "{e}");
+    assert!(p.iter().zip(&kept).all(|(a, b)| a[..] == b[..]));
+    assert_eq!(cpu_opt.state().steps, 0);
 }
 
 #[test]
@@ -415,6 +451,20 @@ fn state_moves_between_backends() {
     cpu_opt.step(&refs(&grads), &mut p).unwrap();
     gpu_opt.set_state(cpu_opt.state()).unwrap();
     assert_eq!(&gpu_opt.state().unwrap(), cpu_opt.state());
+    // Both go on from the moved state (and the same parameters) to the same place.
+    drop(p);
+    let moved: Vec<Host> = params.iter().map(|p| Host::F32(p.clone())).collect();
+    common::write(&ctx, &p_arena, &moved);
+    gpu_opt.set_clip_state(cpu_opt.policy().state()).unwrap();
+    gpu_opt.run().unwrap().wait().unwrap();
+    let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+    cpu_opt.step(&refs(&grads), &mut p).unwrap();
+    drop(p);
+    let got = flat(&download(&ctx, &p_arena, &case.params));
+    for (a, b) in got.iter().zip(params.concat()) {
+        assert!(ulps(*a, b) <= 64 || (a - b).abs() <= 1e-6, "{a} vs {b}");
+    }
+    assert_eq!(gpu_opt.state().unwrap().steps, 3);
     // A state for other tensors does not fit.
     let other =
         CpuOptimizer::new(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos(&[3]), opt).unwrap();
@@ -439,6 +489,24 @@ fn bad_input_is_a_typed_error() {
     let ht = gpu_tensors(&h_arena, &half, &info);
     let e = GpuOptimizer::new(&ctx, &gt, &ht, policy.clone(), Sgd::new(0.1)).unwrap_err();
     assert!(matches!(e, ClipError::NotF32 { .. }), "{e}");
+    assert_eq!(download(&ctx, &h_arena, &half), half);
+    assert_eq!(download(&ctx, &g_arena, &grads), grads);
+    // Parameters misaligned, past the end of their buffer, or overlapping each other.
+    let two = vec![Host::F32(vec![1.0; 8])];
+    let two_arena = upload(&ctx, &two);
+    let f32_at = |offset, len| GpuTensor::new(&two_arena.buffer, offset, len, DType::F32);
+    let grads2 = vec![Host::F32(vec![0.1; 4]), Host::F32(vec![0.2; 4])];
+    let g2_arena = upload(&ctx, &grads2);
+    let g2 = gpu_tensors(&g2_arena, &grads2, &infos(&[4, 4]));
+    for (bad, want) in [
+        (vec![f32_at(2, 4), f32_at(16, 4)], "MisalignedOffset"),
+        (vec![f32_at(0, 4), f32_at(20, 4)], "OutOfBounds"),
+        (vec![f32_at(0, 4), f32_at(8, 4)], "OverlappingTensors"),
+    ] {
+        let e = GpuOptimizer::new(&ctx, &g2, &bad, policy.clone(), Sgd::new(0.1)).unwrap_err();
+        assert!(format!("{e:?}").starts_with(want), "{want}: {e:?}");
+    }
+    assert_eq!(download(&ctx, &two_arena, &two), two);
     // Parameters of another length.
     let short = vec![Host::F32(vec![1.0; 3])];
     let s_arena = upload(&ctx, &short);
@@ -491,7 +559,9 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 fn deferred_scaling_in_a_callers_shader() {
     let ctx = gpu();
     let info = infos(&[100]);
-    let grads = vec![Host::F32(values(9, 100, 4.0))];
+    let mut g = values(9, 100, 4.0);
+    g[17] = f32::NAN; // ZeroNans: the element steps by 0
+    let grads = vec![Host::F32(g)];
     let params = vec![Host::F32(values(10, 100, 1.0))];
     let g_arena = upload(&ctx, &grads);
     let p_arena = upload(&ctx, &params);
@@ -553,10 +623,17 @@ fn deferred_scaling_in_a_callers_shader() {
     let (g, p0) = (flat(&grads), flat(&params));
     let got = flat(&download(&ctx, &p_arena, &params));
     for i in 0..100 {
-        let want = p0[i] - 0.1 * step.clipped(0, i as u32, g[i]);
+        let want = p0[i] - 0.1 * step.clipped(0, i as u32, g[i]).unwrap();
         assert!(ulps(got[i], want) <= 4, "{i}: {} vs {want}", got[i]);
     }
-    assert_eq!(download(&ctx, &g_arena, &grads), grads);
+    assert_eq!(got[17], p0[17]);
+    assert!(step.clipped(1, 0, 1.0).is_none() && step.clipped(0, 100, 1.0).is_none());
+    // The gradients are not written (NaN compares by bits).
+    let after = flat(&download(&ctx, &g_arena, &grads));
+    assert!(after
+        .iter()
+        .zip(&g)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
     // Noise or value clipping cannot be deferred.
     let noisy = ClipPolicy::new(Rule::GlobalNorm(0.5)).value(ValueClip { lo: -1.0, hi: 1.0 });
     let mut noisy = GpuPolicy::new(&ctx, &gt, None, noisy).unwrap();
@@ -565,4 +642,56 @@ fn deferred_scaling_in_a_callers_shader() {
         noisy.encode_deferred(&mut enc),
         Err(ClipError::InvalidConfig(_))
     ));
+}
+
+/// Lengths around the edges that matter: empty, one, odd, prime, chunk edges.
+const LENGTHS: &[usize] = &[0, 1, 2, 3, 7, 13, 257, 1021, 65_535, 65_536, 65_537];
+
+fn magnitude(seed: u64, len: usize, dtype: u8, m: usize) -> Host {
+    // Magnitudes each dtype holds: f16 up to 1e4, the others from 1e-30 to 1e30.
+    let exp = match dtype % 3 {
+        1 => [-4, -2, 0, 2, 4][m],
+        _ => [-30, -10, 0, 10, 30][m],
+    };
+    host(dtype, values(seed, len, 2.0 * 10f32.powi(exp)))
+}
+
+proptest::proptest! {
+    // A fixed seed: the suite passes or fails the same way on every run.
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: 24,
+        rng_seed: proptest::test_runner::RngSeed::Fixed(0x6f70_7469),
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    #[test]
+    fn gpu_matches_cpu_over_sizes_and_magnitudes(
+        tensors in proptest::collection::vec(
+            (proptest::sample::select(LENGTHS), 0u8..3, 0usize..5), 1..6),
+        seed in proptest::prelude::any::<u64>(),
+        which in 0usize..5,
+        rule in 0usize..3,
+        in_place in proptest::prelude::any::<bool>(),
+    ) {
+        let infos: Vec<TensorInfo> = (tensors.iter().enumerate())
+            .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.0 as u64]))
+            .collect();
+        let params = (tensors.iter().enumerate())
+            .map(|(i, t)| Host::F32(values(seed ^ i as u64, t.0, 2.0)))
+            .collect();
+        let case = Case { infos, params };
+        let grads = |step: u64| -> Vec<Host> {
+            (tensors.iter().enumerate())
+                .map(|(i, &(len, dtype, m))| {
+                    magnitude(seed.wrapping_add(step * 7919 + i as u64), len, dtype, m)
+                })
+                .collect()
+        };
+        let policy = match rule {
+            0 => ClipPolicy::new(Rule::GlobalNorm(0.5)),
+            1 => ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.3 })),
+            _ => ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::ZeroNans),
+        };
+        compare_on(&case, &grads, policy, optimizers()[which], in_place, 2);
+    }
 }

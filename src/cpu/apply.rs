@@ -302,6 +302,16 @@ mod tests {
                 for (i, (x, y)) in a.iter().zip(&b).enumerate() {
                     assert_eq!(x.to_bits(), y.to_bits(), "{i:#x} x {coef} ({zero_nans})");
                 }
+                // The F16C path too where the dispatch prefers AVX-512.
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                    let mut c = all.clone();
+                    // SAFETY: the CPU has AVX2 and F16C, checked just above.
+                    unsafe { scale_f16_f16c(&mut c, coef, zero_nans) };
+                    for (i, (x, y)) in c.iter().zip(&b).enumerate() {
+                        assert_eq!(x.to_bits(), y.to_bits(), "F16C {i:#x} x {coef}");
+                    }
+                }
             }
         }
     }

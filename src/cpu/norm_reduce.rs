@@ -409,11 +409,14 @@ mod tests {
             .map(|i| half::f16::from_bits((i.wrapping_mul(2654435761) >> 16) as u16 & 0x7bff))
             .collect();
         for n in [0, 1, 31, 32, 33, 1000, 100_003] {
-            assert_eq!(
-                f16_sum_sq(&x[..n]).to_bits(),
-                f16_sum_sq_widened(&x[..n]).to_bits(),
-                "{n}"
-            );
+            let want = f16_sum_sq_widened(&x[..n]).to_bits();
+            assert_eq!(f16_sum_sq(&x[..n]).to_bits(), want, "{n}");
+            // The F16C path too where the dispatch prefers AVX-512.
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                // SAFETY: the CPU has AVX2 and F16C, checked just above.
+                assert_eq!(unsafe { f16_sum_sq_f16c(&x[..n]) }.to_bits(), want, "{n}");
+            }
         }
     }
 

@@ -233,7 +233,7 @@ fn read_block(read: &Read<'_>, g: &GradRef<'_>, at: usize, out: &mut [f32]) {
         }
         (&Read::Each(clip, t), g) => {
             for (k, o) in out.iter_mut().enumerate() {
-                *o = clip.clipped(t, (at + k) as u32, to_f32(g, at + k));
+                *o = clip.clip_at(t, (at + k) as u32, to_f32(g, at + k));
             }
         }
     }

@@ -141,6 +141,7 @@ impl CpuPolicy {
             held: finish.status & STATUS_HELD != 0,
             step,
             layouts: self.program.unit_layouts(lens.len()),
+            lens,
         })
     }
 
@@ -195,6 +196,7 @@ pub struct DeferredStep {
     pub held: bool,
     step: CpuStep,
     layouts: Vec<UnitLayout>,
+    lens: Vec<u64>,
 }
 
 impl DeferredStep {
@@ -215,8 +217,15 @@ impl DeferredStep {
 
     /// The clipped value of element `index` of tensor `tensor`, whose gradient is `x`:
     /// what the in-place step would have written there (NaN zeroing, the unit's
-    /// coefficient, noise and value clamping; `x` itself when held).
-    pub fn clipped(&self, tensor: usize, index: u32, x: f32) -> f32 {
+    /// coefficient, noise and value clamping; `x` itself when held). `None` for a tensor
+    /// or an index the step does not have.
+    pub fn clipped(&self, tensor: usize, index: u32, x: f32) -> Option<f32> {
+        let len = *self.lens.get(tensor)?;
+        ((index as u64) < len).then(|| self.clip_at(tensor, index, x))
+    }
+
+    /// [`DeferredStep::clipped`] of an element known to exist.
+    pub(crate) fn clip_at(&self, tensor: usize, index: u32, x: f32) -> f32 {
         if self.held {
             return x;
         }

@@ -40,7 +40,7 @@ impl DeferredClip<'_> {
         crate::shaders::deferred_template()
             .replace("{group}", &group.to_string())
             .replace("{coefs}", &first_binding.to_string())
-            .replace("{report}", &(first_binding + 1).to_string())
+            .replace("{report}", &first_binding.saturating_add(1).to_string())
             .replace("{zero_nans}", if self.zero_nans { "true" } else { "false" })
             .replace("{status_word}", &STATUS_WORD.to_string())
             .replace("{held}", &STATUS_HELD.to_string())

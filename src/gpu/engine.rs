@@ -717,24 +717,7 @@ impl Engine {
 
     /// Reads the device state back (waits for the GPU).
     pub(crate) fn read_state(&self) -> Result<Vec<u32>, ClipError> {
-        let device = &self.ctx.inner.device;
-        let pending = guarded(device, || {
-            let size = self.state.size();
-            let pool = ReportPool::new(size);
-            let staging = pool.take(device)?;
-            let mut encoder = device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&self.state, 0, &staging, 0, size);
-            let pending: super::PendingReport<Vec<u32>> = super::PendingReport::on_submit(
-                &encoder,
-                staging,
-                pool,
-                device.clone(),
-                Box::new(|w: &[u32]| Ok(w.to_vec())),
-            );
-            self.ctx.submit(encoder)?;
-            Ok(pending)
-        })?;
-        pending.wait()
+        super::readback::read_words(&self.ctx, &self.state)
     }
 
     /// Overwrites the device state with `words`.

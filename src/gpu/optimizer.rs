@@ -6,13 +6,13 @@
 use super::batch::{infos_of, plan_inputs, plan_limits, GpuTensor};
 use super::context::{guarded, GpuContext};
 use super::policy::GpuPolicy;
-use super::readback::{PendingReport, ReportPool};
+use super::readback::{read_words, PendingReport};
 use super::resources::{bind, range, storage_init, storage_zeroed, table, whole, DispatchSlots};
-use crate::chain::{check_shapes, ClipPolicy};
+use crate::chain::{check_shapes, ClipPolicy, PolicyState};
 use crate::error::ClipError;
 use crate::optim::{check_lr, Optimizer, OptimizerState};
-use crate::plan::fold_grid;
 use crate::plan::step_table::{plan_step, StepTable};
+use crate::plan::{fold_grid, Plan, PlanSegment};
 use crate::report::PolicyReport;
 use crate::shaders::abi::{self, OptimizerCounter, StepRunParams};
 use crate::shaders::{BindLayout, Kernel};
@@ -77,11 +77,13 @@ impl GpuOptimizer {
         let policy = GpuPolicy::new(ctx, grads, Some(params), policy)?;
         let (grad_tensors, grad_buffers) = plan_inputs(grads, &[])?;
         let (param_tensors, param_buffers) = plan_inputs(params, &[])?;
+        let limits = plan_limits(ctx);
+        // The policy checked the gradients; the parameters get the same checks (alignment,
+        // bounds, overlap) before anything is cut.
+        Plan::new(&param_tensors, &PlanSegment::whole(&param_tensors), limits)?;
         let program = policy.engine().program();
         let layouts = program.unit_layouts(grads.len());
         let arrays = optimizer.state_arrays();
-        let limits = plan_limits(ctx);
-        // The policy validated both tensor lists (bounds, alignment, lengths).
         let steps = plan_step(&grad_tensors, &param_tensors, &layouts, arrays, &limits)?;
         let device = &ctx.inner.device;
         let kernels = &ctx.inner.kernels;
@@ -170,14 +172,20 @@ impl GpuOptimizer {
         &self.optimizer
     }
 
-    /// The clipping policy, with its state and step count.
+    /// The clipping policy, with its step count.
     pub fn policy(&self) -> &GpuPolicy {
         &self.policy
     }
 
-    /// The clipping policy, to save or restore its state.
-    pub fn policy_mut(&mut self) -> &mut GpuPolicy {
-        &mut self.policy
+    /// Reads the clipping policy's state back (waits for the GPU); see
+    /// [`GpuPolicy::state`].
+    pub fn clip_state(&self) -> Result<PolicyState, ClipError> {
+        self.policy.state()
+    }
+
+    /// Restores the clipping policy's state; see [`GpuPolicy::set_state`].
+    pub fn set_clip_state(&mut self, state: &PolicyState) -> Result<(), ClipError> {
+        self.policy.set_state(state)
     }
 
     /// The learning rate of the following steps.
@@ -277,34 +285,27 @@ impl GpuOptimizer {
         })
     }
 
-    /// Reads the optimizer state back (waits for the GPU).
+    /// Reads the optimizer state back (waits for the GPU). Each buffer comes back through a
+    /// staging buffer of its own size: none is larger than one binding window.
     pub fn state(&self) -> Result<OptimizerState, ClipError> {
-        let device = &self.ctx.inner.device;
-        let sizes: Vec<u64> = self.states.iter().map(wgpu::Buffer::size).collect();
-        let total = 16 + sizes.iter().sum::<u64>();
-        let pending = guarded(device, || {
-            let pool = ReportPool::new(total);
-            let staging = pool.take(device)?;
-            let mut encoder = device.create_command_encoder(&Default::default());
-            encoder.copy_buffer_to_buffer(&self.counter, 0, &staging, 0, 16);
-            let mut at = 16;
-            for (state, size) in self.states.iter().zip(&sizes) {
-                encoder.copy_buffer_to_buffer(state, 0, &staging, at, *size);
-                at += size;
+        let mut state = OptimizerState::fresh(&self.optimizer, &self.lens);
+        let counter: OptimizerCounter = abi::read(&read_words(&self.ctx, &self.counter)?);
+        state.steps = counter.steps;
+        for (run, buffer) in self.states.iter().enumerate() {
+            let words = read_words(&self.ctx, buffer)?;
+            let len = self.table.runs[run].state_len as usize;
+            let pieces = (self.table.pieces.iter().enumerate())
+                .flat_map(|(t, p)| p.iter().map(move |piece| (t, piece)))
+                .filter(|(_, piece)| piece.0 == run);
+            for (t, &(_, first, elem, count)) in pieces {
+                for (k, array) in state.arrays.iter_mut().enumerate() {
+                    let from = k * len + first as usize;
+                    let src: &[f32] = bytemuck::cast_slice(&words[from..from + count as usize]);
+                    array[t][elem as usize..(elem + count) as usize].copy_from_slice(src);
+                }
             }
-            let table = self.table.clone();
-            let fresh = OptimizerState::fresh(&self.optimizer, &self.lens);
-            let pending: PendingReport<OptimizerState> = PendingReport::on_submit(
-                &encoder,
-                staging,
-                pool,
-                device.clone(),
-                Box::new(move |w: &[u32]| Ok(decode_state(w, &table, &sizes, fresh))),
-            );
-            self.ctx.submit(encoder)?;
-            Ok(pending)
-        })?;
-        pending.wait()
+        }
+        Ok(state)
     }
 
     /// Restores a saved optimizer state (from either backend); the next step continues
@@ -331,33 +332,4 @@ impl GpuOptimizer {
             Ok(())
         })
     }
-}
-
-/// The optimizer state from a readback of the counter, then every run's state buffer
-/// (of `sizes` bytes each), into `state`'s arrays.
-fn decode_state(
-    words: &[u32],
-    table: &StepTable,
-    sizes: &[u64],
-    mut state: OptimizerState,
-) -> OptimizerState {
-    let counter: OptimizerCounter = abi::read(words);
-    state.steps = counter.steps;
-    let mut starts = Vec::with_capacity(sizes.len());
-    let mut at = 4usize;
-    for size in sizes {
-        starts.push(at);
-        at += (*size / 4) as usize;
-    }
-    for (t, pieces) in table.pieces.iter().enumerate() {
-        for &(run, first, elem, count) in pieces {
-            let len = table.runs[run].state_len as usize;
-            for (k, array) in state.arrays.iter_mut().enumerate() {
-                let from = starts[run] + k * len + first as usize;
-                let src: &[f32] = bytemuck::cast_slice(&words[from..from + count as usize]);
-                array[t][elem as usize..(elem + count) as usize].copy_from_slice(src);
-            }
-        }
-    }
-    state
 }

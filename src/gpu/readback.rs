@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::context::guarded;
+use super::context::{guarded, GpuContext};
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc};
@@ -267,4 +267,26 @@ pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport,
             None,
         ),
     }
+}
+
+/// The words of `buffer`, read back through a staging buffer of its size (waits for the
+/// GPU); every call is checked in error scopes.
+pub(crate) fn read_words(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u32>, ClipError> {
+    let device = &ctx.inner.device;
+    let pending = guarded(device, || {
+        let pool = ReportPool::new(buffer.size());
+        let staging = pool.take(device)?;
+        let mut encoder = device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+        let pending: PendingReport<Vec<u32>> = PendingReport::on_submit(
+            &encoder,
+            staging,
+            pool,
+            device.clone(),
+            Box::new(|w: &[u32]| Ok(w.to_vec())),
+        );
+        ctx.submit(encoder)?;
+        Ok(pending)
+    })?;
+    pending.wait()
 }

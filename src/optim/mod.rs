@@ -8,8 +8,8 @@ use crate::error::ClipError;
 use crate::shaders::abi::{OptimizerParams, OPT_ADAM, OPT_SGD};
 
 /// Stochastic gradient descent, as `torch.optim.SGD`: with weight decay `d = g + wd * p`;
-/// with momentum `buf = momentum * buf + (1 - dampening) * d` (the first step sets
-/// `buf = d`) and `d = buf`, or `d = d + momentum * buf` with Nesterov; then `p -= lr * d`.
+/// with momentum `buf = momentum * buf + (1 - dampening) * d` (the first step taken sets
+/// `buf = d`: torch's buffer is created there) and `d = buf`, or `d = d + momentum * buf` with Nesterov; then `p -= lr * d`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sgd {
     /// Learning rate (a step may override it: [`crate::GpuOptimizer::set_lr`]).
@@ -227,8 +227,9 @@ impl Optimizer {
         }
     }
 
-    /// The hyperparameters as the shader reads them; complements are rounded once from
-    /// f64, as torch's Python floats are.
+    /// The hyperparameters as the shader reads them; each complement is computed once,
+    /// in f64 from the f32 value, and rounded (torch takes it from a Python float, so a
+    /// beta of 0.9 gives 0.1 there and 0.10000002 here: an ulp-level difference).
     pub(crate) fn params(&self) -> OptimizerParams {
         let complement = |x: f32| (1.0 - x as f64) as f32;
         match *self {
@@ -345,7 +346,13 @@ pub(crate) fn adam(
             d += opt.weight_decay * x;
         }
     }
-    let m_new = *m + opt.one_minus_beta1 * (d - *m);
+    // torch's lerp(m, d, w): from the nearer end.
+    let w = opt.one_minus_beta1;
+    let m_new = if w < 0.5 {
+        *m + w * (d - *m)
+    } else {
+        d - (d - *m) * (1.0 - w)
+    };
     let v_new = *v * opt.beta2 + opt.one_minus_beta2 * d * d;
     *m = m_new;
     *v = v_new;
@@ -360,7 +367,9 @@ pub(crate) fn adam(
 
 /// The optimizer state of every tensor, to save and restore (either backend): the steps
 /// taken and, per tensor, its state arrays (SGD: the momentum buffer if any; Adam: m and
-/// v, then vmax with amsgrad), each as long as the tensor.
+/// v, then vmax with amsgrad), each as long as the tensor. A state with `steps` 0 starts
+/// afresh: SGD's next step sets its momentum buffers to the gradients, as torch does for
+/// buffers it has not created yet.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimizerState {
     /// Steps taken (held steps are not counted): Adam's `t`.
@@ -409,7 +418,7 @@ mod tests {
     }
 
     #[test]
-    fn torch_rejects_what_we_reject() {
+    fn bad_hyperparameters_are_rejected() {
         assert!(Optimizer::from(Sgd::new(-1.0)).check().is_err());
         assert!(Optimizer::from(Sgd::new(0.1).nesterov()).check().is_err());
         assert!(

@@ -146,6 +146,16 @@ mod tests {
     /// Every element of every tensor is in exactly one row, at the right place of its
     /// windows, and rows never cross a window.
     fn check_cover(grads: &[PlanTensor], params: &[PlanTensor], t: &StepTable, wb: u64) {
+        // Rows fill each run's state arrays back to back.
+        for run in &t.runs {
+            let rows = &t.chunks[run.first_chunk as usize..][..run.n_chunks as usize];
+            let mut at = 0;
+            for c in rows {
+                assert_eq!(c.state_start, at);
+                at += c.len;
+            }
+            assert_eq!(at, run.state_len);
+        }
         for (ti, (g, p)) in grads.iter().zip(params).enumerate() {
             let mut next = 0;
             for run in &t.runs {
@@ -156,10 +166,10 @@ mod tests {
                     assert_eq!(gb / g.dtype.size(), next);
                     let pb = run.params.1 + c.param_start as u64 * 4 - p.offset;
                     assert_eq!(pb / 4, next);
-                    let g_last = run.grads.1 + (c.grad_start + c.len) as u64 * g.dtype.size();
-                    assert!(g_last <= run.grads.1 + run.grads.2.min(wb));
-                    assert!(run.params.1 + (c.param_start + c.len) as u64 * 4 <= run.params.1 + wb);
-                    assert!(c.state_start + c.len <= run.state_len);
+                    let g_end = (c.grad_start + c.len) as u64 * g.dtype.size();
+                    assert!(g_end <= run.grads.2 && run.grads.2 <= wb);
+                    let p_end = (c.param_start + c.len) as u64 * 4;
+                    assert!(p_end <= run.params.2 && run.params.2 <= wb);
                     next += c.len as u64;
                 }
             }
