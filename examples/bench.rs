@@ -1460,7 +1460,11 @@ fn run(o: &Options) -> Res<Vec<String>> {
             let norm = cpu::partial_norm(&pristine.refs(lens), Norm::L2)?.total();
             let p = Params::new(norm);
             // The CPU floors' buffers, of the gradients' size (empty for a GPU-only run).
-            let cpu_bytes = if !o.gpu_only && *on_cpu { pristine.bytes().len() } else { 0 };
+            let cpu_bytes = if !o.gpu_only && *on_cpu {
+                pristine.bytes().len()
+            } else {
+                0
+            };
             let mut floor_buffers = FloorBuffers::new(cpu_bytes);
             if let (Some(ctx), true) = (&ctx, *on_gpu) {
                 bench_gpu(

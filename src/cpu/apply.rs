@@ -34,16 +34,20 @@ pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
         .par_iter_mut()
         .with_min_len(per_task)
         .for_each(|g| match g {
-            GradMut::F32(x) => {
-                (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f32(c, coef, zero_nans))
-            }
-            GradMut::F16(x) => {
-                (x.par_chunks_mut(BLOCK)).for_each(|c| scale_f16(c, coef, zero_nans))
-            }
-            GradMut::BF16(x) => {
-                (x.par_chunks_mut(BLOCK)).for_each(|c| scale_bf16(c, coef, zero_nans))
-            }
+            GradMut::F32(x) => in_blocks(x, |c| scale_f32(c, coef, zero_nans)),
+            GradMut::F16(x) => in_blocks(x, |c| scale_f16(c, coef, zero_nans)),
+            GradMut::BF16(x) => in_blocks(x, |c| scale_bf16(c, coef, zero_nans)),
         });
+}
+
+/// Runs `f` over `x` in blocks, in parallel only when there is more than one: a small
+/// tensor, already one of many in its task, is not split again.
+fn in_blocks<T: Send>(x: &mut [T], f: impl Fn(&mut [T]) + Sync + Send) {
+    if x.len() <= BLOCK {
+        f(x)
+    } else {
+        x.par_chunks_mut(BLOCK).for_each(f)
+    }
 }
 
 /// Small tensors share a task, about a block of elements each.
@@ -218,11 +222,9 @@ pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
         .par_iter_mut()
         .with_min_len(per_task)
         .for_each(|g| match g {
-            GradMut::F32(x) => x.par_chunks_mut(BLOCK).for_each(|c| clamp_f32(c, lo, hi)),
-            GradMut::F16(x) => (x.par_chunks_mut(BLOCK))
-                .for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s)),
-            GradMut::BF16(x) => (x.par_chunks_mut(BLOCK))
-                .for_each(|c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
+            GradMut::F32(x) => in_blocks(x, |c| clamp_f32(c, lo, hi)),
+            GradMut::F16(x) => in_blocks(x, |c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s)),
+            GradMut::BF16(x) => in_blocks(x, |c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
         });
 }
 
