@@ -78,68 +78,81 @@ fn gradient(c: StepChunk, k: u32) -> f32 {
     return half_to_f32(half_of(grads[e >> 1u], e), c.dtype);
 }
 
+// The step's optimizer constants, read once per invocation: lavapipe reloads a uniform or
+// storage value at every use inside an element loop.
+struct Hyper {
+    opt: OptimizerParams,
+    steps: u32,
+    step_size: f32,
+    bias2_sqrt: f32,
+    lr: f32,
+    decay: f32,
+}
+
 // torch.optim.SGD on one element; `s`: its momentum buffer.
-fn sgd(p: f32, g: f32, s: u32) -> f32 {
+fn sgd(p: f32, g: f32, s: u32, h: Hyper) -> f32 {
+    let o = h.opt;
     var d = g;
-    if (opt.weight_decay != 0.0) {
-        d = d + opt.weight_decay * p;
+    if (o.weight_decay != 0.0) {
+        d = d + o.weight_decay * p;
     }
-    if (opt.momentum != 0.0) {
+    if (o.momentum != 0.0) {
         // The first step starts the buffer at the gradient, as torch does.
         var buf = d;
-        if (counter.steps != 1u) {
-            buf = state[s] * opt.momentum + opt.undamped * d;
+        if (h.steps != 1u) {
+            buf = state[s] * o.momentum + o.undamped * d;
         }
         state[s] = buf;
-        if (opt.nesterov == 1u) {
-            d = d + opt.momentum * buf;
+        if (o.nesterov == 1u) {
+            d = d + o.momentum * buf;
         } else {
             d = buf;
         }
     }
-    return p - step.lr * d;
+    return p - h.lr * d;
 }
 
 // torch.optim.Adam / AdamW on one element; `s`: its first moment, `s + n` the second,
 // `s + 2n` the running maximum of the second (amsgrad).
-fn adam(p: f32, g: f32, s: u32, n: u32) -> f32 {
+fn adam(p: f32, g: f32, s: u32, n: u32, h: Hyper) -> f32 {
+    let o = h.opt;
     var x = p;
     var d = g;
-    if (opt.weight_decay != 0.0) {
-        if (opt.decoupled == 1u) {
-            x = x * step.decay;
+    if (o.weight_decay != 0.0) {
+        if (o.decoupled == 1u) {
+            x = x * h.decay;
         } else {
-            d = d + opt.weight_decay * x;
+            d = d + o.weight_decay * x;
         }
     }
     let m_old = state[s];
     // torch's lerp(m, d, w): from the nearer end.
-    let w = opt.one_minus_beta1;
+    let w = o.one_minus_beta1;
     var m = d - (d - m_old) * (1.0 - w);
     if (w < 0.5) {
         m = m_old + w * (d - m_old);
     }
-    let v = state[s + n] * opt.beta2 + opt.one_minus_beta2 * d * d;
+    let v = state[s + n] * o.beta2 + o.one_minus_beta2 * d * d;
     state[s] = m;
     state[s + n] = v;
     var vv = v;
-    if (opt.amsgrad == 1u) {
+    if (o.amsgrad == 1u) {
         vv = max(state[s + 2u * n], v);
         state[s + 2u * n] = vv;
     }
-    let denom = sqrt(vv) / counter.bias2_sqrt + opt.eps;
-    return x - counter.step_size * m / denom;
+    let denom = sqrt(vv) / h.bias2_sqrt + o.eps;
+    return x - h.step_size * m / denom;
 }
 
 // The clipped gradient of element `k` of row `c`; `coef`: the row's coefficient when its
-// tensor is one unit.
-fn clipped(c: StepChunk, k: u32, coef: f32) -> f32 {
+// tensor is one unit, else (`per_unit`) each element's unit has its own.
+fn clipped(c: StepChunk, k: u32, coef: f32, per_unit: bool, ew: Elementwise) -> f32 {
     let index = c.index + k;
     var unit_coef = coef;
-    if (SCALE && step.rule == 1u && c.unit_count != 1u) {
+    if (per_unit) {
         unit_coef = coefs[gradclip_unit(c.unit_first, c.unit_div, c.unit_count, index)];
     }
-    return transform(gradient(c, k), unit_coef, c.tensor, index);
+    return transform(gradient(c, k), unit_coef, ew, c.tensor, index);
 }
 
 @compute @workgroup_size(WG)
@@ -149,20 +162,25 @@ fn update(inv: Invocation) {
         return;
     }
     let c = chunks[run.first_chunk + local];
+    let n = run.state_len;
     var coef = 1.0;
     if (SCALE && step.rule == 1u) {
         coef = coefs[c.unit_first];
     }
+    let per_unit = SCALE && step.rule == 1u && c.unit_count != 1u;
+    let ew = elementwise();
+    let cnt = counter;
+    let h = Hyper(opt, cnt.steps, cnt.step_size, cnt.bias2_sqrt, step.lr, step.decay);
     // One loop per optimizer: the choice is made once per row, not per element.
-    if (opt.kind == OPT_SGD) {
+    if (h.opt.kind == OPT_SGD) {
         for (var k = inv.lid; k < c.len; k = k + WG) {
             let at = c.param_start + k;
-            params[at] = sgd(params[at], clipped(c, k, coef), c.state_start + k);
+            params[at] = sgd(params[at], clipped(c, k, coef, per_unit, ew), c.state_start + k, h);
         }
         return;
     }
     for (var k = inv.lid; k < c.len; k = k + WG) {
         let at = c.param_start + k;
-        params[at] = adam(params[at], clipped(c, k, coef), c.state_start + k, run.state_len);
+        params[at] = adam(params[at], clipped(c, k, coef, per_unit, ew), c.state_start + k, n, h);
     }
 }

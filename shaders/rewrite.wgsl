@@ -17,8 +17,8 @@
 // workgroups. Entry `main` serves programs whose units own whole 32-bit words. Where units
 // may end inside a word (odd-length 16-bit units, strided 16-bit AGC columns), entry
 // `shared_words` updates a word whose other half belongs to another chunk with an atomic
-// XOR of this half's bits only: no lost updates, and the other half is never written. An element whose value does not change
-// keeps its exact bits. CPU twin: src/cpu/engine.rs (`rewrite`).
+// XOR of this half's bits only: no lost updates, and the other half is never written. An
+// element whose value does not change keeps its exact bits. CPU twin: src/cpu/engine.rs (`rewrite`).
 
 #import convert
 #import grid
@@ -33,15 +33,16 @@
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
 @group(0) @binding(6) var<storage, read> report: array<u32>;
 
-fn f32_transform(bits: u32, coef: f32, tensor: u32, index: u32) -> u32 {
-    return bitcast<u32>(transform(bitcast<f32>(bits), coef, tensor, index));
-}
-
-// A clamp and nothing else: compare with the bounds, write the pre-rounded bound bits.
-fn clamp_only(coef: f32) -> bool {
-    let unscaled = !SCALE
-        || (step.policy != POLICY_ZERO_NANS && bitcast<u32>(coef) == bitcast<u32>(1.0));
-    return CLAMP && !NOISE && step.clamp == 1u && unscaled;
+// This workgroup's chunk, coefficient and step parameters, read once, and whether it has
+// anything to do.
+struct Work {
+    chunk: Chunk,
+    coef: f32,
+    run: bool,
+    ew: Elementwise,
+    // A clamp and nothing else: compare with the bounds, write the pre-rounded bound bits.
+    clamp_alone: bool,
+    half: HalfClamp,
 }
 
 // A 16-bit value's bits in an unsigned order (negative values flip every bit, the others
@@ -50,27 +51,47 @@ fn half_key(h: u32) -> u32 {
     return h ^ select(0x8000u, 0xffffu, (h & 0x8000u) != 0u);
 }
 
-fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32 {
-    if (clamp_only(coef)) {
-        // Integer compares against thresholds the host found (the decisions of comparing
-        // in f32); NaN keeps its bits.
-        let is_f16 = dtype == DTYPE_F16;
-        let shift = select(16u, 0u, is_f16);
-        let keys = select(step.keys_bf16, step.keys_f16, is_f16);
-        if ((h & 0x7fffu) > select(0x7f80u, 0x7c00u, is_f16)) {
-            return h;
-        }
-        let k = half_key(h);
-        if (k < (keys & 0xffffu)) {
-            return (step.lo_half >> shift) & 0xffffu;
-        }
-        if (k > (keys >> 16u)) {
-            return (step.hi_half >> shift) & 0xffffu;
-        }
-        return h;
+// A clamp alone of 16-bit values: the pre-rounded bound bits and the integer thresholds the
+// host found (the decisions of comparing in f32).
+struct HalfClamp {
+    lo: u32,
+    hi: u32,
+    key_lo: u32,
+    key_hi: u32,
+    max_finite: u32,
+}
+
+fn half_clamp(is_f16: bool) -> HalfClamp {
+    let shift = select(16u, 0u, is_f16);
+    let keys = select(step.keys_bf16, step.keys_f16, is_f16);
+    return HalfClamp(
+        (step.lo_half >> shift) & 0xffffu,
+        (step.hi_half >> shift) & 0xffffu,
+        keys & 0xffffu,
+        keys >> 16u,
+        select(0x7f80u, 0x7c00u, is_f16),
+    );
+}
+
+// Without branches; NaN keeps its bits.
+fn clamp_half(h: u32, c: HalfClamp) -> u32 {
+    let k = half_key(h);
+    var out = select(h, c.lo, k < c.key_lo);
+    out = select(out, c.hi, k > c.key_hi);
+    return select(out, h, (h & 0x7fffu) > c.max_finite);
+}
+
+fn f32_transform(bits: u32, job: Work, index: u32) -> u32 {
+    return bitcast<u32>(transform(bitcast<f32>(bits), job.coef, job.ew, job.chunk.tensor, index));
+}
+
+fn half_transform(h: u32, job: Work, index: u32) -> u32 {
+    if (job.clamp_alone) {
+        return clamp_half(h, job.half);
     }
+    let dtype = job.chunk.dtype;
     let x = half_to_f32(h, dtype);
-    let y = transform(x, coef, tensor, index);
+    let y = transform(x, job.coef, job.ew, job.chunk.tensor, index);
     if (bitcast<u32>(y) == bitcast<u32>(x)) {
         return h;
     }
@@ -78,34 +99,29 @@ fn half_transform(h: u32, dtype: u32, coef: f32, tensor: u32, index: u32) -> u32
 }
 
 // Rewrites the 16-bit element `e` of the window alone, with an atomic XOR.
-fn update_half(e: u32, dtype: u32, coef: f32, tensor: u32, index: u32) {
+fn update_half(e: u32, job: Work, index: u32) {
     let w = e >> 1u;
     let shift = (e & 1u) * 16u;
     let old = (atomicLoad(&grads[w]) >> shift) & 0xffffu;
-    let updated = half_transform(old, dtype, coef, tensor, index);
+    let updated = half_transform(old, job, index);
     atomicXor(&grads[w], (old ^ updated) << shift);
 }
 
-// This workgroup's chunk and coefficient, and whether it has anything to do.
-struct Work {
-    chunk: Chunk,
-    coef: f32,
-    run: bool,
-}
-
 fn work_of(inv: Invocation) -> Work {
+    let ew = elementwise();
     let local = workgroup_index(inv);
     if (local >= dispatch.n_chunks || !step_runs(report[STATUS_WORD], report[TAG_WORD])) {
-        return Work(chunks[0], 1.0, false);
+        return Work(chunks[0], 1.0, false, ew, false, half_clamp(true));
     }
     let chunk = chunks[dispatch.first_chunk + local];
     var coef = 1.0;
     if (SCALE && step.rule == 1u) {
         coef = coefs[chunk.seg];
     }
-    let idle = coef == 1.0 && step.sigma == 0.0 && step.policy != POLICY_ZERO_NANS
-        && step.clamp == 0u;
-    return Work(chunk, coef, !idle);
+    let idle = coef == 1.0 && ew.sigma == 0.0 && !ew.zero_nans && !ew.clamp;
+    let unscaled = !SCALE || (!ew.zero_nans && bitcast<u32>(coef) == bitcast<u32>(1.0));
+    let clamp_alone = CLAMP && !NOISE && ew.clamp && unscaled;
+    return Work(chunk, coef, !idle, ew, clamp_alone, half_clamp(chunk.dtype == DTYPE_F16));
 }
 
 // Word `w` of a contiguous 16-bit chunk rewritten; a half outside the chunk keeps its bits.
@@ -116,10 +132,10 @@ fn rewrite_word(bits: u32, job: Work, w: u32) -> u32 {
     let e0 = w * 2u;
     let i0 = c.index + e0 - c.start; // wraps for a low half before the chunk: unused
     if (e0 >= c.start) {
-        lo = half_transform(lo, c.dtype, job.coef, c.tensor, i0);
+        lo = half_transform(lo, job, i0);
     }
     if (e0 + 1u < c.start + c.len) {
-        hi = half_transform(hi, c.dtype, job.coef, c.tensor, i0 + 1u);
+        hi = half_transform(hi, job, i0 + 1u);
     }
     return lo | (hi << 16u);
 }
@@ -133,10 +149,39 @@ fn main(inv: Invocation) {
         return;
     }
     let c = job.chunk;
+    if (c.dtype == DTYPE_F32 && job.clamp_alone) {
+        // NaN keeps its bits.
+        let lo = job.ew.lo;
+        let hi = job.ew.hi;
+        for (var k = inv.lid; k < c.len; k = k + WG) {
+            let e = c.start + k * c.stride;
+            let bits = words[e];
+            let x = bitcast<f32>(bits);
+            var y = select(bits, bitcast<u32>(lo), x < lo);
+            y = select(y, bitcast<u32>(hi), x > hi);
+            words[e] = select(y, bits, (bits & 0x7fffffffu) > 0x7f800000u);
+        }
+        return;
+    }
     if (c.dtype == DTYPE_F32) {
         for (var k = inv.lid; k < c.len; k = k + WG) {
             let e = c.start + k * c.stride;
-            words[e] = f32_transform(words[e], job.coef, c.tensor, c.index + k * c.stride);
+            words[e] = f32_transform(words[e], job, c.index + k * c.stride);
+        }
+        return;
+    }
+    if (job.clamp_alone) {
+        // Both halves of a word without branches; a half outside the chunk keeps its bits.
+        let first = c.start;
+        let end = c.start + c.len;
+        for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
+            let bits = words[w];
+            let lo = bits & 0xffffu;
+            let hi = bits >> 16u;
+            let e0 = w * 2u;
+            let new_lo = select(lo, clamp_half(lo, job.half), e0 >= first);
+            let new_hi = select(hi, clamp_half(hi, job.half), e0 + 1u < end);
+            words[w] = new_lo | (new_hi << 16u);
         }
         return;
     }
@@ -160,9 +205,9 @@ fn shared_words(inv: Invocation) {
             let index = c.index + k * c.stride;
             if (c.dtype == DTYPE_F32) {
                 let x = atomicLoad(&grads[e]);
-                atomicStore(&grads[e], f32_transform(x, job.coef, c.tensor, index));
+                atomicStore(&grads[e], f32_transform(x, job, index));
             } else {
-                update_half(e, c.dtype, job.coef, c.tensor, index);
+                update_half(e, job, index);
             }
         }
         return;

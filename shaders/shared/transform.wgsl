@@ -20,26 +20,40 @@ fn step_runs(status: u32, tag: u32) -> bool {
     return !held && tag == step.seq % TAG_RING;
 }
 
+// The step's elementwise parameters, read from the uniform once per invocation and passed
+// to `transform`: lavapipe reloads a uniform at every use inside an element loop.
+struct Elementwise {
+    zero_nans: bool,
+    sigma: f32,
+    clamp: bool,
+    lo: f32,
+    hi: f32,
+}
+
+fn elementwise() -> Elementwise {
+    return Elementwise(step.policy == POLICY_ZERO_NANS, step.sigma, step.clamp == 1u, step.lo, step.hi);
+}
+
 // The new value of element `index` of tensor `tensor`, whose unit has coefficient `coef`:
 // NaN to zero (ZeroNans), times the coefficient, plus noise, clamped to [lo, hi].
-fn transform(x: f32, coef: f32, tensor: u32, index: u32) -> f32 {
+fn transform(x: f32, coef: f32, ew: Elementwise, tensor: u32, index: u32) -> f32 {
     var y = x;
-    if (SCALE && step.policy == POLICY_ZERO_NANS && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
+    if (SCALE && ew.zero_nans && nonfinite_flag(bitcast<u32>(x)) == FLAG_NAN) {
         y = 0.0;
     }
     if (SCALE && bitcast<u32>(coef) != bitcast<u32>(1.0)) {
         y = y * coef;
     }
-    if (NOISE && step.sigma > 0.0) {
+    if (NOISE && ew.sigma > 0.0) {
         y = y + step_noise(step, tensor, index);
     }
     // NaN stays NaN, as in PyTorch and TensorFlow. It is tested on its bits: a driver
     // may fold the comparisons below into a clamp that returns a bound for NaN (GL does).
-    if (CLAMP && step.clamp == 1u && nonfinite_flag(bitcast<u32>(y)) != FLAG_NAN) {
-        if (y < step.lo) {
-            y = step.lo;
-        } else if (y > step.hi) {
-            y = step.hi;
+    if (CLAMP && ew.clamp && nonfinite_flag(bitcast<u32>(y)) != FLAG_NAN) {
+        if (y < ew.lo) {
+            y = ew.lo;
+        } else if (y > ew.hi) {
+            y = ew.hi;
         }
     }
     return y;
