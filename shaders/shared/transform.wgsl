@@ -34,6 +34,14 @@ fn elementwise() -> Elementwise {
     return Elementwise(step.policy == POLICY_ZERO_NANS, step.sigma, step.clamp == 1u, step.lo, step.hi);
 }
 
+// `y` clamped to [lo, hi], without branches. NaN stays NaN, as in PyTorch and TensorFlow.
+// It is tested on its bits: a driver may fold the comparisons into a clamp that returns a
+// bound for NaN (GL does).
+fn clamp_value(y: f32, ew: Elementwise) -> f32 {
+    let clamped = select(select(y, ew.lo, y < ew.lo), ew.hi, y > ew.hi);
+    return select(clamped, y, nonfinite_flag(bitcast<u32>(y)) == FLAG_NAN);
+}
+
 // The new value of element `index` of tensor `tensor`, whose unit has coefficient `coef`:
 // NaN to zero (ZeroNans), times the coefficient, plus noise, clamped to [lo, hi].
 fn transform(x: f32, coef: f32, ew: Elementwise, tensor: u32, index: u32) -> f32 {
@@ -47,14 +55,8 @@ fn transform(x: f32, coef: f32, ew: Elementwise, tensor: u32, index: u32) -> f32
     if (NOISE && ew.sigma > 0.0) {
         y = y + step_noise(step, tensor, index);
     }
-    // NaN stays NaN, as in PyTorch and TensorFlow. It is tested on its bits: a driver
-    // may fold the comparisons below into a clamp that returns a bound for NaN (GL does).
-    if (CLAMP && ew.clamp && nonfinite_flag(bitcast<u32>(y)) != FLAG_NAN) {
-        if (y < ew.lo) {
-            y = ew.lo;
-        } else if (y > ew.hi) {
-            y = ew.hi;
-        }
+    if (CLAMP && ew.clamp) {
+        y = clamp_value(y, ew);
     }
     return y;
 }
