@@ -111,9 +111,52 @@ pub(crate) fn f32_to_f16_bits(x: f32) -> u16 {
     (h | sign) as u16
 }
 
+/// [`scale`] of a block of f32 values: with a blend where the CPU has AVX2 but not
+/// AVX-512, else as compiled ([`scale_f32_wide`]); the same bits either way.
+fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if !std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { scale_f32_avx2(c, coef, zero_nans) };
+    }
+    scale_f32_wide(c, coef, zero_nans)
+}
+
+/// [`scale_f32`] with AVX2 intrinsics. LLVM turns a store of "the loaded value where NaN,
+/// else the product" into a masked store (`vmaskmovps`), which AMD's cores run microcoded:
+/// the scale took 8x its memory time. An empty `asm!` hides that the blended-in lanes are
+/// the loaded ones, so it stays a blend and a full store.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scale_f32_avx2(c: &mut [f32], coef: f32, zero_nans: bool) {
+    use std::arch::x86_64::*;
+    let k = _mm256_set1_ps(coef);
+    let mut chunks = c.chunks_exact_mut(8);
+    for part in &mut chunks {
+        let p = part.as_mut_ptr();
+        // SAFETY: `part` holds 8 f32: 32 readable and writable bytes at `p`.
+        let x = unsafe { _mm256_loadu_ps(p) };
+        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
+        let mut nan_lanes = match zero_nans {
+            true => _mm256_setzero_ps(),
+            false => x,
+        };
+        // SAFETY: an empty template: no instruction, memory or stack use.
+        unsafe {
+            std::arch::asm!("/* {0} */", inout(ymm_reg) nan_lanes, options(pure, nomem, nostack))
+        };
+        let y = _mm256_blendv_ps(nan_lanes, _mm256_mul_ps(x, k), ordered);
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(p, y) };
+    }
+    for v in chunks.into_remainder() {
+        *v = scaled(*v, coef, zero_nans);
+    }
+}
+
 wide_fn! {
-    /// [`scale`] of a block of f32 values.
-    fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
+    /// [`scale_f32`] as compiled (AVX-512 masked stores are cheap).
+    fn scale_f32_wide(c: &mut [f32], coef: f32, zero_nans: bool) {
         for v in c.iter_mut() {
             *v = scaled(*v, coef, zero_nans);
         }
@@ -313,6 +356,27 @@ mod tests {
                     for (i, (x, y)) in c.iter().zip(&b).enumerate() {
                         assert_eq!(x.to_bits(), y.to_bits(), "F16C {i:#x} x {coef}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 and the compiled f32 scaling give the same bits on f32 values of every
+    /// exponent, NaNs with payloads included.
+    #[test]
+    fn f32_scalings_agree_bit_for_bit() {
+        let xs: Vec<f32> = (0..=u32::MAX / 0x3f1)
+            .map(|i| f32::from_bits(i * 0x3f1))
+            .collect();
+        for coef in [0.5f32, 0.3, 1.0, 3.7e-5, 2e30, 0.0, f32::INFINITY, f32::NAN] {
+            for zero_nans in [false, true] {
+                let (mut a, mut b) = (xs.clone(), xs.clone());
+                scale_f32(&mut a, coef, zero_nans);
+                scale_f32_wide(&mut b, coef, zero_nans);
+                for (i, ((x, y), z)) in a.iter().zip(&b).zip(&xs).enumerate() {
+                    let want = scaled(*z, coef, zero_nans).to_bits();
+                    assert_eq!(x.to_bits(), want, "{i} x {coef} ({zero_nans})");
+                    assert_eq!(y.to_bits(), want, "{i} x {coef} ({zero_nans})");
                 }
             }
         }

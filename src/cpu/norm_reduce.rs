@@ -7,6 +7,13 @@
 //! them fit f64 with room to spare, and the smallest f32 subnormal squared (2e-90) is
 //! still a normal f64. Only general p, where |x|^p can leave f64 range, uses the scaled
 //! accumulator element by element.
+//!
+//! A 16-bit value's square is exact in f32 (22 significant bits at most), so the 16-bit
+//! L2 sums add [`RUN`] squares per lane in f32 before the lane moves to f64: a relative
+//! error of at most 7 * 2^-24 (4.2e-7) in the sum, 2.1e-7 in the norm, at a fraction of
+//! the arithmetic (an f64 lane per element is what bounds an in-cache or AVX2 pass). A bf16
+//! square can leave f32 range; such a block (a non-finite or a tiny sum) is summed again
+//! in f64 alone.
 
 use crate::dtype::GradRef;
 use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
@@ -19,6 +26,11 @@ pub(crate) const BLOCK: usize = 1 << 16;
 const WIDEN: usize = 1024;
 /// Independent accumulators, so the compiler can vectorise the reductions.
 const LANES: usize = 32;
+/// Rows of LANES 16-bit squares a lane sums in f32 before adding its partial in f64.
+const RUN: usize = 8;
+/// A 16-bit sum of squares below 2^-100 may hold bf16 squares that fell below f32's normal
+/// range (|x| < 2^-63): the block is summed again in f64.
+const TINY_SUM: f64 = 1.0 / (1u128 << 100) as f64;
 
 /// Flag bits of one element.
 fn flags_of(x: f32) -> u32 {
@@ -183,6 +195,37 @@ wide_fn! {
     }
 }
 
+/// Sum of squares of 16-bit values `widen(x)` whose squares are exact in f32: element `i`
+/// in lane `i % LANES`, each lane adding up to [`RUN`] rows in f32 and then that partial
+/// to its f64 total; the tail (under LANES) first in f64, then the lanes in order. The
+/// F16C and AVX-512 loops follow the same order, so every path gives the same bits.
+#[inline(always)]
+fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let rows = x.len() - x.len() % LANES;
+    for run in x[..rows].chunks(LANES * RUN) {
+        let mut part = [0.0f32; LANES];
+        for c in run.chunks_exact(LANES) {
+            for i in 0..LANES {
+                let v = widen(c[i]);
+                part[i] += v * v;
+            }
+        }
+        for i in 0..LANES {
+            acc[i] += part[i] as f64;
+        }
+    }
+    let mut sum = 0.0;
+    for &v in &x[rows..] {
+        let v = widen(v) as f64;
+        sum += v * v;
+    }
+    for a in acc {
+        sum += a;
+    }
+    sum
+}
+
 /// f16 bits to f32, exactly and without a branch (so it vectorises): a normal's exponent
 /// rebiased in the integer domain, a subnormal's mantissa converted and scaled by 2^-24
 /// (never a subnormal f32 operand, which costs a microcode assist per element on x86),
@@ -224,24 +267,30 @@ fn f16_sum_sq(x: &[half::f16]) -> f64 {
     f16_sum_sq_widened(x)
 }
 
-/// [`f16_sum_sq`] with the 256-bit `vcvtph2ps` of F16C: eight vectors of four f64 are
-/// the 32 lanes.
+/// [`f16_sum_sq`] with the 256-bit `vcvtph2ps` of F16C: four vectors of eight f32 are
+/// the lanes' runs, eight vectors of four f64 their totals.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 fn f16_sum_sq_f16c(x: &[half::f16]) -> f64 {
     use std::arch::x86_64::*;
     const _: () = assert!(LANES == 32);
     let mut acc = [_mm256_setzero_pd(); 8];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for q in 0..4 {
-            // SAFETY: `c` holds 32 halves, so 8 from `8 * q` are 16 readable bytes.
-            let h = unsafe { _mm_loadu_si128(c.as_ptr().add(8 * q).cast()) };
-            let f = _mm256_cvtph_ps(h);
-            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(f));
-            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(f));
-            acc[2 * q] = _mm256_add_pd(acc[2 * q], _mm256_mul_pd(lo, lo));
-            acc[2 * q + 1] = _mm256_add_pd(acc[2 * q + 1], _mm256_mul_pd(hi, hi));
+    let rows = x.len() - x.len() % LANES;
+    for run in x[..rows].chunks(LANES * RUN) {
+        let mut part = [_mm256_setzero_ps(); 4];
+        for c in run.chunks_exact(LANES) {
+            for (q, p) in part.iter_mut().enumerate() {
+                // SAFETY: `c` holds 32 halves, so 8 from `8 * q` are 16 readable bytes.
+                let h = unsafe { _mm_loadu_si128(c.as_ptr().add(8 * q).cast()) };
+                let f = _mm256_cvtph_ps(h);
+                *p = _mm256_add_ps(*p, _mm256_mul_ps(f, f));
+            }
+        }
+        for (q, p) in part.iter().enumerate() {
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(*p));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(*p));
+            acc[2 * q] = _mm256_add_pd(acc[2 * q], lo);
+            acc[2 * q + 1] = _mm256_add_pd(acc[2 * q + 1], hi);
         }
     }
     let mut lanes = [0.0f64; LANES];
@@ -249,29 +298,35 @@ fn f16_sum_sq_f16c(x: &[half::f16]) -> f64 {
         // SAFETY: 4 f64 written into lanes[4k..4k + 4], inside the array.
         unsafe { _mm256_storeu_pd(lanes.as_mut_ptr().add(4 * k), *v) };
     }
-    lanes_total(&lanes, chunks.remainder())
+    lanes_total(&lanes, &x[rows..])
 }
 
-/// [`f16_sum_sq`] with `vcvtph2ps`: four vectors of eight f64 are the 32 lanes.
+/// [`f16_sum_sq`] with `vcvtph2ps`: two vectors of sixteen f32 are the lanes' runs, four
+/// vectors of eight f64 their totals.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
     use std::arch::x86_64::*;
     const _: () = assert!(LANES == 32);
     let mut acc = [_mm512_setzero_pd(); 4];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for half in 0..2 {
-            // SAFETY: `c` holds 32 halves, so 16 from `16 * half` are 32 readable bytes.
-            let h = unsafe { _mm256_loadu_si256(c.as_ptr().add(16 * half).cast()) };
-            let f = _mm512_cvtph_ps(h);
-            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(f));
+    let rows = x.len() - x.len() % LANES;
+    for run in x[..rows].chunks(LANES * RUN) {
+        let mut part = [_mm512_setzero_ps(); 2];
+        for c in run.chunks_exact(LANES) {
+            for (q, p) in part.iter_mut().enumerate() {
+                // SAFETY: `c` holds 32 halves, so 16 from `16 * q` are 32 readable bytes.
+                let h = unsafe { _mm256_loadu_si256(c.as_ptr().add(16 * q).cast()) };
+                let f = _mm512_cvtph_ps(h);
+                *p = _mm512_add_ps(*p, _mm512_mul_ps(f, f));
+            }
+        }
+        for (q, p) in part.iter().enumerate() {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*p));
             let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
-                _mm512_castps_pd(f),
+                _mm512_castps_pd(*p),
             )));
-            let (a, b) = (2 * half, 2 * half + 1);
-            acc[a] = _mm512_add_pd(acc[a], _mm512_mul_pd(lo, lo));
-            acc[b] = _mm512_add_pd(acc[b], _mm512_mul_pd(hi, hi));
+            acc[2 * q] = _mm512_add_pd(acc[2 * q], lo);
+            acc[2 * q + 1] = _mm512_add_pd(acc[2 * q + 1], hi);
         }
     }
     let mut lanes = [0.0f64; LANES];
@@ -279,11 +334,11 @@ fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
         // SAFETY: 8 f64 written into lanes[8k..8k + 8], inside the array.
         unsafe { _mm512_storeu_pd(lanes.as_mut_ptr().add(8 * k), *v) };
     }
-    lanes_total(&lanes, chunks.remainder())
+    lanes_total(&lanes, &x[rows..])
 }
 
 /// The total of an f16 sum of squares: the tail's squares, then the lanes, in the order
-/// `lane_sum_sq` adds them.
+/// `lane_sum_sq_runs` adds them.
 #[cfg(target_arch = "x86_64")]
 fn lanes_total(lanes: &[f64; LANES], tail: &[half::f16]) -> f64 {
     let mut sum = 0.0;
@@ -300,13 +355,21 @@ fn lanes_total(lanes: &[f64; LANES], tail: &[half::f16]) -> f64 {
 wide_fn! {
     /// [`f16_sum_sq`] widened in the loop ([`f16_bits_to_f32`]).
     fn f16_sum_sq_widened(x: &[half::f16]) -> f64 {
-        lane_sum_sq(x, |v| f16_bits_to_f32(v.to_bits()))
+        lane_sum_sq_runs(x, |v| f16_bits_to_f32(v.to_bits()))
     }
 }
 
 wide_fn! {
-    /// [`f32_sum_sq`] of bf16 values, widened in the same loop (a shift).
+    /// Sum of squares of bf16 values, widened in the same loop (a shift), in f32 runs:
+    /// see [`TINY_SUM`] for when it is redone by [`bf16_sum_sq_f64`].
     fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
+        lane_sum_sq_runs(x, |v| f32::from_bits((v.to_bits() as u32) << 16))
+    }
+}
+
+wide_fn! {
+    /// [`f32_sum_sq`] of bf16 values: every square in f64.
+    fn bf16_sum_sq_f64(x: &[half::bf16]) -> f64 {
         lane_sum_sq(x, |v| f32::from_bits((v.to_bits() as u32) << 16))
     }
 }
@@ -323,13 +386,14 @@ fn reduce_block(g: GradRef<'_>, norm: Norm) -> NormAcc {
             }
         }
         GradRef::F16(x) => reduce_half(x, norm),
-        GradRef::BF16(x) if norm == Norm::L2 => {
-            let s = bf16_sum_sq(x);
-            match s.is_finite() {
-                true => NormAcc::from_power_sum(norm, s, 0),
-                false => reduce_bf16(x, norm),
-            }
-        }
+        GradRef::BF16(x) if norm == Norm::L2 => match bf16_sum_sq(x) {
+            s if s.is_finite() && s >= TINY_SUM => NormAcc::from_power_sum(norm, s, 0),
+            // A square beyond f32 range (or a non-finite value) or below its normal range.
+            _ => match bf16_sum_sq_f64(x) {
+                s if s.is_finite() => NormAcc::from_power_sum(norm, s, 0),
+                _ => reduce_bf16(x, norm),
+            },
+        },
         GradRef::BF16(x) => reduce_bf16(x, norm),
     }
 }
@@ -417,6 +481,47 @@ mod tests {
                 // SAFETY: the CPU has AVX2 and F16C, checked just above.
                 assert_eq!(unsafe { f16_sum_sq_f16c(&x[..n]) }.to_bits(), want, "{n}");
             }
+        }
+    }
+
+    /// The 16-bit L2 sums in f32 runs stay within their bound of the f64 sum, and bf16
+    /// squares outside f32's normal range are summed in f64 alone.
+    #[test]
+    fn sixteen_bit_runs_are_within_their_bound() {
+        let bits = |i: u32| (i.wrapping_mul(2654435761) >> 13) as u16;
+        let bound = 7.0 * f64::EPSILON * (1u64 << 29) as f64; // 7 * 2^-24
+        let exact = |v: &mut dyn Iterator<Item = f32>| v.map(|x| (x as f64) * (x as f64)).sum();
+        for n in [1, 31, 32, 33, 257, 4096, BLOCK] {
+            // Every finite f16 (magnitudes 6e-8 to 65504), and bf16 within 2^-40..2^40.
+            let h: Vec<half::f16> = (0..n as u32)
+                .map(|i| half::f16::from_bits(bits(i) % 0x7c00 | (bits(i) & 0x8000)))
+                .collect();
+            let want: f64 = exact(&mut h.iter().map(|v| v.to_f32()));
+            let got = reduce_block(GradRef::F16(&h), Norm::L2)
+                .total(Norm::L2)
+                .powi(2);
+            assert!(
+                (got - want).abs() <= bound * want,
+                "f16 {n}: {got} vs {want}"
+            );
+            let b: Vec<half::bf16> = (0..n as u32)
+                .map(|i| half::bf16::from_bits(bits(i) % 0x2800 + 0x2a00 | (bits(i) & 0x8000)))
+                .collect();
+            let want: f64 = exact(&mut b.iter().map(|v| v.to_f32()));
+            let got = reduce_block(GradRef::BF16(&b), Norm::L2)
+                .total(Norm::L2)
+                .powi(2);
+            assert!(
+                (got - want).abs() <= bound * want,
+                "bf16 {n}: {got} vs {want}"
+            );
+        }
+        // 1e-30 and 1e30: squares below and beyond f32 range, summed exactly in f64.
+        for x in [1e-30f32, 1e30, 3e38] {
+            let b = vec![half::bf16::from_f32(x); 1000];
+            let v = half::bf16::from_f32(x).to_f32() as f64;
+            let got = reduce_block(GradRef::BF16(&b), Norm::L2).total(Norm::L2);
+            assert_eq!(got, (1000.0 * v * v).sqrt(), "{x}");
         }
     }
 
