@@ -177,3 +177,52 @@ fn cpu_accuracy_on_1e8_elements() {
         .total();
     assert!(close(got, l1, 1e-9));
 }
+
+/// Every finite f16 value (and every bf16 from 1e-30 to 1e30) scaled by the GPU rounds as
+/// `half` rounds the f32 product at the coefficient the GPU reports: ties to even (a
+/// coefficient of few significant bits makes many), f16 subnormals, values scaled to zero.
+#[test]
+fn gpu_16_bit_scaling_rounds_every_value() {
+    let ctx = gpu();
+    let all = || (0..=u16::MAX).map(|b| (f16::from_bits(b), bf16::from_bits(b)));
+    let f16s = all().map(|p| p.0).filter(|v| v.is_finite()).collect();
+    let bf16s = all()
+        .map(|p| p.1)
+        .filter(|v| (1e-30..1e30).contains(&v.to_f32().abs()));
+    // A total norm of 1 and `max_norm` = k (1 + 1e-6) ask for a coefficient of k.
+    let total = PartialNorm::from_total(Norm::L2, 1.0).unwrap();
+    for h in [Host::F16(f16s), Host::BF16(bf16s.collect())] {
+        let h = vec![h];
+        let mut ties = 0;
+        for k in [0.75f32, 0.3, 0.6875, 1.0 / 1024.0, 3e-7] {
+            let arena = upload(&ctx, &h);
+            let max_norm = k * (1.0 + 1e-6);
+            let r = (batch(&ctx, &arena, &h).clip_with_norm(max_norm, &total, Default::default()))
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert!(r.clipped && r.coef < 1.0, "{k}: {r:?}");
+            let got = download(&ctx, &arena, &h);
+            let mut check = |x: f32, got: u16, round: fn(f32) -> u16, dropped: u32| {
+                let p = x * r.coef;
+                ties += usize::from(p.to_bits() & ((1 << dropped) - 1) == 1 << (dropped - 1));
+                round(p) == got
+            };
+            let mismatches = match (&h[0], &got[0]) {
+                (Host::F16(x), Host::F16(g)) => (x.iter().zip(g))
+                    .filter(|(a, b)| {
+                        !check(a.to_f32(), b.to_bits(), |p| f16::from_f32(p).to_bits(), 13)
+                    })
+                    .count(),
+                (Host::BF16(x), Host::BF16(g)) => (x.iter().zip(g))
+                    .filter(|(a, b)| {
+                        !check(a.to_f32(), b.to_bits(), |p| bf16::from_f32(p).to_bits(), 16)
+                    })
+                    .count(),
+                _ => unreachable!("same dtype"),
+            };
+            assert_eq!(mismatches, 0, "{k} (coef {})", r.coef);
+        }
+        assert!(ties > 1000, "only {ties} ties");
+    }
+}

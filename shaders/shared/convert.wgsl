@@ -3,55 +3,32 @@
 
 #import abi
 
-// f16 bits -> f32, exact for subnormal halves (they become normal f32).
+// f16 bits -> f32, exact for subnormal halves (they become normal f32); without branches,
+// as `f32_to_f16`.
 fn f16_to_f32(h: u32) -> f32 {
     let sign = (h & 0x8000u) << 16u;
     let e = (h >> 10u) & 0x1fu;
     let m = h & 0x3ffu;
-    if (e == 0u) {
-        return bitcast<f32>(sign | bitcast<u32>(f32(m) * 5.9604645e-8));
-    }
-    if (e == 31u) {
-        return bitcast<f32>(sign | 0x7f800000u | (m << 13u));
-    }
-    return bitcast<f32>(sign | ((e + 112u) << 23u) | (m << 13u));
+    let subnormal = bitcast<u32>(f32(m) * 5.9604645e-8);
+    let special = 0x7f800000u | (m << 13u);
+    let normal = ((e + 112u) << 23u) | (m << 13u);
+    return bitcast<f32>(sign | select(select(normal, special, e == 31u), subnormal, e == 0u));
 }
 
 // f32 -> f16 bits, round to nearest even; NaN stays NaN (quieted), overflow gives inf.
+// Without branches (lanes of one SIMD batch of a software adapter would take different
+// ones): below 2^-14, adding 0.5 puts the f16 subnormal, rounded, in the low bits; else the
+// exponent is rebiased and the 13 dropped bits round to nearest even.
 fn f32_to_f16(x: f32) -> u32 {
     let b = bitcast<u32>(x);
     let sign = (b >> 16u) & 0x8000u;
-    let e = (b >> 23u) & 0xffu;
-    let m = b & 0x7fffffu;
-    if (e == 0xffu) {
-        if (m != 0u) {
-            return sign | 0x7e00u | (m >> 13u);
-        }
-        return sign | 0x7c00u;
-    }
-    let ex = i32(e) - 112;
-    if (ex >= 31) {
-        return sign | 0x7c00u;
-    }
-    if (ex <= 0) {
-        if (ex < -10) {
-            return sign;
-        }
-        let full = m | 0x800000u;
-        let shift = u32(14 - ex);
-        var h = full >> shift;
-        let rem = full & ((1u << shift) - 1u);
-        let halfway = 1u << (shift - 1u);
-        if (rem > halfway || (rem == halfway && (h & 1u) == 1u)) {
-            h = h + 1u;
-        }
-        return sign | h;
-    }
-    var h = (u32(ex) << 10u) | (m >> 13u);
-    let rem = m & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u) == 1u)) {
-        h = h + 1u; // a carry into the exponent is the correct rounding, up to inf
-    }
+    let a = b & 0x7fffffffu;
+    let nan = 0x7e00u | ((a & 0x7fffffu) >> 13u);
+    let sub = bitcast<u32>(bitcast<f32>(a) + 0.5) - 0x3f000000u;
+    let normal = (a - (112u << 23u) + 0xfffu + ((a >> 13u) & 1u)) >> 13u;
+    var h = select(normal, sub, a < 0x38800000u);
+    h = select(h, 0x7c00u, a >= 0x47800000u);
+    h = select(h, nan, a > 0x7f800000u);
     return sign | h;
 }
 
@@ -62,10 +39,8 @@ fn bf16_to_f32(h: u32) -> f32 {
 // f32 -> bf16 bits, round to nearest even; NaN stays NaN (quieted).
 fn f32_to_bf16(x: f32) -> u32 {
     let b = bitcast<u32>(x);
-    if ((b & 0x7fffffffu) > 0x7f800000u) {
-        return (b >> 16u) | 0x40u;
-    }
-    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+    let rounded = (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+    return select(rounded, (b >> 16u) | 0x40u, (b & 0x7fffffffu) > 0x7f800000u);
 }
 
 fn half_to_f32(h: u32, dtype: u32) -> f32 {
