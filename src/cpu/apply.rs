@@ -163,9 +163,66 @@ wide_fn! {
     }
 }
 
+/// [`scale`] of a block of bf16 values: with AVX2 intrinsics where the CPU has AVX2 but
+/// not AVX-512, else as compiled ([`scale_bf16_wide`]); the same bits either way.
+fn scale_bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if !std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { scale_bf16_avx2(c, coef, zero_nans) };
+    }
+    scale_bf16_wide(c, coef, zero_nans)
+}
+
+/// [`scale_bf16`] with AVX2, 16 at a time: interleaving the halves with zeros widens them
+/// and packing undoes it (both within 128-bit lanes, so no permute), and the NaN lanes
+/// are set aside once per vector. The compiled loop takes half again as many
+/// instructions, which bounds the pass on AVX2 (its time was 1.3-1.4x a value clip's).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn scale_bf16_avx2(c: &mut [bf16], coef: f32, zero_nans: bool) {
+    use std::arch::x86_64::*;
+    let k = _mm256_set1_ps(coef);
+    let zero = _mm256_setzero_si256();
+    let (one, bias, quiet) = (
+        _mm256_set1_epi32(1),
+        _mm256_set1_epi32(0x7fff),
+        _mm256_set1_epi32(0x40_0000),
+    );
+    // Rounds 8 f32 to bf16 (nearest even; NaN quieted), in the high half of each lane.
+    let round = |y: __m256| {
+        let b = _mm256_castps_si256(y);
+        let odd = _mm256_and_si256(_mm256_srli_epi32::<16>(b), one);
+        let r = _mm256_add_epi32(_mm256_add_epi32(b, bias), odd);
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(y, y));
+        _mm256_srli_epi32::<16>(_mm256_blendv_epi8(r, _mm256_or_si256(b, quiet), nan))
+    };
+    let scale = |x: __m256| {
+        let y = _mm256_mul_ps(x, k);
+        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
+        let nan_lanes = match zero_nans {
+            true => _mm256_setzero_ps(),
+            false => x,
+        };
+        _mm256_blendv_ps(nan_lanes, y, ordered)
+    };
+    let mut chunks = c.chunks_exact_mut(16);
+    for part in &mut chunks {
+        let p = part.as_mut_ptr().cast::<__m256i>();
+        // SAFETY: `part` holds 16 halves: 32 readable and writable bytes at `p`.
+        let h = unsafe { _mm256_loadu_si256(p) };
+        let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h));
+        let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
+        let out = _mm256_packus_epi32(round(scale(lo)), round(scale(hi)));
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_si256(p, out) };
+    }
+    scale_bf16_wide(chunks.into_remainder(), coef, zero_nans);
+}
+
 wide_fn! {
-    /// [`scale`] of a block of bf16 values: widen (a shift), scale, round to nearest even.
-    fn scale_bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
+    /// [`scale_bf16`] as compiled: widen (a shift), scale, round to nearest even.
+    fn scale_bf16_wide(c: &mut [bf16], coef: f32, zero_nans: bool) {
         let c: &mut [u16] = bytemuck::cast_slice_mut(c);
         for v in c.iter_mut() {
             let x = f32::from_bits((*v as u32) << 16);
@@ -356,6 +413,24 @@ mod tests {
                     for (i, (x, y)) in c.iter().zip(&b).enumerate() {
                         assert_eq!(x.to_bits(), y.to_bits(), "F16C {i:#x} x {coef}");
                     }
+                }
+            }
+        }
+    }
+
+    /// The AVX2 and the compiled bf16 scaling give the same bits on every bf16 value.
+    #[test]
+    fn bf16_scalings_agree_bit_for_bit() {
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        for coef in [0.5f32, 0.3, 1.0, 3.7e-5, 2e30, 0.0, f32::INFINITY, f32::NAN] {
+            for zero_nans in [false, true] {
+                let (mut a, mut b) = (all.clone(), all.clone());
+                scale_bf16(&mut a, coef, zero_nans);
+                scale_bf16_wide(&mut b, coef, zero_nans);
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    let want = f32_to_bf16(scaled(all[i].to_f32(), coef, zero_nans));
+                    assert_eq!(x.to_bits(), want.to_bits(), "{i:#x} x {coef} ({zero_nans})");
+                    assert_eq!(y.to_bits(), want.to_bits(), "{i:#x} x {coef} ({zero_nans})");
                 }
             }
         }
