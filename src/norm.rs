@@ -187,7 +187,7 @@ impl NormAcc {
             };
         }
         if self.scale == other.scale && self.scale != 0.0 && self.scale.is_finite() {
-            // The ratio is 1: the same sum as below, without the division. The CPU's exact
+            // The ratio is 1: the same sum as below, without the division. The CPU's
             // L1/L2 blocks all have scale 1, so this is how they combine, per tensor.
             return NormAcc {
                 scale: self.scale,

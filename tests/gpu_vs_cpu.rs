@@ -189,7 +189,8 @@ fn gpu_16_bit_scaling_rounds_every_value() {
     let bf16s = all()
         .map(|p| p.1)
         .filter(|v| (1e-30..1e30).contains(&v.to_f32().abs()));
-    // A total norm of 1 and `max_norm` = k (1 + 1e-6) ask for a coefficient of k.
+    // A total norm of 1 and `max_norm` = k (1 + 1e-6) ask for a coefficient of k (exactly
+    // k for 0.75, 0.6875 and 1/1024, whose products have few bits: many ties).
     let total = PartialNorm::from_total(Norm::L2, 1.0).unwrap();
     for h in [Host::F16(f16s), Host::BF16(bf16s.collect())] {
         let h = vec![h];
@@ -203,6 +204,7 @@ fn gpu_16_bit_scaling_rounds_every_value() {
                 .unwrap();
             assert!(r.clipped && r.coef < 1.0, "{k}: {r:?}");
             let got = download(&ctx, &arena, &h);
+            // `dropped`: the bits a normal result drops, for counting its ties.
             let mut check = |x: f32, got: u16, round: fn(f32) -> u16, dropped: u32| {
                 let p = x * r.coef;
                 ties += usize::from(p.to_bits() & ((1 << dropped) - 1) == 1 << (dropped - 1));

@@ -10,21 +10,30 @@ fn f16_to_f32(h: u32) -> f32 {
     let e = (h >> 10u) & 0x1fu;
     let m = h & 0x3ffu;
     let subnormal = bitcast<u32>(f32(m) * 5.9604645e-8);
-    let special = 0x7f800000u | (m << 13u);
+    // NaN comes out quiet, as in `half` and the CPU twin.
+    let special = 0x7f800000u | (m << 13u) | select(0u, 0x400000u, m != 0u);
     let normal = ((e + 112u) << 23u) | (m << 13u);
     return bitcast<f32>(sign | select(select(normal, special, e == 31u), subnormal, e == 0u));
 }
 
 // f32 -> f16 bits, round to nearest even; NaN stays NaN (quieted), overflow gives inf.
 // Without branches (lanes of one SIMD batch of a software adapter would take different
-// ones): below 2^-14, adding 0.5 puts the f16 subnormal, rounded, in the low bits; else the
-// exponent is rebiased and the 13 dropped bits round to nearest even.
+// ones) and in integers alone, so no float rounding mode is assumed: below 2^-14 the
+// significand is shifted to the f16 subnormal and rounded; else the exponent is rebiased
+// and the 13 dropped bits round to nearest even.
 fn f32_to_f16(x: f32) -> u32 {
     let b = bitcast<u32>(x);
     let sign = (b >> 16u) & 0x8000u;
     let a = b & 0x7fffffffu;
     let nan = 0x7e00u | ((a & 0x7fffffu) >> 13u);
-    let sub = bitcast<u32>(bitcast<f32>(a) + 0.5) - 0x3f000000u;
+    // f32 subnormals shift out entirely (their missing leading bit does not matter).
+    let shift = u32(clamp(126 - i32(a >> 23u), 14, 31));
+    let full = (a & 0x7fffffu) | 0x800000u;
+    let kept = full >> shift;
+    let rem = full & ((1u << shift) - 1u);
+    let halfway = 1u << (shift - 1u);
+    let up = (rem > halfway) | ((rem == halfway) & ((kept & 1u) == 1u));
+    let sub = kept + select(0u, 1u, up);
     let normal = (a - (112u << 23u) + 0xfffu + ((a >> 13u) & 1u)) >> 13u;
     var h = select(normal, sub, a < 0x38800000u);
     h = select(h, 0x7c00u, a >= 0x47800000u);

@@ -124,8 +124,9 @@ fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
 
 /// [`scale_f32`] with AVX2 intrinsics. LLVM turns a store of "the loaded value where NaN,
 /// else the product" into a masked store (`vmaskmovps`), which AMD's cores run microcoded:
-/// the scale took 8x its memory time. An empty `asm!` hides that the blended-in lanes are
-/// the loaded ones, so it stays a blend and a full store.
+/// a clip that clips took 2.2x its floor on 2000 small tensors (1.3-1.4x without). An
+/// empty `asm!` hides that the blended-in lanes are the loaded ones, so it stays a blend
+/// and a full store.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn scale_f32_avx2(c: &mut [f32], coef: f32, zero_nans: bool) {
@@ -432,6 +433,13 @@ mod tests {
             for zero_nans in [false, true] {
                 let (mut a, mut b) = (all.clone(), all.clone());
                 scale_bf16(&mut a, coef, zero_nans);
+                // The AVX2 path too where the dispatch prefers AVX-512.
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") {
+                    a.copy_from_slice(&all);
+                    // SAFETY: the CPU has AVX2, checked just above.
+                    unsafe { scale_bf16_avx2(&mut a, coef, zero_nans) };
+                }
                 scale_bf16_wide(&mut b, coef, zero_nans);
                 for (i, (x, y)) in a.iter().zip(&b).enumerate() {
                     let want = f32_to_bf16(scaled(all[i].to_f32(), coef, zero_nans));
@@ -453,6 +461,13 @@ mod tests {
             for zero_nans in [false, true] {
                 let (mut a, mut b) = (xs.clone(), xs.clone());
                 scale_f32(&mut a, coef, zero_nans);
+                // The AVX2 path too where the dispatch prefers AVX-512.
+                #[cfg(target_arch = "x86_64")]
+                if std::is_x86_feature_detected!("avx2") {
+                    a.copy_from_slice(&xs);
+                    // SAFETY: the CPU has AVX2, checked just above.
+                    unsafe { scale_f32_avx2(&mut a, coef, zero_nans) };
+                }
                 scale_f32_wide(&mut b, coef, zero_nans);
                 for (i, ((x, y), z)) in a.iter().zip(&b).zip(&xs).enumerate() {
                     let want = scaled(*z, coef, zero_nans).to_bits();
