@@ -1194,3 +1194,47 @@ fn zclip_long_warmup_agrees() {
     let (gt, ct) = (gr.threshold.unwrap() as f64, cr.threshold.unwrap() as f64);
     assert!(close(gt, ct, 1e-5), "threshold {gt} vs {ct}");
 }
+
+/// Every 16-bit pattern, infinities and NaNs included, through the GPU's conversions both
+/// ways against the CPU twin: NaNs become 0 (ZeroNans), -inf clamps to -65520, which rounds
+/// to -inf (the tie at f16's top goes to even), +inf to 65519, which rounds to 65504. The
+/// tensor is masked out of the norm, so its coefficient is 1 and only the clamp moves it.
+#[test]
+fn every_16_bit_pattern_converts_as_on_the_cpu() {
+    let every = || 0..=u16::MAX;
+    for special in [
+        Host::F16(every().map(gradclip::f16::from_bits).collect()),
+        Host::BF16(every().map(gradclip::bf16::from_bits).collect()),
+    ] {
+        let steps = vec![vec![special, f32s(&[3.0, 4.0])]];
+        let infos = infos_of(&steps[0]);
+        let policy = ClipPolicy::new(Rule::GlobalNorm(1.0).except(["t0"]))
+            .value(ValueClip::range(-65520.0, 65519.0))
+            .non_finite(NonFinitePolicy::ZeroNans);
+        let (out, _) = &both(&policy, &steps, None, &infos)[0];
+        let want = |x: f32| {
+            if x.is_nan() {
+                0.0
+            } else {
+                x.clamp(-65520.0, 65519.0)
+            }
+        };
+        match (&out[0], &steps[0][0]) {
+            (Host::F16(got), Host::F16(x)) => {
+                for (g, x) in got.iter().zip(x) {
+                    let w = gradclip::f16::from_f32(want(x.to_f32()));
+                    assert_eq!(g.to_bits(), w.to_bits(), "{:#x}", x.to_bits());
+                }
+                assert_eq!(got[0xfc00].to_bits(), 0xfc00, "-inf stays -inf");
+                assert_eq!(got[0x7c00].to_bits(), 0x7bff, "+inf becomes 65504");
+            }
+            (Host::BF16(got), Host::BF16(x)) => {
+                for (g, x) in got.iter().zip(x) {
+                    let w = gradclip::bf16::from_f32(want(x.to_f32()));
+                    assert_eq!(g.to_bits(), w.to_bits(), "{:#x}", x.to_bits());
+                }
+            }
+            _ => unreachable!("same dtype"),
+        }
+    }
+}
