@@ -111,11 +111,18 @@ pub(crate) fn f32_to_f16_bits(x: f32) -> u16 {
     (h | sign) as u16
 }
 
+/// Whether the AVX2 intrinsic loops run: the CPU has AVX2 but not AVX-512 (with it, the
+/// compiled loops are wider and their masked stores cheap).
+#[cfg(target_arch = "x86_64")]
+fn avx2_without_avx512() -> bool {
+    !std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx2")
+}
+
 /// [`scale`] of a block of f32 values: with a blend where the CPU has AVX2 but not
 /// AVX-512, else as compiled ([`scale_f32_wide`]); the same bits either way.
 fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
     #[cfg(target_arch = "x86_64")]
-    if !std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx2") {
+    if avx2_without_avx512() {
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { scale_f32_avx2(c, coef, zero_nans) };
     }
@@ -168,7 +175,7 @@ wide_fn! {
 /// not AVX-512, else as compiled ([`scale_bf16_wide`]); the same bits either way.
 fn scale_bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
     #[cfg(target_arch = "x86_64")]
-    if !std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx2") {
+    if avx2_without_avx512() {
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { scale_bf16_avx2(c, coef, zero_nans) };
     }
