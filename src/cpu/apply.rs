@@ -7,7 +7,7 @@ use crate::ops::{HalfClamp, ValueClip};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::norm_reduce::{f16_bits_to_f32, per_task, BLOCK};
+use super::norm_reduce::{f16_bits_to_f32, in_tasks, BLOCK};
 
 /// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
 #[inline(always)]
@@ -29,15 +29,11 @@ pub(crate) fn f32_to_bf16(x: f32) -> bf16 {
 
 /// Multiplies every element by `coef`, first replacing NaNs by 0 when `zero_nans`.
 pub(crate) fn scale(grads: &mut [GradMut<'_>], coef: f32, zero_nans: bool) {
-    let per_task = tensors_per_task(grads);
-    grads
-        .par_iter_mut()
-        .with_min_len(per_task)
-        .for_each(|g| match g {
-            GradMut::F32(x) => in_blocks(x, |c| scale_f32(c, coef, zero_nans)),
-            GradMut::F16(x) => in_blocks(x, |c| scale_f16(c, coef, zero_nans)),
-            GradMut::BF16(x) => in_blocks(x, |c| scale_bf16(c, coef, zero_nans)),
-        });
+    in_tensor_tasks(grads, |g| match g {
+        GradMut::F32(x) => in_blocks(x, |c| scale_f32(c, coef, zero_nans)),
+        GradMut::F16(x) => in_blocks(x, |c| scale_f16(c, coef, zero_nans)),
+        GradMut::BF16(x) => in_blocks(x, |c| scale_bf16(c, coef, zero_nans)),
+    });
 }
 
 /// Runs `f` over `x` in blocks, in parallel only when there is more than one: a small
@@ -50,10 +46,10 @@ fn in_blocks<T: Send>(x: &mut [T], f: impl Fn(&mut [T]) + Sync + Send) {
     }
 }
 
-/// Small tensors share a task, about a block of elements each.
-fn tensors_per_task(grads: &[GradMut<'_>]) -> usize {
-    let elems = grads.iter().map(|g| g.as_ref().len()).sum();
-    per_task(grads.len(), elems)
+/// Runs `f` on every tensor, small tensors sharing a task ([`in_tasks`]).
+fn in_tensor_tasks(grads: &mut [GradMut<'_>], f: impl Fn(&mut GradMut<'_>) + Sync) {
+    let lens: Vec<usize> = grads.iter().map(|g| g.as_ref().len()).collect();
+    in_tasks(grads, lens.into_iter(), |_, g| f(g));
 }
 
 /// One element of [`scale`], in f32. A NaN element stays itself (or 0 under ZeroNans):
@@ -331,15 +327,11 @@ wide_fn! {
 pub(crate) fn clamp(grads: &mut [GradMut<'_>], clip: &ValueClip) {
     let (lo, hi) = (clip.lo, clip.hi);
     let (f16s, bf16s) = clip.half_clamps();
-    let per_task = tensors_per_task(grads);
-    grads
-        .par_iter_mut()
-        .with_min_len(per_task)
-        .for_each(|g| match g {
-            GradMut::F32(x) => in_blocks(x, |c| clamp_f32(c, lo, hi)),
-            GradMut::F16(x) => in_blocks(x, |c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s)),
-            GradMut::BF16(x) => in_blocks(x, |c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
-        });
+    in_tensor_tasks(grads, |g| match g {
+        GradMut::F32(x) => in_blocks(x, |c| clamp_f32(c, lo, hi)),
+        GradMut::F16(x) => in_blocks(x, |c| clamp_halves(bytemuck::cast_slice_mut(c), &f16s)),
+        GradMut::BF16(x) => in_blocks(x, |c| clamp_halves(bytemuck::cast_slice_mut(c), &bf16s)),
+    });
 }
 
 wide_fn! {

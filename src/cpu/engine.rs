@@ -112,14 +112,14 @@ pub(crate) fn combine(
         .iter()
         .map(|&[a, n]| {
             let members = &stage.members[a as usize..(a + n) as usize];
-            let accs: Vec<NormAcc> = members
-                .iter()
-                .map(|&u| match coefs {
+            // In member order, as `total_acc` folds.
+            members.iter().fold(NormAcc::IDENTITY, |acc, &u| {
+                let unit = match coefs {
                     Some(c) => units[u as usize].scaled(c[u as usize]),
                     None => units[u as usize],
-                })
-                .collect();
-            norm_reduce::total_acc(&accs, norm)
+                };
+                acc.combine(unit, norm)
+            })
         })
         .collect()
 }

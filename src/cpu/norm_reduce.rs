@@ -198,12 +198,26 @@ wide_fn! {
     }
 }
 
+/// The order in which the 16-bit sums add their lanes' totals: position `k` holds the lane
+/// of element `16 (k / 16) + 2 (k % 8) + k / 8 % 2` of a row, the order in which the AVX2
+/// bf16 loop holds them (a word of two bf16 values gives the even one by a shift and the
+/// odd one by a mask, so that loop needs no shuffle).
+const RUN_LANE_ORDER: [usize; LANES] = {
+    let mut order = [0; LANES];
+    let mut k = 0;
+    while k < LANES {
+        order[k] = 16 * (k / 16) + 2 * (k % 8) + k / 8 % 2;
+        k += 1;
+    }
+    order
+};
+
 /// Sum of squares of 16-bit values `widen(x)` whose squares are exact in f32: element `i`
 /// in lane `i % LANES`, each lane adding up to [`RUN`] rows in f32 and then that partial
-/// to its f64 total; the tail (under LANES) first in f64, then the lanes in order. The
-/// F16C and AVX-512 loops follow the same order, so every path gives the same bits.
+/// to its f64 total; then [`runs_total`]. The F16C, AVX2 and AVX-512 loops follow the same
+/// order, so every path gives the same bits.
 #[inline(always)]
-fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32) -> f64 {
+fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32 + Copy) -> f64 {
     let mut acc = [0.0f64; LANES];
     let rows = x.len() - x.len() % LANES;
     for run in x[..rows].chunks(LANES * RUN) {
@@ -218,13 +232,21 @@ fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32) -> f64 {
             acc[i] += part[i] as f64;
         }
     }
+    runs_total(&acc, &x[rows..], widen)
+}
+
+/// The total of a 16-bit sum of squares from its lanes (`lanes[i]`: the lane of element
+/// `i` of a row) and the tail under LANES: the tail's squares in f64 first, then the lanes
+/// in [`RUN_LANE_ORDER`].
+#[inline(always)]
+fn runs_total<T: Copy>(lanes: &[f64; LANES], tail: &[T], widen: impl Fn(T) -> f32) -> f64 {
     let mut sum = 0.0;
-    for &v in &x[rows..] {
+    for &v in tail {
         let v = widen(v) as f64;
         sum += v * v;
     }
-    for a in acc {
-        sum += a;
+    for i in RUN_LANE_ORDER {
+        sum += lanes[i];
     }
     sum
 }
@@ -262,8 +284,8 @@ fn f16_sum_sq(x: &[half::f16]) -> f64 {
             // SAFETY: the CPU has AVX-512 F, checked just above.
             return unsafe { f16_sum_sq_avx512(x) };
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has AVX2 and F16C, checked just above.
+        if has_f16c() {
+            // SAFETY: the CPU has AVX2, F16C and FMA, checked just above.
             return unsafe { f16_sum_sq_f16c(x) };
         }
     }
@@ -273,7 +295,7 @@ fn f16_sum_sq(x: &[half::f16]) -> f64 {
 /// [`f16_sum_sq`] with the 256-bit `vcvtph2ps` of F16C: four vectors of eight f32 are
 /// the lanes' runs, eight vectors of four f64 their totals.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,f16c,fma")]
 fn f16_sum_sq_f16c(x: &[half::f16]) -> f64 {
     use std::arch::x86_64::*;
     const _: () = assert!(LANES == 32);
@@ -286,7 +308,8 @@ fn f16_sum_sq_f16c(x: &[half::f16]) -> f64 {
                 // SAFETY: `c` holds 32 halves, so 8 from `8 * q` are 16 readable bytes.
                 let h = unsafe { _mm_loadu_si128(c.as_ptr().add(8 * q).cast()) };
                 let f = _mm256_cvtph_ps(h);
-                *p = _mm256_add_ps(*p, _mm256_mul_ps(f, f));
+                // One rounding either way: the square is exact.
+                *p = _mm256_fmadd_ps(f, f, *p);
             }
         }
         for (q, p) in part.iter().enumerate() {
@@ -301,7 +324,7 @@ fn f16_sum_sq_f16c(x: &[half::f16]) -> f64 {
         // SAFETY: 4 f64 written into lanes[4k..4k + 4], inside the array.
         unsafe { _mm256_storeu_pd(lanes.as_mut_ptr().add(4 * k), *v) };
     }
-    lanes_total(&lanes, &x[rows..])
+    runs_total(&lanes, &x[rows..], widen_f16)
 }
 
 /// [`f16_sum_sq`] with `vcvtph2ps`: two vectors of sixteen f32 are the lanes' runs, four
@@ -320,7 +343,8 @@ fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
                 // SAFETY: `c` holds 32 halves, so 16 from `16 * q` are 32 readable bytes.
                 let h = unsafe { _mm256_loadu_si256(c.as_ptr().add(16 * q).cast()) };
                 let f = _mm512_cvtph_ps(h);
-                *p = _mm512_add_ps(*p, _mm512_mul_ps(f, f));
+                // One rounding either way: the square is exact.
+                *p = _mm512_fmadd_ps(f, f, *p);
             }
         }
         for (q, p) in part.iter().enumerate() {
@@ -337,37 +361,102 @@ fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
         // SAFETY: 8 f64 written into lanes[8k..8k + 8], inside the array.
         unsafe { _mm512_storeu_pd(lanes.as_mut_ptr().add(8 * k), *v) };
     }
-    lanes_total(&lanes, &x[rows..])
+    runs_total(&lanes, &x[rows..], widen_f16)
 }
 
-/// The total of an f16 sum of squares: the tail's squares, then the lanes, in the order
-/// `lane_sum_sq_runs` adds them.
+/// Whether the F16C loop can run: AVX2, F16C and FMA.
 #[cfg(target_arch = "x86_64")]
-fn lanes_total(lanes: &[f64; LANES], tail: &[half::f16]) -> f64 {
-    let mut sum = 0.0;
-    for v in tail {
-        let v = f16_bits_to_f32(v.to_bits()) as f64;
-        sum += v * v;
-    }
-    for a in lanes {
-        sum += a;
-    }
-    sum
+fn has_f16c() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("f16c")
+        && std::is_x86_feature_detected!("fma")
+}
+
+/// f16 bits widened exactly, as [`runs_total`]'s `widen`.
+#[inline(always)]
+fn widen_f16(v: half::f16) -> f32 {
+    f16_bits_to_f32(v.to_bits())
 }
 
 wide_fn! {
     /// [`f16_sum_sq`] widened in the loop ([`f16_bits_to_f32`]).
     fn f16_sum_sq_widened(x: &[half::f16]) -> f64 {
-        lane_sum_sq_runs(x, |v| f16_bits_to_f32(v.to_bits()))
+        lane_sum_sq_runs(x, widen_f16)
     }
 }
 
+/// Sum of squares of bf16 values in f32 runs ([`lane_sum_sq_runs`]): see [`TINY_SUM`] for
+/// when it is redone by [`bf16_sum_sq_f64`]. With AVX2 intrinsics where the CPU has AVX2
+/// but not AVX-512 (as compiled, the widening takes a shuffle per vector, which bounds
+/// the loop), else as compiled for the widest vectors; the same bits either way.
+fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if !std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+    {
+        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+        return unsafe { bf16_sum_sq_avx2(x) };
+    }
+    bf16_sum_sq_wide(x)
+}
+
 wide_fn! {
-    /// Sum of squares of bf16 values, widened in the same loop (a shift), in f32 runs:
-    /// see [`TINY_SUM`] for when it is redone by [`bf16_sum_sq_f64`].
-    fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
+    /// [`bf16_sum_sq`] as compiled (widening is a shift, in the same loop).
+    fn bf16_sum_sq_wide(x: &[half::bf16]) -> f64 {
         lane_sum_sq_runs(x, bf16_to_f32)
     }
+}
+
+/// [`bf16_sum_sq`] with AVX2: a 32-bit word holds two bf16 values, the even one widened
+/// by a shift and the odd one by a mask; four vectors of eight f32 are the lanes' runs
+/// (in [`RUN_LANE_ORDER`]), eight vectors of four f64 their totals.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 32);
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [_mm256_setzero_pd(); 8];
+    let rows = x.len() - x.len() % LANES;
+    for run in x[..rows].chunks(LANES * RUN) {
+        let mut part = [_mm256_setzero_ps(); 4];
+        for c in run.chunks_exact(LANES) {
+            // SAFETY: `c` holds 32 bf16 values: 64 readable bytes from its start.
+            let (a, b) = unsafe {
+                let p = c.as_ptr().cast::<__m256i>();
+                (_mm256_loadu_si256(p), _mm256_loadu_si256(p.add(1)))
+            };
+            let v = [
+                _mm256_slli_epi32::<16>(a),
+                _mm256_and_si256(a, high),
+                _mm256_slli_epi32::<16>(b),
+                _mm256_and_si256(b, high),
+            ];
+            for (p, v) in part.iter_mut().zip(v) {
+                let f = _mm256_castsi256_ps(v);
+                // One rounding either way: the square is exact.
+                *p = _mm256_fmadd_ps(f, f, *p);
+            }
+        }
+        for (q, p) in part.iter().enumerate() {
+            let lo = _mm256_cvtps_pd(_mm256_castps256_ps128(*p));
+            let hi = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(*p));
+            acc[2 * q] = _mm256_add_pd(acc[2 * q], lo);
+            acc[2 * q + 1] = _mm256_add_pd(acc[2 * q + 1], hi);
+        }
+    }
+    let mut held = [0.0f64; LANES];
+    for (k, v) in acc.iter().enumerate() {
+        // SAFETY: 4 f64 written into held[4k..4k + 4], inside the array.
+        unsafe { _mm256_storeu_pd(held.as_mut_ptr().add(4 * k), *v) };
+    }
+    // Position k holds the lane of element RUN_LANE_ORDER[k].
+    let mut lanes = [0.0f64; LANES];
+    for (k, &i) in RUN_LANE_ORDER.iter().enumerate() {
+        lanes[i] = held[k];
+    }
+    runs_total(&lanes, &x[rows..], bf16_to_f32)
 }
 
 wide_fn! {
@@ -405,33 +494,57 @@ fn reduce_block(g: GradRef<'_>, norm: Norm) -> NormAcc {
     }
 }
 
-/// Calls `emit` with each of a tensor's fixed blocks, in order.
-fn for_blocks<'a>(g: &GradRef<'a>, mut emit: impl FnMut(GradRef<'a>)) {
+/// The accumulator of one tensor: its fixed blocks (in parallel when it has several)
+/// combined in order.
+fn tensor_acc(g: &GradRef<'_>, norm: Norm) -> NormAcc {
+    fn blocks<'a, T: Sync>(x: &'a [T], norm: Norm, wrap: fn(&'a [T]) -> GradRef<'a>) -> NormAcc {
+        if x.len() <= BLOCK {
+            return NormAcc::IDENTITY.combine(reduce_block(wrap(x), norm), norm);
+        }
+        let partials: Vec<NormAcc> = x
+            .par_chunks(BLOCK)
+            .map(|b| reduce_block(wrap(b), norm))
+            .collect();
+        total_acc(&partials, norm)
+    }
     match *g {
-        GradRef::F32(x) => x.chunks(BLOCK).for_each(|b| emit(GradRef::F32(b))),
-        GradRef::F16(x) => x.chunks(BLOCK).for_each(|b| emit(GradRef::F16(b))),
-        GradRef::BF16(x) => x.chunks(BLOCK).for_each(|b| emit(GradRef::BF16(b))),
+        GradRef::F32(x) => blocks(x, norm, GradRef::F32),
+        GradRef::F16(x) => blocks(x, norm, GradRef::F16),
+        GradRef::BF16(x) => blocks(x, norm, GradRef::BF16),
     }
 }
 
 /// One accumulator per tensor, in batch order; blocks run in parallel and combine in order.
 pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
-    let mut all: Vec<(usize, GradRef<'_>)> = Vec::with_capacity(grads.len());
-    for (t, g) in grads.iter().enumerate() {
-        for_blocks(g, |b| all.push((t, b)));
-    }
-    // Small tensors share a task (about a block of elements each): a task per tensor
-    // would cost more than the tensor. The partials and their order stay the same.
-    let tasks = tasks_of(all.iter().map(|(_, b)| b.len()));
-    let partials: Vec<NormAcc> = tasks
-        .par_iter()
-        .flat_map_iter(|r| all[r.clone()].iter().map(|(_, b)| reduce_block(*b, norm)))
-        .collect();
     let mut accs = vec![NormAcc::IDENTITY; grads.len()];
-    for ((t, _), p) in all.iter().zip(partials) {
-        accs[*t] = accs[*t].combine(p, norm);
-    }
+    in_tasks(&mut accs, grads.iter().map(|g| g.len()), |t, acc| {
+        *acc = tensor_acc(&grads[t], norm)
+    });
     accs
+}
+
+/// Runs `f(i, &mut items[i])` for every item, in parallel tasks of consecutive items of
+/// about a block of elements each (`lens`: the items' element counts; an item of a block
+/// or more is a task of its own): a task per small tensor would cost more than the tensor.
+pub(crate) fn in_tasks<T: Send>(
+    items: &mut [T],
+    lens: impl ExactSizeIterator<Item = usize>,
+    f: impl Fn(usize, &mut T) + Sync,
+) {
+    let tasks = tasks_of(lens);
+    let mut rest = items;
+    let parts: Vec<(usize, &mut [T])> = (tasks.iter())
+        .map(|r| {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len());
+            rest = tail;
+            (r.start, head)
+        })
+        .collect();
+    parts.into_par_iter().for_each(|(start, part)| {
+        for (k, item) in part.iter_mut().enumerate() {
+            f(start + k, item)
+        }
+    });
 }
 
 /// Consecutive items cut into parallel tasks of about a block of elements each (an item
@@ -451,12 +564,6 @@ fn tasks_of(lens: impl ExactSizeIterator<Item = usize>) -> Vec<std::ops::Range<u
         tasks.push(start..total);
     }
     tasks
-}
-
-/// Tensors per parallel task so that a task holds about a block of elements on average
-/// (at least one); each tensor's own blocks still run in parallel.
-pub(crate) fn per_task(items: usize, elems: usize) -> usize {
-    items.saturating_mul(BLOCK).div_ceil(elems.max(1)).max(1)
 }
 
 /// The combined accumulator of a batch, from its per-tensor accumulators.
@@ -484,9 +591,32 @@ mod tests {
             assert_eq!(f16_sum_sq(&x[..n]).to_bits(), want, "{n}");
             // The F16C path too where the dispatch prefers AVX-512.
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
-                // SAFETY: the CPU has AVX2 and F16C, checked just above.
+            if has_f16c() {
+                // SAFETY: the CPU has AVX2, F16C and FMA, checked just above.
                 assert_eq!(unsafe { f16_sum_sq_f16c(&x[..n]) }.to_bits(), want, "{n}");
+            }
+        }
+    }
+
+    /// The AVX2, the compiled and the scalar bf16 sums have the same bits (the AVX2 loop
+    /// holds its lanes in another order and must add them in the same one).
+    #[test]
+    fn bf16_sums_agree_bit_for_bit() {
+        // Magnitudes 2^-63 to 2^63: squares stay in f32's normal range, so no pass is redone.
+        let x: Vec<half::bf16> = (0..100_003u32)
+            .map(|i| {
+                let b = (i.wrapping_mul(2654435761) >> 13) as u16;
+                half::bf16::from_bits((b % 0x3f00 + 0x2000) | (b & 0x8000))
+            })
+            .collect();
+        for n in [0, 1, 31, 32, 33, 255, 256, 257, 1000, 100_003] {
+            let want = lane_sum_sq_runs(&x[..n], bf16_to_f32).to_bits();
+            assert_eq!(bf16_sum_sq(&x[..n]).to_bits(), want, "{n}");
+            assert_eq!(bf16_sum_sq_wide(&x[..n]).to_bits(), want, "{n}");
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                assert_eq!(unsafe { bf16_sum_sq_avx2(&x[..n]) }.to_bits(), want, "{n}");
             }
         }
     }
