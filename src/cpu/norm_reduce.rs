@@ -236,19 +236,35 @@ fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32 + Copy) -> f64 {
 }
 
 /// The total of a 16-bit sum of squares from its lanes (`lanes[i]`: the lane of element
-/// `i` of a row) and the tail under LANES: the tail's squares in f64 first, then the lanes
-/// in [`RUN_LANE_ORDER`].
+/// `i` of a row) and the tail under LANES ([`held_total`] of the lanes in
+/// [`RUN_LANE_ORDER`]).
 #[inline(always)]
 fn runs_total<T: Copy>(lanes: &[f64; LANES], tail: &[T], widen: impl Fn(T) -> f32) -> f64 {
-    let mut sum = 0.0;
-    for &v in tail {
+    held_total(RUN_LANE_ORDER.map(|i| lanes[i]), tail_sum_sq(tail, widen))
+}
+
+/// Sum of squares in f64 of the tail of a 16-bit sum, in order.
+#[inline(always)]
+fn tail_sum_sq<T: Copy>(tail: &[T], widen: impl Fn(T) -> f32) -> f64 {
+    tail.iter().fold(0.0, |sum, &v| {
         let v = widen(v) as f64;
-        sum += v * v;
+        sum + v * v
+    })
+}
+
+/// The total of lanes held in [`RUN_LANE_ORDER`] and the tail's sum: a pairwise tree of
+/// the lanes (a few dependent additions, not 32: this is paid once per small tensor),
+/// then the tail.
+#[inline(always)]
+fn held_total(mut held: [f64; LANES], tail_sum: f64) -> f64 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for k in 0..width {
+            held[k] += held[k + width];
+        }
+        width /= 2;
     }
-    for i in RUN_LANE_ORDER {
-        sum += lanes[i];
-    }
-    sum
+    held[0] + tail_sum
 }
 
 /// f16 bits to f32, exactly and without a branch (so it vectorises): a normal's exponent
@@ -451,12 +467,8 @@ fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
         // SAFETY: 4 f64 written into held[4k..4k + 4], inside the array.
         unsafe { _mm256_storeu_pd(held.as_mut_ptr().add(4 * k), *v) };
     }
-    // Position k holds the lane of element RUN_LANE_ORDER[k].
-    let mut lanes = [0.0f64; LANES];
-    for (k, &i) in RUN_LANE_ORDER.iter().enumerate() {
-        lanes[i] = held[k];
-    }
-    runs_total(&lanes, &x[rows..], bf16_to_f32)
+    // Position k holds the lane of element RUN_LANE_ORDER[k] already.
+    held_total(held, tail_sum_sq(&x[rows..], bf16_to_f32))
 }
 
 wide_fn! {
