@@ -8,6 +8,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::norm_reduce::{f16_bits_to_f32, in_tasks, BLOCK};
+use super::prefetch::in_pieces;
 
 /// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
 #[inline(always)]
@@ -135,35 +136,39 @@ fn scale_f32(c: &mut [f32], coef: f32, zero_nans: bool) {
 fn scale_f32_avx2(c: &mut [f32], coef: f32, zero_nans: bool) {
     use std::arch::x86_64::*;
     let k = _mm256_set1_ps(coef);
-    let mut chunks = c.chunks_exact_mut(8);
-    for part in &mut chunks {
-        let p = part.as_mut_ptr();
-        // SAFETY: `part` holds 8 f32: 32 readable and writable bytes at `p`.
-        let x = unsafe { _mm256_loadu_ps(p) };
-        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
-        let mut nan_lanes = match zero_nans {
-            true => _mm256_setzero_ps(),
-            false => x,
-        };
-        // SAFETY: an empty template: no instruction, memory or stack use.
-        unsafe {
-            std::arch::asm!("/* {0} */", inout(ymm_reg) nan_lanes, options(pure, nomem, nostack))
-        };
-        let y = _mm256_blendv_ps(nan_lanes, _mm256_mul_ps(x, k), ordered);
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_ps(p, y) };
-    }
-    for v in chunks.into_remainder() {
-        *v = scaled(*v, coef, zero_nans);
-    }
+    in_pieces(c, |piece| {
+        let mut chunks = piece.chunks_exact_mut(8);
+        for part in &mut chunks {
+            let p = part.as_mut_ptr();
+            // SAFETY: `part` holds 8 f32: 32 readable and writable bytes at `p`.
+            let x = unsafe { _mm256_loadu_ps(p) };
+            let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
+            let mut nan_lanes = match zero_nans {
+                true => _mm256_setzero_ps(),
+                false => x,
+            };
+            // SAFETY: an empty template: no instruction, memory or stack use.
+            unsafe {
+                std::arch::asm!("/* {0} */", inout(ymm_reg) nan_lanes, options(pure, nomem, nostack))
+            };
+            let y = _mm256_blendv_ps(nan_lanes, _mm256_mul_ps(x, k), ordered);
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(p, y) };
+        }
+        for v in chunks.into_remainder() {
+            *v = scaled(*v, coef, zero_nans);
+        }
+    })
 }
 
 wide_fn! {
     /// [`scale_f32`] as compiled (AVX-512 masked stores are cheap).
     fn scale_f32_wide(c: &mut [f32], coef: f32, zero_nans: bool) {
-        for v in c.iter_mut() {
-            *v = scaled(*v, coef, zero_nans);
-        }
+        in_pieces(c, |piece| {
+            for v in piece.iter_mut() {
+                *v = scaled(*v, coef, zero_nans);
+            }
+        })
     }
 }
 
@@ -216,28 +221,31 @@ fn scale_bf16_avx2(c: &mut [bf16], coef: f32, zero_nans: bool) {
         };
         _mm256_blendv_ps(nan_lanes, y, ordered)
     };
-    let mut chunks = c.chunks_exact_mut(16);
-    for part in &mut chunks {
-        let p = part.as_mut_ptr().cast::<__m256i>();
-        // SAFETY: `part` holds 16 halves: 32 readable and writable bytes at `p`.
-        let h = unsafe { _mm256_loadu_si256(p) };
-        let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h));
-        let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
-        let out = _mm256_packus_epi32(round(scale(lo)), round(scale(hi)));
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_si256(p, out) };
-    }
-    scale_bf16_wide(chunks.into_remainder(), coef, zero_nans);
+    in_pieces(c, |piece| {
+        let mut chunks = piece.chunks_exact_mut(16);
+        for part in &mut chunks {
+            let p = part.as_mut_ptr().cast::<__m256i>();
+            // SAFETY: `part` holds 16 halves: 32 readable and writable bytes at `p`.
+            let h = unsafe { _mm256_loadu_si256(p) };
+            let lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h));
+            let hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
+            let out = _mm256_packus_epi32(round(scale(lo)), round(scale(hi)));
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_si256(p, out) };
+        }
+        scale_bf16_wide(chunks.into_remainder(), coef, zero_nans);
+    })
 }
 
 wide_fn! {
     /// [`scale_bf16`] as compiled: widen (a shift), scale, round to nearest even.
     fn scale_bf16_wide(c: &mut [bf16], coef: f32, zero_nans: bool) {
-        let c: &mut [u16] = bytemuck::cast_slice_mut(c);
-        for v in c.iter_mut() {
-            let x = f32::from_bits((*v as u32) << 16);
-            *v = round_bf16(scaled(x, coef, zero_nans));
-        }
+        in_pieces(bytemuck::cast_slice_mut::<_, u16>(c), |piece| {
+            for v in piece.iter_mut() {
+                let x = f32::from_bits((*v as u32) << 16);
+                *v = round_bf16(scaled(x, coef, zero_nans));
+            }
+        })
     }
 }
 
@@ -265,24 +273,26 @@ fn scale_f16(c: &mut [f16], coef: f32, zero_nans: bool) {
 fn scale_f16_f16c(c: &mut [f16], coef: f32, zero_nans: bool) {
     use std::arch::x86_64::*;
     let k = _mm256_set1_ps(coef);
-    let mut chunks = c.chunks_exact_mut(8);
-    for part in &mut chunks {
-        let p = part.as_mut_ptr().cast::<__m128i>();
-        // SAFETY: `part` holds 8 halves: 16 readable and writable bytes at `p`.
-        let h = unsafe { _mm_loadu_si128(p) };
-        let x = _mm256_cvtph_ps(h);
-        // NaN lanes keep x (or become 0); the others are scaled.
-        let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
-        let nan_lanes = match zero_nans {
-            true => _mm256_setzero_ps(),
-            false => x,
-        };
-        let y = _mm256_blendv_ps(nan_lanes, _mm256_mul_ps(x, k), ordered);
-        let y = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
-        // SAFETY: as above.
-        unsafe { _mm_storeu_si128(p, y) };
-    }
-    scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+    in_pieces(c, |piece| {
+        let mut chunks = piece.chunks_exact_mut(8);
+        for part in &mut chunks {
+            let p = part.as_mut_ptr().cast::<__m128i>();
+            // SAFETY: `part` holds 8 halves: 16 readable and writable bytes at `p`.
+            let h = unsafe { _mm_loadu_si128(p) };
+            let x = _mm256_cvtph_ps(h);
+            // NaN lanes keep x (or become 0); the others are scaled.
+            let ordered = _mm256_cmp_ps::<_CMP_ORD_Q>(x, x);
+            let nan_lanes = match zero_nans {
+                true => _mm256_setzero_ps(),
+                false => x,
+            };
+            let y = _mm256_blendv_ps(nan_lanes, _mm256_mul_ps(x, k), ordered);
+            let y = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
+            // SAFETY: as above.
+            unsafe { _mm_storeu_si128(p, y) };
+        }
+        scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+    })
 }
 
 /// [`scale_f16`] with `vcvtph2ps` and `vcvtps2ph` (round to nearest even), 16 at a time.
@@ -291,33 +301,36 @@ fn scale_f16_f16c(c: &mut [f16], coef: f32, zero_nans: bool) {
 fn scale_f16_avx512(c: &mut [f16], coef: f32, zero_nans: bool) {
     use std::arch::x86_64::*;
     let k = _mm512_set1_ps(coef);
-    let mut chunks = c.chunks_exact_mut(16);
-    for part in &mut chunks {
-        let p = part.as_mut_ptr().cast::<__m256i>();
-        // SAFETY: `part` holds 16 halves: 32 readable and writable bytes at `p`.
-        let h = unsafe { _mm256_loadu_si256(p) };
-        let x = _mm512_cvtph_ps(h);
-        // NaN is the one value unordered with itself: those lanes keep x (or become 0).
-        let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
-        let nan_lanes = match zero_nans {
-            true => _mm512_setzero_ps(),
-            false => x,
-        };
-        let y = _mm512_mask_mul_ps(nan_lanes, ordered, x, k);
-        let y = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
-        // SAFETY: as above.
-        unsafe { _mm256_storeu_si256(p, y) };
-    }
-    scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+    in_pieces(c, |piece| {
+        let mut chunks = piece.chunks_exact_mut(16);
+        for part in &mut chunks {
+            let p = part.as_mut_ptr().cast::<__m256i>();
+            // SAFETY: `part` holds 16 halves: 32 readable and writable bytes at `p`.
+            let h = unsafe { _mm256_loadu_si256(p) };
+            let x = _mm512_cvtph_ps(h);
+            // NaN is the one value unordered with itself: those lanes keep x (or become 0).
+            let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+            let nan_lanes = match zero_nans {
+                true => _mm512_setzero_ps(),
+                false => x,
+            };
+            let y = _mm512_mask_mul_ps(nan_lanes, ordered, x, k);
+            let y = _mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y);
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_si256(p, y) };
+        }
+        scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+    })
 }
 
 wide_fn! {
     /// [`scale_f16`] widened and rounded back in the loop.
     fn scale_f16_widened(c: &mut [f16], coef: f32, zero_nans: bool) {
-        let c: &mut [u16] = bytemuck::cast_slice_mut(c);
-        for v in c.iter_mut() {
-            *v = f32_to_f16_bits(scaled(f16_bits_to_f32(*v), coef, zero_nans));
-        }
+        in_pieces(bytemuck::cast_slice_mut::<_, u16>(c), |piece| {
+            for v in piece.iter_mut() {
+                *v = f32_to_f16_bits(scaled(f16_bits_to_f32(*v), coef, zero_nans));
+            }
+        })
     }
 }
 
@@ -338,11 +351,13 @@ wide_fn! {
     /// NaN compares false both ways and stays NaN. Selects, not branches: values on both
     /// sides of a bound would mispredict.
     fn clamp_f32(c: &mut [f32], lo: f32, hi: f32) {
-        for v in c.iter_mut() {
-            let x = *v;
-            let y = if x < lo { lo } else { x };
-            *v = if x > hi { hi } else { y };
-        }
+        in_pieces(c, |piece| {
+            for v in piece.iter_mut() {
+                let x = *v;
+                let y = if x < lo { lo } else { x };
+                *v = if x > hi { hi } else { y };
+            }
+        })
     }
 }
 
@@ -351,13 +366,15 @@ wide_fn! {
     /// [`HalfClamp`]).
     fn clamp_halves(c: &mut [u16], h: &HalfClamp) {
         let (lo_key, hi_key, lo, hi, nan) = (h.lo_key, h.hi_key, h.lo_bits, h.hi_bits, h.nan_above);
-        for v in c.iter_mut() {
-            let bits = *v;
-            let k = HalfClamp::key(bits);
-            let y = if k < lo_key { lo } else { bits };
-            let y = if k > hi_key { hi } else { y };
-            *v = if bits & 0x7fff > nan { bits } else { y };
-        }
+        in_pieces(c, |piece| {
+            for v in piece.iter_mut() {
+                let bits = *v;
+                let k = HalfClamp::key(bits);
+                let y = if k < lo_key { lo } else { bits };
+                let y = if k > hi_key { hi } else { y };
+                *v = if bits & 0x7fff > nan { bits } else { y };
+            }
+        })
     }
 }
 

@@ -39,6 +39,7 @@ mod optimizer;
 mod per_example;
 pub(crate) mod philox;
 mod policy;
+mod prefetch;
 mod sharded;
 
 pub use accumulate::CpuAccumulator;

@@ -17,6 +17,7 @@
 //! below [`TINY_SUM`], is summed again in f64 alone.
 
 use super::apply::bf16_to_f32;
+use super::prefetch::{piece_len, prefetch_ahead, PIECE_BYTES};
 use crate::dtype::GradRef;
 use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
 use half::slice::HalfFloatSliceExt;
@@ -30,6 +31,8 @@ const WIDEN: usize = 1024;
 const LANES: usize = 32;
 /// Rows of LANES 16-bit squares a lane sums in f32 before adding its partial in f64.
 const RUN: usize = 8;
+// A run of 16-bit rows is one prefetch piece, and a piece is whole rows of any type.
+const _: () = assert!(LANES * RUN * 2 == PIECE_BYTES && PIECE_BYTES % (LANES * 4) == 0);
 /// A bf16 square of |x| < 2^-63 falls below f32's normal range and is off by up to 2^-150;
 /// a block of 2^16 of them by 2^-134, within 2^-34 of any sum of at least this. A bf16 block
 /// whose sum is below it is summed again in f64.
@@ -172,15 +175,18 @@ fn reduce_bf16(x: &[half::bf16], norm: Norm) -> NormAcc {
 #[inline(always)]
 fn lane_sum_sq<T: Copy>(x: &[T], widen: impl Fn(T) -> f32) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        for i in 0..LANES {
-            let v = widen(c[i]) as f64;
-            acc[i] += v * v;
+    let rows = x.len() - x.len() % LANES;
+    for piece in x[..rows].chunks(piece_len::<T>()) {
+        prefetch_ahead(piece);
+        for c in piece.chunks_exact(LANES) {
+            for i in 0..LANES {
+                let v = widen(c[i]) as f64;
+                acc[i] += v * v;
+            }
         }
     }
     let mut sum = 0.0;
-    for &v in chunks.remainder() {
+    for &v in &x[rows..] {
         let v = widen(v) as f64;
         sum += v * v;
     }
@@ -221,6 +227,7 @@ fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32 + Copy) -> f64 {
     let mut acc = [0.0f64; LANES];
     let rows = x.len() - x.len() % LANES;
     for run in x[..rows].chunks(LANES * RUN) {
+        prefetch_ahead(run);
         let mut part = [0.0f32; LANES];
         for c in run.chunks_exact(LANES) {
             for i in 0..LANES {
@@ -318,6 +325,7 @@ fn f16_sum_sq_f16c(x: &[half::f16]) -> f64 {
     let mut acc = [_mm256_setzero_pd(); 8];
     let rows = x.len() - x.len() % LANES;
     for run in x[..rows].chunks(LANES * RUN) {
+        prefetch_ahead(run);
         let mut part = [_mm256_setzero_ps(); 4];
         for c in run.chunks_exact(LANES) {
             for (q, p) in part.iter_mut().enumerate() {
@@ -353,6 +361,7 @@ fn f16_sum_sq_avx512(x: &[half::f16]) -> f64 {
     let mut acc = [_mm512_setzero_pd(); 4];
     let rows = x.len() - x.len() % LANES;
     for run in x[..rows].chunks(LANES * RUN) {
+        prefetch_ahead(run);
         let mut part = [_mm512_setzero_ps(); 2];
         for c in run.chunks_exact(LANES) {
             for (q, p) in part.iter_mut().enumerate() {
@@ -407,12 +416,15 @@ wide_fn! {
 /// the loop), else as compiled for the widest vectors; the same bits either way.
 fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if !std::is_x86_feature_detected!("avx512f")
-        && std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
     {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
-        return unsafe { bf16_sum_sq_avx2(x) };
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512 F, checked just above.
+            return unsafe { bf16_sum_sq_avx512(x) };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return unsafe { bf16_sum_sq_avx2(x) };
+        }
     }
     bf16_sum_sq_wide(x)
 }
@@ -436,6 +448,7 @@ fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
     let mut acc = [_mm256_setzero_pd(); 8];
     let rows = x.len() - x.len() % LANES;
     for run in x[..rows].chunks(LANES * RUN) {
+        prefetch_ahead(run);
         let mut part = [_mm256_setzero_ps(); 4];
         for c in run.chunks_exact(LANES) {
             // SAFETY: `c` holds 32 bf16 values: 64 readable bytes from its start.
@@ -468,6 +481,49 @@ fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
         unsafe { _mm256_storeu_pd(held.as_mut_ptr().add(4 * k), *v) };
     }
     // Position k holds the lane of element RUN_LANE_ORDER[k] already.
+    held_total(held, tail_sum_sq(&x[rows..], bf16_to_f32))
+}
+
+/// [`bf16_sum_sq`] with AVX-512: a row of 32 bf16 values is one load, its even elements
+/// widened by a shift and its odd ones by a mask; two vectors of sixteen f32 are the lanes'
+/// runs, four vectors of eight f64 their totals, stored in [`RUN_LANE_ORDER`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn bf16_sum_sq_avx512(x: &[half::bf16]) -> f64 {
+    use std::arch::x86_64::*;
+    const _: () = assert!(LANES == 32);
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    // Even elements 0..16 and 16..32 of a row, odd elements 0..16 and 16..32.
+    let mut acc = [_mm512_setzero_pd(); 4];
+    let rows = x.len() - x.len() % LANES;
+    for run in x[..rows].chunks(LANES * RUN) {
+        prefetch_ahead(run);
+        let mut part = [_mm512_setzero_ps(); 2];
+        for c in run.chunks_exact(LANES) {
+            // SAFETY: `c` holds 32 bf16 values: 64 readable bytes from its start.
+            let a = unsafe { _mm512_loadu_si512(c.as_ptr().cast()) };
+            let v = [_mm512_slli_epi32::<16>(a), _mm512_and_si512(a, high)];
+            for (p, v) in part.iter_mut().zip(v) {
+                let f = _mm512_castsi512_ps(v);
+                // One rounding either way: the square is exact.
+                *p = _mm512_fmadd_ps(f, f, *p);
+            }
+        }
+        for (q, p) in part.iter().enumerate() {
+            let lo = _mm512_cvtps_pd(_mm512_castps512_ps256(*p));
+            let hi = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(
+                _mm512_castps_pd(*p),
+            )));
+            acc[2 * q] = _mm512_add_pd(acc[2 * q], lo);
+            acc[2 * q + 1] = _mm512_add_pd(acc[2 * q + 1], hi);
+        }
+    }
+    let mut held = [0.0f64; LANES];
+    // RUN_LANE_ORDER: even 0..16, odd 0..16, even 16..32, odd 16..32.
+    for (k, v) in [acc[0], acc[2], acc[1], acc[3]].iter().enumerate() {
+        // SAFETY: 8 f64 written into held[8k..8k + 8], inside the array.
+        unsafe { _mm512_storeu_pd(held.as_mut_ptr().add(8 * k), *v) };
+    }
     held_total(held, tail_sum_sq(&x[rows..], bf16_to_f32))
 }
 
@@ -614,21 +670,39 @@ mod tests {
     /// holds its lanes in another order and must add them in the same one).
     #[test]
     fn bf16_sums_agree_bit_for_bit() {
-        // Magnitudes 2^-63 to 2^63: squares stay in f32's normal range, so no pass is redone.
+        // Magnitudes 2^-16 to 2^14: squares stay in f32's normal range (no pass is
+        // redone) and span 60 bits, so the f64 additions of lane totals round and another
+        // order of the lanes gives other bits (short sums, whose lanes hold one square).
         let x: Vec<half::bf16> = (0..100_003u32)
             .map(|i| {
                 let b = (i.wrapping_mul(2654435761) >> 13) as u16;
-                half::bf16::from_bits((b % 0x3f00 + 0x2000) | (b & 0x8000))
+                half::bf16::from_bits((b % 0x0f00 + 0x3780) | (b & 0x8000))
             })
             .collect();
-        for n in [0, 1, 31, 32, 33, 255, 256, 257, 1000, 100_003] {
-            let want = lane_sum_sq_runs(&x[..n], bf16_to_f32).to_bits();
-            assert_eq!(bf16_sum_sq(&x[..n]).to_bits(), want, "{n}");
-            assert_eq!(bf16_sum_sq_wide(&x[..n]).to_bits(), want, "{n}");
+        let short = (0..64).flat_map(|start| [(start, 32), (start, 33), (start, 64)]);
+        let long = [0, 1, 31, 255, 256, 257, 1000, 100_003].map(|n| (0, n));
+        for (start, n) in short.chain(long) {
+            let x = &x[start..start + n];
+            let want = lane_sum_sq_runs(x, bf16_to_f32).to_bits();
+            assert_eq!(bf16_sum_sq(x).to_bits(), want, "{start} {n}");
+            assert_eq!(bf16_sum_sq_wide(x).to_bits(), want, "{start} {n}");
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU has AVX2 and FMA, checked just above.
-                assert_eq!(unsafe { bf16_sum_sq_avx2(&x[..n]) }.to_bits(), want, "{n}");
+                assert_eq!(
+                    unsafe { bf16_sum_sq_avx2(x) }.to_bits(),
+                    want,
+                    "{start} {n}"
+                );
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512 F, checked just above.
+                assert_eq!(
+                    unsafe { bf16_sum_sq_avx512(x) }.to_bits(),
+                    want,
+                    "{start} {n}"
+                );
             }
         }
     }
