@@ -32,7 +32,7 @@ const LANES: usize = 32;
 /// Rows of LANES 16-bit squares a lane sums in f32 before adding its partial in f64.
 const RUN: usize = 8;
 // A run of 16-bit rows is one prefetch piece, and a piece is whole rows of any type.
-const _: () = assert!(LANES * RUN * 2 == PIECE_BYTES && PIECE_BYTES % (LANES * 4) == 0);
+const _: () = assert!(LANES * RUN * 2 == PIECE_BYTES && PIECE_BYTES.is_multiple_of(LANES * 4));
 /// A bf16 square of |x| < 2^-63 falls below f32's normal range and is off by up to 2^-150;
 /// a block of 2^16 of them by 2^-134, within 2^-34 of any sum of at least this. A bf16 block
 /// whose sum is below it is summed again in f64.
