@@ -65,6 +65,18 @@ pub(crate) fn scaled(x: f32, coef: f32, zero_nans: bool) -> f32 {
     }
 }
 
+/// One bf16 element (bits) of [`scale`].
+#[inline(always)]
+fn scaled_bf16(bits: u16, coef: f32, zero_nans: bool) -> u16 {
+    round_bf16(scaled(f32::from_bits((bits as u32) << 16), coef, zero_nans))
+}
+
+/// One f16 element (bits) of [`scale`].
+#[inline(always)]
+fn scaled_f16(bits: u16, coef: f32, zero_nans: bool) -> u16 {
+    f32_to_f16_bits(scaled(f16_bits_to_f32(bits), coef, zero_nans))
+}
+
 /// [`f32_to_bf16`] without a branch, so it vectorises.
 #[inline(always)]
 fn round_bf16(x: f32) -> u16 {
@@ -233,7 +245,9 @@ fn scale_bf16_avx2(c: &mut [bf16], coef: f32, zero_nans: bool) {
             // SAFETY: as above.
             unsafe { _mm256_storeu_si256(p, out) };
         }
-        scale_bf16_wide(chunks.into_remainder(), coef, zero_nans);
+        for v in bytemuck::cast_slice_mut::<_, u16>(chunks.into_remainder()) {
+            *v = scaled_bf16(*v, coef, zero_nans);
+        }
     })
 }
 
@@ -242,8 +256,7 @@ wide_fn! {
     fn scale_bf16_wide(c: &mut [bf16], coef: f32, zero_nans: bool) {
         in_pieces(bytemuck::cast_slice_mut::<_, u16>(c), |piece| {
             for v in piece.iter_mut() {
-                let x = f32::from_bits((*v as u32) << 16);
-                *v = round_bf16(scaled(x, coef, zero_nans));
+                *v = scaled_bf16(*v, coef, zero_nans);
             }
         })
     }
@@ -291,7 +304,9 @@ fn scale_f16_f16c(c: &mut [f16], coef: f32, zero_nans: bool) {
             // SAFETY: as above.
             unsafe { _mm_storeu_si128(p, y) };
         }
-        scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+        for v in bytemuck::cast_slice_mut::<_, u16>(chunks.into_remainder()) {
+            *v = scaled_f16(*v, coef, zero_nans);
+        }
     })
 }
 
@@ -319,7 +334,9 @@ fn scale_f16_avx512(c: &mut [f16], coef: f32, zero_nans: bool) {
             // SAFETY: as above.
             unsafe { _mm256_storeu_si256(p, y) };
         }
-        scale_f16_widened(chunks.into_remainder(), coef, zero_nans);
+        for v in bytemuck::cast_slice_mut::<_, u16>(chunks.into_remainder()) {
+            *v = scaled_f16(*v, coef, zero_nans);
+        }
     })
 }
 
@@ -328,7 +345,7 @@ wide_fn! {
     fn scale_f16_widened(c: &mut [f16], coef: f32, zero_nans: bool) {
         in_pieces(bytemuck::cast_slice_mut::<_, u16>(c), |piece| {
             for v in piece.iter_mut() {
-                *v = f32_to_f16_bits(scaled(f16_bits_to_f32(*v), coef, zero_nans));
+                *v = scaled_f16(*v, coef, zero_nans);
             }
         })
     }
@@ -361,21 +378,72 @@ wide_fn! {
     }
 }
 
+/// The value clip of a block of 16-bit values in the integer domain (see [`HalfClamp`]):
+/// with AVX-512 intrinsics where the CPU has AVX-512 F and BW, else as compiled; the
+/// same bits either way.
+fn clamp_halves(c: &mut [u16], h: &HalfClamp) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+        // SAFETY: the CPU has AVX-512 F and BW, checked just above.
+        return unsafe { clamp_halves_avx512(c, h) };
+    }
+    clamp_halves_wide(c, h)
+}
+
+/// One element of [`clamp_halves`]: NaN stays itself, the rest is compared by key.
+#[inline(always)]
+fn clamped_half(bits: u16, h: &HalfClamp) -> u16 {
+    let k = HalfClamp::key(bits);
+    let y = if k < h.lo_key { h.lo_bits } else { bits };
+    let y = if k > h.hi_key { h.hi_bits } else { y };
+    if bits & 0x7fff > h.nan_above {
+        bits
+    } else {
+        y
+    }
+}
+
 wide_fn! {
-    /// The value clip of a block of 16-bit values in the integer domain (see
-    /// [`HalfClamp`]).
-    fn clamp_halves(c: &mut [u16], h: &HalfClamp) {
-        let (lo_key, hi_key, lo, hi, nan) = (h.lo_key, h.hi_key, h.lo_bits, h.hi_bits, h.nan_above);
+    /// [`clamp_halves`] as compiled.
+    fn clamp_halves_wide(c: &mut [u16], h: &HalfClamp) {
         in_pieces(c, |piece| {
             for v in piece.iter_mut() {
-                let bits = *v;
-                let k = HalfClamp::key(bits);
-                let y = if k < lo_key { lo } else { bits };
-                let y = if k > hi_key { hi } else { y };
-                *v = if bits & 0x7fff > nan { bits } else { y };
+                *v = clamped_half(*v, h);
             }
         })
     }
+}
+
+/// [`clamp_halves`] with AVX-512 F and BW, 32 at a time. As compiled, the loop keeps the
+/// elements that do not change with a masked store, and took 1.2x the time of a bf16
+/// scale of the same bytes on a Xeon (12.7 ms against 10.7); this one stores every lane.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn clamp_halves_avx512(c: &mut [u16], h: &HalfClamp) {
+    use std::arch::x86_64::*;
+    let splat = |v: u16| _mm512_set1_epi16(v as i16);
+    let (lo_key, hi_key) = (splat(h.lo_key), splat(h.hi_key));
+    let (lo, hi, nan_above) = (splat(h.lo_bits), splat(h.hi_bits), splat(h.nan_above));
+    let (magnitude, sign) = (splat(0x7fff), splat(0x8000));
+    in_pieces(c, |piece| {
+        let mut chunks = piece.chunks_exact_mut(32);
+        for part in &mut chunks {
+            let p = part.as_mut_ptr().cast::<__m512i>();
+            // SAFETY: `part` holds 32 halves: 64 readable and writable bytes at `p`.
+            let bits = unsafe { _mm512_loadu_si512(p.cast()) };
+            // HalfClamp::key: flip every bit of a negative value, the sign of the others.
+            let key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi16::<15>(bits), sign));
+            let number = _mm512_cmple_epu16_mask(_mm512_and_si512(bits, magnitude), nan_above);
+            let below = _mm512_mask_cmplt_epu16_mask(number, key, lo_key);
+            let above = _mm512_mask_cmpgt_epu16_mask(number, key, hi_key);
+            let y = _mm512_mask_mov_epi16(_mm512_mask_mov_epi16(bits, below, lo), above, hi);
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_si512(p.cast(), y) };
+        }
+        for v in chunks.into_remainder() {
+            *v = clamped_half(*v, h);
+        }
+    })
 }
 
 #[cfg(test)]
@@ -537,6 +605,14 @@ mod tests {
                     want,
                     "bf16 {bits:#x} in [{lo}, {hi}]"
                 );
+            }
+            // The compiled loop gives the bits of the one that ran (AVX-512 where there is).
+            let (f16s, bf16s) = clip.half_clamps();
+            let got: [&[u16]; 2] = [bytemuck::cast_slice(&f), bytemuck::cast_slice(&b)];
+            for (h, got) in [&f16s, &bf16s].into_iter().zip(got) {
+                let mut all: Vec<u16> = (0..=u16::MAX).collect();
+                clamp_halves_wide(&mut all, h);
+                assert!(all == got, "[{lo}, {hi}]");
             }
         }
     }

@@ -9,6 +9,7 @@ use super::apply::scaled;
 use super::engine::to_f32;
 use super::norm_reduce::f16_bits_to_f32;
 use super::policy::{CpuPolicy, DeferredStep};
+use super::prefetch::{piece_len, pieces, prefetch_ahead};
 use crate::chain::{check_shapes, ClipPolicy, TensorInfo};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
@@ -239,26 +240,38 @@ fn read_block(read: &Read<'_>, g: &GradRef<'_>, at: usize, out: &mut [f32]) {
     }
 }
 
+// The reads of the gradients and the updates below prefetch every array they stream
+// through (see `prefetch.rs`), piece by piece.
+
 wide_fn! {
     fn scaled_f32(x: &[f32], coef: f32, zero_nans: bool, out: &mut [f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = scaled(v, coef, zero_nans);
+        for r in pieces(x.len(), piece_len::<f32>()) {
+            prefetch_ahead(&x[r.clone()]);
+            for (o, &v) in out[r.clone()].iter_mut().zip(&x[r]) {
+                *o = scaled(v, coef, zero_nans);
+            }
         }
     }
 }
 
 wide_fn! {
     fn scaled_bf16(x: &[u16], coef: f32, zero_nans: bool, out: &mut [f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = scaled(f32::from_bits((v as u32) << 16), coef, zero_nans);
+        for r in pieces(x.len(), piece_len::<u16>()) {
+            prefetch_ahead(&x[r.clone()]);
+            for (o, &v) in out[r.clone()].iter_mut().zip(&x[r]) {
+                *o = scaled(f32::from_bits((v as u32) << 16), coef, zero_nans);
+            }
         }
     }
 }
 
 wide_fn! {
     fn scaled_f16(x: &[u16], coef: f32, zero_nans: bool, out: &mut [f32]) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            *o = scaled(f16_bits_to_f32(v), coef, zero_nans);
+        for r in pieces(x.len(), piece_len::<u16>()) {
+            prefetch_ahead(&x[r.clone()]);
+            for (o, &v) in out[r.clone()].iter_mut().zip(&x[r]) {
+                *o = scaled(f16_bits_to_f32(v), coef, zero_nans);
+            }
         }
     }
 }
@@ -268,17 +281,26 @@ wide_fn! {
 
 wide_fn! {
     fn sgd_plain(opt: &OptimizerParams, t: &Tick, p: &mut [f32], g: &[f32]) {
-        for (x, &d) in p.iter_mut().zip(g) {
-            let mut unused = 0.0;
-            *x = sgd(opt, t, *x, d, &mut unused);
+        for r in pieces(p.len(), piece_len::<f32>()) {
+            let p = &mut p[r.clone()];
+            prefetch_ahead(p);
+            for (x, &d) in p.iter_mut().zip(&g[r]) {
+                let mut unused = 0.0;
+                *x = sgd(opt, t, *x, d, &mut unused);
+            }
         }
     }
 }
 
 wide_fn! {
     fn sgd_momentum(opt: &OptimizerParams, t: &Tick, p: &mut [f32], g: &[f32], buf: &mut [f32]) {
-        for ((x, &d), b) in p.iter_mut().zip(g).zip(buf) {
-            *x = sgd(opt, t, *x, d, b);
+        for r in pieces(p.len(), piece_len::<f32>()) {
+            let (p, buf) = (&mut p[r.clone()], &mut buf[r.clone()]);
+            prefetch_ahead(p);
+            prefetch_ahead(buf);
+            for ((x, &d), b) in p.iter_mut().zip(&g[r]).zip(buf) {
+                *x = sgd(opt, t, *x, d, b);
+            }
         }
     }
 }
@@ -292,9 +314,15 @@ wide_fn! {
         m: &mut [f32],
         v: &mut [f32],
     ) {
-        for (((x, &d), m), v) in p.iter_mut().zip(g).zip(m).zip(v) {
-            let mut unused = 0.0;
-            *x = adam(opt, t, *x, d, (m, v, &mut unused));
+        for r in pieces(p.len(), piece_len::<f32>()) {
+            let (p, m, v) = (&mut p[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
+            prefetch_ahead(p);
+            prefetch_ahead(m);
+            prefetch_ahead(v);
+            for (((x, &d), m), v) in p.iter_mut().zip(&g[r]).zip(m).zip(v) {
+                let mut unused = 0.0;
+                *x = adam(opt, t, *x, d, (m, v, &mut unused));
+            }
         }
     }
 }
@@ -309,8 +337,15 @@ wide_fn! {
         v: &mut [f32],
         vmax: &mut [f32],
     ) {
-        for ((((x, &d), m), v), vm) in p.iter_mut().zip(g).zip(m).zip(v).zip(vmax) {
-            *x = adam(opt, t, *x, d, (m, v, vm));
+        for r in pieces(p.len(), piece_len::<f32>()) {
+            let (p, m, v) = (&mut p[r.clone()], &mut m[r.clone()], &mut v[r.clone()]);
+            let vmax = &mut vmax[r.clone()];
+            for s in [&*p, &*m, &*v, &*vmax] {
+                prefetch_ahead(s);
+            }
+            for ((((x, &d), m), v), vm) in p.iter_mut().zip(&g[r]).zip(m).zip(v).zip(vmax) {
+                *x = adam(opt, t, *x, d, (m, v, vm));
+            }
         }
     }
 }

@@ -46,3 +46,11 @@ pub(crate) fn in_pieces<T>(x: &mut [T], mut f: impl FnMut(&mut [T])) {
         f(piece)
     }
 }
+
+/// The ranges of consecutive pieces of `n` elements that cover `0..len` (the last one
+/// shorter): the frame of loops over several arrays at once.
+pub(crate) fn pieces(len: usize, n: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..len)
+        .step_by(n)
+        .map(move |start| start..len.min(start + n))
+}
