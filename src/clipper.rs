@@ -469,7 +469,7 @@ impl Clipper {
         };
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
         let lens: Vec<u64> = refs.iter().map(|g| g.len() as u64).collect();
-        crate::chain::check_shapes(infos, &lens)?;
+        crate::chain::check_shapes(infos, lens.iter().copied())?;
         let fits = run.as_ref().is_some_and(|r| {
             r.grads.shapes() == shapes_of(&refs)
                 && r.params.as_ref().map(|m| m.shapes()) == params.map(shapes_of)

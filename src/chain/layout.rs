@@ -492,7 +492,10 @@ fn agc_units(t: &TensorInfo, axis: UnitAxis) -> Result<(u64, u64, u64, u64), Cli
 }
 
 /// Checks that each info's shape matches the tensor length `lens[i]`.
-pub(crate) fn check_shapes(infos: &[TensorInfo], lens: &[u64]) -> Result<(), ClipError> {
+pub(crate) fn check_shapes(
+    infos: &[TensorInfo],
+    lens: impl ExactSizeIterator<Item = u64>,
+) -> Result<(), ClipError> {
     if infos.len() != lens.len() {
         return Err(ClipError::ShapeMismatch {
             tensor: "batch".into(),
@@ -500,7 +503,7 @@ pub(crate) fn check_shapes(infos: &[TensorInfo], lens: &[u64]) -> Result<(), Cli
             got: format!("{} tensors", lens.len()),
         });
     }
-    for (info, &len) in infos.iter().zip(lens) {
+    for (info, len) in infos.iter().zip(lens) {
         if info.len() != len {
             return Err(ClipError::ShapeMismatch {
                 tensor: info.name.clone(),

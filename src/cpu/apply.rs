@@ -7,7 +7,7 @@ use crate::ops::{HalfClamp, ValueClip};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::norm_reduce::{f16_bits_to_f32, in_tasks, BLOCK};
+use super::norm_reduce::{f16_bits_to_f32, in_tasks, tasks_of, BLOCK};
 use super::prefetch::in_pieces;
 
 /// bf16 -> f32 is a shift; written out because the generic conversion does not vectorise.
@@ -49,8 +49,8 @@ fn in_blocks<T: Send>(x: &mut [T], f: impl Fn(&mut [T]) + Sync + Send) {
 
 /// Runs `f` on every tensor, small tensors sharing a task ([`in_tasks`]).
 fn in_tensor_tasks(grads: &mut [GradMut<'_>], f: impl Fn(&mut GradMut<'_>) + Sync) {
-    let lens: Vec<usize> = grads.iter().map(|g| g.as_ref().len()).collect();
-    in_tasks(grads, lens.into_iter(), |_, g| f(g));
+    let tasks = tasks_of(grads.iter().map(|g| g.as_ref().len()));
+    in_tasks(grads, &tasks, |_, g| f(g));
 }
 
 /// One element of [`scale`], in f32. A NaN element stays itself (or 0 under ZeroNans):

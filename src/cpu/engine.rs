@@ -51,6 +51,17 @@ pub(crate) struct Finish {
     pub skips: u32,
 }
 
+impl Finish {
+    /// The finish of a stage not run yet.
+    const NONE: Finish = Finish {
+        total: NormAcc::IDENTITY,
+        status: 0,
+        threshold: 0.0,
+        coef: 1.0,
+        skips: 0,
+    };
+}
+
 /// The values of one unit: a view, or a gathered copy of a strided unit.
 fn unit_values<'a>(g: &GradRef<'a>, seg: &PlanSegment) -> Result<GradRef<'a>, Vec<f32>> {
     let (a, n) = (seg.first as usize, seg.len as usize);
@@ -75,53 +86,55 @@ pub(crate) fn to_f32(g: &GradRef<'_>, i: usize) -> f32 {
     }
 }
 
-/// `reduce`: the norm accumulator of every unit.
-pub(crate) fn reduce(grads: &[GradRef<'_>], units: &[PlanSegment], norm: Norm) -> Vec<NormAcc> {
-    let whole = units.len() == grads.len()
+/// `reduce`: the norm accumulator of every unit of the `count` tensors `grad(t)`, into
+/// `accs`.
+pub(crate) fn reduce<'g>(
+    count: usize,
+    grad: impl Fn(usize) -> GradRef<'g> + Sync,
+    units: &[PlanSegment],
+    norm: Norm,
+    accs: &mut Vec<NormAcc>,
+) {
+    let whole = units.len() == count
         && units
             .iter()
             .enumerate()
             .all(|(t, u)| u.tensor == t && u.first == 0 && u.stride == 1);
     if whole {
-        return norm_reduce::tensor_accs(grads, norm);
+        return norm_reduce::tensor_accs_into(count, grad, norm, accs);
     }
     let values: Vec<Result<GradRef<'_>, Vec<f32>>> = units
         .iter()
-        .map(|s| unit_values(&grads[s.tensor], s))
+        .map(|s| unit_values(&grad(s.tensor), s))
         .collect();
-    let refs: Vec<GradRef<'_>> = values
-        .iter()
-        .map(|v| match v {
-            Ok(r) => *r,
-            Err(owned) => GradRef::F32(owned),
-        })
-        .collect();
-    norm_reduce::tensor_accs(&refs, norm)
+    let unit = |u: usize| match &values[u] {
+        Ok(r) => *r,
+        Err(owned) => GradRef::F32(owned),
+    };
+    norm_reduce::tensor_accs_into(units.len(), unit, norm, accs)
 }
 
-/// `combine`: the norm of each group of `stage`, from the unit norms times `coefs` (the
-/// coefficients of the earlier stages; `None` for the first).
+/// `combine`: the norm of each group of `stage` into `groups`, from the unit norms times
+/// `coefs` (the coefficients of the earlier stages; `None` for the first).
 pub(crate) fn combine(
     units: &[NormAcc],
     coefs: Option<&[f32]>,
     stage: &StagePlan,
     norm: Norm,
-) -> Vec<NormAcc> {
-    stage
-        .group_ranges
-        .iter()
-        .map(|&[a, n]| {
-            let members = &stage.members[a as usize..(a + n) as usize];
-            // In member order, as `total_acc` folds.
-            members.iter().fold(NormAcc::IDENTITY, |acc, &u| {
-                let unit = match coefs {
-                    Some(c) => units[u as usize].scaled(c[u as usize]),
-                    None => units[u as usize],
-                };
-                acc.combine(unit, norm)
-            })
+    groups: &mut Vec<NormAcc>,
+) {
+    groups.clear();
+    groups.extend(stage.group_ranges.iter().map(|&[a, n]| {
+        let members = &stage.members[a as usize..(a + n) as usize];
+        // In member order, as `total_acc` folds.
+        members.iter().fold(NormAcc::IDENTITY, |acc, &u| {
+            let unit = match coefs {
+                Some(c) => units[u as usize].scaled(c[u as usize]),
+                None => units[u as usize],
+            };
+            acc.combine(unit, norm)
         })
-        .collect()
+    }));
 }
 
 /// The coefficient of a norm against threshold `c`: `norm_coef` of the shader, in its f32
@@ -505,17 +518,22 @@ pub(crate) struct StageOutcome {
     pub clipped: u32,
 }
 
-/// Every stage's output of one step, for reports and tests.
-#[derive(Debug, Clone)]
+/// Every stage's output of one step, for reports and tests. A policy keeps one between
+/// steps: a warm step refills its buffers instead of allocating them.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Outcome {
+    /// The norm of every unit (`reduce`).
     pub units: Vec<NormAcc>,
+    /// The parameters' unit norms (L2), for AGC.
+    pub w_units: Option<Vec<NormAcc>>,
     pub stages: Vec<StageOutcome>,
     /// The coefficient of every unit (the product over the stages).
     pub coefs: Vec<f32>,
 }
 
 /// Runs one step of `program`: reduce, then per norm stage combine -> finish -> coefs,
-/// then rewrite. `reduce_norms` false skips the norms (the split API's given norm).
+/// then rewrite, into `out`. `reduce_norms` false skips the norms (the split API's
+/// given norm).
 pub(crate) fn run(
     grads: &mut [GradMut<'_>],
     params: Option<&[GradRef<'_>]>,
@@ -523,85 +541,102 @@ pub(crate) fn run(
     step: &CpuStep,
     state: &mut PolicyState,
     reduce_norms: bool,
-) -> Outcome {
-    let norms = if reduce_norms {
-        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        reduce_units(&refs, params, program, step.norm)
-    } else {
-        (vec![], None)
-    };
-    run_from_units(grads, program, step, state, norms, reduce_norms)
+    out: &mut Outcome,
+) {
+    if reduce_norms {
+        let g: &[GradMut<'_>] = grads;
+        reduce_units(g.len(), |t| g[t].as_ref(), params, program, step.norm, out);
+    }
+    run_from_units(grads, program, step, state, reduce_norms, out)
 }
 
-/// The unit norms of a step: of the gradients and, for AGC, of the parameters (L2).
-pub(crate) fn reduce_units(
-    grads: &[GradRef<'_>],
+/// The unit norms of a step, into `out`: of the `count` gradients `grad(t)` and, for
+/// AGC, of the parameters (L2).
+pub(crate) fn reduce_units<'g>(
+    count: usize,
+    grad: impl Fn(usize) -> GradRef<'g> + Sync,
     params: Option<&[GradRef<'_>]>,
     program: &Program,
     norm: Norm,
-) -> (Vec<NormAcc>, Option<Vec<NormAcc>>) {
-    let units = reduce(grads, &program.units, norm);
-    let w = params.map(|p| reduce(p, &program.units, Norm::L2));
-    (units, w)
+    out: &mut Outcome,
+) {
+    reduce(count, grad, &program.units, norm, &mut out.units);
+    match params {
+        Some(p) => {
+            let w = out.w_units.get_or_insert_with(Vec::new);
+            reduce(p.len(), |t| p[t], &program.units, Norm::L2, w);
+        }
+        None => out.w_units = None,
+    }
 }
 
-/// [`run`] from the unit norms on: the stages and the rewrite (a sharded step merges the
-/// unit norms of every rank first).
+/// [`run`] from the unit norms in `out` on: the stages and the rewrite (a sharded step
+/// merges the unit norms of every rank first).
 pub(crate) fn run_from_units(
     grads: &mut [GradMut<'_>],
     program: &Program,
     step: &CpuStep,
     state: &mut PolicyState,
-    norms: (Vec<NormAcc>, Option<Vec<NormAcc>>),
     reduce_norms: bool,
-) -> Outcome {
-    let out = stages(program, step, state, norms, reduce_norms);
+    out: &mut Outcome,
+) {
+    stages(program, step, state, reduce_norms, out);
     rewrite(grads, program, &out.coefs, &out.stages[0].finish, step);
-    out
 }
 
-/// The norm stages of a step from its unit norms: per stage `combine`, `finish` and
-/// `coefs`, and the chain's verdict; everything but the `rewrite`.
+/// The norm stages of a step from the unit norms in `out`: per stage `combine`, `finish`
+/// and `coefs`, and the chain's verdict; everything but the `rewrite`.
 pub(crate) fn stages(
     program: &Program,
     step: &CpuStep,
     state: &mut PolicyState,
-    (units, w_units): (Vec<NormAcc>, Option<Vec<NormAcc>>),
     reduce_norms: bool,
-) -> Outcome {
-    let mut unit_coefs = vec![1.0f32; program.units.len()];
-    let mut stages = Vec::with_capacity(program.stages.len());
+    out: &mut Outcome,
+) {
+    let Outcome {
+        units,
+        w_units,
+        stages,
+        coefs: unit_coefs,
+    } = out;
+    unit_coefs.clear();
+    unit_coefs.resize(program.units.len(), 1.0);
+    stages.truncate(program.stages.len());
     for (k, stage) in program.stages.iter().enumerate() {
         let first = k == 0;
-        let groups = if reduce_norms {
-            combine(
-                &units,
+        if stages.len() == k {
+            stages.push(StageOutcome {
+                groups: Vec::new(),
+                finish: Finish::NONE,
+                clipped: 0,
+            });
+        }
+        let groups = &mut stages[k].groups;
+        match reduce_norms {
+            true => combine(
+                units,
                 (!first).then_some(&unit_coefs[..]),
                 stage,
                 step.norm,
-            )
-        } else {
-            vec![]
-        };
+                groups,
+            ),
+            false => groups.clear(),
+        }
         // AGC reads the parameters: their NaN or infinity counts as the step's.
-        let param_flags = match (&w_units, stage.formula) {
+        let param_flags = match (&*w_units, stage.formula) {
             (Some(w), Formula::Agc) => (stage.group_of.iter().zip(w))
                 .filter(|(&g, _)| g != NO_GROUP)
                 .fold(0, |f, (_, a)| f | a.flags),
             _ => 0,
         };
-        let finish = finish(&groups, param_flags, stage, step, state);
+        let finish = finish(groups, param_flags, stage, step, state);
         let clipped = if reduce_norms || stage.is_global() {
             let w = w_units.as_deref();
-            coefs(stage, &groups, w, &finish, step, &mut unit_coefs, first)
+            coefs(stage, groups, w, &finish, step, unit_coefs, first)
         } else {
             0
         };
-        stages.push(StageOutcome {
-            groups,
-            finish,
-            clipped,
-        });
+        (stages[k].finish, stages[k].clipped) = (finish, clipped);
     }
     // One chain-wide verdict in the first stage: any stage that finds non-finite values
     // holds or skips the step; one skip counter, in the state's first block.
@@ -620,10 +655,5 @@ pub(crate) fn stages(
         } else {
             s.finish.status |= merged & STATUS_HELD;
         }
-    }
-    Outcome {
-        units,
-        stages,
-        coefs: unit_coefs,
     }
 }

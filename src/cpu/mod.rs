@@ -48,6 +48,8 @@ pub use per_example::clip_per_example;
 pub use policy::{CpuPolicy, DeferredStep};
 pub use sharded::ShardedCpuPolicy;
 
+use std::cell::Cell;
+
 use crate::chain::Program;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
@@ -76,6 +78,14 @@ pub fn tensor_norms(grads: &[GradRef<'_>], norm: Norm) -> Result<Vec<f64>, ClipE
         .collect())
 }
 
+thread_local! {
+    /// The program and buffers of this thread's last one-shot global step, so that a loop
+    /// calling the one-shot functions on the same shapes builds them once. Taken out while
+    /// a step runs: a nested call (a rayon task run while this one waits) finds none and
+    /// builds its own.
+    static LAST_GLOBAL: Cell<Option<(Program, engine::Outcome)>> = const { Cell::new(None) };
+}
+
 /// One global-norm step of the CPU engine over whole tensors: `given` replaces the
 /// reduced norm (split API). Errors come before anything is written.
 fn global_step(
@@ -86,8 +96,17 @@ fn global_step(
     given: Option<&PartialNorm>,
     tensor_norms: bool,
 ) -> Result<ClipReport, ClipError> {
-    let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
-    let program = Program::global(&lens);
+    let same_shapes = |p: &Program| {
+        p.units.len() == grads.len()
+            && (p.units.iter().zip(grads.iter())).all(|(u, g)| u.len == g.as_ref().len() as u64)
+    };
+    let (program, mut out) = match LAST_GLOBAL.take() {
+        Some((program, out)) if same_shapes(&program) => (program, out),
+        _ => {
+            let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
+            (Program::global(&lens), engine::Outcome::default())
+        }
+    };
     let step = CpuStep {
         norm,
         policy,
@@ -100,9 +119,17 @@ fn global_step(
     // Under NonFinitePolicy::Error a non-finite step is held, so nothing is written before
     // the report turns into the error.
     let mut state = program.fresh_state();
-    let out = engine::run(grads, None, &program, &step, &mut state, given.is_none());
+    engine::run(
+        grads,
+        None,
+        &program,
+        &step,
+        &mut state,
+        given.is_none(),
+        &mut out,
+    );
     let f = out.stages[0].finish;
-    ClipReport::new(
+    let report = ClipReport::new(
         norm,
         f.total,
         f.coef,
@@ -110,7 +137,9 @@ fn global_step(
         policy,
         tensor_norms.then(|| out.units.iter().map(|a| a.total(norm)).collect()),
         Some(max_norm),
-    )
+    );
+    LAST_GLOBAL.set(Some((program, out)));
+    report
 }
 
 /// Clips a batch by its global norm, in place (PyTorch `clip_grad_norm_`).

@@ -584,22 +584,32 @@ fn tensor_acc(g: &GradRef<'_>, norm: Norm) -> NormAcc {
 
 /// One accumulator per tensor, in batch order; blocks run in parallel and combine in order.
 pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
-    let mut accs = vec![NormAcc::IDENTITY; grads.len()];
-    in_tasks(&mut accs, grads.iter().map(|g| g.len()), |t, acc| {
-        *acc = tensor_acc(&grads[t], norm)
-    });
+    let mut accs = Vec::new();
+    tensor_accs_into(grads.len(), |t| grads[t], norm, &mut accs);
     accs
 }
 
-/// Runs `f(i, &mut items[i])` for every item, in parallel tasks of consecutive items of
-/// about a block of elements each (`lens`: the items' element counts; an item of a block
-/// or more is a task of its own): a task per small tensor would cost more than the tensor.
+/// [`tensor_accs`] of the `count` tensors `grad(t)`, into `accs` (whose buffer a warm
+/// step reuses).
+pub(crate) fn tensor_accs_into<'g>(
+    count: usize,
+    grad: impl Fn(usize) -> GradRef<'g> + Sync,
+    norm: Norm,
+    accs: &mut Vec<NormAcc>,
+) {
+    accs.clear();
+    accs.resize(count, NormAcc::IDENTITY);
+    let tasks = tasks_of((0..count).map(|t| grad(t).len()));
+    in_tasks(accs, &tasks, |t, acc| *acc = tensor_acc(&grad(t), norm));
+}
+
+/// Runs `f(i, &mut items[i])` for every item, in parallel `tasks` of consecutive items
+/// ([`tasks_of`]).
 pub(crate) fn in_tasks<T: Send>(
     items: &mut [T],
-    lens: impl ExactSizeIterator<Item = usize>,
+    tasks: &[std::ops::Range<usize>],
     f: impl Fn(usize, &mut T) + Sync,
 ) {
-    let tasks = tasks_of(lens);
     let mut rest = items;
     let parts: Vec<(usize, &mut [T])> = (tasks.iter())
         .map(|r| {
@@ -615,9 +625,10 @@ pub(crate) fn in_tasks<T: Send>(
     });
 }
 
-/// Consecutive items cut into parallel tasks of about a block of elements each (an item
-/// of a block or more is a task of its own).
-fn tasks_of(lens: impl ExactSizeIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
+/// Consecutive items (of `lens` elements each) cut into parallel tasks of about a block
+/// of elements each (an item of a block or more is a task of its own): a task per small
+/// tensor would cost more than the tensor.
+pub(crate) fn tasks_of(lens: impl ExactSizeIterator<Item = usize>) -> Vec<std::ops::Range<usize>> {
     let total = lens.len();
     let mut tasks = Vec::new();
     let (mut start, mut elems) = (0, 0);

@@ -96,7 +96,7 @@ impl CpuOptimizer {
         params: &mut [&mut [f32]],
     ) -> Result<PolicyReport, ClipError> {
         let plens: Vec<u64> = params.iter().map(|p| p.len() as u64).collect();
-        check_shapes(&infos_of(&self.lens), &plens)?;
+        check_shapes(&infos_of(&self.lens), plens.iter().copied())?;
         let deferred = {
             let refs: Vec<GradRef<'_>> = params.iter().map(|p| GradRef::F32(p)).collect();
             self.policy.step_deferred(grads, Some(&refs))?
@@ -120,7 +120,7 @@ impl CpuOptimizer {
         params: &mut [&mut [f32]],
     ) -> Result<PolicyReport, ClipError> {
         let plens: Vec<u64> = params.iter().map(|p| p.len() as u64).collect();
-        check_shapes(&infos_of(&self.lens), &plens)?;
+        check_shapes(&infos_of(&self.lens), plens.iter().copied())?;
         let report = {
             let refs: Vec<GradRef<'_>> = params.iter().map(|p| GradRef::F32(p)).collect();
             self.policy.step(grads, Some(&refs))?

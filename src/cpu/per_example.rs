@@ -42,8 +42,15 @@ pub fn clip_per_example(
     let (thresholds, per_layer) = clip.thresholds();
     let program = Program::per_example(&lens, batch as u64, thresholds, per_layer);
     let stage = &program.stages[0];
-    let units = reduce(inputs, &program.units, Norm::L2);
-    let groups = combine(&units, None, stage, Norm::L2);
+    let (mut units, mut groups) = (Vec::new(), Vec::new());
+    reduce(
+        inputs.len(),
+        |t| inputs[t],
+        &program.units,
+        Norm::L2,
+        &mut units,
+    );
+    combine(&units, None, stage, Norm::L2, &mut groups);
     let cpu_step = CpuStep {
         norm: Norm::L2,
         policy: NonFinitePolicy::Propagate,

@@ -19,6 +19,9 @@ pub struct CpuPolicy {
     program: Program,
     shape: Arc<ReportShape>,
     state: PolicyState,
+    /// The last step's outcome: its buffers are the next step's (boxed: a policy stays
+    /// small to move around).
+    outcome: Box<engine::Outcome>,
 }
 
 impl CpuPolicy {
@@ -31,6 +34,7 @@ impl CpuPolicy {
             policy,
             infos: infos.to_vec(),
             program,
+            outcome: Box::default(),
         })
     }
 
@@ -47,6 +51,12 @@ impl CpuPolicy {
     /// The program it runs.
     pub(crate) fn program(&self) -> &Program {
         &self.program
+    }
+
+    /// The program, the state and the kept outcome, for a step run outside
+    /// [`CpuPolicy::step`] (a sharded step); [`CpuPolicy::commit`] then counts it.
+    pub(crate) fn parts_mut(&mut self) -> (&Program, &mut PolicyState, &mut engine::Outcome) {
+        (&self.program, &mut self.state, &mut self.outcome)
     }
 
     /// Runs `program` instead (the same chain cut to a shard: same units and state).
@@ -67,8 +77,11 @@ impl CpuPolicy {
         grads: &[GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<CpuStep, ClipError> {
-        let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
-        self.check_with(&lens, params, |lens| check_shapes(&self.infos, lens))
+        let lens = grads.iter().map(|g| g.as_ref().len() as u64);
+        check_shapes(&self.infos, lens)?;
+        self.next_step(params, |lens| {
+            check_shapes(&self.infos, lens.iter().copied())
+        })
     }
 
     /// [`CpuPolicy::check`] of gradients of lengths `lens`, with `check_lens` judging
@@ -80,6 +93,16 @@ impl CpuPolicy {
         check_lens: impl Fn(&[u64]) -> Result<(), ClipError>,
     ) -> Result<CpuStep, ClipError> {
         check_lens(lens)?;
+        self.next_step(params, check_lens)
+    }
+
+    /// The parameters of the next step once the gradients' lengths passed: the
+    /// parameters (AGC) judged by `check_lens`, the schedule's multiplier at this step.
+    fn next_step(
+        &self,
+        params: Option<&[GradRef<'_>]>,
+        check_lens: impl Fn(&[u64]) -> Result<(), ClipError>,
+    ) -> Result<CpuStep, ClipError> {
         let policy = &self.policy;
         if self.program.needs_params() {
             let Some(p) = params else {
@@ -113,9 +136,10 @@ impl CpuPolicy {
     ) -> Result<PolicyReport, ClipError> {
         let step = self.check(grads, params)?;
         let params = params.filter(|_| self.program.needs_params());
-        let mut state = self.state.clone();
-        let out = engine::run(grads, params, &self.program, &step, &mut state, true);
-        self.commit(step, state, out)
+        // Nothing fails from here on: the step runs on the kept state and buffers.
+        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
+        engine::run(grads, params, program, &step, state, true, out);
+        self.commit(step)
     }
 
     /// Runs one step without touching the gradients: the norms, the state and the report
@@ -127,14 +151,16 @@ impl CpuPolicy {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<DeferredStep, ClipError> {
         let lens: Vec<u64> = grads.iter().map(|g| g.len() as u64).collect();
-        let step = self.check_with(&lens, params, |lens| check_shapes(&self.infos, lens))?;
+        let step = self.check_with(&lens, params, |lens| {
+            check_shapes(&self.infos, lens.iter().copied())
+        })?;
         let params = params.filter(|_| self.program.needs_params());
-        let mut state = self.state.clone();
-        let norms = engine::reduce_units(grads, params, &self.program, step.norm);
-        let out = engine::stages(&self.program, &step, &mut state, norms, true);
+        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
+        engine::reduce_units(grads.len(), |t| grads[t], params, program, step.norm, out);
+        engine::stages(program, &step, state, true, out);
         let finish = out.stages[0].finish;
         let coefs = out.coefs.clone();
-        let report = self.commit(step, state, out)?;
+        let report = self.commit(step)?;
         Ok(DeferredStep {
             report,
             coefs,
@@ -145,23 +171,19 @@ impl CpuPolicy {
         })
     }
 
-    /// Keeps the state a step left and reports the step.
-    pub(crate) fn commit(
-        &mut self,
-        step: CpuStep,
-        mut state: PolicyState,
-        out: engine::Outcome,
-    ) -> Result<PolicyReport, ClipError> {
-        state.step = state.step.wrapping_add(1);
-        self.state = state;
+    /// Counts the step that just ran on the state and into the kept outcome, and
+    /// reports it.
+    pub(crate) fn commit(&mut self, step: CpuStep) -> Result<PolicyReport, ClipError> {
+        self.state.step = self.state.step.wrapping_add(1);
+        let out = &self.outcome;
         let detail = self.policy.report_groups.then(|| UnitNorms {
             groups: out
                 .stages
                 .last()
                 .map(|s| s.groups.clone())
                 .unwrap_or_default(),
-            units: out.units,
-            coefs: out.coefs,
+            units: out.units.clone(),
+            coefs: out.coefs.clone(),
         });
         PolicyOutcome {
             step: step.step,

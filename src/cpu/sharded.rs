@@ -91,31 +91,34 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         let checked = (self.inner).check_with(&lens, params, |lens| {
             shard.check_local(lens, |t| format!("#{t}"))
         });
-        let program = self.inner.program();
+        let norm = self.inner.policy().norm;
+        let step_number = self.inner.state().step;
+        let (program, state, out) = self.inner.parts_mut();
         let n = program.units.len();
         let needs_params = program.needs_params();
         let params = params.filter(|_| needs_params);
-        let norm = self.inner.policy().norm;
-        let (mut units, mut w_units) = match &checked {
+        match &checked {
             Ok(_) => {
-                let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-                engine::reduce_units(&refs, params, program, norm)
+                let g: &[GradMut<'_>] = grads;
+                engine::reduce_units(g.len(), |t| g[t].as_ref(), params, program, norm, out);
             }
-            Err(_) => (vec![NormAcc::IDENTITY; n], None),
-        };
-        if needs_params && w_units.is_none() {
-            w_units = Some(vec![NormAcc::IDENTITY; n]);
+            Err(_) => {
+                out.units.clear();
+                out.units.resize(n, NormAcc::IDENTITY);
+                out.w_units = None;
+            }
         }
-        let mut parts = vec![(&mut units[..], norm)];
-        if let Some(w) = w_units.as_mut() {
+        if needs_params && out.w_units.is_none() {
+            out.w_units = Some(vec![NormAcc::IDENTITY; n]);
+        }
+        let mut parts = vec![(&mut out.units[..], norm)];
+        if let Some(w) = out.w_units.as_mut() {
             parts.push((&mut w[..], Norm::L2));
         }
         let local = checked.as_ref().map(|_| ()).map_err(Clone::clone);
-        let step_number = self.inner.state().step;
         table::all_reduce(&self.comm, &mut parts, step_number, local)?;
         let step = checked?;
-        let mut state = self.inner.state().clone();
-        let out = engine::run_from_units(grads, program, &step, &mut state, (units, w_units), true);
-        self.inner.commit(step, state, out)
+        engine::run_from_units(grads, program, &step, state, true, out);
+        self.inner.commit(step)
     }
 }

@@ -73,7 +73,7 @@ impl GpuOptimizer {
             }
         }
         let plens: Vec<u64> = params.iter().map(|t| t.len).collect();
-        check_shapes(&infos_of(grads), &plens)?;
+        check_shapes(&infos_of(grads), plens.iter().copied())?;
         let policy = GpuPolicy::new(ctx, grads, Some(params), policy)?;
         let (grad_tensors, grad_buffers) = plan_inputs(grads, &[])?;
         let (param_tensors, param_buffers) = plan_inputs(params, &[])?;

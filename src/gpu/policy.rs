@@ -52,7 +52,7 @@ impl GpuPolicy {
     ) -> Result<GpuPolicy, ClipError> {
         let infos = infos_of(grads);
         let lens: Vec<u64> = grads.iter().map(|t| t.len).collect();
-        check_shapes(&infos, &lens)?;
+        check_shapes(&infos, lens.iter().copied())?;
         let program = Program::new(&policy, &infos)?;
         let params = if program.needs_params() {
             let Some(p) = params else {
@@ -61,7 +61,7 @@ impl GpuPolicy {
                 ));
             };
             let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
-            check_shapes(&infos, &plens)?;
+            check_shapes(&infos, plens.iter().copied())?;
             Some(p)
         } else {
             None
@@ -133,7 +133,7 @@ impl GpuPolicy {
             }
             (true, Some(p)) => {
                 let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
-                check_shapes(&infos, &plens)?;
+                check_shapes(&infos, plens.iter().copied())?;
                 Some(p)
             }
             (false, _) => None,

@@ -1,0 +1,77 @@
+//! A warm CPU step allocates nothing whose size grows with the number of tensors: a
+//! policy reuses its buffers, and the one-shot global clip reuses the program and buffers
+//! of the thread's last call on the same shapes. (What a step returns, its report, is a
+//! few small allocations.) A counting allocator watches the second step.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use gradclip::{cpu, ClipPolicy, CpuPolicy, GlobalNormClip, GradMut, Rule, TensorInfo};
+
+/// Counts the allocations of at least [`LARGE`] bytes made while [`WATCH`] is set.
+struct Counting;
+
+static WATCH: AtomicBool = AtomicBool::new(false);
+static LARGE_ALLOCS: AtomicUsize = AtomicUsize::new(0);
+/// Below what 1000 tensors need at 4 bytes each.
+const LARGE: usize = 4000;
+
+// SAFETY: forwards to the system allocator; the counters are atomics.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if WATCH.load(Ordering::Relaxed) && layout.size() >= LARGE {
+            LARGE_ALLOCS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's layout, passed on.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: allocated by `alloc` above with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// The large allocations `f` makes.
+fn large_allocs(f: impl FnOnce()) -> usize {
+    let before = LARGE_ALLOCS.load(Ordering::Relaxed);
+    WATCH.store(true, Ordering::Relaxed);
+    f();
+    WATCH.store(false, Ordering::Relaxed);
+    LARGE_ALLOCS.load(Ordering::Relaxed) - before
+}
+
+/// 1000 small tensors of 1-100 elements.
+fn tensors() -> Vec<Vec<f32>> {
+    (0..1000)
+        .map(|t| (0..1 + t % 100).map(|i| (i as f32 - 7.0) * 0.01).collect())
+        .collect()
+}
+
+#[test]
+fn warm_steps_allocate_nothing_per_tensor() {
+    let mut data = tensors();
+    let infos: Vec<TensorInfo> = (data.iter().enumerate())
+        .map(|(t, x)| TensorInfo::new(format!("t{t}"), &[x.len() as u64]))
+        .collect();
+    let mut policy = CpuPolicy::new(ClipPolicy::new(Rule::GlobalNorm(0.5)), &infos).unwrap();
+    let clip = GlobalNormClip::new(0.5);
+    for round in 0..2 {
+        let mut grads: Vec<GradMut<'_>> = data.iter_mut().map(|x| GradMut::F32(x)).collect();
+        let step = large_allocs(|| {
+            policy.step(&mut grads, None).unwrap();
+        });
+        let one_shot = large_allocs(|| {
+            cpu::clip_by_global_norm(&mut grads, &clip).unwrap();
+        });
+        // The first round builds the buffers; the second must not.
+        if round == 1 {
+            assert_eq!(step, 0, "CpuPolicy::step");
+            assert_eq!(one_shot, 0, "cpu::clip_by_global_norm");
+        } else {
+            assert!(step > 0 && one_shot > 0, "the counter sees the first step");
+        }
+    }
+}
