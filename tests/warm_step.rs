@@ -1,12 +1,14 @@
 //! A warm CPU step allocates nothing whose size grows with the number of tensors: a
-//! policy reuses its buffers, and the one-shot global clip reuses the program and buffers
-//! of the thread's last call on the same shapes. (What a step returns, its report, is a
+//! policy reuses its buffers, and the one-shot global clip and norm reuse the program and
+//! buffers of the thread's last call. (What a step returns, its report, is a
 //! few small allocations.) A counting allocator watches the second step.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use gradclip::{cpu, ClipPolicy, CpuPolicy, GlobalNormClip, GradMut, Rule, TensorInfo};
+use gradclip::{
+    cpu, ClipPolicy, CpuPolicy, GlobalNormClip, GradMut, GradRef, Norm, Rule, TensorInfo,
+};
 
 /// Counts the allocations of at least [`LARGE`] bytes made while [`WATCH`] is set.
 struct Counting;
@@ -66,12 +68,20 @@ fn warm_steps_allocate_nothing_per_tensor() {
         let one_shot = large_allocs(|| {
             cpu::clip_by_global_norm(&mut grads, &clip).unwrap();
         });
+        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
+        let norm = large_allocs(|| {
+            cpu::partial_norm(&refs, Norm::L2).unwrap();
+        });
         // The first round builds the buffers; the second must not.
         if round == 1 {
             assert_eq!(step, 0, "CpuPolicy::step");
             assert_eq!(one_shot, 0, "cpu::clip_by_global_norm");
+            assert_eq!(norm, 0, "cpu::partial_norm");
         } else {
-            assert!(step > 0 && one_shot > 0, "the counter sees the first step");
+            assert!(
+                step > 0 && one_shot > 0 && norm > 0,
+                "the counter sees the first step"
+            );
         }
     }
 }

@@ -184,15 +184,82 @@ wide_fn! {
     }
 }
 
-/// [`scale`] of a block of bf16 values: with AVX2 intrinsics where the CPU has AVX2 but
-/// not AVX-512, else as compiled ([`scale_bf16_wide`]); the same bits either way.
+/// [`scale`] of a block of bf16 values: with AVX-512 or AVX2 intrinsics, the widest the
+/// CPU has, else as compiled ([`scale_bf16_wide`]); the same bits either way.
 fn scale_bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
     #[cfg(target_arch = "x86_64")]
-    if avx2_without_avx512() {
-        // SAFETY: the CPU has AVX2, checked just above.
-        return unsafe { scale_bf16_avx2(c, coef, zero_nans) };
+    {
+        if has_avx512bw() {
+            // SAFETY: the CPU has AVX-512 F and BW, checked just above.
+            return unsafe { scale_bf16_avx512(c, coef, zero_nans) };
+        }
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { scale_bf16_avx2(c, coef, zero_nans) };
+        }
     }
     scale_bf16_wide(c, coef, zero_nans)
+}
+
+/// Whether the AVX-512 intrinsic loops run: AVX-512 F and BW.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512bw() -> bool {
+    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
+}
+
+/// [`scale_bf16`] with AVX-512, 32 at a time: [`scale_bf16_avx2`]'s widening and packing
+/// at twice the width, with mask registers for the NaN lanes. As compiled, the loop
+/// narrows with `vpmovdw` and a lane insert, which bound it in cache: a clip of 2000
+/// small bf16 tensors took 0.43 ms against 0.31-0.37 on a Xeon.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn scale_bf16_avx512(c: &mut [bf16], coef: f32, zero_nans: bool) {
+    use std::arch::x86_64::*;
+    let k = _mm512_set1_ps(coef);
+    let zero = _mm512_setzero_si512();
+    let (one, bias, quiet) = (
+        _mm512_set1_epi32(1),
+        _mm512_set1_epi32(0x7fff),
+        _mm512_set1_epi32(0x40_0000),
+    );
+    // Rounds 16 f32 to bf16 (nearest even; NaN quieted), in the high half of each lane.
+    let round = |y: __m512| {
+        let b = _mm512_castps_si512(y);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
+        let r = _mm512_add_epi32(_mm512_add_epi32(b, bias), odd);
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y);
+        _mm512_srli_epi32::<16>(_mm512_mask_or_epi32(r, nan, b, quiet))
+    };
+    // NaN lanes keep x (or become 0), the others are scaled; as in `scale_bf16_avx2`,
+    // a NaN times a coefficient that is not NaN is x quieted, which `round` does anyway.
+    let plain = !zero_nans && !coef.is_nan();
+    let nan_fill = match zero_nans {
+        true => Some(_mm512_setzero_ps()),
+        false => None,
+    };
+    let scale = |x: __m512| {
+        if plain {
+            return _mm512_mul_ps(x, k);
+        }
+        let ordered = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(x, x);
+        _mm512_mask_mul_ps(nan_fill.unwrap_or(x), ordered, x, k)
+    };
+    in_pieces(c, |piece| {
+        let mut chunks = piece.chunks_exact_mut(32);
+        for part in &mut chunks {
+            let p = part.as_mut_ptr().cast::<__m512i>();
+            // SAFETY: `part` holds 32 halves: 64 readable and writable bytes at `p`.
+            let h = unsafe { _mm512_loadu_si512(p.cast()) };
+            let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
+            let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
+            let out = _mm512_packus_epi32(round(scale(lo)), round(scale(hi)));
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_si512(p.cast(), out) };
+        }
+        for v in bytemuck::cast_slice_mut::<_, u16>(chunks.into_remainder()) {
+            *v = scaled_bf16(*v, coef, zero_nans);
+        }
+    })
 }
 
 /// [`scale_bf16`] with AVX2, 16 at a time: interleaving the halves with zeros widens them
@@ -512,23 +579,33 @@ mod tests {
     /// The AVX2 and the compiled bf16 scaling give the same bits on every bf16 value.
     #[test]
     fn bf16_scalings_agree_bit_for_bit() {
+        type Scale = fn(&mut [bf16], f32, bool);
         let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
         for coef in [0.5f32, 0.3, 1.0, 3.7e-5, 2e30, 0.0, f32::INFINITY, f32::NAN] {
             for zero_nans in [false, true] {
-                let (mut a, mut b) = (all.clone(), all.clone());
-                scale_bf16(&mut a, coef, zero_nans);
-                // The AVX2 path too where the dispatch prefers AVX-512.
+                // The dispatched and the compiled loop, and every intrinsic loop the CPU
+                // can run whichever the dispatch prefers.
+                let mut runs: Vec<(&str, Scale)> =
+                    vec![("dispatched", scale_bf16), ("compiled", scale_bf16_wide)];
                 #[cfg(target_arch = "x86_64")]
-                if std::is_x86_feature_detected!("avx2") {
-                    a.copy_from_slice(&all);
-                    // SAFETY: the CPU has AVX2, checked just above.
-                    unsafe { scale_bf16_avx2(&mut a, coef, zero_nans) };
+                {
+                    if std::is_x86_feature_detected!("avx2") {
+                        // SAFETY: the CPU has AVX2, checked just above.
+                        runs.push(("AVX2", |c, k, z| unsafe { scale_bf16_avx2(c, k, z) }));
+                    }
+                    if has_avx512bw() {
+                        // SAFETY: the CPU has AVX-512 F and BW, checked just above.
+                        runs.push(("AVX-512", |c, k, z| unsafe { scale_bf16_avx512(c, k, z) }));
+                    }
                 }
-                scale_bf16_wide(&mut b, coef, zero_nans);
-                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-                    let want = f32_to_bf16(scaled(all[i].to_f32(), coef, zero_nans));
-                    assert_eq!(x.to_bits(), want.to_bits(), "{i:#x} x {coef} ({zero_nans})");
-                    assert_eq!(y.to_bits(), want.to_bits(), "{i:#x} x {coef} ({zero_nans})");
+                for (name, run) in runs {
+                    let mut a = all.clone();
+                    run(&mut a, coef, zero_nans);
+                    for (i, x) in a.iter().enumerate() {
+                        let want = f32_to_bf16(scaled(all[i].to_f32(), coef, zero_nans));
+                        let at = format!("{name}: {i:#x} x {coef} ({zero_nans})");
+                        assert_eq!(x.to_bits(), want.to_bits(), "{at}");
+                    }
                 }
             }
         }

@@ -54,7 +54,7 @@ use crate::chain::Program;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
-use crate::norm::{Norm, PartialNorm};
+use crate::norm::{Norm, NormAcc, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
 use crate::report::ClipReport;
 use engine::CpuStep;
@@ -62,11 +62,12 @@ use engine::CpuStep;
 /// The total norm of a batch in mergeable form (PyTorch `get_total_norm`, split API).
 pub fn partial_norm(grads: &[GradRef<'_>], norm: Norm) -> Result<PartialNorm, ClipError> {
     norm.validate()?;
-    let accs = norm_reduce::tensor_accs(grads, norm);
-    Ok(PartialNorm::from_acc(
-        norm,
-        norm_reduce::total_acc(&accs, norm),
-    ))
+    // The per-tensor accumulators, in this thread's buffer from the last call.
+    let mut accs = TENSOR_ACCS.take();
+    norm_reduce::tensor_accs_into(grads.len(), |t| grads[t], norm, &mut accs);
+    let total = norm_reduce::total_acc(&accs, norm);
+    TENSOR_ACCS.set(accs);
+    Ok(PartialNorm::from_acc(norm, total))
 }
 
 /// The norm of every tensor, in batch order.
@@ -84,6 +85,8 @@ thread_local! {
     /// a step runs: a nested call (a rayon task run while this one waits) finds none and
     /// builds its own.
     static LAST_GLOBAL: Cell<Option<(Program, engine::Outcome)>> = const { Cell::new(None) };
+    /// The buffer of [`partial_norm`]'s per-tensor accumulators, kept the same way.
+    static TENSOR_ACCS: Cell<Vec<NormAcc>> = const { Cell::new(Vec::new()) };
 }
 
 /// One global-norm step of the CPU engine over whole tensors: `given` replaces the
