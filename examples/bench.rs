@@ -36,8 +36,8 @@
 //! gradients once, a clipping step reads twice and writes once, a value clip reads and
 //! writes once. Floors: on the GPU a `copy_buffer_to_buffer` of the same bytes (one read
 //! and one write, 2 * bytes / time); on the CPU a rayon read pass and a read+write pass
-//! over a buffer of the same size, each the best of several loops (as built, AVX2, and a
-//! memcpy for read+write), timed in every run right before the operation (the machine's
+//! over a buffer of the same size, each the best of several loops (as built, AVX2, AVX2
+//! with a software prefetch, and a memcpy for read+write), timed in every run right before the operation (the machine's
 //! memory speed drifts) and taken at its best run. A clipping step's floor is the two-pass
 //! floor read + read/write.
 

@@ -546,6 +546,10 @@ pub(crate) fn run(
     if reduce_norms {
         let g: &[GradMut<'_>] = grads;
         reduce_units(g.len(), |t| g[t].as_ref(), params, program, step.norm, out);
+    } else {
+        // No unit norms this step: none of an earlier step's may remain.
+        out.units.clear();
+        out.w_units = None;
     }
     run_from_units(grads, program, step, state, reduce_norms, out)
 }

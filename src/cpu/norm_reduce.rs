@@ -412,14 +412,14 @@ wide_fn! {
 
 /// Sum of squares of bf16 values in f32 runs ([`lane_sum_sq_runs`]): see [`TINY_SUM`] for
 /// when it is redone by [`bf16_sum_sq_f64`]. With AVX2 intrinsics where the CPU has AVX2
-/// and FMA (as compiled, the widening takes a shuffle per vector, which bounds the loop),
+/// (as compiled, the widening takes a shuffle per vector, which bounds the loop),
 /// with AVX-512 too: on a Xeon VM, the same loop on 512-bit loads took 1.15-1.2x the time
 /// of this one out of cache (GPT-2 small: 9.2-9.5 ms against 7.8-8.1), no less in cache.
 /// Else as compiled for the widest vectors; the same bits either way.
 fn bf16_sum_sq(x: &[half::bf16]) -> f64 {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA, checked just above.
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { bf16_sum_sq_avx2(x) };
     }
     bf16_sum_sq_wide(x)
@@ -436,7 +436,7 @@ wide_fn! {
 /// by a shift and the odd one by a mask; four vectors of eight f32 are the lanes' runs
 /// (in [`RUN_LANE_ORDER`]), eight vectors of four f64 their totals.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2")]
 fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
     use std::arch::x86_64::*;
     const _: () = assert!(LANES == 32);
@@ -460,8 +460,9 @@ fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
             ];
             for (p, v) in part.iter_mut().zip(v) {
                 let f = _mm256_castsi256_ps(v);
-                // One rounding either way: the square is exact.
-                *p = _mm256_fmadd_ps(f, f, *p);
+                // A multiply, then an add, as the other paths: a bf16 square below 2^-126
+                // is a rounded f32 subnormal, so a fused multiply-add could differ.
+                *p = _mm256_add_ps(*p, _mm256_mul_ps(f, f));
             }
         }
         for (q, p) in part.iter().enumerate() {
@@ -643,6 +644,17 @@ mod tests {
                 half::bf16::from_bits((b % 0x0f00 + 0x3780) | (b & 0x8000))
             })
             .collect();
+        // A lane whose squares are f32 subnormals (1.5 * 2^-75, then 2^-75: a fused
+        // multiply-add rounds their sum to 2^-148, a multiply and an add to 2^-149) in a
+        // block whose sum (2^-100, from 2^-50) is kept in f32 runs.
+        let mut tiny = vec![half::bf16::ZERO; 64];
+        tiny[0] = half::bf16::from_f32(1.5 * 2f32.powi(-75));
+        tiny[32] = half::bf16::from_f32(2f32.powi(-75));
+        tiny[1] = half::bf16::from_f32(2f32.powi(-50));
+        assert!(lane_sum_sq_runs(&tiny, bf16_to_f32) >= TINY_SUM);
+        let want = lane_sum_sq_runs(&tiny, bf16_to_f32).to_bits();
+        assert_eq!(bf16_sum_sq(&tiny).to_bits(), want, "subnormal squares");
+        assert_eq!(bf16_sum_sq_wide(&tiny).to_bits(), want, "subnormal squares");
         let short = (0..64).flat_map(|start| [(start, 32), (start, 33), (start, 64)]);
         let long = [0, 1, 31, 255, 256, 257, 1000, 100_003].map(|n| (0, n));
         for (start, n) in short.chain(long) {
@@ -651,8 +663,8 @@ mod tests {
             assert_eq!(bf16_sum_sq(x).to_bits(), want, "{start} {n}");
             assert_eq!(bf16_sum_sq_wide(x).to_bits(), want, "{start} {n}");
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            if std::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, checked just above.
                 assert_eq!(
                     unsafe { bf16_sum_sq_avx2(x) }.to_bits(),
                     want,
