@@ -60,6 +60,7 @@ use crate::report::ClipReport;
 use engine::CpuStep;
 
 /// The total norm of a batch in mergeable form (PyTorch `get_total_norm`, split API).
+/// The thread keeps the per-tensor buffer of its last call for the next.
 pub fn partial_norm(grads: &[GradRef<'_>], norm: Norm) -> Result<PartialNorm, ClipError> {
     norm.validate()?;
     // The per-tensor accumulators, in this thread's buffer from the last call.
@@ -147,6 +148,10 @@ fn global_step(
 
 /// Clips a batch by its global norm, in place (PyTorch `clip_grad_norm_`).
 /// Returns the report, or an error without touching the data.
+///
+/// The thread keeps the buffers of its last call (a few dozen bytes per tensor, shared
+/// with [`clip_with_norm`]): a loop that clips the same shapes every step allocates them
+/// once.
 pub fn clip_by_global_norm(
     grads: &mut [GradMut<'_>],
     clip: &GlobalNormClip,
