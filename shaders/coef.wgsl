@@ -31,7 +31,9 @@
 // coefficient (the first stage starts it) and turns the rewrite on when it is not 1.
 // A chain runs finish + coefs once per norm stage, each on the group norms `combine`
 // formed from the unit norms times the coefficients so far.
-// CPU twin: src/cpu/engine.rs (`finish`, `coefs`).
+// Entry `undo`: one invocation per adaptive stage but the last, after the last `finish`:
+// takes back the norm a stage recorded when a later stage held the step.
+// CPU twin: src/cpu/engine.rs (`finish`, `coefs`, `undo`).
 
 #import grid
 #import workgroup_reduce
@@ -251,6 +253,18 @@ fn warmup_moments(count: u32, lid: u32) {
     }
 }
 
+// Keeps what recording a norm overwrites (the history slot `seen % cap`, the mean, the
+// variance) in the block's ST_SAVED_* words, for `undo`.
+fn save_overwritten() {
+    let base = dispatch.state_base;
+    let cap = stages[dispatch.stage].capacity;
+    if (cap > 0u) {
+        state[base + ST_SAVED_SLOT] = state[base + ST_HEADER + state[base + ST_SEEN] % cap];
+    }
+    state[base + ST_SAVED_MEAN] = state[base + ST_MEAN];
+    state[base + ST_SAVED_VAR] = state[base + ST_VAR];
+}
+
 // Turns the rewrite on (`run`) or off for every window.
 fn set_rewrite(run: bool, lid: u32, stride: u32) {
     for (var i = lid; i < arrayLength(&args_full); i = i + stride) {
@@ -300,10 +314,15 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (!fresh) {
         status = STATUS_STALE | STATUS_HELD;
     }
-    // Non-finite norms are never recorded: one bad step must not poison the history. A
-    // norm beyond f32 range enters the history as f32::MAX.
+    // Non-finite norms are never recorded: one bad step must not poison the history, and
+    // a step an earlier stage holds records nothing. A norm beyond f32 range enters the
+    // history as f32::MAX.
     let n = min(norm_value(total), f32_max());
-    let record = flags == 0u && fresh;
+    let held_before = dispatch.first == 0u && (reports[0].status & STATUS_HELD) != 0u;
+    let record = flags == 0u && fresh && !held_before;
+    if (ADAPTIVE != ADAPTIVE_NONE && record && lid == 0u) {
+        save_overwritten();
+    }
     var thr = thresholds[0] * step.multiplier;
     if (ADAPTIVE == ADAPTIVE_AUTOCLIP) {
         thr = autoclip(n, record, lid) * step.multiplier;
@@ -418,4 +437,30 @@ fn coefs(inv: Invocation) {
         // Every thread that needs the rewrite stores the same counts.
         set_rewrite(true, 0u, 1u);
     }
+}
+
+// Entry `undo`, one invocation, after the chain's last `finish`, for an adaptive stage
+// (dispatch.stage) that is not the last: when a later stage held the step, the norm this
+// stage recorded is taken back, so a held step leaves the adaptive state as it found it.
+// The stage recorded when the step's slot was its own and neither it nor an earlier stage
+// saw non-finite values (every stage's report holds its total).
+@compute @workgroup_size(1)
+fn undo() {
+    let base = dispatch.state_base;
+    if ((reports[0].status & STATUS_HELD) == 0u || step.seq % TAG_RING != state[base + ST_TAG]) {
+        return;
+    }
+    for (var j = 0u; j <= dispatch.stage; j = j + 1u) {
+        if (reports[j].norm.flags != 0u) {
+            return;
+        }
+    }
+    let seen = state[base + ST_SEEN] - 1u;
+    state[base + ST_SEEN] = seen;
+    let cap = stages[dispatch.stage].capacity;
+    if (cap > 0u) {
+        state[base + ST_HEADER + seen % cap] = state[base + ST_SAVED_SLOT];
+    }
+    state[base + ST_MEAN] = state[base + ST_SAVED_MEAN];
+    state[base + ST_VAR] = state[base + ST_SAVED_VAR];
 }

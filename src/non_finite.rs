@@ -13,8 +13,10 @@ pub enum NonFinitePolicy {
     /// device-to-host sync). The step still counts: on the GPU the verdict is known only
     /// when its report is read, so both backends number every step run.
     Error,
-    /// Leave every gradient untouched and report the step as skipped, so the training loop
-    /// can skip its optimizer update (as AMP's grad scaler does).
+    /// Leave every gradient and the adaptive state untouched and report the step as
+    /// skipped, so the training loop can skip its optimizer update (as AMP's grad scaler
+    /// does). In a chain, any stage that finds the values holds the whole step: no stage
+    /// records its norm.
     SkipStep,
     /// optax `zero_nans`: NaN elements are replaced by 0 before the norm and the clip
     /// (infinities still propagate); the report says `nans_zeroed`.

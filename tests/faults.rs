@@ -354,14 +354,14 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     // variance (word offsets: 16 bytes of header, the layout, then the words).
     let layout_words = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
     let word_at = |i: usize| 24 + 4 * layout_words + 4 * i;
-    for (word, value) in [(8, f32::NAN), (9, -1.0), (8, f32::INFINITY), (10, -0.0)] {
+    for (word, value) in [(9, f32::NAN), (10, -1.0), (9, f32::INFINITY), (11, -0.0)] {
         let mut b = bytes.clone();
         b[word_at(word)..word_at(word) + 4].copy_from_slice(&value.to_le_bytes());
         invalid(restore_anywhere(&b));
     }
-    // ZClip's block comes after AutoClip's (8 header words + 4 slots): its variance.
+    // ZClip's block comes after AutoClip's (9 header words + 4 slots): its variance.
     let mut b = bytes.clone();
-    let var = word_at(12 + 3);
+    let var = word_at(13 + 3);
     b[var..var + 4].copy_from_slice(&(-0.5f32).to_le_bytes());
     invalid(restore_anywhere(&b));
     // The GPU refuses the same states and keeps its own.
@@ -376,7 +376,7 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
     let nan = PolicyState::from_bytes(&{
         let mut b = bytes.clone();
-        b[word_at(8)..word_at(8) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        b[word_at(9)..word_at(9) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
         b
     })
     .unwrap();
@@ -405,7 +405,7 @@ proptest! {
         use_garbage in any::<bool>(),
     ) {
         let bytes = if use_garbage {
-            let mut g = b"GCPS\x02\0\0\0".to_vec();
+            let mut g = b"GCPS\x03\0\0\0".to_vec();
             g.extend(garbage);
             g
         } else {

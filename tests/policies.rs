@@ -797,6 +797,82 @@ fn a_later_stage_can_hold_the_step() {
     }
 }
 
+/// The saved words of `state` but its step number and skip count: what the adaptive
+/// rules remember (every stage's history, count, mean and variance).
+fn adaptive_words(state: &PolicyState) -> Vec<u8> {
+    let mut b = state.clone().with_step(0).to_bytes();
+    // Magic, version, step, then the layout (its length first), then the words' length,
+    // the seen count and the skip count.
+    let layout = u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize;
+    let skips = 20 + 4 * layout + 8;
+    b[skips..skips + 4].fill(0);
+    b
+}
+
+/// A step that any stage holds records no norm in any stage: a masked adaptive stage that
+/// sees only finite values, before or after the stage that finds the infinity, leaves its
+/// history, count, mean and variance as they were (ZClip's warmup completing on the held
+/// step, and its EMA after warmup, included). GPU states equal the CPU's after every step.
+#[test]
+fn a_held_step_records_no_norm_in_any_stage() {
+    let infos = [TensorInfo::new("w", &[2, 2]), TensorInfo::new("b", &[2])];
+    let step = |s: f32, bad: bool| {
+        let b0 = if bad { f32::INFINITY } else { 0.5 };
+        vec![f32s(&[3.0 * s, 4.0 * s, s, 0.0]), f32s(&[b0, 1.0])]
+    };
+    let steps: Vec<(Vec<Host>, bool)> = [(1.0, false), (2.0, true), (3.0, false)]
+        .into_iter()
+        .chain([(0.5, true), (4.0, false), (9.0, true), (1.5, false)])
+        .map(|(s, bad)| (step(s, bad), bad))
+        .collect();
+    let masked = |r: Rule| r.except(["b"]);
+    let auto = || Rule::AutoClip(AutoClip::new(50.0, 2));
+    let z = || {
+        Rule::ZClip(ZClip {
+            warmup: 2,
+            ..ZClip::default()
+        })
+    };
+    let chains = [
+        ClipPolicy::new(masked(auto())).then(Rule::GlobalNorm(100.0)),
+        ClipPolicy::new(Rule::GlobalNorm(100.0)).then(masked(auto())),
+        ClipPolicy::new(masked(z())).then(Rule::GlobalNorm(100.0)),
+        ClipPolicy::new(Rule::GlobalNorm(100.0)).then(masked(z())),
+        ClipPolicy::new(masked(auto()))
+            .then(masked(z()))
+            .then(Rule::GlobalNorm(100.0)),
+    ];
+    let ctx = gpu();
+    for chain in chains {
+        for nf in [NonFinitePolicy::SkipStep, NonFinitePolicy::Error] {
+            let policy = chain.clone().non_finite(nf);
+            let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+            let arena = upload(&ctx, &steps[0].0);
+            let tensors = gpu_tensors(&arena, &steps[0].0, &infos);
+            let mut gpu_run = GpuPolicy::new(&ctx, &tensors, None, policy).unwrap();
+            let mut recorded = 0;
+            for (i, (g, bad)) in steps.iter().enumerate() {
+                let before = cpu.state().clone();
+                let mut h = g.clone();
+                let c = cpu.step(&mut common::muts(&mut h), None);
+                write(&ctx, &arena, g);
+                let r = gpu_run.run().unwrap().wait();
+                let after = cpu.state().clone();
+                let what = format!("{chain:?} {nf:?} step {i}");
+                assert_eq!(c.is_ok(), r.is_ok(), "{what}: {c:?} / {r:?}");
+                assert_eq!(gpu_run.state().unwrap(), after, "{what}: GPU state");
+                if *bad {
+                    assert_eq!(&h, g, "{what}: gradients untouched");
+                    assert_eq!(adaptive_words(&after), adaptive_words(&before), "{what}");
+                } else {
+                    recorded += 1;
+                    assert_eq!(after.norms_seen(), recorded, "{what}: norms seen");
+                }
+            }
+        }
+    }
+}
+
 proptest! {
     // A fixed seed: the suite passes or fails the same way on every run.
     #![proptest_config(ProptestConfig {
@@ -1094,10 +1170,13 @@ fn restored(policy: &ClipPolicy, infos: &[TensorInfo], norms: &[f32], seen: u32)
         .unwrap()
         .state()
         .to_bytes();
-    let layout = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let layout = word(16);
     let words_at = 24 + 4 * layout;
+    // One stage: its header, then its history (the layout's second word) to the end.
+    let header = word(words_at - 4) - word(24);
     for (i, v) in norms.iter().enumerate() {
-        let at = words_at + 4 * (8 + i);
+        let at = words_at + 4 * (header + i);
         bytes[at..at + 4].copy_from_slice(&v.to_le_bytes());
     }
     bytes[words_at..words_at + 4].copy_from_slice(&seen.to_le_bytes());

@@ -17,7 +17,9 @@ pub use rules::{
 };
 pub use schedule::Schedule;
 pub use state::PolicyState;
-pub(crate) use state::{HEADER_WORDS, ST_MEAN, ST_SEEN, ST_SKIPS, ST_VAR};
+pub(crate) use state::{
+    HEADER_WORDS, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
+};
 
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;

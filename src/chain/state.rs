@@ -14,9 +14,12 @@ pub(crate) const ST_SKIPS: usize = abi::ST_SKIPS as usize;
 pub(crate) const ST_MEAN: usize = abi::ST_MEAN as usize;
 pub(crate) const ST_VAR: usize = abi::ST_VAR as usize;
 pub(crate) const ST_CAP: usize = abi::ST_CAP as usize;
+pub(crate) const ST_SAVED_SLOT: usize = abi::ST_SAVED_SLOT as usize;
+pub(crate) const ST_SAVED_MEAN: usize = abi::ST_SAVED_MEAN as usize;
+pub(crate) const ST_SAVED_VAR: usize = abi::ST_SAVED_VAR as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
-const VERSION: u32 = 2;
+const VERSION: u32 = 3;
 
 /// Words of one stage's record in a state's layout: adaptive kind, history slots, formula,
 /// first state word, then the rule's numbers (`StageParams`).
@@ -49,10 +52,11 @@ impl PolicyState {
         }
     }
 
-    /// A state read from the device: the engine's per-step tag words are not part of it.
+    /// A state read from the device: the engine's per-step words (the tag, what `undo`
+    /// would put back) are not part of it.
     pub(crate) fn from_device(step: u64, mut words: Vec<u32>, program: &Program) -> Self {
         for stage in &program.stages {
-            words[stage.state_base + abi::ST_TAG as usize] = 0;
+            stage.clear_step_words(&mut words);
         }
         PolicyState {
             step,

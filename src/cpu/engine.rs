@@ -14,7 +14,7 @@ use super::norm_reduce::{self, BLOCK};
 use super::philox::gaussian_noise;
 use crate::chain::{
     Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP, ST_MEAN,
-    ST_SEEN, ST_SKIPS, ST_VAR,
+    ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::non_finite::NonFinitePolicy;
@@ -284,12 +284,14 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
 
 /// `finish` of one norm stage: its total norm (combined groups, or the caller's), the
 /// non-finite policy, the adaptive threshold and the coefficient of the first group;
-/// updates the stage's state block.
+/// updates the stage's state block (not when `held_before`: an earlier stage holds the
+/// step).
 pub(crate) fn finish(
     groups: &[NormAcc],
     param_flags: u32,
     stage: &StagePlan,
     step: &CpuStep,
+    held_before: bool,
     state: &mut PolicyState,
 ) -> Finish {
     let norm = step.norm;
@@ -318,12 +320,16 @@ pub(crate) fn finish(
             status |= STATUS_SKIPPED;
         }
     }
-    // Non-finite norms are never recorded: one bad step must not poison the history. A
-    // norm beyond f32 range enters the history as f32::MAX.
+    // Non-finite norms are never recorded: one bad step must not poison the history, and
+    // a step an earlier stage holds records nothing. A norm beyond f32 range enters the
+    // history as f32::MAX.
     let n = total.value_f32(norm).0.min(f32::MAX);
-    let record = flags == 0;
+    let record = flags == 0 && !held_before;
     let mult = step.multiplier;
     let p = &stage.params;
+    if record && stage.adaptive != abi::ADAPTIVE_NONE {
+        save_overwritten(block);
+    }
     let threshold = match stage.adaptive {
         abi::ADAPTIVE_AUTOCLIP => autoclip(block, n, record, p.percentile) * mult,
         abi::ADAPTIVE_ZCLIP => zclip(block, n, record, p) * mult,
@@ -354,6 +360,36 @@ pub(crate) fn finish(
         coef,
         skips: 0,
     }
+}
+
+/// Keeps what recording a norm overwrites in the block's `ST_SAVED_*` words.
+fn save_overwritten(block: &mut [u32]) {
+    let cap = block.len() - HEADER_WORDS;
+    if cap > 0 {
+        block[ST_SAVED_SLOT] = block[HEADER_WORDS + block[ST_SEEN] as usize % cap];
+    }
+    block[ST_SAVED_MEAN] = block[ST_MEAN];
+    block[ST_SAVED_VAR] = block[ST_VAR];
+}
+
+/// `undo` of an adaptive stage after the chain's last `finish`: when a later stage held
+/// the step, the norm this stage recorded is taken back (its history slot, count, mean and
+/// variance as they were), so a held step leaves the adaptive state as it found it. The
+/// stage recorded when neither it nor an earlier stage saw non-finite values
+/// (`totals`: the totals of the stages up to it).
+fn undo(block: &mut [u32], chain_status: u32, totals: impl Iterator<Item = u32>) {
+    let mut totals = totals;
+    if chain_status & STATUS_HELD == 0 || totals.any(|flags| flags != 0) {
+        return;
+    }
+    let seen = block[ST_SEEN].wrapping_sub(1);
+    block[ST_SEEN] = seen;
+    let cap = block.len() - HEADER_WORDS;
+    if cap > 0 {
+        block[HEADER_WORDS + seen as usize % cap] = block[ST_SAVED_SLOT];
+    }
+    block[ST_MEAN] = block[ST_SAVED_MEAN];
+    block[ST_VAR] = block[ST_SAVED_VAR];
 }
 
 /// `coefs` of one norm stage: multiplies its factor into every unit's coefficient
@@ -615,6 +651,7 @@ pub(crate) fn stages(
                 clipped: 0,
             });
         }
+        let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
         let groups = &mut stages[k].groups;
         match reduce_norms {
             true => combine(
@@ -633,7 +670,7 @@ pub(crate) fn stages(
                 .fold(0, |f, (_, a)| f | a.flags),
             _ => 0,
         };
-        let finish = finish(groups, param_flags, stage, step, state);
+        let finish = finish(groups, param_flags, stage, step, held_before, state);
         let clipped = if reduce_norms || stage.is_global() {
             let w = w_units.as_deref();
             coefs(stage, groups, w, &finish, step, unit_coefs, first)
@@ -646,6 +683,15 @@ pub(crate) fn stages(
     // holds or skips the step; one skip counter, in the state's first block.
     let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
     let merged = (stages.iter()).fold(0, |m, s| m | (s.finish.status & verdict));
+    for (k, stage) in program.stages.iter().enumerate() {
+        if stage.adaptive == abi::ADAPTIVE_NONE {
+            continue;
+        }
+        let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
+        let totals = stages[..=k].iter().map(|s| s.finish.total.flags);
+        undo(block, merged, totals);
+        stage.clear_step_words(&mut state.words);
+    }
     let skipped = merged & STATUS_SKIPPED != 0;
     state.words[ST_SKIPS] = if skipped {
         state.words[ST_SKIPS].wrapping_add(1)

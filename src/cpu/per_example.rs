@@ -60,7 +60,14 @@ pub fn clip_per_example(
         step,
         clamp: None,
     };
-    let fin = finish(&groups, 0, stage, &cpu_step, &mut program.fresh_state());
+    let fin = finish(
+        &groups,
+        0,
+        stage,
+        &cpu_step,
+        false,
+        &mut program.fresh_state(),
+    );
     let mut unit_coefs = vec![1.0f32; units.len()];
     let clipped = coefs(stage, &groups, None, &fin, &cpu_step, &mut unit_coefs, true);
     let coefs = unit_coefs;

@@ -34,7 +34,7 @@ use crate::chain::{Program, NO_GROUP};
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::{fold_grid, Plan};
-use crate::shaders::abi::{self, StageParams, StepReport, ACC_BYTES};
+use crate::shaders::abi::{self, StageParams, StepReport, ACC_BYTES, ADAPTIVE_NONE};
 use crate::shaders::{BindLayout, Kernel};
 
 /// Bytes of one stage's report header.
@@ -519,12 +519,15 @@ impl Engine {
             }
         }
         if (step.norms.groups() || step.coefs) && step.norms != Norms::UnitsOnly {
-            for stage in &self.stages {
+            for (k, stage) in self.stages.iter().enumerate() {
                 let adaptive = stage.adaptive;
                 if stage.groups.is_some() && step.norms.groups() && !direct {
                     all.push(Kernel::Groups(kind));
                 }
                 all.push(Kernel::Finish { kind, adaptive });
+                if adaptive != ADAPTIVE_NONE && k + 1 < self.stages.len() {
+                    all.push(Kernel::Undo);
+                }
                 if step.coefs {
                     let formula = stage.formula;
                     all.push(Kernel::Coefs {
@@ -644,6 +647,14 @@ impl Engine {
                     pass.set_bind_group(0, &stage.coefs, &[slot]);
                     pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
                 }
+            }
+            // A later stage may hold the step: the adaptive stages before the last take
+            // back what they recorded (`undo` checks).
+            let earlier = &stages[..stages.len().saturating_sub(1)];
+            for stage in earlier.iter().filter(|s| s.adaptive != ADAPTIVE_NONE) {
+                pass.set_pipeline(&kernels.pipeline(device, Kernel::Undo));
+                pass.set_bind_group(0, &stage.finish, &[slot]);
+                pass.dispatch_workgroups(1, 1, 1);
             }
             if step.rewrite {
                 pass.set_pipeline(&kernels.pipeline(device, self.rewrite_kernel(&params)));

@@ -322,7 +322,13 @@ pub(crate) const ST_VAR: u32 = 3;
 pub(crate) const ST_TAG: u32 = 4;
 /// History slots of the block (fixed by the program).
 pub(crate) const ST_CAP: u32 = 5;
-pub(crate) const ST_HEADER: u32 = 8;
+/// What recording a norm overwrites (the history slot `seen % cap`, the mean, the
+/// variance), kept so `undo` can put it back when a later stage holds the step (scratch of
+/// one step, not part of a saved state).
+pub(crate) const ST_SAVED_SLOT: u32 = 6;
+pub(crate) const ST_SAVED_MEAN: u32 = 7;
+pub(crate) const ST_SAVED_VAR: u32 = 8;
+pub(crate) const ST_HEADER: u32 = 9;
 
 /// Parameter slots per engine: up to this many steps may be encoded before a submission.
 pub(crate) const STEP_SLOTS: u32 = 64;
@@ -391,6 +397,9 @@ const CONSTS: &[(&str, u32)] = &[
     ("STATUS_STALE", STATUS_STALE),
     ("ST_TAG", ST_TAG),
     ("ST_CAP", ST_CAP),
+    ("ST_SAVED_SLOT", ST_SAVED_SLOT),
+    ("ST_SAVED_MEAN", ST_SAVED_MEAN),
+    ("ST_SAVED_VAR", ST_SAVED_VAR),
     ("TAG_RING", TAG_RING),
     ("OPT_SGD", OPT_SGD),
     ("OPT_ADAM", OPT_ADAM),

@@ -227,6 +227,8 @@ pub(crate) enum Kernel {
         kind: u32,
         adaptive: u32,
     },
+    /// `coef`, entry `undo` (an adaptive stage's recorded norm, taken back).
+    Undo,
     /// `coef`, entry `coefs`.
     Coefs {
         kind: u32,
@@ -285,6 +287,7 @@ impl Kernel {
             Kernel::PerExample,
             Kernel::Accumulate,
             Kernel::OptimizerTick,
+            Kernel::Undo,
         ];
         for bits in 0..8 {
             all.push(Kernel::OptimizerUpdate {
@@ -357,6 +360,7 @@ impl Kernel {
                 let flags = transform_flags(scale, noise, clamp);
                 (Family::Rewrite, entry, BindLayout::Rewrite, flags)
             }
+            Kernel::Undo => (Family::Coef, "undo", BindLayout::Coef, vec![]),
             Kernel::OptimizerTick => (Family::Optimizer, "tick", BindLayout::OptimizerTick, vec![]),
             Kernel::OptimizerUpdate {
                 scale,
