@@ -12,7 +12,8 @@
 //!   --gpu-only      no CPU timings (the CPU oracle still checks the GPU)
 //!   --shapes PATH   the GPT-2 shapes file (also GRADCLIP_BENCH_SHAPES); default
 //!                   bench/gpt2-small-shapes.txt in this repository
-//!   --runs N        timed runs per figure, the median is reported (default 7)
+//!   --runs N        timed runs per figure, the median is reported (default 7; CPU
+//!                   figures of a set under 64 MiB take 5 N)
 //!   --json PATH     also write every figure as JSON records {workload, dtype, path, op,
 //!                   ms, floor_ms, plain_ms, adapter, ...}
 //!
@@ -37,9 +38,11 @@
 //! writes once. Floors: on the GPU a `copy_buffer_to_buffer` of the same bytes (one read
 //! and one write, 2 * bytes / time); on the CPU a rayon read pass and a read+write pass
 //! over a buffer of the same size, each the best of several loops (as built, AVX2, AVX2
-//! with a software prefetch, and a memcpy for read+write), timed in every run right before the operation (the machine's
-//! memory speed drifts) and taken at its best run. A clipping step's floor is the two-pass
-//! floor read + read/write.
+//! with a software prefetch, and a memcpy for read+write), timed in every run right before
+//! the operation (the machine's memory speed drifts), from the same cache state (the
+//! buffer just touched, as the gradients are), and taken as the median of its best loop:
+//! the operation's statistic. A clipping step's floor is the two-pass floor read +
+//! read/write. The gradient lists an operation takes are built before its timer starts.
 
 use std::error::Error;
 use std::hint::black_box;
@@ -49,7 +52,7 @@ use std::time::Instant;
 
 use gradclip::{
     bf16, cpu, f16, Adam, ClipPolicy, ClipReport, CpuOptimizer, DType, GpuBatch, GpuContext,
-    GpuOptimizer, GpuTensor, Norm, Rule, TensorInfo,
+    GpuOptimizer, GpuTensor, GradMut, GradRef, Norm, Rule, TensorInfo,
 };
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
@@ -162,6 +165,11 @@ impl Floors {
     }
 }
 
+/// A workload under this many bytes times its CPU figures [`CACHED_SET_RUNS`] times as
+/// often.
+const CACHED_SET_BYTES: usize = 64 << 20;
+const CACHED_SET_RUNS: usize = 5;
+
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
@@ -246,19 +254,36 @@ fn compare(dtype: DType, gpu: &[u8], cpu: &[u8]) -> (f64, usize) {
         .reduce(|| (0.0, 0), |a, b| (a.0.max(b.0), a.1 + b.1))
 }
 
-fn run_cpu(op: Op, work: &mut Flat, lens: &[usize], p: &Params) -> Res<Option<ClipReport>> {
+/// The gradients of one CPU run, listed before its timer starts: building the caller's
+/// list (and freeing it, which can trim the heap) is not the operation's cost.
+enum Listed<'a> {
+    Refs(Vec<GradRef<'a>>),
+    Muts(Vec<GradMut<'a>>),
+}
+
+impl<'a> Listed<'a> {
+    fn of(op: Op, work: &'a mut Flat, lens: &[usize]) -> Listed<'a> {
+        match op {
+            Op::Norm => Listed::Refs(work.refs(lens)),
+            _ => Listed::Muts(work.muts(lens)),
+        }
+    }
+}
+
+fn run_cpu(op: Op, grads: &mut Listed<'_>, p: &Params) -> Res<Option<ClipReport>> {
+    let (refs, muts) = match grads {
+        Listed::Refs(r) => (&r[..], &mut [][..]),
+        Listed::Muts(m) => (&[][..], &mut m[..]),
+    };
     Ok(match op {
         Op::Norm => {
-            black_box(cpu::partial_norm(&work.refs(lens), Norm::L2)?);
+            black_box(cpu::partial_norm(refs, Norm::L2)?);
             None
         }
-        Op::Clipping => Some(cpu::clip_by_global_norm(&mut work.muts(lens), &p.clipping)?),
-        Op::NotClipping => Some(cpu::clip_by_global_norm(
-            &mut work.muts(lens),
-            &p.not_clipping,
-        )?),
+        Op::Clipping => Some(cpu::clip_by_global_norm(muts, &p.clipping)?),
+        Op::NotClipping => Some(cpu::clip_by_global_norm(muts, &p.not_clipping)?),
         Op::Value => {
-            cpu::clip_by_value(&mut work.muts(lens), &p.value)?;
+            cpu::clip_by_value(muts, &p.value)?;
             None
         }
     })
@@ -375,55 +400,82 @@ impl FloorBuffers {
         }
     }
 
-    /// The read floor: the fastest of the word sums ([`FloorLoop`]).
-    fn read(&self) -> f64 {
-        let time = |how| {
+    /// One run of each read loop ([`FloorLoop`]), each from the cache state an operation
+    /// starts from (its buffer just touched): ms per loop.
+    fn read(&self) -> [f64; 3] {
+        FloorLoop::ALL.map(|how| {
+            black_box(touch(bytemuck::cast_slice(&self.buf)));
             let t = Instant::now();
             let s = (self.buf.par_chunks(BLOCK))
                 .map(|c| read_words(c, how))
                 .reduce(|| 0, u32::wrapping_add);
             black_box(s);
             ms_since(t)
-        };
-        FloorLoop::ALL
-            .map(time)
-            .into_iter()
-            .fold(f64::INFINITY, f64::min)
+        })
     }
 
-    /// The read+write floor: the fastest of the in-place adds ([`FloorLoop`]) and a
-    /// parallel memcpy of the same bytes into another buffer.
-    fn rw(&mut self) -> f64 {
+    /// One run of each read+write loop: the in-place adds ([`FloorLoop`]), then a parallel
+    /// memcpy of the same bytes into another buffer; ms per loop.
+    fn rw(&mut self) -> [f64; 4] {
         let step = black_box(1u32);
-        let mut best = f64::INFINITY;
-        for how in FloorLoop::ALL {
+        let mut ms = [0.0; 4];
+        for (k, how) in FloorLoop::ALL.into_iter().enumerate() {
+            black_box(touch(bytemuck::cast_slice(&self.buf)));
             let t = Instant::now();
             (self.buf.par_chunks_mut(BLOCK)).for_each(|c| bump_words(c, step, how));
-            best = best.min(ms_since(t));
+            ms[k] = ms_since(t);
         }
+        black_box(touch(bytemuck::cast_slice(&self.buf)));
         let t = Instant::now();
         (self.copy.par_chunks_mut(BLOCK))
             .zip(self.buf.par_chunks(BLOCK))
             .for_each(|(d, s)| d.copy_from_slice(s));
         black_box(&self.copy);
-        best.min(ms_since(t))
+        ms[3] = ms_since(t);
+        ms
     }
 
-    /// The floor of `op`, timed now.
-    fn of(&mut self, op: Op) -> Floors {
-        match op {
-            Op::Norm | Op::NotClipping => Floors {
-                read: self.read(),
-                rw: f64::NAN,
-            },
-            Op::Clipping => Floors {
-                read: self.read(),
-                rw: self.rw(),
-            },
-            Op::Value => Floors {
-                read: f64::NAN,
-                rw: self.rw(),
-            },
+    /// One run of the loops of `op`'s floor, into `runs` (all but the first run: the
+    /// warm-up run of [`medians`]).
+    fn sample(&mut self, op: Op, runs: &mut FloorRuns) {
+        let keep = std::mem::replace(&mut runs.warm, true);
+        if op != Op::Value {
+            let read = self.read();
+            runs.read.extend(keep.then_some(read));
+        }
+        if matches!(op, Op::Clipping | Op::Value) {
+            let rw = self.rw();
+            runs.rw.extend(keep.then_some(rw));
+        }
+    }
+}
+
+/// The floor loops' times over the runs of one figure. A floor is its best loop's median:
+/// the statistic the operation reports, from the same cache state, so the ratio measures
+/// the operation, not the spread of single short calls (the best single run of several
+/// loops had made 0.1-0.5 ms sets look 1.3-2x slower than their medians are).
+#[derive(Default)]
+struct FloorRuns {
+    /// A run was sampled (the warm-up).
+    warm: bool,
+    read: Vec<[f64; 3]>,
+    rw: Vec<[f64; 4]>,
+}
+
+impl FloorRuns {
+    fn best<const K: usize>(runs: &[[f64; K]]) -> f64 {
+        if runs.is_empty() {
+            return f64::NAN;
+        }
+        (0..K)
+            .map(|k| median(runs.iter().map(|r| r[k]).collect()))
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    fn floors(&self) -> Floors {
+        Floors {
+            read: Self::best(&self.read),
+            rw: Self::best(&self.rw),
         }
     }
 }
@@ -494,26 +546,25 @@ fn bench_cpu(
     // new, and the first operation timed otherwise ran up to 1.6x slower than the same
     // reduction timed after it.
     for op in Op::ALL {
-        floor_buffers.of(op);
+        floor_buffers.sample(op, &mut FloorRuns::default());
         work.reset_from(pristine);
-        run_cpu(op, &mut work, lens, p)?;
+        run_cpu(op, &mut Listed::of(op, &mut work, lens), p)?;
     }
     work.reset_from(pristine);
     for op in Op::ALL {
         let mut labelled = true;
-        // The floor is the best of its runs (a floor is what the machine can do), the
-        // operation the median of its runs.
-        let mut floor = f64::INFINITY;
+        let mut floor_runs = FloorRuns::default();
         let [ms] = medians(runs, || {
-            floor = floor.min(floor_buffers.of(op).of(op).1);
+            floor_buffers.sample(op, &mut floor_runs);
             if op.mutates() {
                 work.reset_from(pristine);
             }
             // The floor ran warm (its best run); the operation starts from the same cache
             // state: the timed floors just evicted the gradients of a set that fits the cache.
             black_box(touch(work.bytes()));
+            let mut grads = Listed::of(op, &mut work, lens);
             let t = Instant::now();
-            let report = run_cpu(op, &mut work, lens, p)?;
+            let report = run_cpu(op, &mut grads, p)?;
             let ms = ms_since(t);
             if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
                 labelled &= r.clipped == want;
@@ -531,7 +582,7 @@ fn bench_cpu(
             moved: op.traffic() * bytes as f64,
             ms,
             wall: None,
-            floor: (Floors::label(op), floor),
+            floor: floor_runs.floors().of(op),
             plain: None,
             peer: None,
         };
@@ -1326,20 +1377,20 @@ fn bench_steps(
     let mut opt = CpuOptimizer::new(policy.clone(), &infos, adamw)?;
     let mut params = start;
     for (label, fused, read, written) in variants {
-        let (mut read_floor, mut rw_floor) = (f64::INFINITY, f64::INFINITY);
+        let mut floor_runs = FloorRuns::default();
         let mut labelled = true;
         let [ms] = medians(runs, || {
-            read_floor = read_floor.min(floor_buffers.read());
-            rw_floor = rw_floor.min(floor_buffers.rw());
+            floor_buffers.sample(Op::Clipping, &mut floor_runs);
             if !fused {
                 work.reset_from(pristine);
             }
             let mut p = common::split_mut(&mut params, lens);
+            let (grads, mut in_place) = (pristine.refs(lens), work.muts(lens));
             let t = Instant::now();
             let report = if fused {
-                opt.step(&pristine.refs(lens), &mut p)?
+                opt.step(&grads, &mut p)?
             } else {
-                opt.step_in_place(&mut work.muts(lens), &mut p)?
+                opt.step_in_place(&mut in_place, &mut p)?
             };
             let ms = ms_since(t);
             labelled &= report.clipped_units > 0;
@@ -1348,6 +1399,7 @@ fn bench_steps(
         if !labelled {
             checks.check(&format!("CPU {label}: clips"), false, "");
         }
+        let f = floor_runs.floors();
         let row = Row {
             workload: name.into(),
             dtype: pristine.dtype(),
@@ -1356,7 +1408,7 @@ fn bench_steps(
             moved: read + written,
             ms,
             wall: None,
-            floor: ("read + rw", floor_of(read_floor, rw_floor, read, written)),
+            floor: ("read + rw", floor_of(f.read, f.rw, read, written)),
             plain: None,
             peer: None,
         };
@@ -1560,6 +1612,13 @@ fn run(o: &Options) -> Res<Vec<String>> {
                 )?;
             }
             if !o.gpu_only && *on_cpu {
+                // A set that fits the cache runs in well under a millisecond, where
+                // thread wake-ups spread single calls widely: more runs keep its medians
+                // (and its floors') steady.
+                let runs = match pristine.bytes().len() < CACHED_SET_BYTES {
+                    true => CACHED_SET_RUNS * o.runs,
+                    false => o.runs,
+                };
                 bench_cpu(
                     &mut rows,
                     &mut checks,
@@ -1569,7 +1628,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
                     lens,
                     &pristine,
                     &p,
-                    o.runs,
+                    runs,
                 )?;
             }
         }

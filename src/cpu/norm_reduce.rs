@@ -247,7 +247,7 @@ fn lane_sum_sq_runs<T: Copy>(x: &[T], widen: impl Fn(T) -> f32 + Copy) -> f64 {
 /// [`RUN_LANE_ORDER`]).
 #[inline(always)]
 fn runs_total<T: Copy>(lanes: &[f64; LANES], tail: &[T], widen: impl Fn(T) -> f32) -> f64 {
-    held_total(RUN_LANE_ORDER.map(|i| lanes[i]), tail_sum_sq(tail, widen))
+    held_total(|k| lanes[RUN_LANE_ORDER[k]], tail_sum_sq(tail, widen))
 }
 
 /// Sum of squares in f64 of the tail of a 16-bit sum, in order.
@@ -259,19 +259,24 @@ fn tail_sum_sq<T: Copy>(tail: &[T], widen: impl Fn(T) -> f32) -> f64 {
     })
 }
 
-/// The total of lanes held in [`RUN_LANE_ORDER`] and the tail's sum: a pairwise tree of
-/// the lanes (a few dependent additions, not 32: this is paid once per small tensor),
-/// then the tail.
+/// The total of the lanes `held(k)`, position `k` of [`RUN_LANE_ORDER`], and the tail's
+/// sum: a pairwise tree of the lanes (a few dependent additions, not 32: this is paid
+/// once per small tensor), then the tail. The first level reads the lanes where they are
+/// (an inlined gather, not a permuted copy).
 #[inline(always)]
-fn held_total(mut held: [f64; LANES], tail_sum: f64) -> f64 {
-    let mut width = LANES / 2;
+fn held_total(held: impl Fn(usize) -> f64, tail_sum: f64) -> f64 {
+    let mut sums = [0.0f64; LANES / 2];
+    for (k, s) in sums.iter_mut().enumerate() {
+        *s = held(k) + held(k + LANES / 2);
+    }
+    let mut width = LANES / 4;
     while width > 0 {
         for k in 0..width {
-            held[k] += held[k + width];
+            sums[k] += sums[k + width];
         }
         width /= 2;
     }
-    held[0] + tail_sum
+    sums[0] + tail_sum
 }
 
 /// f16 bits to f32, exactly and without a branch (so it vectorises): a normal's exponent
@@ -478,7 +483,7 @@ fn bf16_sum_sq_avx2(x: &[half::bf16]) -> f64 {
         unsafe { _mm256_storeu_pd(held.as_mut_ptr().add(4 * k), *v) };
     }
     // Position k holds the lane of element RUN_LANE_ORDER[k] already.
-    held_total(held, tail_sum_sq(&x[rows..], bf16_to_f32))
+    held_total(|k| held[k], tail_sum_sq(&x[rows..], bf16_to_f32))
 }
 
 wide_fn! {
