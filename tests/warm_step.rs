@@ -1,5 +1,5 @@
 //! A warm CPU step allocates nothing whose size grows with the number of tensors: a
-//! policy reuses its buffers, and the one-shot global clip and norm reuse the program and
+//! policy (and a fused optimizer) reuses its buffers, and the one-shot global clip and norm reuse the program and
 //! buffers of the thread's last call. (What a step returns, its report, is a
 //! few small allocations.) A counting allocator watches the second step.
 
@@ -7,7 +7,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gradclip::{
-    cpu, ClipPolicy, CpuPolicy, GlobalNormClip, GradMut, GradRef, Norm, Rule, TensorInfo,
+    cpu, Adam, ClipPolicy, CpuOptimizer, CpuPolicy, GlobalNormClip, GradMut, GradRef, Norm, Rule,
+    TensorInfo,
 };
 
 /// Counts the allocations of at least [`LARGE`] bytes made while [`WATCH`] is set.
@@ -60,6 +61,13 @@ fn warm_steps_allocate_nothing_per_tensor() {
         .collect();
     let mut policy = CpuPolicy::new(ClipPolicy::new(Rule::GlobalNorm(0.5)), &infos).unwrap();
     let clip = GlobalNormClip::new(0.5);
+    let mut optimizer = CpuOptimizer::new(
+        ClipPolicy::new(Rule::GlobalNorm(0.5)),
+        &infos,
+        Adam::adamw(1e-3),
+    )
+    .unwrap();
+    let mut weights = tensors();
     for round in 0..2 {
         let mut grads: Vec<GradMut<'_>> = data.iter_mut().map(|x| GradMut::F32(x)).collect();
         let step = large_allocs(|| {
@@ -72,14 +80,24 @@ fn warm_steps_allocate_nothing_per_tensor() {
         let norm = large_allocs(|| {
             cpu::partial_norm(&refs, Norm::L2).unwrap();
         });
+        let mut params: Vec<&mut [f32]> = weights.iter_mut().map(|w| &mut w[..]).collect();
+        let fused = large_allocs(|| {
+            optimizer.step(&refs, &mut params).unwrap();
+        });
+        drop(refs);
+        let unfused = large_allocs(|| {
+            optimizer.step_in_place(&mut grads, &mut params).unwrap();
+        });
         // The first round builds the buffers; the second must not.
         if round == 1 {
             assert_eq!(step, 0, "CpuPolicy::step");
             assert_eq!(one_shot, 0, "cpu::clip_by_global_norm");
             assert_eq!(norm, 0, "cpu::partial_norm");
+            assert_eq!(fused, 0, "CpuOptimizer::step");
+            assert_eq!(unfused, 0, "CpuOptimizer::step_in_place");
         } else {
             assert!(
-                step > 0 && one_shot > 0 && norm > 0,
+                step > 0 && one_shot > 0 && norm > 0 && fused > 0,
                 "the counter sees the first step"
             );
         }

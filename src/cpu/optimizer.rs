@@ -3,8 +3,6 @@
 //! then one pass that clips each gradient as it reads it and updates the parameter and its
 //! state with the shader's arithmetic.
 
-use rayon::prelude::*;
-
 use super::apply::scaled;
 use super::engine::to_f32;
 use super::norm_reduce::f16_bits_to_f32;
@@ -26,8 +24,12 @@ pub struct CpuOptimizer {
     optimizer: Optimizer,
     params: OptimizerParams,
     lens: Vec<u64>,
+    /// Running totals of `lens`: where each tensor's elements end in the batch.
+    ends: Vec<usize>,
     state: OptimizerState,
     lr: f32,
+    /// The last fused step's coefficients, whose buffers the next one reuses.
+    deferred: Option<DeferredStep>,
 }
 
 impl CpuOptimizer {
@@ -47,7 +49,14 @@ impl CpuOptimizer {
             state: OptimizerState::fresh(&optimizer, &lens),
             lr: optimizer.lr(),
             optimizer,
+            ends: (lens.iter())
+                .scan(0, |end, &n| {
+                    *end += n as usize;
+                    Some(*end)
+                })
+                .collect(),
             lens,
+            deferred: None,
         })
     }
 
@@ -95,20 +104,25 @@ impl CpuOptimizer {
         grads: &[GradRef<'_>],
         params: &mut [&mut [f32]],
     ) -> Result<PolicyReport, ClipError> {
-        let plens: Vec<u64> = params.iter().map(|p| p.len() as u64).collect();
-        check_shapes(&infos_of(&self.lens), plens.iter().copied())?;
+        check_shapes(self.policy.infos(), params.iter().map(|p| p.len() as u64))?;
         let deferred = {
-            let refs: Vec<GradRef<'_>> = params.iter().map(|p| GradRef::F32(p)).collect();
-            self.policy.step_deferred(grads, Some(&refs))?
+            let refs = self.param_refs(params);
+            let kept = self.deferred.take();
+            self.policy.defer(grads, refs.as_deref(), kept)?
         };
-        if deferred.held {
-            return Ok(deferred.report);
+        let report = deferred.report.clone();
+        if !deferred.held {
+            self.update(
+                |t| grads[t],
+                params,
+                |t| match deferred.uniform(t) {
+                    Some((coef, zero_nans)) => Read::Scaled(coef, zero_nans),
+                    None => Read::Each(&deferred, t),
+                },
+            );
         }
-        self.update(grads, params, |t| match deferred.uniform(t) {
-            Some((coef, zero_nans)) => Read::Scaled(coef, zero_nans),
-            None => Read::Each(&deferred, t),
-        });
-        Ok(deferred.report)
+        self.deferred = Some(deferred);
+        Ok(report)
     }
 
     /// The unfused equivalent, twin of [`crate::GpuOptimizer::encode_in_place`]: the
@@ -119,27 +133,32 @@ impl CpuOptimizer {
         grads: &mut [GradMut<'_>],
         params: &mut [&mut [f32]],
     ) -> Result<PolicyReport, ClipError> {
-        let plens: Vec<u64> = params.iter().map(|p| p.len() as u64).collect();
-        check_shapes(&infos_of(&self.lens), plens.iter().copied())?;
+        check_shapes(self.policy.infos(), params.iter().map(|p| p.len() as u64))?;
         let report = {
-            let refs: Vec<GradRef<'_>> = params.iter().map(|p| GradRef::F32(p)).collect();
-            self.policy.step(grads, Some(&refs))?
+            let refs = self.param_refs(params);
+            self.policy.step(grads, refs.as_deref())?
         };
         if report.skipped {
             return Ok(report);
         }
-        let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        self.update(&refs, params, |_| Read::Scaled(1.0, false));
+        let grads: &[GradMut<'_>] = grads;
+        self.update(|t| grads[t].as_ref(), params, |_| Read::Scaled(1.0, false));
         Ok(report)
+    }
+
+    /// The parameters as the policy reads them: only a chain with AGC does.
+    fn param_refs<'p>(&self, params: &'p [&mut [f32]]) -> Option<Vec<GradRef<'p>>> {
+        let needed = self.policy.program().needs_params();
+        needed.then(|| params.iter().map(|p| GradRef::F32(p)).collect())
     }
 
     /// Counts a step taken and updates every tensor, reading its gradients as `read`
     /// says.
-    fn update<'c>(
+    fn update<'g, 'c>(
         &mut self,
-        grads: &[GradRef<'_>],
+        grad: impl Fn(usize) -> GradRef<'g> + Sync,
         params: &mut [&mut [f32]],
-        read: impl Fn(usize) -> Read<'c>,
+        read: impl Fn(usize) -> Read<'c> + Sync,
     ) {
         self.state.steps = self.state.steps.wrapping_add(1);
         let tick = Tick::new(
@@ -148,20 +167,111 @@ impl CpuOptimizer {
             self.lr,
             self.optimizer.decay(self.lr),
         );
-        let mut arrays: Vec<std::slice::IterMut<'_, Vec<f32>>> =
-            self.state.arrays.iter_mut().map(|a| a.iter_mut()).collect();
-        for (t, (g, p)) in grads.iter().zip(params.iter_mut()).enumerate() {
-            let state: Vec<&mut Vec<f32>> = arrays.iter_mut().filter_map(Iterator::next).collect();
-            update_tensor(&self.params, &tick, &read(t), g, p, state);
+        let count = self.state.arrays.len();
+        let mut arrays: [&mut [Vec<f32>]; 3] = [&mut [], &mut [], &mut []];
+        for (slot, a) in arrays.iter_mut().zip(&mut self.state.arrays) {
+            *slot = a;
         }
+        let job = Update {
+            opt: &self.params,
+            tick: &tick,
+            read: &read,
+            grad: &grad,
+            arrays: count,
+        };
+        job.tensors(0, params, arrays, &self.ends);
     }
 }
 
-/// Placeholder infos of tensors of lengths `lens` (only their lengths are checked).
-fn infos_of(lens: &[u64]) -> Vec<TensorInfo> {
-    lens.iter()
-        .map(|&n| TensorInfo::new("parameters", &[n]))
-        .collect()
+/// The parallel update of one step: tensors and elements split in halves (`rayon::join`)
+/// down to tasks of about [`TASK`] elements, small tensors sharing one, so a step over
+/// many tensors hands work to the pool once and lists nothing.
+struct Update<'a, R, G> {
+    opt: &'a OptimizerParams,
+    tick: &'a Tick,
+    read: &'a R,
+    /// Tensor `t`'s gradients.
+    grad: &'a G,
+    /// State arrays per tensor: 0 (SGD), 1 (momentum), 2 (Adam) or 3 (AMSGrad).
+    arrays: usize,
+}
+
+impl<'g, 'c, R, G> Update<'_, R, G>
+where
+    R: Fn(usize) -> Read<'c> + Sync,
+    G: Fn(usize) -> GradRef<'g> + Sync,
+{
+    /// Tensors `first..first + params.len()`, whose state arrays are `state` and whose
+    /// elements end at `ends` (running totals over the batch).
+    fn tensors(
+        &self,
+        first: usize,
+        params: &mut [&mut [f32]],
+        state: [&mut [Vec<f32>]; 3],
+        ends: &[usize],
+    ) {
+        let (Some(p0), Some(&last)) = (params.first(), ends.last()) else {
+            return;
+        };
+        let start = ends[0] - p0.len();
+        let total = last - start;
+        if params.len() > 1 && total > TASK {
+            // The tensor boundary nearest half the elements, one tensor at least each side.
+            let half = ends.partition_point(|&e| e - start < total / 2);
+            let mid = half.clamp(1, params.len() - 1);
+            let (pa, pb) = params.split_at_mut(mid);
+            let [s0, s1, s2] = state.map(|s| s.split_at_mut(mid.min(s.len())));
+            let (ea, eb) = ends.split_at(mid);
+            rayon::join(
+                || self.tensors(first, pa, [s0.0, s1.0, s2.0], ea),
+                || self.tensors(first + mid, pb, [s0.1, s1.1, s2.1], eb),
+            );
+            return;
+        }
+        let [s0, s1, s2] = state;
+        for (k, p) in params.iter_mut().enumerate() {
+            let st = [s0.get_mut(k), s1.get_mut(k), s2.get_mut(k)]
+                .map(|a| a.map_or(&mut [][..], |a| &mut a[..]));
+            self.elements(first + k, 0, p, st);
+        }
+    }
+
+    /// Elements `at..at + p.len()` of tensor `t`: its parameters `p` and the same range
+    /// of its state arrays `state` (empty where it has fewer).
+    fn elements(&self, t: usize, at: usize, p: &mut [f32], state: [&mut [f32]; 3]) {
+        if p.len() > TASK {
+            let mid = (p.len() / 2).next_multiple_of(BLOCK);
+            let (pa, pb) = p.split_at_mut(mid);
+            let [s0, s1, s2] = state.map(|s| s.split_at_mut(mid.min(s.len())));
+            rayon::join(
+                || self.elements(t, at, pa, [s0.0, s1.0, s2.0]),
+                || self.elements(t, at + mid, pb, [s0.1, s1.1, s2.1]),
+            );
+            return;
+        }
+        let (opt, tick, read) = (self.opt, self.tick, (self.read)(t));
+        let mut clipped = [0.0f32; BLOCK];
+        let [s0, s1, s2] = state;
+        for (b, pb) in p.chunks_mut(BLOCK).enumerate() {
+            let (off, n) = (b * BLOCK, pb.len());
+            let gb = &mut clipped[..n];
+            read_block(&read, &(self.grad)(t), at + off, gb);
+            // A state array this optimizer does not keep stays empty.
+            fn block(s: &mut [f32], off: usize, n: usize) -> &mut [f32] {
+                match s.is_empty() {
+                    true => s,
+                    false => &mut s[off..off + n],
+                }
+            }
+            let (m, v, vmax) = (block(s0, off, n), block(s1, off, n), block(s2, off, n));
+            match (opt.kind, self.arrays) {
+                (OPT_SGD, 0) => sgd_plain(opt, tick, pb, gb),
+                (OPT_SGD, _) => sgd_momentum(opt, tick, pb, gb, m),
+                (_, 2) => adam_block(opt, tick, pb, gb, m, v),
+                _ => amsgrad_block(opt, tick, pb, gb, m, v, vmax),
+            }
+        }
+    }
 }
 
 /// How one tensor's gradients are read.
@@ -172,52 +282,9 @@ enum Read<'a> {
     Each(&'a DeferredStep, usize),
 }
 
-/// Elements per parallel task, and per block of clipped gradients inside it.
+/// Elements per parallel task (at most), and per block of clipped gradients inside it.
 const TASK: usize = 1 << 16;
 const BLOCK: usize = 1 << 12;
-
-/// One parallel task: its first element, its parameters and its range of each state array.
-type Task<'a> = (usize, &'a mut [f32], Vec<&'a mut [f32]>);
-
-/// Updates one tensor in parallel tasks; `state` holds its state arrays.
-fn update_tensor(
-    opt: &OptimizerParams,
-    tick: &Tick,
-    read: &Read<'_>,
-    g: &GradRef<'_>,
-    p: &mut [f32],
-    state: Vec<&mut Vec<f32>>,
-) {
-    // Each task gets its parameters and the same range of each state array.
-    let mut state: Vec<std::slice::ChunksMut<'_, f32>> =
-        state.into_iter().map(|a| a.chunks_mut(TASK)).collect();
-    let tasks: Vec<Task<'_>> = p
-        .chunks_mut(TASK)
-        .enumerate()
-        .map(|(b, pb)| {
-            let sb = state.iter_mut().filter_map(Iterator::next).collect();
-            (b * TASK, pb, sb)
-        })
-        .collect();
-    tasks.into_par_iter().for_each(|(start, pt, mut st)| {
-        let mut clipped = [0.0f32; BLOCK];
-        for (b, pb) in pt.chunks_mut(BLOCK).enumerate() {
-            let at = start + b * BLOCK;
-            let gb = &mut clipped[..pb.len()];
-            read_block(read, g, at, gb);
-            let mut sb = st
-                .iter_mut()
-                .map(|s| &mut s[b * BLOCK..b * BLOCK + pb.len()]);
-            match (opt.kind, sb.next(), sb.next(), sb.next()) {
-                (OPT_SGD, None, _, _) => sgd_plain(opt, tick, pb, gb),
-                (OPT_SGD, Some(buf), _, _) => sgd_momentum(opt, tick, pb, gb, buf),
-                (_, Some(m), Some(v), None) => adam_block(opt, tick, pb, gb, m, v),
-                (_, Some(m), Some(v), Some(vmax)) => amsgrad_block(opt, tick, pb, gb, m, v, vmax),
-                _ => unreachable!("Adam keeps two or three state arrays"),
-            }
-        }
-    });
-}
 
 /// The clipped gradients of elements `at..at + out.len()` of `g`, into `out`.
 fn read_block(read: &Read<'_>, g: &GradRef<'_>, at: usize, out: &mut [f32]) {

@@ -59,6 +59,11 @@ impl CpuPolicy {
         (&self.program, &mut self.state, &mut self.outcome)
     }
 
+    /// The tensors it clips.
+    pub(crate) fn infos(&self) -> &[TensorInfo] {
+        &self.infos
+    }
+
     /// Runs `program` instead (the same chain cut to a shard: same units and state).
     pub(crate) fn set_program(&mut self, program: Program) {
         self.program = program;
@@ -150,24 +155,47 @@ impl CpuPolicy {
         grads: &[GradRef<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<DeferredStep, ClipError> {
-        let lens: Vec<u64> = grads.iter().map(|g| g.len() as u64).collect();
-        let step = self.check_with(&lens, params, |lens| {
+        self.defer(grads, params, None)
+    }
+
+    /// [`CpuPolicy::step_deferred`] into the buffers of an earlier step's `kept` result
+    /// (a warm step allocates nothing per tensor; the program, and so the units' layouts,
+    /// stay the same for a policy's life).
+    pub(crate) fn defer(
+        &mut self,
+        grads: &[GradRef<'_>],
+        params: Option<&[GradRef<'_>]>,
+        kept: Option<DeferredStep>,
+    ) -> Result<DeferredStep, ClipError> {
+        let lens = grads.iter().map(|g| g.len() as u64);
+        check_shapes(&self.infos, lens.clone())?;
+        let step = self.next_step(params, |lens| {
             check_shapes(&self.infos, lens.iter().copied())
         })?;
         let params = params.filter(|_| self.program.needs_params());
         let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
         engine::reduce_units(grads.len(), |t| grads[t], params, program, step.norm, out);
         engine::stages(program, &step, state, true, out);
-        let finish = out.stages[0].finish;
-        let coefs = out.coefs.clone();
+        let held = out.stages[0].finish.status & STATUS_HELD != 0;
+        let (mut coefs, layouts, mut kept_lens) = match kept {
+            Some(d) if d.layouts.len() == grads.len() => (d.coefs, d.layouts, d.lens),
+            _ => (
+                Vec::new(),
+                self.program.unit_layouts(grads.len()),
+                Vec::new(),
+            ),
+        };
+        coefs.clone_from(&out.coefs);
+        kept_lens.clear();
+        kept_lens.extend(lens);
         let report = self.commit(step)?;
         Ok(DeferredStep {
             report,
             coefs,
-            held: finish.status & STATUS_HELD != 0,
+            held,
             step,
-            layouts: self.program.unit_layouts(lens.len()),
-            lens,
+            layouts,
+            lens: kept_lens,
         })
     }
 
