@@ -175,14 +175,27 @@ impl HalfClamp {
         // The non-NaN keys, from -inf to +inf, order as their values.
         let (first, last) = (Self::key(0x8000 | inf), Self::key(inf));
         let value = |k: u16| to_f32(Self::bits_of(k));
-        let keys: Vec<u16> = (first..=last).collect();
-        let lo_key = first + keys.partition_point(|&k| value(k) < lo) as u16;
-        let above = keys.partition_point(|&k| value(k) <= hi);
+        // The first key whose value fails `holds` (true, then false, along the keys): a
+        // binary search over the key range itself (a list of the keys would be 128 KB,
+        // allocated and freed at every value clip).
+        let partition = |holds: &dyn Fn(f32) -> bool| -> u32 {
+            let (mut a, mut b) = (first as u32, last as u32 + 1);
+            while a < b {
+                let m = (a + b) / 2;
+                match holds(value(m as u16)) {
+                    true => a = m + 1,
+                    false => b = m,
+                }
+            }
+            a
+        };
+        let lo_key = partition(&|v| v < lo) as u16;
+        let above = partition(&|v| v <= hi);
         // No value <= hi (hi below -inf cannot happen): everything clamps down.
-        let hi_key = if above == 0 {
+        let hi_key = if above == first as u32 {
             0
         } else {
-            first + above as u16 - 1
+            (above - 1) as u16
         };
         HalfClamp {
             nan_above: inf,
