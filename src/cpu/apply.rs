@@ -189,6 +189,10 @@ wide_fn! {
 fn scale_bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
     #[cfg(target_arch = "x86_64")]
     {
+        if has_avx512bf16() {
+            // SAFETY: the CPU has AVX-512 F, BW, DQ and BF16, checked just above.
+            return unsafe { scale_bf16_avx512bf16(c, coef, zero_nans) };
+        }
         if has_avx512bw() {
             // SAFETY: the CPU has AVX-512 F and BW, checked just above.
             return unsafe { scale_bf16_avx512(c, coef, zero_nans) };
@@ -207,6 +211,14 @@ fn has_avx512bw() -> bool {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw")
 }
 
+/// Whether the bf16 scaling narrows with the AVX-512 BF16 conversion (and DQ's class test).
+#[cfg(target_arch = "x86_64")]
+fn has_avx512bf16() -> bool {
+    has_avx512bw()
+        && std::is_x86_feature_detected!("avx512dq")
+        && std::is_x86_feature_detected!("avx512bf16")
+}
+
 /// [`scale_bf16`] with AVX-512, 32 at a time: [`scale_bf16_avx2`]'s widening and packing
 /// at twice the width, with mask registers for the NaN lanes. As compiled, the loop
 /// narrows with `vpmovdw` and a lane insert, which bound it in cache: a clip of 2000
@@ -214,15 +226,49 @@ fn has_avx512bw() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 fn scale_bf16_avx512(c: &mut [bf16], coef: f32, zero_nans: bool) {
+    scale_bf16_512(c, coef, zero_nans, |lo, hi| narrow_bf16_512(lo, hi))
+}
+
+/// [`scale_bf16_avx512`] narrowing with `vcvtne2ps2bf16` (AVX-512 BF16): one instruction
+/// rounds 32 values to nearest even and quiets NaN as [`round_bf16`] does, where the
+/// integer rounding takes seven per 16. It flushes subnormal results to zero, so a vector
+/// pair that holds one is narrowed the integer way.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512bf16")]
+fn scale_bf16_avx512bf16(c: &mut [bf16], coef: f32, zero_nans: bool) {
     use std::arch::x86_64::*;
-    let k = _mm512_set1_ps(coef);
-    let zero = _mm512_setzero_si512();
+    // The conversion puts `lo`'s values, then `hi`'s; the unpacked halves interleave
+    // them by 64-bit groups.
+    let order = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+    scale_bf16_512(c, coef, zero_nans, |lo, hi| {
+        const SUBNORMAL: i32 = 0x20;
+        let tiny =
+            _mm512_fpclass_ps_mask::<SUBNORMAL>(lo) | _mm512_fpclass_ps_mask::<SUBNORMAL>(hi);
+        if tiny != 0 {
+            return narrow_bf16_512(lo, hi);
+        }
+        // SAFETY: both are 64 bytes in which any bits are a value.
+        let packed: __m512i = unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo)) };
+        _mm512_permutexvar_epi64(order, packed)
+    })
+}
+
+/// Rounds the f32 halves `lo`, `hi` of 32 widened bf16 values (as `scale_bf16_512`
+/// unpacks them) to bf16 (nearest even; NaN quieted) and packs them back in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn narrow_bf16_512(
+    lo: std::arch::x86_64::__m512,
+    hi: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
     let (one, bias, quiet) = (
         _mm512_set1_epi32(1),
         _mm512_set1_epi32(0x7fff),
         _mm512_set1_epi32(0x40_0000),
     );
-    // Rounds 16 f32 to bf16 (nearest even; NaN quieted), in the high half of each lane.
+    // 16 f32 to bf16 in the high half of each lane.
     let round = |y: __m512| {
         let b = _mm512_castps_si512(y);
         let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), one);
@@ -230,8 +276,26 @@ fn scale_bf16_avx512(c: &mut [bf16], coef: f32, zero_nans: bool) {
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y);
         _mm512_srli_epi32::<16>(_mm512_mask_or_epi32(r, nan, b, quiet))
     };
+    _mm512_packus_epi32(round(lo), round(hi))
+}
+
+/// The AVX-512 bf16 scaling loop, narrowing with `narrow` ([`narrow_bf16_512`]'s
+/// contract).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+fn scale_bf16_512(
+    c: &mut [bf16],
+    coef: f32,
+    zero_nans: bool,
+    narrow: impl Fn(std::arch::x86_64::__m512, std::arch::x86_64::__m512) -> std::arch::x86_64::__m512i,
+) {
+    use std::arch::x86_64::*;
+    let k = _mm512_set1_ps(coef);
+    let zero = _mm512_setzero_si512();
     // NaN lanes keep x (or become 0), the others are scaled; as in `scale_bf16_avx2`,
-    // a NaN times a coefficient that is not NaN is x quieted, which `round` does anyway.
+    // a NaN times a coefficient that is not NaN is x quieted, which the narrowing does
+    // anyway.
     let plain = !zero_nans && !coef.is_nan();
     let nan_fill = match zero_nans {
         true => Some(_mm512_setzero_ps()),
@@ -252,7 +316,7 @@ fn scale_bf16_avx512(c: &mut [bf16], coef: f32, zero_nans: bool) {
             let h = unsafe { _mm512_loadu_si512(p.cast()) };
             let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, h));
             let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, h));
-            let out = _mm512_packus_epi32(round(scale(lo)), round(scale(hi)));
+            let out = narrow(scale(lo), scale(hi));
             // SAFETY: as above.
             unsafe { _mm512_storeu_si512(p.cast(), out) };
         }
@@ -576,7 +640,7 @@ mod tests {
         }
     }
 
-    /// The AVX2 and the compiled bf16 scaling give the same bits on every bf16 value.
+    /// The intrinsic and the compiled bf16 scalings give the same bits on every bf16 value.
     #[test]
     fn bf16_scalings_agree_bit_for_bit() {
         type Scale = fn(&mut [bf16], f32, bool);
@@ -596,6 +660,12 @@ mod tests {
                     if has_avx512bw() {
                         // SAFETY: the CPU has AVX-512 F and BW, checked just above.
                         runs.push(("AVX-512", |c, k, z| unsafe { scale_bf16_avx512(c, k, z) }));
+                    }
+                    if has_avx512bf16() {
+                        // SAFETY: the CPU has AVX-512 F, BW, DQ and BF16, checked just above.
+                        runs.push(("AVX-512 BF16", |c, k, z| unsafe {
+                            scale_bf16_avx512bf16(c, k, z)
+                        }));
                     }
                 }
                 for (name, run) in runs {
