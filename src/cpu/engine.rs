@@ -684,12 +684,12 @@ pub(crate) fn stages(
     let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
     let merged = (stages.iter()).fold(0, |m, s| m | (s.finish.status & verdict));
     for (k, stage) in program.stages.iter().enumerate() {
-        if stage.adaptive == abi::ADAPTIVE_NONE {
-            continue;
+        if stage.adaptive != abi::ADAPTIVE_NONE {
+            let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
+            let totals = stages[..=k].iter().map(|s| s.finish.total.flags);
+            undo(block, merged, totals);
         }
-        let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
-        let totals = stages[..=k].iter().map(|s| s.finish.total.flags);
-        undo(block, merged, totals);
+        // As a state read from the device has them (`PolicyState::from_device`).
         stage.clear_step_words(&mut state.words);
     }
     let skipped = merged & STATUS_SKIPPED != 0;

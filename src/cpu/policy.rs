@@ -70,8 +70,12 @@ impl CpuPolicy {
     }
 
     /// Restores a saved state (from either backend).
-    pub fn set_state(&mut self, state: PolicyState) -> Result<(), ClipError> {
+    pub fn set_state(&mut self, mut state: PolicyState) -> Result<(), ClipError> {
         state.check_fits(&self.program.fresh_state())?;
+        // The per-step words are not part of a state (as on the GPU).
+        for stage in &self.program.stages {
+            stage.clear_step_words(&mut state.words);
+        }
         self.state = state;
         Ok(())
     }
