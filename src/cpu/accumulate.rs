@@ -94,7 +94,8 @@ impl CpuAccumulator {
         let first = self.added == 0;
         if self.added + 1 == self.micro_steps {
             // Check the policy's inputs before the sums change, so a bad call keeps them.
-            self.policy.check(sums, params)?;
+            let lens = sums.iter().map(|g| g.as_ref().len() as u64);
+            self.policy.check(lens, params)?;
         }
         sums.par_iter_mut()
             .zip(micro)

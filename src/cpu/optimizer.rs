@@ -249,13 +249,13 @@ where
             );
             return;
         }
-        let (opt, tick, read) = (self.opt, self.tick, (self.read)(t));
+        let (opt, tick, read, g) = (self.opt, self.tick, (self.read)(t), (self.grad)(t));
         let mut clipped = [0.0f32; BLOCK];
         let [s0, s1, s2] = state;
         for (b, pb) in p.chunks_mut(BLOCK).enumerate() {
             let (off, n) = (b * BLOCK, pb.len());
             let gb = &mut clipped[..n];
-            read_block(&read, &(self.grad)(t), at + off, gb);
+            read_block(&read, &g, at + off, gb);
             // A state array this optimizer does not keep stays empty.
             fn block(s: &mut [f32], off: usize, n: usize) -> &mut [f32] {
                 match s.is_empty() {

@@ -80,13 +80,13 @@ impl CpuPolicy {
         Ok(())
     }
 
-    /// Checks the inputs of the next step; returns its parameters.
+    /// Checks the inputs of the next step (gradients of lengths `lens`, the parameters);
+    /// returns its parameters.
     pub(crate) fn check(
         &self,
-        grads: &[GradMut<'_>],
+        lens: impl ExactSizeIterator<Item = u64>,
         params: Option<&[GradRef<'_>]>,
     ) -> Result<CpuStep, ClipError> {
-        let lens = grads.iter().map(|g| g.as_ref().len() as u64);
         check_shapes(&self.infos, lens)?;
         self.next_step(params, |lens| {
             check_shapes(&self.infos, lens.iter().copied())
@@ -143,7 +143,7 @@ impl CpuPolicy {
         grads: &mut [GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<PolicyReport, ClipError> {
-        let step = self.check(grads, params)?;
+        let step = self.check(grads.iter().map(|g| g.as_ref().len() as u64), params)?;
         let params = params.filter(|_| self.program.needs_params());
         // Nothing fails from here on: the step runs on the kept state and buffers.
         let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
@@ -172,10 +172,7 @@ impl CpuPolicy {
         kept: Option<DeferredStep>,
     ) -> Result<DeferredStep, ClipError> {
         let lens = grads.iter().map(|g| g.len() as u64);
-        check_shapes(&self.infos, lens.clone())?;
-        let step = self.next_step(params, |lens| {
-            check_shapes(&self.infos, lens.iter().copied())
-        })?;
+        let step = self.check(lens.clone(), params)?;
         let params = params.filter(|_| self.program.needs_params());
         let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
         engine::reduce_units(grads.len(), |t| grads[t], params, program, step.norm, out);
