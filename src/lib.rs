@@ -29,10 +29,12 @@ pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
     DeferredClip, GpuAccumulator, GpuBatch, GpuContext, GpuOptimizer, GpuPerExample, GpuPolicy,
-    GpuTensor, PendingReport, ShardedGpuPolicy,
+    GpuTensor, PendingReport, ReportFuture, ShardedGpuPolicy,
 };
 pub use half::{bf16, f16};
-pub use monitor::{plot, GradMonitor};
+#[cfg(feature = "plot")]
+pub use monitor::plot;
+pub use monitor::GradMonitor;
 pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, NormAcc, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};

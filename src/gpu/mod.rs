@@ -22,5 +22,5 @@ pub use deferred::DeferredClip;
 pub use optimizer::GpuOptimizer;
 pub use per_example::GpuPerExample;
 pub use policy::GpuPolicy;
-pub use readback::PendingReport;
+pub use readback::{PendingReport, ReportFuture};
 pub use sharded::ShardedGpuPolicy;

@@ -3,8 +3,13 @@
 //! the caller reads it whenever it likes. Buffers go back to the pool once read, so a
 //! loop that reads its reports allocates nothing after the first steps.
 
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures_intrusive::channel::shared::{oneshot_channel, OneshotReceiver, OneshotSender};
 
 use super::context::{guarded, GpuContext};
 use crate::error::ClipError;
@@ -16,6 +21,11 @@ use crate::shaders::abi::{self, Acc, StepReport};
 const PENDING: u8 = 0;
 const MAPPED: u8 = 1;
 const FAILED: u8 = 2;
+
+/// How long an idle queue with a report still pending is watched before the step is
+/// declared never submitted: `NEVER_SUBMITTED_CHECKS` checks, 0.5 ms apart.
+const NEVER_SUBMITTED_CHECKS: u32 = 2000;
+const NEVER_SUBMITTED: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Free readback buffers of one batch.
 pub(crate) struct ReportPool {
@@ -65,15 +75,28 @@ pub(crate) struct ReportKind {
     pub seq: u64,
 }
 
+/// Fires once with the mapping's outcome (`MAPPED` or `FAILED`), or with `PENDING` when
+/// the step was never submitted. The mapping's callback and the report's waiting thread
+/// share the sender: the first to know sends.
+struct Signal {
+    send: Arc<OneshotSender<u8>>,
+    receive: OneshotReceiver<u8>,
+}
+
 /// Turns the words read back into a report.
 type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 
 /// The report of an encoded step ([`ClipReport`], or [`crate::PolicyReport`] for
-/// policies), available once the GPU has run it. Read it with [`PendingReport::wait`];
-/// [`PendingReport::is_ready`] tells without blocking.
+/// policies), available once the GPU has run it.
+///
+/// Blocking code reads it with [`PendingReport::wait`]; [`PendingReport::is_ready`] tells
+/// without blocking. Async code awaits it: a pending report is [`IntoFuture`], resolved by
+/// the callback of the report's buffer mapping, so several steps can be in flight and
+/// awaited in any order.
 pub struct PendingReport<R = ClipReport> {
     buffer: Option<wgpu::Buffer>,
     state: Arc<AtomicU8>,
+    mapped: Arc<Signal>,
     pool: Arc<ReportPool>,
     device: wgpu::Device,
     decode: Option<Decoder<R>>,
@@ -98,12 +121,20 @@ impl<R> PendingReport<R> {
     ) -> PendingReport<R> {
         let state = Arc::new(AtomicU8::new(PENDING));
         let done = state.clone();
+        let (send, receive) = oneshot_channel();
+        let send = Arc::new(send);
+        let signal = send.clone();
         encoder.map_buffer_on_submit(&buffer, wgpu::MapMode::Read, .., move |r| {
-            done.store(if r.is_ok() { MAPPED } else { FAILED }, Ordering::Release);
+            let outcome = if r.is_ok() { MAPPED } else { FAILED };
+            done.store(outcome, Ordering::Release);
+            // Nobody may be waiting (the report is read blocking, or was dropped unread).
+            let _ = signal.send(outcome);
         });
+        let mapped = Arc::new(Signal { send, receive });
         PendingReport {
             buffer: Some(buffer),
             state,
+            mapped,
             pool,
             device,
             decode: Some(decode),
@@ -122,6 +153,7 @@ impl<R> PendingReport<R> {
         PendingReport {
             buffer: self.buffer.take(),
             state: self.state.clone(),
+            mapped: self.mapped.clone(),
             pool: self.pool.clone(),
             device: self.device.clone(),
             decode: Some(Box::new(move |words| decode(words).map(f))),
@@ -138,21 +170,13 @@ impl<R> PendingReport<R> {
     /// [`NonFinitePolicy::Error`], a non-finite norm is returned as
     /// [`ClipError::NonFiniteNorm`] (the gradients were left unchanged).
     pub fn wait(mut self) -> Result<R, ClipError> {
-        // Another thread's poll may have taken this step's callback and not yet run it,
-        // so an idle queue with the report still pending is re-checked for a while before
-        // the step is declared never submitted.
-        let mut idle_checks = 0;
-        while self.state.load(Ordering::Acquire) == PENDING && idle_checks < 2000 {
-            let status = self
-                .device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| ClipError::Readback(e.to_string()))?;
-            if status.is_queue_empty() && self.state.load(Ordering::Acquire) == PENDING {
-                idle_checks += 1;
-                std::thread::sleep(std::time::Duration::from_micros(500));
-            }
-        }
-        match self.state.load(Ordering::Acquire) {
+        let outcome = wait_mapped(&self.device, &self.state)?;
+        self.read(outcome)
+    }
+
+    /// Decodes the mapped report, given how the mapping ended.
+    fn read(&mut self, outcome: u8) -> Result<R, ClipError> {
+        match outcome {
             MAPPED => {}
             FAILED => return Err(ClipError::Readback("mapping the report failed".into())),
             _ => {
@@ -177,6 +201,121 @@ impl<R> PendingReport<R> {
         self.pool.give_back(buffer);
         let decode = self.decode.take().expect("decoder present until read");
         decode(&words)
+    }
+}
+
+/// Polls `device` until the mapping behind `state` has ended and returns its outcome, or
+/// `PENDING` when the queue stays idle with the mapping not done (never submitted).
+fn wait_mapped(device: &wgpu::Device, state: &AtomicU8) -> Result<u8, ClipError> {
+    // Another thread's poll may have taken this step's callback and not yet run it, so
+    // an idle queue with the report still pending is re-checked for a while before the
+    // step is declared never submitted.
+    let mut idle_checks = 0;
+    while state.load(Ordering::Acquire) == PENDING && idle_checks < NEVER_SUBMITTED_CHECKS {
+        let status = device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| ClipError::Readback(e.to_string()))?;
+        if status.is_queue_empty() && state.load(Ordering::Acquire) == PENDING {
+            idle_checks += 1;
+            std::thread::sleep(std::time::Duration::from_micros(500));
+        }
+    }
+    Ok(state.load(Ordering::Acquire))
+}
+
+impl<R: 'static> IntoFuture for PendingReport<R> {
+    type Output = Result<R, ClipError>;
+    type IntoFuture = ReportFuture<R>;
+
+    fn into_future(self) -> ReportFuture<R> {
+        let signal = Box::pin(self.mapped.receive.receive());
+        let gl = self.device.adapter_info().backend == wgpu::Backend::Gl;
+        ReportFuture {
+            report: self,
+            signal,
+            driven: false,
+            gl,
+            idle_since: None,
+        }
+    }
+}
+
+/// A [`PendingReport`] being awaited: resolves to the step's report once the GPU has run
+/// it (`pending.await`).
+///
+/// The buffer mapping's callback wakes the task. On native backends the device must be
+/// polled for that callback to run, so the first poll that finds the report not ready
+/// hands the waiting to a thread of its own, which polls the device until the step has
+/// run. wgpu's GL backend takes one thread at a time, so there the future polls the
+/// device itself each time the executor polls it and asks to be polled again. Either way
+/// a step whose command buffer is never submitted resolves to [`ClipError::Readback`]
+/// after the queue has stayed idle for about a second.
+pub struct ReportFuture<R> {
+    report: PendingReport<R>,
+    signal: Pin<Box<dyn Future<Output = Option<u8>> + Send>>,
+    /// A thread waits on the device for this report.
+    driven: bool,
+    /// The device is GL: polled from the awaiting task only.
+    gl: bool,
+    /// GL: when the queue was first seen idle with the report still pending.
+    idle_since: Option<std::time::Instant>,
+}
+
+impl<R> std::fmt::Debug for ReportFuture<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReportFuture")
+            .field("report", &self.report)
+            .finish()
+    }
+}
+
+impl<R> Future for ReportFuture<R> {
+    type Output = Result<R, ClipError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        if this.driven {
+            return match this.signal.as_mut().poll(cx) {
+                Poll::Ready(outcome) => Poll::Ready(this.report.read(outcome.unwrap_or(FAILED))),
+                Poll::Pending => Poll::Pending,
+            };
+        }
+        // Runs the mapping's callback if the GPU is already done, without blocking.
+        let status = this.report.device.poll(wgpu::PollType::Poll);
+        if let Poll::Ready(outcome) = this.signal.as_mut().poll(cx) {
+            return Poll::Ready(this.report.read(outcome.unwrap_or(FAILED)));
+        }
+        if !this.gl {
+            this.driven = true;
+            this.report.drive();
+            return Poll::Pending;
+        }
+        let idle = matches!(status, Ok(s) if s.is_queue_empty());
+        match (idle, this.idle_since) {
+            (false, _) => this.idle_since = None,
+            (true, None) => this.idle_since = Some(std::time::Instant::now()),
+            (true, Some(t)) if t.elapsed() > NEVER_SUBMITTED => {
+                return Poll::Ready(this.report.read(PENDING));
+            }
+            (true, Some(_)) => {}
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<R> PendingReport<R> {
+    /// Polls the device on a thread of its own until this step's mapping has ended, then
+    /// wakes the awaiting task through the mapping's signal.
+    fn drive(&self) {
+        let device = self.device.clone();
+        let state = self.state.clone();
+        let mapped = self.mapped.clone();
+        std::thread::spawn(move || {
+            let outcome = wait_mapped(&device, &state).unwrap_or(FAILED);
+            // The callback has sent already unless the step failed to map or never ran.
+            let _ = mapped.send.send(outcome);
+        });
     }
 }
 

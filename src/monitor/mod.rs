@@ -1,8 +1,9 @@
 //! The gradient monitor: step reports (of a chain, or of a global clip) collected step
 //! after step without stalling the GPU, exported as CSV and JSON lines, and drawn as PNG
-//! or SVG charts.
+//! or SVG charts (feature `plot`).
 
 mod export;
+#[cfg(feature = "plot")]
 pub mod plot;
 
 use std::collections::VecDeque;
@@ -11,6 +12,7 @@ use std::path::Path;
 use crate::error::ClipError;
 use crate::gpu::PendingReport;
 use crate::report::{ClipReport, PolicyReport};
+#[cfg(feature = "plot")]
 use plot::{BarChart, LineChart};
 
 /// Reports still in flight before [`GradMonitor::track`] waits for the oldest.
@@ -119,6 +121,7 @@ impl GradMonitor {
         &self.records
     }
 
+    #[cfg(feature = "plot")]
     /// Total norm before and after clipping, and the threshold, over the steps, as a
     /// chart ready to save or extend.
     pub fn norms_chart(&self, log_y: bool) -> LineChart {
@@ -134,6 +137,7 @@ impl GradMonitor {
             .dashed("threshold", series(&|r| r.threshold.map(f64::from)))
     }
 
+    #[cfg(feature = "plot")]
     /// Per-tensor norms before and after clipping at the last step that has them.
     pub fn layers_chart(&self, log_y: bool) -> BarChart {
         let last = self
@@ -157,11 +161,13 @@ impl GradMonitor {
         }
     }
 
+    #[cfg(feature = "plot")]
     /// Saves [`GradMonitor::norms_chart`] as PNG or SVG (by the extension of `path`).
     pub fn plot_norms(&self, path: impl AsRef<Path>, log_y: bool) -> Result<(), ClipError> {
         self.norms_chart(log_y).save(path)
     }
 
+    #[cfg(feature = "plot")]
     /// Saves [`GradMonitor::layers_chart`] as PNG or SVG (by the extension of `path`).
     pub fn plot_layers(&self, path: impl AsRef<Path>, log_y: bool) -> Result<(), ClipError> {
         self.layers_chart(log_y).save(path)
