@@ -19,9 +19,9 @@ mod shaders;
 mod shard;
 
 pub use chain::{
-    Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold, GaussianNoise, Group, GroupClip,
-    Masked, PerExampleClip, PerExampleReport, PerTensorClip, PolicyState, Rule, Schedule,
-    TensorInfo, UnitAxis, UnitLayout, ZClip,
+    AdaptiveKind, AdaptiveState, Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold,
+    GaussianNoise, Group, GroupClip, Masked, PerExampleClip, PerExampleReport, PerTensorClip,
+    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
 pub use cpu::{CpuAccumulator, CpuOptimizer, CpuPolicy, DeferredStep, ShardedCpuPolicy};
@@ -51,4 +51,15 @@ pub use wgpu;
 /// the noise a step added.
 pub mod noise {
     pub use crate::cpu::philox::{gaussian_block, gaussian_noise, philox4x32_10};
+}
+
+/// The guides in docs/, compiled here so their examples are tested with the crate's doctests.
+#[cfg(doctest)]
+mod docs_examples {
+    #[doc = include_str!("../docs/architecture.md")]
+    struct Architecture;
+    #[doc = include_str!("../docs/guide.md")]
+    struct Guide;
+    #[doc = include_str!("../docs/sharding.md")]
+    struct Sharding;
 }

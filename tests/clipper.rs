@@ -92,8 +92,11 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
     // The GPU's AutoClip history continues on the CPU, and back.
     let saved = on_gpu.policy_state().unwrap();
     assert_eq!(saved.step(), 4);
-    assert_eq!(saved.norms_seen(), 4);
-    let (gh, ch) = (saved.history(), on_cpu.policy_state().unwrap().history());
+    assert_eq!(saved.adaptive()[0].norms_seen, 4);
+    let (gh, ch) = (
+        saved.adaptive()[0].history.clone(),
+        on_cpu.policy_state().unwrap().adaptive()[0].history.clone(),
+    );
     assert_eq!(gh.len(), ch.len());
     for (g, c) in gh.iter().zip(&ch) {
         assert!(
@@ -137,7 +140,7 @@ fn new_element_types_rebuild_the_gpu_plan_and_keep_the_state() {
         assert!(common::close(t, u, 1e-6), "step {k}: threshold {t} vs {u}");
         assert_close(&g, &h, &format!("step {k}"));
     }
-    assert_eq!(clipper.policy_state().unwrap().norms_seen(), 3);
+    assert_eq!(clipper.policy_state().unwrap().adaptive()[0].norms_seen, 3);
 }
 
 #[test]
@@ -167,7 +170,8 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
         assert_eq!(short, copy);
         assert_eq!(g, before);
         let state = clipper.policy_state().unwrap();
-        assert_eq!((state.step(), state.norms_seen()), (0, 0), "{name}");
+        let seen: Vec<u32> = state.adaptive().iter().map(|a| a.norms_seen).collect();
+        assert!(state.step() == 0 && seen.iter().all(|&n| n == 0), "{name}");
     }
     // A configuration error comes at construction.
     let bad = ClipPolicy::new(Rule::GlobalNorm(-1.0));

@@ -6,9 +6,9 @@ mod common;
 
 use common::{close, download, gpu, gpu_tensors, host, rules, upload, write, Host};
 use gradclip::{
-    noise, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, CpuPolicy, GaussianNoise,
-    GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, PerTensorClip, PolicyReport,
-    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
+    noise, AdaptiveKind, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, CpuPolicy,
+    GaussianNoise, GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
+    PolicyReport, PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
 };
 use proptest::prelude::*;
 
@@ -375,7 +375,7 @@ fn zclip_known_answers() {
         let mut h = s.clone();
         cpu.step(&mut common::muts(&mut h), None).unwrap();
         if i >= 2 {
-            let (m, v) = cpu.state().ema();
+            let (m, v) = cpu.state().adaptive()[0].ema.unwrap();
             let (em, ev) = expect[i - 2];
             assert!(
                 close(m as f64, em, 1e-6) && close(v as f64, ev, 1e-5),
@@ -535,6 +535,64 @@ fn non_finite_options() {
     assert_eq!(download(&ctx, &arena, &g)[1], g[1]);
 }
 
+/// Every adaptive stage's state is readable, not only the first one's: AutoClip then
+/// ZClip, on both backends, with the values an f64 model of the two stages gives.
+#[test]
+fn the_state_of_every_adaptive_stage_is_reported() {
+    let zclip = ZClip {
+        warmup: 3,
+        ..ZClip::default()
+    };
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+        .then(Rule::PerTensor(PerTensorClip { max_norm: 100.0 }))
+        .then(Rule::ZClip(zclip));
+    let infos = [TensorInfo::new("g", &[2])];
+    // Norms 5, 10, 15, ... : no stage clips at these sizes after the first two.
+    let steps: Vec<Vec<Host>> = (1..=5)
+        .map(|i| vec![f32s(&[3.0 * i as f32, 4.0 * i as f32])])
+        .collect();
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    for s in &steps {
+        cpu.step(&mut common::muts(&mut s.clone()), None).unwrap();
+    }
+    let ctx = gpu();
+    let arena = upload(&ctx, &steps[0]);
+    let t = gpu_tensors(&arena, &steps[0], &infos);
+    let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+    for s in &steps {
+        write(&ctx, &arena, s);
+        run.run().unwrap().wait().unwrap();
+    }
+    for state in [cpu.state().clone(), run.state().unwrap()] {
+        let stages = state.adaptive();
+        assert_eq!(stages.len(), 2, "{stages:?}");
+        let (auto, z) = (&stages[0], &stages[1]);
+        assert_eq!((auto.stage, auto.kind), (0, AdaptiveKind::AutoClip));
+        assert_eq!((z.stage, z.kind), (2, AdaptiveKind::ZClip));
+        assert_eq!((auto.norms_seen, z.norms_seen), (5, 5));
+        assert_eq!(auto.history.len(), 4);
+        assert_eq!(auto.ema, None);
+        // ZClip keeps its three warmup norms, then a mean and variance of positive norms.
+        assert_eq!(z.history.len(), 3);
+        let (mean, var) = z.ema.unwrap();
+        assert!(mean > 0.0 && var >= 0.0, "{z:?}");
+    }
+    // The backends agree to rounding (ZClip's variance may differ in its last bits).
+    for (c, g) in cpu
+        .state()
+        .adaptive()
+        .iter()
+        .zip(run.state().unwrap().adaptive())
+    {
+        let (c_ema, g_ema) = (c.ema.unwrap_or_default(), g.ema.unwrap_or_default());
+        let pairs =
+            (c.history.iter().zip(&g.history)).chain([(&c_ema.0, &g_ema.0), (&c_ema.1, &g_ema.1)]);
+        for (a, b) in pairs {
+            assert!(close(*a as f64, *b as f64, 1e-5), "{c:?} / {g:?}");
+        }
+    }
+}
+
 #[test]
 fn state_round_trips_between_runs_and_backends() {
     let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4))).noise(GaussianNoise {
@@ -576,7 +634,7 @@ fn state_round_trips_between_runs_and_backends() {
     // And the GPU state reads back into a CPU run.
     let back = run.state().unwrap();
     assert_eq!(back.step(), 8);
-    assert_eq!(back.history().len(), 4);
+    assert_eq!(back.adaptive()[0].history.len(), 4);
     cpu.set_state(back).unwrap();
     assert!(PolicyState::from_bytes(&bytes[..10]).is_err());
 }
@@ -602,6 +660,32 @@ fn bad_configurations_are_typed_errors() {
             "{rule:?}: {err}"
         );
     }
+    // A clamp or noise written before a norm stage would run after it: refused, not
+    // reordered. Written after the last stage, the same chain is accepted.
+    let global = || ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let noise = GaussianNoise {
+        sigma: 0.1,
+        seed: 1,
+    };
+    for (chain, what) in [
+        (
+            global()
+                .value(ValueClip::symmetric(0.5))
+                .then(Rule::GlobalNorm(2.0)),
+            "value clamp",
+        ),
+        (global().noise(noise).then(Rule::GlobalNorm(2.0)), "noise"),
+    ] {
+        match CpuPolicy::new(chain, &infos) {
+            Err(ClipError::InvalidConfig(msg)) => assert!(msg.contains(what), "{msg}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    let in_order = global()
+        .then(Rule::GlobalNorm(2.0))
+        .noise(noise)
+        .value(ValueClip::symmetric(0.5));
+    assert!(CpuPolicy::new(in_order, &infos).is_ok());
     // Shapes that do not match the data, AGC without parameters.
     let mut cpu = CpuPolicy::new(ClipPolicy::new(Rule::Agc(Agc::default())), &infos).unwrap();
     let mut h = vec![f32s(&[1.0; 5])];
@@ -866,7 +950,9 @@ fn a_held_step_records_no_norm_in_any_stage() {
                     assert_eq!(adaptive_words(&after), adaptive_words(&before), "{what}");
                 } else {
                     recorded += 1;
-                    assert_eq!(after.norms_seen(), recorded, "{what}: norms seen");
+                    for stage in after.adaptive() {
+                        assert_eq!(stage.norms_seen, recorded, "{what}: norms seen");
+                    }
                 }
             }
         }
@@ -1152,7 +1238,11 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
             for s in &steps {
                 p.step(&mut common::muts(&mut s.clone()), None).unwrap();
             }
-            p.state().history()
+            p.state()
+                .adaptive()
+                .into_iter()
+                .flat_map(|a| a.history)
+                .collect::<Vec<_>>()
         });
         assert!(state.unwrap().iter().all(|h| h.is_finite()), "{rule:?}");
     }
@@ -1261,8 +1351,8 @@ fn zclip_long_warmup_agrees() {
         let gr = run.run().unwrap().wait().unwrap();
         reports.push((gr, cr));
         if reports.len() == 1 {
-            let (gm, gv) = run.state().unwrap().ema();
-            let (cm, cv) = cpu.state().ema();
+            let (gm, gv) = run.state().unwrap().adaptive()[0].ema.unwrap();
+            let (cm, cv) = cpu.state().adaptive()[0].ema.unwrap();
             assert!(close(gm as f64, cm as f64, 1e-6), "mean {gm} vs {cm}");
             assert!(close(gv as f64, cv as f64, 1e-4), "variance {gv} vs {cv}");
         }

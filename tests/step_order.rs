@@ -139,10 +139,10 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     );
     assert!(results[1..].iter().all(|r| r.is_ok()));
     // The overwritten step recorded no norm in the history.
-    assert_eq!(run.state().unwrap().norms_seen(), 64);
+    assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 64);
     // The next submission is fine again.
     assert!(run.run().unwrap().wait().is_ok());
-    assert_eq!(run.state().unwrap().norms_seen(), 65);
+    assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 65);
 }
 
 /// A value clip alone has no report: when its slot is overwritten before submission it

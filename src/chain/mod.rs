@@ -16,7 +16,7 @@ pub use rules::{
     Agc, AutoClip, BlockRmsClip, Group, GroupClip, Masked, PerTensorClip, Rule, UnitAxis, ZClip,
 };
 pub use schedule::Schedule;
-pub use state::PolicyState;
+pub use state::{AdaptiveKind, AdaptiveState, PolicyState};
 pub(crate) use state::{
     HEADER_WORDS, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
@@ -101,6 +101,9 @@ pub struct ClipPolicy {
     pub non_finite: NonFinitePolicy,
     /// Also report every group's (or unit's) norm and coefficient.
     pub report_groups: bool,
+    /// What was written before a later norm stage although it runs after every one
+    /// (noise or the value clamp), refused by [`ClipPolicy::validate`].
+    misordered: Option<&'static str>,
 }
 
 impl ClipPolicy {
@@ -115,6 +118,7 @@ impl ClipPolicy {
             value: None,
             non_finite: NonFinitePolicy::Propagate,
             report_groups: false,
+            misordered: None,
         }
     }
 
@@ -122,7 +126,18 @@ impl ClipPolicy {
     /// stages scaled them (AGC then a global norm, say). The stages share one read of the
     /// gradients: a norm scales linearly, so each stage's norms are the unit norms times
     /// the coefficients so far, and one elementwise pass applies the product.
+    ///
+    /// Noise and the value clamp run after every norm stage, so a chain that writes them
+    /// before a norm stage (`.value(..).then(..)`) is refused by
+    /// [`ClipPolicy::validate`] rather than run in another order than written.
     pub fn then(mut self, rule: Rule) -> Self {
+        if self.misordered.is_none() {
+            self.misordered = match (self.noise, self.value) {
+                (_, Some(_)) => Some("a value clamp"),
+                (Some(_), None) => Some("noise"),
+                (None, None) => None,
+            };
+        }
         self.then.push(rule);
         self
     }
@@ -176,6 +191,12 @@ impl ClipPolicy {
 
     /// Checks the whole configuration.
     pub fn validate(&self) -> Result<(), ClipError> {
+        if let Some(what) = self.misordered {
+            return Err(ClipError::InvalidConfig(format!(
+                "{what} is written before a norm stage, but runs after every norm stage: \
+                 write .noise(..) and .value(..) after the last .then(..)"
+            )));
+        }
         for rule in self.rules() {
             rule.validate()?;
         }

@@ -26,6 +26,30 @@ const VERSION: u32 = 3;
 pub(crate) const STAGE_RECORD: usize = 4 + STAGE_PARAMS_WORDS;
 pub(crate) const STAGE_PARAMS_WORDS: usize = std::mem::size_of::<abi::StageParams>() / 4;
 
+/// Which adaptive rule an [`AdaptiveState`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdaptiveKind {
+    /// [`crate::AutoClip`]: a ring buffer of past norms.
+    AutoClip,
+    /// [`crate::ZClip`]: warmup norms, then a running mean and variance.
+    ZClip,
+}
+
+/// What one adaptive stage of a chain remembers ([`PolicyState::adaptive`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptiveState {
+    /// The stage's place in the chain (0 for the first norm stage).
+    pub stage: usize,
+    /// Its rule.
+    pub kind: AdaptiveKind,
+    /// Finite norms it has recorded so far.
+    pub norms_seen: u32,
+    /// The norms it keeps: AutoClip's ring buffer in slot order, ZClip's warmup norms.
+    pub history: Vec<f32>,
+    /// ZClip's running mean and variance (meaningful after warmup); `None` for AutoClip.
+    pub ema: Option<(f32, f32)>,
+}
+
 /// Everything a policy remembers: the step counter (noise and schedules), the count of
 /// consecutive skipped steps, and for the adaptive rules the norm history (AutoClip's
 /// ring buffer, ZClip's warmup norms) and ZClip's running mean and variance.
@@ -82,27 +106,28 @@ impl PolicyState {
         self.words[ST_SKIPS]
     }
 
-    /// Finite norms recorded by an adaptive rule so far.
-    pub fn norms_seen(&self) -> u32 {
-        self.words[ST_SEEN]
-    }
-
-    /// The stored norms (AutoClip: the ring buffer in slot order; ZClip: the warmup norms).
-    pub fn history(&self) -> Vec<f32> {
-        let cap = (self.words[ST_CAP] as usize).min(self.words.len() - HEADER_WORDS);
-        let n = (self.words[ST_SEEN] as usize).min(cap);
-        self.words[HEADER_WORDS..HEADER_WORDS + n]
-            .iter()
-            .map(|&w| f32::from_bits(w))
+    /// The state of every adaptive stage (AutoClip, ZClip) of the chain, in chain order.
+    pub fn adaptive(&self) -> Vec<AdaptiveState> {
+        (self.layout.chunks(STAGE_RECORD).enumerate())
+            .filter_map(|(stage, record)| {
+                let (kind, history, base) = (record[0], record[1] as usize, record[3] as usize);
+                let kind = match kind {
+                    abi::ADAPTIVE_AUTOCLIP => AdaptiveKind::AutoClip,
+                    abi::ADAPTIVE_ZCLIP => AdaptiveKind::ZClip,
+                    _ => return None,
+                };
+                let word = |i: usize| f32::from_bits(self.words[base + i]);
+                let norms_seen = self.words[base + ST_SEEN];
+                let kept = (norms_seen as usize).min(history);
+                Some(AdaptiveState {
+                    stage,
+                    kind,
+                    norms_seen,
+                    history: (0..kept).map(|i| word(HEADER_WORDS + i)).collect(),
+                    ema: (kind == AdaptiveKind::ZClip).then(|| (word(ST_MEAN), word(ST_VAR))),
+                })
+            })
             .collect()
-    }
-
-    /// ZClip's running mean and variance (meaningful after warmup).
-    pub fn ema(&self) -> (f32, f32) {
-        (
-            f32::from_bits(self.words[ST_MEAN]),
-            f32::from_bits(self.words[ST_VAR]),
-        )
     }
 
     /// Serializes the state (little-endian, versioned, with its layout).
