@@ -85,14 +85,18 @@ pub enum ClipError {
         /// What was passed.
         got: String,
     },
-    /// A tensor is longer than the GPU path addresses (2^32 - 1 elements), or a strided
-    /// unit (an AGC column) spans more than one storage binding, or host tensors
-    /// together exceed one device buffer ([`crate::Clipper`] on a GPU).
-    #[error("tensor {tensor:?} has {len} elements, more than this backend supports")]
+    /// More than this backend can address: a tensor longer than the GPU path addresses
+    /// (2^32 - 1 elements), a per-example tensor larger than one storage binding, a
+    /// strided unit (an AGC column) that spans more than one storage binding, a binding
+    /// window that needs more workgroups than a 2-D grid holds, or host data that does not
+    /// fit the device's buffers ([`crate::Clipper`] on a GPU).
+    #[error("{tensor:?} is larger than this backend supports (size {len}: elements of a tensor, bytes of a window)")]
     TooLarge {
-        /// Name (or index) of the tensor.
+        /// What was too large: a tensor's name (or index); `"window at byte .. of buffer
+        /// .."` for a binding window; `"all host tensors (..)"` or `"#index (..)"` for
+        /// [`crate::Clipper`]'s host data.
         tensor: String,
-        /// Its length.
+        /// Its length in elements; for a binding window, its size in bytes.
         len: u64,
     },
     /// A fused optimizer step writes the parameters while it reads the gradients, which

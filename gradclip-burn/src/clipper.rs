@@ -26,6 +26,7 @@ pub struct BurnClipper {
     planned: Option<(GpuPolicy, Key)>,
     restore: Option<PolicyState>,
     moves: u64,
+    copies: u64,
 }
 
 impl std::fmt::Debug for BurnClipper {
@@ -34,6 +35,7 @@ impl std::fmt::Debug for BurnClipper {
             .field("policy", &self.policy)
             .field("planned", &self.planned.as_ref().map(|(p, _)| p))
             .field("moves", &self.moves)
+            .field("copies", &self.copies)
             .finish()
     }
 }
@@ -48,6 +50,7 @@ impl BurnClipper {
             planned: None,
             restore: None,
             moves: 0,
+            copies: 0,
         })
     }
 
@@ -67,31 +70,57 @@ impl BurnClipper {
         self.moves
     }
 
+    /// How many gradients were copied before they could be clipped, over all steps.
+    ///
+    /// Gradients in order, and gradients dense in another order (a convolution's weight
+    /// gradient, a transposed matmul's), are clipped in place. A gradient is copied, in
+    /// order, into memory of its own when it is not dense (broadcast, gaps, overlaps) or
+    /// tiled, when it shares memory with another gradient, or, under AGC, when it is not in
+    /// order (AGC's units are slices along an axis). The copy replaces the gradient in
+    /// `GradientsParams`, so the optimizer steps with the clipped copy.
+    pub fn copies(&self) -> u64 {
+        self.copies
+    }
+
     /// Clips `grads`, the gradients of `module` (`GradientsParams::from_grads`), in place:
     /// every parameter that requires a gradient must have one. Encodes the chain on
     /// Burn's queue after Burn's pending work and submits it; the report is read back
     /// only when asked for ([`PendingReport::wait`], or a [`gradclip::GradMonitor`]).
     ///
     /// Tied parameters (one `ParamId` at several paths) are clipped once, under their
-    /// first path. Two gradients that share one buffer range (Burn handed the same
-    /// tensor to both) are separated first: the later one is replaced in `grads` by a
-    /// copy, so each is clipped once. On error nothing was written.
+    /// first path. Gradients in any dense order are clipped in place; the few that cannot
+    /// be are replaced in `grads` by a copy first ([`BurnClipper::copies`]), so two
+    /// gradients that share one buffer range are each clipped once. On error nothing was
+    /// written.
     pub fn clip<M: Module>(
         &mut self,
         module: &M,
         grads: &mut GradientsParams,
     ) -> Result<PendingReport<PolicyReport>, BurnClipError> {
-        let device = self.shared.device();
+        let shared = self.shared.clone();
+        let device = shared.device();
         let with_params = self.policy.needs_params();
         let mut found = collect(module, grads, device, with_params)?;
+        let misplaced: Vec<usize> = (0..found.len())
+            .filter(|&i| found[i].needs_copy.is_some())
+            .collect();
+        if !misplaced.is_empty() {
+            found = self.copy(module, grads, &found, &misplaced)?;
+            if let Some(f) = found.iter().find(|f| f.needs_copy.is_some()) {
+                return Err(BurnClipError::Layout {
+                    path: f.path.clone(),
+                    reason: format!(
+                        "{}, still after a copy",
+                        f.needs_copy.as_deref().unwrap_or("")
+                    ),
+                });
+            }
+        }
         let mut ranges = lookup(&found)?;
         let shared = overlapping(&ranges.0);
         if !shared.is_empty() {
             drop(ranges);
-            for &i in &shared {
-                (found[i].separate)(grads, found[i].id);
-            }
-            found = collect(module, grads, device, with_params)?;
+            found = self.copy(module, grads, &found, &shared)?;
             ranges = lookup(&found)?;
             if let Some(&i) = overlapping(&ranges.0).first() {
                 return Err(BurnClipError::Layout {
@@ -152,6 +181,23 @@ impl BurnClipper {
         drop(grad_tensors);
         drop(ranges);
         Ok(pending)
+    }
+
+    /// Replaces the gradients `which` of `found` by copies in order ([`BurnClipper::copies`])
+    /// and collects the module's gradients anew.
+    fn copy<M: Module>(
+        &mut self,
+        module: &M,
+        grads: &mut GradientsParams,
+        found: &[Found],
+        which: &[usize],
+    ) -> Result<Vec<Found>, BurnClipError> {
+        for &i in which {
+            (found[i].copy)(grads, found[i].id);
+        }
+        self.copies += which.len() as u64;
+        let with_params = self.policy.needs_params();
+        collect(module, grads, self.shared.device(), with_params)
     }
 
     /// The policy's state (adaptive history, step count), read back from the device, to

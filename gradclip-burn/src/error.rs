@@ -38,8 +38,9 @@ pub enum BurnClipError {
         /// Its element type.
         dtype: DType,
     },
-    /// A gradient is not one contiguous, untiled range of one buffer (a strided view, a
-    /// padded allocation) or is not on Burn's wgpu backend.
+    /// A gradient that cannot be clipped even after a copy in order (its buffer range is
+    /// shorter than its elements, or the copy is still not dense), a parameter that AGC
+    /// reads and that is not stored in order, or a tensor not on Burn's wgpu backend.
     #[error("{path:?} cannot be clipped in place: {reason}")]
     Layout {
         /// Module path of the parameter.
@@ -52,7 +53,7 @@ pub enum BurnClipError {
     Runtime(String),
     /// The wrapped optimizer clips too (Burn's `grad_clipping` is set).
     #[error(
-        "the optimizer already clips gradients (its gradient_clipping is set); leave it unset so nothing is clipped twice"
+        "the optimizer already clips gradients (SGD's gradient_clipping or Adam's grad_clipping is set); leave it unset so nothing is clipped twice"
     )]
     ClipsTwice,
 }

@@ -3,6 +3,13 @@
 //! A Burn gradient is a fusion handle; resolving it (a clone, since resolving the only
 //! owner consumes it) gives the cubecl tensor, whose handle names a range of one pooled
 //! buffer. The range is looked up every step: the pool may move memory between steps.
+//!
+//! Burn's backward passes produce gradients in several layouts: in order, or dense in
+//! another order (a convolution's weight gradient is a permuted view, strides
+//! `[1, 72, 24, 8]` for shape `[8, 1, 3, 3]`). A dense permutation covers exactly its
+//! elements' range, and norms and elementwise scaling do not care about order, so it is
+//! clipped in place. Only what cannot be (not dense, tiled, or permuted under AGC, whose
+//! units follow the axes) is replaced by a copy in order first.
 
 use burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor, Wgpu, WgpuResource};
 use burn::cubecl::wgpu::WgpuServer;
@@ -20,10 +27,13 @@ pub(crate) struct Found {
     pub id: ParamId,
     pub shape: Vec<u64>,
     pub grad: CubeTensor,
+    /// Why the gradient must be copied before it can be clipped in place, if it must.
+    pub needs_copy: Option<String>,
     /// The parameter's value, when the policy needs it (AGC).
     pub param: Option<CubeTensor>,
-    /// Replaces the gradient in `GradientsParams` by a copy of itself in memory of its own.
-    pub separate: fn(&mut GradientsParams, ParamId),
+    /// Replaces the gradient in `GradientsParams` by a copy of itself, in order, in memory
+    /// of its own.
+    pub copy: fn(&mut GradientsParams, ParamId),
 }
 
 /// Every parameter of `module` that requires a gradient, in visiting order, with its
@@ -95,9 +105,31 @@ impl Collect<'_> {
             return Ok(None);
         };
         let shape = grad.shape().iter().map(|&d| d as u64).collect();
-        let grad = self.resolve(&path, grad)?;
+        let (grad, order) = self.resolve(&path, grad)?;
+        let needs_copy = match order {
+            Order::Sequential => None,
+            // AGC's units are slices along an axis: in another order they are other elements.
+            Order::Permuted if self.with_params => Some(format!(
+                "AGC needs its rows in order; strides {:?}",
+                grad.meta.strides()
+            )),
+            Order::Permuted => None,
+            Order::Other(reason) => Some(reason),
+        };
         let value = match self.with_params {
-            true => Some(self.resolve(&path, value.inner())?),
+            true => match self.resolve(&path, value.inner())? {
+                (value, Order::Sequential) => Some(value),
+                (value, _) => {
+                    return Err(BurnClipError::Layout {
+                        path,
+                        reason: format!(
+                            "AGC reads the parameter's rows, and its value is a strided view \
+                             (strides {:?}); store the parameter in order",
+                            value.meta.strides()
+                        ),
+                    });
+                }
+            },
             false => None,
         };
         Ok(Some(Found {
@@ -105,17 +137,18 @@ impl Collect<'_> {
             id: param.id,
             shape,
             grad,
+            needs_copy,
             param: value,
-            separate: separate::<D>,
+            copy: copy::<D>,
         }))
     }
 
-    /// The cubecl tensor behind `tensor`, checked to be a plain range gradclip can clip.
+    /// The cubecl tensor behind `tensor` and how its elements lie in its buffer.
     fn resolve<const D: usize>(
         &self,
         path: &str,
         tensor: Tensor<D>,
-    ) -> Result<CubeTensor, BurnClipError> {
+    ) -> Result<(CubeTensor, Order), BurnClipError> {
         let device = tensor.device();
         if device != *self.device {
             return Err(BurnClipError::ForeignDevice {
@@ -140,22 +173,55 @@ impl Collect<'_> {
             .map_err(|e| layout(format!("not a tensor of Burn's wgpu backend ({e:?})")))?;
         let client = fusion.client.clone();
         let cube = client.resolve_tensor_float::<CubeBackend>(fusion);
-        if !cube.is_contiguous() || cube.meta.is_tiled() {
-            return Err(layout(format!(
-                "strided or tiled layout (shape {:?}, strides {:?}); make it contiguous first",
-                cube.meta.shape(),
-                cube.meta.strides()
-            )));
-        }
-        Ok(cube)
+        let order = order(&cube);
+        Ok((cube, order))
     }
 }
 
-/// `separate` for a rank-`D` gradient: a multiply by one writes a new tensor (its input
-/// is shared, so it cannot be done in place) with the same values, NaN and -0 included.
-fn separate<const D: usize>(grads: &mut GradientsParams, id: ParamId) {
+/// How a tensor's elements lie in its buffer range.
+pub(crate) enum Order {
+    /// Dense, in the order of its axes.
+    Sequential,
+    /// Dense, in another order of its axes: the same range, elements permuted.
+    Permuted,
+    /// Anything else (broadcast, gaps, overlaps, tiles), and why.
+    Other(String),
+}
+
+fn order(cube: &CubeTensor) -> Order {
+    let (shape, strides) = (cube.meta.shape(), cube.meta.strides());
+    if cube.meta.is_tiled() {
+        return Order::Other(format!("a tiled layout (shape {shape:?})"));
+    }
+    if cube.is_contiguous() {
+        return Order::Sequential;
+    }
+    // Dense in some order: the axes of more than one element, by stride, each step the
+    // product of the sizes below it (axes of one element may carry any stride).
+    let mut axes: Vec<(usize, usize)> = (shape.iter().copied())
+        .zip(strides.iter().copied())
+        .filter(|&(size, _)| size > 1)
+        .collect();
+    axes.sort_by_key(|&(_, stride)| stride);
+    let mut next = 1;
+    for (size, stride) in axes {
+        if stride != next {
+            return Order::Other(format!("not dense (shape {shape:?}, strides {strides:?})"));
+        }
+        next *= size;
+    }
+    Order::Permuted
+}
+
+/// `copy` for a rank-`D` gradient: flattening a gradient that is not in order writes it
+/// in order, and a multiply by one writes a tensor of its own when the input is shared
+/// (the gradients of two parameters in one range); the values stay, NaN and -0 included.
+fn copy<const D: usize>(grads: &mut GradientsParams, id: ParamId) {
     if let Some(grad) = grads.remove::<D>(id) {
-        grads.register(id, grad.mul_scalar(1.0));
+        let shape = grad.shape();
+        let n = shape.num_elements();
+        let flat = grad.reshape([n]).mul_scalar(1.0);
+        grads.register::<D>(id, flat.reshape(shape));
     }
 }
 

@@ -16,7 +16,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! See the README section "Using gradclip with Burn".
+//! The guide is `docs/burn.md` in the gradclip repository.
 
 #![warn(missing_docs)]
 

@@ -5,6 +5,9 @@
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::conv::{
+    Conv1d, Conv1dConfig, Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig,
+};
 use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -274,13 +277,14 @@ fn mlp_grads(model: &Mlp, seed: u64, device: &Device) -> GradientsParams {
     GradientsParams::from_grads(model.loss(x, y).backward(), model)
 }
 
-/// Clips `grads` on the device with `policy` and checks it against the oracle.
+/// Clips `grads` on the device with `policy` and checks it against the oracle; returns
+/// the clipped gradients and how many the clipper copied first.
 fn check_against_oracle<M: Module>(
     shared: &SharedDevice,
     model: &M,
     mut grads: GradientsParams,
     policy: ClipPolicy,
-) -> Vec<HostTensor> {
+) -> (Vec<HostTensor>, u64) {
     let mut host = read(model, Some(&grads));
     let params = policy.needs_params().then(|| read(model, None));
     let want = oracle(&policy, &mut host, params.as_deref());
@@ -296,7 +300,7 @@ fn check_against_oracle<M: Module>(
         want.total_norm
     );
     assert_eq!(report.clipped_units, want.clipped_units);
-    got
+    (got, clipper.copies())
 }
 
 #[test]
@@ -311,7 +315,7 @@ fn global_norm_clip_of_an_mlp_matches_the_host_clip() {
         .sum::<f64>()
         .sqrt();
     assert!(total > 2.0, "the test needs a clipping step, norm {total}");
-    let got = check_against_oracle(
+    let (got, _) = check_against_oracle(
         &shared,
         &model,
         grads,
@@ -394,7 +398,7 @@ fn burns_per_parameter_norm_clip_is_the_per_tensor_rule_not_the_global_norm() {
             }
         })
         .collect();
-    let per_tensor = check_against_oracle(
+    let (per_tensor, _) = check_against_oracle(
         &shared,
         &model,
         grads,
@@ -403,7 +407,7 @@ fn burns_per_parameter_norm_clip_is_the_per_tensor_rule_not_the_global_norm() {
     // Burn divides by norm + f32::MIN_POSITIVE, gradclip (and PyTorch) by norm + 1e-6.
     assert_close(&per_tensor, &burn_clipped, 2e-6);
     let (model, grads) = mlp_step(&shared, 4);
-    let global = check_against_oracle(
+    let (global, _) = check_against_oracle(
         &shared,
         &model,
         grads,
@@ -563,22 +567,109 @@ fn a_missing_gradient_is_a_typed_error_and_touches_nothing() {
 }
 
 #[test]
-fn a_strided_gradient_is_a_typed_error_and_touches_nothing() {
+fn a_transposed_gradient_is_clipped_in_place_and_copied_only_for_agc() {
     let Some(shared) = shared() else { return };
-    let (model, mut grads) = mlp_step(&shared, 7);
-    let id = model.fc1.weight.id;
-    let g: Tensor<2> = grads.remove(id).unwrap();
-    // The same values as a transposed view of a [7, 5] tensor.
-    let t = Tensor::<2>::from_data(g.transpose().into_data(), shared.device());
-    grads.register(id, t.transpose());
-    let before = read(&model, Some(&grads));
-    let mut clipper = BurnClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1e-3))).unwrap();
-    let err = clipper.clip(&model, &mut grads).unwrap_err();
-    assert!(
-        matches!(&err, BurnClipError::Layout { path, .. } if path == "fc1.weight"),
-        "{err}"
+    let agc = Agc::new(0.02).axis(UnitAxis::Last);
+    for (policy, copies) in [
+        (ClipPolicy::new(Rule::GlobalNorm(1e-3)), 0),
+        (
+            ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.1 })),
+            0,
+        ),
+        (ClipPolicy::new(Rule::Agc(agc)), 1),
+    ] {
+        let (model, mut grads) = mlp_step(&shared, 7);
+        let id = model.fc1.weight.id;
+        let g: Tensor<2> = grads.remove(id).unwrap();
+        // The same values as a transposed view of a [7, 5] tensor: dense, in another order.
+        let t = Tensor::<2>::from_data(g.transpose().into_data(), shared.device());
+        grads.register(id, t.transpose());
+        let (_, copied) = check_against_oracle(&shared, &model, grads, policy.clone());
+        assert_eq!(copied, copies, "{policy:?}");
+    }
+}
+
+#[test]
+fn a_broadcast_gradient_is_copied_then_clipped() {
+    let Some(shared) = shared() else { return };
+    let (model, mut grads) = mlp_step(&shared, 8);
+    let id = model.fc2.bias.as_ref().unwrap().id;
+    // One value seen three times: a stride-0 view, not dense.
+    let one = Tensor::<1>::from_floats([2.5], shared.device());
+    grads.remove::<1>(id).unwrap();
+    grads.register(id, one.expand([3]));
+    let (got, copied) = check_against_oracle(
+        &shared,
+        &model,
+        grads,
+        ClipPolicy::new(Rule::GlobalNorm(1e-3)),
     );
-    assert_close(&read(&model, Some(&grads)), &before, 0.0);
+    assert_eq!(copied, 1);
+    let bias = got.iter().find(|t| t.path == "fc2.bias").unwrap();
+    assert!(bias.values.iter().all(|&v| v == bias.values[0] && v > 0.0));
+}
+
+/// A small CNN with Burn's convolution layers, whose backward passes produce weight
+/// gradients in permuted (dense, not in order) layouts.
+#[derive(Module, Debug)]
+struct Cnn {
+    conv1d: Conv1d,
+    conv: Conv2d,
+    deconv: ConvTranspose2d,
+    fc: Linear,
+}
+
+impl Cnn {
+    fn new(device: &Device) -> Cnn {
+        Cnn {
+            conv1d: Conv1dConfig::new(2, 3, 3).init(device),
+            conv: Conv2dConfig::new([1, 4], [3, 3]).init(device),
+            deconv: ConvTranspose2dConfig::new([4, 2], [2, 2]).init(device),
+            fc: LinearConfig::new(50, 3).init(device),
+        }
+    }
+
+    fn loss(&self, seq: Tensor<3>, img: Tensor<4>, y: Tensor<2>) -> Tensor<1> {
+        let a = self.conv1d.forward(seq).powi_scalar(2).mean();
+        let h = burn::tensor::activation::relu(self.conv.forward(img));
+        let h: Tensor<2> = self.deconv.forward(h).flatten(1, 3);
+        a + (self.fc.forward(h) - y).powi_scalar(2).mean()
+    }
+}
+
+#[test]
+fn a_cnns_gradients_match_the_oracle_in_place_and_under_agc() {
+    let Some(shared) = shared() else { return };
+    let groups = GroupClip::new(10.0)
+        .group("convs", "conv*", 0.3)
+        .group("biases", "*.bias", 0.05);
+    let agc = Agc::new(0.02).exclude("fc.*");
+    for (policy, in_place) in [
+        (ClipPolicy::new(Rule::GlobalNorm(1.0)), true),
+        (
+            ClipPolicy::new(Rule::Groups(groups)).with_group_report(),
+            true,
+        ),
+        (
+            ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.2 })),
+            true,
+        ),
+        (
+            ClipPolicy::new(Rule::Agc(agc)).then(Rule::GlobalNorm(0.5)),
+            false,
+        ),
+    ] {
+        let device = shared.autodiff();
+        let model = Cnn::new(&device);
+        let seq = data([2, 2, 8], 41, &device);
+        let img = data([2, 1, 6, 6], 42, &device);
+        let y = data([2, 3], 43, &device).mul_scalar(40.0);
+        let grads = GradientsParams::from_grads(model.loss(seq, img, y).backward(), &model);
+        let (_, copied) = check_against_oracle(&shared, &model, grads, policy.clone());
+        // In place whatever the layouts; AGC copies the weight gradients not in order,
+        // which shows that the backward pass produced some.
+        assert_eq!(copied == 0, in_place, "{policy:?}: {copied} copies");
+    }
 }
 
 #[derive(Module, Debug)]
@@ -599,7 +690,7 @@ fn gradients_sharing_one_buffer_range_are_each_clipped_once() {
     let mut grads = GradientsParams::new();
     grads.register(twin.a.id, g.clone());
     grads.register(twin.b.id, g);
-    let got = check_against_oracle(
+    let (got, _) = check_against_oracle(
         &shared,
         &twin,
         grads,

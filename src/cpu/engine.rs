@@ -1,5 +1,8 @@
 //! CPU twin of the GPU engine (`src/gpu/engine.rs`): the same program ([`Program`]) run
-//! as the same stages in the same order, with the names of the shader entry points:
+//! as the same stages in the same order, named after the engine's stages (`finish`, `coefs`
+//! and `undo` are also the shader entry points' names; `combine` is the entry `groups` of
+//! `norm_combine.wgsl`, and `reduce` does in one step what `norm_reduce.wgsl` and the entry
+//! `main` of `norm_combine.wgsl` do in two):
 //! `reduce` (unit norms, exact in f64), then per norm stage `combine` (its groups, from the
 //! unit norms times the coefficients so far), `finish` (total, non-finite policy,
 //! adaptive state, global coefficient) and `coefs` (the unit coefficients), then `rewrite`

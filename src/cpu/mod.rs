@@ -1,6 +1,9 @@
 //! The CPU path: multi-threaded (rayon), exact enough to be the test oracle of the GPU
 //! path, and the fallback when no adapter exists. `engine.rs` twins the GPU engine stage
-//! for stage; every operation here is a configuration of it.
+//! for stage. The policies, the accumulator, the optimizer, the sharded policy,
+//! [`clip_by_global_norm`], [`clip_with_norm`] and [`clip_per_example`] run it;
+//! [`clip_by_value`] clamps directly, and [`partial_norm`] and [`tensor_norms`] call the f64
+//! reduction (`norm_reduce.rs`) directly.
 
 /// Defines `fn $name` three times: as built, compiled for AVX2 and FMA, and for AVX-512
 /// (F and BW); it runs the widest the CPU has (checked at run time). The 16-bit loops
