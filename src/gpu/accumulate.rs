@@ -174,19 +174,17 @@ impl GpuAccumulator {
 
     /// [`GpuAccumulator::encode`], submitted now.
     pub fn run(&mut self) -> Result<Option<PendingReport<PolicyReport>>, ClipError> {
-        let device = &self.ctx.inner.device;
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("gradclip accumulate"),
-        });
+        let ctx = self.ctx.clone();
         let (added, step) = (self.added, self.policy.step());
-        let report = self.encode(&mut encoder)?;
-        if let Err(e) = self.ctx.submit(encoder) {
-            // Nothing ran: the micro-batch count and the policy's step stay as they were.
-            self.added = added;
-            self.policy.rewind(step);
-            return Err(e);
-        }
-        Ok(report)
+        ctx.record_and_submit(
+            "gradclip accumulate",
+            self,
+            |a, encoder| a.encode(encoder),
+            |a| {
+                a.added = added;
+                a.policy.rewind(step);
+            },
+        )
     }
 
     /// Micro-batches added since the last boundary.

@@ -306,16 +306,9 @@ impl GpuBatch {
         &mut self,
         f: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
+        // A global step keeps no count between steps: nothing to put back.
         let ctx = self.engine.ctx().clone();
-        let mut encoder =
-            ctx.inner
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("gradclip"),
-                });
-        let out = f(self, &mut encoder)?;
-        ctx.submit(encoder)?;
-        Ok(out)
+        ctx.record_and_submit("gradclip", self, f, |_| {})
     }
     /// [`GpuBatch::encode_total_norm`], submitted now.
     pub fn total_norm(

@@ -166,6 +166,34 @@ impl GpuContext {
         })
     }
 
+    /// Records a step of `runner` into an encoder of its own and submits it, recording and
+    /// submission both inside error scopes: a recording that hit a wgpu error is never
+    /// submitted. When anything fails nothing ran, so `undo` puts back what recording
+    /// advanced (step counters, micro-batch counts). The one way every runner submits.
+    pub(crate) fn record_and_submit<R, T>(
+        &self,
+        label: &str,
+        runner: &mut R,
+        record: impl FnOnce(&mut R, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
+        undo: impl FnOnce(&mut R),
+    ) -> Result<T, ClipError> {
+        let device = &self.inner.device;
+        let recorded = guarded(device, || {
+            let mut encoder = device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) });
+            let out = record(runner, &mut encoder)?;
+            Ok((encoder, out))
+        });
+        let submitted = recorded.and_then(|(encoder, out)| {
+            self.submit(encoder)?;
+            Ok(out)
+        });
+        if submitted.is_err() {
+            undo(runner);
+        }
+        submitted
+    }
+
     /// Finishes and submits `encoder` inside validation and out-of-memory error scopes: a
     /// rejected submission (a caller's buffer destroyed since planning, say) is an error
     /// instead of wgpu's panic, and none of its work ran.

@@ -233,19 +233,12 @@ impl GpuOptimizer {
         self.policy.check()?;
         let ctx = self.ctx.clone();
         let start = self.policy.step();
-        let recorded = guarded(&ctx.inner.device, || {
-            let mut encoder = ctx.inner.device.create_command_encoder(&Default::default());
-            let pending = self.encode(&mut encoder)?;
-            Ok((encoder, pending))
-        });
-        let submitted = recorded.and_then(|(encoder, pending)| {
-            ctx.submit(encoder)?;
-            Ok(pending)
-        });
-        if submitted.is_err() {
-            self.policy.rewind(start);
-        }
-        submitted
+        ctx.record_and_submit(
+            "gradclip optimizer",
+            self,
+            |o, encoder| o.encode(encoder),
+            |o| o.policy.rewind(start),
+        )
     }
 
     fn encode_as(

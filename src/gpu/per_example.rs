@@ -252,17 +252,13 @@ impl GpuPerExample {
 
     /// [`GpuPerExample::encode`], submitted now.
     pub fn run(&mut self) -> Result<PendingReport<PerExampleReport>, ClipError> {
-        let mut encoder = self
-            .ctx
-            .inner
-            .device
-            .create_command_encoder(&Default::default());
+        let ctx = self.ctx.clone();
         let step = self.engine.step();
-        let pending = self.encode(&mut encoder)?;
-        if let Err(e) = self.ctx.submit(encoder) {
-            self.engine.rewind(step);
-            return Err(e);
-        }
-        Ok(pending)
+        ctx.record_and_submit(
+            "gradclip per-example",
+            self,
+            |p, encoder| p.encode(encoder),
+            |p| p.engine.rewind(step),
+        )
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::batch::{infos_of, GpuTensor};
-use super::context::{guarded, GpuContext};
+use super::context::GpuContext;
 use super::deferred::DeferredClip;
 use super::engine::{Engine, Norms, Step};
 use super::readback::{decode_stages, decode_units, PendingReport};
@@ -372,27 +372,7 @@ impl GpuPolicy {
     ) -> Result<T, ClipError> {
         let ctx = self.engine.ctx().clone();
         let step = self.step;
-        // Recording too runs inside error scopes (its readback buffer may be new); a
-        // recording that hit an error is never submitted.
-        let recorded = guarded(&ctx.inner.device, || {
-            let mut encoder =
-                ctx.inner
-                    .device
-                    .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                        label: Some("gradclip policy"),
-                    });
-            let pending = record(self, &mut encoder)?;
-            Ok((encoder, pending))
-        });
-        let submitted = recorded.and_then(|(encoder, pending)| {
-            ctx.submit(encoder)?;
-            Ok(pending)
-        });
-        if submitted.is_err() {
-            // Nothing ran: the step counter stays where it was.
-            self.rewind(step);
-        }
-        submitted
+        ctx.record_and_submit("gradclip policy", self, record, |p| p.rewind(step))
     }
 
     /// The engine step of a policy step with `params`.
