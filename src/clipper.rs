@@ -2,7 +2,7 @@
 //! CPU path; a software adapter only when asked for ([`Clipper::on`]).
 
 use crate::chain::{ClipPolicy, PolicyState, Program, TensorInfo};
-use crate::cpu::{self, CpuPolicy};
+use crate::cpu::{self, policy::CpuPolicy};
 use crate::dtype::{DType, GradMut, GradRef};
 use crate::error::ClipError;
 use crate::gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor};

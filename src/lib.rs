@@ -24,7 +24,10 @@ pub use chain::{
     PolicyState, Rule, Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
-pub use cpu::{CpuAccumulator, CpuOptimizer, CpuPolicy, DeferredStep, ShardedCpuPolicy};
+pub use cpu::accumulate::CpuAccumulator;
+pub use cpu::optimizer::CpuOptimizer;
+pub use cpu::policy::{CpuPolicy, DeferredStep};
+pub use cpu::sharded::ShardedCpuPolicy;
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
@@ -36,7 +39,7 @@ pub use half::{bf16, f16};
 pub use monitor::plot;
 pub use monitor::GradMonitor;
 pub use non_finite::NonFinitePolicy;
-pub use norm::{Norm, NormAcc, PartialNorm};
+pub use norm::{Norm, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};

@@ -93,7 +93,7 @@ impl Norm {
 
 /// Overflow-safe partial p-norm: `scale^p * sum`, plus non-finite flags.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct NormAcc {
+pub(crate) struct NormAcc {
     /// Scale factor (for [`Norm::Inf`], the norm itself).
     pub scale: f64,
     /// Sum of `(|x| / scale)^p` (unused for [`Norm::Inf`]).

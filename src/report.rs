@@ -21,7 +21,8 @@ pub struct ClipReport {
     pub partial: PartialNorm,
     /// The coefficient the gradients were (or would have been) multiplied by.
     pub coef: f32,
-    /// True when the gradients were multiplied by `coef` (`coef < 1`, or NaN).
+    /// True when the gradients were multiplied by `coef` and `coef` is below 1 (or NaN);
+    /// zeroing NaNs at coefficient 1 ([`ClipReport::nans_zeroed`]) is not a clip.
     pub clipped: bool,
     /// True when NaN or infinite gradients were found.
     pub non_finite: bool,
@@ -60,7 +61,8 @@ impl ClipReport {
             total_norm,
             partial,
             coef,
-            clipped: status & STATUS_SCALED != 0,
+            // The rewrite also runs to zero NaNs at coefficient 1, which is no clip.
+            clipped: status & STATUS_SCALED != 0 && !(coef >= 1.0),
             non_finite,
             skipped: status & STATUS_SKIPPED != 0,
             nans_zeroed: status & STATUS_NANS_ZEROED != 0,

@@ -1060,6 +1060,8 @@ fn per_example_both(
                 (gr.clipped, gr.units, gr.step),
                 (cr.clipped, cr.units, cr.step)
             );
+            assert_eq!(gr.clipped_per_tensor, cr.clipped_per_tensor);
+            assert_eq!(gr.clipped_per_tensor.is_some(), clip.report_layers);
             assert!(close(gr.total_norm, cr.total_norm, 1e-5));
             (g, c_out.concat(), cr)
         })
@@ -1069,7 +1071,7 @@ fn per_example_both(
 #[test]
 fn per_example_known_answer() {
     // REFERENCE (Opacus): examples [3, 4] and [0.3, 0.4], C = 1 -> factors 0.2 and 1.
-    let clip = gradclip::PerExampleClip::new(2, 1.0);
+    let clip = gradclip::PerExampleClip::new(2, 1.0).with_layer_report();
     let out = per_example_both(&[f32s(&[3.0, 4.0, 0.3, 0.4])], &clip, 1);
     let (g, c, r) = &out[0];
     for v in [g, c] {
@@ -1077,6 +1079,7 @@ fn per_example_known_answer() {
         assert!(close(v[1] as f64, 0.8 / (1.0 + 2e-7) + 0.4, 1e-6), "{v:?}");
     }
     assert_eq!((r.clipped, r.units), (1, 2));
+    assert_eq!(r.clipped_per_tensor, Some(vec![1]));
     // Divided by the expected batch size.
     let out = per_example_both(
         &[f32s(&[3.0, 4.0, 0.3, 0.4])],
@@ -1100,15 +1103,23 @@ fn per_example_gpu_matches_cpu_with_noise_and_layers() {
         .collect();
     let flat = gradclip::PerExampleClip::new(batch, 0.4)
         .noise(1.1, 77)
-        .mean_over(4.0);
-    let layered = gradclip::PerExampleClip {
-        threshold: gradclip::ExampleThreshold::PerLayer(vec![0.2, 0.1, 0.3, 0.05]),
-        ..flat.clone()
-    };
-    for clip in [flat, layered] {
+        .mean_over(4.0)
+        .with_layer_report();
+    let layered = gradclip::PerExampleClip::per_layer(batch, vec![0.2, 0.1, 0.3, 0.05])
+        .noise(1.1, 77)
+        .mean_over(4.0)
+        .with_layer_report();
+    for (clip, per_layer) in [(flat, false), (layered, true)] {
         let out = per_example_both(&inputs, &clip, 2);
         for (g, c, r) in &out {
             assert!(r.noise_std > 0.0);
+            // Flat: each tensor counts the clipped examples; per layer they add up.
+            let layers = r.clipped_per_tensor.clone().unwrap();
+            assert_eq!(layers.len(), 4);
+            match per_layer {
+                false => assert!(layers.iter().all(|&n| n == r.clipped), "{r:?}"),
+                true => assert_eq!(layers.iter().sum::<u32>(), r.clipped, "{r:?}"),
+            }
             for (a, b) in g.iter().zip(c) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
             }

@@ -29,6 +29,10 @@ pub struct PerExampleClip {
     pub seed: u64,
     /// Divide the sum by this expected batch size (Poisson sampling); `None`: no division.
     pub expected_batch_size: Option<f32>,
+    /// Also report, per tensor, how many examples were clipped
+    /// ([`PerExampleReport::clipped_per_tensor`]); on the GPU this reads every
+    /// (example, tensor) coefficient back.
+    pub report_layers: bool,
 }
 
 impl PerExampleClip {
@@ -40,7 +44,23 @@ impl PerExampleClip {
             noise_multiplier: 0.0,
             seed: 0,
             expected_batch_size: None,
+            report_layers: false,
         }
+    }
+
+    /// Per-layer clipping of `batch` examples, tensor `t` to norm `max_norms[t]` (Opacus'
+    /// per-layer mode), no noise, no division.
+    pub fn per_layer(batch: u32, max_norms: Vec<f32>) -> Self {
+        PerExampleClip {
+            threshold: ExampleThreshold::PerLayer(max_norms),
+            ..PerExampleClip::new(batch, 1.0)
+        }
+    }
+
+    /// Reports how many examples were clipped per tensor.
+    pub fn with_layer_report(mut self) -> Self {
+        self.report_layers = true;
+        self
     }
 
     /// Adds Gaussian noise of std `noise_multiplier * C`.
@@ -146,4 +166,20 @@ pub struct PerExampleReport {
     pub total_norm: f64,
     /// Std of the noise added.
     pub noise_std: f32,
+    /// Per tensor, in order, the examples whose factor for it was below 1 (per layer: the
+    /// tensor's own factor; flat: the example's, so every entry is the same), when asked
+    /// for with [`PerExampleClip::with_layer_report`].
+    pub clipped_per_tensor: Option<Vec<u32>>,
+}
+
+/// Per tensor, the examples whose coefficient is below 1 (or NaN), from the coefficients
+/// of the (example, tensor) units, example-major.
+pub(crate) fn clipped_per_tensor(coefs: &[f32], n_tensors: usize) -> Vec<u32> {
+    let mut counts = vec![0u32; n_tensors];
+    for (u, c) in coefs.iter().enumerate() {
+        if c.is_nan() || *c < 1.0 {
+            counts[u % n_tensors] += 1;
+        }
+    }
+    counts
 }

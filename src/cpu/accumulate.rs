@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::apply::{bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::BLOCK;
-use super::CpuPolicy;
+use super::policy::CpuPolicy;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;

@@ -34,22 +34,20 @@ macro_rules! wide_fn {
     };
 }
 
-mod accumulate;
+// The runner types live at the crate root (one home each); this module's public items
+// are the one-shot functions.
+pub(crate) mod accumulate;
 mod apply;
 pub(crate) mod engine;
 mod norm_reduce;
-mod optimizer;
+pub(crate) mod optimizer;
 mod per_example;
 pub(crate) mod philox;
-mod policy;
+pub(crate) mod policy;
 mod prefetch;
-mod sharded;
+pub(crate) mod sharded;
 
-pub use accumulate::CpuAccumulator;
-pub use optimizer::CpuOptimizer;
 pub use per_example::clip_per_example;
-pub use policy::{CpuPolicy, DeferredStep};
-pub use sharded::ShardedCpuPolicy;
 
 use std::cell::Cell;
 

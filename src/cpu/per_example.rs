@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::engine::{coefs, combine, finish, reduce, to_f32, CpuStep};
 use super::philox::gaussian_noise;
-use crate::chain::{PerExampleClip, PerExampleReport, Program};
+use crate::chain::{clipped_per_tensor, PerExampleClip, PerExampleReport, Program};
 use crate::dtype::GradRef;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
@@ -95,5 +95,6 @@ pub fn clip_per_example(
         units: clip.batch * if per_layer { n as u32 } else { 1 },
         total_norm: total.total(Norm::L2),
         noise_std: std,
+        clipped_per_tensor: clip.report_layers.then(|| clipped_per_tensor(&coefs, n)),
     })
 }

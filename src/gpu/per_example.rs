@@ -6,10 +6,13 @@ use std::num::NonZeroU64;
 
 use super::batch::{infos_of, GpuTensor};
 use super::context::{guarded, GpuContext};
+use super::engine::Step;
 use super::policy::GpuPolicy;
-use super::readback::PendingReport;
+use super::readback::{decode_units, PendingReport};
 use super::resources::{bind, whole, DispatchSlots};
-use crate::chain::{ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule};
+use crate::chain::{
+    clipped_per_tensor, ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule,
+};
 use crate::dtype::DType;
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
@@ -214,7 +217,10 @@ impl GpuPerExample {
         let ctx = self.ctx.clone();
         (ctx.inner.kernels).prepare(&ctx.inner.device, &[Kernel::PerExample])?;
         let dispatches = &self.dispatches;
-        let step = self.engine.step_of(params, false);
+        let step = Step {
+            units: self.clip.report_layers,
+            ..self.engine.step_of(params, false)
+        };
         let (readback, step) = self.engine.encode_step(encoder, step, |pass, slot| {
             pass.set_pipeline(
                 &ctx.inner
@@ -229,6 +235,9 @@ impl GpuPerExample {
         let (_, per_layer) = self.clip.thresholds();
         let per_unit = if per_layer { 1 } else { self.n_tensors.max(1) };
         let units = self.clip.batch * if per_layer { self.n_tensors } else { 1 };
+        let n_tensors = self.n_tensors as usize;
+        let program_units = self.engine.units();
+        let layers = self.clip.report_layers.then(|| self.engine.report_shape());
         Ok(PendingReport::on_submit(
             encoder,
             readback,
@@ -245,6 +254,10 @@ impl GpuPerExample {
                     units,
                     total_norm: NormAcc::from(header.norm).total(Norm::L2),
                     noise_std,
+                    clipped_per_tensor: layers.map(|shape| {
+                        let coefs = decode_units(w, &shape, program_units).coefs;
+                        clipped_per_tensor(&coefs, n_tensors)
+                    }),
                 })
             }),
         ))

@@ -96,6 +96,11 @@ impl GpuPolicy {
         })
     }
 
+    /// What the readback of a step that reports its units holds.
+    pub(crate) fn report_shape(&self) -> Arc<ReportShape> {
+        self.shape.clone()
+    }
+
     /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
     /// lengths and order; dtypes may change), keeping its adaptive state and step count:
     /// for gradients a memory pool relocates between steps. The device state and the

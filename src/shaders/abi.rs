@@ -54,7 +54,7 @@ pub(crate) struct AbiStruct {
 
 abi_structs! {
     /// The norm monoid `(scale, sum, flags)` meaning `scale^p * sum`, as f32 words
-    /// (the host twin in f64 is [`crate::NormAcc`]).
+    /// (the host twin in f64 is `NormAcc` in `src/norm.rs`).
     pub(crate) struct Acc {
         pub scale: f32,
         pub sum: f32,
