@@ -2,7 +2,7 @@
 //! (total norm, global clip, split API, value clip) as configurations of the engine.
 
 use super::context::GpuContext;
-use super::engine::{Engine, Norms, Step};
+use super::engine::{Engine, Mode, Step};
 use super::readback::{decode_clip, PendingReport, ReportKind};
 use super::resources::StepParams;
 use crate::chain::{Program, TensorInfo};
@@ -209,11 +209,8 @@ impl GpuBatch {
         let step = Step {
             // An infinite threshold: the coefficient is 1 and nothing is rewritten.
             params: norm_params(norm, f32::INFINITY, NonFinitePolicy::Propagate),
-            norms: Norms::Reduce,
-            coefs: false,
-            rewrite: false,
+            mode: Mode::Measure,
             units: tensor_norms,
-            readback: true,
             norm,
         };
         self.encode_step(encoder, step, None)
@@ -229,11 +226,8 @@ impl GpuBatch {
         clip.validate()?;
         let step = Step {
             params: norm_params(clip.norm, clip.max_norm, clip.non_finite),
-            norms: Norms::Reduce,
-            coefs: true,
-            rewrite: true,
+            mode: Mode::Clip,
             units: clip.tensor_norms,
-            readback: true,
             norm: clip.norm,
         };
         self.encode_step(encoder, step, Some((clip.non_finite, clip.max_norm)))
@@ -256,11 +250,8 @@ impl GpuBatch {
                 use_given: 1,
                 ..norm_params(norm, max_norm, policy)
             },
-            norms: Norms::Skip,
-            coefs: true,
-            rewrite: true,
+            mode: Mode::GivenNorm,
             units: false,
-            readback: true,
             norm,
         };
         self.encode_step(encoder, step, Some((policy, max_norm)))
@@ -290,11 +281,8 @@ impl GpuBatch {
                 keys_bf16: bf16s.keys(),
                 ..StepParams::default()
             },
-            norms: Norms::Skip,
-            coefs: false,
-            rewrite: true,
+            mode: Mode::ValueOnly,
             units: false,
-            readback: false,
             norm: Norm::L2,
         };
         self.engine.encode(encoder, step, |_, _| {})?;

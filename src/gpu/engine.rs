@@ -40,50 +40,107 @@ use crate::shaders::{BindLayout, Kernel};
 /// Bytes of one stage's report header.
 pub(crate) const REPORT_BYTES: u64 = std::mem::size_of::<StepReport>() as u64;
 
-/// Where the norms of a step come from.
+/// What one step does: the valid combinations of the engine's stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Norms {
-    /// Reduced from the gradients in this step: `reduce`, then the stages' `combine`.
-    Reduce,
-    /// None: a given total norm (split API) or a value clip alone.
-    Skip,
+pub(crate) enum Mode {
+    /// Norms from the gradients and every stage's finish; nothing rewritten (a total
+    /// norm, PyTorch's `get_total_norm`).
+    Measure,
+    /// Norms, every stage and the unit coefficients, no rewrite: coefficients read by
+    /// another pass (deferred scaling, the fused optimizer, per-example sums).
+    Coefficients,
+    /// Norms, coefficients and the rewrite: a clip.
+    Clip,
+    /// A total norm given by the caller (the split API): coefficients and the rewrite.
+    GivenNorm,
+    /// The rewrite alone, dispatched in full: a value clamp with no norm.
+    ValueOnly,
     /// The unit norms and nothing else (the first half of a sharded step); its readback
     /// holds the unit norms of the gradients, then of the parameters.
     UnitsOnly,
-    /// The unit norms already in place ([`Engine::write_units`], after the ranks merged
-    /// them): the stages from their `combine` on.
+    /// From the unit norms already in place ([`Engine::write_units`], after the ranks
+    /// merged them): the stages from their `combine` on, then the rewrite.
     FromUnits,
 }
 
-impl Norms {
+impl Mode {
     /// Runs `reduce` over the gradients.
     fn reduces(self) -> bool {
-        matches!(self, Norms::Reduce | Norms::UnitsOnly)
+        matches!(
+            self,
+            Mode::Measure | Mode::Coefficients | Mode::Clip | Mode::UnitsOnly
+        )
     }
 
     /// Runs the stages' `combine` of group norms.
     fn groups(self) -> bool {
-        matches!(self, Norms::Reduce | Norms::FromUnits)
+        matches!(
+            self,
+            Mode::Measure | Mode::Coefficients | Mode::Clip | Mode::FromUnits
+        )
+    }
+
+    /// Runs the norm stages (`finish`, and `coefs` when [`Mode::coefs`]).
+    fn stages(self) -> bool {
+        !matches!(self, Mode::ValueOnly | Mode::UnitsOnly)
+    }
+
+    /// Runs `coef`'s per-unit entry.
+    fn coefs(self) -> bool {
+        matches!(
+            self,
+            Mode::Coefficients | Mode::Clip | Mode::GivenNorm | Mode::FromUnits
+        )
+    }
+
+    /// Runs `rewrite`.
+    fn rewrite(self) -> bool {
+        matches!(
+            self,
+            Mode::Clip | Mode::GivenNorm | Mode::ValueOnly | Mode::FromUnits
+        )
+    }
+
+    /// Copies its reports into a readback buffer.
+    pub(crate) fn reads_back(self) -> bool {
+        self != Mode::ValueOnly
     }
 }
 
-/// Which stages one step runs, with its parameters.
+/// One step: what it does and its parameters.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Step {
     /// Norm order (selects the pipelines).
     pub norm: Norm,
     /// Host values of the step (`seq` is filled in by the engine).
     pub params: StepParams,
-    /// Where its norms come from.
-    pub norms: Norms,
-    /// Run `coef`'s per-unit entry.
-    pub coefs: bool,
-    /// Run `rewrite`.
-    pub rewrite: bool,
-    /// Read back the last stage's group norms, unit norms and coefficients.
+    /// Which stages run.
+    pub mode: Mode,
+    /// Read back the last stage's group norms, unit norms and coefficients too.
     pub units: bool,
-    /// Copy the reports into a readback buffer at all.
-    pub readback: bool,
+}
+
+/// One entry of a step's recording: a dispatch (or, for a reduction, its pair of
+/// dispatches) and what it binds. A step is recorded once into this list, which names
+/// the pipelines to build and is then replayed into the compute pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatch {
+    /// The gradients' reduce over spans, for a direct step (one coefficient, no noise).
+    SpanReduce,
+    /// The chunk partials of the gradients (or, `params`, of the parameters, in L2),
+    /// then the unit norms when `combine`.
+    Reduce { params: bool, combine: bool },
+    /// Stage `k`'s group norms from the unit norms.
+    Groups(usize),
+    /// Stage `k`'s total, policy and adaptive state; `partials`: straight from the chunk
+    /// partials.
+    Finish { stage: usize, partials: bool },
+    /// Stage `k`'s unit coefficients.
+    Coefs(usize),
+    /// Stage `k` takes back what it recorded when a later stage held the step.
+    Undo(usize),
+    /// The elementwise pass over every binding window; `indirect`: sized by `coef`.
+    Rewrite { indirect: bool },
 }
 
 /// The resources of one norm stage.
@@ -128,8 +185,9 @@ pub(crate) struct Engine {
     pool: Arc<ReportPool>,
     seq: u32,
     timestamps: Option<Timestamps>,
-    /// Scratch for the pipelines of a step (`prepare`).
-    kernel_list: std::sync::Mutex<Vec<Kernel>>,
+    /// The recording of the last step and its pipelines, kept so that a warm step
+    /// allocates nothing.
+    recording: std::sync::Mutex<(Vec<Dispatch>, Vec<Kernel>)>,
 }
 
 /// The `Coef` bind group of one stage and dispatch slot.
@@ -470,7 +528,7 @@ impl Engine {
             pool: pool.unwrap_or_else(|| ReportPool::new(readback)),
             seq: 0,
             timestamps: None,
-            kernel_list: Default::default(),
+            recording: Default::default(),
             program,
         };
         Ok(engine)
@@ -503,59 +561,101 @@ impl Engine {
         self.timestamps = timestamps;
     }
 
-    /// The pipelines `step` dispatches, into `all` (cleared first).
-    fn kernels_of(&self, step: &Step, params: &StepParams, all: &mut Vec<Kernel>) {
-        let kind = step.norm.kind_code();
+    /// Records `step` into `out` (cleared first): every dispatch it makes, in order. The
+    /// one decision of what a step runs, for building its pipelines and for encoding it.
+    fn record(&self, step: &Step, out: &mut Vec<Dispatch>) {
         let direct = self.direct(step);
+        out.clear();
+        if direct && self.span_reduce.is_some() {
+            out.push(Dispatch::SpanReduce);
+        } else if step.mode.reduces() {
+            out.push(Dispatch::Reduce {
+                params: false,
+                combine: !direct,
+            });
+            if self.params.is_some() {
+                out.push(Dispatch::Reduce {
+                    params: true,
+                    combine: true,
+                });
+            }
+        }
+        if step.mode.stages() {
+            for (k, stage) in self.stages.iter().enumerate() {
+                if stage.groups.is_some() && step.mode.groups() && !direct {
+                    out.push(Dispatch::Groups(k));
+                }
+                let partials = direct && k == 0 && self.finish_partials.is_some();
+                out.push(Dispatch::Finish { stage: k, partials });
+                if step.mode.coefs() && self.coefs_grid[0] > 0 {
+                    out.push(Dispatch::Coefs(k));
+                }
+            }
+            // A later stage may hold the step: the adaptive stages before the last take
+            // back what they recorded (`undo` checks).
+            let earlier = self.stages.len().saturating_sub(1);
+            for k in (0..earlier).filter(|&k| self.stages[k].adaptive != ADAPTIVE_NONE) {
+                out.push(Dispatch::Undo(k));
+            }
+        }
+        if step.mode.rewrite() {
+            out.push(Dispatch::Rewrite {
+                indirect: step.mode != Mode::ValueOnly,
+            });
+        }
+    }
+
+    /// The pipeline of dispatch `d` of `step` (of a reduction, its first).
+    fn kernel(&self, d: Dispatch, step: &Step) -> Kernel {
+        let kind = step.norm.kind_code();
+        match d {
+            Dispatch::SpanReduce | Dispatch::Reduce { params: false, .. } => Kernel::Reduce(kind),
+            Dispatch::Reduce { params: true, .. } => Kernel::Reduce(Norm::L2.kind_code()),
+            Dispatch::Groups(_) => Kernel::Groups(kind),
+            Dispatch::Finish { stage, .. } => Kernel::Finish {
+                kind,
+                adaptive: self.stages[stage].adaptive,
+            },
+            Dispatch::Coefs(k) => Kernel::Coefs {
+                kind,
+                adaptive: self.stages[k].adaptive,
+                formula: self.stages[k].formula,
+            },
+            Dispatch::Undo(_) => Kernel::Undo,
+            Dispatch::Rewrite { .. } => self.rewrite_kernel(&step.params),
+        }
+    }
+
+    /// The pipelines of `recording`, a recording of `step`, into `all` (cleared first).
+    fn kernels_of(&self, recording: &[Dispatch], step: &Step, all: &mut Vec<Kernel>) {
         all.clear();
-        if step.norms.reduces() {
-            all.push(Kernel::Reduce(kind));
-            if !direct {
+        for &d in recording {
+            let kernel = self.kernel(d, step);
+            all.push(kernel);
+            if let (Dispatch::Reduce { combine: true, .. }, Kernel::Reduce(kind)) = (d, kernel) {
                 all.push(Kernel::Combine(kind));
             }
-            if self.params.is_some() {
-                let l2 = Norm::L2.kind_code();
-                all.extend([Kernel::Reduce(l2), Kernel::Combine(l2)]);
-            }
-        }
-        if (step.norms.groups() || step.coefs) && step.norms != Norms::UnitsOnly {
-            for (k, stage) in self.stages.iter().enumerate() {
-                let adaptive = stage.adaptive;
-                if stage.groups.is_some() && step.norms.groups() && !direct {
-                    all.push(Kernel::Groups(kind));
-                }
-                all.push(Kernel::Finish { kind, adaptive });
-                if adaptive != ADAPTIVE_NONE && k + 1 < self.stages.len() {
-                    all.push(Kernel::Undo);
-                }
-                if step.coefs {
-                    let formula = stage.formula;
-                    all.push(Kernel::Coefs {
-                        kind,
-                        adaptive,
-                        formula,
-                    });
-                }
-            }
-        }
-        if step.rewrite {
-            all.push(self.rewrite_kernel(params));
         }
     }
 
     /// A step whose single global stage finishes straight from the chunk partials,
     /// without unit norms.
     fn direct(&self, step: &Step) -> bool {
-        step.norms == Norms::Reduce && !step.units && self.finish_partials.is_some()
+        step.mode.reduces()
+            && step.mode != Mode::UnitsOnly
+            && !step.units
+            && self.finish_partials.is_some()
     }
 
-    /// Builds the pipelines `step` needs (see `Kernels::prepare`).
+    /// Records `step` and builds the pipelines it needs (see `Kernels::prepare`); the
+    /// recording stays in `self.recording` for [`Engine::encode`] to replay.
     pub(crate) fn prepare(&self, step: &Step) -> Result<(), ClipError> {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
-        // A list kept between steps, so a warm step allocates nothing.
-        let mut list = self.kernel_list.lock().unwrap_or_else(|e| e.into_inner());
-        self.kernels_of(step, &step.params, &mut list);
-        kernels.prepare(device, &list)
+        let mut kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let (recording, list) = &mut *kept;
+        self.record(step, recording);
+        self.kernels_of(recording, step, list);
+        kernels.prepare(device, list)
     }
 
     /// The rewrite variant of a step with `params`.
@@ -590,90 +690,78 @@ impl Engine {
         let state = (&self.state, &self.blocks[..]);
         let slot = (self.slots).write(queue, encoder, &params, state, &self.reports);
         let kind = step.norm.kind_code();
-        let direct = self.direct(&step);
         {
             let timestamp_writes = timestamp_writes(&self.timestamps);
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("gradclip step"),
                 timestamp_writes,
             });
-            if let (true, Some(spans)) = (direct, &self.span_reduce) {
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
-                for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
-                    pass.set_bind_group(0, group, &[slot]);
-                    pass.dispatch_workgroups(grid[0], grid[1], 1);
-                }
-            } else if step.norms.reduces() {
-                (self.grads).encode(&mut pass, device, kernels, (kind, slot), !direct);
-                if let Some(p) = &self.params {
-                    let l2 = Norm::L2.kind_code();
-                    p.encode(&mut pass, device, kernels, (l2, slot), true);
-                }
-            }
-            // A value clip alone has no norm to finish and always rewrites: its rewrite is
-            // dispatched directly and checks its parameter slot itself.
-            let value_only = step.norms == Norms::Skip && !step.coefs;
-            let stages = if value_only || step.norms == Norms::UnitsOnly {
-                &[][..]
-            } else {
-                &self.stages[..]
-            };
-            for (k, stage) in stages.iter().enumerate() {
-                if let (Some((group, grid)), true, false) =
-                    (&stage.groups, step.norms.groups(), direct)
-                {
-                    pass.set_pipeline(&kernels.pipeline(device, Kernel::Groups(kind)));
-                    pass.set_bind_group(0, group, &[slot]);
-                    pass.dispatch_workgroups(grid[0], grid[1], 1);
-                }
-                let adaptive = stage.adaptive;
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Finish { kind, adaptive }));
-                let finish = match (&self.finish_partials, direct && k == 0) {
-                    (Some(partials), true) => partials,
-                    _ => &stage.finish,
-                };
-                pass.set_bind_group(0, finish, &[slot]);
-                pass.dispatch_workgroups(1, 1, 1);
-                if step.coefs && self.coefs_grid[0] > 0 {
-                    let formula = stage.formula;
-                    pass.set_pipeline(&kernels.pipeline(
-                        device,
-                        Kernel::Coefs {
-                            kind,
-                            adaptive,
-                            formula,
-                        },
-                    ));
-                    pass.set_bind_group(0, &stage.coefs, &[slot]);
-                    pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
-                }
-            }
-            // A later stage may hold the step: the adaptive stages before the last take
-            // back what they recorded (`undo` checks).
-            let earlier = &stages[..stages.len().saturating_sub(1)];
-            for stage in earlier.iter().filter(|s| s.adaptive != ADAPTIVE_NONE) {
-                pass.set_pipeline(&kernels.pipeline(device, Kernel::Undo));
-                pass.set_bind_group(0, &stage.finish, &[slot]);
-                pass.dispatch_workgroups(1, 1, 1);
-            }
-            if step.rewrite {
-                pass.set_pipeline(&kernels.pipeline(device, self.rewrite_kernel(&params)));
-                for (group, args, grid) in &self.rewrites {
-                    pass.set_bind_group(0, group, &[slot]);
-                    if value_only {
+            let kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+            for &d in &kept.0 {
+                let pipeline = || kernels.pipeline(device, self.kernel(d, &step));
+                match d {
+                    Dispatch::SpanReduce => {
+                        pass.set_pipeline(&pipeline());
+                        let spans = self.span_reduce.as_deref().unwrap_or_default();
+                        for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
+                            pass.set_bind_group(0, group, &[slot]);
+                            pass.dispatch_workgroups(grid[0], grid[1], 1);
+                        }
+                    }
+                    Dispatch::Reduce { params, combine } => {
+                        // The reduction binds its own pipelines.
+                        let (red, kind) = match (params, &self.params) {
+                            (true, Some(p)) => (p, Norm::L2.kind_code()),
+                            _ => (&self.grads, kind),
+                        };
+                        red.encode(&mut pass, device, kernels, (kind, slot), combine);
+                    }
+                    Dispatch::Groups(k) => {
+                        let (group, grid) = self.stages[k].groups.as_ref().expect("recorded");
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, group, &[slot]);
                         pass.dispatch_workgroups(grid[0], grid[1], 1);
-                    } else {
-                        pass.dispatch_workgroups_indirect(&self.args_out, *args);
+                    }
+                    Dispatch::Finish { stage, partials } => {
+                        let finish = match (&self.finish_partials, partials) {
+                            (Some(p), true) => p,
+                            _ => &self.stages[stage].finish,
+                        };
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, finish, &[slot]);
+                        pass.dispatch_workgroups(1, 1, 1);
+                    }
+                    Dispatch::Coefs(k) => {
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, &self.stages[k].coefs, &[slot]);
+                        pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
+                    }
+                    Dispatch::Undo(k) => {
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, &self.stages[k].finish, &[slot]);
+                        pass.dispatch_workgroups(1, 1, 1);
+                    }
+                    Dispatch::Rewrite { indirect } => {
+                        pass.set_pipeline(&pipeline());
+                        for (group, args, grid) in &self.rewrites {
+                            pass.set_bind_group(0, group, &[slot]);
+                            if indirect {
+                                pass.dispatch_workgroups_indirect(&self.args_out, *args);
+                            } else {
+                                pass.dispatch_workgroups(grid[0], grid[1], 1);
+                            }
+                        }
                     }
                 }
             }
+            drop(kept);
             extra(&mut pass, slot);
         }
-        if !step.readback {
+        if !step.mode.reads_back() {
             return Ok(None);
         }
         let readback = self.pool.take(device)?;
-        if step.norms == Norms::UnitsOnly {
+        if step.mode == Mode::UnitsOnly {
             let size = self.program.units.len() as u64 * ACC_BYTES;
             let tables = std::iter::once(&self.grads).chain(&self.params);
             for (k, red) in tables.enumerate().filter(|_| size > 0) {
@@ -704,7 +792,7 @@ impl Engine {
     }
 
     /// Overwrites the unit norms of the gradients (and of the parameters) with merged
-    /// ones, for a [`Norms::FromUnits`] step submitted after this call.
+    /// ones, for a [`Mode::FromUnits`] step submitted after this call.
     pub(crate) fn write_units(
         &self,
         grads: &[abi::Acc],

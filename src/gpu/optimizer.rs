@@ -5,6 +5,7 @@
 
 use super::batch::{infos_of, plan_inputs, plan_limits, GpuTensor};
 use super::context::{guarded, GpuContext};
+use super::engine::Mode;
 use super::policy::GpuPolicy;
 use super::readback::{read_words, PendingReport};
 use super::resources::{bind, range, storage_init, storage_zeroed, table, whole, DispatchSlots};
@@ -264,7 +265,14 @@ impl GpuOptimizer {
         };
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         kernels.prepare(device, &[Kernel::OptimizerTick, update])?;
-        let step = self.policy.step_of(params, in_place);
+        // In place, the update reads the gradients the clip rewrote; else it reads the
+        // coefficients and scales as it reads.
+        let mode = if in_place {
+            Mode::Clip
+        } else {
+            Mode::Coefficients
+        };
+        let step = self.policy.step_of(params, mode);
         let (tick, runs) = (&self.tick, &self.runs);
         self.policy.encode_policy(encoder, step, |pass, slot| {
             pass.set_pipeline(&kernels.pipeline(device, Kernel::OptimizerTick));

@@ -6,7 +6,7 @@ use std::num::NonZeroU64;
 
 use super::batch::{infos_of, GpuTensor};
 use super::context::{guarded, GpuContext};
-use super::engine::Step;
+use super::engine::{Mode, Step};
 use super::policy::GpuPolicy;
 use super::readback::{decode_units, PendingReport};
 use super::resources::{bind, whole, DispatchSlots};
@@ -219,7 +219,7 @@ impl GpuPerExample {
         let dispatches = &self.dispatches;
         let step = Step {
             units: self.clip.report_layers,
-            ..self.engine.step_of(params, false)
+            ..self.engine.step_of(params, Mode::Coefficients)
         };
         let (readback, step) = self.engine.encode_step(encoder, step, |pass, slot| {
             pass.set_pipeline(

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::batch::{infos_of, GpuTensor};
 use super::context::GpuContext;
 use super::deferred::DeferredClip;
-use super::engine::{Engine, Norms, Step};
+use super::engine::{Engine, Mode, Step};
 use super::readback::{decode_stages, decode_units, PendingReport};
 use super::resources::StepParams;
 use crate::chain::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
@@ -16,7 +16,7 @@ use crate::report::{PolicyOutcome, PolicyReport, ReportShape};
 use crate::shaders::abi::Acc;
 
 /// The unit norms of a step's gradients, then of its parameters (empty without AGC).
-pub(crate) type UnitNorms = (Vec<Acc>, Vec<Acc>);
+pub(crate) type UnitAccs = (Vec<Acc>, Vec<Acc>);
 
 /// Runs a [`ClipPolicy`] over gradients in caller-owned buffers, step after step.
 pub struct GpuPolicy {
@@ -238,20 +238,17 @@ impl GpuPolicy {
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
     ) -> Result<PendingReport<PolicyReport>, ClipError> {
-        self.encode_with(encoder, Norms::Reduce)
+        self.encode_with(encoder, Mode::Clip)
     }
 
-    /// [`GpuPolicy::encode`] with the norms from `norms`.
+    /// [`GpuPolicy::encode`] in `mode` (a clip, or one from merged unit norms).
     pub(crate) fn encode_with(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-        norms: Norms,
+        mode: Mode,
     ) -> Result<PendingReport<PolicyReport>, ClipError> {
         let params = self.params(None)?;
-        let step = Step {
-            norms,
-            ..self.step_of(params, true)
-        };
+        let step = self.step_of(params, mode);
         self.encode_policy(encoder, step, |_, _| {})
     }
 
@@ -302,7 +299,7 @@ impl GpuPolicy {
             ));
         }
         let params = self.params(None)?;
-        let step = self.step_of(params, false);
+        let step = self.step_of(params, Mode::Coefficients);
         self.encode_policy(encoder, step, |_, _| {})
     }
 
@@ -340,13 +337,11 @@ impl GpuPolicy {
     pub(crate) fn encode_units(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<UnitNorms>, ClipError> {
+    ) -> Result<PendingReport<UnitAccs>, ClipError> {
         let params = self.params(None)?;
         let step = Step {
-            norms: Norms::UnitsOnly,
-            rewrite: false,
             units: false,
-            ..self.step_of(params, false)
+            ..self.step_of(params, Mode::UnitsOnly)
         };
         let readback = (self.engine.encode(encoder, step, |_, _| {})?)
             .expect("a units-only step reads its norms back");
@@ -380,23 +375,21 @@ impl GpuPolicy {
         ctx.record_and_submit("gradclip policy", self, record, |p| p.rewind(step))
     }
 
-    /// The engine step of a policy step with `params`.
-    pub(crate) fn step_of(&self, params: StepParams, rewrite: bool) -> Step {
+    /// The engine step of a policy step in `mode` with `params`.
+    pub(crate) fn step_of(&self, params: StepParams, mode: Mode) -> Step {
         Step {
             norm: self.policy.norm,
             params,
-            norms: Norms::Reduce,
-            coefs: true,
-            rewrite,
+            mode,
             units: self.policy.report_groups,
-            readback: true,
         }
     }
 
     /// Checks that the next step can be recorded (its schedule, its pipelines on this
     /// device), so a caller can fail before it records work of its own.
     pub(crate) fn check(&self) -> Result<(), ClipError> {
-        self.engine.prepare(&self.step_of(self.params(None)?, true))
+        self.engine
+            .prepare(&self.step_of(self.params(None)?, Mode::Clip))
     }
 
     /// Sets the next step's number back to `step`, after a submission that did not run.

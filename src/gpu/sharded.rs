@@ -5,7 +5,7 @@
 
 use super::batch::GpuTensor;
 use super::context::GpuContext;
-use super::engine::Norms;
+use super::engine::Mode;
 use super::policy::GpuPolicy;
 use crate::chain::{ClipPolicy, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
@@ -156,7 +156,7 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         let to_acc = |t: &[NormAcc]| t.iter().map(|a| a.to_acc()).collect::<Vec<_>>();
         let merged_params = needs_params.then(|| to_acc(&w_units));
         (self.inner.engine()).write_units(&to_acc(&units), merged_params.as_deref())?;
-        let pending = (self.inner).submit_with(|p, e| p.encode_with(e, Norms::FromUnits))?;
+        let pending = (self.inner).submit_with(|p, e| p.encode_with(e, Mode::FromUnits))?;
         pending.wait()
     }
 }
