@@ -548,9 +548,10 @@ pub(crate) fn transform(step: &CpuStep, coef: f32, tensor: u32, index: u64, x: f
     }
 }
 
-/// What one norm stage produced.
+/// What one norm stage produced on the CPU (its group norms and finish), before it
+/// becomes a report's [`StageOutcome`](crate::report::StageOutcome).
 #[derive(Debug, Clone)]
-pub(crate) struct StageOutcome {
+pub(crate) struct StageRun {
     pub groups: Vec<NormAcc>,
     pub finish: Finish,
     /// Units whose coefficient was below 1 after this stage.
@@ -565,7 +566,7 @@ pub(crate) struct Outcome {
     pub units: Vec<NormAcc>,
     /// The parameters' unit norms (L2), for AGC.
     pub w_units: Option<Vec<NormAcc>>,
-    pub stages: Vec<StageOutcome>,
+    pub stages: Vec<StageRun>,
     /// The coefficient of every unit (the product over the stages).
     pub coefs: Vec<f32>,
 }
@@ -648,7 +649,7 @@ pub(crate) fn stages(
     for (k, stage) in program.stages.iter().enumerate() {
         let first = k == 0;
         if stages.len() == k {
-            stages.push(StageOutcome {
+            stages.push(StageRun {
                 groups: Vec::new(),
                 finish: Finish::NONE,
                 clipped: 0,
