@@ -202,16 +202,6 @@ pub(crate) struct ReportShape {
 }
 
 impl ReportShape {
-    /// Groups of the reported (last) stage.
-    pub(crate) fn groups(&self) -> usize {
-        self.group_ranges.len()
-    }
-
-    /// Norm stages.
-    pub(crate) fn stages(&self) -> usize {
-        self.global.len()
-    }
-
     pub(crate) fn new(program: &Program, infos: &[TensorInfo]) -> Arc<ReportShape> {
         let last = program.stages.last().expect("a chain has a norm stage");
         Arc::new(ReportShape {

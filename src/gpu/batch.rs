@@ -185,7 +185,8 @@ impl GpuBatch {
             norm: step.norm,
             clip: clip.map(|c| c.0),
             max_norm: clip.map(|c| c.1),
-            tensor_norms: step.units.then_some(self.n_tensors),
+            tensor_norms: step.units,
+            layout: self.engine.layout(),
             seq: self.engine.seq() as u64,
         };
         Ok(PendingReport::on_submit(

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use super::batch::{plan_tensors, GpuTensor};
 use super::context::{guarded, GpuContext};
-use super::readback::ReportPool;
+use super::readback::{ReadbackLayout, ReportPool, REPORT_BYTES};
 use super::reduction::SegmentReduction;
 use super::resources::{
     bind, storage_init, storage_zeroed, table, timestamp_writes, whole, window_groups,
@@ -34,11 +34,8 @@ use crate::chain::{Program, NO_GROUP};
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::plan::{fold_grid, Plan};
-use crate::shaders::abi::{self, StageParams, StepReport, ACC_BYTES, ADAPTIVE_NONE};
+use crate::shaders::abi::{self, StageParams, ACC_BYTES, ADAPTIVE_NONE};
 use crate::shaders::{BindLayout, Kernel};
-
-/// Bytes of one stage's report header.
-pub(crate) const REPORT_BYTES: u64 = std::mem::size_of::<StepReport>() as u64;
 
 /// What one step does: the valid combinations of the engine's stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,6 +180,7 @@ pub(crate) struct Engine {
     reports: wgpu::Buffer,
     coef_buf: wgpu::Buffer,
     pool: Arc<ReportPool>,
+    layout: ReadbackLayout,
     seq: u32,
     timestamps: Option<Timestamps>,
     /// The recording of the last step and its pipelines, kept so that a warm step
@@ -503,12 +501,7 @@ impl Engine {
                 let half = c[3] != crate::shaders::abi::DTYPE_F32;
                 half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
             });
-        let last_groups = program.stages[n_stages - 1].group_ranges.len();
-        let readback = n_stages as u64 * REPORT_BYTES
-            + (last_groups + n_units) as u64 * ACC_BYTES
-            + n_units as u64 * 4;
-        // The unit norms of a sharded step's first half, of gradients and parameters.
-        let readback = readback.max(2 * n_units as u64 * ACC_BYTES);
+        let layout = ReadbackLayout::of(&program);
         let engine = Engine {
             ctx: ctx.clone(),
             grads: grads_red,
@@ -525,13 +518,19 @@ impl Engine {
             blocks: program.stages.iter().map(|s| s.state_base).collect(),
             reports,
             coef_buf,
-            pool: pool.unwrap_or_else(|| ReportPool::new(readback)),
+            pool: pool.unwrap_or_else(|| ReportPool::new(layout.size())),
+            layout,
             seq: 0,
             timestamps: None,
             recording: Default::default(),
             program,
         };
         Ok(engine)
+    }
+
+    /// Where the parts of this engine's readbacks lie.
+    pub(crate) fn layout(&self) -> ReadbackLayout {
+        self.layout
     }
 
     /// The program.
@@ -761,32 +760,25 @@ impl Engine {
             return Ok(None);
         }
         let readback = self.pool.take(device)?;
+        let layout = self.layout;
+        let mut copy = |from: &wgpu::Buffer, to: std::ops::Range<u64>| {
+            if to.end > to.start {
+                encoder.copy_buffer_to_buffer(from, 0, &readback, to.start, to.end - to.start);
+            }
+        };
         if step.mode == Mode::UnitsOnly {
-            let size = self.program.units.len() as u64 * ACC_BYTES;
             let tables = std::iter::once(&self.grads).chain(&self.params);
-            for (k, red) in tables.enumerate().filter(|_| size > 0) {
-                let at = k as u64 * size;
-                encoder.copy_buffer_to_buffer(&red.segment_accs, 0, &readback, at, size);
+            for (k, red) in tables.enumerate() {
+                copy(&red.segment_accs, layout.unit_table(k as u64));
             }
             return Ok(Some(readback));
         }
-        let headers = self.stages.len() as u64 * REPORT_BYTES;
-        encoder.copy_buffer_to_buffer(&self.reports, 0, &readback, 0, headers);
-        let n_units = self.program.units.len() as u64;
-        if step.units && n_units > 0 {
+        copy(&self.reports, layout.headers());
+        if step.units {
             let last = &self.stages[self.stages.len() - 1];
-            let n_groups = self.program.stages[self.stages.len() - 1]
-                .group_ranges
-                .len() as u64;
-            if n_groups > 0 {
-                let size = n_groups * ACC_BYTES;
-                encoder.copy_buffer_to_buffer(&last.group_accs, 0, &readback, headers, size);
-            }
-            let units = headers + n_groups * ACC_BYTES;
-            let accs = &self.grads.segment_accs;
-            encoder.copy_buffer_to_buffer(accs, 0, &readback, units, n_units * ACC_BYTES);
-            let coefs = units + n_units * ACC_BYTES;
-            encoder.copy_buffer_to_buffer(&self.coef_buf, 0, &readback, coefs, n_units * 4);
+            copy(&last.group_accs, layout.groups());
+            copy(&self.grads.segment_accs, layout.units());
+            copy(&self.coef_buf, layout.coefs());
         }
         Ok(Some(readback))
     }

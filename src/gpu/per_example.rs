@@ -236,8 +236,10 @@ impl GpuPerExample {
         let per_unit = if per_layer { 1 } else { self.n_tensors.max(1) };
         let units = self.clip.batch * if per_layer { self.n_tensors } else { 1 };
         let n_tensors = self.n_tensors as usize;
-        let program_units = self.engine.units();
-        let layers = self.clip.report_layers.then(|| self.engine.report_shape());
+        let layers = self
+            .clip
+            .report_layers
+            .then(|| self.engine.readback_layout());
         Ok(PendingReport::on_submit(
             encoder,
             readback,
@@ -254,8 +256,8 @@ impl GpuPerExample {
                     units,
                     total_norm: NormAcc::from(header.norm).total(Norm::L2),
                     noise_std,
-                    clipped_per_tensor: layers.map(|shape| {
-                        let coefs = decode_units(w, &shape, program_units).coefs;
+                    clipped_per_tensor: layers.map(|layout| {
+                        let coefs = decode_units(w, &layout).coefs;
                         clipped_per_tensor(&coefs, n_tensors)
                     }),
                 })

@@ -8,7 +8,7 @@ use super::batch::{infos_of, GpuTensor};
 use super::context::GpuContext;
 use super::deferred::DeferredClip;
 use super::engine::{Engine, Mode, Step};
-use super::readback::{decode_stages, decode_units, PendingReport};
+use super::readback::{decode_stages, decode_units, words_in, PendingReport, ReadbackLayout};
 use super::resources::StepParams;
 use crate::chain::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
@@ -96,9 +96,9 @@ impl GpuPolicy {
         })
     }
 
-    /// What the readback of a step that reports its units holds.
-    pub(crate) fn report_shape(&self) -> Arc<ReportShape> {
-        self.shape.clone()
+    /// Where the parts of this policy's readbacks lie.
+    pub(crate) fn readback_layout(&self) -> ReadbackLayout {
+        self.engine.layout()
     }
 
     /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
@@ -265,15 +265,15 @@ impl GpuPolicy {
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
         let detail = self.policy.report_groups;
-        let units = self.units();
+        let layout = self.engine.layout();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
             PolicyOutcome {
                 step,
                 norm,
-                stages: decode_stages(w, shape.stages()),
-                units: units as u32,
+                stages: decode_stages(w, &layout),
+                units: layout.n_units() as u32,
                 policy: nf,
-                detail: detail.then(|| decode_units(w, &shape, units)),
+                detail: detail.then(|| decode_units(w, &layout)),
                 shape,
             }
             .report()
@@ -345,17 +345,13 @@ impl GpuPolicy {
         };
         let readback = (self.engine.encode(encoder, step, |_, _| {})?)
             .expect("a units-only step reads its norms back");
-        let n = self.units();
+        let layout = self.engine.layout();
         let has_params = self.engine.program().needs_params();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
-            let accs: &[Acc] = bytemuck::cast_slice(&w[..w.len() / 4 * 4]);
-            let grads = accs[..n].to_vec();
-            let params = if has_params {
-                accs[n..2 * n].to_vec()
-            } else {
-                vec![]
+            let table = |k: u64| -> Vec<Acc> {
+                bytemuck::cast_slice(words_in(w, layout.unit_table(k))).to_vec()
             };
-            Ok((grads, params))
+            Ok((table(0), if has_params { table(1) } else { vec![] }))
         }))
     }
 

@@ -9,14 +9,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use std::ops::Range;
+
 use futures_intrusive::channel::shared::{oneshot_channel, OneshotReceiver, OneshotSender};
 
 use super::context::{guarded, GpuContext};
+use crate::chain::Program;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc};
-use crate::report::{ClipReport, ReportShape, StageOutcome, UnitNorms};
-use crate::shaders::abi::{self, Acc, StepReport};
+use crate::report::{ClipReport, StageOutcome, UnitNorms};
+use crate::shaders::abi::{self, Acc, StepReport, ACC_BYTES};
 
 const PENDING: u8 = 0;
 const MAPPED: u8 = 1;
@@ -64,13 +67,87 @@ impl ReportPool {
     }
 }
 
+/// Bytes of one stage's report header.
+pub(crate) const REPORT_BYTES: u64 = std::mem::size_of::<StepReport>() as u64;
+
+/// Where each part of a step's readback lies, in bytes: every stage's report header,
+/// then (when a step reports its units) the last stage's group norms, the unit norms
+/// and the unit coefficients. A units-only step (the first half of a sharded step)
+/// holds the unit norms of the gradients, then of the parameters. The engine copies by
+/// it and the decoders read by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadbackLayout {
+    stages: u64,
+    groups: u64,
+    units: u64,
+}
+
+impl ReadbackLayout {
+    /// The layout of `program`'s readbacks.
+    pub(crate) fn of(program: &Program) -> ReadbackLayout {
+        let last = program.stages.last();
+        ReadbackLayout {
+            stages: program.stages.len() as u64,
+            groups: last.map_or(0, |s| s.group_ranges.len()) as u64,
+            units: program.units.len() as u64,
+        }
+    }
+
+    /// The stage headers.
+    pub(crate) fn headers(&self) -> Range<u64> {
+        0..self.stages * REPORT_BYTES
+    }
+
+    /// The last stage's group norms.
+    pub(crate) fn groups(&self) -> Range<u64> {
+        let at = self.headers().end;
+        at..at + self.groups * ACC_BYTES
+    }
+
+    /// The unit norms.
+    pub(crate) fn units(&self) -> Range<u64> {
+        let at = self.groups().end;
+        at..at + self.units * ACC_BYTES
+    }
+
+    /// The unit coefficients (f32).
+    pub(crate) fn coefs(&self) -> Range<u64> {
+        let at = self.units().end;
+        at..at + self.units * 4
+    }
+
+    /// Of a units-only step: the unit norms of the gradients (`table` 0) or of the
+    /// parameters (1).
+    pub(crate) fn unit_table(&self, table: u64) -> Range<u64> {
+        let size = self.units * ACC_BYTES;
+        table * size..(table + 1) * size
+    }
+
+    /// Bytes of a readback buffer that holds any step's readback.
+    pub(crate) fn size(&self) -> u64 {
+        self.coefs().end.max(self.unit_table(1).end)
+    }
+
+    /// Units of the program.
+    pub(crate) fn n_units(&self) -> usize {
+        self.units as usize
+    }
+}
+
+/// The words of `words` in the byte range `bytes`.
+pub(crate) fn words_in(words: &[u32], bytes: Range<u64>) -> &[u32] {
+    &words[(bytes.start / 4) as usize..(bytes.end / 4) as usize]
+}
+
 /// What a global-norm report means: a norm only, or a clipping step.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ReportKind {
     pub norm: Norm,
     pub clip: Option<NonFinitePolicy>,
     pub max_norm: Option<f32>,
-    pub tensor_norms: Option<usize>,
+    pub tensor_norms: bool,
+    /// Where the readback's parts lie.
+    pub layout: ReadbackLayout,
     /// The engine's sequence number of the step, for [`ClipError::StepOverwritten`].
     pub seq: u64,
 }
@@ -330,34 +407,29 @@ impl<R> Drop for PendingReport<R> {
     }
 }
 
-/// `count` accumulators stored from word `first` on.
-fn accs_at(words: &[u32], first: usize, count: usize) -> Vec<NormAcc> {
-    let n = abi::words_of::<Acc>();
-    (0..count)
-        .map(|i| abi::read::<Acc>(&words[first + n * i..]).into())
+/// The accumulators stored in `words`.
+fn accs(words: &[u32]) -> Vec<NormAcc> {
+    words
+        .chunks_exact(abi::words_of::<Acc>())
+        .map(|w| abi::read::<Acc>(w).into())
         .collect()
 }
 
-/// The group norms, unit norms and coefficients the engine copies after the header
+/// The group norms, unit norms and coefficients the engine copies after the headers
 /// (`Step::units`).
-pub(crate) fn decode_units(words: &[u32], shape: &ReportShape, units: usize) -> UnitNorms {
-    let n_groups = shape.groups();
-    let header = abi::words_of::<StepReport>() * shape.stages();
-    let units0 = header + abi::words_of::<Acc>() * n_groups;
-    let coefs0 = units0 + abi::words_of::<Acc>() * units;
+pub(crate) fn decode_units(words: &[u32], layout: &ReadbackLayout) -> UnitNorms {
     UnitNorms {
-        groups: accs_at(words, header, n_groups),
-        units: accs_at(words, units0, units),
-        coefs: bytemuck::cast_slice(&words[coefs0..coefs0 + units]).to_vec(),
+        groups: accs(words_in(words, layout.groups())),
+        units: accs(words_in(words, layout.units())),
+        coefs: bytemuck::cast_slice(words_in(words, layout.coefs())).to_vec(),
     }
 }
 
 /// The report header of every norm stage, from the front of a readback.
-pub(crate) fn decode_stages(words: &[u32], stages: usize) -> Vec<StageOutcome> {
-    let n = abi::words_of::<StepReport>();
-    (0..stages)
-        .map(|k| {
-            let h: StepReport = abi::read(&words[k * n..]);
+pub(crate) fn decode_stages(words: &[u32], layout: &ReadbackLayout) -> Vec<StageOutcome> {
+    (words_in(words, layout.headers()).chunks_exact(abi::words_of::<StepReport>()))
+        .map(|w| {
+            let h: StepReport = abi::read(w);
             StageOutcome {
                 total: h.norm.into(),
                 threshold: h.threshold,
@@ -377,10 +449,9 @@ pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport,
         return Err(ClipError::StepOverwritten(kind.seq));
     }
     let acc = header.norm.into();
-    // One group: the units follow the header and that group's norm.
-    let first = abi::words_of::<StepReport>() + abi::words_of::<Acc>();
-    let tensor_norms = kind.tensor_norms.map(|n| {
-        accs_at(words, first, n)
+    // A global program: its units are the tensors.
+    let tensor_norms = kind.tensor_norms.then(|| {
+        accs(words_in(words, kind.layout.units()))
             .iter()
             .map(|a| a.total(kind.norm))
             .collect()
