@@ -14,8 +14,8 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use gradclip::{
-    ClipError, ClipPolicy, Collective, CpuPolicy, DType, GpuContext, GpuPolicy, GpuTensor, GradMut,
-    MpiCollective, PolicyReport, Rule, Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo,
+    ClipError, ClipPolicy, ClipReport, Collective, CpuPolicy, DType, GpuContext, GpuPolicy,
+    GpuTensor, GradMut, MpiCollective, Rule, Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo,
 };
 
 /// A collective that adds up the time spent in it.
@@ -147,7 +147,7 @@ fn run() -> Result<(), ClipError> {
             (times.iter_mut().zip(t)).for_each(|(v, d)| v.push(d.as_secs_f64() * 1e3));
         }
     };
-    let mut report: Option<PolicyReport> = None;
+    let mut report: Option<ClipReport> = None;
     if gpu {
         let ctx = GpuContext::new()?;
         let bytes: Vec<u8> = fresh

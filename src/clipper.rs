@@ -9,7 +9,7 @@ use crate::gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor};
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, PartialNorm};
 use crate::ops::{GlobalNormClip, ValueClip};
-use crate::report::{ClipReport, PolicyReport};
+use crate::report::ClipReport;
 
 /// Where a [`Clipper`] runs.
 #[derive(Debug, Clone)]
@@ -366,6 +366,8 @@ pub struct Clipper {
     backend: Backend,
     global: Option<Streamed>,
     chain: Option<Chain>,
+    /// Global clips so far: the next one's report number.
+    global_steps: u64,
 }
 
 impl std::fmt::Debug for Clipper {
@@ -399,6 +401,7 @@ impl Clipper {
         Clipper {
             backend,
             global: None,
+            global_steps: 0,
             chain: None,
         }
     }
@@ -448,7 +451,7 @@ impl Clipper {
         &mut self,
         grads: &mut [GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
-    ) -> Result<PolicyReport, ClipError> {
+    ) -> Result<ClipReport, ClipError> {
         let Some(chain) = &mut self.chain else {
             return Err(ClipError::InvalidConfig(
                 "no policy to step: build the clipper with Clipper::with_policy".into(),
@@ -543,6 +546,27 @@ impl Clipper {
         grads: &mut [GradMut<'_>],
         clip: &GlobalNormClip,
     ) -> Result<ClipReport, ClipError> {
+        let report = self.global_clip(grads, clip)?;
+        Ok(self.numbered(report, grads.len(), None))
+    }
+
+    /// The next global report's number, and the report of the whole batch.
+    fn numbered(
+        &mut self,
+        report: ClipReport,
+        tensors: usize,
+        norms: Option<Vec<f64>>,
+    ) -> ClipReport {
+        let step = self.global_steps;
+        self.global_steps += 1;
+        report.for_batch(step, tensors as u32, norms)
+    }
+
+    fn global_clip(
+        &mut self,
+        grads: &mut [GradMut<'_>],
+        clip: &GlobalNormClip,
+    ) -> Result<ClipReport, ClipError> {
         if let Backend::Cpu = self.backend {
             return cpu::clip_by_global_norm(grads, clip);
         }
@@ -559,18 +583,17 @@ impl Clipper {
         for ((pieces, _), batch) in parts {
             let r = batch.total_norm(clip.norm, clip.tensor_norms)?.wait()?;
             total = total.combine(&r.partial)?;
-            for (&(t, _, _), n) in pieces.iter().zip(r.tensor_norms.unwrap_or_default()) {
-                per_tensor[t] = combine_norms(clip.norm, per_tensor[t], n);
+            for (&(t, _, _), n) in pieces.iter().zip(r.tensors.unwrap_or_default()) {
+                per_tensor[t] = combine_norms(clip.norm, per_tensor[t], n.norm);
             }
         }
-        let mut report = self.round_trip(grads, false, |b| {
+        let report = self.round_trip(grads, false, |b| {
             b.clip_with_norm(clip.max_norm, &total, clip.non_finite)?
                 .wait()
         })?;
-        if clip.tensor_norms {
-            report.tensor_norms = Some(per_tensor);
-        }
-        Ok(report)
+        let norms = clip.tensor_norms.then_some(per_tensor);
+        let step = report.step;
+        Ok(report.for_batch(step, grads.len() as u32, norms))
     }
 
     /// Clipping host tensors with a norm computed elsewhere (the split API).
@@ -581,12 +604,13 @@ impl Clipper {
         total: &PartialNorm,
         policy: NonFinitePolicy,
     ) -> Result<ClipReport, ClipError> {
-        match self.backend {
+        let report = match self.backend {
             Backend::Cpu => cpu::clip_with_norm(grads, max_norm, total, policy),
             Backend::Gpu(_) => self.round_trip(grads, true, |b| {
                 b.clip_with_norm(max_norm, total, policy)?.wait()
             }),
-        }
+        }?;
+        Ok(self.numbered(report, grads.len(), None))
     }
 
     /// Value clipping of host tensors, in place (PyTorch `clip_grad_value_`).

@@ -42,7 +42,7 @@ pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, PartialNorm};
 pub use ops::{GlobalNormClip, ValueClip};
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
-pub use report::{ClipReport, GroupReport, PolicyReport, StageReport, TensorReport};
+pub use report::{ClipReport, GroupReport, StageReport, TensorReport};
 #[cfg(feature = "mpi")]
 pub use shard::mpi::MpiCollective;
 pub use shard::{Collective, Shard, SingleRank, ThreadCollective};

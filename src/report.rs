@@ -11,102 +11,99 @@ pub(crate) use crate::shaders::abi::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED, STATUS_STALE,
 };
 
-/// The outcome of one norm or clipping step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClipReport {
-    /// Total norm before clipping, in f64: finite even when it exceeds f32::MAX; NaN or
-    /// infinity when the gradients held NaN or infinity.
-    pub total_norm: f64,
-    /// The same norm in mergeable form, for sharded training.
-    pub partial: PartialNorm,
-    /// The coefficient the gradients were (or would have been) multiplied by.
+/// The raw outcome of a step of the global family (a total norm, a global clip, a clip
+/// with a given norm), which both backends produce without stages of a chain.
+pub(crate) struct GlobalOutcome {
+    /// The step's number.
+    pub step: u64,
+    pub norm: Norm,
+    /// The total, before any NaN is excluded.
+    pub acc: NormAcc,
     pub coef: f32,
-    /// True when the gradients were multiplied by `coef` and `coef` is below 1 (or NaN);
-    /// zeroing NaNs at coefficient 1 ([`ClipReport::nans_zeroed`]) is not a clip.
-    pub clipped: bool,
-    /// True when NaN or infinite gradients were found.
-    pub non_finite: bool,
-    /// True when the step was skipped under [`NonFinitePolicy::SkipStep`].
-    pub skipped: bool,
-    /// True when NaNs were found and replaced by 0 under [`NonFinitePolicy::ZeroNans`].
-    pub nans_zeroed: bool,
-    /// Per-tensor norms before clipping, in batch order, when asked for.
+    pub status: u32,
+    pub policy: NonFinitePolicy,
+    /// Tensors of the batch.
+    pub tensors: u32,
+    /// Every tensor's norm, when asked for.
     pub tensor_norms: Option<Vec<f64>>,
     /// The threshold of a clip; `None` for a norm alone.
     pub max_norm: Option<f32>,
 }
 
-impl ClipReport {
-    /// Builds the report of a step and applies the error policy.
-    pub(crate) fn new(
-        norm: Norm,
-        acc: NormAcc,
-        coef: f32,
-        status: u32,
-        policy: NonFinitePolicy,
-        tensor_norms: Option<Vec<f64>>,
-        max_norm: Option<f32>,
-    ) -> Result<ClipReport, ClipError> {
-        let mut acc = acc;
-        if policy == NonFinitePolicy::ZeroNans {
-            acc.flags &= !crate::norm::FLAG_NAN;
-        }
-        let partial = PartialNorm::from_acc(norm, acc);
+impl GlobalOutcome {
+    /// The report of the step, a one-stage global chain over whole tensors (named `#0`,
+    /// `#1`, ... when their norms are asked for), or the error of
+    /// [`NonFinitePolicy::Error`].
+    pub(crate) fn report(self) -> Result<ClipReport, ClipError> {
+        let mut acc = self.acc;
+        acc.flags = self.policy.live_flags(acc.flags);
+        let partial = PartialNorm::from_acc(self.norm, acc);
         let total_norm = partial.total();
-        let non_finite = status & STATUS_NONFINITE != 0;
-        if non_finite && policy == NonFinitePolicy::Error {
+        let non_finite = self.status & STATUS_NONFINITE != 0;
+        if non_finite && self.policy == NonFinitePolicy::Error {
             return Err(ClipError::NonFiniteNorm(total_norm));
         }
+        // The rewrite also runs to zero NaNs at coefficient 1, which is no clip.
+        let clipped = self.status & STATUS_SCALED != 0 && !(self.coef >= 1.0);
+        let applied = if clipped { self.coef } else { 1.0 };
+        let clipped_units = if clipped { self.tensors } else { 0 };
+        let skipped = self.status & STATUS_SKIPPED != 0;
         Ok(ClipReport {
+            step: self.step,
             total_norm,
             partial,
-            coef,
-            // The rewrite also runs to zero NaNs at coefficient 1, which is no clip.
-            clipped: status & STATUS_SCALED != 0 && !(coef >= 1.0),
-            non_finite,
-            skipped: status & STATUS_SKIPPED != 0,
-            nans_zeroed: status & STATUS_NANS_ZEROED != 0,
-            tensor_norms,
-            max_norm,
-        })
-    }
-
-    /// This report as step `step` of a one-stage global chain, for a [`crate::GradMonitor`]:
-    /// per-tensor norms (when asked for) become tensors `#0`, `#1`, ...
-    pub fn to_policy_report(&self, step: u64) -> PolicyReport {
-        let coef = if self.clipped { self.coef } else { 1.0 };
-        let after = |n: f64| n * coef as f64;
-        let units = self.tensor_norms.as_ref().map_or(0, |t| t.len() as u32);
-        let clipped_units = if self.clipped { units } else { 0 };
-        PolicyReport {
-            step,
-            total_norm: self.total_norm,
-            total_norm_after: Some(after(self.total_norm)),
+            total_norm_after: Some(total_norm * applied as f64),
             threshold: self.max_norm,
             coef: Some(self.coef),
             clipped_units,
-            units,
-            non_finite: self.non_finite,
-            nans_zeroed: self.nans_zeroed,
-            skipped: self.skipped,
-            consecutive_skips: self.skipped as u32,
+            units: self.tensors,
+            non_finite,
+            nans_zeroed: self.status & STATUS_NANS_ZEROED != 0,
+            skipped,
+            consecutive_skips: skipped as u32,
             stages: vec![StageReport {
-                total_norm: self.total_norm,
+                total_norm,
                 threshold: self.max_norm,
                 coef: Some(self.coef),
                 clipped_units,
             }],
             groups: None,
-            tensors: self.tensor_norms.as_ref().map(|norms| {
-                (norms.iter().enumerate())
-                    .map(|(i, &norm)| TensorReport {
-                        name: format!("#{i}"),
-                        norm,
-                        norm_after: after(norm),
-                    })
-                    .collect()
-            }),
+            tensors: self
+                .tensor_norms
+                .map(|norms| tensor_reports(&norms, applied)),
+        })
+    }
+}
+
+/// Tensors `#0`, `#1`, ... of norms `norms`, all scaled by `applied`.
+fn tensor_reports(norms: &[f64], applied: f32) -> Vec<TensorReport> {
+    (norms.iter().enumerate())
+        .map(|(i, &norm)| TensorReport {
+            name: format!("#{i}"),
+            norm,
+            norm_after: norm * applied as f64,
+        })
+        .collect()
+}
+
+impl ClipReport {
+    /// A global report of one part of a batch made the report of the whole batch: step
+    /// `step`, `tensors` tensors with norms `norms` (when asked for).
+    pub(crate) fn for_batch(mut self, step: u64, tensors: u32, norms: Option<Vec<f64>>) -> Self {
+        let clipped = self.clipped_units > 0;
+        self.step = step;
+        self.units = tensors;
+        self.clipped_units = if clipped { tensors } else { 0 };
+        self.stages[0].clipped_units = self.clipped_units;
+        let applied = if clipped {
+            self.coef.unwrap_or(1.0)
+        } else {
+            1.0
+        };
+        if let Some(norms) = norms {
+            self.tensors = Some(tensor_reports(&norms, applied));
         }
+        self
     }
 }
 
@@ -135,14 +132,19 @@ pub struct TensorReport {
     pub norm_after: f64,
 }
 
-/// The outcome of one step of a [`crate::ClipPolicy`].
+/// The outcome of one step, of any chain on any runner, and of the global operations
+/// (a total norm, a global clip, a clip with a given norm; one-shot CPU functions number
+/// their steps 0).
 #[derive(Debug, Clone, PartialEq)]
-pub struct PolicyReport {
+pub struct ClipReport {
     /// The step this report belongs to (counted from 0).
     pub step: u64,
-    /// Total norm of all gradients before clipping (NaN/inf when non-finite values were
-    /// found; NaNs excluded under [`NonFinitePolicy::ZeroNans`]).
+    /// Total norm of all gradients before clipping, in f64: finite even beyond f32::MAX;
+    /// NaN or infinite when non-finite values were found (NaNs excluded under
+    /// [`NonFinitePolicy::ZeroNans`]). Of a chain: the first stage's.
     pub total_norm: f64,
+    /// The same norm in mergeable form, for sharded training (the split API).
+    pub partial: PartialNorm,
     /// Total norm after clipping (noise not included): for global rules always, for the
     /// others when the policy reports groups ([`crate::ClipPolicy::with_group_report`]).
     pub total_norm_after: Option<f64>,
@@ -150,9 +152,11 @@ pub struct PolicyReport {
     /// AutoClip, ZClip), schedule included (infinity when ZClip found no spike or an
     /// AutoClip history is empty); `None` when no stage is global.
     pub threshold: Option<f32>,
-    /// That stage's coefficient, the one every gradient was multiplied by there.
+    /// That stage's coefficient, the one every gradient was (or, on a skipped step, would
+    /// have been) multiplied by there.
     pub coef: Option<f32>,
-    /// Units (tensors, AGC units) whose final coefficient was below 1.
+    /// Units (tensors, AGC units) whose final coefficient was below 1 (or NaN); zeroing
+    /// NaNs at coefficient 1 is no clip.
     pub clipped_units: u32,
     /// Units of the chain: AGC units where it has AGC (tensors AGC leaves out are one
     /// unit each), else tensors.
@@ -257,7 +261,7 @@ pub(crate) struct PolicyOutcome {
 
 impl PolicyOutcome {
     /// The report, or the error of [`NonFinitePolicy::Error`] (or of an overwritten step).
-    pub(crate) fn report(self) -> Result<PolicyReport, ClipError> {
+    pub(crate) fn report(self) -> Result<ClipReport, ClipError> {
         let (norm, nf) = (self.norm, self.policy);
         // A norm as reported: NaNs excluded under ZeroNans.
         let live = |acc: &NormAcc| {
@@ -272,6 +276,13 @@ impl PolicyOutcome {
             return Err(ClipError::StepOverwritten(self.step));
         }
         let total_norm = live(&first.total);
+        let partial = PartialNorm::from_acc(
+            norm,
+            NormAcc {
+                flags: nf.live_flags(first.total.flags),
+                ..first.total
+            },
+        );
         let held = first.status & STATUS_HELD != 0;
         if held && nf == NonFinitePolicy::Error {
             return Err(ClipError::NonFiniteNorm(total_norm));
@@ -336,9 +347,10 @@ impl PolicyOutcome {
             );
             total_norm_after = Some(live(&fold(&mut (0..after.len()), &after)));
         }
-        Ok(PolicyReport {
+        Ok(ClipReport {
             step: self.step,
             total_norm,
+            partial,
             total_norm_after,
             threshold: last_global.map(|k| self.stages[k].threshold),
             coef: last_global.map(|k| self.stages[k].coef),

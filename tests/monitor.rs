@@ -5,7 +5,7 @@ mod common;
 
 use common::{close, gpu, gpu_tensors, upload, write, Host};
 use gradclip::{
-    ClipError, ClipPolicy, CpuPolicy, GlobalNormClip, GpuPolicy, GradMonitor, PolicyReport, Rule,
+    ClipError, ClipPolicy, ClipReport, CpuPolicy, GlobalNormClip, GpuPolicy, GradMonitor, Rule,
     TensorInfo,
 };
 
@@ -54,7 +54,7 @@ fn monitored_gpu_run() -> GradMonitor {
     monitor
 }
 
-fn check_records(records: &[PolicyReport]) {
+fn check_records(records: &[ClipReport]) {
     let norms = [0.5, 2.0, 4.0, 8.0, 16.0, 32.0];
     assert_eq!(records.len(), norms.len());
     for (i, (r, n)) in records.iter().zip(norms).enumerate() {
@@ -97,14 +97,16 @@ fn global_clip_reports_are_monitored_on_both_backends() {
     let clip = GlobalNormClip::new(1.0).with_tensor_norms();
     let mut on_gpu = GradMonitor::new().max_in_flight(2);
     let mut on_cpu = GradMonitor::new();
+    // A runner numbers its global steps, as the GPU batch does.
+    let mut cpu = gradclip::Clipper::on(gradclip::Backend::Cpu);
     for g in &steps {
         write(&ctx, &arena, g);
         on_gpu
-            .track_clip(batch.clip_by_global_norm(&clip).unwrap())
+            .track(batch.clip_by_global_norm(&clip).unwrap())
             .unwrap();
         let mut h = g.clone();
-        let report = gradclip::cpu::clip_by_global_norm(&mut common::muts(&mut h), &clip);
-        on_cpu.record_clip(&report.unwrap());
+        let report = cpu.clip_by_global_norm(&mut common::muts(&mut h), &clip);
+        on_cpu.record(report.unwrap());
     }
     on_gpu.flush().unwrap();
     check_records(on_gpu.records());

@@ -6,9 +6,9 @@ mod common;
 
 use common::{close, download, gpu, gpu_tensors, host, rules, upload, write, Host};
 use gradclip::{
-    noise, AdaptiveKind, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, CpuPolicy,
+    noise, AdaptiveKind, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, ClipReport, CpuPolicy,
     GaussianNoise, GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
-    PolicyReport, PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
+    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
 };
 use proptest::prelude::*;
 
@@ -27,7 +27,7 @@ fn run_gpu(
     steps: &[Vec<Host>],
     params: Option<&[Host]>,
     infos: &[TensorInfo],
-) -> Vec<(Vec<Host>, PolicyReport)> {
+) -> Vec<(Vec<Host>, ClipReport)> {
     let first = upload(ctx, &steps[0]);
     let p_arena = params.map(|p| upload(ctx, p));
     let grads = gpu_tensors(&first, &steps[0], infos);
@@ -51,7 +51,7 @@ fn run_cpu(
     steps: &[Vec<Host>],
     params: Option<&[Host]>,
     infos: &[TensorInfo],
-) -> Vec<(Vec<Host>, PolicyReport)> {
+) -> Vec<(Vec<Host>, ClipReport)> {
     let mut run = CpuPolicy::new(policy.clone(), infos).expect("valid policy");
     let p_refs: Option<Vec<GradRef<'_>>> = params.map(common::refs);
     steps
@@ -93,7 +93,7 @@ fn assert_same(a: &[Host], b: &[Host], abs: f64, stages: usize, what: &str) {
     }
 }
 
-fn assert_reports(g: &PolicyReport, c: &PolicyReport, what: &str) {
+fn assert_reports(g: &ClipReport, c: &ClipReport, what: &str) {
     assert!(
         close(g.total_norm, c.total_norm, 1e-5),
         "{what}: {g:?} vs {c:?}"
@@ -136,8 +136,8 @@ fn assert_reports(g: &PolicyReport, c: &PolicyReport, what: &str) {
 /// of the clipped gradients themselves.
 fn assert_after_norms(
     policy: &ClipPolicy,
-    g: &PolicyReport,
-    c: &PolicyReport,
+    g: &ClipReport,
+    c: &ClipReport,
     clipped: &[Host],
     infos: &[TensorInfo],
 ) {
@@ -182,7 +182,7 @@ fn both(
     steps: &[Vec<Host>],
     params: Option<&[Host]>,
     infos: &[TensorInfo],
-) -> Vec<(Vec<Host>, PolicyReport)> {
+) -> Vec<(Vec<Host>, ClipReport)> {
     let g = run_gpu(&gpu(), policy, steps, params, infos);
     let c = run_cpu(policy, steps, params, infos);
     // The noise goes through ln/cos/sin, whose last bits differ between GPU and host.

@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use gradclip::{ClipPolicy, GpuPolicy, GpuTensor, PendingReport, PolicyReport, PolicyState};
+use gradclip::{ClipPolicy, ClipReport, GpuPolicy, GpuTensor, PendingReport, PolicyState};
 
 use crate::device::SharedDevice;
 use crate::error::BurnClipError;
@@ -96,7 +96,7 @@ impl BurnClipper {
         &mut self,
         module: &M,
         grads: &mut GradientsParams,
-    ) -> Result<PendingReport<PolicyReport>, BurnClipError> {
+    ) -> Result<PendingReport<ClipReport>, BurnClipError> {
         let shared = self.shared.clone();
         let device = shared.device();
         let with_params = self.policy.needs_params();

@@ -3,7 +3,7 @@
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::module::Module;
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use gradclip::PolicyReport;
+use gradclip::ClipReport;
 
 use crate::clipper::BurnClipper;
 use crate::error::BurnClipError;
@@ -46,7 +46,7 @@ impl ClippedOptimizer {
         lr: impl Into<ModuleLearningRate>,
         module: M,
         mut grads: GradientsParams,
-    ) -> (M, Result<PolicyReport, BurnClipError>) {
+    ) -> (M, Result<ClipReport, BurnClipError>) {
         let report = self
             .clipper
             .clip(&module, &mut grads)

@@ -12,7 +12,7 @@ use burn::nn::{Linear, LinearConfig};
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 use gradclip::{
-    Agc, ClipPolicy, CpuPolicy, GradMut, GradRef, GroupClip, PerTensorClip, PolicyReport, Rule,
+    Agc, ClipPolicy, ClipReport, CpuPolicy, GradMut, GradRef, GroupClip, PerTensorClip, Rule,
     TensorInfo, UnitAxis,
 };
 use gradclip_burn::{BurnClipError, BurnClipper, ClippedOptimizer, SharedDevice};
@@ -228,7 +228,7 @@ fn oracle(
     policy: &ClipPolicy,
     grads: &mut [HostTensor],
     params: Option<&[HostTensor]>,
-) -> PolicyReport {
+) -> ClipReport {
     let infos: Vec<TensorInfo> = grads
         .iter()
         .map(|g| TensorInfo::new(&g.path, &g.shape))
@@ -433,7 +433,7 @@ fn train_rnn(
     steps: usize,
     policy: &ClipPolicy,
     on_device: bool,
-) -> (Rnn, Vec<PolicyReport>, u64) {
+) -> (Rnn, Vec<ClipReport>, u64) {
     let device = shared.autodiff();
     let mut model = init.clone();
     let mut reports = vec![];
@@ -479,7 +479,7 @@ fn check_training(
     shared: &SharedDevice,
     policy: ClipPolicy,
     steps: usize,
-) -> (Vec<PolicyReport>, u64) {
+) -> (Vec<ClipReport>, u64) {
     let device = shared.autodiff();
     let init = Rnn::new(&device);
     let (on_device, reports, moves) = train_rnn(shared, &init, steps, &policy, true);

@@ -10,7 +10,7 @@ use super::policy::CpuPolicy;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 
 /// `sums = (first ? 0 : sums) + scale * micro`, element by element in f32, rounded once.
 fn add_into(sums: &mut GradMut<'_>, micro: &GradRef<'_>, scale: f32, first: bool) {
@@ -88,7 +88,7 @@ impl CpuAccumulator {
         sums: &mut [GradMut<'_>],
         micro: &[GradRef<'_>],
         params: Option<&[GradRef<'_>]>,
-    ) -> Result<Option<PolicyReport>, ClipError> {
+    ) -> Result<Option<ClipReport>, ClipError> {
         check_pairs(sums, micro)?;
         let scale = 1.0 / self.micro_steps as f32;
         let first = self.added == 0;

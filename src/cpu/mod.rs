@@ -57,7 +57,7 @@ use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc, PartialNorm};
 use crate::ops::{validate_max_norm, GlobalNormClip, ValueClip};
-use crate::report::ClipReport;
+use crate::report::{ClipReport, GlobalOutcome};
 use engine::CpuStep;
 
 /// The total norm of a batch in mergeable form (PyTorch `get_total_norm`, split API).
@@ -134,15 +134,18 @@ fn global_step(
         &mut out,
     );
     let f = out.stages[0].finish;
-    let report = ClipReport::new(
+    let report = GlobalOutcome {
+        step: 0,
         norm,
-        f.total,
-        f.coef,
-        f.status,
+        acc: f.total,
+        coef: f.coef,
+        status: f.status,
         policy,
-        tensor_norms.then(|| out.units.iter().map(|a| a.total(norm)).collect()),
-        Some(max_norm),
-    );
+        tensors: grads.len() as u32,
+        tensor_norms: tensor_norms.then(|| out.units.iter().map(|a| a.total(norm)).collect()),
+        max_norm: Some(max_norm),
+    }
+    .report();
     LAST_GLOBAL.set(Some((program, out)));
     report
 }

@@ -12,7 +12,7 @@ use crate::chain::{check_shapes, ClipPolicy, TensorInfo};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::optim::{adam, check_lr, sgd, Optimizer, OptimizerState, Tick};
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 use crate::shaders::abi::{OptimizerParams, OPT_SGD};
 
 /// A clipping policy and an optimizer fused into one step over host slices: the gradients
@@ -103,7 +103,7 @@ impl CpuOptimizer {
         &mut self,
         grads: &[GradRef<'_>],
         params: &mut [&mut [f32]],
-    ) -> Result<PolicyReport, ClipError> {
+    ) -> Result<ClipReport, ClipError> {
         check_shapes(self.policy.infos(), params.iter().map(|p| p.len() as u64))?;
         let deferred = {
             let refs = self.param_refs(params);
@@ -132,7 +132,7 @@ impl CpuOptimizer {
         &mut self,
         grads: &mut [GradMut<'_>],
         params: &mut [&mut [f32]],
-    ) -> Result<PolicyReport, ClipError> {
+    ) -> Result<ClipReport, ClipError> {
         check_shapes(self.policy.infos(), params.iter().map(|p| p.len() as u64))?;
         let report = {
             let refs = self.param_refs(params);

@@ -9,7 +9,7 @@ use crate::chain::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo, U
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::report::STATUS_HELD;
-use crate::report::{PolicyOutcome, PolicyReport, ReportShape, StageOutcome, UnitNorms};
+use crate::report::{ClipReport, PolicyOutcome, ReportShape, StageOutcome, UnitNorms};
 
 /// Runs a [`ClipPolicy`] on host slices, step after step, keeping its state.
 #[derive(Debug, Clone)]
@@ -142,7 +142,7 @@ impl CpuPolicy {
         &mut self,
         grads: &mut [GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
-    ) -> Result<PolicyReport, ClipError> {
+    ) -> Result<ClipReport, ClipError> {
         let step = self.check(grads.iter().map(|g| g.as_ref().len() as u64), params)?;
         let params = params.filter(|_| self.program.needs_params());
         // Nothing fails from here on: the step runs on the kept state and buffers.
@@ -202,7 +202,7 @@ impl CpuPolicy {
 
     /// Counts the step that just ran on the state and into the kept outcome, and
     /// reports it.
-    pub(crate) fn commit(&mut self, step: CpuStep) -> Result<PolicyReport, ClipError> {
+    pub(crate) fn commit(&mut self, step: CpuStep) -> Result<ClipReport, ClipError> {
         self.state.step = self.state.step.wrapping_add(1);
         let out = &self.outcome;
         let detail = self.policy.report_groups.then(|| UnitNorms {
@@ -240,7 +240,7 @@ impl CpuPolicy {
 #[derive(Debug, Clone)]
 pub struct DeferredStep {
     /// The step's report.
-    pub report: PolicyReport,
+    pub report: ClipReport,
     /// The coefficient of every unit.
     pub coefs: Vec<f32>,
     /// The step is held (non-finite under `Error` or `SkipStep`): apply nothing.

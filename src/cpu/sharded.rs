@@ -8,7 +8,7 @@ use crate::chain::{ClipPolicy, PolicyState, TensorInfo};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 use crate::shard::{localize, table, Collective, Shard};
 
 /// Runs a [`ClipPolicy`] on this rank's shard of the gradients, so that every rank's
@@ -85,7 +85,7 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         &mut self,
         grads: &mut [GradMut<'_>],
         params: Option<&[GradRef<'_>]>,
-    ) -> Result<PolicyReport, ClipError> {
+    ) -> Result<ClipReport, ClipError> {
         let shard = &self.shard;
         let lens: Vec<u64> = grads.iter().map(|g| g.as_ref().len() as u64).collect();
         let checked = (self.inner).check_with(&lens, params, |lens| {

@@ -11,7 +11,7 @@ use crate::chain::ClipPolicy;
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;
 use crate::plan::{fold_grid, PlanSegment};
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 use crate::shaders::abi::AccumulateParams;
 use crate::shaders::{BindLayout, Kernel};
 
@@ -134,7 +134,7 @@ impl GpuAccumulator {
     pub fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<Option<PendingReport<PolicyReport>>, ClipError> {
+    ) -> Result<Option<PendingReport<ClipReport>>, ClipError> {
         let boundary = self.added + 1 == self.micro_steps;
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         kernels.prepare(device, &[Kernel::Accumulate])?;
@@ -173,7 +173,7 @@ impl GpuAccumulator {
     }
 
     /// [`GpuAccumulator::encode`], submitted now.
-    pub fn run(&mut self) -> Result<Option<PendingReport<PolicyReport>>, ClipError> {
+    pub fn run(&mut self) -> Result<Option<PendingReport<ClipReport>>, ClipError> {
         let ctx = self.ctx.clone();
         let (added, step) = (self.added, self.policy.step());
         ctx.record_and_submit(

@@ -75,6 +75,8 @@ pub(crate) fn infos_of(tensors: &[GpuTensor<'_>]) -> Vec<TensorInfo> {
 pub struct GpuBatch {
     engine: Engine,
     n_tensors: usize,
+    /// Steps with a report encoded so far: the next report's number.
+    steps: u64,
 }
 
 impl std::fmt::Debug for GpuBatch {
@@ -152,6 +154,7 @@ impl GpuBatch {
         Ok(GpuBatch {
             engine,
             n_tensors: tensors.len(),
+            steps: 0,
         })
     }
 
@@ -187,8 +190,10 @@ impl GpuBatch {
             max_norm: clip.map(|c| c.1),
             tensor_norms: step.units,
             layout: self.engine.layout(),
-            seq: self.engine.seq() as u64,
+            step: self.steps,
+            tensors: self.n_tensors as u32,
         };
+        self.steps += 1;
         Ok(PendingReport::on_submit(
             encoder,
             readback,
@@ -295,9 +300,9 @@ impl GpuBatch {
         &mut self,
         f: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
-        // A global step keeps no count between steps: nothing to put back.
         let ctx = self.engine.ctx().clone();
-        ctx.record_and_submit("gradclip", self, f, |_| {})
+        let steps = self.steps;
+        ctx.record_and_submit("gradclip", self, f, |b| b.steps = steps)
     }
     /// [`GpuBatch::encode_total_norm`], submitted now.
     pub fn total_norm(

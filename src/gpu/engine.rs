@@ -801,11 +801,6 @@ impl Engine {
         })
     }
 
-    /// Sequence number of the last encoded step.
-    pub(crate) fn seq(&self) -> u32 {
-        self.seq
-    }
-
     /// Reads the device state back (waits for the GPU).
     pub(crate) fn read_state(&self) -> Result<Vec<u32>, ClipError> {
         super::readback::read_words(&self.ctx, &self.state)

@@ -14,7 +14,7 @@ use crate::error::ClipError;
 use crate::optim::{check_lr, Optimizer, OptimizerState};
 use crate::plan::step_table::{plan_step, StepTable};
 use crate::plan::{fold_grid, Plan, PlanSegment};
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 use crate::shaders::abi::{self, OptimizerCounter, StepRunParams};
 use crate::shaders::{BindLayout, Kernel};
 
@@ -214,7 +214,7 @@ impl GpuOptimizer {
     pub fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         self.encode_as(encoder, false)
     }
 
@@ -225,12 +225,12 @@ impl GpuOptimizer {
     pub fn encode_in_place(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         self.encode_as(encoder, true)
     }
 
     /// [`GpuOptimizer::encode`], submitted now.
-    pub fn run(&mut self) -> Result<PendingReport<PolicyReport>, ClipError> {
+    pub fn run(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
         self.policy.check()?;
         let ctx = self.ctx.clone();
         let start = self.policy.step();
@@ -246,7 +246,7 @@ impl GpuOptimizer {
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         in_place: bool,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         let mut params = self.policy.params(None)?;
         params.lr = self.lr;
         params.decay = self.optimizer.decay(self.lr);

@@ -12,7 +12,7 @@ use super::readback::{decode_stages, decode_units, words_in, PendingReport, Read
 use super::resources::StepParams;
 use crate::chain::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
-use crate::report::{PolicyOutcome, PolicyReport, ReportShape};
+use crate::report::{ClipReport, PolicyOutcome, ReportShape};
 use crate::shaders::abi::Acc;
 
 /// The unit norms of a step's gradients, then of its parameters (empty without AGC).
@@ -237,7 +237,7 @@ impl GpuPolicy {
     pub fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         self.encode_with(encoder, Mode::Clip)
     }
 
@@ -246,7 +246,7 @@ impl GpuPolicy {
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         mode: Mode,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         let params = self.params(None)?;
         let step = self.step_of(params, mode);
         self.encode_policy(encoder, step, |_, _| {})
@@ -259,7 +259,7 @@ impl GpuPolicy {
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         let (readback, step) = self.encode_step(encoder, step, extra)?;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
@@ -290,7 +290,7 @@ impl GpuPolicy {
     pub fn encode_deferred(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<PolicyReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         if self.policy.noise.is_some() || self.policy.value.is_some() {
             return Err(ClipError::InvalidConfig(
                 "deferred scaling applies coefficients only; noise and value clipping need \
@@ -356,7 +356,7 @@ impl GpuPolicy {
     }
 
     /// [`GpuPolicy::encode`], submitted now.
-    pub fn run(&mut self) -> Result<PendingReport<PolicyReport>, ClipError> {
+    pub fn run(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
         self.submit_with(|policy, encoder| policy.encode(encoder))
     }
 

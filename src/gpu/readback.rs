@@ -18,7 +18,7 @@ use crate::chain::Program;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc};
-use crate::report::{ClipReport, StageOutcome, UnitNorms};
+use crate::report::{ClipReport, GlobalOutcome, StageOutcome, UnitNorms};
 use crate::shaders::abi::{self, Acc, StepReport, ACC_BYTES};
 
 const PENDING: u8 = 0;
@@ -148,8 +148,10 @@ pub(crate) struct ReportKind {
     pub tensor_norms: bool,
     /// Where the readback's parts lie.
     pub layout: ReadbackLayout,
-    /// The engine's sequence number of the step, for [`ClipError::StepOverwritten`].
-    pub seq: u64,
+    /// The batch's number of the step (its report's, and [`ClipError::StepOverwritten`]'s).
+    pub step: u64,
+    /// Tensors of the batch.
+    pub tensors: u32,
 }
 
 /// Fires once with the mapping's outcome (`MAPPED` or `FAILED`), or with `PENDING` when
@@ -163,7 +165,7 @@ struct Signal {
 /// Turns the words read back into a report.
 type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 
-/// The report of an encoded step ([`ClipReport`], or [`crate::PolicyReport`] for
+/// The report of an encoded step ([`ClipReport`], or [`crate::ClipReport`] for
 /// policies), available once the GPU has run it.
 ///
 /// Blocking code reads it with [`PendingReport::wait`]; [`PendingReport::is_ready`] tells
@@ -215,25 +217,6 @@ impl<R> PendingReport<R> {
             pool,
             device,
             decode: Some(decode),
-        }
-    }
-
-    /// The same pending report, turned into `S` by `f` when it is read.
-    pub(crate) fn map<S: 'static>(
-        mut self,
-        f: impl FnOnce(R) -> S + Send + Sync + 'static,
-    ) -> PendingReport<S>
-    where
-        R: 'static,
-    {
-        let decode = self.decode.take().expect("a pending report decodes once");
-        PendingReport {
-            buffer: self.buffer.take(),
-            state: self.state.clone(),
-            mapped: self.mapped.clone(),
-            pool: self.pool.clone(),
-            device: self.device.clone(),
-            decode: Some(Box::new(move |words| decode(words).map(f))),
         }
     }
 
@@ -446,7 +429,7 @@ pub(crate) fn decode_stages(words: &[u32], layout: &ReadbackLayout) -> Vec<Stage
 pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
     let header: StepReport = abi::read(words);
     if header.status & abi::STATUS_STALE != 0 {
-        return Err(ClipError::StepOverwritten(kind.seq));
+        return Err(ClipError::StepOverwritten(kind.step));
     }
     let acc = header.norm.into();
     // A global program: its units are the tensors.
@@ -456,27 +439,27 @@ pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport,
             .map(|a| a.total(kind.norm))
             .collect()
     });
-    match kind.clip {
-        Some(policy) => ClipReport::new(
-            kind.norm,
-            acc,
-            header.coef,
-            header.status,
-            policy,
-            tensor_norms,
-            kind.max_norm,
-        ),
+    let (coef, status, policy) = match kind.clip {
+        Some(policy) => (header.coef, header.status, policy),
         // A norm-only step scales nothing, whatever the finishing pass computed.
-        None => ClipReport::new(
-            kind.norm,
-            acc,
+        None => (
             1.0,
             header.status & abi::STATUS_NONFINITE,
             NonFinitePolicy::Propagate,
-            tensor_norms,
-            None,
         ),
+    };
+    GlobalOutcome {
+        step: kind.step,
+        norm: kind.norm,
+        acc,
+        coef,
+        status,
+        policy,
+        tensors: kind.tensors,
+        tensor_norms,
+        max_norm: kind.max_norm,
     }
+    .report()
 }
 
 /// The words of `buffer`, read back through a staging buffer of its size (waits for the

@@ -10,7 +10,7 @@ use super::policy::GpuPolicy;
 use crate::chain::{ClipPolicy, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 use crate::shard::{localize, table, Collective, Shard};
 
 /// Runs a [`ClipPolicy`] over this rank's shard of the gradients in caller-owned buffers,
@@ -131,7 +131,7 @@ impl<C: Collective> ShardedGpuPolicy<C> {
     /// back, merged over the ranks, and the rest of the step is submitted and awaited.
     /// A failure on any rank before the merge (a device error, a schedule out of range)
     /// is an error on every rank, and no rank changes its gradients or state.
-    pub fn step(&mut self) -> Result<PolicyReport, ClipError> {
+    pub fn step(&mut self) -> Result<ClipReport, ClipError> {
         let norm = self.inner.policy().norm;
         let n = self.inner.units();
         let needs_params = self.inner.engine().program().needs_params();

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::error::ClipError;
-use crate::report::PolicyReport;
+use crate::report::ClipReport;
 
 /// Creates `path` and fills it with what `body` writes.
 pub(super) fn write(
@@ -47,7 +47,7 @@ const COLUMNS: [&str; 11] = [
 ];
 
 /// A step's values of [`COLUMNS`].
-fn values(r: &PolicyReport) -> [Field; 11] {
+fn values(r: &ClipReport) -> [Field; 11] {
     [
         Field::Int(r.step),
         Field::Num(r.total_norm),
@@ -86,7 +86,7 @@ impl Field {
     }
 }
 
-pub(super) fn steps_csv(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
+pub(super) fn steps_csv(records: &[ClipReport], out: &mut String) -> std::fmt::Result {
     writeln!(out, "{}", COLUMNS.join(","))?;
     for r in records {
         let cells: Vec<String> = values(r).iter().map(Field::csv).collect();
@@ -95,7 +95,7 @@ pub(super) fn steps_csv(records: &[PolicyReport], out: &mut String) -> std::fmt:
     Ok(())
 }
 
-pub(super) fn tensors_csv(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
+pub(super) fn tensors_csv(records: &[ClipReport], out: &mut String) -> std::fmt::Result {
     writeln!(out, "step,tensor,norm,norm_after")?;
     for r in records {
         for t in r.tensors.iter().flatten() {
@@ -149,7 +149,7 @@ fn string(s: &str) -> String {
     out
 }
 
-pub(super) fn jsonl(records: &[PolicyReport], out: &mut String) -> std::fmt::Result {
+pub(super) fn jsonl(records: &[ClipReport], out: &mut String) -> std::fmt::Result {
     for r in records {
         let items: Vec<String> = (COLUMNS.iter().zip(values(r)))
             .map(|(name, f)| format!("\"{name}\":{}", f.json()))

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::error::ClipError;
 use crate::gpu::PendingReport;
-use crate::report::{ClipReport, PolicyReport};
+use crate::report::ClipReport;
 #[cfg(feature = "plot")]
 use plot::{BarChart, LineChart};
 
@@ -27,8 +27,8 @@ const DEFAULT_IN_FLIGHT: usize = 4;
 /// the GPU has produced them, a few steps late, so training never waits on a readback.
 #[derive(Debug)]
 pub struct GradMonitor {
-    records: Vec<PolicyReport>,
-    pending: VecDeque<PendingReport<PolicyReport>>,
+    records: Vec<ClipReport>,
+    pending: VecDeque<PendingReport<ClipReport>>,
     max_in_flight: usize,
 }
 
@@ -55,32 +55,14 @@ impl GradMonitor {
     }
 
     /// Records a report that is already at hand (the CPU path, or one waited for).
-    pub fn record(&mut self, report: PolicyReport) {
+    pub fn record(&mut self, report: ClipReport) {
         self.records.push(report);
-    }
-
-    /// Records the report of a global clip ([`crate::GpuBatch`], [`crate::Clipper`],
-    /// [`crate::cpu`]) as the next step, a one-stage global chain.
-    pub fn record_clip(&mut self, report: &ClipReport) {
-        let step = self.next_step();
-        self.records.push(report.to_policy_report(step));
-    }
-
-    /// [`GradMonitor::track`] for the report of a global clip, numbered as the next step.
-    pub fn track_clip(&mut self, pending: PendingReport<ClipReport>) -> Result<(), ClipError> {
-        let step = self.next_step();
-        self.track(pending.map(move |r| r.to_policy_report(step)))
-    }
-
-    /// The number of the next step: one past the last one recorded or in flight.
-    fn next_step(&self) -> u64 {
-        (self.records.len() + self.pending.len()) as u64
     }
 
     /// Takes a GPU report still in flight; collects, in step order, those that are ready.
     /// Waits only when more than `max_in_flight` are pending. A step whose report is an
     /// error (a non-finite norm under [`crate::NonFinitePolicy::Error`]) returns it.
-    pub fn track(&mut self, pending: PendingReport<PolicyReport>) -> Result<(), ClipError> {
+    pub fn track(&mut self, pending: PendingReport<ClipReport>) -> Result<(), ClipError> {
         self.pending.push_back(pending);
         while self.pending.len() > self.max_in_flight {
             self.collect_front()?;
@@ -117,7 +99,7 @@ impl GradMonitor {
     }
 
     /// The reports collected so far, in step order.
-    pub fn records(&self) -> &[PolicyReport] {
+    pub fn records(&self) -> &[ClipReport] {
         &self.records
     }
 
@@ -125,7 +107,7 @@ impl GradMonitor {
     /// Total norm before and after clipping, and the threshold, over the steps, as a
     /// chart ready to save or extend.
     pub fn norms_chart(&self, log_y: bool) -> LineChart {
-        let series = |f: &dyn Fn(&PolicyReport) -> Option<f64>| -> Vec<(f64, f64)> {
+        let series = |f: &dyn Fn(&ClipReport) -> Option<f64>| -> Vec<(f64, f64)> {
             (self.records.iter())
                 .filter_map(|r| f(r).map(|v| (r.step as f64, v)))
                 .collect()

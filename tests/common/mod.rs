@@ -292,3 +292,9 @@ pub fn rules() -> Vec<Rule> {
         }),
     ]
 }
+
+/// The per-tensor norms of a report that has them.
+pub fn norms_of(r: &gradclip::ClipReport) -> Vec<f64> {
+    let tensors = r.tensors.as_ref().expect("the report has per-tensor norms");
+    tensors.iter().map(|t| t.norm).collect()
+}

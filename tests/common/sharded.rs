@@ -10,8 +10,8 @@ use std::cell::RefCell;
 use std::sync::{Mutex, MutexGuard};
 
 use gradclip::{
-    Agc, AutoClip, ClipError, ClipPolicy, Collective, CpuPolicy, GaussianNoise, GpuContext,
-    GpuTensor, GradMut, GradRef, GroupClip, NonFinitePolicy, PerTensorClip, PolicyReport, Rule,
+    Agc, AutoClip, ClipError, ClipPolicy, ClipReport, Collective, CpuPolicy, GaussianNoise,
+    GpuContext, GpuTensor, GradMut, GradRef, GroupClip, NonFinitePolicy, PerTensorClip, Rule,
     Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo, UnitAxis, ZClip,
 };
 
@@ -260,7 +260,7 @@ fn same_everywhere(comm: &dyn Collective, what: &str, x: f64) {
     );
 }
 
-fn report_matches(case: &str, step: u64, got: &PolicyReport, want: &PolicyReport, rel: f64) {
+fn report_matches(case: &str, step: u64, got: &ClipReport, want: &ClipReport, rel: f64) {
     let at = format!("{case}, step {step}");
     assert!(
         close(got.total_norm, want.total_norm, rel),
@@ -402,7 +402,7 @@ impl<'a, C: Collective> Sharded<'a, C> {
         }
     }
 
-    fn step(&mut self, parts: &mut [Vec<f32>], weights: &[Vec<f32>]) -> PolicyReport {
+    fn step(&mut self, parts: &mut [Vec<f32>], weights: &[Vec<f32>]) -> ClipReport {
         match self {
             Sharded::Cpu(p) => {
                 let mut g: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
