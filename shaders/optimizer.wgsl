@@ -62,7 +62,8 @@ fn tick() {
     var c = counter_rw;
     c.run = select(0u, 1u, step_runs(report[STATUS_WORD], report[TAG_WORD]));
     if (c.run == 1u) {
-        c.steps = c.steps + 1u;
+        // Stops at the top: wrapping to 0 would divide by zero below.
+        c.steps = c.steps + select(1u, 0u, c.steps == 0xffffffffu);
         c.step_size = step.lr / (1.0 - power(opt.beta1, c.steps));
         c.bias2_sqrt = sqrt(1.0 - power(opt.beta2, c.steps));
     }

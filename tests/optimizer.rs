@@ -8,8 +8,8 @@ mod common;
 use common::{download, gpu, gpu_tensors, host, refs, upload, Host};
 use gradclip::{
     Adam, Agc, ClipError, ClipPolicy, CpuOptimizer, CpuPolicy, DType, GaussianNoise, GpuOptimizer,
-    GpuPolicy, GpuTensor, GradRef, NonFinitePolicy, Optimizer, PerTensorClip, Rule, Sgd,
-    TensorInfo, UnitAxis, ValueClip,
+    GpuPolicy, GpuTensor, GradRef, NonFinitePolicy, Optimizer, OptimizerState, PerTensorClip, Rule,
+    Sgd, TensorInfo, UnitAxis, ValueClip,
 };
 
 /// Distance in f32 ulps (NaN to NaN: 0).
@@ -470,6 +470,36 @@ fn state_moves_between_backends() {
         CpuOptimizer::new(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos(&[3]), opt).unwrap();
     assert!(gpu_opt.set_state(other.state()).is_err());
     assert!(cpu_opt.set_state(other.state().clone()).is_err());
+    // Values out of their domain are refused on both backends, and change nothing.
+    let kept = cpu_opt.state().clone();
+    for (array, value) in [(1, -1e-3f32), (1, f32::NAN), (0, f32::INFINITY), (2, -0.5)] {
+        let mut bad = kept.clone();
+        bad.arrays[array][0][0] = value;
+        for e in [
+            gpu_opt.set_state(&bad).unwrap_err(),
+            cpu_opt.set_state(bad.clone()).unwrap_err(),
+        ] {
+            assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
+        }
+    }
+    assert_eq!(cpu_opt.state(), &kept);
+    assert_eq!(gpu_opt.state().unwrap(), kept);
+    // A step count at the top stays there: the bias correction never divides by zero.
+    let top = OptimizerState {
+        steps: u32::MAX - 1,
+        ..kept
+    };
+    gpu_opt.set_state(&top).unwrap();
+    cpu_opt.set_state(top).unwrap();
+    for _ in 0..2 {
+        gpu_opt.run().unwrap().wait().unwrap();
+        let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+        cpu_opt.step(&refs(&grads), &mut p).unwrap();
+    }
+    assert_eq!(cpu_opt.state().steps, u32::MAX);
+    assert_eq!(gpu_opt.state().unwrap().steps, u32::MAX);
+    let got = flat(&download(&ctx, &p_arena, &case.params));
+    assert!(params.concat().iter().chain(&got).all(|x| x.is_finite()));
 }
 
 #[test]

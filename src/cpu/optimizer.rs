@@ -89,7 +89,7 @@ impl CpuOptimizer {
 
     /// Restores a saved optimizer state (from either backend).
     pub fn set_state(&mut self, state: OptimizerState) -> Result<(), ClipError> {
-        state.check_fits(&OptimizerState::fresh(&self.optimizer, &self.lens))?;
+        state.check_fits(&self.optimizer, &self.lens)?;
         self.state = state;
         Ok(())
     }
@@ -160,7 +160,7 @@ impl CpuOptimizer {
         params: &mut [&mut [f32]],
         read: impl Fn(usize) -> Read<'c> + Sync,
     ) {
-        self.state.steps = self.state.steps.wrapping_add(1);
+        self.state.steps = self.state.steps.saturating_add(1);
         let tick = Tick::new(
             &self.params,
             self.state.steps,

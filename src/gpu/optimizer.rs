@@ -312,7 +312,7 @@ impl GpuOptimizer {
     /// Restores a saved optimizer state (from either backend); the next step continues
     /// from it.
     pub fn set_state(&mut self, state: &OptimizerState) -> Result<(), ClipError> {
-        state.check_fits(&OptimizerState::fresh(&self.optimizer, &self.lens))?;
+        state.check_fits(&self.optimizer, &self.lens)?;
         let queue = &self.ctx.inner.queue;
         guarded(&self.ctx.inner.device, || {
             let counter = OptimizerCounter {

@@ -370,9 +370,14 @@ pub(crate) fn adam(
 /// v, then vmax with amsgrad), each as long as the tensor. A state with `steps` 0 starts
 /// afresh: SGD's next step sets its momentum buffers to the gradients, as torch does for
 /// buffers it has not created yet.
+///
+/// Restoring checks the state against the optimizer and tensors it is restored into (the
+/// arrays and their lengths) and its values (every moment finite, Adam's second moments
+/// >= 0): anything else is [`ClipError::InvalidState`] and changes nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimizerState {
-    /// Steps taken (held steps are not counted): Adam's `t`.
+    /// Steps taken (held steps are not counted): Adam's `t`. It stops at `u32::MAX`
+    /// rather than wrap to 0, where the bias correction would divide by zero.
     pub steps: u32,
     /// `arrays[k][tensor]`: state array `k` of each tensor.
     pub arrays: Vec<Vec<Vec<f32>>>,
@@ -388,17 +393,34 @@ impl OptimizerState {
         }
     }
 
-    /// Checks that this state fits `fresh` (same arrays and lengths).
-    pub(crate) fn check_fits(&self, fresh: &OptimizerState) -> Result<(), ClipError> {
-        let shape = |s: &OptimizerState| -> Vec<Vec<usize>> {
-            (s.arrays.iter())
-                .map(|a| a.iter().map(Vec::len).collect())
-                .collect()
-        };
-        if shape(self) != shape(fresh) {
-            return Err(ClipError::InvalidConfig(
-                "the optimizer state does not fit this optimizer and these tensors".into(),
-            ));
+    /// Checks that this state belongs to `opt` over tensors of lengths `lens` (its
+    /// arrays and their lengths) and that its values are in their domain.
+    pub(crate) fn check_fits(&self, opt: &Optimizer, lens: &[u64]) -> Result<(), ClipError> {
+        let bad = |why: String| Err(ClipError::InvalidState(why));
+        let fits = self.arrays.len() == opt.state_arrays()
+            && (self.arrays.iter()).all(|a| {
+                a.len() == lens.len() && a.iter().zip(lens).all(|(v, &n)| v.len() as u64 == n)
+            });
+        if !fits {
+            return bad("the optimizer state does not fit this optimizer and these tensors".into());
+        }
+        for (k, array) in self.arrays.iter().enumerate() {
+            // Adam's arrays after the first (v, vmax) are second moments.
+            let second = matches!(opt, Optimizer::Adam(_)) && k > 0;
+            for (t, values) in array.iter().enumerate() {
+                let out = |x: &f32| !x.is_finite() || (second && *x < 0.0);
+                if let Some(i) = values.iter().position(out) {
+                    let what = if second {
+                        "a second moment must be finite and >= 0"
+                    } else {
+                        "a moment must be finite"
+                    };
+                    return bad(format!(
+                        "state array {k} of tensor #{t} holds {} at {i}: {what}",
+                        values[i]
+                    ));
+                }
+            }
         }
         Ok(())
     }
