@@ -7,7 +7,7 @@ mod common;
 use common::{close, download, gpu, gpu_tensors, host, rules, upload, write, Host};
 use gradclip::{
     noise, AdaptiveKind, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, ClipReport, CpuPolicy,
-    GaussianNoise, GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
+    GaussianNoise, GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, Norm, PerTensorClip,
     PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
 };
 use proptest::prelude::*;
@@ -457,7 +457,7 @@ fn schedules_scale_every_threshold() {
         assert!(close(out[i].0[0].to_f64()[0], 0.6 * *want as f64, 1e-6));
     }
     assert_eq!(policy.schedule.lr(0.1, 4), 0.025);
-    let custom = Schedule::custom(|s| 1.0 / (1.0 + s as f64));
+    let custom = Schedule::custom("inverse", |s| 1.0 / (1.0 + s as f64));
     assert_eq!(custom.multiplier(3), 0.25);
 }
 
@@ -591,6 +591,94 @@ fn the_state_of_every_adaptive_stage_is_reported() {
             assert!(close(*a as f64, *b as f64, 1e-5), "{c:?} / {g:?}");
         }
     }
+}
+
+/// A saved state restores only into the chain and tensors it was saved for: each part of
+/// what gives its numbers meaning, changed alone, is `InvalidState` naming that part, on
+/// both backends.
+#[test]
+fn a_state_restores_only_where_it_belongs() {
+    let infos = vec![TensorInfo::new("w", &[2, 3]), TensorInfo::new("b", &[3])];
+    let base = || {
+        ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+            .then(Rule::PerTensor(PerTensorClip { max_norm: 2.0 }))
+    };
+    let data = vec![
+        f32s(&[1.0, -2.0, 3.0, 0.5, 0.25, -1.0]),
+        f32s(&[4.0, 0.0, -3.0]),
+    ];
+    let mut run = CpuPolicy::new(base(), &infos).unwrap();
+    run.step(&mut common::muts(&mut data.clone()), None)
+        .unwrap();
+    let saved = PolicyState::from_bytes(&run.state().to_bytes()).unwrap();
+    let renamed = vec![TensorInfo::new("w2", &[2, 3]), TensorInfo::new("b", &[3])];
+    let reshaped = vec![TensorInfo::new("w", &[3, 2]), TensorInfo::new("b", &[3])];
+    let others = [
+        ("norm order", base().norm(Norm::L1), &infos),
+        (
+            "norm stages",
+            ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+                .then(Rule::PerTensor(PerTensorClip { max_norm: 3.0 })),
+            &infos,
+        ),
+        (
+            "norm stages",
+            ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+                .then(Rule::PerTensor(PerTensorClip { max_norm: 2.0 }).except(["b"])),
+            &infos,
+        ),
+        (
+            "non-finite",
+            base().non_finite(NonFinitePolicy::ZeroNans),
+            &infos,
+        ),
+        (
+            "schedule",
+            base().schedule(Schedule::step_decay(0.5, 10)),
+            &infos,
+        ),
+        (
+            "noise",
+            base().noise(GaussianNoise {
+                sigma: 0.1,
+                seed: 1,
+            }),
+            &infos,
+        ),
+        (
+            "value clamp",
+            base().value(ValueClip::symmetric(1.0)),
+            &infos,
+        ),
+        ("tensors", base(), &renamed),
+        ("tensors", base(), &reshaped),
+    ];
+    let ctx = gpu();
+    let arena = upload(&ctx, &data);
+    for (part, policy, infos) in others {
+        let mut cpu = CpuPolicy::new(policy.clone(), infos).unwrap();
+        let t = gpu_tensors(&arena, &data, infos);
+        let mut on_gpu = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+        for e in [
+            cpu.set_state(saved.clone()).unwrap_err(),
+            on_gpu.set_state(&saved).unwrap_err(),
+        ] {
+            match e {
+                ClipError::InvalidState(m) => assert!(m.contains(part), "{part}: {m}"),
+                other => panic!("{part}: {other:?}"),
+            }
+        }
+    }
+    // Where it belongs, it restores on either backend.
+    CpuPolicy::new(base(), &infos)
+        .unwrap()
+        .set_state(saved.clone())
+        .unwrap();
+    let t = gpu_tensors(&arena, &data, &infos);
+    GpuPolicy::new(&ctx, &t, None, base())
+        .unwrap()
+        .set_state(&saved)
+        .unwrap();
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::sharded::{check_all, gpt2_tiny, local, values, On};
 use gradclip::{
-    ClipError, ClipPolicy, Collective, CpuPolicy, GradMut, Rule, Shard, ShardedCpuPolicy,
+    ClipError, ClipPolicy, Collective, CpuPolicy, GradMut, Rule, Schedule, Shard, ShardedCpuPolicy,
     SingleRank, TensorInfo, ThreadCollective,
 };
 
@@ -206,5 +206,47 @@ fn ranks_at_different_steps_all_fail_and_change_nothing() {
             matches!(r, Err(ClipError::Collective(m)) if m.contains("different steps")),
             "{r:?}"
         );
+    }
+}
+
+/// What ranks must agree on at every step is exchanged exactly: custom schedules of one
+/// name whose factors differ, and step numbers that differ only beyond f64's 53 bits,
+/// fail every rank with nothing changed.
+#[test]
+fn ranks_whose_factors_or_far_steps_differ_all_fail_and_change_nothing() {
+    let infos = gpt2_tiny();
+    for case in ["schedule", "steps"] {
+        let out = on_ranks(2, |c| {
+            let shard = Shard::even(&infos, c.rank(), 2).unwrap();
+            let factor = if case == "schedule" && c.rank() == 1 {
+                0.25f64
+            } else {
+                0.5
+            };
+            let schedule = Schedule::custom("decay", move |s| factor.powi(s as i32 + 1));
+            let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3)).schedule(schedule);
+            let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
+            if case == "steps" {
+                let far = (1u64 << 53) + c.rank() as u64;
+                p.set_state(p.state().clone().with_step(far)).unwrap();
+            }
+            let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);
+            let before = parts.clone();
+            let mut g: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
+            let r = p.step(&mut g, None);
+            assert_eq!(
+                parts,
+                before,
+                "{case}, rank {}: gradients untouched",
+                c.rank()
+            );
+            r.map(|_| ())
+        });
+        for r in &out {
+            assert!(
+                matches!(r, Err(ClipError::Collective(m)) if m.contains("different")),
+                "{case}: {r:?}"
+            );
+        }
     }
 }

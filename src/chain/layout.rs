@@ -117,6 +117,9 @@ pub(crate) struct Program {
     /// Where each tensor starts in its logical tensor (a shard's first element; empty:
     /// every tensor is whole). Noise is keyed by the logical index.
     pub bases: Vec<u64>,
+    /// The fingerprint its states record (`state::meaning_of`); empty for the global
+    /// programs, whose states are never saved.
+    pub meaning: Vec<u32>,
 }
 
 /// Where the units of one tensor lie: element `index` of the tensor has the coefficient of
@@ -211,6 +214,7 @@ impl Program {
             stages,
             state_words: next.max(HEADER_WORDS),
             bases: Vec::new(),
+            meaning: Vec::new(),
         }
     }
 
@@ -228,7 +232,7 @@ impl Program {
                 head.into_iter().chain(params)
             })
             .collect();
-        let mut state = PolicyState::new(self.state_words, layout);
+        let mut state = PolicyState::new(self.state_words, layout, self.meaning.clone());
         for stage in &self.stages {
             state.words[stage.state_base + ST_CAP] = stage.history as u32;
         }
@@ -413,7 +417,10 @@ impl Program {
                 stage
             })
             .collect();
-        Ok(Program::with_state(units, stages))
+        Ok(Program {
+            meaning: super::state::meaning_of(policy, infos),
+            ..Program::with_state(units, stages)
+        })
     }
 
     /// Index in its logical tensor of element 0 of tensor `t`.

@@ -18,8 +18,9 @@ pub enum Schedule {
         /// Period in steps, >= 1.
         every: u64,
     },
-    /// Any function of the step.
-    Custom(Arc<dyn Fn(u64) -> f64 + Send + Sync>),
+    /// Any function of the step, under a name of the caller's: a saved state and the
+    /// ranks of a sharded run know a custom schedule by its name only.
+    Custom(String, Arc<dyn Fn(u64) -> f64 + Send + Sync>),
 }
 
 impl std::fmt::Debug for Schedule {
@@ -31,7 +32,7 @@ impl std::fmt::Debug for Schedule {
                 .field("factor", factor)
                 .field("every", every)
                 .finish(),
-            Schedule::Custom(_) => f.write_str("Custom(..)"),
+            Schedule::Custom(name, _) => write!(f, "Custom({name:?})"),
         }
     }
 }
@@ -42,9 +43,10 @@ impl Schedule {
         Schedule::StepDecay { factor, every }
     }
 
-    /// A schedule given by `f(step)`.
-    pub fn custom(f: impl Fn(u64) -> f64 + Send + Sync + 'static) -> Self {
-        Schedule::Custom(Arc::new(f))
+    /// A schedule given by `f(step)`, known as `name`: give two different functions two
+    /// different names, since states and sharded ranks tell schedules apart by name.
+    pub fn custom(name: impl Into<String>, f: impl Fn(u64) -> f64 + Send + Sync + 'static) -> Self {
+        Schedule::Custom(name.into(), Arc::new(f))
     }
 
     /// The threshold multiplier at `step` (counted from 0).
@@ -54,7 +56,7 @@ impl Schedule {
             Schedule::StepDecay { factor, every } => {
                 factor.powi((step / (*every).max(1)).min(i32::MAX as u64) as i32)
             }
-            Schedule::Custom(f) => f(step),
+            Schedule::Custom(_, f) => f(step),
         }
     }
 

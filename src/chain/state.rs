@@ -19,7 +19,69 @@ pub(crate) const ST_SAVED_MEAN: usize = abi::ST_SAVED_MEAN as usize;
 pub(crate) const ST_SAVED_VAR: usize = abi::ST_SAVED_VAR as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
-const VERSION: u32 = 3;
+const VERSION: u32 = 4;
+
+/// What gives a state's numbers meaning, part by part: a state records a hash of each
+/// (its fingerprint), so one restored into another chain or other tensors names the
+/// first part that differs.
+pub(crate) const MEANING: [&str; 7] = [
+    "norm order",
+    "norm stages (their kinds, parameters, masks, groups and order)",
+    "non-finite policy",
+    "schedule",
+    "noise",
+    "value clamp",
+    "tensors (their names, shapes and order)",
+];
+
+/// FNV-1a in 32 bits: the same on every platform and Rust version, as a hash saved with
+/// a state must be (std's hashers promise neither).
+#[derive(Clone, Copy)]
+struct Fnv(u32);
+
+impl Fnv {
+    fn new() -> Fnv {
+        Fnv(0x811c_9dc5)
+    }
+
+    fn bytes(mut self, bytes: &[u8]) -> Fnv {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u32).wrapping_mul(0x0100_0193);
+        }
+        self
+    }
+
+    /// A string, length first, so that the pieces of a list stay apart.
+    fn text(self, s: &str) -> Fnv {
+        self.bytes(&(s.len() as u64).to_le_bytes())
+            .bytes(s.as_bytes())
+    }
+}
+
+/// The fingerprint of `policy` over tensors `infos`: one hash per part of [`MEANING`].
+pub(crate) fn meaning_of(policy: &super::ClipPolicy, infos: &[super::TensorInfo]) -> Vec<u32> {
+    let debug = |v: &dyn std::fmt::Debug| Fnv::new().text(&format!("{v:?}")).0;
+    let stages = (policy.rules()).fold(Fnv::new(), |h, r| h.text(&format!("{r:?}")));
+    let tensors = infos.iter().fold(Fnv::new(), |h, t| {
+        let shape = t
+            .shape
+            .iter()
+            .flat_map(|d| d.to_le_bytes())
+            .collect::<Vec<u8>>();
+        h.text(&t.name)
+            .bytes(&(t.shape.len() as u64).to_le_bytes())
+            .bytes(&shape)
+    });
+    vec![
+        debug(&policy.norm),
+        stages.0,
+        debug(&policy.non_finite),
+        debug(&policy.schedule),
+        debug(&policy.noise),
+        debug(&policy.value),
+        tensors.0,
+    ]
+}
 
 /// Words of one stage's record in a state's layout: adaptive kind, history slots, formula,
 /// first state word, then the rule's numbers (`StageParams`).
@@ -61,6 +123,9 @@ pub struct PolicyState {
     pub(crate) step: u64,
     /// Per stage, a [`STAGE_RECORD`]-word record of the program it was made for.
     pub(crate) layout: Vec<u32>,
+    /// The fingerprint of the chain and tensors it was made for ([`MEANING`]); empty for
+    /// the global programs, whose states are never saved.
+    pub(crate) meaning: Vec<u32>,
     /// Header words then history (f32 bits).
     pub(crate) words: Vec<u32>,
 }
@@ -68,10 +133,11 @@ pub struct PolicyState {
 impl PolicyState {
     /// A zeroed state of `words` words for stages described by `layout` (see
     /// `Program::fresh_state`).
-    pub(crate) fn new(words: usize, layout: Vec<u32>) -> Self {
+    pub(crate) fn new(words: usize, layout: Vec<u32>, meaning: Vec<u32>) -> Self {
         PolicyState {
             step: 0,
             layout,
+            meaning,
             words: vec![0; words],
         }
     }
@@ -82,9 +148,11 @@ impl PolicyState {
         for stage in &program.stages {
             stage.clear_step_words(&mut words);
         }
+        let fresh = program.fresh_state();
         PolicyState {
             step,
-            layout: program.fresh_state().layout,
+            layout: fresh.layout,
+            meaning: fresh.meaning,
             words,
         }
     }
@@ -132,11 +200,13 @@ impl PolicyState {
 
     /// Serializes the state (little-endian, versioned, with its layout).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + 4 * (self.layout.len() + self.words.len()));
+        let mut out = Vec::with_capacity(
+            28 + 4 * (self.layout.len() + self.meaning.len() + self.words.len()),
+        );
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&self.step.to_le_bytes());
-        for part in [&self.layout, &self.words] {
+        for part in [&self.layout, &self.meaning, &self.words] {
             out.extend_from_slice(&(part.len() as u32).to_le_bytes());
             for w in part {
                 out.extend_from_slice(&w.to_le_bytes());
@@ -171,16 +241,21 @@ impl PolicyState {
             words
         };
         let layout = part()?;
+        let meaning = part()?;
         let words = part()?;
         if at != bytes.len() {
             return Err(bad("oversized state"));
         }
-        if words.len() < HEADER_WORDS || layout.len() % STAGE_RECORD != 0 {
+        let malformed = words.len() < HEADER_WORDS
+            || layout.len() % STAGE_RECORD != 0
+            || !(meaning.is_empty() || meaning.len() == MEANING.len());
+        if malformed {
             return Err(bad("malformed state"));
         }
         Ok(PolicyState {
             step,
             layout,
+            meaning,
             words,
         })
     }
@@ -190,6 +265,16 @@ impl PolicyState {
     /// domain (norms finite and >= 0, a variance >= 0).
     pub(crate) fn check_fits(&self, fresh: &PolicyState) -> Result<(), ClipError> {
         let bad = |why: String| Err(ClipError::InvalidState(why));
+        if self.meaning.len() != fresh.meaning.len() {
+            return bad("the state was saved from another kind of step".into());
+        }
+        let differs = (self.meaning.iter().zip(&fresh.meaning)).position(|(a, b)| a != b);
+        if let Some(part) = differs {
+            return bad(format!(
+                "the state was saved for another chain or other tensors: its {} differ",
+                MEANING[part]
+            ));
+        }
         if self.layout != fresh.layout {
             return bad(
                 "the state was saved from another policy (its stages, rules or numbers differ)"

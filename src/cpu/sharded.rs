@@ -116,7 +116,8 @@ impl<C: Collective> ShardedCpuPolicy<C> {
             parts.push((&mut w[..], Norm::L2));
         }
         let local = checked.as_ref().map(|_| ()).map_err(Clone::clone);
-        table::all_reduce(&self.comm, &mut parts, step_number, local)?;
+        let factor = checked.as_ref().map_or(0.0, |s| s.multiplier);
+        table::all_reduce(&self.comm, &mut parts, (step_number, factor), local)?;
         let step = checked?;
         engine::run_from_units(grads, program, &step, state, true, out);
         self.inner.commit(step)

@@ -152,7 +152,9 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         if needs_params {
             parts.push((&mut w_units[..], Norm::L2));
         }
-        table::all_reduce(&self.comm, &mut parts, self.inner.step(), read.map(|_| ()))?;
+        let step = self.inner.step();
+        let factor = self.inner.policy().schedule.checked(step).unwrap_or(0.0);
+        table::all_reduce(&self.comm, &mut parts, (step, factor), read.map(|_| ()))?;
         let to_acc = |t: &[NormAcc]| t.iter().map(|a| a.to_acc()).collect::<Vec<_>>();
         let merged_params = needs_params.then(|| to_acc(&w_units));
         (self.inner.engine()).write_units(&to_acc(&units), merged_params.as_deref())?;

@@ -12,11 +12,13 @@ use crate::norm::{Norm, NormAcc};
 /// on its own step so far: a rank that failed (bad input, a device error) still takes part
 /// with empty tables, so no rank waits for it, and then every rank returns an error and
 /// changes nothing: the failing rank its own error, the others [`ClipError::Collective`].
-/// `step` is this rank's step number: ranks at different steps all fail.
+/// `step` is this rank's step number and `multiplier` its schedule's factor at that step:
+/// ranks at different steps, or whose (custom) schedules give different factors, all fail.
+/// Both are exchanged exactly, as 32-bit halves.
 pub(crate) fn all_reduce(
     comm: &dyn Collective,
     parts: &mut [(&mut [NormAcc], Norm)],
-    step: u64,
+    (step, multiplier): (u64, f32),
     local: Result<(), ClipError>,
 ) -> Result<(), ClipError> {
     if local.is_err() {
@@ -30,14 +32,28 @@ pub(crate) fn all_reduce(
             .flat_map(|(t, norm)| t.iter().map(move |a| (a, *norm)))
     };
     let mut scales: Vec<f64> = accs().map(|(a, _)| a.scale).collect();
-    // Then the step number and its negation: a rank whose last step failed after the
-    // merge (a lost device) is a step behind, and every rank stops here together.
-    scales.extend([step as f64, -(step as f64)]);
+    // Then what must agree, and its negation: a rank whose last step failed after the
+    // merge (a lost device) is a step behind, and every rank stops here together. A
+    // rank that failed this step sends -inf, which changes no maximum.
+    let agree = [step >> 32, step & 0xffff_ffff, multiplier.to_bits() as u64];
+    let mine = agree.map(|v| {
+        if local.is_ok() {
+            v as f64
+        } else {
+            f64::NEG_INFINITY
+        }
+    });
+    scales.extend(mine);
+    scales.extend(mine.map(|v| if v.is_finite() { -v } else { v }));
     comm.all_reduce_max(&mut scales)?;
-    let behind = scales.pop().map(|m| -m) != scales.pop();
-    if behind {
+    let negated = scales.split_off(scales.len() - agree.len());
+    let agreed = scales.split_off(scales.len() - agree.len());
+    if agreed.iter().zip(&negated).any(|(a, n)| *a != -*n) {
+        local?;
         return Err(ClipError::Collective(format!(
-            "the ranks are at different steps (this one at {step}); a step failed on some rank"
+            "the ranks are at different steps or their schedules give different factors \
+             (this one at step {step}, factor {multiplier}): a step failed on some rank, \
+             or their custom schedules differ"
         )));
     }
     let mut sums: Vec<f64> = (accs().zip(&scales))
