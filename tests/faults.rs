@@ -357,9 +357,12 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     longer.push(0);
     invalid(restore_anywhere(&longer));
     // Values outside their domain: a NaN or negative norm in the history, a negative
-    // variance (word offsets: 16 bytes of header, the layout, then the words).
-    let layout_words = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
-    let word_at = |i: usize| 24 + 4 * layout_words + 4 * i;
+    // variance (word offsets: 16 bytes of header, the layout, the fingerprint, then the
+    // words, each part after its length).
+    let count_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let meaning_at = 20 + 4 * count_at(16);
+    let words_at = meaning_at + 4 + 4 * count_at(meaning_at);
+    let word_at = |i: usize| words_at + 4 + 4 * i;
     for (word, value) in [(9, f32::NAN), (10, -1.0), (9, f32::INFINITY), (11, -0.0)] {
         let mut b = bytes.clone();
         b[word_at(word)..word_at(word) + 4].copy_from_slice(&value.to_le_bytes());
@@ -411,7 +414,7 @@ proptest! {
         use_garbage in any::<bool>(),
     ) {
         let bytes = if use_garbage {
-            let mut g = b"GCPS\x03\0\0\0".to_vec();
+            let mut g = b"GCPS\x04\0\0\0".to_vec();
             g.extend(garbage);
             g
         } else {
