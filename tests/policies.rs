@@ -973,10 +973,11 @@ fn a_later_stage_can_hold_the_step() {
 /// rules remember (every stage's history, count, mean and variance).
 fn adaptive_words(state: &PolicyState) -> Vec<u8> {
     let mut b = state.clone().with_step(0).to_bytes();
-    // Magic, version, step, then the layout (its length first), then the words' length,
-    // the seen count and the skip count.
-    let layout = u32::from_le_bytes(b[16..20].try_into().unwrap()) as usize;
-    let skips = 20 + 4 * layout + 8;
+    // Magic, version, step, then the layout and the fingerprint (each after its length),
+    // then the words' length, the seen count and the skip count.
+    let count = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;
+    let meaning = 20 + 4 * count(16);
+    let skips = meaning + 4 + 4 * count(meaning) + 8;
     b[skips..skips + 4].fill(0);
     b
 }
@@ -1353,15 +1354,16 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
 }
 
 /// The fresh state of `policy` with `norms` in its first block's history and `seen` norms
-/// counted, through the saved form (16 bytes of header, the layout, then the words).
+/// counted, through the saved form (16 bytes of header, then the layout, the fingerprint
+/// and the words, each after its length).
 fn restored(policy: &ClipPolicy, infos: &[TensorInfo], norms: &[f32], seen: u32) -> PolicyState {
     let mut bytes = CpuPolicy::new(policy.clone(), infos)
         .unwrap()
         .state()
         .to_bytes();
     let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-    let layout = word(16);
-    let words_at = 24 + 4 * layout;
+    let meaning_at = 20 + 4 * word(16);
+    let words_at = meaning_at + 8 + 4 * word(meaning_at);
     // One stage: its header, then its history (the layout's second word) to the end.
     let header = word(words_at - 4) - word(24);
     for (i, v) in norms.iter().enumerate() {
