@@ -44,7 +44,7 @@ impl GlobalOutcome {
             return Err(ClipError::NonFiniteNorm(total_norm));
         }
         // The rewrite also runs to zero NaNs at coefficient 1, which is no clip.
-        let clipped = self.status & STATUS_SCALED != 0 && !(self.coef >= 1.0);
+        let clipped = self.status & STATUS_SCALED != 0 && (self.coef < 1.0 || self.coef.is_nan());
         let applied = if clipped { self.coef } else { 1.0 };
         let clipped_units = if clipped { self.tensors } else { 0 };
         let skipped = self.status & STATUS_SKIPPED != 0;

@@ -679,6 +679,16 @@ fn a_state_restores_only_where_it_belongs() {
         .unwrap()
         .set_state(&saved)
         .unwrap();
+    // Moved on purpose to other tensors (a layer unfrozen), the same chain takes it; a
+    // state moved for another chain is still refused.
+    let moved = saved.for_tensors(&base(), &renamed).unwrap();
+    let mut cpu = CpuPolicy::new(base(), &renamed).unwrap();
+    cpu.set_state(moved).unwrap();
+    assert_eq!(cpu.state().adaptive(), saved.adaptive());
+    assert!(matches!(
+        saved.for_tensors(&base().norm(Norm::L1), &renamed),
+        Err(ClipError::InvalidState(_))
+    ));
 }
 
 #[test]

@@ -2,7 +2,9 @@
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use gradclip::{ClipPolicy, ClipReport, GpuPolicy, GpuTensor, PendingReport, PolicyState};
+use gradclip::{
+    ClipPolicy, ClipReport, GpuPolicy, GpuTensor, PendingReport, PolicyState, TensorInfo,
+};
 
 use crate::device::SharedDevice;
 use crate::error::BurnClipError;
@@ -149,10 +151,17 @@ impl BurnClipper {
                         let ctx = self.shared.gpu();
                         let mut fresh =
                             GpuPolicy::new(ctx, &grad_tensors, params, self.policy.clone())?;
-                        if fresh.set_state(&state).is_err() {
-                            // A state of another shape: fresh, but the step count goes on.
-                            let restarted = fresh.state()?.with_step(state.step());
-                            fresh.set_state(&restarted)?;
+                        let infos: Vec<TensorInfo> = (found.iter())
+                            .map(|f| TensorInfo::new(&f.path, &f.shape))
+                            .collect();
+                        match state.for_tensors(&self.policy, &infos) {
+                            Ok(moved) => fresh.set_state(&moved)?,
+                            // A state that follows the tensors (AGC units, per-tensor
+                            // groups): fresh, but the step count goes on.
+                            Err(_) => {
+                                let restarted = fresh.state()?.with_step(state.step());
+                                fresh.set_state(&restarted)?;
+                            }
                         }
                         *gpu = fresh;
                     }

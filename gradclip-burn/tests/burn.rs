@@ -909,8 +909,9 @@ fn a_new_set_of_gradients_is_planned_anew_with_the_state() {
     let host_first = cpu.step(&mut [GradMut::F32(&mut a)], None).unwrap();
     let state = cpu.state().clone();
     let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
-    let mut cpu = CpuPolicy::new(policy, &infos).unwrap();
-    cpu.set_state(state).unwrap();
+    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    cpu.set_state(state.for_tensors(&policy, &infos).unwrap())
+        .unwrap();
     let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
     let host_second = cpu
         .step(&mut [GradMut::F32(&mut a), GradMut::F32(&mut b)], None)

@@ -198,6 +198,33 @@ impl PolicyState {
             .collect()
     }
 
+    /// This state moved to the same chain over other tensors (a layer frozen or unfrozen
+    /// between steps): the adaptive memory and the step count carry over where the state
+    /// does not depend on the tensors (its stages and their blocks are the same, as for
+    /// global stages). Another chain, or a state whose blocks follow the tensors (AGC
+    /// units, per-tensor groups), is [`ClipError::InvalidState`].
+    pub fn for_tensors(
+        &self,
+        policy: &super::ClipPolicy,
+        infos: &[super::TensorInfo],
+    ) -> Result<PolicyState, ClipError> {
+        let fresh = Program::new(policy, infos)?.fresh_state();
+        let tensors = MEANING.len() - 1;
+        let same_chain = self.meaning.len() == fresh.meaning.len()
+            && self.meaning[..tensors] == fresh.meaning[..tensors];
+        if !same_chain || self.layout != fresh.layout || self.words.len() != fresh.words.len() {
+            return Err(ClipError::InvalidState(
+                "the state moves to other tensors only for the same chain, whose state does \
+                 not depend on the tensors"
+                    .into(),
+            ));
+        }
+        Ok(PolicyState {
+            meaning: fresh.meaning,
+            ..self.clone()
+        })
+    }
+
     /// Serializes the state (little-endian, versioned, with its layout).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(

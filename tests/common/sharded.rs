@@ -352,7 +352,7 @@ fn local_tensors<'b>(
 
 /// A sharded policy of either backend, with its buffers.
 enum Sharded<'a, C: Collective> {
-    Cpu(ShardedCpuPolicy<&'a C>),
+    Cpu(Box<ShardedCpuPolicy<&'a C>>),
     Gpu {
         ctx: &'a GpuContext,
         policy: Box<ShardedGpuPolicy<&'a C>>,
@@ -373,9 +373,9 @@ impl<'a, C: Collective> Sharded<'a, C> {
     ) -> Self {
         let policy = policy.clone();
         match on {
-            On::Cpu => Sharded::Cpu(
+            On::Cpu => Sharded::Cpu(Box::new(
                 ShardedCpuPolicy::new(policy, infos, shard.clone(), comm).expect("sharded policy"),
-            ),
+            )),
             On::Gpu(ctx, _) => {
                 let like: Vec<Host> = (0..infos.len())
                     .map(|t| Host::F32(vec![0.0; shard.local_len(t) as usize]))
