@@ -290,12 +290,14 @@ impl PolicyOutcome {
         // A held step leaves the gradients as they were.
         let coef_of = |c: f32| if held { 1.0 } else { c };
         let global = &self.shape.global;
+        // A held step clips no unit, whatever a stage computed before the chain held it.
+        let clipped_of = |s: &StageOutcome| if held { 0 } else { s.clipped };
         let stages: Vec<StageReport> = (self.stages.iter().zip(global))
             .map(|(s, &g)| StageReport {
                 total_norm: live(&s.total),
                 threshold: g.then_some(s.threshold),
                 coef: g.then_some(s.coef),
-                clipped_units: s.clipped,
+                clipped_units: clipped_of(s),
             })
             .collect();
         let last = self.stages.len() - 1;
@@ -354,7 +356,7 @@ impl PolicyOutcome {
             total_norm_after,
             threshold: last_global.map(|k| self.stages[k].threshold),
             coef: last_global.map(|k| self.stages[k].coef),
-            clipped_units: self.stages[last].clipped,
+            clipped_units: clipped_of(&self.stages[last]),
             units: self.units,
             non_finite: first.status & STATUS_NONFINITE != 0,
             nans_zeroed: first.status & STATUS_NANS_ZEROED != 0,

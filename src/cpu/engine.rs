@@ -677,7 +677,13 @@ pub(crate) fn stages(
         let finish = finish(groups, param_flags, stage, step, held_before, state);
         let clipped = if reduce_norms || stage.is_global() {
             let w = w_units.as_deref();
-            coefs(stage, groups, w, &finish, step, unit_coefs, first)
+            // As the GPU's `coefs` reads its stage's report: held when an earlier stage
+            // held the step, too.
+            let seen = Finish {
+                status: finish.status | if held_before { STATUS_HELD } else { 0 },
+                ..finish
+            };
+            coefs(stage, groups, w, &seen, step, unit_coefs, first)
         } else {
             0
         };
