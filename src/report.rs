@@ -156,7 +156,7 @@ pub struct ClipReport {
     /// have been) multiplied by there.
     pub coef: Option<f32>,
     /// Units (tensors, AGC units) whose final coefficient was below 1 (or NaN); zeroing
-    /// NaNs at coefficient 1 is no clip.
+    /// NaNs at coefficient 1 is no clip, and a held or skipped step clips none.
     pub clipped_units: u32,
     /// Units of the chain: AGC units where it has AGC (tensors AGC leaves out are one
     /// unit each), else tensors.
