@@ -1563,3 +1563,40 @@ fn every_16_bit_pattern_converts_as_on_the_cpu() {
         }
     }
 }
+
+/// One builder style: every rule from `Kind::new(..)` and setters, and any rule's
+/// description where a chain takes a rule.
+#[test]
+fn rules_build_one_way() {
+    assert_eq!(
+        Rule::from(PerTensorClip::new(2.0)),
+        Rule::PerTensor(PerTensorClip { max_norm: 2.0 })
+    );
+    assert_eq!(
+        Rule::from(BlockRmsClip::new(0.5)),
+        Rule::BlockRms(BlockRmsClip { threshold: 0.5 })
+    );
+    let z = ZClip::new()
+        .alpha(0.9)
+        .z_thresh(3.0)
+        .eps(1e-5)
+        .warmup(7)
+        .max_norm(4.0);
+    let literal = ZClip {
+        alpha: 0.9,
+        z_thresh: 3.0,
+        eps: 1e-5,
+        warmup: 7,
+        max_norm: Some(4.0),
+    };
+    assert_eq!(z, literal);
+    let chain = ClipPolicy::new(AutoClip::new(90.0, 10)).then(z);
+    let rules: Vec<&Rule> = chain.rules().collect();
+    assert_eq!(
+        rules,
+        [
+            &Rule::AutoClip(AutoClip::new(90.0, 10)),
+            &Rule::ZClip(literal)
+        ]
+    );
+}

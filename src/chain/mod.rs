@@ -74,11 +74,15 @@ impl TensorInfo {
     }
 }
 
-/// A clipping policy: a rule plus the transforms around it.
+/// A clipping policy: a chain of norm stages plus the transforms around it, read in the
+/// order written. Every rule is built the same way, `Kind::new(..)` then setters.
 ///
 /// ```
-/// use gradclip::{ClipPolicy, GaussianNoise, NonFinitePolicy, PerTensorClip, Rule, Schedule};
-/// let policy = ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 1.0 }))
+/// use gradclip::{AutoClip, ClipPolicy, GaussianNoise, NonFinitePolicy, PerTensorClip};
+/// use gradclip::{Rule, Schedule, ZClip};
+/// let policy = ClipPolicy::new(PerTensorClip::new(1.0))
+///     .then(ZClip::new().warmup(100))
+///     .then(Rule::from(AutoClip::new(90.0, 1000)).except(["*.bias"]))
 ///     .schedule(Schedule::step_decay(0.5, 1000))
 ///     .noise(GaussianNoise { sigma: 1e-3, seed: 7 })
 ///     .non_finite(NonFinitePolicy::ZeroNans);
@@ -108,10 +112,12 @@ pub struct ClipPolicy {
 }
 
 impl ClipPolicy {
-    /// `rule` with an L2 norm, a constant schedule, no noise, non-finite values propagated.
-    pub fn new(rule: Rule) -> Self {
+    /// `rule` (a [`Rule`], or any rule's description: `ClipPolicy::new(AutoClip::new(90.0,
+    /// 1000))`) with an L2 norm, a constant schedule, no noise, non-finite values
+    /// propagated.
+    pub fn new(rule: impl Into<Rule>) -> Self {
         ClipPolicy {
-            rule,
+            rule: rule.into(),
             then: Vec::new(),
             norm: Norm::L2,
             schedule: Schedule::Constant,
@@ -131,7 +137,7 @@ impl ClipPolicy {
     /// Noise and the value clamp run after every norm stage, so a chain that writes them
     /// before a norm stage (`.value(..).then(..)`) is refused by
     /// [`ClipPolicy::validate`] rather than run in another order than written.
-    pub fn then(mut self, rule: Rule) -> Self {
+    pub fn then(mut self, rule: impl Into<Rule>) -> Self {
         if self.misordered.is_none() {
             self.misordered = match (self.noise, self.value) {
                 (_, Some(_)) => Some("a value clamp"),
@@ -139,7 +145,7 @@ impl ClipPolicy {
                 (None, None) => None,
             };
         }
-        self.then.push(rule);
+        self.then.push(rule.into());
         self
     }
 

@@ -27,6 +27,13 @@ pub struct PerTensorClip {
     pub max_norm: f32,
 }
 
+impl PerTensorClip {
+    /// Each tensor clipped to norm `max_norm`.
+    pub fn new(max_norm: f32) -> Self {
+        PerTensorClip { max_norm }
+    }
+}
+
 /// One group of tensors with its own threshold, chosen by name.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Group {
@@ -114,6 +121,13 @@ pub(crate) fn glob_match(pattern: &str, name: &str) -> bool {
 pub struct BlockRmsClip {
     /// Largest allowed RMS, finite and > 0.
     pub threshold: f32,
+}
+
+impl BlockRmsClip {
+    /// Each tensor's RMS clipped to `threshold`.
+    pub fn new(threshold: f32) -> Self {
+        BlockRmsClip { threshold }
+    }
 }
 
 /// Which axis indexes the units of a weight for AGC.
@@ -270,6 +284,42 @@ impl Default for ZClip {
 }
 
 impl ZClip {
+    /// ZClip with its defaults: alpha 0.97, z threshold 2.5, eps 1e-6, 25 warmup steps, no
+    /// cap.
+    pub fn new() -> Self {
+        ZClip::default()
+    }
+
+    /// Sets the EMA factor.
+    pub fn alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+
+    /// Sets the z-score threshold.
+    pub fn z_thresh(mut self, z_thresh: f32) -> Self {
+        self.z_thresh = z_thresh;
+        self
+    }
+
+    /// Sets what is added to the std.
+    pub fn eps(mut self, eps: f32) -> Self {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets the warmup steps.
+    pub fn warmup(mut self, warmup: u32) -> Self {
+        self.warmup = warmup;
+        self
+    }
+
+    /// Caps the threshold at `max_norm`.
+    pub fn max_norm(mut self, max_norm: f32) -> Self {
+        self.max_norm = Some(max_norm);
+        self
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ClipError> {
         check(
             self.alpha > 0.0 && self.alpha < 1.0,
@@ -321,6 +371,27 @@ pub struct Masked {
     /// Name patterns of the tensors it leaves alone.
     pub exclude: Vec<String>,
 }
+
+/// Every rule's description is a rule: `ClipPolicy::new(AutoClip::new(90.0, 1000))`.
+macro_rules! rule_from {
+    ($($kind:ident($ty:ty)),*) => {$(
+        impl From<$ty> for Rule {
+            fn from(r: $ty) -> Rule {
+                Rule::$kind(r)
+            }
+        }
+    )*};
+}
+
+rule_from!(
+    PerTensor(PerTensorClip),
+    Groups(GroupClip),
+    BlockRms(BlockRmsClip),
+    Agc(Agc),
+    AutoClip(AutoClip),
+    ZClip(ZClip),
+    Masked(Masked)
+);
 
 impl Rule {
     /// This rule over every tensor except those matching `patterns` (a norm stage that
