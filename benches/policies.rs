@@ -169,7 +169,7 @@ fn bench_gpu(c: &mut Criterion) {
                 for _ in 0..iters {
                     reset();
                     let t = Instant::now();
-                    run.run().unwrap().wait().unwrap();
+                    run.step().unwrap().wait().unwrap();
                     total += t.elapsed();
                 }
                 total
@@ -194,7 +194,7 @@ fn bench_gpu(c: &mut Criterion) {
     )
     .unwrap();
     g.bench_function("per_example", |b| {
-        b.iter(|| run.run().unwrap().wait().unwrap())
+        b.iter(|| run.step().unwrap().wait().unwrap())
     });
     g.finish();
 }
@@ -215,7 +215,7 @@ fn bench_accumulate(c: &mut Criterion) {
     g.bench_function("add", |b| {
         b.iter(|| {
             let mut views: Vec<GradMut<'_>> = sums.iter_mut().map(|x| GradMut::F32(x)).collect();
-            acc.add(&mut views, &m_refs, None).unwrap()
+            acc.step(&mut views, &m_refs, None).unwrap()
         })
     });
     g.bench_function("baseline_loop", |b| {
@@ -250,7 +250,7 @@ fn bench_accumulate(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(3 * bytes));
     g.bench_function("add", |b| {
         b.iter(|| {
-            acc.run().unwrap();
+            acc.step().unwrap();
             wait();
         })
     });

@@ -193,7 +193,7 @@ fn run() -> Result<(), ClipError> {
             let (s, e) = (start.elapsed(), comm.spent.get());
             ctx.queue().write_buffer(&buffer, 0, &bytes);
             let start = Instant::now();
-            alone.run()?.wait()?;
+            alone.step()?.wait()?;
             record(k, [s, e, start.elapsed()]);
             report = Some(r);
         }

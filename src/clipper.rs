@@ -490,7 +490,7 @@ impl Clipper {
         if let (Some(m), Some(p)) = (&run.params, params) {
             m.write(ctx, p);
         }
-        let report = run.runner.run()?.wait()?;
+        let report = run.runner.step()?.wait()?;
         run.grads.read(ctx, grads)?;
         Ok(report)
     }

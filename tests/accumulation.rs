@@ -96,7 +96,7 @@ fn accumulation_matches_one_large_batch() {
         for m in 0..k {
             let (dw, db) = model.grad(m * micro_size..(m + 1) * micro_size);
             write(&ctx, &micro, &[f32s(&dw), f32s(&db)]);
-            let report = acc.run().unwrap();
+            let report = acc.step().unwrap();
             assert_eq!(report.is_some(), m + 1 == k, "report only at the boundary");
             assert_eq!(acc.pending(), ((m + 1) % k) as u32);
             if let Some(report) = report {
@@ -174,9 +174,9 @@ fn gpu_accumulator_matches_cpu_for_every_rule_and_dtype() {
         let mut cpu_sums = like.clone();
         for b in &batches {
             write(&ctx, &micro, b);
-            let g = gpu_acc.run().unwrap().map(|r| r.wait().unwrap());
+            let g = gpu_acc.step().unwrap().map(|r| r.wait().unwrap());
             let c = cpu_acc
-                .add(
+                .step(
                     &mut common::muts(&mut cpu_sums),
                     &common::refs(b),
                     Some(&common::refs(&params)),
@@ -242,7 +242,7 @@ fn accumulation_bad_input_is_a_typed_error() {
     let mut sums = like.to_vec();
     let wrong = [Host::F32(vec![1.0; 6]), Host::F32(vec![1.0; 5])];
     let e = acc
-        .add(&mut common::muts(&mut sums), &common::refs(&wrong), None)
+        .step(&mut common::muts(&mut sums), &common::refs(&wrong), None)
         .unwrap_err();
     assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
     assert_eq!(sums, like, "sums untouched");
@@ -252,7 +252,7 @@ fn accumulation_bad_input_is_a_typed_error() {
     let agc = CpuPolicy::new(ClipPolicy::new(Rule::Agc(gradclip::Agc::new(0.01))), &infos).unwrap();
     let mut acc = CpuAccumulator::new(agc, 1).unwrap();
     let e = acc
-        .add(&mut common::muts(&mut sums), &common::refs(&like), None)
+        .step(&mut common::muts(&mut sums), &common::refs(&like), None)
         .unwrap_err();
     assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
     assert_eq!(sums, like, "sums untouched");

@@ -19,7 +19,7 @@ fn both_once(policy: &ClipPolicy, h: &[Host], infos: &[TensorInfo]) -> [Vec<Host
     let ctx = gpu();
     let arena = upload(&ctx, h);
     let mut run = GpuPolicy::new(&ctx, &gpu_tensors(&arena, h, infos), None, policy.clone());
-    run.as_mut().unwrap().run().unwrap().wait().unwrap();
+    run.as_mut().unwrap().step().unwrap().wait().unwrap();
     [c, download(&ctx, &arena, h)]
 }
 
@@ -292,7 +292,7 @@ fn restore_on_gpu(bytes: &[u8]) -> Result<(), ClipError> {
         );
         return Err(e);
     }
-    let report = run.run().unwrap().wait().unwrap();
+    let report = run.step().unwrap().wait().unwrap();
     for stage in &report.stages {
         let c = stage.coef.unwrap();
         assert!((0.0..=1.0).contains(&c), "coefficient {c} from {state:?}");
@@ -379,7 +379,7 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     let arena = upload(&ctx, &h);
     let t = gpu_tensors(&arena, &h, &state_infos());
     let mut run = GpuPolicy::new(&ctx, &t, None, adaptive_chain()).unwrap();
-    run.run().unwrap().wait().unwrap();
+    run.step().unwrap().wait().unwrap();
     let kept = run.state().unwrap();
     let e = run.set_state(other.state()).unwrap_err();
     assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
@@ -470,7 +470,7 @@ fn dropped_reports_keep_memory_flat() {
     };
     let mut step = |n: usize| {
         for _ in 0..n {
-            drop(run.run().unwrap());
+            drop(run.step().unwrap());
         }
         ctx.device()
             .poll(wgpu::PollType::wait_indefinitely())
@@ -481,7 +481,7 @@ fn dropped_reports_keep_memory_flat() {
     step(9000);
     let grown = rss().saturating_sub(warm);
     assert!(grown < 32 << 20, "grew {grown} bytes over 9000 steps");
-    assert_eq!(run.step(), 10_000);
+    assert_eq!(run.steps_taken(), 10_000);
 }
 
 /// A caller's buffer destroyed after planning: every step is a typed error (wgpu rejects
@@ -511,10 +511,10 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
     );
     let value = gradclip::ValueClip::symmetric(1.0);
     wgpu_error(batch.clip_by_value(&value), "value clip");
-    wgpu_error(chain.run().map(drop), "policy step");
-    assert_eq!(chain.step(), 0);
-    wgpu_error(acc.run().map(drop), "accumulation");
-    assert_eq!((acc.pending(), acc.policy().step()), (0, 0));
+    wgpu_error(chain.step().map(drop), "policy step");
+    assert_eq!(chain.steps_taken(), 0);
+    wgpu_error(acc.step().map(drop), "accumulation");
+    assert_eq!((acc.pending(), acc.policy().steps_taken()), (0, 0));
     // The device still works for buffers that live.
     let fresh = upload(&ctx, &h);
     let r = common::batch(&ctx, &fresh, &h).clip_by_global_norm(&clip);
@@ -538,7 +538,7 @@ fn excluded_parameters_do_not_count() {
     let t = gpu_tensors(&arena, &grads, &infos);
     let pt = gpu_tensors(&p_arena, &params, &infos);
     let mut run = GpuPolicy::new(&ctx, &t, Some(&pt), chain).unwrap();
-    let gr = run.run().unwrap().wait().unwrap();
+    let gr = run.step().unwrap().wait().unwrap();
     assert!(!cr.skipped && !gr.skipped && !gr.non_finite, "{gr:?}");
     let g = download(&ctx, &arena, &grads);
     for (x, y) in g
@@ -573,7 +573,7 @@ fn agc_with_non_finite_parameters_follows_the_policy() {
             let t = gpu_tensors(&arena, &grads, &infos);
             let pt = gpu_tensors(&p_arena, &params, &infos);
             let mut gpu_run = GpuPolicy::new(&ctx, &t, Some(&pt), chain).unwrap();
-            let gr = gpu_run.run().unwrap().wait();
+            let gr = gpu_run.step().unwrap().wait();
             let g = download(&ctx, &arena, &grads);
             for (x, y) in g[0].to_f64().iter().zip(c[0].to_f64()) {
                 assert!(common::close(*x, y, 1e-6), "{what}: GPU {x} vs CPU {y}");
@@ -633,7 +633,7 @@ fn devices_that_cannot_build_the_kernels_are_typed_errors() {
     let mut chain = GpuPolicy::new(&tiny, &t, None, adaptive_chain()).unwrap();
     let mut encoder = tiny.device().create_command_encoder(&Default::default());
     wgpu_error(chain.encode(&mut encoder).map(drop), "policy step");
-    assert_eq!(chain.step(), 0);
+    assert_eq!(chain.steps_taken(), 0);
     let mut clipper = Clipper::on(Backend::Gpu(tiny.clone()));
     let mut g = h.clone();
     let r = clipper.clip_by_global_norm(&mut muts(&mut g), &clip);

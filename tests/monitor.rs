@@ -46,7 +46,7 @@ fn monitored_gpu_run() -> GradMonitor {
     let mut monitor = GradMonitor::new().max_in_flight(2);
     for g in &steps {
         write(&ctx, &arena, g);
-        monitor.track(run.run().unwrap()).unwrap();
+        monitor.track(run.step().unwrap()).unwrap();
         assert!(monitor.in_flight() <= 2);
     }
     monitor.flush().unwrap();

@@ -176,7 +176,7 @@ fn gpu_matches_torch_optim() {
         for (g, want) in GRADS.iter().zip(&want) {
             let grads: Vec<Host> = split(g).into_iter().map(Host::F32).collect();
             common::write(&ctx, &g_arena, &grads);
-            opt.run().unwrap().wait().unwrap();
+            opt.step().unwrap().wait().unwrap();
             let got = flat(&download(&ctx, &p_arena, &params));
             assert!(worst(&got, want) <= 8, "{name}: {got:?} vs {want:?}");
             // The gradients are read, never written.
@@ -282,7 +282,7 @@ fn compare_on(
             ctx.queue().submit([enc.finish()]);
             pending.wait().unwrap()
         } else {
-            gpu_opt.run().unwrap().wait().unwrap()
+            gpu_opt.step().unwrap().wait().unwrap()
         };
         let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
         let cpu_report = if in_place {
@@ -395,7 +395,7 @@ fn held_steps_change_nothing_and_are_not_counted() {
         common::write(&ctx, &g_arena, grads);
         let before = download(&ctx, &p_arena, &params);
         let state_before = gpu_opt.state().unwrap();
-        let report = gpu_opt.run().unwrap().wait().unwrap();
+        let report = gpu_opt.step().unwrap().wait().unwrap();
         let mut p: Vec<&mut [f32]> = host_params.iter_mut().map(|p| &mut p[..]).collect();
         let cpu_report = cpu_opt.step(&refs(grads), &mut p).unwrap();
         assert_eq!(report.skipped, cpu_report.skipped);
@@ -418,7 +418,7 @@ fn held_steps_change_nothing_and_are_not_counted() {
     let mut cpu_opt = CpuOptimizer::new(policy, &info, opt).unwrap();
     common::write(&ctx, &g_arena, &bad);
     let before = download(&ctx, &p_arena, &params);
-    let e = gpu_opt.run().unwrap().wait().unwrap_err();
+    let e = gpu_opt.step().unwrap().wait().unwrap_err();
     assert!(matches!(e, ClipError::NonFiniteNorm(_)), "{e}");
     assert_eq!(download(&ctx, &p_arena, &params), before);
     assert_eq!(gpu_opt.state().unwrap().steps, 0);
@@ -456,7 +456,7 @@ fn state_moves_between_backends() {
     let moved: Vec<Host> = params.iter().map(|p| Host::F32(p.clone())).collect();
     common::write(&ctx, &p_arena, &moved);
     gpu_opt.set_clip_state(cpu_opt.policy().state()).unwrap();
-    gpu_opt.run().unwrap().wait().unwrap();
+    gpu_opt.step().unwrap().wait().unwrap();
     let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
     cpu_opt.step(&refs(&grads), &mut p).unwrap();
     drop(p);
@@ -492,7 +492,7 @@ fn state_moves_between_backends() {
     gpu_opt.set_state(&top).unwrap();
     cpu_opt.set_state(top).unwrap();
     for _ in 0..2 {
-        gpu_opt.run().unwrap().wait().unwrap();
+        gpu_opt.step().unwrap().wait().unwrap();
         let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
         cpu_opt.step(&refs(&grads), &mut p).unwrap();
     }

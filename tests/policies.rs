@@ -40,7 +40,7 @@ fn run_gpu(
         .iter()
         .map(|h| {
             write(ctx, &first, h);
-            let report = run.run().unwrap().wait().unwrap();
+            let report = run.step().unwrap().wait().unwrap();
             (download(ctx, &first, h), report)
         })
         .collect()
@@ -529,7 +529,7 @@ fn non_finite_options() {
     let arena = upload(&ctx, &g);
     let mut run = GpuPolicy::new(&ctx, &gpu_tensors(&arena, &g, &infos), None, policy).unwrap();
     assert!(matches!(
-        run.run().unwrap().wait(),
+        run.step().unwrap().wait(),
         Err(ClipError::NonFiniteNorm(_))
     ));
     assert_eq!(download(&ctx, &arena, &g)[1], g[1]);
@@ -561,7 +561,7 @@ fn the_state_of_every_adaptive_stage_is_reported() {
     let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
     for s in &steps {
         write(&ctx, &arena, s);
-        run.run().unwrap().wait().unwrap();
+        run.step().unwrap().wait().unwrap();
     }
     for state in [cpu.state().clone(), run.state().unwrap()] {
         let stages = state.adaptive();
@@ -724,7 +724,7 @@ fn state_round_trips_between_runs_and_backends() {
     for (i, s) in steps[5..].iter().enumerate() {
         ctx.queue()
             .write_buffer(&arena.buffer, 0, s[0].as_ref().as_bytes());
-        let r = run.run().unwrap().wait().unwrap();
+        let r = run.step().unwrap().wait().unwrap();
         let (want_h, want_r) = &straight[5 + i];
         assert_reports(&r, want_r, "resumed");
         assert_same(&download(&ctx, &arena, s), want_h, 1e-30, 1, "resumed");
@@ -956,7 +956,7 @@ fn a_later_stage_can_hold_the_step() {
         let mut cpu_run = cpu;
         let mut h = g.clone();
         let c = cpu_run.step(&mut common::muts(&mut h), Some(&common::refs(&w)));
-        let r = gpu_run.run().unwrap().wait();
+        let r = gpu_run.step().unwrap().wait();
         assert_eq!(h, g, "{nf:?}: CPU gradients untouched");
         assert_eq!(
             download(&ctx, &arena, &g),
@@ -1018,7 +1018,7 @@ fn a_held_step_reports_the_same_on_both_backends() {
         for _ in 0..2 {
             let mut h = data.clone();
             let c = cpu.step(&mut common::muts(&mut h), None).unwrap();
-            let g = on_gpu.run().unwrap().wait().unwrap();
+            let g = on_gpu.step().unwrap().wait().unwrap();
             let fields = |r: &ClipReport| {
                 let stages: Vec<u32> = r.stages.iter().map(|s| s.clipped_units).collect();
                 let coefs: Vec<f32> = r.groups.iter().flatten().map(|g| g.coef).collect();
@@ -1084,7 +1084,7 @@ fn a_held_step_records_no_norm_in_any_stage() {
                 let mut h = g.clone();
                 let c = cpu.step(&mut common::muts(&mut h), None);
                 write(&ctx, &arena, g);
-                let r = gpu_run.run().unwrap().wait();
+                let r = gpu_run.step().unwrap().wait();
                 let after = cpu.state().clone();
                 let what = format!("{chain:?} {nf:?} step {i}");
                 assert_eq!(c.is_ok(), r.is_ok(), "{what}: {c:?} / {r:?}");
@@ -1190,7 +1190,7 @@ fn per_example_both(
     let mut run = gradclip::GpuPerExample::new(&ctx, &in_t, &out_t, clip.clone()).unwrap();
     (0..steps)
         .map(|step| {
-            let gr = run.run().unwrap().wait().unwrap();
+            let gr = run.step().unwrap().wait().unwrap();
             let g: Vec<f32> = download(&ctx, &out_arena, &outs)
                 .iter()
                 .flat_map(|h| h.to_f64().into_iter().map(|x| x as f32))
@@ -1462,7 +1462,7 @@ fn autoclip_percentiles_of_a_long_history_agree() {
         let t = gpu_tensors(&arena, &steps[0], &infos);
         let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
         run.set_state(&state).unwrap();
-        let gr = run.run().unwrap().wait().unwrap();
+        let gr = run.step().unwrap().wait().unwrap();
         // The same order statistics (exact: a selection, no arithmetic), then one lerp.
         let what = format!("percentile {percentile}");
         assert!(
@@ -1504,7 +1504,7 @@ fn zclip_long_warmup_agrees() {
         let mut c = s.clone();
         let cr = cpu.step(&mut common::muts(&mut c), None).unwrap();
         write(&ctx, &arena, s);
-        let gr = run.run().unwrap().wait().unwrap();
+        let gr = run.step().unwrap().wait().unwrap();
         reports.push((gr, cr));
         if reports.len() == 1 {
             let (gm, gv) = run.state().unwrap().adaptive()[0].ema.unwrap();

@@ -76,7 +76,7 @@ fn a_rebound_policy_keeps_its_state_as_the_cpu_does() {
             )
             .unwrap();
         }
-        let got = gpu.run().unwrap().wait().unwrap();
+        let got = gpu.step().unwrap().wait().unwrap();
         let want = cpu.step(&mut muts(&mut h), None).unwrap();
         assert_eq!(
             (got.step, got.clipped_units),
@@ -100,7 +100,7 @@ fn a_rebound_policy_keeps_its_state_as_the_cpu_does() {
             }
         }
     }
-    assert_eq!(gpu.step(), 8);
+    assert_eq!(gpu.steps_taken(), 8);
 }
 
 #[test]
@@ -140,8 +140,8 @@ fn rebinding_other_tensors_is_refused_and_changes_nothing() {
         )
         .unwrap_err();
     assert!(matches!(err, ClipError::ShapeMismatch { .. }), "{err}");
-    assert_eq!(gpu.step(), 0);
-    let report = gpu.run().unwrap().wait().unwrap();
+    assert_eq!(gpu.steps_taken(), 0);
+    let report = gpu.step().unwrap().wait().unwrap();
     assert!(close(report.total_norm, 30f64.sqrt(), 1e-6));
     let out = download(&ctx, &arena, &h);
     assert!(close(out[0].to_f64()[0], 3.0 / 30f64.sqrt(), 1e-6));

@@ -111,7 +111,7 @@ fn optimizer_steps_across_windows_match_the_oracle() {
         .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
         .collect();
     for _ in 0..2 {
-        gpu_opt.run().unwrap().wait().unwrap();
+        gpu_opt.step().unwrap().wait().unwrap();
         let mut p: Vec<&mut [f32]> = host.iter_mut().map(|p| &mut p[..]).collect();
         cpu_opt.step(&refs(&grads), &mut p).unwrap();
     }

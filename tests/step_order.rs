@@ -145,7 +145,7 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     // The overwritten step recorded no norm in the history.
     assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 64);
     // The next submission is fine again.
-    assert!(run.run().unwrap().wait().is_ok());
+    assert!(run.step().unwrap().wait().is_ok());
     assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 65);
 }
 

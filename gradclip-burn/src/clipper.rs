@@ -185,7 +185,7 @@ impl BurnClipper {
             }
         }
         let (gpu, _) = self.planned.as_mut().expect("planned above");
-        let pending = gpu.run()?;
+        let pending = gpu.step()?;
         // The ranges stay pinned until gradclip's pass is submitted.
         drop(grad_tensors);
         drop(ranges);

@@ -83,7 +83,7 @@ impl CpuAccumulator {
     /// [`crate::NonFinitePolicy::Error`] is the step's verdict, as on the GPU (which finds
     /// it on the device): the micro-batch was added, the sums stay unclipped and the next
     /// micro-batch starts a new accumulation.
-    pub fn add(
+    pub fn step(
         &mut self,
         sums: &mut [GradMut<'_>],
         micro: &[GradRef<'_>],

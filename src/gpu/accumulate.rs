@@ -173,9 +173,9 @@ impl GpuAccumulator {
     }
 
     /// [`GpuAccumulator::encode`], submitted now.
-    pub fn run(&mut self) -> Result<Option<PendingReport<ClipReport>>, ClipError> {
+    pub fn step(&mut self) -> Result<Option<PendingReport<ClipReport>>, ClipError> {
         let ctx = self.ctx.clone();
-        let (added, step) = (self.added, self.policy.step());
+        let (added, step) = (self.added, self.policy.steps_taken());
         ctx.record_and_submit(
             "gradclip accumulate",
             self,

@@ -230,10 +230,10 @@ impl GpuOptimizer {
     }
 
     /// [`GpuOptimizer::encode`], submitted now.
-    pub fn run(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
+    pub fn step(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
         self.policy.check()?;
         let ctx = self.ctx.clone();
-        let start = self.policy.step();
+        let start = self.policy.steps_taken();
         ctx.record_and_submit(
             "gradclip optimizer",
             self,

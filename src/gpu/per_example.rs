@@ -192,9 +192,9 @@ impl GpuPerExample {
         })
     }
 
-    /// The next step's number (it keys the noise).
-    pub fn step(&self) -> u64 {
-        self.engine.step()
+    /// Steps taken so far: the next step's number (it keys the noise).
+    pub fn steps_taken(&self) -> u64 {
+        self.engine.steps_taken()
     }
 
     /// Makes every following step write GPU timestamps at the start and end of its compute
@@ -266,9 +266,9 @@ impl GpuPerExample {
     }
 
     /// [`GpuPerExample::encode`], submitted now.
-    pub fn run(&mut self) -> Result<PendingReport<PerExampleReport>, ClipError> {
+    pub fn step(&mut self) -> Result<PendingReport<PerExampleReport>, ClipError> {
         let ctx = self.ctx.clone();
-        let step = self.engine.step();
+        let step = self.engine.steps_taken();
         ctx.record_and_submit(
             "gradclip per-example",
             self,

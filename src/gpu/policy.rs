@@ -158,8 +158,8 @@ impl GpuPolicy {
         self.engine.program().units.len()
     }
 
-    /// The next step's number.
-    pub fn step(&self) -> u64 {
+    /// Steps taken so far: the next step's number.
+    pub fn steps_taken(&self) -> u64 {
         self.step
     }
 
@@ -356,7 +356,7 @@ impl GpuPolicy {
     }
 
     /// [`GpuPolicy::encode`], submitted now.
-    pub fn run(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
+    pub fn step(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
         self.submit_with(|policy, encoder| policy.encode(encoder))
     }
 

@@ -105,9 +105,9 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         &self.comm
     }
 
-    /// The next step's number.
-    pub fn step_number(&self) -> u64 {
-        self.inner.step()
+    /// Steps taken so far: the next step's number.
+    pub fn steps_taken(&self) -> u64 {
+        self.inner.steps_taken()
     }
 
     /// Reads the state back (the same on every rank).
@@ -152,7 +152,7 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         if needs_params {
             parts.push((&mut w_units[..], Norm::L2));
         }
-        let step = self.inner.step();
+        let step = self.inner.steps_taken();
         let factor = self.inner.policy().schedule.checked(step).unwrap_or(0.0);
         table::all_reduce(&self.comm, &mut parts, (step, factor), read.map(|_| ()))?;
         let to_acc = |t: &[NormAcc]| t.iter().map(|a| a.to_acc()).collect::<Vec<_>>();
