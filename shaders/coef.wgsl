@@ -33,10 +33,12 @@
 // formed from the unit norms times the coefficients so far.
 // Entry `undo`: one invocation per adaptive stage but the last, after the last `finish`:
 // takes back the norm a stage recorded when a later stage held the step.
+// AutoClip's percentile of the history is a radix selection (shared/select.wgsl).
 // CPU twin: src/cpu/engine.rs (`finish`, `coefs`, `undo`).
 
 #import grid
 #import workgroup_reduce
+#import select
 
 override NORM_KIND: u32 = 2u;
 override ADAPTIVE: u32 = 0u;
@@ -56,11 +58,6 @@ override FORMULA: u32 = 0u;
 @group(0) @binding(11) var<storage, read_write> args_out: array<atomic<u32>>;
 
 var<workgroup> sh_count: u32;
-// Radix selection of an order statistic: a histogram of one 8-bit digit, the digits chosen
-// so far and the rank still sought among the values that share them.
-var<workgroup> sel_hist: array<atomic<u32>, 256>;
-var<workgroup> sel_prefix: u32;
-var<workgroup> sel_rank: u32;
 
 fn root_of(acc: Acc) -> f32 {
     if (NORM_KIND == KIND_L2) {
@@ -115,66 +112,6 @@ fn norm_coef(acc: Acc, c: f32) -> f32 {
 
 fn state_f32(i: u32) -> f32 {
     return bitcast<f32>(state[dispatch.state_base + i]);
-}
-
-// The order statistic `k` (0-based) of the first m history entries: a radix selection,
-// 8 bits a pass from the top, over their bits (norms are >= 0, so the bits order as the
-// values do). O(m) work in all and no scratch copy; the same value as sorting, whatever
-// the thread timing. Call from uniform control flow.
-fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
-    // A previous call's threads may still read the shared prefix.
-    workgroupBarrier();
-    if (lid == 0u) {
-        sel_prefix = 0u;
-        sel_rank = k;
-    }
-    for (var round = 0u; round < 4u; round = round + 1u) {
-        let shift = 24u - 8u * round;
-        // The digits above this one, as a mask (none in the first pass).
-        let above = (0xffffffffu << (31u - 8u * round)) << 1u;
-        atomicStore(&sel_hist[lid], 0u);
-        workgroupBarrier();
-        let prefix = sel_prefix;
-        for (var i = lid; i < m; i = i + WG) {
-            let bits = state[dispatch.state_base + ST_HEADER + i];
-            if ((bits & above) == prefix) {
-                atomicAdd(&sel_hist[(bits >> shift) & 0xffu], 1u);
-            }
-        }
-        workgroupBarrier();
-        if (lid == 0u) {
-            var rank = sel_rank;
-            var digit = 0u;
-            for (; digit < 255u; digit = digit + 1u) {
-                let count = atomicLoad(&sel_hist[digit]);
-                if (rank < count) {
-                    break;
-                }
-                rank = rank - count;
-            }
-            sel_rank = rank;
-            sel_prefix = prefix | (digit << shift);
-        }
-        workgroupBarrier();
-    }
-    return bitcast<f32>(workgroupUniformLoad(&sel_prefix));
-}
-
-// Percentile `q` (0..100) of the first m history entries, linear interpolation between
-// order statistics as numpy's default.
-fn percentile(m: u32, q: f32, lid: u32) -> f32 {
-    let pos = q / 100.0 * f32(m - 1u);
-    // f32(m - 1) may round up for long histories.
-    let lo = min(u32(floor(pos)), m - 1u);
-    let hi = min(lo + 1u, m - 1u);
-    let t = pos - f32(lo);
-    let a = order_statistic(m, lo, lid);
-    let b = order_statistic(m, hi, lid);
-    // numpy's lerp: from the nearer end, so the result is monotone in t.
-    if (t >= 0.5) {
-        return b - (b - a) * (1.0 - t);
-    }
-    return a + (b - a) * t;
 }
 
 // Threshold from the AutoClip history after recording norm n (when `record`); only

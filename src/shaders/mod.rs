@@ -89,6 +89,7 @@ fn shared(name: &str) -> Option<String> {
         "convert" => include_str!("../../shaders/shared/convert.wgsl"),
         "grid" => include_str!("../../shaders/shared/grid.wgsl"),
         "philox" => include_str!("../../shaders/shared/philox.wgsl"),
+        "select" => include_str!("../../shaders/shared/select.wgsl"),
         "transform" => include_str!("../../shaders/shared/transform.wgsl"),
         "units" => include_str!("../../shaders/shared/units.wgsl"),
         "workgroup_reduce" => include_str!("../../shaders/shared/workgroup_reduce.wgsl"),
