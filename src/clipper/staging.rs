@@ -1,0 +1,353 @@
+//! Host staging for the GPU backend of [`super::Clipper`]: host tensors mirrored in
+//! device buffers (cut into pieces where a tensor is larger than a buffer), copied in and
+//! back, and a chain planned over them.
+
+use crate::chain::{ClipPolicy, PolicyState, TensorInfo};
+use crate::dtype::{DType, GradMut, GradRef};
+use crate::error::ClipError;
+use crate::gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor};
+use crate::norm::Norm;
+
+/// Host tensors mirrored in one device buffer (and its readback buffer), kept while their
+/// types and lengths stay the same so a training loop reuses buffers and plans.
+pub(super) struct Mirror {
+    pub(super) shapes: Vec<(DType, usize)>,
+    pub(super) offsets: Vec<u64>,
+    pub(super) buffer: wgpu::Buffer,
+    pub(super) staging: wgpu::Buffer,
+}
+
+pub(super) fn shapes_of(grads: &[GradRef<'_>]) -> Vec<(DType, usize)> {
+    grads.iter().map(|g| (g.dtype(), g.len())).collect()
+}
+
+impl Mirror {
+    /// Buffers for tensors of these types and lengths; a batch larger than one device
+    /// buffer may be is a typed error, not a failed allocation.
+    pub(super) fn new(ctx: &GpuContext, shapes: Vec<(DType, usize)>) -> Result<Mirror, ClipError> {
+        let mut offsets = Vec::with_capacity(shapes.len());
+        let mut at = 0u64;
+        for &(dtype, len) in &shapes {
+            // 4-byte aligned starts keep f16 and bf16 tensors in words of their own.
+            at = at.next_multiple_of(4);
+            offsets.push(at);
+            at += len as u64 * dtype.size();
+        }
+        let size = at.next_multiple_of(4).max(4);
+        let limit = ctx.device().limits().max_buffer_size;
+        if size > limit {
+            return Err(ClipError::TooLarge {
+                tensor: format!("all host tensors ({size} bytes; a buffer holds {limit})"),
+                len: shapes.iter().map(|&(_, n)| n as u64).sum(),
+            });
+        }
+        let buffer = |label, usage| {
+            ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        use wgpu::BufferUsages as U;
+        let oom = ctx
+            .device()
+            .push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mirror = Mirror {
+            shapes,
+            offsets,
+            buffer: buffer(
+                "gradclip host mirror",
+                U::STORAGE | U::COPY_DST | U::COPY_SRC,
+            ),
+            staging: buffer("gradclip host readback", U::MAP_READ | U::COPY_DST),
+        };
+        match pollster::block_on(oom.pop()) {
+            Some(e) => Err(ClipError::Wgpu(format!(
+                "no device memory for {size} bytes: {e}"
+            ))),
+            None => Ok(mirror),
+        }
+    }
+
+    /// The mirrored tensors, named and shaped by `infos` where given.
+    /// The mirrored tensors; those holding whole host tensors `pieces` are named and
+    /// shaped by `infos`.
+    pub(super) fn tensors(
+        &self,
+        pieces: &[Piece],
+        infos: Option<&[TensorInfo]>,
+    ) -> Vec<GpuTensor<'_>> {
+        (self.shapes.iter().zip(&self.offsets).zip(pieces))
+            .map(|((&(dtype, len), &o), &(host, _, _))| {
+                let t = GpuTensor::new(&self.buffer, o, len as u64, dtype);
+                match infos.and_then(|infos| infos.get(host)) {
+                    Some(info) => t.named(info.name.clone()).shaped(&info.shape),
+                    None => t,
+                }
+            })
+            .collect()
+    }
+
+    /// Copies host tensors (as bytes, one slice per mirrored tensor) in.
+    pub(super) fn write(&self, ctx: &GpuContext, tensors: &[&[u8]]) {
+        for (bytes, &o) in tensors.iter().zip(&self.offsets) {
+            // write_buffer needs 4-byte multiples: an odd 16-bit tensor is padded with a zero.
+            if bytes.len() % 4 == 0 {
+                ctx.queue().write_buffer(&self.buffer, o, bytes);
+            } else {
+                let mut padded = bytes.to_vec();
+                padded.resize(bytes.len().next_multiple_of(4), 0);
+                ctx.queue().write_buffer(&self.buffer, o, &padded);
+            }
+        }
+    }
+
+    /// Copies the device's tensors back into `tensors` (bytes, one slice per tensor).
+    pub(super) fn read(
+        &self,
+        ctx: &GpuContext,
+        tensors: &mut [&mut [u8]],
+    ) -> Result<(), ClipError> {
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &self.staging, 0, self.staging.size());
+        ctx.submit(encoder)?;
+        self.staging.map_async(wgpu::MapMode::Read, .., |_| {});
+        ctx.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| ClipError::Readback(e.to_string()))?;
+        {
+            let view = (self.staging.get_mapped_range(..))
+                .map_err(|e| ClipError::Readback(e.to_string()))?;
+            for (dst, &o) in tensors.iter_mut().zip(&self.offsets) {
+                let n = dst.len();
+                dst.copy_from_slice(&view[o as usize..o as usize + n]);
+            }
+        }
+        self.staging.unmap();
+        Ok(())
+    }
+}
+
+fn bytes_of<'a>(grads: &'a [GradRef<'_>]) -> Vec<&'a [u8]> {
+    grads.iter().map(|g| g.as_bytes()).collect()
+}
+
+/// Part of a host tensor: (tensor, first element, elements).
+pub(super) type Piece = (usize, usize, usize);
+
+/// The host tensors of the global operations in pieces that fit device buffers (a tensor
+/// larger than a buffer is cut), each buffer with its own batch.
+pub(super) struct Streamed {
+    pub(super) shapes: Vec<(DType, usize)>,
+    pub(super) mirrors: Mirrors,
+    /// One per buffer of `mirrors`.
+    pub(super) batches: Vec<GpuBatch>,
+}
+
+impl Streamed {
+    pub(super) fn new(
+        ctx: &GpuContext,
+        shapes: Vec<(DType, usize)>,
+    ) -> Result<Streamed, ClipError> {
+        let mirrors = Mirrors::new(ctx, &shapes, true)?;
+        let batches = (mirrors.groups.iter())
+            .map(|(pieces, mirror)| GpuBatch::new(ctx, &mirror.tensors(pieces, None)))
+            .collect::<Result<_, ClipError>>()?;
+        Ok(Streamed {
+            shapes,
+            mirrors,
+            batches,
+        })
+    }
+}
+
+/// The norm of a tensor from the norms of two of its parts (NaN and infinity propagate).
+pub(super) fn combine_norms(norm: Norm, a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        return f64::NAN;
+    }
+    match norm {
+        Norm::Inf => a.max(b),
+        _ => {
+            let p = norm.order();
+            let m = a.max(b);
+            if m == 0.0 || m.is_infinite() {
+                return m;
+            }
+            // Scaled by the larger part, so the powers stay in range.
+            m * ((a / m).powf(p) + (b / m).powf(p)).powf(1.0 / p)
+        }
+    }
+}
+
+/// Host tensors of `shapes` in groups that fit buffers of `cap` bytes, in tensor order.
+/// With `cut`, a tensor larger than a buffer is cut into pieces (at word boundaries);
+/// without, it is [`ClipError::TooLarge`].
+fn split(shapes: &[(DType, usize)], cap: u64, cut: bool) -> Result<Vec<Vec<Piece>>, ClipError> {
+    let mut groups: Vec<Vec<Piece>> = vec![Vec::new()];
+    let mut used = 0u64;
+    for (t, &(dtype, len)) in shapes.iter().enumerate() {
+        let es = dtype.size();
+        if !cut && len as u64 * es > cap {
+            return Err(ClipError::TooLarge {
+                tensor: format!(
+                    "#{t} ({} bytes; a device buffer holds {cap})",
+                    len as u64 * es
+                ),
+                len: len as u64,
+            });
+        }
+        let mut first = 0;
+        loop {
+            let start = used.next_multiple_of(4);
+            let room = cap.saturating_sub(start) / es;
+            let rest = (len - first) as u64;
+            if rest <= room {
+                groups
+                    .last_mut()
+                    .expect("a group")
+                    .push((t, first, rest as usize));
+                used = start + rest * es;
+                break;
+            }
+            // Cut only what no buffer holds whole; an even count keeps the words of a cut
+            // 16-bit tensor whole on both sides.
+            let room = if es == 2 { room & !1 } else { room };
+            if used > 0 && (!cut || rest <= (cap / es) || room == 0) {
+                groups.push(Vec::new());
+                used = 0;
+                continue;
+            }
+            if room == 0 {
+                return Err(ClipError::TooLarge {
+                    tensor: format!("#{t} (device buffers of {cap} bytes)"),
+                    len: len as u64,
+                });
+            }
+            groups
+                .last_mut()
+                .expect("a group")
+                .push((t, first, room as usize));
+            first += room as usize;
+            groups.push(Vec::new());
+            used = 0;
+        }
+    }
+    Ok(groups)
+}
+
+/// Host tensors in as many device buffers as they need, in tensor order: whole, or with
+/// `cut` in pieces where a tensor is larger than a buffer (see [`split`]).
+pub(super) struct Mirrors {
+    pub(super) groups: Vec<(Vec<Piece>, Mirror)>,
+}
+
+impl Mirrors {
+    pub(super) fn new(
+        ctx: &GpuContext,
+        shapes: &[(DType, usize)],
+        cut: bool,
+    ) -> Result<Mirrors, ClipError> {
+        let cap = ctx.device().limits().max_buffer_size & !3;
+        let groups = (split(shapes, cap, cut)?.into_iter())
+            .map(|pieces| {
+                let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
+                Ok((pieces, Mirror::new(ctx, piece_shapes)?))
+            })
+            .collect::<Result<_, ClipError>>()?;
+        Ok(Mirrors { groups })
+    }
+
+    pub(super) fn shapes(&self) -> Vec<(DType, usize)> {
+        (self.groups.iter())
+            .flat_map(|(_, m)| m.shapes.iter().copied())
+            .collect()
+    }
+
+    pub(super) fn tensors(&self, infos: &[TensorInfo]) -> Vec<GpuTensor<'_>> {
+        (self.groups.iter())
+            .flat_map(|(pieces, m)| m.tensors(pieces, Some(infos)))
+            .collect()
+    }
+
+    pub(super) fn write(&self, ctx: &GpuContext, grads: &[GradRef<'_>]) {
+        let (bytes, sizes) = (bytes_of(grads), sizes_of(grads));
+        for (pieces, mirror) in &self.groups {
+            mirror.write(ctx, &piece_bytes(&bytes, &sizes, pieces));
+        }
+    }
+
+    pub(super) fn read(
+        &self,
+        ctx: &GpuContext,
+        grads: &mut [GradMut<'_>],
+    ) -> Result<(), ClipError> {
+        for (pieces, mirror) in &self.groups {
+            mirror.read(ctx, &mut piece_bytes_mut(grads, pieces))?;
+        }
+        Ok(())
+    }
+}
+
+fn sizes_of(grads: &[GradRef<'_>]) -> Vec<u64> {
+    grads.iter().map(|g| g.dtype().size()).collect()
+}
+
+/// The bytes of `pieces` of `grads`, writable (a group holds one piece per tensor at most).
+fn piece_bytes_mut<'a>(grads: &'a mut [GradMut<'_>], pieces: &[Piece]) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::with_capacity(pieces.len());
+    let mut next = pieces.iter().peekable();
+    for (t, g) in grads.iter_mut().enumerate() {
+        if let Some(&&(_, first, n)) = next.peek().filter(|p| p.0 == t) {
+            let es = g.as_ref().dtype().size() as usize;
+            out.push(&mut g.as_bytes_mut()[first * es..(first + n) * es]);
+            next.next();
+        }
+    }
+    out
+}
+
+/// The bytes of `pieces` of `grads`.
+fn piece_bytes<'a>(grads: &[&'a [u8]], sizes: &[u64], pieces: &[Piece]) -> Vec<&'a [u8]> {
+    (pieces.iter())
+        .map(|&(t, first, n)| {
+            let es = sizes[t] as usize;
+            &grads[t][first * es..(first + n) * es]
+        })
+        .collect()
+}
+
+/// A chain on the GPU over mirrored host tensors (and their parameters, for AGC).
+pub(super) struct GpuChain {
+    pub(super) grads: Mirrors,
+    pub(super) params: Option<Mirrors>,
+    pub(super) runner: GpuPolicy,
+}
+
+impl GpuChain {
+    /// Mirrors for tensors like `grads` (and `params`) and `policy` planned over them,
+    /// starting from `state`.
+    pub(super) fn new(
+        ctx: &GpuContext,
+        policy: &ClipPolicy,
+        infos: &[TensorInfo],
+        state: &PolicyState,
+        grads: &[GradRef<'_>],
+        params: Option<&[GradRef<'_>]>,
+    ) -> Result<GpuChain, ClipError> {
+        let grads = Mirrors::new(ctx, &shapes_of(grads), false)?;
+        let params = params
+            .map(|p| Mirrors::new(ctx, &shapes_of(p), false))
+            .transpose()?;
+        let tensors = grads.tensors(infos);
+        let param_tensors = params.as_ref().map(|m| m.tensors(infos));
+        let mut runner = GpuPolicy::new(ctx, &tensors, param_tensors.as_deref(), policy.clone())?;
+        runner.set_state(state)?;
+        Ok(GpuChain {
+            grads,
+            params,
+            runner,
+        })
+    }
+}
