@@ -351,3 +351,45 @@ impl GpuChain {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lens(groups: &[Vec<Piece>]) -> Vec<Vec<(usize, usize)>> {
+        (groups.iter())
+            .map(|g| g.iter().map(|&(t, _, n)| (t, n)).collect())
+            .collect()
+    }
+
+    #[test]
+    fn whole_tensors_fill_buffers_exactly_and_cut_ones_keep_whole_words() {
+        // An odd number of f32 that fills a buffer exactly stays whole.
+        let cap = 4 * 7;
+        let g = split(&[(DType::F32, 7), (DType::F32, 3)], cap, false).unwrap();
+        assert_eq!(lens(&g), vec![vec![(0, 7)], vec![(1, 3)]]);
+        // Without cutting, a tensor larger than a buffer is an error.
+        let e = split(&[(DType::F32, 8)], cap, false).unwrap_err();
+        assert!(matches!(e, ClipError::TooLarge { .. }));
+        // Cutting: 16-bit pieces hold an even count, f32 pieces fill the buffer.
+        let g = split(&[(DType::F16, 11), (DType::F32, 9)], 12, true).unwrap();
+        assert!(g
+            .iter()
+            .flatten()
+            .all(|&(t, first, n)| t == 1 || (first % 2 == 0 && n <= 6)));
+        let total: usize = g.iter().flatten().map(|p| p.2).sum();
+        assert_eq!(total, 20);
+        for group in &g {
+            let bytes: u64 = (group.iter())
+                .map(|&(t, _, n)| (n as u64 * if t == 0 { 2 } else { 4 }).next_multiple_of(4))
+                .sum();
+            assert!(bytes <= 12, "{g:?}");
+        }
+        // A buffer smaller than one element never loops.
+        let e = split(&[(DType::F32, 3)], 2, true).unwrap_err();
+        assert!(matches!(e, ClipError::TooLarge { .. }));
+        // Empty tensors take no room.
+        let g = split(&[(DType::BF16, 0), (DType::F32, 1)], 4, true).unwrap();
+        assert_eq!(lens(&g), vec![vec![(0, 0), (1, 1)]]);
+    }
+}

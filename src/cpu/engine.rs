@@ -1,4 +1,4 @@
-//! CPU twin of the GPU engine (`src/gpu/engine.rs`): the same program ([`Program`]) run
+//! CPU twin of the GPU engine (`src/gpu/engine/`): the same program ([`Program`]) run
 //! as the same stages in the same order, named after the engine's stages (`finish`, `coefs`
 //! and `undo` are also the shader entry points' names; `combine` is the entry `groups` of
 //! `norm_combine.wgsl`, and `reduce` does in one step what `norm_reduce.wgsl` and the entry

@@ -1,4 +1,4 @@
-//! A clipping policy on the GPU: a program of the engine (`src/gpu/engine.rs`) built from a
+//! A clipping policy on the GPU: a program of the engine (`src/gpu/engine/`) built from a
 //! [`ClipPolicy`], one compute pass per step. The state (AutoClip history, ZClip EMA, skip
 //! counter) stays on the device between steps.
 

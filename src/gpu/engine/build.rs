@@ -1,0 +1,361 @@
+//! Planning an engine: its program over the caller's buffers, and every device resource
+//! (tables, bind groups, state, readback pool) made once.
+
+use std::sync::Arc;
+
+use crate::chain::{Program, NO_GROUP};
+use crate::error::ClipError;
+use crate::gpu::batch::{plan_tensors, GpuTensor};
+use crate::gpu::context::{guarded, GpuContext};
+use crate::gpu::readback::{ReadbackLayout, ReportPool, REPORT_BYTES};
+use crate::gpu::reduction::SegmentReduction;
+use crate::gpu::resources::{
+    bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
+    StepSlots,
+};
+use crate::plan::{fold_grid, Plan};
+use crate::shaders::abi::{StageParams, ACC_BYTES};
+use crate::shaders::BindLayout;
+
+use super::{Engine, GpuStage};
+
+/// The `Coef` bind group of one stage and dispatch slot.
+struct CoefBinding<'a> {
+    state: &'a wgpu::Buffer,
+    reports: &'a wgpu::Buffer,
+    slots: &'a StepSlots,
+    dispatch: &'a DispatchSlots,
+    stage_params: &'a wgpu::Buffer,
+    coefs: &'a wgpu::Buffer,
+    w_accs: &'a wgpu::Buffer,
+    args_full: &'a wgpu::Buffer,
+    args_out: &'a wgpu::Buffer,
+}
+
+impl CoefBinding<'_> {
+    fn bind(
+        &self,
+        device: &wgpu::Device,
+        layout: &wgpu::BindGroupLayout,
+        inputs: &wgpu::Buffer,
+        thresholds: &wgpu::Buffer,
+        group_of: &wgpu::Buffer,
+        slot: usize,
+    ) -> wgpu::BindGroup {
+        bind(
+            device,
+            layout,
+            &[
+                (0, whole(inputs)),
+                (1, whole(self.state)),
+                (2, whole(self.reports)),
+                (3, self.slots.binding()),
+                (4, self.dispatch.slot(slot)),
+                (5, whole(self.stage_params)),
+                (6, whole(thresholds)),
+                (7, whole(self.coefs)),
+                (8, whole(group_of)),
+                (9, whole(self.w_accs)),
+                (10, whole(self.args_full)),
+                (11, whole(self.args_out)),
+            ],
+        )
+    }
+}
+
+impl Engine {
+    /// Plans `program` over `grads` (and, for AGC, `params`, tensor for tensor); `noise`:
+    /// its steps may add noise. Errors create nothing and touch no buffer.
+    pub(crate) fn new(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        program: Program,
+        noise: bool,
+    ) -> Result<Engine, ClipError> {
+        Self::build(ctx, grads, params, program, noise, None)
+    }
+
+    /// This engine's program planned over new buffer ranges of the same tensors; the
+    /// device state, the readback pool and the timestamp writes are shared, not copied,
+    /// so steps go on from where this one's left off.
+    pub(crate) fn rebound(
+        &self,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        noise: bool,
+    ) -> Result<Engine, ClipError> {
+        let kept = (self.state.clone(), self.pool.clone());
+        let program = self.program.clone();
+        let mut engine = Self::build(&self.ctx, grads, params, program, noise, Some(kept))?;
+        engine.timestamps = self.timestamps.clone();
+        Ok(engine)
+    }
+
+    fn build(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        program: Program,
+        noise: bool,
+        kept: Option<(wgpu::Buffer, Arc<ReportPool>)>,
+    ) -> Result<Engine, ClipError> {
+        let (grad_plan, grad_buffers) =
+            plan_tensors(ctx, grads, &program.bases, |_| program.units.clone())?;
+        let param_plan = params
+            .map(|p| plan_tensors(ctx, p, &program.bases, |_| program.units.clone()))
+            .transpose()?;
+        guarded(&ctx.inner.device, || {
+            Self::allocate(
+                ctx,
+                (grad_plan, grad_buffers),
+                param_plan,
+                program,
+                noise,
+                kept,
+            )
+        })
+    }
+
+    /// The device resources of a planned engine (inside [`guarded`]).
+    fn allocate(
+        ctx: &GpuContext,
+        (grad_plan, grad_buffers): (Plan, Vec<&wgpu::Buffer>),
+        param_plan: Option<(Plan, Vec<&wgpu::Buffer>)>,
+        program: Program,
+        noise: bool,
+        kept: Option<(wgpu::Buffer, Arc<ReportPool>)>,
+    ) -> Result<Engine, ClipError> {
+        let device = &ctx.inner.device;
+        let kernels = &ctx.inner.kernels;
+        let max_dim = device.limits().max_compute_workgroups_per_dimension;
+        let slots = StepSlots::new(device);
+        let grads_red = SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &slots);
+        let params_red = param_plan
+            .as_ref()
+            .map(|(plan, bufs)| SegmentReduction::new(device, kernels, plan, bufs, &slots));
+        let n_units = program.units.len();
+        let n_stages = program.stages.len();
+        let (state, pool) = kept.unzip();
+        let state = state.unwrap_or_else(|| {
+            storage_init(
+                device,
+                "gradclip state",
+                bytemuck::cast_slice(&program.fresh_state().words),
+                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            )
+        });
+        let reports = storage_zeroed(
+            device,
+            "gradclip reports",
+            n_stages as u64 * REPORT_BYTES,
+            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        );
+        let coef_buf = storage_zeroed(
+            device,
+            "gradclip coefficients",
+            n_units as u64 * 4,
+            wgpu::BufferUsages::COPY_SRC,
+        );
+        let stage_params: Vec<StageParams> = program.stages.iter().map(|s| s.params).collect();
+        let stage_params = table(device, "gradclip stage params", &stage_params);
+        // One coefficient for everything and no noise (which needs each element's tensor and
+        // index): the rewrite runs over spans, maximal runs of touching tensors, so small
+        // tensors share workgroups and no word has two writers.
+        let single_global = n_stages == 1 && program.stages[0].is_uniform();
+        let spans = single_global && !noise;
+        let rewrite_grids: Vec<[u32; 3]> = grad_plan
+            .windows
+            .iter()
+            .map(|w| fold_grid(if spans { w.apply_count } else { w.reduce_count }, max_dim))
+            .collect();
+        let args_full = table(device, "gradclip rewrite grid", &rewrite_grids);
+        let args_out = storage_zeroed(
+            device,
+            "gradclip rewrite indirect",
+            rewrite_grids.len() as u64 * 12,
+            wgpu::BufferUsages::INDIRECT,
+        );
+        // Dispatch parameters: per stage its groups/finish and its coefs; then the
+        // finish of a single global stage straight from the chunk partials.
+        let mut dispatch = Vec::new();
+        for (k, st) in program.stages.iter().enumerate() {
+            let stage = DispatchParams {
+                global: st.is_global() as u32,
+                first: (k == 0) as u32,
+                stage: k as u32,
+                state_base: st.state_base as u32,
+                ..DispatchParams::default()
+            };
+            dispatch.push(DispatchParams {
+                n_chunks: st.group_ranges.len() as u32,
+                ..stage
+            });
+            dispatch.push(DispatchParams {
+                n_chunks: n_units as u32,
+                ..stage
+            });
+        }
+        // The finish of a single global stage straight from the chunk partials: of the spans
+        // when there are spans, else of the unit chunks.
+        let direct_chunks = if spans {
+            grad_plan.apply_chunks.len()
+        } else {
+            grads_red.n_chunks
+        };
+        dispatch.push(DispatchParams {
+            n_chunks: direct_chunks as u32,
+            global: 1,
+            first: 1,
+            state_base: program.stages[0].state_base as u32,
+            ..DispatchParams::default()
+        });
+        let dispatch = DispatchSlots::new(device, &dispatch);
+        let coef_binding = CoefBinding {
+            state: &state,
+            reports: &reports,
+            slots: &slots,
+            dispatch: &dispatch,
+            stage_params: &stage_params,
+            coefs: &coef_buf,
+            w_accs: params_red
+                .as_ref()
+                .map_or(&grads_red.segment_accs, |p| &p.segment_accs),
+            args_full: &args_full,
+            args_out: &args_out,
+        };
+        let coef_layout = kernels.layout(BindLayout::Coef);
+        let span_chunks = spans.then(|| {
+            let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
+                .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
+                .collect();
+            let chunks = table(device, "gradclip span chunks", &grad_plan.apply_chunks);
+            (chunks, DispatchSlots::new(device, &ranges))
+        });
+        // A step that needs no unit norms reduces the spans: small tensors share chunks.
+        let span_reduce = span_chunks.as_ref().map(|(chunks, span_slots)| {
+            let partials = storage_zeroed(
+                device,
+                "gradclip span partials",
+                grad_plan.apply_chunks.len() as u64 * ACC_BYTES,
+                wgpu::BufferUsages::empty(),
+            );
+            let layout = kernels.layout(BindLayout::Reduce);
+            let groups = window_groups(device, layout, &grad_plan, &grad_buffers, |wi| {
+                vec![
+                    (1, whole(chunks)),
+                    (2, whole(&partials)),
+                    (3, slots.binding()),
+                    (4, span_slots.slot(wi)),
+                ]
+            });
+            let grids = (grad_plan.windows.iter()).map(|w| fold_grid(w.apply_count, max_dim));
+            (groups.into_iter().zip(grids).collect::<Vec<_>>(), partials)
+        });
+        let mut finish_partials = None;
+        let mut stages = Vec::with_capacity(n_stages);
+        for (k, st) in program.stages.iter().enumerate() {
+            let n_groups = st.group_ranges.len();
+            let shared = k == 0 && st.is_identity();
+            let group_accs = if shared {
+                grads_red.segment_accs.clone()
+            } else {
+                storage_zeroed(
+                    device,
+                    "gradclip group norms",
+                    n_groups as u64 * ACC_BYTES,
+                    wgpu::BufferUsages::COPY_SRC,
+                )
+            };
+            let groups = (!shared).then(|| {
+                let ranges = table(device, "gradclip group ranges", &st.group_ranges);
+                let members = table(device, "gradclip group members", &st.members);
+                let group = bind(
+                    device,
+                    kernels.layout(BindLayout::Groups),
+                    &[
+                        (0, whole(&grads_red.segment_accs)),
+                        (1, whole(&ranges)),
+                        (2, whole(&group_accs)),
+                        (3, slots.binding()),
+                        (4, dispatch.slot(2 * k)),
+                        (5, whole(&members)),
+                        (6, whole(&coef_buf)),
+                    ],
+                );
+                (group, fold_grid(n_groups as u32, max_dim))
+            });
+            let thresholds = table(device, "gradclip thresholds", &st.thresholds);
+            // Padded with NO_GROUP (tables are at least 16 bytes): `finish` scans it whole.
+            let mut padded = st.group_of.clone();
+            padded.resize(padded.len().max(4), NO_GROUP);
+            let group_of = table(device, "gradclip group of unit", &padded);
+            let binding = |inputs: &wgpu::Buffer, slot| {
+                coef_binding.bind(device, coef_layout, inputs, &thresholds, &group_of, slot)
+            };
+            if single_global {
+                let partials = span_reduce.as_ref().map_or(&grads_red.partials, |s| &s.1);
+                finish_partials = Some(binding(partials, 2 * n_stages));
+            }
+            stages.push(GpuStage {
+                finish: binding(&group_accs, 2 * k),
+                coefs: binding(&group_accs, 2 * k + 1),
+                groups,
+                group_accs,
+                adaptive: st.adaptive,
+                formula: st.formula as u32,
+            });
+        }
+        let (rewrite_chunks, rewrite_slots) = match &span_chunks {
+            Some((chunks, slots)) => (chunks, slots),
+            None => (&grads_red.chunks, &grads_red.slots),
+        };
+        let rewrite_layout = kernels.layout(BindLayout::Rewrite);
+        let rewrites = window_groups(device, rewrite_layout, &grad_plan, &grad_buffers, |wi| {
+            vec![
+                (1, whole(rewrite_chunks)),
+                (2, whole(&coef_buf)),
+                (3, slots.binding()),
+                (4, rewrite_slots.slot(wi)),
+                (6, whole(&reports)),
+            ]
+        })
+        .into_iter()
+        .zip(&rewrite_grids)
+        .enumerate()
+        .map(|(wi, (group, &grid))| (group, wi as u64 * 12, grid))
+        .collect();
+        // A 16-bit unit chunk that is strided or starts or ends mid-word shares a word
+        // (spans never do: a half outside a span has no writer).
+        let shared_words = !spans
+            && grad_plan.reduce_chunks.iter().any(|c| {
+                let half = c[3] != crate::shaders::abi::DTYPE_F32;
+                half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
+            });
+        let layout = ReadbackLayout::of(&program);
+        let engine = Engine {
+            ctx: ctx.clone(),
+            grads: grads_red,
+            params: params_red,
+            stages,
+            finish_partials,
+            span_reduce: span_reduce.map(|s| s.0),
+            coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
+            rewrites,
+            args_out,
+            shared_words,
+            slots,
+            state,
+            blocks: program.stages.iter().map(|s| s.state_base).collect(),
+            reports,
+            coef_buf,
+            pool: pool.unwrap_or_else(|| ReportPool::new(layout.size())),
+            layout,
+            seq: 0,
+            timestamps: None,
+            recording: Default::default(),
+            program,
+        };
+        Ok(engine)
+    }
+}

@@ -1,0 +1,253 @@
+//! The one GPU engine. A program (the units and every norm stage's groups: [`Program`]) is
+//! planned once over caller-owned buffers; each step is then encoded as the same fixed
+//! stages in one compute pass, with no host round trip:
+//!
+//! 1. `reduce`  (`norm_reduce.wgsl`, then `norm_combine.wgsl` `main`): one partial norm
+//!    per chunk of every unit, from one read of the gradients (and of the parameters for
+//!    AGC), then the unit norms;
+//! 2. per norm stage of the chain, `combine` (`norm_combine.wgsl` `groups`: its group
+//!    norms from the unit norms times the coefficients so far, so a later stage needs no
+//!    re-read) and `coef` (`coef.wgsl`: the total, the non-finite policy, the adaptive
+//!    state, each unit's coefficient times this stage's factor, and the rewrite's
+//!    indirect arguments);
+//! 3. `rewrite` (`rewrite.wgsl`): the fused elementwise pass, zero workgroups when nothing
+//!    must change;
+//! 4. the report copy into a pooled readback buffer.
+//!
+//! Every configuration (a global-norm clip, the split API, a value clip, each rule and
+//! chain of rules, accumulation, per-example clipping) is a program plus a [`Step`]
+//! saying which stages run. Each step's host values go into its own parameter slot
+//! ([`StepSlots`]), so steps encoded before one submission keep their own parameters.
+//! The CPU twin is `src/cpu/engine.rs`.
+
+mod build;
+mod record;
+
+use std::sync::Arc;
+
+use super::context::{guarded, GpuContext};
+use super::readback::{ReadbackLayout, ReportPool};
+use super::reduction::SegmentReduction;
+use super::resources::{StepParams, StepSlots, Timestamps};
+use crate::chain::Program;
+use crate::error::ClipError;
+use crate::norm::Norm;
+use crate::shaders::abi;
+use crate::shaders::Kernel;
+
+/// What one step does: the valid combinations of the engine's stages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Norms from the gradients and every stage's finish; nothing rewritten (a total
+    /// norm, PyTorch's `get_total_norm`).
+    Measure,
+    /// Norms, every stage and the unit coefficients, no rewrite: coefficients read by
+    /// another pass (deferred scaling, the fused optimizer, per-example sums).
+    Coefficients,
+    /// Norms, coefficients and the rewrite: a clip.
+    Clip,
+    /// A total norm given by the caller (the split API): coefficients and the rewrite.
+    GivenNorm,
+    /// The rewrite alone, dispatched in full: a value clamp with no norm.
+    ValueOnly,
+    /// The unit norms and nothing else (the first half of a sharded step); its readback
+    /// holds the unit norms of the gradients, then of the parameters.
+    UnitsOnly,
+    /// From the unit norms already in place ([`Engine::write_units`], after the ranks
+    /// merged them): the stages from their `combine` on, then the rewrite.
+    FromUnits,
+}
+
+impl Mode {
+    /// Runs `reduce` over the gradients.
+    fn reduces(self) -> bool {
+        matches!(
+            self,
+            Mode::Measure | Mode::Coefficients | Mode::Clip | Mode::UnitsOnly
+        )
+    }
+
+    /// Runs the stages' `combine` of group norms.
+    fn groups(self) -> bool {
+        matches!(
+            self,
+            Mode::Measure | Mode::Coefficients | Mode::Clip | Mode::FromUnits
+        )
+    }
+
+    /// Runs the norm stages (`finish`, and `coefs` when [`Mode::coefs`]).
+    fn stages(self) -> bool {
+        !matches!(self, Mode::ValueOnly | Mode::UnitsOnly)
+    }
+
+    /// Runs `coef`'s per-unit entry.
+    fn coefs(self) -> bool {
+        matches!(
+            self,
+            Mode::Coefficients | Mode::Clip | Mode::GivenNorm | Mode::FromUnits
+        )
+    }
+
+    /// Runs `rewrite`.
+    fn rewrite(self) -> bool {
+        matches!(
+            self,
+            Mode::Clip | Mode::GivenNorm | Mode::ValueOnly | Mode::FromUnits
+        )
+    }
+
+    /// Copies its reports into a readback buffer.
+    pub(crate) fn reads_back(self) -> bool {
+        self != Mode::ValueOnly
+    }
+}
+
+/// One step: what it does and its parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Step {
+    /// Norm order (selects the pipelines).
+    pub norm: Norm,
+    /// Host values of the step (`seq` is filled in by the engine).
+    pub params: StepParams,
+    /// Which stages run.
+    pub mode: Mode,
+    /// Read back the last stage's group norms, unit norms and coefficients too.
+    pub units: bool,
+}
+
+/// One entry of a step's recording: a dispatch (or, for a reduction, its pair of
+/// dispatches) and what it binds. A step is recorded once into this list, which names
+/// the pipelines to build and is then replayed into the compute pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dispatch {
+    /// The gradients' reduce over spans, for a direct step (one coefficient, no noise).
+    SpanReduce,
+    /// The chunk partials of the gradients (or, `params`, of the parameters, in L2),
+    /// then the unit norms when `combine`.
+    Reduce { params: bool, combine: bool },
+    /// Stage `k`'s group norms from the unit norms.
+    Groups(usize),
+    /// Stage `k`'s total, policy and adaptive state; `partials`: straight from the chunk
+    /// partials.
+    Finish { stage: usize, partials: bool },
+    /// Stage `k`'s unit coefficients.
+    Coefs(usize),
+    /// Stage `k` takes back what it recorded when a later stage held the step.
+    Undo(usize),
+    /// The elementwise pass over every binding window; `indirect`: sized by `coef`.
+    Rewrite { indirect: bool },
+}
+
+/// The resources of one norm stage.
+struct GpuStage {
+    /// Its group norms from the unit norms (times the coefficients so far), unless its
+    /// groups are the units of the first stage.
+    groups: Option<(wgpu::BindGroup, [u32; 3])>,
+    group_accs: wgpu::Buffer,
+    finish: wgpu::BindGroup,
+    coefs: wgpu::BindGroup,
+    adaptive: u32,
+    formula: u32,
+}
+
+/// A program planned on one device, encoded step after step.
+pub(crate) struct Engine {
+    ctx: GpuContext,
+    program: Program,
+    grads: SegmentReduction,
+    params: Option<SegmentReduction>,
+    stages: Vec<GpuStage>,
+    /// A single global stage whose unit norms nobody reads: the total straight from the
+    /// chunk partials, without the per-unit combine.
+    finish_partials: Option<wgpu::BindGroup>,
+    /// With one coefficient and no noise: the reduce over spans (bind group and grid per
+    /// window) that such a direct step runs instead of the per-unit one.
+    span_reduce: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
+    coefs_grid: [u32; 3],
+    /// Per binding window of the gradients: bind group and offset of its indirect args.
+    /// Per window: the rewrite's bind group, the offset of its indirect counts and its
+    /// full grid (dispatched directly by a value clip alone, which always rewrites).
+    rewrites: Vec<(wgpu::BindGroup, u64, [u32; 3])>,
+    args_out: wgpu::Buffer,
+    /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
+    shared_words: bool,
+    slots: StepSlots,
+    state: wgpu::Buffer,
+    /// First word of every stage's state block (each gets the step's tag).
+    blocks: Vec<usize>,
+    reports: wgpu::Buffer,
+    coef_buf: wgpu::Buffer,
+    pool: Arc<ReportPool>,
+    layout: ReadbackLayout,
+    seq: u32,
+    timestamps: Option<Timestamps>,
+    /// The recording of the last step and its pipelines, kept so that a warm step
+    /// allocates nothing.
+    recording: std::sync::Mutex<(Vec<Dispatch>, Vec<Kernel>)>,
+}
+
+impl Engine {
+    /// Where the parts of this engine's readbacks lie.
+    pub(crate) fn layout(&self) -> ReadbackLayout {
+        self.layout
+    }
+
+    /// The program.
+    pub(crate) fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// The context it runs on.
+    pub(crate) fn ctx(&self) -> &GpuContext {
+        &self.ctx
+    }
+
+    /// The pool of report readback buffers.
+    pub(crate) fn pool(&self) -> Arc<ReportPool> {
+        self.pool.clone()
+    }
+
+    /// The per-unit coefficients, the reports and the parameter slots, for passes that
+    /// consume them.
+    pub(crate) fn outputs(&self) -> (&wgpu::Buffer, &wgpu::Buffer, &StepSlots) {
+        (&self.coef_buf, &self.reports, &self.slots)
+    }
+
+    /// Makes every following step write GPU timestamps at the start and end of its
+    /// compute pass; `None` stops it.
+    pub(crate) fn set_timestamp_writes(&mut self, timestamps: Option<Timestamps>) {
+        self.timestamps = timestamps;
+    }
+
+    /// Overwrites the unit norms of the gradients (and of the parameters) with merged
+    /// ones, for a [`Mode::FromUnits`] step submitted after this call.
+    pub(crate) fn write_units(
+        &self,
+        grads: &[abi::Acc],
+        params: Option<&[abi::Acc]>,
+    ) -> Result<(), ClipError> {
+        let (device, queue) = (&self.ctx.inner.device, &self.ctx.inner.queue);
+        guarded(device, || {
+            let tables =
+                std::iter::once((&self.grads, grads)).chain(self.params.iter().zip(params));
+            for (red, accs) in tables.filter(|(_, a)| !a.is_empty()) {
+                queue.write_buffer(&red.segment_accs, 0, bytemuck::cast_slice(accs));
+            }
+            Ok(())
+        })
+    }
+
+    /// Reads the device state back (waits for the GPU).
+    pub(crate) fn read_state(&self) -> Result<Vec<u32>, ClipError> {
+        super::readback::read_words(&self.ctx, &self.state)
+    }
+
+    /// Overwrites the device state with `words`.
+    pub(crate) fn write_state(&self, words: &[u32]) -> Result<(), ClipError> {
+        let queue = &self.ctx.inner.queue;
+        guarded(&self.ctx.inner.device, || {
+            queue.write_buffer(&self.state, 0, bytemuck::cast_slice(words));
+            Ok(())
+        })
+    }
+}

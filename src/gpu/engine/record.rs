@@ -1,0 +1,235 @@
+//! Recording a step: what it runs (its list of dispatches, the one decision), the
+//! pipelines that list needs, and its replay into one compute pass.
+
+use crate::error::ClipError;
+use crate::gpu::resources::{timestamp_writes, StepParams};
+use crate::norm::Norm;
+use crate::shaders::abi::{self, ADAPTIVE_NONE};
+use crate::shaders::Kernel;
+
+use super::{Dispatch, Engine, Mode, Step};
+
+impl Engine {
+    /// Records `step` into `out` (cleared first): every dispatch it makes, in order. The
+    /// one decision of what a step runs, for building its pipelines and for encoding it.
+    fn record(&self, step: &Step, out: &mut Vec<Dispatch>) {
+        let direct = self.direct(step);
+        out.clear();
+        if direct && self.span_reduce.is_some() {
+            out.push(Dispatch::SpanReduce);
+        } else if step.mode.reduces() {
+            out.push(Dispatch::Reduce {
+                params: false,
+                combine: !direct,
+            });
+            if self.params.is_some() {
+                out.push(Dispatch::Reduce {
+                    params: true,
+                    combine: true,
+                });
+            }
+        }
+        if step.mode.stages() {
+            for (k, stage) in self.stages.iter().enumerate() {
+                if stage.groups.is_some() && step.mode.groups() && !direct {
+                    out.push(Dispatch::Groups(k));
+                }
+                let partials = direct && k == 0 && self.finish_partials.is_some();
+                out.push(Dispatch::Finish { stage: k, partials });
+                if step.mode.coefs() && self.coefs_grid[0] > 0 {
+                    out.push(Dispatch::Coefs(k));
+                }
+            }
+            // A later stage may hold the step: the adaptive stages before the last take
+            // back what they recorded (`undo` checks).
+            let earlier = self.stages.len().saturating_sub(1);
+            for k in (0..earlier).filter(|&k| self.stages[k].adaptive != ADAPTIVE_NONE) {
+                out.push(Dispatch::Undo(k));
+            }
+        }
+        if step.mode.rewrite() {
+            out.push(Dispatch::Rewrite {
+                indirect: step.mode != Mode::ValueOnly,
+            });
+        }
+    }
+
+    /// The pipeline of dispatch `d` of `step` (of a reduction, its first).
+    fn kernel(&self, d: Dispatch, step: &Step) -> Kernel {
+        let kind = step.norm.kind_code();
+        match d {
+            Dispatch::SpanReduce | Dispatch::Reduce { params: false, .. } => Kernel::Reduce(kind),
+            Dispatch::Reduce { params: true, .. } => Kernel::Reduce(Norm::L2.kind_code()),
+            Dispatch::Groups(_) => Kernel::Groups(kind),
+            Dispatch::Finish { stage, .. } => Kernel::Finish {
+                kind,
+                adaptive: self.stages[stage].adaptive,
+            },
+            Dispatch::Coefs(k) => Kernel::Coefs {
+                kind,
+                adaptive: self.stages[k].adaptive,
+                formula: self.stages[k].formula,
+            },
+            Dispatch::Undo(_) => Kernel::Undo,
+            Dispatch::Rewrite { .. } => self.rewrite_kernel(&step.params),
+        }
+    }
+
+    /// The pipelines of `recording`, a recording of `step`, into `all` (cleared first).
+    fn kernels_of(&self, recording: &[Dispatch], step: &Step, all: &mut Vec<Kernel>) {
+        all.clear();
+        for &d in recording {
+            let kernel = self.kernel(d, step);
+            all.push(kernel);
+            if let (Dispatch::Reduce { combine: true, .. }, Kernel::Reduce(kind)) = (d, kernel) {
+                all.push(Kernel::Combine(kind));
+            }
+        }
+    }
+
+    /// A step whose single global stage finishes straight from the chunk partials,
+    /// without unit norms.
+    fn direct(&self, step: &Step) -> bool {
+        step.mode.reduces()
+            && step.mode != Mode::UnitsOnly
+            && !step.units
+            && self.finish_partials.is_some()
+    }
+
+    /// Records `step` and builds the pipelines it needs (see `Kernels::prepare`); the
+    /// recording stays in `self.recording` for [`Engine::encode`] to replay.
+    pub(crate) fn prepare(&self, step: &Step) -> Result<(), ClipError> {
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        let mut kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let (recording, list) = &mut *kept;
+        self.record(step, recording);
+        self.kernels_of(recording, step, list);
+        kernels.prepare(device, list)
+    }
+
+    /// The rewrite variant of a step with `params`.
+    fn rewrite_kernel(&self, params: &StepParams) -> Kernel {
+        Kernel::Rewrite {
+            shared_words: self.shared_words,
+            scale: params.rule == 1 || params.policy == abi::POLICY_ZERO_NANS,
+            noise: params.sigma > 0.0,
+            clamp: params.clamp == 1,
+        }
+    }
+
+    /// Records one step; `extra` records further dispatches in the same pass after the
+    /// stages (given the step's slot offset). Returns the readback buffer that holds the
+    /// reports once the encoder has run (when the step asks for one). A device that cannot
+    /// build one of the step's pipelines is an error before anything is recorded.
+    pub(crate) fn encode(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        step: Step,
+        extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
+    ) -> Result<Option<wgpu::Buffer>, ClipError> {
+        self.prepare(&step)?;
+        let ctx = self.ctx.clone();
+        let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
+        self.seq = self.seq.wrapping_add(1);
+        let params = StepParams {
+            seq: self.seq,
+            ..step.params
+        };
+        let queue = &ctx.inner.queue;
+        let state = (&self.state, &self.blocks[..]);
+        let slot = (self.slots).write(queue, encoder, &params, state, &self.reports);
+        let kind = step.norm.kind_code();
+        {
+            let timestamp_writes = timestamp_writes(&self.timestamps);
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("gradclip step"),
+                timestamp_writes,
+            });
+            let kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+            for &d in &kept.0 {
+                let pipeline = || kernels.pipeline(device, self.kernel(d, &step));
+                match d {
+                    Dispatch::SpanReduce => {
+                        pass.set_pipeline(&pipeline());
+                        let spans = self.span_reduce.as_deref().unwrap_or_default();
+                        for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
+                            pass.set_bind_group(0, group, &[slot]);
+                            pass.dispatch_workgroups(grid[0], grid[1], 1);
+                        }
+                    }
+                    Dispatch::Reduce { params, combine } => {
+                        // The reduction binds its own pipelines.
+                        let (red, kind) = match (params, &self.params) {
+                            (true, Some(p)) => (p, Norm::L2.kind_code()),
+                            _ => (&self.grads, kind),
+                        };
+                        red.encode(&mut pass, device, kernels, (kind, slot), combine);
+                    }
+                    Dispatch::Groups(k) => {
+                        let (group, grid) = self.stages[k].groups.as_ref().expect("recorded");
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, group, &[slot]);
+                        pass.dispatch_workgroups(grid[0], grid[1], 1);
+                    }
+                    Dispatch::Finish { stage, partials } => {
+                        let finish = match (&self.finish_partials, partials) {
+                            (Some(p), true) => p,
+                            _ => &self.stages[stage].finish,
+                        };
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, finish, &[slot]);
+                        pass.dispatch_workgroups(1, 1, 1);
+                    }
+                    Dispatch::Coefs(k) => {
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, &self.stages[k].coefs, &[slot]);
+                        pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
+                    }
+                    Dispatch::Undo(k) => {
+                        pass.set_pipeline(&pipeline());
+                        pass.set_bind_group(0, &self.stages[k].finish, &[slot]);
+                        pass.dispatch_workgroups(1, 1, 1);
+                    }
+                    Dispatch::Rewrite { indirect } => {
+                        pass.set_pipeline(&pipeline());
+                        for (group, args, grid) in &self.rewrites {
+                            pass.set_bind_group(0, group, &[slot]);
+                            if indirect {
+                                pass.dispatch_workgroups_indirect(&self.args_out, *args);
+                            } else {
+                                pass.dispatch_workgroups(grid[0], grid[1], 1);
+                            }
+                        }
+                    }
+                }
+            }
+            drop(kept);
+            extra(&mut pass, slot);
+        }
+        if !step.mode.reads_back() {
+            return Ok(None);
+        }
+        let readback = self.pool.take(device)?;
+        let layout = self.layout;
+        let mut copy = |from: &wgpu::Buffer, to: std::ops::Range<u64>| {
+            if to.end > to.start {
+                encoder.copy_buffer_to_buffer(from, 0, &readback, to.start, to.end - to.start);
+            }
+        };
+        if step.mode == Mode::UnitsOnly {
+            let tables = std::iter::once(&self.grads).chain(&self.params);
+            for (k, red) in tables.enumerate() {
+                copy(&red.segment_accs, layout.unit_table(k as u64));
+            }
+            return Ok(Some(readback));
+        }
+        copy(&self.reports, layout.headers());
+        if step.units {
+            let last = &self.stages[self.stages.len() - 1];
+            copy(&last.group_accs, layout.groups());
+            copy(&self.grads.segment_accs, layout.units());
+            copy(&self.coef_buf, layout.coefs());
+        }
+        Ok(Some(readback))
+    }
+}
