@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gradclip::{
-    cpu, Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuAccumulator, CpuPolicy, GaussianNoise,
-    GpuAccumulator, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, GradMut, GradRef, GroupClip,
-    PerExampleClip, PerTensorClip, Rule, TensorInfo, ZClip,
+    Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuAccumulator, CpuPerExample, CpuPolicy,
+    GaussianNoise, GpuAccumulator, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, GradMut,
+    GradRef, GroupClip, PerExampleClip, PerTensorClip, Rule, TensorInfo, ZClip,
 };
 use wgpu::util::DeviceExt;
 
@@ -105,13 +105,14 @@ fn bench_cpu(c: &mut Criterion) {
         });
     }
     let clip = PerExampleClip::new(BATCH, 1.0).noise(1.0, 3);
+    let mut per_example = CpuPerExample::new(clip, &infos()).unwrap();
     let mut outs: Vec<Vec<f32>> = (0..TENSORS)
         .map(|_| vec![0.0; (ROWS * COLS) as usize / BATCH as usize])
         .collect();
     g.bench_function("per_example", |b| {
         b.iter(|| {
             let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
-            cpu::clip_per_example(&p_refs, &mut views, &clip, 0).unwrap()
+            per_example.step(&p_refs, &mut views).unwrap()
         })
     });
     g.finish();

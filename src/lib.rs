@@ -26,6 +26,7 @@ pub use chain::{
 pub use clipper::{Backend, Clipper};
 pub use cpu::accumulate::CpuAccumulator;
 pub use cpu::optimizer::CpuOptimizer;
+pub use cpu::per_example::CpuPerExample;
 pub use cpu::policy::{CpuPolicy, DeferredStep};
 pub use cpu::sharded::ShardedCpuPolicy;
 pub use dtype::{DType, GradMut, GradRef};

@@ -64,15 +64,7 @@ fn shapes_and_batches_beyond_reason_are_typed_errors() {
     assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
     // Per-example clipping of u32::MAX examples over an empty tensor: no 128 GiB plan.
     let clip = PerExampleClip::new(u32::MAX, 1.0);
-    let empty: Vec<f32> = Vec::new();
-    let mut out: Vec<f32> = Vec::new();
-    let e = gradclip::cpu::clip_per_example(
-        &[gradclip::GradRef::from(&empty[..])],
-        &mut [&mut out[..]],
-        &clip,
-        0,
-    )
-    .unwrap_err();
+    let e = gradclip::CpuPerExample::new(clip.clone(), &[TensorInfo::new("e", &[0])]).unwrap_err();
     assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
     let ctx = gpu();
     let h = vec![Host::F32(vec![])];

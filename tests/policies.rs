@@ -1188,8 +1188,10 @@ fn per_example_both(
     let in_t = gpu_tensors(&arena, inputs, &infos);
     let out_t = gpu_tensors(&out_arena, &outs, &infos_of(&outs));
     let mut run = gradclip::GpuPerExample::new(&ctx, &in_t, &out_t, clip.clone()).unwrap();
+    let mut cpu = gradclip::CpuPerExample::new(clip.clone(), &infos).unwrap();
     (0..steps)
         .map(|step| {
+            assert_eq!((run.steps_taken(), cpu.steps_taken()), (step, step));
             let gr = run.step().unwrap().wait().unwrap();
             let g: Vec<f32> = download(&ctx, &out_arena, &outs)
                 .iter()
@@ -1198,8 +1200,7 @@ fn per_example_both(
             let mut c_out: Vec<Vec<f32>> =
                 outs.iter().map(|h| vec![0.0; h.as_ref().len()]).collect();
             let mut views: Vec<&mut [f32]> = c_out.iter_mut().map(|v| v.as_mut_slice()).collect();
-            let cr = gradclip::cpu::clip_per_example(&common::refs(inputs), &mut views, clip, step)
-                .unwrap();
+            let cr = cpu.step(&common::refs(inputs), &mut views).unwrap();
             assert_eq!(
                 (gr.clipped, gr.units, gr.step),
                 (cr.clipped, cr.units, cr.step)
@@ -1277,17 +1278,31 @@ fn per_example_bad_configuration() {
     let h = [f32s(&[1.0; 6])];
     let mut out = vec![0.0f32; 2];
     let mut views = [out.as_mut_slice()];
+    let infos = [TensorInfo::new("w", &[6])];
     // Batch 4 does not divide 6 elements.
-    let clip = gradclip::PerExampleClip::new(4, 1.0);
+    for clip in [
+        gradclip::PerExampleClip::new(4, 1.0),
+        gradclip::PerExampleClip::new(3, -1.0),
+    ] {
+        assert!(matches!(
+            gradclip::CpuPerExample::new(clip, &infos),
+            Err(ClipError::InvalidConfig(_))
+        ));
+    }
+    // Inputs or outputs of other lengths change nothing, the step count included.
+    let mut cpu =
+        gradclip::CpuPerExample::new(gradclip::PerExampleClip::new(3, 1.0), &infos).unwrap();
+    let longer = [f32s(&[1.0; 9])];
     assert!(matches!(
-        gradclip::cpu::clip_per_example(&common::refs(&h), &mut views, &clip, 0),
-        Err(ClipError::InvalidConfig(_))
+        cpu.step(&common::refs(&longer), &mut views),
+        Err(ClipError::ShapeMismatch { .. })
     ));
-    let clip = gradclip::PerExampleClip::new(3, -1.0);
+    let mut short = vec![0.0f32; 1];
     assert!(matches!(
-        gradclip::cpu::clip_per_example(&common::refs(&h), &mut views, &clip, 0),
-        Err(ClipError::InvalidConfig(_))
+        cpu.step(&common::refs(&h), &mut [short.as_mut_slice()]),
+        Err(ClipError::ShapeMismatch { .. })
     ));
+    assert_eq!(cpu.steps_taken(), 0);
     assert_eq!(out, [0.0, 0.0]);
 }
 

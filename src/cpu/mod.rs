@@ -1,7 +1,7 @@
 //! The CPU path: multi-threaded (rayon), exact enough to be the test oracle of the GPU
 //! path, and the fallback when no adapter exists. `engine.rs` twins the GPU engine stage
-//! for stage. The policies, the accumulator, the optimizer, the sharded policy,
-//! [`clip_by_global_norm`], [`clip_with_norm`] and [`clip_per_example`] run it;
+//! for stage. The policies, the accumulator, the optimizer, the sharded policy, the
+//! per-example clipper, [`clip_by_global_norm`] and [`clip_with_norm`] run it;
 //! [`clip_by_value`] clamps directly, and [`partial_norm`] and [`tensor_norms`] call the f64
 //! reduction (`norm_reduce.rs`) directly.
 
@@ -41,13 +41,11 @@ mod apply;
 pub(crate) mod engine;
 mod norm_reduce;
 pub(crate) mod optimizer;
-mod per_example;
+pub(crate) mod per_example;
 pub(crate) mod philox;
 pub(crate) mod policy;
 mod prefetch;
 pub(crate) mod sharded;
-
-pub use per_example::clip_per_example;
 
 use std::cell::Cell;
 

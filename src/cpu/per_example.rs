@@ -6,16 +6,61 @@ use rayon::prelude::*;
 
 use super::engine::{coefs, combine, finish, reduce, to_f32, CpuStep};
 use super::philox::gaussian_noise;
-use crate::chain::{clipped_per_tensor, PerExampleClip, PerExampleReport, Program};
+use crate::chain::{
+    check_shapes, clipped_per_tensor, PerExampleClip, PerExampleReport, Program, TensorInfo,
+};
 use crate::dtype::GradRef;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::Norm;
 
-/// Clips each example of `inputs` (`[batch, P_t]` per tensor), sums them into `outputs`
-/// (`P_t` f32 each), adds the noise of step `step` and divides by the expected batch size
-/// when one is set. Errors leave the outputs untouched.
-pub fn clip_per_example(
+/// Per-example clipping (DP-SGD) of host slices on the CPU, step after step: the CPU twin
+/// of [`crate::GpuPerExample`]. Each step clips every example of the inputs (`[batch,
+/// P_t]` per tensor), sums them into the outputs (`P_t` f32 each), adds the noise keyed by
+/// the step's number and divides by the expected batch size when one is set.
+#[derive(Debug, Clone)]
+pub struct CpuPerExample {
+    clip: PerExampleClip,
+    infos: Vec<TensorInfo>,
+    steps: u64,
+}
+
+impl CpuPerExample {
+    /// Per-example clipping of inputs shaped as `infos` (each `batch * P_t` elements).
+    /// A configuration that does not fit them is an error.
+    pub fn new(clip: PerExampleClip, infos: &[TensorInfo]) -> Result<CpuPerExample, ClipError> {
+        let lens: Vec<u64> = infos.iter().map(TensorInfo::len).collect();
+        clip.validate(&lens)?;
+        Ok(CpuPerExample {
+            clip,
+            infos: infos.to_vec(),
+            steps: 0,
+        })
+    }
+
+    /// One step over `inputs` into `outputs`, its noise keyed by [`Self::steps_taken`].
+    /// Inputs or outputs of other lengths are an error that changes nothing, the step
+    /// count included.
+    pub fn step(
+        &mut self,
+        inputs: &[GradRef<'_>],
+        outputs: &mut [&mut [f32]],
+    ) -> Result<PerExampleReport, ClipError> {
+        check_shapes(&self.infos, inputs.iter().map(|g| g.len() as u64))?;
+        let report = clip_per_example(inputs, outputs, &self.clip, self.steps)?;
+        self.steps += 1;
+        Ok(report)
+    }
+
+    /// Steps taken so far: the next step's number (it keys the noise).
+    pub fn steps_taken(&self) -> u64 {
+        self.steps
+    }
+}
+
+/// One per-example step numbered `step` (see [`CpuPerExample::step`]). Errors leave the
+/// outputs untouched.
+pub(crate) fn clip_per_example(
     inputs: &[GradRef<'_>],
     outputs: &mut [&mut [f32]],
     clip: &PerExampleClip,
