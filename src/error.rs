@@ -119,8 +119,10 @@ pub enum ClipError {
     /// A policy or rule was configured with an invalid value.
     #[error("invalid clipping configuration: {0}")]
     InvalidConfig(String),
-    /// A saved policy state could not be read or does not fit the policy.
-    #[error("invalid policy state: {0}")]
+    /// A saved state (a [`crate::PolicyState`] or an [`crate::OptimizerState`]) could not
+    /// be read, or does not belong where it was restored, or holds values outside their
+    /// domain.
+    #[error("invalid saved state: {0}")]
     InvalidState(String),
     /// A monitor export or plot could not be written (missing folder, no permission,
     /// unsupported file extension).

@@ -348,6 +348,11 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     let mut longer = bytes.clone();
     longer.push(0);
     invalid(restore_anywhere(&longer));
+    // A stage record whose block lies beyond the words (its first word, the record's
+    // fourth) is refused when read, before anything indexes it.
+    let mut beyond = bytes.clone();
+    beyond[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+    invalid(PolicyState::from_bytes(&beyond).map(|_| ()));
     // Values outside their domain: a NaN or negative norm in the history, a negative
     // variance (word offsets: 16 bytes of header, the layout, the fingerprint, then the
     // words, each part after its length).

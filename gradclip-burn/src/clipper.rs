@@ -77,8 +77,9 @@ impl BurnClipper {
     /// Gradients in order, and gradients dense in another order (a convolution's weight
     /// gradient, a transposed matmul's), are clipped in place. A gradient is copied, in
     /// order, into memory of its own when it is not dense (broadcast, gaps, overlaps) or
-    /// tiled, when it shares memory with another gradient, or, under AGC, when it is not in
-    /// order (AGC's units are slices along an axis). The copy replaces the gradient in
+    /// tiled, when it shares memory with another gradient, or, under AGC or noise, when it
+    /// is not in order (AGC's units are slices along an axis; noise is keyed by each
+    /// element's index). The copy replaces the gradient in
     /// `GradientsParams`, so the optimizer steps with the clipped copy.
     pub fn copies(&self) -> u64 {
         self.copies
@@ -102,7 +103,7 @@ impl BurnClipper {
         let shared = self.shared.clone();
         let device = shared.device();
         let with_params = self.policy.needs_params();
-        let mut found = collect(module, grads, device, with_params)?;
+        let mut found = collect(module, grads, device, &self.policy)?;
         let misplaced: Vec<usize> = (0..found.len())
             .filter(|&i| found[i].needs_copy.is_some())
             .collect();
@@ -205,8 +206,7 @@ impl BurnClipper {
             (found[i].copy)(grads, found[i].id);
         }
         self.copies += which.len() as u64;
-        let with_params = self.policy.needs_params();
-        collect(module, grads, self.shared.device(), with_params)
+        collect(module, grads, self.shared.device(), &self.policy)
     }
 
     /// The policy's state (adaptive history, step count), read back from the device, to

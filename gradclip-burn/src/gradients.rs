@@ -9,14 +9,15 @@
 //! `[1, 72, 24, 8]` for shape `[8, 1, 3, 3]`). A dense permutation covers exactly its
 //! elements' range, and norms and elementwise scaling do not care about order, so it is
 //! clipped in place. Only what cannot be (not dense, tiled, or permuted under AGC, whose
-//! units follow the axes) is replaced by a copy in order first.
+//! units follow the axes, or under noise, keyed by each element's index) is replaced by a
+//! copy in order first.
 
 use burn::backend::wgpu::{AutoCompiler, CubeBackend, CubeTensor, Wgpu, WgpuResource};
 use burn::cubecl::wgpu::WgpuServer;
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor};
-use gradclip::GpuTensor;
+use gradclip::{ClipPolicy, GpuTensor};
 
 use crate::error::BurnClipError;
 
@@ -37,17 +38,28 @@ pub(crate) struct Found {
 }
 
 /// Every parameter of `module` that requires a gradient, in visiting order, with its
-/// gradient from `grads` (and its value when `with_params`). Nothing is changed.
+/// gradient from `grads` (and its value when `policy` needs the parameters). Nothing is
+/// changed.
 pub(crate) fn collect<M: Module>(
     module: &M,
     grads: &GradientsParams,
     device: &Device,
-    with_params: bool,
+    policy: &ClipPolicy,
 ) -> Result<Vec<Found>, BurnClipError> {
+    // What makes a gradient's element order matter: AGC's units are slices along an axis,
+    // and noise is keyed by each element's index in its tensor.
+    let in_order = if policy.needs_params() {
+        Some("AGC needs its rows in order")
+    } else if policy.noise.is_some() {
+        Some("noise is keyed by each element's index in order")
+    } else {
+        None
+    };
     let mut visitor = Collect {
         grads,
         device,
-        with_params,
+        with_params: policy.needs_params(),
+        in_order,
         path: Vec::new(),
         found: Vec::new(),
         error: None,
@@ -63,6 +75,8 @@ struct Collect<'a> {
     grads: &'a GradientsParams,
     device: &'a Device,
     with_params: bool,
+    /// Why a gradient must be in the order of its axes, when the policy needs it.
+    in_order: Option<&'static str>,
     path: Vec<String>,
     found: Vec<Found>,
     error: Option<BurnClipError>,
@@ -108,12 +122,9 @@ impl Collect<'_> {
         let (grad, order) = self.resolve(&path, grad)?;
         let needs_copy = match order {
             Order::Sequential => None,
-            // AGC's units are slices along an axis: in another order they are other elements.
-            Order::Permuted if self.with_params => Some(format!(
-                "AGC needs its rows in order; strides {:?}",
-                grad.meta.strides()
-            )),
-            Order::Permuted => None,
+            Order::Permuted => self
+                .in_order
+                .map(|why| format!("{why}; strides {:?}", grad.meta.strides())),
             Order::Other(reason) => Some(reason),
         };
         let value = match self.with_params {

@@ -18,8 +18,8 @@ use burn::nn::{
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use gradclip::{
-    Agc, ClipPolicy, ClipReport, CpuPolicy, GradMut, GradRef, GroupClip, PerTensorClip, Rule,
-    TensorInfo, UnitAxis,
+    Agc, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GradMut, GradRef, GroupClip,
+    PerTensorClip, Rule, TensorInfo, UnitAxis,
 };
 use gradclip_burn::{BurnClipError, BurnClipper, ClippedOptimizer, SharedDevice};
 
@@ -596,6 +596,14 @@ fn a_transposed_gradient_is_clipped_in_place_and_copied_only_for_agc() {
             0,
         ),
         (ClipPolicy::new(Rule::Agc(agc)), 1),
+        // Noise is keyed by each element's index in order, as on the host.
+        (
+            ClipPolicy::new(Rule::GlobalNorm(1e-3)).noise(GaussianNoise {
+                sigma: 1e-3,
+                seed: 3,
+            }),
+            1,
+        ),
     ] {
         let (model, mut grads) = mlp_step(&shared, 7);
         let id = model.fc1.weight.id;

@@ -35,7 +35,8 @@ pub(crate) const MEANING: [&str; 7] = [
 ];
 
 /// FNV-1a in 32 bits: the same on every platform and Rust version, as a hash saved with
-/// a state must be (std's hashers promise neither).
+/// a state must be (std's hashers promise neither). What it hashes is a fixed encoding of
+/// the numbers and names that give a state meaning, never `Debug` text.
 #[derive(Clone, Copy)]
 struct Fnv(u32);
 
@@ -51,34 +52,99 @@ impl Fnv {
         self
     }
 
+    fn u32(self, v: u32) -> Fnv {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn u64(self, v: u64) -> Fnv {
+        self.bytes(&v.to_le_bytes())
+    }
+
+    fn f32(self, v: f32) -> Fnv {
+        self.u32(v.to_bits())
+    }
+
+    fn f64(self, v: f64) -> Fnv {
+        self.u64(v.to_bits())
+    }
+
+    fn opt_f32(self, v: Option<f32>) -> Fnv {
+        match v {
+            None => self.u32(0),
+            Some(x) => self.u32(1).f32(x),
+        }
+    }
+
     /// A string, length first, so that the pieces of a list stay apart.
     fn text(self, s: &str) -> Fnv {
-        self.bytes(&(s.len() as u64).to_le_bytes())
-            .bytes(s.as_bytes())
+        self.u64(s.len() as u64).bytes(s.as_bytes())
+    }
+
+    fn texts(self, list: &[String]) -> Fnv {
+        list.iter()
+            .fold(self.u64(list.len() as u64), |h, s| h.text(s))
+    }
+
+    /// A norm stage: a tag per kind, then its numbers and patterns.
+    fn rule(self, rule: &super::Rule) -> Fnv {
+        use super::{Rule, UnitAxis};
+        match rule {
+            Rule::GlobalNorm(c) => self.u32(1).f32(*c),
+            Rule::PerTensor(p) => self.u32(2).f32(p.max_norm),
+            Rule::Groups(g) => (g.groups.iter()).fold(
+                self.u32(3)
+                    .f32(g.default_max_norm)
+                    .u64(g.groups.len() as u64),
+                |h, group| {
+                    h.text(&group.name)
+                        .texts(&group.patterns)
+                        .f32(group.max_norm)
+                },
+            ),
+            Rule::BlockRms(b) => self.u32(4).f32(b.threshold),
+            Rule::Agc(a) => {
+                let axis = match a.axis {
+                    UnitAxis::First => 0,
+                    UnitAxis::Last => 1,
+                };
+                (self.u32(5).f32(a.lambda).f32(a.eps).u32(axis)).texts(&a.exclude)
+            }
+            Rule::AutoClip(a) => (self.u32(6).f32(a.percentile).u32(a.history)).opt_f32(a.max_norm),
+            Rule::ZClip(z) => (self.u32(7).f32(z.alpha).f32(z.z_thresh).f32(z.eps))
+                .u32(z.warmup)
+                .opt_f32(z.max_norm),
+            Rule::Masked(m) => self.u32(8).texts(&m.exclude).rule(&m.rule),
+        }
     }
 }
 
 /// The fingerprint of `policy` over tensors `infos`: one hash per part of [`MEANING`].
 pub(crate) fn meaning_of(policy: &super::ClipPolicy, infos: &[super::TensorInfo]) -> Vec<u32> {
-    let debug = |v: &dyn std::fmt::Debug| Fnv::new().text(&format!("{v:?}")).0;
-    let stages = (policy.rules()).fold(Fnv::new(), |h, r| h.text(&format!("{r:?}")));
-    let tensors = infos.iter().fold(Fnv::new(), |h, t| {
-        let shape = t
-            .shape
-            .iter()
-            .flat_map(|d| d.to_le_bytes())
-            .collect::<Vec<u8>>();
-        h.text(&t.name)
-            .bytes(&(t.shape.len() as u64).to_le_bytes())
-            .bytes(&shape)
+    use super::Schedule;
+    let h = Fnv::new;
+    let schedule = match &policy.schedule {
+        Schedule::Constant => h().u32(0),
+        Schedule::StepDecay { factor, every } => h().u32(1).f64(*factor).u64(*every),
+        Schedule::Custom(name, _) => h().u32(2).text(name),
+    };
+    let noise = match policy.noise {
+        None => h().u32(0),
+        Some(n) => h().u32(1).f32(n.sigma).u64(n.seed),
+    };
+    let value = match policy.value {
+        None => h().u32(0),
+        Some(v) => h().u32(1).f32(v.lo).f32(v.hi),
+    };
+    let tensors = infos.iter().fold(h().u64(infos.len() as u64), |h, t| {
+        (t.shape.iter()).fold(h.text(&t.name).u64(t.shape.len() as u64), |h, &d| h.u64(d))
     });
     vec![
-        debug(&policy.norm),
-        stages.0,
-        debug(&policy.non_finite),
-        debug(&policy.schedule),
-        debug(&policy.noise),
-        debug(&policy.value),
+        h().f64(policy.norm.order()).0,
+        policy.rules().fold(h(), Fnv::rule).0,
+        h().u32(policy.non_finite.code()).0,
+        schedule.0,
+        noise.0,
+        value.0,
         tensors.0,
     ]
 }
@@ -273,8 +339,15 @@ impl PolicyState {
         if at != bytes.len() {
             return Err(bad("oversized state"));
         }
+        // Every stage's block (its header and history) lies inside the words.
+        let blocks_fit = layout.chunks(STAGE_RECORD).all(|r| {
+            let (history, base) = (r[1] as usize, r[3] as usize);
+            base.checked_add(HEADER_WORDS + history)
+                .is_some_and(|end| end <= words.len())
+        });
         let malformed = words.len() < HEADER_WORDS
             || layout.len() % STAGE_RECORD != 0
+            || !blocks_fit
             || !(meaning.is_empty() || meaning.len() == MEANING.len());
         if malformed {
             return Err(bad("malformed state"));

@@ -271,6 +271,7 @@ impl Clipper {
                 .wait()
         })?;
         let norms = clip.tensor_norms.then_some(per_tensor);
+        // Numbered by the caller ([`Clipper::numbered`]); here only the whole batch's norms.
         let step = report.step;
         Ok(report.for_batch(step, grads.len() as u32, norms))
     }

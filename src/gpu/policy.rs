@@ -210,9 +210,9 @@ impl GpuPolicy {
         &self.engine
     }
 
-    /// Records one step with `params`, `extra` dispatches after the stages, and the
-    /// in-place rewrite when `rewrite`; returns the readback and the step number, and
-    /// advances the step.
+    /// Records `step` (its mode decides whether the gradients are rewritten) with `extra`
+    /// dispatches after the stages; returns the readback and the step number, and advances
+    /// the step.
     pub(crate) fn encode_step(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,

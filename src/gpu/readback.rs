@@ -26,9 +26,10 @@ const MAPPED: u8 = 1;
 const FAILED: u8 = 2;
 
 /// How long an idle queue with a report still pending is watched before the step is
-/// declared never submitted: `NEVER_SUBMITTED_CHECKS` checks, 0.5 ms apart.
-const NEVER_SUBMITTED_CHECKS: u32 = 2000;
+/// declared never submitted: checks `IDLE_CHECK` apart.
 const NEVER_SUBMITTED: std::time::Duration = std::time::Duration::from_secs(1);
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_micros(500);
+const NEVER_SUBMITTED_CHECKS: u32 = (NEVER_SUBMITTED.as_micros() / IDLE_CHECK.as_micros()) as u32;
 
 /// Free readback buffers of one batch.
 pub(crate) struct ReportPool {
@@ -165,8 +166,8 @@ struct Signal {
 /// Turns the words read back into a report.
 type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 
-/// The report of an encoded step ([`ClipReport`], or [`crate::ClipReport`] for
-/// policies), available once the GPU has run it.
+/// The report of an encoded step (a [`ClipReport`], or a [`crate::PerExampleReport`] for
+/// per-example clipping), available once the GPU has run it.
 ///
 /// Blocking code reads it with [`PendingReport::wait`]; [`PendingReport::is_ready`] tells
 /// without blocking. Async code awaits it: a pending report is [`IntoFuture`], resolved by
@@ -277,7 +278,7 @@ fn wait_mapped(device: &wgpu::Device, state: &AtomicU8) -> Result<u8, ClipError>
             .map_err(|e| ClipError::Readback(e.to_string()))?;
         if status.is_queue_empty() && state.load(Ordering::Acquire) == PENDING {
             idle_checks += 1;
-            std::thread::sleep(std::time::Duration::from_micros(500));
+            std::thread::sleep(IDLE_CHECK);
         }
     }
     Ok(state.load(Ordering::Acquire))
@@ -350,7 +351,11 @@ impl<R> Future for ReportFuture<R> {
             this.report.drive();
             return Poll::Pending;
         }
-        let idle = matches!(status, Ok(s) if s.is_queue_empty());
+        let idle = match status {
+            Ok(s) => s.is_queue_empty(),
+            // A device that cannot be polled (lost) will never map the report.
+            Err(e) => return Poll::Ready(Err(ClipError::Readback(e.to_string()))),
+        };
         match (idle, this.idle_since) {
             (false, _) => this.idle_since = None,
             (true, None) => this.idle_since = Some(std::time::Instant::now()),

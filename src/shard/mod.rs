@@ -239,11 +239,13 @@ impl Shard {
     }
 }
 
-/// A hash of what every rank must agree on: the policy (norm, noise, schedule, clamp,
-/// non-finite policy), the tensors and the resolved program.
+/// A hash of what every rank must agree on: the fingerprint a saved state records (norm,
+/// stages, non-finite policy, schedule, noise, clamp, tensors), whether the ranks report
+/// groups, and the resolved program.
 fn fingerprint(policy: &ClipPolicy, infos: &[TensorInfo], program: &Program) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    format!("{policy:?}").hash(&mut h);
+    program.meaning.hash(&mut h);
+    policy.report_groups.hash(&mut h);
     for info in infos {
         (&info.name, &info.shape).hash(&mut h);
     }
