@@ -91,7 +91,7 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
     }
     // The GPU's AutoClip history continues on the CPU, and back.
     let saved = on_gpu.policy_state().unwrap();
-    assert_eq!(saved.step(), 4);
+    assert_eq!(saved.steps_taken(), 4);
     assert_eq!(saved.adaptive()[0].norms_seen, 4);
     let (gh, ch) = (
         saved.adaptive()[0].history.clone(),
@@ -171,7 +171,10 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
         assert_eq!(g, before);
         let state = clipper.policy_state().unwrap();
         let seen: Vec<u32> = state.adaptive().iter().map(|a| a.norms_seen).collect();
-        assert!(state.step() == 0 && seen.iter().all(|&n| n == 0), "{name}");
+        assert!(
+            state.steps_taken() == 0 && seen.iter().all(|&n| n == 0),
+            "{name}"
+        );
     }
     // A configuration error comes at construction.
     let bad = ClipPolicy::new(Rule::GlobalNorm(-1.0));

@@ -566,7 +566,7 @@ fn bad_input_is_a_typed_error() {
     assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
     assert_eq!(p, vec![1.0; 3]);
     assert_eq!(cpu.state().steps, 0);
-    assert_eq!(cpu.policy().state().step(), 0);
+    assert_eq!(cpu.policy().state().steps_taken(), 0);
 }
 
 /// A caller's own SGD shader that applies a deferred clip as it reads the gradients.

@@ -710,7 +710,7 @@ fn state_round_trips_between_runs_and_backends() {
     }
     let bytes = cpu.state().to_bytes();
     let restored = PolicyState::from_bytes(&bytes).unwrap();
-    assert_eq!(restored.step(), 5);
+    assert_eq!(restored.steps_taken(), 5);
     let ctx = gpu();
     let arena = upload(&ctx, &steps[5]);
     let mut run = GpuPolicy::new(
@@ -731,7 +731,7 @@ fn state_round_trips_between_runs_and_backends() {
     }
     // And the GPU state reads back into a CPU run.
     let back = run.state().unwrap();
-    assert_eq!(back.step(), 8);
+    assert_eq!(back.steps_taken(), 8);
     assert_eq!(back.adaptive()[0].history.len(), 4);
     cpu.set_state(back).unwrap();
     assert!(PolicyState::from_bytes(&bytes[..10]).is_err());
@@ -982,7 +982,7 @@ fn a_later_stage_can_hold_the_step() {
 /// The saved words of `state` but its step number and skip count: what the adaptive
 /// rules remember (every stage's history, count, mean and variance).
 fn adaptive_words(state: &PolicyState) -> Vec<u8> {
-    let mut b = state.clone().with_step(0).to_bytes();
+    let mut b = state.clone().with_steps_taken(0).to_bytes();
     // Magic, version, step, then the layout and the fingerprint (each after its length),
     // then the words' length, the seen count and the skip count.
     let count = |at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap()) as usize;

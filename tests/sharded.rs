@@ -228,7 +228,8 @@ fn ranks_whose_factors_or_far_steps_differ_all_fail_and_change_nothing() {
             let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
             if case == "steps" {
                 let far = (1u64 << 53) + c.rank() as u64;
-                p.set_state(p.state().clone().with_step(far)).unwrap();
+                p.set_state(p.state().clone().with_steps_taken(far))
+                    .unwrap();
             }
             let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);
             let before = parts.clone();

@@ -160,7 +160,8 @@ impl BurnClipper {
                             // A state that follows the tensors (AGC units, per-tensor
                             // groups): fresh, but the step count goes on.
                             Err(_) => {
-                                let restarted = fresh.state()?.with_step(state.step());
+                                let restarted =
+                                    fresh.state()?.with_steps_taken(state.steps_taken());
                                 fresh.set_state(&restarted)?;
                             }
                         }

@@ -223,15 +223,15 @@ impl PolicyState {
         }
     }
 
-    /// Steps taken so far (the next step's number).
-    pub fn step(&self) -> u64 {
+    /// Steps taken so far: the next step's number.
+    pub fn steps_taken(&self) -> u64 {
         self.step
     }
 
-    /// The same state, the next step numbered `step`: to carry a run's step count (the
-    /// noise key, the schedule) over to a fresh state.
-    pub fn with_step(mut self, step: u64) -> PolicyState {
-        self.step = step;
+    /// The same state with `steps` steps taken (the next step numbered `steps`): to carry
+    /// a run's step count (the noise key, the schedule) over to a fresh state.
+    pub fn with_steps_taken(mut self, steps: u64) -> PolicyState {
+        self.step = steps;
         self
     }
 
