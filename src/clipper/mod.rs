@@ -225,8 +225,8 @@ impl Clipper {
         grads: &mut [GradMut<'_>],
         clip: &GlobalNormClip,
     ) -> Result<ClipReport, ClipError> {
-        let report = self.global_clip(grads, clip)?;
-        Ok(self.numbered(report, grads.len(), None))
+        let (report, norms) = self.global_clip(grads, clip)?;
+        Ok(self.numbered(report, grads.len(), norms))
     }
 
     /// The next global report's number, and the report of the whole batch.
@@ -241,18 +241,21 @@ impl Clipper {
         report.for_batch(step, tensors as u32, norms)
     }
 
+    /// The global clip's report and, when host data streamed through several buffers, the
+    /// per-tensor norms combined from its parts (else the report has them).
     fn global_clip(
         &mut self,
         grads: &mut [GradMut<'_>],
         clip: &GlobalNormClip,
-    ) -> Result<ClipReport, ClipError> {
+    ) -> Result<(ClipReport, Option<Vec<f64>>), ClipError> {
         if let Backend::Cpu = self.backend {
-            return cpu::clip_by_global_norm(grads, clip);
+            return Ok((cpu::clip_by_global_norm(grads, clip)?, None));
         }
         clip.validate()?;
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
         if self.prepare(&refs)?.batches.len() == 1 {
-            return self.round_trip(grads, true, |b| b.clip_by_global_norm(clip)?.wait());
+            let report = self.round_trip(grads, true, |b| b.clip_by_global_norm(clip)?.wait())?;
+            return Ok((report, None));
         }
         // Parts: the total (and per-part norms), then the clip of every part with it.
         let streamed = self.upload(&refs)?;
@@ -270,10 +273,7 @@ impl Clipper {
             b.clip_with_norm(clip.max_norm, &total, clip.non_finite)?
                 .wait()
         })?;
-        let norms = clip.tensor_norms.then_some(per_tensor);
-        // Numbered by the caller ([`Clipper::numbered`]); here only the whole batch's norms.
-        let step = report.step;
-        Ok(report.for_batch(step, grads.len() as u32, norms))
+        Ok((report, clip.tensor_norms.then_some(per_tensor)))
     }
 
     /// Clipping host tensors with a norm computed elsewhere (the split API).

@@ -35,13 +35,16 @@ const NEVER_SUBMITTED_CHECKS: u32 = (NEVER_SUBMITTED.as_micros() / IDLE_CHECK.as
 pub(crate) struct ReportPool {
     free: Mutex<Vec<wgpu::Buffer>>,
     size: u64,
+    /// The device is GL, which takes one thread at a time (how its reports are awaited).
+    gl: bool,
 }
 
 impl ReportPool {
-    pub(crate) fn new(size: u64) -> Arc<ReportPool> {
+    pub(crate) fn new(device: &wgpu::Device, size: u64) -> Arc<ReportPool> {
         Arc::new(ReportPool {
             free: Mutex::new(Vec::new()),
             size,
+            gl: device.adapter_info().backend == wgpu::Backend::Gl,
         })
     }
 
@@ -155,11 +158,13 @@ pub(crate) struct ReportKind {
     pub tensors: u32,
 }
 
-/// Fires once with the mapping's outcome (`MAPPED` or `FAILED`), or with `PENDING` when
-/// the step was never submitted. The mapping's callback and the report's waiting thread
-/// share the sender: the first to know sends.
+/// How a report's mapping ended, shared by the report, the mapping's callback and the
+/// report's waiting thread: `state` for blocking readers, and a oneshot that fires once with
+/// the outcome (`MAPPED` or `FAILED`, or `PENDING` when the step was never submitted) for
+/// an awaiting task. The first to know sends.
 struct Signal {
-    send: Arc<OneshotSender<u8>>,
+    state: AtomicU8,
+    send: OneshotSender<u8>,
     receive: OneshotReceiver<u8>,
 }
 
@@ -175,8 +180,7 @@ type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 /// awaited in any order.
 pub struct PendingReport<R = ClipReport> {
     buffer: Option<wgpu::Buffer>,
-    state: Arc<AtomicU8>,
-    mapped: Arc<Signal>,
+    signal: Arc<Signal>,
     pool: Arc<ReportPool>,
     device: wgpu::Device,
     decode: Option<Decoder<R>>,
@@ -185,7 +189,7 @@ pub struct PendingReport<R = ClipReport> {
 impl<R> std::fmt::Debug for PendingReport<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingReport")
-            .field("state", &self.state.load(Ordering::Acquire))
+            .field("state", &self.signal.state.load(Ordering::Acquire))
             .finish()
     }
 }
@@ -199,22 +203,22 @@ impl<R> PendingReport<R> {
         device: wgpu::Device,
         decode: Decoder<R>,
     ) -> PendingReport<R> {
-        let state = Arc::new(AtomicU8::new(PENDING));
-        let done = state.clone();
         let (send, receive) = oneshot_channel();
-        let send = Arc::new(send);
-        let signal = send.clone();
+        let signal = Arc::new(Signal {
+            state: AtomicU8::new(PENDING),
+            send,
+            receive,
+        });
+        let done = signal.clone();
         encoder.map_buffer_on_submit(&buffer, wgpu::MapMode::Read, .., move |r| {
             let outcome = if r.is_ok() { MAPPED } else { FAILED };
-            done.store(outcome, Ordering::Release);
+            done.state.store(outcome, Ordering::Release);
             // Nobody may be waiting (the report is read blocking, or was dropped unread).
-            let _ = signal.send(outcome);
+            let _ = done.send.send(outcome);
         });
-        let mapped = Arc::new(Signal { send, receive });
         PendingReport {
             buffer: Some(buffer),
-            state,
-            mapped,
+            signal,
             pool,
             device,
             decode: Some(decode),
@@ -224,14 +228,14 @@ impl<R> PendingReport<R> {
     /// True once the report can be read without waiting (polls the device, never blocks).
     pub fn is_ready(&self) -> bool {
         let _ = self.device.poll(wgpu::PollType::Poll);
-        self.state.load(Ordering::Acquire) != PENDING
+        self.signal.state.load(Ordering::Acquire) != PENDING
     }
 
     /// Waits for the GPU to finish the step and returns its report. With
     /// [`NonFinitePolicy::Error`], a non-finite norm is returned as
     /// [`ClipError::NonFiniteNorm`] (the gradients were left unchanged).
     pub fn wait(mut self) -> Result<R, ClipError> {
-        let outcome = wait_mapped(&self.device, &self.state)?;
+        let outcome = wait_mapped(&self.device, &self.signal.state)?;
         self.read(outcome)
     }
 
@@ -289,8 +293,8 @@ impl<R: 'static> IntoFuture for PendingReport<R> {
     type IntoFuture = ReportFuture<R>;
 
     fn into_future(self) -> ReportFuture<R> {
-        let signal = Box::pin(self.mapped.receive.receive());
-        let gl = self.device.adapter_info().backend == wgpu::Backend::Gl;
+        let signal = Box::pin(self.signal.receive.receive());
+        let gl = self.pool.gl;
         ReportFuture {
             report: self,
             signal,
@@ -374,12 +378,11 @@ impl<R> PendingReport<R> {
     /// wakes the awaiting task through the mapping's signal.
     fn drive(&self) {
         let device = self.device.clone();
-        let state = self.state.clone();
-        let mapped = self.mapped.clone();
+        let signal = self.signal.clone();
         std::thread::spawn(move || {
-            let outcome = wait_mapped(&device, &state).unwrap_or(FAILED);
+            let outcome = wait_mapped(&device, &signal.state).unwrap_or(FAILED);
             // The callback has sent already unless the step failed to map or never ran.
-            let _ = mapped.send.send(outcome);
+            let _ = signal.send.send(outcome);
         });
     }
 }
@@ -387,7 +390,7 @@ impl<R> PendingReport<R> {
 impl<R> Drop for PendingReport<R> {
     fn drop(&mut self) {
         if let Some(buffer) = self.buffer.take() {
-            if self.state.load(Ordering::Acquire) == MAPPED {
+            if self.signal.state.load(Ordering::Acquire) == MAPPED {
                 buffer.unmap();
                 self.pool.give_back(buffer);
             }
@@ -472,7 +475,7 @@ pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport,
 pub(crate) fn read_words(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<u32>, ClipError> {
     let device = &ctx.inner.device;
     let pending = guarded(device, || {
-        let pool = ReportPool::new(buffer.size());
+        let pool = ReportPool::new(device, buffer.size());
         let staging = pool.take(device)?;
         let mut encoder = device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());

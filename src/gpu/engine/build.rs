@@ -349,7 +349,7 @@ impl Engine {
             blocks: program.stages.iter().map(|s| s.state_base).collect(),
             reports,
             coef_buf,
-            pool: pool.unwrap_or_else(|| ReportPool::new(layout.size())),
+            pool: pool.unwrap_or_else(|| ReportPool::new(&ctx.inner.device, layout.size())),
             layout,
             seq: 0,
             timestamps: None,
