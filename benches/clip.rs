@@ -14,15 +14,14 @@
 //! (or a device poll for value clip). For kernel times and bandwidth floors run
 //! `cargo run --release --example bench`.
 
-use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gradclip::{cpu, ClipReport, DType, GpuBatch, GpuContext, GpuTensor, Norm};
+use gradclip::{ClipReport, CpuPolicy, DType, GpuContext, GpuPolicy, GpuTensor, TensorInfo};
 use wgpu::util::DeviceExt;
 
 mod common;
-use common::{gradients, small_lens, Flat, Op, Params};
+use common::{gradients, small_lens, Flat, Op};
 
 fn workloads() -> [(&'static str, Vec<usize>); 2] {
     [
@@ -69,11 +68,10 @@ fn bench_cpu(c: &mut Criterion) {
         for dtype in [DType::F32, DType::BF16] {
             let pristine = Flat::new(dtype, &values);
             let mut work = pristine.clone();
-            let norm = cpu::partial_norm(&pristine.refs(&lens), Norm::L2)
-                .unwrap()
-                .total();
-            let p = Params::new(norm);
+            let norm = pristine.total_norm(&lens);
+            let infos = TensorInfo::unnamed(lens.iter().copied());
             for op in Op::ALL {
+                let mut runner = CpuPolicy::new(op.policy(norm), &infos).unwrap();
                 g.throughput(Throughput::Bytes(
                     (op.traffic() * pristine.bytes().len() as f64) as u64,
                 ));
@@ -85,26 +83,7 @@ fn bench_cpu(c: &mut Criterion) {
                             op,
                             &mut work,
                             |w| w.reset_from(&pristine),
-                            |w| match op {
-                                Op::Norm => {
-                                    black_box(cpu::partial_norm(&w.refs(&lens), Norm::L2)).unwrap();
-                                    None
-                                }
-                                Op::Clipping | Op::NotClipping => {
-                                    let clip = if matches!(op, Op::Clipping) {
-                                        &p.clipping
-                                    } else {
-                                        &p.not_clipping
-                                    };
-                                    Some(
-                                        cpu::clip_by_global_norm(&mut w.muts(&lens), clip).unwrap(),
-                                    )
-                                }
-                                Op::Value => {
-                                    cpu::clip_by_value(&mut w.muts(&lens), &p.value).unwrap();
-                                    None
-                                }
-                            },
+                            |w| Some(runner.step(&mut w.muts(&lens), None).unwrap()),
                         )
                     })
                 });
@@ -132,10 +111,7 @@ fn bench_gpu(c: &mut Criterion) {
         let values = gradients(lens.iter().sum());
         for dtype in [DType::F32, DType::BF16] {
             let host = Flat::new(dtype, &values);
-            let norm = cpu::partial_norm(&host.refs(&lens), Norm::L2)
-                .unwrap()
-                .total();
-            let p = Params::new(norm);
+            let norm = host.total_norm(&lens);
             let pristine = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("bench pristine grads"),
                 contents: host.bytes(),
@@ -163,8 +139,8 @@ fn bench_gpu(c: &mut Criterion) {
                     t
                 })
                 .collect();
-            let mut batch = GpuBatch::new(&ctx, &tensors).unwrap();
             for op in Op::ALL {
+                let mut runner = GpuPolicy::new(&ctx, &tensors, None, op.policy(norm)).unwrap();
                 g.throughput(Throughput::Bytes(
                     (op.traffic() * host.bytes().len() as f64) as u64,
                 ));
@@ -174,31 +150,12 @@ fn bench_gpu(c: &mut Criterion) {
                         timed(
                             iters,
                             op,
-                            &mut batch,
+                            &mut runner,
                             |_| reset(),
-                            |batch| match op {
-                                Op::Norm => {
-                                    Some(batch.total_norm(Norm::L2, false).unwrap().wait().unwrap())
-                                }
-                                Op::Clipping => Some(
-                                    batch
-                                        .clip_by_global_norm(&p.clipping)
-                                        .unwrap()
-                                        .wait()
-                                        .unwrap(),
-                                ),
-                                Op::NotClipping => Some(
-                                    batch
-                                        .clip_by_global_norm(&p.not_clipping)
-                                        .unwrap()
-                                        .wait()
-                                        .unwrap(),
-                                ),
-                                Op::Value => {
-                                    batch.clip_by_value(&p.value).unwrap();
-                                    wait();
-                                    None
-                                }
+                            |runner| {
+                                let report = runner.step().unwrap();
+                                wait();
+                                Some(report.wait().unwrap())
                             },
                         )
                     })

@@ -51,15 +51,15 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use gradclip::{
-    bf16, cpu, f16, Adam, ClipPolicy, ClipReport, CpuOptimizer, DType, GpuBatch, GpuContext,
-    GpuOptimizer, GpuTensor, GradMut, GradRef, Norm, Rule, TensorInfo,
+    bf16, f16, Adam, ClipPolicy, ClipReport, CpuOptimizer, CpuPolicy, DType, GpuContext,
+    GpuOptimizer, GpuPolicy, GpuTensor, Rule, TensorInfo,
 };
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
-use common::{gradients, small_lens, Flat, Op, Params, BLOCK, SIGMA};
+use common::{gradients, small_lens, value_clip, Flat, Op, BLOCK, SIGMA};
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -254,39 +254,13 @@ fn compare(dtype: DType, gpu: &[u8], cpu: &[u8]) -> (f64, usize) {
         .reduce(|| (0.0, 0), |a, b| (a.0.max(b.0), a.1 + b.1))
 }
 
-/// The gradients of one CPU run, listed before its timer starts: building the caller's
-/// list (and freeing it, which can trim the heap) is not the operation's cost.
-enum Listed<'a> {
-    Refs(Vec<GradRef<'a>>),
-    Muts(Vec<GradMut<'a>>),
-}
-
-impl<'a> Listed<'a> {
-    fn of(op: Op, work: &'a mut Flat, lens: &[usize]) -> Listed<'a> {
-        match op {
-            Op::Norm => Listed::Refs(work.refs(lens)),
-            _ => Listed::Muts(work.muts(lens)),
-        }
-    }
-}
-
-fn run_cpu(op: Op, grads: &mut Listed<'_>, p: &Params) -> Res<Option<ClipReport>> {
-    let (refs, muts) = match grads {
-        Listed::Refs(r) => (&r[..], &mut [][..]),
-        Listed::Muts(m) => (&[][..], &mut m[..]),
-    };
-    Ok(match op {
-        Op::Norm => {
-            black_box(cpu::partial_norm(refs, Norm::L2)?);
-            None
-        }
-        Op::Clipping => Some(cpu::clip_by_global_norm(muts, &p.clipping)?),
-        Op::NotClipping => Some(cpu::clip_by_global_norm(muts, &p.not_clipping)?),
-        Op::Value => {
-            cpu::clip_by_value(muts, &p.value)?;
-            None
-        }
-    })
+/// One runner per operation, in the order of [`Op::ALL`], on a workload of total norm
+/// `norm` over tensors of lengths `lens`.
+fn cpu_runners(lens: &[usize], norm: f64) -> Res<Vec<CpuPolicy>> {
+    let infos = TensorInfo::unnamed(lens.iter().copied());
+    (Op::ALL.iter())
+        .map(|op| Ok(CpuPolicy::new(op.policy(norm), &infos)?))
+        .collect()
 }
 
 /// The loops a floor is the best of: as built, with AVX2 (where the CPU has it), and with
@@ -537,21 +511,22 @@ fn bench_cpu(
     name: &str,
     lens: &[usize],
     pristine: &Flat,
-    p: &Params,
+    norm: f64,
     runs: usize,
 ) -> Res<()> {
     let bytes = pristine.bytes().len();
     let mut work = pristine.clone();
+    let mut runners = cpu_runners(lens, norm)?;
     // One untimed round of every operation and floor first: this workload's buffers are
     // new, and the first operation timed otherwise ran up to 1.6x slower than the same
     // reduction timed after it.
-    for op in Op::ALL {
+    for (op, runner) in Op::ALL.into_iter().zip(&mut runners) {
         floor_buffers.sample(op, &mut FloorRuns::default());
         work.reset_from(pristine);
-        run_cpu(op, &mut Listed::of(op, &mut work, lens), p)?;
+        runner.step(&mut work.muts(lens), None)?;
     }
     work.reset_from(pristine);
-    for op in Op::ALL {
+    for (op, runner) in Op::ALL.into_iter().zip(&mut runners) {
         let mut labelled = true;
         let mut floor_runs = FloorRuns::default();
         let [ms] = medians(runs, || {
@@ -562,12 +537,14 @@ fn bench_cpu(
             // The floor ran warm (its best run); the operation starts from the same cache
             // state: the timed floors just evicted the gradients of a set that fits the cache.
             black_box(touch(work.bytes()));
-            let mut grads = Listed::of(op, &mut work, lens);
+            // Listed before the timer starts: building the list (and freeing it, which can
+            // trim the heap) is not the operation's cost.
+            let mut grads = work.muts(lens);
             let t = Instant::now();
-            let report = run_cpu(op, &mut grads, p)?;
+            let report = runner.step(&mut grads, None)?;
             let ms = ms_since(t);
-            if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
-                labelled &= (r.clipped_units > 0) == want;
+            if let Some(want) = op.expect_clipped() {
+                labelled &= (report.clipped_units > 0) == want;
             }
             Ok([ms])
         })?;
@@ -877,9 +854,19 @@ impl GpuGrads {
             .collect()
     }
 
-    /// A batch over the working buffer.
-    fn batch(&self, ctx: &GpuContext, lens: &[usize], dtype: DType) -> Res<GpuBatch> {
-        Ok(GpuBatch::new(ctx, &self.tensors(lens, dtype))?)
+    /// One runner per operation over the working buffer, in the order of [`Op::ALL`], on a
+    /// workload of total norm `norm`.
+    fn runners(
+        &self,
+        ctx: &GpuContext,
+        lens: &[usize],
+        dtype: DType,
+        norm: f64,
+    ) -> Res<Vec<GpuPolicy>> {
+        let tensors = self.tensors(lens, dtype);
+        (Op::ALL.iter())
+            .map(|op| Ok(GpuPolicy::new(ctx, &tensors, None, op.policy(norm))?))
+            .collect()
     }
 }
 
@@ -964,7 +951,7 @@ struct Plain {
 }
 
 impl Plain {
-    fn new(ctx: &GpuContext, work: &wgpu::Buffer, dtype: DType, p: &Params) -> Plain {
+    fn new(ctx: &GpuContext, work: &wgpu::Buffer, dtype: DType) -> Plain {
         let dev = ctx.device();
         let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("bench plain kernels"),
@@ -975,8 +962,8 @@ impl Plain {
             let constants = [
                 ("HALF", half),
                 ("FACTOR", 0.5),
-                ("LO", p.value.lo as f64),
-                ("HI", p.value.hi as f64),
+                ("LO", value_clip().lo as f64),
+                ("HI", value_clip().hi as f64),
             ];
             dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
@@ -1074,36 +1061,34 @@ impl Plain {
     }
 }
 
-fn run_gpu(op: Op, batch: &mut GpuBatch, ctx: &GpuContext, p: &Params) -> Res<Option<ClipReport>> {
-    Ok(match op {
-        Op::Norm => Some(batch.total_norm(Norm::L2, false)?.wait()?),
-        Op::Clipping => Some(batch.clip_by_global_norm(&p.clipping)?.wait()?),
-        Op::NotClipping => Some(batch.clip_by_global_norm(&p.not_clipping)?.wait()?),
-        Op::Value => {
-            batch.clip_by_value(&p.value)?;
-            ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
-            None
-        }
-    })
+/// One step of `runner`, waited for (a value clip's report is ready at once, its step
+/// is not).
+fn run_gpu(runner: &mut GpuPolicy, ctx: &GpuContext) -> Res<ClipReport> {
+    let report = runner.step()?;
+    ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
+    Ok(report.wait()?)
 }
 
-/// Checks every GPU operation against the CPU oracle, from pristine gradients.
-#[allow(clippy::too_many_arguments)]
+/// Checks every GPU operation (`runners`, in the order of [`Op::ALL`]) against the CPU
+/// oracle, from pristine gradients.
 fn check_gpu(
     checks: &mut Checks,
     ctx: &GpuContext,
     g: &GpuGrads,
-    batch: &mut GpuBatch,
+    runners: &mut [GpuPolicy],
     lens: &[usize],
     pristine: &Flat,
     norm: f64,
-    p: &Params,
 ) -> Res<()> {
     let dtype = pristine.dtype();
     let len = pristine.bytes().len();
     let mut work = pristine.clone();
+    let mut oracle = cpu_runners(lens, norm)?;
+    let [total, clipping, not_clipping, value] = runners else {
+        unreachable!("a runner per operation")
+    };
 
-    let got = batch.total_norm(Norm::L2, false)?.wait()?.total_norm;
+    let got = run_gpu(total, ctx)?.total_norm;
     let rel = rel_err(got, norm);
     checks.check(
         "total norm",
@@ -1111,8 +1096,8 @@ fn check_gpu(
         format!("GPU {got:.9e}, CPU {norm:.9e}, rel err {rel:.1e}"),
     );
 
-    let cpu_r = cpu::clip_by_global_norm(&mut work.muts(lens), &p.clipping)?;
-    let gpu_r = batch.clip_by_global_norm(&p.clipping)?.wait()?;
+    let cpu_r = oracle[1].step(&mut work.muts(lens), None)?;
+    let gpu_r = run_gpu(clipping, ctx)?;
     let coef_rel = rel_err(
         gpu_r.coef.unwrap_or(1.0) as f64,
         cpu_r.coef.unwrap_or(1.0) as f64,
@@ -1130,8 +1115,8 @@ fn check_gpu(
 
     g.reset(ctx, None)?;
     work.reset_from(pristine);
-    let cpu_r = cpu::clip_by_global_norm(&mut work.muts(lens), &p.not_clipping)?;
-    let gpu_r = batch.clip_by_global_norm(&p.not_clipping)?.wait()?;
+    let cpu_r = oracle[2].step(&mut work.muts(lens), None)?;
+    let gpu_r = run_gpu(not_clipping, ctx)?;
     let same = g.download(ctx, len)? == pristine.bytes();
     checks.check(
         "global clip, not clipping: untouched",
@@ -1145,8 +1130,8 @@ fn check_gpu(
     );
 
     work.reset_from(pristine);
-    cpu::clip_by_value(&mut work.muts(lens), &p.value)?;
-    batch.clip_by_value(&p.value)?;
+    oracle[3].step(&mut work.muts(lens), None)?;
+    run_gpu(value, ctx)?;
     let got = g.download(ctx, len)?;
     let (_, bad) = compare(dtype, &got, work.bytes());
     let same = got == work.bytes();
@@ -1169,16 +1154,17 @@ fn bench_gpu(
     lens: &[usize],
     pristine: &Flat,
     norm: f64,
-    p: &Params,
     runs: usize,
 ) -> Res<()> {
     let bytes = pristine.bytes().len();
     let g = GpuGrads::upload(ctx, pristine)?;
-    let mut batch = g.batch(ctx, lens, pristine.dtype())?;
-    check_gpu(checks, ctx, &g, &mut batch, lens, pristine, norm, p)?;
+    let mut runners = g.runners(ctx, lens, pristine.dtype(), norm)?;
+    check_gpu(checks, ctx, &g, &mut runners, lens, pristine, norm)?;
 
     let ts = Timestamps::new(ctx);
-    batch.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
+    for runner in &mut runners {
+        runner.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
+    }
     let kernel_ms = |wall: f64| ts.as_ref().map_or(Ok(wall), |t| t.read_ms(ctx));
 
     let [copy, copy_wall] = medians(runs, || {
@@ -1204,8 +1190,8 @@ fn bench_gpu(
     };
     let plain = ts
         .as_ref()
-        .map(|_| Plain::new(ctx, &g.work, pristine.dtype(), p));
-    for op in Op::ALL {
+        .map(|_| Plain::new(ctx, &g.work, pristine.dtype()));
+    for (op, runner) in Op::ALL.into_iter().zip(&mut runners) {
         let plain_ms = match (&plain, &ts) {
             (Some(plain), Some(t)) => Some(
                 medians(runs, || {
@@ -1224,10 +1210,10 @@ fn bench_gpu(
                 g.reset(ctx, None)?;
             }
             let t = Instant::now();
-            let report = run_gpu(op, &mut batch, ctx, p)?;
+            let report = run_gpu(runner, ctx)?;
             let wall = ms_since(t);
-            if let (Some(want), Some(r)) = (op.expect_clipped(), report) {
-                labelled &= (r.clipped_units > 0) == want;
+            if let Some(want) = op.expect_clipped() {
+                labelled &= (report.clipped_units > 0) == want;
             }
             Ok([kernel_ms(wall)?, wall])
         })?;
@@ -1576,8 +1562,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
                 lens.len(),
                 pristine.bytes().len() as f64 / 1e6
             );
-            let norm = cpu::partial_norm(&pristine.refs(lens), Norm::L2)?.total();
-            let p = Params::new(norm);
+            let norm = pristine.total_norm(lens);
             // The CPU floors' buffers, of the gradients' size (empty for a GPU-only run).
             let cpu_bytes = if !o.gpu_only && *on_cpu {
                 pristine.bytes().len()
@@ -1595,7 +1580,6 @@ fn run(o: &Options) -> Res<Vec<String>> {
                     lens,
                     &pristine,
                     norm,
-                    &p,
                     o.runs,
                 )?;
             }
@@ -1631,7 +1615,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
                     name,
                     lens,
                     &pristine,
-                    &p,
+                    norm,
                     runs,
                 )?;
             }

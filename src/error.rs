@@ -6,9 +6,6 @@ use crate::dtype::DType;
 /// written, so the caller's data is left exactly as it was.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ClipError {
-    /// `max_norm` was NaN, infinite, zero or negative.
-    #[error("max_norm must be finite and > 0, got {0}")]
-    InvalidMaxNorm(f32),
     /// The norm order `p` was below 1 or NaN.
     #[error("norm order p must be >= 1 (or infinity), got {0}")]
     InvalidNormOrder(f32),

@@ -4,7 +4,7 @@
 
 mod chain;
 mod clipper;
-pub mod cpu;
+mod cpu;
 mod dtype;
 mod error;
 mod gpu;
@@ -32,8 +32,8 @@ pub use cpu::sharded::ShardedCpuPolicy;
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
 pub use gpu::{
-    DeferredClip, GpuAccumulator, GpuBatch, GpuContext, GpuOptimizer, GpuPerExample, GpuPolicy,
-    GpuTensor, PendingReport, ReportFuture, ShardedGpuPolicy,
+    DeferredClip, GpuAccumulator, GpuContext, GpuOptimizer, GpuPerExample, GpuPolicy, GpuTensor,
+    PendingReport, ReportFuture, ShardedGpuPolicy,
 };
 pub use half::{bf16, f16};
 #[cfg(feature = "plot")]
@@ -41,7 +41,7 @@ pub use monitor::plot;
 pub use monitor::GradMonitor;
 pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, PartialNorm};
-pub use ops::{GlobalNormClip, ValueClip};
+pub use ops::ValueClip;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use report::{ClipReport, GroupReport, StageReport, TensorReport};
 #[cfg(feature = "mpi")]

@@ -289,8 +289,9 @@ impl NormAcc {
 }
 
 /// The norm of part of a batch (one shard, one device), in a form that merges with the
-/// parts of other shards without overflow. Read it from a report, combine the shards,
-/// then clip each shard with `clip_with_norm`.
+/// parts of other shards without overflow. Read it from a report (`partial`, of a
+/// [`crate::ClipPolicy::total_norm`] step on each shard), combine the shards, then clip
+/// each shard with `step_with_norm` of a [`crate::ClipPolicy::global_norm`] runner.
 ///
 /// For an all-reduce: reduce [`PartialNorm::scale`] with MAX, then
 /// [`PartialNorm::rescaled_sum`] at that scale with SUM, and rebuild with

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::chain::{Program, TensorInfo};
+use crate::chain::{ChainKind, Program, TensorInfo};
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc, PartialNorm};
@@ -10,102 +10,6 @@ use crate::norm::{Norm, NormAcc, PartialNorm};
 pub(crate) use crate::shaders::abi::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED, STATUS_STALE,
 };
-
-/// The raw outcome of a step of the global family (a total norm, a global clip, a clip
-/// with a given norm), which both backends produce without stages of a chain.
-pub(crate) struct GlobalOutcome {
-    /// The step's number.
-    pub step: u64,
-    pub norm: Norm,
-    /// The total, before any NaN is excluded.
-    pub acc: NormAcc,
-    pub coef: f32,
-    pub status: u32,
-    pub policy: NonFinitePolicy,
-    /// Tensors of the batch.
-    pub tensors: u32,
-    /// Every tensor's norm, when asked for.
-    pub tensor_norms: Option<Vec<f64>>,
-    /// The threshold of a clip; `None` for a norm alone.
-    pub max_norm: Option<f32>,
-}
-
-impl GlobalOutcome {
-    /// The report of the step, a one-stage global chain over whole tensors (named `#0`,
-    /// `#1`, ... when their norms are asked for), or the error of
-    /// [`NonFinitePolicy::Error`].
-    pub(crate) fn report(self) -> Result<ClipReport, ClipError> {
-        let mut acc = self.acc;
-        acc.flags = self.policy.live_flags(acc.flags);
-        let partial = PartialNorm::from_acc(self.norm, acc);
-        let total_norm = partial.total();
-        let non_finite = self.status & STATUS_NONFINITE != 0;
-        if non_finite && self.policy == NonFinitePolicy::Error {
-            return Err(ClipError::NonFiniteNorm(total_norm));
-        }
-        // The rewrite also runs to zero NaNs at coefficient 1, which is no clip.
-        let clipped = self.status & STATUS_SCALED != 0 && (self.coef < 1.0 || self.coef.is_nan());
-        let applied = if clipped { self.coef } else { 1.0 };
-        let clipped_units = if clipped { self.tensors } else { 0 };
-        let skipped = self.status & STATUS_SKIPPED != 0;
-        Ok(ClipReport {
-            step: self.step,
-            total_norm,
-            partial,
-            total_norm_after: Some(total_norm * applied as f64),
-            threshold: self.max_norm,
-            coef: Some(self.coef),
-            clipped_units,
-            units: self.tensors,
-            non_finite,
-            nans_zeroed: self.status & STATUS_NANS_ZEROED != 0,
-            skipped,
-            consecutive_skips: skipped as u32,
-            stages: vec![StageReport {
-                total_norm,
-                threshold: self.max_norm,
-                coef: Some(self.coef),
-                clipped_units,
-            }],
-            groups: None,
-            tensors: self
-                .tensor_norms
-                .map(|norms| tensor_reports(&norms, applied)),
-        })
-    }
-}
-
-/// Tensors `#0`, `#1`, ... of norms `norms`, all scaled by `applied`.
-fn tensor_reports(norms: &[f64], applied: f32) -> Vec<TensorReport> {
-    (norms.iter().enumerate())
-        .map(|(i, &norm)| TensorReport {
-            name: format!("#{i}"),
-            norm,
-            norm_after: norm * applied as f64,
-        })
-        .collect()
-}
-
-impl ClipReport {
-    /// A global report of one part of a batch made the report of the whole batch: step
-    /// `step`, `tensors` tensors with norms `norms` (when asked for).
-    pub(crate) fn for_batch(mut self, step: u64, tensors: u32, norms: Option<Vec<f64>>) -> Self {
-        let clipped = self.clipped_units > 0;
-        self.step = step;
-        self.units = tensors;
-        self.clipped_units = if clipped { tensors } else { 0 };
-        self.stages[0].clipped_units = self.clipped_units;
-        let applied = if clipped {
-            self.coef.unwrap_or(1.0)
-        } else {
-            1.0
-        };
-        if let Some(norms) = norms {
-            self.tensors = Some(tensor_reports(&norms, applied));
-        }
-        self
-    }
-}
 
 /// Norm and coefficient of one group (or AGC unit, or tensor for per-tensor rules).
 #[derive(Debug, Clone, PartialEq)]
@@ -132,9 +36,10 @@ pub struct TensorReport {
     pub norm_after: f64,
 }
 
-/// The outcome of one step, of any chain on any runner, and of the global operations
-/// (a total norm, a global clip, a clip with a given norm; one-shot CPU functions number
-/// their steps 0).
+/// The outcome of one step of any chain on any runner. A chain with no norm stage
+/// reports its measure ([`crate::ClipPolicy::total_norm`]: no stage, no threshold or
+/// coefficient) or, for a clamp alone ([`crate::ClipPolicy::value_clip`]), no norm at all
+/// (NaN norms).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClipReport {
     /// The step this report belongs to (counted from 0).
@@ -203,6 +108,8 @@ pub(crate) struct ReportShape {
     tensors: Vec<(String, Vec<usize>)>,
     /// Per stage: one coefficient for every unit.
     global: Vec<bool>,
+    /// What the chain's steps do (a measure reports no stage).
+    kind: ChainKind,
 }
 
 impl ReportShape {
@@ -223,6 +130,7 @@ impl ReportShape {
                     .collect()
             },
             global: program.stages.iter().map(|s| s.is_global()).collect(),
+            kind: program.kind,
         })
     }
 }
@@ -263,6 +171,9 @@ impl PolicyOutcome {
     /// The report, or the error of [`NonFinitePolicy::Error`] (or of an overwritten step).
     pub(crate) fn report(self) -> Result<ClipReport, ClipError> {
         let (norm, nf) = (self.norm, self.policy);
+        if self.shape.kind == ChainKind::ValueOnly {
+            return Ok(ClipReport::value_only(self.step, norm, self.units));
+        }
         // A norm as reported: NaNs excluded under ZeroNans.
         let live = |acc: &NormAcc| {
             NormAcc {
@@ -349,6 +260,11 @@ impl PolicyOutcome {
             );
             total_norm_after = Some(live(&fold(&mut (0..after.len()), &after)));
         }
+        // A measure's one stage is the planner's, not the chain's: it reports none.
+        let (stages, last_global) = match self.shape.kind {
+            ChainKind::Measure => (Vec::new(), None),
+            _ => (stages, last_global),
+        };
         Ok(ClipReport {
             step: self.step,
             total_norm,
@@ -366,5 +282,33 @@ impl PolicyOutcome {
             groups,
             tensors,
         })
+    }
+}
+
+impl ClipReport {
+    /// The report of step `step` of a value clamp alone ([`crate::ClipPolicy::value_clip`]),
+    /// which measures no norm: every norm is NaN, no unit counts as clipped.
+    pub(crate) fn value_only(step: u64, norm: Norm, units: u32) -> ClipReport {
+        let nan = NormAcc {
+            flags: crate::norm::FLAG_NAN,
+            ..NormAcc::IDENTITY
+        };
+        ClipReport {
+            step,
+            total_norm: f64::NAN,
+            partial: PartialNorm::from_acc(norm, nan),
+            total_norm_after: None,
+            threshold: None,
+            coef: None,
+            clipped_units: 0,
+            units,
+            non_finite: false,
+            nans_zeroed: false,
+            skipped: false,
+            consecutive_skips: 0,
+            stages: Vec::new(),
+            groups: None,
+            tensors: None,
+        }
     }
 }

@@ -194,7 +194,7 @@ fn gpu_accumulator_matches_cpu_for_every_rule_and_dtype() {
                     assert!(
                         close(*u, v, rel) || (u - v).abs() < 1e-6,
                         "{:?} tensor {i}: {u} vs {v}",
-                        policy.rule
+                        policy.rules().collect::<Vec<_>>()
                     );
                 }
             }

@@ -3,8 +3,31 @@
 
 mod common;
 
-use common::{close, gpu, host, upload, write, Host};
-use gradclip::{cpu, ClipError, ClipReport, GlobalNormClip, GpuBatch, GradMut};
+use common::{close, gpu, host, upload, write, Arena, Host};
+use gradclip::{
+    ClipError, ClipPolicy, ClipReport, CpuPolicy, GpuContext, GpuPolicy, GpuTensor, GradMut,
+    TensorInfo,
+};
+
+/// Flat unnamed tensors shaped like `h` (`#0`, `#1`, ...).
+fn unnamed_infos(h: &[Host]) -> Vec<TensorInfo> {
+    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
+}
+
+/// A GPU runner of `policy` over the arena's tensors, unnamed.
+fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
+    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
+        .map(|(t, &o)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+        })
+        .collect();
+    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
+}
 
 /// Three steps of a global clip at max norm 1: a large batch (clips), the same batch
 /// after clipping (does not), then new gradients written between the steps.
@@ -21,17 +44,22 @@ fn steps() -> [Vec<Host>; 2] {
     [first, third]
 }
 
-/// The oracle's reports of the same three steps.
-fn cpu_reports(clip: &GlobalNormClip) -> Vec<ClipReport> {
+/// The oracle's reports of the same three steps (one runner: steps 0, 1, 2).
+fn cpu_reports(clip: &ClipPolicy) -> Vec<ClipReport> {
     let [mut g, mut third] = steps();
-    let step = |g: &mut [Host]| {
+    let mut run = CpuPolicy::new(clip.clone(), &unnamed_infos(&g)).unwrap();
+    let mut step = |g: &mut [Host]| {
         let mut m: Vec<GradMut<'_>> = g.iter_mut().map(|t| t.as_mut()).collect();
-        cpu::clip_by_global_norm(&mut m, clip).unwrap()
+        run.step(&mut m, None).unwrap()
     };
     vec![step(&mut g), step(&mut g), step(&mut third)]
 }
 
 fn assert_same(gpu: &ClipReport, cpu: &ClipReport, step: usize) {
+    assert_eq!(
+        gpu.step, cpu.step,
+        "step {step}: both runners number their steps"
+    );
     assert!(
         close(gpu.total_norm, cpu.total_norm, 1e-6),
         "step {step}: norm {} against {}",
@@ -56,8 +84,8 @@ fn reports_of_steps_in_flight_are_awaited_in_any_order() {
     let ctx = gpu();
     let [first, third] = steps();
     let arena = upload(&ctx, &first);
-    let mut batch: GpuBatch = common::batch(&ctx, &arena, &first);
-    let clip = GlobalNormClip::new(1.0);
+    let clip = ClipPolicy::global_norm(1.0);
+    let mut batch: GpuPolicy = gpu_run(&ctx, &arena, &first, clip.clone());
 
     let mut pending = Vec::new();
     for k in 0..3 {
@@ -66,11 +94,7 @@ fn reports_of_steps_in_flight_are_awaited_in_any_order() {
             write(&ctx, &arena, &third);
         }
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        pending.push(
-            batch
-                .encode_clip_by_global_norm(&mut encoder, &clip)
-                .unwrap(),
-        );
+        pending.push(batch.encode(&mut encoder).unwrap());
         ctx.queue().submit([encoder.finish()]);
     }
     let [p0, p1, p2]: [_; 3] = pending.try_into().unwrap();
@@ -94,15 +118,13 @@ fn reports_of_steps_in_flight_are_awaited_in_any_order() {
 fn awaiting_and_waiting_give_the_same_report() {
     let ctx = gpu();
     let [first, _] = steps();
-    let clip = GlobalNormClip::new(1.0).with_tensor_norms();
+    let clip = ClipPolicy::global_norm(1.0).with_group_report();
     let mut reports = Vec::new();
     for awaited in [false, true] {
         let arena = upload(&ctx, &first);
-        let mut batch = common::batch(&ctx, &arena, &first);
+        let mut batch = gpu_run(&ctx, &arena, &first, clip.clone());
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
-        let p = batch
-            .encode_clip_by_global_norm(&mut encoder, &clip)
-            .unwrap();
+        let p = batch.encode(&mut encoder).unwrap();
         ctx.queue().submit([encoder.finish()]);
         reports.push(if awaited {
             pollster::block_on(p).unwrap()
@@ -119,11 +141,9 @@ fn a_step_never_submitted_resolves_to_an_error() {
     let ctx = gpu();
     let [first, _] = steps();
     let arena = upload(&ctx, &first);
-    let mut batch = common::batch(&ctx, &arena, &first);
+    let mut batch = gpu_run(&ctx, &arena, &first, ClipPolicy::global_norm(1.0));
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let p = batch
-        .encode_clip_by_global_norm(&mut encoder, &GlobalNormClip::new(1.0))
-        .unwrap();
+    let p = batch.encode(&mut encoder).unwrap();
     drop(encoder);
     match pollster::block_on(p) {
         Err(ClipError::Readback(msg)) => assert!(msg.contains("never submitted"), "{msg}"),

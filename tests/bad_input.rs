@@ -14,57 +14,59 @@ fn unchanged(ctx: &GpuContext, arena: &Arena, h: &[Host]) {
     assert_eq!(download(ctx, arena, h), h, "gradients were modified");
 }
 
+/// A runner of `policy` on the GPU over the arena's tensors, and on the CPU over `h`:
+/// both errors, since a policy is validated when its runner is built.
+fn both_refuse(
+    ctx: &GpuContext,
+    arena: &Arena,
+    h: &[Host],
+    policy: ClipPolicy,
+    want: fn(&ClipError) -> bool,
+) {
+    let g = GpuPolicy::new(ctx, &tensors(arena, h), None, policy.clone()).unwrap_err();
+    assert!(want(&g), "GPU: {g}");
+    let c = CpuPolicy::new(policy, &unnamed(h)).unwrap_err();
+    assert!(want(&c), "CPU: {c}");
+}
+
 #[test]
 fn bad_parameters_are_rejected_on_both_paths() {
     let ctx = gpu();
     let (h, arena) = arena_f32(&ctx, 100);
-    let mut b = batch(&ctx, &arena, &h);
     let mut cd = h.clone();
+    let invalid_max_norm = |e: &ClipError| match e {
+        ClipError::InvalidConfig(m) => m.contains("max_norm must be finite and > 0"),
+        _ => false,
+    };
     for max_norm in [f32::NAN, -1.0, 0.0, f32::INFINITY] {
-        let clip = GlobalNormClip::new(max_norm);
-        assert!(matches!(
-            b.clip_by_global_norm(&clip),
-            Err(ClipError::InvalidMaxNorm(_))
-        ));
-        assert!(matches!(
-            cpu::clip_by_global_norm(&mut muts(&mut cd), &clip),
-            Err(ClipError::InvalidMaxNorm(_))
-        ));
-        assert!(matches!(
-            b.clip_with_norm(
-                max_norm,
-                &PartialNorm::zero(Norm::L2),
-                NonFinitePolicy::Propagate
-            ),
-            Err(ClipError::InvalidMaxNorm(_))
-        ));
+        both_refuse(
+            &ctx,
+            &arena,
+            &h,
+            ClipPolicy::global_norm(max_norm),
+            invalid_max_norm,
+        );
+        // The split API's chain (a global norm finished from a given total).
+        let split = ClipPolicy::global_norm(max_norm)
+            .norm(Norm::L2)
+            .non_finite(NonFinitePolicy::Propagate);
+        both_refuse(&ctx, &arena, &h, split, invalid_max_norm);
     }
     for p in [0.5, 0.0, -2.0, f32::NAN] {
         assert!(matches!(Norm::p(p), Err(ClipError::InvalidNormOrder(_))));
-        let clip = GlobalNormClip::new(1.0).norm(Norm::P(p));
-        assert!(matches!(
-            b.clip_by_global_norm(&clip),
-            Err(ClipError::InvalidNormOrder(_))
-        ));
-        assert!(matches!(
-            cpu::clip_by_global_norm(&mut muts(&mut cd), &clip),
-            Err(ClipError::InvalidNormOrder(_))
-        ));
-        assert!(matches!(
-            b.total_norm(Norm::P(p), false),
-            Err(ClipError::InvalidNormOrder(_))
-        ));
+        let order = |e: &ClipError| matches!(e, ClipError::InvalidNormOrder(_));
+        let clip = ClipPolicy::global_norm(1.0).norm(Norm::P(p));
+        both_refuse(&ctx, &arena, &h, clip, order);
+        let measure = ClipPolicy::total_norm()
+            .norm(Norm::P(p))
+            .with_group_report();
+        both_refuse(&ctx, &arena, &h, measure, order);
     }
     for (lo, hi) in [(1.0, -1.0), (f32::NAN, 1.0), (0.0, f32::NAN)] {
-        let clip = ValueClip::range(lo, hi);
-        assert!(matches!(
-            b.clip_by_value(&clip),
-            Err(ClipError::InvalidBounds { .. })
-        ));
-        assert!(matches!(
-            cpu::clip_by_value(&mut muts(&mut cd), &clip),
-            Err(ClipError::InvalidBounds { .. })
-        ));
+        let clip = ClipPolicy::value_clip(ValueClip::range(lo, hi));
+        both_refuse(&ctx, &arena, &h, clip, |e| {
+            matches!(e, ClipError::InvalidBounds { .. })
+        });
     }
     for total in [-1.0, f64::NAN] {
         assert!(matches!(
@@ -72,6 +74,20 @@ fn bad_parameters_are_rejected_on_both_paths() {
             Err(ClipError::InvalidTotalNorm(_))
         ));
     }
+    // A valid runner given a total norm its chain cannot use is refused before it
+    // writes anything: a chain other than one global norm, or another norm order.
+    let zero = PartialNorm::zero(Norm::L2);
+    let mut b = batch(
+        &ctx,
+        &arena,
+        &h,
+        ClipPolicy::global_norm(1.0).norm(Norm::Inf),
+    );
+    let e = b.step_with_norm(&zero).unwrap_err();
+    assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
+    let mut c = cpu_policy(ClipPolicy::total_norm(), &h);
+    let e = c.step_with_norm(&mut muts(&mut cd), &zero).unwrap_err();
+    assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
     assert_eq!(cd, h);
     unchanged(&ctx, &arena, &h);
 }
@@ -82,7 +98,8 @@ fn bad_tensor_descriptions_are_rejected() {
     let (h, arena) = arena_f32(&ctx, 100);
     let buf = &arena.buffer;
     let check = |tensors: &[GpuTensor<'_>], want: fn(&ClipError) -> bool| {
-        let err = GpuBatch::new(&ctx, tensors).expect_err(&format!("{tensors:?}"));
+        let err = GpuPolicy::new(&ctx, tensors, None, ClipPolicy::global_norm(1.0))
+            .expect_err(&format!("{tensors:?}"));
         assert!(want(&err), "unexpected error: {err}");
         assert!(!err.to_string().is_empty());
     };

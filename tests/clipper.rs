@@ -68,12 +68,8 @@ fn assert_close(a: &[Host], b: &[Host], what: &str) {
 #[test]
 fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
     let gpu = gpu();
-    let mut on_gpu = Clipper::on(Backend::Gpu(gpu.clone()))
-        .with_policy(chain(), &infos())
-        .unwrap();
-    let mut on_cpu = Clipper::on(Backend::Cpu)
-        .with_policy(chain(), &infos())
-        .unwrap();
+    let mut on_gpu = Clipper::on(Backend::Gpu(gpu.clone()), chain(), &infos()).unwrap();
+    let mut on_cpu = Clipper::on(Backend::Cpu, chain(), &infos()).unwrap();
     let p = params();
     for k in 0..4 {
         let (mut a, mut b) = (grads(k), grads(k));
@@ -90,12 +86,12 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
         assert!(a.iter().flat_map(|t| t.to_f64()).any(|x| x != 0.0));
     }
     // The GPU's AutoClip history continues on the CPU, and back.
-    let saved = on_gpu.policy_state().unwrap();
+    let saved = on_gpu.state().unwrap();
     assert_eq!(saved.steps_taken(), 4);
     assert_eq!(saved.adaptive()[0].norms_seen, 4);
     let (gh, ch) = (
         saved.adaptive()[0].history.clone(),
-        on_cpu.policy_state().unwrap().adaptive()[0].history.clone(),
+        on_cpu.state().unwrap().adaptive()[0].history.clone(),
     );
     assert_eq!(gh.len(), ch.len());
     for (g, c) in gh.iter().zip(&ch) {
@@ -104,10 +100,8 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
             "history {gh:?} vs {ch:?}"
         );
     }
-    let mut fresh = Clipper::on(Backend::Cpu)
-        .with_policy(chain(), &infos())
-        .unwrap();
-    fresh.set_policy_state(&saved).unwrap();
+    let mut fresh = Clipper::on(Backend::Cpu, chain(), &infos()).unwrap();
+    fresh.set_state(&saved).unwrap();
     let (mut a, mut b) = (grads(4), grads(4));
     let ra = fresh.step(&mut muts(&mut a), Some(&refs(&p))).unwrap();
     let rb = on_gpu.step(&mut muts(&mut b), Some(&refs(&p))).unwrap();
@@ -120,12 +114,8 @@ fn new_element_types_rebuild_the_gpu_plan_and_keep_the_state() {
     let gpu = gpu();
     let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 8)));
     let infos = infos();
-    let mut clipper = Clipper::on(Backend::Gpu(gpu.clone()))
-        .with_policy(policy.clone(), &infos)
-        .unwrap();
-    let mut oracle = Clipper::on(Backend::Cpu)
-        .with_policy(policy, &infos)
-        .unwrap();
+    let mut clipper = Clipper::on(Backend::Gpu(gpu.clone()), policy.clone(), &infos).unwrap();
+    let mut oracle = Clipper::on(Backend::Cpu, policy, &infos).unwrap();
     for k in 0..3 {
         let mut g = grads(k + 2);
         // Step 1 sends the first tensor as bf16: a new mirror and plan, same history.
@@ -140,7 +130,7 @@ fn new_element_types_rebuild_the_gpu_plan_and_keep_the_state() {
         assert!(common::close(t, u, 1e-6), "step {k}: threshold {t} vs {u}");
         assert_close(&g, &h, &format!("step {k}"));
     }
-    assert_eq!(clipper.policy_state().unwrap().adaptive()[0].norms_seen, 3);
+    assert_eq!(clipper.state().unwrap().adaptive()[0].norms_seen, 3);
 }
 
 #[test]
@@ -148,16 +138,14 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
     let gpu = gpu();
     for backend in [Backend::Gpu(gpu.clone()), Backend::Cpu] {
         let name = format!("{backend:?}");
-        // No policy set.
-        let mut bare = Clipper::on(backend.clone());
+        // A clipper always has a policy: a bad one is refused when it is built, on
+        // every backend (there is no clipper without a policy to step).
+        let e = Clipper::on(backend.clone(), ClipPolicy::global_norm(-1.0), &infos()).unwrap_err();
+        assert!(matches!(e, ClipError::InvalidConfig(_)), "{name}: {e}");
         let mut g = grads(0);
         let before = g.clone();
-        let e = bare.step(&mut muts(&mut g), None).unwrap_err();
-        assert!(matches!(e, ClipError::InvalidConfig(_)), "{name}: {e}");
-        assert_eq!(g, before);
-        assert!(bare.policy_state().is_err());
 
-        let mut clipper = Clipper::on(backend).with_policy(chain(), &infos()).unwrap();
+        let mut clipper = Clipper::on(backend, chain(), &infos()).unwrap();
         // AGC without the parameters.
         let e = clipper.step(&mut muts(&mut g), None).unwrap_err();
         assert!(matches!(e, ClipError::InvalidConfig(_)), "{name}: {e}");
@@ -169,7 +157,7 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
         assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{name}: {e}");
         assert_eq!(short, copy);
         assert_eq!(g, before);
-        let state = clipper.policy_state().unwrap();
+        let state = clipper.state().unwrap();
         let seen: Vec<u32> = state.adaptive().iter().map(|a| a.norms_seen).collect();
         assert!(
             state.steps_taken() == 0 && seen.iter().all(|&n| n == 0),
@@ -178,16 +166,14 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
     }
     // A configuration error comes at construction.
     let bad = ClipPolicy::new(Rule::GlobalNorm(-1.0));
-    assert!(Clipper::on(Backend::Cpu)
-        .with_policy(bad, &infos())
-        .is_err());
+    assert!(Clipper::on(Backend::Cpu, bad, &infos()).is_err());
 }
 
 #[test]
 fn the_default_backend_is_a_hardware_gpu_or_the_cpu() {
     // Opening adapters touches a GL context too: take the GPU turn.
     let _turn = gpu();
-    let clipper = Clipper::new();
+    let mut clipper = Clipper::new(chain(), &infos()).unwrap();
     match GpuContext::hardware() {
         Ok(_) => assert!(matches!(clipper.backend(), Backend::Gpu(_))),
         Err(e) => {
@@ -197,7 +183,6 @@ fn the_default_backend_is_a_hardware_gpu_or_the_cpu() {
         }
     }
     // Whatever it chose, it clips.
-    let mut clipper = clipper.with_policy(chain(), &infos()).unwrap();
     let mut g = grads(2);
     let report = clipper.step(&mut muts(&mut g), Some(&refs(&params())));
     assert_eq!(report.unwrap().step, 0);

@@ -6,8 +6,8 @@ mod common;
 
 use common::{backends, download, gpu, gpu_tensors, host, muts, refs, upload, Host};
 use gradclip::{
-    Agc, AutoClip, Backend, ClipError, ClipPolicy, Clipper, CpuPolicy, GlobalNormClip, GpuContext,
-    GpuPolicy, GroupClip, PerExampleClip, PolicyState, Rule, TensorInfo, ZClip,
+    Agc, AutoClip, Backend, ClipError, ClipPolicy, Clipper, CpuPolicy, GpuContext, GpuPolicy,
+    GroupClip, PerExampleClip, PolicyState, Rule, TensorInfo, ZClip,
 };
 use proptest::prelude::*;
 
@@ -82,9 +82,12 @@ fn shapes_and_batches_beyond_reason_are_typed_errors() {
     let g = vec![host(0, vec![3.0, 4.0])];
     let arena = upload(&ctx, &g);
     let policy = gradclip::NonFinitePolicy::Propagate;
-    let rg = common::batch(&ctx, &arena, &g).clip_with_norm(1.0, &tiny, policy);
+    let split = ClipPolicy::global_norm(1.0)
+        .norm(tiny.norm())
+        .non_finite(policy);
+    let rg = common::batch(&ctx, &arena, &g, split.clone()).step_with_norm(&tiny);
     let mut c = g.clone();
-    let rc = gradclip::cpu::clip_with_norm(&mut muts(&mut c), 1.0, &tiny, policy).unwrap();
+    let rc = (common::cpu_policy(split, &g).step_with_norm(&mut muts(&mut c), &tiny)).unwrap();
     assert_eq!(
         (rg.unwrap().wait().unwrap().coef.unwrap(), rc.coef.unwrap()),
         (1.0, 1.0)
@@ -92,9 +95,11 @@ fn shapes_and_batches_beyond_reason_are_typed_errors() {
     assert_eq!(download(&ctx, &arena, &g), c);
 }
 
-/// Host data larger than one device buffer streams through several (a tensor larger than
-/// a buffer is cut): the global operations equal the CPU's; a chain over such data is a
-/// typed error.
+/// Host data larger than one device buffer streams through several, each tensor whole:
+/// every global operation (measure, clip, value clamp, the non-finite policies) and a
+/// chain equal the CPU's. A tensor larger than a buffer is no longer cut into pieces: it
+/// is a typed error that points to the CPU backend, with nothing touched, and the CPU
+/// backend clips it.
 #[test]
 fn host_data_larger_than_a_device_buffer_streams() {
     let _turn = gpu();
@@ -105,17 +110,32 @@ fn host_data_larger_than_a_device_buffer_streams() {
     })
     .unwrap();
     let wave = |n: usize, k: f32| (0..n).map(|i| ((i as f32) * k).sin()).collect::<Vec<f32>>();
-    // 1.2 MB of f32 (cut in two), an odd bf16 tensor, small ones on both sides.
+    // 2.3 MB over three 1 MiB buffers: 800 kB of f32, an odd bf16 tensor, 800 kB of bf16,
+    // small ones on both sides; every large tensor spans several binding windows.
     let h = vec![
         host(1, wave(3, 0.7)),
-        host(0, wave(300_001, 0.01)),
+        host(0, wave(200_001, 0.01)),
         host(2, wave(70_001, 0.03)),
         host(0, wave(5, 1.1)),
         host(1, wave(262_145, 0.002)),
-        host(2, wave(600_001, 0.001)), // 1.2 MB of bf16: cut too
+        host(2, wave(400_001, 0.001)),
     ];
-    let mut on_gpu = Clipper::on(Backend::Gpu(small));
-    let mut on_cpu = Clipper::on(Backend::Cpu);
+    let infos_of = |h: &[Host]| -> Vec<TensorInfo> {
+        (h.iter().enumerate())
+            .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
+            .collect()
+    };
+    // One step of `policy` over `g` by a new clipper on the small GPU, or on the CPU.
+    let on_gpu = |policy: &ClipPolicy, g: &mut [Host]| {
+        Clipper::on(Backend::Gpu(small.clone()), policy.clone(), &infos_of(g))
+            .unwrap()
+            .step(&mut muts(g), None)
+    };
+    let on_cpu = |policy: &ClipPolicy, g: &mut [Host]| {
+        Clipper::on(Backend::Cpu, policy.clone(), &infos_of(g))
+            .unwrap()
+            .step(&mut muts(g), None)
+    };
     let same = |a: &[Host], b: &[Host]| {
         for (x, y) in a.iter().zip(b) {
             for (p, q) in x.to_f64().iter().zip(y.to_f64()) {
@@ -131,17 +151,15 @@ fn host_data_larger_than_a_device_buffer_streams() {
         gradclip::Norm::Inf,
         gradclip::Norm::P(3.0),
     ] {
-        let g = on_gpu.total_norm(&refs(&h), norm).unwrap();
-        let c = on_cpu.total_norm(&refs(&h), norm).unwrap();
-        assert!(common::close(g.total(), c.total(), 1e-5), "{norm:?}");
-        let clip = GlobalNormClip::new(1.0).norm(norm).with_tensor_norms();
+        let measure = ClipPolicy::total_norm().norm(norm);
         let (mut a, mut b) = (h.clone(), h.clone());
-        let ra = on_gpu
-            .clip_by_global_norm(&mut muts(&mut a), &clip)
-            .unwrap();
-        let rb = on_cpu
-            .clip_by_global_norm(&mut muts(&mut b), &clip)
-            .unwrap();
+        let g = on_gpu(&measure, &mut a).unwrap().partial;
+        let c = on_cpu(&measure, &mut b).unwrap().partial;
+        assert!(common::close(g.total(), c.total(), 1e-5), "{norm:?}");
+        assert!(a == h && b == h, "a measure writes nothing");
+        let clip = ClipPolicy::global_norm(1.0).norm(norm).with_group_report();
+        let ra = on_gpu(&clip, &mut a).unwrap();
+        let rb = on_cpu(&clip, &mut b).unwrap();
         assert!(
             (ra.clipped_units > 0)
                 && common::close(ra.coef.unwrap() as f64, rb.coef.unwrap() as f64, 1e-5)
@@ -154,11 +172,11 @@ fn host_data_larger_than_a_device_buffer_streams() {
         same(&a, &b);
     }
     let (mut a, mut b) = (h.clone(), h.clone());
-    let value = gradclip::ValueClip::range(-0.3, 0.5);
-    on_gpu.clip_by_value(&mut muts(&mut a), &value).unwrap();
-    on_cpu.clip_by_value(&mut muts(&mut b), &value).unwrap();
+    let value = ClipPolicy::value_clip(gradclip::ValueClip::range(-0.3, 0.5));
+    on_gpu(&value, &mut a).unwrap();
+    on_cpu(&value, &mut b).unwrap();
     assert_eq!(a, b);
-    // A NaN in the second part under Error: an error, and nothing written anywhere.
+    // A NaN in the second buffer under Error: an error, and nothing written anywhere.
     let mut bad = h.clone();
     bad[4] = host(1, {
         let mut v = wave(262_145, 0.002);
@@ -166,48 +184,32 @@ fn host_data_larger_than_a_device_buffer_streams() {
         v
     });
     let before = bad.clone();
-    let clip = GlobalNormClip::new(1.0).non_finite(gradclip::NonFinitePolicy::Error);
-    let e = on_gpu
-        .clip_by_global_norm(&mut muts(&mut bad), &clip)
-        .unwrap_err();
+    let clip = ClipPolicy::global_norm(1.0).non_finite(gradclip::NonFinitePolicy::Error);
+    let e = on_gpu(&clip, &mut bad).unwrap_err();
     assert!(matches!(e, ClipError::NonFiniteNorm(_)), "{e}");
     let bytes =
         |h: &[Host]| -> Vec<u8> { refs(h).iter().flat_map(|g| g.as_bytes().to_vec()).collect() };
     assert!(bytes(&bad) == bytes(&before), "the error wrote data");
     // ZeroNans: the NaN becomes 0 and the rest clips by the NaN-free norm.
-    let zero = GlobalNormClip::new(1.0).non_finite(gradclip::NonFinitePolicy::ZeroNans);
+    let zero = ClipPolicy::global_norm(1.0).non_finite(gradclip::NonFinitePolicy::ZeroNans);
     let mut c = bad.clone();
-    let rg = on_gpu
-        .clip_by_global_norm(&mut muts(&mut bad), &zero)
-        .unwrap();
-    let rc = on_cpu
-        .clip_by_global_norm(&mut muts(&mut c), &zero)
-        .unwrap();
+    let rg = on_gpu(&zero, &mut bad).unwrap();
+    let rc = on_cpu(&zero, &mut c).unwrap();
     assert!(rg.nans_zeroed && common::close(rg.total_norm, rc.total_norm, 1e-5));
     same(&bad, &c);
     // Propagate with per-tensor norms: the NaN tensor's norm is NaN, the others agree.
     let mut bad = before.clone();
     let mut c = bad.clone();
-    let norms = GlobalNormClip::new(1.0).with_tensor_norms();
-    let rg = on_gpu
-        .clip_by_global_norm(&mut muts(&mut bad), &norms)
-        .unwrap();
-    let rc = on_cpu
-        .clip_by_global_norm(&mut muts(&mut c), &norms)
-        .unwrap();
+    let norms = ClipPolicy::global_norm(1.0).with_group_report();
+    let rg = on_gpu(&norms, &mut bad).unwrap();
+    let rc = on_cpu(&norms, &mut c).unwrap();
     assert!(rg.non_finite && rc.non_finite);
     let (tg, tc) = (common::norms_of(&rg), common::norms_of(&rc));
     for (i, (x, y)) in tg.iter().zip(&tc).enumerate() {
         assert!(common::close(*x, *y, 1e-5), "tensor {i}: {x} vs {y}");
     }
     assert!(tg[4].is_nan());
-    // A chain keeps tensors whole: spread over several buffers it equals the CPU; one
-    // tensor larger than a buffer is a typed error, nothing touched.
-    let infos_of = |h: &[Host]| -> Vec<TensorInfo> {
-        (h.iter().enumerate())
-            .map(|(i, t)| TensorInfo::new(format!("t{i}"), &[t.as_ref().len() as u64]))
-            .collect()
-    };
+    // A chain with state, spread over several buffers, equals the CPU step after step.
     let spread = vec![
         h[0].clone(),
         host(0, wave(200_000, 0.02)),
@@ -216,16 +218,13 @@ fn host_data_larger_than_a_device_buffer_streams() {
     ];
     let chain = ClipPolicy::new(Rule::PerTensor(gradclip::PerTensorClip { max_norm: 2.0 }))
         .then(Rule::AutoClip(AutoClip::new(50.0, 8)));
-    let small = match on_gpu.backend() {
-        Backend::Gpu(ctx) => ctx.clone(),
-        Backend::Cpu => unreachable!(),
-    };
-    let mut gpu_chain = Clipper::on(Backend::Gpu(small.clone()))
-        .with_policy(chain.clone(), &infos_of(&spread))
-        .unwrap();
-    let mut cpu_chain = Clipper::on(Backend::Cpu)
-        .with_policy(chain, &infos_of(&spread))
-        .unwrap();
+    let mut gpu_chain = Clipper::on(
+        Backend::Gpu(small.clone()),
+        chain.clone(),
+        &infos_of(&spread),
+    )
+    .unwrap();
+    let mut cpu_chain = Clipper::on(Backend::Cpu, chain, &infos_of(&spread)).unwrap();
     for _ in 0..2 {
         let (mut a, mut b) = (spread.clone(), spread.clone());
         let ra = gpu_chain.step(&mut muts(&mut a), None).unwrap();
@@ -233,13 +232,36 @@ fn host_data_larger_than_a_device_buffer_streams() {
         assert_eq!(ra.clipped_units, rb.clipped_units);
         same(&a, &b);
     }
-    let mut whole = Clipper::on(Backend::Gpu(small))
-        .with_policy(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos_of(&h))
-        .unwrap();
-    let mut d = h.clone();
-    let e = whole.step(&mut muts(&mut d), None).unwrap_err();
-    assert!(matches!(e, ClipError::TooLarge { .. }), "{e}");
-    assert_eq!(d, h);
+    // Tensors larger than a buffer (1.2 MB of f32, 1.2 MB of bf16), which were once cut:
+    // every operation on the GPU is a typed error naming the first, nothing touched; the
+    // CPU backend, which it points to, clips them.
+    let mut large = h.clone();
+    large[1] = host(0, wave(300_001, 0.01));
+    large[5] = host(2, wave(600_001, 0.001));
+    let policies = [
+        ClipPolicy::total_norm(),
+        ClipPolicy::global_norm(1.0).with_group_report(),
+        ClipPolicy::value_clip(gradclip::ValueClip::range(-0.3, 0.5)),
+        ClipPolicy::new(Rule::GlobalNorm(1.0)),
+    ];
+    for policy in &policies {
+        let mut d = large.clone();
+        let e = on_gpu(policy, &mut d).unwrap_err();
+        match &e {
+            ClipError::TooLarge { tensor, len } => {
+                assert!(
+                    tensor.starts_with("#1 ") && tensor.contains("Backend::Cpu"),
+                    "{e}"
+                );
+                assert_eq!(*len, 300_001, "{e}");
+            }
+            _ => panic!("{policy:?}: {e}"),
+        }
+        assert_eq!(d, large);
+    }
+    let mut d = large.clone();
+    let r = on_cpu(&ClipPolicy::global_norm(1.0), &mut d).unwrap();
+    assert!(r.clipped_units > 0 && d != large);
 }
 
 fn adaptive_chain() -> ClipPolicy {
@@ -492,7 +514,13 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
         assert!(matches!(r, Err(ClipError::Wgpu(_))), "{what}: {r:?}");
     };
     let arena = upload(&ctx, &h);
-    let mut batch = common::batch(&ctx, &arena, &h);
+    // The removed GpuBatch's operations, each a runner of its chain now.
+    let global = ClipPolicy::global_norm(1.0);
+    let mut clip = common::batch(&ctx, &arena, &h, global.clone());
+    let measure = ClipPolicy::total_norm().with_group_report();
+    let mut total = common::batch(&ctx, &arena, &h, measure);
+    let value = ClipPolicy::value_clip(gradclip::ValueClip::symmetric(1.0));
+    let mut value = common::batch(&ctx, &arena, &h, value);
     let t = gpu_tensors(&arena, &h, &infos);
     let mut chain = GpuPolicy::new(&ctx, &t, None, adaptive_chain()).unwrap();
     let sums = upload(&ctx, &h);
@@ -500,21 +528,18 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
     let mut acc = gradclip::GpuAccumulator::new(&ctx, &t, &s, None, 3, policy).unwrap();
     arena.buffer.destroy();
-    let clip = GlobalNormClip::new(1.0);
-    wgpu_error(batch.clip_by_global_norm(&clip).map(drop), "global clip");
-    wgpu_error(
-        batch.total_norm(gradclip::Norm::L2, true).map(drop),
-        "total norm",
-    );
-    let value = gradclip::ValueClip::symmetric(1.0);
-    wgpu_error(batch.clip_by_value(&value), "value clip");
+    wgpu_error(clip.step().map(drop), "global clip");
+    wgpu_error(total.step().map(drop), "total norm");
+    wgpu_error(value.step().map(drop), "value clip");
     wgpu_error(chain.step().map(drop), "policy step");
+    let counts = [clip.steps_taken(), total.steps_taken(), value.steps_taken()];
+    assert_eq!(counts, [0, 0, 0]);
     assert_eq!(chain.steps_taken(), 0);
     wgpu_error(acc.step().map(drop), "accumulation");
     assert_eq!((acc.pending(), acc.policy().steps_taken()), (0, 0));
     // The device still works for buffers that live.
     let fresh = upload(&ctx, &h);
-    let r = common::batch(&ctx, &fresh, &h).clip_by_global_norm(&clip);
+    let r = common::batch(&ctx, &fresh, &h, global).step();
     assert!(r.unwrap().wait().unwrap().clipped_units > 0);
 }
 
@@ -618,22 +643,25 @@ fn devices_that_cannot_build_the_kernels_are_typed_errors() {
     let h = vec![host(0, vec![3.0, 4.0])];
     let infos = [TensorInfo::new("w", &[2])];
     let arena = upload(&tiny, &h);
-    let mut batch = common::batch(&tiny, &arena, &h);
     let wgpu_error = |r: Result<(), ClipError>, what: &str| {
         assert!(matches!(r, Err(ClipError::Wgpu(_))), "{what}: {r:?}");
     };
-    let clip = GlobalNormClip::new(1.0);
-    wgpu_error(batch.clip_by_global_norm(&clip).map(drop), "global clip");
-    let value = gradclip::ValueClip::symmetric(1.0);
-    wgpu_error(batch.clip_by_value(&value), "value clip");
+    let global = ClipPolicy::global_norm(1.0);
+    let mut clip = common::batch(&tiny, &arena, &h, global.clone());
+    wgpu_error(clip.step().map(drop), "global clip");
+    assert_eq!(clip.steps_taken(), 0);
+    let value = ClipPolicy::value_clip(gradclip::ValueClip::symmetric(1.0));
+    let mut value = common::batch(&tiny, &arena, &h, value);
+    wgpu_error(value.step().map(drop), "value clip");
+    assert_eq!(value.steps_taken(), 0);
     let t = gpu_tensors(&arena, &h, &infos);
     let mut chain = GpuPolicy::new(&tiny, &t, None, adaptive_chain()).unwrap();
     let mut encoder = tiny.device().create_command_encoder(&Default::default());
     wgpu_error(chain.encode(&mut encoder).map(drop), "policy step");
     assert_eq!(chain.steps_taken(), 0);
-    let mut clipper = Clipper::on(Backend::Gpu(tiny.clone()));
+    let mut clipper = Clipper::on(Backend::Gpu(tiny.clone()), global, &infos).unwrap();
     let mut g = h.clone();
-    let r = clipper.clip_by_global_norm(&mut muts(&mut g), &clip);
+    let r = clipper.step(&mut muts(&mut g), None);
     wgpu_error(r.map(drop), "host clip");
     assert_eq!(g, h);
 }

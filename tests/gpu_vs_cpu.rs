@@ -10,6 +10,42 @@ const LENGTHS: &[usize] = &[
     0, 1, 2, 3, 7, 13, 31, 257, 1021, 8191, 8192, 8193, 65_535, 65_536, 65_537, 131_073, 199_999,
 ];
 
+/// Flat unnamed tensors shaped like `h` (`#0`, `#1`, ...).
+fn unnamed_infos(h: &[Host]) -> Vec<TensorInfo> {
+    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
+}
+
+/// A CPU runner of `policy` over tensors shaped like `h`: its first step is step 0.
+fn cpu_run(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
+    CpuPolicy::new(policy, &unnamed_infos(h)).expect("valid CPU policy")
+}
+
+/// A GPU runner of `policy` over the arena's tensors, unnamed.
+fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
+    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
+        .map(|(t, &o)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+        })
+        .collect();
+    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
+}
+
+/// The CPU report of a `ClipPolicy::total_norm` step over `h` (which writes nothing):
+/// the total norm, its partial form and, with `tensors`, every tensor's norm.
+fn cpu_measure(h: &[Host], norm: Norm, tensors: bool) -> ClipReport {
+    let mut measure = ClipPolicy::total_norm().norm(norm);
+    if tensors {
+        measure = measure.with_group_report();
+    }
+    let mut run = cpu_run(measure, h);
+    run.step_deferred(&refs(h), None).unwrap().report
+}
+
 fn fill(len: usize, seed: u64, exp: i32, dtype: u8) -> Host {
     let mut s = seed | 1;
     let mut next = || {
@@ -83,11 +119,14 @@ proptest! {
     fn norms_match_oracle(h in batch_strategy(), norm in norm_strategy()) {
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        let mut b = batch(&ctx, &arena, &h);
-        let g = b.total_norm(norm, true).unwrap().wait().unwrap();
-        let c = cpu::partial_norm(&refs(&h), norm).unwrap();
+        let measure = ClipPolicy::total_norm().norm(norm).with_group_report();
+        let mut b = gpu_run(&ctx, &arena, &h, measure);
+        let g = b.step().unwrap().wait().unwrap();
+        let cr = cpu_measure(&h, norm, true);
+        let c = cr.partial;
         prop_assert!(close(g.total_norm, c.total(), 1e-5), "{} vs {}", g.total_norm, c.total());
-        let ct = cpu::tensor_norms(&refs(&h), norm).unwrap();
+        let ct = common::norms_of(&cr);
+        prop_assert_eq!(ct.len(), h.len());
         for (gt, ct) in common::norms_of(&g).iter().zip(&ct) {
             prop_assert!(close(*gt, *ct, 1e-5), "{} vs {}", gt, ct);
         }
@@ -95,14 +134,14 @@ proptest! {
 
     #[test]
     fn global_clip_matches_oracle(h in batch_strategy(), norm in norm_strategy(), frac in 0.01f64..2.0) {
-        let total = cpu::partial_norm(&refs(&h), norm).unwrap().total();
+        let total = cpu_measure(&h, norm, false).partial.total();
         let max_norm = ((total * frac) as f32).max(1e-30);
-        let clip = GlobalNormClip::new(max_norm).norm(norm);
+        let clip = ClipPolicy::global_norm(max_norm).norm(norm);
         let mut cd = h.clone();
-        let cr = cpu::clip_by_global_norm(&mut muts(&mut cd), &clip).unwrap();
+        let cr = cpu_run(clip.clone(), &h).step(&mut muts(&mut cd), None).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        let gr = batch(&ctx, &arena, &h).clip_by_global_norm(&clip).unwrap().wait().unwrap();
+        let gr = gpu_run(&ctx, &arena, &h, clip).step().unwrap().wait().unwrap();
         let gd = download(&ctx, &arena, &h);
         prop_assert!(close(gr.coef.unwrap() as f64, cr.coef.unwrap() as f64, 1e-5), "{} vs {}", gr.coef.unwrap(), cr.coef.unwrap());
         for ((g, c), orig) in gd.iter().zip(&cd).zip(&h) {
@@ -118,10 +157,11 @@ proptest! {
     fn value_clip_matches_oracle_bitwise(h in batch_strategy(), lo in -1e3f32..0.0, width in 0.0f32..2e3) {
         let clip = ValueClip::range(lo, lo + width);
         let mut cd = h.clone();
-        cpu::clip_by_value(&mut muts(&mut cd), &clip).unwrap();
+        cpu_run(ClipPolicy::value_clip(clip), &h).step(&mut muts(&mut cd), None).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        batch(&ctx, &arena, &h).clip_by_value(&clip).unwrap();
+        let mut b = gpu_run(&ctx, &arena, &h, ClipPolicy::value_clip(clip));
+        b.step().unwrap().wait().unwrap();
         prop_assert_eq!(download(&ctx, &arena, &h), cd);
     }
 }
@@ -140,8 +180,8 @@ fn gpu_l2_accuracy_against_f64_reference() {
         .sqrt();
     let ctx = gpu();
     let arena = upload(&ctx, &h);
-    let g = batch(&ctx, &arena, &h)
-        .total_norm(Norm::L2, false)
+    let g = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2))
+        .step()
         .unwrap()
         .wait()
         .unwrap();
@@ -167,14 +207,22 @@ fn cpu_accuracy_on_1e8_elements() {
         truth = t;
     }
     let truth = truth.sqrt();
-    let got = cpu::partial_norm(&[GradRef::F32(&x)], Norm::L2)
-        .unwrap()
-        .total();
+    let norm_of = |norm: Norm| {
+        let mut run = CpuPolicy::new(
+            ClipPolicy::total_norm().norm(norm),
+            &TensorInfo::unnamed([n]),
+        )
+        .unwrap();
+        run.step_deferred(&[GradRef::F32(&x)], None)
+            .unwrap()
+            .report
+            .partial
+            .total()
+    };
+    let got = norm_of(Norm::L2);
     assert!(close(got, truth, 1e-9), "{got} vs {truth}");
     let l1: f64 = x.iter().map(|&v| v.abs() as f64).sum();
-    let got = cpu::partial_norm(&[GradRef::F32(&x)], Norm::L1)
-        .unwrap()
-        .total();
+    let got = norm_of(Norm::L1);
     assert!(close(got, l1, 1e-9));
 }
 
@@ -198,7 +246,8 @@ fn gpu_16_bit_scaling_rounds_every_value() {
         for k in [0.75f32, 0.3, 0.6875, 1.0 / 1024.0, 3e-7] {
             let arena = upload(&ctx, &h);
             let max_norm = k * (1.0 + 1e-6);
-            let r = (batch(&ctx, &arena, &h).clip_with_norm(max_norm, &total, Default::default()))
+            let clip = ClipPolicy::global_norm(max_norm).non_finite(Default::default());
+            let r = (gpu_run(&ctx, &arena, &h, clip).step_with_norm(&total))
                 .unwrap()
                 .wait()
                 .unwrap();

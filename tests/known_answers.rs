@@ -4,14 +4,48 @@ mod common;
 use common::*;
 use gradclip::*;
 
-/// Runs a global clip on both backends; returns (cpu report, cpu data, gpu report, gpu data).
-fn both(h: &[Host], clip: &GlobalNormClip) -> (ClipReport, Vec<Host>, ClipReport, Vec<Host>) {
+/// Flat unnamed tensors shaped like `h` (`#0`, `#1`, ...).
+fn unnamed_infos(h: &[Host]) -> Vec<TensorInfo> {
+    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
+}
+
+/// A CPU runner of `policy` over tensors shaped like `h`: its first step is step 0.
+fn cpu_run(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
+    CpuPolicy::new(policy, &unnamed_infos(h)).expect("valid CPU policy")
+}
+
+/// A GPU runner of `policy` over the arena's tensors, unnamed.
+fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
+    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
+        .map(|(t, &o)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+        })
+        .collect();
+    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
+}
+
+/// The total norm of `h` measured on the CPU (a `ClipPolicy::total_norm` step, which
+/// writes nothing), in mergeable form.
+fn cpu_partial(h: &[Host], norm: Norm) -> PartialNorm {
+    let mut run = cpu_run(ClipPolicy::total_norm().norm(norm), h);
+    run.step_deferred(&refs(h), None).unwrap().report.partial
+}
+
+/// Runs a chain on both backends; returns (cpu report, cpu data, gpu report, gpu data).
+fn both(h: &[Host], policy: &ClipPolicy) -> (ClipReport, Vec<Host>, ClipReport, Vec<Host>) {
     let mut cpu_data = h.to_vec();
-    let cpu_report = cpu::clip_by_global_norm(&mut muts(&mut cpu_data), clip).unwrap();
+    let cpu_report = cpu_run(policy.clone(), h)
+        .step(&mut muts(&mut cpu_data), None)
+        .unwrap();
     let ctx = gpu();
     let arena = upload(&ctx, h);
-    let mut b = batch(&ctx, &arena, h);
-    let gpu_report = b.clip_by_global_norm(clip).unwrap().wait().unwrap();
+    let mut b = gpu_run(&ctx, &arena, h, policy.clone());
+    let gpu_report = b.step().unwrap().wait().unwrap();
     (cpu_report, cpu_data, gpu_report, download(&ctx, &arena, h))
 }
 
@@ -19,7 +53,7 @@ fn both(h: &[Host], clip: &GlobalNormClip) -> (ClipReport, Vec<Host>, ClipReport
 fn norm_survives_values_whose_square_overflows_f32() {
     // REFERENCE: f32 [1e20, 1, 1] -> 1e20 (naive f32 gives inf).
     let h = vec![Host::F32(vec![1e20, 1.0, 1.0])];
-    let (c, _, g, _) = both(&h, &GlobalNormClip::new(1e30));
+    let (c, _, g, _) = both(&h, &ClipPolicy::global_norm(1e30));
     assert!(
         close(c.total_norm, 1e20f32 as f64, 1e-7),
         "{}",
@@ -36,7 +70,7 @@ fn norm_survives_values_whose_square_overflows_f32() {
 fn exploding_1e25_gradients_are_clipped_not_zeroed() {
     // PyTorch gives total = inf and zeroes these; the true norm is 3.1623e26.
     let h = vec![Host::F32(vec![1e25; 1000])];
-    let (c, cd, g, gd) = both(&h, &GlobalNormClip::new(1.0));
+    let (c, cd, g, gd) = both(&h, &ClipPolicy::global_norm(1.0));
     let truth = 1e25f32 as f64 * 1000f64.sqrt();
     assert!(close(c.total_norm, truth, 1e-7));
     assert!(close(g.total_norm, truth, 1e-6));
@@ -56,7 +90,7 @@ fn norm_beyond_f32_max_stays_finite_and_clips() {
     ];
     let truth =
         ((bf16::from_f32(3.0e38).to_f64()).powi(2) * 4.0 + (f32::MAX as f64).powi(2) * 2.0).sqrt();
-    let (c, cd, g, gd) = both(&h, &GlobalNormClip::new(1.0));
+    let (c, cd, g, gd) = both(&h, &ClipPolicy::global_norm(1.0));
     assert!(truth > f32::MAX as f64);
     assert!(
         close(c.total_norm, truth, 1e-7),
@@ -77,7 +111,7 @@ fn norm_beyond_f32_max_stays_finite_and_clips() {
 #[test]
 fn tiny_gradients_do_not_underflow() {
     let h = vec![Host::F32(vec![1e-30; 1000])];
-    let (c, _, g, _) = both(&h, &GlobalNormClip::new(1.0));
+    let (c, _, g, _) = both(&h, &ClipPolicy::global_norm(1.0));
     let truth = 1e-30f32 as f64 * 1000f64.sqrt();
     assert!(close(c.total_norm, truth, 1e-7));
     assert!(close(g.total_norm, truth, 1e-6), "{}", g.total_norm);
@@ -87,7 +121,7 @@ fn tiny_gradients_do_not_underflow() {
 #[test]
 fn pytorch_coefficient_and_return_value() {
     let h = vec![Host::F32(vec![3.0]), Host::F32(vec![4.0])];
-    let (c, cd, g, gd) = both(&h, &GlobalNormClip::new(1.0));
+    let (c, cd, g, gd) = both(&h, &ClipPolicy::global_norm(1.0));
     let coef = 1.0 / (5.0 + 1e-6);
     for (r, d) in [(c, cd), (g, gd)] {
         assert!(close(r.total_norm, 5.0, 1e-7));
@@ -103,7 +137,7 @@ fn below_threshold_leaves_bits_unchanged() {
         Host::F32(vec![0.1, -0.2, 0.3]),
         Host::F16(vec![f16::from_f32(0.25); 3]),
     ];
-    let (c, cd, g, gd) = both(&h, &GlobalNormClip::new(10.0));
+    let (c, cd, g, gd) = both(&h, &ClipPolicy::global_norm(10.0));
     assert!(c.clipped_units == 0 && g.clipped_units == 0);
     assert_eq!(c.coef.unwrap(), 1.0);
     assert_eq!(cd, h);
@@ -115,20 +149,15 @@ fn norm_orders() {
     let h = vec![Host::F32(vec![3.0, -4.0]), Host::F16(vec![])];
     let ctx = gpu();
     let arena = upload(&ctx, &h);
-    let mut b = batch(&ctx, &arena, &h);
     for (norm, want) in [
         (Norm::L1, 7.0),
         (Norm::L2, 5.0),
         (Norm::Inf, 4.0),
         (Norm::p(3.0).unwrap(), 91f64.powf(1.0 / 3.0)),
     ] {
-        let c = cpu::partial_norm(&refs(&h), norm).unwrap().total();
-        let g = b
-            .total_norm(norm, false)
-            .unwrap()
-            .wait()
-            .unwrap()
-            .total_norm;
+        let c = cpu_partial(&h, norm).total();
+        let mut b = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm().norm(norm));
+        let g = b.step().unwrap().wait().unwrap().total_norm;
         assert!(close(c, want, 1e-7), "{norm:?}: {c}");
         assert!(close(g, want, 1e-6), "{norm:?}: {g}");
     }
@@ -137,7 +166,7 @@ fn norm_orders() {
 #[test]
 fn empty_batch_and_empty_tensors_are_zero_and_unchanged() {
     for h in [vec![], vec![Host::F32(vec![]), Host::BF16(vec![])]] {
-        let (c, cd, g, gd) = both(&h, &GlobalNormClip::new(1.0).with_tensor_norms());
+        let (c, cd, g, gd) = both(&h, &ClipPolicy::global_norm(1.0).with_group_report());
         for (r, d) in [(c, cd), (g, gd)] {
             assert_eq!(r.total_norm, 0.0);
             assert!(r.clipped_units == 0);
@@ -165,10 +194,11 @@ fn value_clip_symmetric_and_asymmetric() {
             Host::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
         ];
         let mut cd = h.clone();
-        cpu::clip_by_value(&mut muts(&mut cd), &clip).unwrap();
+        (cpu_run(ClipPolicy::value_clip(clip), &h).step(&mut muts(&mut cd), None)).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        batch(&ctx, &arena, &h).clip_by_value(&clip).unwrap();
+        let mut b = gpu_run(&ctx, &arena, &h, ClipPolicy::value_clip(clip));
+        b.step().unwrap().wait().unwrap();
         let gd = download(&ctx, &arena, &h);
         for d in [&cd, &gd] {
             for t in d.iter() {
@@ -185,39 +215,36 @@ fn value_clip_symmetric_and_asymmetric() {
 fn non_finite_policies() {
     let h = vec![Host::F32(vec![1.0, f32::INFINITY, -2.0])];
     // Propagate: PyTorch's default, coef 0: finite -> 0, inf -> NaN.
-    let (c, cd, g, gd) = both(&h, &GlobalNormClip::new(1.0));
+    let (c, cd, g, gd) = both(&h, &ClipPolicy::global_norm(1.0));
     for (r, d) in [(c, cd), (g, gd)] {
         assert!(r.total_norm.is_infinite() && r.non_finite && (r.clipped_units > 0));
         let v = d[0].to_f64();
         assert!(v[0] == 0.0 && v[1].is_nan() && v[2] == 0.0, "{v:?}");
     }
     let nan = vec![Host::F32(vec![1.0, f32::NAN])];
-    let (c, cd, g, gd) = both(&nan, &GlobalNormClip::new(1.0));
+    let (c, cd, g, gd) = both(&nan, &ClipPolicy::global_norm(1.0));
     for (r, d) in [(c, cd), (g, gd)] {
         assert!(r.total_norm.is_nan() && r.non_finite);
         assert!(d[0].to_f64().iter().all(|v| v.is_nan()));
     }
     // Skip: untouched, reported.
-    let skip = GlobalNormClip::new(1.0).non_finite(NonFinitePolicy::SkipStep);
+    let skip = ClipPolicy::global_norm(1.0).non_finite(NonFinitePolicy::SkipStep);
     let (c, cd, g, gd) = both(&h, &skip);
     for (r, d) in [(c, cd), (g, gd)] {
         assert!(r.skipped && r.non_finite && r.clipped_units == 0);
         assert_eq!(format!("{d:?}"), format!("{h:?}"));
     }
     // Error: untouched, error.
-    let err = GlobalNormClip::new(1.0).non_finite(NonFinitePolicy::Error);
+    let err = ClipPolicy::global_norm(1.0).non_finite(NonFinitePolicy::Error);
     let mut cd = h.clone();
     assert!(matches!(
-        cpu::clip_by_global_norm(&mut muts(&mut cd), &err),
+        cpu_run(err.clone(), &h).step(&mut muts(&mut cd), None),
         Err(ClipError::NonFiniteNorm(_))
     ));
     assert_eq!(format!("{cd:?}"), format!("{h:?}"));
     let ctx = gpu();
     let arena = upload(&ctx, &h);
-    let r = batch(&ctx, &arena, &h)
-        .clip_by_global_norm(&err)
-        .unwrap()
-        .wait();
+    let r = gpu_run(&ctx, &arena, &h, err).step().unwrap().wait();
     assert!(matches!(r, Err(ClipError::NonFiniteNorm(_))));
     assert_eq!(
         format!("{:?}", download(&ctx, &arena, &h)),
@@ -236,17 +263,12 @@ fn split_api_matches_global_clip() {
     let whole: Vec<Host> = a.iter().chain(&b).cloned().collect();
     let ctx = gpu();
     for norm in [Norm::L2, Norm::L1, Norm::Inf, Norm::P(3.5)] {
-        let pa = cpu::partial_norm(&refs(&a), norm).unwrap();
+        let pa = cpu_partial(&a, norm);
         let arena_b = upload(&ctx, &b);
-        let mut batch_b = batch(&ctx, &arena_b, &b);
-        let pb = batch_b
-            .total_norm(norm, false)
-            .unwrap()
-            .wait()
-            .unwrap()
-            .partial;
+        let mut norm_b = gpu_run(&ctx, &arena_b, &b, ClipPolicy::total_norm().norm(norm));
+        let pb = norm_b.step().unwrap().wait().unwrap().partial;
         let combined = pa.combine(&pb).unwrap();
-        let direct = cpu::partial_norm(&refs(&whole), norm).unwrap();
+        let direct = cpu_partial(&whole, norm);
         assert!(close(combined.total(), direct.total(), 1e-6));
         // The all-reduce form: MAX of scales, SUM of rescaled sums.
         let scale = pa.scale().max(pb.scale());
@@ -257,21 +279,18 @@ fn split_api_matches_global_clip() {
         // Clipping each shard with the combined norm equals clipping the whole.
         let max_norm = (direct.total() / 3.0) as f32;
         let mut want = whole.clone();
-        cpu::clip_by_global_norm(
-            &mut muts(&mut want),
-            &GlobalNormClip::new(max_norm).norm(norm),
-        )
-        .unwrap();
+        cpu_run(ClipPolicy::global_norm(max_norm).norm(norm), &whole)
+            .step(&mut muts(&mut want), None)
+            .unwrap();
+        let with_norm = ClipPolicy::global_norm(max_norm)
+            .norm(combined.norm())
+            .non_finite(NonFinitePolicy::Propagate);
         let mut got_a = a.clone();
-        cpu::clip_with_norm(
-            &mut muts(&mut got_a),
-            max_norm,
-            &combined,
-            NonFinitePolicy::Propagate,
-        )
-        .unwrap();
-        batch_b
-            .clip_with_norm(max_norm, &combined, NonFinitePolicy::Propagate)
+        cpu_run(with_norm.clone(), &a)
+            .step_with_norm(&mut muts(&mut got_a), &combined)
+            .unwrap();
+        gpu_run(&ctx, &arena_b, &b, with_norm)
+            .step_with_norm(&combined)
             .unwrap()
             .wait()
             .unwrap();
@@ -306,10 +325,11 @@ fn gpu_norm_is_bitwise_deterministic() {
         .collect();
     let ctx = gpu();
     let arena = upload(&ctx, &h);
-    let mut b = batch(&ctx, &arena, &h);
-    let first = b.total_norm(Norm::L2, true).unwrap().wait().unwrap();
+    let measure = ClipPolicy::total_norm().norm(Norm::L2).with_group_report();
+    let mut b = gpu_run(&ctx, &arena, &h, measure);
+    let first = b.step().unwrap().wait().unwrap();
     for _ in 0..3 {
-        let again = b.total_norm(Norm::L2, true).unwrap().wait().unwrap();
+        let again = b.step().unwrap().wait().unwrap();
         assert_eq!(again.partial, first.partial);
         assert_eq!(again.tensors, first.tensors);
     }
@@ -323,7 +343,7 @@ fn zero_nans_policy_zeroes_then_clips() {
         Host::F32(vec![f32::NAN, 3.0, 4.0]),
         Host::F16(vec![f16::NAN, f16::from_f32(0.5)]),
     ];
-    let clip = GlobalNormClip::new(1.0).non_finite(NonFinitePolicy::ZeroNans);
+    let clip = ClipPolicy::global_norm(1.0).non_finite(NonFinitePolicy::ZeroNans);
     let (cr, cd, gr, gd) = both(&h, &clip);
     for (r, d) in [(&cr, &cd), (&gr, &gd)] {
         assert!(
@@ -336,7 +356,7 @@ fn zero_nans_policy_zeroes_then_clips() {
         assert!(close(a[1], 3.0 / 25.25f64.sqrt(), 1e-6));
         assert_eq!(d[1].to_f64()[0], 0.0);
     }
-    let small = GlobalNormClip::new(100.0).non_finite(NonFinitePolicy::ZeroNans);
+    let small = ClipPolicy::global_norm(100.0).non_finite(NonFinitePolicy::ZeroNans);
     let (cr, cd, gr, gd) = both(&h, &small);
     // NaNs zeroed at coefficient 1: a rewrite, but not a clip.
     for r in [&cr, &gr] {

@@ -5,8 +5,8 @@ mod common;
 
 use common::{close, gpu, gpu_tensors, upload, write, Host};
 use gradclip::{
-    ClipError, ClipPolicy, ClipReport, CpuPolicy, GlobalNormClip, GpuPolicy, GradMonitor, Rule,
-    TensorInfo,
+    Backend, ClipError, ClipPolicy, ClipReport, Clipper, CpuPolicy, GpuPolicy, GpuTensor,
+    GradMonitor, Rule, TensorInfo,
 };
 
 fn out_dir(name: &str) -> std::path::PathBuf {
@@ -93,19 +93,29 @@ fn global_clip_reports_are_monitored_on_both_backends() {
     let ctx = gpu();
     let steps = steps();
     let arena = upload(&ctx, &steps[0]);
-    let mut batch = common::batch(&ctx, &arena, &steps[0]);
-    let clip = GlobalNormClip::new(1.0).with_tensor_norms();
+    // Unnamed tensors (`#0`, `#1`), a global chain built by `ClipPolicy::global_norm`.
+    let tensors: Vec<GpuTensor<'_>> = (steps[0].iter().zip(&arena.offsets))
+        .map(|(t, &o)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+        })
+        .collect();
+    let clip = ClipPolicy::global_norm(1.0).with_group_report();
+    let mut batch = GpuPolicy::new(&ctx, &tensors, None, clip.clone()).unwrap();
     let mut on_gpu = GradMonitor::new().max_in_flight(2);
     let mut on_cpu = GradMonitor::new();
-    // A runner numbers its global steps, as the GPU batch does.
-    let mut cpu = gradclip::Clipper::on(gradclip::Backend::Cpu);
+    // A runner numbers its global steps, as the GPU runner does.
+    let unnamed = TensorInfo::unnamed(steps[0].iter().map(|t| t.as_ref().len()));
+    let mut cpu = Clipper::on(Backend::Cpu, clip, &unnamed).unwrap();
     for g in &steps {
         write(&ctx, &arena, g);
-        on_gpu
-            .track(batch.clip_by_global_norm(&clip).unwrap())
-            .unwrap();
+        on_gpu.track(batch.step().unwrap()).unwrap();
         let mut h = g.clone();
-        let report = cpu.clip_by_global_norm(&mut common::muts(&mut h), &clip);
+        let report = cpu.step(&mut common::muts(&mut h), None);
         on_cpu.record(report.unwrap());
     }
     on_gpu.flush().unwrap();

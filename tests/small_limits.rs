@@ -41,24 +41,30 @@ fn windows_and_folded_grids_match_the_oracle() {
         Host::F32(f(262_145, 0.5)),
     ];
     let arena = upload(&ctx, &h);
-    let mut b = batch(&ctx, &arena, &h);
     for norm in [Norm::L2, Norm::Inf, Norm::P(2.5)] {
-        let g = b.total_norm(norm, true).unwrap().wait().unwrap();
-        let c = cpu::tensor_norms(&refs(&h), norm).unwrap();
-        assert!(close(
-            g.total_norm,
-            cpu::partial_norm(&refs(&h), norm).unwrap().total(),
-            1e-5
-        ));
-        for (gt, ct) in common::norms_of(&g).iter().zip(&c) {
+        let measure = ClipPolicy::total_norm().norm(norm).with_group_report();
+        let g = batch(&ctx, &arena, &h, measure.clone())
+            .step()
+            .unwrap()
+            .wait()
+            .unwrap();
+        let c = cpu_policy(measure, &h)
+            .step_deferred(&refs(&h), None)
+            .unwrap()
+            .report;
+        assert!(close(g.total_norm, c.partial.total(), 1e-5));
+        for (gt, ct) in common::norms_of(&g).iter().zip(&common::norms_of(&c)) {
             assert!(close(*gt, *ct, 1e-5), "{norm:?}: {gt} vs {ct}");
         }
     }
-    let clip = GlobalNormClip::new(10.0);
+    let clip = ClipPolicy::global_norm(10.0);
     let mut cd = h.clone();
-    cpu::clip_by_global_norm(&mut muts(&mut cd), &clip).unwrap();
+    cpu_policy(clip.clone(), &h)
+        .step(&mut muts(&mut cd), None)
+        .unwrap();
     assert!(
-        b.clip_by_global_norm(&clip)
+        batch(&ctx, &arena, &h, clip)
+            .step()
             .unwrap()
             .wait()
             .unwrap()
@@ -71,11 +77,16 @@ fn windows_and_folded_grids_match_the_oracle() {
             assert!(close(*gv, cv, 8e-3), "{gv} vs {cv}");
         }
     }
-    let value = ValueClip::symmetric(0.01);
-    cpu::clip_by_value(&mut muts(&mut cd), &value).unwrap();
+    let value = ClipPolicy::value_clip(ValueClip::symmetric(0.01));
+    let mut cpu_value = cpu_policy(value.clone(), &h);
+    cpu_value.step(&mut muts(&mut cd), None).unwrap();
     let mut gd2 = gd.clone();
-    cpu::clip_by_value(&mut muts(&mut gd2), &value).unwrap();
-    b.clip_by_value(&value).unwrap();
+    cpu_value.step(&mut muts(&mut gd2), None).unwrap();
+    batch(&ctx, &arena, &h, value)
+        .step()
+        .unwrap()
+        .wait()
+        .unwrap();
     assert_eq!(download(&ctx, &arena, &h), gd2);
 }
 

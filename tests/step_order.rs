@@ -4,11 +4,37 @@
 
 mod common;
 
-use common::{batch, close, download, gpu, gpu_tensors, upload, Host};
+use common::{close, download, gpu, gpu_tensors, upload, Arena, Host};
 use gradclip::{
-    AutoClip, ClipError, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GlobalNormClip,
-    GpuPolicy, Norm, Rule, Schedule, TensorInfo, ValueClip,
+    AutoClip, ClipError, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GpuContext, GpuPolicy,
+    GpuTensor, Norm, PartialNorm, Rule, Schedule, TensorInfo, ValueClip,
 };
+
+/// A GPU runner of `policy` over the arena's tensors, unnamed (`#0`, `#1`, ...).
+fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
+    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
+        .map(|(t, &o)| {
+            GpuTensor::new(
+                &arena.buffer,
+                o,
+                t.as_ref().len() as u64,
+                t.as_ref().dtype(),
+            )
+        })
+        .collect();
+    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
+}
+
+/// The total `norm` of `h` measured on the CPU (a `ClipPolicy::total_norm` step, which
+/// writes nothing).
+fn cpu_norm(h: &[Host], norm: Norm) -> PartialNorm {
+    let infos = TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()));
+    let mut run = CpuPolicy::new(ClipPolicy::total_norm().norm(norm), &infos).unwrap();
+    run.step_deferred(&common::refs(h), None)
+        .unwrap()
+        .report
+        .partial
+}
 
 fn grads() -> Vec<Host> {
     vec![
@@ -32,21 +58,19 @@ fn global_norm_steps_in_one_encoder_keep_their_norm_order() {
     let ctx = gpu();
     let h = grads();
     let arena = upload(&ctx, &h);
-    let mut b = batch(&ctx, &arena, &h);
-    let cpu3 = gradclip::cpu::partial_norm(&common::refs(&h), Norm::p(3.0).unwrap()).unwrap();
-    let cpu4 = gradclip::cpu::partial_norm(&common::refs(&h), Norm::p(4.0).unwrap()).unwrap();
-    // norm(P(3)), then a clip by the P(4) norm at half of it, then norm(P(3)) again: one
-    // submission.
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let n3 = b
-        .encode_total_norm(&mut encoder, Norm::p(3.0).unwrap(), false)
-        .unwrap();
+    let cpu3 = cpu_norm(&h, Norm::p(3.0).unwrap());
+    let cpu4 = cpu_norm(&h, Norm::p(4.0).unwrap());
+    // norm(P(3)), then a clip by the P(4) norm at half of it, then norm(P(3)) again (the
+    // same runner's next step): one submission.
+    let measure = ClipPolicy::total_norm().norm(Norm::p(3.0).unwrap());
+    let mut norm3 = gpu_run(&ctx, &arena, &h, measure);
     let max_norm = (cpu4.total() / 2.0) as f32;
-    let clip = GlobalNormClip::new(max_norm).norm(Norm::p(4.0).unwrap());
-    let c4 = b.encode_clip_by_global_norm(&mut encoder, &clip).unwrap();
-    let after = b
-        .encode_total_norm(&mut encoder, Norm::p(3.0).unwrap(), false)
-        .unwrap();
+    let clip = ClipPolicy::global_norm(max_norm).norm(Norm::p(4.0).unwrap());
+    let mut clip4 = gpu_run(&ctx, &arena, &h, clip);
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let n3 = norm3.encode(&mut encoder).unwrap();
+    let c4 = clip4.encode(&mut encoder).unwrap();
+    let after = norm3.encode(&mut encoder).unwrap();
     ctx.queue().submit([encoder.finish()]);
     let (n3, c4, after) = (
         n3.wait().unwrap(),
@@ -149,25 +173,38 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 65);
 }
 
-/// A value clip alone has no report: when its slot is overwritten before submission it
-/// changes nothing (it never runs with another step's parameters).
+/// A value clip alone has no report to say so: when its slot is overwritten before
+/// submission it changes nothing (it never runs with another step's parameters).
 #[test]
 fn an_overwritten_value_clip_changes_nothing() {
     let ctx = gpu();
     let h = vec![Host::F32(vec![10.0; 300]), Host::F32(vec![-10.0; 7])];
     let arena = upload(&ctx, &h);
-    let mut b = batch(&ctx, &arena, &h);
+    // A runner's bounds are fixed with its chain, so the value clip is one runner (bounds
+    // 2) and the norms another, over the same tensors.
+    let mut clamp = gpu_run(
+        &ctx,
+        &arena,
+        &h,
+        ClipPolicy::value_clip(ValueClip::symmetric(2.0)),
+    );
+    let mut measure = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2));
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    // Step 0 clamps to 1; steps 1..=63 only norm; step 64 (step 0's slot) clamps to 2.
-    b.encode_clip_by_value(&mut encoder, &ValueClip::symmetric(1.0))
-        .unwrap();
+    // Clamp step 0; then 63 norms; then clamp steps 1..=64, step 64 in step 0's slot.
+    let first = clamp.encode(&mut encoder).unwrap();
     let norms: Vec<_> = (1..64)
-        .map(|_| b.encode_total_norm(&mut encoder, Norm::L2, false).unwrap())
+        .map(|_| measure.encode(&mut encoder).unwrap())
         .collect();
-    b.encode_clip_by_value(&mut encoder, &ValueClip::symmetric(2.0))
-        .unwrap();
+    let later: Vec<_> = (1..=64)
+        .map(|_| clamp.encode(&mut encoder).unwrap())
+        .collect();
     ctx.queue().submit([encoder.finish()]);
-    // Had step 0 run with step 64's bounds, the norms would be of 2s, not 10s.
+    // A clamp alone measures no norm: its reports are ready at once, NaN norms.
+    for r in std::iter::once(first).chain(later) {
+        let r = r.wait().unwrap();
+        assert!(r.total_norm.is_nan() && r.clipped_units == 0, "{r:?}");
+    }
+    // Had step 0 run (with any step's parameters), the norms would be of 2s, not 10s.
     let want = 10.0 * 307f64.sqrt();
     for (i, p) in norms.into_iter().enumerate() {
         let n = p.wait().unwrap().total_norm;
@@ -207,7 +244,15 @@ fn every_configuration_writes_timestamps() {
     let ex_in_t = gpu_tensors(&ex_in, &examples, &infos(&examples));
     let ex_out_t = gpu_tensors(&ex_out, &[Host::F32(vec![0.0; 16])], &infos(&examples));
     let policy = ClipPolicy::new(Rule::GlobalNorm(0.5));
-    let mut global = batch(&ctx, &arena, &h);
+    let mut norm_only = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm());
+    let mut with_norm = gpu_run(&ctx, &arena, &h, ClipPolicy::global_norm(0.5));
+    let given = PartialNorm::from_total(Norm::L2, 2.0).unwrap();
+    let mut value = gpu_run(
+        &ctx,
+        &arena,
+        &h,
+        ClipPolicy::value_clip(ValueClip::symmetric(1.0)),
+    );
     let mut chain = GpuPolicy::new(&ctx, &t, None, policy.clone()).unwrap();
     let mut acc = gradclip::GpuAccumulator::new(&ctx, &t, &s, None, 2, policy).unwrap();
     let per_example = gradclip::PerExampleClip::new(4, 1.0);
@@ -221,12 +266,27 @@ fn every_configuration_writes_timestamps() {
     };
     type Encode<'a> = Box<dyn FnMut(wgpu::QuerySet, &mut wgpu::CommandEncoder) + 'a>;
     let configurations: Vec<(&str, Encode<'_>)> = vec![
+        // What GpuBatch's global clip, total norm, clip with a given norm and value clip
+        // were: GpuPolicy steps of their chains.
         (
-            "GpuBatch",
+            "GpuPolicy total_norm",
             Box::new(|q, e| {
-                global.set_timestamp_writes(Some((q, 0, 1)));
-                let clip = GlobalNormClip::new(0.5);
-                drop(global.encode_clip_by_global_norm(e, &clip).unwrap());
+                norm_only.set_timestamp_writes(Some((q, 0, 1)));
+                drop(norm_only.encode(e).unwrap());
+            }),
+        ),
+        (
+            "GpuPolicy encode_with_norm",
+            Box::new(|q, e| {
+                with_norm.set_timestamp_writes(Some((q, 0, 1)));
+                drop(with_norm.encode_with_norm(e, &given).unwrap());
+            }),
+        ),
+        (
+            "GpuPolicy value_clip",
+            Box::new(|q, e| {
+                value.set_timestamp_writes(Some((q, 0, 1)));
+                drop(value.encode(e).unwrap());
             }),
         ),
         (

@@ -1,14 +1,14 @@
 //! A warm CPU step allocates nothing whose size grows with the number of tensors: a
-//! policy (and a fused optimizer) reuses its buffers, and the one-shot global clip and norm reuse the program and
-//! buffers of the thread's last call. (What a step returns, its report, is a
-//! few small allocations.) A counting allocator watches the second step.
+//! policy (and a fused optimizer) reuses its buffers, as do the runners that replaced the
+//! one-shot global clip and norm (`ClipPolicy::global_norm` over unnamed tensors,
+//! `ClipPolicy::total_norm`). (What a step returns, its report, is a few small
+//! allocations.) A counting allocator watches the second step.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use gradclip::{
-    cpu, Adam, ClipPolicy, CpuOptimizer, CpuPolicy, GlobalNormClip, GradMut, GradRef, Norm, Rule,
-    TensorInfo,
+    Adam, ClipPolicy, CpuOptimizer, CpuPolicy, GradMut, GradRef, Norm, Rule, TensorInfo,
 };
 
 /// Counts the allocations of at least [`LARGE`] bytes made while [`WATCH`] is set.
@@ -60,7 +60,11 @@ fn warm_steps_allocate_nothing_per_tensor() {
         .map(|(t, x)| TensorInfo::new(format!("t{t}"), &[x.len() as u64]))
         .collect();
     let mut policy = CpuPolicy::new(ClipPolicy::new(Rule::GlobalNorm(0.5)), &infos).unwrap();
-    let clip = GlobalNormClip::new(0.5);
+    // What the one-shot `cpu::clip_by_global_norm` and `cpu::partial_norm` were: runners
+    // over unnamed tensors, built once (the first step fills their buffers).
+    let unnamed = TensorInfo::unnamed(data.iter().map(|x| x.len()));
+    let mut global = CpuPolicy::new(ClipPolicy::global_norm(0.5), &unnamed).unwrap();
+    let mut measure = CpuPolicy::new(ClipPolicy::total_norm().norm(Norm::L2), &unnamed).unwrap();
     let mut optimizer = CpuOptimizer::new(
         ClipPolicy::new(Rule::GlobalNorm(0.5)),
         &infos,
@@ -74,12 +78,13 @@ fn warm_steps_allocate_nothing_per_tensor() {
             policy.step(&mut grads, None).unwrap();
         });
         let one_shot = large_allocs(|| {
-            cpu::clip_by_global_norm(&mut grads, &clip).unwrap();
+            global.step(&mut grads, None).unwrap();
+        });
+        // A total_norm step writes nothing.
+        let norm = large_allocs(|| {
+            measure.step(&mut grads, None).unwrap();
         });
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        let norm = large_allocs(|| {
-            cpu::partial_norm(&refs, Norm::L2).unwrap();
-        });
         let mut params: Vec<&mut [f32]> = weights.iter_mut().map(|w| &mut w[..]).collect();
         let fused = large_allocs(|| {
             optimizer.step(&refs, &mut params).unwrap();
@@ -91,8 +96,8 @@ fn warm_steps_allocate_nothing_per_tensor() {
         // The first round builds the buffers; the second must not.
         if round == 1 {
             assert_eq!(step, 0, "CpuPolicy::step");
-            assert_eq!(one_shot, 0, "cpu::clip_by_global_norm");
-            assert_eq!(norm, 0, "cpu::partial_norm");
+            assert_eq!(one_shot, 0, "CpuPolicy::step of ClipPolicy::global_norm");
+            assert_eq!(norm, 0, "CpuPolicy::step of ClipPolicy::total_norm");
             assert_eq!(fused, 0, "CpuOptimizer::step");
             assert_eq!(unfused, 0, "CpuOptimizer::step_in_place");
         } else {

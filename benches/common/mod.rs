@@ -2,7 +2,7 @@
 //! the host gradient arena, the timed operations and their clipping settings.
 #![allow(dead_code)] // each user takes a different subset
 
-use gradclip::{bf16, f16, DType, GlobalNormClip, GradMut, GradRef, ValueClip};
+use gradclip::{bf16, f16, ClipPolicy, CpuPolicy, DType, GradMut, GradRef, TensorInfo, ValueClip};
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 1 << 16;
@@ -112,6 +112,15 @@ impl Flat {
             Flat::BF16(v) => split_mut(v, lens).into_iter().map(GradMut::from).collect(),
         }
     }
+    /// The total L2 norm of the tensors of lengths `lens` (the CPU oracle's).
+    pub fn total_norm(&self, lens: &[usize]) -> f64 {
+        let infos = TensorInfo::unnamed(lens.iter().copied());
+        let mut policy = CpuPolicy::new(ClipPolicy::total_norm(), &infos).expect("a measure");
+        let mut copy = self.clone();
+        let report = policy.step(&mut copy.muts(lens), None).expect("a norm");
+        report.total_norm
+    }
+
     pub fn reset_from(&mut self, pristine: &Flat) {
         match (self, pristine) {
             (Flat::F32(d), Flat::F32(s)) => par_copy(d, s),
@@ -150,6 +159,16 @@ impl Op {
             Op::Value => "value_clip",
         }
     }
+    /// The chain of the operation on a workload of total norm `norm`.
+    pub fn policy(self, norm: f64) -> ClipPolicy {
+        match self {
+            Op::Norm => ClipPolicy::total_norm(),
+            // coef about 0.5: every element is rewritten, none becomes subnormal.
+            Op::Clipping => ClipPolicy::global_norm((norm * 0.5) as f32),
+            Op::NotClipping => ClipPolicy::global_norm((norm * 10.0) as f32),
+            Op::Value => ClipPolicy::value_clip(value_clip()),
+        }
+    }
     /// Bytes moved per byte of gradients.
     pub fn traffic(self) -> f64 {
         match self {
@@ -170,21 +189,7 @@ impl Op {
     }
 }
 
-/// The clipping settings of one workload, derived from its norm.
-pub struct Params {
-    pub clipping: GlobalNormClip,
-    pub not_clipping: GlobalNormClip,
-    pub value: ValueClip,
-}
-
-impl Params {
-    pub fn new(norm: f64) -> Params {
-        Params {
-            // coef about 0.5: every element is rewritten, none becomes subnormal.
-            clipping: GlobalNormClip::new((norm * 0.5) as f32),
-            not_clipping: GlobalNormClip::new((norm * 10.0) as f32),
-            // One sigma: about a third of the elements clamp.
-            value: ValueClip::symmetric(SIGMA),
-        }
-    }
+/// The value clamp of the benchmarks: one sigma, about a third of the elements clamp.
+pub fn value_clip() -> ValueClip {
+    ValueClip::symmetric(SIGMA)
 }

@@ -5,7 +5,7 @@
 // Each user of this module takes part of it; the math indexes parallel arrays.
 #![allow(dead_code, clippy::needless_range_loop)]
 
-use gradclip::{Backend, ClipPolicy, Clipper, GpuContext, GradMonitor, GradMut, Rule, TensorInfo};
+use gradclip::{Backend, ClipPolicy, Clipper, GpuContext, GradMonitor, GradMut, TensorInfo};
 
 pub const INPUT: usize = 5;
 pub const HIDDEN: usize = 30;
@@ -327,9 +327,9 @@ impl GpuClipper {
         let infos: Vec<TensorInfo> = (TENSORS.iter())
             .map(|(name, shape)| TensorInfo::new(*name, shape))
             .collect();
-        let policy = ClipPolicy::new(Rule::GlobalNorm(max_norm)).with_group_report();
+        let policy = ClipPolicy::global_norm(max_norm).with_group_report();
         Ok(GpuClipper {
-            clipper: Clipper::on(Backend::Gpu(ctx.clone())).with_policy(policy, &infos)?,
+            clipper: Clipper::on(Backend::Gpu(ctx.clone()), policy, &infos)?,
             monitor: GradMonitor::new(),
         })
     }

@@ -4,7 +4,7 @@
 
 use super::rules::{Rule, UnitAxis};
 use super::state::{HEADER_WORDS, STAGE_PARAMS_WORDS, ST_CAP};
-use super::{ClipPolicy, PolicyState, TensorInfo};
+use super::{ChainKind, ClipPolicy, PolicyState, TensorInfo};
 use crate::error::ClipError;
 use crate::plan::PlanSegment;
 use crate::shaders::abi;
@@ -120,6 +120,8 @@ pub(crate) struct Program {
     /// The fingerprint its states record (`state::meaning_of`); empty for the global
     /// programs, whose states are never saved.
     pub meaning: Vec<u32>,
+    /// What a step does: stages, a measure or a clamp alone.
+    pub kind: ChainKind,
 }
 
 /// Where the units of one tensor lie: element `index` of the tensor has the coefficient of
@@ -215,6 +217,7 @@ impl Program {
             state_words: next.max(HEADER_WORDS),
             bases: Vec::new(),
             meaning: Vec::new(),
+            kind: ChainKind::Stages,
         }
     }
 
@@ -237,27 +240,6 @@ impl Program {
             state.words[stage.state_base + ST_CAP] = stage.history as u32;
         }
         state
-    }
-
-    /// The global-norm program over whole tensors of lengths `lens`, base threshold 1 (each
-    /// step's multiplier is its max_norm): PyTorch's `clip_grad_norm_` and the split API.
-    pub(crate) fn global(lens: &[u64]) -> Program {
-        let units = (lens.iter().enumerate())
-            .map(|(tensor, &len)| PlanSegment {
-                tensor,
-                first: 0,
-                len,
-                stride: 1,
-            })
-            .collect::<Vec<_>>();
-        let stage = plain_stage(
-            vec![0; lens.len()],
-            1,
-            vec![1.0],
-            vec!["all".into()],
-            Formula::PyTorch,
-        );
-        Program::with_state(units, vec![stage])
     }
 
     /// Resolves `policy` (its chain of norm stages) over tensors described by `infos`.
@@ -400,7 +382,7 @@ impl Program {
             }
             Rule::Masked(_) => unreachable!("stage_of takes the rule under its masks"),
         };
-        let stages = (policy.rules())
+        let mut stages: Vec<StagePlan> = (policy.rules())
             .map(|rule| {
                 let mut stage = stage_of(rule.inner());
                 let masked = |u: &PlanSegment| rule.masks(&infos[u.tensor].name);
@@ -417,8 +399,14 @@ impl Program {
                 stage
             })
             .collect();
+        if stages.is_empty() {
+            // A chain with no stage measures: one global stage whose infinite threshold
+            // never clips (a value clamp alone skips the stages altogether).
+            stages.push(global(f32::INFINITY));
+        }
         Ok(Program {
             meaning: super::state::meaning_of(policy, infos),
+            kind: policy.kind(),
             ..Program::with_state(units, stages)
         })
     }

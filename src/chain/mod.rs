@@ -24,7 +24,7 @@ pub(crate) use state::{
 
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
-use crate::norm::Norm;
+use crate::norm::{Norm, PartialNorm};
 use crate::ops::ValueClip;
 
 /// Gaussian noise added to every element after clipping: `N(0, sigma^2)` from
@@ -55,6 +55,15 @@ impl TensorInfo {
             name: name.into(),
             shape: shape.to_vec(),
         }
+    }
+
+    /// Flat tensors of lengths `lens`, named `#0`, `#1`, ... as unnamed GPU tensors are:
+    /// enough for every chain but those that match names or need shapes (groups, masks,
+    /// AGC on weights of rank 2 or more).
+    pub fn unnamed(lens: impl IntoIterator<Item = usize>) -> Vec<TensorInfo> {
+        (lens.into_iter().enumerate())
+            .map(|(i, len)| TensorInfo::new(format!("#{i}"), &[len as u64]))
+            .collect()
     }
 
     /// Number of elements (`u64::MAX` for a shape whose product does not fit, which every
@@ -90,10 +99,9 @@ impl TensorInfo {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ClipPolicy {
-    /// The first norm stage.
-    pub rule: Rule,
-    /// Further norm stages, in order ([`ClipPolicy::then`]).
-    pub then: Vec<Rule>,
+    /// The norm stages, in order ([`ClipPolicy::then`]); none for
+    /// [`ClipPolicy::total_norm`] and [`ClipPolicy::value_clip`].
+    stages: Vec<Rule>,
     /// Norm order of the norm-threshold rules (AGC and block RMS are L2 by definition).
     pub norm: Norm,
     /// Threshold multiplier over steps.
@@ -106,9 +114,20 @@ pub struct ClipPolicy {
     pub non_finite: NonFinitePolicy,
     /// Also report every group's (or unit's) norm and coefficient.
     pub report_groups: bool,
-    /// What was written before a later norm stage although it runs after every one
-    /// (noise or the value clamp), refused by [`ClipPolicy::validate`].
-    misordered: Option<&'static str>,
+    /// Why the chain as written cannot run as written (noise or a value clamp before a
+    /// later norm stage, say), refused by [`ClipPolicy::validate`].
+    refused: Option<&'static str>,
+}
+
+/// What a chain's step does, by the stages it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChainKind {
+    /// Norm stages: measure, scale, then noise and the clamp.
+    Stages,
+    /// No stage and no clamp: the total norm is measured, nothing is written.
+    Measure,
+    /// No stage, a clamp: one elementwise pass, no norm measured.
+    ValueOnly,
 }
 
 impl ClipPolicy {
@@ -117,15 +136,40 @@ impl ClipPolicy {
     /// propagated.
     pub fn new(rule: impl Into<Rule>) -> Self {
         ClipPolicy {
-            rule: rule.into(),
-            then: Vec::new(),
+            stages: vec![rule.into()],
+            ..ClipPolicy::total_norm()
+        }
+    }
+
+    /// Clipping by the norm of all tensors together to `max_norm` (PyTorch's
+    /// `clip_grad_norm_`, optax's `clip_by_global_norm`): `ClipPolicy::new(Rule::GlobalNorm(max_norm))`.
+    pub fn global_norm(max_norm: f32) -> Self {
+        ClipPolicy::new(Rule::GlobalNorm(max_norm))
+    }
+
+    /// No norm stage: a step measures the total norm of the gradients (PyTorch's
+    /// `get_total_norm`; the report's `total_norm`, and `partial` for the split API) and
+    /// writes nothing. [`ClipPolicy::then`] adds stages to it like to any chain.
+    pub fn total_norm() -> Self {
+        ClipPolicy {
+            stages: Vec::new(),
             norm: Norm::L2,
             schedule: Schedule::Constant,
             noise: None,
             value: None,
             non_finite: NonFinitePolicy::Propagate,
             report_groups: false,
-            misordered: None,
+            refused: None,
+        }
+    }
+
+    /// Every element clamped to `clip`'s bounds and nothing else (PyTorch's
+    /// `clip_grad_value_`): one elementwise pass that measures no norm, so the report's
+    /// norms are NaN. Noise and norm stages cannot be added to it.
+    pub fn value_clip(clip: ValueClip) -> Self {
+        ClipPolicy {
+            value: Some(clip),
+            ..ClipPolicy::total_norm()
         }
     }
 
@@ -138,20 +182,54 @@ impl ClipPolicy {
     /// before a norm stage (`.value(..).then(..)`) is refused by
     /// [`ClipPolicy::validate`] rather than run in another order than written.
     pub fn then(mut self, rule: impl Into<Rule>) -> Self {
-        if self.misordered.is_none() {
-            self.misordered = match (self.noise, self.value) {
-                (_, Some(_)) => Some("a value clamp"),
-                (Some(_), None) => Some("noise"),
+        if self.refused.is_none() {
+            self.refused = match (self.noise, self.value) {
+                (_, Some(_)) => Some(
+                    "a value clamp is written before a norm stage, but runs after every norm \
+                     stage: write .value(..) after the last .then(..)",
+                ),
+                (Some(_), None) => Some(
+                    "noise is written before a norm stage, but runs after every norm stage: \
+                     write .noise(..) after the last .then(..)",
+                ),
                 (None, None) => None,
             };
         }
-        self.then.push(rule.into());
+        self.stages.push(rule.into());
         self
     }
 
     /// The norm stages in order.
     pub fn rules(&self) -> impl Iterator<Item = &Rule> {
-        std::iter::once(&self.rule).chain(&self.then)
+        self.stages.iter()
+    }
+
+    /// What a step of this chain does.
+    pub(crate) fn kind(&self) -> ChainKind {
+        match (self.stages.is_empty(), self.value.is_some()) {
+            (false, _) => ChainKind::Stages,
+            (true, false) => ChainKind::Measure,
+            (true, true) => ChainKind::ValueOnly,
+        }
+    }
+
+    /// Checks that this chain can finish a step from the caller's total norm `total` (the
+    /// split API): its only stage is a global norm, of `total`'s order.
+    pub(crate) fn check_given(&self, total: &PartialNorm) -> Result<(), ClipError> {
+        if !matches!(self.stages[..], [Rule::GlobalNorm(_)]) {
+            return Err(ClipError::InvalidConfig(
+                "a given total norm finishes a global-norm chain (ClipPolicy::global_norm) only"
+                    .into(),
+            ));
+        }
+        if total.norm() != self.norm {
+            return Err(ClipError::InvalidConfig(format!(
+                "the given total is a {:?} norm, the chain clips by the {:?} norm",
+                total.norm(),
+                self.norm
+            )));
+        }
+        Ok(())
     }
 
     /// Uses norm order `norm`.
@@ -175,6 +253,12 @@ impl ClipPolicy {
     /// Clamps every element to `clip`'s bounds last, after scaling and noise, in the same
     /// elementwise pass.
     pub fn value(mut self, clip: ValueClip) -> Self {
+        if self.stages.is_empty() && self.refused.is_none() {
+            self.refused = Some(
+                "a value clamp on a chain with no norm stage: use ClipPolicy::value_clip for \
+                 a clamp alone, or add the norm stages first",
+            );
+        }
         self.value = Some(clip);
         self
     }
@@ -198,11 +282,13 @@ impl ClipPolicy {
 
     /// Checks the whole configuration.
     pub fn validate(&self) -> Result<(), ClipError> {
-        if let Some(what) = self.misordered {
-            return Err(ClipError::InvalidConfig(format!(
-                "{what} is written before a norm stage, but runs after every norm stage: \
-                 write .noise(..) and .value(..) after the last .then(..)"
-            )));
+        if let Some(why) = self.refused {
+            return Err(ClipError::InvalidConfig(why.into()));
+        }
+        if self.stages.is_empty() && self.noise.is_some() {
+            return Err(ClipError::InvalidConfig(
+                "noise needs a norm stage before it (DP-SGD clips, then adds noise)".into(),
+            ));
         }
         for rule in self.rules() {
             rule.validate()?;

@@ -1,12 +1,10 @@
 //! Host staging for the GPU backend of [`super::Clipper`]: host tensors mirrored in
-//! device buffers (cut into pieces where a tensor is larger than a buffer), copied in and
-//! back, and a chain planned over them.
+//! device buffers, copied in and back, and a chain planned over them.
 
 use crate::chain::{ClipPolicy, PolicyState, TensorInfo};
 use crate::dtype::{DType, GradMut, GradRef};
 use crate::error::ClipError;
-use crate::gpu::{GpuBatch, GpuContext, GpuPolicy, GpuTensor};
-use crate::norm::Norm;
+use crate::gpu::{GpuContext, GpuPolicy, GpuTensor};
 
 /// Host tensors mirrored in one device buffer (and its readback buffer), kept while their
 /// types and lengths stay the same so a training loop reuses buffers and plans.
@@ -136,121 +134,43 @@ fn bytes_of<'a>(grads: &'a [GradRef<'_>]) -> Vec<&'a [u8]> {
 /// Part of a host tensor: (tensor, first element, elements).
 pub(super) type Piece = (usize, usize, usize);
 
-/// The host tensors of the global operations in pieces that fit device buffers (a tensor
-/// larger than a buffer is cut), each buffer with its own batch.
-pub(super) struct Streamed {
-    pub(super) shapes: Vec<(DType, usize)>,
-    pub(super) mirrors: Mirrors,
-    /// One per buffer of `mirrors`.
-    pub(super) batches: Vec<GpuBatch>,
-}
-
-impl Streamed {
-    pub(super) fn new(
-        ctx: &GpuContext,
-        shapes: Vec<(DType, usize)>,
-    ) -> Result<Streamed, ClipError> {
-        let mirrors = Mirrors::new(ctx, &shapes, true)?;
-        let batches = (mirrors.groups.iter())
-            .map(|(pieces, mirror)| GpuBatch::new(ctx, &mirror.tensors(pieces, None)))
-            .collect::<Result<_, ClipError>>()?;
-        Ok(Streamed {
-            shapes,
-            mirrors,
-            batches,
-        })
-    }
-}
-
-/// The norm of a tensor from the norms of two of its parts (NaN and infinity propagate).
-pub(super) fn combine_norms(norm: Norm, a: f64, b: f64) -> f64 {
-    if a.is_nan() || b.is_nan() {
-        return f64::NAN;
-    }
-    match norm {
-        Norm::Inf => a.max(b),
-        _ => {
-            let p = norm.order();
-            let m = a.max(b);
-            if m == 0.0 || m.is_infinite() {
-                return m;
-            }
-            // Scaled by the larger part, so the powers stay in range.
-            m * ((a / m).powf(p) + (b / m).powf(p)).powf(1.0 / p)
-        }
-    }
-}
-
-/// Host tensors of `shapes` in groups that fit buffers of `cap` bytes, in tensor order.
-/// With `cut`, a tensor larger than a buffer is cut into pieces (at word boundaries);
-/// without, it is [`ClipError::TooLarge`].
-fn split(shapes: &[(DType, usize)], cap: u64, cut: bool) -> Result<Vec<Vec<Piece>>, ClipError> {
+/// Host tensors of `shapes` in groups that fit buffers of `cap` bytes, in tensor order,
+/// each tensor whole: one larger than a buffer is [`ClipError::TooLarge`].
+fn split(shapes: &[(DType, usize)], cap: u64) -> Result<Vec<Vec<Piece>>, ClipError> {
     let mut groups: Vec<Vec<Piece>> = vec![Vec::new()];
     let mut used = 0u64;
     for (t, &(dtype, len)) in shapes.iter().enumerate() {
-        let es = dtype.size();
-        if !cut && len as u64 * es > cap {
+        let bytes = len as u64 * dtype.size();
+        if bytes > cap {
             return Err(ClipError::TooLarge {
                 tensor: format!(
-                    "#{t} ({} bytes; a device buffer holds {cap})",
-                    len as u64 * es
+                    "#{t} ({bytes} bytes; a device buffer holds {cap}: clip it with \
+                     Backend::Cpu)"
                 ),
                 len: len as u64,
             });
         }
-        let mut first = 0;
-        loop {
-            let start = used.next_multiple_of(4);
-            let room = cap.saturating_sub(start) / es;
-            let rest = (len - first) as u64;
-            if rest <= room {
-                groups
-                    .last_mut()
-                    .expect("a group")
-                    .push((t, first, rest as usize));
-                used = start + rest * es;
-                break;
-            }
-            // Cut only what no buffer holds whole; an even count keeps the words of a cut
-            // 16-bit tensor whole on both sides.
-            let room = if es == 2 { room & !1 } else { room };
-            if used > 0 && (!cut || rest <= (cap / es) || room == 0) {
-                groups.push(Vec::new());
-                used = 0;
-                continue;
-            }
-            if room == 0 {
-                return Err(ClipError::TooLarge {
-                    tensor: format!("#{t} (device buffers of {cap} bytes)"),
-                    len: len as u64,
-                });
-            }
-            groups
-                .last_mut()
-                .expect("a group")
-                .push((t, first, room as usize));
-            first += room as usize;
+        let start = used.next_multiple_of(4);
+        if start + bytes > cap {
             groups.push(Vec::new());
             used = 0;
         }
+        let start = used.next_multiple_of(4);
+        groups.last_mut().expect("a group").push((t, 0, len));
+        used = start + bytes;
     }
     Ok(groups)
 }
 
-/// Host tensors in as many device buffers as they need, in tensor order: whole, or with
-/// `cut` in pieces where a tensor is larger than a buffer (see [`split`]).
+/// Host tensors in as many device buffers as they need, in tensor order, each whole.
 pub(super) struct Mirrors {
     pub(super) groups: Vec<(Vec<Piece>, Mirror)>,
 }
 
 impl Mirrors {
-    pub(super) fn new(
-        ctx: &GpuContext,
-        shapes: &[(DType, usize)],
-        cut: bool,
-    ) -> Result<Mirrors, ClipError> {
+    pub(super) fn new(ctx: &GpuContext, shapes: &[(DType, usize)]) -> Result<Mirrors, ClipError> {
         let cap = ctx.device().limits().max_buffer_size & !3;
-        let groups = (split(shapes, cap, cut)?.into_iter())
+        let groups = (split(shapes, cap)?.into_iter())
             .map(|pieces| {
                 let piece_shapes = pieces.iter().map(|&(t, _, n)| (shapes[t].0, n)).collect();
                 Ok((pieces, Mirror::new(ctx, piece_shapes)?))
@@ -336,9 +256,9 @@ impl GpuChain {
         grads: &[GradRef<'_>],
         params: Option<&[GradRef<'_>]>,
     ) -> Result<GpuChain, ClipError> {
-        let grads = Mirrors::new(ctx, &shapes_of(grads), false)?;
+        let grads = Mirrors::new(ctx, &shapes_of(grads))?;
         let params = params
-            .map(|p| Mirrors::new(ctx, &shapes_of(p), false))
+            .map(|p| Mirrors::new(ctx, &shapes_of(p)))
             .transpose()?;
         let tensors = grads.tensors(infos);
         let param_tensors = params.as_ref().map(|m| m.tensors(infos));
@@ -363,33 +283,19 @@ mod tests {
     }
 
     #[test]
-    fn whole_tensors_fill_buffers_exactly_and_cut_ones_keep_whole_words() {
-        // An odd number of f32 that fills a buffer exactly stays whole.
+    fn whole_tensors_fill_buffers_exactly_and_larger_ones_are_refused() {
+        // An odd number of f32 that fills a buffer exactly stays in it.
         let cap = 4 * 7;
-        let g = split(&[(DType::F32, 7), (DType::F32, 3)], cap, false).unwrap();
+        let g = split(&[(DType::F32, 7), (DType::F32, 3)], cap).unwrap();
         assert_eq!(lens(&g), vec![vec![(0, 7)], vec![(1, 3)]]);
-        // Without cutting, a tensor larger than a buffer is an error.
-        let e = split(&[(DType::F32, 8)], cap, false).unwrap_err();
-        assert!(matches!(e, ClipError::TooLarge { .. }));
-        // Cutting: 16-bit pieces hold an even count, f32 pieces fill the buffer.
-        let g = split(&[(DType::F16, 11), (DType::F32, 9)], 12, true).unwrap();
-        assert!(g
-            .iter()
-            .flatten()
-            .all(|&(t, first, n)| t == 1 || (first % 2 == 0 && n <= 6)));
-        let total: usize = g.iter().flatten().map(|p| p.2).sum();
-        assert_eq!(total, 20);
-        for group in &g {
-            let bytes: u64 = (group.iter())
-                .map(|&(t, _, n)| (n as u64 * if t == 0 { 2 } else { 4 }).next_multiple_of(4))
-                .sum();
-            assert!(bytes <= 12, "{g:?}");
-        }
-        // A buffer smaller than one element never loops.
-        let e = split(&[(DType::F32, 3)], 2, true).unwrap_err();
+        // Every tensor starts on a whole word: 3 halves take 6 bytes, the next starts at 8.
+        let g = split(&[(DType::F16, 3), (DType::F16, 1), (DType::F32, 1)], 12).unwrap();
+        assert_eq!(lens(&g), vec![vec![(0, 3), (1, 1)], vec![(2, 1)]]);
+        // A tensor larger than a buffer is an error.
+        let e = split(&[(DType::F32, 8)], cap).unwrap_err();
         assert!(matches!(e, ClipError::TooLarge { .. }));
         // Empty tensors take no room.
-        let g = split(&[(DType::BF16, 0), (DType::F32, 1)], 4, true).unwrap();
+        let g = split(&[(DType::BF16, 0), (DType::F32, 1)], 4).unwrap();
         assert_eq!(lens(&g), vec![vec![(0, 0), (1, 1)]]);
     }
 }

@@ -1,5 +1,6 @@
-//! The CPU engine's `rewrite` over whole tensors with one coefficient (the global family's
-//! fast path; `shaders/rewrite.wgsl` on the GPU): scale, or clamp to bounds, in place.
+//! The CPU engine's `rewrite` over whole tensors with one coefficient (the fast path of a
+//! global norm and of a value clamp alone; `shaders/rewrite.wgsl` on the GPU): scale, or
+//! clamp to bounds, in place.
 //! Arithmetic is in f32 and 16-bit results round to nearest even, as on the GPU.
 
 use crate::dtype::GradMut;

@@ -16,8 +16,8 @@ use super::apply::{self, bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::{self, BLOCK};
 use super::philox::gaussian_noise;
 use crate::chain::{
-    Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP, ST_MEAN,
-    ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
+    ChainKind, Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP,
+    ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::non_finite::NonFinitePolicy;
@@ -491,7 +491,8 @@ pub(crate) fn rewrite(
     finish: &Finish,
     step: &CpuStep,
 ) {
-    if finish.status & STATUS_HELD != 0 {
+    // A held step, or a chain that only measures, writes nothing.
+    if finish.status & STATUS_HELD != 0 || program.kind == ChainKind::Measure {
         return;
     }
     let zero_nans = step.policy == NonFinitePolicy::ZeroNans;

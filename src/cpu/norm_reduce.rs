@@ -541,15 +541,8 @@ fn tensor_acc(g: &GradRef<'_>, norm: Norm) -> NormAcc {
     }
 }
 
-/// One accumulator per tensor, in batch order; blocks run in parallel and combine in order.
-pub(crate) fn tensor_accs(grads: &[GradRef<'_>], norm: Norm) -> Vec<NormAcc> {
-    let mut accs = Vec::new();
-    tensor_accs_into(grads.len(), |t| grads[t], norm, &mut accs);
-    accs
-}
-
-/// [`tensor_accs`] of the `count` tensors `grad(t)`, into `accs` (whose buffer a warm
-/// step reuses).
+/// One accumulator per tensor of the `count` tensors `grad(t)`, in order, into `accs`
+/// (whose buffer a warm step reuses); blocks run in parallel and combine in order.
 pub(crate) fn tensor_accs_into<'g>(
     count: usize,
     grad: impl Fn(usize) -> GradRef<'g> + Sync,

@@ -4,10 +4,14 @@
 
 use std::sync::Arc;
 
+use super::apply;
 use super::engine::{self, CpuStep};
-use crate::chain::{check_shapes, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout};
+use crate::chain::{
+    check_shapes, ChainKind, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout,
+};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
+use crate::norm::PartialNorm;
 use crate::report::STATUS_HELD;
 use crate::report::{ClipReport, PolicyOutcome, ReportShape, StageOutcome, UnitNorms};
 
@@ -147,7 +151,33 @@ impl CpuPolicy {
         let params = params.filter(|_| self.program.needs_params());
         // Nothing fails from here on: the step runs on the kept state and buffers.
         let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
+        if program.kind == ChainKind::ValueOnly {
+            // The clamp alone: one pass, no norm.
+            apply::clamp(grads, self.policy.value.as_ref().expect("a clamp alone"));
+            self.state.step = self.state.step.wrapping_add(1);
+            let units = program.units.len() as u32;
+            return Ok(ClipReport::value_only(step.step, step.norm, units));
+        }
         engine::run(grads, params, program, &step, state, true, out);
+        self.commit(step)
+    }
+
+    /// Runs one step of a global-norm chain (`ClipPolicy::global_norm`, with its
+    /// schedule, non-finite policy and value clamp) with the total norm `total` instead of
+    /// the norm of `grads`: the second half of the split API (PyTorch's
+    /// `clip_grads_with_norm_`), after every shard's [`PartialNorm`] (the `partial` of a
+    /// [`ClipPolicy::total_norm`] step's report) was combined. Another chain, or a norm
+    /// of another order, is an error that changes nothing.
+    pub fn step_with_norm(
+        &mut self,
+        grads: &mut [GradMut<'_>],
+        total: &PartialNorm,
+    ) -> Result<ClipReport, ClipError> {
+        let mut step = self.check(grads.iter().map(|g| g.as_ref().len() as u64), None)?;
+        self.policy.check_given(total)?;
+        step.given = Some(total.acc());
+        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
+        engine::run(grads, None, program, &step, state, false, out);
         self.commit(step)
     }
 
@@ -205,7 +235,8 @@ impl CpuPolicy {
     pub(crate) fn commit(&mut self, step: CpuStep) -> Result<ClipReport, ClipError> {
         self.state.step = self.state.step.wrapping_add(1);
         let out = &self.outcome;
-        let detail = self.policy.report_groups.then(|| UnitNorms {
+        // A step from a given total has no unit norms to detail.
+        let detail = (self.policy.report_groups && step.given.is_none()).then(|| UnitNorms {
             groups: out
                 .stages
                 .last()

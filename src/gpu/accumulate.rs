@@ -2,11 +2,11 @@
 //! are added into accumulation buffers with the 1/k scaling folded in, and a
 //! [`GpuPolicy`] clips the sums once per accumulation, in the same command encoder.
 
-use super::batch::{plan_tensors, GpuTensor};
 use super::context::{guarded, GpuContext};
 use super::policy::GpuPolicy;
 use super::readback::PendingReport;
 use super::resources::{bind, table, timestamp_writes, whole, window, DispatchSlots, Timestamps};
+use super::tensor::{plan_tensors, GpuTensor};
 use crate::chain::ClipPolicy;
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;

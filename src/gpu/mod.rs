@@ -2,7 +2,6 @@
 //! and encoded step by step without a host round trip, reports read back asynchronously.
 
 mod accumulate;
-mod batch;
 mod context;
 mod deferred;
 mod engine;
@@ -14,9 +13,9 @@ mod readback;
 mod reduction;
 mod resources;
 mod sharded;
+mod tensor;
 
 pub use accumulate::GpuAccumulator;
-pub use batch::{GpuBatch, GpuTensor};
 pub use context::GpuContext;
 pub use deferred::DeferredClip;
 pub use optimizer::GpuOptimizer;
@@ -24,3 +23,4 @@ pub use per_example::GpuPerExample;
 pub use policy::GpuPolicy;
 pub use readback::{PendingReport, ReportFuture};
 pub use sharded::ShardedGpuPolicy;
+pub use tensor::GpuTensor;

@@ -3,12 +3,12 @@
 //! `tick` counts the step and `update` clips each gradient as it reads it and updates the
 //! f32 parameters and their state. The CPU twin is [`crate::CpuOptimizer`].
 
-use super::batch::{infos_of, plan_inputs, plan_limits, GpuTensor};
 use super::context::{guarded, GpuContext};
 use super::engine::Mode;
 use super::policy::GpuPolicy;
 use super::readback::{read_words, PendingReport};
 use super::resources::{bind, range, storage_init, storage_zeroed, table, whole, DispatchSlots};
+use super::tensor::{infos_of, plan_inputs, plan_limits, GpuTensor};
 use crate::chain::{check_shapes, ClipPolicy, PolicyState};
 use crate::error::ClipError;
 use crate::optim::{check_lr, Optimizer, OptimizerState};

@@ -4,12 +4,12 @@
 
 use std::num::NonZeroU64;
 
-use super::batch::{infos_of, GpuTensor};
 use super::context::{guarded, GpuContext};
 use super::engine::{Mode, Step};
 use super::policy::GpuPolicy;
 use super::readback::{decode_units, PendingReport};
 use super::resources::{bind, whole, DispatchSlots};
+use super::tensor::{infos_of, GpuTensor};
 use crate::chain::{
     clipped_per_tensor, ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule,
 };

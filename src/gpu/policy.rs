@@ -4,14 +4,17 @@
 
 use std::sync::Arc;
 
-use super::batch::{infos_of, GpuTensor};
 use super::context::GpuContext;
 use super::deferred::DeferredClip;
 use super::engine::{Engine, Mode, Step};
 use super::readback::{decode_stages, decode_units, words_in, PendingReport, ReadbackLayout};
 use super::resources::StepParams;
-use crate::chain::{check_shapes, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo};
+use super::tensor::{given_acc, infos_of, GpuTensor};
+use crate::chain::{
+    check_shapes, ChainKind, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo,
+};
 use crate::error::ClipError;
+use crate::norm::PartialNorm;
 use crate::report::{ClipReport, PolicyOutcome, ReportShape};
 use crate::shaders::abi::Acc;
 
@@ -32,7 +35,7 @@ pub struct GpuPolicy {
 impl std::fmt::Debug for GpuPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuPolicy")
-            .field("rule", &self.policy.rule)
+            .field("stages", &self.policy.rules().count())
             .field("tensors", &self.n_tensors)
             .field("units", &self.units())
             .field("step", &self.step)
@@ -186,7 +189,8 @@ impl GpuPolicy {
             policy: policy.non_finite.code(),
             p: order,
             inv_p: 1.0 / order,
-            rule: 1,
+            // A clamp alone scales nothing (its coefficients are never computed).
+            rule: (self.engine.program().kind != ChainKind::ValueOnly) as u32,
             multiplier: policy.schedule.checked(self.step)?,
             sigma: noise.sigma,
             seed_lo: noise.seed as u32,
@@ -248,8 +252,65 @@ impl GpuPolicy {
         mode: Mode,
     ) -> Result<PendingReport<ClipReport>, ClipError> {
         let params = self.params(None)?;
+        let kind = self.engine.program().kind;
+        if kind == ChainKind::ValueOnly && mode == Mode::Clip {
+            return self.encode_value_only(encoder, params);
+        }
+        let mode = match (kind, mode) {
+            (ChainKind::Measure, Mode::Clip) => Mode::Measure,
+            _ => mode,
+        };
         let step = self.step_of(params, mode);
         self.encode_policy(encoder, step, |_, _| {})
+    }
+
+    /// Records the step of a clamp alone: the rewrite and nothing else; its report, which
+    /// holds no norm, is ready at once.
+    fn encode_value_only(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        params: StepParams,
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
+        let step = self.step_of(params, Mode::ValueOnly);
+        self.engine.encode(encoder, step, |_, _| {})?;
+        let n = self.step;
+        self.step = self.step.wrapping_add(1);
+        let units = self.engine.layout().n_units() as u32;
+        let report = ClipReport::value_only(n, self.policy.norm, units);
+        let device = self.engine.ctx().inner.device.clone();
+        Ok(PendingReport::ready(self.engine.pool(), device, report))
+    }
+
+    /// Records one step of a global-norm chain (`ClipPolicy::global_norm`, with its
+    /// schedule, non-finite policy and value clamp) that clips by the total norm `total`
+    /// instead of measuring the gradients: the second half of the split API (PyTorch's
+    /// `clip_grads_with_norm_`), after every shard's [`PartialNorm`] (the `partial` of a
+    /// [`ClipPolicy::total_norm`] step's report) was combined. Another chain, or a norm
+    /// of another order, is an error before anything is recorded.
+    pub fn encode_with_norm(
+        &mut self,
+        encoder: &mut wgpu::CommandEncoder,
+        total: &PartialNorm,
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
+        self.policy.check_given(total)?;
+        let params = StepParams {
+            given: given_acc(total),
+            use_given: 1,
+            ..self.params(None)?
+        };
+        let step = Step {
+            units: false,
+            ..self.step_of(params, Mode::GivenNorm)
+        };
+        self.encode_policy(encoder, step, |_, _| {})
+    }
+
+    /// [`GpuPolicy::encode_with_norm`], submitted now.
+    pub fn step_with_norm(
+        &mut self,
+        total: &PartialNorm,
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
+        self.submit_with(|policy, encoder| policy.encode_with_norm(encoder, total))
     }
 
     /// Records `step` (with `extra` dispatches after its stages) and returns its policy
@@ -260,11 +321,11 @@ impl GpuPolicy {
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<PendingReport<ClipReport>, ClipError> {
+        let detail = step.units;
         let (readback, step) = self.encode_step(encoder, step, extra)?;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
-        let detail = self.policy.report_groups;
         let layout = self.engine.layout();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
             PolicyOutcome {

@@ -16,9 +16,8 @@ use futures_intrusive::channel::shared::{oneshot_channel, OneshotReceiver, Onesh
 use super::context::{guarded, GpuContext};
 use crate::chain::Program;
 use crate::error::ClipError;
-use crate::non_finite::NonFinitePolicy;
-use crate::norm::{Norm, NormAcc};
-use crate::report::{ClipReport, GlobalOutcome, StageOutcome, UnitNorms};
+use crate::norm::NormAcc;
+use crate::report::{ClipReport, StageOutcome, UnitNorms};
 use crate::shaders::abi::{self, Acc, StepReport, ACC_BYTES};
 
 const PENDING: u8 = 0;
@@ -143,21 +142,6 @@ pub(crate) fn words_in(words: &[u32], bytes: Range<u64>) -> &[u32] {
     &words[(bytes.start / 4) as usize..(bytes.end / 4) as usize]
 }
 
-/// What a global-norm report means: a norm only, or a clipping step.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ReportKind {
-    pub norm: Norm,
-    pub clip: Option<NonFinitePolicy>,
-    pub max_norm: Option<f32>,
-    pub tensor_norms: bool,
-    /// Where the readback's parts lie.
-    pub layout: ReadbackLayout,
-    /// The batch's number of the step (its report's, and [`ClipError::StepOverwritten`]'s).
-    pub step: u64,
-    /// Tensors of the batch.
-    pub tensors: u32,
-}
-
 /// How a report's mapping ended, shared by the report, the mapping's callback and the
 /// report's waiting thread: `state` for blocking readers, and a oneshot that fires once with
 /// the outcome (`MAPPED` or `FAILED`, or `PENDING` when the step was never submitted) for
@@ -225,6 +209,26 @@ impl<R> PendingReport<R> {
         }
     }
 
+    /// A report known without reading anything back (a step that measures nothing).
+    pub(crate) fn ready(pool: Arc<ReportPool>, device: wgpu::Device, report: R) -> PendingReport<R>
+    where
+        R: Send + Sync + 'static,
+    {
+        let (send, receive) = oneshot_channel();
+        let _ = send.send(MAPPED);
+        PendingReport {
+            buffer: None,
+            signal: Arc::new(Signal {
+                state: AtomicU8::new(MAPPED),
+                send,
+                receive,
+            }),
+            pool,
+            device,
+            decode: Some(Box::new(move |_| Ok(report))),
+        }
+    }
+
     /// True once the report can be read without waiting (polls the device, never blocks).
     pub fn is_ready(&self) -> bool {
         let _ = self.device.poll(wgpu::PollType::Poll);
@@ -250,10 +254,11 @@ impl<R> PendingReport<R> {
                 ))
             }
         }
-        let buffer = self
-            .buffer
-            .take()
-            .expect("report buffer present until read");
+        let decode = self.decode.take().expect("decoder present until read");
+        // A report known at once has no buffer.
+        let Some(buffer) = self.buffer.take() else {
+            return decode(&[]);
+        };
         let words: Vec<u32> = {
             let view = buffer
                 .get_mapped_range(..)
@@ -264,7 +269,6 @@ impl<R> PendingReport<R> {
         };
         buffer.unmap();
         self.pool.give_back(buffer);
-        let decode = self.decode.take().expect("decoder present until read");
         decode(&words)
     }
 }
@@ -431,43 +435,6 @@ pub(crate) fn decode_stages(words: &[u32], layout: &ReadbackLayout) -> Vec<Stage
             }
         })
         .collect()
-}
-
-/// A global-norm step's report from the engine's header and, when asked, unit norms.
-pub(crate) fn decode_clip(words: &[u32], kind: ReportKind) -> Result<ClipReport, ClipError> {
-    let header: StepReport = abi::read(words);
-    if header.status & abi::STATUS_STALE != 0 {
-        return Err(ClipError::StepOverwritten(kind.step));
-    }
-    let acc = header.norm.into();
-    // A global program: its units are the tensors.
-    let tensor_norms = kind.tensor_norms.then(|| {
-        accs(words_in(words, kind.layout.units()))
-            .iter()
-            .map(|a| a.total(kind.norm))
-            .collect()
-    });
-    let (coef, status, policy) = match kind.clip {
-        Some(policy) => (header.coef, header.status, policy),
-        // A norm-only step scales nothing, whatever the finishing pass computed.
-        None => (
-            1.0,
-            header.status & abi::STATUS_NONFINITE,
-            NonFinitePolicy::Propagate,
-        ),
-    };
-    GlobalOutcome {
-        step: kind.step,
-        norm: kind.norm,
-        acc,
-        coef,
-        status,
-        policy,
-        tensors: kind.tensors,
-        tensor_norms,
-        max_norm: kind.max_norm,
-    }
-    .report()
 }
 
 /// The words of `buffer`, read back through a staging buffer of its size (waits for the

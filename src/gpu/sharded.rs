@@ -3,10 +3,10 @@
 //! (`src/shard`), then the stages and the rewrite from the merged norms in a second one.
 //! The CPU twin is `src/cpu/sharded.rs`.
 
-use super::batch::GpuTensor;
 use super::context::GpuContext;
 use super::engine::Mode;
 use super::policy::GpuPolicy;
+use super::tensor::GpuTensor;
 use crate::chain::{ClipPolicy, PolicyState, Program, TensorInfo};
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};

@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use gradclip::{
-    bf16, f16, Agc, AutoClip, BlockRmsClip, GpuBatch, GpuContext, GpuTensor, GradMut, GradRef,
-    GroupClip, PerTensorClip, Rule, UnitAxis, ZClip,
+    bf16, f16, Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuPolicy, GpuContext, GpuPolicy,
+    GpuTensor, GradMut, GradRef, GroupClip, PerTensorClip, Rule, TensorInfo, UnitAxis, ZClip,
 };
 pub mod sharded;
 
@@ -202,9 +202,9 @@ pub fn upload(ctx: &GpuContext, h: &[Host]) -> Arena {
     }
 }
 
-pub fn batch(ctx: &GpuContext, arena: &Arena, h: &[Host]) -> GpuBatch {
-    let tensors: Vec<GpuTensor<'_>> = h
-        .iter()
+/// The arena's tensors as unnamed `GpuTensor`s (named `#0`, `#1`, ... by the runners).
+pub fn tensors<'a>(arena: &'a Arena, h: &[Host]) -> Vec<GpuTensor<'a>> {
+    h.iter()
         .zip(&arena.offsets)
         .map(|(t, &o)| {
             GpuTensor::new(
@@ -214,8 +214,25 @@ pub fn batch(ctx: &GpuContext, arena: &Arena, h: &[Host]) -> GpuBatch {
                 t.as_ref().dtype(),
             )
         })
-        .collect();
-    GpuBatch::new(ctx, &tensors).expect("valid batch")
+        .collect()
+}
+
+/// A GPU runner of `policy` over the arena's tensors, unnamed (what `GpuBatch` was, with
+/// the chain fixed at construction). Panics on an invalid batch or policy: tests of bad
+/// input call `GpuPolicy::new` themselves.
+pub fn batch(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
+    GpuPolicy::new(ctx, &tensors(arena, h), None, policy).expect("valid batch")
+}
+
+/// Descriptions of `h` as flat unnamed tensors (`#0`, `#1`, ...).
+pub fn unnamed(h: &[Host]) -> Vec<TensorInfo> {
+    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
+}
+
+/// A CPU runner of `policy` over tensors shaped like `h`, unnamed (the oracle that the old
+/// one-shot `gradclip::cpu` functions were): its first step is step 0.
+pub fn cpu_policy(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
+    CpuPolicy::new(policy, &unnamed(h)).expect("valid CPU policy")
 }
 
 pub fn read_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer, size: u64) -> Vec<u8> {

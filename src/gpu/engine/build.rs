@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use crate::chain::{Program, NO_GROUP};
 use crate::error::ClipError;
-use crate::gpu::batch::{plan_tensors, GpuTensor};
 use crate::gpu::context::{guarded, GpuContext};
 use crate::gpu::readback::{ReadbackLayout, ReportPool, REPORT_BYTES};
 use crate::gpu::reduction::SegmentReduction;
@@ -13,6 +12,7 @@ use crate::gpu::resources::{
     bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
     StepSlots,
 };
+use crate::gpu::tensor::{plan_tensors, GpuTensor};
 use crate::plan::{fold_grid, Plan};
 use crate::shaders::abi::{StageParams, ACC_BYTES};
 use crate::shaders::BindLayout;

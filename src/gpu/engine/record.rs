@@ -1,6 +1,7 @@
 //! Recording a step: what it runs (its list of dispatches, the one decision), the
 //! pipelines that list needs, and its replay into one compute pass.
 
+use crate::chain::ChainKind;
 use crate::error::ClipError;
 use crate::gpu::resources::{timestamp_writes, StepParams};
 use crate::norm::Norm;
@@ -47,7 +48,8 @@ impl Engine {
                 out.push(Dispatch::Undo(k));
             }
         }
-        if step.mode.rewrite() {
+        // A chain that only measures writes nothing, whatever the mode of the step.
+        if step.mode.rewrite() && self.program.kind != ChainKind::Measure {
             out.push(Dispatch::Rewrite {
                 indirect: step.mode != Mode::ValueOnly,
             });

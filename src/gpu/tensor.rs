@@ -1,0 +1,134 @@
+//! Gradient tensors in caller-owned buffers, and how they are checked and planned.
+
+use super::context::GpuContext;
+use crate::chain::TensorInfo;
+use crate::dtype::DType;
+use crate::error::ClipError;
+use crate::norm::PartialNorm;
+use crate::plan::{Plan, PlanLimits, PlanSegment, PlanTensor};
+use crate::shaders::abi::Acc;
+
+/// One gradient tensor inside a caller-owned `wgpu::Buffer`.
+#[derive(Debug, Clone)]
+pub struct GpuTensor<'a> {
+    /// The buffer; it needs `BufferUsages::STORAGE`.
+    pub buffer: &'a wgpu::Buffer,
+    /// Byte offset of the first element; a multiple of the element size.
+    pub offset: u64,
+    /// Number of elements.
+    pub len: u64,
+    /// Element type.
+    pub dtype: DType,
+    /// Optional name, used in error messages and matched by policy name patterns.
+    pub name: Option<String>,
+    /// Optional shape (its product must be `len`), needed by AGC for weights of rank >= 2.
+    pub shape: Option<Vec<u64>>,
+}
+
+impl<'a> GpuTensor<'a> {
+    /// A tensor of `len` elements of `dtype` at byte `offset` of `buffer`.
+    pub fn new(buffer: &'a wgpu::Buffer, offset: u64, len: u64, dtype: DType) -> Self {
+        GpuTensor {
+            buffer,
+            offset,
+            len,
+            dtype,
+            name: None,
+            shape: None,
+        }
+    }
+
+    /// Gives the tensor a shape (for AGC units).
+    pub fn shaped(mut self, shape: &[u64]) -> Self {
+        self.shape = Some(shape.to_vec());
+        self
+    }
+
+    /// Name and shape as policies see them (`#i` and `[len]` when not given).
+    pub(crate) fn info(&self, i: usize) -> TensorInfo {
+        TensorInfo {
+            name: self.name.clone().unwrap_or_else(|| format!("#{i}")),
+            shape: self.shape.clone().unwrap_or_else(|| vec![self.len]),
+        }
+    }
+
+    /// Gives the tensor a name.
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+/// The names and shapes of `tensors` (unnamed ones are `#index`).
+pub(crate) fn infos_of(tensors: &[GpuTensor<'_>]) -> Vec<TensorInfo> {
+    tensors.iter().enumerate().map(|(i, t)| t.info(i)).collect()
+}
+
+/// The planner's view of `tensors` (shard starts `bases`) and the distinct buffers it
+/// indexes; checks that every buffer can be bound as storage.
+pub(crate) fn plan_inputs<'a>(
+    tensors: &[GpuTensor<'a>],
+    bases: &[u64],
+) -> Result<(Vec<PlanTensor>, Vec<&'a wgpu::Buffer>), ClipError> {
+    let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
+    let mut plan_tensors = Vec::with_capacity(tensors.len());
+    for (i, t) in tensors.iter().enumerate() {
+        let name = t.name.clone().unwrap_or_else(|| format!("#{i}"));
+        if !t.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(ClipError::MissingStorageUsage { tensor: name });
+        }
+        let buffer = match buffers.iter().position(|b| *b == t.buffer) {
+            Some(b) => b,
+            None => {
+                buffers.push(t.buffer);
+                buffers.len() - 1
+            }
+        };
+        plan_tensors.push(PlanTensor {
+            buffer,
+            buffer_size: t.buffer.size(),
+            offset: t.offset,
+            len: t.len,
+            dtype: t.dtype,
+            name,
+            base: bases.get(i).copied().unwrap_or(0),
+        });
+    }
+    Ok((plan_tensors, buffers))
+}
+
+/// The limits of `ctx`'s device that shape a plan.
+pub(crate) fn plan_limits(ctx: &GpuContext) -> PlanLimits {
+    let limits = ctx.inner.device.limits();
+    PlanLimits {
+        max_binding: limits.max_storage_buffer_binding_size,
+        offset_alignment: limits.min_storage_buffer_offset_alignment as u64,
+        max_workgroups_per_dim: limits.max_compute_workgroups_per_dimension,
+    }
+}
+
+/// Checks `tensors` and plans them over the segments `segments` makes of them; returns
+/// the plan and the distinct buffers its windows index.
+pub(crate) fn plan_tensors<'a>(
+    ctx: &GpuContext,
+    tensors: &[GpuTensor<'a>],
+    bases: &[u64],
+    segments: impl FnOnce(&[PlanTensor]) -> Vec<PlanSegment>,
+) -> Result<(Plan, Vec<&'a wgpu::Buffer>), ClipError> {
+    let (plan_tensors, buffers) = plan_inputs(tensors, bases)?;
+    let segments = segments(&plan_tensors);
+    let plan = Plan::new(&plan_tensors, &segments, plan_limits(ctx))?;
+    Ok((plan, buffers))
+}
+
+/// A host partial norm as the shader's f32 `Acc`; a scale beyond f32 range is moved to
+/// f32::MAX with its sum rescaled.
+pub(crate) fn given_acc(total: &PartialNorm) -> Acc {
+    let d = total.acc().on_device(total.norm());
+    Acc {
+        scale: d.scale as f32,
+        sum: d.sum as f32,
+        flags: d.flags,
+        _pad: 0,
+    }
+}
