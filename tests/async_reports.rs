@@ -3,31 +3,8 @@
 
 mod common;
 
-use common::{close, gpu, host, upload, write, Arena, Host};
-use gradclip::{
-    ClipError, ClipPolicy, ClipReport, CpuPolicy, GpuContext, GpuPolicy, GpuTensor, GradMut,
-    TensorInfo,
-};
-
-/// Flat unnamed tensors shaped like `h` (`#0`, `#1`, ...).
-fn unnamed_infos(h: &[Host]) -> Vec<TensorInfo> {
-    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
-}
-
-/// A GPU runner of `policy` over the arena's tensors, unnamed.
-fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
-    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
-        .map(|(t, &o)| {
-            GpuTensor::new(
-                &arena.buffer,
-                o,
-                t.as_ref().len() as u64,
-                t.as_ref().dtype(),
-            )
-        })
-        .collect();
-    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
-}
+use common::{close, gpu, gpu_policy, host, unnamed, upload, write, Host};
+use gradclip::{ClipError, ClipPolicy, ClipReport, CpuPolicy, GpuPolicy, GradMut};
 
 /// Three steps of a global clip at max norm 1: a large batch (clips), the same batch
 /// after clipping (does not), then new gradients written between the steps.
@@ -47,7 +24,7 @@ fn steps() -> [Vec<Host>; 2] {
 /// The oracle's reports of the same three steps (one runner: steps 0, 1, 2).
 fn cpu_reports(clip: &ClipPolicy) -> Vec<ClipReport> {
     let [mut g, mut third] = steps();
-    let mut run = CpuPolicy::new(clip.clone(), &unnamed_infos(&g)).unwrap();
+    let mut run = CpuPolicy::new(clip.clone(), &unnamed(&g)).unwrap();
     let mut step = |g: &mut [Host]| {
         let mut m: Vec<GradMut<'_>> = g.iter_mut().map(|t| t.as_mut()).collect();
         run.step(&mut m, None).unwrap()
@@ -85,7 +62,7 @@ fn reports_of_steps_in_flight_are_awaited_in_any_order() {
     let [first, third] = steps();
     let arena = upload(&ctx, &first);
     let clip = ClipPolicy::global_norm(1.0);
-    let mut batch: GpuPolicy = gpu_run(&ctx, &arena, &first, clip.clone());
+    let mut batch: GpuPolicy = gpu_policy(&ctx, &arena, &first, clip.clone());
 
     let mut pending = Vec::new();
     for k in 0..3 {
@@ -122,7 +99,7 @@ fn awaiting_and_waiting_give_the_same_report() {
     let mut reports = Vec::new();
     for awaited in [false, true] {
         let arena = upload(&ctx, &first);
-        let mut batch = gpu_run(&ctx, &arena, &first, clip.clone());
+        let mut batch = gpu_policy(&ctx, &arena, &first, clip.clone());
         let mut encoder = ctx.device().create_command_encoder(&Default::default());
         let p = batch.encode(&mut encoder).unwrap();
         ctx.queue().submit([encoder.finish()]);
@@ -141,7 +118,7 @@ fn a_step_never_submitted_resolves_to_an_error() {
     let ctx = gpu();
     let [first, _] = steps();
     let arena = upload(&ctx, &first);
-    let mut batch = gpu_run(&ctx, &arena, &first, ClipPolicy::global_norm(1.0));
+    let mut batch = gpu_policy(&ctx, &arena, &first, ClipPolicy::global_norm(1.0));
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let p = batch.encode(&mut encoder).unwrap();
     drop(encoder);

@@ -77,7 +77,7 @@ fn bad_parameters_are_rejected_on_both_paths() {
     // A valid runner given a total norm its chain cannot use is refused before it
     // writes anything: a chain other than one global norm, or another norm order.
     let zero = PartialNorm::zero(Norm::L2);
-    let mut b = batch(
+    let mut b = gpu_policy(
         &ctx,
         &arena,
         &h,

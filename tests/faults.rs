@@ -85,7 +85,7 @@ fn shapes_and_batches_beyond_reason_are_typed_errors() {
     let split = ClipPolicy::global_norm(1.0)
         .norm(tiny.norm())
         .non_finite(policy);
-    let rg = common::batch(&ctx, &arena, &g, split.clone()).step_with_norm(&tiny);
+    let rg = common::gpu_policy(&ctx, &arena, &g, split.clone()).step_with_norm(&tiny);
     let mut c = g.clone();
     let rc = (common::cpu_policy(split, &g).step_with_norm(&mut muts(&mut c), &tiny)).unwrap();
     assert_eq!(
@@ -516,11 +516,11 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
     let arena = upload(&ctx, &h);
     // The removed GpuBatch's operations, each a runner of its chain now.
     let global = ClipPolicy::global_norm(1.0);
-    let mut clip = common::batch(&ctx, &arena, &h, global.clone());
+    let mut clip = common::gpu_policy(&ctx, &arena, &h, global.clone());
     let measure = ClipPolicy::total_norm().with_group_report();
-    let mut total = common::batch(&ctx, &arena, &h, measure);
+    let mut total = common::gpu_policy(&ctx, &arena, &h, measure);
     let value = ClipPolicy::value_clip(gradclip::ValueClip::symmetric(1.0));
-    let mut value = common::batch(&ctx, &arena, &h, value);
+    let mut value = common::gpu_policy(&ctx, &arena, &h, value);
     let t = gpu_tensors(&arena, &h, &infos);
     let mut chain = GpuPolicy::new(&ctx, &t, None, adaptive_chain()).unwrap();
     let sums = upload(&ctx, &h);
@@ -539,7 +539,7 @@ fn buffers_destroyed_after_planning_are_typed_errors() {
     assert_eq!((acc.pending(), acc.policy().steps_taken()), (0, 0));
     // The device still works for buffers that live.
     let fresh = upload(&ctx, &h);
-    let r = common::batch(&ctx, &fresh, &h, global).step();
+    let r = common::gpu_policy(&ctx, &fresh, &h, global).step();
     assert!(r.unwrap().wait().unwrap().clipped_units > 0);
 }
 
@@ -647,11 +647,11 @@ fn devices_that_cannot_build_the_kernels_are_typed_errors() {
         assert!(matches!(r, Err(ClipError::Wgpu(_))), "{what}: {r:?}");
     };
     let global = ClipPolicy::global_norm(1.0);
-    let mut clip = common::batch(&tiny, &arena, &h, global.clone());
+    let mut clip = common::gpu_policy(&tiny, &arena, &h, global.clone());
     wgpu_error(clip.step().map(drop), "global clip");
     assert_eq!(clip.steps_taken(), 0);
     let value = ClipPolicy::value_clip(gradclip::ValueClip::symmetric(1.0));
-    let mut value = common::batch(&tiny, &arena, &h, value);
+    let mut value = common::gpu_policy(&tiny, &arena, &h, value);
     wgpu_error(value.step().map(drop), "value clip");
     assert_eq!(value.steps_taken(), 0);
     let t = gpu_tensors(&arena, &h, &infos);

@@ -10,42 +10,6 @@ const LENGTHS: &[usize] = &[
     0, 1, 2, 3, 7, 13, 31, 257, 1021, 8191, 8192, 8193, 65_535, 65_536, 65_537, 131_073, 199_999,
 ];
 
-/// Flat unnamed tensors shaped like `h` (`#0`, `#1`, ...).
-fn unnamed_infos(h: &[Host]) -> Vec<TensorInfo> {
-    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
-}
-
-/// A CPU runner of `policy` over tensors shaped like `h`: its first step is step 0.
-fn cpu_run(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
-    CpuPolicy::new(policy, &unnamed_infos(h)).expect("valid CPU policy")
-}
-
-/// A GPU runner of `policy` over the arena's tensors, unnamed.
-fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
-    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
-        .map(|(t, &o)| {
-            GpuTensor::new(
-                &arena.buffer,
-                o,
-                t.as_ref().len() as u64,
-                t.as_ref().dtype(),
-            )
-        })
-        .collect();
-    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
-}
-
-/// The CPU report of a `ClipPolicy::total_norm` step over `h` (which writes nothing):
-/// the total norm, its partial form and, with `tensors`, every tensor's norm.
-fn cpu_measure(h: &[Host], norm: Norm, tensors: bool) -> ClipReport {
-    let mut measure = ClipPolicy::total_norm().norm(norm);
-    if tensors {
-        measure = measure.with_group_report();
-    }
-    let mut run = cpu_run(measure, h);
-    run.step_deferred(&refs(h), None).unwrap().report
-}
-
 fn fill(len: usize, seed: u64, exp: i32, dtype: u8) -> Host {
     let mut s = seed | 1;
     let mut next = || {
@@ -120,7 +84,7 @@ proptest! {
         let ctx = gpu();
         let arena = upload(&ctx, &h);
         let measure = ClipPolicy::total_norm().norm(norm).with_group_report();
-        let mut b = gpu_run(&ctx, &arena, &h, measure);
+        let mut b = gpu_policy(&ctx, &arena, &h, measure);
         let g = b.step().unwrap().wait().unwrap();
         let cr = cpu_measure(&h, norm, true);
         let c = cr.partial;
@@ -138,10 +102,10 @@ proptest! {
         let max_norm = ((total * frac) as f32).max(1e-30);
         let clip = ClipPolicy::global_norm(max_norm).norm(norm);
         let mut cd = h.clone();
-        let cr = cpu_run(clip.clone(), &h).step(&mut muts(&mut cd), None).unwrap();
+        let cr = cpu_policy(clip.clone(), &h).step(&mut muts(&mut cd), None).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        let gr = gpu_run(&ctx, &arena, &h, clip).step().unwrap().wait().unwrap();
+        let gr = gpu_policy(&ctx, &arena, &h, clip).step().unwrap().wait().unwrap();
         let gd = download(&ctx, &arena, &h);
         prop_assert!(close(gr.coef.unwrap() as f64, cr.coef.unwrap() as f64, 1e-5), "{} vs {}", gr.coef.unwrap(), cr.coef.unwrap());
         for ((g, c), orig) in gd.iter().zip(&cd).zip(&h) {
@@ -157,10 +121,10 @@ proptest! {
     fn value_clip_matches_oracle_bitwise(h in batch_strategy(), lo in -1e3f32..0.0, width in 0.0f32..2e3) {
         let clip = ValueClip::range(lo, lo + width);
         let mut cd = h.clone();
-        cpu_run(ClipPolicy::value_clip(clip), &h).step(&mut muts(&mut cd), None).unwrap();
+        cpu_policy(ClipPolicy::value_clip(clip), &h).step(&mut muts(&mut cd), None).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        let mut b = gpu_run(&ctx, &arena, &h, ClipPolicy::value_clip(clip));
+        let mut b = gpu_policy(&ctx, &arena, &h, ClipPolicy::value_clip(clip));
         b.step().unwrap().wait().unwrap();
         prop_assert_eq!(download(&ctx, &arena, &h), cd);
     }
@@ -180,7 +144,7 @@ fn gpu_l2_accuracy_against_f64_reference() {
         .sqrt();
     let ctx = gpu();
     let arena = upload(&ctx, &h);
-    let g = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2))
+    let g = gpu_policy(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2))
         .step()
         .unwrap()
         .wait()
@@ -247,7 +211,7 @@ fn gpu_16_bit_scaling_rounds_every_value() {
             let arena = upload(&ctx, &h);
             let max_norm = k * (1.0 + 1e-6);
             let clip = ClipPolicy::global_norm(max_norm).non_finite(Default::default());
-            let r = (gpu_run(&ctx, &arena, &h, clip).step_with_norm(&total))
+            let r = (gpu_policy(&ctx, &arena, &h, clip).step_with_norm(&total))
                 .unwrap()
                 .wait()
                 .unwrap();

@@ -4,47 +4,15 @@ mod common;
 use common::*;
 use gradclip::*;
 
-/// Flat unnamed tensors shaped like `h` (`#0`, `#1`, ...).
-fn unnamed_infos(h: &[Host]) -> Vec<TensorInfo> {
-    TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
-}
-
-/// A CPU runner of `policy` over tensors shaped like `h`: its first step is step 0.
-fn cpu_run(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
-    CpuPolicy::new(policy, &unnamed_infos(h)).expect("valid CPU policy")
-}
-
-/// A GPU runner of `policy` over the arena's tensors, unnamed.
-fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
-    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
-        .map(|(t, &o)| {
-            GpuTensor::new(
-                &arena.buffer,
-                o,
-                t.as_ref().len() as u64,
-                t.as_ref().dtype(),
-            )
-        })
-        .collect();
-    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
-}
-
-/// The total norm of `h` measured on the CPU (a `ClipPolicy::total_norm` step, which
-/// writes nothing), in mergeable form.
-fn cpu_partial(h: &[Host], norm: Norm) -> PartialNorm {
-    let mut run = cpu_run(ClipPolicy::total_norm().norm(norm), h);
-    run.step_deferred(&refs(h), None).unwrap().report.partial
-}
-
 /// Runs a chain on both backends; returns (cpu report, cpu data, gpu report, gpu data).
 fn both(h: &[Host], policy: &ClipPolicy) -> (ClipReport, Vec<Host>, ClipReport, Vec<Host>) {
     let mut cpu_data = h.to_vec();
-    let cpu_report = cpu_run(policy.clone(), h)
+    let cpu_report = cpu_policy(policy.clone(), h)
         .step(&mut muts(&mut cpu_data), None)
         .unwrap();
     let ctx = gpu();
     let arena = upload(&ctx, h);
-    let mut b = gpu_run(&ctx, &arena, h, policy.clone());
+    let mut b = gpu_policy(&ctx, &arena, h, policy.clone());
     let gpu_report = b.step().unwrap().wait().unwrap();
     (cpu_report, cpu_data, gpu_report, download(&ctx, &arena, h))
 }
@@ -155,8 +123,8 @@ fn norm_orders() {
         (Norm::Inf, 4.0),
         (Norm::p(3.0).unwrap(), 91f64.powf(1.0 / 3.0)),
     ] {
-        let c = cpu_partial(&h, norm).total();
-        let mut b = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm().norm(norm));
+        let c = cpu_measure(&h, norm, false).partial.total();
+        let mut b = gpu_policy(&ctx, &arena, &h, ClipPolicy::total_norm().norm(norm));
         let g = b.step().unwrap().wait().unwrap().total_norm;
         assert!(close(c, want, 1e-7), "{norm:?}: {c}");
         assert!(close(g, want, 1e-6), "{norm:?}: {g}");
@@ -194,10 +162,10 @@ fn value_clip_symmetric_and_asymmetric() {
             Host::BF16(x.iter().map(|&v| bf16::from_f32(v)).collect()),
         ];
         let mut cd = h.clone();
-        (cpu_run(ClipPolicy::value_clip(clip), &h).step(&mut muts(&mut cd), None)).unwrap();
+        (cpu_policy(ClipPolicy::value_clip(clip), &h).step(&mut muts(&mut cd), None)).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &h);
-        let mut b = gpu_run(&ctx, &arena, &h, ClipPolicy::value_clip(clip));
+        let mut b = gpu_policy(&ctx, &arena, &h, ClipPolicy::value_clip(clip));
         b.step().unwrap().wait().unwrap();
         let gd = download(&ctx, &arena, &h);
         for d in [&cd, &gd] {
@@ -238,13 +206,13 @@ fn non_finite_policies() {
     let err = ClipPolicy::global_norm(1.0).non_finite(NonFinitePolicy::Error);
     let mut cd = h.clone();
     assert!(matches!(
-        cpu_run(err.clone(), &h).step(&mut muts(&mut cd), None),
+        cpu_policy(err.clone(), &h).step(&mut muts(&mut cd), None),
         Err(ClipError::NonFiniteNorm(_))
     ));
     assert_eq!(format!("{cd:?}"), format!("{h:?}"));
     let ctx = gpu();
     let arena = upload(&ctx, &h);
-    let r = gpu_run(&ctx, &arena, &h, err).step().unwrap().wait();
+    let r = gpu_policy(&ctx, &arena, &h, err).step().unwrap().wait();
     assert!(matches!(r, Err(ClipError::NonFiniteNorm(_))));
     assert_eq!(
         format!("{:?}", download(&ctx, &arena, &h)),
@@ -263,12 +231,12 @@ fn split_api_matches_global_clip() {
     let whole: Vec<Host> = a.iter().chain(&b).cloned().collect();
     let ctx = gpu();
     for norm in [Norm::L2, Norm::L1, Norm::Inf, Norm::P(3.5)] {
-        let pa = cpu_partial(&a, norm);
+        let pa = cpu_measure(&a, norm, false).partial;
         let arena_b = upload(&ctx, &b);
-        let mut norm_b = gpu_run(&ctx, &arena_b, &b, ClipPolicy::total_norm().norm(norm));
+        let mut norm_b = gpu_policy(&ctx, &arena_b, &b, ClipPolicy::total_norm().norm(norm));
         let pb = norm_b.step().unwrap().wait().unwrap().partial;
         let combined = pa.combine(&pb).unwrap();
-        let direct = cpu_partial(&whole, norm);
+        let direct = cpu_measure(&whole, norm, false).partial;
         assert!(close(combined.total(), direct.total(), 1e-6));
         // The all-reduce form: MAX of scales, SUM of rescaled sums.
         let scale = pa.scale().max(pb.scale());
@@ -279,17 +247,17 @@ fn split_api_matches_global_clip() {
         // Clipping each shard with the combined norm equals clipping the whole.
         let max_norm = (direct.total() / 3.0) as f32;
         let mut want = whole.clone();
-        cpu_run(ClipPolicy::global_norm(max_norm).norm(norm), &whole)
+        cpu_policy(ClipPolicy::global_norm(max_norm).norm(norm), &whole)
             .step(&mut muts(&mut want), None)
             .unwrap();
         let with_norm = ClipPolicy::global_norm(max_norm)
             .norm(combined.norm())
             .non_finite(NonFinitePolicy::Propagate);
         let mut got_a = a.clone();
-        cpu_run(with_norm.clone(), &a)
+        cpu_policy(with_norm.clone(), &a)
             .step_with_norm(&mut muts(&mut got_a), &combined)
             .unwrap();
-        gpu_run(&ctx, &arena_b, &b, with_norm)
+        gpu_policy(&ctx, &arena_b, &b, with_norm)
             .step_with_norm(&combined)
             .unwrap()
             .wait()
@@ -326,7 +294,7 @@ fn gpu_norm_is_bitwise_deterministic() {
     let ctx = gpu();
     let arena = upload(&ctx, &h);
     let measure = ClipPolicy::total_norm().norm(Norm::L2).with_group_report();
-    let mut b = gpu_run(&ctx, &arena, &h, measure);
+    let mut b = gpu_policy(&ctx, &arena, &h, measure);
     let first = b.step().unwrap().wait().unwrap();
     for _ in 0..3 {
         let again = b.step().unwrap().wait().unwrap();

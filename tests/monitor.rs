@@ -5,8 +5,8 @@ mod common;
 
 use common::{close, gpu, gpu_tensors, upload, write, Host};
 use gradclip::{
-    Backend, ClipError, ClipPolicy, ClipReport, Clipper, CpuPolicy, GpuPolicy, GpuTensor,
-    GradMonitor, Rule, TensorInfo,
+    Backend, ClipError, ClipPolicy, ClipReport, Clipper, CpuPolicy, GpuPolicy, GradMonitor, Rule,
+    TensorInfo,
 };
 
 fn out_dir(name: &str) -> std::path::PathBuf {
@@ -94,16 +94,7 @@ fn global_clip_reports_are_monitored_on_both_backends() {
     let steps = steps();
     let arena = upload(&ctx, &steps[0]);
     // Unnamed tensors (`#0`, `#1`), a global chain built by `ClipPolicy::global_norm`.
-    let tensors: Vec<GpuTensor<'_>> = (steps[0].iter().zip(&arena.offsets))
-        .map(|(t, &o)| {
-            GpuTensor::new(
-                &arena.buffer,
-                o,
-                t.as_ref().len() as u64,
-                t.as_ref().dtype(),
-            )
-        })
-        .collect();
+    let tensors = common::tensors(&arena, &steps[0]);
     let clip = ClipPolicy::global_norm(1.0).with_group_report();
     let mut batch = GpuPolicy::new(&ctx, &tensors, None, clip.clone()).unwrap();
     let mut on_gpu = GradMonitor::new().max_in_flight(2);

@@ -43,7 +43,7 @@ fn windows_and_folded_grids_match_the_oracle() {
     let arena = upload(&ctx, &h);
     for norm in [Norm::L2, Norm::Inf, Norm::P(2.5)] {
         let measure = ClipPolicy::total_norm().norm(norm).with_group_report();
-        let g = batch(&ctx, &arena, &h, measure.clone())
+        let g = gpu_policy(&ctx, &arena, &h, measure.clone())
             .step()
             .unwrap()
             .wait()
@@ -63,7 +63,7 @@ fn windows_and_folded_grids_match_the_oracle() {
         .step(&mut muts(&mut cd), None)
         .unwrap();
     assert!(
-        batch(&ctx, &arena, &h, clip)
+        gpu_policy(&ctx, &arena, &h, clip)
             .step()
             .unwrap()
             .wait()
@@ -82,7 +82,7 @@ fn windows_and_folded_grids_match_the_oracle() {
     cpu_value.step(&mut muts(&mut cd), None).unwrap();
     let mut gd2 = gd.clone();
     cpu_value.step(&mut muts(&mut gd2), None).unwrap();
-    batch(&ctx, &arena, &h, value)
+    gpu_policy(&ctx, &arena, &h, value)
         .step()
         .unwrap()
         .wait()

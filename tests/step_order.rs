@@ -4,37 +4,11 @@
 
 mod common;
 
-use common::{close, download, gpu, gpu_tensors, upload, Arena, Host};
+use common::{close, cpu_measure, download, gpu, gpu_policy, gpu_tensors, upload, Host};
 use gradclip::{
-    AutoClip, ClipError, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GpuContext, GpuPolicy,
-    GpuTensor, Norm, PartialNorm, Rule, Schedule, TensorInfo, ValueClip,
+    AutoClip, ClipError, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GpuPolicy, Norm,
+    PartialNorm, Rule, Schedule, TensorInfo, ValueClip,
 };
-
-/// A GPU runner of `policy` over the arena's tensors, unnamed (`#0`, `#1`, ...).
-fn gpu_run(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
-    let tensors: Vec<GpuTensor<'_>> = (h.iter().zip(&arena.offsets))
-        .map(|(t, &o)| {
-            GpuTensor::new(
-                &arena.buffer,
-                o,
-                t.as_ref().len() as u64,
-                t.as_ref().dtype(),
-            )
-        })
-        .collect();
-    GpuPolicy::new(ctx, &tensors, None, policy).expect("valid GPU policy")
-}
-
-/// The total `norm` of `h` measured on the CPU (a `ClipPolicy::total_norm` step, which
-/// writes nothing).
-fn cpu_norm(h: &[Host], norm: Norm) -> PartialNorm {
-    let infos = TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()));
-    let mut run = CpuPolicy::new(ClipPolicy::total_norm().norm(norm), &infos).unwrap();
-    run.step_deferred(&common::refs(h), None)
-        .unwrap()
-        .report
-        .partial
-}
 
 fn grads() -> Vec<Host> {
     vec![
@@ -58,15 +32,15 @@ fn global_norm_steps_in_one_encoder_keep_their_norm_order() {
     let ctx = gpu();
     let h = grads();
     let arena = upload(&ctx, &h);
-    let cpu3 = cpu_norm(&h, Norm::p(3.0).unwrap());
-    let cpu4 = cpu_norm(&h, Norm::p(4.0).unwrap());
+    let cpu3 = cpu_measure(&h, Norm::p(3.0).unwrap(), false).partial;
+    let cpu4 = cpu_measure(&h, Norm::p(4.0).unwrap(), false).partial;
     // norm(P(3)), then a clip by the P(4) norm at half of it, then norm(P(3)) again (the
     // same runner's next step): one submission.
     let measure = ClipPolicy::total_norm().norm(Norm::p(3.0).unwrap());
-    let mut norm3 = gpu_run(&ctx, &arena, &h, measure);
+    let mut norm3 = gpu_policy(&ctx, &arena, &h, measure);
     let max_norm = (cpu4.total() / 2.0) as f32;
     let clip = ClipPolicy::global_norm(max_norm).norm(Norm::p(4.0).unwrap());
-    let mut clip4 = gpu_run(&ctx, &arena, &h, clip);
+    let mut clip4 = gpu_policy(&ctx, &arena, &h, clip);
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let n3 = norm3.encode(&mut encoder).unwrap();
     let c4 = clip4.encode(&mut encoder).unwrap();
@@ -182,13 +156,13 @@ fn an_overwritten_value_clip_changes_nothing() {
     let arena = upload(&ctx, &h);
     // A runner's bounds are fixed with its chain, so the value clip is one runner (bounds
     // 2) and the norms another, over the same tensors.
-    let mut clamp = gpu_run(
+    let mut clamp = gpu_policy(
         &ctx,
         &arena,
         &h,
         ClipPolicy::value_clip(ValueClip::symmetric(2.0)),
     );
-    let mut measure = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2));
+    let mut measure = gpu_policy(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2));
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     // Clamp step 0; then 63 norms; then clamp steps 1..=64, step 64 in step 0's slot.
     let first = clamp.encode(&mut encoder).unwrap();
@@ -244,10 +218,10 @@ fn every_configuration_writes_timestamps() {
     let ex_in_t = gpu_tensors(&ex_in, &examples, &infos(&examples));
     let ex_out_t = gpu_tensors(&ex_out, &[Host::F32(vec![0.0; 16])], &infos(&examples));
     let policy = ClipPolicy::new(Rule::GlobalNorm(0.5));
-    let mut norm_only = gpu_run(&ctx, &arena, &h, ClipPolicy::total_norm());
-    let mut with_norm = gpu_run(&ctx, &arena, &h, ClipPolicy::global_norm(0.5));
+    let mut norm_only = gpu_policy(&ctx, &arena, &h, ClipPolicy::total_norm());
+    let mut with_norm = gpu_policy(&ctx, &arena, &h, ClipPolicy::global_norm(0.5));
     let given = PartialNorm::from_total(Norm::L2, 2.0).unwrap();
-    let mut value = gpu_run(
+    let mut value = gpu_policy(
         &ctx,
         &arena,
         &h,

@@ -3,8 +3,9 @@
 #![allow(dead_code)]
 
 use gradclip::{
-    bf16, f16, Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuPolicy, GpuContext, GpuPolicy,
-    GpuTensor, GradMut, GradRef, GroupClip, PerTensorClip, Rule, TensorInfo, UnitAxis, ZClip,
+    bf16, f16, Agc, AutoClip, BlockRmsClip, ClipPolicy, ClipReport, CpuPolicy, GpuContext,
+    GpuPolicy, GpuTensor, GradMut, GradRef, GroupClip, Norm, PerTensorClip, Rule, TensorInfo,
+    UnitAxis, ZClip,
 };
 pub mod sharded;
 
@@ -217,10 +218,9 @@ pub fn tensors<'a>(arena: &'a Arena, h: &[Host]) -> Vec<GpuTensor<'a>> {
         .collect()
 }
 
-/// A GPU runner of `policy` over the arena's tensors, unnamed (what `GpuBatch` was, with
-/// the chain fixed at construction). Panics on an invalid batch or policy: tests of bad
-/// input call `GpuPolicy::new` themselves.
-pub fn batch(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
+/// A GPU runner of `policy` over the arena's tensors, unnamed. Panics on an invalid batch
+/// or policy: tests of bad input call `GpuPolicy::new` themselves.
+pub fn gpu_policy(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
     GpuPolicy::new(ctx, &tensors(arena, h), None, policy).expect("valid batch")
 }
 
@@ -229,10 +229,21 @@ pub fn unnamed(h: &[Host]) -> Vec<TensorInfo> {
     TensorInfo::unnamed(h.iter().map(|t| t.as_ref().len()))
 }
 
-/// A CPU runner of `policy` over tensors shaped like `h`, unnamed (the oracle that the old
-/// one-shot `gradclip::cpu` functions were): its first step is step 0.
+/// A CPU runner of `policy` over tensors shaped like `h`, unnamed: the oracle. Its first
+/// step is step 0.
 pub fn cpu_policy(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
     CpuPolicy::new(policy, &unnamed(h)).expect("valid CPU policy")
+}
+
+/// The CPU report of a `ClipPolicy::total_norm` step over `h` (which writes nothing): the
+/// total norm, its partial form and, with `tensors`, every tensor's norm.
+pub fn cpu_measure(h: &[Host], norm: Norm, tensors: bool) -> ClipReport {
+    let mut measure = ClipPolicy::total_norm().norm(norm);
+    if tensors {
+        measure = measure.with_group_report();
+    }
+    let mut run = cpu_policy(measure, h);
+    run.step_deferred(&refs(h), None).unwrap().report
 }
 
 pub fn read_bytes(ctx: &GpuContext, buffer: &wgpu::Buffer, size: u64) -> Vec<u8> {
