@@ -20,8 +20,8 @@ mod shard;
 
 pub use chain::{
     AdaptiveKind, AdaptiveState, Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold,
-    GaussianNoise, Group, GroupClip, Masked, PerExampleClip, PerExampleReport, PerTensorClip,
-    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
+    GaussianNoise, Group, GroupClip, Masked, PerExampleClip, PerTensorClip, PolicyState, Rule,
+    Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
 pub use cpu::accumulate::CpuAccumulator;

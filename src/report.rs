@@ -80,6 +80,14 @@ pub struct ClipReport {
     pub groups: Option<Vec<GroupReport>>,
     /// Per tensor norms before and after, in batch order, when groups are asked for.
     pub tensors: Option<Vec<TensorReport>>,
+    /// Standard deviation of the Gaussian noise added to every element (0 without noise;
+    /// per-example clipping: of the noise added to the sum, before the division by the
+    /// batch size).
+    pub noise_std: f32,
+    /// Per-example clipping ([`crate::PerExampleClip::with_layer_report`]): per tensor, in
+    /// order, the examples whose factor for it was below 1 (per layer: the tensor's own
+    /// factor; flat: the example's, so every entry is the same). `None` otherwise.
+    pub clipped_per_tensor: Option<Vec<u32>>,
 }
 
 /// What one norm stage of a chain saw and did.
@@ -160,6 +168,8 @@ pub(crate) struct StageOutcome {
 pub(crate) struct PolicyOutcome {
     pub step: u64,
     pub norm: Norm,
+    /// The standard deviation of the chain's noise (0 without).
+    pub noise_std: f32,
     pub stages: Vec<StageOutcome>,
     pub units: u32,
     pub policy: NonFinitePolicy,
@@ -281,6 +291,8 @@ impl PolicyOutcome {
             stages,
             groups,
             tensors,
+            noise_std: self.noise_std,
+            clipped_per_tensor: None,
         })
     }
 }
@@ -309,6 +321,41 @@ impl ClipReport {
             stages: Vec::new(),
             groups: None,
             tensors: None,
+            noise_std: 0.0,
+            clipped_per_tensor: None,
+        }
+    }
+
+    /// The report of per-example clipping step `step`: `clipped` of `units` (examples, or
+    /// (example, tensor) pairs per layer) had a factor below 1; `total` is the norm of all
+    /// per-example gradients together, before clipping.
+    pub(crate) fn per_example(
+        step: u64,
+        clipped: u32,
+        units: u32,
+        total: NormAcc,
+        noise_std: f32,
+        clipped_per_tensor: Option<Vec<u32>>,
+    ) -> ClipReport {
+        let total_norm = total.total(Norm::L2);
+        ClipReport {
+            step,
+            total_norm,
+            partial: PartialNorm::from_acc(Norm::L2, total),
+            total_norm_after: None,
+            threshold: None,
+            coef: None,
+            clipped_units: clipped,
+            units,
+            non_finite: !total_norm.is_finite(),
+            nans_zeroed: false,
+            skipped: false,
+            consecutive_skips: 0,
+            stages: Vec::new(),
+            groups: None,
+            tensors: None,
+            noise_std,
+            clipped_per_tensor,
         }
     }
 }

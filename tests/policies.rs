@@ -1176,7 +1176,7 @@ fn per_example_both(
     inputs: &[Host],
     clip: &gradclip::PerExampleClip,
     steps: u64,
-) -> Vec<(Vec<f32>, Vec<f32>, gradclip::PerExampleReport)> {
+) -> Vec<(Vec<f32>, Vec<f32>, gradclip::ClipReport)> {
     let ctx = gpu();
     let arena = upload(&ctx, inputs);
     let outs: Vec<Host> = inputs
@@ -1202,8 +1202,8 @@ fn per_example_both(
             let mut views: Vec<&mut [f32]> = c_out.iter_mut().map(|v| v.as_mut_slice()).collect();
             let cr = cpu.step(&common::refs(inputs), &mut views).unwrap();
             assert_eq!(
-                (gr.clipped, gr.units, gr.step),
-                (cr.clipped, cr.units, cr.step)
+                (gr.clipped_units, gr.units, gr.step),
+                (cr.clipped_units, cr.units, cr.step)
             );
             assert_eq!(gr.clipped_per_tensor, cr.clipped_per_tensor);
             assert_eq!(gr.clipped_per_tensor.is_some(), clip.report_layers);
@@ -1223,7 +1223,7 @@ fn per_example_known_answer() {
         assert!(close(v[0] as f64, 0.6 / (1.0 + 2e-7) + 0.3, 1e-6), "{v:?}");
         assert!(close(v[1] as f64, 0.8 / (1.0 + 2e-7) + 0.4, 1e-6), "{v:?}");
     }
-    assert_eq!((r.clipped, r.units), (1, 2));
+    assert_eq!((r.clipped_units, r.units), (1, 2));
     assert_eq!(r.clipped_per_tensor, Some(vec![1]));
     // Divided by the expected batch size.
     let out = per_example_both(
@@ -1262,8 +1262,8 @@ fn per_example_gpu_matches_cpu_with_noise_and_layers() {
             let layers = r.clipped_per_tensor.clone().unwrap();
             assert_eq!(layers.len(), 4);
             match per_layer {
-                false => assert!(layers.iter().all(|&n| n == r.clipped), "{r:?}"),
-                true => assert_eq!(layers.iter().sum::<u32>(), r.clipped, "{r:?}"),
+                false => assert!(layers.iter().all(|&n| n == r.clipped_units), "{r:?}"),
+                true => assert_eq!(layers.iter().sum::<u32>(), r.clipped_units, "{r:?}"),
             }
             for (a, b) in g.iter().zip(c) {
                 assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");

@@ -12,7 +12,7 @@ mod state;
 pub use layout::UnitLayout;
 pub(crate) use layout::{check_shapes, Formula, Program, StagePlan, NO_GROUP};
 pub(crate) use per_example::clipped_per_tensor;
-pub use per_example::{ExampleThreshold, PerExampleClip, PerExampleReport};
+pub use per_example::{ExampleThreshold, PerExampleClip};
 pub use rules::{
     Agc, AutoClip, BlockRmsClip, Group, GroupClip, Masked, PerTensorClip, Rule, UnitAxis, ZClip,
 };

@@ -30,7 +30,7 @@ pub struct PerExampleClip {
     /// Divide the sum by this expected batch size (Poisson sampling); `None`: no division.
     pub expected_batch_size: Option<f32>,
     /// Also report, per tensor, how many examples were clipped
-    /// ([`PerExampleReport::clipped_per_tensor`]); on the GPU this reads every
+    /// ([`crate::ClipReport::clipped_per_tensor`]); on the GPU this reads every
     /// (example, tensor) coefficient back.
     pub report_layers: bool,
 }
@@ -151,25 +151,6 @@ impl PerExampleClip {
         }
         Ok(())
     }
-}
-
-/// The outcome of one per-example clipping step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PerExampleReport {
-    /// Step number (from 0).
-    pub step: u64,
-    /// Examples (flat) or (example, tensor) pairs (per layer) whose factor was below 1.
-    pub clipped: u32,
-    /// Examples (flat) or (example, tensor) pairs (per layer).
-    pub units: u32,
-    /// Norm of all per-example gradients together, before clipping.
-    pub total_norm: f64,
-    /// Std of the noise added.
-    pub noise_std: f32,
-    /// Per tensor, in order, the examples whose factor for it was below 1 (per layer: the
-    /// tensor's own factor; flat: the example's, so every entry is the same), when asked
-    /// for with [`PerExampleClip::with_layer_report`].
-    pub clipped_per_tensor: Option<Vec<u32>>,
 }
 
 /// Per tensor, the examples whose coefficient is below 1 (or NaN), from the coefficients

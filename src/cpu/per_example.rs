@@ -6,13 +6,12 @@ use rayon::prelude::*;
 
 use super::engine::{coefs, combine, finish, reduce, to_f32, CpuStep};
 use super::philox::gaussian_noise;
-use crate::chain::{
-    check_shapes, clipped_per_tensor, PerExampleClip, PerExampleReport, Program, TensorInfo,
-};
+use crate::chain::{check_shapes, clipped_per_tensor, PerExampleClip, Program, TensorInfo};
 use crate::dtype::GradRef;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::Norm;
+use crate::report::ClipReport;
 
 /// Per-example clipping (DP-SGD) of host slices on the CPU, step after step: the CPU twin
 /// of [`crate::GpuPerExample`]. Each step clips every example of the inputs (`[batch,
@@ -45,7 +44,7 @@ impl CpuPerExample {
         &mut self,
         inputs: &[GradRef<'_>],
         outputs: &mut [&mut [f32]],
-    ) -> Result<PerExampleReport, ClipError> {
+    ) -> Result<ClipReport, ClipError> {
         check_shapes(&self.infos, inputs.iter().map(|g| g.len() as u64))?;
         let report = clip_per_example(inputs, outputs, &self.clip, self.steps)?;
         self.steps += 1;
@@ -65,7 +64,7 @@ pub(crate) fn clip_per_example(
     outputs: &mut [&mut [f32]],
     clip: &PerExampleClip,
     step: u64,
-) -> Result<PerExampleReport, ClipError> {
+) -> Result<ClipReport, ClipError> {
     let lens: Vec<u64> = inputs.iter().map(|g| g.len() as u64).collect();
     clip.validate(&lens)?;
     let batch = clip.batch as usize;
@@ -134,12 +133,12 @@ pub(crate) fn clip_per_example(
         });
     }
     let per_unit = if per_layer { 1 } else { n.max(1) as u32 };
-    Ok(PerExampleReport {
+    Ok(ClipReport::per_example(
         step,
-        clipped: clipped / per_unit,
-        units: clip.batch * if per_layer { n as u32 } else { 1 },
-        total_norm: total.total(Norm::L2),
-        noise_std: std,
-        clipped_per_tensor: clip.report_layers.then(|| clipped_per_tensor(&coefs, n)),
-    })
+        clipped / per_unit,
+        clip.batch * if per_layer { n as u32 } else { 1 },
+        total,
+        std,
+        clip.report_layers.then(|| clipped_per_tensor(&coefs, n)),
+    ))
 }

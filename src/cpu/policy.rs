@@ -248,6 +248,7 @@ impl CpuPolicy {
         PolicyOutcome {
             step: step.step,
             norm: step.norm,
+            noise_std: step.noise.map_or(0.0, |n| n.sigma),
             stages: (out.stages.iter())
                 .map(|s| StageOutcome {
                     total: s.finish.total,

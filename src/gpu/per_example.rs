@@ -10,13 +10,12 @@ use super::policy::GpuPolicy;
 use super::readback::{decode_units, PendingReport};
 use super::resources::{bind, whole, DispatchSlots};
 use super::tensor::{infos_of, GpuTensor};
-use crate::chain::{
-    clipped_per_tensor, ClipPolicy, GaussianNoise, PerExampleClip, PerExampleReport, Program, Rule,
-};
+use crate::chain::{clipped_per_tensor, ClipPolicy, GaussianNoise, PerExampleClip, Program, Rule};
 use crate::dtype::DType;
 use crate::error::ClipError;
-use crate::norm::{Norm, NormAcc};
+use crate::norm::NormAcc;
 use crate::plan::fold_grid;
+use crate::report::ClipReport;
 use crate::shaders::abi::{self, ExampleParams, StepReport};
 use crate::shaders::{BindLayout, Kernel};
 
@@ -208,7 +207,7 @@ impl GpuPerExample {
     pub fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<PendingReport<PerExampleReport>, ClipError> {
+    ) -> Result<PendingReport<ClipReport>, ClipError> {
         let noise_std = self.clip.noise_std();
         let params = self.engine.params(Some(GaussianNoise {
             sigma: noise_std,
@@ -250,23 +249,23 @@ impl GpuPerExample {
                 if header.status & abi::STATUS_STALE != 0 {
                     return Err(ClipError::StepOverwritten(step));
                 }
-                Ok(PerExampleReport {
+                Ok(ClipReport::per_example(
                     step,
-                    clipped: header.clipped / per_unit,
+                    header.clipped / per_unit,
                     units,
-                    total_norm: NormAcc::from(header.norm).total(Norm::L2),
+                    NormAcc::from(header.norm),
                     noise_std,
-                    clipped_per_tensor: layers.map(|layout| {
+                    layers.map(|layout| {
                         let coefs = decode_units(w, &layout).coefs;
                         clipped_per_tensor(&coefs, n_tensors)
                     }),
-                })
+                ))
             }),
         ))
     }
 
     /// [`GpuPerExample::encode`], submitted now.
-    pub fn step(&mut self) -> Result<PendingReport<PerExampleReport>, ClipError> {
+    pub fn step(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
         let ctx = self.ctx.clone();
         let step = self.engine.steps_taken();
         ctx.record_and_submit(

@@ -326,11 +326,13 @@ impl GpuPolicy {
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
+        let noise_std = self.policy.noise.map_or(0.0, |n| n.sigma);
         let layout = self.engine.layout();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
             PolicyOutcome {
                 step,
                 norm,
+                noise_std,
                 stages: decode_stages(w, &layout),
                 units: layout.n_units() as u32,
                 policy: nf,

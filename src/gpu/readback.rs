@@ -155,8 +155,7 @@ struct Signal {
 /// Turns the words read back into a report.
 type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 
-/// The report of an encoded step (a [`ClipReport`], or a [`crate::PerExampleReport`] for
-/// per-example clipping), available once the GPU has run it.
+/// The report of an encoded step, available once the GPU has run it.
 ///
 /// Blocking code reads it with [`PendingReport::wait`]; [`PendingReport::is_ready`] tells
 /// without blocking. Async code awaits it: a pending report is [`IntoFuture`], resolved by
