@@ -17,7 +17,7 @@
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use gradclip::{ClipReport, CpuPolicy, DType, GpuContext, GpuPolicy, GpuTensor, TensorInfo};
+use gradclip::{ClipReport, CpuClipper, DType, GpuClipper, GpuContext, GpuTensor, TensorInfo};
 use wgpu::util::DeviceExt;
 
 mod common;
@@ -71,7 +71,7 @@ fn bench_cpu(c: &mut Criterion) {
             let norm = pristine.total_norm(&lens);
             let infos = TensorInfo::unnamed(lens.iter().copied());
             for op in Op::ALL {
-                let mut runner = CpuPolicy::new(op.policy(norm), &infos).unwrap();
+                let mut runner = CpuClipper::new(op.policy(norm), &infos).unwrap();
                 g.throughput(Throughput::Bytes(
                     (op.traffic() * pristine.bytes().len() as f64) as u64,
                 ));
@@ -140,7 +140,7 @@ fn bench_gpu(c: &mut Criterion) {
                 })
                 .collect();
             for op in Op::ALL {
-                let mut runner = GpuPolicy::new(&ctx, &tensors, None, op.policy(norm)).unwrap();
+                let mut runner = GpuClipper::new(&ctx, &tensors, None, op.policy(norm)).unwrap();
                 g.throughput(Throughput::Bytes(
                     (op.traffic() * host.bytes().len() as f64) as u64,
                 ));

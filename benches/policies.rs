@@ -19,9 +19,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gradclip::{
-    Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuAccumulator, CpuPerExample, CpuPolicy,
-    GaussianNoise, GpuAccumulator, GpuContext, GpuPerExample, GpuPolicy, GpuTensor, GradMut,
-    GradRef, GroupClip, PerExampleClip, PerTensorClip, Rule, TensorInfo, ZClip,
+    Agc, AutoClip, BlockRmsClip, ClipPolicy, CpuClipper, GaussianNoise, GpuClipper, GpuContext,
+    GpuTensor, GradMut, GradRef, GroupClip, PerExampleClip, PerTensorClip, Rule, TensorInfo, ZClip,
 };
 use wgpu::util::DeviceExt;
 
@@ -88,7 +87,7 @@ fn bench_cpu(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(TENSORS as u64 * ROWS * COLS * 4));
     g.sample_size(10);
     for (name, policy) in policies() {
-        let mut run = CpuPolicy::new(policy, &infos()).unwrap();
+        let mut run = CpuClipper::new(policy, &infos()).unwrap();
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -105,7 +104,7 @@ fn bench_cpu(c: &mut Criterion) {
         });
     }
     let clip = PerExampleClip::new(BATCH, 1.0).noise(1.0, 3);
-    let mut per_example = CpuPerExample::new(clip, &infos()).unwrap();
+    let mut per_example = CpuClipper::per_example(clip, &infos()).unwrap();
     let mut outs: Vec<Vec<f32>> = (0..TENSORS)
         .map(|_| vec![0.0; (ROWS * COLS) as usize / BATCH as usize])
         .collect();
@@ -163,7 +162,7 @@ fn bench_gpu(c: &mut Criterion) {
     g.sample_size(10);
     let (gt, pt) = (tensors(&grads), tensors(&params));
     for (name, policy) in policies() {
-        let mut run = GpuPolicy::new(&ctx, &gt, Some(&pt), policy).unwrap();
+        let mut run = GpuClipper::new(&ctx, &gt, Some(&pt), policy).unwrap();
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
@@ -187,7 +186,7 @@ fn bench_gpu(c: &mut Criterion) {
     let outs: Vec<GpuTensor<'_>> = (0..TENSORS)
         .map(|i| GpuTensor::new(&out, i as u64 * p * 4, p, gradclip::DType::F32))
         .collect();
-    let mut run = GpuPerExample::new(
+    let mut run = GpuClipper::per_example(
         &ctx,
         &pt,
         &outs,
@@ -210,8 +209,8 @@ fn bench_accumulate(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/accumulate");
     g.throughput(Throughput::Bytes(3 * bytes));
     g.sample_size(10);
-    let policy = CpuPolicy::new(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos()).unwrap();
-    let mut acc = CpuAccumulator::new(policy, NO_BOUNDARY).unwrap();
+    let policy = ClipPolicy::global_norm(1.0);
+    let mut acc = CpuClipper::accumulating(policy, &infos(), NO_BOUNDARY).unwrap();
     let m_refs: Vec<GradRef<'_>> = micro.iter().map(|p| GradRef::F32(p)).collect();
     g.bench_function("add", |b| {
         b.iter(|| {
@@ -244,7 +243,7 @@ fn bench_accumulate(c: &mut Criterion) {
     let (micro_buf, sums_buf) = (buffer(&micro), buffer(&sums));
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
     let (mt, st) = (tensors(&micro_buf), tensors(&sums_buf));
-    let mut acc = GpuAccumulator::new(&ctx, &mt, &st, None, NO_BOUNDARY, policy).unwrap();
+    let mut acc = GpuClipper::accumulating(&ctx, &mt, &st, None, NO_BOUNDARY, policy).unwrap();
     let wait = || device.poll(wgpu::PollType::wait_indefinitely()).unwrap();
     let mut g = c.benchmark_group("gpu/accumulate");
     g.sample_size(10);

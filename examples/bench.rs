@@ -51,8 +51,8 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use gradclip::{
-    bf16, f16, Adam, ClipPolicy, ClipReport, CpuOptimizer, CpuPolicy, DType, GpuContext,
-    GpuOptimizer, GpuPolicy, GpuTensor, Rule, TensorInfo,
+    bf16, f16, Adam, ClipPolicy, ClipReport, CpuClipper, DType, GpuClipper, GpuContext, GpuTensor,
+    Rule, TensorInfo,
 };
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
@@ -256,10 +256,10 @@ fn compare(dtype: DType, gpu: &[u8], cpu: &[u8]) -> (f64, usize) {
 
 /// One runner per operation, in the order of [`Op::ALL`], on a workload of total norm
 /// `norm` over tensors of lengths `lens`.
-fn cpu_runners(lens: &[usize], norm: f64) -> Res<Vec<CpuPolicy>> {
+fn cpu_runners(lens: &[usize], norm: f64) -> Res<Vec<CpuClipper>> {
     let infos = TensorInfo::unnamed(lens.iter().copied());
     (Op::ALL.iter())
-        .map(|op| Ok(CpuPolicy::new(op.policy(norm), &infos)?))
+        .map(|op| Ok(CpuClipper::new(op.policy(norm), &infos)?))
         .collect()
 }
 
@@ -862,10 +862,10 @@ impl GpuGrads {
         lens: &[usize],
         dtype: DType,
         norm: f64,
-    ) -> Res<Vec<GpuPolicy>> {
+    ) -> Res<Vec<GpuClipper>> {
         let tensors = self.tensors(lens, dtype);
         (Op::ALL.iter())
-            .map(|op| Ok(GpuPolicy::new(ctx, &tensors, None, op.policy(norm))?))
+            .map(|op| Ok(GpuClipper::new(ctx, &tensors, None, op.policy(norm))?))
             .collect()
     }
 }
@@ -1063,7 +1063,7 @@ impl Plain {
 
 /// One step of `runner`, waited for (a value clip's report is ready at once, its step
 /// is not).
-fn run_gpu(runner: &mut GpuPolicy, ctx: &GpuContext) -> Res<ClipReport> {
+fn run_gpu(runner: &mut GpuClipper, ctx: &GpuContext) -> Res<ClipReport> {
     let report = runner.step()?;
     ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
     Ok(report.wait()?)
@@ -1075,7 +1075,7 @@ fn check_gpu(
     checks: &mut Checks,
     ctx: &GpuContext,
     g: &GpuGrads,
-    runners: &mut [GpuPolicy],
+    runners: &mut [GpuClipper],
     lens: &[usize],
     pristine: &Flat,
     norm: f64,
@@ -1320,7 +1320,8 @@ fn bench_steps(
             Ok([ts.as_ref().map_or(Ok(f64::NAN), |t| t.read_ms(ctx))?])
         })?;
         // One optimizer for both variants: its state goes on, which costs the same.
-        let mut opt = GpuOptimizer::new(ctx, &grads, &param_tensors, policy.clone(), adamw)?;
+        let mut opt =
+            GpuClipper::with_optimizer(ctx, &grads, &param_tensors, policy.clone(), adamw)?;
         opt.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
         for (label, fused, read, written) in variants {
             // The unfused runs leave the gradients clipped: every variant starts pristine.
@@ -1364,7 +1365,7 @@ fn bench_steps(
         return Ok(());
     }
     let mut work = pristine.clone();
-    let mut opt = CpuOptimizer::new(policy.clone(), &infos, adamw)?;
+    let mut opt = CpuClipper::with_optimizer(policy.clone(), &infos, adamw)?;
     let mut params = start;
     for (label, fused, read, written) in variants {
         let mut floor_runs = FloorRuns::default();

@@ -6,15 +6,15 @@
 //! The toy quadratic of `own_buffers` (plain SGD at lr 0.1 diverges on it; clipped at a
 //! norm of 10 it converges), trained three ways from the same start:
 //! 1. the program's own SGD shader includes gradclip's deferred-scaling WGSL and applies
-//!    `GpuPolicy::encode_deferred`'s coefficients as it reads the gradients;
-//! 2. `GpuOptimizer` runs the clip and the SGD step fused, in one compute pass;
-//! 3. `CpuOptimizer`, the CPU twin, as the check.
+//!    `GpuClipper::encode_deferred`'s coefficients as it reads the gradients;
+//! 2. `GpuClipper<Optimize>` runs the clip and the SGD step fused, in one compute pass;
+//! 3. `CpuClipper<Optimize>`, the CPU twin, as the check.
 //!
 //! Then AdamW, fused on the GPU and on the CPU.
 
 use gradclip::{
-    Adam, ClipPolicy, CpuOptimizer, DType, GpuContext, GpuOptimizer, GpuPolicy, GpuTensor, GradRef,
-    Optimizer, Rule, Sgd, TensorInfo,
+    Adam, ClipPolicy, CpuClipper, DType, GpuClipper, GpuContext, GpuTensor, GradRef, Optimizer,
+    Rule, Sgd, TensorInfo,
 };
 use wgpu::util::DeviceExt;
 
@@ -78,7 +78,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let deferred = {
         let b = buffers(&ctx, &init);
         let tensors = tensors_of(&b.grads, &names);
-        let mut clip = GpuPolicy::new(&ctx, &tensors, None, policy.clone())?;
+        let mut clip = GpuClipper::new(&ctx, &tensors, None, policy.clone())?;
         let layouts = clip.deferred().layouts().to_vec();
         let source = format!(
             "{}\nconst FIRST: u32 = {}u;\nconst SECOND: u32 = {}u;\nconst FIRST_LEN: u32 = {}u;\n{SGD_WGSL}",
@@ -131,7 +131,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let b = buffers(&ctx, &init);
         let grads = tensors_of(&b.grads, &names);
         let params = tensors_of(&b.weights, &names);
-        let mut fused = GpuOptimizer::new(&ctx, &grads, &params, policy.clone(), opt)?;
+        let mut fused = GpuClipper::with_optimizer(&ctx, &grads, &params, policy.clone(), opt)?;
         let device = ctx.device();
         let gradients = pipeline(device, GRADIENTS_WGSL);
         let grad_group = group(device, &gradients, &[&b.weights, &b.grads], &[]);
@@ -148,7 +148,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let gpu_w = read_back(&ctx, &b.weights)?;
 
-        let mut cpu = CpuOptimizer::new(policy.clone(), &infos, opt)?;
+        let mut cpu = CpuClipper::with_optimizer(policy.clone(), &infos, opt)?;
         let mut w = init.clone();
         for _ in 0..STEPS {
             let g: Vec<f32> = (w.iter().enumerate())

@@ -11,7 +11,7 @@
 //! end the same steps run on the CPU path and the weights are compared.
 
 use gradclip::{
-    ClipPolicy, CpuPolicy, DType, GpuContext, GpuPolicy, GpuTensor, GradMonitor, GradMut, Rule,
+    ClipPolicy, CpuClipper, DType, GpuClipper, GpuContext, GpuTensor, GradMonitor, GradMut, Rule,
     TensorInfo,
 };
 use wgpu::util::DeviceExt;
@@ -103,7 +103,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         GpuTensor::new(&grads, LENS[0] * 4, LENS[1], DType::F32).named(names[1]),
     ];
     let policy = ClipPolicy::new(Rule::GlobalNorm(10.0)).with_group_report();
-    let mut clip = GpuPolicy::new(&ctx, &tensors, None, policy.clone())?;
+    let mut clip = GpuClipper::new(&ctx, &tensors, None, policy.clone())?;
     let mut monitor = GradMonitor::new();
     let groups = (n as u32).div_ceil(64);
     for _ in 0..STEPS {
@@ -141,7 +141,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let infos: Vec<TensorInfo> = (names.iter().zip(LENS))
         .map(|(name, len)| TensorInfo::new(*name, &[len]))
         .collect();
-    let mut cpu = CpuPolicy::new(policy, &infos)?;
+    let mut cpu = CpuClipper::new(policy, &infos)?;
     let mut w = init.clone();
     for _ in 0..STEPS {
         let mut g: Vec<f32> = (w.iter().enumerate())

@@ -14,8 +14,8 @@ use std::cell::Cell;
 use std::time::{Duration, Instant};
 
 use gradclip::{
-    ClipError, ClipPolicy, ClipReport, Collective, CpuPolicy, DType, GpuContext, GpuPolicy,
-    GpuTensor, GradMut, MpiCollective, Rule, Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo,
+    ClipError, ClipPolicy, ClipReport, Collective, CpuClipper, DType, GpuClipper, GpuContext,
+    GpuTensor, GradMut, MpiCollective, Rule, Shard, TensorInfo,
 };
 
 /// A collective that adds up the time spent in it.
@@ -171,7 +171,7 @@ fn run() -> Result<(), ClipError> {
                 GpuTensor::new(&buffer, at - n * 4, n, DType::F32)
             })
             .collect();
-        let mut sharded = ShardedGpuPolicy::new(
+        let mut sharded = GpuClipper::sharded(
             &ctx,
             &tensors,
             None,
@@ -181,7 +181,7 @@ fn run() -> Result<(), ClipError> {
             &comm,
         )?;
         let local: Vec<GpuTensor<'_>> = held.iter().map(|&t| tensors[t].clone()).collect();
-        let mut alone = GpuPolicy::new(&ctx, &local, None, policy.clone())?;
+        let mut alone = GpuClipper::new(&ctx, &local, None, policy.clone())?;
         for k in 0..steps + 2 {
             ctx.queue().write_buffer(&buffer, 0, &bytes);
             ctx.device()
@@ -198,8 +198,8 @@ fn run() -> Result<(), ClipError> {
             report = Some(r);
         }
     } else {
-        let mut sharded = ShardedCpuPolicy::new(policy.clone(), &infos, shard.clone(), &comm)?;
-        let mut alone = CpuPolicy::new(policy, &local_infos)?;
+        let mut sharded = CpuClipper::sharded(policy.clone(), &infos, shard.clone(), &comm)?;
+        let mut alone = CpuClipper::new(policy, &local_infos)?;
         for k in 0..steps + 2 {
             let mut parts = fresh.clone();
             let mut grads: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();

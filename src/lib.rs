@@ -15,6 +15,7 @@ mod ops;
 mod optim;
 mod plan;
 mod report;
+mod runner;
 mod shaders;
 mod shard;
 
@@ -24,17 +25,10 @@ pub use chain::{
     Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
-pub use cpu::accumulate::CpuAccumulator;
-pub use cpu::optimizer::CpuOptimizer;
-pub use cpu::per_example::CpuPerExample;
-pub use cpu::policy::{CpuPolicy, DeferredStep};
-pub use cpu::sharded::ShardedCpuPolicy;
+pub use cpu::policy::DeferredStep;
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
-pub use gpu::{
-    DeferredClip, GpuAccumulator, GpuContext, GpuOptimizer, GpuPerExample, GpuPolicy, GpuTensor,
-    PendingReport, ReportFuture, ShardedGpuPolicy,
-};
+pub use gpu::{DeferredClip, GpuContext, GpuTensor, PendingReport, ReportFuture};
 pub use half::{bf16, f16};
 #[cfg(feature = "plot")]
 pub use monitor::plot;
@@ -44,6 +38,9 @@ pub use norm::{Norm, PartialNorm};
 pub use ops::ValueClip;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
 pub use report::{ClipReport, GroupReport, StageReport, TensorReport};
+pub use runner::{
+    Accumulate, CpuClipper, GpuClipper, Optimize, PerExample, Plain, Sharded, Wrapper,
+};
 #[cfg(feature = "mpi")]
 pub use shard::mpi::MpiCollective;
 pub use shard::{Collective, Shard, SingleRank, ThreadCollective};

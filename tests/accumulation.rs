@@ -5,9 +5,7 @@
 mod common;
 
 use common::{close, download, gpu, gpu_tensors, host, rules, upload, write, Host};
-use gradclip::{
-    ClipError, ClipPolicy, CpuAccumulator, CpuPolicy, GpuAccumulator, GpuTensor, Rule, TensorInfo,
-};
+use gradclip::{ClipError, ClipPolicy, CpuClipper, GpuClipper, GpuTensor, Rule, TensorInfo};
 
 /// A linear model `y = W x + b` (W 3x5) with squared loss, and a fixed data set.
 struct Linear {
@@ -79,7 +77,7 @@ fn accumulation_matches_one_large_batch() {
         &ctx,
         &[Host::F32(vec![f32::NAN; 15]), Host::F32(vec![f32::NAN; 3])],
     );
-    let mut acc = GpuAccumulator::new(
+    let mut acc = GpuClipper::accumulating(
         &ctx,
         &gpu_tensors(&micro, &like, &infos()),
         &gpu_tensors(&sums, &like, &infos()),
@@ -88,7 +86,7 @@ fn accumulation_matches_one_large_batch() {
         policy.clone(),
     )
     .unwrap();
-    let mut oracle = CpuPolicy::new(policy, &infos()).unwrap();
+    let mut oracle = CpuClipper::new(policy, &infos()).unwrap();
     let mut clipped = Vec::new();
     // Two accumulations, the second with larger weights (larger gradients).
     for (round, weight) in [1.0f32, 30.0].into_iter().enumerate() {
@@ -160,7 +158,7 @@ fn gpu_accumulator_matches_cpu_for_every_rule_and_dtype() {
             upload(&ctx, &params),
         );
         let p_t = gpu_tensors(&p, &params, &infos);
-        let mut gpu_acc = GpuAccumulator::new(
+        let mut gpu_acc = GpuClipper::accumulating(
             &ctx,
             &gpu_tensors(&micro, like, &infos),
             &gpu_tensors(&sums, like, &infos),
@@ -169,8 +167,7 @@ fn gpu_accumulator_matches_cpu_for_every_rule_and_dtype() {
             policy.clone(),
         )
         .unwrap();
-        let cpu_policy = CpuPolicy::new(policy.clone(), &infos).unwrap();
-        let mut cpu_acc = CpuAccumulator::new(cpu_policy, k as u32).unwrap();
+        let mut cpu_acc = CpuClipper::accumulating(policy.clone(), &infos, k as u32).unwrap();
         let mut cpu_sums = like.clone();
         for b in &batches {
             write(&ctx, &micro, b);
@@ -216,7 +213,7 @@ fn accumulation_bad_input_is_a_typed_error() {
     let s = gpu_tensors(&sums, &like, &infos);
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
     let new = |m: &[GpuTensor<'_>], s: &[GpuTensor<'_>], k: u32| {
-        GpuAccumulator::new(&ctx, m, s, None, k, policy.clone()).map(|_| ())
+        GpuClipper::accumulating(&ctx, m, s, None, k, policy.clone()).map(|_| ())
     };
     let invalid = |r: Result<(), ClipError>| {
         let e = r.unwrap_err();
@@ -236,9 +233,8 @@ fn accumulation_bad_input_is_a_typed_error() {
         Err(ClipError::ShapeMismatch { .. })
     ));
 
-    let cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
-    assert!(CpuAccumulator::new(cpu.clone(), 0).is_err());
-    let mut acc = CpuAccumulator::new(cpu, 2).unwrap();
+    assert!(CpuClipper::accumulating(policy.clone(), &infos, 0).is_err());
+    let mut acc = CpuClipper::accumulating(policy.clone(), &infos, 2).unwrap();
     let mut sums = like.to_vec();
     let wrong = [Host::F32(vec![1.0; 6]), Host::F32(vec![1.0; 5])];
     let e = acc
@@ -249,8 +245,8 @@ fn accumulation_bad_input_is_a_typed_error() {
     assert_eq!(acc.pending(), 0);
 
     // AGC without parameters fails at the boundary before the sums change.
-    let agc = CpuPolicy::new(ClipPolicy::new(Rule::Agc(gradclip::Agc::new(0.01))), &infos).unwrap();
-    let mut acc = CpuAccumulator::new(agc, 1).unwrap();
+    let agc = ClipPolicy::new(Rule::Agc(gradclip::Agc::new(0.01)));
+    let mut acc = CpuClipper::accumulating(agc, &infos, 1).unwrap();
     let e = acc
         .step(&mut common::muts(&mut sums), &common::refs(&like), None)
         .unwrap_err();

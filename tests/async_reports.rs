@@ -4,7 +4,7 @@
 mod common;
 
 use common::{close, gpu, gpu_policy, host, unnamed, upload, write, Host};
-use gradclip::{ClipError, ClipPolicy, ClipReport, CpuPolicy, GpuPolicy, GradMut};
+use gradclip::{ClipError, ClipPolicy, ClipReport, CpuClipper, GpuClipper, GradMut};
 
 /// Three steps of a global clip at max norm 1: a large batch (clips), the same batch
 /// after clipping (does not), then new gradients written between the steps.
@@ -24,7 +24,7 @@ fn steps() -> [Vec<Host>; 2] {
 /// The oracle's reports of the same three steps (one runner: steps 0, 1, 2).
 fn cpu_reports(clip: &ClipPolicy) -> Vec<ClipReport> {
     let [mut g, mut third] = steps();
-    let mut run = CpuPolicy::new(clip.clone(), &unnamed(&g)).unwrap();
+    let mut run = CpuClipper::new(clip.clone(), &unnamed(&g)).unwrap();
     let mut step = |g: &mut [Host]| {
         let mut m: Vec<GradMut<'_>> = g.iter_mut().map(|t| t.as_mut()).collect();
         run.step(&mut m, None).unwrap()
@@ -62,7 +62,7 @@ fn reports_of_steps_in_flight_are_awaited_in_any_order() {
     let [first, third] = steps();
     let arena = upload(&ctx, &first);
     let clip = ClipPolicy::global_norm(1.0);
-    let mut batch: GpuPolicy = gpu_policy(&ctx, &arena, &first, clip.clone());
+    let mut batch: GpuClipper = gpu_policy(&ctx, &arena, &first, clip.clone());
 
     let mut pending = Vec::new();
     for k in 0..3 {

@@ -23,9 +23,9 @@ fn both_refuse(
     policy: ClipPolicy,
     want: fn(&ClipError) -> bool,
 ) {
-    let g = GpuPolicy::new(ctx, &tensors(arena, h), None, policy.clone()).unwrap_err();
+    let g = GpuClipper::new(ctx, &tensors(arena, h), None, policy.clone()).unwrap_err();
     assert!(want(&g), "GPU: {g}");
-    let c = CpuPolicy::new(policy, &unnamed(h)).unwrap_err();
+    let c = CpuClipper::new(policy, &unnamed(h)).unwrap_err();
     assert!(want(&c), "CPU: {c}");
 }
 
@@ -98,7 +98,7 @@ fn bad_tensor_descriptions_are_rejected() {
     let (h, arena) = arena_f32(&ctx, 100);
     let buf = &arena.buffer;
     let check = |tensors: &[GpuTensor<'_>], want: fn(&ClipError) -> bool| {
-        let err = GpuPolicy::new(&ctx, tensors, None, ClipPolicy::global_norm(1.0))
+        let err = GpuClipper::new(&ctx, tensors, None, ClipPolicy::global_norm(1.0))
             .expect_err(&format!("{tensors:?}"));
         assert!(want(&err), "unexpected error: {err}");
         assert!(!err.to_string().is_empty());

@@ -172,7 +172,7 @@ fn cpu_accuracy_on_1e8_elements() {
     }
     let truth = truth.sqrt();
     let norm_of = |norm: Norm| {
-        let mut run = CpuPolicy::new(
+        let mut run = CpuClipper::new(
             ClipPolicy::total_norm().norm(norm),
             &TensorInfo::unnamed([n]),
         )

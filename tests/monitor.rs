@@ -5,7 +5,7 @@ mod common;
 
 use common::{close, gpu, gpu_tensors, upload, write, Host};
 use gradclip::{
-    Backend, ClipError, ClipPolicy, ClipReport, Clipper, CpuPolicy, GpuPolicy, GradMonitor, Rule,
+    Backend, ClipError, ClipPolicy, ClipReport, Clipper, CpuClipper, GpuClipper, GradMonitor, Rule,
     TensorInfo,
 };
 
@@ -36,7 +36,7 @@ fn monitored_gpu_run() -> GradMonitor {
     let steps = steps();
     let arena = upload(&ctx, &steps[0]);
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).with_group_report();
-    let mut run = GpuPolicy::new(
+    let mut run = GpuClipper::new(
         &ctx,
         &gpu_tensors(&arena, &steps[0], &infos()),
         None,
@@ -76,7 +76,7 @@ fn check_records(records: &[ClipReport]) {
 fn gpu_reports_are_collected_in_order_and_match_the_cpu() {
     let monitor = monitored_gpu_run();
     check_records(monitor.records());
-    let mut cpu = CpuPolicy::new(
+    let mut cpu = CpuClipper::new(
         ClipPolicy::new(Rule::GlobalNorm(1.0)).with_group_report(),
         &infos(),
     )
@@ -96,7 +96,7 @@ fn global_clip_reports_are_monitored_on_both_backends() {
     // Unnamed tensors (`#0`, `#1`), a global chain built by `ClipPolicy::global_norm`.
     let tensors = common::tensors(&arena, &steps[0]);
     let clip = ClipPolicy::global_norm(1.0).with_group_report();
-    let mut batch = GpuPolicy::new(&ctx, &tensors, None, clip.clone()).unwrap();
+    let mut batch = GpuClipper::new(&ctx, &tensors, None, clip.clone()).unwrap();
     let mut on_gpu = GradMonitor::new().max_in_flight(2);
     let mut on_cpu = GradMonitor::new();
     // A runner numbers its global steps, as the GPU runner does.

@@ -7,9 +7,9 @@ mod common;
 
 use common::{download, gpu, gpu_tensors, host, refs, upload, Host};
 use gradclip::{
-    Adam, Agc, ClipError, ClipPolicy, CpuOptimizer, CpuPolicy, DType, GaussianNoise, GpuOptimizer,
-    GpuPolicy, GpuTensor, GradRef, NonFinitePolicy, Optimizer, OptimizerState, PerTensorClip, Rule,
-    Sgd, TensorInfo, UnitAxis, ValueClip,
+    Adam, Agc, ClipError, ClipPolicy, CpuClipper, DType, GaussianNoise, GpuClipper, GpuTensor,
+    GradRef, NonFinitePolicy, Optimizer, OptimizerState, PerTensorClip, Rule, Sgd, TensorInfo,
+    UnitAxis, ValueClip,
 };
 
 /// Distance in f32 ulps (NaN to NaN: 0).
@@ -144,7 +144,7 @@ fn worst(got: &[f32], want: &[f32; 4]) -> u32 {
 #[test]
 fn cpu_twin_matches_torch_optim() {
     for (name, opt, want) in known_answers() {
-        let mut cpu = CpuOptimizer::new(no_clip(), &infos(&[1, 3]), opt).unwrap();
+        let mut cpu = CpuClipper::with_optimizer(no_clip(), &infos(&[1, 3]), opt).unwrap();
         let mut params = split(&START);
         for (g, want) in GRADS.iter().zip(&want) {
             let grads = split(g);
@@ -172,7 +172,7 @@ fn gpu_matches_torch_optim() {
         let info = infos(&[1, 3]);
         let gt = gpu_tensors(&g_arena, &grads0, &info);
         let pt = gpu_tensors(&p_arena, &params, &info);
-        let mut opt = GpuOptimizer::new(&ctx, &gt, &pt, no_clip(), opt).unwrap();
+        let mut opt = GpuClipper::with_optimizer(&ctx, &gt, &pt, no_clip(), opt).unwrap();
         for (g, want) in GRADS.iter().zip(&want) {
             let grads: Vec<Host> = split(g).into_iter().map(Host::F32).collect();
             common::write(&ctx, &g_arena, &grads);
@@ -267,8 +267,8 @@ fn compare_on(
     let p_arena = upload(&ctx, &case.params);
     let gt = gpu_tensors(&g_arena, &grads0, &case.infos);
     let pt = gpu_tensors(&p_arena, &case.params, &case.infos);
-    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
-    let mut cpu_opt = CpuOptimizer::new(policy, &case.infos, opt).unwrap();
+    let mut gpu_opt = GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuClipper::with_optimizer(policy, &case.infos, opt).unwrap();
     let mut params: Vec<Vec<f32>> = (case.params.iter())
         .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
         .collect();
@@ -388,8 +388,8 @@ fn held_steps_change_nothing_and_are_not_counted() {
     let pt = gpu_tensors(&p_arena, &params, &info);
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::SkipStep);
     let opt: Optimizer = Adam::new(0.1).into();
-    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
-    let mut cpu_opt = CpuOptimizer::new(policy, &info, opt).unwrap();
+    let mut gpu_opt = GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuClipper::with_optimizer(policy, &info, opt).unwrap();
     let mut host_params: Vec<Vec<f32>> = vec![vec![1.0, 2.0, 3.0], values(3, 5, 1.0)];
     for (k, grads) in [&good, &bad, &good].into_iter().enumerate() {
         common::write(&ctx, &g_arena, grads);
@@ -414,8 +414,8 @@ fn held_steps_change_nothing_and_are_not_counted() {
 
     // Under `Error` the held step is an error on both backends, and changes nothing.
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::Error);
-    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
-    let mut cpu_opt = CpuOptimizer::new(policy, &info, opt).unwrap();
+    let mut gpu_opt = GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuClipper::with_optimizer(policy, &info, opt).unwrap();
     common::write(&ctx, &g_arena, &bad);
     let before = download(&ctx, &p_arena, &params);
     let e = gpu_opt.step().unwrap().wait().unwrap_err();
@@ -441,8 +441,8 @@ fn state_moves_between_backends() {
     let pt = gpu_tensors(&p_arena, &case.params, &case.infos);
     let opt: Optimizer = Adam::adamw(1e-3).amsgrad().into();
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
-    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
-    let mut cpu_opt = CpuOptimizer::new(policy, &case.infos, opt).unwrap();
+    let mut gpu_opt = GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuClipper::with_optimizer(policy, &case.infos, opt).unwrap();
     let mut params: Vec<Vec<f32>> = (case.params.iter())
         .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
         .collect();
@@ -455,7 +455,7 @@ fn state_moves_between_backends() {
     drop(p);
     let moved: Vec<Host> = params.iter().map(|p| Host::F32(p.clone())).collect();
     common::write(&ctx, &p_arena, &moved);
-    gpu_opt.set_clip_state(cpu_opt.policy().state()).unwrap();
+    gpu_opt.set_clip_state(cpu_opt.clip_state()).unwrap();
     gpu_opt.step().unwrap().wait().unwrap();
     let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
     cpu_opt.step(&refs(&grads), &mut p).unwrap();
@@ -467,9 +467,10 @@ fn state_moves_between_backends() {
     assert_eq!(gpu_opt.state().unwrap().steps, 3);
     // A state for other tensors does not fit.
     let other =
-        CpuOptimizer::new(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos(&[3]), opt).unwrap();
+        CpuClipper::with_optimizer(ClipPolicy::new(Rule::GlobalNorm(1.0)), &infos(&[3]), opt)
+            .unwrap();
     assert!(gpu_opt.set_state(other.state()).is_err());
-    assert!(cpu_opt.set_state(other.state().clone()).is_err());
+    assert!(cpu_opt.set_state(other.state()).is_err());
     // Values out of their domain are refused on both backends, and change nothing.
     let kept = cpu_opt.state().clone();
     for (array, value) in [(1, -1e-3f32), (1, f32::NAN), (0, f32::INFINITY), (2, -0.5)] {
@@ -477,7 +478,7 @@ fn state_moves_between_backends() {
         bad.arrays[array][0][0] = value;
         for e in [
             gpu_opt.set_state(&bad).unwrap_err(),
-            cpu_opt.set_state(bad.clone()).unwrap_err(),
+            cpu_opt.set_state(&bad).unwrap_err(),
         ] {
             assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
         }
@@ -490,7 +491,7 @@ fn state_moves_between_backends() {
         ..kept
     };
     gpu_opt.set_state(&top).unwrap();
-    cpu_opt.set_state(top).unwrap();
+    cpu_opt.set_state(&top).unwrap();
     for _ in 0..2 {
         gpu_opt.step().unwrap().wait().unwrap();
         let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
@@ -511,13 +512,13 @@ fn bad_input_is_a_typed_error() {
     let gt = gpu_tensors(&g_arena, &grads, &info);
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
     // Parameters in the gradients' buffer.
-    let e = GpuOptimizer::new(&ctx, &gt, &gt, policy.clone(), Sgd::new(0.1)).unwrap_err();
+    let e = GpuClipper::with_optimizer(&ctx, &gt, &gt, policy.clone(), Sgd::new(0.1)).unwrap_err();
     assert!(matches!(e, ClipError::SharedBuffer { .. }), "{e}");
     // 16-bit parameters.
     let half = vec![host(1, vec![1.0; 4])];
     let h_arena = upload(&ctx, &half);
     let ht = gpu_tensors(&h_arena, &half, &info);
-    let e = GpuOptimizer::new(&ctx, &gt, &ht, policy.clone(), Sgd::new(0.1)).unwrap_err();
+    let e = GpuClipper::with_optimizer(&ctx, &gt, &ht, policy.clone(), Sgd::new(0.1)).unwrap_err();
     assert!(matches!(e, ClipError::NotF32 { .. }), "{e}");
     assert_eq!(download(&ctx, &h_arena, &half), half);
     assert_eq!(download(&ctx, &g_arena, &grads), grads);
@@ -533,7 +534,8 @@ fn bad_input_is_a_typed_error() {
         (vec![f32_at(0, 4), f32_at(20, 4)], "OutOfBounds"),
         (vec![f32_at(0, 4), f32_at(8, 4)], "OverlappingTensors"),
     ] {
-        let e = GpuOptimizer::new(&ctx, &g2, &bad, policy.clone(), Sgd::new(0.1)).unwrap_err();
+        let e =
+            GpuClipper::with_optimizer(&ctx, &g2, &bad, policy.clone(), Sgd::new(0.1)).unwrap_err();
         assert!(format!("{e:?}").starts_with(want), "{want}: {e:?}");
     }
     assert_eq!(download(&ctx, &two_arena, &two), two);
@@ -541,7 +543,7 @@ fn bad_input_is_a_typed_error() {
     let short = vec![Host::F32(vec![1.0; 3])];
     let s_arena = upload(&ctx, &short);
     let st = gpu_tensors(&s_arena, &short, &infos(&[3]));
-    let e = GpuOptimizer::new(&ctx, &gt, &st, policy.clone(), Sgd::new(0.1)).unwrap_err();
+    let e = GpuClipper::with_optimizer(&ctx, &gt, &st, policy.clone(), Sgd::new(0.1)).unwrap_err();
     assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
     // Bad hyperparameters, and a bad learning rate for later steps.
     let params = vec![Host::F32(vec![1.0; 4])];
@@ -552,21 +554,22 @@ fn bad_input_is_a_typed_error() {
         Sgd::new(0.1).nesterov().into(),
         Adam::new(0.1).betas(0.9, 1.0).into(),
     ] {
-        let e = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), bad).unwrap_err();
+        let e = GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), bad).unwrap_err();
         assert!(matches!(e, ClipError::InvalidConfig(_)), "{e}");
-        assert!(CpuOptimizer::new(policy.clone(), &info, bad).is_err());
+        assert!(CpuClipper::with_optimizer(policy.clone(), &info, bad).is_err());
     }
-    let mut opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), Sgd::new(0.1)).unwrap();
+    let mut opt =
+        GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), Sgd::new(0.1)).unwrap();
     assert!(opt.set_lr(-1.0).is_err());
     assert_eq!(opt.lr(), 0.1);
     // On the CPU: parameters of another length change nothing.
-    let mut cpu = CpuOptimizer::new(policy, &info, Sgd::new(0.1)).unwrap();
+    let mut cpu = CpuClipper::with_optimizer(policy, &info, Sgd::new(0.1)).unwrap();
     let mut p = vec![1.0f32; 3];
     let e = cpu.step(&refs(&grads), &mut [&mut p[..]]).unwrap_err();
     assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
     assert_eq!(p, vec![1.0; 3]);
     assert_eq!(cpu.state().steps, 0);
-    assert_eq!(cpu.policy().state().steps_taken(), 0);
+    assert_eq!(cpu.clip_state().steps_taken(), 0);
 }
 
 /// A caller's own SGD shader that applies a deferred clip as it reads the gradients.
@@ -597,7 +600,7 @@ fn deferred_scaling_in_a_callers_shader() {
     let p_arena = upload(&ctx, &params);
     let gt = gpu_tensors(&g_arena, &grads, &info);
     let policy = ClipPolicy::new(Rule::GlobalNorm(0.5)).non_finite(NonFinitePolicy::ZeroNans);
-    let mut clip = GpuPolicy::new(&ctx, &gt, None, policy.clone()).unwrap();
+    let mut clip = GpuClipper::new(&ctx, &gt, None, policy.clone()).unwrap();
     let deferred = clip.deferred();
     let source = format!("{}\n{USER_SGD}", deferred.wgsl(0, 2));
     let device = ctx.device();
@@ -648,7 +651,7 @@ fn deferred_scaling_in_a_callers_shader() {
     let report = pending.wait().unwrap();
     assert_eq!(report.clipped_units, 1);
     // The CPU twin: the same coefficients, applied by hand.
-    let mut cpu = CpuPolicy::new(policy, &info).unwrap();
+    let mut cpu = CpuClipper::new(policy, &info).unwrap();
     let step = cpu.step_deferred(&refs(&grads), None).unwrap();
     let (g, p0) = (flat(&grads), flat(&params));
     let got = flat(&download(&ctx, &p_arena, &params));
@@ -666,7 +669,7 @@ fn deferred_scaling_in_a_callers_shader() {
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     // Noise or value clipping cannot be deferred.
     let noisy = ClipPolicy::new(Rule::GlobalNorm(0.5)).value(ValueClip { lo: -1.0, hi: 1.0 });
-    let mut noisy = GpuPolicy::new(&ctx, &gt, None, noisy).unwrap();
+    let mut noisy = GpuClipper::new(&ctx, &gt, None, noisy).unwrap();
     let mut enc = device.create_command_encoder(&Default::default());
     assert!(matches!(
         noisy.encode_deferred(&mut enc),

@@ -6,9 +6,9 @@ mod common;
 
 use common::{close, download, gpu, gpu_tensors, host, rules, upload, write, Host};
 use gradclip::{
-    noise, AdaptiveKind, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, ClipReport, CpuPolicy,
-    GaussianNoise, GpuContext, GpuPolicy, GradRef, GroupClip, NonFinitePolicy, Norm, PerTensorClip,
-    PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
+    noise, AdaptiveKind, Agc, AutoClip, BlockRmsClip, ClipError, ClipPolicy, ClipReport,
+    CpuClipper, GaussianNoise, GpuClipper, GpuContext, GradRef, GroupClip, NonFinitePolicy, Norm,
+    PerTensorClip, PolicyState, Rule, Schedule, TensorInfo, UnitAxis, ValueClip, ZClip,
 };
 use proptest::prelude::*;
 
@@ -35,7 +35,7 @@ fn run_gpu(
         .as_ref()
         .map(|a| gpu_tensors(a, params.unwrap(), infos));
     let mut run =
-        GpuPolicy::new(ctx, &grads, p_tensors.as_deref(), policy.clone()).expect("valid policy");
+        GpuClipper::new(ctx, &grads, p_tensors.as_deref(), policy.clone()).expect("valid policy");
     steps
         .iter()
         .map(|h| {
@@ -52,7 +52,7 @@ fn run_cpu(
     params: Option<&[Host]>,
     infos: &[TensorInfo],
 ) -> Vec<(Vec<Host>, ClipReport)> {
-    let mut run = CpuPolicy::new(policy.clone(), infos).expect("valid policy");
+    let mut run = CpuClipper::new(policy.clone(), infos).expect("valid policy");
     let p_refs: Option<Vec<GradRef<'_>>> = params.map(common::refs);
     steps
         .iter()
@@ -365,7 +365,7 @@ fn zclip_known_answers() {
     assert_eq!(out[4].1.coef, Some(1.0));
 
     // The EMA after each step, on the CPU and read back from the GPU.
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
     let expect = [
         (1.0, 0.0266666667),
         (1.00500003, 0.0266507596),
@@ -520,14 +520,14 @@ fn non_finite_options() {
     assert_eq!(out[0].0[1], g[1]);
     // Error: typed error, gradients untouched.
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0)).non_finite(NonFinitePolicy::Error);
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
     let mut h = g.clone();
     let err = cpu.step(&mut common::muts(&mut h), None).unwrap_err();
     assert!(matches!(err, ClipError::NonFiniteNorm(_)));
     assert_eq!(h[1], g[1]);
     let ctx = gpu();
     let arena = upload(&ctx, &g);
-    let mut run = GpuPolicy::new(&ctx, &gpu_tensors(&arena, &g, &infos), None, policy).unwrap();
+    let mut run = GpuClipper::new(&ctx, &gpu_tensors(&arena, &g, &infos), None, policy).unwrap();
     assert!(matches!(
         run.step().unwrap().wait(),
         Err(ClipError::NonFiniteNorm(_))
@@ -551,14 +551,14 @@ fn the_state_of_every_adaptive_stage_is_reported() {
     let steps: Vec<Vec<Host>> = (1..=5)
         .map(|i| vec![f32s(&[3.0 * i as f32, 4.0 * i as f32])])
         .collect();
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
     for s in &steps {
         cpu.step(&mut common::muts(&mut s.clone()), None).unwrap();
     }
     let ctx = gpu();
     let arena = upload(&ctx, &steps[0]);
     let t = gpu_tensors(&arena, &steps[0], &infos);
-    let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+    let mut run = GpuClipper::new(&ctx, &t, None, policy).unwrap();
     for s in &steps {
         write(&ctx, &arena, s);
         run.step().unwrap().wait().unwrap();
@@ -607,7 +607,7 @@ fn a_state_restores_only_where_it_belongs() {
         f32s(&[1.0, -2.0, 3.0, 0.5, 0.25, -1.0]),
         f32s(&[4.0, 0.0, -3.0]),
     ];
-    let mut run = CpuPolicy::new(base(), &infos).unwrap();
+    let mut run = CpuClipper::new(base(), &infos).unwrap();
     run.step(&mut common::muts(&mut data.clone()), None)
         .unwrap();
     let saved = PolicyState::from_bytes(&run.state().to_bytes()).unwrap();
@@ -656,11 +656,11 @@ fn a_state_restores_only_where_it_belongs() {
     let ctx = gpu();
     let arena = upload(&ctx, &data);
     for (part, policy, infos) in others {
-        let mut cpu = CpuPolicy::new(policy.clone(), infos).unwrap();
+        let mut cpu = CpuClipper::new(policy.clone(), infos).unwrap();
         let t = gpu_tensors(&arena, &data, infos);
-        let mut on_gpu = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+        let mut on_gpu = GpuClipper::new(&ctx, &t, None, policy).unwrap();
         for e in [
-            cpu.set_state(saved.clone()).unwrap_err(),
+            cpu.set_state(&saved).unwrap_err(),
             on_gpu.set_state(&saved).unwrap_err(),
         ] {
             match e {
@@ -670,20 +670,20 @@ fn a_state_restores_only_where_it_belongs() {
         }
     }
     // Where it belongs, it restores on either backend.
-    CpuPolicy::new(base(), &infos)
+    CpuClipper::new(base(), &infos)
         .unwrap()
-        .set_state(saved.clone())
+        .set_state(&saved)
         .unwrap();
     let t = gpu_tensors(&arena, &data, &infos);
-    GpuPolicy::new(&ctx, &t, None, base())
+    GpuClipper::new(&ctx, &t, None, base())
         .unwrap()
         .set_state(&saved)
         .unwrap();
     // Moved on purpose to other tensors (a layer unfrozen), the same chain takes it; a
     // state moved for another chain is still refused.
     let moved = saved.for_tensors(&base(), &renamed).unwrap();
-    let mut cpu = CpuPolicy::new(base(), &renamed).unwrap();
-    cpu.set_state(moved).unwrap();
+    let mut cpu = CpuClipper::new(base(), &renamed).unwrap();
+    cpu.set_state(&moved).unwrap();
     assert_eq!(cpu.state().adaptive(), saved.adaptive());
     assert!(matches!(
         saved.for_tensors(&base().norm(Norm::L1), &renamed),
@@ -703,7 +703,7 @@ fn state_round_trips_between_runs_and_backends() {
         .collect();
     let straight = run_gpu(&gpu(), &policy, &steps, None, &infos);
     // Five steps on the CPU, saved to bytes, resumed on the GPU for three.
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
     for s in &steps[..5] {
         let mut h = s.clone();
         cpu.step(&mut common::muts(&mut h), None).unwrap();
@@ -713,7 +713,7 @@ fn state_round_trips_between_runs_and_backends() {
     assert_eq!(restored.steps_taken(), 5);
     let ctx = gpu();
     let arena = upload(&ctx, &steps[5]);
-    let mut run = GpuPolicy::new(
+    let mut run = GpuClipper::new(
         &ctx,
         &gpu_tensors(&arena, &steps[5], &infos),
         None,
@@ -733,7 +733,7 @@ fn state_round_trips_between_runs_and_backends() {
     let back = run.state().unwrap();
     assert_eq!(back.steps_taken(), 8);
     assert_eq!(back.adaptive()[0].history.len(), 4);
-    cpu.set_state(back).unwrap();
+    cpu.set_state(&back).unwrap();
     assert!(PolicyState::from_bytes(&bytes[..10]).is_err());
 }
 
@@ -752,7 +752,7 @@ fn bad_configurations_are_typed_errors() {
         Rule::GlobalNorm(f32::NAN),
     ];
     for rule in bad {
-        let err = CpuPolicy::new(ClipPolicy::new(rule.clone()), &infos).unwrap_err();
+        let err = CpuClipper::new(ClipPolicy::new(rule.clone()), &infos).unwrap_err();
         assert!(
             matches!(err, ClipError::InvalidConfig(_)),
             "{rule:?}: {err}"
@@ -774,7 +774,7 @@ fn bad_configurations_are_typed_errors() {
         ),
         (global().noise(noise).then(Rule::GlobalNorm(2.0)), "noise"),
     ] {
-        match CpuPolicy::new(chain, &infos) {
+        match CpuClipper::new(chain, &infos) {
             Err(ClipError::InvalidConfig(msg)) => assert!(msg.contains(what), "{msg}"),
             other => panic!("{what}: {other:?}"),
         }
@@ -783,9 +783,9 @@ fn bad_configurations_are_typed_errors() {
         .then(Rule::GlobalNorm(2.0))
         .noise(noise)
         .value(ValueClip::symmetric(0.5));
-    assert!(CpuPolicy::new(in_order, &infos).is_ok());
+    assert!(CpuClipper::new(in_order, &infos).is_ok());
     // Shapes that do not match the data, AGC without parameters.
-    let mut cpu = CpuPolicy::new(ClipPolicy::new(Rule::Agc(Agc::default())), &infos).unwrap();
+    let mut cpu = CpuClipper::new(ClipPolicy::new(Rule::Agc(Agc::default())), &infos).unwrap();
     let mut h = vec![f32s(&[1.0; 5])];
     assert!(matches!(
         cpu.step(&mut common::muts(&mut h), None),
@@ -806,12 +806,12 @@ fn bad_configurations_are_typed_errors() {
     let arena = upload(&ctx, &h);
     let t = gpu_tensors(&arena, &h, &infos);
     assert!(matches!(
-        GpuPolicy::new(&ctx, &t, None, ClipPolicy::new(Rule::Agc(Agc::default()))),
+        GpuClipper::new(&ctx, &t, None, ClipPolicy::new(Rule::Agc(Agc::default()))),
         Err(ClipError::InvalidConfig(_))
     ));
     let wrong = [t[0].clone().shaped(&[4, 2])];
     assert!(matches!(
-        GpuPolicy::new(&ctx, &wrong, None, ClipPolicy::new(Rule::GlobalNorm(1.0))),
+        GpuClipper::new(&ctx, &wrong, None, ClipPolicy::new(Rule::GlobalNorm(1.0))),
         Err(ClipError::ShapeMismatch { .. })
     ));
 }
@@ -930,7 +930,7 @@ fn four_stage_chain_matches_an_f64_model() {
     // AGC then AGC is refused: a chain's units are one stage's AGC units.
     let twice = ClipPolicy::new(Rule::Agc(Agc::new(0.1))).then(Rule::Agc(Agc::new(0.2)));
     assert!(matches!(
-        CpuPolicy::new(twice, &infos),
+        CpuClipper::new(twice, &infos),
         Err(ClipError::InvalidConfig(_))
     ));
 }
@@ -946,13 +946,13 @@ fn a_later_stage_can_hold_the_step() {
         let policy = ClipPolicy::new(Rule::Agc(Agc::new(0.01).exclude("b")))
             .then(Rule::GlobalNorm(1.0))
             .non_finite(nf);
-        let cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+        let cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &g);
         let p_arena = upload(&ctx, &w);
         let tensors = gpu_tensors(&arena, &g, &infos);
         let params = gpu_tensors(&p_arena, &w, &infos);
-        let mut gpu_run = GpuPolicy::new(&ctx, &tensors, Some(&params), policy).unwrap();
+        let mut gpu_run = GpuClipper::new(&ctx, &tensors, Some(&params), policy).unwrap();
         let mut cpu_run = cpu;
         let mut h = g.clone();
         let c = cpu_run.step(&mut common::muts(&mut h), Some(&common::refs(&w)));
@@ -1011,10 +1011,10 @@ fn a_held_step_reports_the_same_on_both_backends() {
         let policy = chain
             .non_finite(NonFinitePolicy::SkipStep)
             .with_group_report();
-        let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+        let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
         let arena = upload(&ctx, &data);
         let t = gpu_tensors(&arena, &data, &infos);
-        let mut on_gpu = GpuPolicy::new(&ctx, &t, None, policy.clone()).unwrap();
+        let mut on_gpu = GpuClipper::new(&ctx, &t, None, policy.clone()).unwrap();
         for _ in 0..2 {
             let mut h = data.clone();
             let c = cpu.step(&mut common::muts(&mut h), None).unwrap();
@@ -1074,10 +1074,10 @@ fn a_held_step_records_no_norm_in_any_stage() {
     for chain in chains {
         for nf in [NonFinitePolicy::SkipStep, NonFinitePolicy::Error] {
             let policy = chain.clone().non_finite(nf);
-            let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+            let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
             let arena = upload(&ctx, &steps[0].0);
             let tensors = gpu_tensors(&arena, &steps[0].0, &infos);
-            let mut gpu_run = GpuPolicy::new(&ctx, &tensors, None, policy).unwrap();
+            let mut gpu_run = GpuClipper::new(&ctx, &tensors, None, policy).unwrap();
             let mut recorded = 0;
             for (i, (g, bad)) in steps.iter().enumerate() {
                 let before = cpu.state().clone();
@@ -1187,8 +1187,8 @@ fn per_example_both(
     let infos = infos_of(inputs);
     let in_t = gpu_tensors(&arena, inputs, &infos);
     let out_t = gpu_tensors(&out_arena, &outs, &infos_of(&outs));
-    let mut run = gradclip::GpuPerExample::new(&ctx, &in_t, &out_t, clip.clone()).unwrap();
-    let mut cpu = gradclip::CpuPerExample::new(clip.clone(), &infos).unwrap();
+    let mut run = gradclip::GpuClipper::per_example(&ctx, &in_t, &out_t, clip.clone()).unwrap();
+    let mut cpu = gradclip::CpuClipper::per_example(clip.clone(), &infos).unwrap();
     (0..steps)
         .map(|step| {
             assert_eq!((run.steps_taken(), cpu.steps_taken()), (step, step));
@@ -1285,13 +1285,13 @@ fn per_example_bad_configuration() {
         gradclip::PerExampleClip::new(3, -1.0),
     ] {
         assert!(matches!(
-            gradclip::CpuPerExample::new(clip, &infos),
+            gradclip::CpuClipper::per_example(clip, &infos),
             Err(ClipError::InvalidConfig(_))
         ));
     }
     // Inputs or outputs of other lengths change nothing, the step count included.
     let mut cpu =
-        gradclip::CpuPerExample::new(gradclip::PerExampleClip::new(3, 1.0), &infos).unwrap();
+        gradclip::CpuClipper::per_example(gradclip::PerExampleClip::new(3, 1.0), &infos).unwrap();
     let longer = [f32s(&[1.0; 9])];
     assert!(matches!(
         cpu.step(&common::refs(&longer), &mut views),
@@ -1404,7 +1404,7 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
                 assert!(gv.iter().all(|x| x.is_finite() && *x < 1e10), "{what}");
             }
         }
-        let state = CpuPolicy::new(policy.clone(), &infos).map(|mut p| {
+        let state = CpuClipper::new(policy.clone(), &infos).map(|mut p| {
             for s in &steps {
                 p.step(&mut common::muts(&mut s.clone()), None).unwrap();
             }
@@ -1427,7 +1427,7 @@ fn norms_beyond_f32_keep_adaptive_state_finite() {
 /// counted, through the saved form (16 bytes of header, then the layout, the fingerprint
 /// and the words, each after its length).
 fn restored(policy: &ClipPolicy, infos: &[TensorInfo], norms: &[f32], seen: u32) -> PolicyState {
-    let mut bytes = CpuPolicy::new(policy.clone(), infos)
+    let mut bytes = CpuClipper::new(policy.clone(), infos)
         .unwrap()
         .state()
         .to_bytes();
@@ -1468,14 +1468,14 @@ fn autoclip_percentiles_of_a_long_history_agree() {
             .collect();
         let state = restored(&policy, &infos, &norms, h - 1);
         let steps = [vec![f32s(&[3.0, 4.0])]];
-        let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
-        cpu.set_state(state.clone()).unwrap();
+        let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+        cpu.set_state(&state).unwrap();
         let mut c = steps[0].clone();
         let cr = cpu.step(&mut common::muts(&mut c), None).unwrap();
         let ctx = gpu();
         let arena = upload(&ctx, &steps[0]);
         let t = gpu_tensors(&arena, &steps[0], &infos);
-        let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+        let mut run = GpuClipper::new(&ctx, &t, None, policy).unwrap();
         run.set_state(&state).unwrap();
         let gr = run.step().unwrap().wait().unwrap();
         // The same order statistics (exact: a selection, no arithmetic), then one lerp.
@@ -1506,12 +1506,12 @@ fn zclip_long_warmup_agrees() {
     let state = restored(&policy, &infos, &norms, warmup - 1);
     // The last warmup norm (5), then a spike (50).
     let steps = vec![vec![f32s(&[3.0, 4.0])], vec![f32s(&[30.0, 40.0])]];
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
-    cpu.set_state(state.clone()).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+    cpu.set_state(&state).unwrap();
     let ctx = gpu();
     let arena = upload(&ctx, &steps[0]);
     let t = gpu_tensors(&arena, &steps[0], &infos);
-    let mut run = GpuPolicy::new(&ctx, &t, None, policy).unwrap();
+    let mut run = GpuClipper::new(&ctx, &t, None, policy).unwrap();
     run.set_state(&state).unwrap();
     assert_eq!(run.state().unwrap(), state);
     let mut reports = Vec::new();

@@ -1,4 +1,4 @@
-//! `GpuPolicy::rebind`: the plan moves to new buffer ranges of the same tensors (a memory
+//! `GpuClipper::rebind`: the plan moves to new buffer ranges of the same tensors (a memory
 //! pool relocated them) and the adaptive state and step count carry over, step for step
 //! as on the CPU.
 
@@ -37,12 +37,12 @@ fn a_rebound_policy_keeps_its_state_as_the_cpu_does() {
         .map(|(n, t)| TensorInfo::new(*n, &[t.as_ref().len() as u64]))
         .collect();
     let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4)));
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
     // Two places for the same tensors: packed, and after a 3-element pad.
     let pad = host(0, vec![0.0; 3]);
     let padded: Vec<Host> = std::iter::once(pad).chain(base.clone()).collect();
     let (a, b) = (upload(&ctx, &base), upload(&ctx, &padded));
-    let mut gpu = GpuPolicy::new(
+    let mut gpu = GpuClipper::new(
         &ctx,
         &tensors(&a.buffer, &a.offsets, &base, &infos),
         None,
@@ -110,7 +110,7 @@ fn rebinding_other_tensors_is_refused_and_changes_nothing() {
     let infos = [TensorInfo::new("a", &[2]), TensorInfo::new("b", &[5])];
     let arena = upload(&ctx, &h);
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
-    let mut gpu = GpuPolicy::new(
+    let mut gpu = GpuClipper::new(
         &ctx,
         &tensors(&arena.buffer, &arena.offsets, &h, &infos),
         None,

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::sharded::{check_all, gpt2_tiny, local, values, On};
 use gradclip::{
-    ClipError, ClipPolicy, Collective, CpuPolicy, GradMut, Rule, Schedule, Shard, ShardedCpuPolicy,
-    SingleRank, TensorInfo, ThreadCollective,
+    ClipError, ClipPolicy, Collective, CpuClipper, GradMut, Rule, Schedule, Shard, SingleRank,
+    TensorInfo, ThreadCollective,
 };
 
 /// Runs `f` on `n` thread ranks and returns what each returned.
@@ -46,7 +46,7 @@ fn norm_bits(world: usize) -> Vec<Vec<u64>> {
     on_ranks(world, |c| {
         let shard = Shard::even(&infos, c.rank(), world).unwrap();
         let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
-        let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
+        let mut p = CpuClipper::sharded(policy, &infos, shard.clone(), &c).unwrap();
         (0..3)
             .map(|step| {
                 let mut parts: Vec<Vec<f32>> = local(&values(&infos, step, 0), &shard);
@@ -70,7 +70,7 @@ fn bad_input_on_one_rank_is_an_error_on_every_rank_and_changes_nothing() {
     let out = on_ranks(3, |c| {
         let shard = Shard::even(&infos, c.rank(), 3).unwrap();
         let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3));
-        let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
+        let mut p = CpuClipper::sharded(policy, &infos, shard.clone(), &c).unwrap();
         let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);
         if c.rank() == 1 {
             // One element short.
@@ -105,7 +105,7 @@ fn ranks_that_disagree_on_shards_or_chains_fail_to_plan_together() {
     let plan = |shards: &[Shard], policies: &[ClipPolicy], infos: &[Vec<TensorInfo>]| {
         on_ranks(shards.len(), |c| {
             let r = c.rank();
-            ShardedCpuPolicy::new(policies[r].clone(), &infos[r], shards[r].clone(), &c).map(|_| ())
+            CpuClipper::sharded(policies[r].clone(), &infos[r], shards[r].clone(), &c).map(|_| ())
         })
     };
     let global = ClipPolicy::new(Rule::GlobalNorm(1.0));
@@ -151,13 +151,13 @@ fn tensor_parallel_whole_tensors_clip_as_one_process() {
     let full = values(&infos, 2, 0);
     let mut want = full.clone();
     let mut g: Vec<GradMut<'_>> = want.iter_mut().map(|v| GradMut::F32(v)).collect();
-    let report = CpuPolicy::new(policy.clone(), &infos)
+    let report = CpuClipper::new(policy.clone(), &infos)
         .unwrap()
         .step(&mut g, None)
         .unwrap();
     let got = on_ranks(2, |c| {
         let shard = Shard::whole_tensors(&infos, |t, _| t % 2 == c.rank());
-        let mut p = ShardedCpuPolicy::new(policy.clone(), &infos, shard.clone(), &c).unwrap();
+        let mut p = CpuClipper::sharded(policy.clone(), &infos, shard.clone(), &c).unwrap();
         let mut parts: Vec<Vec<f32>> = (full.iter().enumerate())
             .map(|(t, v)| {
                 if shard.local_len(t) > 0 {
@@ -185,15 +185,15 @@ fn ranks_at_different_steps_all_fail_and_change_nothing() {
     let out = on_ranks(2, |c| {
         let shard = Shard::even(&infos, c.rank(), 2).unwrap();
         let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3));
-        let mut p = ShardedCpuPolicy::new(policy.clone(), &infos, shard.clone(), &c).unwrap();
+        let mut p = CpuClipper::sharded(policy.clone(), &infos, shard.clone(), &c).unwrap();
         let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);
         if c.rank() == 1 {
             // As if this rank's previous step had been lost: a state one step ahead.
-            let mut other = CpuPolicy::new(policy, &infos).unwrap();
+            let mut other = CpuClipper::new(policy, &infos).unwrap();
             let mut full = values(&infos, 0, 0);
             let mut g: Vec<GradMut<'_>> = full.iter_mut().map(|v| GradMut::F32(v)).collect();
             other.step(&mut g, None).unwrap();
-            p.set_state(other.state().clone()).unwrap();
+            p.set_state(other.state()).unwrap();
         }
         let before = parts.clone();
         let mut g: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
@@ -225,10 +225,10 @@ fn ranks_whose_factors_or_far_steps_differ_all_fail_and_change_nothing() {
             };
             let schedule = Schedule::custom("decay", move |s| factor.powi(s as i32 + 1));
             let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3)).schedule(schedule);
-            let mut p = ShardedCpuPolicy::new(policy, &infos, shard.clone(), &c).unwrap();
+            let mut p = CpuClipper::sharded(policy, &infos, shard.clone(), &c).unwrap();
             if case == "steps" {
                 let far = (1u64 << 53) + c.rank() as u64;
-                p.set_state(p.state().clone().with_steps_taken(far))
+                p.set_state(&p.state().clone().with_steps_taken(far))
                     .unwrap();
             }
             let mut parts: Vec<Vec<f32>> = local(&values(&infos, 0, 0), &shard);

@@ -116,8 +116,8 @@ fn optimizer_steps_across_windows_match_the_oracle() {
     let pt = gpu_tensors(&p_arena, &params, &infos);
     let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
     let opt = Adam::adamw(1e-2).amsgrad();
-    let mut gpu_opt = GpuOptimizer::new(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
-    let mut cpu_opt = CpuOptimizer::new(policy, &infos, opt).unwrap();
+    let mut gpu_opt = GpuClipper::with_optimizer(&ctx, &gt, &pt, policy.clone(), opt).unwrap();
+    let mut cpu_opt = CpuClipper::with_optimizer(policy, &infos, opt).unwrap();
     let mut host: Vec<Vec<f32>> = (params.iter())
         .map(|p| p.to_f64().into_iter().map(|x| x as f32).collect())
         .collect();

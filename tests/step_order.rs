@@ -6,7 +6,7 @@ mod common;
 
 use common::{close, cpu_measure, download, gpu, gpu_policy, gpu_tensors, upload, Host};
 use gradclip::{
-    AutoClip, ClipError, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GpuPolicy, Norm,
+    AutoClip, ClipError, ClipPolicy, ClipReport, CpuClipper, GaussianNoise, GpuClipper, Norm,
     PartialNorm, Rule, Schedule, TensorInfo, ValueClip,
 };
 
@@ -78,7 +78,7 @@ fn global_norm_steps_in_one_encoder_keep_their_norm_order() {
 
 /// Runs `steps` steps of `policy` on the CPU from `h`.
 fn cpu_steps(policy: &ClipPolicy, h: &[Host], steps: usize) -> (Vec<Host>, Vec<ClipReport>) {
-    let mut run = CpuPolicy::new(policy.clone(), &infos(h)).unwrap();
+    let mut run = CpuClipper::new(policy.clone(), &infos(h)).unwrap();
     let mut h = h.to_vec();
     let reports = (0..steps)
         .map(|_| run.step(&mut common::muts(&mut h), None).unwrap())
@@ -98,7 +98,7 @@ fn scheduled_noisy_steps_in_one_encoder_match_the_cpu_step_by_step() {
         });
     let arena = upload(&ctx, &h);
     let tensors = gpu_tensors(&arena, &h, &infos(&h));
-    let mut run = GpuPolicy::new(&ctx, &tensors, None, policy.clone()).unwrap();
+    let mut run = GpuClipper::new(&ctx, &tensors, None, policy.clone()).unwrap();
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let pending: Vec<_> = (0..3).map(|_| run.encode(&mut encoder).unwrap()).collect();
     ctx.queue().submit([encoder.finish()]);
@@ -128,7 +128,7 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)));
     let arena = upload(&ctx, &h);
     let tensors = gpu_tensors(&arena, &h, &infos(&h));
-    let mut run = GpuPolicy::new(&ctx, &tensors, None, policy).unwrap();
+    let mut run = GpuClipper::new(&ctx, &tensors, None, policy).unwrap();
     // 65 steps before one submission: the 65th reuses the first step's slot.
     let mut encoder = ctx.device().create_command_encoder(&Default::default());
     let pending: Vec<_> = (0..65).map(|_| run.encode(&mut encoder).unwrap()).collect();
@@ -227,10 +227,10 @@ fn every_configuration_writes_timestamps() {
         &h,
         ClipPolicy::value_clip(ValueClip::symmetric(1.0)),
     );
-    let mut chain = GpuPolicy::new(&ctx, &t, None, policy.clone()).unwrap();
-    let mut acc = gradclip::GpuAccumulator::new(&ctx, &t, &s, None, 2, policy).unwrap();
+    let mut chain = GpuClipper::new(&ctx, &t, None, policy.clone()).unwrap();
+    let mut acc = gradclip::GpuClipper::accumulating(&ctx, &t, &s, None, 2, policy).unwrap();
     let per_example = gradclip::PerExampleClip::new(4, 1.0);
-    let mut dp = gradclip::GpuPerExample::new(&ctx, &ex_in_t, &ex_out_t, per_example).unwrap();
+    let mut dp = gradclip::GpuClipper::per_example(&ctx, &ex_in_t, &ex_out_t, per_example).unwrap();
     let query_set = || {
         ctx.device().create_query_set(&wgpu::QuerySetDescriptor {
             label: None,
@@ -241,44 +241,44 @@ fn every_configuration_writes_timestamps() {
     type Encode<'a> = Box<dyn FnMut(wgpu::QuerySet, &mut wgpu::CommandEncoder) + 'a>;
     let configurations: Vec<(&str, Encode<'_>)> = vec![
         // What GpuBatch's global clip, total norm, clip with a given norm and value clip
-        // were: GpuPolicy steps of their chains.
+        // were: GpuClipper steps of their chains.
         (
-            "GpuPolicy total_norm",
+            "GpuClipper total_norm",
             Box::new(|q, e| {
                 norm_only.set_timestamp_writes(Some((q, 0, 1)));
                 drop(norm_only.encode(e).unwrap());
             }),
         ),
         (
-            "GpuPolicy encode_with_norm",
+            "GpuClipper encode_with_norm",
             Box::new(|q, e| {
                 with_norm.set_timestamp_writes(Some((q, 0, 1)));
                 drop(with_norm.encode_with_norm(e, &given).unwrap());
             }),
         ),
         (
-            "GpuPolicy value_clip",
+            "GpuClipper value_clip",
             Box::new(|q, e| {
                 value.set_timestamp_writes(Some((q, 0, 1)));
                 drop(value.encode(e).unwrap());
             }),
         ),
         (
-            "GpuPolicy",
+            "GpuClipper",
             Box::new(|q, e| {
                 chain.set_timestamp_writes(Some((q, 0, 1)));
                 drop(chain.encode(e).unwrap());
             }),
         ),
         (
-            "GpuAccumulator",
+            "GpuClipper<Accumulate>",
             Box::new(|q, e| {
                 acc.set_timestamp_writes(Some((q, 0, 1)));
                 assert!(acc.encode(e).unwrap().is_none());
             }),
         ),
         (
-            "GpuPerExample",
+            "GpuClipper<PerExample>",
             Box::new(|q, e| {
                 dp.set_timestamp_writes(Some((q, 0, 1)));
                 drop(dp.encode(e).unwrap());

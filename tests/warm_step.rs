@@ -7,9 +7,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use gradclip::{
-    Adam, ClipPolicy, CpuOptimizer, CpuPolicy, GradMut, GradRef, Norm, Rule, TensorInfo,
-};
+use gradclip::{Adam, ClipPolicy, CpuClipper, GradMut, GradRef, Norm, Rule, TensorInfo};
 
 /// Counts the allocations of at least [`LARGE`] bytes made while [`WATCH`] is set.
 struct Counting;
@@ -59,13 +57,13 @@ fn warm_steps_allocate_nothing_per_tensor() {
     let infos: Vec<TensorInfo> = (data.iter().enumerate())
         .map(|(t, x)| TensorInfo::new(format!("t{t}"), &[x.len() as u64]))
         .collect();
-    let mut policy = CpuPolicy::new(ClipPolicy::new(Rule::GlobalNorm(0.5)), &infos).unwrap();
+    let mut policy = CpuClipper::new(ClipPolicy::new(Rule::GlobalNorm(0.5)), &infos).unwrap();
     // What the one-shot `cpu::clip_by_global_norm` and `cpu::partial_norm` were: runners
     // over unnamed tensors, built once (the first step fills their buffers).
     let unnamed = TensorInfo::unnamed(data.iter().map(|x| x.len()));
-    let mut global = CpuPolicy::new(ClipPolicy::global_norm(0.5), &unnamed).unwrap();
-    let mut measure = CpuPolicy::new(ClipPolicy::total_norm().norm(Norm::L2), &unnamed).unwrap();
-    let mut optimizer = CpuOptimizer::new(
+    let mut global = CpuClipper::new(ClipPolicy::global_norm(0.5), &unnamed).unwrap();
+    let mut measure = CpuClipper::new(ClipPolicy::total_norm().norm(Norm::L2), &unnamed).unwrap();
+    let mut optimizer = CpuClipper::with_optimizer(
         ClipPolicy::new(Rule::GlobalNorm(0.5)),
         &infos,
         Adam::adamw(1e-3),
@@ -95,11 +93,11 @@ fn warm_steps_allocate_nothing_per_tensor() {
         });
         // The first round builds the buffers; the second must not.
         if round == 1 {
-            assert_eq!(step, 0, "CpuPolicy::step");
-            assert_eq!(one_shot, 0, "CpuPolicy::step of ClipPolicy::global_norm");
-            assert_eq!(norm, 0, "CpuPolicy::step of ClipPolicy::total_norm");
-            assert_eq!(fused, 0, "CpuOptimizer::step");
-            assert_eq!(unfused, 0, "CpuOptimizer::step_in_place");
+            assert_eq!(step, 0, "CpuClipper::step");
+            assert_eq!(one_shot, 0, "CpuClipper::step of ClipPolicy::global_norm");
+            assert_eq!(norm, 0, "CpuClipper::step of ClipPolicy::total_norm");
+            assert_eq!(fused, 0, "CpuClipper<Optimize>::step");
+            assert_eq!(unfused, 0, "CpuClipper<Optimize>::step_in_place");
         } else {
             assert!(
                 step > 0 && one_shot > 0 && norm > 0 && fused > 0,

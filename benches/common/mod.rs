@@ -2,7 +2,7 @@
 //! the host gradient arena, the timed operations and their clipping settings.
 #![allow(dead_code)] // each user takes a different subset
 
-use gradclip::{bf16, f16, ClipPolicy, CpuPolicy, DType, GradMut, GradRef, TensorInfo, ValueClip};
+use gradclip::{bf16, f16, ClipPolicy, CpuClipper, DType, GradMut, GradRef, TensorInfo, ValueClip};
 use rayon::prelude::*;
 
 pub const BLOCK: usize = 1 << 16;
@@ -115,7 +115,7 @@ impl Flat {
     /// The total L2 norm of the tensors of lengths `lens` (the CPU oracle's).
     pub fn total_norm(&self, lens: &[usize]) -> f64 {
         let infos = TensorInfo::unnamed(lens.iter().copied());
-        let mut policy = CpuPolicy::new(ClipPolicy::total_norm(), &infos).expect("a measure");
+        let mut policy = CpuClipper::new(ClipPolicy::total_norm(), &infos).expect("a measure");
         let mut copy = self.clone();
         let report = policy.step(&mut copy.muts(lens), None).expect("a norm");
         report.total_norm

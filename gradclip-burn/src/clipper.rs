@@ -3,7 +3,7 @@
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use gradclip::{
-    ClipPolicy, ClipReport, GpuPolicy, GpuTensor, PendingReport, PolicyState, TensorInfo,
+    ClipPolicy, ClipReport, GpuClipper, GpuTensor, PendingReport, PolicyState, TensorInfo,
 };
 
 use crate::device::SharedDevice;
@@ -25,7 +25,7 @@ type Key = Vec<(wgpu::Buffer, u64, u64, gradclip::DType)>;
 pub struct BurnClipper {
     shared: SharedDevice,
     policy: ClipPolicy,
-    planned: Option<(GpuPolicy, Key)>,
+    planned: Option<(GpuClipper, Key)>,
     restore: Option<PolicyState>,
     moves: u64,
     copies: u64,
@@ -151,7 +151,7 @@ impl BurnClipper {
                         let state = gpu.state()?;
                         let ctx = self.shared.gpu();
                         let mut fresh =
-                            GpuPolicy::new(ctx, &grad_tensors, params, self.policy.clone())?;
+                            GpuClipper::new(ctx, &grad_tensors, params, self.policy.clone())?;
                         let infos: Vec<TensorInfo> = (found.iter())
                             .map(|f| TensorInfo::new(&f.path, &f.shape))
                             .collect();
@@ -173,7 +173,7 @@ impl BurnClipper {
                 self.moves += 1;
             }
             None => {
-                let mut gpu = GpuPolicy::new(
+                let mut gpu = GpuClipper::new(
                     self.shared.gpu(),
                     &grad_tensors,
                     params,

@@ -18,7 +18,7 @@ use burn::nn::{
 use burn::optim::{GradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use gradclip::{
-    Agc, ClipPolicy, ClipReport, CpuPolicy, GaussianNoise, GradMut, GradRef, GroupClip,
+    Agc, ClipPolicy, ClipReport, CpuClipper, GaussianNoise, GradMut, GradRef, GroupClip,
     PerTensorClip, Rule, TensorInfo, UnitAxis,
 };
 use gradclip_burn::{BurnClipError, BurnClipper, ClippedOptimizer, SharedDevice};
@@ -252,7 +252,7 @@ fn oracle(
         .iter()
         .map(|g| TensorInfo::new(&g.path, &g.shape))
         .collect();
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
     let params: Option<Vec<GradRef>> =
         params.map(|p| p.iter().map(|t| GradRef::F32(&t.values)).collect());
     let mut views: Vec<GradMut> = grads
@@ -462,7 +462,7 @@ fn train_rnn(
         .iter()
         .map(|t| TensorInfo::new(&t.path, &t.shape))
         .collect();
-    let mut host_clip = CpuPolicy::new(policy.clone(), &infos).unwrap();
+    let mut host_clip = CpuClipper::new(policy.clone(), &infos).unwrap();
     let mut host_optim = SgdConfig::new().init();
     for step in 0..steps {
         let xs = data([8, 4, 3], 100 + step as u64, &device);
@@ -894,7 +894,7 @@ fn half_precision_gradients_match_the_oracle() {
             .map(|t| TensorInfo::new(&t.path, &t.shape))
             .collect();
         let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
-        let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
+        let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
         let mut views: Vec<GradMut> = want.iter_mut().map(|h| h.as_mut()).collect();
         let want_report = cpu.step(&mut views, None).unwrap();
         let mut clipper = BurnClipper::new(&shared, policy).unwrap();
@@ -994,13 +994,13 @@ fn a_new_set_of_gradients_is_planned_anew_with_the_state() {
     );
     let second = clipper.clip(&unfrozen, &mut grads).unwrap().wait().unwrap();
     // The host: the same two steps, the state handed from one set to the next.
-    let mut cpu = CpuPolicy::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
+    let mut cpu = CpuClipper::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
     let mut a = [3.0f32, 4.0, 12.0];
     let host_first = cpu.step(&mut [GradMut::F32(&mut a)], None).unwrap();
     let state = cpu.state().clone();
     let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
-    let mut cpu = CpuPolicy::new(policy.clone(), &infos).unwrap();
-    cpu.set_state(state.for_tensors(&policy, &infos).unwrap())
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+    cpu.set_state(&state.for_tensors(&policy, &infos).unwrap())
         .unwrap();
     let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
     let host_second = cpu

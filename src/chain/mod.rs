@@ -1,7 +1,7 @@
 //! Clipping policies: a [`Rule`] (what gets a norm and how norms become coefficients)
 //! composed with a threshold [`Schedule`], optional [`GaussianNoise`] and a
-//! [`NonFinitePolicy`]. The same description runs on the GPU ([`crate::GpuPolicy`]) and
-//! on the CPU ([`crate::CpuPolicy`]), over the shared segment reduction.
+//! [`NonFinitePolicy`]. The same description runs on the GPU ([`crate::GpuClipper`]) and
+//! on the CPU ([`crate::CpuClipper`]), over the shared segment reduction.
 
 mod layout;
 mod per_example;

@@ -39,7 +39,7 @@ enum Chain {
 /// Runs a [`ClipPolicy`] over host slices (`Vec<f32>`, `&mut [f16]`, ...) on the best
 /// backend there is, step after step, keeping its state. With a GPU, the slices are
 /// copied in, clipped there and copied back (for data already on the GPU use
-/// [`crate::GpuPolicy`] directly).
+/// [`crate::GpuClipper`] directly).
 pub struct Clipper {
     chain: Chain,
 }
@@ -139,7 +139,7 @@ impl Clipper {
 
     /// One step of a global-norm chain ([`ClipPolicy::global_norm`]) that clips by the
     /// total norm `total` instead of measuring `grads`: the second half of the split API
-    /// (see [`crate::CpuPolicy::step_with_norm`]). Another chain, or a norm of another
+    /// (see [`crate::CpuClipper::step_with_norm`]). Another chain, or a norm of another
     /// order, is an error that changes nothing.
     pub fn step_with_norm(
         &mut self,

@@ -123,6 +123,11 @@ impl CpuAccumulator {
         &self.policy
     }
 
+    /// The clipping policy, to restore a saved state.
+    pub(crate) fn policy_mut(&mut self) -> &mut CpuPolicy {
+        &mut self.policy
+    }
+
     /// Drops a partial accumulation: the next micro-batch starts a new one.
     pub fn reset(&mut self) {
         self.added = 0;

@@ -70,6 +70,11 @@ impl CpuOptimizer {
         &self.policy
     }
 
+    /// The clipping policy, to restore a saved state.
+    pub(crate) fn policy_mut(&mut self) -> &mut CpuPolicy {
+        &mut self.policy
+    }
+
     /// The learning rate of the following steps.
     pub fn lr(&self) -> f32 {
         self.lr

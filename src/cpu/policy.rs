@@ -268,7 +268,7 @@ impl CpuPolicy {
     }
 }
 
-/// A step whose coefficients were computed but not applied ([`CpuPolicy::step_deferred`]).
+/// A step whose coefficients were computed but not applied ([`crate::CpuClipper::step_deferred`]).
 #[derive(Debug, Clone)]
 pub struct DeferredStep {
     /// The step's report.

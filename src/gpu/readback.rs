@@ -235,7 +235,7 @@ impl<R> PendingReport<R> {
     }
 
     /// Waits for the GPU to finish the step and returns its report. With
-    /// [`NonFinitePolicy::Error`], a non-finite norm is returned as
+    /// [`crate::NonFinitePolicy::Error`], a non-finite norm is returned as
     /// [`ClipError::NonFiniteNorm`] (the gradients were left unchanged).
     pub fn wait(mut self) -> Result<R, ClipError> {
         let outcome = wait_mapped(&self.device, &self.signal.state)?;

@@ -12,7 +12,7 @@ use crate::shaders::abi::{OptimizerParams, OPT_ADAM, OPT_SGD};
 /// `buf = d`: torch's buffer is created there) and `d = buf`, or `d = d + momentum * buf` with Nesterov; then `p -= lr * d`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Sgd {
-    /// Learning rate (a step may override it: [`crate::GpuOptimizer::set_lr`]).
+    /// Learning rate (a step may override it: [`crate::GpuClipper<Optimize>::set_lr`]).
     pub lr: f32,
     /// Momentum factor in `[0, 1)`; 0: none (no state).
     pub momentum: f32,
@@ -70,7 +70,7 @@ impl Sgd {
 /// `decoupled`). With amsgrad the running maximum of `v` takes its place.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adam {
-    /// Learning rate (a step may override it: [`crate::GpuOptimizer::set_lr`]).
+    /// Learning rate (a step may override it: [`crate::GpuClipper<Optimize>::set_lr`]).
     pub lr: f32,
     /// Decay rates of the first and second moments, each in `[0, 1)`.
     pub betas: (f32, f32),

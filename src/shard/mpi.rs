@@ -8,8 +8,8 @@ use mpi::topology::{Communicator, SimpleCommunicator};
 use super::collective::Collective;
 use crate::error::ClipError;
 
-/// The ranks of an MPI job, for [`crate::ShardedCpuPolicy`] and
-/// [`crate::ShardedGpuPolicy`]. Start the program with `mpiexec -n N`; started alone it is
+/// The ranks of an MPI job, for [`crate::CpuClipper<Sharded<C>>`] and
+/// [`crate::GpuClipper<Sharded<C>>`]. Start the program with `mpiexec -n N`; started alone it is
 /// a 1-rank world.
 ///
 /// MPI reports communication failures by aborting the job (rsmpi's

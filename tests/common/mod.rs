@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use gradclip::{
-    bf16, f16, Agc, AutoClip, BlockRmsClip, ClipPolicy, ClipReport, CpuPolicy, GpuContext,
-    GpuPolicy, GpuTensor, GradMut, GradRef, GroupClip, Norm, PerTensorClip, Rule, TensorInfo,
+    bf16, f16, Agc, AutoClip, BlockRmsClip, ClipPolicy, ClipReport, CpuClipper, GpuClipper,
+    GpuContext, GpuTensor, GradMut, GradRef, GroupClip, Norm, PerTensorClip, Rule, TensorInfo,
     UnitAxis, ZClip,
 };
 pub mod sharded;
@@ -219,9 +219,9 @@ pub fn tensors<'a>(arena: &'a Arena, h: &[Host]) -> Vec<GpuTensor<'a>> {
 }
 
 /// A GPU runner of `policy` over the arena's tensors, unnamed. Panics on an invalid batch
-/// or policy: tests of bad input call `GpuPolicy::new` themselves.
-pub fn gpu_policy(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuPolicy {
-    GpuPolicy::new(ctx, &tensors(arena, h), None, policy).expect("valid batch")
+/// or policy: tests of bad input call `GpuClipper::new` themselves.
+pub fn gpu_policy(ctx: &GpuContext, arena: &Arena, h: &[Host], policy: ClipPolicy) -> GpuClipper {
+    GpuClipper::new(ctx, &tensors(arena, h), None, policy).expect("valid batch")
 }
 
 /// Descriptions of `h` as flat unnamed tensors (`#0`, `#1`, ...).
@@ -231,8 +231,8 @@ pub fn unnamed(h: &[Host]) -> Vec<TensorInfo> {
 
 /// A CPU runner of `policy` over tensors shaped like `h`, unnamed: the oracle. Its first
 /// step is step 0.
-pub fn cpu_policy(policy: ClipPolicy, h: &[Host]) -> CpuPolicy {
-    CpuPolicy::new(policy, &unnamed(h)).expect("valid CPU policy")
+pub fn cpu_policy(policy: ClipPolicy, h: &[Host]) -> CpuClipper {
+    CpuClipper::new(policy, &unnamed(h)).expect("valid CPU policy")
 }
 
 /// The CPU report of a `ClipPolicy::total_norm` step over `h` (which writes nothing): the

@@ -10,9 +10,9 @@ use std::cell::RefCell;
 use std::sync::{Mutex, MutexGuard};
 
 use gradclip::{
-    Agc, AutoClip, ClipError, ClipPolicy, ClipReport, Collective, CpuPolicy, GaussianNoise,
-    GpuContext, GpuTensor, GradMut, GradRef, GroupClip, NonFinitePolicy, PerTensorClip, Rule,
-    Shard, ShardedCpuPolicy, ShardedGpuPolicy, TensorInfo, UnitAxis, ZClip,
+    Agc, AutoClip, ClipError, ClipPolicy, ClipReport, Collective, CpuClipper, GaussianNoise,
+    GpuClipper, GpuContext, GpuTensor, GradMut, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
+    Rule, Shard, Sharded, TensorInfo, UnitAxis, ZClip,
 };
 
 use super::{close, download, upload, Host};
@@ -298,8 +298,8 @@ pub fn check_all(comm: &dyn Collective, on: On<'_>) {
         }
         .unwrap();
         let weights = values(&infos, 0, 1);
-        let mut reference = CpuPolicy::new(case.policy.clone(), &infos).unwrap();
-        let mut sharded = Sharded::new(on, &case.policy, &infos, &shard, &weights, &comm);
+        let mut reference = CpuClipper::new(case.policy.clone(), &infos).unwrap();
+        let mut sharded = ShardedRun::new(on, &case.policy, &infos, &shard, &weights, &comm);
         for step in 0..case.steps {
             let mut full = values(&infos, step, 0);
             if let (Some(rank), 1) = (case.nan_on, step) {
@@ -350,19 +350,19 @@ fn local_tensors<'b>(
         .collect()
 }
 
-/// A sharded policy of either backend, with its buffers.
-enum Sharded<'a, C: Collective> {
-    Cpu(Box<ShardedCpuPolicy<&'a C>>),
+/// A sharded runner of either backend, with its buffers.
+enum ShardedRun<'a, C: Collective> {
+    Cpu(Box<CpuClipper<Sharded<&'a C>>>),
     Gpu {
         ctx: &'a GpuContext,
-        policy: Box<ShardedGpuPolicy<&'a C>>,
+        policy: Box<GpuClipper<Sharded<&'a C>>>,
         arena: super::Arena,
         like: Vec<Host>,
         _params: super::Arena,
     },
 }
 
-impl<'a, C: Collective> Sharded<'a, C> {
+impl<'a, C: Collective> ShardedRun<'a, C> {
     fn new(
         on: On<'a>,
         policy: &ClipPolicy,
@@ -373,8 +373,8 @@ impl<'a, C: Collective> Sharded<'a, C> {
     ) -> Self {
         let policy = policy.clone();
         match on {
-            On::Cpu => Sharded::Cpu(Box::new(
-                ShardedCpuPolicy::new(policy, infos, shard.clone(), comm).expect("sharded policy"),
+            On::Cpu => ShardedRun::Cpu(Box::new(
+                CpuClipper::sharded(policy, infos, shard.clone(), comm).expect("sharded policy"),
             )),
             On::Gpu(ctx, _) => {
                 let like: Vec<Host> = (0..infos.len())
@@ -388,10 +388,10 @@ impl<'a, C: Collective> Sharded<'a, C> {
                     local_tensors(&params, &like, infos),
                 );
                 let policy =
-                    ShardedGpuPolicy::new(ctx, &g, Some(&p), policy, infos, shard.clone(), comm)
+                    GpuClipper::sharded(ctx, &g, Some(&p), policy, infos, shard.clone(), comm)
                         .expect("sharded GPU policy");
                 drop((g, p));
-                Sharded::Gpu {
+                ShardedRun::Gpu {
                     ctx,
                     policy: Box::new(policy),
                     arena,
@@ -404,12 +404,12 @@ impl<'a, C: Collective> Sharded<'a, C> {
 
     fn step(&mut self, parts: &mut [Vec<f32>], weights: &[Vec<f32>]) -> ClipReport {
         match self {
-            Sharded::Cpu(p) => {
+            ShardedRun::Cpu(p) => {
                 let mut g: Vec<GradMut<'_>> = parts.iter_mut().map(|v| GradMut::F32(v)).collect();
                 let w: Vec<GradRef<'_>> = weights.iter().map(|v| GradRef::F32(v)).collect();
                 p.step(&mut g, Some(&w)).expect("sharded step")
             }
-            Sharded::Gpu {
+            ShardedRun::Gpu {
                 ctx,
                 policy,
                 arena,
@@ -430,8 +430,8 @@ impl<'a, C: Collective> Sharded<'a, C> {
 
     fn state_bytes(&self) -> Vec<u8> {
         match self {
-            Sharded::Cpu(p) => p.state().to_bytes(),
-            Sharded::Gpu { policy, .. } => policy.state().expect("state").to_bytes(),
+            ShardedRun::Cpu(p) => p.state().to_bytes(),
+            ShardedRun::Gpu { policy, .. } => policy.state().expect("state").to_bytes(),
         }
     }
 }
