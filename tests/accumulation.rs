@@ -243,6 +243,19 @@ fn accumulation_bad_input_is_a_typed_error() {
     assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
     assert_eq!(sums, like, "sums untouched");
     assert_eq!(acc.pending(), 0);
+    // Sums and micro-batch that agree with each other but not with the declared tensors
+    // are refused on every micro-step, not only at the boundary.
+    let mut short = [Host::F32(vec![1.0; 5]), Host::F32(vec![2.0; 4])];
+    let short_micro = short.clone();
+    let e = acc
+        .step(
+            &mut common::muts(&mut short),
+            &common::refs(&short_micro),
+            None,
+        )
+        .unwrap_err();
+    assert!(matches!(e, ClipError::ShapeMismatch { .. }), "{e}");
+    assert_eq!((acc.pending(), short), (0, short_micro));
 
     // AGC without parameters fails at the boundary before the sums change.
     let agc = ClipPolicy::new(Rule::Agc(gradclip::Agc::new(0.01)));

@@ -68,8 +68,8 @@ fn assert_close(a: &[Host], b: &[Host], what: &str) {
 #[test]
 fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
     let gpu = gpu();
-    let mut on_gpu = Clipper::on(Backend::Gpu(gpu.clone()), chain(), &infos()).unwrap();
-    let mut on_cpu = Clipper::on(Backend::Cpu, chain(), &infos()).unwrap();
+    let mut on_gpu = Clipper::new(Backend::Gpu(gpu.clone()), chain(), &infos()).unwrap();
+    let mut on_cpu = Clipper::new(Backend::Cpu, chain(), &infos()).unwrap();
     let p = params();
     for k in 0..4 {
         let (mut a, mut b) = (grads(k), grads(k));
@@ -100,7 +100,7 @@ fn any_chain_on_the_gpu_equals_the_cpu_and_state_moves_between_them() {
             "history {gh:?} vs {ch:?}"
         );
     }
-    let mut fresh = Clipper::on(Backend::Cpu, chain(), &infos()).unwrap();
+    let mut fresh = Clipper::new(Backend::Cpu, chain(), &infos()).unwrap();
     fresh.set_state(&saved).unwrap();
     let (mut a, mut b) = (grads(4), grads(4));
     let ra = fresh.step(&mut muts(&mut a), Some(&refs(&p))).unwrap();
@@ -114,8 +114,8 @@ fn new_element_types_rebuild_the_gpu_plan_and_keep_the_state() {
     let gpu = gpu();
     let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 8)));
     let infos = infos();
-    let mut clipper = Clipper::on(Backend::Gpu(gpu.clone()), policy.clone(), &infos).unwrap();
-    let mut oracle = Clipper::on(Backend::Cpu, policy, &infos).unwrap();
+    let mut clipper = Clipper::new(Backend::Gpu(gpu.clone()), policy.clone(), &infos).unwrap();
+    let mut oracle = Clipper::new(Backend::Cpu, policy, &infos).unwrap();
     for k in 0..3 {
         let mut g = grads(k + 2);
         // Step 1 sends the first tensor as bf16: a new mirror and plan, same history.
@@ -140,12 +140,12 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
         let name = format!("{backend:?}");
         // A clipper always has a policy: a bad one is refused when it is built, on
         // every backend (there is no clipper without a policy to step).
-        let e = Clipper::on(backend.clone(), ClipPolicy::global_norm(-1.0), &infos()).unwrap_err();
+        let e = Clipper::new(backend.clone(), ClipPolicy::global_norm(-1.0), &infos()).unwrap_err();
         assert!(matches!(e, ClipError::InvalidConfig(_)), "{name}: {e}");
         let mut g = grads(0);
         let before = g.clone();
 
-        let mut clipper = Clipper::on(backend, chain(), &infos()).unwrap();
+        let mut clipper = Clipper::new(backend, chain(), &infos()).unwrap();
         // AGC without the parameters.
         let e = clipper.step(&mut muts(&mut g), None).unwrap_err();
         assert!(matches!(e, ClipError::InvalidConfig(_)), "{name}: {e}");
@@ -166,14 +166,14 @@ fn bad_steps_leave_the_host_data_and_the_state_untouched() {
     }
     // A configuration error comes at construction.
     let bad = ClipPolicy::new(Rule::GlobalNorm(-1.0));
-    assert!(Clipper::on(Backend::Cpu, bad, &infos()).is_err());
+    assert!(Clipper::new(Backend::Cpu, bad, &infos()).is_err());
 }
 
 #[test]
 fn the_default_backend_is_a_hardware_gpu_or_the_cpu() {
     // Opening adapters touches a GL context too: take the GPU turn.
     let _turn = gpu();
-    let mut clipper = Clipper::new(chain(), &infos()).unwrap();
+    let mut clipper = Clipper::new(Backend::best(), chain(), &infos()).unwrap();
     match GpuContext::hardware() {
         Ok(_) => assert!(matches!(clipper.backend(), Backend::Gpu(_))),
         Err(e) => {

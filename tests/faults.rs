@@ -128,12 +128,12 @@ fn host_data_larger_than_a_device_buffer_streams() {
     };
     // One step of `policy` over `g` by a new clipper on the small GPU, or on the CPU.
     let on_gpu = |policy: &ClipPolicy, g: &mut [Host]| {
-        Clipper::on(Backend::Gpu(small.clone()), policy.clone(), &infos_of(g))
+        Clipper::new(Backend::Gpu(small.clone()), policy.clone(), &infos_of(g))
             .unwrap()
             .step(&mut muts(g), None)
     };
     let on_cpu = |policy: &ClipPolicy, g: &mut [Host]| {
-        Clipper::on(Backend::Cpu, policy.clone(), &infos_of(g))
+        Clipper::new(Backend::Cpu, policy.clone(), &infos_of(g))
             .unwrap()
             .step(&mut muts(g), None)
     };
@@ -219,13 +219,13 @@ fn host_data_larger_than_a_device_buffer_streams() {
     ];
     let chain = ClipPolicy::new(Rule::PerTensor(gradclip::PerTensorClip { max_norm: 2.0 }))
         .then(Rule::AutoClip(AutoClip::new(50.0, 8)));
-    let mut gpu_chain = Clipper::on(
+    let mut gpu_chain = Clipper::new(
         Backend::Gpu(small.clone()),
         chain.clone(),
         &infos_of(&spread),
     )
     .unwrap();
-    let mut cpu_chain = Clipper::on(Backend::Cpu, chain, &infos_of(&spread)).unwrap();
+    let mut cpu_chain = Clipper::new(Backend::Cpu, chain, &infos_of(&spread)).unwrap();
     for _ in 0..2 {
         let (mut a, mut b) = (spread.clone(), spread.clone());
         let ra = gpu_chain.step(&mut muts(&mut a), None).unwrap();
@@ -660,7 +660,7 @@ fn devices_that_cannot_build_the_kernels_are_typed_errors() {
     let mut encoder = tiny.device().create_command_encoder(&Default::default());
     wgpu_error(chain.encode(&mut encoder).map(drop), "policy step");
     assert_eq!(chain.steps_taken(), 0);
-    let mut clipper = Clipper::on(Backend::Gpu(tiny.clone()), global, &infos).unwrap();
+    let mut clipper = Clipper::new(Backend::Gpu(tiny.clone()), global, &infos).unwrap();
     let mut g = h.clone();
     let r = clipper.step(&mut muts(&mut g), None);
     wgpu_error(r.map(drop), "host clip");

@@ -101,7 +101,7 @@ fn global_clip_reports_are_monitored_on_both_backends() {
     let mut on_cpu = GradMonitor::new();
     // A runner numbers its global steps, as the GPU runner does.
     let unnamed = TensorInfo::unnamed(steps[0].iter().map(|t| t.as_ref().len()));
-    let mut cpu = Clipper::on(Backend::Cpu, clip, &unnamed).unwrap();
+    let mut cpu = Clipper::new(Backend::Cpu, clip, &unnamed).unwrap();
     for g in &steps {
         write(&ctx, &arena, g);
         on_gpu.track(batch.step().unwrap()).unwrap();

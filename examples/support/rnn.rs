@@ -329,7 +329,7 @@ impl GpuClipper {
             .collect();
         let policy = ClipPolicy::global_norm(max_norm).with_group_report();
         Ok(GpuClipper {
-            clipper: Clipper::on(Backend::Gpu(ctx.clone()), policy, &infos)?,
+            clipper: Clipper::new(Backend::Gpu(ctx.clone()), policy, &infos)?,
             monitor: GradMonitor::new(),
         })
     }

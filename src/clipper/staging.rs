@@ -1,10 +1,10 @@
 //! Host staging for the GPU backend of [`super::Clipper`]: host tensors mirrored in
-//! device buffers, copied in and back, and a chain planned over them.
+//! device buffers, copied in and back.
 
-use crate::chain::{ClipPolicy, PolicyState, TensorInfo};
+use crate::chain::TensorInfo;
 use crate::dtype::{DType, GradMut, GradRef};
 use crate::error::ClipError;
-use crate::gpu::{GpuContext, GpuPolicy, GpuTensor};
+use crate::gpu::{GpuContext, GpuTensor};
 
 /// Host tensors mirrored in one device buffer (and its readback buffer), kept while their
 /// types and lengths stay the same so a training loop reuses buffers and plans.
@@ -68,20 +68,16 @@ impl Mirror {
         }
     }
 
-    /// The mirrored tensors, named and shaped by `infos` where given.
-    /// The mirrored tensors; those holding whole host tensors `pieces` are named and
-    /// shaped by `infos`.
-    pub(super) fn tensors(
-        &self,
-        pieces: &[Piece],
-        infos: Option<&[TensorInfo]>,
-    ) -> Vec<GpuTensor<'_>> {
+    /// The mirrored tensors holding host tensors `pieces`, named by `infos` (and shaped,
+    /// with `shaped`: not for shards, whose lengths are not their tensors').
+    fn tensors(&self, pieces: &[Piece], infos: &[TensorInfo], shaped: bool) -> Vec<GpuTensor<'_>> {
         (self.shapes.iter().zip(&self.offsets).zip(pieces))
             .map(|((&(dtype, len), &o), &(host, _, _))| {
                 let t = GpuTensor::new(&self.buffer, o, len as u64, dtype);
-                match infos.and_then(|infos| infos.get(host)) {
-                    Some(info) => t.named(info.name.clone()).shaped(&info.shape),
-                    None => t,
+                match (infos.get(host), shaped) {
+                    (Some(info), true) => t.named(info.name.clone()).shaped(&info.shape),
+                    (Some(info), false) => t.named(info.name.clone()),
+                    (None, _) => t,
                 }
             })
             .collect()
@@ -185,9 +181,10 @@ impl Mirrors {
             .collect()
     }
 
-    pub(super) fn tensors(&self, infos: &[TensorInfo]) -> Vec<GpuTensor<'_>> {
+    /// The mirrored tensors, named by `infos` (and shaped, with `shaped`).
+    pub(super) fn tensors(&self, infos: &[TensorInfo], shaped: bool) -> Vec<GpuTensor<'_>> {
         (self.groups.iter())
-            .flat_map(|(pieces, m)| m.tensors(pieces, Some(infos)))
+            .flat_map(|(pieces, m)| m.tensors(pieces, infos, shaped))
             .collect()
     }
 
@@ -236,40 +233,6 @@ fn piece_bytes<'a>(grads: &[&'a [u8]], sizes: &[u64], pieces: &[Piece]) -> Vec<&
             &grads[t][first * es..(first + n) * es]
         })
         .collect()
-}
-
-/// A chain on the GPU over mirrored host tensors (and their parameters, for AGC).
-pub(super) struct GpuChain {
-    pub(super) grads: Mirrors,
-    pub(super) params: Option<Mirrors>,
-    pub(super) runner: GpuPolicy,
-}
-
-impl GpuChain {
-    /// Mirrors for tensors like `grads` (and `params`) and `policy` planned over them,
-    /// starting from `state`.
-    pub(super) fn new(
-        ctx: &GpuContext,
-        policy: &ClipPolicy,
-        infos: &[TensorInfo],
-        state: &PolicyState,
-        grads: &[GradRef<'_>],
-        params: Option<&[GradRef<'_>]>,
-    ) -> Result<GpuChain, ClipError> {
-        let grads = Mirrors::new(ctx, &shapes_of(grads))?;
-        let params = params
-            .map(|p| Mirrors::new(ctx, &shapes_of(p)))
-            .transpose()?;
-        let tensors = grads.tensors(infos);
-        let param_tensors = params.as_ref().map(|m| m.tensors(infos));
-        let mut runner = GpuPolicy::new(ctx, &tensors, param_tensors.as_deref(), policy.clone())?;
-        runner.set_state(state)?;
-        Ok(GpuChain {
-            grads,
-            params,
-            runner,
-        })
-    }
 }
 
 #[cfg(test)]

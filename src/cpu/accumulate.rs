@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::apply::{bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::BLOCK;
 use super::policy::CpuPolicy;
+use crate::chain::check_shapes;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;
@@ -33,7 +34,7 @@ fn add_into(sums: &mut GradMut<'_>, micro: &GradRef<'_>, scale: f32, first: bool
 }
 
 /// Checks that `micro[i]` has the dtype and length of `sums[i]`.
-fn check_pairs(sums: &[GradMut<'_>], micro: &[GradRef<'_>]) -> Result<(), ClipError> {
+pub(crate) fn check_pairs(sums: &[GradMut<'_>], micro: &[GradRef<'_>]) -> Result<(), ClipError> {
     if sums.len() != micro.len() {
         return Err(ClipError::ShapeMismatch {
             tensor: "batch".into(),
@@ -90,6 +91,8 @@ impl CpuAccumulator {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<Option<ClipReport>, ClipError> {
         check_pairs(sums, micro)?;
+        // Every micro-batch has the declared lengths, as on the GPU (not only the last).
+        check_shapes(self.policy.infos(), micro.iter().map(|g| g.len() as u64))?;
         let scale = 1.0 / self.micro_steps as f32;
         let first = self.added == 0;
         if self.added + 1 == self.micro_steps {

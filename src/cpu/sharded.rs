@@ -57,6 +57,11 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         Ok(ShardedCpuPolicy { inner, shard, comm })
     }
 
+    /// The chain it runs.
+    pub fn policy(&self) -> &ClipPolicy {
+        self.inner.policy()
+    }
+
     /// This rank's shard.
     pub fn shard(&self) -> &Shard {
         &self.shard

@@ -65,7 +65,7 @@ impl GpuContext {
     }
 
     /// Like [`GpuContext::new`], but only a hardware GPU: a software adapter (one that
-    /// reports itself as a CPU device) is a [`ClipError::NoAdapter`]. [`crate::Clipper::new`]
+    /// reports itself as a CPU device) is a [`ClipError::NoAdapter`]. [`crate::Backend::best`]
     /// uses it, because the CPU path beats a software adapter on host data.
     pub fn hardware() -> Result<GpuContext, ClipError> {
         Self::open(|adapter| adapter.clone(), Self::default_backends(), true)

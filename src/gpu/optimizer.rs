@@ -231,13 +231,24 @@ impl GpuOptimizer {
 
     /// [`GpuOptimizer::encode`], submitted now.
     pub fn step(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
+        self.submit(false)
+    }
+
+    /// [`GpuOptimizer::encode_in_place`], submitted now.
+    pub fn step_in_place(&mut self) -> Result<PendingReport<ClipReport>, ClipError> {
+        self.submit(true)
+    }
+
+    /// A step recorded into a new encoder and submitted; a submission that fails leaves
+    /// the step count where it was.
+    fn submit(&mut self, in_place: bool) -> Result<PendingReport<ClipReport>, ClipError> {
         self.policy.check()?;
         let ctx = self.ctx.clone();
         let start = self.policy.steps_taken();
         ctx.record_and_submit(
             "gradclip optimizer",
             self,
-            |o, encoder| o.encode(encoder),
+            |o, encoder| o.encode_as(encoder, in_place),
             |o| o.policy.rewind(start),
         )
     }

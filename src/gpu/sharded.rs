@@ -62,6 +62,21 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         shard: Shard,
         comm: C,
     ) -> Result<ShardedGpuPolicy<C>, ClipError> {
+        Self::try_new(ctx, grads, params, policy, infos, shard, comm).map_err(|(e, _)| e)
+    }
+
+    /// [`ShardedGpuPolicy::new`], giving the collective back with the error (so a caller
+    /// can try again at the next step).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn try_new(
+        ctx: &GpuContext,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+        policy: ClipPolicy,
+        infos: &[TensorInfo],
+        shard: Shard,
+        comm: C,
+    ) -> Result<ShardedGpuPolicy<C>, (ClipError, C)> {
         let planned = (|| {
             Shard::new(infos, shard.ranges().to_vec())?;
             let program = Program::new(&policy, infos)?;
@@ -90,9 +105,18 @@ impl<C: Collective> ShardedGpuPolicy<C> {
             Ok((program, inner))
         })();
         let checked = planned.as_ref().map(|(p, g)| (g.policy(), p, &shard));
-        Shard::verify(infos, checked.map_err(Clone::clone), &comm)?;
-        let (_, inner) = planned?;
-        Ok(ShardedGpuPolicy { inner, shard, comm })
+        if let Err(e) = Shard::verify(infos, checked.map_err(Clone::clone), &comm) {
+            return Err((e, comm));
+        }
+        match planned {
+            Ok((_, inner)) => Ok(ShardedGpuPolicy { inner, shard, comm }),
+            Err(e) => Err((e, comm)),
+        }
+    }
+
+    /// The chain it runs.
+    pub fn policy(&self) -> &ClipPolicy {
+        self.inner.policy()
     }
 
     /// This rank's shard.

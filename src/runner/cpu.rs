@@ -240,6 +240,8 @@ impl<C: Collective> CpuClipper<Sharded<C>> {
         /// step's and the same on every rank. Bad input on any rank is an error on every
         /// rank, and no rank changes its gradients or state.
         pub fn step(&mut self, grads: &mut [GradMut<'_>], params: Option<&[GradRef<'_>]>) -> Result<ClipReport, ClipError>;
+        /// The chain it runs.
+        pub fn policy(&self) -> &ClipPolicy;
         /// This rank's shard.
         pub fn shard(&self) -> &Shard;
         /// The collective it exchanges through.

@@ -214,6 +214,8 @@ impl GpuClipper<Optimize> {
         pub fn encode_in_place(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<PendingReport<ClipReport>, ClipError>;
         /// [`GpuClipper::encode`], submitted now.
         pub fn step(&mut self) -> Result<PendingReport<ClipReport>, ClipError>;
+        /// [`GpuClipper::encode_in_place`], submitted now.
+        pub fn step_in_place(&mut self) -> Result<PendingReport<ClipReport>, ClipError>;
         /// The optimizer it runs.
         pub fn optimizer(&self) -> &Optimizer;
         /// The learning rate of the following steps.
@@ -270,6 +272,8 @@ impl<C: Collective> GpuClipper<Sharded<C>> {
         /// coefficients and the rewrite. The report (the whole step's, the same on every
         /// rank) is read before it returns, since the ranks must agree first.
         pub fn step(&mut self) -> Result<ClipReport, ClipError>;
+        /// The chain it runs.
+        pub fn policy(&self) -> &ClipPolicy;
         /// This rank's shard.
         pub fn shard(&self) -> &Shard;
         /// The collective it exchanges through.

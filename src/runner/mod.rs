@@ -30,6 +30,9 @@ pub trait Wrapper: sealed::Sealed {
     /// The engine of this wrapper on the CPU.
     #[doc(hidden)]
     type Cpu;
+    /// The engine of this wrapper on a GPU behind host slices ([`crate::Clipper`]).
+    #[doc(hidden)]
+    type Staged;
 }
 
 /// The chain alone: every step clips the gradients it is given.
@@ -66,26 +69,31 @@ impl<C: Collective> sealed::Sealed for Sharded<C> {}
 impl Wrapper for Plain {
     type Gpu = crate::gpu::GpuPolicy;
     type Cpu = crate::cpu::policy::CpuPolicy;
+    type Staged = crate::clipper::staged::StagedChain;
 }
 
 impl Wrapper for Accumulate {
     type Gpu = crate::gpu::GpuAccumulator;
     type Cpu = crate::cpu::accumulate::CpuAccumulator;
+    type Staged = crate::clipper::staged::StagedAccumulate;
 }
 
 impl Wrapper for PerExample {
     type Gpu = crate::gpu::GpuPerExample;
     type Cpu = crate::cpu::per_example::CpuPerExample;
+    type Staged = crate::clipper::staged::StagedPerExample;
 }
 
 impl Wrapper for Optimize {
     type Gpu = crate::gpu::GpuOptimizer;
     type Cpu = crate::cpu::optimizer::CpuOptimizer;
+    type Staged = crate::clipper::staged::StagedOptimize;
 }
 
 impl<C: Collective> Wrapper for Sharded<C> {
     type Gpu = crate::gpu::ShardedGpuPolicy<C>;
     type Cpu = crate::cpu::sharded::ShardedCpuPolicy<C>;
+    type Staged = crate::clipper::staged::StagedSharded<C>;
 }
 
 /// Methods that hand their arguments to the same method of `self.inner`, each with its

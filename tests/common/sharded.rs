@@ -170,15 +170,16 @@ pub enum On<'a> {
     Gpu(&'a GpuContext, &'a Mutex<()>),
 }
 
-/// A collective that lets go of the GPU turn while it waits for the other ranks.
-struct Turns<'a, C: Collective> {
+/// A collective that lets go of the GPU turn while it waits for the other ranks (wgpu's GL
+/// backend allows one thread at a time; on Vulkan the turns only serialize submissions).
+pub struct Turns<'a, C: Collective> {
     inner: &'a C,
     lock: Option<&'a Mutex<()>>,
     held: RefCell<Option<MutexGuard<'a, ()>>>,
 }
 
 impl<'a, C: Collective> Turns<'a, C> {
-    fn new(inner: &'a C, lock: Option<&'a Mutex<()>>) -> Self {
+    pub fn new(inner: &'a C, lock: Option<&'a Mutex<()>>) -> Self {
         let t = Turns {
             inner,
             lock,
