@@ -10,8 +10,9 @@
 //!                   software adapter checks and times GPT-2 / 16; the CPU the whole set)
 //!   --cpu-only      no GPU, even when an adapter exists
 //!   --gpu-only      no CPU timings (the CPU oracle still checks the GPU)
-//!   --shapes PATH   the GPT-2 shapes file (also GRADCLIP_BENCH_SHAPES); default
-//!                   bench/gpt2-small-shapes.txt in this repository
+//!   --shapes PATH   a shapes file in the format of bench/gpt2-small-shapes.txt (also
+//!                   GRADCLIP_BENCH_SHAPES); by default that file, built into the binary,
+//!                   so a copied binary runs anywhere
 //!   --runs N        timed runs per figure, the median is reported (default 7; CPU
 //!                   figures of a set under 64 MiB take 5 N)
 //!   --json PATH     also write every figure as JSON records {workload, dtype, path, op,
@@ -74,7 +75,8 @@ struct Options {
     cpu_only: bool,
     gpu_only: bool,
     runs: usize,
-    shapes: PathBuf,
+    /// A shapes file; `None`: the GPT-2 small shapes built into the binary.
+    shapes: Option<PathBuf>,
     json: Option<PathBuf>,
     full: bool,
 }
@@ -85,14 +87,7 @@ fn options() -> Result<Options, String> {
         cpu_only: false,
         gpu_only: false,
         runs: 7,
-        shapes: std::env::var_os("GRADCLIP_BENCH_SHAPES")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/bench/gpt2-small-shapes.txt"
-                ))
-            }),
+        shapes: std::env::var_os("GRADCLIP_BENCH_SHAPES").map(PathBuf::from),
         json: None,
         full: false,
     };
@@ -103,7 +98,7 @@ fn options() -> Result<Options, String> {
             "--full" => o.full = true,
             "--cpu-only" => o.cpu_only = true,
             "--gpu-only" => o.gpu_only = true,
-            "--shapes" => o.shapes = args.next().ok_or(USAGE)?.into(),
+            "--shapes" => o.shapes = Some(args.next().ok_or(USAGE)?.into()),
             "--json" => o.json = Some(args.next().ok_or(USAGE)?.into()),
             "--runs" => {
                 o.runs = args
@@ -122,15 +117,32 @@ fn options() -> Result<Options, String> {
 }
 
 /// Element counts of the tensors of a shapes file (`name<TAB>AxBxC`, `#` comments).
-fn load_shapes(path: &std::path::Path) -> Res<Vec<usize>> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// The GPT-2 small parameter shapes, built in: the binary needs no file of the tree it was
+/// built in.
+/// `bench/torch_peer.py`, built in for the same reason.
+const TORCH_PEER: &str = include_str!("../bench/torch_peer.py");
+
+const GPT2_SHAPES: &str = include_str!("../bench/gpt2-small-shapes.txt");
+
+/// The tensor lengths of the shapes file `path`, or of the built-in GPT-2 shapes.
+fn load_shapes(path: Option<&std::path::Path>) -> Res<Vec<usize>> {
+    let (text, name) = match path {
+        Some(p) => (
+            std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (
+            GPT2_SHAPES.to_string(),
+            "gpt2-small-shapes.txt (built in)".into(),
+        ),
+    };
     let mut lens = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let bad = || format!("{}:{}: expected name<TAB>dims", path.display(), i + 1);
+        let bad = || format!("{name}:{}: expected name<TAB>dims", i + 1);
         let dims = line.split('\t').nth(1).ok_or_else(bad)?;
         let n: Result<usize, _> = dims.trim().split('x').map(str::parse::<usize>).product();
         lens.push(n.map_err(|_| bad())?);
@@ -598,13 +610,13 @@ impl TorchPeer {
         use std::io::BufRead;
         use std::process::{Command, Stdio};
         let python = std::env::var_os("GRADCLIP_TORCH_PYTHON")?;
-        // The working tree's copy first: a binary built elsewhere runs from its tree.
-        let here = std::path::Path::new("bench/torch_peer.py");
-        let script = if here.exists() {
-            here
-        } else {
-            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/bench/torch_peer.py"))
-        };
+        // The script is built in too, written out for Python: the binary runs outside
+        // the tree it was built in.
+        let script = std::env::temp_dir().join("gradclip-torch-peer.py");
+        if let Err(e) = std::fs::write(&script, TORCH_PEER) {
+            println!("  PyTorch peer: cannot write {}: {e}", script.display());
+            return None;
+        }
         let threads = rayon::current_num_threads().to_string();
         let spawned = Command::new(&python)
             .arg(script)
@@ -1523,7 +1535,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
         o.runs
     );
 
-    let gpt2 = load_shapes(&o.shapes)?;
+    let gpt2 = load_shapes(o.shapes.as_deref())?;
     let scaled: Vec<usize> = gpt2.iter().map(|n| n.div_ceil(16)).collect();
     // A software adapter times the GPU on the scaled-down set (the CPU keeps the full one),
     // so the main command stays quick; --full asks for everything.
