@@ -10,7 +10,7 @@ mod schedule;
 mod state;
 
 pub use layout::UnitLayout;
-pub(crate) use layout::{check_shapes, Formula, Program, StagePlan, NO_GROUP};
+pub(crate) use layout::{check_lens, check_shapes, Formula, Program, StagePlan, NO_GROUP};
 pub(crate) use per_example::clipped_per_tensor;
 pub use per_example::{ExampleThreshold, PerExampleClip};
 pub use rules::{

@@ -7,7 +7,6 @@ use rayon::prelude::*;
 use super::apply::{bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::BLOCK;
 use super::policy::CpuPolicy;
-use crate::chain::check_shapes;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;
@@ -92,7 +91,7 @@ impl CpuAccumulator {
     ) -> Result<Option<ClipReport>, ClipError> {
         check_pairs(sums, micro)?;
         // Every micro-batch has the declared lengths, as on the GPU (not only the last).
-        check_shapes(self.policy.infos(), micro.iter().map(|g| g.len() as u64))?;
+        (self.policy).check_lens(micro.iter().map(|g| g.len() as u64))?;
         let scale = 1.0 / self.micro_steps as f32;
         let first = self.added == 0;
         if self.added + 1 == self.micro_steps {

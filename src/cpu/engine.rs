@@ -676,7 +676,9 @@ pub(crate) fn stages(
             _ => 0,
         };
         let finish = finish(groups, param_flags, stage, step, held_before, state);
-        let clipped = if reduce_norms || stage.is_global() {
+        // A measure computes no coefficients (as the GPU's `Mode::Measure`).
+        let measures = program.kind == ChainKind::Measure;
+        let clipped = if (reduce_norms || stage.is_global()) && !measures {
             let w = w_units.as_deref();
             // As the GPU's `coefs` reads its stage's report: held when an earlier stage
             // held the step, too.

@@ -8,7 +8,7 @@ use super::engine::to_f32;
 use super::norm_reduce::f16_bits_to_f32;
 use super::policy::{CpuPolicy, DeferredStep};
 use super::prefetch::{piece_len, pieces, prefetch_ahead};
-use crate::chain::{check_shapes, ClipPolicy, TensorInfo};
+use crate::chain::{ClipPolicy, TensorInfo};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::optim::{adam, check_lr, sgd, Optimizer, OptimizerState, Tick};
@@ -109,7 +109,7 @@ impl CpuOptimizer {
         grads: &[GradRef<'_>],
         params: &mut [&mut [f32]],
     ) -> Result<ClipReport, ClipError> {
-        check_shapes(self.policy.infos(), params.iter().map(|p| p.len() as u64))?;
+        (self.policy).check_lens(params.iter().map(|p| p.len() as u64))?;
         let deferred = {
             let refs = self.param_refs(params);
             let kept = self.deferred.take();
@@ -138,7 +138,7 @@ impl CpuOptimizer {
         grads: &mut [GradMut<'_>],
         params: &mut [&mut [f32]],
     ) -> Result<ClipReport, ClipError> {
-        check_shapes(self.policy.infos(), params.iter().map(|p| p.len() as u64))?;
+        (self.policy).check_lens(params.iter().map(|p| p.len() as u64))?;
         let report = {
             let refs = self.param_refs(params);
             self.policy.step(grads, refs.as_deref())?

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::apply;
 use super::engine::{self, CpuStep};
 use crate::chain::{
-    check_shapes, ChainKind, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout,
+    check_lens, ChainKind, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
@@ -20,6 +20,8 @@ use crate::report::{ClipReport, PolicyOutcome, ReportShape, StageOutcome, UnitNo
 pub struct CpuPolicy {
     policy: ClipPolicy,
     infos: Vec<TensorInfo>,
+    /// The tensors' lengths, side by side for the check of every step.
+    lens: Vec<u64>,
     program: Program,
     shape: Arc<ReportShape>,
     state: PolicyState,
@@ -37,6 +39,7 @@ impl CpuPolicy {
             shape: ReportShape::new(&program, infos),
             policy,
             infos: infos.to_vec(),
+            lens: infos.iter().map(TensorInfo::len).collect(),
             program,
             outcome: Box::default(),
         })
@@ -63,11 +66,6 @@ impl CpuPolicy {
         (&self.program, &mut self.state, &mut self.outcome)
     }
 
-    /// The tensors it clips.
-    pub(crate) fn infos(&self) -> &[TensorInfo] {
-        &self.infos
-    }
-
     /// Runs `program` instead (the same chain cut to a shard: same units and state).
     pub(crate) fn set_program(&mut self, program: Program) {
         self.program = program;
@@ -91,10 +89,16 @@ impl CpuPolicy {
         lens: impl ExactSizeIterator<Item = u64>,
         params: Option<&[GradRef<'_>]>,
     ) -> Result<CpuStep, ClipError> {
-        check_shapes(&self.infos, lens)?;
-        self.next_step(params, |lens| {
-            check_shapes(&self.infos, lens.iter().copied())
-        })
+        self.check_lens(lens)?;
+        self.next_step(params, |lens| self.check_lens(lens.iter().copied()))
+    }
+
+    /// Checks that tensors of lengths `lens` are the ones this policy was built for.
+    pub(crate) fn check_lens(
+        &self,
+        lens: impl ExactSizeIterator<Item = u64>,
+    ) -> Result<(), ClipError> {
+        check_lens(&self.lens, &self.infos, lens)
     }
 
     /// [`CpuPolicy::check`] of gradients of lengths `lens`, with `check_lens` judging
