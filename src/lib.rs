@@ -14,6 +14,7 @@ mod norm;
 mod ops;
 mod optim;
 mod plan;
+mod recording;
 mod report;
 mod runner;
 mod shaders;

@@ -1,5 +1,6 @@
 //! CPU twin of the GPU engine (`src/gpu/engine/`): the same program ([`Program`]) run
-//! as the same stages in the same order, named after the engine's stages (`finish`, `coefs`
+//! as the same recording of a step ([`crate::recording::record`]), entry for entry
+//! ([`execute`]), by functions named after the engine's stages (`finish`, `coefs`
 //! and `undo` are also the shader entry points' names; `combine` is the entry `groups` of
 //! `norm_combine.wgsl`, and `reduce` does in one step what `norm_reduce.wgsl` and the entry
 //! `main` of `norm_combine.wgsl` do in two):
@@ -16,14 +17,15 @@ use super::apply::{self, bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::{self, BLOCK};
 use super::philox::gaussian_noise;
 use crate::chain::{
-    ChainKind, Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP,
-    ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
+    Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP, ST_MEAN,
+    ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
 use crate::ops::ValueClip;
 use crate::plan::PlanSegment;
+use crate::recording::Dispatch;
 use crate::report::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
 };
@@ -91,7 +93,7 @@ pub(crate) fn to_f32(g: &GradRef<'_>, i: usize) -> f32 {
 
 /// `reduce`: the norm accumulator of every unit of the `count` tensors `grad(t)`, into
 /// `accs`.
-pub(crate) fn reduce<'g>(
+fn reduce<'g>(
     count: usize,
     grad: impl Fn(usize) -> GradRef<'g> + Sync,
     units: &[PlanSegment],
@@ -119,7 +121,7 @@ pub(crate) fn reduce<'g>(
 
 /// `combine`: the norm of each group of `stage` into `groups`, from the unit norms times
 /// `coefs` (the coefficients of the earlier stages; `None` for the first).
-pub(crate) fn combine(
+fn combine(
     units: &[NormAcc],
     coefs: Option<&[f32]>,
     stage: &StagePlan,
@@ -144,13 +146,7 @@ pub(crate) fn combine(
 /// arithmetic, so both backends agree at ties: PyTorch's `min(c / (n + 1e-6), 1)` or TF's
 /// `c / max(n, c)`; NaN when a NaN counts, 0 for an infinity. Finite for norms beyond f32
 /// range.
-pub(crate) fn norm_coef(
-    acc: &NormAcc,
-    norm: Norm,
-    c: f32,
-    formula: Formula,
-    policy: NonFinitePolicy,
-) -> f32 {
+fn norm_coef(acc: &NormAcc, norm: Norm, c: f32, formula: Formula, policy: NonFinitePolicy) -> f32 {
     let flags = policy.live_flags(acc.flags);
     if flags & FLAG_NAN != 0 {
         return f32::NAN;
@@ -190,7 +186,7 @@ fn agc_coef(g: &NormAcc, w: &NormAcc, lambda: f32, eps: f32, policy: NonFinitePo
 }
 
 /// numpy's default percentile of `v` (0..100), in the shader's f32 arithmetic.
-pub(crate) fn percentile(v: &[f32], q: f32) -> f32 {
+fn percentile(v: &[f32], q: f32) -> f32 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let m = s.len();
@@ -289,7 +285,7 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
 /// non-finite policy, the adaptive threshold and the coefficient of the first group;
 /// updates the stage's state block (not when `held_before`: an earlier stage holds the
 /// step).
-pub(crate) fn finish(
+fn finish(
     groups: &[NormAcc],
     param_flags: u32,
     stage: &StagePlan,
@@ -399,7 +395,7 @@ fn undo(block: &mut [u32], chain_status: u32, totals: impl Iterator<Item = u32>)
 /// (`coefs` holds the earlier stages' product; `first` starts it). Returns the units whose
 /// coefficient is now below 1 (NaN counts).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn coefs(
+fn coefs(
     stage: &StagePlan,
     groups: &[NormAcc],
     params: Option<&[NormAcc]>,
@@ -484,15 +480,14 @@ fn rewrite_unit(g: &mut GradMut<'_>, seg: &PlanSegment, f: impl Fn(f32, u32) -> 
 
 /// `rewrite`: NaNs to zero, times each unit's coefficient, plus noise, clamped, over every
 /// unit that needs it; nothing when the step is held.
-pub(crate) fn rewrite(
+fn rewrite(
     grads: &mut [GradMut<'_>],
     program: &Program,
     coefs: &[f32],
     finish: &Finish,
     step: &CpuStep,
 ) {
-    // A held step, or a chain that only measures, writes nothing.
-    if finish.status & STATUS_HELD != 0 || program.kind == ChainKind::Measure {
+    if finish.status & STATUS_HELD != 0 {
         return;
     }
     let zero_nans = step.policy == NonFinitePolicy::ZeroNans;
@@ -549,14 +544,15 @@ pub(crate) fn transform(step: &CpuStep, coef: f32, tensor: u32, index: u64, x: f
     }
 }
 
-/// What one norm stage produced on the CPU (its group norms and finish), before it
-/// becomes a report's [`StageOutcome`](crate::report::StageOutcome).
+/// One norm stage's output of a step.
 #[derive(Debug, Clone)]
 pub(crate) struct StageRun {
     pub groups: Vec<NormAcc>,
     pub finish: Finish,
     /// Units whose coefficient was below 1 after this stage.
     pub clipped: u32,
+    /// Its groups were combined this step (else they are the unit norms, or unused).
+    grouped: bool,
 }
 
 /// Every stage's output of one step, for reports and tests. A policy keeps one between
@@ -572,139 +568,203 @@ pub(crate) struct Outcome {
     pub coefs: Vec<f32>,
 }
 
-/// Runs one step of `program`: reduce, then per norm stage combine -> finish -> coefs,
-/// then rewrite, into `out`. `reduce_norms` false skips the norms (the split API's
-/// given norm).
-pub(crate) fn run(
-    grads: &mut [GradMut<'_>],
-    params: Option<&[GradRef<'_>]>,
-    program: &Program,
-    step: &CpuStep,
-    state: &mut PolicyState,
-    reduce_norms: bool,
-    out: &mut Outcome,
-) {
-    if reduce_norms {
-        let g: &[GradMut<'_>] = grads;
-        reduce_units(g.len(), |t| g[t].as_ref(), params, program, step.norm, out);
-    } else {
-        // No unit norms this step: none of an earlier step's may remain.
-        out.units.clear();
-        out.w_units = None;
-    }
-    run_from_units(grads, program, step, state, reduce_norms, out)
+/// The gradients of a step: read, and written when its recording ends in a rewrite.
+pub(crate) enum Grads<'a, 'g> {
+    Read(&'a [GradRef<'g>]),
+    Write(&'a mut [GradMut<'g>]),
 }
 
-/// The unit norms of a step, into `out`: of the `count` gradients `grad(t)` and, for
-/// AGC, of the parameters (L2).
-pub(crate) fn reduce_units<'g>(
-    count: usize,
-    grad: impl Fn(usize) -> GradRef<'g> + Sync,
-    params: Option<&[GradRef<'_>]>,
-    program: &Program,
-    norm: Norm,
-    out: &mut Outcome,
-) {
-    reduce(count, grad, &program.units, norm, &mut out.units);
-    match params {
-        Some(p) => {
-            let w = out.w_units.get_or_insert_with(Vec::new);
-            reduce(p.len(), |t| p[t], &program.units, Norm::L2, w);
+impl Grads<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            Grads::Read(g) => g.len(),
+            Grads::Write(g) => g.len(),
         }
-        None => out.w_units = None,
+    }
+
+    fn get(&self, t: usize) -> GradRef<'_> {
+        match self {
+            Grads::Read(g) => g[t],
+            Grads::Write(g) => g[t].as_ref(),
+        }
     }
 }
 
-/// [`run`] from the unit norms in `out` on: the stages and the rewrite (a sharded step
-/// merges the unit norms of every rank first).
-pub(crate) fn run_from_units(
-    grads: &mut [GradMut<'_>],
+/// Executes a step's `recording` ([`crate::recording::record`], the list the GPU replays)
+/// over `grads` (and, for AGC, `params`), stage for stage, into `out`: `reduce`, per norm
+/// stage `combine` -> `finish` -> `coefs`, the chain's verdict and `undo`, then `rewrite`.
+/// A stage whose groups the recording does not combine (a first stage whose groups are
+/// the units, or a total read straight from the reduction) takes them from the unit
+/// norms; under a given total (`step.given`) it has none.
+pub(crate) fn execute(
+    recording: &[Dispatch],
+    mut grads: Grads<'_, '_>,
+    params: Option<&[GradRef<'_>]>,
     program: &Program,
     step: &CpuStep,
     state: &mut PolicyState,
-    reduce_norms: bool,
     out: &mut Outcome,
 ) {
-    stages(program, step, state, reduce_norms, out);
-    rewrite(grads, program, &out.coefs, &out.stages[0].finish, step);
+    // The chain's verdict, once every stage has finished (the GPU's last `coef` takes it).
+    let mut verdict = None;
+    // The stages' outputs are reset by the first stage dispatch of the step.
+    let mut begun = false;
+    for &d in recording {
+        match d {
+            Dispatch::SpanReduce | Dispatch::Reduce { params: false, .. } => {
+                reduce(
+                    grads.len(),
+                    |t| grads.get(t),
+                    &program.units,
+                    step.norm,
+                    &mut out.units,
+                );
+                out.w_units = None;
+            }
+            Dispatch::Reduce { params: true, .. } => {
+                if let Some(p) = params {
+                    let w = out.w_units.get_or_insert_with(Vec::new);
+                    reduce(p.len(), |t| p[t], &program.units, Norm::L2, w);
+                }
+            }
+            Dispatch::Groups(k) => {
+                if !std::mem::replace(&mut begun, true) {
+                    begin(program, out);
+                }
+                let Outcome {
+                    units,
+                    stages,
+                    coefs,
+                    ..
+                } = out;
+                let earlier = (k > 0).then_some(&coefs[..]);
+                combine(
+                    units,
+                    earlier,
+                    &program.stages[k],
+                    step.norm,
+                    &mut stages[k].groups,
+                );
+                stages[k].grouped = true;
+            }
+            Dispatch::Finish { stage: k, .. } => {
+                if !std::mem::replace(&mut begun, true) {
+                    begin(program, out);
+                }
+                finish_stage(k, program, step, state, out);
+            }
+            Dispatch::Coefs(k) => {
+                let Outcome {
+                    w_units,
+                    stages,
+                    coefs: unit_coefs,
+                    ..
+                } = out;
+                let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
+                // As the GPU's `coefs` reads its stage's report: held when an earlier stage
+                // held the step, too.
+                let seen = Finish {
+                    status: stages[k].finish.status | if held_before { STATUS_HELD } else { 0 },
+                    ..stages[k].finish
+                };
+                let stage = &program.stages[k];
+                let w = w_units.as_deref();
+                stages[k].clipped =
+                    coefs(stage, &stages[k].groups, w, &seen, step, unit_coefs, k == 0);
+            }
+            Dispatch::Undo(k) => {
+                let merged = *verdict.get_or_insert_with(|| close(program, state, out));
+                let stage = &program.stages[k];
+                let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
+                let totals = out.stages[..=k].iter().map(|s| s.finish.total.flags);
+                undo(block, merged, totals);
+            }
+            Dispatch::Rewrite { indirect } => {
+                if begun && verdict.is_none() {
+                    verdict = Some(close(program, state, out));
+                }
+                let Grads::Write(g) = &mut grads else {
+                    unreachable!("a recording that rewrites is executed on writable gradients")
+                };
+                match (indirect, &step.clamp) {
+                    (true, _) => rewrite(g, program, &out.coefs, &out.stages[0].finish, step),
+                    // A clamp alone: no stage ran, one pass over every element.
+                    (false, Some(clamp)) => apply::clamp(g, clamp),
+                    (false, None) => {}
+                }
+            }
+        }
+    }
+    if begun && verdict.is_none() {
+        close(program, state, out);
+    }
+    if begun {
+        // As a state read from the device has them (`PolicyState::from_device`).
+        for stage in &program.stages {
+            stage.clear_step_words(&mut state.words);
+        }
+    }
 }
 
-/// The norm stages of a step from the unit norms in `out`: per stage `combine`, `finish`
-/// and `coefs`, and the chain's verdict; everything but the `rewrite`.
-pub(crate) fn stages(
+/// Starts the stages of a step: every unit's coefficient 1, one output per stage.
+fn begin(program: &Program, out: &mut Outcome) {
+    out.coefs.clear();
+    out.coefs.resize(program.units.len(), 1.0);
+    out.stages.truncate(program.stages.len());
+    while out.stages.len() < program.stages.len() {
+        out.stages.push(StageRun {
+            groups: Vec::new(),
+            finish: Finish::NONE,
+            clipped: 0,
+            grouped: false,
+        });
+    }
+    for s in &mut out.stages {
+        (s.finish, s.clipped, s.grouped) = (Finish::NONE, 0, false);
+    }
+}
+
+/// `finish` of stage `k` of a step, from its groups (combined, the unit norms, or none
+/// under a given total).
+fn finish_stage(
+    k: usize,
     program: &Program,
     step: &CpuStep,
     state: &mut PolicyState,
-    reduce_norms: bool,
     out: &mut Outcome,
 ) {
+    let stage = &program.stages[k];
     let Outcome {
         units,
         w_units,
         stages,
-        coefs: unit_coefs,
+        ..
     } = out;
-    unit_coefs.clear();
-    unit_coefs.resize(program.units.len(), 1.0);
-    stages.truncate(program.stages.len());
-    for (k, stage) in program.stages.iter().enumerate() {
-        let first = k == 0;
-        if stages.len() == k {
-            stages.push(StageRun {
-                groups: Vec::new(),
-                finish: Finish::NONE,
-                clipped: 0,
-            });
+    let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
+    let run = &mut stages[k];
+    if !run.grouped {
+        match step.given {
+            Some(_) => run.groups.clear(),
+            None => combine(units, None, stage, step.norm, &mut run.groups),
         }
-        let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
-        let groups = &mut stages[k].groups;
-        match reduce_norms {
-            true => combine(
-                units,
-                (!first).then_some(&unit_coefs[..]),
-                stage,
-                step.norm,
-                groups,
-            ),
-            false => groups.clear(),
-        }
-        // AGC reads the parameters: their NaN or infinity counts as the step's.
-        let param_flags = match (&*w_units, stage.formula) {
-            (Some(w), Formula::Agc) => (stage.group_of.iter().zip(w))
-                .filter(|(&g, _)| g != NO_GROUP)
-                .fold(0, |f, (_, a)| f | a.flags),
-            _ => 0,
-        };
-        let finish = finish(groups, param_flags, stage, step, held_before, state);
-        // A measure computes no coefficients (as the GPU's `Mode::Measure`).
-        let measures = program.kind == ChainKind::Measure;
-        let clipped = if (reduce_norms || stage.is_global()) && !measures {
-            let w = w_units.as_deref();
-            // As the GPU's `coefs` reads its stage's report: held when an earlier stage
-            // held the step, too.
-            let seen = Finish {
-                status: finish.status | if held_before { STATUS_HELD } else { 0 },
-                ..finish
-            };
-            coefs(stage, groups, w, &seen, step, unit_coefs, first)
-        } else {
-            0
-        };
-        (stages[k].finish, stages[k].clipped) = (finish, clipped);
     }
-    // One chain-wide verdict in the first stage: any stage that finds non-finite values
-    // holds or skips the step; one skip counter, in the state's first block.
+    // AGC reads the parameters: their NaN or infinity counts as the step's.
+    let param_flags = match (&*w_units, stage.formula) {
+        (Some(w), Formula::Agc) => (stage.group_of.iter().zip(w))
+            .filter(|(&g, _)| g != NO_GROUP)
+            .fold(0, |f, (_, a)| f | a.flags),
+        _ => 0,
+    };
+    run.finish = finish(&run.groups, param_flags, stage, step, held_before, state);
+}
+
+/// The chain's verdict once every stage has finished, in the first stage: any stage that
+/// finds non-finite values holds or skips the step; one skip counter, in the state's
+/// first block. Returns the merged status.
+fn close(program: &Program, state: &mut PolicyState, out: &mut Outcome) -> u32 {
     let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
+    let stages = &mut out.stages[..program.stages.len()];
     let merged = (stages.iter()).fold(0, |m, s| m | (s.finish.status & verdict));
-    for (k, stage) in program.stages.iter().enumerate() {
-        if stage.adaptive != abi::ADAPTIVE_NONE {
-            let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
-            let totals = stages[..=k].iter().map(|s| s.finish.total.flags);
-            undo(block, merged, totals);
-        }
-        // As a state read from the device has them (`PolicyState::from_device`).
-        stage.clear_step_words(&mut state.words);
-    }
     let skipped = merged & STATUS_SKIPPED != 0;
     state.words[ST_SKIPS] = if skipped {
         state.words[ST_SKIPS].wrapping_add(1)
@@ -719,4 +779,5 @@ pub(crate) fn stages(
             s.finish.status |= merged & STATUS_HELD;
         }
     }
+    merged
 }

@@ -4,13 +4,14 @@
 
 use rayon::prelude::*;
 
-use super::engine::{coefs, combine, finish, reduce, to_f32, CpuStep};
+use super::engine::{execute, to_f32, CpuStep, Grads, Outcome};
 use super::philox::gaussian_noise;
 use crate::chain::{check_shapes, clipped_per_tensor, PerExampleClip, Program, TensorInfo};
 use crate::dtype::GradRef;
 use crate::error::ClipError;
 use crate::non_finite::NonFinitePolicy;
 use crate::norm::Norm;
+use crate::recording::{record, Mode, Profile};
 use crate::report::ClipReport;
 
 /// Per-example clipping (DP-SGD) of host slices on the CPU, step after step: the CPU twin
@@ -85,16 +86,6 @@ pub(crate) fn clip_per_example(
     }
     let (thresholds, per_layer) = clip.thresholds();
     let program = Program::per_example(&lens, batch as u64, thresholds, per_layer);
-    let stage = &program.stages[0];
-    let (mut units, mut groups) = (Vec::new(), Vec::new());
-    reduce(
-        inputs.len(),
-        |t| inputs[t],
-        &program.units,
-        Norm::L2,
-        &mut units,
-    );
-    combine(&units, None, stage, Norm::L2, &mut groups);
     let cpu_step = CpuStep {
         norm: Norm::L2,
         policy: NonFinitePolicy::Propagate,
@@ -104,18 +95,22 @@ pub(crate) fn clip_per_example(
         step,
         clamp: None,
     };
-    let fin = finish(
-        &groups,
-        0,
-        stage,
-        &cpu_step,
+    // The recording the GPU replays before its per-example sum: the coefficients.
+    let mut recording = Vec::new();
+    record(
+        &Profile::of(&program, false),
+        Mode::Coefficients,
         false,
-        &mut program.fresh_state(),
+        &mut recording,
     );
-    let mut unit_coefs = vec![1.0f32; units.len()];
-    let clipped = coefs(stage, &groups, None, &fin, &cpu_step, &mut unit_coefs, true);
-    let coefs = unit_coefs;
-    let total = fin.total;
+    let mut out = Outcome::default();
+    let mut state = program.fresh_state();
+    let grads = Grads::Read(inputs);
+    execute(
+        &recording, grads, None, &program, &cpu_step, &mut state, &mut out,
+    );
+    let (coefs, run) = (&out.coefs, &out.stages[0]);
+    let (clipped, total) = (run.clipped, run.finish.total);
     let n = inputs.len();
     let std = clip.noise_std();
     let inv = clip.inv_divisor();
@@ -139,6 +134,6 @@ pub(crate) fn clip_per_example(
         clip.batch * if per_layer { n as u32 } else { 1 },
         total,
         std,
-        clip.report_layers.then(|| clipped_per_tensor(&coefs, n)),
+        clip.report_layers.then(|| clipped_per_tensor(coefs, n)),
     ))
 }

@@ -4,14 +4,14 @@
 
 use std::sync::Arc;
 
-use super::apply;
-use super::engine::{self, CpuStep};
+use super::engine::{self, CpuStep, Grads};
 use crate::chain::{
     check_lens, ChainKind, ClipPolicy, PolicyState, Program, TensorInfo, UnitLayout,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::norm::PartialNorm;
+use crate::recording::{record, Dispatch, Mode, Profile};
 use crate::report::STATUS_HELD;
 use crate::report::{ClipReport, PolicyOutcome, ReportShape, StageOutcome, UnitNorms};
 
@@ -28,12 +28,17 @@ pub struct CpuPolicy {
     /// The last step's outcome: its buffers are the next step's (boxed: a policy stays
     /// small to move around).
     outcome: Box<engine::Outcome>,
+    /// What of the program decides its recordings, and the last step's recording (its
+    /// buffer is the next step's).
+    profile: Profile,
+    recording: Vec<Dispatch>,
 }
 
 impl CpuPolicy {
     /// A policy over tensors described by `infos` (names and shapes, in batch order).
     pub fn new(policy: ClipPolicy, infos: &[TensorInfo]) -> Result<CpuPolicy, ClipError> {
         let program = Program::new(&policy, infos)?;
+        let profile = Profile::of(&program, policy.noise.is_some());
         Ok(CpuPolicy {
             state: program.fresh_state(),
             shape: ReportShape::new(&program, infos),
@@ -42,6 +47,8 @@ impl CpuPolicy {
             lens: infos.iter().map(TensorInfo::len).collect(),
             program,
             outcome: Box::default(),
+            profile,
+            recording: Vec::new(),
         })
     }
 
@@ -68,6 +75,7 @@ impl CpuPolicy {
 
     /// Runs `program` instead (the same chain cut to a shard: same units and state).
     pub(crate) fn set_program(&mut self, program: Program) {
+        self.profile = Profile::of(&program, self.policy.noise.is_some());
         self.program = program;
     }
 
@@ -154,16 +162,28 @@ impl CpuPolicy {
         let step = self.check(grads.iter().map(|g| g.as_ref().len() as u64), params)?;
         let params = params.filter(|_| self.program.needs_params());
         // Nothing fails from here on: the step runs on the kept state and buffers.
-        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
-        if program.kind == ChainKind::ValueOnly {
-            // The clamp alone: one pass, no norm.
-            apply::clamp(grads, self.policy.value.as_ref().expect("a clamp alone"));
-            self.state.step = self.state.step.wrapping_add(1);
-            let units = program.units.len() as u32;
-            return Ok(ClipReport::value_only(step.step, step.norm, units));
-        }
-        engine::run(grads, params, program, &step, state, true, out);
+        let mode = match self.program.kind {
+            ChainKind::Stages => Mode::Clip,
+            ChainKind::Measure => Mode::Measure,
+            ChainKind::ValueOnly => Mode::ValueOnly,
+        };
+        self.execute(mode, Grads::Write(grads), params, &step);
         self.commit(step)
+    }
+
+    /// Records a step in `mode` (the recording the GPU would replay) and executes it on
+    /// the kept state and buffers.
+    pub(crate) fn execute(
+        &mut self,
+        mode: Mode,
+        grads: Grads<'_, '_>,
+        params: Option<&[GradRef<'_>]>,
+        step: &CpuStep,
+    ) {
+        let detail = self.policy.report_groups;
+        record(&self.profile, mode, detail, &mut self.recording);
+        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
+        engine::execute(&self.recording, grads, params, program, step, state, out);
     }
 
     /// Runs one step of a global-norm chain (`ClipPolicy::global_norm`, with its
@@ -180,8 +200,9 @@ impl CpuPolicy {
         let mut step = self.check(grads.iter().map(|g| g.as_ref().len() as u64), None)?;
         self.policy.check_given(total)?;
         step.given = Some(total.acc());
-        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
-        engine::run(grads, None, program, &step, state, false, out);
+        // No unit norms this step: none of an earlier step's may remain.
+        self.outcome.units.clear();
+        self.execute(Mode::GivenNorm, Grads::Write(grads), None, &step);
         self.commit(step)
     }
 
@@ -208,9 +229,8 @@ impl CpuPolicy {
         let lens = grads.iter().map(|g| g.len() as u64);
         let step = self.check(lens.clone(), params)?;
         let params = params.filter(|_| self.program.needs_params());
-        let (program, state, out) = (&self.program, &mut self.state, &mut self.outcome);
-        engine::reduce_units(grads.len(), |t| grads[t], params, program, step.norm, out);
-        engine::stages(program, &step, state, true, out);
+        self.execute(Mode::Coefficients, Grads::Read(grads), params, &step);
+        let out = &self.outcome;
         let held = out.stages[0].finish.status & STATUS_HELD != 0;
         let (mut coefs, layouts, mut kept_lens) = match kept {
             Some(d) if d.layouts.len() == grads.len() => (d.coefs, d.layouts, d.lens),

@@ -2,12 +2,13 @@
 //! engine's stages with the unit norms merged over the ranks between `reduce` and the
 //! first `combine` (`src/shard`). The GPU twin is `src/gpu/sharded.rs`.
 
-use super::engine;
+use super::engine::Grads;
 use super::policy::CpuPolicy;
 use crate::chain::{ClipPolicy, PolicyState, TensorInfo};
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::norm::{Norm, NormAcc};
+use crate::recording::Mode;
 use crate::report::ClipReport;
 use crate::shard::{localize, table, Collective, Shard};
 
@@ -98,20 +99,19 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         });
         let norm = self.inner.policy().norm;
         let step_number = self.inner.state().step;
-        let (program, state, out) = self.inner.parts_mut();
-        let n = program.units.len();
-        let needs_params = program.needs_params();
+        let needs_params = self.inner.program().needs_params();
         let params = params.filter(|_| needs_params);
-        match &checked {
-            Ok(_) => {
-                let g: &[GradMut<'_>] = grads;
-                engine::reduce_units(g.len(), |t| g[t].as_ref(), params, program, norm, out);
-            }
-            Err(_) => {
-                out.units.clear();
-                out.units.resize(n, NormAcc::IDENTITY);
-                out.w_units = None;
-            }
+        if let Ok(step) = &checked {
+            // The first half: this rank's unit norms.
+            (self.inner).execute(Mode::UnitsOnly, Grads::Write(grads), params, step);
+        }
+        let (program, _, out) = self.inner.parts_mut();
+        let n = program.units.len();
+        if checked.is_err() {
+            // This rank still takes part in the exchange, with empty norms.
+            out.units.clear();
+            out.units.resize(n, NormAcc::IDENTITY);
+            out.w_units = None;
         }
         if needs_params && out.w_units.is_none() {
             out.w_units = Some(vec![NormAcc::IDENTITY; n]);
@@ -124,7 +124,8 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         let factor = checked.as_ref().map_or(0.0, |s| s.multiplier);
         table::all_reduce(&self.comm, &mut parts, (step_number, factor), local)?;
         let step = checked?;
-        engine::run_from_units(grads, program, &step, state, true, out);
+        // The second half, from the merged unit norms.
+        (self.inner).execute(Mode::FromUnits, Grads::Write(grads), None, &step);
         self.inner.commit(step)
     }
 }

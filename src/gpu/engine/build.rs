@@ -14,6 +14,7 @@ use crate::gpu::resources::{
 };
 use crate::gpu::tensor::{plan_tensors, GpuTensor};
 use crate::plan::{fold_grid, Plan};
+use crate::recording::Profile;
 use crate::shaders::abi::{StageParams, ACC_BYTES};
 use crate::shaders::BindLayout;
 
@@ -162,8 +163,8 @@ impl Engine {
         // One coefficient for everything and no noise (which needs each element's tensor and
         // index): the rewrite runs over spans, maximal runs of touching tensors, so small
         // tensors share workgroups and no word has two writers.
-        let single_global = n_stages == 1 && program.stages[0].is_uniform();
-        let spans = single_global && !noise;
+        let profile = Profile::of(&program, noise);
+        let (single_global, spans) = (profile.single_global(), profile.spans());
         let rewrite_grids: Vec<[u32; 3]> = grad_plan
             .windows
             .iter()
@@ -338,6 +339,7 @@ impl Engine {
             grads: grads_red,
             params: params_red,
             stages,
+            profile,
             finish_partials,
             span_reduce: span_reduce.map(|s| s.0),
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),

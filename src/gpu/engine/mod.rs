@@ -18,7 +18,8 @@
 //! chain of rules, accumulation, per-example clipping) is a program plus a [`Step`]
 //! saying which stages run. Each step's host values go into its own parameter slot
 //! ([`StepSlots`]), so steps encoded before one submission keep their own parameters.
-//! The CPU twin is `src/cpu/engine.rs`.
+//! Which stages a step runs is its recording (`src/recording.rs`), which the CPU twin
+//! (`src/cpu/engine.rs`) executes too.
 
 mod build;
 mod record;
@@ -32,75 +33,10 @@ use super::resources::{StepParams, StepSlots, Timestamps};
 use crate::chain::Program;
 use crate::error::ClipError;
 use crate::norm::Norm;
+use crate::recording::Profile;
+pub(crate) use crate::recording::{Dispatch, Mode};
 use crate::shaders::abi;
 use crate::shaders::Kernel;
-
-/// What one step does: the valid combinations of the engine's stages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
-    /// Norms from the gradients and every stage's finish; nothing rewritten (a total
-    /// norm, PyTorch's `get_total_norm`).
-    Measure,
-    /// Norms, every stage and the unit coefficients, no rewrite: coefficients read by
-    /// another pass (deferred scaling, the fused optimizer, per-example sums).
-    Coefficients,
-    /// Norms, coefficients and the rewrite: a clip.
-    Clip,
-    /// A total norm given by the caller (the split API): coefficients and the rewrite.
-    GivenNorm,
-    /// The rewrite alone, dispatched in full: a value clamp with no norm.
-    ValueOnly,
-    /// The unit norms and nothing else (the first half of a sharded step); its readback
-    /// holds the unit norms of the gradients, then of the parameters.
-    UnitsOnly,
-    /// From the unit norms already in place ([`Engine::write_units`], after the ranks
-    /// merged them): the stages from their `combine` on, then the rewrite.
-    FromUnits,
-}
-
-impl Mode {
-    /// Runs `reduce` over the gradients.
-    fn reduces(self) -> bool {
-        matches!(
-            self,
-            Mode::Measure | Mode::Coefficients | Mode::Clip | Mode::UnitsOnly
-        )
-    }
-
-    /// Runs the stages' `combine` of group norms.
-    fn groups(self) -> bool {
-        matches!(
-            self,
-            Mode::Measure | Mode::Coefficients | Mode::Clip | Mode::FromUnits
-        )
-    }
-
-    /// Runs the norm stages (`finish`, and `coefs` when [`Mode::coefs`]).
-    fn stages(self) -> bool {
-        !matches!(self, Mode::ValueOnly | Mode::UnitsOnly)
-    }
-
-    /// Runs `coef`'s per-unit entry.
-    fn coefs(self) -> bool {
-        matches!(
-            self,
-            Mode::Coefficients | Mode::Clip | Mode::GivenNorm | Mode::FromUnits
-        )
-    }
-
-    /// Runs `rewrite`.
-    fn rewrite(self) -> bool {
-        matches!(
-            self,
-            Mode::Clip | Mode::GivenNorm | Mode::ValueOnly | Mode::FromUnits
-        )
-    }
-
-    /// Copies its reports into a readback buffer.
-    pub(crate) fn reads_back(self) -> bool {
-        self != Mode::ValueOnly
-    }
-}
 
 /// One step: what it does and its parameters.
 #[derive(Debug, Clone, Copy)]
@@ -113,29 +49,6 @@ pub(crate) struct Step {
     pub mode: Mode,
     /// Read back the last stage's group norms, unit norms and coefficients too.
     pub units: bool,
-}
-
-/// One entry of a step's recording: a dispatch (or, for a reduction, its pair of
-/// dispatches) and what it binds. A step is recorded once into this list, which names
-/// the pipelines to build and is then replayed into the compute pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dispatch {
-    /// The gradients' reduce over spans, for a direct step (one coefficient, no noise).
-    SpanReduce,
-    /// The chunk partials of the gradients (or, `params`, of the parameters, in L2),
-    /// then the unit norms when `combine`.
-    Reduce { params: bool, combine: bool },
-    /// Stage `k`'s group norms from the unit norms.
-    Groups(usize),
-    /// Stage `k`'s total, policy and adaptive state; `partials`: straight from the chunk
-    /// partials.
-    Finish { stage: usize, partials: bool },
-    /// Stage `k`'s unit coefficients.
-    Coefs(usize),
-    /// Stage `k` takes back what it recorded when a later stage held the step.
-    Undo(usize),
-    /// The elementwise pass over every binding window; `indirect`: sized by `coef`.
-    Rewrite { indirect: bool },
 }
 
 /// The resources of one norm stage.
@@ -154,6 +67,8 @@ struct GpuStage {
 pub(crate) struct Engine {
     ctx: GpuContext,
     program: Program,
+    /// What of the program decides its recordings.
+    profile: Profile,
     grads: SegmentReduction,
     params: Option<SegmentReduction>,
     stages: Vec<GpuStage>,

@@ -1,61 +1,15 @@
 //! Recording a step: what it runs (its list of dispatches, the one decision), the
 //! pipelines that list needs, and its replay into one compute pass.
 
-use crate::chain::ChainKind;
 use crate::error::ClipError;
 use crate::gpu::resources::{timestamp_writes, StepParams};
 use crate::norm::Norm;
-use crate::shaders::abi::{self, ADAPTIVE_NONE};
+use crate::shaders::abi;
 use crate::shaders::Kernel;
 
 use super::{Dispatch, Engine, Mode, Step};
 
 impl Engine {
-    /// Records `step` into `out` (cleared first): every dispatch it makes, in order. The
-    /// one decision of what a step runs, for building its pipelines and for encoding it.
-    fn record(&self, step: &Step, out: &mut Vec<Dispatch>) {
-        let direct = self.direct(step);
-        out.clear();
-        if direct && self.span_reduce.is_some() {
-            out.push(Dispatch::SpanReduce);
-        } else if step.mode.reduces() {
-            out.push(Dispatch::Reduce {
-                params: false,
-                combine: !direct,
-            });
-            if self.params.is_some() {
-                out.push(Dispatch::Reduce {
-                    params: true,
-                    combine: true,
-                });
-            }
-        }
-        if step.mode.stages() {
-            for (k, stage) in self.stages.iter().enumerate() {
-                if stage.groups.is_some() && step.mode.groups() && !direct {
-                    out.push(Dispatch::Groups(k));
-                }
-                let partials = direct && k == 0 && self.finish_partials.is_some();
-                out.push(Dispatch::Finish { stage: k, partials });
-                if step.mode.coefs() && self.coefs_grid[0] > 0 {
-                    out.push(Dispatch::Coefs(k));
-                }
-            }
-            // A later stage may hold the step: the adaptive stages before the last take
-            // back what they recorded (`undo` checks).
-            let earlier = self.stages.len().saturating_sub(1);
-            for k in (0..earlier).filter(|&k| self.stages[k].adaptive != ADAPTIVE_NONE) {
-                out.push(Dispatch::Undo(k));
-            }
-        }
-        // A chain that only measures writes nothing, whatever the mode of the step.
-        if step.mode.rewrite() && self.program.kind != ChainKind::Measure {
-            out.push(Dispatch::Rewrite {
-                indirect: step.mode != Mode::ValueOnly,
-            });
-        }
-    }
-
     /// The pipeline of dispatch `d` of `step` (of a reduction, its first).
     fn kernel(&self, d: Dispatch, step: &Step) -> Kernel {
         let kind = step.norm.kind_code();
@@ -89,22 +43,13 @@ impl Engine {
         }
     }
 
-    /// A step whose single global stage finishes straight from the chunk partials,
-    /// without unit norms.
-    fn direct(&self, step: &Step) -> bool {
-        step.mode.reduces()
-            && step.mode != Mode::UnitsOnly
-            && !step.units
-            && self.finish_partials.is_some()
-    }
-
     /// Records `step` and builds the pipelines it needs (see `Kernels::prepare`); the
     /// recording stays in `self.recording` for [`Engine::encode`] to replay.
     pub(crate) fn prepare(&self, step: &Step) -> Result<(), ClipError> {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         let mut kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
         let (recording, list) = &mut *kept;
-        self.record(step, recording);
+        crate::recording::record(&self.profile, step.mode, step.units, recording);
         self.kernels_of(recording, step, list);
         kernels.prepare(device, list)
     }
