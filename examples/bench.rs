@@ -10,6 +10,10 @@
 //!                   software adapter checks and times GPT-2 / 16; the CPU the whole set)
 //!   --cpu-only      no GPU, even when an adapter exists
 //!   --gpu-only      no CPU timings (the CPU oracle still checks the GPU)
+//!   --host-only     only the host section: what recording and submitting a step costs
+//!                   the CPU, for the GPT-2 shapes in one arena and in one buffer per
+//!                   tensor, next to a plain wgpu step (it also runs at the end of every
+//!                   run with a GPU)
 //!   --shapes PATH   a shapes file in the format of bench/gpt2-small-shapes.txt (also
 //!                   GRADCLIP_BENCH_SHAPES); by default that file, built into the binary,
 //!                   so a copied binary runs anywhere
@@ -60,6 +64,8 @@ use wgpu::util::DeviceExt;
 
 #[path = "../benches/common/mod.rs"]
 mod common;
+#[path = "support/host_cost.rs"]
+mod host_cost;
 use common::{gradients, small_lens, value_clip, Flat, Op, BLOCK, SIGMA};
 
 type Res<T> = Result<T, Box<dyn Error>>;
@@ -68,12 +74,13 @@ type Res<T> = Result<T, Box<dyn Error>>;
 const REL_TOL: f64 = 1e-5;
 
 const USAGE: &str = "usage: cargo run --release --example bench [-- --quick] [--cpu-only] \
-                     [--gpu-only] [--full] [--shapes PATH] [--runs N] [--json PATH]";
+                     [--gpu-only] [--host-only] [--full] [--shapes PATH] [--runs N] [--json PATH]";
 
 struct Options {
     quick: bool,
     cpu_only: bool,
     gpu_only: bool,
+    host_only: bool,
     runs: usize,
     /// A shapes file; `None`: the GPT-2 small shapes built into the binary.
     shapes: Option<PathBuf>,
@@ -86,6 +93,7 @@ fn options() -> Result<Options, String> {
         quick: std::env::var("GRADCLIP_BENCH_QUICK").is_ok_and(|v| !v.is_empty() && v != "0"),
         cpu_only: false,
         gpu_only: false,
+        host_only: false,
         runs: 7,
         shapes: std::env::var_os("GRADCLIP_BENCH_SHAPES").map(PathBuf::from),
         json: None,
@@ -98,6 +106,7 @@ fn options() -> Result<Options, String> {
             "--full" => o.full = true,
             "--cpu-only" => o.cpu_only = true,
             "--gpu-only" => o.gpu_only = true,
+            "--host-only" => o.host_only = true,
             "--shapes" => o.shapes = Some(args.next().ok_or(USAGE)?.into()),
             "--json" => o.json = Some(args.next().ok_or(USAGE)?.into()),
             "--runs" => {
@@ -1453,7 +1462,12 @@ fn print_summary(rows: &[Row], gpu_name: &str) {
 /// Every figure as a JSON record: workload, dtype, path (`cpu` or `gpu`), op, ms, floor_ms,
 /// plain_ms (GPU rows with timestamps: the plain kernels of the same traffic; else null),
 /// adapter, and the bytes moved and wall time.
-fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
+fn write_json(
+    path: &std::path::Path,
+    rows: &[Row],
+    host: &[host_cost::HostFigure],
+    gpu_name: &str,
+) -> Res<()> {
     let cpu_name = format!("CPU, {} rayon threads", rayon::current_num_threads());
     let records: Vec<serde_json::Value> = (rows.iter())
         .map(|r| {
@@ -1484,6 +1498,19 @@ fn write_json(path: &std::path::Path, rows: &[Row], gpu_name: &str) -> Res<()> {
                 "wall_ms": r.wall,
             })
         })
+        .chain(host.iter().map(|f| {
+            serde_json::json!({
+                "workload": "GPT-2 small shapes, host cost",
+                "dtype": "f32",
+                "path": "gpu-host",
+                "layout": f.layout,
+                "op": f.what,
+                "runner": f.runner,
+                "us": f.us,
+                "plain_us": f.plain_us,
+                "adapter": gpu_name,
+            })
+        }))
         .collect();
     let text = serde_json::to_string_pretty(&records).map_err(|e| e.to_string())?;
     std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
@@ -1555,7 +1582,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
     if o.quick {
         workloads.push(("GPT-2 small / 16", scaled, true, true));
     } else {
-        workloads.push(("GPT-2 small", gpt2, !split, true));
+        workloads.push(("GPT-2 small", gpt2.clone(), !split, true));
         if split {
             workloads.push(("GPT-2 small / 16", scaled, true, false));
         }
@@ -1565,7 +1592,7 @@ fn run(o: &Options) -> Res<Vec<String>> {
     let mut peer = TorchPeer::start();
     let mut rows = Vec::new();
     let mut checks = Checks::default();
-    for (name, lens, on_gpu, on_cpu) in &workloads {
+    for (name, lens, on_gpu, on_cpu) in workloads.iter().filter(|_| !o.host_only) {
         let n: usize = lens.iter().sum();
         let values = gradients(n);
         for dtype in [DType::F32, DType::F16, DType::BF16] {
@@ -1634,10 +1661,25 @@ fn run(o: &Options) -> Res<Vec<String>> {
             }
         }
     }
+    // The host section: the full GPT-2 set (host time does not depend on the adapter's
+    // speed), or the scaled one with --quick.
+    let host = match &ctx {
+        Some(ctx) => {
+            let lens = if o.quick { &workloads[0].1 } else { &gpt2 };
+            let figures = host_cost::measure(ctx, lens, o.runs.max(7))?;
+            host_cost::print(&figures, lens.len());
+            figures
+        }
+        None => Vec::new(),
+    };
     print_summary(&rows, &gpu_name);
     if let Some(path) = &o.json {
-        write_json(path, &rows, &gpu_name)?;
-        println!("\nwrote {} records to {}", rows.len(), path.display());
+        write_json(path, &rows, &host, &gpu_name)?;
+        println!(
+            "\nwrote {} records to {}",
+            rows.len() + host.len(),
+            path.display()
+        );
     }
     Ok(checks.failed)
 }

@@ -141,6 +141,9 @@ fn rebinding_other_tensors_is_refused_and_changes_nothing() {
         .unwrap_err();
     assert!(matches!(err, ClipError::ShapeMismatch { .. }), "{err}");
     assert_eq!(gpu.steps_taken(), 0);
+    // The same ranges again: nothing to do, and the next step as before.
+    gpu.rebind(&tensors(&arena.buffer, &arena.offsets, &h, &infos), None)
+        .unwrap();
     let report = gpu.step().unwrap().wait().unwrap();
     assert!(close(report.total_norm, 30f64.sqrt(), 1e-6));
     let out = download(&ctx, &arena, &h);

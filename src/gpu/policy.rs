@@ -9,7 +9,7 @@ use super::deferred::DeferredClip;
 use super::engine::{Engine, Mode, Step};
 use super::readback::{decode_stages, decode_units, words_in, PendingReport, ReadbackLayout};
 use super::resources::StepParams;
-use super::tensor::{given_acc, infos_of, GpuTensor};
+use super::tensor::{given_acc, infos_of, Bound, GpuTensor};
 use crate::chain::{
     check_shapes, ChainKind, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo,
 };
@@ -29,6 +29,8 @@ pub struct GpuPolicy {
     shape: Arc<ReportShape>,
     /// Name, shape and length of every gradient tensor planned, which a rebind must match.
     tensors: Vec<(TensorInfo, u64)>,
+    /// Where the gradients (and the parameters) lie now.
+    bound: (Vec<Bound>, Option<Vec<Bound>>),
     step: u64,
 }
 
@@ -95,6 +97,7 @@ impl GpuPolicy {
             n_tensors: grads.len(),
             shape,
             tensors,
+            bound: (Bound::all(grads), params.map(Bound::all)),
             step: 0,
         })
     }
@@ -108,12 +111,21 @@ impl GpuPolicy {
     /// lengths and order; dtypes may change), keeping its adaptive state and step count:
     /// for gradients a memory pool relocates between steps. The device state and the
     /// readback buffers stay where they are; the tables that depend on where the tensors
-    /// lie are built anew. Errors leave the policy as it was.
+    /// lie are built anew; a rebind to the ranges it has already does nothing. Errors leave
+    /// the policy as it was.
     pub fn rebind(
         &mut self,
         grads: &[GpuTensor<'_>],
         params: Option<&[GpuTensor<'_>]>,
     ) -> Result<(), ClipError> {
+        let same_params = match (&self.bound.1, params) {
+            (Some(b), Some(p)) => Bound::same(b, p),
+            (None, _) => !self.engine.program().needs_params(),
+            (Some(_), None) => false,
+        };
+        if same_params && Bound::same(&self.bound.0, grads) {
+            return Ok(());
+        }
         let infos = infos_of(grads);
         let found = infos.iter().cloned().zip(grads.iter().map(|t| t.len));
         if grads.len() != self.tensors.len() {
@@ -148,6 +160,7 @@ impl GpuPolicy {
         };
         let noise = self.policy.noise.is_some();
         self.engine = self.engine.rebound(grads, params, noise)?;
+        self.bound = (Bound::all(grads), params.map(Bound::all));
         Ok(())
     }
 

@@ -59,6 +59,44 @@ impl<'a> GpuTensor<'a> {
     }
 }
 
+/// Where a planned tensor lies and what it is: a rebind to tensors that are all the same
+/// as before has nothing to do.
+#[derive(Debug)]
+pub(crate) struct Bound {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    len: u64,
+    dtype: DType,
+    name: Option<String>,
+    shape: Option<Vec<u64>>,
+}
+
+impl Bound {
+    /// The bindings of `tensors`.
+    pub(crate) fn all(tensors: &[GpuTensor<'_>]) -> Vec<Bound> {
+        (tensors.iter())
+            .map(|t| Bound {
+                buffer: t.buffer.clone(),
+                offset: t.offset,
+                len: t.len,
+                dtype: t.dtype,
+                name: t.name.clone(),
+                shape: t.shape.clone(),
+            })
+            .collect()
+    }
+
+    /// True when `tensors` are, one for one, the tensors `bound` holds.
+    pub(crate) fn same(bound: &[Bound], tensors: &[GpuTensor<'_>]) -> bool {
+        bound.len() == tensors.len()
+            && bound.iter().zip(tensors).all(|(b, t)| {
+                (&b.buffer, b.offset, b.len, b.dtype) == (t.buffer, t.offset, t.len, t.dtype)
+                    && b.name == t.name
+                    && b.shape == t.shape
+            })
+    }
+}
+
 /// The names and shapes of `tensors` (unnamed ones are `#index`).
 pub(crate) fn infos_of(tensors: &[GpuTensor<'_>]) -> Vec<TensorInfo> {
     tensors.iter().enumerate().map(|(i, t)| t.info(i)).collect()
