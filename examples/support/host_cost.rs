@@ -143,7 +143,7 @@ impl PlainStep {
     fn bind(&self, ctx: &GpuContext, placed: &Placed) -> Vec<wgpu::BindGroup> {
         let dev = ctx.device();
         let layout = self.pipeline.get_bind_group_layout(0);
-        let max = dev.limits().max_storage_buffer_binding_size as u64;
+        let max = dev.limits().max_storage_buffer_binding_size;
         (placed.buffers.iter())
             .map(|b| {
                 let size = wgpu::BufferSize::new(b.size().min(max) & !3);
