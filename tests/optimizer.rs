@@ -471,8 +471,60 @@ fn state_moves_between_backends() {
             .unwrap();
     assert!(gpu_opt.set_state(other.state()).is_err());
     assert!(cpu_opt.set_state(other.state()).is_err());
-    // Values out of their domain are refused on both backends, and change nothing.
+    // A state of another optimizer (each hyperparameter changed alone, the kind, AMSGrad
+    // off) does not fit either; another learning rate does (schedules change it).
     let kept = cpu_opt.state().clone();
+    let Optimizer::Adam(adam) = opt else {
+        unreachable!("an Adam")
+    };
+    let others: [Optimizer; 6] = [
+        Adam {
+            betas: (0.8, 0.999),
+            ..adam
+        }
+        .into(),
+        Adam { eps: 1e-6, ..adam }.into(),
+        Adam {
+            weight_decay: 0.5,
+            ..adam
+        }
+        .into(),
+        Adam {
+            decoupled: false,
+            ..adam
+        }
+        .into(),
+        Adam {
+            amsgrad: false,
+            ..adam
+        }
+        .into(),
+        Sgd::new(1e-3).momentum(0.9).into(),
+    ];
+    for other in others {
+        let foreign = OptimizerState {
+            optimizer: other,
+            ..kept.clone()
+        };
+        for e in [
+            gpu_opt.set_state(&foreign).unwrap_err(),
+            cpu_opt.set_state(&foreign).unwrap_err(),
+        ] {
+            assert!(
+                matches!(&e, ClipError::InvalidState(m) if m.contains("optimizer")),
+                "{e}"
+            );
+        }
+    }
+    let rescheduled = OptimizerState {
+        optimizer: Adam { lr: 0.5, ..adam }.into(),
+        ..kept.clone()
+    };
+    gpu_opt.set_state(&rescheduled).unwrap();
+    cpu_opt.set_state(&rescheduled).unwrap();
+    gpu_opt.set_state(&kept).unwrap();
+    cpu_opt.set_state(&kept).unwrap();
+    // Values out of their domain are refused on both backends, and change nothing.
     for (array, value) in [(1, -1e-3f32), (1, f32::NAN), (0, f32::INFINITY), (2, -0.5)] {
         let mut bad = kept.clone();
         bad.arrays[array][0][0] = value;

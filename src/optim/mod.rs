@@ -172,6 +172,14 @@ pub(crate) fn check_lr(lr: f32) -> Result<(), ClipError> {
 }
 
 impl Optimizer {
+    /// The same optimizer with learning rate `lr`.
+    pub(crate) fn with_lr(self, lr: f32) -> Optimizer {
+        match self {
+            Optimizer::Sgd(s) => Optimizer::Sgd(Sgd { lr, ..s }),
+            Optimizer::Adam(a) => Optimizer::Adam(Adam { lr, ..a }),
+        }
+    }
+
     /// The configured learning rate.
     pub fn lr(&self) -> f32 {
         match self {
@@ -372,10 +380,14 @@ pub(crate) fn adam(
 /// buffers it has not created yet.
 ///
 /// Restoring checks the state against the optimizer and tensors it is restored into (the
-/// arrays and their lengths) and its values (every moment finite, Adam's second moments
-/// >= 0): anything else is [`ClipError::InvalidState`] and changes nothing.
+/// optimizer's kind and hyperparameters, its learning rate aside; the arrays and their
+/// lengths) and its values (every moment finite, Adam's second moments >= 0): anything
+/// else is [`ClipError::InvalidState`] and changes nothing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OptimizerState {
+    /// The optimizer the state belongs to: its kind and hyperparameters are checked when
+    /// the state is restored, its learning rate is not (a schedule changes it).
+    pub optimizer: Optimizer,
     /// Steps taken (held steps are not counted): Adam's `t`. It stops at `u32::MAX`
     /// rather than wrap to 0, where the bias correction would divide by zero.
     pub steps: u32,
@@ -388,6 +400,7 @@ impl OptimizerState {
     pub(crate) fn fresh(opt: &Optimizer, lens: &[u64]) -> OptimizerState {
         let tensors: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0.0; n as usize]).collect();
         OptimizerState {
+            optimizer: *opt,
             steps: 0,
             arrays: vec![tensors; opt.state_arrays()],
         }
@@ -397,6 +410,13 @@ impl OptimizerState {
     /// arrays and their lengths) and that its values are in their domain.
     pub(crate) fn check_fits(&self, opt: &Optimizer, lens: &[u64]) -> Result<(), ClipError> {
         let bad = |why: String| Err(ClipError::InvalidState(why));
+        if self.optimizer.with_lr(0.0) != opt.with_lr(0.0) {
+            return bad(format!(
+                "the optimizer state is of {:?}, this runner's optimizer is {:?} (the learning \
+                 rate aside)",
+                self.optimizer, opt
+            ));
+        }
         let fits = self.arrays.len() == opt.state_arrays()
             && (self.arrays.iter()).all(|a| {
                 a.len() == lens.len() && a.iter().zip(lens).all(|(v, &n)| v.len() as u64 == n)
