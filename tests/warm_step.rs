@@ -1,11 +1,13 @@
-//! A warm CPU step allocates nothing whose size grows with the number of tensors: a
-//! policy (and a fused optimizer) reuses its buffers, as do the runners that replaced the
-//! one-shot global clip and norm (`ClipPolicy::global_norm` over unnamed tensors,
-//! `ClipPolicy::total_norm`). (What a step returns, its report, is a few small
-//! allocations.) A counting allocator watches the second step.
+//! A warm step allocates nothing whose size grows with the number of tensors: on the CPU a
+//! runner (and a fused optimizer) reuses its buffers, for a chain, a global clip and a
+//! measure alike; on the GPU a runner records, submits and reads its report back without
+//! a per-tensor allocation. (What a step returns, its report, is a few small
+//! allocations.) A counting allocator watches the warm steps.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+mod common;
 
 use gradclip::{Adam, ClipPolicy, CpuClipper, GradMut, GradRef, Norm, Rule, TensorInfo};
 
@@ -103,6 +105,42 @@ fn warm_steps_allocate_nothing_per_tensor() {
                 step > 0 && one_shot > 0 && norm > 0 && fused > 0,
                 "the counter sees the first step"
             );
+        }
+    }
+}
+
+/// The same on the GPU: a warm step of a runner over 1000 tensors in one buffer (record,
+/// submit, read the report back) allocates nothing whose size grows with the tensors.
+#[test]
+fn warm_gpu_steps_allocate_nothing_per_tensor() {
+    use gradclip::{DType, GpuClipper, GpuContext, GpuTensor};
+    let ctx = GpuContext::with_backends(common::backends()).expect("a GPU adapter");
+    let lens: Vec<u64> = tensors().iter().map(|x| x.len() as u64).collect();
+    let buffer = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("warm step gradients"),
+        size: lens.iter().sum::<u64>() * 4,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let mut at = 0;
+    let grads: Vec<GpuTensor<'_>> = (lens.iter())
+        .map(|&n| {
+            at += n * 4;
+            GpuTensor::new(&buffer, at - n * 4, n, DType::F32)
+        })
+        .collect();
+    let chain = ClipPolicy::new(Rule::PerTensor(gradclip::PerTensorClip::new(0.5)))
+        .then(Rule::GlobalNorm(0.5));
+    for policy in [ClipPolicy::global_norm(0.5), chain] {
+        let mut runner = GpuClipper::new(&ctx, &grads, None, policy.clone()).unwrap();
+        for round in 0..3 {
+            let step = large_allocs(|| {
+                runner.step().unwrap().wait().unwrap();
+            });
+            // The first rounds build the pipelines and fill the pools.
+            if round == 2 {
+                assert_eq!(step, 0, "GpuClipper::step of {policy:?}");
+            }
         }
     }
 }

@@ -258,17 +258,20 @@ impl<R> PendingReport<R> {
         let Some(buffer) = self.buffer.take() else {
             return decode(&[]);
         };
-        let words: Vec<u32> = {
+        // Decoded in place, not copied out: a warm step allocates nothing per unit. A
+        // mapping is aligned to `wgpu::MAP_ALIGNMENT`, and the device's words are the
+        // host's (every wgpu target is little-endian).
+        let report = {
             let view = buffer
                 .get_mapped_range(..)
                 .map_err(|e| ClipError::Readback(e.to_string()))?;
-            view.chunks_exact(4)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect()
+            let words: &[u32] = bytemuck::try_cast_slice(&view)
+                .map_err(|e| ClipError::Readback(format!("report words: {e}")))?;
+            decode(words)
         };
         buffer.unmap();
         self.pool.give_back(buffer);
-        decode(&words)
+        report
     }
 }
 
