@@ -91,6 +91,15 @@ fn scale_bf16(h: u32, coef: f32) -> u32 {
     return select(f32_to_bf16(y), h, bitcast<u32>(y) == bitcast<u32>(x));
 }
 
+// The one operation of a hoisted 16-bit loop (the same for every invocation): the clamp
+// alone, or the bf16 scale alone.
+fn hoisted(h: u32, job: Work) -> u32 {
+    if (job.clamp_alone) {
+        return clamp_half(h, job.half);
+    }
+    return scale_bf16(h, job.coef);
+}
+
 fn f32_transform(bits: u32, job: Work, index: u32) -> u32 {
     return bitcast<u32>(transform(bitcast<f32>(bits), job.coef, job.ew, job.chunk.tensor, index));
 }
@@ -166,26 +175,15 @@ fn main(inv: Invocation) {
         }
         return;
     }
-    if (job.clamp_alone) {
-        // The clamp hoisted out of `half_transform`: its per-element branch made the
-        // 16-bit value clip 1.3-2x slower on lavapipe.
+    if (job.clamp_alone || (job.scale_alone && c.dtype == DTYPE_BF16)) {
+        // The clamp, or the bf16 scale, hoisted out of `half_transform`: its branches and
+        // conversions for either 16-bit type made the 16-bit value clip 1.3-2x and the bf16
+        // global clip 1.2-1.3x the plain kernels on lavapipe.
         for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
             let bits = words[w];
             let e0 = w * 2u;
-            let lo = select(bits & 0xffffu, clamp_half(bits & 0xffffu, job.half), e0 >= c.start);
-            let hi = select(bits >> 16u, clamp_half(bits >> 16u, job.half), e0 + 1u < c.start + c.len);
-            words[w] = lo | (hi << 16u);
-        }
-        return;
-    }
-    if (job.scale_alone && c.dtype == DTYPE_BF16) {
-        // The bf16 scale hoisted out of `half_transform` and its conversions for either
-        // 16-bit type: a global clip of bf16 took 1.2-1.3x the plain kernels on lavapipe.
-        for (var w = first_word(c) + inv.lid; w < end_word(c); w = w + WG) {
-            let bits = words[w];
-            let e0 = w * 2u;
-            let lo = select(bits & 0xffffu, scale_bf16(bits & 0xffffu, job.coef), e0 >= c.start);
-            let hi = select(bits >> 16u, scale_bf16(bits >> 16u, job.coef), e0 + 1u < c.start + c.len);
+            let lo = select(bits & 0xffffu, hoisted(bits & 0xffffu, job), e0 >= c.start);
+            let hi = select(bits >> 16u, hoisted(bits >> 16u, job), e0 + 1u < c.start + c.len);
             words[w] = lo | (hi << 16u);
         }
         return;
