@@ -7,7 +7,9 @@ use std::sync::Arc;
 use super::context::GpuContext;
 use super::deferred::DeferredClip;
 use super::engine::{Engine, Mode, Step};
-use super::readback::{decode_stages, decode_units, words_in, PendingReport, ReadbackLayout};
+use super::readback::{
+    decode_stages, decode_units, words_in, PendingReport, Readback, ReadbackLayout,
+};
 use super::resources::StepParams;
 use super::tensor::{given_acc, infos_of, Bound, GpuTensor};
 use crate::chain::{
@@ -235,7 +237,7 @@ impl GpuPolicy {
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
-    ) -> Result<(wgpu::Buffer, u64), ClipError> {
+    ) -> Result<(Readback, u64), ClipError> {
         let readback = (self.engine.encode(encoder, step, extra)?)
             .expect("policy steps read their report back");
         let n = self.step;
@@ -394,7 +396,7 @@ impl GpuPolicy {
     fn pending<T>(
         &self,
         encoder: &wgpu::CommandEncoder,
-        readback: wgpu::Buffer,
+        readback: Readback,
         decode: impl FnOnce(&[u32]) -> Result<T, ClipError> + Send + Sync + 'static,
     ) -> PendingReport<T> {
         let device = self.engine.ctx().inner.device.clone();

@@ -152,6 +152,13 @@ struct Signal {
     receive: OneshotReceiver<u8>,
 }
 
+/// A readback buffer of a recorded step, and how many of its bytes the step fills (only
+/// those are mapped and read: a step that reads no unit norms maps its headers alone).
+pub(crate) struct Readback {
+    pub(crate) buffer: wgpu::Buffer,
+    pub(crate) len: u64,
+}
+
 /// Turns the words read back into a report.
 type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 
@@ -163,6 +170,8 @@ type Decoder<R> = Box<dyn FnOnce(&[u32]) -> Result<R, ClipError> + Send + Sync>;
 /// awaited in any order.
 pub struct PendingReport<R = ClipReport> {
     buffer: Option<wgpu::Buffer>,
+    /// The bytes of `buffer` the step fills.
+    len: u64,
     signal: Arc<Signal>,
     pool: Arc<ReportPool>,
     device: wgpu::Device,
@@ -181,7 +190,7 @@ impl<R> PendingReport<R> {
     /// Schedules `buffer` to be mapped when `encoder` is submitted.
     pub(crate) fn on_submit(
         encoder: &wgpu::CommandEncoder,
-        buffer: wgpu::Buffer,
+        readback: Readback,
         pool: Arc<ReportPool>,
         device: wgpu::Device,
         decode: Decoder<R>,
@@ -193,7 +202,8 @@ impl<R> PendingReport<R> {
             receive,
         });
         let done = signal.clone();
-        encoder.map_buffer_on_submit(&buffer, wgpu::MapMode::Read, .., move |r| {
+        let Readback { buffer, len } = readback;
+        encoder.map_buffer_on_submit(&buffer, wgpu::MapMode::Read, ..len, move |r| {
             let outcome = if r.is_ok() { MAPPED } else { FAILED };
             done.state.store(outcome, Ordering::Release);
             // Nobody may be waiting (the report is read blocking, or was dropped unread).
@@ -201,6 +211,7 @@ impl<R> PendingReport<R> {
         });
         PendingReport {
             buffer: Some(buffer),
+            len,
             signal,
             pool,
             device,
@@ -217,6 +228,7 @@ impl<R> PendingReport<R> {
         let _ = send.send(MAPPED);
         PendingReport {
             buffer: None,
+            len: 0,
             signal: Arc::new(Signal {
                 state: AtomicU8::new(MAPPED),
                 send,
@@ -263,7 +275,7 @@ impl<R> PendingReport<R> {
         // host's (every wgpu target is little-endian).
         let report = {
             let view = buffer
-                .get_mapped_range(..)
+                .get_mapped_range(..self.len)
                 .map_err(|e| ClipError::Readback(e.to_string()))?;
             let words: &[u32] = bytemuck::try_cast_slice(&view)
                 .map_err(|e| ClipError::Readback(format!("report words: {e}")))?;
@@ -448,9 +460,13 @@ pub(crate) fn read_words(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Vec<
         let staging = pool.take(device)?;
         let mut encoder = device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, buffer.size());
+        let len = buffer.size();
         let pending: PendingReport<Vec<u32>> = PendingReport::on_submit(
             &encoder,
-            staging,
+            Readback {
+                buffer: staging,
+                len,
+            },
             pool,
             device.clone(),
             Box::new(|w: &[u32]| Ok(w.to_vec())),

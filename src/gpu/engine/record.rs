@@ -2,6 +2,7 @@
 //! pipelines that list needs, and its replay into one compute pass.
 
 use crate::error::ClipError;
+use crate::gpu::readback::Readback;
 use crate::gpu::resources::{timestamp_writes, StepParams};
 use crate::norm::Norm;
 use crate::shaders::abi;
@@ -73,7 +74,7 @@ impl Engine {
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
-    ) -> Result<Option<wgpu::Buffer>, ClipError> {
+    ) -> Result<Option<Readback>, ClipError> {
         self.prepare(&step)?;
         let ctx = self.ctx.clone();
         let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
@@ -163,20 +164,32 @@ impl Engine {
                 encoder.copy_buffer_to_buffer(from, 0, &readback, to.start, to.end - to.start);
             }
         };
-        if step.mode == Mode::UnitsOnly {
+        let len = if step.mode == Mode::UnitsOnly {
             let tables = std::iter::once(&self.grads).chain(&self.params);
+            let mut end = 0;
             for (k, red) in tables.enumerate() {
-                copy(&red.segment_accs, layout.unit_table(k as u64));
+                let table = layout.unit_table(k as u64);
+                end = table.end;
+                copy(&red.segment_accs, table);
             }
-            return Ok(Some(readback));
-        }
-        copy(&self.reports, layout.headers());
-        if step.units {
-            let last = &self.stages[self.stages.len() - 1];
-            copy(&last.group_accs, layout.groups());
-            copy(&self.grads.segment_accs, layout.units());
-            copy(&self.coef_buf, layout.coefs());
-        }
-        Ok(Some(readback))
+            end
+        } else {
+            copy(&self.reports, layout.headers());
+            if step.units {
+                let last = &self.stages[self.stages.len() - 1];
+                copy(&last.group_accs, layout.groups());
+                copy(&self.grads.segment_accs, layout.units());
+                copy(&self.coef_buf, layout.coefs());
+                layout.coefs().end
+            } else {
+                layout.headers().end
+            }
+        };
+        // A map needs at least one word.
+        let len = len.max(4);
+        Ok(Some(Readback {
+            buffer: readback,
+            len,
+        }))
     }
 }
