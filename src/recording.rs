@@ -66,11 +66,6 @@ impl Mode {
             Mode::Clip | Mode::GivenNorm | Mode::ValueOnly | Mode::FromUnits
         )
     }
-
-    /// Copies its reports into a readback buffer.
-    pub(crate) fn reads_back(self) -> bool {
-        self != Mode::ValueOnly
-    }
 }
 
 /// One entry of a step's recording: a stage of the engine (on the GPU a dispatch, or for a

@@ -208,8 +208,10 @@ impl PolicyOutcome {
         if held && nf == NonFinitePolicy::Error {
             return Err(ClipError::NonFiniteNorm(total_norm));
         }
-        // A held step leaves the gradients as they were.
-        let coef_of = |c: f32| if held { 1.0 } else { c };
+        // A held step leaves the gradients as they were, and a measure scales nothing (it
+        // computes no coefficients).
+        let measures = self.shape.kind == ChainKind::Measure;
+        let coef_of = |c: f32| if held || measures { 1.0 } else { c };
         let global = &self.shape.global;
         // A held step clips no unit, whatever a stage computed before the chain held it.
         let clipped_of = |s: &StageOutcome| if held { 0 } else { s.clipped };
@@ -253,7 +255,9 @@ impl PolicyOutcome {
                             name: s.group_names[g].clone(),
                             norm: live(&d.groups[g]),
                             norm_after: live(&fold(&mut units, &after)),
-                            coef: members.first().map_or(1.0, |&u| d.coefs[u as usize]),
+                            coef: members
+                                .first()
+                                .map_or(1.0, |&u| coef_of(d.coefs[u as usize])),
                         }
                     })
                     .collect(),

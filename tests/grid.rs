@@ -892,3 +892,67 @@ fn sharded_on_the_gpu_equals_one_cpu_process() {
         }
     }
 }
+
+/// Bad input on one rank of a `Clipper<Sharded>` on the GPU, at its first step (when the
+/// ranks check each other's plans) and at a later one (when they exchange norms): every
+/// rank gets an error and none waits for the other; the good rank's gradients and the
+/// step count stay as they were, and both ranks step on together afterwards.
+#[test]
+fn sharded_on_the_gpu_fails_every_rank_on_one_ranks_bad_input() {
+    let ctx = gpu();
+    let infos = shard_infos();
+    let turns = Mutex::new(());
+    let group = ThreadCollective::group_with_timeout(2, Duration::from_secs(60));
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (group.into_iter())
+            .map(|comm| {
+                let (infos, turns, ctx) = (&infos, &turns, &ctx);
+                scope.spawn(move || {
+                    let rank = comm.rank();
+                    let comm = Turns::new(&comm, Some(turns));
+                    let shard = Shard::even(infos, rank, 2).unwrap();
+                    let backend = Backend::Gpu((*ctx).clone());
+                    let policy = ClipPolicy::global_norm(0.5);
+                    let mut clipper =
+                        Clipper::sharded(backend, policy, infos, shard.clone(), comm).unwrap();
+                    let parts = |s: u64| -> Vec<Host> {
+                        (shard_grads(s).iter().enumerate())
+                            .map(|(t, v)| {
+                                let r = shard.range(t);
+                                Host::F32(v[r.start as usize..r.end as usize].to_vec())
+                            })
+                            .collect()
+                    };
+                    for s in 0..2 {
+                        // Rank 1 passes one element too many at steps 0 and 1.
+                        let mut hosts = parts(s);
+                        if rank == 1 {
+                            let Host::F32(v) = &mut hosts[0] else {
+                                unreachable!()
+                            };
+                            v.push(1.0);
+                        }
+                        let before = hosts.clone();
+                        let e = clipper.step(&mut muts(&mut hosts), None).unwrap_err();
+                        assert!(
+                            matches!(
+                                e,
+                                ClipError::ShapeMismatch { .. } | ClipError::Collective(_)
+                            ),
+                            "rank {rank}, step {s}: {e}"
+                        );
+                        assert_eq!(hosts, before, "rank {rank}: gradients unchanged");
+                        assert_eq!(clipper.steps_taken(), s, "rank {rank}: step count");
+                        // Then a good step together.
+                        let mut hosts = parts(s);
+                        clipper.step(&mut muts(&mut hosts), None).unwrap();
+                        assert_eq!(clipper.steps_taken(), s + 1);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("a rank");
+        }
+    });
+}

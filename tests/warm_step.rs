@@ -44,7 +44,10 @@ static ALLOCATOR: Counting = Counting;
 
 /// The allocations `f` makes of at least [`LARGE`] bytes, and the bytes it allocates.
 fn allocs(f: impl FnOnce()) -> (usize, usize) {
-    let before = (LARGE_ALLOCS.load(Ordering::Relaxed), BYTES.load(Ordering::Relaxed));
+    let before = (
+        LARGE_ALLOCS.load(Ordering::Relaxed),
+        BYTES.load(Ordering::Relaxed),
+    );
     WATCH.store(true, Ordering::Relaxed);
     f();
     WATCH.store(false, Ordering::Relaxed);

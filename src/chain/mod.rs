@@ -290,6 +290,17 @@ impl ClipPolicy {
                 "noise needs a norm stage before it (DP-SGD clips, then adds noise)".into(),
             ));
         }
+        let decides_on_the_norm = matches!(
+            self.non_finite,
+            NonFinitePolicy::Error | NonFinitePolicy::SkipStep
+        );
+        if self.kind() == ChainKind::ValueOnly && decides_on_the_norm {
+            return Err(ClipError::InvalidConfig(
+                "a value clamp alone measures no norm, so a non-finite policy that decides on \
+                 the norm (Error, SkipStep) cannot apply: use Propagate or ZeroNans"
+                    .into(),
+            ));
+        }
         for rule in self.rules() {
             rule.validate()?;
         }

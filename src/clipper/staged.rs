@@ -37,7 +37,7 @@ fn check_same(what: &str, mirrors: &Mirrors, now: &[(DType, usize)]) -> Result<(
 }
 
 /// The gradients of an optimizer step: read only (fused), or clipped in place.
-enum Grads<'a, 'g> {
+enum OptimGrads<'a, 'g> {
     Read(&'a [GradRef<'g>]),
     InPlace(&'a mut [GradMut<'g>]),
 }
@@ -82,6 +82,23 @@ impl StagedChain {
         &self.policy
     }
 
+    /// The parameters a step reads: none unless the chain has AGC, which needs them, of
+    /// the lengths `check` accepts.
+    fn params_of<'p, 'g>(
+        &self,
+        params: Option<&'p [GradRef<'g>]>,
+        check: impl FnOnce(&[GradRef<'_>]) -> Result<(), ClipError>,
+    ) -> Result<Option<&'p [GradRef<'g>]>, ClipError> {
+        if !self.policy.needs_params() {
+            return Ok(None);
+        }
+        let p = params.ok_or_else(|| {
+            ClipError::InvalidConfig("AGC needs the parameters alongside the gradients".into())
+        })?;
+        check(p)?;
+        Ok(Some(p))
+    }
+
     pub(super) fn steps_taken(&self) -> u64 {
         match &self.run {
             Some(r) => r.runner.steps_taken(),
@@ -103,13 +120,18 @@ impl StagedChain {
         }
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
         check_shapes(&self.infos, refs.iter().map(|g| g.len() as u64))?;
+        let params = self.params_of(params, |p| {
+            check_shapes(&self.infos, p.iter().map(|g| g.len() as u64))
+        })?;
         let fits = self.run.as_ref().is_some_and(|r| {
             r.grads.shapes() == shapes_of(&refs)
                 && r.params.as_ref().map(|m| m.shapes()) == params.map(shapes_of)
         });
         if !fits {
-            if let Some(old) = self.run.take() {
+            if let Some(old) = &self.run {
+                // Read before the runner goes: a failed read keeps it.
                 self.state = old.runner.state()?;
+                self.run = None;
             }
             let grads = Mirrors::new(ctx, &shapes_of(&refs))?;
             let params = params
@@ -220,11 +242,18 @@ impl StagedAccumulate {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<Option<ClipReport>, ClipError> {
         check_pairs(sums, micro)?;
-        check_shapes(&self.chain.infos, micro.iter().map(|g| g.len() as u64))?;
+        let infos = &self.chain.infos;
+        check_shapes(infos, micro.iter().map(|g| g.len() as u64))?;
+        let params = (self.chain).params_of(params, |p| {
+            check_shapes(infos, p.iter().map(|g| g.len() as u64))
+        })?;
         let shapes = shapes_of(micro);
         let run = match &mut self.run {
             Some(run) => {
                 check_same("micro-batch", &run.micro, &shapes)?;
+                if let (Some(m), Some(p)) = (&run.params, params) {
+                    check_same("parameters", m, &shapes_of(p))?;
+                }
                 run
             }
             None => {
@@ -260,10 +289,11 @@ impl StagedAccumulate {
         if let (Some(m), Some(p)) = (&run.params, params) {
             m.write(ctx, p);
         }
-        let report = run.runner.step()?.map(|r| r.wait()).transpose()?;
-        // The read back follows the accumulation in the queue.
+        let report = run.runner.step()?.map(|r| r.wait()).transpose();
+        // The read back follows the accumulation in the queue; the sums hold the
+        // micro-batch even when the clip's verdict is an error, as on the CPU.
         run.sums.read(ctx, sums)?;
-        Ok(report)
+        report
     }
 
     pub(super) fn state(&self) -> Result<PolicyState, ClipError> {
@@ -430,14 +460,14 @@ impl StagedOptimize {
     fn run(
         &mut self,
         ctx: &GpuContext,
-        grads: Grads<'_, '_>,
+        grads: OptimGrads<'_, '_>,
         params: &mut [&mut [f32]],
     ) -> Result<ClipReport, ClipError> {
         let infos = &self.chain.infos;
         let (run, in_place) = {
             let refs: Vec<GradRef<'_>> = match &grads {
-                Grads::Read(g) => g.to_vec(),
-                Grads::InPlace(g) => g.iter().map(|g| g.as_ref()).collect(),
+                OptimGrads::Read(g) => g.to_vec(),
+                OptimGrads::InPlace(g) => g.iter().map(|g| g.as_ref()).collect(),
             };
             check_shapes(infos, refs.iter().map(|g| g.len() as u64))?;
             check_shapes(infos, params.iter().map(|p| p.len() as u64))?;
@@ -469,7 +499,7 @@ impl StagedOptimize {
             };
             run.grads.write(ctx, &refs);
             run.params.write(ctx, &f32_refs(params));
-            (run, matches!(grads, Grads::InPlace(_)))
+            (run, matches!(grads, OptimGrads::InPlace(_)))
         };
         let report = match in_place {
             true => run.runner.step_in_place()?,
@@ -477,7 +507,7 @@ impl StagedOptimize {
         }
         .wait()?;
         run.params.read(ctx, &mut f32_muts(params))?;
-        if let Grads::InPlace(back) = grads {
+        if let OptimGrads::InPlace(back) = grads {
             run.grads.read(ctx, back)?;
         }
         Ok(report)
@@ -489,7 +519,7 @@ impl StagedOptimize {
         grads: &[GradRef<'_>],
         params: &mut [&mut [f32]],
     ) -> Result<ClipReport, ClipError> {
-        self.run(ctx, Grads::Read(grads), params)
+        self.run(ctx, OptimGrads::Read(grads), params)
     }
 
     pub(super) fn step_in_place(
@@ -498,7 +528,7 @@ impl StagedOptimize {
         grads: &mut [GradMut<'_>],
         params: &mut [&mut [f32]],
     ) -> Result<ClipReport, ClipError> {
-        self.run(ctx, Grads::InPlace(grads), params)
+        self.run(ctx, OptimGrads::InPlace(grads), params)
     }
 
     pub(super) fn state(&self) -> Result<OptimizerState, ClipError> {
@@ -590,6 +620,32 @@ impl<C: Collective> StagedSharded<C> {
         }
     }
 
+    /// This rank's checks of its input: the shard's lengths, the parameters AGC needs,
+    /// the types of the first step. Returns the parameters the step reads.
+    fn check<'p, 'g>(
+        &self,
+        grads: &[GradRef<'_>],
+        params: Option<&'p [GradRef<'g>]>,
+    ) -> Result<Option<&'p [GradRef<'g>]>, ClipError> {
+        let name = |t: usize| self.chain.infos[t].name.clone();
+        let lens: Vec<u64> = grads.iter().map(|g| g.len() as u64).collect();
+        self.shard.check_local(&lens, name)?;
+        let params = self.chain.params_of(params, |p| {
+            let lens: Vec<u64> = p.iter().map(|g| g.len() as u64).collect();
+            self.shard.check_local(&lens, name)
+        })?;
+        if let Some(run) = &self.run {
+            check_same("gradients", &run.grads, &shapes_of(grads))?;
+            if let (Some(m), Some(p)) = (&run.params, params) {
+                check_same("parameters", m, &shapes_of(p))?;
+            }
+        }
+        Ok(params)
+    }
+
+    /// A step. Bad input on this rank still takes part in the exchange (the first step's
+    /// check of the plans, or a step's exchange of norms), so every rank fails the step
+    /// and none waits; nothing changes anywhere.
     pub(super) fn step(
         &mut self,
         ctx: &GpuContext,
@@ -597,26 +653,39 @@ impl<C: Collective> StagedSharded<C> {
         params: Option<&[GradRef<'_>]>,
     ) -> Result<ClipReport, ClipError> {
         let refs: Vec<GradRef<'_>> = grads.iter().map(|g| g.as_ref()).collect();
-        let lens: Vec<u64> = refs.iter().map(|g| g.len() as u64).collect();
-        self.shard
-            .check_local(&lens, |t| self.chain.infos[t].name.clone())?;
-        let shapes = shapes_of(&refs);
+        let local = self.check(&refs, params);
+        let params = local.as_ref().ok().copied().flatten();
         let run = match &mut self.run {
             Some(run) => {
-                check_same("gradients", &run.grads, &shapes)?;
+                if let Err(e) = local {
+                    // This rank's part in the exchange, which fails on every rank.
+                    return Err(run.runner.step_with(Err(e.clone())).err().unwrap_or(e));
+                }
                 run
             }
             None => {
                 let infos = &self.chain.infos;
-                let grads_m = Mirrors::new(ctx, &shapes)?;
-                let params_m = params
-                    .map(|p| Mirrors::new(ctx, &shapes_of(p)))
-                    .transpose()?;
-                let p_tensors = params_m.as_ref().map(|m| m.tensors(infos, false));
+                let mirrors = local.and_then(|_| {
+                    let grads_m = Mirrors::new(ctx, &shapes_of(&refs))?;
+                    let params_m = params
+                        .map(|p| Mirrors::new(ctx, &shapes_of(p)))
+                        .transpose()?;
+                    Ok((grads_m, params_m))
+                });
                 let comm = self
                     .comm
                     .take()
                     .expect("the collective until the first step");
+                let (grads_m, params_m) = match mirrors {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // This rank's part in the other ranks' check of the plans.
+                        let joined = Shard::verify(infos, Err(e.clone()), &comm);
+                        self.comm = Some(comm);
+                        return Err(joined.err().unwrap_or(e));
+                    }
+                };
+                let p_tensors = params_m.as_ref().map(|m| m.tensors(infos, false));
                 let built = ShardedGpuPolicy::try_new(
                     ctx,
                     &grads_m.tensors(infos, false),
@@ -626,7 +695,7 @@ impl<C: Collective> StagedSharded<C> {
                     self.shard.clone(),
                     comm,
                 );
-                let mut runner = match built {
+                let runner = match built {
                     Ok(runner) => runner,
                     Err((e, comm)) => {
                         // Kept for the next step, which tries again with every rank.
@@ -634,12 +703,16 @@ impl<C: Collective> StagedSharded<C> {
                         return Err(e);
                     }
                 };
-                runner.set_state(&self.chain.state()?)?;
-                self.run.insert(Box::new(ShardedRun {
+                let state = self.chain.state()?;
+                let run = self.run.insert(Box::new(ShardedRun {
                     grads: grads_m,
                     params: params_m,
                     runner,
-                }))
+                }));
+                // A device that cannot take the state fails the step; the runner (and with
+                // it the collective) stays.
+                run.runner.set_state(&state)?;
+                run
             }
         };
         run.grads.write(ctx, &refs);

@@ -688,8 +688,14 @@ pub(crate) fn execute(
                 };
                 match (indirect, &step.clamp) {
                     (true, _) => rewrite(g, program, &out.coefs, &out.stages[0].finish, step),
-                    // A clamp alone: no stage ran, one pass over every element.
-                    (false, Some(clamp)) => apply::clamp(g, clamp),
+                    // A clamp alone: no stage ran, a pass over every element (after the
+                    // NaNs are zeroed, as the GPU's transform does).
+                    (false, Some(clamp)) => {
+                        if step.policy == NonFinitePolicy::ZeroNans {
+                            apply::scale(g, 1.0, true);
+                        }
+                        apply::clamp(g, clamp)
+                    }
                     (false, None) => {}
                 }
             }

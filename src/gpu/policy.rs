@@ -238,8 +238,7 @@ impl GpuPolicy {
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<(Readback, u64), ClipError> {
-        let readback = (self.engine.encode(encoder, step, extra)?)
-            .expect("policy steps read their report back");
+        let readback = self.engine.encode(encoder, step, extra)?;
         let n = self.step;
         self.step = self.step.wrapping_add(1);
         Ok((readback, n))
@@ -279,21 +278,19 @@ impl GpuPolicy {
         self.encode_policy(encoder, step, |_, _| {})
     }
 
-    /// Records the step of a clamp alone: the rewrite and nothing else; its report, which
-    /// holds no norm, is ready at once.
+    /// Records the step of a clamp alone: the rewrite and nothing else. Its report holds
+    /// no norm; it resolves, as every report, once the GPU has run the step.
     fn encode_value_only(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         params: StepParams,
     ) -> Result<PendingReport<ClipReport>, ClipError> {
         let step = self.step_of(params, Mode::ValueOnly);
-        self.engine.encode(encoder, step, |_, _| {})?;
-        let n = self.step;
-        self.step = self.step.wrapping_add(1);
-        let units = self.engine.layout().n_units() as u32;
-        let report = ClipReport::value_only(n, self.policy.norm, units);
-        let device = self.engine.ctx().inner.device.clone();
-        Ok(PendingReport::ready(self.engine.pool(), device, report))
+        let (readback, n) = self.encode_step(encoder, step, |_, _| {})?;
+        let (norm, units) = (self.policy.norm, self.engine.layout().n_units() as u32);
+        Ok(self.pending(encoder, readback, move |_: &[u32]| {
+            Ok(ClipReport::value_only(n, norm, units))
+        }))
     }
 
     /// Records one step of a global-norm chain (`ClipPolicy::global_norm`, with its
@@ -421,8 +418,7 @@ impl GpuPolicy {
             units: false,
             ..self.step_of(params, Mode::UnitsOnly)
         };
-        let readback = (self.engine.encode(encoder, step, |_, _| {})?)
-            .expect("a units-only step reads its norms back");
+        let readback = self.engine.encode(encoder, step, |_, _| {})?;
         let layout = self.engine.layout();
         let has_params = self.engine.program().needs_params();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {

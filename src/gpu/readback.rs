@@ -219,27 +219,6 @@ impl<R> PendingReport<R> {
         }
     }
 
-    /// A report known without reading anything back (a step that measures nothing).
-    pub(crate) fn ready(pool: Arc<ReportPool>, device: wgpu::Device, report: R) -> PendingReport<R>
-    where
-        R: Send + Sync + 'static,
-    {
-        let (send, receive) = oneshot_channel();
-        let _ = send.send(MAPPED);
-        PendingReport {
-            buffer: None,
-            len: 0,
-            signal: Arc::new(Signal {
-                state: AtomicU8::new(MAPPED),
-                send,
-                receive,
-            }),
-            pool,
-            device,
-            decode: Some(Box::new(move |_| Ok(report))),
-        }
-    }
-
     /// True once the report can be read without waiting (polls the device, never blocks).
     pub fn is_ready(&self) -> bool {
         let _ = self.device.poll(wgpu::PollType::Poll);
@@ -266,10 +245,10 @@ impl<R> PendingReport<R> {
             }
         }
         let decode = self.decode.take().expect("decoder present until read");
-        // A report known at once has no buffer.
-        let Some(buffer) = self.buffer.take() else {
-            return decode(&[]);
-        };
+        let buffer = self
+            .buffer
+            .take()
+            .expect("report buffer present until read");
         // Decoded in place, not copied out: a warm step allocates nothing per unit. A
         // mapping is aligned to `wgpu::MAP_ALIGNMENT`, and the device's words are the
         // host's (every wgpu target is little-endian).

@@ -156,12 +156,23 @@ impl<C: Collective> ShardedGpuPolicy<C> {
     /// A failure on any rank before the merge (a device error, a schedule out of range)
     /// is an error on every rank, and no rank changes its gradients or state.
     pub fn step(&mut self) -> Result<ClipReport, ClipError> {
+        self.step_with(Ok(()))
+    }
+
+    /// [`ShardedGpuPolicy::step`], or, with this rank's `local` error, its part in the
+    /// exchange that fails the step on every rank (nothing is recorded here).
+    pub(crate) fn step_with(
+        &mut self,
+        local: Result<(), ClipError>,
+    ) -> Result<ClipReport, ClipError> {
         let norm = self.inner.policy().norm;
         let n = self.inner.units();
         let needs_params = self.inner.engine().program().needs_params();
-        let read = (self.inner)
-            .submit_with(|p, encoder| p.encode_units(encoder))
-            .and_then(|pending| pending.wait());
+        let read = local.and_then(|_| {
+            (self.inner)
+                .submit_with(|p, encoder| p.encode_units(encoder))
+                .and_then(|pending| pending.wait())
+        });
         let (mut units, mut w_units) = match &read {
             Ok((g, w)) => (
                 g.iter().map(|&a| NormAcc::from(a)).collect(),

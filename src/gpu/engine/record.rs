@@ -67,14 +67,14 @@ impl Engine {
 
     /// Records one step; `extra` records further dispatches in the same pass after the
     /// stages (given the step's slot offset). Returns the readback buffer that holds the
-    /// reports once the encoder has run (when the step asks for one). A device that cannot
+    /// reports once the encoder has run. A device that cannot
     /// build one of the step's pipelines is an error before anything is recorded.
     pub(crate) fn encode(
         &mut self,
         encoder: &mut wgpu::CommandEncoder,
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
-    ) -> Result<Option<Readback>, ClipError> {
+    ) -> Result<Readback, ClipError> {
         self.prepare(&step)?;
         let ctx = self.ctx.clone();
         let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
@@ -154,9 +154,6 @@ impl Engine {
             drop(kept);
             extra(&mut pass, slot);
         }
-        if !step.mode.reads_back() {
-            return Ok(None);
-        }
         let readback = self.pool.take(device)?;
         let layout = self.layout;
         let mut copy = |from: &wgpu::Buffer, to: std::ops::Range<u64>| {
@@ -187,9 +184,9 @@ impl Engine {
         };
         // A map needs at least one word.
         let len = len.max(4);
-        Ok(Some(Readback {
+        Ok(Readback {
             buffer: readback,
             len,
-        }))
+        })
     }
 }
