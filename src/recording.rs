@@ -24,7 +24,7 @@ pub(crate) enum Mode {
     /// The unit norms and nothing else (the first half of a sharded step); its readback
     /// holds the unit norms of the gradients, then of the parameters.
     UnitsOnly,
-    /// From the unit norms already in place ([`Engine::write_units`], after the ranks
+    /// From the unit norms already in place (`Engine::write_units` of the GPU, after the ranks
     /// merged them): the stages from their `combine` on, then the rewrite.
     FromUnits,
 }
@@ -280,6 +280,43 @@ mod tests {
         assert_eq!(
             recording(value, false, Mode::ValueOnly, false),
             vec![Rewrite { indirect: false }]
+        );
+        // A sharded step: the units (and AGC's parameters) alone, then, from the exchanged
+        // unit norms, everything but `reduce`.
+        let agc = ClipPolicy::new(crate::chain::Agc::new(0.01));
+        let program = Program::new(&agc, &[TensorInfo::new("w", &[3, 5])]).unwrap();
+        let mut units = Vec::new();
+        record(
+            &Profile::of(&program, false),
+            Mode::UnitsOnly,
+            false,
+            &mut units,
+        );
+        assert_eq!(
+            units,
+            vec![
+                Reduce {
+                    params: false,
+                    combine: true
+                },
+                Reduce {
+                    params: true,
+                    combine: true
+                }
+            ]
+        );
+        let from_units = recording(global.clone(), false, Mode::FromUnits, false);
+        assert_eq!(
+            from_units,
+            vec![
+                Groups(0),
+                Finish {
+                    stage: 0,
+                    partials: false
+                },
+                Coefs(0),
+                Rewrite { indirect: true }
+            ]
         );
         // Per-tensor groups are the units: no groups dispatch for the first stage; an
         // adaptive stage before a later one takes back what it recorded.

@@ -251,7 +251,8 @@ impl ClipPolicy {
     }
 
     /// Clamps every element to `clip`'s bounds last, after scaling and noise, in the same
-    /// elementwise pass.
+    /// elementwise pass. On a chain with no norm stage ([`ClipPolicy::total_norm`]) it is
+    /// refused by [`ClipPolicy::validate`]: a clamp alone is [`ClipPolicy::value_clip`].
     pub fn value(mut self, clip: ValueClip) -> Self {
         if self.stages.is_empty() && self.refused.is_none() {
             self.refused = Some(

@@ -63,7 +63,8 @@ enum OnBackend<W: Wrapper> {
 ///
 /// On a GPU the device runner is built at the first step, when the element types are
 /// known; a chain alone is rebuilt when they change, the other wrappers refuse other
-/// types than their first step's (`ShapeMismatch`). A sharded clipper checks the other
+/// types than their first step's (`ShapeMismatch`), and AGC's parameters are needed at
+/// every step (on the CPU, an accumulation reads them at its boundaries only). A sharded clipper checks the other
 /// ranks at its first step there (on the CPU, when it is built), so run every rank on the
 /// same backend.
 pub struct Clipper<W: Wrapper = Plain> {

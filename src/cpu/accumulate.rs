@@ -56,7 +56,7 @@ pub(crate) fn check_pairs(sums: &[GradMut<'_>], micro: &[GradRef<'_>]) -> Result
 
 /// Gradient accumulation on host slices: adds each micro-batch's gradients, scaled by
 /// `1 / micro_steps`, into the accumulation slices, and runs a [`CpuPolicy`] on them once
-/// every `micro_steps` micro-batches. CPU twin of [`crate::GpuAccumulator`].
+/// every `micro_steps` micro-batches. CPU twin of the engine of [`crate::GpuClipper<crate::Accumulate>`].
 #[derive(Debug, Clone)]
 pub struct CpuAccumulator {
     policy: CpuPolicy,

@@ -17,7 +17,7 @@ use crate::shaders::abi::{OptimizerParams, OPT_SGD};
 
 /// A clipping policy and an optimizer fused into one step over host slices: the gradients
 /// are read twice (the norm, then the update) and never written. The CPU twin of
-/// [`crate::GpuOptimizer`].
+/// the GPU engine of [`crate::GpuClipper<crate::Optimize>`].
 #[derive(Debug, Clone)]
 pub struct CpuOptimizer {
     policy: CpuPolicy,
@@ -130,7 +130,7 @@ impl CpuOptimizer {
         Ok(report)
     }
 
-    /// The unfused equivalent, twin of [`crate::GpuOptimizer::encode_in_place`]: the
+    /// The unfused equivalent, twin of `GpuClipper<Optimize>::encode_in_place`: the
     /// policy clips `grads` in place (they keep the clipped values), then the update reads
     /// them. A held step leaves the gradients, the parameters and the state untouched.
     pub fn step_in_place(

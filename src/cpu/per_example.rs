@@ -15,7 +15,7 @@ use crate::recording::{record, Mode, Profile};
 use crate::report::ClipReport;
 
 /// Per-example clipping (DP-SGD) of host slices on the CPU, step after step: the CPU twin
-/// of [`crate::GpuPerExample`]. Each step clips every example of the inputs (`[batch,
+/// of the engine of [`crate::GpuClipper<crate::PerExample>`]. Each step clips every example of the inputs (`[batch,
 /// P_t]` per tensor), sums them into the outputs (`P_t` f32 each), adds the noise keyed by
 /// the step's number and divides by the expected batch size when one is set.
 #[derive(Debug, Clone)]

@@ -208,7 +208,7 @@ impl CpuPolicy {
 
     /// Runs one step without touching the gradients: the norms, the state and the report
     /// as [`CpuPolicy::step`] would leave them, and the coefficients for the caller to
-    /// apply (deferred scaling, the CPU twin of [`crate::GpuPolicy::encode_deferred`]).
+    /// apply (deferred scaling, the CPU twin of [`crate::GpuClipper::encode_deferred`]).
     pub fn step_deferred(
         &mut self,
         grads: &[GradRef<'_>],

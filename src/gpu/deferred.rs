@@ -1,5 +1,5 @@
 //! Deferred scaling: what a caller's own pass binds and includes to apply the coefficients
-//! a [`GpuPolicy::encode_deferred`](crate::GpuPolicy::encode_deferred) step left on the
+//! a [`GpuClipper::encode_deferred`](crate::GpuClipper::encode_deferred) step left on the
 //! device (`shaders/deferred.wgsl`).
 
 use crate::chain::UnitLayout;

@@ -1,7 +1,7 @@
 //! Fused optimizer steps on the GPU (`shaders/optimizer.wgsl`): a [`GpuPolicy`] computes the
 //! clip's coefficients without rewriting the gradients, and in the same compute pass
 //! `tick` counts the step and `update` clips each gradient as it reads it and updates the
-//! f32 parameters and their state. The CPU twin is [`crate::CpuOptimizer`].
+//! f32 parameters and their state. The CPU twin is the engine of [`crate::CpuClipper<crate::Optimize>`].
 
 use super::context::{guarded, GpuContext};
 use super::engine::Mode;

@@ -16,7 +16,7 @@ use crate::shard::{localize, table, Collective, Shard};
 /// Runs a [`ClipPolicy`] over this rank's shard of the gradients in caller-owned buffers,
 /// so that every rank's step equals the step one process would take on all of them.
 ///
-/// As [`crate::ShardedCpuPolicy`]: the chain is resolved over the logical tensors
+/// As the CPU engine of [`crate::CpuClipper<crate::Sharded<C>>`]: the chain is resolved over the logical tensors
 /// (`infos`, the same on every rank), and `grads[t]` holds this rank's range of tensor
 /// `t` ([`Shard::range`]; a zero-length tensor where it holds nothing). wgpu has no
 /// device-side collective, so a sharded step makes one host round trip: the unit norms

@@ -75,7 +75,8 @@ impl CpuClipper<Plain> {
         pub fn step_with_norm(&mut self, grads: &mut [GradMut<'_>], total: &PartialNorm) -> Result<ClipReport, ClipError>;
         /// Runs one step without touching the gradients: the norms, the state and the
         /// report as [`CpuClipper::step`] would leave them, and the coefficients for you to
-        /// apply (deferred scaling).
+        /// apply (deferred scaling). Unlike the GPU's `encode_deferred`, noise and a value
+        /// clamp are allowed: [`DeferredStep::clipped`] applies them.
         pub fn step_deferred(&mut self, grads: &[GradRef<'_>], params: Option<&[GradRef<'_>]>) -> Result<DeferredStep, ClipError>;
         /// The state to save (see [`PolicyState::to_bytes`]).
         pub fn state(&self) -> &PolicyState;
