@@ -217,7 +217,7 @@ impl GpuPerExample {
         (ctx.inner.kernels).prepare(&ctx.inner.device, &[Kernel::PerExample])?;
         let dispatches = &self.dispatches;
         let step = Step {
-            units: self.clip.report_layers,
+            detail: self.clip.report_layers,
             ..self.engine.step_of(params, Mode::Coefficients)
         };
         let (readback, step) = self.engine.encode_step(encoder, step, |pass, slot| {

@@ -311,7 +311,7 @@ impl GpuPolicy {
             ..self.params(None)?
         };
         let step = Step {
-            units: false,
+            detail: false,
             ..self.step_of(params, Mode::GivenNorm)
         };
         self.encode_policy(encoder, step, |_, _| {})
@@ -333,7 +333,7 @@ impl GpuPolicy {
         step: Step,
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<PendingReport<ClipReport>, ClipError> {
-        let detail = step.units;
+        let detail = step.detail;
         let (readback, step) = self.encode_step(encoder, step, extra)?;
         let norm = self.policy.norm;
         let nf = self.policy.non_finite;
@@ -415,7 +415,7 @@ impl GpuPolicy {
     ) -> Result<PendingReport<UnitAccs>, ClipError> {
         let params = self.params(None)?;
         let step = Step {
-            units: false,
+            detail: false,
             ..self.step_of(params, Mode::UnitsOnly)
         };
         let readback = self.engine.encode(encoder, step, |_, _| {})?;
@@ -451,7 +451,7 @@ impl GpuPolicy {
             norm: self.policy.norm,
             params,
             mode,
-            units: self.policy.report_groups,
+            detail: self.policy.report_groups,
         }
     }
 

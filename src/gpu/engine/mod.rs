@@ -48,7 +48,7 @@ pub(crate) struct Step {
     /// Which stages run.
     pub mode: Mode,
     /// Read back the last stage's group norms, unit norms and coefficients too.
-    pub units: bool,
+    pub detail: bool,
 }
 
 /// The resources of one norm stage.

@@ -50,7 +50,7 @@ impl Engine {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         let mut kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
         let (recording, list) = &mut *kept;
-        crate::recording::record(&self.profile, step.mode, step.units, recording);
+        crate::recording::record(&self.profile, step.mode, step.detail, recording);
         self.kernels_of(recording, step, list);
         kernels.prepare(device, list)
     }
@@ -172,7 +172,7 @@ impl Engine {
             end
         } else {
             copy(&self.reports, layout.headers());
-            if step.units {
+            if step.detail {
                 let last = &self.stages[self.stages.len() - 1];
                 copy(&last.group_accs, layout.groups());
                 copy(&self.grads.segment_accs, layout.units());
