@@ -310,23 +310,9 @@ impl ClipReport {
             ..NormAcc::IDENTITY
         };
         ClipReport {
-            step,
-            total_norm: f64::NAN,
             partial: PartialNorm::from_acc(norm, nan),
-            total_norm_after: None,
-            threshold: None,
-            coef: None,
-            clipped_units: 0,
-            units,
             non_finite: false,
-            nans_zeroed: false,
-            skipped: false,
-            consecutive_skips: 0,
-            stages: Vec::new(),
-            groups: None,
-            tensors: None,
-            noise_std: 0.0,
-            clipped_per_tensor: None,
+            ..ClipReport::per_example(step, 0, units, nan, 0.0, None)
         }
     }
 
