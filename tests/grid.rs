@@ -956,3 +956,55 @@ fn sharded_on_the_gpu_fails_every_rank_on_one_ranks_bad_input() {
         }
     });
 }
+
+/// Per-example clipping resumes: a runner set to step 5 (before its first step, and after
+/// steps) adds the noise of step 5, on the GPU (your buffers and host slices) as on the CPU.
+#[test]
+fn per_example_resumes_its_noise_at_a_set_step() {
+    let gpu = gpu();
+    let infos = per_example_infos();
+    let clip = PerExampleClip::new(BATCH, 1.0).noise(0.2, 11);
+    let inputs = per_example_inputs(5);
+    let run = |r: &mut dyn FnMut(&mut [&mut [f32]]) -> ClipReport| {
+        let mut out: Vec<Vec<f32>> = PER.iter().map(|&p| vec![f32::NAN; p]).collect();
+        let report = r(&mut f32_muts(&mut out));
+        (out, report)
+    };
+    // The oracle: a CPU runner that took steps 0 to 4.
+    let mut oracle = CpuClipper::per_example(clip.clone(), &infos).unwrap();
+    for s in 0..5 {
+        let mut out: Vec<Vec<f32>> = PER.iter().map(|&p| vec![0.0; p]).collect();
+        oracle
+            .step(&refs(&per_example_inputs(s)), &mut f32_muts(&mut out))
+            .unwrap();
+    }
+    let (want, want_r) = run(&mut |o| oracle.step(&refs(&inputs), o).unwrap());
+    // Host slices on the GPU, set before the first step and after one.
+    for steps_first in [0, 1] {
+        let backend = Backend::Gpu(gpu.clone());
+        let mut g = Clipper::per_example(backend, clip.clone(), &infos).unwrap();
+        for s in 0..steps_first {
+            let mut out: Vec<Vec<f32>> = PER.iter().map(|&p| vec![0.0; p]).collect();
+            g.step(&refs(&per_example_inputs(s)), &mut f32_muts(&mut out))
+                .unwrap();
+        }
+        g.set_steps_taken(5);
+        assert_eq!(g.steps_taken(), 5);
+        let (got, got_r) = run(&mut |o| g.step(&refs(&inputs), o).unwrap());
+        assert_eq!((got_r.step, want_r.step), (5, 5));
+        for t in 0..PER.len() {
+            assert_f32s(
+                &got[t],
+                &want[t],
+                1e-5,
+                1e-6,
+                &format!("resumed, output {t}"),
+            );
+        }
+    }
+    // A fresh CPU runner set to step 5 is the oracle itself.
+    let mut c = CpuClipper::per_example(clip.clone(), &infos).unwrap();
+    c.set_steps_taken(5);
+    let (got, _) = run(&mut |o| c.step(&refs(&inputs), o).unwrap());
+    assert_eq!(got, want);
+}

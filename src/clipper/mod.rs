@@ -271,6 +271,12 @@ impl Clipper<PerExample> {
     pub fn steps_taken(&self) -> u64 {
         on_backend!(&self.on, c => c.steps_taken(), (_ctx, g) => g.steps_taken())
     }
+
+    /// Sets the next step's number (the state of per-example clipping): a resumed run
+    /// continues its noise where it stopped.
+    pub fn set_steps_taken(&mut self, steps: u64) {
+        on_backend!(&mut self.on, c => c.set_steps_taken(steps), (_ctx, g) => g.set_steps_taken(steps))
+    }
 }
 
 impl Clipper<Optimize> {

@@ -317,6 +317,8 @@ pub struct StagedPerExample {
     clip: PerExampleClip,
     infos: Vec<TensorInfo>,
     run: Option<Box<PerExampleRun>>,
+    /// The step count while no device runner holds it.
+    steps: u64,
 }
 
 struct PerExampleRun {
@@ -336,11 +338,21 @@ impl StagedPerExample {
             clip,
             infos: infos.to_vec(),
             run: None,
+            steps: 0,
         })
     }
 
     pub(super) fn steps_taken(&self) -> u64 {
-        self.run.as_ref().map_or(0, |r| r.runner.steps_taken())
+        self.run
+            .as_ref()
+            .map_or(self.steps, |r| r.runner.steps_taken())
+    }
+
+    pub(super) fn set_steps_taken(&mut self, steps: u64) {
+        match &mut self.run {
+            Some(r) => r.runner.set_steps_taken(steps),
+            None => self.steps = steps,
+        }
     }
 
     pub(super) fn step(
@@ -371,12 +383,13 @@ impl StagedPerExample {
             None => {
                 let (inputs_m, outputs_m) =
                     (Mirrors::new(ctx, &shapes)?, Mirrors::new(ctx, &want)?);
-                let runner = GpuPerExample::new(
+                let mut runner = GpuPerExample::new(
                     ctx,
                     &inputs_m.tensors(&self.infos, true),
                     &outputs_m.tensors(&self.infos, false),
                     self.clip.clone(),
                 )?;
+                runner.set_steps_taken(self.steps);
                 self.run.insert(Box::new(PerExampleRun {
                     inputs: inputs_m,
                     outputs: outputs_m,

@@ -56,6 +56,11 @@ impl CpuPerExample {
     pub fn steps_taken(&self) -> u64 {
         self.steps
     }
+
+    /// Sets the next step's number: a resumed run continues its noise where it stopped.
+    pub fn set_steps_taken(&mut self, steps: u64) {
+        self.steps = steps;
+    }
 }
 
 /// One per-example step numbered `step` (see [`CpuPerExample::step`]). Errors leave the

@@ -196,6 +196,11 @@ impl GpuPerExample {
         self.engine.steps_taken()
     }
 
+    /// Sets the next step's number: a resumed run continues its noise where it stopped.
+    pub fn set_steps_taken(&mut self, steps: u64) {
+        self.engine.rewind(steps);
+    }
+
     /// Makes every following step write GPU timestamps at the start and end of its compute
     /// pass (norms, factors and the clipped sum all run in it); `None` stops it. See
     /// [`GpuPolicy::set_timestamp_writes`].

@@ -159,6 +159,9 @@ impl CpuClipper<PerExample> {
         pub fn step(&mut self, inputs: &[GradRef<'_>], outputs: &mut [&mut [f32]]) -> Result<ClipReport, ClipError>;
         /// Steps taken so far: the next step's number (it keys the noise).
         pub fn steps_taken(&self) -> u64;
+        /// Sets the next step's number (the state of per-example clipping): a resumed run
+        /// continues its noise where it stopped.
+        pub fn set_steps_taken(&mut self, steps: u64);
     }
 }
 

@@ -184,6 +184,9 @@ impl GpuClipper<PerExample> {
         pub fn step(&mut self) -> Result<PendingReport<ClipReport>, ClipError>;
         /// Steps taken so far: the next step's number (it keys the noise).
         pub fn steps_taken(&self) -> u64;
+        /// Sets the next step's number (the state of per-example clipping): a resumed run
+        /// continues its noise where it stopped.
+        pub fn set_steps_taken(&mut self, steps: u64);
         /// Makes every following step write GPU timestamps at the start and end of its
         /// compute pass; `None` stops it.
         pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>);
