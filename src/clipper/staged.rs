@@ -699,7 +699,7 @@ impl<C: Collective> StagedSharded<C> {
                     }
                 };
                 let p_tensors = params_m.as_ref().map(|m| m.tensors(infos, false));
-                let built = ShardedGpuPolicy::try_new(
+                let built = ShardedGpuPolicy::new(
                     ctx,
                     &grads_m.tensors(infos, false),
                     p_tensors.as_deref(),

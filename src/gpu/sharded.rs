@@ -51,24 +51,10 @@ impl<C: Collective> ShardedGpuPolicy<C> {
     /// Plans `policy` over the logical tensors `infos`, of which this rank holds `shard`,
     /// in `grads` (and, for AGC, the parameters' same ranges in `params`). Checks with
     /// every rank that the shards tile every tensor and that all ranks planned the same
-    /// tensors and chain; an error on one rank is an error on all of them.
+    /// tensors and chain; an error on one rank is an error on all of them, and gives the
+    /// collective back (a caller can try again at its next step).
     #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        ctx: &GpuContext,
-        grads: &[GpuTensor<'_>],
-        params: Option<&[GpuTensor<'_>]>,
-        policy: ClipPolicy,
-        infos: &[TensorInfo],
-        shard: Shard,
-        comm: C,
-    ) -> Result<ShardedGpuPolicy<C>, ClipError> {
-        Self::try_new(ctx, grads, params, policy, infos, shard, comm).map_err(|(e, _)| e)
-    }
-
-    /// [`ShardedGpuPolicy::new`], giving the collective back with the error (so a caller
-    /// can try again at the next step).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn try_new(
+    pub(crate) fn new(
         ctx: &GpuContext,
         grads: &[GpuTensor<'_>],
         params: Option<&[GpuTensor<'_>]>,

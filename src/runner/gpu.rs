@@ -266,7 +266,8 @@ impl<C: Collective> GpuClipper<Sharded<C>> {
         shard: Shard,
         comm: C,
     ) -> Result<GpuClipper<Sharded<C>>, ClipError> {
-        let inner = ShardedGpuPolicy::new(ctx, grads, params, policy, infos, shard, comm)?;
+        let inner = ShardedGpuPolicy::new(ctx, grads, params, policy, infos, shard, comm)
+            .map_err(|(e, _)| e)?;
         Ok(GpuClipper { inner })
     }
 
