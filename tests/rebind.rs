@@ -149,3 +149,107 @@ fn rebinding_other_tensors_is_refused_and_changes_nothing() {
     let out = download(&ctx, &arena, &h);
     assert!(close(out[0].to_f64()[0], 3.0 / 30f64.sqrt(), 1e-6));
 }
+
+/// A sharded rank moves too: two ranks (threads) each hold whole tensors, alternate
+/// between two places for them, and clip step for step as one CPU process, AutoClip's
+/// history carried across the moves.
+#[test]
+fn a_rebound_sharded_rank_keeps_its_state_as_one_cpu_process() {
+    let ctx = gpu();
+    let base = [
+        (0..37)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect::<Vec<f32>>(),
+        (0..11).map(|i| (i as f32 - 5.0) * 0.25).collect(),
+        vec![3.0, -4.0, 0.5],
+    ];
+    let infos: Vec<TensorInfo> = ["enc.weight", "enc.bias", "head.weight"]
+        .iter()
+        .zip(&base)
+        .map(|(n, t)| TensorInfo::new(*n, &[t.len() as u64]))
+        .collect();
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4)));
+    let scales = [1.0f32, 5.0, 0.2, 9.0, 1.0, 30.0];
+    let at = |step: usize| -> Vec<Vec<f32>> {
+        (base.iter())
+            .map(|t| t.iter().map(|v| v * scales[step]).collect())
+            .collect()
+    };
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+    let want: Vec<(ClipReport, Vec<Vec<f32>>)> = (0..scales.len())
+        .map(|step| {
+            let mut h: Vec<Host> = at(step).into_iter().map(|v| host(0, v)).collect();
+            let report = cpu.step(&mut muts(&mut h), None).unwrap();
+            (
+                report,
+                h.iter()
+                    .map(|t| t.to_f64().iter().map(|&v| v as f32).collect())
+                    .collect(),
+            )
+        })
+        .collect();
+    let comms = ThreadCollective::group(2);
+    std::thread::scope(|s| {
+        for comm in comms {
+            let (ctx, infos, policy, want) = (&*ctx, &infos, &policy, &want);
+            s.spawn(move || {
+                let rank = comm.rank();
+                let shard = Shard::whole_tensors(infos, |t, _| t % 2 == rank);
+                // This rank's tensors (empty where another rank holds them), packed, or
+                // after a 3-element pad.
+                let local = |step: usize, pad: bool| -> Vec<Host> {
+                    let mine = (at(step).into_iter().enumerate())
+                        .map(|(t, v)| host(0, if shard.local_len(t) > 0 { v } else { vec![] }));
+                    let pad = pad.then(|| host(0, vec![0.0; 3]));
+                    pad.into_iter().chain(mine).collect()
+                };
+                let arenas = [upload(ctx, &local(0, false)), upload(ctx, &local(0, true))];
+
+                let first = local(0, false);
+                let mut gpu = GpuClipper::sharded(
+                    ctx,
+                    &tensors(&arenas[0].buffer, &arenas[0].offsets, &first, infos),
+                    None,
+                    policy.clone(),
+                    infos,
+                    shard.clone(),
+                    &comm,
+                )
+                .unwrap();
+                for (step, (want, clipped)) in want.iter().enumerate() {
+                    let pad = step % 2;
+                    let h = local(step, pad == 1);
+                    write(ctx, &arenas[pad], &h);
+                    gpu.rebind(
+                        &tensors(
+                            &arenas[pad].buffer,
+                            &arenas[pad].offsets[pad..],
+                            &h[pad..],
+                            infos,
+                        ),
+                        None,
+                    )
+                    .unwrap();
+                    let got = gpu.step().unwrap();
+                    assert_eq!(
+                        (got.step, got.clipped_units),
+                        (want.step, want.clipped_units)
+                    );
+                    assert!(close(got.total_norm, want.total_norm, 1e-6), "step {step}");
+                    let out = download(ctx, &arenas[pad], &h);
+                    for (t, g) in out[pad..].iter().enumerate() {
+                        if shard.local_len(t) > 0 {
+                            for (x, y) in g.to_f64().iter().zip(&clipped[t]) {
+                                assert!(
+                                    close(*x, *y as f64, 1e-6),
+                                    "rank {rank} step {step}: {x} vs {y}"
+                                );
+                            }
+                        }
+                    }
+                }
+                assert_eq!(gpu.steps_taken(), scales.len() as u64);
+            });
+        }
+    });
+}

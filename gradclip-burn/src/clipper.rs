@@ -100,42 +100,15 @@ impl BurnClipper {
         module: &M,
         grads: &mut GradientsParams,
     ) -> Result<PendingReport<ClipReport>, BurnClipError> {
-        let shared = self.shared.clone();
-        let device = shared.device();
         let with_params = self.policy.needs_params();
-        let mut found = collect(module, grads, device, &self.policy)?;
-        let misplaced: Vec<usize> = (0..found.len())
-            .filter(|&i| found[i].needs_copy.is_some())
-            .collect();
-        if !misplaced.is_empty() {
-            found = self.copy(module, grads, &found, &misplaced)?;
-            if let Some(f) = found.iter().find(|f| f.needs_copy.is_some()) {
-                return Err(BurnClipError::Layout {
-                    path: f.path.clone(),
-                    reason: format!(
-                        "{}, still after a copy",
-                        f.needs_copy.as_deref().unwrap_or("")
-                    ),
-                });
-            }
-        }
-        let mut ranges = lookup(&found)?;
-        let shared = overlapping(&ranges.0);
-        if !shared.is_empty() {
-            drop(ranges);
-            found = self.copy(module, grads, &found, &shared)?;
-            ranges = lookup(&found)?;
-            if let Some(&i) = overlapping(&ranges.0).first() {
-                return Err(BurnClipError::Layout {
-                    path: found[i].path.clone(),
-                    reason: "its gradient still shares memory with another one after a copy".into(),
-                });
-            }
-        }
-        // Burn's backward (and the copies) must be submitted before gradclip's pass.
-        device
-            .flush()
-            .map_err(|e| BurnClipError::Runtime(format!("flushing Burn's work: {e}")))?;
+        let (found, ranges) = prepare(
+            module,
+            grads,
+            &self.shared,
+            &self.policy,
+            true,
+            &mut self.copies,
+        )?;
         let grad_tensors = views(&ranges.0, &found);
         let param_tensors = with_params.then(|| views(&ranges.1, &found));
         let key: Key = ranges.0.iter().chain(&ranges.1).map(Range::key).collect();
@@ -194,20 +167,14 @@ impl BurnClipper {
         Ok(pending)
     }
 
-    /// Replaces the gradients `which` of `found` by copies in order ([`BurnClipper::copies`])
-    /// and collects the module's gradients anew.
-    fn copy<M: Module>(
+    /// [`BurnClipper::clip`], then waits for the report: for the wrappers that step the
+    /// optimizer only when the clip neither failed nor skipped the step.
+    pub(crate) fn clip_waiting<M: Module>(
         &mut self,
         module: &M,
         grads: &mut GradientsParams,
-        found: &[Found],
-        which: &[usize],
-    ) -> Result<Vec<Found>, BurnClipError> {
-        for &i in which {
-            (found[i].copy)(grads, found[i].id);
-        }
-        self.copies += which.len() as u64;
-        collect(module, grads, self.shared.device(), &self.policy)
+    ) -> Result<ClipReport, BurnClipError> {
+        Ok(self.clip(module, grads)?.wait()?)
     }
 
     /// The policy's state (adaptive history, step count), read back from the device, to
@@ -229,8 +196,69 @@ impl BurnClipper {
     }
 }
 
+/// The gradients of `module` in `grads` on `shared`'s device (with `every`, one for each
+/// parameter that requires one), each made clippable in place: the few that cannot be are
+/// replaced in `grads` by a copy in order (`copies` counts them). Returns them with their
+/// buffer ranges (gradients, then parameters where the policy reads them), pinned, and
+/// Burn's work submitted, so that a pass recorded now runs after it.
+pub(crate) fn prepare<M: Module>(
+    module: &M,
+    grads: &mut GradientsParams,
+    shared: &SharedDevice,
+    policy: &ClipPolicy,
+    every: bool,
+    copies: &mut u64,
+) -> Result<(Vec<Found>, Ranges), BurnClipError> {
+    let device = shared.device();
+    // Replaces the gradients `which` of `found` by copies in order and collects anew.
+    let mut copy = |grads: &mut GradientsParams, found: &[Found], which: &[usize]| {
+        for &i in which {
+            (found[i].copy)(grads, found[i].id);
+        }
+        *copies += which.len() as u64;
+        collect(module, grads, device, policy, every)
+    };
+    let mut found = collect(module, grads, device, policy, every)?;
+    let misplaced: Vec<usize> = (0..found.len())
+        .filter(|&i| found[i].needs_copy.is_some())
+        .collect();
+    if !misplaced.is_empty() {
+        found = copy(grads, &found, &misplaced)?;
+        if let Some(f) = found.iter().find(|f| f.needs_copy.is_some()) {
+            return Err(BurnClipError::Layout {
+                path: f.path.clone(),
+                reason: format!(
+                    "{}, still after a copy",
+                    f.needs_copy.as_deref().unwrap_or("")
+                ),
+            });
+        }
+    }
+    let mut ranges = lookup(&found)?;
+    let shared_ranges = overlapping(&ranges.0);
+    if !shared_ranges.is_empty() {
+        drop(ranges);
+        found = copy(grads, &found, &shared_ranges)?;
+        ranges = lookup(&found)?;
+        if let Some(&i) = overlapping(&ranges.0).first() {
+            return Err(BurnClipError::Layout {
+                path: found[i].path.clone(),
+                reason: "its gradient still shares memory with another one after a copy".into(),
+            });
+        }
+    }
+    // Burn's backward (and the copies) must be submitted before gradclip's pass.
+    device
+        .flush()
+        .map_err(|e| BurnClipError::Runtime(format!("flushing Burn's work: {e}")))?;
+    Ok((found, ranges))
+}
+
 /// The buffer ranges of the gradients and, where present, of the parameters.
-fn lookup(found: &[Found]) -> Result<(Vec<Range>, Vec<Range>), BurnClipError> {
+pub(crate) type Ranges = (Vec<Range>, Vec<Range>);
+
+/// The buffer ranges of the gradients and, where present, of the parameters.
+fn lookup(found: &[Found]) -> Result<Ranges, BurnClipError> {
     let grads = found
         .iter()
         .map(|f| Range::of(&f.path, &f.grad))
@@ -243,7 +271,7 @@ fn lookup(found: &[Found]) -> Result<(Vec<Range>, Vec<Range>), BurnClipError> {
 }
 
 /// The ranges as gradclip tensors named and shaped as their parameters.
-fn views<'a>(ranges: &'a [Range], found: &[Found]) -> Vec<GpuTensor<'a>> {
+pub(crate) fn views<'a>(ranges: &'a [Range], found: &[Found]) -> Vec<GpuTensor<'a>> {
     (ranges.iter().zip(found))
         .map(|(r, f)| r.tensor(&f.path, &f.shape))
         .collect()

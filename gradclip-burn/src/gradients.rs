@@ -37,14 +37,15 @@ pub(crate) struct Found {
     pub copy: fn(&mut GradientsParams, ParamId),
 }
 
-/// Every parameter of `module` that requires a gradient, in visiting order, with its
-/// gradient from `grads` (and its value when `policy` needs the parameters). Nothing is
-/// changed.
+/// The parameters of `module` that have a gradient in `grads`, in visiting order, with
+/// it (and their values when `policy` needs the parameters); with `every`, a parameter
+/// that requires a gradient and has none is an error. Nothing is changed.
 pub(crate) fn collect<M: Module>(
     module: &M,
     grads: &GradientsParams,
     device: &Device,
     policy: &ClipPolicy,
+    every: bool,
 ) -> Result<Vec<Found>, BurnClipError> {
     // What makes a gradient's element order matter: AGC's units are slices along an axis,
     // and noise is keyed by each element's index in its tensor.
@@ -59,6 +60,7 @@ pub(crate) fn collect<M: Module>(
         grads,
         device,
         with_params: policy.needs_params(),
+        every,
         in_order,
         path: Vec::new(),
         found: Vec::new(),
@@ -75,6 +77,8 @@ struct Collect<'a> {
     grads: &'a GradientsParams,
     device: &'a Device,
     with_params: bool,
+    /// A parameter that requires a gradient must have one.
+    every: bool,
     /// Why a gradient must be in the order of its axes, when the policy needs it.
     in_order: Option<&'static str>,
     path: Vec<String>,
@@ -112,7 +116,7 @@ impl Collect<'_> {
         let path = self.path.join(".");
         let value = param.val();
         let Some(grad) = self.grads.get::<D>(param.id) else {
-            if value.is_require_grad() {
+            if self.every && value.is_require_grad() {
                 return Err(BurnClipError::MissingGradient { path });
             }
             // A frozen parameter: nothing to clip.

@@ -24,9 +24,20 @@ mod clipper;
 mod device;
 mod error;
 mod gradients;
+#[cfg(feature = "learner")]
+mod learner;
+mod multi;
 mod optimizer;
 
 pub use clipper::BurnClipper;
 pub use device::SharedDevice;
 pub use error::BurnClipError;
+#[cfg(feature = "learner")]
+pub use learner::{ClipMetric, ClipQuantity, LearnerClipper};
+pub use multi::MultiDeviceClipper;
 pub use optimizer::ClippedOptimizer;
+
+/// The guide, docs/burn.md, compiled here so its examples are tested with the doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../docs/burn.md")]
+struct Guide;

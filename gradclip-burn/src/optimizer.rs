@@ -47,11 +47,7 @@ impl ClippedOptimizer {
         module: M,
         mut grads: GradientsParams,
     ) -> (M, Result<ClipReport, BurnClipError>) {
-        let report = self
-            .clipper
-            .clip(&module, &mut grads)
-            .and_then(|pending| pending.wait().map_err(BurnClipError::from));
-        match report {
+        match self.clipper.clip_waiting(&module, &mut grads) {
             Ok(report) if !report.skipped => (self.optim.step(lr, module, grads), Ok(report)),
             other => (module, other),
         }

@@ -2,7 +2,17 @@
 //! checked against gradclip's CPU oracle run on the gradients read back to the host, and
 //! training with the clip on the device against training with the clip on the host.
 
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use burn::data::dataloader::batcher::Batcher;
+use burn::data::dataloader::{DataLoader, DataLoaderBuilder};
+use burn::data::dataset::InMemDataset;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
+use burn::train::metric::LossMetric;
+use burn::train::{
+    InferenceStep, Interrupter, Learner, LearningResult, RegressionOutput, SupervisedTraining,
+    TrainOutput, TrainStep,
+};
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::nn::conv::{
@@ -15,13 +25,16 @@ use burn::nn::{
     BatchNorm, BatchNormConfig, Embedding, EmbeddingConfig, Gru, GruConfig, LayerNorm,
     LayerNormConfig, Linear, LinearConfig, Lstm, LstmConfig,
 };
-use burn::optim::{GradientsParams, SgdConfig};
+use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use gradclip::{
     Agc, ClipPolicy, ClipReport, CpuClipper, GaussianNoise, GradMut, GradRef, GroupClip,
     PerTensorClip, Rule, TensorInfo, UnitAxis,
 };
-use gradclip_burn::{BurnClipError, BurnClipper, ClippedOptimizer, SharedDevice};
+use gradclip_burn::{
+    BurnClipError, BurnClipper, ClipQuantity, ClippedOptimizer, LearnerClipper, MultiDeviceClipper,
+    SharedDevice,
+};
 
 /// The shared device, held for the test (tests take turns on a GL device: wgpu's GL
 /// backend panics when two threads use its context at once); `None` (the test is skipped,
@@ -758,7 +771,10 @@ fn a_sequence_models_gradients_match_the_oracle() {
         let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 5]), &device);
         let y = data([2, 3], 51, &device).mul_scalar(40.0);
         let grads = GradientsParams::from_grads(model.loss(ids, y).backward(), &model);
-        check_against_oracle(&shared, &model, grads, policy);
+        let in_place = !policy.needs_params();
+        let (_, copies) = check_against_oracle(&shared, &model, grads, policy);
+        // Every gradient of these layers is dense: clipped in place unless AGC needs order.
+        assert!(!in_place || copies == 0, "{copies} copies");
     }
 }
 
@@ -1018,4 +1034,334 @@ fn a_new_set_of_gradients_is_planned_anew_with_the_state() {
     let (t, ht) = (second.threshold.unwrap(), host_second.threshold.unwrap());
     assert!(close(t as f64, ht as f64), "threshold {t} vs {ht}");
     assert_eq!(clipper.moves(), 1);
+}
+
+/// A second Burn wgpu device on the shared device's adapter: a wgpu device of its own,
+/// registered with Burn once per process, as a machine's second GPU would be.
+fn second_device(shared: &SharedDevice) -> SharedDevice {
+    static SECOND: OnceLock<SharedDevice> = OnceLock::new();
+    SECOND
+        .get_or_init(|| {
+            let setup = shared.setup();
+            let adapter = &setup.adapter;
+            let (device, queue) =
+                pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+                    required_features: adapter.features()
+                        - wgpu::Features::MAPPABLE_PRIMARY_BUFFERS,
+                    required_limits: adapter.limits(),
+                    ..Default::default()
+                }))
+                .expect("a second device on the adapter");
+            SharedDevice::from_setup(burn::tensor::wgpu::WgpuSetup {
+                instance: setup.instance.clone(),
+                adapter: adapter.clone(),
+                device,
+                queue,
+                backend: setup.backend,
+            })
+            .expect("Burn registers the second device")
+        })
+        .clone()
+}
+
+/// Every parameter's gradient of `model`, from whichever device's entry holds it, in
+/// the module's order; each must be in exactly one entry.
+fn read_multi<M: Module>(model: &M, grads: &MultiGradientsParams) -> Vec<HostTensor> {
+    let all: Vec<Vec<HostTensor>> = (grads.grads.iter())
+        .map(|(g, _)| read(model, Some(g)))
+        .collect();
+    let order = read_as(model, None, true);
+    (order.iter())
+        .filter_map(|p| {
+            let held: Vec<&HostTensor> = (all.iter().flatten())
+                .filter(|t| t.path == p.path)
+                .collect();
+            assert!(held.len() <= 1, "{} held by {} devices", p.path, held.len());
+            held.first().map(|t| (*t).clone())
+        })
+        .collect()
+}
+
+/// Two devices' gradients (burn-train's multi-device step) are clipped by one chain over
+/// their sum, each device in place, as the host clips the sum; Burn's `step_multi` then
+/// steps with them. Global norm, groups by path and AutoClip over steps.
+#[test]
+fn two_devices_clip_their_summed_gradients_as_the_host_does() {
+    let Some(shared) = shared() else { return };
+    let other = second_device(&shared);
+    let (d0, d1) = (shared.autodiff(), other.autodiff());
+    let chains = [
+        ClipPolicy::new(Rule::GlobalNorm(0.5)),
+        ClipPolicy::new(Rule::Groups(
+            GroupClip::new(1.0).group("first", "fc1.*", 0.3),
+        )),
+        ClipPolicy::new(Rule::AutoClip(gradclip::AutoClip::new(30.0, 8))),
+    ];
+    for policy in chains {
+        let model = Mlp::new(&d0);
+        let mut clipper =
+            MultiDeviceClipper::new(&[(*shared).clone(), other.clone()], policy.clone()).unwrap();
+        let mut host_clip: Option<CpuClipper> = None;
+        for step in 0..3u64 {
+            let replica = model.clone().fork(&d1);
+            let g0 = mlp_grads(&model, 10 + step, &d0);
+            let g1 = mlp_grads(&replica, 20 + step, &d1);
+            let mut sum = read(&model, Some(&g0));
+            for (s, t) in sum.iter_mut().zip(read(&replica, Some(&g1))) {
+                for (a, b) in s.values.iter_mut().zip(t.values) {
+                    *a += b;
+                }
+            }
+            let infos: Vec<TensorInfo> = (sum.iter())
+                .map(|g| TensorInfo::new(&g.path, &g.shape))
+                .collect();
+            let cpu =
+                host_clip.get_or_insert_with(|| CpuClipper::new(policy.clone(), &infos).unwrap());
+            let mut views: Vec<GradMut> = sum
+                .iter_mut()
+                .map(|g| GradMut::F32(&mut g.values))
+                .collect();
+            let want = cpu.step(&mut views, None).unwrap();
+            let mut grads = MultiGradientsParams {
+                grads: vec![(g0, d0.clone()), (g1, d1.clone())],
+            };
+            let report = clipper.clip(&model, &mut grads).unwrap();
+            assert_eq!(report.step, step);
+            assert!(
+                (report.total_norm - want.total_norm).abs() <= 1e-6 * want.total_norm,
+                "{} vs {}",
+                report.total_norm,
+                want.total_norm
+            );
+            assert_eq!(report.clipped_units, want.clipped_units);
+            assert_close(&read_multi(&model, &grads), &sum, 1e-6);
+            // Burn's optimizer finds every gradient summed already: p - 1.0 * clipped.
+            let before = read(&model, None);
+            let mut optim = SgdConfig::new().init();
+            let stepped = optim.step_multi(1.0, model.clone(), grads);
+            let want_params: Vec<HostTensor> = (before.iter().zip(&sum))
+                .map(|(p, g)| HostTensor {
+                    values: (p.values.iter().zip(&g.values))
+                        .map(|(p, g)| p - g)
+                        .collect(),
+                    ..p.clone()
+                })
+                .collect();
+            assert_close(&read(&stepped, None), &want_params, 1e-5);
+        }
+    }
+}
+
+/// A device that is not one of the clipper's is a typed error, with nothing scaled.
+#[test]
+fn a_multi_device_clip_refuses_a_device_it_does_not_clip_on() {
+    let Some(shared) = shared() else { return };
+    let other = second_device(&shared);
+    let (d0, d1) = (shared.autodiff(), other.autodiff());
+    let model = Mlp::new(&d0);
+    let replica = model.clone().fork(&d1);
+    let mut grads = MultiGradientsParams {
+        grads: vec![
+            (mlp_grads(&model, 1, &d0), d0.clone()),
+            (mlp_grads(&replica, 2, &d1), d1.clone()),
+        ],
+    };
+    let before: Vec<Vec<HostTensor>> = (grads.grads.iter())
+        .map(|(g, _)| read(&model, Some(g)))
+        .collect();
+    let mut clipper = MultiDeviceClipper::new(
+        &[(*shared).clone()],
+        ClipPolicy::new(Rule::GlobalNorm(1e-3)),
+    )
+    .unwrap();
+    let err = clipper.clip(&model, &mut grads).unwrap_err();
+    assert!(matches!(err, BurnClipError::ForeignDevice { .. }), "{err}");
+    for ((g, _), want) in grads.grads.iter().zip(&before) {
+        assert_close(&read(&model, Some(g)), want, 0.0);
+    }
+    assert!(MultiDeviceClipper::new(&[], ClipPolicy::new(Rule::GlobalNorm(1.0))).is_err());
+}
+
+/// The MLP trained through burn-train's Learner, clipping in `TrainStep::optimize`.
+#[derive(Module, Debug)]
+struct Learned {
+    mlp: Mlp,
+    #[module(skip)]
+    clip: LearnerClipper,
+}
+
+/// A batch is drawn from its seed, as [`mlp_grads`] draws it.
+#[derive(Clone)]
+struct SeedBatcher;
+
+impl Batcher<u64, (Tensor<2>, Tensor<2>)> for SeedBatcher {
+    fn batch(&self, seeds: Vec<u64>, device: &Device) -> (Tensor<2>, Tensor<2>) {
+        let seed = seeds[0];
+        (
+            data([9, 5], seed, device),
+            data([9, 3], seed + 1, device).mul_scalar(50.0),
+        )
+    }
+}
+
+impl Learned {
+    fn forward(&self, (x, y): (Tensor<2>, Tensor<2>)) -> RegressionOutput {
+        let out = self
+            .mlp
+            .fc2
+            .forward(burn::tensor::activation::relu(self.mlp.fc1.forward(x)));
+        let loss = (out.clone() - y.clone()).powi_scalar(2).mean();
+        RegressionOutput::new(loss, out, y)
+    }
+}
+
+impl TrainStep for Learned {
+    type Input = (Tensor<2>, Tensor<2>);
+    type Output = RegressionOutput;
+
+    fn step(&self, batch: Self::Input) -> TrainOutput<RegressionOutput> {
+        let out = self.forward(batch);
+        TrainOutput::new(self, out.loss.backward(), out)
+    }
+
+    fn optimize(
+        self,
+        optim: &mut ModuleOptimizer,
+        lr: ModuleLearningRate,
+        grads: GradientsParams,
+    ) -> Self {
+        self.clip.clone().optimize(self, optim, lr, grads)
+    }
+}
+
+impl InferenceStep for Learned {
+    type Input = (Tensor<2>, Tensor<2>);
+    type Output = RegressionOutput;
+
+    fn step(&self, batch: Self::Input) -> RegressionOutput {
+        self.forward(batch)
+    }
+}
+
+const LEARNER_SEEDS: [u64; 4] = [3, 4, 5, 6];
+
+/// Trains `model` through the Learner, one epoch over [`LEARNER_SEEDS`] (one batch each),
+/// plain SGD at 0.1 (`optim`), with the clip's metrics logged under `dir`.
+fn learn(
+    model: Learned,
+    optim: ModuleOptimizer,
+    dir: &std::path::Path,
+    interrupter: Interrupter,
+) -> LearningResult<Learned> {
+    let device = model.mlp.fc1.weight.val().device();
+    let loader = || -> Arc<dyn DataLoader<(Tensor<2>, Tensor<2>)>> {
+        DataLoaderBuilder::new(SeedBatcher)
+            .batch_size(1)
+            .set_device(device.clone())
+            .build(InMemDataset::new(LEARNER_SEEDS.to_vec()))
+    };
+    let mut training = SupervisedTraining::new(dir, loader(), loader())
+        .metric_train_numeric(LossMetric::new())
+        .num_epochs(1)
+        .with_interrupter(interrupter)
+        .with_application_logger(None);
+    for quantity in [ClipQuantity::NormBefore, ClipQuantity::Coefficient] {
+        training = training.metric_train_numeric(model.clip.metric(quantity));
+    }
+    training.launch(Learner::new(model, optim, 0.1))
+}
+
+/// The per-item values a metric logged for the first training epoch.
+fn logged(dir: &std::path::Path, name: &str) -> Vec<f64> {
+    let file = dir
+        .join("train/epoch-1")
+        .join(format!("{}.log", name.replace(' ', "_")));
+    let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{file:?}: {e}"));
+    (text.lines())
+        .filter(|l| !l.ends_with(",final"))
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// A Learner user's training: the model clips in `TrainStep::optimize` through a
+/// `LearnerClipper`, and trains exactly as the same steps clipped by hand; the clip's
+/// norm and coefficient reach burn-train's metric logs, one per step.
+#[test]
+fn a_learner_clips_in_optimize_as_a_hand_written_loop_does() {
+    let Some(shared) = shared() else { return };
+    let device = shared.autodiff();
+    let policy = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let mlp = Mlp::new(&device);
+    // By hand: the same batches, clipped and stepped with SGD at 0.1.
+    let mut by_hand = ClippedOptimizer::new(
+        SgdConfig::new().init(),
+        BurnClipper::new(&shared, policy.clone()).unwrap(),
+    )
+    .unwrap();
+    let mut want = mlp.clone();
+    let mut reports = Vec::new();
+    for seed in LEARNER_SEEDS {
+        let grads = mlp_grads(&want, seed, &device);
+        let (next, report) = by_hand.step(0.1, want, grads);
+        want = next;
+        reports.push(report.unwrap());
+    }
+    let dir = std::env::temp_dir().join(format!("gradclip-learner-{}", std::process::id()));
+    let clip = LearnerClipper::new(&shared, policy).unwrap();
+    let model = Learned {
+        mlp,
+        clip: clip.clone(),
+    };
+    let result = learn(model, SgdConfig::new().init(), &dir, Interrupter::new());
+    assert!(result.error.is_none() && result.interrupted.is_none());
+    assert_eq!((clip.steps(), clip.failed_steps()), (4, 0));
+    assert_close(&read(&result.model.mlp, None), &read(&want, None), 1e-5);
+    let norms: Vec<f64> = reports.iter().map(|r| r.total_norm).collect();
+    let coefs: Vec<f64> = reports.iter().map(|r| r.coef.unwrap() as f64).collect();
+    for (name, want) in [("Gradient norm", norms), ("Clip coefficient", coefs)] {
+        let got = logged(&dir, name);
+        assert_eq!(got.len(), want.len(), "{name}: {got:?}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-4 * w.abs(), "{name}: {g} vs {w}");
+        }
+    }
+    assert!(
+        reports.iter().any(|r| r.coef.unwrap() < 1.0),
+        "the clip clipped"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A clip that fails inside the Learner (here Burn's optimizer clips too) takes no step,
+/// keeps the typed error, and stops the training through the Interrupter it was given.
+#[test]
+fn a_failing_clip_in_the_learner_stops_the_training_and_changes_nothing() {
+    let Some(shared) = shared() else { return };
+    let device = shared.autodiff();
+    let mlp = Mlp::new(&device);
+    let before = read(&mlp, None);
+    let interrupter = Interrupter::new();
+    let clip = LearnerClipper::new(&shared, ClipPolicy::new(Rule::GlobalNorm(1.0)))
+        .unwrap()
+        .stop_on_error(interrupter.clone());
+    let model = Learned {
+        mlp,
+        clip: clip.clone(),
+    };
+    let optim = SgdConfig::new()
+        .with_gradient_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
+        .init();
+    let dir = std::env::temp_dir().join(format!("gradclip-learner-fail-{}", std::process::id()));
+    let result = learn(model, optim, &dir, interrupter);
+    let reason = result
+        .interrupted
+        .expect("stopped")
+        .reason
+        .unwrap_or_default();
+    assert!(reason.contains("already clips"), "{reason}");
+    assert_eq!((clip.steps(), clip.failed_steps()), (0, 1));
+    assert!(matches!(clip.take_error(), Some(BurnClipError::ClipsTwice)));
+    assert!(clip.take_error().is_none());
+    assert_close(&read(&result.model.mlp, None), &before, 0.0);
+    std::fs::remove_dir_all(&dir).ok();
 }

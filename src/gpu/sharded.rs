@@ -120,6 +120,21 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         self.inner.steps_taken()
     }
 
+    /// Moves this rank onto new buffer ranges of its same local tensors, keeping its state
+    /// and step count ([`GpuPolicy::rebind`]); a local matter, with no exchange. Errors
+    /// leave it as it was.
+    pub fn rebind(
+        &mut self,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+    ) -> Result<(), ClipError> {
+        check_local(grads, &self.shard)?;
+        if let Some(p) = params {
+            check_local(p, &self.shard)?;
+        }
+        self.inner.rebind(grads, params)
+    }
+
     /// Reads the state back (the same on every rank).
     pub fn state(&self) -> Result<PolicyState, ClipError> {
         self.inner.state()

@@ -278,6 +278,11 @@ impl<C: Collective> GpuClipper<Sharded<C>> {
         pub fn step(&mut self) -> Result<ClipReport, ClipError>;
         /// The chain it runs.
         pub fn policy(&self) -> &ClipPolicy;
+        /// Moves this rank onto new buffer ranges of the same local tensors (same names,
+        /// shapes, lengths and order; dtypes may change), keeping its state and step count:
+        /// for gradients a memory pool relocates between steps. No exchange with the other
+        /// ranks; errors leave it as it was.
+        pub fn rebind(&mut self, grads: &[GpuTensor<'_>], params: Option<&[GpuTensor<'_>]>) -> Result<(), ClipError>;
         /// This rank's shard.
         pub fn shard(&self) -> &Shard;
         /// The collective it exchanges through.
