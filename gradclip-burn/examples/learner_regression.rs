@@ -205,7 +205,7 @@ fn train(clip: Clip, shared: &SharedDevice, epochs: usize, dir: &str) -> (f64, u
     if let Some(clipper) = &clipper {
         let last = clipper.last_report().expect("a clipped step");
         println!(
-            "  gradclip: {} steps clipped, {} skipped, {} failed; last norm {:.4}, coefficient {:?}",
+            "gradclip: {} steps clipped, {} skipped, {} failed; last norm {:.4}, coefficient {:?}",
             clipper.steps(),
             clipper.skipped_steps(),
             clipper.failed_steps(),
@@ -219,25 +219,48 @@ fn train(clip: Clip, shared: &SharedDevice, epochs: usize, dir: &str) -> (f64, u
 
 fn main() {
     let mut epochs = 3;
+    let mut rounds = 3;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
+        let mut value = |default| args.next().and_then(|v| v.parse().ok()).unwrap_or(default);
         match arg.as_str() {
-            "--epochs" => epochs = args.next().and_then(|v| v.parse().ok()).unwrap_or(epochs),
-            other => panic!("unknown argument {other:?} (expected --epochs N)"),
+            "--epochs" => epochs = value(epochs),
+            "--rounds" => rounds = value(rounds),
+            other => panic!("unknown argument {other:?} (expected --epochs N, --rounds N)"),
         }
     }
     let shared = SharedDevice::init().expect("Burn's wgpu runtime");
-    println!(
-        "device: {} ({:?})",
-        shared.setup().adapter.get_info().name,
-        shared.setup().backend
-    );
-    for clip in [Clip::None, Clip::BurnPerParameter, Clip::GradclipGlobal] {
-        let dir = format!("target/learner_regression/{clip:?}");
-        let (seconds, iterations) = train(clip, &shared, epochs, &dir);
-        println!(
-            "{clip:?}: {iterations} iterations and validation in {seconds:.2} s, {:.2} ms per iteration; metric logs in {dir}",
-            seconds * 1e3 / iterations as f64
-        );
+    let clips = [Clip::None, Clip::BurnPerParameter, Clip::GradclipGlobal];
+    // One untimed epoch each first (shader compilation), then the runs take turns, so
+    // the machine's drift reaches all three alike.
+    for clip in clips {
+        train(clip, &shared, 1, "target/learner_regression/warm-up");
     }
+    let mut ms = vec![vec![]; clips.len()];
+    for _ in 0..rounds {
+        for (i, clip) in clips.iter().enumerate() {
+            let dir = format!("target/learner_regression/{clip:?}");
+            let (seconds, iterations) = train(*clip, &shared, epochs, &dir);
+            ms[i].push(seconds * 1e3 / iterations as f64);
+        }
+    }
+    println!(
+        "\ndevice: {} ({:?}); {epochs} epochs of {} iterations, {rounds} rounds",
+        shared.setup().adapter.get_info().name,
+        shared.setup().backend,
+        TRAIN.div_ceil(BATCH)
+    );
+    println!("wall time per training iteration, validation included (median of the rounds):");
+    let medians: Vec<f64> = (ms.iter_mut())
+        .map(|times| {
+            times.sort_by(f64::total_cmp);
+            times[times.len() / 2]
+        })
+        .collect();
+    for (clip, median) in clips.iter().zip(&medians) {
+        let name = format!("{clip:?}");
+        let ratio = median / medians[0];
+        println!("  {name:<18} {median:>7.2} ms  ({ratio:.2}x no clipping)");
+    }
+    println!("metric logs: target/learner_regression/<run>/train/epoch-N/*.log");
 }

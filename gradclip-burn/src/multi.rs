@@ -309,9 +309,10 @@ fn place<'a>(
     (infos.iter())
         .map(|i| match found.iter().position(|f| f.path == i.name) {
             Some(k) => own[k].clone(),
+            // Named and shaped as the logical tensor, as the sharded runner plans them.
             None => GpuTensor::new(empty, 0, 0, gradclip::DType::F32)
                 .named(&i.name)
-                .shaped(&[0]),
+                .shaped(&i.shape),
         })
         .collect()
 }

@@ -10,8 +10,8 @@ use burn::data::dataset::InMemDataset;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLearningRate;
 use burn::train::metric::LossMetric;
 use burn::train::{
-    InferenceStep, Interrupter, Learner, LearningResult, RegressionOutput, SupervisedTraining,
-    TrainOutput, TrainStep,
+    ExecutionStrategy, InferenceStep, Interrupter, Learner, LearningResult, MultiDeviceOptim,
+    RegressionOutput, SupervisedTraining, TrainOutput, TrainStep,
 };
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
@@ -1232,6 +1232,15 @@ impl TrainStep for Learned {
     ) -> Self {
         self.clip.clone().optimize(self, optim, lr, grads)
     }
+
+    fn optimize_multi(
+        self,
+        optim: &mut ModuleOptimizer,
+        lr: ModuleLearningRate,
+        grads: MultiGradientsParams,
+    ) -> Self {
+        self.clip.clone().optimize_multi(self, optim, lr, grads)
+    }
 }
 
 impl InferenceStep for Learned {
@@ -1252,6 +1261,7 @@ fn learn(
     optim: ModuleOptimizer,
     dir: &std::path::Path,
     interrupter: Interrupter,
+    devices: Option<Vec<Device>>,
 ) -> LearningResult<Learned> {
     let device = model.mlp.fc1.weight.val().device();
     let loader = || -> Arc<dyn DataLoader<(Tensor<2>, Tensor<2>)>> {
@@ -1267,6 +1277,10 @@ fn learn(
         .with_application_logger(None);
     for quantity in [ClipQuantity::NormBefore, ClipQuantity::Coefficient] {
         training = training.metric_train_numeric(model.clip.metric(quantity));
+    }
+    if let Some(devices) = devices {
+        let several = ExecutionStrategy::MultiDevice(devices, MultiDeviceOptim::OptimSharded);
+        training = training.with_training_strategy(several.into());
     }
     training.launch(Learner::new(model, optim, 0.1))
 }
@@ -1312,7 +1326,13 @@ fn a_learner_clips_in_optimize_as_a_hand_written_loop_does() {
         mlp,
         clip: clip.clone(),
     };
-    let result = learn(model, SgdConfig::new().init(), &dir, Interrupter::new());
+    let result = learn(
+        model,
+        SgdConfig::new().init(),
+        &dir,
+        Interrupter::new(),
+        None,
+    );
     assert!(result.error.is_none() && result.interrupted.is_none());
     assert_eq!((clip.steps(), clip.failed_steps()), (4, 0));
     assert_close(&read(&result.model.mlp, None), &read(&want, None), 1e-5);
@@ -1352,7 +1372,7 @@ fn a_failing_clip_in_the_learner_stops_the_training_and_changes_nothing() {
         .with_gradient_clipping(Some(burn::grad_clipping::GradientClippingConfig::Norm(1.0)))
         .init();
     let dir = std::env::temp_dir().join(format!("gradclip-learner-fail-{}", std::process::id()));
-    let result = learn(model, optim, &dir, interrupter);
+    let result = learn(model, optim, &dir, interrupter, None);
     let reason = result
         .interrupted
         .expect("stopped")
@@ -1363,5 +1383,44 @@ fn a_failing_clip_in_the_learner_stops_the_training_and_changes_nothing() {
     assert!(matches!(clip.take_error(), Some(BurnClipError::ClipsTwice)));
     assert!(clip.take_error().is_none());
     assert_close(&read(&result.model.mlp, None), &before, 0.0);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// burn-train's multi-device training with sharded optimization hands every device's
+/// gradients to `optimize_multi`: a `LearnerClipper::multi_device` clips them by one global
+/// norm of their sum, every step, and the training completes.
+#[test]
+fn a_learner_on_two_devices_clips_in_optimize_multi() {
+    let Some(shared) = shared() else { return };
+    let other = second_device(&shared);
+    let devices = [(*shared).clone(), other.clone()];
+    let clip =
+        LearnerClipper::multi_device(&devices, ClipPolicy::new(Rule::GlobalNorm(1.0))).unwrap();
+    let model = Learned {
+        mlp: Mlp::new(&shared.autodiff()),
+        clip: clip.clone(),
+    };
+    let dir = std::env::temp_dir().join(format!("gradclip-learner-multi-{}", std::process::id()));
+    let autodiff = vec![shared.autodiff(), other.autodiff()];
+    let result = learn(
+        model,
+        SgdConfig::new().init(),
+        &dir,
+        Interrupter::new(),
+        Some(autodiff),
+    );
+    assert!(
+        result.error.is_none() && result.interrupted.is_none(),
+        "{:?}",
+        clip.take_error()
+    );
+    // Four batches over two devices: two steps of two devices each.
+    let error = clip.take_error();
+    assert_eq!((clip.steps(), clip.failed_steps()), (2, 0), "{error:?}");
+    let last = clip.last_report().unwrap();
+    assert!(last.coef.unwrap() < 1.0, "the clip clipped: {last:?}");
+    let after = last.total_norm_after.unwrap();
+    assert!((after - 1.0).abs() < 1e-5, "norm after clipping {after}");
+    assert_eq!(logged(&dir, "Gradient norm").len(), 4, "one value per item");
     std::fs::remove_dir_all(&dir).ok();
 }

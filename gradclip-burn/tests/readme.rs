@@ -40,7 +40,7 @@ fn every_burn_snippet_in_the_readme_is_compiled_code() {
     let sources: Vec<Vec<String>> = [
         "src/lib.rs",
         "examples/learner_regression.rs",
-        "examples/burn_rnn.rs",
+        "examples/burn_training.rs",
     ]
     .iter()
     .map(|f| {
