@@ -6,8 +6,9 @@ mod common;
 
 use common::{backends, download, gpu, gpu_tensors, host, muts, refs, upload, Host};
 use gradclip::{
-    Agc, AutoClip, Backend, ClipError, ClipPolicy, Clipper, CpuClipper, GpuClipper, GpuContext,
-    GroupClip, PerExampleClip, PolicyState, Rule, TensorInfo, ZClip,
+    Agc, AutoClip, Backend, ClipError, ClipPolicy, Clipper, CpuClipper, GaussianNoise, GpuClipper,
+    GpuContext, GroupClip, NonFinitePolicy, Norm, Optimizer, PerExampleClip, PerTensorClip,
+    PolicyState, Rule, Schedule, Sgd, Shard, SingleRank, TensorInfo, ValueClip, ZClip,
 };
 use proptest::prelude::*;
 
@@ -665,4 +666,190 @@ fn devices_that_cannot_build_the_kernels_are_typed_errors() {
     let r = clipper.step(&mut muts(&mut g), None);
     wgpu_error(r.map(drop), "host clip");
     assert_eq!(g, h);
+}
+
+/// The chain the wrapper test saves its state under: adaptive, then a per-tensor stage.
+fn meaning_chain() -> ClipPolicy {
+    ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+        .then(Rule::PerTensor(PerTensorClip { max_norm: 2.0 }))
+}
+
+/// Sets `saved` on every runner (GPU buffers, host slices staged on the GPU, the CPU) and
+/// every wrapper with a chain state (plain, accumulation, fused optimizer, sharded) built
+/// for `policy` over `infos`; returns each cell's name and outcome. A refused state must
+/// leave the cell's state as it was.
+fn restore_in_every_cell(
+    ctx: &GpuContext,
+    policy: &ClipPolicy,
+    infos: &[TensorInfo],
+    saved: &PolicyState,
+) -> Vec<(&'static str, Result<(), ClipError>)> {
+    let data: Vec<Host> = (infos.iter())
+        .map(|i| host(0, (0..i.len()).map(|k| k as f32 * 0.5 - 1.0).collect()))
+        .collect();
+    let (a, b, c) = (upload(ctx, &data), upload(ctx, &data), upload(ctx, &data));
+    let (ta, tb, tc) = (
+        gpu_tensors(&a, &data, infos),
+        gpu_tensors(&b, &data, infos),
+        gpu_tensors(&c, &data, infos),
+    );
+    let sgd = Optimizer::Sgd(Sgd::new(0.1));
+    let whole = || Shard::whole_tensors(infos, |_, _| true);
+    let staged = || Backend::Gpu(ctx.clone());
+    // Each cell: restore, and on refusal compare the state's bytes before and after.
+    macro_rules! cell {
+        ($name:literal, $runner:expr, |$r:ident| $get:expr, $set:ident) => {{
+            let mut $r = $runner.unwrap();
+            let before = $get;
+            let outcome = $r.$set(saved);
+            if outcome.is_err() {
+                assert_eq!($get, before, "{}: a refused state changed it", $name);
+            }
+            ($name, outcome)
+        }};
+    }
+    vec![
+        cell!(
+            "GpuClipper::new",
+            GpuClipper::new(ctx, &ta, None, policy.clone()),
+            |r| r.state().unwrap().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "GpuClipper::accumulating",
+            GpuClipper::accumulating(ctx, &ta, &tb, None, 3, policy.clone()),
+            |r| r.state().unwrap().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "GpuClipper::with_optimizer",
+            GpuClipper::with_optimizer(ctx, &ta, &tc, policy.clone(), sgd),
+            |r| r.clip_state().unwrap().to_bytes(),
+            set_clip_state
+        ),
+        cell!(
+            "GpuClipper::sharded",
+            GpuClipper::sharded(ctx, &ta, None, policy.clone(), infos, whole(), SingleRank),
+            |r| r.state().unwrap().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "Clipper::new",
+            Clipper::new(staged(), policy.clone(), infos),
+            |r| r.state().unwrap().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "Clipper::accumulating",
+            Clipper::accumulating(staged(), policy.clone(), infos, 3),
+            |r| r.state().unwrap().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "Clipper::with_optimizer",
+            Clipper::with_optimizer(staged(), policy.clone(), infos, sgd),
+            |r| r.clip_state().unwrap().to_bytes(),
+            set_clip_state
+        ),
+        cell!(
+            "Clipper::sharded",
+            Clipper::sharded(staged(), policy.clone(), infos, whole(), SingleRank),
+            |r| r.state().unwrap().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "CpuClipper::new",
+            CpuClipper::new(policy.clone(), infos),
+            |r| r.state().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "CpuClipper::accumulating",
+            CpuClipper::accumulating(policy.clone(), infos, 3),
+            |r| r.state().to_bytes(),
+            set_state
+        ),
+        cell!(
+            "CpuClipper::with_optimizer",
+            CpuClipper::with_optimizer(policy.clone(), infos, sgd),
+            |r| r.clip_state().to_bytes(),
+            set_clip_state
+        ),
+        cell!(
+            "CpuClipper::sharded",
+            CpuClipper::sharded(policy.clone(), infos, whole(), SingleRank),
+            |r| r.state().to_bytes(),
+            set_state
+        ),
+    ]
+}
+
+/// A saved chain state restores only into the chain and tensors it was saved for, on every
+/// runner and wrapper that keeps one: each part of its meaning changed alone is
+/// `InvalidState` naming that part, with the cell's state unchanged; where it belongs,
+/// every cell takes it.
+#[test]
+fn every_runner_and_wrapper_refuses_a_state_of_another_chain() {
+    let ctx = gpu();
+    let infos = vec![TensorInfo::new("w", &[2, 3]), TensorInfo::new("b", &[3])];
+    let mut run = CpuClipper::new(meaning_chain(), &infos).unwrap();
+    let mut data = vec![
+        host(0, vec![1.0, -2.0, 3.0, 0.5, 0.25, -1.0]),
+        host(0, vec![4.0, 0.0, -3.0]),
+    ];
+    run.step(&mut muts(&mut data), None).unwrap();
+    let saved = PolicyState::from_bytes(&run.state().to_bytes()).unwrap();
+    for (cell, outcome) in restore_in_every_cell(&ctx, &meaning_chain(), &infos, &saved) {
+        assert!(outcome.is_ok(), "{cell}: where it belongs: {outcome:?}");
+    }
+    let renamed = vec![TensorInfo::new("w2", &[2, 3]), TensorInfo::new("b", &[3])];
+    let reshaped = vec![TensorInfo::new("w", &[3, 2]), TensorInfo::new("b", &[3])];
+    let others = [
+        ("norm order", meaning_chain().norm(Norm::L1), &infos),
+        (
+            "norm stages",
+            ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+                .then(Rule::PerTensor(PerTensorClip { max_norm: 3.0 })),
+            &infos,
+        ),
+        (
+            "norm stages",
+            ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
+                .then(Rule::PerTensor(PerTensorClip { max_norm: 2.0 }).except(["b"])),
+            &infos,
+        ),
+        (
+            "non-finite",
+            meaning_chain().non_finite(NonFinitePolicy::ZeroNans),
+            &infos,
+        ),
+        (
+            "schedule",
+            meaning_chain().schedule(Schedule::step_decay(0.5, 10)),
+            &infos,
+        ),
+        (
+            "noise",
+            meaning_chain().noise(GaussianNoise {
+                sigma: 0.1,
+                seed: 1,
+            }),
+            &infos,
+        ),
+        (
+            "value clamp",
+            meaning_chain().value(ValueClip::symmetric(1.0)),
+            &infos,
+        ),
+        ("tensors", meaning_chain(), &renamed),
+        ("tensors", meaning_chain(), &reshaped),
+    ];
+    for (part, policy, infos) in others {
+        for (cell, outcome) in restore_in_every_cell(&ctx, &policy, infos, &saved) {
+            match outcome {
+                Err(ClipError::InvalidState(m)) => assert!(m.contains(part), "{cell}, {part}: {m}"),
+                other => panic!("{cell}, {part}: {other:?}"),
+            }
+        }
+    }
 }
