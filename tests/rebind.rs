@@ -253,3 +253,148 @@ fn a_rebound_sharded_rank_keeps_its_state_as_one_cpu_process() {
         }
     });
 }
+
+/// `h` written into `buffer` at byte `shift`, as an arena of its own offsets.
+fn placed(ctx: &GpuContext, buffer: &wgpu::Buffer, shift: u64, h: &[Host]) -> Arena {
+    let (offsets, bytes) = packed(h);
+    ctx.queue().write_buffer(buffer, shift, &bytes);
+    Arena {
+        buffer: buffer.clone(),
+        offsets: offsets.iter().map(|o| o + shift).collect(),
+        size: buffer.size(),
+    }
+}
+
+fn big_buffer(ctx: &GpuContext, size: u64) -> wgpu::Buffer {
+    ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test pool"),
+        size,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_DST
+            | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    })
+}
+
+/// A pool's moves within one buffer (Burn's, every step): f32, bf16 and f16 tensors at
+/// other offsets of the same buffer each step, AutoClip's history carried, step for step
+/// as on the CPU, with one coefficient and with one per tensor; every step's output read
+/// where it was placed.
+#[test]
+fn moves_within_one_buffer_keep_the_state_as_the_cpu_does() {
+    let ctx = gpu();
+    let base = vec![
+        host(0, (0..37).map(|i| (i as f32 * 0.37).sin()).collect()),
+        host(2, (0..11).map(|i| (i as f32 - 5.0) * 0.25).collect()),
+        host(1, (0..5).map(|i| i as f32 * 0.5 - 1.0).collect()),
+        host(0, vec![3.0, -4.0, 0.5]),
+    ];
+    let infos: Vec<TensorInfo> = ["enc.weight", "enc.bias", "norm.gain", "head.weight"]
+        .iter()
+        .zip(&base)
+        .map(|(n, t)| TensorInfo::new(*n, &[t.as_ref().len() as u64]))
+        .collect();
+    // One coefficient (the reduce and rewrite over spans), and per-unit ones.
+    let autoclip = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4)));
+    let per_unit = autoclip
+        .clone()
+        .then(Rule::PerTensor(PerTensorClip { max_norm: 0.4 }));
+    for policy in [autoclip, per_unit] {
+        moves_within_one_buffer(&ctx, &base, &infos, policy);
+    }
+}
+
+fn moves_within_one_buffer(
+    ctx: &GpuContext,
+    base: &[Host],
+    infos: &[TensorInfo],
+    policy: ClipPolicy,
+) {
+    let ctx = ctx.clone();
+    let mut cpu = CpuClipper::new(policy.clone(), infos).unwrap();
+    let buffer = big_buffer(&ctx, 1024);
+    let shifts = [0u64, 12, 4, 40, 12, 0, 28, 8];
+    let scales = [1.0f32, 5.0, 0.2, 9.0, 1.0, 30.0, 0.5, 2.0];
+    let scaled = |k: f32| -> Vec<Host> {
+        (base.iter())
+            .map(|t| {
+                let v = t.to_f64().iter().map(|&v| v as f32 * k).collect();
+                host(
+                    match t {
+                        Host::F32(_) => 0,
+                        Host::F16(_) => 1,
+                        _ => 2,
+                    },
+                    v,
+                )
+            })
+            .collect()
+    };
+    let first = placed(&ctx, &buffer, shifts[0], &scaled(scales[0]));
+    let mut gpu = GpuClipper::new(
+        &ctx,
+        &tensors(&first.buffer, &first.offsets, base, infos),
+        None,
+        policy,
+    )
+    .unwrap();
+    for (step, (&shift, &k)) in shifts.iter().zip(&scales).enumerate() {
+        let mut h = scaled(k);
+        let arena = placed(&ctx, &buffer, shift, &h);
+        gpu.rebind(&tensors(&arena.buffer, &arena.offsets, &h, infos), None)
+            .unwrap();
+        let got = gpu.step().unwrap().wait().unwrap();
+        let want = cpu.step(&mut muts(&mut h), None).unwrap();
+        assert_eq!(
+            (got.step, got.clipped_units),
+            (want.step, want.clipped_units)
+        );
+        assert!(close(got.total_norm, want.total_norm, 1e-6), "step {step}");
+        for (g, w) in download(&ctx, &arena, &h).iter().zip(&h) {
+            for (x, y) in g.to_f64().iter().zip(w.to_f64()) {
+                assert!(close(*x, y, 1e-6), "step {step}: {x} vs {y}");
+            }
+        }
+    }
+}
+
+/// A step recorded into the caller's encoder before a move, and one after, submitted
+/// together: each clips the data where it lay when it was recorded.
+#[test]
+fn a_step_recorded_before_a_move_keeps_its_ranges() {
+    let ctx = gpu();
+    let infos = [TensorInfo::new("a", &[4]), TensorInfo::new("b", &[3])];
+    let first = vec![host(0, vec![3.0, 4.0, 0.0, 0.0]), host(0, vec![0.0; 3])];
+    let second = vec![host(0, vec![0.0; 4]), host(0, vec![6.0, 0.0, 8.0])];
+    let buffer = big_buffer(&ctx, 1024);
+    let a = placed(&ctx, &buffer, 0, &first);
+    let b = placed(&ctx, &buffer, 512, &second);
+    let mut gpu = GpuClipper::new(
+        &ctx,
+        &tensors(&a.buffer, &a.offsets, &first, &infos),
+        None,
+        ClipPolicy::global_norm(1.0),
+    )
+    .unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let ra = gpu.encode(&mut encoder).unwrap();
+    gpu.rebind(&tensors(&b.buffer, &b.offsets, &second, &infos), None)
+        .unwrap();
+    let rb = gpu.encode(&mut encoder).unwrap();
+    ctx.queue().submit([encoder.finish()]);
+    let (ra, rb) = (ra.wait().unwrap(), rb.wait().unwrap());
+    assert!(close(ra.total_norm, 5.0, 1e-6), "{}", ra.total_norm);
+    assert!(close(rb.total_norm, 10.0, 1e-6), "{}", rb.total_norm);
+    let got_a = download(&ctx, &a, &first);
+    let got_b = download(&ctx, &b, &second);
+    assert!(
+        close(got_a[0].to_f64()[0], 0.6, 1e-6),
+        "{:?}",
+        got_a[0].to_f64()
+    );
+    assert!(
+        close(got_b[1].to_f64()[2], 0.8, 1e-6),
+        "{:?}",
+        got_b[1].to_f64()
+    );
+}

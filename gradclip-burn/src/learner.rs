@@ -270,13 +270,24 @@ impl LearnerClipper {
     }
 
     /// The chain's state (adaptive history, step count), read back from the device, to
-    /// save beside the Learner's checkpoints; `None` before the first step.
+    /// save beside the Learner's checkpoints; `None` before the first step. A handle made
+    /// by [`LearnerClipper::multi_device`] gives the state of the clip that ran:
+    /// `optimize_multi`'s once it has run, else `optimize`'s.
     pub fn state(&self) -> Result<Option<PolicyState>, BurnClipError> {
+        if let Some(multi) = &self.multi
+            && let Some(state) = lock(multi).state()?
+        {
+            return Ok(Some(state));
+        }
         lock(&self.clipper).state()
     }
 
-    /// Restores a saved state: now, or at the first step.
+    /// Restores a saved state (into both clips of a multi-device handle): now, or at the
+    /// first step.
     pub fn set_state(&self, state: PolicyState) -> Result<(), BurnClipError> {
+        if let Some(multi) = &self.multi {
+            lock(multi).set_state(state.clone())?;
+        }
         lock(&self.clipper).set_state(state)
     }
 
@@ -316,7 +327,7 @@ impl ClipQuantity {
             ClipQuantity::NormBefore => "Gradient norm",
             ClipQuantity::NormAfter => "Gradient norm after clipping",
             ClipQuantity::Coefficient => "Clip coefficient",
-            ClipQuantity::ClippedUnits => "Clipped tensors",
+            ClipQuantity::ClippedUnits => "Clipped units",
             ClipQuantity::SkippedSteps => "Skipped steps",
         }
     }
@@ -339,9 +350,10 @@ impl ClipQuantity {
 /// [`LearnerClipper::metric`], registered with `metric_train_numeric`, shown in the
 /// dashboard and written to the metric logs like the loss.
 ///
-/// Each training item takes the oldest step report it has not shown yet: one item per
-/// step, so with gradient accumulation over `n` items a report shows on one of them and
-/// the others keep the running value.
+/// Each training item takes the oldest step report it has not shown yet, so every step
+/// is shown once, in order; an item whose optimizer call brought no new step (under
+/// gradient accumulation over `n` items, or the items of several devices) repeats the
+/// latest value.
 #[derive(Clone)]
 pub struct ClipMetric {
     log: Arc<Mutex<ClipLog>>,

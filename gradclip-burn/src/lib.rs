@@ -38,6 +38,6 @@ pub use multi::MultiDeviceClipper;
 pub use optimizer::ClippedOptimizer;
 
 /// The guide, docs/burn.md, compiled here so its examples are tested with the doctests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "learner"))]
 #[doc = include_str!("../../docs/burn.md")]
 struct Guide;

@@ -1,9 +1,9 @@
 //! Several devices of one process (burn-train's multi-device training): one clip of the
 //! summed gradients across the devices, each device clipping the gradients it holds.
 //!
-//! Burn sums each parameter's gradients from every device onto one of them (the same
-//! one every step) before the optimizer steps it. Doing that sum first leaves every
-//! gradient on exactly one device: a whole-tensor shard. Each device is then a rank of
+//! Burn's optimizer sums each parameter's gradients from every device onto one of them
+//! before it steps the parameter there. Doing that sum first leaves every gradient on
+//! exactly one device: a whole-tensor shard. Each device is then a rank of
 //! gradclip's sharded runner, the ranks are threads, and a [`ThreadCollective`] merges
 //! their unit norms, so the clip is the one a single device would make of all the summed
 //! gradients, with no gradient moved for it.
@@ -28,23 +28,34 @@ type Rank = GpuClipper<Sharded<ThreadCollective>>;
 /// tensors it holds.
 type Layout = (Vec<TensorInfo>, Vec<Vec<bool>>);
 
+/// What the next plan starts from.
+#[derive(Debug, Clone)]
+enum Resume {
+    /// This state: a saved one, or the last plan's moved to the new tensors.
+    State(PolicyState),
+    /// A fresh state at this step count: the last plan's state depended on tensors that
+    /// are gone (AGC units, per-tensor groups).
+    Steps(u64),
+}
+
 /// Clips the gradients of several Burn wgpu devices of one process
 /// (`MultiGradientsParams`, as burn-train's multi-device training hands them over) by one
 /// chain over their sum, each device in place on its own queue: the clip a single device
 /// would make of the summed gradients.
 ///
-/// [`MultiDeviceClipper::clip`] first sums each parameter's gradients onto the device
-/// Burn's optimizer would sum them on, so the optimizer then finds each gradient summed
-/// already; every device then clips the gradients it holds, and the devices agree on the
-/// norms through a [`ThreadCollective`] (one thread per device, one host round trip).
-/// Every chain works; AGC needs each parameter on the device that holds its gradient.
+/// [`MultiDeviceClipper::clip`] first sums each parameter's gradients onto one device,
+/// as Burn's optimizer would, which then finds each gradient summed already; every device
+/// then clips the gradients it holds, and the devices agree on the norms through a
+/// [`ThreadCollective`] (one thread per device, one host round trip). Every chain works
+/// but AGC (refused: Burn's sharded optimization keeps a parameter and its summed
+/// gradient on different devices).
 pub struct MultiDeviceClipper {
     devices: Vec<SharedDevice>,
     policy: ClipPolicy,
     planned: Option<(Vec<Rank>, Layout)>,
     /// A 4-byte buffer per device, the place of the tensors another device holds.
     empty: Vec<wgpu::Buffer>,
-    restore: Option<PolicyState>,
+    restore: Option<Resume>,
     copies: u64,
 }
 
@@ -59,13 +70,29 @@ impl std::fmt::Debug for MultiDeviceClipper {
 }
 
 impl MultiDeviceClipper {
-    /// A clipper running `policy` over `devices` (at least one; each a distinct Burn wgpu
-    /// device). Fails on an invalid policy or an empty list.
+    /// A clipper running `policy` over `devices` (at least one, each a distinct Burn wgpu
+    /// device). Fails on an invalid policy, an empty list, a device listed twice, or AGC:
+    /// Burn's sharded optimization leaves a parameter on another device than its summed
+    /// gradient, and AGC reads both.
     pub fn new(devices: &[SharedDevice], policy: ClipPolicy) -> Result<Self, BurnClipError> {
         policy.validate()?;
+        let refuse = |why: &str| Err(ClipError::InvalidConfig(why.into()).into());
         if devices.is_empty() {
-            let why = "a multi-device clipper needs at least one device";
-            return Err(ClipError::InvalidConfig(why.into()).into());
+            return refuse("a multi-device clipper needs at least one device");
+        }
+        let twice = |i: usize| {
+            devices[..i]
+                .iter()
+                .any(|d| d.device() == devices[i].device())
+        };
+        if (0..devices.len()).any(twice) {
+            return refuse("a device is listed twice; list each device once");
+        }
+        if policy.needs_params() {
+            return refuse(
+                "AGC reads each parameter beside its gradient, and Burn's sharded optimization \
+                 keeps them on different devices; clip AGC on one device (BurnClipper)",
+            );
         }
         let empty = (devices.iter())
             .map(|d| {
@@ -106,15 +133,17 @@ impl MultiDeviceClipper {
     /// Sums each parameter's gradients in `grads` onto one device, then clips them all by
     /// the policy, in place. Every parameter of `module` that requires a gradient must
     /// have one on some device, and every device of `grads` must be one of the clipper's.
-    /// Waits for the report (the devices must agree first). On error no gradient was
-    /// scaled (they may have been summed).
+    /// Waits for the report (the devices must agree first). An error before the devices
+    /// exchange their norms (a gradient missing, a foreign device, a layout) scales no
+    /// gradient (they may have been summed); one after it (a device lost mid-step) may
+    /// leave the other devices' gradients scaled.
     pub fn clip<M: Module>(
         &mut self,
         module: &M,
         grads: &mut MultiGradientsParams,
     ) -> Result<ClipReport, BurnClipError> {
         let slots = self.slots(grads)?;
-        sum_onto_owners(module, grads, &slots);
+        sum_onto_owners(module, grads);
         // Every parameter that requires a gradient has one somewhere, now on one device.
         let infos = logical(module, grads)?;
         let mut prepared = Vec::with_capacity(self.devices.len());
@@ -151,7 +180,15 @@ impl MultiDeviceClipper {
         }
         let replan = !matches!(&self.planned, Some((_, planned)) if *planned == layout);
         let state = match (&self.planned, replan) {
-            (Some((ranks, _)), true) => Some(ranks[0].state()?),
+            // Other tensors have gradients now (a layer frozen or unfrozen): the state
+            // moves where it does not depend on them; the step count goes on in any case.
+            (Some((ranks, _)), true) => {
+                let state = ranks[0].state()?;
+                Some(match state.for_tensors(&self.policy, &infos) {
+                    Ok(moved) => Resume::State(moved),
+                    Err(_) => Resume::Steps(state.steps_taken()),
+                })
+            }
             _ => self.restore.clone(),
         };
         if replan {
@@ -195,9 +232,12 @@ impl MultiDeviceClipper {
                         e,
                         BurnClipError::Clip(ClipError::Collective(_)) | BurnClipError::Runtime(_)
                     ) {
-                        let state = ranks[0].state().ok();
-                        self.planned = None;
-                        self.restore = state;
+                        // The state of a rank that still answers (the failed one may not).
+                        let state = ranks.iter().find_map(|r| r.state().ok());
+                        if let Some(state) = state {
+                            self.planned = None;
+                            self.restore = Some(Resume::State(state));
+                        }
                     }
                     return Err(e);
                 }
@@ -242,7 +282,7 @@ impl MultiDeviceClipper {
         &self,
         locals: &[(Vec<GpuTensor<'_>>, Option<Vec<GpuTensor<'_>>>)],
         layout: &Layout,
-        state: Option<&PolicyState>,
+        state: Option<&Resume>,
     ) -> Result<Vec<Rank>, BurnClipError> {
         let (infos, held) = layout;
         let comms = ThreadCollective::group(self.devices.len());
@@ -263,8 +303,13 @@ impl MultiDeviceClipper {
                             shard,
                             comm,
                         )?;
-                        if let Some(state) = state {
-                            gpu.set_state(state)?;
+                        match state {
+                            Some(Resume::State(state)) => gpu.set_state(state)?,
+                            Some(Resume::Steps(steps)) => {
+                                let fresh = gpu.state()?.with_steps_taken(*steps);
+                                gpu.set_state(&fresh)?;
+                            }
+                            None => {}
                         }
                         Ok::<_, ClipError>(gpu)
                     })
@@ -275,11 +320,13 @@ impl MultiDeviceClipper {
         built.into_iter().collect()
     }
 
-    /// The chain's state, the same on every device; `None` before the first step.
+    /// The chain's state, the same on every device; `None` before the first step (or a
+    /// restored state, if one was set).
     pub fn state(&self) -> Result<Option<PolicyState>, BurnClipError> {
-        match &self.planned {
-            Some((ranks, _)) => Ok(Some(ranks[0].state()?)),
-            None => Ok(self.restore.clone()),
+        match (&self.planned, &self.restore) {
+            (Some((ranks, _)), _) => Ok(Some(ranks[0].state()?)),
+            (None, Some(Resume::State(state))) => Ok(Some(state.clone())),
+            (None, _) => Ok(None),
         }
     }
 
@@ -291,7 +338,7 @@ impl MultiDeviceClipper {
                     rank.set_state(&state)?;
                 }
             }
-            None => self.restore = Some(state),
+            None => self.restore = Some(Resume::State(state)),
         }
         Ok(())
     }
@@ -329,36 +376,25 @@ fn joined<T>(
     }
 }
 
-/// Sums each parameter's gradients over the devices onto the device Burn's optimizer sums
-/// them on (`MultiGradientsParams::remove`), leaving it in that device's entry alone.
-fn sum_onto_owners<M: Module>(module: &M, grads: &mut MultiGradientsParams, slots: &[usize]) {
-    struct Sum<'a> {
-        grads: &'a mut MultiGradientsParams,
-        summed: Vec<GradientsParams>,
-        slots: &'a [usize],
-    }
+/// Sums each parameter's gradients over the devices onto one of them
+/// (`MultiGradientsParams::remove`, as Burn's optimizer would), leaving the sum in that
+/// device's entry alone, where the optimizer finds it. Gradients of parameters outside
+/// `module` stay as they are.
+fn sum_onto_owners<M: Module>(module: &M, grads: &mut MultiGradientsParams) {
+    struct Sum<'a>(&'a mut MultiGradientsParams);
     impl ModuleVisitor for Sum<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            if let Some((grad, device)) = self.grads.remove::<D>(param.id) {
+            if let Some((grad, device)) = self.0.remove::<D>(param.id) {
                 let device = device.inner();
-                let slot = (self.grads.grads.iter())
+                // `remove` sums onto the device of one of the entries.
+                let slot = (self.0.grads.iter())
                     .position(|(_, d)| d.clone().inner() == device)
                     .unwrap_or(0);
-                let rank = self.slots.iter().position(|&s| s == slot).unwrap_or(0);
-                self.summed[rank].register::<D>(param.id, grad);
+                self.0.grads[slot].0.register::<D>(param.id, grad);
             }
         }
     }
-    let mut sum = Sum {
-        summed: slots.iter().map(|_| GradientsParams::new()).collect(),
-        grads,
-        slots,
-    };
-    module.visit(&mut sum);
-    let Sum { summed, grads, .. } = sum;
-    for (rank, list) in summed.into_iter().enumerate() {
-        grads.grads[slots[rank]].0 = list;
-    }
+    module.visit(&mut Sum(grads));
 }
 
 /// The logical tensors: every parameter of `module` with a gradient on some device, by

@@ -1179,7 +1179,24 @@ fn a_multi_device_clip_refuses_a_device_it_does_not_clip_on() {
     for ((g, _), want) in grads.grads.iter().zip(&before) {
         assert_close(&read(&model, Some(g)), want, 0.0);
     }
-    assert!(MultiDeviceClipper::new(&[], ClipPolicy::new(Rule::GlobalNorm(1.0))).is_err());
+    // No device, a device twice, AGC (its parameter and summed gradient would lie on
+    // different devices): refused when the clipper is made.
+    let global = ClipPolicy::new(Rule::GlobalNorm(1.0));
+    let agc = ClipPolicy::new(Rule::Agc(Agc::new(0.01)));
+    for (devices, policy) in [
+        (vec![], global.clone()),
+        (vec![(*shared).clone(), (*shared).clone()], global),
+        (vec![(*shared).clone(), other.clone()], agc),
+    ] {
+        let err = MultiDeviceClipper::new(&devices, policy).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                BurnClipError::Clip(gradclip::ClipError::InvalidConfig(_))
+            ),
+            "{err}"
+        );
+    }
 }
 
 /// The MLP trained through burn-train's Learner, clipping in `TrainStep::optimize`.
@@ -1423,4 +1440,83 @@ fn a_learner_on_two_devices_clips_in_optimize_multi() {
     assert!((after - 1.0).abs() < 1e-5, "norm after clipping {after}");
     assert_eq!(logged(&dir, "Gradient norm").len(), 4, "one value per item");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// On two devices as on one: when another set of parameters has gradients (a layer
+/// unfrozen), the devices plan anew with AutoClip's history, as the host does; a gradient
+/// of a parameter outside the module clipped stays where it was, untouched.
+#[test]
+fn two_devices_plan_a_new_set_of_gradients_anew_with_the_state() {
+    let Some(shared) = shared() else { return };
+    let other = second_device(&shared);
+    let (d0, d1) = (shared.autodiff(), other.autodiff());
+    let frozen = Pair {
+        a: Param::from_tensor(Tensor::zeros([3], &d0)),
+        b: Param::from_tensor(Tensor::zeros([2], &d0)).set_require_grad(false),
+    };
+    let outside = Param::from_tensor(Tensor::<1>::zeros([2], &d0));
+    let policy = ClipPolicy::new(Rule::AutoClip(gradclip::AutoClip::new(50.0, 4)));
+    let mut clipper =
+        MultiDeviceClipper::new(&[(*shared).clone(), other.clone()], policy.clone()).unwrap();
+    // Each device holds half of every summed gradient.
+    let halves = |parts: &[(ParamId, Vec<f32>)], extra: bool| {
+        let mut grads = MultiGradientsParams::default();
+        for (device, inner) in [(&d0, shared.device()), (&d1, other.device())] {
+            let mut g = GradientsParams::new();
+            for (id, v) in parts {
+                let half: Vec<f32> = v.iter().map(|x| x / 2.0).collect();
+                let n = half.len();
+                g.register(
+                    *id,
+                    Tensor::<1>::from_data(TensorData::new(half, [n]), inner),
+                );
+            }
+            if extra && device == &d0 {
+                g.register(outside.id, Tensor::<1>::from_floats([7.0, -7.0], inner));
+            }
+            grads.grads.push((g, device.clone()));
+        }
+        grads
+    };
+    let mut grads = halves(&[(frozen.a.id, vec![3.0, 4.0, 12.0])], false);
+    let first = clipper.clip(&frozen, &mut grads).unwrap();
+    let unfrozen = Pair {
+        a: frozen.a.clone(),
+        b: frozen.b.clone().set_require_grad(true),
+    };
+    let parts = [
+        (unfrozen.a.id, vec![30.0, 40.0, 0.0]),
+        (unfrozen.b.id, vec![0.0, 1.0]),
+    ];
+    let mut grads = halves(&parts, true);
+    let second = clipper.clip(&unfrozen, &mut grads).unwrap();
+    // The host: the same two steps, the state handed from one set to the next.
+    let mut cpu = CpuClipper::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
+    let host_first = cpu
+        .step(&mut [GradMut::F32(&mut [3.0f32, 4.0, 12.0])], None)
+        .unwrap();
+    let state = cpu.state().clone();
+    let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+    cpu.set_state(&state.for_tensors(&policy, &infos).unwrap())
+        .unwrap();
+    let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
+    let host_second = cpu
+        .step(&mut [GradMut::F32(&mut a), GradMut::F32(&mut b)], None)
+        .unwrap();
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
+    assert_eq!((first.step, second.step), (0, 1));
+    assert!(close(first.total_norm, host_first.total_norm));
+    assert!(close(second.total_norm, host_second.total_norm));
+    let (t, ht) = (second.threshold.unwrap(), host_second.threshold.unwrap());
+    assert!(close(t as f64, ht as f64), "threshold {t} vs {ht}");
+    let kept: Vec<Vec<f32>> = (grads.grads.iter())
+        .filter_map(|(g, _)| g.get::<1>(outside.id))
+        .map(|t| t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap())
+        .collect();
+    assert_eq!(
+        kept,
+        vec![vec![7.0, -7.0]],
+        "the gradient outside the module"
+    );
 }

@@ -34,6 +34,9 @@ pub struct GpuPolicy {
     /// Where the gradients (and the parameters) lie now.
     bound: (Vec<Bound>, Option<Vec<Bound>>),
     step: u64,
+    /// A step was recorded into an encoder that may not be submitted yet (the caller's):
+    /// a move then plans anew rather than rewrite tables that step still reads.
+    unsubmitted: bool,
 }
 
 impl std::fmt::Debug for GpuPolicy {
@@ -101,6 +104,7 @@ impl GpuPolicy {
             tensors,
             bound: (Bound::all(grads), params.map(Bound::all)),
             step: 0,
+            unsubmitted: false,
         })
     }
 
@@ -112,9 +116,11 @@ impl GpuPolicy {
     /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
     /// lengths and order; dtypes may change), keeping its adaptive state and step count:
     /// for gradients a memory pool relocates between steps. The device state and the
-    /// readback buffers stay where they are; the tables that depend on where the tensors
-    /// lie are built anew; a rebind to the ranges it has already does nothing. Errors leave
-    /// the policy as it was.
+    /// readback buffers stay where they are. A move within the same buffers that keeps
+    /// the plan's shape (binding windows and chunks per window and per unit) rewrites
+    /// only the chunk tables, when every step recorded so far was submitted by the policy
+    /// itself (`step`); any other move builds the tables and bind groups anew; a rebind
+    /// to the ranges it has already does nothing. Errors leave the policy as it was.
     pub fn rebind(
         &mut self,
         grads: &[GpuTensor<'_>],
@@ -160,8 +166,12 @@ impl GpuPolicy {
             }
             (false, _) => None,
         };
-        let noise = self.policy.noise.is_some();
-        self.engine = self.engine.rebound(grads, params, noise)?;
+        // In place when the move keeps the plan's shape and no recorded step can still
+        // read the old tables; else planned anew, keeping the state.
+        if self.unsubmitted || !self.engine.moved_in_place(grads, params)? {
+            let noise = self.policy.noise.is_some();
+            self.engine = self.engine.rebound(grads, params, noise)?;
+        }
         self.bound = (Bound::all(grads), params.map(Bound::all));
         Ok(())
     }
@@ -239,6 +249,7 @@ impl GpuPolicy {
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<(Readback, u64), ClipError> {
         let readback = self.engine.encode(encoder, step, extra)?;
+        self.unsubmitted = true;
         let n = self.step;
         self.step = self.step.wrapping_add(1);
         Ok((readback, n))
@@ -419,6 +430,7 @@ impl GpuPolicy {
             ..self.step_of(params, Mode::UnitsOnly)
         };
         let readback = self.engine.encode(encoder, step, |_, _| {})?;
+        self.unsubmitted = true;
         let layout = self.engine.layout();
         let has_params = self.engine.program().needs_params();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
@@ -441,8 +453,11 @@ impl GpuPolicy {
         record: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
         let ctx = self.engine.ctx().clone();
-        let step = self.step;
-        ctx.record_and_submit("gradclip policy", self, record, |p| p.rewind(step))
+        let (step, unsubmitted) = (self.step, self.unsubmitted);
+        let out = ctx.record_and_submit("gradclip policy", self, record, |p| p.rewind(step));
+        // What was recorded here was submitted, or dropped unsubmitted on an error.
+        self.unsubmitted = unsubmitted;
+        out
     }
 
     /// The engine step of a policy step in `mode` with `params`.

@@ -4,7 +4,8 @@
 
 use super::kernels::Kernels;
 use super::resources::{
-    bind, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots, StepSlots,
+    bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
+    StepSlots,
 };
 use crate::plan::{fold_grid, Plan};
 use crate::shaders::abi::ACC_BYTES;
@@ -38,7 +39,13 @@ impl SegmentReduction {
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let n_segments = plan.segment_ranges.len();
         let n_chunks = plan.reduce_chunks.len();
-        let chunks = table(device, "gradclip chunks", &plan.reduce_chunks);
+        // Rewritten in place when the tensors move within their buffers.
+        let chunks = storage_init(
+            device,
+            "gradclip chunks",
+            bytemuck::cast_slice(&plan.reduce_chunks),
+            wgpu::BufferUsages::COPY_DST,
+        );
         let ranges = table(device, "gradclip segment ranges", &plan.segment_ranges);
         let partials = storage_zeroed(
             device,

@@ -145,7 +145,7 @@ pub fn layout(h: &[Host], gap: u64) -> (Vec<u64>, u64) {
 }
 
 /// The bytes of the arena that holds `h`.
-fn packed(h: &[Host]) -> (Vec<u64>, Vec<u8>) {
+pub fn packed(h: &[Host]) -> (Vec<u64>, Vec<u8>) {
     let (offsets, size) = layout(h, 0);
     let mut bytes = vec![0u8; size as usize];
     for (t, &o) in h.iter().zip(&offsets) {

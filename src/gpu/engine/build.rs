@@ -18,7 +18,8 @@ use crate::recording::Profile;
 use crate::shaders::abi::{StageParams, ACC_BYTES};
 use crate::shaders::BindLayout;
 
-use super::{Engine, GpuStage};
+use super::{Engine, GpuStage, Placement};
+use crate::plan::Window;
 
 /// The `Coef` bind group of one stage and dispatch slot.
 struct CoefBinding<'a> {
@@ -91,6 +92,44 @@ impl Engine {
         let mut engine = Self::build(&self.ctx, grads, params, program, noise, Some(kept))?;
         engine.timestamps = self.timestamps.clone();
         Ok(engine)
+    }
+
+    /// Moves this engine onto new ranges of the same tensors in place when the move keeps
+    /// the shape of everything placed (the same buffers, binding windows, chunks per window
+    /// and per unit): then only the chunk tables change, written on the queue, which orders
+    /// the writes after the steps already submitted and before the next. Returns `false`,
+    /// with nothing changed, when the shape differs (the caller plans anew). The caller
+    /// must know that every step it encoded was submitted.
+    pub(crate) fn moved_in_place(
+        &mut self,
+        grads: &[GpuTensor<'_>],
+        params: Option<&[GpuTensor<'_>]>,
+    ) -> Result<bool, ClipError> {
+        let program = &self.program;
+        let (grad_plan, grad_buffers) =
+            plan_tensors(&self.ctx, grads, &program.bases, |_| program.units.clone())?;
+        let param_plan = params
+            .map(|p| plan_tensors(&self.ctx, p, &program.bases, |_| program.units.clone()))
+            .transpose()?;
+        if Placement::of(&grad_plan, &grad_buffers, param_plan.as_ref()) != self.placed {
+            return Ok(false);
+        }
+        let queue = &self.ctx.inner.queue;
+        let write = |table: &wgpu::Buffer, rows: &[crate::plan::ChunkRow]| {
+            queue.write_buffer(table, 0, bytemuck::cast_slice(rows));
+        };
+        guarded(&self.ctx.inner.device, || {
+            write(&self.grads.chunks, &grad_plan.reduce_chunks);
+            if let Some(table) = &self.span_chunks {
+                write(table, &grad_plan.apply_chunks);
+            }
+            if let (Some(red), Some((plan, _))) = (&self.params, &param_plan) {
+                write(&red.chunks, &plan.reduce_chunks);
+            }
+            Ok(())
+        })?;
+        self.shared_words = shares_words(&grad_plan, self.span_chunks.is_some());
+        Ok(true)
     }
 
     fn build(
@@ -226,11 +265,17 @@ impl Engine {
             args_out: &args_out,
         };
         let coef_layout = kernels.layout(BindLayout::Coef);
+        let placed = Placement::of(&grad_plan, &grad_buffers, param_plan.as_ref());
         let span_chunks = spans.then(|| {
             let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
                 .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
                 .collect();
-            let chunks = table(device, "gradclip span chunks", &grad_plan.apply_chunks);
+            let chunks = storage_init(
+                device,
+                "gradclip span chunks",
+                bytemuck::cast_slice(&grad_plan.apply_chunks),
+                wgpu::BufferUsages::COPY_DST,
+            );
             (chunks, DispatchSlots::new(device, &ranges))
         });
         // A step that needs no unit norms reduces the spans: small tensors share chunks.
@@ -326,13 +371,7 @@ impl Engine {
         .enumerate()
         .map(|(wi, (group, &grid))| (group, wi as u64 * 12, grid))
         .collect();
-        // A 16-bit unit chunk that is strided or starts or ends mid-word shares a word
-        // (spans never do: a half outside a span has no writer).
-        let shared_words = !spans
-            && grad_plan.reduce_chunks.iter().any(|c| {
-                let half = c[3] != crate::shaders::abi::DTYPE_F32;
-                half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
-            });
+        let shared_words = shares_words(&grad_plan, spans);
         let layout = ReadbackLayout::of(&program);
         let engine = Engine {
             ctx: ctx.clone(),
@@ -346,6 +385,8 @@ impl Engine {
             rewrites,
             args_out,
             shared_words,
+            placed,
+            span_chunks: span_chunks.map(|(chunks, _)| chunks),
             slots,
             state,
             blocks: program.stages.iter().map(|s| s.state_base).collect(),
@@ -360,4 +401,46 @@ impl Engine {
         };
         Ok(engine)
     }
+}
+
+/// Whether a 16-bit unit chunk of `plan` is strided or starts or ends mid-word, sharing a
+/// word with another unit (spans never do: a half outside a span has no writer).
+fn shares_words(plan: &Plan, spans: bool) -> bool {
+    !spans
+        && plan.reduce_chunks.iter().any(|c| {
+            let half = c[3] != crate::shaders::abi::DTYPE_F32;
+            half && (c[4] != 1 || c[1] % 2 == 1 || c[2] % 2 == 1)
+        })
+}
+
+impl Placement {
+    /// The placement of a gradients' plan over `buffers` and, for AGC, the parameters'.
+    fn of(
+        grads: &Plan,
+        buffers: &[&wgpu::Buffer],
+        params: Option<&(Plan, Vec<&wgpu::Buffer>)>,
+    ) -> Placement {
+        let shape = |plan: &Plan| PlanShape {
+            windows: plan.windows.clone(),
+            segment_ranges: plan.segment_ranges.clone(),
+            kinds: (plan.reduce_chunks.iter().chain(&plan.apply_chunks))
+                .map(|c| [c[3], c[4]])
+                .collect(),
+        };
+        let bufs = |b: &[&wgpu::Buffer]| b.iter().map(|&b| b.clone()).collect::<Vec<_>>();
+        Placement {
+            grads: (shape(grads), bufs(buffers)),
+            params: params.map(|(plan, b)| (shape(plan), bufs(b))),
+        }
+    }
+}
+
+/// What the bind groups, dispatch sizes, table sizes and kernels of one plan depend on:
+/// its windows (buffer, byte range, chunks), its units' chunk ranges, and each chunk's
+/// element type and stride.
+#[derive(Debug, PartialEq)]
+pub(crate) struct PlanShape {
+    windows: Vec<Window>,
+    segment_ranges: Vec<[u32; 2]>,
+    kinds: Vec<[u32; 2]>,
 }

@@ -64,6 +64,14 @@ struct GpuStage {
 }
 
 /// A program planned on one device, encoded step after step.
+/// Where an engine's tensors lie, as far as its bind groups and table sizes see it: the
+/// shape of the gradients' plan and their buffers, and the parameters' (AGC).
+#[derive(Debug, PartialEq)]
+pub(crate) struct Placement {
+    grads: (build::PlanShape, Vec<wgpu::Buffer>),
+    params: Option<(build::PlanShape, Vec<wgpu::Buffer>)>,
+}
+
 pub(crate) struct Engine {
     ctx: GpuContext,
     program: Program,
@@ -86,6 +94,11 @@ pub(crate) struct Engine {
     args_out: wgpu::Buffer,
     /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
     shared_words: bool,
+    /// What the resources that depend on where the tensors lie were made for, so that a
+    /// move that keeps their shape only rewrites the chunk tables (`Engine::moved_in_place`).
+    placed: Placement,
+    /// The chunk table of the reduce over spans, when the engine has one.
+    span_chunks: Option<wgpu::Buffer>,
     slots: StepSlots,
     state: wgpu::Buffer,
     /// First word of every stage's state block (each gets the step's tag).
