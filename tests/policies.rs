@@ -672,11 +672,12 @@ fn the_state_of_every_adaptive_stage_is_reported() {
     }
 }
 
-/// A saved state restores only into the chain and tensors it was saved for: each part of
-/// what gives its numbers meaning, changed alone, is `InvalidState` naming that part, on
-/// both backends.
+/// A state moved on purpose to other tensors (a layer unfrozen) restores into the same
+/// chain over them; a state moved for another chain is refused. (Restoring a state where
+/// it does not belong, each part of its meaning changed alone, on every runner and
+/// wrapper: `tests/faults.rs`.)
 #[test]
-fn a_state_restores_only_where_it_belongs() {
+fn a_state_moves_to_other_tensors_of_the_same_chain() {
     let infos = vec![TensorInfo::new("w", &[2, 3]), TensorInfo::new("b", &[3])];
     let base = || {
         ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
@@ -691,79 +692,16 @@ fn a_state_restores_only_where_it_belongs() {
         .unwrap();
     let saved = PolicyState::from_bytes(&run.state().to_bytes()).unwrap();
     let renamed = vec![TensorInfo::new("w2", &[2, 3]), TensorInfo::new("b", &[3])];
-    let reshaped = vec![TensorInfo::new("w", &[3, 2]), TensorInfo::new("b", &[3])];
-    let others = [
-        ("norm order", base().norm(Norm::L1), &infos),
-        (
-            "norm stages",
-            ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
-                .then(Rule::PerTensor(PerTensorClip { max_norm: 3.0 })),
-            &infos,
-        ),
-        (
-            "norm stages",
-            ClipPolicy::new(Rule::AutoClip(AutoClip::new(90.0, 4)))
-                .then(Rule::PerTensor(PerTensorClip { max_norm: 2.0 }).except(["b"])),
-            &infos,
-        ),
-        (
-            "non-finite",
-            base().non_finite(NonFinitePolicy::ZeroNans),
-            &infos,
-        ),
-        (
-            "schedule",
-            base().schedule(Schedule::step_decay(0.5, 10)),
-            &infos,
-        ),
-        (
-            "noise",
-            base().noise(GaussianNoise {
-                sigma: 0.1,
-                seed: 1,
-            }),
-            &infos,
-        ),
-        (
-            "value clamp",
-            base().value(ValueClip::symmetric(1.0)),
-            &infos,
-        ),
-        ("tensors", base(), &renamed),
-        ("tensors", base(), &reshaped),
-    ];
-    let ctx = gpu();
-    let arena = upload(&ctx, &data);
-    for (part, policy, infos) in others {
-        let mut cpu = CpuClipper::new(policy.clone(), infos).unwrap();
-        let t = gpu_tensors(&arena, &data, infos);
-        let mut on_gpu = GpuClipper::new(&ctx, &t, None, policy).unwrap();
-        for e in [
-            cpu.set_state(&saved).unwrap_err(),
-            on_gpu.set_state(&saved).unwrap_err(),
-        ] {
-            match e {
-                ClipError::InvalidState(m) => assert!(m.contains(part), "{part}: {m}"),
-                other => panic!("{part}: {other:?}"),
-            }
-        }
-    }
-    // Where it belongs, it restores on either backend.
-    CpuClipper::new(base(), &infos)
-        .unwrap()
-        .set_state(&saved)
-        .unwrap();
-    let t = gpu_tensors(&arena, &data, &infos);
-    GpuClipper::new(&ctx, &t, None, base())
-        .unwrap()
-        .set_state(&saved)
-        .unwrap();
-    // Moved on purpose to other tensors (a layer unfrozen), the same chain takes it; a
-    // state moved for another chain is still refused.
     let moved = saved.for_tensors(&base(), &renamed).unwrap();
     let mut cpu = CpuClipper::new(base(), &renamed).unwrap();
     cpu.set_state(&moved).unwrap();
     assert_eq!(cpu.state().adaptive(), saved.adaptive());
+    let ctx = gpu();
+    let arena = upload(&ctx, &data);
+    let t = gpu_tensors(&arena, &data, &renamed);
+    let mut on_gpu = GpuClipper::new(&ctx, &t, None, base()).unwrap();
+    on_gpu.set_state(&moved).unwrap();
+    assert_eq!(on_gpu.state().unwrap().adaptive(), saved.adaptive());
     assert!(matches!(
         saved.for_tensors(&base().norm(Norm::L1), &renamed),
         Err(ClipError::InvalidState(_))

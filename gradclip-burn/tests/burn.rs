@@ -1009,19 +1009,7 @@ fn a_new_set_of_gradients_is_planned_anew_with_the_state() {
         Tensor::<1>::from_floats([0.0, 1.0], shared.device()),
     );
     let second = clipper.clip(&unfrozen, &mut grads).unwrap().wait().unwrap();
-    // The host: the same two steps, the state handed from one set to the next.
-    let mut cpu = CpuClipper::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
-    let mut a = [3.0f32, 4.0, 12.0];
-    let host_first = cpu.step(&mut [GradMut::F32(&mut a)], None).unwrap();
-    let state = cpu.state().clone();
-    let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
-    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
-    cpu.set_state(&state.for_tensors(&policy, &infos).unwrap())
-        .unwrap();
-    let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
-    let host_second = cpu
-        .step(&mut [GradMut::F32(&mut a), GradMut::F32(&mut b)], None)
-        .unwrap();
+    let (host_first, host_second) = two_sets_on_the_host(&policy);
     assert_eq!((first.step, second.step), (0, 1));
     assert!(
         (first.total_norm - host_first.total_norm).abs() < 1e-6 * host_first.total_norm,
@@ -1034,6 +1022,24 @@ fn a_new_set_of_gradients_is_planned_anew_with_the_state() {
     let (t, ht) = (second.threshold.unwrap(), host_second.threshold.unwrap());
     assert!(close(t as f64, ht as f64), "threshold {t} vs {ht}");
     assert_eq!(clipper.moves(), 1);
+}
+
+/// The host's two steps of `policy`: `a` = [3, 4, 12] alone, then `a` = [30, 40, 0] and
+/// `b` = [0, 1], the state handed from one set of tensors to the next.
+fn two_sets_on_the_host(policy: &ClipPolicy) -> (ClipReport, ClipReport) {
+    let mut cpu = CpuClipper::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
+    let mut a = [3.0f32, 4.0, 12.0];
+    let first = cpu.step(&mut [GradMut::F32(&mut a)], None).unwrap();
+    let state = cpu.state().clone();
+    let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
+    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+    cpu.set_state(&state.for_tensors(policy, &infos).unwrap())
+        .unwrap();
+    let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
+    let second = cpu
+        .step(&mut [GradMut::F32(&mut a), GradMut::F32(&mut b)], None)
+        .unwrap();
+    (first, second)
 }
 
 /// A second Burn wgpu device on the shared device's adapter: a wgpu device of its own,
@@ -1490,20 +1496,7 @@ fn two_devices_plan_a_new_set_of_gradients_anew_with_the_state() {
     ];
     let mut grads = halves(&parts, true);
     let second = clipper.clip(&unfrozen, &mut grads).unwrap();
-    // The host: the same two steps, the state handed from one set to the next.
-    let mut cpu = CpuClipper::new(policy.clone(), &[TensorInfo::new("a", &[3])]).unwrap();
-    let host_first = cpu
-        .step(&mut [GradMut::F32(&mut [3.0f32, 4.0, 12.0])], None)
-        .unwrap();
-    let state = cpu.state().clone();
-    let infos = [TensorInfo::new("a", &[3]), TensorInfo::new("b", &[2])];
-    let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
-    cpu.set_state(&state.for_tensors(&policy, &infos).unwrap())
-        .unwrap();
-    let (mut a, mut b) = ([30.0f32, 40.0, 0.0], [0.0f32, 1.0]);
-    let host_second = cpu
-        .step(&mut [GradMut::F32(&mut a), GradMut::F32(&mut b)], None)
-        .unwrap();
+    let (host_first, host_second) = two_sets_on_the_host(&policy);
     let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * b.abs();
     assert_eq!((first.step, second.step), (0, 1));
     assert!(close(first.total_norm, host_first.total_norm));
