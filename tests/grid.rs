@@ -12,8 +12,8 @@ use common::sharded::Turns;
 use common::{close, gpu, muts, refs, Host};
 use gradclip::{
     bf16, f16, Adam, AutoClip, Backend, ClipError, ClipPolicy, ClipReport, Clipper, Collective,
-    CpuClipper, GpuContext, Optimizer, PerExampleClip, PerTensorClip, PolicyState, Rule, Sgd,
-    Shard, TensorInfo, ThreadCollective, ZClip,
+    CpuClipper, GpuContext, NonFinitePolicy, Norm, Optimizer, PerExampleClip, PerTensorClip,
+    PolicyState, Rule, Schedule, Sgd, Shard, TensorInfo, ThreadCollective, ZClip,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1007,4 +1007,145 @@ fn per_example_resumes_its_noise_at_a_set_step() {
     c.set_steps_taken(5);
     let (got, _) = run(&mut |o| c.step(&refs(&inputs), o).unwrap());
     assert_eq!(got, want);
+}
+
+/// Ranks of a `Clipper<Sharded>` on the GPU whose inputs differ in one thing each (the
+/// chain's numbers, its norm order, its non-finite policy, a custom schedule's factors,
+/// the tensors, a shard claimed twice, a state a step ahead): at the first step every rank
+/// gets an error, none waits for the other, and no gradient changes; with nothing
+/// different, the same setup steps.
+#[test]
+fn sharded_on_the_gpu_fails_every_rank_whose_inputs_differ() {
+    let ctx = gpu();
+    let infos = shard_infos();
+    let renamed = {
+        let mut v = shard_infos();
+        v[1] = TensorInfo::new("bias", &[13]);
+        v
+    };
+    let base = || ClipPolicy::global_norm(0.5);
+    let ahead = {
+        let mut cpu = CpuClipper::new(base(), &infos).unwrap();
+        let mut full: Vec<Host> = shard_grads(0).into_iter().map(Host::F32).collect();
+        cpu.step(&mut muts(&mut full), None).unwrap();
+        cpu.state().clone()
+    };
+    // The chains of ranks 0 and 1, rank 1's tensors, whether rank 1 claims every tensor
+    // whole, and whether it restores a state a step ahead.
+    type Variant = (
+        &'static str,
+        ClipPolicy,
+        ClipPolicy,
+        Vec<TensorInfo>,
+        bool,
+        bool,
+    );
+    let warmup = |base_factor: f64| {
+        base().schedule(Schedule::custom("warmup", move |s| base_factor + s as f64))
+    };
+    let variants: Vec<Variant> = vec![
+        // The control: nothing differs, and the step runs.
+        ("nothing", base(), base(), infos.clone(), false, false),
+        (
+            "max norm",
+            base(),
+            ClipPolicy::global_norm(0.6),
+            infos.clone(),
+            false,
+            false,
+        ),
+        (
+            "norm order",
+            base(),
+            base().norm(Norm::L1),
+            infos.clone(),
+            false,
+            false,
+        ),
+        (
+            "non-finite policy",
+            base(),
+            base().non_finite(NonFinitePolicy::SkipStep),
+            infos.clone(),
+            false,
+            false,
+        ),
+        (
+            "schedule factors",
+            warmup(1.0),
+            warmup(0.5),
+            infos.clone(),
+            false,
+            false,
+        ),
+        ("tensor names", base(), base(), renamed, false, false),
+        (
+            "shard claimed twice",
+            base(),
+            base(),
+            infos.clone(),
+            true,
+            false,
+        ),
+        (
+            "state a step ahead",
+            base(),
+            base(),
+            infos.clone(),
+            false,
+            true,
+        ),
+    ];
+    for (what, first, other, other_infos, whole, stepped) in variants {
+        let turns = Mutex::new(());
+        let group = ThreadCollective::group_with_timeout(2, Duration::from_secs(60));
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (group.into_iter())
+                .map(|comm| {
+                    let (turns, ctx, infos) = (&turns, &ctx, &infos);
+                    let (first, other, other_infos, ahead) = (&first, &other, &other_infos, &ahead);
+                    scope.spawn(move || {
+                        let rank = comm.rank();
+                        let comm = Turns::new(&comm, Some(turns));
+                        let mine = if rank == 1 && whole {
+                            Shard::whole_tensors(infos, |_, _| true)
+                        } else {
+                            Shard::even(infos, rank, 2).unwrap()
+                        };
+                        let (policy, tensors) = match rank {
+                            1 => (other.clone(), other_infos.as_slice()),
+                            _ => (first.clone(), infos.as_slice()),
+                        };
+                        let backend = Backend::Gpu((*ctx).clone());
+                        let mut clipper =
+                            Clipper::sharded(backend, policy, tensors, mine.clone(), comm).unwrap();
+                        if rank == 1 && stepped {
+                            clipper.set_state(ahead).unwrap();
+                        }
+                        let mut hosts: Vec<Host> = (shard_grads(0).iter().enumerate())
+                            .map(|(t, v)| {
+                                let r = mine.range(t);
+                                Host::F32(v[r.start as usize..r.end as usize].to_vec())
+                            })
+                            .collect();
+                        let before = hosts.clone();
+                        let outcome = clipper.step(&mut muts(&mut hosts), None);
+                        if what == "nothing" {
+                            assert!(outcome.is_ok(), "rank {rank}: {outcome:?}");
+                            return;
+                        }
+                        let e = outcome.unwrap_err();
+                        assert!(
+                            matches!(e, ClipError::Collective(_)),
+                            "{what}, rank {rank}: {e}"
+                        );
+                        assert_eq!(hosts, before, "{what}, rank {rank}: gradients unchanged");
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().expect("a rank");
+            }
+        });
+    }
 }
