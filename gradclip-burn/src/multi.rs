@@ -158,24 +158,24 @@ impl MultiDeviceClipper {
                 &mut self.copies,
             )?);
         }
+        // Where each logical tensor is among each device's gradients, if it holds it.
+        let held: Vec<Vec<Option<usize>>> = (prepared.iter())
+            .map(|(found, _)| held_at(found, &infos))
+            .collect();
         let layout: Layout = (
             infos.clone(),
-            (prepared.iter())
-                .map(|(found, _)| {
-                    (infos.iter())
-                        .map(|i| found.iter().any(|f| f.path == i.name))
-                        .collect()
-                })
+            (held.iter())
+                .map(|at| at.iter().map(Option::is_some).collect())
                 .collect(),
         );
         let with_params = self.policy.needs_params();
         // Each rank's tensors in logical order: its ranges, or an empty one elsewhere.
         let mut locals: Vec<(Vec<GpuTensor<'_>>, Option<Vec<GpuTensor<'_>>>)> = Vec::new();
-        for (rank, (found, ranges)) in prepared.iter().enumerate() {
+        for (rank, ((found, ranges), at)) in prepared.iter().zip(&held).enumerate() {
             let empty = &self.empty[rank];
             locals.push((
-                place(&ranges.0, found, &infos, empty),
-                with_params.then(|| place(&ranges.1, found, &infos, empty)),
+                place(&ranges.0, found, at, &infos, empty),
+                with_params.then(|| place(&ranges.1, found, at, &infos, empty)),
             ));
         }
         let replan = !matches!(&self.planned, Some((_, planned)) if *planned == layout);
@@ -344,18 +344,33 @@ impl MultiDeviceClipper {
     }
 }
 
-/// One device's tensors in logical order: its own ranges, or an empty range of `empty`
-/// for a tensor another device holds.
+/// For each logical tensor, its index among one device's gradients `found`, or `None`
+/// where another device holds it. Both lists follow the module's visiting order, so one
+/// walk pairs them.
+fn held_at(found: &[Found], infos: &[TensorInfo]) -> Vec<Option<usize>> {
+    let mut next = 0;
+    (infos.iter())
+        .map(|i| {
+            let here = found.get(next).is_some_and(|f| f.path == i.name);
+            next += here as usize;
+            here.then(|| next - 1)
+        })
+        .collect()
+}
+
+/// One device's tensors in logical order: its own ranges (`at` from [`held_at`]), or an
+/// empty range of `empty` for a tensor another device holds.
 fn place<'a>(
     ranges: &'a [Range],
     found: &[Found],
+    at: &[Option<usize>],
     infos: &[TensorInfo],
     empty: &'a wgpu::Buffer,
 ) -> Vec<GpuTensor<'a>> {
     let own = views(ranges, found);
-    (infos.iter())
-        .map(|i| match found.iter().position(|f| f.path == i.name) {
-            Some(k) => own[k].clone(),
+    (infos.iter().zip(at))
+        .map(|(i, at)| match at {
+            Some(k) => own[*k].clone(),
             // Named and shaped as the logical tensor, as the sharded runner plans them.
             None => GpuTensor::new(empty, 0, 0, gradclip::DType::F32)
                 .named(&i.name)
