@@ -31,6 +31,12 @@
 // coefficient (the first stage starts it) and turns the rewrite on when it is not 1.
 // A chain runs finish + coefs once per norm stage, each on the group norms `combine`
 // formed from the unit norms times the coefficients so far.
+// Loss scaling (step.loss_scaling): the gradients arrive times the scale S of the state's
+// first block, and a norm scales linearly, so every norm a stage sees is divided by S here
+// (no pass over the gradients); the last stage's `coefs` fold 1 / S into the coefficients
+// the rewrite, the fused optimizer or a deferred pass apply, and its `finish` updates S
+// from the chain's verdict (backoff after a skipped step, growth after enough finite
+// ones).
 // Entry `undo`: one invocation per adaptive stage but the last, after the last `finish`:
 // takes back the norm a stage recorded when a later stage held the step.
 // AutoClip's percentile of the history is a radix selection (shared/select.wgsl).
@@ -202,6 +208,32 @@ fn save_overwritten() {
     state[base + ST_SAVED_VAR] = state[base + ST_VAR];
 }
 
+// The loss scale of the step being run (1 without loss scaling), read from the state
+// before the chain's last `finish` updates it.
+fn loss_scale_now() -> f32 {
+    if (step.loss_scaling == 0u) {
+        return 1.0;
+    }
+    return bitcast<f32>(state[ST_LOSS_SCALE]);
+}
+
+// The loss scale after a step whose chain verdict is `skipped`: backoff after a skipped
+// step, growth after `growth_interval` finite steps in a row, within [min, max].
+fn update_loss_scale(skipped: bool) -> f32 {
+    var s = bitcast<f32>(state[ST_LOSS_SCALE]);
+    var good = state[ST_GOOD_STEPS] + 1u;
+    if (skipped) {
+        s = max(s * step.backoff, step.min_scale);
+        good = 0u;
+    } else if (good >= step.growth_interval) {
+        s = min(s * step.growth, step.max_scale);
+        good = 0u;
+    }
+    state[ST_LOSS_SCALE] = bitcast<u32>(s);
+    state[ST_GOOD_STEPS] = good;
+    return s;
+}
+
 // Turns the rewrite on (`run`) or off for every window.
 fn set_rewrite(run: bool, lid: u32, stride: u32) {
     for (var i = lid; i < arrayLength(&args_full); i = i + stride) {
@@ -211,6 +243,9 @@ fn set_rewrite(run: bool, lid: u32, stride: u32) {
 
 @compute @workgroup_size(WG)
 fn finish(@builtin(local_invocation_index) lid: u32) {
+    // Every thread reads the scale before the first barrier; thread 0 of the last stage
+    // updates it at the end.
+    let scale = loss_scale_now();
     var acc = acc_identity();
     for (var i = lid; i < dispatch.n_chunks; i = i + WG) {
         acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
@@ -231,6 +266,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     if (step.rule == 0u) {
         total = acc_identity();
     }
+    total = acc_scaled(total, 1.0 / scale);
     // Another step overwrote this step's parameter slot before it was submitted: change
     // nothing and say so.
     let fresh = step.seq % TAG_RING == state[dispatch.state_base + ST_TAG];
@@ -283,7 +319,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     }
     let held = (status & STATUS_HELD) != 0u;
     let every_unit = step.sigma > 0.0 || step.clamp == 1u
-        || (status & STATUS_NANS_ZEROED) != 0u;
+        || (status & STATUS_NANS_ZEROED) != 0u || scale != 1.0;
     if (!held && (every_unit || !(coef >= 1.0))) {
         status = status | STATUS_SCALED;
     }
@@ -321,6 +357,15 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         reports[dispatch.stage].skips = state[ST_SKIPS];
         atomicStore(&reports[dispatch.stage].clipped, 0u);
         reports[dispatch.stage].coef = coef;
+        if (dispatch.first == 1u) {
+            reports[0].loss_scale = scale;
+            reports[0].next_scale = scale;
+        }
+        // The chain's verdict is final after its last stage: the scale moves once per
+        // step that ran (not for a step whose slot was overwritten).
+        if (dispatch.last == 1u && step.loss_scaling == 1u && fresh) {
+            reports[0].next_scale = update_loss_scale((reports[0].status & STATUS_SKIPPED) != 0u);
+        }
     }
 }
 
@@ -353,23 +398,32 @@ fn coefs(inv: Invocation) {
     }
     let g = group_of[s];
     var factor = 1.0;
-    if ((reports[dispatch.stage].status & STATUS_HELD) == 0u && step.rule == 1u && g != NO_GROUP) {
+    let held = (reports[dispatch.stage].status & STATUS_HELD) != 0u;
+    // The norms of the gradients as they arrived, divided by the loss scale.
+    let inv_scale = 1.0 / reports[0].loss_scale;
+    if (!held && step.rule == 1u && g != NO_GROUP) {
+        let group = acc_scaled(inputs[g], inv_scale);
         if (FORMULA == FORMULA_AGC) {
-            factor = agc_coef(inputs[g], params[s]);
+            factor = agc_coef(group, params[s]);
         } else if (ADAPTIVE != ADAPTIVE_NONE || dispatch.global == 1u) {
             factor = reports[dispatch.stage].coef;
         } else {
-            factor = norm_coef(inputs[g], thresholds[g] * step.multiplier);
+            factor = norm_coef(group, thresholds[g] * step.multiplier);
         }
     }
     var coef = factor;
     if (dispatch.first == 0u) {
         coef = coef_out[s] * factor;
     }
-    coef_out[s] = coef;
     if (!(coef >= 1.0)) {
         atomicAdd(&reports[dispatch.stage].clipped, 1u);
     }
+    // What the gradients are multiplied by: the chain's coefficient, and after the last
+    // stage the unscaling too (counted as a clip it is not).
+    if (dispatch.last == 1u && !held) {
+        coef = coef * inv_scale;
+    }
+    coef_out[s] = coef;
     if (bitcast<u32>(factor) != bitcast<u32>(1.0)) {
         // Every thread that needs the rewrite stores the same counts.
         set_rewrite(true, 0u, 1u);

@@ -31,14 +31,6 @@ override NORM_KIND: u32 = 2u;
 @group(0) @binding(5) var<storage, read> members: array<u32>;
 @group(0) @binding(6) var<storage, read> coefs: array<f32>;
 
-// `a` times coefficient `c` (in [0, 1], or NaN, which poisons the norm).
-fn acc_scaled(a: Acc, c: f32) -> Acc {
-    if (nonfinite_flag(bitcast<u32>(c)) == FLAG_NAN) {
-        return Acc(a.scale, a.sum, a.flags | FLAG_NAN, 0u);
-    }
-    return Acc(a.scale * abs(c), a.sum, a.flags, 0u);
-}
-
 // The range of this workgroup's output; empty past the last one (no early return, so
 // every thread reaches the tree's barriers).
 fn range_of(r: u32) -> vec2<u32> {

@@ -22,14 +22,14 @@ mod shard;
 
 pub use chain::{
     AdaptiveKind, AdaptiveState, Agc, AutoClip, BlockRmsClip, ClipPolicy, ExampleThreshold,
-    GaussianNoise, Group, GroupClip, Masked, PerExampleClip, PerTensorClip, PolicyState, Rule,
-    Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
+    GaussianNoise, Group, GroupClip, LossScale, LossScaleState, Masked, PerExampleClip,
+    PerTensorClip, PolicyState, Rule, Schedule, TensorInfo, UnitAxis, UnitLayout, ZClip,
 };
 pub use clipper::{Backend, Clipper};
 pub use cpu::policy::DeferredStep;
 pub use dtype::{DType, GradMut, GradRef};
 pub use error::ClipError;
-pub use gpu::{DeferredClip, GpuContext, GpuTensor, PendingReport, ReportFuture};
+pub use gpu::{DeferredClip, GpuContext, GpuTensor, LossScaleBinding, PendingReport, ReportFuture};
 pub use half::{bf16, f16};
 #[cfg(feature = "plot")]
 pub use monitor::plot;
@@ -38,7 +38,7 @@ pub use non_finite::NonFinitePolicy;
 pub use norm::{Norm, PartialNorm};
 pub use ops::ValueClip;
 pub use optim::{Adam, Optimizer, OptimizerState, Sgd};
-pub use report::{ClipReport, GroupReport, StageReport, TensorReport};
+pub use report::{ClipReport, GroupReport, LossScaleReport, StageReport, TensorReport};
 pub use runner::{
     Accumulate, CpuClipper, GpuClipper, Optimize, PerExample, Plain, Sharded, Wrapper,
 };

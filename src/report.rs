@@ -88,6 +88,21 @@ pub struct ClipReport {
     /// order, the examples whose factor for it was below 1 (per layer: the tensor's own
     /// factor; flat: the example's, so every entry is the same). `None` otherwise.
     pub clipped_per_tensor: Option<Vec<u32>>,
+    /// The loss scale this step used and the next one, for a loss-scaled chain; `None`
+    /// otherwise. The norms, thresholds and coefficients above are of the unscaled
+    /// gradients; a skipped step (an overflow) is `skipped`.
+    pub loss_scale: Option<LossScaleReport>,
+}
+
+/// The loss scale of a step of a loss-scaled chain ([`crate::ClipPolicy::loss_scale`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScaleReport {
+    /// The scale this step's gradients carried: every norm of the report is of the
+    /// gradients divided by it.
+    pub scale: f32,
+    /// The scale of the next step: multiply the next loss by it. Below `scale` after a
+    /// skipped step, above it after enough finite steps in a row.
+    pub next: f32,
 }
 
 /// What one norm stage of a chain saw and did.
@@ -162,6 +177,8 @@ pub(crate) struct StageOutcome {
     pub status: u32,
     pub clipped: u32,
     pub skips: u32,
+    /// Stage 0's: the loss scale used and the next (see [`LossScaleReport`]).
+    pub loss_scale: (f32, f32),
 }
 
 /// The raw fields of a policy step, as both backends produce them.
@@ -175,11 +192,14 @@ pub(crate) struct PolicyOutcome {
     pub policy: NonFinitePolicy,
     pub shape: Arc<ReportShape>,
     pub detail: Option<UnitNorms>,
+    /// The chain is loss scaled: the report carries its scales, and the unit numbers of
+    /// `detail` (of the gradients as they arrived) are unscaled here.
+    pub loss_scaled: bool,
 }
 
 impl PolicyOutcome {
     /// The report, or the error of [`NonFinitePolicy::Error`] (or of an overwritten step).
-    pub(crate) fn report(self) -> Result<ClipReport, ClipError> {
+    pub(crate) fn report(mut self) -> Result<ClipReport, ClipError> {
         let (norm, nf) = (self.norm, self.policy);
         if self.shape.kind == ChainKind::ValueOnly {
             return Ok(ClipReport::value_only(self.step, norm, self.units));
@@ -235,7 +255,18 @@ impl PolicyOutcome {
         });
         let mut groups = None;
         let mut tensors = None;
-        if let Some(d) = &self.detail {
+        let (scale, next) = first.loss_scale;
+        let loss_scale = self.loss_scaled.then_some(LossScaleReport { scale, next });
+        if let Some(d) = &mut self.detail {
+            // The unit and group norms are of the gradients as they arrived, and the last
+            // stage folded the unscaling into the coefficients (not on a held step).
+            if let Some(ls) = loss_scale {
+                let inv = 1.0 / ls.scale;
+                (d.units.iter_mut().chain(&mut d.groups)).for_each(|a| *a = a.scaled(inv));
+                if !held {
+                    d.coefs.iter_mut().for_each(|c| *c /= inv);
+                }
+            }
             let after: Vec<NormAcc> = (d.units.iter().zip(&d.coefs))
                 .map(|(acc, &c)| acc.scaled(coef_of(c)))
                 .collect();
@@ -297,6 +328,7 @@ impl PolicyOutcome {
             tensors,
             noise_std: self.noise_std,
             clipped_per_tensor: None,
+            loss_scale,
         })
     }
 }
@@ -346,6 +378,7 @@ impl ClipReport {
             tensors: None,
             noise_std,
             clipped_per_tensor,
+            loss_scale: None,
         }
     }
 }

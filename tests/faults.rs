@@ -384,14 +384,22 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     let meaning_at = 20 + 4 * count_at(16);
     let words_at = meaning_at + 4 + 4 * count_at(meaning_at);
     let word_at = |i: usize| words_at + 4 + 4 * i;
-    for (word, value) in [(9, f32::NAN), (10, -1.0), (9, f32::INFINITY), (11, -0.0)] {
+    // A block's header words (abi::ST_HEADER), then its history slots.
+    const HEADER: usize = 11;
+    let slot = |i: usize| HEADER + i;
+    for (word, value) in [
+        (slot(0), f32::NAN),
+        (slot(1), -1.0),
+        (slot(0), f32::INFINITY),
+        (slot(2), -0.0),
+    ] {
         let mut b = bytes.clone();
         b[word_at(word)..word_at(word) + 4].copy_from_slice(&value.to_le_bytes());
         invalid(restore_anywhere(&b));
     }
-    // ZClip's block comes after AutoClip's (9 header words + 4 slots): its variance.
+    // ZClip's block comes after AutoClip's (its header and 4 slots): its variance.
     let mut b = bytes.clone();
-    let var = word_at(13 + 3);
+    let var = word_at(slot(4) + 3);
     b[var..var + 4].copy_from_slice(&(-0.5f32).to_le_bytes());
     invalid(restore_anywhere(&b));
     // The GPU refuses the same states and keeps its own.
@@ -406,7 +414,7 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
     let nan = PolicyState::from_bytes(&{
         let mut b = bytes.clone();
-        b[word_at(9)..word_at(9) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        b[word_at(slot(0))..word_at(slot(0)) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
         b
     })
     .unwrap();

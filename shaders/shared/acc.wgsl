@@ -75,3 +75,12 @@ fn live_flags(flags: u32, policy: u32) -> u32 {
     }
     return flags;
 }
+
+// `a` times coefficient `c` (a norm scales linearly; a NaN coefficient poisons the norm).
+// The host twin is `NormAcc::scaled`.
+fn acc_scaled(a: Acc, c: f32) -> Acc {
+    if (nonfinite_flag(bitcast<u32>(c)) == FLAG_NAN) {
+        return Acc(a.scale, a.sum, a.flags | FLAG_NAN, 0u);
+    }
+    return Acc(a.scale * abs(c), a.sum, a.flags, 0u);
+}

@@ -3,7 +3,7 @@
 //! formula that turns them into coefficients.
 
 use super::rules::{Rule, UnitAxis};
-use super::state::{HEADER_WORDS, STAGE_PARAMS_WORDS, ST_CAP};
+use super::state::{HEADER_WORDS, STAGE_PARAMS_WORDS, ST_CAP, ST_LOSS_SCALE};
 use super::{ChainKind, ClipPolicy, PolicyState, TensorInfo};
 use crate::error::ClipError;
 use crate::plan::PlanSegment;
@@ -122,6 +122,8 @@ pub(crate) struct Program {
     pub meaning: Vec<u32>,
     /// What a step does: stages, a measure or a clamp alone.
     pub kind: ChainKind,
+    /// The chain's loss scaling: its scale starts in the state's first block.
+    pub loss_scale: Option<super::LossScale>,
 }
 
 /// Where the units of one tensor lie: element `index` of the tensor has the coefficient of
@@ -218,6 +220,7 @@ impl Program {
             bases: Vec::new(),
             meaning: Vec::new(),
             kind: ChainKind::Stages,
+            loss_scale: None,
         }
     }
 
@@ -238,6 +241,9 @@ impl Program {
         let mut state = PolicyState::new(self.state_words, layout, self.meaning.clone());
         for stage in &self.stages {
             state.words[stage.state_base + ST_CAP] = stage.history as u32;
+        }
+        if let Some(ls) = self.loss_scale {
+            state.words[ST_LOSS_SCALE] = ls.init.to_bits();
         }
         state
     }
@@ -407,6 +413,7 @@ impl Program {
         Ok(Program {
             meaning: super::state::meaning_of(policy, infos),
             kind: policy.kind(),
+            loss_scale: policy.loss_scale,
             ..Program::with_state(units, stages)
         })
     }

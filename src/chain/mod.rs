@@ -4,6 +4,7 @@
 //! on the CPU ([`crate::CpuClipper`]), over the shared segment reduction.
 
 mod layout;
+mod loss_scale;
 mod per_example;
 mod rules;
 mod schedule;
@@ -11,6 +12,7 @@ mod state;
 
 pub use layout::UnitLayout;
 pub(crate) use layout::{check_lens, check_shapes, Formula, Program, StagePlan, NO_GROUP};
+pub use loss_scale::{LossScale, LossScaleState};
 pub(crate) use per_example::clipped_per_tensor;
 pub use per_example::{ExampleThreshold, PerExampleClip};
 pub use rules::{
@@ -19,7 +21,8 @@ pub use rules::{
 pub use schedule::Schedule;
 pub use state::{AdaptiveKind, AdaptiveState, PolicyState};
 pub(crate) use state::{
-    HEADER_WORDS, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
+    HEADER_WORDS, ST_GOOD_STEPS, ST_LOSS_SCALE, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT,
+    ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 
 use crate::error::ClipError;
@@ -112,6 +115,9 @@ pub struct ClipPolicy {
     pub value: Option<ValueClip>,
     /// NaN and infinity handling.
     pub non_finite: NonFinitePolicy,
+    /// Dynamic or fixed loss scaling ([`ClipPolicy::loss_scale`]); `None`: the gradients
+    /// arrive unscaled.
+    pub loss_scale: Option<LossScale>,
     /// Also report every group's (or unit's) norm and coefficient.
     pub report_groups: bool,
     /// Why the chain as written cannot run as written (noise or a value clamp before a
@@ -158,6 +164,7 @@ impl ClipPolicy {
             noise: None,
             value: None,
             non_finite: NonFinitePolicy::Propagate,
+            loss_scale: None,
             report_groups: false,
             refused: None,
         }
@@ -270,6 +277,27 @@ impl ClipPolicy {
         self
     }
 
+    /// Loss scaling for mixed-precision training: the gradients arrive multiplied by the
+    /// scale S (the loss was multiplied by S before the backward pass). Every norm the
+    /// chain and the report see is of the unscaled gradients (a norm scales linearly, so
+    /// this costs no pass), the gradients a step writes (or a fused optimizer reads, or a
+    /// deferred pass applies) are unscaled and clipped, and a step whose gradients hold an
+    /// infinity or a NaN is skipped with the gradients, the adaptive state and the
+    /// optimizer untouched, while S backs off. S lives in the chain's state (saved with
+    /// it), in the report ([`crate::ClipReport::loss_scale`]) and on the device
+    /// ([`crate::GpuClipper::loss_scale_on_device`]).
+    ///
+    /// An overflow is an expected event of loss scaling, so the chain's non-finite policy
+    /// becomes [`NonFinitePolicy::SkipStep`]; setting another one afterwards is refused by
+    /// [`ClipPolicy::validate`]. A loss-scaled chain needs a norm stage (the unscaling is
+    /// folded into its coefficients): for loss scaling without clipping, use
+    /// `ClipPolicy::global_norm(f32::MAX)`.
+    pub fn loss_scale(mut self, scale: LossScale) -> Self {
+        self.loss_scale = Some(scale);
+        self.non_finite = NonFinitePolicy::SkipStep;
+        self
+    }
+
     /// Reports every group's norm and coefficient.
     pub fn with_group_report(mut self) -> Self {
         self.report_groups = true;
@@ -326,6 +354,21 @@ impl ClipPolicy {
         }
         if let Some(v) = &self.value {
             v.validate()?;
+        }
+        if let Some(ls) = &self.loss_scale {
+            ls.validate()?;
+            if self.kind() != ChainKind::Stages {
+                return Err(ClipError::InvalidConfig(
+                    "loss scaling is folded into a norm stage's coefficients: add one                      (ClipPolicy::global_norm(f32::MAX) unscales without clipping)"
+                        .into(),
+                ));
+            }
+            if self.non_finite != NonFinitePolicy::SkipStep {
+                return Err(ClipError::InvalidConfig(format!(
+                    "a loss-scaled chain skips every step with non-finite gradients (and                      backs off its scale), so its non-finite policy is SkipStep, not {:?}",
+                    self.non_finite
+                )));
+            }
         }
         if let Some(n) = self.noise {
             if !(n.sigma.is_finite() && n.sigma >= 0.0) {

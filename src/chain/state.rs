@@ -17,20 +17,24 @@ pub(crate) const ST_CAP: usize = abi::ST_CAP as usize;
 pub(crate) const ST_SAVED_SLOT: usize = abi::ST_SAVED_SLOT as usize;
 pub(crate) const ST_SAVED_MEAN: usize = abi::ST_SAVED_MEAN as usize;
 pub(crate) const ST_SAVED_VAR: usize = abi::ST_SAVED_VAR as usize;
+pub(crate) const ST_LOSS_SCALE: usize = abi::ST_LOSS_SCALE as usize;
+pub(crate) const ST_GOOD_STEPS: usize = abi::ST_GOOD_STEPS as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
-const VERSION: u32 = 4;
+const VERSION: u32 = 5;
 
 /// What gives a state's numbers meaning, part by part: a state records a hash of each
 /// (its fingerprint), so one restored into another chain or other tensors names the
 /// first part that differs.
-pub(crate) const MEANING: [&str; 7] = [
+pub(crate) const MEANING: [&str; 8] = [
     "norm order",
     "norm stages (their kinds, parameters, masks, groups and order)",
     "non-finite policy",
     "schedule",
     "noise",
     "value clamp",
+    "loss scaling",
+    // Last: `PolicyState::for_tensors` compares every part before it.
     "tensors (their names, shapes and order)",
 ];
 
@@ -135,6 +139,13 @@ pub(crate) fn meaning_of(policy: &super::ClipPolicy, infos: &[super::TensorInfo]
         None => h().u32(0),
         Some(v) => h().u32(1).f32(v.lo).f32(v.hi),
     };
+    let loss_scale = match policy.loss_scale {
+        None => h().u32(0),
+        Some(l) => (h().u32(1).f32(l.init).f32(l.growth).u32(l.growth_interval))
+            .f32(l.backoff)
+            .f32(l.min)
+            .f32(l.max),
+    };
     let tensors = infos.iter().fold(h().u64(infos.len() as u64), |h, t| {
         (t.shape.iter()).fold(h.text(&t.name).u64(t.shape.len() as u64), |h, &d| h.u64(d))
     });
@@ -145,6 +156,7 @@ pub(crate) fn meaning_of(policy: &super::ClipPolicy, infos: &[super::TensorInfo]
         schedule.0,
         noise.0,
         value.0,
+        loss_scale.0,
         tensors.0,
     ]
 }
@@ -238,6 +250,16 @@ impl PolicyState {
     /// Consecutive steps skipped by [`crate::NonFinitePolicy::SkipStep`], up to the last.
     pub fn consecutive_skips(&self) -> u32 {
         self.words[ST_SKIPS]
+    }
+
+    /// The loss scale and its count of finite steps, for a loss-scaled chain
+    /// ([`crate::ClipPolicy::loss_scale`]); `None` otherwise.
+    pub fn loss_scale(&self) -> Option<super::LossScaleState> {
+        let scale = f32::from_bits(self.words[ST_LOSS_SCALE]);
+        (scale != 0.0).then(|| super::LossScaleState {
+            scale,
+            finite_steps: self.words[ST_GOOD_STEPS],
+        })
     }
 
     /// The state of every adaptive stage (AutoClip, ZClip) of the chain, in chain order.
@@ -387,6 +409,20 @@ impl PolicyState {
                 self.words.len(),
                 fresh.words.len()
             ));
+        }
+        // A loss scale where the chain has one (the fingerprint says so), finite and > 0:
+        // every norm is divided by it.
+        let scale = f32::from_bits(self.words[ST_LOSS_SCALE]);
+        let scaled = fresh.words[ST_LOSS_SCALE] != 0;
+        if scaled && !(scale.is_normal() && scale > 0.0) || !scaled && scale != 0.0 {
+            return bad(format!(
+                "the state holds the loss scale {scale}, not one this chain can use"
+            ));
+        }
+        if !scaled && self.words[ST_GOOD_STEPS] != 0 {
+            return bad(
+                "the state counts finite steps of a loss scale this chain does not have".into(),
+            );
         }
         for record in self.layout.chunks(STAGE_RECORD) {
             let (adaptive, history, base) = (record[0], record[1] as usize, record[3] as usize);

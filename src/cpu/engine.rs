@@ -17,8 +17,9 @@ use super::apply::{self, bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::{self, BLOCK};
 use super::philox::gaussian_noise;
 use crate::chain::{
-    Formula, GaussianNoise, PolicyState, Program, StagePlan, HEADER_WORDS, NO_GROUP, ST_MEAN,
-    ST_SAVED_MEAN, ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
+    Formula, GaussianNoise, LossScale, LossScaleState, PolicyState, Program, StagePlan,
+    HEADER_WORDS, NO_GROUP, ST_GOOD_STEPS, ST_LOSS_SCALE, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT,
+    ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::non_finite::NonFinitePolicy;
@@ -44,6 +45,8 @@ pub(crate) struct CpuStep {
     /// The step number (noise key).
     pub step: u64,
     pub clamp: Option<ValueClip>,
+    /// The chain's loss scaling (its scale is in the state).
+    pub loss_scale: Option<LossScale>,
 }
 
 /// What `finish` leaves for the later stages and the report.
@@ -287,7 +290,7 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
 /// step).
 fn finish(
     groups: &[NormAcc],
-    param_flags: u32,
+    (param_flags, inv_scale): (u32, f32),
     stage: &StagePlan,
     step: &CpuStep,
     held_before: bool,
@@ -298,6 +301,8 @@ fn finish(
         .given
         .unwrap_or_else(|| norm_reduce::total_acc(groups, norm));
     total.flags |= param_flags;
+    // The norm of the unscaled gradients (a norm scales linearly).
+    let total = total.scaled(inv_scale);
     let block = &mut state.words[stage.state_base..stage.state_base + HEADER_WORDS + stage.history];
     let flags = step.policy.live_flags(total.flags);
     let mut status = if total.flags != 0 {
@@ -348,7 +353,8 @@ fn finish(
     let held = status & STATUS_HELD != 0;
     let every_unit = step.noise.is_some_and(|n| n.sigma > 0.0)
         || step.clamp.is_some()
-        || status & STATUS_NANS_ZEROED != 0;
+        || status & STATUS_NANS_ZEROED != 0
+        || inv_scale != 1.0;
     if !held && (every_unit || coef < 1.0 || coef.is_nan()) {
         status |= STATUS_SCALED;
     }
@@ -392,8 +398,9 @@ fn undo(block: &mut [u32], chain_status: u32, totals: impl Iterator<Item = u32>)
 }
 
 /// `coefs` of one norm stage: multiplies its factor into every unit's coefficient
-/// (`coefs` holds the earlier stages' product; `first` starts it). Returns the units whose
-/// coefficient is now below 1 (NaN counts).
+/// (`coefs` holds the earlier stages' product; `first` starts it), and after the `last`
+/// stage folds in `inv_scale`, the unscaling of a loss-scaled chain. Returns the units
+/// whose chain coefficient is now below 1 (NaN counts).
 #[allow(clippy::too_many_arguments)]
 fn coefs(
     stage: &StagePlan,
@@ -402,19 +409,24 @@ fn coefs(
     finish: &Finish,
     step: &CpuStep,
     coefs: &mut [f32],
-    first: bool,
+    (first, last): (bool, bool),
+    inv_scale: f32,
 ) -> u32 {
     let global = stage.is_global();
     let adaptive = stage.adaptive != abi::ADAPTIVE_NONE;
+    let held = finish.status & STATUS_HELD != 0;
+    let mut clipped = 0;
     for (u, c) in coefs.iter_mut().enumerate() {
         let g = stage.group_of[u];
-        let factor = if finish.status & STATUS_HELD != 0 || g == NO_GROUP {
+        // The norms of the gradients as they arrived, divided by the loss scale.
+        let group = || groups[g as usize].scaled(inv_scale);
+        let factor = if held || g == NO_GROUP {
             1.0
         } else if let (Formula::Agc, Some(w)) = (stage.formula, params) {
             let p = &stage.params;
             // The unit's norm as the earlier stages left it: its group of one.
             agc_coef(
-                &groups[g as usize],
+                &group(),
                 &w[u],
                 p.lambda * step.multiplier,
                 p.eps,
@@ -424,16 +436,22 @@ fn coefs(
             finish.coef
         } else {
             norm_coef(
-                &groups[g as usize],
+                &group(),
                 step.norm,
                 stage.thresholds[g as usize] * step.multiplier,
                 stage.formula,
                 step.policy,
             )
         };
-        *c = if first { factor } else { *c * factor };
+        let coef = if first { factor } else { *c * factor };
+        clipped += (coef.is_nan() || coef < 1.0) as u32;
+        *c = if last && !held {
+            coef * inv_scale
+        } else {
+            coef
+        };
     }
-    coefs.iter().filter(|c| c.is_nan() || **c < 1.0).count() as u32
+    clipped
 }
 
 /// Rewrites the elements of `seg` in `g` with `f(x, index in tensor)`.
@@ -496,9 +514,11 @@ fn rewrite(
     let whole = program.units.len() == grads.len()
         && (program.units.iter().enumerate()).all(|(t, s)| s.tensor == t && s.first == 0);
     if noise.is_none() && global && whole {
-        // One coefficient over whole tensors: the tuned elementwise loops.
-        if finish.status & STATUS_SCALED != 0 && (finish.coef != 1.0 || zero_nans) {
-            apply::scale(grads, finish.coef, zero_nans);
+        // One coefficient over whole tensors (the loss scale's unscaling in it, as `coefs`
+        // folds it): the tuned elementwise loops.
+        let coef = coefs.first().copied().unwrap_or(1.0);
+        if finish.status & STATUS_SCALED != 0 && (coef != 1.0 || zero_nans) {
+            apply::scale(grads, coef, zero_nans);
         }
         if let Some(clip) = &step.clamp {
             apply::clamp(grads, clip);
@@ -564,8 +584,11 @@ pub(crate) struct Outcome {
     /// The parameters' unit norms (L2), for AGC.
     pub w_units: Option<Vec<NormAcc>>,
     pub stages: Vec<StageRun>,
-    /// The coefficient of every unit (the product over the stages).
+    /// The coefficient of every unit (the product over the stages, times the unscaling
+    /// of a loss-scaled chain).
     pub coefs: Vec<f32>,
+    /// The loss scale this step divided by (1 without loss scaling) and the next one.
+    pub loss_scale: (f32, f32),
 }
 
 /// The gradients of a step: read, and written when its recording ends in a rewrite.
@@ -629,7 +652,7 @@ pub(crate) fn execute(
             }
             Dispatch::Groups(k) => {
                 if !std::mem::replace(&mut begun, true) {
-                    begin(program, out);
+                    begin(program, step, state, out);
                 }
                 let Outcome {
                     units,
@@ -649,7 +672,7 @@ pub(crate) fn execute(
             }
             Dispatch::Finish { stage: k, .. } => {
                 if !std::mem::replace(&mut begun, true) {
-                    begin(program, out);
+                    begin(program, step, state, out);
                 }
                 finish_stage(k, program, step, state, out);
             }
@@ -658,6 +681,7 @@ pub(crate) fn execute(
                     w_units,
                     stages,
                     coefs: unit_coefs,
+                    loss_scale,
                     ..
                 } = out;
                 let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
@@ -669,11 +693,21 @@ pub(crate) fn execute(
                 };
                 let stage = &program.stages[k];
                 let w = w_units.as_deref();
-                stages[k].clipped =
-                    coefs(stage, &stages[k].groups, w, &seen, step, unit_coefs, k == 0);
+                let place = (k == 0, k + 1 == program.stages.len());
+                let groups = &stages[k].groups;
+                stages[k].clipped = coefs(
+                    stage,
+                    groups,
+                    w,
+                    &seen,
+                    step,
+                    unit_coefs,
+                    place,
+                    1.0 / loss_scale.0,
+                );
             }
             Dispatch::Undo(k) => {
-                let merged = *verdict.get_or_insert_with(|| close(program, state, out));
+                let merged = *verdict.get_or_insert_with(|| close(program, step, state, out));
                 let stage = &program.stages[k];
                 let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
                 let totals = out.stages[..=k].iter().map(|s| s.finish.total.flags);
@@ -681,7 +715,7 @@ pub(crate) fn execute(
             }
             Dispatch::Rewrite { indirect } => {
                 if begun && verdict.is_none() {
-                    verdict = Some(close(program, state, out));
+                    verdict = Some(close(program, step, state, out));
                 }
                 let Grads::Write(g) = &mut grads else {
                     unreachable!("a recording that rewrites is executed on writable gradients")
@@ -702,7 +736,7 @@ pub(crate) fn execute(
         }
     }
     if begun && verdict.is_none() {
-        close(program, state, out);
+        close(program, step, state, out);
     }
     if begun {
         // As a state read from the device has them (`PolicyState::from_device`).
@@ -712,8 +746,14 @@ pub(crate) fn execute(
     }
 }
 
-/// Starts the stages of a step: every unit's coefficient 1, one output per stage.
-fn begin(program: &Program, out: &mut Outcome) {
+/// Starts the stages of a step: every unit's coefficient 1, one output per stage, the loss
+/// scale read from the state.
+fn begin(program: &Program, step: &CpuStep, state: &PolicyState, out: &mut Outcome) {
+    let scale = match step.loss_scale {
+        Some(_) => f32::from_bits(state.words[ST_LOSS_SCALE]),
+        None => 1.0,
+    };
+    out.loss_scale = (scale, scale);
     out.coefs.clear();
     out.coefs.resize(program.units.len(), 1.0);
     out.stages.truncate(program.stages.len());
@@ -744,6 +784,7 @@ fn finish_stage(
         units,
         w_units,
         stages,
+        loss_scale,
         ..
     } = out;
     let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
@@ -761,13 +802,21 @@ fn finish_stage(
             .fold(0, |f, (_, a)| f | a.flags),
         _ => 0,
     };
-    run.finish = finish(&run.groups, param_flags, stage, step, held_before, state);
+    let inv_scale = 1.0 / loss_scale.0;
+    run.finish = finish(
+        &run.groups,
+        (param_flags, inv_scale),
+        stage,
+        step,
+        held_before,
+        state,
+    );
 }
 
 /// The chain's verdict once every stage has finished, in the first stage: any stage that
 /// finds non-finite values holds or skips the step; one skip counter, in the state's
-/// first block. Returns the merged status.
-fn close(program: &Program, state: &mut PolicyState, out: &mut Outcome) -> u32 {
+/// first block; then the loss scale moves. Returns the merged status.
+fn close(program: &Program, step: &CpuStep, state: &mut PolicyState, out: &mut Outcome) -> u32 {
     let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
     let stages = &mut out.stages[..program.stages.len()];
     let merged = (stages.iter()).fold(0, |m, s| m | (s.finish.status & verdict));
@@ -784,6 +833,16 @@ fn close(program: &Program, state: &mut PolicyState, out: &mut Outcome) -> u32 {
         } else {
             s.finish.status |= merged & STATUS_HELD;
         }
+    }
+    if let Some(rule) = &step.loss_scale {
+        let now = LossScaleState {
+            scale: out.loss_scale.0,
+            finite_steps: state.words[ST_GOOD_STEPS],
+        };
+        let next = rule.next(now, skipped);
+        state.words[ST_LOSS_SCALE] = next.scale.to_bits();
+        state.words[ST_GOOD_STEPS] = next.finite_steps;
+        out.loss_scale.1 = next.scale;
     }
     merged
 }

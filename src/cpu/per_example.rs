@@ -99,6 +99,7 @@ pub(crate) fn clip_per_example(
         noise: None,
         step,
         clamp: None,
+        loss_scale: None,
     };
     // The recording the GPU replays before its per-example sum: the coefficients.
     let mut recording = Vec::new();

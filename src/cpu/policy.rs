@@ -146,6 +146,7 @@ impl CpuPolicy {
             noise: policy.noise,
             step: self.state.step,
             clamp: policy.value,
+            loss_scale: policy.loss_scale,
         })
     }
 
@@ -281,12 +282,14 @@ impl CpuPolicy {
                     status: s.finish.status,
                     clipped: s.clipped,
                     skips: s.finish.skips,
+                    loss_scale: out.loss_scale,
                 })
                 .collect(),
             units: self.program.units.len() as u32,
             policy: step.policy,
             shape: self.shape.clone(),
             detail,
+            loss_scaled: step.loss_scale.is_some(),
         }
         .report()
     }

@@ -3,7 +3,7 @@
 //! device (`shaders/deferred.wgsl`).
 
 use crate::chain::UnitLayout;
-use crate::shaders::abi::{STATUS_HELD, STATUS_WORD};
+use crate::shaders::abi::{STATUS_HELD, STATUS_WORD, ST_LOSS_SCALE};
 
 /// The coefficients of a deferred clip on the device, with the WGSL that reads them.
 #[derive(Debug)]
@@ -44,5 +44,31 @@ impl DeferredClip<'_> {
             .replace("{zero_nans}", if self.zero_nans { "true" } else { "false" })
             .replace("{status_word}", &STATUS_WORD.to_string())
             .replace("{held}", &STATUS_HELD.to_string())
+    }
+}
+
+/// Where a loss-scaled chain keeps its scale on the device
+/// ([`crate::GpuClipper::loss_scale_on_device`]), with the WGSL that reads it: a pass of
+/// your own multiplies the next loss by it with no read-back. The scale is the one the
+/// chain's next step expects; every step updates it on the device, in submission order.
+#[derive(Debug, Clone, Copy)]
+pub struct LossScaleBinding<'a> {
+    pub(crate) state: &'a wgpu::Buffer,
+}
+
+impl LossScaleBinding<'_> {
+    /// The chain's device state, read-only storage: bind it where
+    /// [`LossScaleBinding::wgsl`] declares `gradclip_loss_state`.
+    pub fn state(&self) -> wgpu::BindingResource<'_> {
+        self.state.as_entire_binding()
+    }
+
+    /// The WGSL to put in front of a caller's shader: the binding `gradclip_loss_state`
+    /// (bind group `group`, binding `binding`) and the function `gradclip_loss_scale()`.
+    pub fn wgsl(&self, group: u32, binding: u32) -> String {
+        crate::shaders::loss_scale_template()
+            .replace("{group}", &group.to_string())
+            .replace("{binding}", &binding.to_string())
+            .replace("{word}", &ST_LOSS_SCALE.to_string())
     }
 }

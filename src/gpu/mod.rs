@@ -17,7 +17,7 @@ mod tensor;
 
 pub use accumulate::GpuAccumulator;
 pub use context::GpuContext;
-pub use deferred::DeferredClip;
+pub use deferred::{DeferredClip, LossScaleBinding};
 pub use optimizer::GpuOptimizer;
 pub use per_example::GpuPerExample;
 pub use policy::GpuPolicy;

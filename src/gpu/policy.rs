@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::context::GpuContext;
-use super::deferred::DeferredClip;
+use super::deferred::{DeferredClip, LossScaleBinding};
 use super::engine::{Engine, Mode, Step};
 use super::readback::{
     decode_stages, decode_units, words_in, PendingReport, Readback, ReadbackLayout,
@@ -231,7 +231,18 @@ impl GpuPolicy {
             keys_bf16,
             ..StepParams::default()
         };
-        Ok(params)
+        Ok(match policy.loss_scale {
+            Some(ls) => StepParams {
+                loss_scaling: 1,
+                growth: ls.growth,
+                backoff: ls.backoff,
+                growth_interval: ls.growth_interval,
+                min_scale: ls.min,
+                max_scale: ls.max,
+                ..params
+            },
+            None => params,
+        })
     }
 
     /// The engine, for configurations that add their own dispatches.
@@ -350,6 +361,7 @@ impl GpuPolicy {
         let nf = self.policy.non_finite;
         let shape = self.shape.clone();
         let noise_std = self.policy.noise.map_or(0.0, |n| n.sigma);
+        let loss_scaled = self.policy.loss_scale.is_some();
         let layout = self.engine.layout();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
             PolicyOutcome {
@@ -361,6 +373,7 @@ impl GpuPolicy {
                 policy: nf,
                 detail: detail.then(|| decode_units(w, &layout)),
                 shape,
+                loss_scaled,
             }
             .report()
         }))
@@ -468,6 +481,14 @@ impl GpuPolicy {
             mode,
             detail: self.policy.report_groups,
         }
+    }
+
+    /// Where the loss scale of the next step lives on the device
+    /// ([`crate::ClipPolicy::loss_scale`]); `None` for a chain without loss scaling.
+    pub fn loss_scale_on_device(&self) -> Option<LossScaleBinding<'_>> {
+        self.policy.loss_scale.is_some().then(|| LossScaleBinding {
+            state: self.engine.state_buffer(),
+        })
     }
 
     /// Checks that the next step can be recorded (its schedule, its pipelines on this

@@ -425,6 +425,7 @@ pub(crate) fn decode_stages(words: &[u32], layout: &ReadbackLayout) -> Vec<Stage
                 status: h.status,
                 clipped: h.clipped,
                 skips: h.skips,
+                loss_scale: (h.loss_scale, h.next_scale),
             }
         })
         .collect()

@@ -105,6 +105,11 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         self.inner.policy()
     }
 
+    /// Where this rank keeps the loss scale on the device.
+    pub fn loss_scale_on_device(&self) -> Option<super::LossScaleBinding<'_>> {
+        self.inner.loss_scale_on_device()
+    }
+
     /// This rank's shard.
     pub fn shard(&self) -> &Shard {
         &self.shard

@@ -32,7 +32,7 @@ enum Field {
 }
 
 /// The per-step columns shared by the CSV and JSON-lines outputs, in order.
-const COLUMNS: [&str; 11] = [
+const COLUMNS: [&str; 12] = [
     "step",
     "total_norm",
     "total_norm_after",
@@ -44,10 +44,11 @@ const COLUMNS: [&str; 11] = [
     "skipped",
     "non_finite",
     "nans_zeroed",
+    "loss_scale",
 ];
 
 /// A step's values of [`COLUMNS`].
-fn values(r: &ClipReport) -> [Field; 11] {
+fn values(r: &ClipReport) -> [Field; 12] {
     [
         Field::Int(r.step),
         Field::Num(r.total_norm),
@@ -61,6 +62,7 @@ fn values(r: &ClipReport) -> [Field; 11] {
         Field::Bool(r.skipped),
         Field::Bool(r.non_finite),
         Field::Bool(r.nans_zeroed),
+        Field::Opt(r.loss_scale.map(|l| f64::from(l.scale))),
     ]
 }
 

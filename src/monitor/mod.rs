@@ -120,6 +120,25 @@ impl GradMonitor {
     }
 
     #[cfg(feature = "plot")]
+    /// The loss scale of every step of a loss-scaled chain
+    /// ([`crate::ClipPolicy::loss_scale`]) on a log axis: it drops at each skipped step
+    /// (an overflow) and climbs after runs of finite ones.
+    pub fn loss_scale_chart(&self) -> LineChart {
+        let points = (self.records.iter())
+            .filter_map(|r| Some((r.step as f64, f64::from(r.loss_scale?.scale))))
+            .collect();
+        LineChart::new("Loss scale per step", "step", "scale")
+            .log_y(true)
+            .line("scale", points)
+    }
+
+    #[cfg(feature = "plot")]
+    /// Saves [`GradMonitor::loss_scale_chart`] as PNG or SVG (by the extension of `path`).
+    pub fn plot_loss_scale(&self, path: impl AsRef<Path>) -> Result<(), ClipError> {
+        self.loss_scale_chart().save(path)
+    }
+
+    #[cfg(feature = "plot")]
     /// Per-tensor norms before and after clipping at the last step that has them.
     pub fn layers_chart(&self, log_y: bool) -> BarChart {
         let last = self
@@ -156,8 +175,9 @@ impl GradMonitor {
     }
 
     /// Writes one CSV row per step: `step, total_norm, total_norm_after, threshold, coef,
-    /// clipped, clipped_units, units, skipped, non_finite, nans_zeroed` (empty cells
-    /// where a value does not apply).
+    /// clipped, clipped_units, units, skipped, non_finite, nans_zeroed, loss_scale` (empty
+    /// cells where a value does not apply; `loss_scale` is the scale the step's gradients
+    /// carried, for a loss-scaled chain).
     pub fn write_csv(&self, path: impl AsRef<Path>) -> Result<(), ClipError> {
         export::write(path.as_ref(), |out| export::steps_csv(&self.records, out))
     }

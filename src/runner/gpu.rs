@@ -5,7 +5,7 @@ use crate::chain::{ClipPolicy, PerExampleClip, PolicyState, TensorInfo};
 use crate::error::ClipError;
 use crate::gpu::{
     DeferredClip, GpuAccumulator, GpuContext, GpuOptimizer, GpuPerExample, GpuPolicy, GpuTensor,
-    PendingReport, ShardedGpuPolicy,
+    LossScaleBinding, PendingReport, ShardedGpuPolicy,
 };
 use crate::norm::PartialNorm;
 use crate::optim::{Optimizer, OptimizerState};
@@ -61,6 +61,10 @@ impl GpuClipper<Plain> {
         pub fn rebind(&mut self, grads: &[GpuTensor<'_>], params: Option<&[GpuTensor<'_>]>) -> Result<(), ClipError>;
         /// The chain it runs.
         pub fn policy(&self) -> &ClipPolicy;
+        /// Where a loss-scaled chain ([`ClipPolicy::loss_scale`]) keeps the scale of the
+        /// next step on the device, with the WGSL that reads it: multiply the next loss by
+        /// it in a pass of your own, no read-back needed. `None` without loss scaling.
+        pub fn loss_scale_on_device(&self) -> Option<LossScaleBinding<'_>>;
         /// Number of units (tensors, or AGC units) the chain scales.
         pub fn units(&self) -> usize;
         /// Steps taken so far: the next step's number.
@@ -140,6 +144,12 @@ impl GpuClipper<Accumulate> {
     /// compute pass; `None` stops it.
     pub fn set_clip_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>) {
         self.inner.policy_mut().set_timestamp_writes(timestamps)
+    }
+
+    /// Where a loss-scaled chain ([`ClipPolicy::loss_scale`]) keeps the scale of the next
+    /// step on the device (see [`GpuClipper::loss_scale_on_device`] of `Plain`).
+    pub fn loss_scale_on_device(&self) -> Option<LossScaleBinding<'_>> {
+        self.inner.policy().loss_scale_on_device()
     }
 
     /// The chain it runs at every boundary.
@@ -239,6 +249,12 @@ impl GpuClipper<Optimize> {
         pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>);
     }
 
+    /// Where a loss-scaled chain ([`ClipPolicy::loss_scale`]) keeps the scale of the next
+    /// step on the device (see [`GpuClipper::loss_scale_on_device`] of `Plain`).
+    pub fn loss_scale_on_device(&self) -> Option<LossScaleBinding<'_>> {
+        self.inner.policy().loss_scale_on_device()
+    }
+
     /// The chain it runs.
     pub fn policy(&self) -> &ClipPolicy {
         self.inner.policy().policy()
@@ -278,6 +294,10 @@ impl<C: Collective> GpuClipper<Sharded<C>> {
         pub fn step(&mut self) -> Result<ClipReport, ClipError>;
         /// The chain it runs.
         pub fn policy(&self) -> &ClipPolicy;
+        /// Where a loss-scaled chain ([`ClipPolicy::loss_scale`]) keeps the scale of the
+        /// next step on this rank on the device, with the WGSL that reads it: multiply the next loss by
+        /// it in a pass of your own, no read-back needed. `None` without loss scaling.
+        pub fn loss_scale_on_device(&self) -> Option<LossScaleBinding<'_>>;
         /// Moves this rank onto new buffer ranges of the same local tensors (same names,
         /// shapes, lengths and order; dtypes may change), keeping its state and step count:
         /// for gradients a memory pool relocates between steps. No exchange with the other

@@ -118,9 +118,18 @@ abi_structs! {
         /// decay factor `1 - lr * weight_decay` (rounded once, on the host).
         pub lr: f32,
         pub decay: f32,
+        /// 1: the chain is loss scaled ([`crate::LossScale`]): every norm is divided by
+        /// the scale in the state (`ST_LOSS_SCALE`), and the last stage updates it.
+        pub loss_scaling: u32,
+        /// The scale's update rule: times `growth` after `growth_interval` finite steps
+        /// in a row, times `backoff` after a skipped step, kept in `[min_scale,
+        /// max_scale]`.
+        pub growth: f32,
+        pub backoff: f32,
+        pub growth_interval: u32,
+        pub min_scale: f32,
+        pub max_scale: f32,
         pub _pad0: u32,
-        pub _pad1: u32,
-        pub _pad2: u32,
     }
 
     /// Per-dispatch parameters, fixed when a batch is planned.
@@ -138,8 +147,11 @@ abi_structs! {
         /// The norm stage (its report) and the first word of its state block.
         pub stage: u32,
         pub state_base: u32,
+        /// 1 for the chain's last norm stage: its `finish` updates the loss scale once
+        /// the chain's verdict is known, its `coefs` fold `1 / scale` into the
+        /// coefficients.
+        pub last: u32,
         pub _pad0: u32,
-        pub _pad1: u32,
     }
 
     /// The numbers of one norm stage's rule, fixed when a chain is planned.
@@ -179,7 +191,12 @@ abi_structs! {
         /// The step's tag, copied in by its encoder (stage 0's report): a value clip
         /// alone, which has no `finish`, checks its parameter slot with it.
         pub tag: u32,
-        pub _pad2: u32,
+        /// Stage 0's report: the loss scale this step's norms were divided by (1 when the
+        /// chain is not loss scaled), and the one the next step uses.
+        pub loss_scale: f32,
+        pub next_scale: f32,
+        pub _pad0: u32,
+        pub _pad1: u32,
     }
 
     /// One tensor of a per-example (DP-SGD) sum.
@@ -328,7 +345,11 @@ pub(crate) const ST_CAP: u32 = 5;
 pub(crate) const ST_SAVED_SLOT: u32 = 6;
 pub(crate) const ST_SAVED_MEAN: u32 = 7;
 pub(crate) const ST_SAVED_VAR: u32 = 8;
-pub(crate) const ST_HEADER: u32 = 9;
+/// The loss scale and the finite steps in a row since it last changed (first block only:
+/// one scale per chain).
+pub(crate) const ST_LOSS_SCALE: u32 = 9;
+pub(crate) const ST_GOOD_STEPS: u32 = 10;
+pub(crate) const ST_HEADER: u32 = 11;
 
 /// Parameter slots per engine: up to this many steps may be encoded before a submission.
 pub(crate) const STEP_SLOTS: u32 = 64;
@@ -384,6 +405,8 @@ const CONSTS: &[(&str, u32)] = &[
     ("ST_MEAN", ST_MEAN),
     ("ST_VAR", ST_VAR),
     ("ST_HEADER", ST_HEADER),
+    ("ST_LOSS_SCALE", ST_LOSS_SCALE),
+    ("ST_GOOD_STEPS", ST_GOOD_STEPS),
     ("ADAPTIVE_NONE", ADAPTIVE_NONE),
     ("ADAPTIVE_AUTOCLIP", ADAPTIVE_AUTOCLIP),
     ("ADAPTIVE_ZCLIP", ADAPTIVE_ZCLIP),

@@ -72,12 +72,18 @@ impl Family {
 /// The include of deferred scaling (`shaders/deferred.wgsl`) with its imports resolved
 /// and its placeholders (`{group}`, ...) still in place.
 pub(crate) fn deferred_template() -> String {
+    template(include_str!("../../shaders/deferred.wgsl"))
+}
+
+/// The include that reads a loss scale (`shaders/loss_scale.wgsl`), placeholders in place.
+pub(crate) fn loss_scale_template() -> String {
+    template(include_str!("../../shaders/loss_scale.wgsl"))
+}
+
+/// A caller's include with its imports resolved.
+fn template(text: &str) -> String {
     let mut out = String::new();
-    resolve(
-        include_str!("../../shaders/deferred.wgsl"),
-        &mut Vec::new(),
-        &mut out,
-    );
+    resolve(text, &mut Vec::new(), &mut out);
     out
 }
 

@@ -223,6 +223,7 @@ impl Engine {
             let stage = DispatchParams {
                 global: st.is_global() as u32,
                 first: (k == 0) as u32,
+                last: (k + 1 == program.stages.len()) as u32,
                 stage: k as u32,
                 state_base: st.state_base as u32,
                 ..DispatchParams::default()
@@ -247,6 +248,8 @@ impl Engine {
             n_chunks: direct_chunks as u32,
             global: 1,
             first: 1,
+            // Only a single stage finishes from the partials.
+            last: 1,
             state_base: program.stages[0].state_base as u32,
             ..DispatchParams::default()
         });

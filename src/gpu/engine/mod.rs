@@ -165,6 +165,11 @@ impl Engine {
         })
     }
 
+    /// The device state (for a caller's pass that reads the loss scale).
+    pub(crate) fn state_buffer(&self) -> &wgpu::Buffer {
+        &self.state
+    }
+
     /// Reads the device state back (waits for the GPU).
     pub(crate) fn read_state(&self) -> Result<Vec<u32>, ClipError> {
         super::readback::read_words(&self.ctx, &self.state)
