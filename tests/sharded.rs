@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::sharded::{check_all, gpt2_tiny, local, values, On};
 use gradclip::{
-    ClipError, ClipPolicy, Collective, CpuClipper, GradMut, Rule, Schedule, Shard, SingleRank,
-    TensorInfo, ThreadCollective,
+    ClipError, ClipPolicy, Collective, CpuClipper, GradMut, LossScale, Rule, Schedule, Shard,
+    SingleRank, TensorInfo, ThreadCollective,
 };
 
 /// Runs `f` on `n` thread ranks and returns what each returned.
@@ -210,12 +210,12 @@ fn ranks_at_different_steps_all_fail_and_change_nothing() {
 }
 
 /// What ranks must agree on at every step is exchanged exactly: custom schedules of one
-/// name whose factors differ, and step numbers that differ only beyond f64's 53 bits,
-/// fail every rank with nothing changed.
+/// name whose factors differ, step numbers that differ only beyond f64's 53 bits, and
+/// loss scales of states restored apart fail every rank with nothing changed.
 #[test]
 fn ranks_whose_factors_or_far_steps_differ_all_fail_and_change_nothing() {
     let infos = gpt2_tiny();
-    for case in ["schedule", "steps"] {
+    for case in ["schedule", "steps", "loss scale"] {
         let out = on_ranks(2, |c| {
             let shard = Shard::even(&infos, c.rank(), 2).unwrap();
             let factor = if case == "schedule" && c.rank() == 1 {
@@ -224,8 +224,21 @@ fn ranks_whose_factors_or_far_steps_differ_all_fail_and_change_nothing() {
                 0.5
             };
             let schedule = Schedule::custom("decay", move |s| factor.powi(s as i32 + 1));
-            let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3)).schedule(schedule);
-            let mut p = CpuClipper::sharded(policy, &infos, shard.clone(), &c).unwrap();
+            let policy = ClipPolicy::new(Rule::GlobalNorm(1e-3))
+                .schedule(schedule)
+                .loss_scale(LossScale::dynamic());
+            let mut p = CpuClipper::sharded(policy.clone(), &infos, shard.clone(), &c).unwrap();
+            if case == "loss scale" && c.rank() == 1 {
+                // A state whose scale backed off after an overflow, at the same step.
+                let mut other = CpuClipper::new(policy, &infos).unwrap();
+                let mut full = values(&infos, 0, 0);
+                full[0][0] = f32::INFINITY;
+                let mut g: Vec<GradMut<'_>> = full.iter_mut().map(|v| GradMut::F32(v)).collect();
+                other.step(&mut g, None).unwrap();
+                let backed_off = other.state().clone().with_steps_taken(0);
+                assert_eq!(backed_off.loss_scale().unwrap().scale, 32768.0);
+                p.set_state(&backed_off).unwrap();
+            }
             if case == "steps" {
                 let far = (1u64 << 53) + c.rank() as u64;
                 p.set_state(&p.state().clone().with_steps_taken(far))

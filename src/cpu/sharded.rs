@@ -99,6 +99,7 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         });
         let norm = self.inner.policy().norm;
         let step_number = self.inner.state().step;
+        let scale = self.inner.state().loss_scale().map_or(0.0, |l| l.scale);
         let needs_params = self.inner.program().needs_params();
         let params = params.filter(|_| needs_params);
         if let Ok(step) = &checked {
@@ -122,7 +123,8 @@ impl<C: Collective> ShardedCpuPolicy<C> {
         }
         let local = checked.as_ref().map(|_| ()).map_err(Clone::clone);
         let factor = checked.as_ref().map_or(0.0, |s| s.multiplier);
-        table::all_reduce(&self.comm, &mut parts, (step_number, factor), local)?;
+        let key = (step_number, factor, scale);
+        table::all_reduce(&self.comm, &mut parts, key, local)?;
         let step = checked?;
         // The second half, from the merged unit norms.
         (self.inner).execute(Mode::FromUnits, Grads::Write(grads), None, &step);

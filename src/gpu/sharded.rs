@@ -27,6 +27,10 @@ pub struct ShardedGpuPolicy<C: Collective> {
     inner: GpuPolicy,
     shard: Shard,
     comm: C,
+    /// The loss scale of the next step (0 without loss scaling), as the last report or
+    /// restored state gave it: every step waits for its report, so the host knows it
+    /// without reading the device, and the ranks check that they agree on it.
+    loss_scale: f32,
 }
 
 impl<C: Collective> std::fmt::Debug for ShardedGpuPolicy<C> {
@@ -95,7 +99,12 @@ impl<C: Collective> ShardedGpuPolicy<C> {
             return Err((e, comm));
         }
         match planned {
-            Ok((_, inner)) => Ok(ShardedGpuPolicy { inner, shard, comm }),
+            Ok((_, inner)) => Ok(ShardedGpuPolicy {
+                loss_scale: inner.policy().loss_scale.map_or(0.0, |l| l.init),
+                inner,
+                shard,
+                comm,
+            }),
             Err(e) => Err((e, comm)),
         }
     }
@@ -147,7 +156,9 @@ impl<C: Collective> ShardedGpuPolicy<C> {
 
     /// Restores a saved state; restore the same one on every rank.
     pub fn set_state(&mut self, state: &PolicyState) -> Result<(), ClipError> {
-        self.inner.set_state(state)
+        self.inner.set_state(state)?;
+        self.loss_scale = state.loss_scale().map_or(0.0, |l| l.scale);
+        Ok(())
     }
 
     /// Makes every following step write GPU timestamps (see
@@ -195,11 +206,16 @@ impl<C: Collective> ShardedGpuPolicy<C> {
         }
         let step = self.inner.steps_taken();
         let factor = self.inner.policy().schedule.checked(step).unwrap_or(0.0);
-        table::all_reduce(&self.comm, &mut parts, (step, factor), read.map(|_| ()))?;
+        let key = (step, factor, self.loss_scale);
+        table::all_reduce(&self.comm, &mut parts, key, read.map(|_| ()))?;
         let to_acc = |t: &[NormAcc]| t.iter().map(|a| a.to_acc()).collect::<Vec<_>>();
         let merged_params = needs_params.then(|| to_acc(&w_units));
         (self.inner.engine()).write_units(&to_acc(&units), merged_params.as_deref())?;
         let pending = (self.inner).submit_with(|p, e| p.encode_with(e, Mode::FromUnits))?;
-        pending.wait()
+        let report = pending.wait()?;
+        if let Some(l) = report.loss_scale {
+            self.loss_scale = l.next;
+        }
+        Ok(report)
     }
 }

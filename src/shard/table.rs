@@ -12,13 +12,15 @@ use crate::norm::{Norm, NormAcc};
 /// on its own step so far: a rank that failed (bad input, a device error) still takes part
 /// with empty tables, so no rank waits for it, and then every rank returns an error and
 /// changes nothing: the failing rank its own error, the others [`ClipError::Collective`].
-/// `step` is this rank's step number and `multiplier` its schedule's factor at that step:
-/// ranks at different steps, or whose (custom) schedules give different factors, all fail.
-/// Both are exchanged exactly, as 32-bit halves.
+/// `step` is this rank's step number, `multiplier` its schedule's factor at that step and
+/// `loss_scale` the loss scale its gradients carry (0 without loss scaling): ranks at
+/// different steps, whose (custom) schedules give different factors, or whose loss
+/// scales differ (states restored apart), all fail. All are exchanged exactly, as 32-bit
+/// words.
 pub(crate) fn all_reduce(
     comm: &dyn Collective,
     parts: &mut [(&mut [NormAcc], Norm)],
-    (step, multiplier): (u64, f32),
+    (step, multiplier, loss_scale): (u64, f32, f32),
     local: Result<(), ClipError>,
 ) -> Result<(), ClipError> {
     if local.is_err() {
@@ -35,7 +37,12 @@ pub(crate) fn all_reduce(
     // Then what must agree, and its negation: a rank whose last step failed after the
     // merge (a lost device) is a step behind, and every rank stops here together. A
     // rank that failed this step sends -inf, which changes no maximum.
-    let agree = [step >> 32, step & 0xffff_ffff, multiplier.to_bits() as u64];
+    let agree = [
+        step >> 32,
+        step & 0xffff_ffff,
+        multiplier.to_bits() as u64,
+        loss_scale.to_bits() as u64,
+    ];
     let mine = agree.map(|v| {
         if local.is_ok() {
             v as f64
@@ -51,9 +58,10 @@ pub(crate) fn all_reduce(
     if agreed.iter().zip(&negated).any(|(a, n)| *a != -*n) {
         local?;
         return Err(ClipError::Collective(format!(
-            "the ranks are at different steps or their schedules give different factors \
-             (this one at step {step}, factor {multiplier}): a step failed on some rank, \
-             or their custom schedules differ"
+            "the ranks are at different steps, their schedules give different factors or \
+             their loss scales differ (this one at step {step}, factor {multiplier}, loss \
+             scale {loss_scale}): a step failed on some rank, their custom schedules \
+             differ, or they restored different states"
         )));
     }
     let mut sums: Vec<f64> = (accs().zip(&scales))

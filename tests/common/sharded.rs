@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use gradclip::{
     Agc, AutoClip, ClipError, ClipPolicy, ClipReport, Collective, CpuClipper, GaussianNoise,
-    GpuClipper, GpuContext, GpuTensor, GradMut, GradRef, GroupClip, NonFinitePolicy, PerTensorClip,
-    Rule, Shard, Sharded, TensorInfo, UnitAxis, ZClip,
+    GpuClipper, GpuContext, GpuTensor, GradMut, GradRef, GroupClip, LossScale, NonFinitePolicy,
+    PerTensorClip, Rule, Shard, Sharded, TensorInfo, UnitAxis, ZClip,
 };
 
 use super::{close, download, upload, Host};
@@ -158,6 +158,19 @@ pub fn cases(world: usize) -> Vec<Case> {
                 3,
             )
         },
+        // One rank's NaN skips the step and backs the scale off on every rank; two finite
+        // steps in a row grow it.
+        Case {
+            nan_on: Some(world - 1),
+            ..case(
+                "loss scaled, one rank overflows",
+                ClipPolicy::new(Rule::PerTensor(PerTensorClip { max_norm: 0.3 }))
+                    .then(Rule::GlobalNorm(1.0))
+                    .loss_scale(LossScale::dynamic().init(1024.0).growth(2.0, 2)),
+                false,
+                5,
+            )
+        },
     ]
 }
 
@@ -274,6 +287,7 @@ fn report_matches(case: &str, step: u64, got: &ClipReport, want: &ClipReport, re
     assert_eq!(got.clipped_units, want.clipped_units, "{at}: clipped units");
     assert_eq!(got.units, want.units, "{at}: units");
     assert_eq!(got.consecutive_skips, want.consecutive_skips, "{at}: skips");
+    assert_eq!(got.loss_scale, want.loss_scale, "{at}: loss scale");
     if let (Some(a), Some(b)) = (got.threshold, want.threshold) {
         assert!(close(a as f64, b as f64, rel), "{at}: threshold {a} vs {b}");
     }
@@ -317,6 +331,8 @@ pub fn check_all(comm: &dyn Collective, on: On<'_>) {
             report_matches(case.name, step, &got, &want, 1e-6);
             same_everywhere(&comm, "total norm", got.total_norm);
             same_everywhere(&comm, "coefficient", got.coef.unwrap_or(1.0) as f64);
+            let next_scale = got.loss_scale.map_or(0.0, |l| l.next as f64);
+            same_everywhere(&comm, "next loss scale", next_scale);
             let all = gather(&comm, &parts, &shard, &infos);
             let want: Vec<f64> = want_grads.iter().flat_map(|h| h.to_f64()).collect();
             // The GPU's noise is the CPU's within 2e-6 of sigma (its f32 transcendentals).
