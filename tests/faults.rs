@@ -7,8 +7,9 @@ mod common;
 use common::{backends, download, gpu, gpu_tensors, host, muts, refs, upload, Host};
 use gradclip::{
     Agc, AutoClip, Backend, ClipError, ClipPolicy, Clipper, CpuClipper, GaussianNoise, GpuClipper,
-    GpuContext, GroupClip, NonFinitePolicy, Norm, Optimizer, PerExampleClip, PerTensorClip,
-    PolicyState, Rule, Schedule, Sgd, Shard, SingleRank, TensorInfo, ValueClip, ZClip,
+    GpuContext, GroupClip, LossScale, NonFinitePolicy, Norm, Optimizer, PerExampleClip,
+    PerTensorClip, PolicyState, Rule, Schedule, Sgd, Shard, SingleRank, TensorInfo, ValueClip,
+    ZClip,
 };
 use proptest::prelude::*;
 
@@ -857,6 +858,33 @@ fn every_runner_and_wrapper_refuses_a_state_of_another_chain() {
             match outcome {
                 Err(ClipError::InvalidState(m)) => assert!(m.contains(part), "{cell}, {part}: {m}"),
                 other => panic!("{cell}, {part}: {other:?}"),
+            }
+        }
+    }
+    // A loss-scaled chain's state: taken by every cell of that chain, refused by the same
+    // chain without loss scaling or with another scale rule.
+    let scaled = || meaning_chain().loss_scale(LossScale::dynamic().growth(2.0, 3));
+    let mut run = CpuClipper::new(scaled(), &infos).unwrap();
+    run.step(&mut muts(&mut data), None).unwrap();
+    let saved = PolicyState::from_bytes(&run.state().to_bytes()).unwrap();
+    for (cell, outcome) in restore_in_every_cell(&ctx, &scaled(), &infos, &saved) {
+        assert!(
+            outcome.is_ok(),
+            "{cell}: a loss-scaled state where it belongs: {outcome:?}"
+        );
+    }
+    let others = [
+        meaning_chain().non_finite(NonFinitePolicy::SkipStep),
+        scaled().loss_scale(LossScale::dynamic().growth(2.0, 4)),
+        scaled().loss_scale(LossScale::fixed(65536.0)),
+    ];
+    for policy in others {
+        for (cell, outcome) in restore_in_every_cell(&ctx, &policy, &infos, &saved) {
+            match outcome {
+                Err(ClipError::InvalidState(m)) => {
+                    assert!(m.contains("loss scaling"), "{cell}: {m}")
+                }
+                other => panic!("{cell}, loss scaling: {other:?}"),
             }
         }
     }
