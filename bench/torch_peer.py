@@ -35,6 +35,10 @@ def load_shapes(path):
     return shapes
 
 
+# The loss scale the bench's mixed-precision rows carry (`LOSS_SCALE` of examples/bench.rs).
+LOSS_SCALE = 1024.0
+
+
 def serve(torch):
     """The bench's peer: one request per line on stdin, one answer per line on stdout."""
     cuda = torch.cuda.is_available()
@@ -91,8 +95,27 @@ def serve(torch):
                 opt = torch.optim.AdamW(params, lr=1e-3, **impl)
                 return lambda f: (torch.nn.utils.clip_grad_norm_(params, total * 0.5, foreach=True),
                                   opt.step())
+            # Mixed precision (the gradients carry the loss scale 1024): GradScaler's
+            # unscale_, clip_grad_norm_, then scaler.step and scaler.update, PyTorch's recipe;
+            # it has no way to fuse the unscaling into the clip or the step.
+            def scaled_step(impl):
+                opt = torch.optim.AdamW(params, lr=1e-3, **impl)
+                scaler = torch.amp.GradScaler(device.type, init_scale=LOSS_SCALE,
+                                              growth_interval=2**30)
+
+                def run(_f):
+                    scaler.scale(torch.ones((), device=device))  # starts the iteration
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(params, total * 0.5 / LOSS_SCALE, foreach=True)
+                    scaler.step(opt)
+                    scaler.update()
+                return run
             variants = [(True, "foreach"), (False, "loop")]
-            if req["op"] == "clip + AdamW step, unfused":
+            if req["op"] == "loss-scaled clip + AdamW step, separate passes":
+                op, variants = None, [(scaled_step({"foreach": True}), "GradScaler + AdamW(foreach)")]
+            elif req["op"] == "loss-scaled clip + AdamW step, fused":
+                op, variants = None, [(scaled_step({"fused": True}), "GradScaler + AdamW(fused)")]
+            elif req["op"] == "clip + AdamW step, unfused":
                 op, variants = None, [(step({"foreach": True}), "AdamW(foreach)"),
                                       (step({"foreach": False}), "AdamW(loop)")]
             elif req["op"] == "clip + AdamW step, fused":

@@ -57,7 +57,7 @@ use std::time::Instant;
 
 use gradclip::{
     bf16, f16, Adam, ClipPolicy, ClipReport, CpuClipper, DType, GpuClipper, GpuContext, GpuTensor,
-    Rule, TensorInfo,
+    LossScale, Rule, TensorInfo,
 };
 use rayon::prelude::*;
 use wgpu::util::DeviceExt;
@@ -740,7 +740,7 @@ impl Drop for TorchPeer {
     }
 }
 
-/// A timestamp query pair and the buffers to read it back.
+/// A timestamp query pair (and a scratch slot) and the buffers to read the pair back.
 struct Timestamps {
     set: wgpu::QuerySet,
     resolve: wgpu::Buffer,
@@ -766,7 +766,9 @@ impl Timestamps {
             set: dev.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("bench timestamps"),
                 ty: wgpu::QueryType::Timestamp,
-                count: 2,
+                // Begin and end, and a scratch slot for the end of a step's first pass
+                // when it has two.
+                count: 3,
             }),
             resolve: buffer(wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC),
             readback: buffer(wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST),
@@ -1264,11 +1266,32 @@ fn bench_gpu(
     Ok(())
 }
 
+/// The loss scale the mixed-precision rows' gradients carry (`LOSS_SCALE` of
+/// `bench/torch_peer.py`).
+const LOSS_SCALE: f32 = 1024.0;
+
+/// How a step row runs its clip and its AdamW step.
+#[derive(Clone, Copy, PartialEq)]
+enum StepKind {
+    /// The clip rewrites the gradients, the step reads them again.
+    Unfused,
+    /// The step clips as it reads.
+    Fused,
+    /// Mixed precision as separate passes (PyTorch's recipe): an unscaling pass (here a
+    /// loss-scaled chain that never clips: a read for the overflow check, a rewrite), then
+    /// the unfused clip and step.
+    ScaledSeparate,
+    /// The loss-scaled chain fused into the step: unscaling, overflow check and clip
+    /// cost no pass of their own.
+    ScaledFused,
+}
+
 /// Clip-then-step against the fused step: a global clip that clips, then AdamW (f32
 /// parameters and moments), on the CPU and the GPU. Unfused, the clip rewrites the
 /// gradients and the step reads them again; fused, the step clips as it reads and the
-/// gradients are never written. Floors: the same bytes read and written at the floors'
-/// speeds of this run.
+/// gradients are never written. Then the same with gradients that carry a loss scale:
+/// unscaling, clip and step as separate passes against the loss-scaled chain fused into
+/// the step. Floors: the same bytes read and written at the floors' speeds of this run.
 #[allow(clippy::too_many_arguments)]
 fn bench_steps(
     rows: &mut Vec<Row>,
@@ -1288,18 +1311,42 @@ fn bench_steps(
         .map(|(i, &len)| TensorInfo::new(format!("t{i}"), &[len as u64]))
         .collect();
     let policy = ClipPolicy::new(Rule::GlobalNorm((norm * 0.5) as f32));
+    // The same clip of the gradients divided by the loss scale.
+    let unscaled_clip = ClipPolicy::new(Rule::GlobalNorm((norm * 0.5) as f32 / LOSS_SCALE));
+    let scaled = unscaled_clip
+        .clone()
+        .loss_scale(LossScale::fixed(LOSS_SCALE));
+    let unscale = ClipPolicy::global_norm(f32::MAX).loss_scale(LossScale::fixed(LOSS_SCALE));
     let adamw = Adam::adamw(1e-3);
     let start: Vec<f32> = (0..n).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
-    // (label, fused, bytes read, bytes written)
+    // (label, kind, bytes read, bytes written)
     let state = 3.0 * 4.0 * n as f64; // parameters, m and v: each read and written
+    use StepKind::*;
     let variants = [
         (
             "clip + AdamW step, unfused",
-            false,
+            Unfused,
             3.0 * bytes + state,
             bytes + state,
         ),
-        ("clip + AdamW step, fused", true, 2.0 * bytes + state, state),
+        (
+            "clip + AdamW step, fused",
+            Fused,
+            2.0 * bytes + state,
+            state,
+        ),
+        (
+            "loss-scaled clip + AdamW step, separate passes",
+            ScaledSeparate,
+            5.0 * bytes + state,
+            2.0 * bytes + state,
+        ),
+        (
+            "loss-scaled clip + AdamW step, fused",
+            ScaledFused,
+            2.0 * bytes + state,
+            state,
+        ),
     ];
     // A floor of `read` bytes read and `written` of them written back.
     let floor_of = |read_ms: f64, rw_ms: f64, read: f64, written: f64| {
@@ -1340,24 +1387,43 @@ fn bench_steps(
             g.reset(ctx, ts.as_ref())?;
             Ok([ts.as_ref().map_or(Ok(f64::NAN), |t| t.read_ms(ctx))?])
         })?;
-        // One optimizer for both variants: its state goes on, which costs the same.
+        // One optimizer per chain, for every variant of it: its state goes on, which costs
+        // the same.
         let mut opt =
             GpuClipper::with_optimizer(ctx, &grads, &param_tensors, policy.clone(), adamw)?;
-        opt.set_timestamp_writes(ts.as_ref().map(|t| (t.set.clone(), 0, 1)));
-        for (label, fused, read, written) in variants {
+        let mut opt_unscaled =
+            GpuClipper::with_optimizer(ctx, &grads, &param_tensors, unscaled_clip.clone(), adamw)?;
+        let mut opt_scaled =
+            GpuClipper::with_optimizer(ctx, &grads, &param_tensors, scaled.clone(), adamw)?;
+        let mut unscaling = GpuClipper::new(ctx, &grads, None, unscale.clone())?;
+        // Timestamps around every pass of a step: the first pass starts, the last ends.
+        let stamp = |begin, end| ts.as_ref().map(|t| (t.set.clone(), begin, end));
+        for (label, kind, read, written) in variants {
+            match kind {
+                Unfused | Fused => opt.set_timestamp_writes(stamp(0, 1)),
+                ScaledSeparate => {
+                    unscaling.set_timestamp_writes(stamp(0, 2));
+                    opt_unscaled.set_timestamp_writes(stamp(2, 1));
+                }
+                ScaledFused => opt_scaled.set_timestamp_writes(stamp(0, 1)),
+            }
             // The unfused runs leave the gradients clipped: every variant starts pristine.
             g.reset(ctx, None)?;
             let mut labelled = true;
             let [ms, wall] = medians(runs, || {
-                if !fused {
+                if kind != Fused && kind != ScaledFused {
                     g.reset(ctx, None)?;
                 }
                 let t = Instant::now();
                 let mut enc = ctx.device().create_command_encoder(&Default::default());
-                let pending = if fused {
-                    opt.encode(&mut enc)?
-                } else {
-                    opt.encode_in_place(&mut enc)?
+                let pending = match kind {
+                    Unfused => opt.encode_in_place(&mut enc)?,
+                    Fused => opt.encode(&mut enc)?,
+                    ScaledSeparate => {
+                        drop(unscaling.encode(&mut enc)?);
+                        opt_unscaled.encode_in_place(&mut enc)?
+                    }
+                    ScaledFused => opt_scaled.encode(&mut enc)?,
                 };
                 ctx.queue().submit([enc.finish()]);
                 labelled &= pending.wait()?.clipped_units > 0;
@@ -1387,22 +1453,29 @@ fn bench_steps(
     }
     let mut work = pristine.clone();
     let mut opt = CpuClipper::with_optimizer(policy.clone(), &infos, adamw)?;
+    let mut opt_unscaled = CpuClipper::with_optimizer(unscaled_clip, &infos, adamw)?;
+    let mut opt_scaled = CpuClipper::with_optimizer(scaled, &infos, adamw)?;
+    let mut unscaling = CpuClipper::new(unscale, &infos)?;
     let mut params = start;
-    for (label, fused, read, written) in variants {
+    for (label, kind, read, written) in variants {
         let mut floor_runs = FloorRuns::default();
         let mut labelled = true;
         let [ms] = medians(runs, || {
             floor_buffers.sample(Op::Clipping, &mut floor_runs);
-            if !fused {
+            if kind != Fused && kind != ScaledFused {
                 work.reset_from(pristine);
             }
             let mut p = common::split_mut(&mut params, lens);
             let (grads, mut in_place) = (pristine.refs(lens), work.muts(lens));
             let t = Instant::now();
-            let report = if fused {
-                opt.step(&grads, &mut p)?
-            } else {
-                opt.step_in_place(&mut in_place, &mut p)?
+            let report = match kind {
+                Unfused => opt.step_in_place(&mut in_place, &mut p)?,
+                Fused => opt.step(&grads, &mut p)?,
+                ScaledSeparate => {
+                    unscaling.step(&mut in_place, None)?;
+                    opt_unscaled.step_in_place(&mut in_place, &mut p)?
+                }
+                ScaledFused => opt_scaled.step(&grads, &mut p)?,
             };
             let ms = ms_since(t);
             labelled &= report.clipped_units > 0;
