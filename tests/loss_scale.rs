@@ -424,6 +424,28 @@ fn states_carry_their_loss_scale() {
     assert_eq!(scaled.state().loss_scale().unwrap().scale, 65536.0);
 }
 
+/// The monitor keeps the scale of every step: its CSV's last column, its chart.
+#[test]
+fn the_monitor_records_the_scale() {
+    let mut monitor = gradclip::GradMonitor::new();
+    let mut run = CpuClipper::new(chain(65536.0), &infos()).unwrap();
+    for row in &rows()[..3] {
+        let mut grads = scaled(row, 1.0, false);
+        monitor.record(run.step(&mut common::muts(&mut grads), None).unwrap());
+    }
+    let dir = std::env::temp_dir().join(format!("gradclip-loss-scale-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    monitor.write_csv(dir.join("steps.csv")).unwrap();
+    let csv = std::fs::read_to_string(dir.join("steps.csv")).unwrap();
+    let last: Vec<&str> = (csv.lines())
+        .map(|l| l.rsplit(',').next().unwrap())
+        .collect();
+    assert_eq!(last, ["loss_scale", "65536", "65536", "65536"]);
+    monitor.plot_loss_scale(dir.join("scale.svg")).unwrap();
+    assert!(std::fs::metadata(dir.join("scale.svg")).unwrap().len() > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn bad_loss_scales_are_refused() {
     let refused = |ls: LossScale| {

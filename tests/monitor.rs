@@ -125,7 +125,7 @@ fn csv_and_jsonl_hold_every_step() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "step,total_norm,total_norm_after,threshold,coef,clipped,clipped_units,units,skipped,non_finite,nans_zeroed"
+        "step,total_norm,total_norm_after,threshold,coef,clipped,clipped_units,units,skipped,non_finite,nans_zeroed,loss_scale"
     );
     assert_eq!(lines.len(), 7);
     let row: Vec<&str> = lines[4].split(',').collect();
@@ -133,6 +133,7 @@ fn csv_and_jsonl_hold_every_step() {
     assert!(close(row[1].parse().unwrap(), 8.0, 1e-6));
     assert!(close(row[2].parse().unwrap(), 1.0, 1e-6));
     assert_eq!((row[3], row[5], row[8]), ("1", "true", "false"));
+    assert_eq!(row[11], "", "no loss scale without loss scaling");
     assert!(close(row[4].parse().unwrap(), 0.125, 1e-6));
     assert_eq!(
         lines[1].split(',').nth(5),

@@ -28,7 +28,7 @@ use burn::nn::{
 use burn::optim::{GradientsParams, ModuleOptimizer, MultiGradientsParams, SgdConfig};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use gradclip::{
-    Agc, ClipPolicy, ClipReport, CpuClipper, GaussianNoise, GradMut, GradRef, GroupClip,
+    Agc, ClipPolicy, ClipReport, CpuClipper, GaussianNoise, GradMut, GradRef, GroupClip, LossScale,
     PerTensorClip, Rule, TensorInfo, UnitAxis,
 };
 use gradclip_burn::{
@@ -360,6 +360,54 @@ fn global_norm_clip_of_an_mlp_matches_the_host_clip() {
         .sum::<f64>()
         .sqrt();
     assert!((after - 1.0).abs() < 1e-5, "clipped norm {after}");
+}
+
+/// Mixed precision's recipe on Burn: the backward pass of the loss times S gives the
+/// gradients times S, and a loss-scaled chain clips them as the unscaled ones; an
+/// overflow is skipped, the gradients left as they were, and the scale backed off.
+#[test]
+fn a_loss_scaled_chain_unscales_burns_gradients() {
+    let Some(shared) = shared() else { return };
+    let device = shared.autodiff();
+    device.seed(3);
+    let model = Mlp::new(&device);
+    let (x, y) = (
+        data([9, 5], 3, &device),
+        data([9, 3], 4, &device).mul_scalar(50.0),
+    );
+    let loss = || model.loss(x.clone(), y.clone());
+    let plain = GradientsParams::from_grads(loss().backward(), &model);
+    let mut want = read(&model, Some(&plain));
+    let unscaled = oracle(&ClipPolicy::global_norm(1.0), &mut want, None);
+    assert!(unscaled.clipped_units > 0, "the test needs a clipping step");
+    let chain = ClipPolicy::global_norm(1.0).loss_scale(LossScale::dynamic().init(1024.0));
+    let mut clipper = BurnClipper::new(&shared, chain).unwrap();
+    let mut scaled = GradientsParams::from_grads(loss().mul_scalar(1024.0).backward(), &model);
+    let report = clipper.clip(&model, &mut scaled).unwrap().wait().unwrap();
+    assert_close(&read(&model, Some(&scaled)), &want, 1e-5);
+    let rel = (report.total_norm - unscaled.total_norm).abs() / unscaled.total_norm;
+    assert!(
+        rel < 1e-6,
+        "{} vs {}",
+        report.total_norm,
+        unscaled.total_norm
+    );
+    assert_eq!(
+        report.loss_scale.map(|l| (l.scale, l.next)),
+        Some((1024.0, 1024.0))
+    );
+    // S * g beyond f32: skipped, nothing written, S halved.
+    let mut overflow = GradientsParams::from_grads(loss().mul_scalar(f32::MAX).backward(), &model);
+    let bits = |t: Vec<HostTensor>| -> Vec<u32> {
+        t.iter()
+            .flat_map(|t| t.values.iter().map(|v| v.to_bits()))
+            .collect()
+    };
+    let before = bits(read(&model, Some(&overflow)));
+    let report = clipper.clip(&model, &mut overflow).unwrap().wait().unwrap();
+    assert!(report.skipped && report.non_finite);
+    assert_eq!(bits(read(&model, Some(&overflow))), before);
+    assert_eq!(report.loss_scale.unwrap().next, 512.0);
 }
 
 #[test]
