@@ -7,8 +7,8 @@ mod common;
 
 use common::{download, gpu, gpu_tensors, upload, Host};
 use gradclip::{
-    f16, ClipError, ClipPolicy, ClipReport, CpuClipper, GpuClipper, GradRef, LossScale,
-    NonFinitePolicy, PolicyState, Sgd, TensorInfo,
+    f16, Backend, ClipError, ClipPolicy, ClipReport, Clipper, CpuClipper, GpuClipper, GradRef,
+    LossScale, NonFinitePolicy, PolicyState, Sgd, TensorInfo,
 };
 
 /// One row of the known answers: the unscaled gradients (w; b), the total norm, skipped,
@@ -422,6 +422,53 @@ fn states_carry_their_loss_scale() {
         assert!(matches!(e, ClipError::InvalidState(_)), "{bad}: {e}");
     }
     assert_eq!(scaled.state().loss_scale().unwrap().scale, 65536.0);
+}
+
+/// Accumulation: the scale stays through the micro-batches of one accumulation and moves
+/// at its boundary, where the sums are unscaled and clipped; on host slices on the GPU and
+/// on the CPU alike.
+#[test]
+fn accumulated_micro_batches_are_unscaled_at_the_boundary() {
+    let ctx = gpu();
+    for backend in [Backend::Gpu(ctx.clone()), Backend::Cpu] {
+        let mut acc = Clipper::accumulating(backend, chain(65536.0), &infos(), 2).unwrap();
+        let name = acc.describe();
+        let mut scale = 65536.0;
+        for (step, row) in rows()[..4].iter().enumerate() {
+            let micro = scaled(row, scale, false);
+            let mut sums = scaled(row, 0.0, false);
+            let first = acc.step(&mut common::muts(&mut sums), &common::refs(&micro), None);
+            assert!(
+                first.unwrap().is_none(),
+                "{name} step {step}: not a boundary"
+            );
+            let report = acc
+                .step(&mut common::muts(&mut sums), &common::refs(&micro), None)
+                .unwrap()
+                .expect("a boundary");
+            let ls = report.loss_scale.unwrap();
+            assert_eq!(
+                (ls.scale, ls.next),
+                (scale, row.scale_after),
+                "{name} step {step}"
+            );
+            assert_eq!(report.skipped, row.skipped, "{name} step {step}");
+            if !row.skipped {
+                // The mean of two equal micro-batches, unscaled and clipped.
+                let coef = (1.0 / (row.norm + 1e-6)).min(1.0);
+                let want = [&row.w[..], &[row.b]].concat();
+                let got: Vec<f64> = sums.iter().flat_map(|t| t.to_f64()).collect();
+                for (g, w) in got.iter().zip(want) {
+                    let w = (w * coef) as f64;
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                        "{name} step {step}: {g} vs {w}"
+                    );
+                }
+            }
+            scale = ls.next;
+        }
+    }
 }
 
 /// The monitor keeps the scale of every step: its CSV's last column, its chart.

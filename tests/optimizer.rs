@@ -7,9 +7,9 @@ mod common;
 
 use common::{download, gpu, gpu_tensors, host, refs, upload, Host};
 use gradclip::{
-    Adam, Agc, ClipError, ClipPolicy, CpuClipper, DType, GaussianNoise, GpuClipper, GpuTensor,
-    GradRef, NonFinitePolicy, Optimizer, OptimizerState, PerTensorClip, Rule, Sgd, TensorInfo,
-    UnitAxis, ValueClip,
+    Adam, Agc, ClipError, ClipPolicy, ClipReport, CpuClipper, DType, GaussianNoise, GpuClipper,
+    GpuContext, GpuTensor, GradRef, LossScale, NonFinitePolicy, Optimizer, OptimizerState,
+    PerTensorClip, Rule, Sgd, TensorInfo, UnitAxis, ValueClip,
 };
 
 /// Distance in f32 ulps (NaN to NaN: 0).
@@ -640,19 +640,21 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
 }
 "#;
 
-#[test]
-fn deferred_scaling_in_a_callers_shader() {
-    let ctx = gpu();
-    let info = infos(&[100]);
-    let mut g = values(9, 100, 4.0);
-    g[17] = f32::NAN; // ZeroNans: the element steps by 0
-    let grads = vec![Host::F32(g)];
-    let params = vec![Host::F32(values(10, 100, 1.0))];
-    let g_arena = upload(&ctx, &grads);
-    let p_arena = upload(&ctx, &params);
-    let gt = gpu_tensors(&g_arena, &grads, &info);
-    let policy = ClipPolicy::new(Rule::GlobalNorm(0.5)).non_finite(NonFinitePolicy::ZeroNans);
-    let mut clip = GpuClipper::new(&ctx, &gt, None, policy.clone()).unwrap();
+/// Runs one deferred step of `policy` over `grads` with `USER_SGD` applying its
+/// coefficients (lr 0.1) to `params`, and checks it against the CPU twin's deferred step
+/// applied by hand; returns the report, the CPU's step, and the parameters and gradients
+/// after the GPU step.
+fn user_sgd_step(
+    ctx: &GpuContext,
+    policy: ClipPolicy,
+    grads: &[Host],
+    params: &[Host],
+) -> (ClipReport, gradclip::DeferredStep, Vec<f32>, Vec<f32>) {
+    let info = infos(&[flat(grads).len()]);
+    let g_arena = upload(ctx, grads);
+    let p_arena = upload(ctx, params);
+    let gt = gpu_tensors(&g_arena, grads, &info);
+    let mut clip = GpuClipper::new(ctx, &gt, None, policy.clone()).unwrap();
     let deferred = clip.deferred();
     let source = format!("{}\n{USER_SGD}", deferred.wgsl(0, 2));
     let device = ctx.device();
@@ -701,32 +703,75 @@ fn deferred_scaling_in_a_callers_shader() {
     }
     ctx.queue().submit([enc.finish()]);
     let report = pending.wait().unwrap();
-    assert_eq!(report.clipped_units, 1);
     // The CPU twin: the same coefficients, applied by hand.
     let mut cpu = CpuClipper::new(policy, &info).unwrap();
-    let step = cpu.step_deferred(&refs(&grads), None).unwrap();
-    let (g, p0) = (flat(&grads), flat(&params));
-    let got = flat(&download(&ctx, &p_arena, &params));
-    for i in 0..100 {
+    let step = cpu.step_deferred(&refs(grads), None).unwrap();
+    let (g, p0) = (flat(grads), flat(params));
+    let got = flat(&download(ctx, &p_arena, params));
+    for i in 0..g.len() {
         let want = p0[i] - 0.1 * step.clipped(0, i as u32, g[i]).unwrap();
         assert!(ulps(got[i], want) <= 4, "{i}: {} vs {want}", got[i]);
     }
-    assert_eq!(got[17], p0[17]);
+    let after = flat(&download(ctx, &g_arena, grads));
+    (report, step, got, after)
+}
+
+#[test]
+fn deferred_scaling_in_a_callers_shader() {
+    let ctx = gpu();
+    let mut g = values(9, 100, 4.0);
+    g[17] = f32::NAN; // ZeroNans: the element steps by 0
+    let grads = vec![Host::F32(g.clone())];
+    let params = vec![Host::F32(values(10, 100, 1.0))];
+    let policy = ClipPolicy::new(Rule::GlobalNorm(0.5)).non_finite(NonFinitePolicy::ZeroNans);
+    let (report, step, got, after) = user_sgd_step(&ctx, policy, &grads, &params);
+    assert_eq!(report.clipped_units, 1);
+    assert_eq!(got[17], flat(&params)[17]);
     assert!(step.clipped(1, 0, 1.0).is_none() && step.clipped(0, 100, 1.0).is_none());
     // The gradients are not written (NaN compares by bits).
-    let after = flat(&download(&ctx, &g_arena, &grads));
     assert!(after
         .iter()
         .zip(&g)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     // Noise or value clipping cannot be deferred.
+    let (arena, info) = (upload(&ctx, &grads), infos(&[100]));
+    let gt = gpu_tensors(&arena, &grads, &info);
     let noisy = ClipPolicy::new(Rule::GlobalNorm(0.5)).value(ValueClip { lo: -1.0, hi: 1.0 });
     let mut noisy = GpuClipper::new(&ctx, &gt, None, noisy).unwrap();
-    let mut enc = device.create_command_encoder(&Default::default());
+    let mut enc = ctx.device().create_command_encoder(&Default::default());
     assert!(matches!(
         noisy.encode_deferred(&mut enc),
         Err(ClipError::InvalidConfig(_))
     ));
+}
+
+/// A loss-scaled chain's deferred coefficients include the unscaling: the caller's pass
+/// applies the clip of the gradients divided by the scale.
+#[test]
+fn deferred_coefficients_of_a_loss_scaled_chain_unscale() {
+    let ctx = gpu();
+    let g = values(9, 100, 4.0);
+    let grads = vec![Host::F32(g.iter().map(|x| x * 1024.0).collect())];
+    let params = vec![Host::F32(values(10, 100, 1.0))];
+    let policy = ClipPolicy::new(Rule::GlobalNorm(0.5)).loss_scale(LossScale::fixed(1024.0));
+    let (report, step, got, _) = user_sgd_step(&ctx, policy, &grads, &params);
+    assert_eq!(report.clipped_units, 1);
+    let coef = report.coef.unwrap();
+    assert!(
+        (report.total_norm * coef as f64 - 0.5).abs() < 1e-6,
+        "the clip of g / 1024"
+    );
+    let p0 = flat(&params);
+    for i in 0..100 {
+        let want = p0[i] - 0.1 * g[i] * coef;
+        assert!((got[i] - want).abs() <= 1e-6, "{i}: {} vs {want}", got[i]);
+        assert!(
+            ulps(
+                step.clipped(0, i as u32, g[i] * 1024.0).unwrap(),
+                g[i] * coef
+            ) <= 2
+        );
+    }
 }
 
 /// Lengths around the edges that matter: empty, one, odd, prime, chunk edges.
