@@ -18,9 +18,9 @@ use gradclip::{
 };
 use wgpu::util::DeviceExt;
 
-#[path = "support/read_back.rs"]
+#[path = "support/wgpu_util.rs"]
 mod support;
-use support::read_back;
+use support::{pipeline, read_back};
 
 /// The program's gradient kernel (not gradclip's).
 const GRADIENTS_WGSL: &str = r#"
@@ -88,8 +88,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             LENS[0],
         );
         let device = ctx.device();
-        let gradients = pipeline(device, GRADIENTS_WGSL);
-        let sgd = pipeline(device, &source);
+        let gradients = pipeline(device, GRADIENTS_WGSL, "main");
+        let sgd = pipeline(device, &source, "main");
         let grad_group = group(device, &gradients, &[&b.weights, &b.grads], &[]);
         let sgd_group = {
             let d = clip.deferred();
@@ -133,7 +133,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let params = tensors_of(&b.weights, &names);
         let mut fused = GpuClipper::with_optimizer(&ctx, &grads, &params, policy.clone(), opt)?;
         let device = ctx.device();
-        let gradients = pipeline(device, GRADIENTS_WGSL);
+        let gradients = pipeline(device, GRADIENTS_WGSL, "main");
         let grad_group = group(device, &gradients, &[&b.weights, &b.grads], &[]);
         for _ in 0..STEPS {
             let mut encoder = device.create_command_encoder(&Default::default());
@@ -206,21 +206,6 @@ fn tensors_of<'a>(buffer: &'a wgpu::Buffer, names: &[&str; 2]) -> Vec<GpuTensor<
         GpuTensor::new(buffer, 0, LENS[0], DType::F32).named(names[0]),
         GpuTensor::new(buffer, LENS[0] * 4, LENS[1], DType::F32).named(names[1]),
     ]
-}
-
-fn pipeline(device: &wgpu::Device, source: &str) -> wgpu::ComputePipeline {
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: None,
-        source: wgpu::ShaderSource::Wgsl(source.into()),
-    });
-    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: None,
-        layout: None,
-        module: &module,
-        entry_point: Some("main"),
-        compilation_options: Default::default(),
-        cache: None,
-    })
 }
 
 /// A bind group of `buffers` (bindings 0, 1, ...) then `extra` resources.

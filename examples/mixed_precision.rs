@@ -24,9 +24,9 @@ use gradclip::plot::LineChart;
 use gradclip::{ClipPolicy, DType, GpuClipper, GpuContext, GpuTensor, GradMonitor, LossScale, Sgd};
 use wgpu::util::DeviceExt;
 
-#[path = "support/read_back.rs"]
+#[path = "support/wgpu_util.rs"]
 mod support;
-use support::read_back;
+use support::{pipeline, read_back};
 
 /// Features and samples of the regression.
 const D: usize = 64;
@@ -150,22 +150,12 @@ fn train(
     let consts = format!("const D: u32 = {D}u;\nconst N: u32 = {N}u;\n");
     let scale = clip.loss_scale_on_device();
     let include = scale.map_or(NO_SCALE_WGSL.to_string(), |s| s.wgsl(1, 0));
-    let pipeline = |source: String| {
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: None,
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
-        device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: None,
-            layout: None,
-            module: &module,
-            entry_point: Some("main"),
-            compilation_options: Default::default(),
-            cache: None,
-        })
-    };
-    let forward = pipeline(format!("{consts}{RESIDUALS_WGSL}"));
-    let backward = pipeline(format!("{consts}{include}{GRADIENTS_WGSL}"));
+    let forward = pipeline(device, &format!("{consts}{RESIDUALS_WGSL}"), "main");
+    let backward = pipeline(
+        device,
+        &format!("{consts}{include}{GRADIENTS_WGSL}"),
+        "main",
+    );
     let group = |p: &wgpu::ComputePipeline, index: u32, bufs: &[wgpu::BindingResource<'_>]| {
         device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,

@@ -16,9 +16,9 @@ use gradclip::{
 };
 use wgpu::util::DeviceExt;
 
-#[path = "support/read_back.rs"]
+#[path = "support/wgpu_util.rs"]
 mod support;
-use support::read_back;
+use support::{pipeline, read_back};
 
 /// The training program's own kernels (not gradclip's).
 const TRAINING_WGSL: &str = r#"
@@ -63,21 +63,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some("training"),
-        source: wgpu::ShaderSource::Wgsl(TRAINING_WGSL.into()),
-    });
-    let pipeline = |entry: &str| {
-        device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: Default::default(),
-            cache: None,
-        })
-    };
-    let (gradients, sgd) = (pipeline("gradients"), pipeline("sgd"));
+    let (gradients, sgd) = (
+        pipeline(device, TRAINING_WGSL, "gradients"),
+        pipeline(device, TRAINING_WGSL, "sgd"),
+    );
     let bind = |p: &wgpu::ComputePipeline| {
         device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: None,

@@ -294,6 +294,12 @@ fn assert_close(got: &[HostTensor], want: &[HostTensor], rel: f32) {
     }
 }
 
+/// The total norms of two reports within 1e-6 of each other, relative.
+fn assert_same_norm(got: &ClipReport, want: &ClipReport) {
+    let rel = (got.total_norm - want.total_norm).abs() / want.total_norm;
+    assert!(rel < 1e-6, "norm {} vs {}", got.total_norm, want.total_norm);
+}
+
 fn mlp_step(shared: &SharedDevice, seed: u64) -> (Mlp, GradientsParams) {
     let device = shared.autodiff();
     device.seed(seed);
@@ -324,13 +330,7 @@ fn check_against_oracle<M: Module>(
     let report = clipper.clip(model, &mut grads).unwrap().wait().unwrap();
     let got = read(model, Some(&grads));
     assert_close(&got, &host, 1e-6);
-    let rel = (report.total_norm - want.total_norm).abs() / want.total_norm;
-    assert!(
-        rel < 1e-6,
-        "norm {} vs {}",
-        report.total_norm,
-        want.total_norm
-    );
+    assert_same_norm(&report, &want);
     assert_eq!(report.clipped_units, want.clipped_units);
     (got, clipper.copies())
 }
@@ -385,13 +385,7 @@ fn a_loss_scaled_chain_unscales_burns_gradients() {
     let mut scaled = GradientsParams::from_grads(loss().mul_scalar(1024.0).backward(), &model);
     let report = clipper.clip(&model, &mut scaled).unwrap().wait().unwrap();
     assert_close(&read(&model, Some(&scaled)), &want, 1e-5);
-    let rel = (report.total_norm - unscaled.total_norm).abs() / unscaled.total_norm;
-    assert!(
-        rel < 1e-6,
-        "{} vs {}",
-        report.total_norm,
-        unscaled.total_norm
-    );
+    assert_same_norm(&report, &unscaled);
     assert_eq!(
         report.loss_scale.map(|l| (l.scale, l.next)),
         Some((1024.0, 1024.0))

@@ -1,4 +1,5 @@
-//! Reading a buffer back, for the examples' final checks.
+//! The examples' own wgpu plumbing: a compute pipeline from WGSL, and reading a buffer
+//! back for their checks.
 
 use gradclip::GpuContext;
 
@@ -20,4 +21,20 @@ pub fn read_back(
     ctx.device().poll(wgpu::PollType::wait_indefinitely())?;
     let data = bytemuck::cast_slice(&staging.slice(..).get_mapped_range()?).to_vec();
     Ok(data)
+}
+
+/// A compute pipeline of the entry point `entry` of `source`, its layout from the shader.
+pub fn pipeline(device: &wgpu::Device, source: &str, entry: &str) -> wgpu::ComputePipeline {
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: None,
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(entry),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: Default::default(),
+        cache: None,
+    })
 }
