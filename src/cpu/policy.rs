@@ -300,7 +300,7 @@ impl CpuPolicy {
 pub struct DeferredStep {
     /// The step's report.
     pub report: ClipReport,
-    /// The coefficient of every unit.
+    /// The coefficient of every unit (for a loss-scaled chain, times `1 / scale`).
     pub coefs: Vec<f32>,
     /// The step is held (non-finite under `Error` or `SkipStep`): apply nothing.
     pub held: bool,

@@ -15,8 +15,9 @@ pub struct DeferredClip<'a> {
 }
 
 impl DeferredClip<'_> {
-    /// The coefficient of every unit (f32), read-only storage: bind it where
-    /// [`DeferredClip::wgsl`] declares `gradclip_coefs`.
+    /// The coefficient of every unit (f32; for a loss-scaled chain it includes the
+    /// unscaling, `1 / scale`), read-only storage: bind it where [`DeferredClip::wgsl`]
+    /// declares `gradclip_coefs`.
     pub fn coefficients(&self) -> wgpu::BindingResource<'_> {
         self.coefs.as_entire_binding()
     }
