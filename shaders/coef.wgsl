@@ -18,6 +18,8 @@
 //   9 params      storage, read        AGC: norm of each unit of the parameters
 //  10 args_full   storage, read        rewrite workgroup counts, 3 words per window
 //  11 args_out    storage, read_write  the rewrite's indirect dispatch arguments
+//  12 units       storage, read        the gradients' unit norms (their flags: the units
+//                                      the first stage leaves alone)
 //
 // Entry `finish`: one workgroup. Checks that this step's parameter slot is its own (the
 // tag the encoder copied into the state), combines the group norms into the total norm
@@ -62,8 +64,33 @@ override FORMULA: u32 = 0u;
 @group(0) @binding(9) var<storage, read> params: array<Acc>;
 @group(0) @binding(10) var<storage, read> args_full: array<u32>;
 @group(0) @binding(11) var<storage, read_write> args_out: array<atomic<u32>>;
+@group(0) @binding(12) var<storage, read> units: array<Acc>;
 
 var<workgroup> sh_count: u32;
+var<workgroup> sh_outside: atomic<u32>;
+
+// The non-finite flags of the units stage 0 leaves alone (a mask), for the first stage's
+// `finish`: the chain's verdict covers every gradient, not only those a stage measures (a
+// later stage that covers them sees them too; the verdict is an OR). Call from uniform
+// control flow.
+fn outside_flags(lid: u32) -> u32 {
+    if (lid == 0u) {
+        atomicStore(&sh_outside, 0u);
+    }
+    workgroupBarrier();
+    let n = min(arrayLength(&group_of), arrayLength(&units));
+    var flags = 0u;
+    for (var u = lid; u < n; u = u + WG) {
+        if (group_of[u] == NO_GROUP) {
+            flags = flags | units[u].flags;
+        }
+    }
+    if (flags != 0u) {
+        atomicOr(&sh_outside, flags);
+    }
+    workgroupBarrier();
+    return atomicLoad(&sh_outside);
+}
 
 fn root_of(acc: Acc) -> f32 {
     if (NORM_KIND == KIND_L2) {
@@ -270,12 +297,18 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     // Another step overwrote this step's parameter slot before it was submitted: change
     // nothing and say so.
     let fresh = step.seq % TAG_RING == state[dispatch.state_base + ST_TAG];
-    let flags = live_flags(total.flags, step.policy);
+    // What the step's verdict sees: this stage's total and, in the first stage, the units
+    // it leaves alone (not under a given total, which has no unit norms).
+    var seen = total.flags;
+    if (dispatch.first == 1u && step.use_given == 0u) {
+        seen = seen | outside_flags(lid);
+    }
+    let flags = live_flags(seen, step.policy);
     var status = 0u;
-    if (total.flags != 0u) {
+    if (seen != 0u) {
         status = STATUS_NONFINITE;
     }
-    if ((total.flags & FLAG_NAN) != 0u && step.policy == POLICY_ZERO_NANS) {
+    if ((seen & FLAG_NAN) != 0u && step.policy == POLICY_ZERO_NANS) {
         status = status | STATUS_NANS_ZEROED;
     }
     if (flags != 0u && (step.policy == POLICY_ERROR || step.policy == POLICY_SKIP)) {
@@ -292,7 +325,8 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     // history as f32::MAX.
     let n = min(norm_value(total), f32_max());
     let held_before = dispatch.first == 0u && (reports[0].status & STATUS_HELD) != 0u;
-    let record = flags == 0u && fresh && !held_before;
+    let own = live_flags(total.flags, step.policy);
+    let record = own == 0u && (status & STATUS_HELD) == 0u && fresh && !held_before;
     if (ADAPTIVE != ADAPTIVE_NONE && record && lid == 0u) {
         save_overwritten();
     }

@@ -1056,6 +1056,83 @@ fn a_held_step_reports_the_same_on_both_backends() {
     }
 }
 
+/// A non-finite gradient in a tensor that no stage measures (masked away from every
+/// stage, or left out of AGC) is seen by the step's verdict all the same, on both
+/// backends: zeroed under `ZeroNans`, the step skipped under `SkipStep` (gradients and
+/// adaptive history untouched), an error under `Error`, reported under `Propagate`.
+#[test]
+fn the_verdict_sees_tensors_no_stage_measures() {
+    let infos = [TensorInfo::new("w", &[2, 2]), TensorInfo::new("b", &[2])];
+    let per_tensor = Rule::PerTensor(PerTensorClip { max_norm: 0.1 }).except(["b"]);
+    let chains = [
+        ClipPolicy::new(per_tensor),
+        ClipPolicy::new(Rule::Agc(Agc::new(0.01).exclude("b"))),
+        ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4)).except(["b"])),
+    ];
+    let ctx = gpu();
+    for chain in chains {
+        for (policy, bad) in [
+            (NonFinitePolicy::ZeroNans, f32::NAN),
+            (NonFinitePolicy::SkipStep, f32::INFINITY),
+            (NonFinitePolicy::Error, f32::NAN),
+            (NonFinitePolicy::Propagate, f32::INFINITY),
+        ] {
+            let policy = chain.clone().non_finite(policy);
+            let data = vec![f32s(&[30.0, 40.0, 10.0, 0.0]), f32s(&[bad, 1.0])];
+            let params = vec![f32s(&[1.0, 2.0, 3.0, 4.0]), f32s(&[1.0, 1.0])];
+            let p_refs = common::refs(&params);
+            let mut cpu = CpuClipper::new(policy.clone(), &infos).unwrap();
+            let (arena, p_arena) = (upload(&ctx, &data), upload(&ctx, &params));
+            let (t, pt) = (
+                gpu_tensors(&arena, &data, &infos),
+                gpu_tensors(&p_arena, &params, &infos),
+            );
+            let with_params = policy.needs_params().then_some(&pt[..]);
+            let mut on_gpu = GpuClipper::new(&ctx, &t, with_params, policy.clone()).unwrap();
+            let mut h = data.clone();
+            let c = cpu.step(&mut common::muts(&mut h), Some(&p_refs));
+            let g = on_gpu.step().unwrap().wait();
+            let what = format!("{policy:?}");
+            if policy.non_finite == NonFinitePolicy::Error {
+                assert!(
+                    matches!(c, Err(ClipError::NonFiniteNorm(_))),
+                    "{what}: {c:?}"
+                );
+                assert!(
+                    matches!(g, Err(ClipError::NonFiniteNorm(_))),
+                    "{what}: {g:?}"
+                );
+                continue;
+            }
+            let (c, g) = (c.unwrap(), g.unwrap());
+            let flags = |r: &ClipReport| (r.non_finite, r.nans_zeroed, r.skipped);
+            assert_eq!(flags(&g), flags(&c), "{what}");
+            assert!(c.non_finite, "{what}: the verdict sees b");
+            let got = download(&ctx, &arena, &data);
+            assert_same(&got, &h, 1e-30, policy.rules().count(), &what);
+            let b = h[1].to_f64();
+            match policy.non_finite {
+                NonFinitePolicy::ZeroNans => {
+                    assert!(c.nans_zeroed && b[0] == 0.0, "{what}: {b:?}")
+                }
+                NonFinitePolicy::SkipStep => {
+                    assert!(c.skipped, "{what}");
+                    assert_eq!(format!("{h:?}"), format!("{data:?}"), "{what}: untouched");
+                    let seen =
+                        |s: &PolicyState| s.adaptive().iter().map(|a| a.norms_seen).sum::<u32>();
+                    assert_eq!(seen(cpu.state()), 0, "{what}: nothing recorded");
+                    assert_eq!(
+                        seen(&on_gpu.state().unwrap()),
+                        0,
+                        "{what}: nothing recorded"
+                    );
+                }
+                _ => assert!(!c.skipped && b[0].is_infinite(), "{what}"),
+            }
+        }
+    }
+}
+
 /// A step that any stage holds records no norm in any stage: a masked adaptive stage that
 /// sees only finite values, before or after the stage that finds the infinity, leaves its
 /// history, count, mean and variance as they were (ZClip's warmup completing on the held

@@ -287,10 +287,11 @@ fn zclip(state: &mut [u32], n: f32, record: bool, p: &abi::StageParams) -> f32 {
 /// `finish` of one norm stage: its total norm (combined groups, or the caller's), the
 /// non-finite policy, the adaptive threshold and the coefficient of the first group;
 /// updates the stage's state block (not when `held_before`: an earlier stage holds the
-/// step).
+/// step). `outside`: the flags of the units the stage leaves alone, which the step's
+/// verdict sees too (the first stage's; 0 for the others).
 fn finish(
     groups: &[NormAcc],
-    (param_flags, inv_scale): (u32, f32),
+    (param_flags, outside, inv_scale): (u32, u32, f32),
     stage: &StagePlan,
     step: &CpuStep,
     held_before: bool,
@@ -304,13 +305,10 @@ fn finish(
     // The norm of the unscaled gradients (a norm scales linearly).
     let total = total.scaled(inv_scale);
     let block = &mut state.words[stage.state_base..stage.state_base + HEADER_WORDS + stage.history];
-    let flags = step.policy.live_flags(total.flags);
-    let mut status = if total.flags != 0 {
-        STATUS_NONFINITE
-    } else {
-        0
-    };
-    if total.flags & FLAG_NAN != 0 && step.policy == NonFinitePolicy::ZeroNans {
+    let seen = total.flags | outside;
+    let flags = step.policy.live_flags(seen);
+    let mut status = if seen != 0 { STATUS_NONFINITE } else { 0 };
+    if seen & FLAG_NAN != 0 && step.policy == NonFinitePolicy::ZeroNans {
         status |= STATUS_NANS_ZEROED;
     }
     if flags != 0
@@ -328,7 +326,8 @@ fn finish(
     // a step an earlier stage holds records nothing. A norm beyond f32 range enters the
     // history as f32::MAX.
     let n = total.value_f32(norm).0.min(f32::MAX);
-    let record = flags == 0 && !held_before;
+    let own = step.policy.live_flags(total.flags);
+    let record = own == 0 && status & STATUS_HELD == 0 && !held_before;
     let mult = step.multiplier;
     let p = &stage.params;
     if record && stage.adaptive != abi::ADAPTIVE_NONE {
@@ -802,10 +801,18 @@ fn finish_stage(
             .fold(0, |f, (_, a)| f | a.flags),
         _ => 0,
     };
+    // The first stage's verdict covers the units it leaves alone (with no unit norms under
+    // a given total, whose chain covers every unit).
+    let outside = match (k, step.given) {
+        (0, None) => (stage.group_of.iter().zip(units.iter()))
+            .filter(|(&g, _)| g == NO_GROUP)
+            .fold(0, |f, (_, a)| f | a.flags),
+        _ => 0,
+    };
     let inv_scale = 1.0 / loss_scale.0;
     run.finish = finish(
         &run.groups,
-        (param_flags, inv_scale),
+        (param_flags, outside, inv_scale),
         stage,
         step,
         held_before,

@@ -30,6 +30,9 @@ struct CoefBinding<'a> {
     stage_params: &'a wgpu::Buffer,
     coefs: &'a wgpu::Buffer,
     w_accs: &'a wgpu::Buffer,
+    /// The gradients' unit norms: the first stage's `finish` reads the flags of the units
+    /// it leaves alone.
+    units: &'a wgpu::Buffer,
     args_full: &'a wgpu::Buffer,
     args_out: &'a wgpu::Buffer,
 }
@@ -60,6 +63,7 @@ impl CoefBinding<'_> {
                 (9, whole(self.w_accs)),
                 (10, whole(self.args_full)),
                 (11, whole(self.args_out)),
+                (12, whole(self.units)),
             ],
         )
     }
@@ -264,6 +268,7 @@ impl Engine {
             w_accs: params_red
                 .as_ref()
                 .map_or(&grads_red.segment_accs, |p| &p.segment_accs),
+            units: &grads_red.segment_accs,
             args_full: &args_full,
             args_out: &args_out,
         };
