@@ -327,8 +327,11 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     let held_before = dispatch.first == 0u && (reports[0].status & STATUS_HELD) != 0u;
     let own = live_flags(total.flags, step.policy);
     let record = own == 0u && (status & STATUS_HELD) == 0u && fresh && !held_before;
-    if (ADAPTIVE != ADAPTIVE_NONE && record && lid == 0u) {
-        save_overwritten();
+    if (ADAPTIVE != ADAPTIVE_NONE && lid == 0u) {
+        state[dispatch.state_base + ST_RECORDED] = select(0u, 1u, record);
+        if (record) {
+            save_overwritten();
+        }
     }
     var thr = thresholds[0] * step.multiplier;
     if (ADAPTIVE == ADAPTIVE_AUTOCLIP) {
@@ -466,19 +469,16 @@ fn coefs(inv: Invocation) {
 
 // Entry `undo`, one invocation, after the chain's last `finish`, for an adaptive stage
 // (dispatch.stage) that is not the last: when a later stage held the step, the norm this
-// stage recorded is taken back, so a held step leaves the adaptive state as it found it.
-// The stage recorded when the step's slot was its own and neither it nor an earlier stage
-// saw non-finite values (every stage's report holds its total).
+// stage recorded (its `finish` marked the block) is taken back, so a held step leaves the
+// adaptive state as it found it.
 @compute @workgroup_size(1)
 fn undo() {
     let base = dispatch.state_base;
     if ((reports[0].status & STATUS_HELD) == 0u || step.seq % TAG_RING != state[base + ST_TAG]) {
         return;
     }
-    for (var j = 0u; j <= dispatch.stage; j = j + 1u) {
-        if (reports[j].norm.flags != 0u) {
-            return;
-        }
+    if (state[base + ST_RECORDED] == 0u) {
+        return;
     }
     let seen = state[base + ST_SEEN] - 1u;
     state[base + ST_SEEN] = seen;

@@ -386,7 +386,7 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     let words_at = meaning_at + 4 + 4 * count_at(meaning_at);
     let word_at = |i: usize| words_at + 4 + 4 * i;
     // A block's header words (abi::ST_HEADER), then its history slots.
-    const HEADER: usize = 11;
+    const HEADER: usize = 12;
     let slot = |i: usize| HEADER + i;
     for (word, value) in [
         (slot(0), f32::NAN),

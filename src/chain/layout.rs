@@ -62,6 +62,7 @@ impl StagePlan {
             abi::ST_SAVED_SLOT,
             abi::ST_SAVED_MEAN,
             abi::ST_SAVED_VAR,
+            abi::ST_RECORDED,
         ] {
             words[self.state_base + w as usize] = 0;
         }

@@ -21,7 +21,7 @@ pub use rules::{
 pub use schedule::Schedule;
 pub use state::{AdaptiveKind, AdaptiveState, PolicyState};
 pub(crate) use state::{
-    HEADER_WORDS, ST_GOOD_STEPS, ST_LOSS_SCALE, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT,
+    HEADER_WORDS, ST_GOOD_STEPS, ST_LOSS_SCALE, ST_MEAN, ST_RECORDED, ST_SAVED_MEAN, ST_SAVED_SLOT,
     ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 

@@ -19,6 +19,7 @@ pub(crate) const ST_SAVED_MEAN: usize = abi::ST_SAVED_MEAN as usize;
 pub(crate) const ST_SAVED_VAR: usize = abi::ST_SAVED_VAR as usize;
 pub(crate) const ST_LOSS_SCALE: usize = abi::ST_LOSS_SCALE as usize;
 pub(crate) const ST_GOOD_STEPS: usize = abi::ST_GOOD_STEPS as usize;
+pub(crate) const ST_RECORDED: usize = abi::ST_RECORDED as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
 const VERSION: u32 = 5;

@@ -18,8 +18,8 @@ use super::norm_reduce::{self, BLOCK};
 use super::philox::gaussian_noise;
 use crate::chain::{
     Formula, GaussianNoise, LossScale, LossScaleState, PolicyState, Program, StagePlan,
-    HEADER_WORDS, NO_GROUP, ST_GOOD_STEPS, ST_LOSS_SCALE, ST_MEAN, ST_SAVED_MEAN, ST_SAVED_SLOT,
-    ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
+    HEADER_WORDS, NO_GROUP, ST_GOOD_STEPS, ST_LOSS_SCALE, ST_MEAN, ST_RECORDED, ST_SAVED_MEAN,
+    ST_SAVED_SLOT, ST_SAVED_VAR, ST_SEEN, ST_SKIPS, ST_VAR,
 };
 use crate::dtype::{GradMut, GradRef};
 use crate::non_finite::NonFinitePolicy;
@@ -330,8 +330,11 @@ fn finish(
     let record = own == 0 && status & STATUS_HELD == 0 && !held_before;
     let mult = step.multiplier;
     let p = &stage.params;
-    if record && stage.adaptive != abi::ADAPTIVE_NONE {
-        save_overwritten(block);
+    if stage.adaptive != abi::ADAPTIVE_NONE {
+        block[ST_RECORDED] = record as u32;
+        if record {
+            save_overwritten(block);
+        }
     }
     let threshold = match stage.adaptive {
         abi::ADAPTIVE_AUTOCLIP => autoclip(block, n, record, p.percentile) * mult,
@@ -377,13 +380,11 @@ fn save_overwritten(block: &mut [u32]) {
 }
 
 /// `undo` of an adaptive stage after the chain's last `finish`: when a later stage held
-/// the step, the norm this stage recorded is taken back (its history slot, count, mean and
-/// variance as they were), so a held step leaves the adaptive state as it found it. The
-/// stage recorded when neither it nor an earlier stage saw non-finite values
-/// (`totals`: the totals of the stages up to it).
-fn undo(block: &mut [u32], chain_status: u32, totals: impl Iterator<Item = u32>) {
-    let mut totals = totals;
-    if chain_status & STATUS_HELD == 0 || totals.any(|flags| flags != 0) {
+/// the step, the norm this stage recorded (its `finish` marked the block) is taken back
+/// (its history slot, count, mean and variance as they were), so a held step leaves the
+/// adaptive state as it found it.
+fn undo(block: &mut [u32], chain_status: u32) {
+    if chain_status & STATUS_HELD == 0 || block[ST_RECORDED] == 0 {
         return;
     }
     let seen = block[ST_SEEN].wrapping_sub(1);
@@ -709,8 +710,7 @@ pub(crate) fn execute(
                 let merged = *verdict.get_or_insert_with(|| close(program, step, state, out));
                 let stage = &program.stages[k];
                 let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
-                let totals = out.stages[..=k].iter().map(|s| s.finish.total.flags);
-                undo(block, merged, totals);
+                undo(block, merged);
             }
             Dispatch::Rewrite { indirect } => {
                 if begun && verdict.is_none() {

@@ -349,7 +349,9 @@ pub(crate) const ST_SAVED_VAR: u32 = 8;
 /// one scale per chain).
 pub(crate) const ST_LOSS_SCALE: u32 = 9;
 pub(crate) const ST_GOOD_STEPS: u32 = 10;
-pub(crate) const ST_HEADER: u32 = 11;
+/// 1 when the stage recorded a norm this step, for `undo` (scratch of one step).
+pub(crate) const ST_RECORDED: u32 = 11;
+pub(crate) const ST_HEADER: u32 = 12;
 
 /// Parameter slots per engine: up to this many steps may be encoded before a submission.
 pub(crate) const STEP_SLOTS: u32 = 64;
@@ -407,6 +409,7 @@ const CONSTS: &[(&str, u32)] = &[
     ("ST_HEADER", ST_HEADER),
     ("ST_LOSS_SCALE", ST_LOSS_SCALE),
     ("ST_GOOD_STEPS", ST_GOOD_STEPS),
+    ("ST_RECORDED", ST_RECORDED),
     ("ADAPTIVE_NONE", ADAPTIVE_NONE),
     ("ADAPTIVE_AUTOCLIP", ADAPTIVE_AUTOCLIP),
     ("ADAPTIVE_ZCLIP", ADAPTIVE_ZCLIP),
