@@ -16,21 +16,17 @@
 //   7 coefs       storage, read_write  coefficient per unit so far (the chain's product)
 //   8 group_of    storage, read        this stage's group of each unit, or NO_GROUP
 //   9 params      storage, read        AGC: norm of each unit of the parameters
-//  10 args_full   storage, read        rewrite workgroup counts, 3 words per window
-//  11 args_out    storage, read_write  the rewrite's indirect dispatch arguments
-//  12 units       storage, read        the gradients' unit norms (their flags: the units
+//  10 units       storage, read        the gradients' unit norms (their flags: the units
 //                                      the first stage leaves alone)
 //
 // Entry `finish`: one workgroup. Checks that this step's parameter slot is its own (the
 // tag the encoder copied into the state), combines the group norms into the total norm
 // (or takes the caller's, split API), applies the non-finite policy, and for the adaptive
 // rules (ADAPTIVE) records the norm in the device state and derives this step's
-// threshold. It writes the rewrite's indirect arguments: the planned counts when every
-// unit must be rewritten (noise, clamp, NaNs to zero, a global coefficient below 1),
-// zeros otherwise, so an unclipped step rewrites nothing.
+// threshold.
 // Entry `coefs`: one thread per unit computes this stage's factor (FORMULA: PyTorch
-// min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC), multiplies it into the unit's
-// coefficient (the first stage starts it) and turns the rewrite on when it is not 1.
+// min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC) and multiplies it into the unit's
+// coefficient (the first stage starts it).
 // A chain runs finish + coefs once per norm stage, each on the group norms `combine`
 // formed from the unit norms times the coefficients so far.
 // Loss scaling (step.loss_scaling): the gradients arrive times the scale S of the state's
@@ -62,9 +58,7 @@ override FORMULA: u32 = 0u;
 @group(0) @binding(7) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(8) var<storage, read> group_of: array<u32>;
 @group(0) @binding(9) var<storage, read> params: array<Acc>;
-@group(0) @binding(10) var<storage, read> args_full: array<u32>;
-@group(0) @binding(11) var<storage, read_write> args_out: array<atomic<u32>>;
-@group(0) @binding(12) var<storage, read> units: array<Acc>;
+@group(0) @binding(10) var<storage, read> units: array<Acc>;
 
 var<workgroup> sh_count: u32;
 var<workgroup> sh_outside: atomic<u32>;
@@ -261,13 +255,6 @@ fn update_loss_scale(skipped: bool) -> f32 {
     return s;
 }
 
-// Turns the rewrite on (`run`) or off for every window.
-fn set_rewrite(run: bool, lid: u32, stride: u32) {
-    for (var i = lid; i < arrayLength(&args_full); i = i + stride) {
-        atomicStore(&args_out[i], select(0u, args_full[i], run));
-    }
-}
-
 @compute @workgroup_size(WG)
 fn finish(@builtin(local_invocation_index) lid: u32) {
     // Every thread reads the scale before the first barrier; thread 0 of the last stage
@@ -359,12 +346,6 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         || (status & STATUS_NANS_ZEROED) != 0u || scale != 1.0;
     if (!held && (every_unit || !(coef >= 1.0))) {
         status = status | STATUS_SCALED;
-    }
-    // The first stage sets the rewrite on or off; later ones turn it on, or off for good
-    // when they hold the step.
-    let run = !held && every_unit;
-    if (dispatch.first == 1u || run || held) {
-        set_rewrite(run, lid, WG);
     }
     if (lid == 0u) {
         // One chain-wide verdict in the first stage's report (the one the rewrite and
@@ -461,10 +442,6 @@ fn coefs(inv: Invocation) {
         coef = coef * inv_scale;
     }
     coef_out[s] = coef;
-    if (bitcast<u32>(factor) != bitcast<u32>(1.0)) {
-        // Every thread that needs the rewrite stores the same counts.
-        set_rewrite(true, 0u, 1u);
-    }
 }
 
 // Entry `undo`, one invocation, after the chain's last `finish`, for an adaptive stage

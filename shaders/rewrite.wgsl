@@ -12,9 +12,11 @@
 //   6 report    storage, read        StepReport as words (read-only: its counter is atomic)
 //
 // One workgroup rewrites one chunk, or returns at once when the step is held or its unit
-// needs nothing (coefficient 1, no noise, clamp or NaN to remove). It is dispatched
-// indirectly with the counts `coef` wrote, so a step that changes nothing runs zero
-// workgroups. Entry `main` serves programs whose units own whole 32-bit words. Where units
+// needs nothing (coefficient 1, no noise, clamp or NaN to remove): the pass is dispatched
+// over every chunk with no host round trip, and a step that changes nothing costs each
+// workgroup a few reads. (An indirect dispatch sized by `coef` would skip even those, but
+// wgpu validates each indirect dispatch with one of its own, which cost more host time
+// than the whole rewrite's encoding with one buffer per tensor.) Entry `main` serves programs whose units own whole 32-bit words. Where units
 // may end inside a word (odd-length 16-bit units, strided 16-bit AGC columns), entry
 // `shared_words` updates a word whose other half belongs to another chunk with an atomic
 // XOR of this half's bits only: no lost updates, and the other half is never written. An
@@ -127,9 +129,13 @@ fn update_half(e: u32, job: Work, index: u32) {
 }
 
 fn work_of(inv: Invocation) -> Work {
-    let ew = elementwise();
+    let status = report[STATUS_WORD];
+    var ew = elementwise();
+    // NaNs are zeroed where the step found some (a clamp alone, whose step runs no stage,
+    // zeroes any it meets).
+    ew.zero_nans = ew.zero_nans && (step.rule == 0u || (status & STATUS_NANS_ZEROED) != 0u);
     let local = workgroup_index(inv);
-    if (local >= dispatch.n_chunks || !step_runs(report[STATUS_WORD], report[TAG_WORD])) {
+    if (local >= dispatch.n_chunks || !step_runs(status, report[TAG_WORD])) {
         return Work(chunks[0], 1.0, false, ew, false, false, half_clamp(true));
     }
     let chunk = chunks[dispatch.first_chunk + local];

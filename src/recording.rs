@@ -86,8 +86,8 @@ pub(crate) enum Dispatch {
     Coefs(usize),
     /// Stage `k` takes back what it recorded when a later stage held the step.
     Undo(usize),
-    /// The elementwise pass over every binding window; `indirect`: sized by `coef`.
-    Rewrite { indirect: bool },
+    /// The elementwise pass over every binding window.
+    Rewrite,
 }
 
 /// What of a program decides its recordings, fixed when it is planned.
@@ -189,9 +189,7 @@ pub(crate) fn record(profile: &Profile, mode: Mode, detail: bool, out: &mut Vec<
     }
     // A chain that only measures writes nothing, whatever the mode of the step.
     if mode.rewrite() && !profile.measures {
-        out.push(Dispatch::Rewrite {
-            indirect: mode != Mode::ValueOnly,
-        });
+        out.push(Dispatch::Rewrite);
     }
 }
 
@@ -213,7 +211,7 @@ mod tests {
         use Dispatch::*;
         let global = ClipPolicy::global_norm(1.0);
         // One coefficient, no noise, no unit norms read: the reduce over spans, the total
-        // from its partials, the coefficients, the indirect rewrite.
+        // from its partials, the coefficients, the rewrite.
         let direct = vec![
             SpanReduce,
             Finish {
@@ -221,7 +219,7 @@ mod tests {
                 partials: true,
             },
             Coefs(0),
-            Rewrite { indirect: true },
+            Rewrite,
         ];
         assert_eq!(recording(global.clone(), false, Mode::Clip, false), direct);
         // Unit norms read back: the units, then the group of all of them.
@@ -236,7 +234,7 @@ mod tests {
                 partials: false,
             },
             Coefs(0),
-            Rewrite { indirect: true },
+            Rewrite,
         ];
         assert_eq!(recording(global.clone(), false, Mode::Clip, true), detailed);
         // Noise: no spans (every element has its own noise), the total still direct.
@@ -254,7 +252,7 @@ mod tests {
                 partials: false,
             },
             Coefs(0),
-            Rewrite { indirect: true },
+            Rewrite,
         ];
         assert_eq!(
             recording(global.clone(), false, Mode::GivenNorm, false),
@@ -274,12 +272,12 @@ mod tests {
         );
         // Even in a clip's mode, a chain that only measures writes nothing.
         let clip_mode = recording(ClipPolicy::total_norm(), false, Mode::Clip, false);
-        assert!(!clip_mode.iter().any(|d| matches!(d, Rewrite { .. })));
+        assert!(!clip_mode.iter().any(|d| matches!(d, Rewrite)));
         // A clamp alone: the rewrite over every element, nothing else.
         let value = ClipPolicy::value_clip(ValueClip::symmetric(1.0));
         assert_eq!(
             recording(value, false, Mode::ValueOnly, false),
-            vec![Rewrite { indirect: false }]
+            vec![Rewrite]
         );
         // A sharded step: the units (and AGC's parameters) alone, then, from the exchanged
         // unit norms, everything but `reduce`.
@@ -315,7 +313,7 @@ mod tests {
                     partials: false
                 },
                 Coefs(0),
-                Rewrite { indirect: true }
+                Rewrite
             ]
         );
         // Per-tensor groups are the units: no groups dispatch for the first stage; an

@@ -1,11 +1,13 @@
 //! The bench's host section: what a step costs the CPU that records and submits it, for
 //! the GPT-2 small shapes in one arena buffer and in one buffer per tensor, next to a plain
-//! wgpu step written here that touches the same buffers (one dispatch per buffer, its bind
-//! groups made once, or made every step). Host time does not depend on the adapter's
-//! speed, so the full set runs on any adapter; the gradients are zeros, so the GPU work
-//! each step waits for stays small.
+//! wgpu step written here that touches the same buffers with the same passes (a global-norm
+//! clip: a sum per binding window, a combine, a scale per window; its bind groups made
+//! once, or made every step). Host time does not depend on the adapter's speed, so the
+//! full set runs on any adapter.
 
 use std::time::Instant;
+
+use wgpu::util::DeviceExt;
 
 use gradclip::{AutoClip, ClipPolicy, DType, GpuClipper, GpuContext, GpuTensor, PerTensorClip};
 use gradclip::{Rule, ZClip};
@@ -101,63 +103,198 @@ fn four_stages() -> ClipPolicy {
         .then(Rule::GlobalNorm(1.0))
 }
 
-/// The plain step over `placed`: one dispatch per buffer of a kernel that reads and writes
-/// one word of it.
+/// The plain step over `placed`: a global-norm clip written in plain wgpu with the passes
+/// of gradclip's: per binding window of a buffer (as large as the device binds) one
+/// dispatch that sums the squares of its elements into one partial per workgroup, then
+/// one dispatch that combines the partials, then per window one dispatch that scales
+/// every element. Each window's bind group holds it, the partials and its slot (a
+/// dynamic offset). It reads and writes what gradclip's step does, so the two leave the
+/// caches alike on an adapter that runs on the CPU.
 struct PlainStep {
-    pipeline: wgpu::ComputePipeline,
+    sum: wgpu::ComputePipeline,
+    combine: wgpu::ComputePipeline,
+    scale: wgpu::ComputePipeline,
+    partials: wgpu::Buffer,
+    slots: wgpu::Buffer,
+    /// Per binding window: its buffer, byte offset and size, and its grid.
+    windows: Vec<(usize, u64, u64, [u32; 3])>,
     groups: Vec<wgpu::BindGroup>,
 }
 
-const TOUCH_WGSL: &str = r#"
-@group(0) @binding(0) var<storage, read_write> x: array<u32>;
+const PLAIN_WGSL: &str = r#"
+@group(0) @binding(0) var<storage, read_write> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> partials: array<f32>;
+// x: this window's first partial.
+@group(0) @binding(2) var<uniform> slot: vec4<u32>;
+
+const PER_GROUP: u32 = 4096u;
+var<workgroup> sums: array<f32, 64>;
+
+fn group_index(wg: vec3<u32>, n: vec3<u32>) -> u32 {
+    return wg.x + wg.y * n.x;
+}
+
 @compute @workgroup_size(64)
-fn touch(@builtin(global_invocation_id) g: vec3<u32>) {
-    if (g.x < arrayLength(&x)) { x[g.x] = x[g.x] + 0u; }
+fn sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wg, n);
+    var acc = 0.0;
+    for (var i = g * PER_GROUP + lid; i < min((g + 1u) * PER_GROUP, arrayLength(&x)); i += 64u) {
+        acc += x[i] * x[i];
+    }
+    sums[lid] = acc;
+    for (var half = 32u; half > 0u; half /= 2u) {
+        workgroupBarrier();
+        if (lid < half) { sums[lid] += sums[lid + half]; }
+    }
+    if (lid == 0u) { partials[slot.x + g] = sums[0]; }
+}
+
+@compute @workgroup_size(64)
+fn combine(@builtin(local_invocation_index) lid: u32) {
+    let n = arrayLength(&partials) - 1u;
+    var acc = 0.0;
+    for (var k = lid; k < n; k += 64u) { acc += partials[k]; }
+    sums[lid] = acc;
+    for (var half = 32u; half > 0u; half /= 2u) {
+        workgroupBarrier();
+        if (lid < half) { sums[lid] += sums[lid + half]; }
+    }
+    if (lid == 0u) { partials[n] = min(1.0, 1.0 / (sqrt(sums[0]) + 1e-6)); }
+}
+
+@compute @workgroup_size(64)
+fn scale(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32) {
+    let g = group_index(wg, n);
+    let c = partials[arrayLength(&partials) - 1u];
+    for (var i = g * PER_GROUP + lid; i < min((g + 1u) * PER_GROUP, arrayLength(&x)); i += 64u) {
+        x[i] = x[i] * c;
+    }
 }
 "#;
+
+/// Elements per workgroup of the plain step (`PER_GROUP` above).
+const PER_GROUP: u64 = 4096;
+/// Bytes between two windows' slots (the dynamic offset alignment of every device).
+const SLOT_BYTES: u64 = 256;
 
 impl PlainStep {
     fn new(ctx: &GpuContext, placed: &Placed) -> PlainStep {
         let dev = ctx.device();
+        let limits = dev.limits();
         let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some("bench host-cost plain step"),
-            source: wgpu::ShaderSource::Wgsl(TOUCH_WGSL.into()),
+            source: wgpu::ShaderSource::Wgsl(PLAIN_WGSL.into()),
         });
-        let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some("touch"),
-            layout: None,
-            module: &module,
-            entry_point: Some("touch"),
-            compilation_options: Default::default(),
-            cache: None,
+        let layout = dev.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: None,
+            entries: &[
+                entry(
+                    0,
+                    wgpu::BufferBindingType::Storage { read_only: false },
+                    false,
+                ),
+                entry(
+                    1,
+                    wgpu::BufferBindingType::Storage { read_only: false },
+                    false,
+                ),
+                entry(2, wgpu::BufferBindingType::Uniform, true),
+            ],
+        });
+        let pipeline_layout = dev.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: None,
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = |entry: &str| {
+            dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            })
+        };
+        // Windows as large as the device binds, at offsets it accepts.
+        let align = limits.min_storage_buffer_offset_alignment as u64;
+        let window = (limits.max_storage_buffer_binding_size / align) * align;
+        let max_dim = limits.max_compute_workgroups_per_dimension;
+        let mut windows = Vec::new();
+        for (b, buffer) in placed.buffers.iter().enumerate() {
+            let mut at = 0;
+            while at < buffer.size() {
+                let size = window.min(buffer.size() - at);
+                let groups = (size / 4).div_ceil(PER_GROUP) as u32;
+                let x = groups.min(max_dim);
+                windows.push((b, at, size, [x, groups.div_ceil(x), 1]));
+                at += size;
+            }
+        }
+        let mut slot_words = Vec::new();
+        let mut first = 0u32;
+        for &(_, _, _, grid) in &windows {
+            let mut slot = [0u32; (SLOT_BYTES / 4) as usize];
+            slot[0] = first;
+            slot_words.extend(slot);
+            first += grid[0] * grid[1];
+        }
+        let slots = dev.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("bench host-cost plain slots"),
+            contents: bytemuck::cast_slice(&slot_words),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let partials = dev.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench host-cost plain partials"),
+            size: (first as u64 + 1) * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
         });
         let mut step = PlainStep {
-            pipeline,
+            sum: pipeline("sum"),
+            combine: pipeline("combine"),
+            scale: pipeline("scale"),
+            partials,
+            slots,
+            windows,
             groups: Vec::new(),
         };
         step.groups = step.bind(ctx, placed);
         step
     }
 
-    /// One bind group per buffer (a binding no larger than the device allows).
+    /// One bind group per window.
     fn bind(&self, ctx: &GpuContext, placed: &Placed) -> Vec<wgpu::BindGroup> {
         let dev = ctx.device();
-        let layout = self.pipeline.get_bind_group_layout(0);
-        let max = dev.limits().max_storage_buffer_binding_size;
-        (placed.buffers.iter())
-            .map(|b| {
-                let size = wgpu::BufferSize::new(b.size().min(max) & !3);
+        let layout = self.sum.get_bind_group_layout(0);
+        let buffer = |buffer, offset, size| {
+            wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: wgpu::BufferSize::new(size),
+            })
+        };
+        (self.windows.iter())
+            .map(|&(b, offset, size, _)| {
                 dev.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: None,
                     layout: &layout,
-                    entries: &[wgpu::BindGroupEntry {
-                        binding: 0,
-                        resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                            buffer: b,
-                            offset: 0,
-                            size,
-                        }),
-                    }],
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: buffer(&placed.buffers[b], offset, size),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: self.partials.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: buffer(&self.slots, 0, 16),
+                        },
+                    ],
                 })
             })
             .collect()
@@ -175,13 +312,36 @@ impl PlainStep {
         let mut enc = ctx.device().create_command_encoder(&Default::default());
         {
             let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&self.pipeline);
-            for g in groups {
-                pass.set_bind_group(0, g, &[]);
-                pass.dispatch_workgroups(1, 1, 1);
-            }
+            let offset = |k: usize| [(k as u64 * SLOT_BYTES) as u32];
+            let each = |pass: &mut wgpu::ComputePass<'_>| {
+                for (k, (g, w)) in groups.iter().zip(&self.windows).enumerate() {
+                    pass.set_bind_group(0, g, &offset(k));
+                    pass.dispatch_workgroups(w.3[0], w.3[1], 1);
+                }
+            };
+            pass.set_pipeline(&self.sum);
+            each(&mut pass);
+            pass.set_pipeline(&self.combine);
+            pass.set_bind_group(0, &groups[0], &offset(0));
+            pass.dispatch_workgroups(1, 1, 1);
+            pass.set_pipeline(&self.scale);
+            each(&mut pass);
         }
         enc.finish()
+    }
+}
+
+/// A compute-visible buffer binding of `ty` at `binding`.
+fn entry(binding: u32, ty: wgpu::BufferBindingType, dynamic: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty,
+            has_dynamic_offset: dynamic,
+            min_binding_size: None,
+        },
+        count: None,
     }
 }
 

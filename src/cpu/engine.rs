@@ -525,8 +525,9 @@ fn rewrite(
         }
         return;
     }
-    // As on the GPU: the pass runs when every unit needs it (noise, clamp, NaNs found) or
-    // some coefficient is not 1; then each unit with work is rewritten.
+    // The pass runs when every unit needs it (noise, clamp, NaNs found) or some
+    // coefficient is not 1; then each unit with work is rewritten (the GPU's workgroups
+    // decide per chunk, to the same values).
     let every_unit =
         noise.is_some() || step.clamp.is_some() || finish.status & STATUS_NANS_ZEROED != 0;
     if !every_unit && coefs.iter().all(|c| c.to_bits() == 1.0f32.to_bits()) {
@@ -712,14 +713,14 @@ pub(crate) fn execute(
                 let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
                 undo(block, merged);
             }
-            Dispatch::Rewrite { indirect } => {
+            Dispatch::Rewrite => {
                 if begun && verdict.is_none() {
                     verdict = Some(close(program, step, state, out));
                 }
                 let Grads::Write(g) = &mut grads else {
                     unreachable!("a recording that rewrites is executed on writable gradients")
                 };
-                match (indirect, &step.clamp) {
+                match (begun, &step.clamp) {
                     (true, _) => rewrite(g, program, &out.coefs, &out.stages[0].finish, step),
                     // A clamp alone: no stage ran, a pass over every element (after the
                     // NaNs are zeroed, as the GPU's transform does).

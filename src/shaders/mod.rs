@@ -196,8 +196,6 @@ impl BindLayout {
                 (8, RO),
                 (9, RO),
                 (10, RO),
-                (11, RW),
-                (12, RO),
             ],
             BindLayout::Rewrite => &[(0, RW), (1, RO), (2, RO), (3, STEP), (4, UNIFORM), (6, RO)],
             BindLayout::PerExample => {

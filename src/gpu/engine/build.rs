@@ -33,8 +33,6 @@ struct CoefBinding<'a> {
     /// The gradients' unit norms: the first stage's `finish` reads the flags of the units
     /// it leaves alone.
     units: &'a wgpu::Buffer,
-    args_full: &'a wgpu::Buffer,
-    args_out: &'a wgpu::Buffer,
 }
 
 impl CoefBinding<'_> {
@@ -61,9 +59,7 @@ impl CoefBinding<'_> {
                 (7, whole(self.coefs)),
                 (8, whole(group_of)),
                 (9, whole(self.w_accs)),
-                (10, whole(self.args_full)),
-                (11, whole(self.args_out)),
-                (12, whole(self.units)),
+                (10, whole(self.units)),
             ],
         )
     }
@@ -213,13 +209,6 @@ impl Engine {
             .iter()
             .map(|w| fold_grid(if spans { w.apply_count } else { w.reduce_count }, max_dim))
             .collect();
-        let args_full = table(device, "gradclip rewrite grid", &rewrite_grids);
-        let args_out = storage_zeroed(
-            device,
-            "gradclip rewrite indirect",
-            rewrite_grids.len() as u64 * 12,
-            wgpu::BufferUsages::INDIRECT,
-        );
         // Dispatch parameters: per stage its groups/finish and its coefs; then the
         // finish of a single global stage straight from the chunk partials.
         let mut dispatch = Vec::new();
@@ -269,8 +258,6 @@ impl Engine {
                 .as_ref()
                 .map_or(&grads_red.segment_accs, |p| &p.segment_accs),
             units: &grads_red.segment_accs,
-            args_full: &args_full,
-            args_out: &args_out,
         };
         let coef_layout = kernels.layout(BindLayout::Coef);
         let placed = Placement::of(&grad_plan, &grad_buffers, param_plan.as_ref());
@@ -375,9 +362,7 @@ impl Engine {
             ]
         })
         .into_iter()
-        .zip(&rewrite_grids)
-        .enumerate()
-        .map(|(wi, (group, &grid))| (group, wi as u64 * 12, grid))
+        .zip(rewrite_grids)
         .collect();
         let shared_words = shares_words(&grad_plan, spans);
         let layout = ReadbackLayout::of(&program);
@@ -391,7 +376,6 @@ impl Engine {
             span_reduce: span_reduce.map(|s| s.0),
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
             rewrites,
-            args_out,
             shared_words,
             placed,
             span_chunks: span_chunks.map(|(chunks, _)| chunks),

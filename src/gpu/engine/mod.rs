@@ -8,10 +8,9 @@
 //! 2. per norm stage of the chain, `combine` (`norm_combine.wgsl` `groups`: its group
 //!    norms from the unit norms times the coefficients so far, so a later stage needs no
 //!    re-read) and `coef` (`coef.wgsl`: the total, the non-finite policy, the adaptive
-//!    state, each unit's coefficient times this stage's factor, and the rewrite's
-//!    indirect arguments);
-//! 3. `rewrite` (`rewrite.wgsl`): the fused elementwise pass, zero workgroups when nothing
-//!    must change;
+//!    state, each unit's coefficient times this stage's factor);
+//! 3. `rewrite` (`rewrite.wgsl`): the fused elementwise pass, whose workgroups return at
+//!    once where nothing must change;
 //! 4. the report copy into a pooled readback buffer.
 //!
 //! Every configuration (a global-norm clip, the split API, a value clip, each rule and
@@ -87,11 +86,8 @@ pub(crate) struct Engine {
     /// window) that such a direct step runs instead of the per-unit one.
     span_reduce: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
     coefs_grid: [u32; 3],
-    /// Per binding window of the gradients: bind group and offset of its indirect args.
-    /// Per window: the rewrite's bind group, the offset of its indirect counts and its
-    /// full grid (dispatched directly by a value clip alone, which always rewrites).
-    rewrites: Vec<(wgpu::BindGroup, u64, [u32; 3])>,
-    args_out: wgpu::Buffer,
+    /// Per binding window of the gradients: the rewrite's bind group and grid.
+    rewrites: Vec<(wgpu::BindGroup, [u32; 3])>,
     /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
     shared_words: bool,
     /// What the resources that depend on where the tensors lie were made for, so that a

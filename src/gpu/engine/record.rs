@@ -28,7 +28,7 @@ impl Engine {
                 formula: self.stages[k].formula,
             },
             Dispatch::Undo(_) => Kernel::Undo,
-            Dispatch::Rewrite { .. } => self.rewrite_kernel(&step.params),
+            Dispatch::Rewrite => self.rewrite_kernel(&step.params),
         }
     }
 
@@ -138,15 +138,11 @@ impl Engine {
                         pass.set_bind_group(0, &self.stages[k].finish, &[slot]);
                         pass.dispatch_workgroups(1, 1, 1);
                     }
-                    Dispatch::Rewrite { indirect } => {
+                    Dispatch::Rewrite => {
                         pass.set_pipeline(&pipeline());
-                        for (group, args, grid) in &self.rewrites {
+                        for (group, grid) in self.rewrites.iter().filter(|(_, g)| g[0] > 0) {
                             pass.set_bind_group(0, group, &[slot]);
-                            if indirect {
-                                pass.dispatch_workgroups_indirect(&self.args_out, *args);
-                            } else {
-                                pass.dispatch_workgroups(grid[0], grid[1], 1);
-                            }
+                            pass.dispatch_workgroups(grid[0], grid[1], 1);
                         }
                     }
                 }
