@@ -276,10 +276,10 @@ fn big_buffer(ctx: &GpuContext, size: u64) -> wgpu::Buffer {
     })
 }
 
-/// A pool's moves within one buffer (Burn's, every step): f32, bf16 and f16 tensors at
-/// other offsets of the same buffer each step, AutoClip's history carried, step for step
-/// as on the CPU, with one coefficient and with one per tensor; every step's output read
-/// where it was placed.
+/// A pool's moves within one buffer (Burn's, every step), and between two: f32, bf16 and
+/// f16 tensors at other offsets each step, AutoClip's history carried, step for step as
+/// on the CPU, with one coefficient and with one per tensor, every other step recorded
+/// into the caller's encoder; every step's output read where it was placed.
 #[test]
 fn moves_within_one_buffer_keep_the_state_as_the_cpu_does() {
     let ctx = gpu();
@@ -300,19 +300,24 @@ fn moves_within_one_buffer_keep_the_state_as_the_cpu_does() {
         .clone()
         .then(Rule::PerTensor(PerTensorClip { max_norm: 0.4 }));
     for policy in [autoclip, per_unit] {
-        moves_within_one_buffer(&ctx, &base, &infos, policy);
+        for buffers in [1, 2] {
+            moves_between_buffers(&ctx, &base, &infos, policy.clone(), buffers);
+        }
     }
 }
 
-fn moves_within_one_buffer(
+/// Steps of `policy` over tensors moved each step within `n_buffers` buffers (taking
+/// turns), against the CPU.
+fn moves_between_buffers(
     ctx: &GpuContext,
     base: &[Host],
     infos: &[TensorInfo],
     policy: ClipPolicy,
+    n_buffers: usize,
 ) {
     let ctx = ctx.clone();
     let mut cpu = CpuClipper::new(policy.clone(), infos).unwrap();
-    let buffer = big_buffer(&ctx, 1024);
+    let buffers: Vec<wgpu::Buffer> = (0..n_buffers).map(|_| big_buffer(&ctx, 1024)).collect();
     let shifts = [0u64, 12, 4, 40, 12, 0, 28, 8];
     let scales = [1.0f32, 5.0, 0.2, 9.0, 1.0, 30.0, 0.5, 2.0];
     let scaled = |k: f32| -> Vec<Host> {
@@ -330,7 +335,7 @@ fn moves_within_one_buffer(
             })
             .collect()
     };
-    let first = placed(&ctx, &buffer, shifts[0], &scaled(scales[0]));
+    let first = placed(&ctx, &buffers[0], shifts[0], &scaled(scales[0]));
     let mut gpu = GpuClipper::new(
         &ctx,
         &tensors(&first.buffer, &first.offsets, base, infos),
@@ -340,10 +345,17 @@ fn moves_within_one_buffer(
     .unwrap();
     for (step, (&shift, &k)) in shifts.iter().zip(&scales).enumerate() {
         let mut h = scaled(k);
-        let arena = placed(&ctx, &buffer, shift, &h);
+        let arena = placed(&ctx, &buffers[step % n_buffers], shift, &h);
         gpu.rebind(&tensors(&arena.buffer, &arena.offsets, &h, infos), None)
             .unwrap();
-        let got = gpu.step().unwrap().wait().unwrap();
+        let got = if step % 2 == 0 {
+            gpu.step().unwrap().wait().unwrap()
+        } else {
+            let mut encoder = ctx.device().create_command_encoder(&Default::default());
+            let report = gpu.encode(&mut encoder).unwrap();
+            ctx.queue().submit([encoder.finish()]);
+            report.wait().unwrap()
+        };
         let want = cpu.step(&mut muts(&mut h), None).unwrap();
         assert_eq!(
             (got.step, got.clipped_units),

@@ -2,6 +2,7 @@
 //! [`ClipPolicy`], one compute pass per step. The state (AutoClip history, ZClip EMA, skip
 //! counter) stays on the device between steps.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::context::GpuContext;
@@ -34,9 +35,12 @@ pub struct GpuPolicy {
     /// Where the gradients (and the parameters) lie now.
     bound: (Vec<Bound>, Option<Vec<Bound>>),
     step: u64,
-    /// A step was recorded into an encoder that may not be submitted yet (the caller's):
-    /// a move then plans anew rather than rewrite tables that step still reads.
-    unsubmitted: bool,
+    /// Steps recorded into a caller's encoder whose work has not been seen done (it may
+    /// not be submitted yet): while there are any, a move plans anew rather than rewrite
+    /// tables such a step still reads. Counted down when the work is done.
+    caller_steps: Arc<AtomicUsize>,
+    /// Inside [`GpuPolicy::submit_with`]: the steps recorded now are submitted by it.
+    own_submit: bool,
 }
 
 impl std::fmt::Debug for GpuPolicy {
@@ -104,7 +108,8 @@ impl GpuPolicy {
             tensors,
             bound: (Bound::all(grads), params.map(Bound::all)),
             step: 0,
-            unsubmitted: false,
+            caller_steps: Arc::default(),
+            own_submit: false,
         })
     }
 
@@ -116,11 +121,12 @@ impl GpuPolicy {
     /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
     /// lengths and order; dtypes may change), keeping its adaptive state and step count:
     /// for gradients a memory pool relocates between steps. The device state and the
-    /// readback buffers stay where they are. A move within the same buffers that keeps
-    /// the plan's shape (binding windows and chunks per window and per unit) rewrites
-    /// only the chunk tables, when every step recorded so far was submitted by the policy
-    /// itself (`step`); any other move builds the tables and bind groups anew; a rebind
-    /// to the ranges it has already does nothing. Errors leave the policy as it was.
+    /// readback buffers stay where they are. A move that keeps the plan's shape (binding
+    /// windows and chunks per window and per unit), when every step recorded so far was
+    /// submitted by the policy itself (`step`), rewrites the chunk tables and makes only
+    /// the bind groups over the caller's buffers anew, where those buffers changed; any
+    /// other move builds the tables and bind groups anew; a rebind to the ranges it has
+    /// already does nothing. Errors leave the policy as it was.
     pub fn rebind(
         &mut self,
         grads: &[GpuTensor<'_>],
@@ -168,7 +174,8 @@ impl GpuPolicy {
         };
         // In place when the move keeps the plan's shape and no recorded step can still
         // read the old tables; else planned anew, keeping the state.
-        if self.unsubmitted || !self.engine.moved_in_place(grads, params)? {
+        let caller_steps = self.caller_steps.load(Ordering::Acquire);
+        if caller_steps > 0 || !self.engine.moved_in_place(grads, params)? {
             let noise = self.policy.noise.is_some();
             self.engine = self.engine.rebound(grads, params, noise)?;
         }
@@ -260,7 +267,6 @@ impl GpuPolicy {
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<(Readback, u64), ClipError> {
         let readback = self.engine.encode(encoder, step, extra)?;
-        self.unsubmitted = true;
         let n = self.step;
         self.step = self.step.wrapping_add(1);
         Ok((readback, n))
@@ -420,6 +426,13 @@ impl GpuPolicy {
         readback: Readback,
         decode: impl FnOnce(&[u32]) -> Result<T, ClipError> + Send + Sync + 'static,
     ) -> PendingReport<T> {
+        if !self.own_submit {
+            self.caller_steps.fetch_add(1, Ordering::AcqRel);
+            let caller_steps = self.caller_steps.clone();
+            encoder.on_submitted_work_done(move || {
+                caller_steps.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
         let device = self.engine.ctx().inner.device.clone();
         PendingReport::on_submit(
             encoder,
@@ -443,7 +456,6 @@ impl GpuPolicy {
             ..self.step_of(params, Mode::UnitsOnly)
         };
         let readback = self.engine.encode(encoder, step, |_, _| {})?;
-        self.unsubmitted = true;
         let layout = self.engine.layout();
         let has_params = self.engine.program().needs_params();
         Ok(self.pending(encoder, readback, move |w: &[u32]| {
@@ -466,10 +478,10 @@ impl GpuPolicy {
         record: impl FnOnce(&mut Self, &mut wgpu::CommandEncoder) -> Result<T, ClipError>,
     ) -> Result<T, ClipError> {
         let ctx = self.engine.ctx().clone();
-        let (step, unsubmitted) = (self.step, self.unsubmitted);
+        let step = self.step;
+        self.own_submit = true;
         let out = ctx.record_and_submit("gradclip policy", self, record, |p| p.rewind(step));
-        // What was recorded here was submitted, or dropped unsubmitted on an error.
-        self.unsubmitted = unsubmitted;
+        self.own_submit = false;
         out
     }
 

@@ -68,17 +68,6 @@ impl SegmentReduction {
         params.push(DispatchParams::range(0, n_segments as u32));
         let slots = DispatchSlots::new(device, &params);
         let layout = kernels.layout(BindLayout::Reduce);
-        let groups = window_groups(device, layout, plan, buffers, |wi| {
-            vec![
-                (1, whole(&chunks)),
-                (2, whole(&partials)),
-                (3, step.binding()),
-                (4, slots.slot(wi)),
-            ]
-        });
-        let reduce = (groups.into_iter().zip(&plan.windows))
-            .map(|(group, w)| (group, fold_grid(w.reduce_count, max_dim)))
-            .collect();
         let combine = bind(
             device,
             layout,
@@ -90,8 +79,8 @@ impl SegmentReduction {
                 (4, slots.slot(plan.windows.len())),
             ],
         );
-        SegmentReduction {
-            reduce,
+        let mut reduction = SegmentReduction {
+            reduce: Vec::new(),
             combine,
             combine_grid: fold_grid(n_segments as u32, max_dim),
             chunks,
@@ -99,7 +88,40 @@ impl SegmentReduction {
             segment_accs,
             slots,
             n_chunks,
-        }
+        };
+        reduction.reduce = reduction.window_groups(device, kernels, plan, buffers, step);
+        reduction
+    }
+
+    /// The reduce's bind group and grid of each binding window of `plan` over `buffers`:
+    /// the only bind groups of a reduction that hold the caller's buffers, made anew when
+    /// the tensors move to other buffers.
+    pub(crate) fn window_groups(
+        &self,
+        device: &wgpu::Device,
+        kernels: &Kernels,
+        plan: &Plan,
+        buffers: &[&wgpu::Buffer],
+        step: &StepSlots,
+    ) -> Vec<(wgpu::BindGroup, [u32; 3])> {
+        let max_dim = device.limits().max_compute_workgroups_per_dimension;
+        let layout = kernels.layout(BindLayout::Reduce);
+        let groups = window_groups(device, layout, plan, buffers, |wi| {
+            vec![
+                (1, whole(&self.chunks)),
+                (2, whole(&self.partials)),
+                (3, step.binding()),
+                (4, self.slots.slot(wi)),
+            ]
+        });
+        (groups.into_iter().zip(&plan.windows))
+            .map(|(group, w)| (group, fold_grid(w.reduce_count, max_dim)))
+            .collect()
+    }
+
+    /// Takes the window bind groups made by [`SegmentReduction::window_groups`].
+    pub(crate) fn set_window_groups(&mut self, groups: Vec<(wgpu::BindGroup, [u32; 3])>) {
+        self.reduce = groups;
     }
 
     /// Records the chunk partials of norm kind `kind` with the step slot at `slot`, then,

@@ -11,6 +11,8 @@
 //! tensors is written by one workgroup only; the segment-wise pass writes such shared
 //! words with atomics instead.
 
+use std::collections::HashMap;
+
 pub(crate) mod step_table;
 
 use crate::dtype::DType;
@@ -205,24 +207,22 @@ impl Plan {
             ..Plan::default()
         };
         let mut windows: Vec<Window> = Vec::new();
+        // Looked up by (buffer, window), so planning stays linear in buffers too.
+        let mut index: HashMap<(usize, u64), usize> = HashMap::new();
         let mut window_of = |buffer: usize, window: u64, size: u64| -> usize {
             let byte_offset = window * window_bytes;
-            if let Some(i) = windows
-                .iter()
-                .position(|w| w.buffer == buffer && w.byte_offset == byte_offset)
-            {
-                return i;
-            }
-            windows.push(Window {
-                buffer,
-                byte_offset,
-                byte_size: window_bytes.min((size & !3) - byte_offset),
-                reduce_first: 0,
-                reduce_count: 0,
-                apply_first: 0,
-                apply_count: 0,
-            });
-            windows.len() - 1
+            *index.entry((buffer, window)).or_insert_with(|| {
+                windows.push(Window {
+                    buffer,
+                    byte_offset,
+                    byte_size: window_bytes.min((size & !3) - byte_offset),
+                    reduce_first: 0,
+                    reduce_count: 0,
+                    apply_first: 0,
+                    apply_count: 0,
+                });
+                windows.len() - 1
+            })
         };
         // Segments in (buffer, first byte) order, so a contiguous segment that crosses a
         // window is the last of one window and the first of the next: its chunks stay
@@ -281,28 +281,25 @@ impl Plan {
         }
         // Spans: runs of byte-contiguous tensors of one buffer and dtype.
         let mut apply: Vec<(usize, ChunkRow)> = Vec::new();
-        let mut span: Option<(usize, u64, u64, DType)> = None; // buffer, first byte, end byte
+        // Buffer, first byte, end byte, dtype, buffer size.
+        let mut span: Option<(usize, u64, u64, DType, u64)> = None;
         let mut spans = Vec::new();
         for &i in &order {
             let t = &tensors[i];
             let end = t.offset + t.len * t.dtype.size();
             span = match span {
-                Some((b, s, e, d)) if b == t.buffer && e == t.offset && d == t.dtype => {
-                    Some((b, s, end, d))
+                Some((b, s, e, d, size)) if b == t.buffer && e == t.offset && d == t.dtype => {
+                    Some((b, s, end, d, size))
                 }
                 other => {
                     spans.extend(other);
-                    Some((t.buffer, t.offset, end, t.dtype))
+                    Some((t.buffer, t.offset, end, t.dtype, t.buffer_size))
                 }
             };
         }
         spans.extend(span);
-        for (si, &(buffer, s, e, dtype)) in spans.iter().enumerate() {
+        for (si, &(buffer, s, e, dtype, size)) in spans.iter().enumerate() {
             let es = dtype.size();
-            let size = tensors
-                .iter()
-                .find(|t| t.buffer == buffer)
-                .map_or(0, |t| t.buffer_size);
             cut(s / es, e / es, es, window_bytes, |w, el, n| {
                 let wi = window_of(buffer, w, size);
                 let rel = el - w * window_bytes / es;
@@ -322,16 +319,25 @@ impl Plan {
             });
         }
 
-        // Group the chunk tables by window, keeping their order inside each window.
+        // Group the chunk tables by window, keeping their order inside each window (a
+        // stable sort).
+        reduce.sort_by_key(|&(wi, _)| wi);
+        apply.sort_by_key(|&(wi, _)| wi);
+        for (table, rows) in [
+            (&mut plan.reduce_chunks, &reduce),
+            (&mut plan.apply_chunks, &apply),
+        ] {
+            table.extend(rows.iter().map(|(_, r)| *r));
+        }
+        let (mut r, mut a) = (0, 0);
         for (wi, w) in windows.iter_mut().enumerate() {
-            w.reduce_first = plan.reduce_chunks.len() as u32;
-            plan.reduce_chunks
-                .extend(reduce.iter().filter(|(x, _)| *x == wi).map(|(_, r)| *r));
-            w.reduce_count = plan.reduce_chunks.len() as u32 - w.reduce_first;
-            w.apply_first = plan.apply_chunks.len() as u32;
-            plan.apply_chunks
-                .extend(apply.iter().filter(|(x, _)| *x == wi).map(|(_, r)| *r));
-            w.apply_count = plan.apply_chunks.len() as u32 - w.apply_first;
+            let count = |rows: &[(usize, ChunkRow)], from: usize| {
+                rows[from..].iter().take_while(|(x, _)| *x == wi).count()
+            };
+            let (nr, na) = (count(&reduce, r), count(&apply, a));
+            (w.reduce_first, w.reduce_count) = (r as u32, nr as u32);
+            (w.apply_first, w.apply_count) = (a as u32, na as u32);
+            (r, a) = (r + nr, a + na);
         }
         for (i, row) in plan.reduce_chunks.iter().enumerate() {
             let range = &mut plan.segment_ranges[row[0] as usize];

@@ -18,7 +18,7 @@ use crate::recording::Profile;
 use crate::shaders::abi::{StageParams, ACC_BYTES};
 use crate::shaders::BindLayout;
 
-use super::{Engine, GpuStage, Placement};
+use super::{Engine, GpuStage, Placement, Spans};
 use crate::plan::Window;
 
 /// The `Coef` bind group of one stage and dispatch slot.
@@ -95,11 +95,12 @@ impl Engine {
     }
 
     /// Moves this engine onto new ranges of the same tensors in place when the move keeps
-    /// the shape of everything placed (the same buffers, binding windows, chunks per window
-    /// and per unit): then only the chunk tables change, written on the queue, which orders
-    /// the writes after the steps already submitted and before the next. Returns `false`,
-    /// with nothing changed, when the shape differs (the caller plans anew). The caller
-    /// must know that every step it encoded was submitted.
+    /// the shape of everything placed (binding windows, chunks per window and per unit):
+    /// then the chunk tables are written on the queue, which orders the writes after the
+    /// steps already submitted and before the next, and where tensors moved to other
+    /// buffers only the bind groups of the windows over the caller's buffers are made
+    /// anew. Returns `false`, with nothing changed, when the shape differs (the caller
+    /// plans anew). The caller must know that every step it encoded was submitted.
     pub(crate) fn moved_in_place(
         &mut self,
         grads: &[GpuTensor<'_>],
@@ -111,24 +112,63 @@ impl Engine {
         let param_plan = params
             .map(|p| plan_tensors(&self.ctx, p, &program.bases, |_| program.units.clone()))
             .transpose()?;
-        if Placement::of(&grad_plan, &grad_buffers, param_plan.as_ref()) != self.placed {
+        let placed = Placement::of(&grad_plan, &grad_buffers, param_plan.as_ref());
+        if !placed.same_shape(&self.placed) {
             return Ok(false);
         }
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        // The new bind groups first: a buffer wgpu refuses fails here, with nothing changed.
+        let moved = |now: &(PlanShape, Vec<wgpu::Buffer>), was: &(PlanShape, Vec<wgpu::Buffer>)| {
+            now.1 != was.1
+        };
+        let grads_moved = moved(&placed.grads, &self.placed.grads);
+        let params_moved = match (&placed.params, &self.placed.params) {
+            (Some(now), Some(was)) => moved(now, was),
+            _ => false,
+        };
+        let groups = guarded(device, || {
+            let grads = grads_moved.then(|| {
+                let reduce = (self.grads).window_groups(
+                    device,
+                    kernels,
+                    &grad_plan,
+                    &grad_buffers,
+                    &self.slots,
+                );
+                (reduce, self.window_groups(&grad_plan, &grad_buffers))
+            });
+            let params = match (&self.params, &param_plan) {
+                (Some(red), Some((plan, bufs))) if params_moved => {
+                    Some(red.window_groups(device, kernels, plan, bufs, &self.slots))
+                }
+                _ => None,
+            };
+            Ok((grads, params))
+        })?;
         let queue = &self.ctx.inner.queue;
         let write = |table: &wgpu::Buffer, rows: &[crate::plan::ChunkRow]| {
             queue.write_buffer(table, 0, bytemuck::cast_slice(rows));
         };
-        guarded(&self.ctx.inner.device, || {
+        guarded(device, || {
             write(&self.grads.chunks, &grad_plan.reduce_chunks);
-            if let Some(table) = &self.span_chunks {
-                write(table, &grad_plan.apply_chunks);
+            if let Some(spans) = &self.spans {
+                write(&spans.chunks, &grad_plan.apply_chunks);
             }
             if let (Some(red), Some((plan, _))) = (&self.params, &param_plan) {
                 write(&red.chunks, &plan.reduce_chunks);
             }
             Ok(())
         })?;
-        self.shared_words = shares_words(&grad_plan, self.span_chunks.is_some());
+        let (grad_groups, param_groups) = groups;
+        if let Some((reduce, (spans, rewrites))) = grad_groups {
+            self.grads.set_window_groups(reduce);
+            self.set_window_groups(spans, rewrites);
+        }
+        if let (Some(red), Some(groups)) = (&mut self.params, param_groups) {
+            red.set_window_groups(groups);
+        }
+        self.shared_words = shares_words(&grad_plan, self.spans.is_some());
+        self.placed = placed;
         Ok(true)
     }
 
@@ -204,11 +244,6 @@ impl Engine {
         // tensors share workgroups and no word has two writers.
         let profile = Profile::of(&program, noise);
         let (single_global, spans) = (profile.single_global(), profile.spans());
-        let rewrite_grids: Vec<[u32; 3]> = grad_plan
-            .windows
-            .iter()
-            .map(|w| fold_grid(if spans { w.apply_count } else { w.reduce_count }, max_dim))
-            .collect();
         // Dispatch parameters: per stage its groups/finish and its coefs; then the
         // finish of a single global stage straight from the chunk partials.
         let mut dispatch = Vec::new();
@@ -261,37 +296,27 @@ impl Engine {
         };
         let coef_layout = kernels.layout(BindLayout::Coef);
         let placed = Placement::of(&grad_plan, &grad_buffers, param_plan.as_ref());
+        // A step that needs no unit norms reduces the spans: small tensors share chunks.
         let span_chunks = spans.then(|| {
             let ranges: Vec<DispatchParams> = (grad_plan.windows.iter())
                 .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
                 .collect();
-            let chunks = storage_init(
-                device,
-                "gradclip span chunks",
-                bytemuck::cast_slice(&grad_plan.apply_chunks),
-                wgpu::BufferUsages::COPY_DST,
-            );
-            (chunks, DispatchSlots::new(device, &ranges))
-        });
-        // A step that needs no unit norms reduces the spans: small tensors share chunks.
-        let span_reduce = span_chunks.as_ref().map(|(chunks, span_slots)| {
-            let partials = storage_zeroed(
-                device,
-                "gradclip span partials",
-                grad_plan.apply_chunks.len() as u64 * ACC_BYTES,
-                wgpu::BufferUsages::empty(),
-            );
-            let layout = kernels.layout(BindLayout::Reduce);
-            let groups = window_groups(device, layout, &grad_plan, &grad_buffers, |wi| {
-                vec![
-                    (1, whole(chunks)),
-                    (2, whole(&partials)),
-                    (3, slots.binding()),
-                    (4, span_slots.slot(wi)),
-                ]
-            });
-            let grids = (grad_plan.windows.iter()).map(|w| fold_grid(w.apply_count, max_dim));
-            (groups.into_iter().zip(grids).collect::<Vec<_>>(), partials)
+            Spans {
+                chunks: storage_init(
+                    device,
+                    "gradclip span chunks",
+                    bytemuck::cast_slice(&grad_plan.apply_chunks),
+                    wgpu::BufferUsages::COPY_DST,
+                ),
+                slots: DispatchSlots::new(device, &ranges),
+                partials: storage_zeroed(
+                    device,
+                    "gradclip span partials",
+                    grad_plan.apply_chunks.len() as u64 * ACC_BYTES,
+                    wgpu::BufferUsages::empty(),
+                ),
+                reduce: Vec::new(),
+            }
         });
         let mut finish_partials = None;
         let mut stages = Vec::with_capacity(n_stages);
@@ -335,7 +360,9 @@ impl Engine {
                 coef_binding.bind(device, coef_layout, inputs, &thresholds, &group_of, slot)
             };
             if single_global {
-                let partials = span_reduce.as_ref().map_or(&grads_red.partials, |s| &s.1);
+                let partials = span_chunks
+                    .as_ref()
+                    .map_or(&grads_red.partials, |s| &s.partials);
                 finish_partials = Some(binding(partials, 2 * n_stages));
             }
             stages.push(GpuStage {
@@ -347,38 +374,20 @@ impl Engine {
                 formula: st.formula as u32,
             });
         }
-        let (rewrite_chunks, rewrite_slots) = match &span_chunks {
-            Some((chunks, slots)) => (chunks, slots),
-            None => (&grads_red.chunks, &grads_red.slots),
-        };
-        let rewrite_layout = kernels.layout(BindLayout::Rewrite);
-        let rewrites = window_groups(device, rewrite_layout, &grad_plan, &grad_buffers, |wi| {
-            vec![
-                (1, whole(rewrite_chunks)),
-                (2, whole(&coef_buf)),
-                (3, slots.binding()),
-                (4, rewrite_slots.slot(wi)),
-                (6, whole(&reports)),
-            ]
-        })
-        .into_iter()
-        .zip(rewrite_grids)
-        .collect();
         let shared_words = shares_words(&grad_plan, spans);
         let layout = ReadbackLayout::of(&program);
-        let engine = Engine {
+        let mut engine = Engine {
             ctx: ctx.clone(),
             grads: grads_red,
             params: params_red,
             stages,
             profile,
             finish_partials,
-            span_reduce: span_reduce.map(|s| s.0),
+            spans: span_chunks,
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
-            rewrites,
+            rewrites: Vec::new(),
             shared_words,
             placed,
-            span_chunks: span_chunks.map(|(chunks, _)| chunks),
             slots,
             state,
             blocks: program.stages.iter().map(|s| s.state_base).collect(),
@@ -391,7 +400,68 @@ impl Engine {
             recording: Default::default(),
             program,
         };
+        let (spans, rewrites) = engine.window_groups(&grad_plan, &grad_buffers);
+        engine.set_window_groups(spans, rewrites);
         Ok(engine)
+    }
+
+    /// The bind groups of the span reduce and the rewrite over each binding window of
+    /// `plan` over `buffers` (with the reductions', the only ones that hold the caller's
+    /// buffers, made anew when the tensors move to other buffers).
+    #[allow(clippy::type_complexity)]
+    fn window_groups(
+        &self,
+        plan: &Plan,
+        buffers: &[&wgpu::Buffer],
+    ) -> (
+        Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
+        Vec<(wgpu::BindGroup, [u32; 3])>,
+    ) {
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        let max_dim = device.limits().max_compute_workgroups_per_dimension;
+        let grids = |count: fn(&Window) -> u32| {
+            (plan.windows.iter()).map(move |w| fold_grid(count(w), max_dim))
+        };
+        let spans = self.spans.as_ref().map(|spans| {
+            let layout = kernels.layout(BindLayout::Reduce);
+            let groups = window_groups(device, layout, plan, buffers, |wi| {
+                vec![
+                    (1, whole(&spans.chunks)),
+                    (2, whole(&spans.partials)),
+                    (3, self.slots.binding()),
+                    (4, spans.slots.slot(wi)),
+                ]
+            });
+            groups.into_iter().zip(grids(|w| w.apply_count)).collect()
+        });
+        let (chunks, slots, count): (_, _, fn(&Window) -> u32) = match &self.spans {
+            Some(s) => (&s.chunks, &s.slots, |w| w.apply_count),
+            None => (&self.grads.chunks, &self.grads.slots, |w| w.reduce_count),
+        };
+        let layout = kernels.layout(BindLayout::Rewrite);
+        let rewrites = window_groups(device, layout, plan, buffers, |wi| {
+            vec![
+                (1, whole(chunks)),
+                (2, whole(&self.coef_buf)),
+                (3, self.slots.binding()),
+                (4, slots.slot(wi)),
+                (6, whole(&self.reports)),
+            ]
+        });
+        (spans, rewrites.into_iter().zip(grids(count)).collect())
+    }
+
+    /// Takes the bind groups made by [`Engine::window_groups`].
+    #[allow(clippy::type_complexity)]
+    fn set_window_groups(
+        &mut self,
+        spans: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
+        rewrites: Vec<(wgpu::BindGroup, [u32; 3])>,
+    ) {
+        if let (Some(s), Some(groups)) = (&mut self.spans, spans) {
+            s.reduce = groups;
+        }
+        self.rewrites = rewrites;
     }
 }
 
@@ -406,6 +476,12 @@ fn shares_words(plan: &Plan, spans: bool) -> bool {
 }
 
 impl Placement {
+    /// Whether `self` and `other` have the same shape, wherever their buffers are.
+    fn same_shape(&self, other: &Placement) -> bool {
+        self.grads.0 == other.grads.0
+            && self.params.as_ref().map(|p| &p.0) == other.params.as_ref().map(|p| &p.0)
+    }
+
     /// The placement of a gradients' plan over `buffers` and, for AGC, the parameters'.
     fn of(
         grads: &Plan,

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use super::context::{guarded, GpuContext};
 use super::readback::{ReadbackLayout, ReportPool};
 use super::reduction::SegmentReduction;
-use super::resources::{StepParams, StepSlots, Timestamps};
+use super::resources::{DispatchSlots, StepParams, StepSlots, Timestamps};
 use crate::chain::Program;
 use crate::error::ClipError;
 use crate::norm::Norm;
@@ -62,7 +62,19 @@ struct GpuStage {
     formula: u32,
 }
 
-/// A program planned on one device, encoded step after step.
+/// The chunks over spans (maximal runs of touching tensors, so small tensors share
+/// workgroups) of an engine with one coefficient and no noise.
+struct Spans {
+    /// The chunk table, rewritten in place when the tensors move within their buffers.
+    chunks: wgpu::Buffer,
+    /// Per window: its slice of the chunk table.
+    slots: DispatchSlots,
+    /// One accumulator per chunk.
+    partials: wgpu::Buffer,
+    /// The reduce's bind group and grid per window.
+    reduce: Vec<(wgpu::BindGroup, [u32; 3])>,
+}
+
 /// Where an engine's tensors lie, as far as its bind groups and table sizes see it: the
 /// shape of the gradients' plan and their buffers, and the parameters' (AGC).
 #[derive(Debug, PartialEq)]
@@ -71,6 +83,7 @@ pub(crate) struct Placement {
     params: Option<(build::PlanShape, Vec<wgpu::Buffer>)>,
 }
 
+/// A program planned on one device, encoded step after step.
 pub(crate) struct Engine {
     ctx: GpuContext,
     program: Program,
@@ -82,19 +95,18 @@ pub(crate) struct Engine {
     /// A single global stage whose unit norms nobody reads: the total straight from the
     /// chunk partials, without the per-unit combine.
     finish_partials: Option<wgpu::BindGroup>,
-    /// With one coefficient and no noise: the reduce over spans (bind group and grid per
-    /// window) that such a direct step runs instead of the per-unit one.
-    span_reduce: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
+    /// With one coefficient and no noise: the chunks over spans, which such a direct step
+    /// reduces instead of the per-unit ones and the rewrite runs over.
+    spans: Option<Spans>,
     coefs_grid: [u32; 3],
     /// Per binding window of the gradients: the rewrite's bind group and grid.
     rewrites: Vec<(wgpu::BindGroup, [u32; 3])>,
     /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
     shared_words: bool,
     /// What the resources that depend on where the tensors lie were made for, so that a
-    /// move that keeps their shape only rewrites the chunk tables (`Engine::moved_in_place`).
+    /// move that keeps their shape only rewrites the chunk tables and makes the bind groups
+    /// over the buffers that changed (`Engine::moved_in_place`).
     placed: Placement,
-    /// The chunk table of the reduce over spans, when the engine has one.
-    span_chunks: Option<wgpu::Buffer>,
     slots: StepSlots,
     state: wgpu::Buffer,
     /// First word of every stage's state block (each gets the step's tag).

@@ -99,7 +99,7 @@ impl Engine {
                 match d {
                     Dispatch::SpanReduce => {
                         pass.set_pipeline(&pipeline());
-                        let spans = self.span_reduce.as_deref().unwrap_or_default();
+                        let spans = self.spans.as_ref().map_or(&[][..], |s| &s.reduce[..]);
                         for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
                             pass.set_bind_group(0, group, &[slot]);
                             pass.dispatch_workgroups(grid[0], grid[1], 1);
