@@ -1,13 +1,16 @@
 // norm_reduce.wgsl: first pass of every norm, one partial accumulator per chunk.
 //
 // Bindings (group 0):
-//   0 grads     storage, read        one binding window of a gradient buffer, as 32-bit words
+//   0 grads     storage, read_write  one binding window of a gradient buffer, as 32-bit words
+//                                    (only read: read_write so that the rewrite's bind
+//                                    group of the window serves this pass too)
 //   1 chunks    storage, read        chunk table (Chunk), element indices relative to the
 //                                    window's start
 //   2 partials  storage, read_write  one Acc per chunk, indexed by first_chunk + workgroup
 //   3 step      uniform              StepParams of this step (p for general norms), at a
 //                                    dynamic offset
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
+//   5, 6                             the rewrite's (coefficients, report), unused here
 //
 // One workgroup reduces one chunk (at most CHUNK_ELEMS elements of one segment) in a fixed
 // order: each thread folds a strided run of words, then a shared-memory tree
@@ -21,7 +24,7 @@
 
 override NORM_KIND: u32 = 2u;
 
-@group(0) @binding(0) var<storage, read> grads: array<u32>;
+@group(0) @binding(0) var<storage, read_write> grads: array<u32>;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
 @group(0) @binding(2) var<storage, read_write> partials: array<Acc>;
 @group(0) @binding(3) var<uniform> step: StepParams;

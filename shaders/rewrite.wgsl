@@ -6,9 +6,11 @@
 //   0 grads     storage, read_write  one binding window of a gradient buffer, as words
 //   1 chunks    storage, read        the unit chunk table (Chunk) of `reduce`, or for one
 //                                    coefficient without noise the chunks over spans
-//   2 coefs     storage, read        coefficient per unit (coef.wgsl `coefs`)
+//   2 partials  storage, read_write  the reduce's, unused here (one bind group per window
+//                                    serves the reduce over its chunks and this pass)
 //   3 step      uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch  uniform              DispatchParams: this window's slice of the chunk table
+//   5 coefs     storage, read        coefficient per unit (coef.wgsl `coefs`)
 //   6 report    storage, read        StepReport as words (read-only: its counter is atomic)
 //
 // One workgroup rewrites one chunk, or returns at once when the step is held or its unit
@@ -30,7 +32,7 @@
 @group(0) @binding(0) var<storage, read_write> words: array<u32>;
 @group(0) @binding(0) var<storage, read_write> grads: array<atomic<u32>>;
 @group(0) @binding(1) var<storage, read> chunks: array<Chunk>;
-@group(0) @binding(2) var<storage, read> coefs: array<f32>;
+@group(0) @binding(5) var<storage, read> coefs: array<f32>;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
 @group(0) @binding(6) var<storage, read> report: array<u32>;

@@ -294,12 +294,14 @@ fn moves_within_one_buffer_keep_the_state_as_the_cpu_does() {
         .zip(&base)
         .map(|(n, t)| TensorInfo::new(*n, &[t.as_ref().len() as u64]))
         .collect();
-    // One coefficient (the reduce and rewrite over spans), and per-unit ones.
+    // One coefficient (the reduce and rewrite over spans), the same reading each unit's
+    // norm back (the per-unit reduce too), and per-unit coefficients.
     let autoclip = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 4)));
     let per_unit = autoclip
         .clone()
         .then(Rule::PerTensor(PerTensorClip { max_norm: 0.4 }));
-    for policy in [autoclip, per_unit] {
+    let detailed = autoclip.clone().with_group_report();
+    for policy in [autoclip, detailed, per_unit] {
         for buffers in [1, 2] {
             moves_between_buffers(&ctx, &base, &infos, policy.clone(), buffers);
         }

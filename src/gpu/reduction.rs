@@ -7,13 +7,15 @@ use super::resources::{
     bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
     StepSlots,
 };
-use crate::plan::{fold_grid, Plan};
+use crate::plan::{fold_grid, Plan, Window};
 use crate::shaders::abi::ACC_BYTES;
 use crate::shaders::{BindLayout, Kernel};
 
 /// Segment norms of one plan, with every resource created up front.
 pub(crate) struct SegmentReduction {
-    reduce: Vec<(wgpu::BindGroup, [u32; 3])>,
+    /// Per binding window: bind group and grid; `None` until made for where the tensors
+    /// lie now (an engine with spans makes them when a step first needs them).
+    reduce: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
     combine: wgpu::BindGroup,
     combine_grid: [u32; 3],
     /// The chunk table (`Chunk` rows), also read by the segment-wise elementwise pass.
@@ -28,13 +30,16 @@ pub(crate) struct SegmentReduction {
 }
 
 impl SegmentReduction {
-    /// Resources for `plan` over `buffers`; `step` holds the engine's parameter slots.
+    /// Resources for `plan` over `buffers`; `step` holds the engine's parameter slots,
+    /// `rewrite` the coefficients and reports a rewrite over this reduction's chunks reads
+    /// (its window bind groups serve both).
     pub(crate) fn new(
         device: &wgpu::Device,
         kernels: &Kernels,
         plan: &Plan,
         buffers: &[&wgpu::Buffer],
         step: &StepSlots,
+        rewrite: (&wgpu::Buffer, &wgpu::Buffer),
     ) -> SegmentReduction {
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let n_segments = plan.segment_ranges.len();
@@ -67,7 +72,7 @@ impl SegmentReduction {
             .collect();
         params.push(DispatchParams::range(0, n_segments as u32));
         let slots = DispatchSlots::new(device, &params);
-        let layout = kernels.layout(BindLayout::Reduce);
+        let layout = kernels.layout(BindLayout::Combine);
         let combine = bind(
             device,
             layout,
@@ -80,7 +85,7 @@ impl SegmentReduction {
             ],
         );
         let mut reduction = SegmentReduction {
-            reduce: Vec::new(),
+            reduce: None,
             combine,
             combine_grid: fold_grid(n_segments as u32, max_dim),
             chunks,
@@ -89,38 +94,56 @@ impl SegmentReduction {
             slots,
             n_chunks,
         };
-        reduction.reduce = reduction.window_groups(device, kernels, plan, buffers, step);
+        let groups =
+            reduction.window_groups(device, kernels, &plan.windows, buffers, step, rewrite);
+        reduction.reduce = Some(groups);
         reduction
     }
 
-    /// The reduce's bind group and grid of each binding window of `plan` over `buffers`:
-    /// the only bind groups of a reduction that hold the caller's buffers, made anew when
-    /// the tensors move to other buffers.
+    /// The bind group and grid of each binding window (of `buffers`), for the
+    /// reduce over this reduction's chunks and a rewrite over them (which reads `rewrite`:
+    /// the coefficients and the reports): the only bind groups of a reduction that hold
+    /// the caller's buffers, made anew when the tensors move to other buffers.
     pub(crate) fn window_groups(
         &self,
         device: &wgpu::Device,
         kernels: &Kernels,
-        plan: &Plan,
+        windows: &[Window],
         buffers: &[&wgpu::Buffer],
         step: &StepSlots,
+        (coefs, reports): (&wgpu::Buffer, &wgpu::Buffer),
     ) -> Vec<(wgpu::BindGroup, [u32; 3])> {
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let layout = kernels.layout(BindLayout::Reduce);
-        let groups = window_groups(device, layout, plan, buffers, |wi| {
+        let layout = kernels.layout(BindLayout::Window);
+        let groups = window_groups(device, layout, windows, buffers, |wi| {
             vec![
                 (1, whole(&self.chunks)),
                 (2, whole(&self.partials)),
                 (3, step.binding()),
                 (4, self.slots.slot(wi)),
+                (5, whole(coefs)),
+                (6, whole(reports)),
             ]
         });
-        (groups.into_iter().zip(&plan.windows))
+        (groups.into_iter().zip(windows))
             .map(|(group, w)| (group, fold_grid(w.reduce_count, max_dim)))
             .collect()
     }
 
+    /// The window bind groups and grids, for a pass over this reduction's chunks (none
+    /// while they are not made).
+    pub(crate) fn windows(&self) -> &[(wgpu::BindGroup, [u32; 3])] {
+        self.reduce.as_deref().unwrap_or_default()
+    }
+
+    /// Whether the window bind groups are made for where the tensors lie now.
+    pub(crate) fn has_windows(&self) -> bool {
+        self.reduce.is_some()
+    }
+
     /// Takes the window bind groups made by [`SegmentReduction::window_groups`].
-    pub(crate) fn set_window_groups(&mut self, groups: Vec<(wgpu::BindGroup, [u32; 3])>) {
+    /// `None` leaves them to be made when needed.
+    pub(crate) fn set_window_groups(&mut self, groups: Option<Vec<(wgpu::BindGroup, [u32; 3])>>) {
         self.reduce = groups;
     }
 
@@ -135,7 +158,7 @@ impl SegmentReduction {
         units: bool,
     ) {
         pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
-        for (group, grid) in self.reduce.iter().filter(|(_, g)| g[0] > 0) {
+        for (group, grid) in self.windows().iter().filter(|(_, g)| g[0] > 0) {
             pass.set_bind_group(0, group, &[slot]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
         }

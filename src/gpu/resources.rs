@@ -212,11 +212,11 @@ pub(crate) fn range(buffer: &wgpu::Buffer, offset: u64, size: u64) -> wgpu::Bind
 pub(crate) fn window_groups<'a>(
     device: &wgpu::Device,
     layout: &wgpu::BindGroupLayout,
-    plan: &crate::plan::Plan,
+    windows: &[crate::plan::Window],
     buffers: &[&'a wgpu::Buffer],
     rest: impl Fn(usize) -> Vec<(u32, wgpu::BindingResource<'a>)>,
 ) -> Vec<wgpu::BindGroup> {
-    (plan.windows.iter().enumerate())
+    (windows.iter().enumerate())
         .map(|(i, w)| {
             let mut entries = vec![(0, window(buffers[w.buffer], w))];
             entries.extend(rest(i));

@@ -145,12 +145,15 @@ const STEP: Binding = Binding::Step;
 /// A bind group layout (group 0) shared by the entry points that use it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum BindLayout {
-    /// `norm_reduce` and `norm_combine`'s `main`.
-    Reduce,
+    /// `norm_reduce` and `rewrite`: one binding window of the caller's buffers with a chunk
+    /// table, so that one bind group per window serves the reduce and the rewrite over it
+    /// (a move to other buffers makes one bind group per window anew).
+    Window,
+    /// `norm_combine`'s `main`.
+    Combine,
     /// `norm_combine`'s `groups`.
     Groups,
     Coef,
-    Rewrite,
     PerExample,
     Accumulate,
     /// `optimizer`'s `tick`.
@@ -161,10 +164,10 @@ pub(crate) enum BindLayout {
 
 impl BindLayout {
     pub(crate) const ALL: [BindLayout; 8] = [
-        BindLayout::Reduce,
+        BindLayout::Window,
+        BindLayout::Combine,
         BindLayout::Groups,
         BindLayout::Coef,
-        BindLayout::Rewrite,
         BindLayout::PerExample,
         BindLayout::Accumulate,
         BindLayout::OptimizerTick,
@@ -174,7 +177,16 @@ impl BindLayout {
     /// `(binding, kind)` of every entry.
     pub(crate) fn entries(self) -> &'static [(u32, Binding)] {
         match self {
-            BindLayout::Reduce => &[(0, RO), (1, RO), (2, RW), (3, STEP), (4, UNIFORM)],
+            BindLayout::Window => &[
+                (0, RW),
+                (1, RO),
+                (2, RW),
+                (3, STEP),
+                (4, UNIFORM),
+                (5, RO),
+                (6, RO),
+            ],
+            BindLayout::Combine => &[(0, RO), (1, RO), (2, RW), (3, STEP), (4, UNIFORM)],
             BindLayout::Groups => &[
                 (0, RO),
                 (1, RO),
@@ -197,7 +209,6 @@ impl BindLayout {
                 (9, RO),
                 (10, RO),
             ],
-            BindLayout::Rewrite => &[(0, RW), (1, RO), (2, RO), (3, STEP), (4, UNIFORM), (6, RO)],
             BindLayout::PerExample => {
                 &[(0, RO), (1, RW), (2, RO), (3, UNIFORM), (4, STEP), (5, RO)]
             }
@@ -333,8 +344,8 @@ impl Kernel {
     pub(crate) fn spec(self) -> KernelSpec {
         let kind = |k: u32| vec![("NORM_KIND", k as f64)];
         let (family, entry, layout, constants) = match self {
-            Kernel::Reduce(k) => (Family::NormReduce, "main", BindLayout::Reduce, kind(k)),
-            Kernel::Combine(k) => (Family::NormCombine, "main", BindLayout::Reduce, kind(k)),
+            Kernel::Reduce(k) => (Family::NormReduce, "main", BindLayout::Window, kind(k)),
+            Kernel::Combine(k) => (Family::NormCombine, "main", BindLayout::Combine, kind(k)),
             Kernel::Groups(k) => (Family::NormCombine, "groups", BindLayout::Groups, kind(k)),
             Kernel::Finish { kind: k, adaptive } => (
                 Family::Coef,
@@ -364,7 +375,7 @@ impl Kernel {
             } => {
                 let entry = if shared_words { "shared_words" } else { "main" };
                 let flags = transform_flags(scale, noise, clamp);
-                (Family::Rewrite, entry, BindLayout::Rewrite, flags)
+                (Family::Rewrite, entry, BindLayout::Window, flags)
             }
             Kernel::Undo => (Family::Coef, "undo", BindLayout::Coef, vec![]),
             Kernel::OptimizerTick => (Family::Optimizer, "tick", BindLayout::OptimizerTick, vec![]),

@@ -126,21 +126,34 @@ impl Engine {
             (Some(now), Some(was)) => moved(now, was),
             _ => false,
         };
+        let rewrite = (&self.coef_buf, &self.reports);
         let groups = guarded(device, || {
-            let grads = grads_moved.then(|| {
-                let reduce = (self.grads).window_groups(
-                    device,
-                    kernels,
-                    &grad_plan,
-                    &grad_buffers,
-                    &self.slots,
-                );
-                (reduce, self.window_groups(&grad_plan, &grad_buffers))
+            // With spans, most steps reduce and rewrite the spans only: the per-unit
+            // reduce's groups wait for a step that needs them.
+            let grads = grads_moved.then(|| match self.span_groups(&grad_plan, &grad_buffers) {
+                Some(spans) => (None, Some(spans)),
+                None => {
+                    let windows = &grad_plan.windows;
+                    let reduce = (self.grads).window_groups(
+                        device,
+                        kernels,
+                        windows,
+                        &grad_buffers,
+                        &self.slots,
+                        rewrite,
+                    );
+                    (Some(reduce), None)
+                }
             });
             let params = match (&self.params, &param_plan) {
-                (Some(red), Some((plan, bufs))) if params_moved => {
-                    Some(red.window_groups(device, kernels, plan, bufs, &self.slots))
-                }
+                (Some(red), Some((plan, bufs))) if params_moved => Some(red.window_groups(
+                    device,
+                    kernels,
+                    &plan.windows,
+                    bufs,
+                    &self.slots,
+                    rewrite,
+                )),
                 _ => None,
             };
             Ok((grads, params))
@@ -160,12 +173,14 @@ impl Engine {
             Ok(())
         })?;
         let (grad_groups, param_groups) = groups;
-        if let Some((reduce, (spans, rewrites))) = grad_groups {
+        if let Some((reduce, spans)) = grad_groups {
             self.grads.set_window_groups(reduce);
-            self.set_window_groups(spans, rewrites);
+            if let Some(groups) = spans {
+                self.set_span_groups(groups);
+            }
         }
         if let (Some(red), Some(groups)) = (&mut self.params, param_groups) {
-            red.set_window_groups(groups);
+            red.set_window_groups(Some(groups));
         }
         self.shared_words = shares_words(&grad_plan, self.spans.is_some());
         self.placed = placed;
@@ -210,21 +225,8 @@ impl Engine {
         let kernels = &ctx.inner.kernels;
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let slots = StepSlots::new(device);
-        let grads_red = SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &slots);
-        let params_red = param_plan
-            .as_ref()
-            .map(|(plan, bufs)| SegmentReduction::new(device, kernels, plan, bufs, &slots));
         let n_units = program.units.len();
         let n_stages = program.stages.len();
-        let (state, pool) = kept.unzip();
-        let state = state.unwrap_or_else(|| {
-            storage_init(
-                device,
-                "gradclip state",
-                bytemuck::cast_slice(&program.fresh_state().words),
-                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            )
-        });
         let reports = storage_zeroed(
             device,
             "gradclip reports",
@@ -237,6 +239,21 @@ impl Engine {
             n_units as u64 * 4,
             wgpu::BufferUsages::COPY_SRC,
         );
+        let rewrite = (&coef_buf, &reports);
+        let grads_red =
+            SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &slots, rewrite);
+        let params_red = param_plan.as_ref().map(|(plan, bufs)| {
+            SegmentReduction::new(device, kernels, plan, bufs, &slots, rewrite)
+        });
+        let (state, pool) = kept.unzip();
+        let state = state.unwrap_or_else(|| {
+            storage_init(
+                device,
+                "gradclip state",
+                bytemuck::cast_slice(&program.fresh_state().words),
+                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            )
+        });
         let stage_params: Vec<StageParams> = program.stages.iter().map(|s| s.params).collect();
         let stage_params = table(device, "gradclip stage params", &stage_params);
         // One coefficient for everything and no noise (which needs each element's tensor and
@@ -385,7 +402,6 @@ impl Engine {
             finish_partials,
             spans: span_chunks,
             coefs_grid: fold_grid((n_units as u32).div_ceil(64), max_dim),
-            rewrites: Vec::new(),
             shared_words,
             placed,
             slots,
@@ -400,68 +416,76 @@ impl Engine {
             recording: Default::default(),
             program,
         };
-        let (spans, rewrites) = engine.window_groups(&grad_plan, &grad_buffers);
-        engine.set_window_groups(spans, rewrites);
+        if let Some(groups) = engine.span_groups(&grad_plan, &grad_buffers) {
+            engine.set_span_groups(groups);
+        }
         Ok(engine)
     }
 
-    /// The bind groups of the span reduce and the rewrite over each binding window of
-    /// `plan` over `buffers` (with the reductions', the only ones that hold the caller's
-    /// buffers, made anew when the tensors move to other buffers).
-    #[allow(clippy::type_complexity)]
-    fn window_groups(
+    /// The bind group and grid of each binding window of `plan` over `buffers` for the
+    /// reduce and the rewrite over spans, when the engine has spans (else the gradients'
+    /// reduction's serve the rewrite).
+    fn span_groups(
         &self,
         plan: &Plan,
         buffers: &[&wgpu::Buffer],
-    ) -> (
-        Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
-        Vec<(wgpu::BindGroup, [u32; 3])>,
-    ) {
+    ) -> Option<Vec<(wgpu::BindGroup, [u32; 3])>> {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let grids = |count: fn(&Window) -> u32| {
-            (plan.windows.iter()).map(move |w| fold_grid(count(w), max_dim))
-        };
-        let spans = self.spans.as_ref().map(|spans| {
-            let layout = kernels.layout(BindLayout::Reduce);
-            let groups = window_groups(device, layout, plan, buffers, |wi| {
-                vec![
-                    (1, whole(&spans.chunks)),
-                    (2, whole(&spans.partials)),
-                    (3, self.slots.binding()),
-                    (4, spans.slots.slot(wi)),
-                ]
-            });
-            groups.into_iter().zip(grids(|w| w.apply_count)).collect()
-        });
-        let (chunks, slots, count): (_, _, fn(&Window) -> u32) = match &self.spans {
-            Some(s) => (&s.chunks, &s.slots, |w| w.apply_count),
-            None => (&self.grads.chunks, &self.grads.slots, |w| w.reduce_count),
-        };
-        let layout = kernels.layout(BindLayout::Rewrite);
-        let rewrites = window_groups(device, layout, plan, buffers, |wi| {
+        let spans = self.spans.as_ref()?;
+        let layout = kernels.layout(BindLayout::Window);
+        let groups = window_groups(device, layout, &plan.windows, buffers, |wi| {
             vec![
-                (1, whole(chunks)),
-                (2, whole(&self.coef_buf)),
+                (1, whole(&spans.chunks)),
+                (2, whole(&spans.partials)),
                 (3, self.slots.binding()),
-                (4, slots.slot(wi)),
+                (4, spans.slots.slot(wi)),
+                (5, whole(&self.coef_buf)),
                 (6, whole(&self.reports)),
             ]
         });
-        (spans, rewrites.into_iter().zip(grids(count)).collect())
+        let grids = (plan.windows.iter()).map(|w| fold_grid(w.apply_count, max_dim));
+        Some(groups.into_iter().zip(grids).collect())
     }
 
-    /// Takes the bind groups made by [`Engine::window_groups`].
-    #[allow(clippy::type_complexity)]
-    fn set_window_groups(
-        &mut self,
-        spans: Option<Vec<(wgpu::BindGroup, [u32; 3])>>,
-        rewrites: Vec<(wgpu::BindGroup, [u32; 3])>,
-    ) {
-        if let (Some(s), Some(groups)) = (&mut self.spans, spans) {
-            s.reduce = groups;
+    /// Makes the gradients' per-unit reduce groups where a move left them to be made when
+    /// a step needs them (an engine with spans), inside error scopes.
+    pub(super) fn make_unit_windows(&mut self) -> Result<(), ClipError> {
+        if self.grads.has_windows() {
+            return Ok(());
         }
-        self.rewrites = rewrites;
+        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        let (shape, buffers) = &self.placed.grads;
+        let buffers: Vec<&wgpu::Buffer> = buffers.iter().collect();
+        let rewrite = (&self.coef_buf, &self.reports);
+        let groups = guarded(device, || {
+            Ok((self.grads).window_groups(
+                device,
+                kernels,
+                &shape.windows,
+                &buffers,
+                &self.slots,
+                rewrite,
+            ))
+        })?;
+        self.grads.set_window_groups(Some(groups));
+        Ok(())
+    }
+
+    /// Takes the bind groups made by [`Engine::span_groups`].
+    fn set_span_groups(&mut self, groups: Vec<(wgpu::BindGroup, [u32; 3])>) {
+        if let Some(spans) = &mut self.spans {
+            spans.reduce = groups;
+        }
+    }
+
+    /// The bind groups and grids of the rewrite, one per binding window: the span
+    /// reduce's when there are spans, else the gradients' reduction's.
+    pub(super) fn rewrite_windows(&self) -> &[(wgpu::BindGroup, [u32; 3])] {
+        match &self.spans {
+            Some(spans) => &spans.reduce,
+            None => self.grads.windows(),
+        }
     }
 }
 

@@ -71,7 +71,7 @@ struct Spans {
     slots: DispatchSlots,
     /// One accumulator per chunk.
     partials: wgpu::Buffer,
-    /// The reduce's bind group and grid per window.
+    /// The bind group and grid per window of the reduce over the spans and the rewrite.
     reduce: Vec<(wgpu::BindGroup, [u32; 3])>,
 }
 
@@ -99,8 +99,6 @@ pub(crate) struct Engine {
     /// reduces instead of the per-unit ones and the rewrite runs over.
     spans: Option<Spans>,
     coefs_grid: [u32; 3],
-    /// Per binding window of the gradients: the rewrite's bind group and grid.
-    rewrites: Vec<(wgpu::BindGroup, [u32; 3])>,
     /// Units may share 32-bit words (16-bit units ending mid-word): the atomic rewrite.
     shared_words: bool,
     /// What the resources that depend on where the tensors lie were made for, so that a

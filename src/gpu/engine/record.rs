@@ -76,6 +76,13 @@ impl Engine {
         extra: impl FnOnce(&mut wgpu::ComputePass<'_>, u32),
     ) -> Result<Readback, ClipError> {
         self.prepare(&step)?;
+        let units = |d: &Dispatch| matches!(d, Dispatch::Reduce { params: false, .. });
+        let kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
+        let needs_units = kept.0.iter().any(units);
+        drop(kept);
+        if needs_units {
+            self.make_unit_windows()?;
+        }
         let ctx = self.ctx.clone();
         let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
         self.seq = self.seq.wrapping_add(1);
@@ -140,7 +147,8 @@ impl Engine {
                     }
                     Dispatch::Rewrite => {
                         pass.set_pipeline(&pipeline());
-                        for (group, grid) in self.rewrites.iter().filter(|(_, g)| g[0] > 0) {
+                        for (group, grid) in self.rewrite_windows().iter().filter(|(_, g)| g[0] > 0)
+                        {
                             pass.set_bind_group(0, group, &[slot]);
                             pass.dispatch_workgroups(grid[0], grid[1], 1);
                         }
