@@ -341,6 +341,23 @@ fn restore_anywhere(bytes: &[u8]) -> Result<(), ClipError> {
     Ok(())
 }
 
+/// Word `i` of the saved state `bytes` set to `value` (word offsets: 16 bytes of header,
+/// the layout, the fingerprint, then the words, each part after its length).
+fn with_word(bytes: &[u8], i: usize, value: f32) -> Vec<u8> {
+    let count_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let meaning_at = 20 + 4 * count_at(16);
+    let words_at = meaning_at + 4 + 4 * count_at(meaning_at);
+    let at = words_at + 4 + 4 * i;
+    let mut b = bytes.to_vec();
+    b[at..at + 4].copy_from_slice(&value.to_le_bytes());
+    b
+}
+
+/// History slot `i` of a state's first block (after its header words, abi::ST_HEADER).
+fn slot(i: usize) -> usize {
+    12 + i
+}
+
 #[test]
 fn states_of_other_policies_or_out_of_domain_are_refused() {
     let good = saved_state(5);
@@ -379,30 +396,17 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     beyond[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
     invalid(PolicyState::from_bytes(&beyond).map(|_| ()));
     // Values outside their domain: a NaN or negative norm in the history, a negative
-    // variance (word offsets: 16 bytes of header, the layout, the fingerprint, then the
-    // words, each part after its length).
-    let count_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
-    let meaning_at = 20 + 4 * count_at(16);
-    let words_at = meaning_at + 4 + 4 * count_at(meaning_at);
-    let word_at = |i: usize| words_at + 4 + 4 * i;
-    // A block's header words (abi::ST_HEADER), then its history slots.
-    const HEADER: usize = 12;
-    let slot = |i: usize| HEADER + i;
+    // variance.
     for (word, value) in [
         (slot(0), f32::NAN),
         (slot(1), -1.0),
         (slot(0), f32::INFINITY),
         (slot(2), -0.0),
     ] {
-        let mut b = bytes.clone();
-        b[word_at(word)..word_at(word) + 4].copy_from_slice(&value.to_le_bytes());
-        invalid(restore_anywhere(&b));
+        invalid(restore_anywhere(&with_word(&bytes, word, value)));
     }
     // ZClip's block comes after AutoClip's (its header and 4 slots): its variance.
-    let mut b = bytes.clone();
-    let var = word_at(slot(4) + 3);
-    b[var..var + 4].copy_from_slice(&(-0.5f32).to_le_bytes());
-    invalid(restore_anywhere(&b));
+    invalid(restore_anywhere(&with_word(&bytes, slot(4) + 3, -0.5)));
     // The GPU refuses the same states and keeps its own.
     let ctx = gpu();
     let h = state_grads(0);
@@ -413,12 +417,7 @@ fn states_of_other_policies_or_out_of_domain_are_refused() {
     let kept = run.state().unwrap();
     let e = run.set_state(other.state()).unwrap_err();
     assert!(matches!(e, ClipError::InvalidState(_)), "{e}");
-    let nan = PolicyState::from_bytes(&{
-        let mut b = bytes.clone();
-        b[word_at(slot(0))..word_at(slot(0)) + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-        b
-    })
-    .unwrap();
+    let nan = PolicyState::from_bytes(&with_word(&bytes, slot(0), f32::NAN)).unwrap();
     assert!(matches!(
         run.set_state(&nan),
         Err(ClipError::InvalidState(_))
@@ -444,7 +443,8 @@ proptest! {
         use_garbage in any::<bool>(),
     ) {
         let bytes = if use_garbage {
-            let mut g = b"GCPS\x04\0\0\0".to_vec();
+            // A real state's magic and format version, so the garbage is parsed.
+            let mut g = saved_state(6).to_bytes()[..8].to_vec();
             g.extend(garbage);
             g
         } else {
@@ -886,6 +886,18 @@ fn every_runner_and_wrapper_refuses_a_state_of_another_chain() {
                 }
                 other => panic!("{cell}, loss scaling: {other:?}"),
             }
+        }
+    }
+    // The chain's own state with a value out of its domain (a NaN, a negative norm in
+    // AutoClip's history): refused by every cell, which keeps its own.
+    for value in [f32::NAN, -1.0] {
+        let bytes = with_word(&saved.to_bytes(), slot(0), value);
+        let bad = PolicyState::from_bytes(&bytes).unwrap();
+        for (cell, outcome) in restore_in_every_cell(&ctx, &scaled(), &infos, &bad) {
+            assert!(
+                matches!(outcome, Err(ClipError::InvalidState(_))),
+                "{cell}, history {value}: {outcome:?}"
+            );
         }
     }
 }

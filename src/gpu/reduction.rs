@@ -4,7 +4,7 @@
 
 use super::kernels::Kernels;
 use super::resources::{
-    bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
+    bind, storage_zeroed, table, whole, window_groups, ChunkTable, DispatchParams, DispatchSlots,
     StepSlots,
 };
 use crate::plan::{fold_grid, Plan, Window};
@@ -19,7 +19,7 @@ pub(crate) struct SegmentReduction {
     combine: wgpu::BindGroup,
     combine_grid: [u32; 3],
     /// The chunk table (`Chunk` rows), also read by the segment-wise elementwise pass.
-    pub chunks: wgpu::Buffer,
+    pub chunks: ChunkTable,
     /// One accumulator per chunk.
     pub partials: wgpu::Buffer,
     /// One accumulator per segment, in segment order.
@@ -45,12 +45,7 @@ impl SegmentReduction {
         let n_segments = plan.segment_ranges.len();
         let n_chunks = plan.reduce_chunks.len();
         // Rewritten in place when the tensors move within their buffers.
-        let chunks = storage_init(
-            device,
-            "gradclip chunks",
-            bytemuck::cast_slice(&plan.reduce_chunks),
-            wgpu::BufferUsages::COPY_DST,
-        );
+        let chunks = ChunkTable::new(device, "gradclip chunks", &plan.reduce_chunks);
         let ranges = table(device, "gradclip segment ranges", &plan.segment_ranges);
         let partials = storage_zeroed(
             device,
@@ -117,7 +112,7 @@ impl SegmentReduction {
         let layout = kernels.layout(BindLayout::Window);
         let groups = window_groups(device, layout, windows, buffers, |wi| {
             vec![
-                (1, whole(&self.chunks)),
+                (1, whole(&self.chunks.buffer)),
                 (2, whole(&self.partials)),
                 (3, step.binding()),
                 (4, self.slots.slot(wi)),

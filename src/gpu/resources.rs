@@ -4,6 +4,7 @@ use std::num::NonZeroU64;
 
 use bytemuck::Pod;
 
+use crate::plan::ChunkRow;
 pub(crate) use crate::shaders::abi::{DispatchParams, StepParams};
 use crate::shaders::abi::{STEP_SLOTS, ST_TAG, TAG_RING, TAG_WORD};
 use wgpu::util::DeviceExt;
@@ -239,4 +240,48 @@ pub(crate) fn timestamp_writes(
             beginning_of_pass_write_index: Some(*begin),
             end_of_pass_write_index: Some(*end),
         })
+}
+
+/// A chunk table on the device with a copy of its rows on the host, so that a move of the
+/// tensors writes only the rows that changed.
+pub(crate) struct ChunkTable {
+    pub buffer: wgpu::Buffer,
+    rows: Vec<ChunkRow>,
+}
+
+impl ChunkTable {
+    pub(crate) fn new(device: &wgpu::Device, label: &str, rows: &[ChunkRow]) -> ChunkTable {
+        ChunkTable {
+            buffer: storage_init(
+                device,
+                label,
+                bytemuck::cast_slice(rows),
+                wgpu::BufferUsages::COPY_DST,
+            ),
+            rows: rows.to_vec(),
+        }
+    }
+
+    /// Writes on `queue` each run of `rows` (as many as the table has) that differs from
+    /// the table's; [`ChunkTable::keep`] then records them as the table's.
+    pub(crate) fn patch(&self, queue: &wgpu::Queue, rows: &[ChunkRow]) {
+        let mut i = 0;
+        while i < rows.len() {
+            if rows[i] == self.rows[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < rows.len() && rows[i] != self.rows[i] {
+                i += 1;
+            }
+            let at = (start * std::mem::size_of::<ChunkRow>()) as u64;
+            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(&rows[start..i]));
+        }
+    }
+
+    /// Takes `rows` as the table's, once [`ChunkTable::patch`] wrote them.
+    pub(crate) fn keep(&mut self, rows: &[ChunkRow]) {
+        self.rows.copy_from_slice(rows);
+    }
 }

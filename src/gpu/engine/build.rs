@@ -9,8 +9,8 @@ use crate::gpu::context::{guarded, GpuContext};
 use crate::gpu::readback::{ReadbackLayout, ReportPool, REPORT_BYTES};
 use crate::gpu::reduction::SegmentReduction;
 use crate::gpu::resources::{
-    bind, storage_init, storage_zeroed, table, whole, window_groups, DispatchParams, DispatchSlots,
-    StepSlots,
+    bind, storage_init, storage_zeroed, table, whole, window_groups, ChunkTable, DispatchParams,
+    DispatchSlots, StepSlots,
 };
 use crate::gpu::tensor::{plan_tensors, GpuTensor};
 use crate::plan::{fold_grid, Plan};
@@ -158,20 +158,25 @@ impl Engine {
             };
             Ok((grads, params))
         })?;
+        // Only the rows of the tensors that moved are written.
         let queue = &self.ctx.inner.queue;
-        let write = |table: &wgpu::Buffer, rows: &[crate::plan::ChunkRow]| {
-            queue.write_buffer(table, 0, bytemuck::cast_slice(rows));
-        };
         guarded(device, || {
-            write(&self.grads.chunks, &grad_plan.reduce_chunks);
+            self.grads.chunks.patch(queue, &grad_plan.reduce_chunks);
             if let Some(spans) = &self.spans {
-                write(&spans.chunks, &grad_plan.apply_chunks);
+                spans.chunks.patch(queue, &grad_plan.apply_chunks);
             }
             if let (Some(red), Some((plan, _))) = (&self.params, &param_plan) {
-                write(&red.chunks, &plan.reduce_chunks);
+                red.chunks.patch(queue, &plan.reduce_chunks);
             }
             Ok(())
         })?;
+        self.grads.chunks.keep(&grad_plan.reduce_chunks);
+        if let Some(spans) = &mut self.spans {
+            spans.chunks.keep(&grad_plan.apply_chunks);
+        }
+        if let (Some(red), Some((plan, _))) = (&mut self.params, &param_plan) {
+            red.chunks.keep(&plan.reduce_chunks);
+        }
         let (grad_groups, param_groups) = groups;
         if let Some((reduce, spans)) = grad_groups {
             self.grads.set_window_groups(reduce);
@@ -319,12 +324,7 @@ impl Engine {
                 .map(|w| DispatchParams::range(w.apply_first, w.apply_count))
                 .collect();
             Spans {
-                chunks: storage_init(
-                    device,
-                    "gradclip span chunks",
-                    bytemuck::cast_slice(&grad_plan.apply_chunks),
-                    wgpu::BufferUsages::COPY_DST,
-                ),
+                chunks: ChunkTable::new(device, "gradclip span chunks", &grad_plan.apply_chunks),
                 slots: DispatchSlots::new(device, &ranges),
                 partials: storage_zeroed(
                     device,
@@ -436,7 +436,7 @@ impl Engine {
         let layout = kernels.layout(BindLayout::Window);
         let groups = window_groups(device, layout, &plan.windows, buffers, |wi| {
             vec![
-                (1, whole(&spans.chunks)),
+                (1, whole(&spans.chunks.buffer)),
                 (2, whole(&spans.partials)),
                 (3, self.slots.binding()),
                 (4, spans.slots.slot(wi)),

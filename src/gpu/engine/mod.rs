@@ -28,7 +28,7 @@ use std::sync::Arc;
 use super::context::{guarded, GpuContext};
 use super::readback::{ReadbackLayout, ReportPool};
 use super::reduction::SegmentReduction;
-use super::resources::{DispatchSlots, StepParams, StepSlots, Timestamps};
+use super::resources::{ChunkTable, DispatchSlots, StepParams, StepSlots, Timestamps};
 use crate::chain::Program;
 use crate::error::ClipError;
 use crate::norm::Norm;
@@ -66,7 +66,7 @@ struct GpuStage {
 /// workgroups) of an engine with one coefficient and no noise.
 struct Spans {
     /// The chunk table, rewritten in place when the tensors move within their buffers.
-    chunks: wgpu::Buffer,
+    chunks: ChunkTable,
     /// Per window: its slice of the chunk table.
     slots: DispatchSlots,
     /// One accumulator per chunk.
