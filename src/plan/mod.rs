@@ -4,8 +4,8 @@
 //! A buffer is bound through windows of at most the device's storage-binding size,
 //! starting at multiples of that size rounded down to the offset alignment. Each tensor
 //! is cut into *segments* (whole tensors, AGC units, examples), and each segment into
-//! chunks of at most [`CHUNK_ELEMS`] elements, cut at multiples of `CHUNK_ELEMS` and at
-//! window edges; one workgroup handles one chunk. A strided segment (a column of a
+//! chunks of at most [`CHUNK_ELEMS`] elements, cut every `CHUNK_ELEMS` elements from the
+//! segment's start and at window edges; one workgroup handles one chunk. A strided segment (a column of a
 //! row-major matrix) must lie inside one window. The global elementwise passes use
 //! chunks over *spans*, maximal runs of touching tensors, so a word shared by two 16-bit
 //! tensors is written by one workgroup only; the segment-wise pass writes such shared
@@ -120,14 +120,16 @@ pub(crate) fn fold_grid(n: u32, max_per_dim: u32) -> [u32; 3] {
     [x, n.div_ceil(x), 1]
 }
 
-/// Cuts element range `[start, end)` of a buffer (element size `es`) into chunks at
-/// multiples of CHUNK_ELEMS and at window edges, calling `emit(window, first, count)`.
+/// Cuts element range `[start, end)` of a buffer (element size `es`) into chunks every
+/// CHUNK_ELEMS elements from `start` and at window edges, calling `emit(window, first,
+/// count)`. Cut from the range's own start, a tensor has the same chunks wherever a pool
+/// puts it (short of a window edge), so a move keeps the plan's shape.
 fn cut(start: u64, end: u64, es: u64, window_bytes: u64, mut emit: impl FnMut(u64, u64, u64)) {
     let mut e = start;
     while e < end {
         let window = e * es / window_bytes;
         let window_end = (window + 1) * window_bytes / es;
-        let next = ((e / CHUNK_ELEMS + 1) * CHUNK_ELEMS)
+        let next = (start + ((e - start) / CHUNK_ELEMS + 1) * CHUNK_ELEMS)
             .min(end)
             .min(window_end);
         emit(window, e, next - e);
@@ -357,5 +359,51 @@ impl Plan {
         }
         plan.windows = windows;
         Ok(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tensor has the same chunks wherever it lies in its buffer, so a pool's moves keep
+    /// the plan's shape.
+    #[test]
+    fn chunks_do_not_depend_on_where_a_tensor_lies() {
+        let limits = PlanLimits {
+            max_binding: 1 << 30,
+            offset_alignment: 256,
+            max_workgroups_per_dim: 65535,
+        };
+        let counts = |shift: u64| {
+            let tensors: Vec<PlanTensor> = [(2 * CHUNK_ELEMS, 0), (CHUNK_ELEMS + 3, 1 << 22)]
+                .iter()
+                .enumerate()
+                .map(|(i, &(len, at))| PlanTensor {
+                    buffer: 0,
+                    buffer_size: 1 << 24,
+                    offset: at + 4 * shift,
+                    len,
+                    dtype: DType::F32,
+                    name: format!("t{i}"),
+                    base: 0,
+                })
+                .collect();
+            let plan = Plan::new(&tensors, &PlanSegment::whole(&tensors), limits).unwrap();
+            let sizes: Vec<u32> = plan.reduce_chunks.iter().map(|c| c[2]).collect();
+            (
+                plan.segment_ranges.iter().map(|r| r[1]).collect::<Vec<_>>(),
+                sizes,
+            )
+        };
+        let (units, sizes) = counts(0);
+        assert_eq!(units, [2, 2]);
+        for shift in [1, 1000, CHUNK_ELEMS - 1] {
+            assert_eq!(
+                counts(shift),
+                (units.clone(), sizes.clone()),
+                "shift {shift}"
+            );
+        }
     }
 }
