@@ -319,7 +319,10 @@ fn moves_between_buffers(
 ) {
     let ctx = ctx.clone();
     let mut cpu = CpuClipper::new(policy.clone(), infos).unwrap();
-    let buffers: Vec<wgpu::Buffer> = (0..n_buffers).map(|_| big_buffer(&ctx, 1024)).collect();
+    // Of different sizes: the binding windows differ, the chunks do not.
+    let buffers: Vec<wgpu::Buffer> = (0..n_buffers as u64)
+        .map(|k| big_buffer(&ctx, 1024 * (k + 1)))
+        .collect();
     let shifts = [0u64, 12, 4, 40, 12, 0, 28, 8];
     let scales = [1.0f32, 5.0, 0.2, 9.0, 1.0, 30.0, 0.5, 2.0];
     let scaled = |k: f32| -> Vec<Host> {

@@ -121,8 +121,8 @@ impl GpuPolicy {
     /// Moves the policy onto new buffer ranges of the same tensors (same names, shapes,
     /// lengths and order; dtypes may change), keeping its adaptive state and step count:
     /// for gradients a memory pool relocates between steps. The device state and the
-    /// readback buffers stay where they are. A move that keeps the plan's shape (binding
-    /// windows and chunks per window and per unit), when every step recorded so far was
+    /// readback buffers stay where they are. A move that keeps the plan's shape (as many
+    /// binding windows, the same chunks per window and per unit), when every step recorded so far was
     /// submitted by the policy itself (`step`), rewrites the chunk tables and makes only
     /// the bind groups over the caller's buffers anew, where those buffers changed; any
     /// other move builds the tables and bind groups anew; a rebind to the ranges it has

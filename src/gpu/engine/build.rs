@@ -95,7 +95,8 @@ impl Engine {
     }
 
     /// Moves this engine onto new ranges of the same tensors in place when the move keeps
-    /// the shape of everything placed (binding windows, chunks per window and per unit):
+    /// the shape of everything placed (as many binding windows, the same chunks per window
+    /// and per unit; the windows may lie in other buffers or at other byte ranges):
     /// then the chunk tables are written on the queue, which orders the writes after the
     /// steps already submitted and before the next, and where tensors moved to other
     /// buffers only the bind groups of the windows over the caller's buffers are made
@@ -118,8 +119,16 @@ impl Engine {
         }
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         // The new bind groups first: a buffer wgpu refuses fails here, with nothing changed.
+        // Bind groups hold the windows' buffers and byte ranges.
         let moved = |now: &(PlanShape, Vec<wgpu::Buffer>), was: &(PlanShape, Vec<wgpu::Buffer>)| {
+            let range = |w: &Window| (w.buffer, w.byte_offset, w.byte_size);
             now.1 != was.1
+                || !now
+                    .0
+                    .windows
+                    .iter()
+                    .map(range)
+                    .eq(was.0.windows.iter().map(range))
         };
         let grads_moved = moved(&placed.grads, &self.placed.grads);
         let params_moved = match (&placed.params, &self.placed.params) {
@@ -501,9 +510,23 @@ fn shares_words(plan: &Plan, spans: bool) -> bool {
 
 impl Placement {
     /// Whether `self` and `other` have the same shape, wherever their buffers are.
+    /// (The windows may lie elsewhere: their bind groups are made anew.)
     fn same_shape(&self, other: &Placement) -> bool {
-        self.grads.0 == other.grads.0
-            && self.params.as_ref().map(|p| &p.0) == other.params.as_ref().map(|p| &p.0)
+        let same = |a: &PlanShape, b: &PlanShape| {
+            let counts =
+                |w: &Window| (w.reduce_first, w.reduce_count, w.apply_first, w.apply_count);
+            a.segment_ranges == b.segment_ranges
+                && a.kinds == b.kinds
+                && a.windows
+                    .iter()
+                    .map(counts)
+                    .eq(b.windows.iter().map(counts))
+        };
+        same(&self.grads.0, &other.grads.0)
+            && match (&self.params, &other.params) {
+                (Some(a), Some(b)) => same(&a.0, &b.0),
+                (a, b) => a.is_none() && b.is_none(),
+            }
     }
 
     /// The placement of a gradients' plan over `buffers` and, for AGC, the parameters'.
