@@ -133,9 +133,6 @@ fn update_half(e: u32, job: Work, index: u32) {
 fn work_of(inv: Invocation) -> Work {
     let status = report[STATUS_WORD];
     var ew = elementwise();
-    // NaNs are zeroed where the step found some (a clamp alone, whose step runs no stage,
-    // zeroes any it meets).
-    ew.zero_nans = ew.zero_nans && (step.rule == 0u || (status & STATUS_NANS_ZEROED) != 0u);
     let local = workgroup_index(inv);
     if (local >= dispatch.n_chunks || !step_runs(status, report[TAG_WORD])) {
         return Work(chunks[0], 1.0, false, ew, false, false, half_clamp(true));
@@ -145,7 +142,15 @@ fn work_of(inv: Invocation) -> Work {
     if (SCALE && step.rule == 1u) {
         coef = coefs[chunk.seg];
     }
-    let idle = coef == 1.0 && ew.sigma == 0.0 && !ew.zero_nans && !ew.clamp;
+    // NaNs are zeroed where the step found some; where it read no gradients (the caller's
+    // total, split API), wherever the chunk is rewritten anyway; a clamp alone, whose step
+    // runs no stage, zeroes any it meets.
+    // Compared as bits: a NaN coefficient (Propagate) must count as work, and a compiler
+    // may fold a float comparison as if NaN never occurred.
+    let other = bitcast<u32>(coef) != bitcast<u32>(1.0) || ew.sigma > 0.0 || ew.clamp;
+    ew.zero_nans = ew.zero_nans
+        && (step.rule == 0u || (status & STATUS_NANS_ZEROED) != 0u || (step.use_given == 1u && other));
+    let idle = !other && !ew.zero_nans;
     let unscaled = !SCALE || (!ew.zero_nans && bitcast<u32>(coef) == bitcast<u32>(1.0));
     let clamp_alone = CLAMP && !NOISE && ew.clamp && unscaled;
     let scale_alone = SCALE && !unscaled && !ew.zero_nans && (!NOISE || ew.sigma == 0.0)

@@ -241,3 +241,48 @@ fn gpu_16_bit_scaling_rounds_every_value() {
         assert!(ties > 1000, "only {ties} ties");
     }
 }
+
+/// The split API under `ZeroNans` reads no gradients before it scales: a NaN in them is
+/// zeroed wherever the step rewrites (a caller's total that clips, or noise with one that
+/// does not), on both backends alike; with nothing else to do, the step leaves them.
+#[test]
+fn the_split_api_zeroes_nans_where_it_rewrites() {
+    let ctx = gpu();
+    let h = vec![
+        host(0, vec![f32::NAN, 3.0, -4.0, 0.5]),
+        host(2, vec![1.0, f32::NAN, 2.0]),
+    ];
+    for (total, noise) in [(10.0, false), (0.5, true), (0.5, false)] {
+        let given = PartialNorm::from_total(Norm::L2, total).unwrap();
+        let mut clip = ClipPolicy::global_norm(1.0).non_finite(NonFinitePolicy::ZeroNans);
+        if noise {
+            clip = clip.noise(GaussianNoise {
+                sigma: 1e-3,
+                seed: 7,
+            });
+        }
+        let arena = upload(&ctx, &h);
+        let mut gpu = gpu_policy(&ctx, &arena, &h, clip.clone());
+        gpu.step_with_norm(&given).unwrap().wait().unwrap();
+        let mut c = h.clone();
+        (cpu_policy(clip, &h).step_with_norm(&mut muts(&mut c), &given)).unwrap();
+        let g = download(&ctx, &arena, &h);
+        let rewrites = total > 1.0 || noise;
+        for (t, (a, b)) in g.iter().zip(&c).enumerate() {
+            for (x, y) in a.to_f64().iter().zip(b.to_f64()) {
+                assert_eq!(
+                    x.is_nan(),
+                    y.is_nan(),
+                    "tensor {t}, total {total}, noise {noise}"
+                );
+                assert!(x.is_nan() || (x - y).abs() <= 1e-6, "{x} vs {y}");
+            }
+        }
+        let kept = [g[0].to_f64()[0], g[1].to_f64()[1]];
+        assert_eq!(
+            kept.map(f64::is_nan),
+            [!rewrites; 2],
+            "total {total}, noise {noise}"
+        );
+    }
+}

@@ -265,18 +265,29 @@ impl ChunkTable {
     /// Writes on `queue` each run of `rows` (as many as the table has) that differs from
     /// the table's; [`ChunkTable::keep`] then records them as the table's.
     pub(crate) fn patch(&self, queue: &wgpu::Queue, rows: &[ChunkRow]) {
+        self.write_changes(queue, &self.rows, rows);
+    }
+
+    /// Writes the table's own rows back over the runs where `rows`, patched in by a move
+    /// that then failed, differ from them.
+    pub(crate) fn restore(&self, queue: &wgpu::Queue, rows: &[ChunkRow]) {
+        self.write_changes(queue, rows, &self.rows);
+    }
+
+    /// Writes each run of `to` that differs from `from`.
+    fn write_changes(&self, queue: &wgpu::Queue, from: &[ChunkRow], to: &[ChunkRow]) {
         let mut i = 0;
-        while i < rows.len() {
-            if rows[i] == self.rows[i] {
+        while i < to.len() {
+            if to[i] == from[i] {
                 i += 1;
                 continue;
             }
             let start = i;
-            while i < rows.len() && rows[i] != self.rows[i] {
+            while i < to.len() && to[i] != from[i] {
                 i += 1;
             }
             let at = (start * std::mem::size_of::<ChunkRow>()) as u64;
-            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(&rows[start..i]));
+            queue.write_buffer(&self.buffer, at, bytemuck::cast_slice(&to[start..i]));
         }
     }
 

@@ -5,11 +5,11 @@
 //! starting at multiples of that size rounded down to the offset alignment. Each tensor
 //! is cut into *segments* (whole tensors, AGC units, examples), and each segment into
 //! chunks of at most [`CHUNK_ELEMS`] elements, cut every `CHUNK_ELEMS` elements from the
-//! segment's start and at window edges; one workgroup handles one chunk. A strided segment (a column of a
-//! row-major matrix) must lie inside one window. The global elementwise passes use
-//! chunks over *spans*, maximal runs of touching tensors, so a word shared by two 16-bit
-//! tensors is written by one workgroup only; the segment-wise pass writes such shared
-//! words with atomics instead.
+//! 32-bit word the segment starts in and at window edges; one workgroup handles one
+//! chunk. A strided segment (a column of a row-major matrix) must lie inside one window.
+//! The global elementwise passes use chunks over *spans*, maximal runs of touching
+//! tensors, so a word shared by two 16-bit tensors is written by one workgroup only; the
+//! segment-wise pass writes such shared words with atomics instead.
 
 use std::collections::HashMap;
 
@@ -121,15 +121,18 @@ pub(crate) fn fold_grid(n: u32, max_per_dim: u32) -> [u32; 3] {
 }
 
 /// Cuts element range `[start, end)` of a buffer (element size `es`) into chunks every
-/// CHUNK_ELEMS elements from `start` and at window edges, calling `emit(window, first,
-/// count)`. Cut from the range's own start, a tensor has the same chunks wherever a pool
-/// puts it (short of a window edge), so a move keeps the plan's shape.
+/// CHUNK_ELEMS elements from the 32-bit word `start` lies in, and at window edges, calling
+/// `emit(window, first, count)`. Cut from the range's own first word, a tensor has the
+/// same chunks wherever a pool puts it (short of a window edge and of the parity of a
+/// 16-bit start), so a move keeps the plan's shape; and no two chunks of a range share a
+/// word (a span's chunks are rewritten without atomics).
 fn cut(start: u64, end: u64, es: u64, window_bytes: u64, mut emit: impl FnMut(u64, u64, u64)) {
+    let origin = start - start % (4 / es);
     let mut e = start;
     while e < end {
         let window = e * es / window_bytes;
         let window_end = (window + 1) * window_bytes / es;
-        let next = (start + ((e - start) / CHUNK_ELEMS + 1) * CHUNK_ELEMS)
+        let next = (origin + ((e - origin) / CHUNK_ELEMS + 1) * CHUNK_ELEMS)
             .min(end)
             .min(window_end);
         emit(window, e, next - e);
@@ -404,6 +407,34 @@ mod tests {
                 (units.clone(), sizes.clone()),
                 "shift {shift}"
             );
+        }
+    }
+
+    /// A 16-bit range that starts mid-word is cut at word edges: no two of its chunks (a
+    /// span's are rewritten without atomics) write one 32-bit word.
+    #[test]
+    fn chunks_of_a_16_bit_range_do_not_share_words() {
+        let limits = PlanLimits {
+            max_binding: 1 << 30,
+            offset_alignment: 256,
+            max_workgroups_per_dim: 65535,
+        };
+        let tensors = vec![PlanTensor {
+            buffer: 0,
+            buffer_size: 1 << 24,
+            offset: 2,
+            len: 3 * CHUNK_ELEMS,
+            dtype: DType::F16,
+            name: "t".into(),
+            base: 0,
+        }];
+        let plan = Plan::new(&tensors, &PlanSegment::whole(&tensors), limits).unwrap();
+        for table in [&plan.reduce_chunks, &plan.apply_chunks] {
+            assert_eq!(table.len(), 4);
+            for pair in table.windows(2) {
+                let (end, next) = (pair[0][1] + pair[0][2], pair[1][1]);
+                assert_eq!((end, end % 2), (next, 0), "{table:?}");
+            }
         }
     }
 }

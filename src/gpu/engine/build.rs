@@ -169,16 +169,22 @@ impl Engine {
         })?;
         // Only the rows of the tensors that moved are written.
         let queue = &self.ctx.inner.queue;
-        guarded(device, || {
-            self.grads.chunks.patch(queue, &grad_plan.reduce_chunks);
+        let tables = |write: fn(&ChunkTable, &wgpu::Queue, &[crate::plan::ChunkRow])| {
+            write(&self.grads.chunks, queue, &grad_plan.reduce_chunks);
             if let Some(spans) = &self.spans {
-                spans.chunks.patch(queue, &grad_plan.apply_chunks);
+                write(&spans.chunks, queue, &grad_plan.apply_chunks);
             }
             if let (Some(red), Some((plan, _))) = (&self.params, &param_plan) {
-                red.chunks.patch(queue, &plan.reduce_chunks);
+                write(&red.chunks, queue, &plan.reduce_chunks);
             }
             Ok(())
-        })?;
+        };
+        if let Err(e) = guarded(device, || tables(ChunkTable::patch)) {
+            // Some writes may have gone through: the old rows go back, so the engine stays
+            // where it was.
+            guarded(device, || tables(ChunkTable::restore))?;
+            return Err(e);
+        }
         self.grads.chunks.keep(&grad_plan.reduce_chunks);
         if let Some(spans) = &mut self.spans {
             spans.chunks.keep(&grad_plan.apply_chunks);
