@@ -11,6 +11,39 @@ use crate::plan::{fold_grid, Plan, Window};
 use crate::shaders::abi::ACC_BYTES;
 use crate::shaders::{BindLayout, Kernel};
 
+/// The engine-wide bindings of a pass over chunk windows: the step's parameter slots,
+/// and the coefficients and reports a rewrite reads.
+pub(crate) type Shared<'a> = (&'a StepSlots, &'a wgpu::Buffer, &'a wgpu::Buffer);
+
+/// The bind group (layout `Window`) and grid of each binding window of `buffers`, for the
+/// reduce over a chunk table (`tables`: the table, one partial per chunk, each window's
+/// slice) and the rewrite over the same chunks; `count`: a window's chunks in the table.
+pub(crate) fn chunk_windows(
+    device: &wgpu::Device,
+    kernels: &Kernels,
+    windows: &[Window],
+    buffers: &[&wgpu::Buffer],
+    (chunks, partials, slots): (&ChunkTable, &wgpu::Buffer, &DispatchSlots),
+    (step, coefs, reports): Shared<'_>,
+    count: impl Fn(&Window) -> u32,
+) -> Vec<(wgpu::BindGroup, [u32; 3])> {
+    let max_dim = device.limits().max_compute_workgroups_per_dimension;
+    let layout = kernels.layout(BindLayout::Window);
+    let groups = window_groups(device, layout, windows, buffers, |wi| {
+        vec![
+            (1, whole(&chunks.buffer)),
+            (2, whole(partials)),
+            (3, step.binding()),
+            (4, slots.slot(wi)),
+            (5, whole(coefs)),
+            (6, whole(reports)),
+        ]
+    });
+    (groups.into_iter().zip(windows))
+        .map(|(group, w)| (group, fold_grid(count(w), max_dim)))
+        .collect()
+}
+
 /// Segment norms of one plan, with every resource created up front.
 pub(crate) struct SegmentReduction {
     /// Per binding window: bind group and grid; `None` until made for where the tensors
@@ -30,17 +63,16 @@ pub(crate) struct SegmentReduction {
 }
 
 impl SegmentReduction {
-    /// Resources for `plan` over `buffers`; `step` holds the engine's parameter slots,
-    /// `rewrite` the coefficients and reports a rewrite over this reduction's chunks reads
-    /// (its window bind groups serve both).
+    /// Resources for `plan` over `buffers`, with the engine's `shared` bindings (its window
+    /// bind groups serve the reduce and a rewrite over its chunks).
     pub(crate) fn new(
         device: &wgpu::Device,
         kernels: &Kernels,
         plan: &Plan,
         buffers: &[&wgpu::Buffer],
-        step: &StepSlots,
-        rewrite: (&wgpu::Buffer, &wgpu::Buffer),
+        shared: Shared<'_>,
     ) -> SegmentReduction {
+        let step = shared.0;
         let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let n_segments = plan.segment_ranges.len();
         let n_chunks = plan.reduce_chunks.len();
@@ -89,40 +121,26 @@ impl SegmentReduction {
             slots,
             n_chunks,
         };
-        let groups =
-            reduction.window_groups(device, kernels, &plan.windows, buffers, step, rewrite);
+        let groups = reduction.window_groups(device, kernels, &plan.windows, buffers, shared);
         reduction.reduce = Some(groups);
         reduction
     }
 
-    /// The bind group and grid of each binding window (of `buffers`), for the
-    /// reduce over this reduction's chunks and a rewrite over them (which reads `rewrite`:
-    /// the coefficients and the reports): the only bind groups of a reduction that hold
-    /// the caller's buffers, made anew when the tensors move to other buffers.
+    /// The bind group and grid of each binding window (of `buffers`), for the reduce over
+    /// this reduction's chunks and a rewrite over them: the only bind groups of a
+    /// reduction that hold the caller's buffers, made anew when the tensors move to
+    /// other buffers.
     pub(crate) fn window_groups(
         &self,
         device: &wgpu::Device,
         kernels: &Kernels,
         windows: &[Window],
         buffers: &[&wgpu::Buffer],
-        step: &StepSlots,
-        (coefs, reports): (&wgpu::Buffer, &wgpu::Buffer),
+        shared: Shared<'_>,
     ) -> Vec<(wgpu::BindGroup, [u32; 3])> {
-        let max_dim = device.limits().max_compute_workgroups_per_dimension;
-        let layout = kernels.layout(BindLayout::Window);
-        let groups = window_groups(device, layout, windows, buffers, |wi| {
-            vec![
-                (1, whole(&self.chunks.buffer)),
-                (2, whole(&self.partials)),
-                (3, step.binding()),
-                (4, self.slots.slot(wi)),
-                (5, whole(coefs)),
-                (6, whole(reports)),
-            ]
-        });
-        (groups.into_iter().zip(windows))
-            .map(|(group, w)| (group, fold_grid(w.reduce_count, max_dim)))
-            .collect()
+        let tables = (&self.chunks, &self.partials, &self.slots);
+        let count = |w: &Window| w.reduce_count;
+        chunk_windows(device, kernels, windows, buffers, tables, shared, count)
     }
 
     /// The window bind groups and grids, for a pass over this reduction's chunks (none

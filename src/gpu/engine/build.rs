@@ -7,10 +7,10 @@ use crate::chain::{Program, NO_GROUP};
 use crate::error::ClipError;
 use crate::gpu::context::{guarded, GpuContext};
 use crate::gpu::readback::{ReadbackLayout, ReportPool, REPORT_BYTES};
-use crate::gpu::reduction::SegmentReduction;
+use crate::gpu::reduction::{chunk_windows, SegmentReduction};
 use crate::gpu::resources::{
-    bind, storage_init, storage_zeroed, table, whole, window_groups, ChunkTable, DispatchParams,
-    DispatchSlots, StepSlots,
+    bind, storage_init, storage_zeroed, table, whole, ChunkTable, DispatchParams, DispatchSlots,
+    StepSlots,
 };
 use crate::gpu::tensor::{plan_tensors, GpuTensor};
 use crate::plan::{fold_grid, Plan};
@@ -135,7 +135,7 @@ impl Engine {
             (Some(now), Some(was)) => moved(now, was),
             _ => false,
         };
-        let rewrite = (&self.coef_buf, &self.reports);
+        let shared = (&self.slots, &self.coef_buf, &self.reports);
         let groups = guarded(device, || {
             // With spans, most steps reduce and rewrite the spans only: the per-unit
             // reduce's groups wait for a step that needs them.
@@ -143,26 +143,15 @@ impl Engine {
                 Some(spans) => (None, Some(spans)),
                 None => {
                     let windows = &grad_plan.windows;
-                    let reduce = (self.grads).window_groups(
-                        device,
-                        kernels,
-                        windows,
-                        &grad_buffers,
-                        &self.slots,
-                        rewrite,
-                    );
+                    let reduce =
+                        (self.grads).window_groups(device, kernels, windows, &grad_buffers, shared);
                     (Some(reduce), None)
                 }
             });
             let params = match (&self.params, &param_plan) {
-                (Some(red), Some((plan, bufs))) if params_moved => Some(red.window_groups(
-                    device,
-                    kernels,
-                    &plan.windows,
-                    bufs,
-                    &self.slots,
-                    rewrite,
-                )),
+                (Some(red), Some((plan, bufs))) if params_moved => {
+                    Some(red.window_groups(device, kernels, &plan.windows, bufs, shared))
+                }
                 _ => None,
             };
             Ok((grads, params))
@@ -259,12 +248,11 @@ impl Engine {
             n_units as u64 * 4,
             wgpu::BufferUsages::COPY_SRC,
         );
-        let rewrite = (&coef_buf, &reports);
-        let grads_red =
-            SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, &slots, rewrite);
-        let params_red = param_plan.as_ref().map(|(plan, bufs)| {
-            SegmentReduction::new(device, kernels, plan, bufs, &slots, rewrite)
-        });
+        let shared = (&slots, &coef_buf, &reports);
+        let grads_red = SegmentReduction::new(device, kernels, &grad_plan, &grad_buffers, shared);
+        let params_red = param_plan
+            .as_ref()
+            .map(|(plan, bufs)| SegmentReduction::new(device, kernels, plan, bufs, shared));
         let (state, pool) = kept.unzip();
         let state = state.unwrap_or_else(|| {
             storage_init(
@@ -446,21 +434,19 @@ impl Engine {
         buffers: &[&wgpu::Buffer],
     ) -> Option<Vec<(wgpu::BindGroup, [u32; 3])>> {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
-        let max_dim = device.limits().max_compute_workgroups_per_dimension;
         let spans = self.spans.as_ref()?;
-        let layout = kernels.layout(BindLayout::Window);
-        let groups = window_groups(device, layout, &plan.windows, buffers, |wi| {
-            vec![
-                (1, whole(&spans.chunks.buffer)),
-                (2, whole(&spans.partials)),
-                (3, self.slots.binding()),
-                (4, spans.slots.slot(wi)),
-                (5, whole(&self.coef_buf)),
-                (6, whole(&self.reports)),
-            ]
-        });
-        let grids = (plan.windows.iter()).map(|w| fold_grid(w.apply_count, max_dim));
-        Some(groups.into_iter().zip(grids).collect())
+        let tables = (&spans.chunks, &spans.partials, &spans.slots);
+        let shared = (&self.slots, &self.coef_buf, &self.reports);
+        let count = |w: &Window| w.apply_count;
+        Some(chunk_windows(
+            device,
+            kernels,
+            &plan.windows,
+            buffers,
+            tables,
+            shared,
+            count,
+        ))
     }
 
     /// Makes the gradients' per-unit reduce groups where a move left them to be made when
@@ -472,16 +458,9 @@ impl Engine {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
         let (shape, buffers) = &self.placed.grads;
         let buffers: Vec<&wgpu::Buffer> = buffers.iter().collect();
-        let rewrite = (&self.coef_buf, &self.reports);
+        let shared = (&self.slots, &self.coef_buf, &self.reports);
         let groups = guarded(device, || {
-            Ok((self.grads).window_groups(
-                device,
-                kernels,
-                &shape.windows,
-                &buffers,
-                &self.slots,
-                rewrite,
-            ))
+            Ok((self.grads).window_groups(device, kernels, &shape.windows, &buffers, shared))
         })?;
         self.grads.set_window_groups(Some(groups));
         Ok(())
