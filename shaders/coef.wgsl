@@ -20,7 +20,7 @@
 //                                      the first stage leaves alone)
 //
 // Entry `finish`: one workgroup. Checks that this step's parameter slot is its own (the
-// tag the encoder copied into the state), combines the group norms into the total norm
+// tag the encoder copied into the first report), combines the group norms into the total norm
 // (or takes the caller's, split API), applies the non-finite policy, and for the adaptive
 // rules (ADAPTIVE) records the norm in the device state and derives this step's
 // threshold.
@@ -283,7 +283,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     total = acc_scaled(total, 1.0 / scale);
     // Another step overwrote this step's parameter slot before it was submitted: change
     // nothing and say so.
-    let fresh = step.seq % TAG_RING == state[dispatch.state_base + ST_TAG];
+    let fresh = step.seq % TAG_RING == reports[0].tag;
     // What the step's verdict sees: this stage's total and, in the first stage, the units
     // it leaves alone (not under a given total, which has no unit norms).
     var seen = total.flags;
@@ -451,7 +451,7 @@ fn coefs(inv: Invocation) {
 @compute @workgroup_size(1)
 fn undo() {
     let base = dispatch.state_base;
-    if ((reports[0].status & STATUS_HELD) == 0u || step.seq % TAG_RING != state[base + ST_TAG]) {
+    if ((reports[0].status & STATUS_HELD) == 0u || step.seq % TAG_RING != reports[0].tag) {
         return;
     }
     if (state[base + ST_RECORDED] == 0u) {

@@ -355,7 +355,7 @@ fn with_word(bytes: &[u8], i: usize, value: f32) -> Vec<u8> {
 
 /// History slot `i` of a state's first block (after its header words, abi::ST_HEADER).
 fn slot(i: usize) -> usize {
-    12 + i
+    11 + i
 }
 
 #[test]

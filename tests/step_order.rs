@@ -125,7 +125,9 @@ fn scheduled_noisy_steps_in_one_encoder_match_the_cpu_step_by_step() {
 fn an_overwritten_step_changes_nothing_and_says_so() {
     let ctx = gpu();
     let h = grads();
-    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)));
+    // A schedule gives every step parameters of its own, so each takes a slot.
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)))
+        .schedule(Schedule::step_decay(0.99, 1));
     let arena = upload(&ctx, &h);
     let tensors = gpu_tensors(&arena, &h, &infos(&h));
     let mut run = GpuClipper::new(&ctx, &tensors, None, policy).unwrap();
@@ -147,6 +149,27 @@ fn an_overwritten_step_changes_nothing_and_says_so() {
     assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 65);
 }
 
+/// Steps whose parameters do not change share their slot: more than 64 of them before one
+/// submission all run, each recording its norm.
+#[test]
+fn steps_with_the_same_parameters_are_never_overwritten() {
+    let ctx = gpu();
+    let h = grads();
+    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)));
+    let arena = upload(&ctx, &h);
+    let tensors = gpu_tensors(&arena, &h, &infos(&h));
+    let mut run = GpuClipper::new(&ctx, &tensors, None, policy).unwrap();
+    let mut encoder = ctx.device().create_command_encoder(&Default::default());
+    let pending: Vec<_> = (0..130)
+        .map(|_| run.encode(&mut encoder).unwrap())
+        .collect();
+    ctx.queue().submit([encoder.finish()]);
+    for (step, p) in pending.into_iter().enumerate() {
+        assert_eq!(p.wait().unwrap().step, step as u64);
+    }
+    assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 130);
+}
+
 /// A value clip alone has no report to say so: when its slot is overwritten before
 /// submission it changes nothing (it never runs with another step's parameters).
 #[test]
@@ -156,11 +179,12 @@ fn an_overwritten_value_clip_changes_nothing() {
     let arena = upload(&ctx, &h);
     // A runner's bounds are fixed with its chain, so the value clip is one runner (bounds
     // 2) and the norms another, over the same tensors.
+    // Scheduled, so that every clamp step has parameters of its own (a slot each).
     let mut clamp = gpu_policy(
         &ctx,
         &arena,
         &h,
-        ClipPolicy::value_clip(ValueClip::symmetric(2.0)),
+        ClipPolicy::value_clip(ValueClip::symmetric(2.0)).schedule(Schedule::step_decay(0.99, 1)),
     );
     let mut measure = gpu_policy(&ctx, &arena, &h, ClipPolicy::total_norm().norm(Norm::L2));
     let mut encoder = ctx.device().create_command_encoder(&Default::default());

@@ -54,11 +54,10 @@ impl StagePlan {
         self.group_ranges.len() == 1 && self.formula == Formula::PyTorch
     }
 
-    /// Zeroes the words of its state block that live for one step only: the tag the
-    /// encoder copies in and what `undo` would put back.
+    /// Zeroes the words of its state block that live for one step only: what `undo`
+    /// would put back.
     pub(crate) fn clear_step_words(&self, words: &mut [u32]) {
         for w in [
-            abi::ST_TAG,
             abi::ST_SAVED_SLOT,
             abi::ST_SAVED_MEAN,
             abi::ST_SAVED_VAR,

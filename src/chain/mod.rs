@@ -60,12 +60,17 @@ impl TensorInfo {
         }
     }
 
+    /// The name of the tensor at `index` of a batch: its `label`, or `#index` without one.
+    pub(crate) fn name_of(label: Option<&str>, index: usize) -> String {
+        label.map_or_else(|| format!("#{index}"), str::to_owned)
+    }
+
     /// Flat tensors of lengths `lens`, named `#0`, `#1`, ... as unnamed GPU tensors are:
     /// enough for every chain but those that match names or need shapes (groups, masks,
     /// AGC on weights of rank 2 or more).
     pub fn unnamed(lens: impl IntoIterator<Item = usize>) -> Vec<TensorInfo> {
         (lens.into_iter().enumerate())
-            .map(|(i, len)| TensorInfo::new(format!("#{i}"), &[len as u64]))
+            .map(|(i, len)| TensorInfo::new(TensorInfo::name_of(None, i), &[len as u64]))
             .collect()
     }
 

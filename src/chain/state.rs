@@ -22,7 +22,7 @@ pub(crate) const ST_GOOD_STEPS: usize = abi::ST_GOOD_STEPS as usize;
 pub(crate) const ST_RECORDED: usize = abi::ST_RECORDED as usize;
 
 const MAGIC: &[u8; 4] = b"GCPS";
-const VERSION: u32 = 5;
+const VERSION: u32 = 6;
 
 /// What gives a state's numbers meaning, part by part: a state records a hash of each
 /// (its fingerprint), so one restored into another chain or other tensors names the
@@ -221,8 +221,8 @@ impl PolicyState {
         }
     }
 
-    /// A state read from the device: the engine's per-step words (the tag, what `undo`
-    /// would put back) are not part of it.
+    /// A state read from the device: the engine's per-step words (what `undo` would put
+    /// back) are not part of it.
     pub(crate) fn from_device(step: u64, mut words: Vec<u32>, program: &Program) -> Self {
         for stage in &program.stages {
             stage.clear_step_words(&mut words);

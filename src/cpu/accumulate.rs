@@ -7,6 +7,7 @@ use rayon::prelude::*;
 use super::apply::{bf16_to_f32, f32_to_bf16};
 use super::norm_reduce::BLOCK;
 use super::policy::CpuPolicy;
+use crate::chain::TensorInfo;
 use crate::dtype::{GradMut, GradRef};
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;
@@ -45,7 +46,7 @@ pub(crate) fn check_pairs(sums: &[GradMut<'_>], micro: &[GradRef<'_>]) -> Result
         let s = s.as_ref();
         if s.dtype() != m.dtype() || s.len() != m.len() {
             return Err(ClipError::ShapeMismatch {
-                tensor: format!("#{i}"),
+                tensor: TensorInfo::name_of(None, i),
                 expected: format!("{} {:?} elements", s.len(), s.dtype()),
                 got: format!("{} {:?} elements", m.len(), m.dtype()),
             });

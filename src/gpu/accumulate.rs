@@ -8,6 +8,7 @@ use super::readback::PendingReport;
 use super::resources::{bind, table, timestamp_writes, whole, window, DispatchSlots, Timestamps};
 use super::tensor::{plan_tensors, GpuTensor};
 use crate::chain::ClipPolicy;
+use crate::chain::TensorInfo;
 use crate::error::ClipError;
 use crate::ops::check_micro_steps;
 use crate::plan::{fold_grid, PlanSegment};
@@ -217,10 +218,7 @@ impl GpuAccumulator {
 /// tensor, and buffers that correspond one for one and are distinct from the micro ones.
 fn check_mirrored(micro: &[GpuTensor<'_>], accumulated: &[GpuTensor<'_>]) -> Result<(), ClipError> {
     let bad = |i: usize, what: String| {
-        let name = accumulated[i]
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("#{i}"));
+        let name = TensorInfo::name_of(accumulated[i].name.as_deref(), i);
         Err(ClipError::InvalidConfig(format!(
             "accumulation tensor '{name}' does not mirror its micro-batch tensor: {what}"
         )))

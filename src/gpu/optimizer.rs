@@ -9,6 +9,7 @@ use super::policy::GpuPolicy;
 use super::readback::{read_words, PendingReport};
 use super::resources::{bind, range, storage_init, storage_zeroed, table, whole, DispatchSlots};
 use super::tensor::{infos_of, plan_inputs, plan_limits, GpuTensor};
+use crate::chain::TensorInfo;
 use crate::chain::{check_shapes, ClipPolicy, PolicyState};
 use crate::error::ClipError;
 use crate::optim::{check_lr, Optimizer, OptimizerState};
@@ -64,7 +65,7 @@ impl GpuOptimizer {
     ) -> Result<GpuOptimizer, ClipError> {
         let optimizer = optimizer.into();
         optimizer.check()?;
-        let name = |t: &GpuTensor<'_>, i: usize| t.name.clone().unwrap_or(format!("#{i}"));
+        let name = |t: &GpuTensor<'_>, i: usize| TensorInfo::name_of(t.name.as_deref(), i);
         for (pi, p) in params.iter().enumerate() {
             if let Some(gi) = grads.iter().position(|g| g.buffer == p.buffer) {
                 return Err(ClipError::SharedBuffer {

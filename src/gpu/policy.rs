@@ -140,8 +140,6 @@ impl GpuPolicy {
         if same_params && Bound::same(&self.bound.0, grads) {
             return Ok(());
         }
-        let infos = infos_of(grads);
-        let found = infos.iter().cloned().zip(grads.iter().map(|t| t.len));
         if grads.len() != self.tensors.len() {
             return Err(ClipError::ShapeMismatch {
                 tensor: "the batch".into(),
@@ -149,8 +147,9 @@ impl GpuPolicy {
                 got: format!("{}", grads.len()),
             });
         }
-        for ((info, len), (want, want_len)) in found.zip(&self.tensors) {
-            if info != *want || len != *want_len {
+        for (i, (t, (want, want_len))) in grads.iter().zip(&self.tensors).enumerate() {
+            if !t.is(i, want) || t.len != *want_len {
+                let (info, len) = (t.info(i), t.len);
                 return Err(ClipError::ShapeMismatch {
                     tensor: want.name.clone(),
                     expected: format!("{} {:?} of {want_len} elements", want.name, want.shape),
@@ -166,8 +165,8 @@ impl GpuPolicy {
                 ))
             }
             (true, Some(p)) => {
-                let plens: Vec<u64> = p.iter().map(|t| t.len).collect();
-                check_shapes(&infos, plens.iter().copied())?;
+                let infos: Vec<TensorInfo> = self.tensors.iter().map(|t| t.0.clone()).collect();
+                check_shapes(&infos, p.iter().map(|t| t.len))?;
                 Some(p)
             }
             (false, _) => None,
@@ -179,7 +178,11 @@ impl GpuPolicy {
             let noise = self.policy.noise.is_some();
             self.engine = self.engine.rebound(grads, params, noise)?;
         }
-        self.bound = (Bound::all(grads), params.map(Bound::all));
+        Bound::set(&mut self.bound.0, grads);
+        match (&mut self.bound.1, params) {
+            (Some(bound), Some(p)) => Bound::set(bound, p),
+            (bound, p) => *bound = p.map(Bound::all),
+        }
         Ok(())
     }
 
@@ -217,6 +220,9 @@ impl GpuPolicy {
         let (lo_half, hi_half) = policy.value.map_or((0, 0), |v| v.half_bounds());
         let keys = policy.value.map(|v| v.half_clamps());
         let (keys_f16, keys_bf16) = keys.map_or((0, 0), |(f, b)| (f.keys(), b.keys()));
+        // The step keys the noise only: without noise, steps keep the same parameters and
+        // so their parameter slot (`StepSlots::write`).
+        let key = if noise.sigma > 0.0 { self.step } else { 0 };
         let params = StepParams {
             policy: policy.non_finite.code(),
             p: order,
@@ -227,8 +233,8 @@ impl GpuPolicy {
             sigma: noise.sigma,
             seed_lo: noise.seed as u32,
             seed_hi: (noise.seed >> 32) as u32,
-            step_lo: self.step as u32,
-            step_hi: (self.step >> 32) as u32,
+            step_lo: key as u32,
+            step_hi: (key >> 32) as u32,
             clamp: policy.value.is_some() as u32,
             lo: policy.value.map_or(0.0, |v| v.lo),
             hi: policy.value.map_or(0.0, |v| v.hi),
@@ -277,7 +283,8 @@ impl GpuPolicy {
     ///
     /// Steps may be encoded back to back into one encoder (or several encoders submitted
     /// together): each records its own parameters (step number for the noise, schedule
-    /// factor). Up to 64 steps of one policy may be encoded before a submission; a step
+    /// factor). Up to 64 steps of one policy with parameters of their own may be encoded
+    /// before a submission (steps whose parameters do not change share theirs); a step
     /// whose parameters were overwritten by a later one changes nothing and its report is
     /// [`ClipError::StepOverwritten`].
     pub fn encode(

@@ -6,7 +6,7 @@ use bytemuck::Pod;
 
 use crate::plan::ChunkRow;
 pub(crate) use crate::shaders::abi::{DispatchParams, StepParams};
-use crate::shaders::abi::{STEP_SLOTS, ST_TAG, TAG_RING, TAG_WORD};
+use crate::shaders::abi::{STEP_SLOTS, TAG_RING, TAG_WORD};
 use wgpu::util::DeviceExt;
 
 impl DispatchParams {
@@ -59,14 +59,18 @@ impl DispatchSlots {
     }
 }
 
-/// The ring of per-step parameter slots of one engine: step `seq` writes slot
-/// `seq % STEP_SLOTS` and binds it at that slot's dynamic offset, so every step encoded
-/// before a submission reads its own parameters.
+/// The ring of per-step parameter slots of one engine: the `seq`-th write of parameters
+/// goes to slot `seq % STEP_SLOTS`, and a step binds its slot at that slot's dynamic
+/// offset, so every step encoded before a submission reads its own parameters. A step
+/// whose parameters are those last written binds their slot without writing again (the
+/// parameters of most training loops do not change between steps).
 pub(crate) struct StepSlots {
     buffer: wgpu::Buffer,
-    /// The tags `0..TAG_RING`, copied into the state by each step's encoder.
+    /// The tags `0..TAG_RING`, copied into the first report by each step's encoder.
     tags: wgpu::Buffer,
     stride: u64,
+    /// The parameters last written, with their `seq`.
+    last: Option<StepParams>,
 }
 
 impl StepSlots {
@@ -89,6 +93,7 @@ impl StepSlots {
             buffer,
             tags,
             stride,
+            last: None,
         }
     }
 
@@ -101,25 +106,38 @@ impl StepSlots {
         })
     }
 
-    /// Writes `params` (with sequence number `params.seq`) into its slot and records the
-    /// copy of its tag into word `ST_TAG` of every state block (`blocks`: their first
-    /// words) of `state` and into the first report's `tag`; returns the slot's dynamic
-    /// offset.
+    /// Writes `params` (whose `seq` is set here) into the next slot, unless they are the
+    /// parameters last written, and records the copy of their tag into the first report's
+    /// `tag`, which every stage checks against its slot; returns the slot's dynamic offset.
+    /// A later write into the same slot before the step is submitted changes the slot's
+    /// tag, so the step finds that its parameters were overwritten.
     pub(crate) fn write(
-        &self,
+        &mut self,
         queue: &wgpu::Queue,
         encoder: &mut wgpu::CommandEncoder,
         params: &StepParams,
-        (state, blocks): (&wgpu::Buffer, &[usize]),
         reports: &wgpu::Buffer,
     ) -> u32 {
-        let offset = (params.seq % STEP_SLOTS) as u64 * self.stride;
-        queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(params));
-        let tag = (params.seq % TAG_RING) as u64 * 4;
-        for &base in blocks {
-            let at = (base as u64 + ST_TAG as u64) * 4;
-            encoder.copy_buffer_to_buffer(&self.tags, tag, state, at, 4);
-        }
+        let unchanged = |last: &StepParams| {
+            let params = StepParams {
+                seq: last.seq,
+                ..*params
+            };
+            bytemuck::bytes_of(&params) == bytemuck::bytes_of(last)
+        };
+        let seq = match self.last {
+            Some(last) if unchanged(&last) => last.seq,
+            last => {
+                let seq = last.map_or(0, |l| l.seq.wrapping_add(1));
+                let params = StepParams { seq, ..*params };
+                let offset = (seq % STEP_SLOTS) as u64 * self.stride;
+                queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(&params));
+                self.last = Some(params);
+                seq
+            }
+        };
+        let offset = (seq % STEP_SLOTS) as u64 * self.stride;
+        let tag = (seq % TAG_RING) as u64 * 4;
         encoder.copy_buffer_to_buffer(&self.tags, tag, reports, TAG_WORD as u64 * 4, 4);
         offset as u32
     }

@@ -47,7 +47,7 @@ impl<C: Collective> std::fmt::Debug for ShardedGpuPolicy<C> {
 fn check_local(tensors: &[GpuTensor<'_>], shard: &Shard) -> Result<(), ClipError> {
     let lens: Vec<u64> = tensors.iter().map(|t| t.len).collect();
     shard.check_local(&lens, |t| {
-        (tensors[t].name.clone()).unwrap_or_else(|| format!("#{t}"))
+        TensorInfo::name_of(tensors[t].name.as_deref(), t)
     })
 }
 

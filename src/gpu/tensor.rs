@@ -47,9 +47,23 @@ impl<'a> GpuTensor<'a> {
     /// Name and shape as policies see them (`#i` and `[len]` when not given).
     pub(crate) fn info(&self, i: usize) -> TensorInfo {
         TensorInfo {
-            name: self.name.clone().unwrap_or_else(|| format!("#{i}")),
+            name: TensorInfo::name_of(self.name.as_deref(), i),
             shape: self.shape.clone().unwrap_or_else(|| vec![self.len]),
         }
+    }
+
+    /// Whether it is the tensor `info` describes at index `i` of its batch (its name, or
+    /// `#i` without one, and its shape), without making either.
+    pub(crate) fn is(&self, i: usize, info: &TensorInfo) -> bool {
+        let shape = self
+            .shape
+            .as_deref()
+            .unwrap_or(std::slice::from_ref(&self.len));
+        let name = match &self.name {
+            Some(name) => *name == info.name,
+            None => is_index_name(&info.name, i),
+        };
+        name && shape == info.shape
     }
 
     /// Gives the tensor a name.
@@ -86,6 +100,21 @@ impl Bound {
             .collect()
     }
 
+    /// Makes `bound` hold `tensors`, keeping what it allocated where it can.
+    pub(crate) fn set(bound: &mut Vec<Bound>, tensors: &[GpuTensor<'_>]) {
+        bound.truncate(tensors.len());
+        for (b, t) in bound.iter_mut().zip(tensors) {
+            if b.buffer != *t.buffer {
+                b.buffer = t.buffer.clone();
+            }
+            (b.offset, b.len, b.dtype) = (t.offset, t.len, t.dtype);
+            b.name.clone_from(&t.name);
+            b.shape.clone_from(&t.shape);
+        }
+        let have = bound.len();
+        bound.extend(Bound::all(&tensors[have..]));
+    }
+
     /// True when `tensors` are, one for one, the tensors `bound` holds.
     pub(crate) fn same(bound: &[Bound], tensors: &[GpuTensor<'_>]) -> bool {
         bound.len() == tensors.len()
@@ -97,6 +126,24 @@ impl Bound {
     }
 }
 
+/// Whether `name` is `#i`, the name of an unnamed tensor at index `i`.
+fn is_index_name(name: &str, i: usize) -> bool {
+    let Some(digits) = name.strip_prefix('#') else {
+        return false;
+    };
+    // Compared digit by digit from the last, so a rebind formats nothing.
+    let (mut rest, mut digits) = (i, digits.bytes().rev());
+    loop {
+        if digits.next() != Some(b'0' + (rest % 10) as u8) {
+            return false;
+        }
+        rest /= 10;
+        if rest == 0 {
+            return digits.next().is_none();
+        }
+    }
+}
+
 /// The names and shapes of `tensors` (unnamed ones are `#index`).
 pub(crate) fn infos_of(tensors: &[GpuTensor<'_>]) -> Vec<TensorInfo> {
     tensors.iter().enumerate().map(|(i, t)| t.info(i)).collect()
@@ -104,17 +151,13 @@ pub(crate) fn infos_of(tensors: &[GpuTensor<'_>]) -> Vec<TensorInfo> {
 
 /// The planner's view of `tensors` (shard starts `bases`) and the distinct buffers it
 /// indexes; checks that every buffer can be bound as storage.
-pub(crate) fn plan_inputs<'a>(
-    tensors: &[GpuTensor<'a>],
+pub(crate) fn plan_inputs<'a, 't>(
+    tensors: &'t [GpuTensor<'a>],
     bases: &[u64],
-) -> Result<(Vec<PlanTensor>, Vec<&'a wgpu::Buffer>), ClipError> {
+) -> Result<(Vec<PlanTensor<'t>>, Vec<&'a wgpu::Buffer>), ClipError> {
     let mut buffers: Vec<&wgpu::Buffer> = Vec::new();
     let mut plan_tensors = Vec::with_capacity(tensors.len());
     for (i, t) in tensors.iter().enumerate() {
-        let name = t.name.clone().unwrap_or_else(|| format!("#{i}"));
-        if !t.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(ClipError::MissingStorageUsage { tensor: name });
-        }
         let buffer = match buffers.iter().position(|b| *b == t.buffer) {
             Some(b) => b,
             None => {
@@ -128,9 +171,14 @@ pub(crate) fn plan_inputs<'a>(
             offset: t.offset,
             len: t.len,
             dtype: t.dtype,
-            name,
+            label: t.name.as_deref(),
+            index: i,
             base: bases.get(i).copied().unwrap_or(0),
         });
+        if !t.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            let tensor = plan_tensors[i].name();
+            return Err(ClipError::MissingStorageUsage { tensor });
+        }
     }
     Ok((plan_tensors, buffers))
 }
@@ -168,5 +216,29 @@ pub(crate) fn given_acc(total: &PartialNorm) -> Acc {
         sum: d.sum as f32,
         flags: d.flags,
         _pad: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_index_name;
+
+    /// A rebind matches unnamed tensors by `#index` without formatting it: exactly the
+    /// names `format!("#{i}")` makes.
+    #[test]
+    fn index_names_match_only_their_own_index() {
+        for i in [0, 7, 10, 99, 100, 12345, usize::MAX] {
+            assert!(is_index_name(&format!("#{i}"), i), "{i}");
+            for other in [
+                format!("#0{i}"),
+                format!("#+{i}"),
+                format!("{i}"),
+                format!("#{i}0"),
+            ] {
+                assert!(!is_index_name(&other, i), "{other} as {i}");
+            }
+            assert!(!is_index_name(&format!("#{}", i.wrapping_add(1)), i));
+        }
+        assert!(!is_index_name("#", 0) && !is_index_name("", 0) && !is_index_name("#00", 0));
     }
 }

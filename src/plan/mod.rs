@@ -23,7 +23,7 @@ pub(crate) const CHUNK_ELEMS: u64 = 65536;
 
 /// One tensor as the planner sees it.
 #[derive(Debug, Clone)]
-pub(crate) struct PlanTensor {
+pub(crate) struct PlanTensor<'a> {
     /// Index of its buffer in the batch's list of distinct buffers.
     pub buffer: usize,
     /// Size of that buffer in bytes.
@@ -34,8 +34,10 @@ pub(crate) struct PlanTensor {
     pub len: u64,
     /// Element type.
     pub dtype: DType,
-    /// Name for error messages.
-    pub name: String,
+    /// Its name, if it has one (see [`PlanTensor::name`]).
+    pub label: Option<&'a str>,
+    /// Its index in the batch.
+    pub index: usize,
     /// Index of its first element in its logical tensor (a shard's start; else 0).
     pub base: u64,
 }
@@ -65,6 +67,14 @@ pub(crate) struct PlanSegment {
     pub len: u64,
     /// Distance between consecutive elements, in elements (1: contiguous).
     pub stride: u64,
+}
+
+impl PlanTensor<'_> {
+    /// Its name for error messages (`#index` when it has none), made only when needed: a
+    /// move plans every tensor anew.
+    pub(crate) fn name(&self) -> String {
+        crate::chain::TensorInfo::name_of(self.label, self.index)
+    }
 }
 
 impl PlanSegment {
@@ -122,20 +132,26 @@ pub(crate) fn fold_grid(n: u32, max_per_dim: u32) -> [u32; 3] {
 
 /// Cuts element range `[start, end)` of a buffer (element size `es`) into chunks every
 /// CHUNK_ELEMS elements from the 32-bit word `start` lies in, and at window edges, calling
-/// `emit(window, first, count)`. Cut from the range's own first word, a tensor has the
-/// same chunks wherever a pool puts it (short of a window edge and of the parity of a
-/// 16-bit start), so a move keeps the plan's shape; and no two chunks of a range share a
-/// word (a span's chunks are rewritten without atomics).
-fn cut(start: u64, end: u64, es: u64, window_bytes: u64, mut emit: impl FnMut(u64, u64, u64)) {
+/// `emit(window, first, first relative to the window, count)`. Cut from the range's own
+/// first word, a tensor has the same chunks wherever a pool puts it (short of a window
+/// edge and of the parity of a 16-bit start), so a move keeps the plan's shape; and no two
+/// chunks of a range share a word (a span's chunks are rewritten without atomics).
+fn cut(start: u64, end: u64, es: u64, window_bytes: u64, mut emit: impl FnMut(u64, u64, u64, u64)) {
     let origin = start - start % (4 / es);
+    let window_elems = window_bytes / es;
+    // Divided once per range, not per chunk: a move plans every chunk anew.
+    let mut window = start / window_elems;
+    let mut window_start = window * window_elems;
     let mut e = start;
     while e < end {
-        let window = e * es / window_bytes;
-        let window_end = (window + 1) * window_bytes / es;
+        if e == window_start + window_elems {
+            window += 1;
+            window_start = e;
+        }
         let next = (origin + ((e - origin) / CHUNK_ELEMS + 1) * CHUNK_ELEMS)
             .min(end)
-            .min(window_end);
-        emit(window, e, next - e);
+            .min(window_start + window_elems);
+        emit(window, e, e - window_start, next - e);
         e = next;
     }
 }
@@ -152,7 +168,7 @@ impl Plan {
             let es = t.dtype.size();
             if t.offset % es != 0 {
                 return Err(ClipError::MisalignedOffset {
-                    tensor: t.name.clone(),
+                    tensor: t.name(),
                     offset: t.offset,
                     align: es,
                     dtype: t.dtype,
@@ -165,7 +181,7 @@ impl Plan {
                 Some(end) if end <= t.buffer_size => {}
                 _ => {
                     return Err(ClipError::OutOfBounds {
-                        tensor: t.name.clone(),
+                        tensor: t.name(),
                         start: t.offset,
                         end: end.unwrap_or(u64::MAX),
                         size: t.buffer_size,
@@ -176,7 +192,7 @@ impl Plan {
         // Chunk rows hold element indices as u32.
         if let Some(t) = tensors.iter().find(|t| t.len > u32::MAX as u64) {
             return Err(ClipError::TooLarge {
-                tensor: t.name.clone(),
+                tensor: t.name(),
                 len: t.len,
             });
         }
@@ -189,8 +205,8 @@ impl Plan {
             let a_end = a.offset + a.len * a.dtype.size();
             if a.buffer == b.buffer && b.offset < a_end {
                 return Err(ClipError::OverlappingTensors {
-                    first: a.name.clone(),
-                    second: b.name.clone(),
+                    first: a.name(),
+                    second: b.name(),
                 });
             }
             // Two 16-bit tensors of different types in one 32-bit word cannot share a span.
@@ -201,8 +217,8 @@ impl Plan {
                 && (a_end - 1) / 4 == b.offset / 4
             {
                 return Err(ClipError::SharedWord {
-                    first: a.name.clone(),
-                    second: b.name.clone(),
+                    first: a.name(),
+                    second: b.name(),
                 });
             }
         }
@@ -214,9 +230,15 @@ impl Plan {
         let mut windows: Vec<Window> = Vec::new();
         // Looked up by (buffer, window), so planning stays linear in buffers too.
         let mut index: HashMap<(usize, u64), usize> = HashMap::new();
+        // Consecutive chunks mostly lie in one window: the last one found is asked first.
+        let mut last: Option<((usize, u64), usize)> = None;
         let mut window_of = |buffer: usize, window: u64, size: u64| -> usize {
+            match last {
+                Some((key, wi)) if key == (buffer, window) => return wi,
+                _ => {}
+            }
             let byte_offset = window * window_bytes;
-            *index.entry((buffer, window)).or_insert_with(|| {
+            let wi = *index.entry((buffer, window)).or_insert_with(|| {
                 windows.push(Window {
                     buffer,
                     byte_offset,
@@ -227,7 +249,9 @@ impl Plan {
                     apply_count: 0,
                 });
                 windows.len() - 1
-            })
+            });
+            last = Some(((buffer, window), wi));
+            wi
         };
         // Segments in (buffer, first byte) order, so a contiguous segment that crosses a
         // window is the last of one window and the first of the next: its chunks stay
@@ -257,19 +281,19 @@ impl Plan {
                     0,
                 ]
             };
-            let start = t.offset / es + seg.first;
+            let tensor_start = t.offset / es;
+            let start = tensor_start + seg.first;
             if seg.stride == 1 {
-                cut(start, start + seg.len, es, window_bytes, |w, e, n| {
+                cut(start, start + seg.len, es, window_bytes, |w, e, rel, n| {
                     let wi = window_of(t.buffer, w, t.buffer_size);
-                    let rel = e - w * window_bytes / es;
-                    reduce.push((wi, row(rel, n, e - t.offset / es)));
+                    reduce.push((wi, row(rel, n, e - tensor_start)));
                 });
             } else {
                 let last = start + (seg.len - 1) * seg.stride;
                 let w = start * es / window_bytes;
                 if last * es / window_bytes != w {
                     return Err(ClipError::TooLarge {
-                        tensor: t.name.clone(),
+                        tensor: t.name(),
                         len: t.len,
                     });
                 }
@@ -279,7 +303,7 @@ impl Plan {
                 while k < seg.len {
                     let n = CHUNK_ELEMS.min(seg.len - k);
                     let e = start + k * seg.stride;
-                    reduce.push((wi, row(e - base, n, e - t.offset / es)));
+                    reduce.push((wi, row(e - base, n, e - tensor_start)));
                     k += n;
                 }
             }
@@ -305,9 +329,8 @@ impl Plan {
         spans.extend(span);
         for (si, &(buffer, s, e, dtype, size)) in spans.iter().enumerate() {
             let es = dtype.size();
-            cut(s / es, e / es, es, window_bytes, |w, el, n| {
+            cut(s / es, e / es, es, window_bytes, |w, _, rel, n| {
                 let wi = window_of(buffer, w, size);
-                let rel = el - w * window_bytes / es;
                 apply.push((
                     wi,
                     [
@@ -388,7 +411,8 @@ mod tests {
                     offset: at + 4 * shift,
                     len,
                     dtype: DType::F32,
-                    name: format!("t{i}"),
+                    label: None,
+                    index: i,
                     base: 0,
                 })
                 .collect();
@@ -425,7 +449,8 @@ mod tests {
             offset: 2,
             len: 3 * CHUNK_ELEMS,
             dtype: DType::F16,
-            name: "t".into(),
+            label: Some("t"),
+            index: 0,
             base: 0,
         }];
         let plan = Plan::new(&tensors, &PlanSegment::whole(&tensors), limits).unwrap();

@@ -58,7 +58,7 @@ pub(crate) fn plan_step(
     for (ti, (g, p)) in grads.iter().zip(params).enumerate() {
         if p.dtype != DType::F32 {
             return Err(ClipError::NotF32 {
-                tensor: p.name.clone(),
+                tensor: p.name(),
                 dtype: p.dtype,
             });
         }
@@ -117,14 +117,15 @@ pub(crate) fn plan_step(
 mod tests {
     use super::*;
 
-    fn tensor(buffer: usize, offset: u64, len: u64, dtype: DType) -> PlanTensor {
+    fn tensor(buffer: usize, offset: u64, len: u64, dtype: DType) -> PlanTensor<'static> {
         PlanTensor {
             buffer,
             buffer_size: 1 << 20,
             offset,
             len,
             dtype,
-            name: format!("t{buffer}@{offset}"),
+            label: None,
+            index: buffer,
             base: 0,
         }
     }

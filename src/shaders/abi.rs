@@ -81,7 +81,7 @@ abi_structs! {
     /// before one submission each keep their own values.
     pub(crate) struct StepParams {
         /// Sequence number of the encoded step; `seq % TAG_RING` must equal the tag the
-        /// encoder copied into the state, or the slot was overwritten.
+        /// encoder copied into the first report, or the slot was overwritten.
         pub seq: u32,
         /// `POLICY_*`: the non-finite policy.
         pub policy: u32,
@@ -335,23 +335,21 @@ pub(crate) const ST_SEEN: u32 = 0;
 pub(crate) const ST_SKIPS: u32 = 1;
 pub(crate) const ST_MEAN: u32 = 2;
 pub(crate) const ST_VAR: u32 = 3;
-/// The tag of the step being run, copied in by the encoder (not part of a saved state).
-pub(crate) const ST_TAG: u32 = 4;
 /// History slots of the block (fixed by the program).
-pub(crate) const ST_CAP: u32 = 5;
+pub(crate) const ST_CAP: u32 = 4;
 /// What recording a norm overwrites (the history slot `seen % cap`, the mean, the
 /// variance), kept so `undo` can put it back when a later stage holds the step (scratch of
 /// one step, not part of a saved state).
-pub(crate) const ST_SAVED_SLOT: u32 = 6;
-pub(crate) const ST_SAVED_MEAN: u32 = 7;
-pub(crate) const ST_SAVED_VAR: u32 = 8;
+pub(crate) const ST_SAVED_SLOT: u32 = 5;
+pub(crate) const ST_SAVED_MEAN: u32 = 6;
+pub(crate) const ST_SAVED_VAR: u32 = 7;
 /// The loss scale and the finite steps in a row since it last changed (first block only:
 /// one scale per chain).
-pub(crate) const ST_LOSS_SCALE: u32 = 9;
-pub(crate) const ST_GOOD_STEPS: u32 = 10;
+pub(crate) const ST_LOSS_SCALE: u32 = 8;
+pub(crate) const ST_GOOD_STEPS: u32 = 9;
 /// 1 when the stage recorded a norm this step, for `undo` (scratch of one step).
-pub(crate) const ST_RECORDED: u32 = 11;
-pub(crate) const ST_HEADER: u32 = 12;
+pub(crate) const ST_RECORDED: u32 = 10;
+pub(crate) const ST_HEADER: u32 = 11;
 
 /// Parameter slots per engine: up to this many steps may be encoded before a submission.
 pub(crate) const STEP_SLOTS: u32 = 64;
@@ -421,7 +419,6 @@ const CONSTS: &[(&str, u32)] = &[
     ("STATUS_WORD", STATUS_WORD),
     ("TAG_WORD", TAG_WORD),
     ("STATUS_STALE", STATUS_STALE),
-    ("ST_TAG", ST_TAG),
     ("ST_CAP", ST_CAP),
     ("ST_SAVED_SLOT", ST_SAVED_SLOT),
     ("ST_SAVED_MEAN", ST_SAVED_MEAN),

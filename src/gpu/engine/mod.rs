@@ -15,7 +15,7 @@
 //!
 //! Every configuration (a global-norm clip, the split API, a value clip, each rule and
 //! chain of rules, accumulation, per-example clipping) is a program plus a [`Step`]
-//! saying which stages run. Each step's host values go into its own parameter slot
+//! saying which stages run. Each step's host values go into a parameter slot of their own
 //! ([`StepSlots`]), so steps encoded before one submission keep their own parameters.
 //! Which stages a step runs is its recording (`src/recording.rs`), which the CPU twin
 //! (`src/cpu/engine.rs`) executes too.
@@ -42,7 +42,7 @@ use crate::shaders::Kernel;
 pub(crate) struct Step {
     /// Norm order (selects the pipelines).
     pub norm: Norm,
-    /// Host values of the step (`seq` is filled in by the engine).
+    /// Host values of the step (`seq` is filled in by its parameter slots).
     pub params: StepParams,
     /// Which stages run.
     pub mode: Mode,
@@ -107,13 +107,10 @@ pub(crate) struct Engine {
     placed: Placement,
     slots: StepSlots,
     state: wgpu::Buffer,
-    /// First word of every stage's state block (each gets the step's tag).
-    blocks: Vec<usize>,
     reports: wgpu::Buffer,
     coef_buf: wgpu::Buffer,
     pool: Arc<ReportPool>,
     layout: ReadbackLayout,
-    seq: u32,
     timestamps: Option<Timestamps>,
     /// The recording of the last step and its pipelines, kept so that a warm step
     /// allocates nothing.

@@ -85,14 +85,8 @@ impl Engine {
         }
         let ctx = self.ctx.clone();
         let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
-        self.seq = self.seq.wrapping_add(1);
-        let params = StepParams {
-            seq: self.seq,
-            ..step.params
-        };
         let queue = &ctx.inner.queue;
-        let state = (&self.state, &self.blocks[..]);
-        let slot = (self.slots).write(queue, encoder, &params, state, &self.reports);
+        let slot = (self.slots).write(queue, encoder, &step.params, &self.reports);
         let kind = step.norm.kind_code();
         {
             let timestamp_writes = timestamp_writes(&self.timestamps);
