@@ -148,9 +148,9 @@ pub enum ClipError {
     /// state were left unchanged.
     #[error("collective across ranks failed: {0}")]
     Collective(String),
-    /// More steps of one clipper with parameters of their own (a schedule, noise) were
-    /// encoded before a submission than it has parameter slots (64), so a later step
-    /// overwrote this step's parameters; this step changed nothing (gradients and state
+    /// More steps of one clipper with parameters of their own (a schedule factor, noise, a
+    /// caller's total or learning rate that changes) were encoded before a submission than
+    /// it has parameter slots (64), so a later step overwrote this step's parameters; this step changed nothing (gradients and state
     /// untouched). Submit more often.
     #[error("step {0}: its parameters were overwritten by a later step encoded before the same submission (at most 64 steps with parameters of their own per submission); gradients left unchanged")]
     StepOverwritten(u64),

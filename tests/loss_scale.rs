@@ -409,7 +409,7 @@ fn states_carry_their_loss_scale() {
     assert_eq!(scaled.state().loss_scale().map(|l| l.scale), Some(65536.0));
     assert_eq!(plain.state().loss_scale(), None);
     let good = scaled.state().to_bytes();
-    // The scale is the second word after the header's tag and capacity words: find it by
+    // The scale is a word of the header after the capacity and the undo words: find it by
     // its bits.
     let at = (good.windows(4))
         .position(|w| w == 65536.0f32.to_le_bytes())

@@ -7,7 +7,7 @@ mod common;
 use common::{close, cpu_measure, download, gpu, gpu_policy, gpu_tensors, upload, Host};
 use gradclip::{
     AutoClip, ClipError, ClipPolicy, ClipReport, CpuClipper, GaussianNoise, GpuClipper, Norm,
-    PartialNorm, Rule, Schedule, TensorInfo, ValueClip,
+    PartialNorm, Rule, Schedule, TensorInfo, ValueClip, ZClip,
 };
 
 fn grads() -> Vec<Host> {
@@ -125,28 +125,37 @@ fn scheduled_noisy_steps_in_one_encoder_match_the_cpu_step_by_step() {
 fn an_overwritten_step_changes_nothing_and_says_so() {
     let ctx = gpu();
     let h = grads();
-    // A schedule gives every step parameters of its own, so each takes a slot.
-    let policy = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)))
-        .schedule(Schedule::step_decay(0.99, 1));
-    let arena = upload(&ctx, &h);
-    let tensors = gpu_tensors(&arena, &h, &infos(&h));
-    let mut run = GpuClipper::new(&ctx, &tensors, None, policy).unwrap();
-    // 65 steps before one submission: the 65th reuses the first step's slot.
-    let mut encoder = ctx.device().create_command_encoder(&Default::default());
-    let pending: Vec<_> = (0..65).map(|_| run.encode(&mut encoder).unwrap()).collect();
-    ctx.queue().submit([encoder.finish()]);
-    let results: Vec<_> = pending.into_iter().map(|p| p.wait()).collect();
-    assert!(
-        matches!(results[0], Err(ClipError::StepOverwritten(0))),
-        "{:?}",
-        results[0]
-    );
-    assert!(results[1..].iter().all(|r| r.is_ok()));
-    // The overwritten step recorded no norm in the history.
-    assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 64);
-    // The next submission is fine again.
-    assert!(run.step().unwrap().wait().is_ok());
-    assert_eq!(run.state().unwrap().adaptive()[0].norms_seen, 65);
+    // One adaptive stage, and two (the later one's finish and the earlier one's undo
+    // check the slot too).
+    let autoclip = ClipPolicy::new(Rule::AutoClip(AutoClip::new(50.0, 1000)));
+    let chain = autoclip.clone().then(Rule::ZClip(ZClip::default()));
+    for policy in [autoclip, chain] {
+        // A schedule gives every step parameters of its own, so each takes a slot.
+        let policy = policy.schedule(Schedule::step_decay(0.99, 1));
+        let arena = upload(&ctx, &h);
+        let tensors = gpu_tensors(&arena, &h, &infos(&h));
+        let mut run = GpuClipper::new(&ctx, &tensors, None, policy).unwrap();
+        // 65 steps before one submission: the 65th reuses the first step's slot.
+        let mut encoder = ctx.device().create_command_encoder(&Default::default());
+        let pending: Vec<_> = (0..65).map(|_| run.encode(&mut encoder).unwrap()).collect();
+        ctx.queue().submit([encoder.finish()]);
+        let results: Vec<_> = pending.into_iter().map(|p| p.wait()).collect();
+        assert!(
+            matches!(results[0], Err(ClipError::StepOverwritten(0))),
+            "{:?}",
+            results[0]
+        );
+        assert!(results[1..].iter().all(|r| r.is_ok()));
+        // The overwritten step recorded no norm in any history.
+        let seen = |run: &GpuClipper| -> Vec<u32> {
+            let state = run.state().unwrap();
+            state.adaptive().iter().map(|a| a.norms_seen).collect()
+        };
+        assert!(seen(&run).iter().all(|&n| n == 64), "{:?}", seen(&run));
+        // The next submission is fine again.
+        assert!(run.step().unwrap().wait().is_ok());
+        assert!(seen(&run).iter().all(|&n| n == 65), "{:?}", seen(&run));
+    }
 }
 
 /// Steps whose parameters do not change share their slot: more than 64 of them before one

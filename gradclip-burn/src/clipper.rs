@@ -67,7 +67,8 @@ impl BurnClipper {
     }
 
     /// How many steps found the gradients in other buffer ranges than the step before
-    /// (Burn's pool moved them) and moved the plan, which allocates its tables anew.
+    /// (Burn's pool moved them) and moved the plan onto them: in place when the plan's
+    /// shape holds, else planned anew ([`gradclip::GpuClipper::rebind`]).
     pub fn moves(&self) -> u64 {
         self.moves
     }

@@ -75,10 +75,10 @@ impl GpuClipper<Plain> {
         pub fn set_timestamp_writes(&mut self, timestamps: Option<(wgpu::QuerySet, u32, u32)>);
         /// Records one step: norms, coefficients and the in-place rewrite, with no host
         /// round trip. The report is readable once the encoder is submitted and run. Up to
-        /// 64 steps with parameters of their own (a schedule, noise) may be encoded before
-        /// a submission (steps whose parameters do not change share theirs); a step whose
-        /// parameters a later one overwrote changes nothing and its report is
-        /// [`ClipError::StepOverwritten`].
+        /// 64 steps with parameters of their own (a schedule factor or noise key that
+        /// changes) may be encoded before a submission (steps whose parameters do not change
+        /// share theirs); a step whose parameters a later one overwrote changes nothing and
+        /// its report is [`ClipError::StepOverwritten`].
         pub fn encode(&mut self, encoder: &mut wgpu::CommandEncoder) -> Result<PendingReport<ClipReport>, ClipError>;
         /// Records one step of a global-norm chain ([`ClipPolicy::global_norm`]) that clips
         /// by the total norm `total` instead of measuring the gradients: the second half of

@@ -76,9 +76,9 @@ abi_structs! {
         pub _pad: u32,
     }
 
-    /// Everything one step needs from the host, written into the step's own slot of a
-    /// ring ([`STEP_SLOTS`]) and bound at that slot's dynamic offset, so steps encoded
-    /// before one submission each keep their own values.
+    /// Everything one step needs from the host, written into a slot of a ring
+    /// ([`STEP_SLOTS`]) unless they are the values last written, and bound at that slot's
+    /// dynamic offset, so steps encoded before one submission each keep their own values.
     pub(crate) struct StepParams {
         /// Sequence number of the encoded step; `seq % TAG_RING` must equal the tag the
         /// encoder copied into the first report, or the slot was overwritten.
@@ -188,8 +188,8 @@ abi_structs! {
         /// The first stage's copy of the skip counter before this step (later stages
         /// that skip the step count from it).
         pub skips_before: u32,
-        /// The step's tag, copied in by its encoder (stage 0's report): a value clip
-        /// alone, which has no `finish`, checks its parameter slot with it.
+        /// The tag of the step's parameter slot, copied in by its encoder (stage 0's
+        /// report): every stage, and the rewrite, checks the slot with it.
         pub tag: u32,
         /// Stage 0's report: the loss scale this step's norms were divided by (1 when the
         /// chain is not loss scaled), and the one the next step uses.
@@ -351,10 +351,11 @@ pub(crate) const ST_GOOD_STEPS: u32 = 9;
 pub(crate) const ST_RECORDED: u32 = 10;
 pub(crate) const ST_HEADER: u32 = 11;
 
-/// Parameter slots per engine: up to this many steps may be encoded before a submission.
+/// Parameter slots per engine: up to this many writes of parameters (steps whose values
+/// differ from the last ones written) may be encoded before a submission.
 pub(crate) const STEP_SLOTS: u32 = 64;
 /// Tags of the slot check; coprime with [`STEP_SLOTS`], so a slot overwritten by a later
-/// step (before 61 x 64 steps in one submission) carries another tag.
+/// write (before 61 x 64 writes in one submission) carries another tag.
 pub(crate) const TAG_RING: u32 = 61;
 
 /// The `ADAPTIVE` override: how a global threshold is found.

@@ -15,8 +15,9 @@
 //!
 //! Every configuration (a global-norm clip, the split API, a value clip, each rule and
 //! chain of rules, accumulation, per-example clipping) is a program plus a [`Step`]
-//! saying which stages run. Each step's host values go into a parameter slot of their own
-//! ([`StepSlots`]), so steps encoded before one submission keep their own parameters.
+//! saying which stages run. Each step's host values go into a parameter slot
+//! ([`StepSlots`]; steps whose values do not change share one), so steps encoded before
+//! one submission keep their own parameters.
 //! Which stages a step runs is its recording (`src/recording.rs`), which the CPU twin
 //! (`src/cpu/engine.rs`) executes too.
 
