@@ -67,8 +67,10 @@ impl BurnClipper {
     }
 
     /// How many steps found the gradients in other buffer ranges than the step before
-    /// (Burn's pool moved them) and moved the plan onto them: in place when the plan's
-    /// shape holds, else planned anew ([`gradclip::GpuClipper::rebind`]).
+    /// (Burn's pool moved them) and moved the plan onto them
+    /// ([`gradclip::GpuClipper::rebind`]): in place when the plan's shape holds and no
+    /// step recorded into a caller's encoder may still read the old tables, else planned
+    /// anew.
     pub fn moves(&self) -> u64 {
         self.moves
     }

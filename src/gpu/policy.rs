@@ -14,7 +14,8 @@ use super::readback::{
 use super::resources::StepParams;
 use super::tensor::{given_acc, infos_of, Bound, GpuTensor};
 use crate::chain::{
-    check_shapes, ChainKind, ClipPolicy, GaussianNoise, PolicyState, Program, TensorInfo,
+    check_lens, check_shapes, ChainKind, ClipPolicy, GaussianNoise, PolicyState, Program,
+    TensorInfo,
 };
 use crate::error::ClipError;
 use crate::norm::PartialNorm;
@@ -28,10 +29,11 @@ pub(crate) type UnitAccs = (Vec<Acc>, Vec<Acc>);
 pub struct GpuPolicy {
     engine: Engine,
     policy: ClipPolicy,
-    n_tensors: usize,
     shape: Arc<ReportShape>,
-    /// Name, shape and length of every gradient tensor planned, which a rebind must match.
-    tensors: Vec<(TensorInfo, u64)>,
+    /// Name and shape of every gradient tensor planned, and beside them their lengths,
+    /// which a rebind must match.
+    infos: Vec<TensorInfo>,
+    lens: Vec<u64>,
     /// Where the gradients (and the parameters) lie now.
     bound: (Vec<Bound>, Option<Vec<Bound>>),
     step: u64,
@@ -47,7 +49,7 @@ impl std::fmt::Debug for GpuPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuPolicy")
             .field("stages", &self.policy.rules().count())
-            .field("tensors", &self.n_tensors)
+            .field("tensors", &self.infos.len())
             .field("units", &self.units())
             .field("step", &self.step)
             .finish()
@@ -95,17 +97,12 @@ impl GpuPolicy {
     ) -> Result<GpuPolicy, ClipError> {
         let shape = ReportShape::new(&program, infos);
         let engine = Engine::new(ctx, grads, params, program, policy.noise.is_some())?;
-        let tensors = infos
-            .iter()
-            .cloned()
-            .zip(grads.iter().map(|t| t.len))
-            .collect();
         Ok(GpuPolicy {
             engine,
             policy,
-            n_tensors: grads.len(),
             shape,
-            tensors,
+            infos: infos.to_vec(),
+            lens: grads.iter().map(|t| t.len).collect(),
             bound: (Bound::all(grads), params.map(Bound::all)),
             step: 0,
             caller_steps: Arc::default(),
@@ -140,14 +137,15 @@ impl GpuPolicy {
         if same_params && Bound::same(&self.bound.0, grads) {
             return Ok(());
         }
-        if grads.len() != self.tensors.len() {
+        if grads.len() != self.infos.len() {
             return Err(ClipError::ShapeMismatch {
                 tensor: "the batch".into(),
-                expected: format!("{} tensors", self.tensors.len()),
+                expected: format!("{} tensors", self.infos.len()),
                 got: format!("{}", grads.len()),
             });
         }
-        for (i, (t, (want, want_len))) in grads.iter().zip(&self.tensors).enumerate() {
+        let wanted = self.infos.iter().zip(&self.lens);
+        for (i, (t, (want, want_len))) in grads.iter().zip(wanted).enumerate() {
             if !t.is(i, want) || t.len != *want_len {
                 let (info, len) = (t.info(i), t.len);
                 return Err(ClipError::ShapeMismatch {
@@ -165,8 +163,7 @@ impl GpuPolicy {
                 ))
             }
             (true, Some(p)) => {
-                let infos: Vec<TensorInfo> = self.tensors.iter().map(|t| t.0.clone()).collect();
-                check_shapes(&infos, p.iter().map(|t| t.len))?;
+                check_lens(&self.lens, &self.infos, p.iter().map(|t| t.len))?;
                 Some(p)
             }
             (false, _) => None,
@@ -421,7 +418,7 @@ impl GpuPolicy {
         DeferredClip {
             coefs,
             report,
-            layouts: self.engine.program().unit_layouts(self.n_tensors),
+            layouts: self.engine.program().unit_layouts(self.infos.len()),
             zero_nans: self.policy.non_finite == crate::NonFinitePolicy::ZeroNans,
         }
     }

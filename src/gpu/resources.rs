@@ -118,25 +118,22 @@ impl StepSlots {
         params: &StepParams,
         reports: &wgpu::Buffer,
     ) -> u32 {
-        let unchanged = |last: &StepParams| {
-            let params = StepParams {
-                seq: last.seq,
-                ..*params
-            };
-            bytemuck::bytes_of(&params) == bytemuck::bytes_of(last)
+        let next = StepParams {
+            seq: self.last.map_or(0, |last| last.seq.wrapping_add(1)),
+            ..*params
         };
-        let seq = match self.last {
-            Some(last) if unchanged(&last) => last.seq,
-            last => {
-                let seq = last.map_or(0, |l| l.seq.wrapping_add(1));
-                let params = StepParams { seq, ..*params };
-                let offset = (seq % STEP_SLOTS) as u64 * self.stride;
-                queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(&params));
-                self.last = Some(params);
-                seq
-            }
-        };
+        let unchanged = self.last.filter(|last| {
+            bytemuck::bytes_of(&StepParams {
+                seq: next.seq,
+                ..*last
+            }) == bytemuck::bytes_of(&next)
+        });
+        let seq = unchanged.unwrap_or(next).seq;
         let offset = (seq % STEP_SLOTS) as u64 * self.stride;
+        if unchanged.is_none() {
+            queue.write_buffer(&self.buffer, offset, bytemuck::bytes_of(&next));
+            self.last = Some(next);
+        }
         let tag = (seq % TAG_RING) as u64 * 4;
         encoder.copy_buffer_to_buffer(&self.tags, tag, reports, TAG_WORD as u64 * 4, 4);
         offset as u32

@@ -13,7 +13,7 @@ use crate::gpu::resources::{
     StepSlots,
 };
 use crate::gpu::tensor::{plan_tensors, GpuTensor};
-use crate::plan::{fold_grid, Plan};
+use crate::plan::{fold_grid, ChunkRow, Plan};
 use crate::recording::Profile;
 use crate::shaders::abi::{StageParams, ACC_BYTES};
 use crate::shaders::BindLayout;
@@ -117,7 +117,8 @@ impl Engine {
         if !placed.same_shape(&self.placed) {
             return Ok(false);
         }
-        let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
+        let ctx = self.ctx.clone();
+        let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
         // The new bind groups first: a buffer wgpu refuses fails here, with nothing changed.
         // Bind groups hold the windows' buffers and byte ranges.
         let moved = |now: &(PlanShape, Vec<wgpu::Buffer>), was: &(PlanShape, Vec<wgpu::Buffer>)| {
@@ -157,30 +158,22 @@ impl Engine {
             Ok((grads, params))
         })?;
         // Only the rows of the tensors that moved are written.
-        let queue = &self.ctx.inner.queue;
-        let tables = |write: fn(&ChunkTable, &wgpu::Queue, &[crate::plan::ChunkRow])| {
-            write(&self.grads.chunks, queue, &grad_plan.reduce_chunks);
-            if let Some(spans) = &self.spans {
-                write(&spans.chunks, queue, &grad_plan.apply_chunks);
-            }
-            if let (Some(red), Some((plan, _))) = (&self.params, &param_plan) {
-                write(&red.chunks, queue, &plan.reduce_chunks);
-            }
+        let queue = &ctx.inner.queue;
+        let param_rows = param_plan.as_ref().map(|(plan, _)| plan);
+        let patched = guarded(device, || {
+            self.each_table(&grad_plan, param_rows, |t, rows| t.patch(queue, rows));
             Ok(())
-        };
-        if let Err(e) = guarded(device, || tables(ChunkTable::patch)) {
+        });
+        if let Err(e) = patched {
             // Some writes may have gone through: the old rows go back, so the engine stays
             // where it was.
-            guarded(device, || tables(ChunkTable::restore))?;
+            guarded(device, || {
+                self.each_table(&grad_plan, param_rows, |t, rows| t.restore(queue, rows));
+                Ok(())
+            })?;
             return Err(e);
         }
-        self.grads.chunks.keep(&grad_plan.reduce_chunks);
-        if let Some(spans) = &mut self.spans {
-            spans.chunks.keep(&grad_plan.apply_chunks);
-        }
-        if let (Some(red), Some((plan, _))) = (&mut self.params, &param_plan) {
-            red.chunks.keep(&plan.reduce_chunks);
-        }
+        self.each_table(&grad_plan, param_rows, |t, rows| t.keep(rows));
         let (grad_groups, param_groups) = groups;
         if let Some((reduce, spans)) = grad_groups {
             self.grads.set_window_groups(reduce);
@@ -445,6 +438,23 @@ impl Engine {
             shared,
             count,
         ))
+    }
+
+    /// Calls `f` on each chunk table with its rows in the gradients' plan `grads` and the
+    /// parameters' `params`.
+    fn each_table(
+        &mut self,
+        grads: &Plan,
+        params: Option<&Plan>,
+        mut f: impl FnMut(&mut ChunkTable, &[ChunkRow]),
+    ) {
+        f(&mut self.grads.chunks, &grads.reduce_chunks);
+        if let Some(spans) = &mut self.spans {
+            f(&mut spans.chunks, &grads.apply_chunks);
+        }
+        if let (Some(red), Some(plan)) = (&mut self.params, params) {
+            f(&mut red.chunks, &plan.reduce_chunks);
+        }
     }
 
     /// Makes the gradients' per-unit reduce groups where a move left them to be made when
