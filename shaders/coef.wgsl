@@ -11,7 +11,7 @@
 //   3 step        uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch    uniform              DispatchParams (n_chunks = groups for `finish`,
 //                                      units for `coefs`; the stage)
-//   5 stages      storage, read        StageParams of each norm stage
+//   5 stages      storage, read        StageRow of each norm stage
 //   6 thresholds  storage, read        this stage's base threshold per group
 //   7 coefs       storage, read_write  coefficient per unit so far (the chain's product)
 //   8 group_of    storage, read        this stage's group of each unit, or NO_GROUP
@@ -23,7 +23,11 @@
 // tag the encoder copied into the first report), combines the group norms into the total norm
 // (or takes the caller's, split API), applies the non-finite policy, and for the adaptive
 // rules (ADAPTIVE) records the norm in the device state and derives this step's
-// threshold.
+// threshold. FROM_UNITS = 1 (a stage whose one group is every unit): the workgroup folds
+// the unit norms times the coefficients so far itself, as `combine`'s `groups` would (the
+// same threads fold the same units, then the same tree), so no group pass runs before it.
+// COEFS = 1: the workgroup then computes every unit's coefficient, as `coefs` would (for
+// programs whose units a workgroup walks in a few rounds: one dispatch fewer per stage).
 // Entry `coefs`: one thread per unit computes this stage's factor (FORMULA: PyTorch
 // min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC) and multiplies it into the unit's
 // coefficient (the first stage starts it).
@@ -35,8 +39,8 @@
 // the rewrite, the fused optimizer or a deferred pass apply, and its `finish` updates S
 // from the chain's verdict (backoff after a skipped step, growth after enough finite
 // ones).
-// Entry `undo`: one invocation per adaptive stage but the last, after the last `finish`:
-// takes back the norm a stage recorded when a later stage held the step.
+// The last stage's `finish` takes back the norm each earlier adaptive stage recorded when a
+// later stage held the step.
 // AutoClip's percentile of the history is a radix selection (shared/select.wgsl).
 // CPU twin: src/cpu/engine.rs (`finish`, `coefs`, `undo`).
 
@@ -47,13 +51,15 @@
 override NORM_KIND: u32 = 2u;
 override ADAPTIVE: u32 = 0u;
 override FORMULA: u32 = 0u;
+override FROM_UNITS: u32 = 0u;
+override COEFS: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> inputs: array<Acc>;
 @group(0) @binding(1) var<storage, read_write> state: array<u32>;
 @group(0) @binding(2) var<storage, read_write> reports: array<StepReport>;
 @group(0) @binding(3) var<uniform> step: StepParams;
 @group(0) @binding(4) var<uniform> dispatch: DispatchParams;
-@group(0) @binding(5) var<storage, read> stages: array<StageParams>;
+@group(0) @binding(5) var<storage, read> stages: array<StageRow>;
 @group(0) @binding(6) var<storage, read> thresholds: array<f32>;
 @group(0) @binding(7) var<storage, read_write> coef_out: array<f32>;
 @group(0) @binding(8) var<storage, read> group_of: array<u32>;
@@ -84,6 +90,11 @@ fn outside_flags(lid: u32) -> u32 {
     }
     workgroupBarrier();
     return atomicLoad(&sh_outside);
+}
+
+// This stage's rule.
+fn rule() -> StageParams {
+    return stages[dispatch.stage].rule;
 }
 
 fn root_of(acc: Acc) -> f32 {
@@ -117,8 +128,8 @@ fn ratio(c: f32, acc: Acc, eps: f32) -> f32 {
     return (c / acc.scale) / root_of(acc);
 }
 
-// The coefficient of a norm against threshold `c` under FORMULA 0 or 1.
-fn norm_coef(acc: Acc, c: f32) -> f32 {
+// The coefficient of a norm against threshold `c` under `formula` (PyTorch or TF).
+fn norm_coef(acc: Acc, c: f32, formula: u32) -> f32 {
     let flags = live_flags(acc.flags, step.policy);
     if ((flags & FLAG_NAN) != 0u) {
         return nan_f32();
@@ -126,7 +137,7 @@ fn norm_coef(acc: Acc, c: f32) -> f32 {
     if ((flags & FLAG_INF) != 0u) {
         return 0.0;
     }
-    if (FORMULA == FORMULA_TF) {
+    if (formula == FORMULA_TF) {
         // c / max(n, c): a zero (or empty) tensor stays as it is.
         let n = norm_value(acc);
         if (n <= c) {
@@ -147,18 +158,18 @@ fn autoclip(n: f32, record: bool, lid: u32) -> f32 {
     if (lid == 0u) {
         var seen = state[dispatch.state_base + ST_SEEN];
         if (record) {
-            state[dispatch.state_base + ST_HEADER + seen % stages[dispatch.stage].capacity] = bitcast<u32>(n);
+            state[dispatch.state_base + ST_HEADER + seen % rule().capacity] = bitcast<u32>(n);
             seen = seen + 1u;
             state[dispatch.state_base + ST_SEEN] = seen;
         }
-        sh_count = min(seen, stages[dispatch.stage].capacity);
+        sh_count = min(seen, rule().capacity);
     }
     storageBarrier();
     let m = workgroupUniformLoad(&sh_count);
     if (m == 0u) {
         return inf_f32();
     }
-    return percentile(m, stages[dispatch.stage].percentile, lid);
+    return percentile(m, rule().percentile, lid);
 }
 
 // ZClip, one thread: returns the threshold (inf when no spike) and updates the state.
@@ -168,7 +179,7 @@ fn zclip(n: f32, record: bool) -> f32 {
         return inf;
     }
     let seen = state[dispatch.state_base + ST_SEEN];
-    let warmup = stages[dispatch.stage].capacity;
+    let warmup = rule().capacity;
     if (seen < warmup) {
         state[dispatch.state_base + ST_HEADER + seen] = bitcast<u32>(n);
         state[dispatch.state_base + ST_SEEN] = seen + 1u;
@@ -179,14 +190,14 @@ fn zclip(n: f32, record: bool) -> f32 {
     let mean = state_f32(ST_MEAN);
     let var_ = state_f32(ST_VAR);
     let sigma = sqrt(var_);
-    let z = (n - mean) / (sigma + stages[dispatch.stage].z_eps);
+    let z = (n - mean) / (sigma + rule().z_eps);
     var thr = inf;
     var x = n;
-    if (z > stages[dispatch.stage].z_thresh) {
-        thr = mean + stages[dispatch.stage].z_thresh * stages[dispatch.stage].z_thresh * sigma / z;
+    if (z > rule().z_thresh) {
+        thr = mean + rule().z_thresh * rule().z_thresh * sigma / z;
         x = thr;
     }
-    let a = stages[dispatch.stage].alpha;
+    let a = rule().alpha;
     let new_mean = a * mean + (1.0 - a) * x;
     let d = x - new_mean;
     state[dispatch.state_base + ST_MEAN] = bitcast<u32>(new_mean);
@@ -221,7 +232,7 @@ fn warmup_moments(count: u32, lid: u32) {
 // variance) in the block's ST_SAVED_* words, for `undo`.
 fn save_overwritten() {
     let base = dispatch.state_base;
-    let cap = stages[dispatch.stage].capacity;
+    let cap = rule().capacity;
     if (cap > 0u) {
         state[base + ST_SAVED_SLOT] = state[base + ST_HEADER + state[base + ST_SEEN] % cap];
     }
@@ -261,12 +272,22 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     // updates it at the end.
     let scale = loss_scale_now();
     var acc = acc_identity();
-    for (var i = lid; i < dispatch.n_chunks; i = i + WG) {
-        acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
+    if (FROM_UNITS == 1u) {
+        for (var u = lid; u < dispatch.units; u = u + WG) {
+            var a = units[u];
+            if (dispatch.first == 0u) {
+                a = acc_scaled(a, coef_out[u]);
+            }
+            acc = acc_combine(acc, a, NORM_KIND, step.p);
+        }
+    } else {
+        for (var i = lid; i < dispatch.n_chunks; i = i + WG) {
+            acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
+        }
     }
     // AGC reads the parameters: their NaN or infinity counts as the step's. (`finish` is
     // not specialised by formula; an AGC stage is the one with a lambda, which is > 0.)
-    if (stages[dispatch.stage].lambda > 0.0) {
+    if (rule().lambda > 0.0) {
         for (var u = lid; u < arrayLength(&group_of); u = u + WG) {
             if (group_of[u] != NO_GROUP) {
                 acc.flags = acc.flags | params[u].flags;
@@ -331,15 +352,15 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         }
         storageBarrier();
         if (workgroupUniformLoad(&sh_count) == 1u) {
-            warmup_moments(stages[dispatch.stage].capacity, lid);
+            warmup_moments(rule().capacity, lid);
         }
     }
-    if (ADAPTIVE != ADAPTIVE_NONE && stages[dispatch.stage].cap > 0.0) {
-        thr = min(thr, stages[dispatch.stage].cap * step.multiplier);
+    if (ADAPTIVE != ADAPTIVE_NONE && rule().cap > 0.0) {
+        thr = min(thr, rule().cap * step.multiplier);
     }
     var coef = 1.0;
     if (step.rule == 1u && (ADAPTIVE != ADAPTIVE_ZCLIP || thr < inf_f32())) {
-        coef = norm_coef(total, thr);
+        coef = norm_coef(total, thr, FORMULA_PYTORCH);
     }
     let held = (status & STATUS_HELD) != 0u;
     let every_unit = step.sigma > 0.0 || step.clamp == 1u
@@ -380,9 +401,30 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
             reports[0].next_scale = scale;
         }
         // The chain's verdict is final after its last stage: the scale moves once per
-        // step that ran (not for a step whose slot was overwritten).
-        if (dispatch.last == 1u && step.loss_scaling == 1u && fresh) {
-            reports[0].next_scale = update_loss_scale((reports[0].status & STATUS_SKIPPED) != 0u);
+        // step that ran (not for a step whose slot was overwritten), and a held step
+        // leaves the adaptive state as it found it.
+        if (dispatch.last == 1u && fresh) {
+            if (step.loss_scaling == 1u) {
+                reports[0].next_scale = update_loss_scale((reports[0].status & STATUS_SKIPPED) != 0u);
+            }
+            if ((reports[0].status & STATUS_HELD) != 0u) {
+                for (var k = 0u; k < dispatch.stage; k = k + 1u) {
+                    if (stages[k].adaptive != ADAPTIVE_NONE) {
+                        undo(stages[k].state_base, stages[k].rule.capacity);
+                    }
+                }
+            }
+        }
+    }
+    if (COEFS == 1u) {
+        // Thread 0's report first.
+        storageBarrier();
+        var clipped = 0u;
+        for (var s = lid; s < dispatch.units; s = s + WG) {
+            clipped = clipped + unit_coef(s);
+        }
+        if (clipped != 0u) {
+            atomicAdd(&reports[dispatch.stage].clipped, clipped);
         }
     }
 }
@@ -400,7 +442,7 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
     if (flags != 0u) {
         return 1.0;
     }
-    let limit = stages[dispatch.stage].lambda * step.multiplier * max(norm_value(w), stages[dispatch.stage].eps);
+    let limit = rule().lambda * step.multiplier * max(norm_value(w), rule().eps);
     let n = norm_value(g);
     if (n < limit) {
         return 1.0;
@@ -408,58 +450,55 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
     return limit / max(n, 1e-6);
 }
 
-@compute @workgroup_size(64)
-fn coefs(inv: Invocation) {
-    let s = workgroup_index(inv) * 64u + inv.lid;
-    if (s >= dispatch.n_chunks) {
-        return;
-    }
+// Stage `dispatch.stage`'s factor of unit `s` multiplied into the unit's coefficient; 1
+// when the chain's coefficient of the unit is now below 1 (NaN counts), else 0.
+fn unit_coef(s: u32) -> u32 {
     let g = group_of[s];
     var factor = 1.0;
     let held = (reports[dispatch.stage].status & STATUS_HELD) != 0u;
     // The norms of the gradients as they arrived, divided by the loss scale.
     let inv_scale = 1.0 / reports[0].loss_scale;
     if (!held && step.rule == 1u && g != NO_GROUP) {
-        let group = acc_scaled(inputs[g], inv_scale);
+        // (A stage whose `finish` folds the units has no group norms: it is global.)
         if (FORMULA == FORMULA_AGC) {
-            factor = agc_coef(group, params[s]);
+            factor = agc_coef(acc_scaled(inputs[g], inv_scale), params[s]);
         } else if (ADAPTIVE != ADAPTIVE_NONE || dispatch.global == 1u) {
             factor = reports[dispatch.stage].coef;
         } else {
-            factor = norm_coef(group, thresholds[g] * step.multiplier);
+            let group = acc_scaled(inputs[g], inv_scale);
+            factor = norm_coef(group, thresholds[g] * step.multiplier, FORMULA);
         }
     }
     var coef = factor;
     if (dispatch.first == 0u) {
         coef = coef_out[s] * factor;
     }
-    if (!(coef >= 1.0)) {
-        atomicAdd(&reports[dispatch.stage].clipped, 1u);
-    }
+    let clipped = select(0u, 1u, !(coef >= 1.0));
     // What the gradients are multiplied by: the chain's coefficient, and after the last
     // stage the unscaling too (counted as a clip it is not).
     if (dispatch.last == 1u && !held) {
         coef = coef * inv_scale;
     }
     coef_out[s] = coef;
+    return clipped;
 }
 
-// Entry `undo`, one invocation, after the chain's last `finish`, for an adaptive stage
-// (dispatch.stage) that is not the last: when a later stage held the step, the norm this
-// stage recorded (its `finish` marked the block) is taken back, so a held step leaves the
-// adaptive state as it found it.
-@compute @workgroup_size(1)
-fn undo() {
-    let base = dispatch.state_base;
-    if ((reports[0].status & STATUS_HELD) == 0u || step.seq % TAG_RING != reports[0].tag) {
-        return;
+@compute @workgroup_size(64)
+fn coefs(inv: Invocation) {
+    let s = workgroup_index(inv) * 64u + inv.lid;
+    if (s < dispatch.n_chunks && unit_coef(s) == 1u) {
+        atomicAdd(&reports[dispatch.stage].clipped, 1u);
     }
+}
+
+// Takes back the norm the adaptive stage whose block starts at `base` (history `cap`)
+// recorded in this step, if it recorded one (its `finish` marked the block).
+fn undo(base: u32, cap: u32) {
     if (state[base + ST_RECORDED] == 0u) {
         return;
     }
     let seen = state[base + ST_SEEN] - 1u;
     state[base + ST_SEEN] = seen;
-    let cap = stages[dispatch.stage].capacity;
     if (cap > 0u) {
         state[base + ST_HEADER + seen % cap] = state[base + ST_SAVED_SLOT];
     }

@@ -4,7 +4,6 @@
 //! stage (`cpu/engine.rs`).
 
 use crate::chain::{ChainKind, Program};
-use crate::shaders::abi::ADAPTIVE_NONE;
 
 /// What one step does: the valid combinations of the engine's stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,16 +78,37 @@ pub(crate) enum Dispatch {
     Reduce { params: bool, combine: bool },
     /// Stage `k`'s group norms from the unit norms.
     Groups(usize),
-    /// Stage `k`'s total, policy and adaptive state; `partials`: straight from the chunk
-    /// partials.
-    Finish { stage: usize, partials: bool },
-    /// Stage `k`'s unit coefficients.
+    /// Stage `stage`'s total (from `from`), policy and adaptive state; with `coefs`, its
+    /// unit coefficients too. The chain's last stage also takes back what the earlier
+    /// adaptive stages recorded when a stage held the step.
+    Finish {
+        stage: usize,
+        from: Source,
+        coefs: bool,
+    },
+    /// Stage `k`'s unit coefficients, in a pass of their own.
     Coefs(usize),
-    /// Stage `k` takes back what it recorded when a later stage held the step.
-    Undo(usize),
     /// The elementwise pass over every binding window.
     Rewrite,
 }
+
+/// What a stage's `finish` combines into its total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The reduction's chunk partials (a single global stage that reads no unit norms).
+    Partials,
+    /// Its group norms: combined by a `Groups` entry before it, or, for a first stage
+    /// whose groups are the units, the unit norms. (Under a given total: nothing.)
+    GroupNorms,
+    /// The unit norms times the coefficients so far, folded by `finish` itself: the
+    /// stage's one group is every unit, so no `Groups` entry runs.
+    UnitNorms,
+}
+
+/// Up to this many units, a stage's `finish` walks them itself (its one group's norm, its
+/// unit coefficients) instead of leaving them to a pass of their own: one workgroup takes
+/// at most 16 units per thread, less than another dispatch costs to record.
+pub(crate) const FUSED_UNITS: usize = 16 * crate::shaders::abi::WG as usize;
 
 /// What of a program decides its recordings, fixed when it is planned.
 #[derive(Debug, Clone)]
@@ -104,10 +124,12 @@ pub(crate) struct Profile {
     /// Per stage: its group norms are combined from the unit norms (not so for a first
     /// stage whose groups are the units).
     groups: Vec<bool>,
-    /// Per stage: it keeps an adaptive state.
-    adaptive: Vec<bool>,
+    /// Per stage: its one group is every unit, with one coefficient for all of them.
+    uniform: Vec<bool>,
     /// The program has units to scale.
     units: bool,
+    /// At most [`FUSED_UNITS`] units: every `finish` computes its stage's coefficients.
+    fused: bool,
     /// The chain only measures: nothing is ever rewritten.
     measures: bool,
 }
@@ -124,8 +146,9 @@ impl Profile {
             groups: (stages.iter().enumerate())
                 .map(|(k, s)| !(k == 0 && s.is_identity()))
                 .collect(),
-            adaptive: stages.iter().map(|s| s.adaptive != ADAPTIVE_NONE).collect(),
+            uniform: stages.iter().map(|s| s.is_uniform()).collect(),
             units: !program.units.is_empty(),
+            fused: program.units.len() <= FUSED_UNITS,
             measures: program.kind == ChainKind::Measure,
         }
     }
@@ -168,23 +191,27 @@ pub(crate) fn record(profile: &Profile, mode: Mode, detail: bool, out: &mut Vec<
         }
     }
     if mode.stages() {
+        let coefs = mode.coefs() && profile.units;
         for (k, &groups) in profile.groups.iter().enumerate() {
-            if groups && mode.groups() && !direct {
+            let from = if direct && k == 0 {
+                Source::Partials
+            } else if !(groups && mode.groups()) {
+                Source::GroupNorms
+            } else if profile.uniform[k] && !detail {
+                // (A step that reads the group norms back has them combined.)
+                Source::UnitNorms
+            } else {
                 out.push(Dispatch::Groups(k));
-            }
+                Source::GroupNorms
+            };
             out.push(Dispatch::Finish {
                 stage: k,
-                partials: direct && k == 0,
+                from,
+                coefs: coefs && profile.fused,
             });
-            if mode.coefs() && profile.units {
+            if coefs && !profile.fused {
                 out.push(Dispatch::Coefs(k));
             }
-        }
-        // A later stage may hold the step: the adaptive stages before the last take back
-        // what they recorded (`undo` checks).
-        let earlier = profile.adaptive.len().saturating_sub(1);
-        for k in (0..earlier).filter(|&k| profile.adaptive[k]) {
-            out.push(Dispatch::Undo(k));
         }
     }
     // A chain that only measures writes nothing, whatever the mode of the step.
@@ -198,44 +225,41 @@ mod tests {
     use super::*;
     use crate::chain::{ClipPolicy, PerTensorClip, Rule, TensorInfo, ZClip};
     use crate::ops::ValueClip;
+    use Source::{GroupNorms, Partials, UnitNorms};
 
-    fn recording(policy: ClipPolicy, noise: bool, mode: Mode, detail: bool) -> Vec<Dispatch> {
-        let program = Program::new(&policy, &TensorInfo::unnamed([3, 5])).unwrap();
-        let mut out = vec![Dispatch::Undo(9)];
+    /// The recording of `policy` over `n` tensors.
+    fn over(n: usize, policy: ClipPolicy, noise: bool, mode: Mode, detail: bool) -> Vec<Dispatch> {
+        let lens = vec![3usize; n];
+        let program = Program::new(&policy, &TensorInfo::unnamed(lens)).unwrap();
+        let mut out = vec![Dispatch::Groups(9)];
         record(&Profile::of(&program, noise), mode, detail, &mut out);
         out
     }
+
+    fn recording(policy: ClipPolicy, noise: bool, mode: Mode, detail: bool) -> Vec<Dispatch> {
+        over(2, policy, noise, mode, detail)
+    }
+
+    fn finish(stage: usize, from: Source, coefs: bool) -> Dispatch {
+        Dispatch::Finish { stage, from, coefs }
+    }
+
+    const UNITS: Dispatch = Dispatch::Reduce {
+        params: false,
+        combine: true,
+    };
 
     #[test]
     fn each_mode_records_the_stages_it_runs() {
         use Dispatch::*;
         let global = ClipPolicy::global_norm(1.0);
         // One coefficient, no noise, no unit norms read: the reduce over spans, the total
-        // from its partials, the coefficients, the rewrite.
-        let direct = vec![
-            SpanReduce,
-            Finish {
-                stage: 0,
-                partials: true,
-            },
-            Coefs(0),
-            Rewrite,
-        ];
+        // from its partials with the coefficients, the rewrite.
+        let direct = vec![SpanReduce, finish(0, Partials, true), Rewrite];
         assert_eq!(recording(global.clone(), false, Mode::Clip, false), direct);
-        // Unit norms read back: the units, then the group of all of them.
-        let detailed = vec![
-            Reduce {
-                params: false,
-                combine: true,
-            },
-            Groups(0),
-            Finish {
-                stage: 0,
-                partials: false,
-            },
-            Coefs(0),
-            Rewrite,
-        ];
+        // Unit norms read back: the units, then the group of all of them, combined by a
+        // pass of its own (its norm is read back too).
+        let detailed = vec![UNITS, Groups(0), finish(0, GroupNorms, true), Rewrite];
         assert_eq!(recording(global.clone(), false, Mode::Clip, true), detailed);
         // Noise: no spans (every element has its own noise), the total still direct.
         assert_eq!(
@@ -246,26 +270,13 @@ mod tests {
             }
         );
         // The split API: no reduce, no groups.
-        let given = vec![
-            Finish {
-                stage: 0,
-                partials: false,
-            },
-            Coefs(0),
-            Rewrite,
-        ];
+        let given = vec![finish(0, GroupNorms, true), Rewrite];
         assert_eq!(
             recording(global.clone(), false, Mode::GivenNorm, false),
             given
         );
         // A measure: no coefficients, nothing written.
-        let measure = vec![
-            SpanReduce,
-            Finish {
-                stage: 0,
-                partials: true,
-            },
-        ];
+        let measure = vec![SpanReduce, finish(0, Partials, false)];
         assert_eq!(
             recording(ClipPolicy::total_norm(), false, Mode::Measure, false),
             measure
@@ -290,63 +301,62 @@ mod tests {
             false,
             &mut units,
         );
-        assert_eq!(
-            units,
-            vec![
-                Reduce {
-                    params: false,
-                    combine: true
-                },
-                Reduce {
-                    params: true,
-                    combine: true
-                }
-            ]
-        );
+        let params = Reduce {
+            params: true,
+            combine: true,
+        };
+        assert_eq!(units, vec![UNITS, params]);
         let from_units = recording(global.clone(), false, Mode::FromUnits, false);
-        assert_eq!(
-            from_units,
-            vec![
-                Groups(0),
-                Finish {
-                    stage: 0,
-                    partials: false
-                },
-                Coefs(0),
-                Rewrite
-            ]
-        );
-        // Per-tensor groups are the units: no groups dispatch for the first stage; an
-        // adaptive stage before a later one takes back what it recorded.
+        assert_eq!(from_units, vec![finish(0, UnitNorms, true), Rewrite]);
+    }
+
+    #[test]
+    fn a_stage_whose_units_fit_runs_as_one_dispatch() {
+        use Dispatch::*;
+        // Per-tensor groups are the units: no groups entry for the first stage. A global
+        // stage folds the units itself; every finish computes its coefficients.
         let chain = ClipPolicy::new(PerTensorClip::new(1.0))
             .then(ZClip::new())
             .then(Rule::GlobalNorm(2.0));
-        let r = recording(chain, false, Mode::Coefficients, false);
+        let fused = vec![
+            UNITS,
+            finish(0, GroupNorms, true),
+            finish(1, UnitNorms, true),
+            finish(2, UnitNorms, true),
+        ];
+        let r = |n, detail| over(n, chain.clone(), false, Mode::Coefficients, detail);
+        assert_eq!(r(FUSED_UNITS, false), fused);
+        // Read back, the last stage's group norms are combined by their own pass.
+        let detailed = vec![
+            UNITS,
+            finish(0, GroupNorms, true),
+            Groups(1),
+            finish(1, GroupNorms, true),
+            Groups(2),
+            finish(2, GroupNorms, true),
+        ];
+        assert_eq!(r(FUSED_UNITS, true), detailed);
+        // More units than one workgroup walks: the coefficients in passes of their own.
+        let apart = vec![
+            UNITS,
+            finish(0, GroupNorms, false),
+            Coefs(0),
+            finish(1, UnitNorms, false),
+            Coefs(1),
+            finish(2, UnitNorms, false),
+            Coefs(2),
+        ];
+        assert_eq!(r(FUSED_UNITS + 1, false), apart);
+        // A stage with groups of its own has them combined.
+        let groups = ClipPolicy::new(ZClip::new()).then(PerTensorClip::new(1.0));
         assert_eq!(
-            r,
+            over(4, groups, false, Mode::Clip, false),
             vec![
-                Reduce {
-                    params: false,
-                    combine: true
-                },
-                Finish {
-                    stage: 0,
-                    partials: false
-                },
-                Coefs(0),
+                UNITS,
+                finish(0, UnitNorms, true),
                 Groups(1),
-                Finish {
-                    stage: 1,
-                    partials: false
-                },
-                Coefs(1),
-                Groups(2),
-                Finish {
-                    stage: 2,
-                    partials: false
-                },
-                Coefs(2),
-                Undo(1),
+                finish(1, GroupNorms, true),
+                Rewrite
             ]
         );
     }

@@ -1,9 +1,9 @@
 //! CPU twin of the GPU engine (`src/gpu/engine/`): the same program ([`Program`]) run
 //! as the same recording of a step ([`crate::recording::record`]), entry for entry
-//! ([`execute`]), by functions named after the engine's stages (`finish`, `coefs`
-//! and `undo` are also the shader entry points' names; `combine` is the entry `groups` of
-//! `norm_combine.wgsl`, and `reduce` does in one step what `norm_reduce.wgsl` and the entry
-//! `main` of `norm_combine.wgsl` do in two):
+//! ([`execute`]), by functions named after the engine's stages (`finish` and `coefs` are
+//! also the shader entry points' names, `undo` a function of `coef.wgsl`; `combine` is the
+//! entry `groups` of `norm_combine.wgsl`, and `reduce` does in one step what
+//! `norm_reduce.wgsl` and the entry `main` of `norm_combine.wgsl` do in two):
 //! `reduce` (unit norms, exact in f64), then per norm stage `combine` (its groups, from the
 //! unit norms times the coefficients so far), `finish` (total, non-finite policy,
 //! adaptive state, global coefficient) and `coefs` (the unit coefficients), then `rewrite`
@@ -26,7 +26,7 @@ use crate::non_finite::NonFinitePolicy;
 use crate::norm::{Norm, NormAcc, FLAG_INF, FLAG_NAN};
 use crate::ops::ValueClip;
 use crate::plan::PlanSegment;
-use crate::recording::Dispatch;
+use crate::recording::{Dispatch, Source};
 use crate::report::{
     STATUS_HELD, STATUS_NANS_ZEROED, STATUS_NONFINITE, STATUS_SCALED, STATUS_SKIPPED,
 };
@@ -616,10 +616,10 @@ impl Grads<'_, '_> {
 
 /// Executes a step's `recording` ([`crate::recording::record`], the list the GPU replays)
 /// over `grads` (and, for AGC, `params`), stage for stage, into `out`: `reduce`, per norm
-/// stage `combine` -> `finish` -> `coefs`, the chain's verdict and `undo`, then `rewrite`.
-/// A stage whose groups the recording does not combine (a first stage whose groups are
-/// the units, or a total read straight from the reduction) takes them from the unit
-/// norms; under a given total (`step.given`) it has none.
+/// stage `combine` -> `finish` (after the last, the chain's verdict and `undo`) ->
+/// `coefs`, then `rewrite`. A stage whose groups the recording does not combine (a first
+/// stage whose groups are the units, or a total read straight from the reduction) takes
+/// them from the unit norms; under a given total (`step.given`) it has none.
 pub(crate) fn execute(
     recording: &[Dispatch],
     mut grads: Grads<'_, '_>,
@@ -629,8 +629,6 @@ pub(crate) fn execute(
     state: &mut PolicyState,
     out: &mut Outcome,
 ) {
-    // The chain's verdict, once every stage has finished (the GPU's last `coef` takes it).
-    let mut verdict = None;
     // The stages' outputs are reset by the first stage dispatch of the step.
     let mut begun = false;
     for &d in recording {
@@ -655,68 +653,38 @@ pub(crate) fn execute(
                 if !std::mem::replace(&mut begun, true) {
                     begin(program, step, state, out);
                 }
-                let Outcome {
-                    units,
-                    stages,
-                    coefs,
-                    ..
-                } = out;
-                let earlier = (k > 0).then_some(&coefs[..]);
-                combine(
-                    units,
-                    earlier,
-                    &program.stages[k],
-                    step.norm,
-                    &mut stages[k].groups,
-                );
-                stages[k].grouped = true;
+                group_stage(k, program, step, out);
             }
-            Dispatch::Finish { stage: k, .. } => {
+            Dispatch::Finish {
+                stage: k,
+                from,
+                coefs,
+            } => {
                 if !std::mem::replace(&mut begun, true) {
                     begin(program, step, state, out);
                 }
-                finish_stage(k, program, step, state, out);
-            }
-            Dispatch::Coefs(k) => {
-                let Outcome {
-                    w_units,
-                    stages,
-                    coefs: unit_coefs,
-                    loss_scale,
-                    ..
-                } = out;
-                let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
-                // As the GPU's `coefs` reads its stage's report: held when an earlier stage
-                // held the step, too.
-                let seen = Finish {
-                    status: stages[k].finish.status | if held_before { STATUS_HELD } else { 0 },
-                    ..stages[k].finish
-                };
-                let stage = &program.stages[k];
-                let w = w_units.as_deref();
-                let place = (k == 0, k + 1 == program.stages.len());
-                let groups = &stages[k].groups;
-                stages[k].clipped = coefs(
-                    stage,
-                    groups,
-                    w,
-                    &seen,
-                    step,
-                    unit_coefs,
-                    place,
-                    1.0 / loss_scale.0,
-                );
-            }
-            Dispatch::Undo(k) => {
-                let merged = *verdict.get_or_insert_with(|| close(program, step, state, out));
-                let stage = &program.stages[k];
-                let block = &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
-                undo(block, merged);
-            }
-            Dispatch::Rewrite => {
-                if begun && verdict.is_none() {
-                    verdict = Some(close(program, step, state, out));
+                if from == Source::UnitNorms {
+                    group_stage(k, program, step, out);
                 }
+                finish_stage(k, program, step, state, out);
+                // The chain's verdict is final after its last stage; a held step leaves the
+                // adaptive state as it found it.
+                if k + 1 == program.stages.len() {
+                    let merged = close(program, step, state, out);
+                    for stage in
+                        (program.stages[..k].iter()).filter(|s| s.adaptive != abi::ADAPTIVE_NONE)
+                    {
+                        let block =
+                            &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
+                        undo(block, merged);
+                    }
+                }
+                if coefs {
+                    stage_coefs(k, program, step, out);
+                }
+            }
+            Dispatch::Coefs(k) => stage_coefs(k, program, step, out),
+            Dispatch::Rewrite => {
                 let Grads::Write(g) = &mut grads else {
                     unreachable!("a recording that rewrites is executed on writable gradients")
                 };
@@ -735,15 +703,61 @@ pub(crate) fn execute(
             }
         }
     }
-    if begun && verdict.is_none() {
-        close(program, step, state, out);
-    }
     if begun {
         // As a state read from the device has them (`PolicyState::from_device`).
         for stage in &program.stages {
             stage.clear_step_words(&mut state.words);
         }
     }
+}
+
+/// Stage `k`'s group norms from the unit norms, each times its coefficient so far.
+fn group_stage(k: usize, program: &Program, step: &CpuStep, out: &mut Outcome) {
+    let Outcome {
+        units,
+        stages,
+        coefs,
+        ..
+    } = out;
+    let earlier = (k > 0).then_some(&coefs[..]);
+    let run = &mut stages[k];
+    combine(
+        units,
+        earlier,
+        &program.stages[k],
+        step.norm,
+        &mut run.groups,
+    );
+    run.grouped = true;
+}
+
+/// Stage `k`'s factor multiplied into every unit's coefficient.
+fn stage_coefs(k: usize, program: &Program, step: &CpuStep, out: &mut Outcome) {
+    let Outcome {
+        w_units,
+        stages,
+        coefs: unit_coefs,
+        loss_scale,
+        ..
+    } = out;
+    let held_before = (stages[..k].iter()).any(|s| s.finish.status & STATUS_HELD != 0);
+    // As the GPU's `coefs` reads its stage's report: held when an earlier stage held the
+    // step, too.
+    let seen = Finish {
+        status: stages[k].finish.status | if held_before { STATUS_HELD } else { 0 },
+        ..stages[k].finish
+    };
+    let place = (k == 0, k + 1 == program.stages.len());
+    stages[k].clipped = coefs(
+        &program.stages[k],
+        &stages[k].groups,
+        w_units.as_deref(),
+        &seen,
+        step,
+        unit_coefs,
+        place,
+        1.0 / loss_scale.0,
+    );
 }
 
 /// Starts the stages of a step: every unit's coefficient 1, one output per stage, the loss

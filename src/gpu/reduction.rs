@@ -9,7 +9,7 @@ use super::resources::{
 };
 use crate::plan::{fold_grid, Plan, Window};
 use crate::shaders::abi::ACC_BYTES;
-use crate::shaders::{BindLayout, Kernel};
+use crate::shaders::BindLayout;
 
 /// The engine-wide bindings of a pass over chunk windows: the step's parameter slots,
 /// and the coefficients and reports a rewrite reads.
@@ -160,23 +160,21 @@ impl SegmentReduction {
         self.reduce = groups;
     }
 
-    /// Records the chunk partials of norm kind `kind` with the step slot at `slot`, then,
-    /// when `units`, their combine into one accumulator per unit.
+    /// Records the chunk partials with the step slot at `slot` by pipeline `reduce`, then,
+    /// with a `combine` pipeline, their combine into one accumulator per unit.
     pub(crate) fn encode(
         &self,
         pass: &mut wgpu::ComputePass<'_>,
-        device: &wgpu::Device,
-        kernels: &Kernels,
-        (kind, slot): (u32, u32),
-        units: bool,
+        (reduce, combine): (&wgpu::ComputePipeline, Option<&wgpu::ComputePipeline>),
+        slot: u32,
     ) {
-        pass.set_pipeline(&kernels.pipeline(device, Kernel::Reduce(kind)));
+        pass.set_pipeline(reduce);
         for (group, grid) in self.windows().iter().filter(|(_, g)| g[0] > 0) {
             pass.set_bind_group(0, group, &[slot]);
             pass.dispatch_workgroups(grid[0], grid[1], 1);
         }
-        if units && self.combine_grid[0] > 0 {
-            pass.set_pipeline(&kernels.pipeline(device, Kernel::Combine(kind)));
+        if let (Some(combine), true) = (combine, self.combine_grid[0] > 0) {
+            pass.set_pipeline(combine);
             pass.set_bind_group(0, &self.combine, &[slot]);
             pass.dispatch_workgroups(self.combine_grid[0], self.combine_grid[1], 1);
         }

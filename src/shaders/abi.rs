@@ -147,11 +147,13 @@ abi_structs! {
         /// The norm stage (its report) and the first word of its state block.
         pub stage: u32,
         pub state_base: u32,
-        /// 1 for the chain's last norm stage: its `finish` updates the loss scale once
-        /// the chain's verdict is known, its `coefs` fold `1 / scale` into the
-        /// coefficients.
+        /// 1 for the chain's last norm stage: its `finish` updates the loss scale and
+        /// takes back what earlier adaptive stages recorded once the chain's verdict is
+        /// known, its `coefs` fold `1 / scale` into the coefficients.
         pub last: u32,
-        pub _pad0: u32,
+        /// The program's units (a `finish` that folds the unit norms or computes the
+        /// unit coefficients in its own workgroup walks them all).
+        pub units: u32,
     }
 
     /// The numbers of one norm stage's rule, fixed when a chain is planned.
@@ -169,6 +171,15 @@ abi_structs! {
         pub z_eps: f32,
         /// Optional max_norm cap of the adaptive rules (0: none).
         pub cap: f32,
+    }
+
+    /// One norm stage as the shaders see it: its rule's numbers, its adaptive rule
+    /// (`ADAPTIVE_*`) and the first word of its state block (the last stage's `finish`
+    /// takes back what the earlier adaptive stages recorded in a held step).
+    pub(crate) struct StageRow {
+        pub rule: StageParams,
+        pub adaptive: u32,
+        pub state_base: u32,
     }
 
     /// What a step leaves for the host and for the elementwise passes.

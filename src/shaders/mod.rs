@@ -239,13 +239,14 @@ pub(crate) enum Kernel {
     Combine(u32),
     /// `combine`: a norm stage's group norms from scaled unit norms.
     Groups(u32),
-    /// `coef`, entry `finish`.
+    /// `coef`, entry `finish`; `from_units`: its one group folded from the unit norms in
+    /// its own workgroup; `coefs`: then the unit coefficients too, by this formula.
     Finish {
         kind: u32,
         adaptive: u32,
+        from_units: bool,
+        coefs: Option<u32>,
     },
-    /// `coef`, entry `undo` (an adaptive stage's recorded norm, taken back).
-    Undo,
     /// `coef`, entry `coefs`.
     Coefs {
         kind: u32,
@@ -304,7 +305,6 @@ impl Kernel {
             Kernel::PerExample,
             Kernel::Accumulate,
             Kernel::OptimizerTick,
-            Kernel::Undo,
         ];
         for bits in 0..8 {
             all.push(Kernel::OptimizerUpdate {
@@ -328,8 +328,18 @@ impl Kernel {
                 Kernel::Groups(kind),
             ]);
             for adaptive in adaptives {
-                all.push(Kernel::Finish { kind, adaptive });
-                for formula in [FORMULA_PYTORCH, FORMULA_TF, FORMULA_AGC] {
+                let formulas = [FORMULA_PYTORCH, FORMULA_TF, FORMULA_AGC];
+                for coefs in formulas.map(Some).into_iter().chain([None]) {
+                    for from_units in [false, true] {
+                        all.push(Kernel::Finish {
+                            kind,
+                            adaptive,
+                            from_units,
+                            coefs,
+                        });
+                    }
+                }
+                for formula in formulas {
                     all.push(Kernel::Coefs {
                         kind,
                         adaptive,
@@ -347,11 +357,22 @@ impl Kernel {
             Kernel::Reduce(k) => (Family::NormReduce, "main", BindLayout::Window, kind(k)),
             Kernel::Combine(k) => (Family::NormCombine, "main", BindLayout::Combine, kind(k)),
             Kernel::Groups(k) => (Family::NormCombine, "groups", BindLayout::Groups, kind(k)),
-            Kernel::Finish { kind: k, adaptive } => (
+            Kernel::Finish {
+                kind: k,
+                adaptive,
+                from_units,
+                coefs,
+            } => (
                 Family::Coef,
                 "finish",
                 BindLayout::Coef,
-                vec![("NORM_KIND", k as f64), ("ADAPTIVE", adaptive as f64)],
+                vec![
+                    ("NORM_KIND", k as f64),
+                    ("ADAPTIVE", adaptive as f64),
+                    ("FROM_UNITS", from_units as u8 as f64),
+                    ("COEFS", coefs.is_some() as u8 as f64),
+                    ("FORMULA", coefs.unwrap_or(0) as f64),
+                ],
             ),
             Kernel::Coefs {
                 kind: k,
@@ -377,7 +398,6 @@ impl Kernel {
                 let flags = transform_flags(scale, noise, clamp);
                 (Family::Rewrite, entry, BindLayout::Window, flags)
             }
-            Kernel::Undo => (Family::Coef, "undo", BindLayout::Coef, vec![]),
             Kernel::OptimizerTick => (Family::Optimizer, "tick", BindLayout::OptimizerTick, vec![]),
             Kernel::OptimizerUpdate {
                 scale,

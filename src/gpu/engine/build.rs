@@ -15,7 +15,7 @@ use crate::gpu::resources::{
 use crate::gpu::tensor::{plan_tensors, GpuTensor};
 use crate::plan::{fold_grid, ChunkRow, Plan};
 use crate::recording::Profile;
-use crate::shaders::abi::{StageParams, ACC_BYTES};
+use crate::shaders::abi::{StageRow, ACC_BYTES};
 use crate::shaders::BindLayout;
 
 use super::{Engine, GpuStage, Placement, Spans};
@@ -255,8 +255,14 @@ impl Engine {
                 wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             )
         });
-        let stage_params: Vec<StageParams> = program.stages.iter().map(|s| s.params).collect();
-        let stage_params = table(device, "gradclip stage params", &stage_params);
+        let stage_rows: Vec<StageRow> = (program.stages.iter())
+            .map(|s| StageRow {
+                rule: s.params,
+                adaptive: s.adaptive,
+                state_base: s.state_base as u32,
+            })
+            .collect();
+        let stage_params = table(device, "gradclip stage params", &stage_rows);
         // One coefficient for everything and no noise (which needs each element's tensor and
         // index): the rewrite runs over spans, maximal runs of touching tensors, so small
         // tensors share workgroups and no word has two writers.
@@ -272,6 +278,7 @@ impl Engine {
                 last: (k + 1 == program.stages.len()) as u32,
                 stage: k as u32,
                 state_base: st.state_base as u32,
+                units: n_units as u32,
                 ..DispatchParams::default()
             };
             dispatch.push(DispatchParams {
@@ -297,6 +304,7 @@ impl Engine {
             // Only a single stage finishes from the partials.
             last: 1,
             state_base: program.stages[0].state_base as u32,
+            units: n_units as u32,
             ..DispatchParams::default()
         });
         let dispatch = DispatchSlots::new(device, &dispatch);
@@ -407,7 +415,7 @@ impl Engine {
             pool: pool.unwrap_or_else(|| ReportPool::new(&ctx.inner.device, layout.size())),
             layout,
             timestamps: None,
-            recording: Default::default(),
+            recorded: Default::default(),
             program,
         };
         if let Some(groups) = engine.span_groups(&grad_plan, &grad_buffers) {

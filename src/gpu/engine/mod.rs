@@ -24,6 +24,8 @@
 mod build;
 mod record;
 
+use record::Recorded;
+
 use std::sync::Arc;
 
 use super::context::{guarded, GpuContext};
@@ -34,9 +36,8 @@ use crate::chain::Program;
 use crate::error::ClipError;
 use crate::norm::Norm;
 use crate::recording::Profile;
-pub(crate) use crate::recording::{Dispatch, Mode};
+pub(crate) use crate::recording::{Dispatch, Mode, Source};
 use crate::shaders::abi;
-use crate::shaders::Kernel;
 
 /// One step: what it does and its parameters.
 #[derive(Debug, Clone, Copy)]
@@ -113,9 +114,8 @@ pub(crate) struct Engine {
     pool: Arc<ReportPool>,
     layout: ReadbackLayout,
     timestamps: Option<Timestamps>,
-    /// The recording of the last step and its pipelines, kept so that a warm step
-    /// allocates nothing.
-    recording: std::sync::Mutex<(Vec<Dispatch>, Vec<Kernel>)>,
+    /// The recording of the last step and its pipelines (see [`Recorded`]).
+    recorded: std::sync::Mutex<Recorded>,
 }
 
 impl Engine {

@@ -8,7 +8,7 @@ use crate::norm::Norm;
 use crate::shaders::abi;
 use crate::shaders::Kernel;
 
-use super::{Dispatch, Engine, Mode, Step};
+use super::{Dispatch, Engine, Mode, Source, Step};
 
 impl Engine {
     /// The pipeline of dispatch `d` of `step` (of a reduction, its first).
@@ -18,41 +18,71 @@ impl Engine {
             Dispatch::SpanReduce | Dispatch::Reduce { params: false, .. } => Kernel::Reduce(kind),
             Dispatch::Reduce { params: true, .. } => Kernel::Reduce(Norm::L2.kind_code()),
             Dispatch::Groups(_) => Kernel::Groups(kind),
-            Dispatch::Finish { stage, .. } => Kernel::Finish {
+            Dispatch::Finish { stage, from, coefs } => Kernel::Finish {
                 kind,
                 adaptive: self.stages[stage].adaptive,
+                from_units: from == Source::UnitNorms,
+                coefs: coefs.then_some(self.stages[stage].formula),
             },
             Dispatch::Coefs(k) => Kernel::Coefs {
                 kind,
                 adaptive: self.stages[k].adaptive,
                 formula: self.stages[k].formula,
             },
-            Dispatch::Undo(_) => Kernel::Undo,
             Dispatch::Rewrite => self.rewrite_kernel(&step.params),
         }
     }
 
-    /// The pipelines of `recording`, a recording of `step`, into `all` (cleared first).
-    fn kernels_of(&self, recording: &[Dispatch], step: &Step, all: &mut Vec<Kernel>) {
-        all.clear();
-        for &d in recording {
-            let kernel = self.kernel(d, step);
-            all.push(kernel);
-            if let (Dispatch::Reduce { combine: true, .. }, Kernel::Reduce(kind)) = (d, kernel) {
-                all.push(Kernel::Combine(kind));
+    /// The kernels of dispatch `d` of `step`: its own and, for a reduction that combines
+    /// its partials into unit norms, the combine's.
+    fn kernels_of(&self, d: Dispatch, step: &Step) -> (Kernel, Option<Kernel>) {
+        let kernel = self.kernel(d, step);
+        let combine = match (d, kernel) {
+            (Dispatch::Reduce { combine: true, .. }, Kernel::Reduce(kind)) => {
+                Some(Kernel::Combine(kind))
             }
-        }
+            _ => None,
+        };
+        (kernel, combine)
     }
 
-    /// Records `step` and builds the pipelines it needs (see `Kernels::prepare`); the
-    /// recording stays in `self.recording` for [`Engine::encode`] to replay.
+    /// Records `step` and builds the pipelines it needs (see `Kernels::prepare`), unless
+    /// the recording kept in `self.recorded` was made for a step that records the same
+    /// way; [`Engine::encode`] replays it.
     pub(crate) fn prepare(&self, step: &Step) -> Result<(), ClipError> {
         let (device, kernels) = (&self.ctx.inner.device, &self.ctx.inner.kernels);
-        let mut kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
-        let (recording, list) = &mut *kept;
-        crate::recording::record(&self.profile, step.mode, step.detail, recording);
-        self.kernels_of(recording, step, list);
-        kernels.prepare(device, list)
+        let key = RecordKey {
+            mode: step.mode,
+            detail: step.detail,
+            kind: step.norm.kind_code(),
+            rewrite: self.rewrite_kernel(&step.params),
+        };
+        let mut kept = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.key == Some(key) {
+            return Ok(());
+        }
+        let Recorded {
+            key: kept_key,
+            dispatches,
+            pipelines,
+        } = &mut *kept;
+        *kept_key = None;
+        crate::recording::record(&self.profile, step.mode, step.detail, dispatches);
+        let list: Vec<Kernel> = (dispatches.iter())
+            .flat_map(|&d| {
+                let (kernel, combine) = self.kernels_of(d, step);
+                std::iter::once(kernel).chain(combine)
+            })
+            .collect();
+        kernels.prepare(device, &list)?;
+        pipelines.clear();
+        for &d in dispatches.iter() {
+            let (kernel, combine) = self.kernels_of(d, step);
+            let pipeline = |k| kernels.pipeline(device, k);
+            pipelines.push((pipeline(kernel), combine.map(pipeline)));
+        }
+        *kept_key = Some(key);
+        Ok(())
     }
 
     /// The rewrite variant of a step with `params`.
@@ -77,70 +107,61 @@ impl Engine {
     ) -> Result<Readback, ClipError> {
         self.prepare(&step)?;
         let units = |d: &Dispatch| matches!(d, Dispatch::Reduce { params: false, .. });
-        let kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
-        let needs_units = kept.0.iter().any(units);
+        let kept = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+        let needs_units = kept.dispatches.iter().any(units);
         drop(kept);
         if needs_units {
             self.make_unit_windows()?;
         }
         let ctx = self.ctx.clone();
-        let (device, kernels) = (&ctx.inner.device, &ctx.inner.kernels);
-        let queue = &ctx.inner.queue;
+        let (device, queue) = (&ctx.inner.device, &ctx.inner.queue);
         let slot = (self.slots).write(queue, encoder, &step.params, &self.reports);
-        let kind = step.norm.kind_code();
         {
             let timestamp_writes = timestamp_writes(&self.timestamps);
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("gradclip step"),
                 timestamp_writes,
             });
-            let kept = self.recording.lock().unwrap_or_else(|e| e.into_inner());
-            for &d in &kept.0 {
-                let pipeline = || kernels.pipeline(device, self.kernel(d, &step));
+            let kept = self.recorded.lock().unwrap_or_else(|e| e.into_inner());
+            for (&d, (pipeline, combine)) in kept.dispatches.iter().zip(&kept.pipelines) {
                 match d {
                     Dispatch::SpanReduce => {
-                        pass.set_pipeline(&pipeline());
+                        pass.set_pipeline(pipeline);
                         let spans = self.spans.as_ref().map_or(&[][..], |s| &s.reduce[..]);
                         for (group, grid) in spans.iter().filter(|(_, g)| g[0] > 0) {
                             pass.set_bind_group(0, group, &[slot]);
                             pass.dispatch_workgroups(grid[0], grid[1], 1);
                         }
                     }
-                    Dispatch::Reduce { params, combine } => {
-                        // The reduction binds its own pipelines.
-                        let (red, kind) = match (params, &self.params) {
-                            (true, Some(p)) => (p, Norm::L2.kind_code()),
-                            _ => (&self.grads, kind),
+                    Dispatch::Reduce { params, .. } => {
+                        let red = match (params, &self.params) {
+                            (true, Some(p)) => p,
+                            _ => &self.grads,
                         };
-                        red.encode(&mut pass, device, kernels, (kind, slot), combine);
+                        red.encode(&mut pass, (pipeline, combine.as_ref()), slot);
                     }
                     Dispatch::Groups(k) => {
                         let (group, grid) = self.stages[k].groups.as_ref().expect("recorded");
-                        pass.set_pipeline(&pipeline());
+                        pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, group, &[slot]);
                         pass.dispatch_workgroups(grid[0], grid[1], 1);
                     }
-                    Dispatch::Finish { stage, partials } => {
-                        let finish = match (&self.finish_partials, partials) {
-                            (Some(p), true) => p,
+                    Dispatch::Finish { stage, from, .. } => {
+                        let finish = match (&self.finish_partials, from) {
+                            (Some(p), Source::Partials) => p,
                             _ => &self.stages[stage].finish,
                         };
-                        pass.set_pipeline(&pipeline());
+                        pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, finish, &[slot]);
                         pass.dispatch_workgroups(1, 1, 1);
                     }
                     Dispatch::Coefs(k) => {
-                        pass.set_pipeline(&pipeline());
+                        pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, &self.stages[k].coefs, &[slot]);
                         pass.dispatch_workgroups(self.coefs_grid[0], self.coefs_grid[1], 1);
                     }
-                    Dispatch::Undo(k) => {
-                        pass.set_pipeline(&pipeline());
-                        pass.set_bind_group(0, &self.stages[k].finish, &[slot]);
-                        pass.dispatch_workgroups(1, 1, 1);
-                    }
                     Dispatch::Rewrite => {
-                        pass.set_pipeline(&pipeline());
+                        pass.set_pipeline(pipeline);
                         for (group, grid) in self.rewrite_windows().iter().filter(|(_, g)| g[0] > 0)
                         {
                             pass.set_bind_group(0, group, &[slot]);
@@ -187,4 +208,24 @@ impl Engine {
             len,
         })
     }
+}
+
+/// What decides a step's recording and its pipelines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RecordKey {
+    mode: Mode,
+    detail: bool,
+    kind: u32,
+    rewrite: Kernel,
+}
+
+/// A step's recording with the pipelines of its dispatches, kept while the steps record
+/// the same way: a warm step neither records, nor looks a pipeline up, nor allocates.
+#[derive(Default)]
+pub(super) struct Recorded {
+    key: Option<RecordKey>,
+    dispatches: Vec<Dispatch>,
+    /// Per dispatch its pipeline and, for a reduction that combines its partials into
+    /// unit norms, the combine's.
+    pipelines: Vec<(wgpu::ComputePipeline, Option<wgpu::ComputePipeline>)>,
 }
