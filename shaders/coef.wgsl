@@ -1,46 +1,54 @@
 // coef.wgsl: the engine's `coef` stage: from the group norms of `combine` to one
-// coefficient per unit, running the chain's norm rule (src/chain) with this step's
+// coefficient per unit, running the chain's norm rules (src/chain) with this step's
 // parameters.
 //
 // Bindings (group 0), shared by both entries:
-//   0 inputs      storage, read        group norms (Acc), one per group
-//   1 state       storage, read_write  device state: per stage a block (from
-//                                      dispatch.state_base) of header words (ST_*), then
-//                                      history (f32)
-//   2 reports     storage, read_write  StepReport of each norm stage (dispatch.stage)
+//   0 inputs      storage, read        group norms (Acc) of the dispatch's stage, one
+//                                      per group
+//   1 state       storage, read_write  device state: per stage a block (from its row's
+//                                      state_base) of header words (ST_*), then history
+//                                      (f32)
+//   2 reports     storage, read_write  StepReport of each norm stage
 //   3 step        uniform              StepParams of this step, at a dynamic offset
-//   4 dispatch    uniform              DispatchParams (n_chunks = groups for `finish`,
-//                                      units for `coefs`; the stage)
-//   5 stages      storage, read        StageRow of each norm stage
-//   6 thresholds  storage, read        this stage's base threshold per group
+//   4 dispatch    uniform              DispatchParams (the stage, and for `finish` how
+//                                      many stages it runs; n_chunks = the stage's
+//                                      groups for `finish`, units for `coefs`)
+//   5 stages      storage, read        StageRow of each norm stage: its rule, adaptive
+//                                      rule, formula, state block
+//   6 thresholds  storage, read        the dispatch's stage's base threshold per group
 //   7 coefs       storage, read_write  coefficient per unit so far (the chain's product)
-//   8 group_of    storage, read        this stage's group of each unit, or NO_GROUP
+//   8 group_of    storage, read        the dispatch's stage's group of each unit, or
+//                                      NO_GROUP
 //   9 params      storage, read        AGC: norm of each unit of the parameters
 //  10 units       storage, read        the gradients' unit norms (their flags: the units
 //                                      the first stage leaves alone)
 //
-// Entry `finish`: one workgroup. Checks that this step's parameter slot is its own (the
-// tag the encoder copied into the first report), combines the group norms into the total norm
-// (or takes the caller's, split API), applies the non-finite policy, and for the adaptive
-// rules (ADAPTIVE) records the norm in the device state and derives this step's
-// threshold. FROM_UNITS = 1 (a stage whose one group is every unit): the workgroup folds
-// the unit norms times the coefficients so far itself, as `combine`'s `groups` would (the
-// same threads fold the same units, then the same tree), so no group pass runs before it.
-// COEFS = 1: the workgroup then computes every unit's coefficient, as `coefs` would (for
-// programs whose units a workgroup walks in a few rounds: one dispatch fewer per stage).
-// Entry `coefs`: one thread per unit computes this stage's factor (FORMULA: PyTorch
+// Entry `finish`: one workgroup runs `dispatch.count` stages from `dispatch.stage`, each:
+// checks that this step's parameter slot is its own (the tag the encoder copied into the
+// first report), combines the group norms into the total norm (or takes the caller's,
+// split API), applies the non-finite policy, and for the adaptive rules records the norm
+// in the device state and derives this step's threshold. FROM_UNITS = 1 (a stage whose
+// one group is every unit): the workgroup folds the unit norms times the coefficients so
+// far itself, as `combine`'s `groups` would (the same threads fold the same units, then
+// the same tree), so no group pass runs before it; the stages after the dispatch's first
+// are all such stages. COEFS = 1: the workgroup then computes every unit's coefficient, as
+// `coefs` would (for programs whose units a workgroup walks in a few rounds), so a chain
+// whose later stages are global runs its norm stages in one dispatch.
+// Entry `coefs`: one thread per unit computes its stage's factor (its formula: PyTorch
 // min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC) and multiplies it into the unit's
 // coefficient (the first stage starts it).
 // A chain runs finish + coefs once per norm stage, each on the group norms `combine`
 // formed from the unit norms times the coefficients so far.
 // Loss scaling (step.loss_scaling): the gradients arrive times the scale S of the state's
 // first block, and a norm scales linearly, so every norm a stage sees is divided by S here
-// (no pass over the gradients); the last stage's `coefs` fold 1 / S into the coefficients
-// the rewrite, the fused optimizer or a deferred pass apply, and its `finish` updates S
-// from the chain's verdict (backoff after a skipped step, growth after enough finite
-// ones).
+// (no pass over the gradients); the last stage's coefficients fold in 1 / S, which the
+// rewrite, the fused optimizer or a deferred pass apply, and its `finish` updates S from
+// the chain's verdict (backoff after a skipped step, growth after enough finite ones).
 // The last stage's `finish` takes back the norm each earlier adaptive stage recorded when a
 // later stage held the step.
+// A stage's rule, adaptive rule and formula are read from its row (one pipeline runs any
+// stage); the values are uniform, so the adaptive rules' workgroup steps stay in uniform
+// control flow.
 // AutoClip's percentile of the history is a radix selection (shared/select.wgsl).
 // CPU twin: src/cpu/engine.rs (`finish`, `coefs`, `undo`).
 
@@ -49,8 +57,6 @@
 #import select
 
 override NORM_KIND: u32 = 2u;
-override ADAPTIVE: u32 = 0u;
-override FORMULA: u32 = 0u;
 override FROM_UNITS: u32 = 0u;
 override COEFS: u32 = 0u;
 
@@ -92,9 +98,18 @@ fn outside_flags(lid: u32) -> u32 {
     return atomicLoad(&sh_outside);
 }
 
-// This stage's rule.
-fn rule() -> StageParams {
-    return stages[dispatch.stage].rule;
+// Stage `j`'s rule.
+fn rule(j: u32) -> StageParams {
+    return stages[j].rule;
+}
+
+// The first word of stage `j`'s state block.
+fn block(j: u32) -> u32 {
+    return stages[j].state_base;
+}
+
+fn is_last(j: u32) -> bool {
+    return j + 1u == arrayLength(&stages);
 }
 
 fn root_of(acc: Acc) -> f32 {
@@ -148,61 +163,65 @@ fn norm_coef(acc: Acc, c: f32, formula: u32) -> f32 {
     return min(ratio(c, acc, 1e-6), 1.0);
 }
 
-fn state_f32(i: u32) -> f32 {
-    return bitcast<f32>(state[dispatch.state_base + i]);
+fn state_f32(base: u32, i: u32) -> f32 {
+    return bitcast<f32>(state[base + i]);
 }
 
-// Threshold from the AutoClip history after recording norm n (when `record`); only
-// thread 0 touches the state, then every thread helps with the percentile.
-fn autoclip(n: f32, record: bool, lid: u32) -> f32 {
+// Stage j's AutoClip threshold from its history after recording norm n (when `record`);
+// only thread 0 touches the state, then every thread helps with the percentile.
+fn autoclip(j: u32, n: f32, record: bool, lid: u32) -> f32 {
+    let base = block(j);
     if (lid == 0u) {
-        var seen = state[dispatch.state_base + ST_SEEN];
+        var seen = state[base + ST_SEEN];
         if (record) {
-            state[dispatch.state_base + ST_HEADER + seen % rule().capacity] = bitcast<u32>(n);
+            state[base + ST_HEADER + seen % rule(j).capacity] = bitcast<u32>(n);
             seen = seen + 1u;
-            state[dispatch.state_base + ST_SEEN] = seen;
+            state[base + ST_SEEN] = seen;
         }
-        sh_count = min(seen, rule().capacity);
+        sh_count = min(seen, rule(j).capacity);
     }
     storageBarrier();
     let m = workgroupUniformLoad(&sh_count);
     if (m == 0u) {
         return inf_f32();
     }
-    return percentile(m, rule().percentile, lid);
+    return percentile(base, m, rule(j).percentile, lid);
 }
 
-// ZClip, one thread: returns the threshold (inf when no spike) and updates the state.
-fn zclip(n: f32, record: bool) -> f32 {
+// Stage j's ZClip, one thread: returns the threshold (inf when no spike) and updates the
+// state.
+fn zclip(j: u32, n: f32, record: bool) -> f32 {
     let inf = inf_f32();
     if (!record) {
         return inf;
     }
-    let seen = state[dispatch.state_base + ST_SEEN];
-    let warmup = rule().capacity;
+    let base = block(j);
+    let seen = state[base + ST_SEEN];
+    let warmup = rule(j).capacity;
     if (seen < warmup) {
-        state[dispatch.state_base + ST_HEADER + seen] = bitcast<u32>(n);
-        state[dispatch.state_base + ST_SEEN] = seen + 1u;
+        state[base + ST_HEADER + seen] = bitcast<u32>(n);
+        state[base + ST_SEEN] = seen + 1u;
         // The last warmup norm: the workgroup sums the moments next (`warmup_moments`).
         sh_count = select(0u, 1u, seen + 1u == warmup);
         return inf;
     }
-    let mean = state_f32(ST_MEAN);
-    let var_ = state_f32(ST_VAR);
+    let mean = state_f32(base, ST_MEAN);
+    let var_ = state_f32(base, ST_VAR);
     let sigma = sqrt(var_);
-    let z = (n - mean) / (sigma + rule().z_eps);
+    let r = rule(j);
+    let z = (n - mean) / (sigma + r.z_eps);
     var thr = inf;
     var x = n;
-    if (z > rule().z_thresh) {
-        thr = mean + rule().z_thresh * rule().z_thresh * sigma / z;
+    if (z > r.z_thresh) {
+        thr = mean + r.z_thresh * r.z_thresh * sigma / z;
         x = thr;
     }
-    let a = rule().alpha;
+    let a = r.alpha;
     let new_mean = a * mean + (1.0 - a) * x;
     let d = x - new_mean;
-    state[dispatch.state_base + ST_MEAN] = bitcast<u32>(new_mean);
-    state[dispatch.state_base + ST_VAR] = bitcast<u32>(a * var_ + (1.0 - a) * d * d);
-    state[dispatch.state_base + ST_SEEN] = seen + 1u;
+    state[base + ST_MEAN] = bitcast<u32>(new_mean);
+    state[base + ST_VAR] = bitcast<u32>(a * var_ + (1.0 - a) * d * d);
+    state[base + ST_SEEN] = seen + 1u;
     return thr;
 }
 
@@ -210,29 +229,29 @@ fn zclip(n: f32, record: bool) -> f32 {
 // in a fixed order (thread t takes norms t, t + WG, ...; then the shared tree), as the CPU
 // twin sums them; no thread loops more than count / WG times. Call from uniform control
 // flow.
-fn warmup_moments(count: u32, lid: u32) {
+fn warmup_moments(base: u32, count: u32, lid: u32) {
     var s = 0.0;
     for (var i = lid; i < count; i = i + WG) {
-        s = s + state_f32(ST_HEADER + i);
+        s = s + state_f32(base, ST_HEADER + i);
     }
     let mean = workgroup_sum(s, lid) / f32(count);
     var q = 0.0;
     for (var i = lid; i < count; i = i + WG) {
-        let d = state_f32(ST_HEADER + i) - mean;
+        let d = state_f32(base, ST_HEADER + i) - mean;
         q = q + d * d;
     }
     let var_ = workgroup_sum(q, lid) / f32(count);
     if (lid == 0u) {
-        state[dispatch.state_base + ST_MEAN] = bitcast<u32>(mean);
-        state[dispatch.state_base + ST_VAR] = bitcast<u32>(var_);
+        state[base + ST_MEAN] = bitcast<u32>(mean);
+        state[base + ST_VAR] = bitcast<u32>(var_);
     }
 }
 
-// Keeps what recording a norm overwrites (the history slot `seen % cap`, the mean, the
-// variance) in the block's ST_SAVED_* words, for `undo`.
-fn save_overwritten() {
-    let base = dispatch.state_base;
-    let cap = rule().capacity;
+// Keeps what recording a norm overwrites in stage j's block (the history slot
+// `seen % cap`, the mean, the variance) in its ST_SAVED_* words, for `undo`.
+fn save_overwritten(j: u32) {
+    let base = block(j);
+    let cap = rule(j).capacity;
     if (cap > 0u) {
         state[base + ST_SAVED_SLOT] = state[base + ST_HEADER + state[base + ST_SEEN] % cap];
     }
@@ -266,16 +285,22 @@ fn update_loss_scale(skipped: bool) -> f32 {
     return s;
 }
 
-@compute @workgroup_size(WG)
-fn finish(@builtin(local_invocation_index) lid: u32) {
+// Stage j of the dispatch's run (`own`: the dispatch's first, whose tables are bound):
+// its total, verdict, adaptive state and report, then with COEFS its unit coefficients.
+// Call from uniform control flow, with j uniform.
+fn finish_stage(j: u32, own: bool, lid: u32) {
+    let first = j == 0u;
+    let last = is_last(j);
+    let adaptive = stages[j].adaptive;
+    let r = rule(j);
     // Every thread reads the scale before the first barrier; thread 0 of the last stage
     // updates it at the end.
     let scale = loss_scale_now();
     var acc = acc_identity();
-    if (FROM_UNITS == 1u) {
+    if (FROM_UNITS == 1u || !own) {
         for (var u = lid; u < dispatch.units; u = u + WG) {
             var a = units[u];
-            if (dispatch.first == 0u) {
+            if (!first) {
                 a = acc_scaled(a, coef_out[u]);
             }
             acc = acc_combine(acc, a, NORM_KIND, step.p);
@@ -285,9 +310,9 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
             acc = acc_combine(acc, inputs[i], NORM_KIND, step.p);
         }
     }
-    // AGC reads the parameters: their NaN or infinity counts as the step's. (`finish` is
-    // not specialised by formula; an AGC stage is the one with a lambda, which is > 0.)
-    if (rule().lambda > 0.0) {
+    // AGC reads the parameters: their NaN or infinity counts as the step's. (An AGC stage
+    // is the one with a lambda, which is > 0; it is always the dispatch's own.)
+    if (r.lambda > 0.0) {
         for (var u = lid; u < arrayLength(&group_of); u = u + WG) {
             if (group_of[u] != NO_GROUP) {
                 acc.flags = acc.flags | params[u].flags;
@@ -308,7 +333,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     // What the step's verdict sees: this stage's total and, in the first stage, the units
     // it leaves alone (not under a given total, which has no unit norms).
     var seen = total.flags;
-    if (dispatch.first == 1u && step.use_given == 0u) {
+    if (first && step.use_given == 0u) {
         seen = seen | outside_flags(lid);
     }
     let flags = live_flags(seen, step.policy);
@@ -332,34 +357,34 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
     // a step an earlier stage holds records nothing. A norm beyond f32 range enters the
     // history as f32::MAX.
     let n = min(norm_value(total), f32_max());
-    let held_before = dispatch.first == 0u && (reports[0].status & STATUS_HELD) != 0u;
-    let own = live_flags(total.flags, step.policy);
-    let record = own == 0u && (status & STATUS_HELD) == 0u && fresh && !held_before;
-    if (ADAPTIVE != ADAPTIVE_NONE && lid == 0u) {
-        state[dispatch.state_base + ST_RECORDED] = select(0u, 1u, record);
+    let held_before = !first && (reports[0].status & STATUS_HELD) != 0u;
+    let own_flags = live_flags(total.flags, step.policy);
+    let record = own_flags == 0u && (status & STATUS_HELD) == 0u && fresh && !held_before;
+    if (adaptive != ADAPTIVE_NONE && lid == 0u) {
+        state[block(j) + ST_RECORDED] = select(0u, 1u, record);
         if (record) {
-            save_overwritten();
+            save_overwritten(j);
         }
     }
-    var thr = thresholds[0] * step.multiplier;
-    if (ADAPTIVE == ADAPTIVE_AUTOCLIP) {
-        thr = autoclip(n, record, lid) * step.multiplier;
+    var thr = stages[j].threshold * step.multiplier;
+    if (adaptive == ADAPTIVE_AUTOCLIP) {
+        thr = autoclip(j, n, record, lid) * step.multiplier;
     }
-    if (ADAPTIVE == ADAPTIVE_ZCLIP) {
+    if (adaptive == ADAPTIVE_ZCLIP) {
         if (lid == 0u) {
             sh_count = 0u;
-            thr = zclip(n, record) * step.multiplier;
+            thr = zclip(j, n, record) * step.multiplier;
         }
         storageBarrier();
         if (workgroupUniformLoad(&sh_count) == 1u) {
-            warmup_moments(rule().capacity, lid);
+            warmup_moments(block(j), r.capacity, lid);
         }
     }
-    if (ADAPTIVE != ADAPTIVE_NONE && rule().cap > 0.0) {
-        thr = min(thr, rule().cap * step.multiplier);
+    if (adaptive != ADAPTIVE_NONE && r.cap > 0.0) {
+        thr = min(thr, r.cap * step.multiplier);
     }
     var coef = 1.0;
-    if (step.rule == 1u && (ADAPTIVE != ADAPTIVE_ZCLIP || thr < inf_f32())) {
+    if (step.rule == 1u && (adaptive != ADAPTIVE_ZCLIP || thr < inf_f32())) {
         coef = norm_coef(total, thr, FORMULA_PYTORCH);
     }
     let held = (status & STATUS_HELD) != 0u;
@@ -373,7 +398,7 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         // the host read): any stage that finds non-finite values holds or skips the step.
         // One skip counter, in the state's first block.
         let verdict = STATUS_HELD | STATUS_SKIPPED | STATUS_NONFINITE | STATUS_NANS_ZEROED;
-        if (dispatch.first == 1u) {
+        if (first) {
             reports[0].skips_before = state[ST_SKIPS];
             if (fresh) {
                 state[ST_SKIPS] = select(0u, state[ST_SKIPS] + 1u, (status & STATUS_SKIPPED) != 0u);
@@ -386,29 +411,29 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
             }
             reports[0].skips = state[ST_SKIPS];
         }
-        reports[dispatch.stage].norm = total;
-        reports[dispatch.stage].threshold = thr;
-        if (dispatch.first == 1u) {
+        reports[j].norm = total;
+        reports[j].threshold = thr;
+        if (first) {
             reports[0].status = status;
         } else {
-            reports[dispatch.stage].status = status | (reports[0].status & STATUS_HELD);
+            reports[j].status = status | (reports[0].status & STATUS_HELD);
         }
-        reports[dispatch.stage].skips = state[ST_SKIPS];
-        atomicStore(&reports[dispatch.stage].clipped, 0u);
-        reports[dispatch.stage].coef = coef;
-        if (dispatch.first == 1u) {
+        reports[j].skips = state[ST_SKIPS];
+        atomicStore(&reports[j].clipped, 0u);
+        reports[j].coef = coef;
+        if (first) {
             reports[0].loss_scale = scale;
             reports[0].next_scale = scale;
         }
         // The chain's verdict is final after its last stage: the scale moves once per
         // step that ran (not for a step whose slot was overwritten), and a held step
         // leaves the adaptive state as it found it.
-        if (dispatch.last == 1u && fresh) {
+        if (last && fresh) {
             if (step.loss_scaling == 1u) {
                 reports[0].next_scale = update_loss_scale((reports[0].status & STATUS_SKIPPED) != 0u);
             }
             if ((reports[0].status & STATUS_HELD) != 0u) {
-                for (var k = 0u; k < dispatch.stage; k = k + 1u) {
+                for (var k = 0u; k < j; k = k + 1u) {
                     if (stages[k].adaptive != ADAPTIVE_NONE) {
                         undo(stages[k].state_base, stages[k].rule.capacity);
                     }
@@ -421,15 +446,25 @@ fn finish(@builtin(local_invocation_index) lid: u32) {
         storageBarrier();
         var clipped = 0u;
         for (var s = lid; s < dispatch.units; s = s + WG) {
-            clipped = clipped + unit_coef(s);
+            clipped = clipped + unit_coef(j, own, s);
         }
         if (clipped != 0u) {
-            atomicAdd(&reports[dispatch.stage].clipped, clipped);
+            atomicAdd(&reports[j].clipped, clipped);
         }
     }
 }
 
-fn agc_coef(g: Acc, w: Acc) -> f32 {
+@compute @workgroup_size(WG)
+fn finish(@builtin(local_invocation_index) lid: u32) {
+    let end = dispatch.stage + dispatch.count;
+    for (var j = dispatch.stage; j < end; j = j + 1u) {
+        finish_stage(j, j == dispatch.stage, lid);
+        // The next stage reads this one's report, state and coefficients.
+        storageBarrier();
+    }
+}
+
+fn agc_coef(j: u32, g: Acc, w: Acc) -> f32 {
     let flags = live_flags(g.flags | w.flags, step.policy);
     if ((flags & FLAG_NAN) != 0u) {
         return nan_f32();
@@ -442,7 +477,7 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
     if (flags != 0u) {
         return 1.0;
     }
-    let limit = rule().lambda * step.multiplier * max(norm_value(w), rule().eps);
+    let limit = rule(j).lambda * step.multiplier * max(norm_value(w), rule(j).eps);
     let n = norm_value(g);
     if (n < limit) {
         return 1.0;
@@ -450,33 +485,38 @@ fn agc_coef(g: Acc, w: Acc) -> f32 {
     return limit / max(n, 1e-6);
 }
 
-// Stage `dispatch.stage`'s factor of unit `s` multiplied into the unit's coefficient; 1
-// when the chain's coefficient of the unit is now below 1 (NaN counts), else 0.
-fn unit_coef(s: u32) -> u32 {
-    let g = group_of[s];
+// Stage j's factor of unit `s` multiplied into the unit's coefficient (`own`: the
+// dispatch's own stage, whose tables are bound; another is global, every unit in its one
+// group); 1 when the chain's coefficient of the unit is now below 1 (NaN counts), else 0.
+fn unit_coef(j: u32, own: bool, s: u32) -> u32 {
+    var g = 0u;
+    if (own) {
+        g = group_of[s];
+    }
+    let row = stages[j];
     var factor = 1.0;
-    let held = (reports[dispatch.stage].status & STATUS_HELD) != 0u;
+    let held = (reports[j].status & STATUS_HELD) != 0u;
     // The norms of the gradients as they arrived, divided by the loss scale.
     let inv_scale = 1.0 / reports[0].loss_scale;
     if (!held && step.rule == 1u && g != NO_GROUP) {
         // (A stage whose `finish` folds the units has no group norms: it is global.)
-        if (FORMULA == FORMULA_AGC) {
-            factor = agc_coef(acc_scaled(inputs[g], inv_scale), params[s]);
-        } else if (ADAPTIVE != ADAPTIVE_NONE || dispatch.global == 1u) {
-            factor = reports[dispatch.stage].coef;
+        if (row.formula == FORMULA_AGC) {
+            factor = agc_coef(j, acc_scaled(inputs[g], inv_scale), params[s]);
+        } else if (row.adaptive != ADAPTIVE_NONE || row.global == 1u) {
+            factor = reports[j].coef;
         } else {
             let group = acc_scaled(inputs[g], inv_scale);
-            factor = norm_coef(group, thresholds[g] * step.multiplier, FORMULA);
+            factor = norm_coef(group, thresholds[g] * step.multiplier, row.formula);
         }
     }
     var coef = factor;
-    if (dispatch.first == 0u) {
+    if (j != 0u) {
         coef = coef_out[s] * factor;
     }
     let clipped = select(0u, 1u, !(coef >= 1.0));
     // What the gradients are multiplied by: the chain's coefficient, and after the last
     // stage the unscaling too (counted as a clip it is not).
-    if (dispatch.last == 1u && !held) {
+    if (is_last(j) && !held) {
         coef = coef * inv_scale;
     }
     coef_out[s] = coef;
@@ -486,7 +526,7 @@ fn unit_coef(s: u32) -> u32 {
 @compute @workgroup_size(64)
 fn coefs(inv: Invocation) {
     let s = workgroup_index(inv) * 64u + inv.lid;
-    if (s < dispatch.n_chunks && unit_coef(s) == 1u) {
+    if (s < dispatch.n_chunks && unit_coef(dispatch.stage, true, s) == 1u) {
         atomicAdd(&reports[dispatch.stage].clipped, 1u);
     }
 }

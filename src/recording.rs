@@ -79,10 +79,13 @@ pub(crate) enum Dispatch {
     /// Stage `k`'s group norms from the unit norms.
     Groups(usize),
     /// Stage `stage`'s total (from `from`), policy and adaptive state; with `coefs`, its
-    /// unit coefficients too. The chain's last stage also takes back what the earlier
-    /// adaptive stages recorded when a stage held the step.
+    /// unit coefficients too. Then, in the same dispatch, the `stages - 1` stages after
+    /// it, each its total from the unit norms (they are global: [`Profile::run`]). The
+    /// chain's last stage also takes back what the earlier adaptive stages recorded when
+    /// a stage held the step.
     Finish {
         stage: usize,
+        stages: usize,
         from: Source,
         coefs: bool,
     },
@@ -126,6 +129,8 @@ pub(crate) struct Profile {
     groups: Vec<bool>,
     /// Per stage: its one group is every unit, with one coefficient for all of them.
     uniform: Vec<bool>,
+    /// Per stage: how many stages a `finish` from it runs ([`Profile::run`]).
+    runs: Vec<usize>,
     /// The program has units to scale.
     units: bool,
     /// At most [`FUSED_UNITS`] units: every `finish` computes its stage's coefficients.
@@ -147,6 +152,14 @@ impl Profile {
                 .map(|(k, s)| !(k == 0 && s.is_identity()))
                 .collect(),
             uniform: stages.iter().map(|s| s.is_uniform()).collect(),
+            runs: (0..stages.len())
+                .map(|k| {
+                    1 + stages[k + 1..]
+                        .iter()
+                        .take_while(|s| s.is_uniform())
+                        .count()
+                })
+                .collect(),
             units: !program.units.is_empty(),
             fused: program.units.len() <= FUSED_UNITS,
             measures: program.kind == ChainKind::Measure,
@@ -161,6 +174,14 @@ impl Profile {
     /// A single global stage without noise: the reduction over spans.
     pub(crate) fn spans(&self) -> bool {
         self.spans
+    }
+
+    /// How many stages a `finish` from stage `k` runs when the step computes the unit
+    /// coefficients in its workgroup and does not read group norms back: stage `k` and
+    /// the global stages (one group of every unit) right after it, whose totals the
+    /// workgroup folds from the unit norms times the coefficients so far.
+    pub(crate) fn run(&self, k: usize) -> usize {
+        self.runs[k]
     }
 
     /// Whether a step in `mode` (reading unit norms back when `detail`) finishes its
@@ -192,10 +213,13 @@ pub(crate) fn record(profile: &Profile, mode: Mode, detail: bool, out: &mut Vec<
     }
     if mode.stages() {
         let coefs = mode.coefs() && profile.units;
-        for (k, &groups) in profile.groups.iter().enumerate() {
+        let fused = coefs && profile.fused;
+        let mut k = 0;
+        while k < profile.groups.len() {
+            let groups = profile.groups[k] && mode.groups();
             let from = if direct && k == 0 {
                 Source::Partials
-            } else if !(groups && mode.groups()) {
+            } else if !groups {
                 Source::GroupNorms
             } else if profile.uniform[k] && !detail {
                 // (A step that reads the group norms back has them combined.)
@@ -204,14 +228,22 @@ pub(crate) fn record(profile: &Profile, mode: Mode, detail: bool, out: &mut Vec<
                 out.push(Dispatch::Groups(k));
                 Source::GroupNorms
             };
+            // The stages after it form their groups in its workgroup.
+            let stages = if fused && mode.groups() && !detail {
+                profile.run(k)
+            } else {
+                1
+            };
             out.push(Dispatch::Finish {
                 stage: k,
+                stages,
                 from,
-                coefs: coefs && profile.fused,
+                coefs: fused,
             });
-            if coefs && !profile.fused {
+            if coefs && !fused {
                 out.push(Dispatch::Coefs(k));
             }
+            k += stages;
         }
     }
     // A chain that only measures writes nothing, whatever the mode of the step.
@@ -223,7 +255,7 @@ pub(crate) fn record(profile: &Profile, mode: Mode, detail: bool, out: &mut Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chain::{ClipPolicy, PerTensorClip, Rule, TensorInfo, ZClip};
+    use crate::chain::{AutoClip, ClipPolicy, PerTensorClip, Rule, TensorInfo, ZClip};
     use crate::ops::ValueClip;
     use Source::{GroupNorms, Partials, UnitNorms};
 
@@ -241,7 +273,16 @@ mod tests {
     }
 
     fn finish(stage: usize, from: Source, coefs: bool) -> Dispatch {
-        Dispatch::Finish { stage, from, coefs }
+        run(stage, 1, from, coefs)
+    }
+
+    fn run(stage: usize, stages: usize, from: Source, coefs: bool) -> Dispatch {
+        Dispatch::Finish {
+            stage,
+            stages,
+            from,
+            coefs,
+        }
     }
 
     const UNITS: Dispatch = Dispatch::Reduce {
@@ -311,22 +352,21 @@ mod tests {
     }
 
     #[test]
-    fn a_stage_whose_units_fit_runs_as_one_dispatch() {
+    fn the_global_stages_after_a_stage_run_in_its_dispatch() {
         use Dispatch::*;
-        // Per-tensor groups are the units: no groups entry for the first stage. A global
-        // stage folds the units itself; every finish computes its coefficients.
+        // Per-tensor groups are the units: no groups entry for the first stage. The global
+        // stages after it fold the units in its workgroup; one finish computes every
+        // stage's coefficients.
         let chain = ClipPolicy::new(PerTensorClip::new(1.0))
             .then(ZClip::new())
             .then(Rule::GlobalNorm(2.0));
-        let fused = vec![
-            UNITS,
-            finish(0, GroupNorms, true),
-            finish(1, UnitNorms, true),
-            finish(2, UnitNorms, true),
-        ];
         let r = |n, detail| over(n, chain.clone(), false, Mode::Coefficients, detail);
-        assert_eq!(r(FUSED_UNITS, false), fused);
-        // Read back, the last stage's group norms are combined by their own pass.
+        assert_eq!(
+            r(FUSED_UNITS, false),
+            vec![UNITS, run(0, 3, GroupNorms, true)]
+        );
+        // Read back, the last stage's group norms are combined by their own pass, and
+        // every stage runs alone.
         let detailed = vec![
             UNITS,
             finish(0, GroupNorms, true),
@@ -336,7 +376,8 @@ mod tests {
             finish(2, GroupNorms, true),
         ];
         assert_eq!(r(FUSED_UNITS, true), detailed);
-        // More units than one workgroup walks: the coefficients in passes of their own.
+        // More units than one workgroup walks: the coefficients in passes of their own,
+        // a global stage's group still folded by its finish.
         let apart = vec![
             UNITS,
             finish(0, GroupNorms, false),
@@ -347,17 +388,29 @@ mod tests {
             Coefs(2),
         ];
         assert_eq!(r(FUSED_UNITS + 1, false), apart);
-        // A stage with groups of its own has them combined.
-        let groups = ClipPolicy::new(ZClip::new()).then(PerTensorClip::new(1.0));
+        // A stage with groups of its own has them combined, and starts a run of its own.
+        let groups = ClipPolicy::new(ZClip::new())
+            .then(PerTensorClip::new(1.0))
+            .then(Rule::GlobalNorm(2.0))
+            .then(AutoClip::new(90.0, 10));
         assert_eq!(
-            over(4, groups, false, Mode::Clip, false),
+            over(4, groups.clone(), false, Mode::Clip, false),
             vec![
                 UNITS,
                 finish(0, UnitNorms, true),
                 Groups(1),
-                finish(1, GroupNorms, true),
+                run(1, 3, GroupNorms, true),
                 Rewrite
             ]
+        );
+        // A measure computes no coefficients: every stage alone.
+        let measure = over(4, groups, false, Mode::Measure, false);
+        assert_eq!(
+            measure
+                .iter()
+                .filter(|d| matches!(d, Finish { .. }))
+                .count(),
+            4
         );
     }
 }

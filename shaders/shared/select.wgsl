@@ -1,7 +1,7 @@
 // select.wgsl: order statistics and percentiles of a stage's norm history, by radix
 // selection in one workgroup (AutoClip's threshold). It reads the history where the
-// importing shader keeps it: `state` from word `dispatch.state_base + ST_HEADER` on, and
-// needs `WG` threads. Call from uniform control flow.
+// importing shader keeps it: `state` from word `base + ST_HEADER` on (`base`: the first
+// word of the stage's block), and needs `WG` threads. Call from uniform control flow.
 
 // Radix selection of an order statistic: a histogram of one 8-bit digit, the digits chosen
 // so far and the rank still sought among the values that share them.
@@ -13,7 +13,7 @@ var<workgroup> sel_rank: u32;
 // 8 bits a pass from the top, over their bits (norms are >= 0, so the bits order as the
 // values do). O(m) work in all and no scratch copy; the same value as sorting, whatever
 // the thread timing. Call from uniform control flow.
-fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
+fn order_statistic(base: u32, m: u32, k: u32, lid: u32) -> f32 {
     // A previous call's threads may still read the shared prefix.
     workgroupBarrier();
     if (lid == 0u) {
@@ -28,7 +28,7 @@ fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
         workgroupBarrier();
         let prefix = sel_prefix;
         for (var i = lid; i < m; i = i + WG) {
-            let bits = state[dispatch.state_base + ST_HEADER + i];
+            let bits = state[base + ST_HEADER + i];
             if ((bits & above) == prefix) {
                 atomicAdd(&sel_hist[(bits >> shift) & 0xffu], 1u);
             }
@@ -54,14 +54,14 @@ fn order_statistic(m: u32, k: u32, lid: u32) -> f32 {
 
 // Percentile `q` (0..100) of the first m history entries, linear interpolation between
 // order statistics as numpy's default.
-fn percentile(m: u32, q: f32, lid: u32) -> f32 {
+fn percentile(base: u32, m: u32, q: f32, lid: u32) -> f32 {
     let pos = q / 100.0 * f32(m - 1u);
     // f32(m - 1) may round up for long histories.
     let lo = min(u32(floor(pos)), m - 1u);
     let hi = min(lo + 1u, m - 1u);
     let t = pos - f32(lo);
-    let a = order_statistic(m, lo, lid);
-    let b = order_statistic(m, hi, lid);
+    let a = order_statistic(base, m, lo, lid);
+    let b = order_statistic(base, m, hi, lid);
     // numpy's lerp: from the nearer end, so the result is monotone in t.
     if (t >= 0.5) {
         return b - (b - a) * (1.0 - t);

@@ -656,31 +656,33 @@ pub(crate) fn execute(
                 group_stage(k, program, step, out);
             }
             Dispatch::Finish {
-                stage: k,
+                stage,
+                stages,
                 from,
                 coefs,
             } => {
                 if !std::mem::replace(&mut begun, true) {
                     begin(program, step, state, out);
                 }
-                if from == Source::UnitNorms {
-                    group_stage(k, program, step, out);
-                }
-                finish_stage(k, program, step, state, out);
-                // The chain's verdict is final after its last stage; a held step leaves the
-                // adaptive state as it found it.
-                if k + 1 == program.stages.len() {
-                    let merged = close(program, step, state, out);
-                    for stage in
-                        (program.stages[..k].iter()).filter(|s| s.adaptive != abi::ADAPTIVE_NONE)
-                    {
-                        let block =
-                            &mut state.words[stage.state_base..][..HEADER_WORDS + stage.history];
-                        undo(block, merged);
+                for k in stage..stage + stages {
+                    // The stages after the first fold their one group from the units.
+                    if k > stage || from == Source::UnitNorms {
+                        group_stage(k, program, step, out);
                     }
-                }
-                if coefs {
-                    stage_coefs(k, program, step, out);
+                    finish_stage(k, program, step, state, out);
+                    // The chain's verdict is final after its last stage; a held step
+                    // leaves the adaptive state as it found it.
+                    if k + 1 == program.stages.len() {
+                        let merged = close(program, step, state, out);
+                        let adaptive = |s: &&StagePlan| s.adaptive != abi::ADAPTIVE_NONE;
+                        for earlier in program.stages[..k].iter().filter(adaptive) {
+                            let words = HEADER_WORDS + earlier.history;
+                            undo(&mut state.words[earlier.state_base..][..words], merged);
+                        }
+                    }
+                    if coefs {
+                        stage_coefs(k, program, step, out);
+                    }
                 }
             }
             Dispatch::Coefs(k) => stage_coefs(k, program, step, out),

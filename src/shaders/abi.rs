@@ -138,22 +138,18 @@ abi_structs! {
         pub first_chunk: u32,
         /// Workgroups with work (or inputs to combine).
         pub n_chunks: u32,
-        /// `coefs`: 1 when the stage has one coefficient for every unit (the one `finish`
-        /// computed from the total).
-        pub global: u32,
-        /// 1 for the chain's first norm stage: it starts the coefficients (and, in
-        /// `combine`, its inputs are not scaled by earlier ones).
+        /// 1 for the chain's first norm stage: its groups' members are not scaled by
+        /// earlier coefficients (`combine`).
         pub first: u32,
-        /// The norm stage (its report) and the first word of its state block.
+        /// The norm stage (its report and row).
         pub stage: u32,
-        pub state_base: u32,
-        /// 1 for the chain's last norm stage: its `finish` updates the loss scale and
-        /// takes back what earlier adaptive stages recorded once the chain's verdict is
-        /// known, its `coefs` fold `1 / scale` into the coefficients.
-        pub last: u32,
+        /// `finish`: how many stages it runs, from `stage` on.
+        pub count: u32,
         /// The program's units (a `finish` that folds the unit norms or computes the
         /// unit coefficients in its own workgroup walks them all).
         pub units: u32,
+        pub _pad0: u32,
+        pub _pad1: u32,
     }
 
     /// The numbers of one norm stage's rule, fixed when a chain is planned.
@@ -173,13 +169,19 @@ abi_structs! {
         pub cap: f32,
     }
 
-    /// One norm stage as the shaders see it: its rule's numbers, its adaptive rule
-    /// (`ADAPTIVE_*`) and the first word of its state block (the last stage's `finish`
-    /// takes back what the earlier adaptive stages recorded in a held step).
+    /// One norm stage as the shaders see it, so that one pipeline runs any stage (and
+    /// one `finish` several): its rule's numbers, its adaptive rule (`ADAPTIVE_*`), its
+    /// formula (`FORMULA_*`) and the first word of its state block.
     pub(crate) struct StageRow {
         pub rule: StageParams,
         pub adaptive: u32,
+        pub formula: u32,
         pub state_base: u32,
+        /// 1 when the stage has one coefficient for every unit (the one `finish`
+        /// computes from the total).
+        pub global: u32,
+        /// The base threshold of its first group (of its only one, for a global stage).
+        pub threshold: f32,
     }
 
     /// What a step leaves for the host and for the elementwise passes.

@@ -239,20 +239,16 @@ pub(crate) enum Kernel {
     Combine(u32),
     /// `combine`: a norm stage's group norms from scaled unit norms.
     Groups(u32),
-    /// `coef`, entry `finish`; `from_units`: its one group folded from the unit norms in
-    /// its own workgroup; `coefs`: then the unit coefficients too, by this formula.
+    /// `coef`, entry `finish` (the stages' rules come from their rows); `from_units`: its
+    /// first stage's one group folded from the unit norms in its own workgroup; `coefs`:
+    /// the unit coefficients of every stage it runs too.
     Finish {
         kind: u32,
-        adaptive: u32,
         from_units: bool,
-        coefs: Option<u32>,
+        coefs: bool,
     },
     /// `coef`, entry `coefs`.
-    Coefs {
-        kind: u32,
-        adaptive: u32,
-        formula: u32,
-    },
+    Coefs(u32),
     /// `rewrite`; `shared_words`: units may share 32-bit words (the atomic entry);
     /// `scale`: the step has coefficients or zeroes NaNs; `noise`, `clamp`: it adds noise,
     /// clamps.
@@ -300,7 +296,6 @@ impl Kernel {
     pub(crate) fn all() -> Vec<Kernel> {
         use abi::*;
         let kinds = [KIND_INF, KIND_L1, KIND_L2, KIND_P];
-        let adaptives = [ADAPTIVE_NONE, ADAPTIVE_AUTOCLIP, ADAPTIVE_ZCLIP];
         let mut all = vec![
             Kernel::PerExample,
             Kernel::Accumulate,
@@ -327,25 +322,13 @@ impl Kernel {
                 Kernel::Combine(kind),
                 Kernel::Groups(kind),
             ]);
-            for adaptive in adaptives {
-                let formulas = [FORMULA_PYTORCH, FORMULA_TF, FORMULA_AGC];
-                for coefs in formulas.map(Some).into_iter().chain([None]) {
-                    for from_units in [false, true] {
-                        all.push(Kernel::Finish {
-                            kind,
-                            adaptive,
-                            from_units,
-                            coefs,
-                        });
-                    }
-                }
-                for formula in formulas {
-                    all.push(Kernel::Coefs {
-                        kind,
-                        adaptive,
-                        formula,
-                    });
-                }
+            all.push(Kernel::Coefs(kind));
+            for bits in 0..4 {
+                all.push(Kernel::Finish {
+                    kind,
+                    from_units: bits & 1 != 0,
+                    coefs: bits & 2 != 0,
+                });
             }
         }
         all
@@ -359,7 +342,6 @@ impl Kernel {
             Kernel::Groups(k) => (Family::NormCombine, "groups", BindLayout::Groups, kind(k)),
             Kernel::Finish {
                 kind: k,
-                adaptive,
                 from_units,
                 coefs,
             } => (
@@ -368,26 +350,11 @@ impl Kernel {
                 BindLayout::Coef,
                 vec![
                     ("NORM_KIND", k as f64),
-                    ("ADAPTIVE", adaptive as f64),
                     ("FROM_UNITS", from_units as u8 as f64),
-                    ("COEFS", coefs.is_some() as u8 as f64),
-                    ("FORMULA", coefs.unwrap_or(0) as f64),
+                    ("COEFS", coefs as u8 as f64),
                 ],
             ),
-            Kernel::Coefs {
-                kind: k,
-                adaptive,
-                formula,
-            } => (
-                Family::Coef,
-                "coefs",
-                BindLayout::Coef,
-                vec![
-                    ("NORM_KIND", k as f64),
-                    ("ADAPTIVE", adaptive as f64),
-                    ("FORMULA", formula as f64),
-                ],
-            ),
+            Kernel::Coefs(k) => (Family::Coef, "coefs", BindLayout::Coef, kind(k)),
             Kernel::Rewrite {
                 shared_words,
                 scale,

@@ -67,9 +67,9 @@ fn every_variant_specialises_and_compiles() {
         seen += 1;
     }
     // 3 kernels without overrides, 8 optimizer updates, 16 rewrites; per norm kind:
-    // reduce, 2 combines, and per adaptive rule 3 coefs and 8 finishes (folding the
-    // units or not, with the coefficients by each formula or without).
-    assert_eq!(seen, 3 + 8 + 16 + 4 * (3 + 3 * (3 + 2 * 4)), "variants");
+    // reduce, 2 combines, coefs and 4 finishes (folding the units or not, with the
+    // coefficients or without).
+    assert_eq!(seen, 3 + 8 + 16 + 4 * (4 + 4), "variants");
 }
 
 /// The bindings an entry point uses: (binding, kind).

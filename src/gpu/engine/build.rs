@@ -259,7 +259,10 @@ impl Engine {
             .map(|s| StageRow {
                 rule: s.params,
                 adaptive: s.adaptive,
+                formula: s.formula as u32,
                 state_base: s.state_base as u32,
+                global: s.is_global() as u32,
+                threshold: s.thresholds.first().copied().unwrap_or(0.0),
             })
             .collect();
         let stage_params = table(device, "gradclip stage params", &stage_rows);
@@ -268,27 +271,31 @@ impl Engine {
         // tensors share workgroups and no word has two writers.
         let profile = Profile::of(&program, noise);
         let (single_global, spans) = (profile.single_global(), profile.spans());
-        // Dispatch parameters: per stage its groups/finish and its coefs; then the
-        // finish of a single global stage straight from the chunk partials.
+        // Dispatch parameters: per stage its groups and finish, its coefs, and its finish
+        // that runs the global stages after it too (`Profile::run`); then the finish of a
+        // single global stage straight from the chunk partials.
         let mut dispatch = Vec::new();
         for (k, st) in program.stages.iter().enumerate() {
             let stage = DispatchParams {
-                global: st.is_global() as u32,
                 first: (k == 0) as u32,
-                last: (k + 1 == program.stages.len()) as u32,
                 stage: k as u32,
-                state_base: st.state_base as u32,
+                count: 1,
                 units: n_units as u32,
                 ..DispatchParams::default()
             };
-            dispatch.push(DispatchParams {
+            let groups = DispatchParams {
                 n_chunks: st.group_ranges.len() as u32,
                 ..stage
-            });
-            dispatch.push(DispatchParams {
+            };
+            let coefs = DispatchParams {
                 n_chunks: n_units as u32,
                 ..stage
-            });
+            };
+            let run = DispatchParams {
+                count: profile.run(k) as u32,
+                ..groups
+            };
+            dispatch.extend([groups, coefs, run]);
         }
         // The finish of a single global stage straight from the chunk partials: of the spans
         // when there are spans, else of the unit chunks.
@@ -299,11 +306,8 @@ impl Engine {
         };
         dispatch.push(DispatchParams {
             n_chunks: direct_chunks as u32,
-            global: 1,
             first: 1,
-            // Only a single stage finishes from the partials.
-            last: 1,
-            state_base: program.stages[0].state_base as u32,
+            count: 1,
             units: n_units as u32,
             ..DispatchParams::default()
         });
@@ -365,7 +369,7 @@ impl Engine {
                         (1, whole(&ranges)),
                         (2, whole(&group_accs)),
                         (3, slots.binding()),
-                        (4, dispatch.slot(2 * k)),
+                        (4, dispatch.slot(3 * k)),
                         (5, whole(&members)),
                         (6, whole(&coef_buf)),
                     ],
@@ -384,15 +388,14 @@ impl Engine {
                 let partials = span_chunks
                     .as_ref()
                     .map_or(&grads_red.partials, |s| &s.partials);
-                finish_partials = Some(binding(partials, 2 * n_stages));
+                finish_partials = Some(binding(partials, 3 * n_stages));
             }
             stages.push(GpuStage {
-                finish: binding(&group_accs, 2 * k),
-                coefs: binding(&group_accs, 2 * k + 1),
+                finish: binding(&group_accs, 3 * k),
+                coefs: binding(&group_accs, 3 * k + 1),
+                run: (profile.run(k) > 1).then(|| binding(&group_accs, 3 * k + 2)),
                 groups,
                 group_accs,
-                adaptive: st.adaptive,
-                formula: st.formula as u32,
             });
         }
         let shared_words = shares_words(&grad_plan, spans);

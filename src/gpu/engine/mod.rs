@@ -60,8 +60,8 @@ struct GpuStage {
     group_accs: wgpu::Buffer,
     finish: wgpu::BindGroup,
     coefs: wgpu::BindGroup,
-    adaptive: u32,
-    formula: u32,
+    /// The finish that runs the global stages after it too, when there are any.
+    run: Option<wgpu::BindGroup>,
 }
 
 /// The chunks over spans (maximal runs of touching tensors, so small tensors share

@@ -18,17 +18,12 @@ impl Engine {
             Dispatch::SpanReduce | Dispatch::Reduce { params: false, .. } => Kernel::Reduce(kind),
             Dispatch::Reduce { params: true, .. } => Kernel::Reduce(Norm::L2.kind_code()),
             Dispatch::Groups(_) => Kernel::Groups(kind),
-            Dispatch::Finish { stage, from, coefs } => Kernel::Finish {
+            Dispatch::Finish { from, coefs, .. } => Kernel::Finish {
                 kind,
-                adaptive: self.stages[stage].adaptive,
                 from_units: from == Source::UnitNorms,
-                coefs: coefs.then_some(self.stages[stage].formula),
+                coefs,
             },
-            Dispatch::Coefs(k) => Kernel::Coefs {
-                kind,
-                adaptive: self.stages[k].adaptive,
-                formula: self.stages[k].formula,
-            },
+            Dispatch::Coefs(_) => Kernel::Coefs(kind),
             Dispatch::Rewrite => self.rewrite_kernel(&step.params),
         }
     }
@@ -146,10 +141,17 @@ impl Engine {
                         pass.set_bind_group(0, group, &[slot]);
                         pass.dispatch_workgroups(grid[0], grid[1], 1);
                     }
-                    Dispatch::Finish { stage, from, .. } => {
-                        let finish = match (&self.finish_partials, from) {
-                            (Some(p), Source::Partials) => p,
-                            _ => &self.stages[stage].finish,
+                    Dispatch::Finish {
+                        stage,
+                        stages,
+                        from,
+                        ..
+                    } => {
+                        let own = &self.stages[stage];
+                        let finish = match (&self.finish_partials, from, &own.run) {
+                            (Some(p), Source::Partials, _) => p,
+                            (_, _, Some(run)) if stages > 1 => run,
+                            _ => &own.finish,
                         };
                         pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, finish, &[slot]);
