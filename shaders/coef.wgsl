@@ -445,8 +445,9 @@ fn finish_stage(j: u32, own: bool, lid: u32) {
         // Thread 0's report first.
         storageBarrier();
         var clipped = 0u;
+        let row = stages[j];
         for (var s = lid; s < dispatch.units; s = s + WG) {
-            clipped = clipped + unit_coef(j, own, s);
+            clipped = clipped + unit_coef(j, row, own, s);
         }
         if (clipped != 0u) {
             atomicAdd(&reports[j].clipped, clipped);
@@ -488,12 +489,11 @@ fn agc_coef(j: u32, g: Acc, w: Acc) -> f32 {
 // Stage j's factor of unit `s` multiplied into the unit's coefficient (`own`: the
 // dispatch's own stage, whose tables are bound; another is global, every unit in its one
 // group); 1 when the chain's coefficient of the unit is now below 1 (NaN counts), else 0.
-fn unit_coef(j: u32, own: bool, s: u32) -> u32 {
+fn unit_coef(j: u32, row: StageRow, own: bool, s: u32) -> u32 {
     var g = 0u;
     if (own) {
         g = group_of[s];
     }
-    let row = stages[j];
     var factor = 1.0;
     let held = (reports[j].status & STATUS_HELD) != 0u;
     // The norms of the gradients as they arrived, divided by the loss scale.
@@ -526,7 +526,8 @@ fn unit_coef(j: u32, own: bool, s: u32) -> u32 {
 @compute @workgroup_size(64)
 fn coefs(inv: Invocation) {
     let s = workgroup_index(inv) * 64u + inv.lid;
-    if (s < dispatch.n_chunks && unit_coef(dispatch.stage, true, s) == 1u) {
+    let j = dispatch.stage;
+    if (s < dispatch.n_chunks && unit_coef(j, stages[j], true, s) == 1u) {
         atomicAdd(&reports[dispatch.stage].clipped, 1u);
     }
 }

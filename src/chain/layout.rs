@@ -9,7 +9,8 @@ use crate::error::ClipError;
 use crate::plan::PlanSegment;
 use crate::shaders::abi;
 
-/// How a norm and a threshold give a coefficient (`FORMULA` of `shaders/coef.wgsl`).
+/// How a norm and a threshold give a coefficient (a stage row's `formula` in
+/// `shaders/coef.wgsl`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Formula {
     /// `min(c / (n + 1e-6), 1)`.

@@ -371,12 +371,12 @@ pub(crate) const STEP_SLOTS: u32 = 64;
 /// write (before 61 x 64 writes in one submission) carries another tag.
 pub(crate) const TAG_RING: u32 = 61;
 
-/// The `ADAPTIVE` override: how a global threshold is found.
+/// A stage row's `adaptive` ([`StageRow`]): how a global threshold is found.
 pub(crate) const ADAPTIVE_NONE: u32 = 0;
 pub(crate) const ADAPTIVE_AUTOCLIP: u32 = 1;
 pub(crate) const ADAPTIVE_ZCLIP: u32 = 2;
 
-/// The `FORMULA` override: how a norm and a threshold give a coefficient.
+/// A stage row's `formula` ([`StageRow`]): how a norm and a threshold give a coefficient.
 pub(crate) const FORMULA_PYTORCH: u32 = 0;
 pub(crate) const FORMULA_TF: u32 = 1;
 pub(crate) const FORMULA_AGC: u32 = 2;
