@@ -12,7 +12,7 @@
 //   3 step        uniform              StepParams of this step, at a dynamic offset
 //   4 dispatch    uniform              DispatchParams (the stage, and for `finish` how
 //                                      many stages it runs; n_chunks = the stage's
-//                                      groups for `finish`, units for `coefs`)
+//                                      groups for `finish`, units for `coefs`; units)
 //   5 stages      storage, read        StageRow of each norm stage: its rule, adaptive
 //                                      rule, formula, state block
 //   6 thresholds  storage, read        the dispatch's stage's base threshold per group
@@ -37,8 +37,9 @@
 // Entry `coefs`: one thread per unit computes its stage's factor (its formula: PyTorch
 // min(c / (n + 1e-6), 1), TF c / max(n, c), or AGC) and multiplies it into the unit's
 // coefficient (the first stage starts it).
-// A chain runs finish + coefs once per norm stage, each on the group norms `combine`
-// formed from the unit norms times the coefficients so far.
+// Each norm stage of a chain runs its finish and its coefficients on its group norms:
+// those `combine` formed from the unit norms times the coefficients so far, or those the
+// finish folds itself.
 // Loss scaling (step.loss_scaling): the gradients arrive times the scale S of the state's
 // first block, and a norm scales linearly, so every norm a stage sees is divided by S here
 // (no pass over the gradients); the last stage's coefficients fold in 1 / S, which the
@@ -291,8 +292,9 @@ fn update_loss_scale(skipped: bool) -> f32 {
 fn finish_stage(j: u32, own: bool, lid: u32) {
     let first = j == 0u;
     let last = is_last(j);
-    let adaptive = stages[j].adaptive;
-    let r = rule(j);
+    let row = stages[j];
+    let adaptive = row.adaptive;
+    let r = row.rule;
     // Every thread reads the scale before the first barrier; thread 0 of the last stage
     // updates it at the end.
     let scale = loss_scale_now();
@@ -366,7 +368,7 @@ fn finish_stage(j: u32, own: bool, lid: u32) {
             save_overwritten(j);
         }
     }
-    var thr = stages[j].threshold * step.multiplier;
+    var thr = row.threshold * step.multiplier;
     if (adaptive == ADAPTIVE_AUTOCLIP) {
         thr = autoclip(j, n, record, lid) * step.multiplier;
     }
@@ -435,7 +437,7 @@ fn finish_stage(j: u32, own: bool, lid: u32) {
             if ((reports[0].status & STATUS_HELD) != 0u) {
                 for (var k = 0u; k < j; k = k + 1u) {
                     if (stages[k].adaptive != ADAPTIVE_NONE) {
-                        undo(stages[k].state_base, stages[k].rule.capacity);
+                        undo(block(k), rule(k).capacity);
                     }
                 }
             }
@@ -445,7 +447,6 @@ fn finish_stage(j: u32, own: bool, lid: u32) {
         // Thread 0's report first.
         storageBarrier();
         var clipped = 0u;
-        let row = stages[j];
         for (var s = lid; s < dispatch.units; s = s + WG) {
             clipped = clipped + unit_coef(j, row, own, s);
         }

@@ -50,7 +50,7 @@ impl Mode {
         !matches!(self, Mode::ValueOnly | Mode::UnitsOnly)
     }
 
-    /// Runs `coef`'s per-unit entry.
+    /// Computes the unit coefficients (`coef`'s per-unit entry, or its `finish`).
     pub(crate) fn coefs(self) -> bool {
         matches!(
             self,
@@ -108,9 +108,10 @@ pub(crate) enum Source {
     UnitNorms,
 }
 
-/// Up to this many units, a stage's `finish` walks them itself (its one group's norm, its
-/// unit coefficients) instead of leaving them to a pass of their own: one workgroup takes
-/// at most 16 units per thread, less than another dispatch costs to record.
+/// Up to this many units, a stage's `finish` computes their coefficients itself instead of
+/// leaving them to a pass of their own, and runs the global stages after it (one
+/// workgroup takes at most 16 units per thread, less than another dispatch costs to
+/// record). A global stage folds its one group from the units at any count.
 pub(crate) const FUSED_UNITS: usize = 16 * crate::shaders::abi::WG as usize;
 
 /// What of a program decides its recordings, fixed when it is planned.
@@ -174,6 +175,13 @@ impl Profile {
     /// A single global stage without noise: the reduction over spans.
     pub(crate) fn spans(&self) -> bool {
         self.spans
+    }
+
+    /// Whether some step's `finish` from stage `k` runs more than stage `k`: it computes
+    /// the coefficients in its workgroup, global stages follow, and `k` is not inside an
+    /// earlier stage's run.
+    pub(crate) fn opens_run(&self, k: usize) -> bool {
+        self.fused && self.runs[k] > 1 && (k == 0 || !self.uniform[k])
     }
 
     /// How many stages a `finish` from stage `k` runs when the step computes the unit

@@ -1270,12 +1270,18 @@ fn a_step_held_by_the_parameters_records_no_norm() {
     }
 }
 
-/// More units than one workgroup's `finish` walks (4096): the unit coefficients run in
-/// passes of their own. A four-stage chain with a held step, its group norms read back or
-/// not, agrees between backends.
+/// A four-stage chain with a held step, its group norms read back or not, agrees between
+/// backends: over 64 tensors (one `finish` runs the four stages, its threads folding
+/// several units each) and over more units than one workgroup's `finish` walks (4096:
+/// the unit coefficients run in passes of their own).
 #[test]
-fn a_chain_over_thousands_of_tensors_agrees_between_backends() {
-    let n = 4099;
+fn a_four_stage_chain_agrees_between_backends_at_both_sizes() {
+    for n in [64, 4099] {
+        four_stages_over(n);
+    }
+}
+
+fn four_stages_over(n: usize) {
     let mut rng = 0x5eed_u64;
     let mut next = move || {
         rng = rng

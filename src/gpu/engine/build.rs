@@ -393,7 +393,9 @@ impl Engine {
             stages.push(GpuStage {
                 finish: binding(&group_accs, 3 * k),
                 coefs: binding(&group_accs, 3 * k + 1),
-                run: (profile.run(k) > 1).then(|| binding(&group_accs, 3 * k + 2)),
+                run: profile
+                    .opens_run(k)
+                    .then(|| binding(&group_accs, 3 * k + 2)),
                 groups,
                 group_accs,
             });

@@ -8,7 +8,9 @@
 //! 2. per norm stage of the chain, `combine` (`norm_combine.wgsl` `groups`: its group
 //!    norms from the unit norms times the coefficients so far, so a later stage needs no
 //!    re-read) and `coef` (`coef.wgsl`: the total, the non-finite policy, the adaptive
-//!    state, each unit's coefficient times this stage's factor);
+//!    state, each unit's coefficient times this stage's factor); where the units fit one
+//!    workgroup, one `finish` does all of it for a stage and the global stages after it
+//!    (the recording says which);
 //! 3. `rewrite` (`rewrite.wgsl`): the fused elementwise pass, whose workgroups return at
 //!    once where nothing must change;
 //! 4. the report copy into a pooled readback buffer.
@@ -60,7 +62,8 @@ struct GpuStage {
     group_accs: wgpu::Buffer,
     finish: wgpu::BindGroup,
     coefs: wgpu::BindGroup,
-    /// The finish that runs the global stages after it too, when there are any.
+    /// The finish that runs the global stages after it too, when a step may ask for it
+    /// (`Profile::opens_run`).
     run: Option<wgpu::BindGroup>,
 }
 

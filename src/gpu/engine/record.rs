@@ -148,10 +148,13 @@ impl Engine {
                         ..
                     } => {
                         let own = &self.stages[stage];
-                        let finish = match (&self.finish_partials, from, &own.run) {
-                            (Some(p), Source::Partials, _) => p,
-                            (_, _, Some(run)) if stages > 1 => run,
-                            _ => &own.finish,
+                        let finish = match (from, stages) {
+                            (Source::Partials, _) => self
+                                .finish_partials
+                                .as_ref()
+                                .expect("a single global stage"),
+                            (_, 1) => &own.finish,
+                            _ => own.run.as_ref().expect("a stage that opens a run"),
                         };
                         pass.set_pipeline(pipeline);
                         pass.set_bind_group(0, finish, &[slot]);
