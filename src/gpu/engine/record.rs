@@ -63,17 +63,17 @@ impl Engine {
         } = &mut *kept;
         *kept_key = None;
         crate::recording::record(&self.profile, step.mode, step.detail, dispatches);
-        let list: Vec<Kernel> = (dispatches.iter())
-            .flat_map(|&d| {
-                let (kernel, combine) = self.kernels_of(d, step);
-                std::iter::once(kernel).chain(combine)
-            })
+        let of_each: Vec<(Kernel, Option<Kernel>)> = dispatches
+            .iter()
+            .map(|&d| self.kernels_of(d, step))
+            .collect();
+        let list: Vec<Kernel> = (of_each.iter())
+            .flat_map(|&(kernel, combine)| std::iter::once(kernel).chain(combine))
             .collect();
         kernels.prepare(device, &list)?;
         pipelines.clear();
-        for &d in dispatches.iter() {
-            let (kernel, combine) = self.kernels_of(d, step);
-            let pipeline = |k| kernels.pipeline(device, k);
+        let pipeline = |k| kernels.pipeline(device, k);
+        for (kernel, combine) in of_each {
             pipelines.push((pipeline(kernel), combine.map(pipeline)));
         }
         *kept_key = Some(key);
